@@ -1,0 +1,176 @@
+"""A thin asyncio shell around :class:`precopy.wire.Connection`.
+
+It owns a non-blocking TCP socket and does the only I/O of a session:
+``sock_recv_into`` straight into the connection's buffer, ``sock_sendall``
+of the buffers :meth:`Connection.send` returns.  Because ``sock_sendall``
+returns only once the kernel holds every byte, callers may reuse a staging
+buffer as soon as :meth:`Channel.send` returns.
+
+``Channel.events`` is the read loop as an async iterator; the payload views
+of a yielded event stay valid until the iterator is advanced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from typing import Any, AsyncIterator
+
+from .errors import AbortCode, PrecopyError, RemoteProtocolError
+from .wire import NEED_DATA, Abort, Connection, Event, Role
+
+__all__ = ["Channel", "LinkError", "connect"]
+
+_log = logging.getLogger(__name__)
+
+SOCKET_BUFFER = 4 * 1024 * 1024
+
+
+class LinkError(PrecopyError):
+    """The TCP connection failed or was closed by the peer."""
+
+    code = AbortCode.LINK
+
+
+class PeerAborted(PrecopyError):
+    """The peer sent ABORT."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        try:
+            c = AbortCode(code)
+        except ValueError:
+            c = AbortCode.INTERNAL
+        super().__init__(f"peer aborted ({c.name.lower()}): {reason}", c)
+        self.reason = reason
+
+
+def tune(sock: socket.socket) -> None:
+    sock.setblocking(False)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
+        except OSError as exc:  # capped by net.core.*mem_max: not fatal
+            _log.debug("cannot set socket buffer: %s", exc)
+
+
+async def connect(host: str, port: int, timeout_s: float) -> socket.socket:
+    """Open a tuned TCP connection or raise :class:`LinkError`."""
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise LinkError(f"cannot resolve {host}:{port}: {exc}") from exc
+    last: Exception | None = None
+    for family, type_, proto, _, addr in infos:
+        sock = socket.socket(family, type_, proto)
+        tune(sock)
+        try:
+            await asyncio.wait_for(loop.sock_connect(sock, addr), timeout_s)
+            return sock
+        except (OSError, asyncio.TimeoutError) as exc:
+            sock.close()
+            last = exc
+    raise LinkError(
+        f"cannot connect to {host}:{port}: {last or 'no address'} "
+        "(is precopy-dest running and reachable?)"
+    )
+
+
+class Channel:
+    """A connection plus its socket: ``send`` events, iterate ``events``."""
+
+    def __init__(self, sock: socket.socket, role: Role) -> None:
+        self.sock = sock
+        self.conn = Connection(role)
+        self.loop = asyncio.get_running_loop()
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.closed = False
+
+    @property
+    def peer(self) -> str:
+        try:
+            host, port = self.sock.getpeername()[:2]
+            return f"{host}:{port}"
+        except OSError:
+            return "?"
+
+    async def send(self, event: Event) -> int:
+        """Send one event; returns bytes written.  Raises :class:`LinkError`."""
+        bufs = self.conn.send(event)
+        n = 0
+        try:
+            for b in bufs:
+                await self.loop.sock_sendall(self.sock, b)
+                n += memoryview(b).nbytes
+        except OSError as exc:
+            raise LinkError(f"connection to {self.peer} failed while sending: {exc}") from exc
+        self.bytes_sent += n
+        return n
+
+    async def recv_some(self) -> int:
+        buf = self.conn.get_buffer()
+        try:
+            n = await self.loop.sock_recv_into(self.sock, buf)
+        except OSError as exc:
+            raise LinkError(f"connection to {self.peer} failed while receiving: {exc}") from exc
+        finally:
+            buf.release()
+        if n == 0:
+            self.conn.receive_data(b"")
+        else:
+            self.conn.buffer_updated(n)
+            self.bytes_received += n
+        return n
+
+    async def events(self, idle_timeout_s: float | None = None) -> AsyncIterator[Event]:
+        """Yield events until the peer closes; ABORT raises :class:`PeerAborted`.
+
+        With ``idle_timeout_s``, a peer that sends nothing for that long
+        raises :class:`LinkError` (code TIMEOUT).
+        """
+        while True:
+            ev = self.conn.next_event()
+            if ev is NEED_DATA:
+                if idle_timeout_s is None:
+                    n = await self.recv_some()
+                else:
+                    try:
+                        n = await asyncio.wait_for(self.recv_some(), idle_timeout_s)
+                    except asyncio.TimeoutError:
+                        raise LinkError(
+                            f"no data from {self.peer} for {idle_timeout_s:.0f} s", AbortCode.TIMEOUT
+                        ) from None
+                if n == 0:
+                    self.conn.next_event()  # raises if a frame was cut short
+                    return
+                continue
+            if isinstance(ev, Abort):
+                raise PeerAborted(ev.code, ev.reason)
+            yield ev  # type: ignore[misc]
+
+    async def recv(self, *expected: type) -> Any:
+        """Receive the next event, which must be one of ``expected``."""
+        async for ev in self.events():
+            if expected and not isinstance(ev, expected):
+                raise RemoteProtocolError(
+                    f"expected {' or '.join(t.__name__ for t in expected)}, got {type(ev).__name__}"
+                )
+            return ev
+        raise LinkError(f"{self.peer} closed the connection")
+
+    async def abort(self, code: AbortCode, reason: str) -> None:
+        """Tell the peer why we are giving up (best effort) and close."""
+        if not self.closed and self.conn.phase.value not in ("done", "aborted"):
+            try:
+                await asyncio.wait_for(self.send(Abort(int(code), reason[:4000])), 1.0)
+            except (PrecopyError, asyncio.TimeoutError) as exc:
+                _log.debug("could not send ABORT to %s: %s", self.peer, exc)
+        self.close()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.sock.close()

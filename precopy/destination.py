@@ -1,0 +1,443 @@
+"""The destination side: a server that accepts migrations.
+
+Each accepted connection authenticates, then either migrates a region
+(BEGIN) or asks about an earlier one (QUERY).  A migration receives pages
+into ``<memory-dir>/.<name>.<id>.partial``, keeps chunk digests of what it
+holds fresh, and on COMMIT:
+
+1. checks the device state is complete and intact,
+2. writes ``<name>.device-state`` and renames the partial region to ``<name>``,
+3. persists the commit record (fsync'd journal entry),
+4. runs the on-resume hook (the workload resumes here),
+5. confirms COMMITTED to the source.
+
+Anything that ends a migration before step 3 removes its partial file: a
+region file under its final name is always complete.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import shutil
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xxhash
+
+from . import auth
+from .channel import Channel, LinkError, PeerAborted, tune
+from .digest import ChunkTracker
+from .errors import AbortCode, AuthError, PrecopyError, RegionError, RemoteProtocolError
+from .memory import GuestMemory
+from .wire import (
+    MAX_DEVICE_STATE,
+    PROTOCOL_VERSION,
+    Auth,
+    AuthOk,
+    Begin,
+    Commit,
+    Committed,
+    DeviceState,
+    DigestRequest,
+    DigestTable,
+    Hello,
+    HelloAck,
+    Outcome,
+    Pages,
+    Query,
+    Ready,
+    Role,
+    Switchover,
+    page_payload,
+)
+
+__all__ = ["DestOptions", "DestinationServer"]
+
+_log = logging.getLogger(__name__)
+
+
+@dataclass
+class DestOptions:
+    """Settings of a destination daemon.  See ``precopy-dest --help``."""
+
+    memory_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 7070
+    auth_key: bytes | None = None
+    on_resume: str | None = None
+    keep_partial: bool = False
+    max_device_state: int = MAX_DEVICE_STATE
+    handshake_timeout_s: float = 10.0
+    idle_timeout_s: float = 120.0
+    populate: bool = True
+
+    def __post_init__(self) -> None:
+        self.memory_dir = Path(self.memory_dir)
+
+
+@dataclass
+class MigrationRecord:
+    migration_id: str
+    name: str
+    size: int
+    peer: str
+    outcome: str = "running"
+    error: str | None = None
+    started: float = field(default_factory=time.time)
+    seconds: float = 0.0
+    bytes_received: int = 0
+    device_state_bytes: int = 0
+    memory: str | None = None
+    hook_exit: int | None = None
+
+
+class _Journal:
+    """Durable per-migration records: ``<memory-dir>/.precopy/journal/<id>.json``."""
+
+    def __init__(self, root: Path) -> None:
+        self.dir = root / ".precopy" / "journal"
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def write(self, rec: MigrationRecord) -> None:
+        path = self.dir / f"{rec.migration_id}.json"
+        tmp = path.with_suffix(".tmp")
+        data = json.dumps(rec.__dict__).encode()
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        dfd = os.open(self.dir, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    def read(self, migration_id: str) -> dict[str, Any] | None:
+        try:
+            data = json.loads((self.dir / f"{migration_id}.json").read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            _log.error("journal entry for %s is unreadable: %s", migration_id, exc)
+            return None
+        return data if isinstance(data, dict) else None
+
+
+class DestinationServer:
+    """Accepts migrations on ``host:port`` until closed.
+
+    ``await server.start()`` binds (``server.port`` is then the real port,
+    useful with port 0); ``await server.serve_forever()`` runs until
+    :meth:`close`.
+    """
+
+    def __init__(self, opts: DestOptions) -> None:
+        self.opts = opts
+        self.results: list[MigrationRecord] = []
+        self._active: dict[str, tuple[MigrationRecord, asyncio.Task[Any]]] = {}
+        self._names: set[str] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._hooks: set[asyncio.Task[Any]] = set()
+        self._sock: socket.socket | None = None
+        self._closing = False
+        self._hash_pool = ThreadPoolExecutor(2, thread_name_prefix="precopy-dhash")
+        self._outer_pool = ThreadPoolExecutor(2, thread_name_prefix="precopy-dwork")
+        self.journal: _Journal | None = None
+        self.port = opts.port
+
+    async def start(self) -> None:
+        try:
+            self.opts.memory_dir.mkdir(parents=True, exist_ok=True)
+            self.journal = _Journal(self.opts.memory_dir)
+        except OSError as exc:
+            raise RegionError(f"cannot use --memory-dir {self.opts.memory_dir}: {exc.strerror}") from exc
+        self._cleanup_stale_partials()
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(self.opts.host, self.opts.port, type=socket.SOCK_STREAM,
+                                       flags=socket.AI_PASSIVE)
+        family, type_, proto, _, addr = infos[0]
+        sock = socket.socket(family, type_, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(addr)
+        except OSError as exc:
+            sock.close()
+            raise PrecopyError(f"cannot listen on {self.opts.host}:{self.opts.port}: {exc.strerror}") from exc
+        sock.listen(16)
+        sock.setblocking(False)
+        self._sock = sock
+        self.port = sock.getsockname()[1]
+        if self.opts.auth_key is None:
+            _log.warning("no --auth-key-file: any peer that reaches %s:%d can write migrations",
+                         self.opts.host, self.port)
+        _log.info("listening on %s:%d, regions in %s", self.opts.host, self.port, self.opts.memory_dir)
+
+    def _cleanup_stale_partials(self) -> None:
+        for p in self.opts.memory_dir.glob(".*.partial"):
+            if self.opts.keep_partial:
+                _log.warning("keeping partial region %s from an earlier run (--keep-partial)", p)
+                continue
+            _log.warning("removing partial region %s left by an earlier run", p)
+            p.unlink(missing_ok=True)
+
+    async def serve_forever(self) -> None:
+        assert self._sock is not None, "call start() first"
+        loop = asyncio.get_running_loop()
+        while not self._closing:
+            try:
+                conn, addr = await loop.sock_accept(self._sock)
+            except OSError as exc:
+                if self._closing:
+                    break
+                _log.error("accept failed: %s", exc)
+                await asyncio.sleep(0.1)
+                continue
+            tune(conn)
+            task = asyncio.create_task(self._handle(conn))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def close(self, *, abort_in_flight: bool = True) -> None:
+        """Stop accepting; abort (or wait for) migrations in flight; wait for hooks."""
+        self._closing = True
+        if self._sock is not None:
+            self._sock.close()
+        if abort_in_flight:
+            for task in list(self._tasks):
+                task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._hooks:
+            await asyncio.gather(*self._hooks, return_exceptions=True)
+        self._hash_pool.shutdown(wait=True)
+        self._outer_pool.shutdown(wait=True)
+
+    # -- one connection ---------------------------------------------------
+
+    async def _handle(self, sock: socket.socket) -> None:
+        chan = Channel(sock, Role.DEST)
+        peer = chan.peer
+        try:
+            ev = await asyncio.wait_for(self._handshake(chan), self.opts.handshake_timeout_s)
+            if isinstance(ev, Query):
+                await self._answer_query(chan, ev)
+            else:
+                await self._migrate(chan, ev)
+        except asyncio.TimeoutError:
+            _log.warning("dropping %s: handshake not completed within %.0f s", peer,
+                         self.opts.handshake_timeout_s)
+            await chan.abort(AbortCode.TIMEOUT, "handshake timed out")
+        except PeerAborted as exc:
+            _log.warning("%s aborted: %s", peer, exc)
+        except PrecopyError as exc:
+            _log.warning("dropping %s: %s", peer, exc)
+            await chan.abort(exc.code, str(exc))
+        except asyncio.CancelledError:
+            await chan.abort(AbortCode.CANCELLED, "destination is shutting down")
+            raise
+        finally:
+            chan.close()
+
+    async def _handshake(self, chan: Channel) -> Begin | Query:
+        key = self.opts.auth_key
+        hello: Hello = await chan.recv(Hello)
+        if hello.version != PROTOCOL_VERSION:
+            raise PrecopyError(
+                f"peer speaks protocol {hello.version}, we speak {PROTOCOL_VERSION}", AbortCode.VERSION
+            )
+        nonce = auth.new_nonce()
+        mac = auth.dest_mac(key, hello.nonce, nonce) if key is not None else b""
+        await chan.send(HelloAck(version=PROTOCOL_VERSION, nonce=nonce, mac=mac))
+        au: Auth = await chan.recv(Auth)
+        if key is not None and not auth.verify(auth.source_mac(key, hello.nonce, nonce), au.mac):
+            raise AuthError(f"peer {chan.peer} failed authentication (wrong or missing key)")
+        await chan.send(AuthOk())
+        ev = await chan.recv(Begin, Query)
+        return ev  # type: ignore[no-any-return]
+
+    async def _answer_query(self, chan: Channel, q: Query) -> None:
+        active = self._active.get(q.migration_id)
+        if active is not None:
+            # The source lost the link and asks: this migration must never
+            # commit from here on; stop it, then answer from the journal.
+            _log.warning("source asks about live migration %s: aborting it", q.migration_id)
+            active[1].cancel()
+            await asyncio.gather(active[1], return_exceptions=True)
+        assert self.journal is not None
+        rec = self.journal.read(q.migration_id)
+        committed = rec is not None and rec.get("outcome") == "committed"
+        await chan.send(Outcome(migration_id=q.migration_id, committed=committed, known=rec is not None))
+
+    async def _migrate(self, chan: Channel, begin: Begin) -> None:
+        assert self.journal is not None
+        if begin.migration_id in self._active or self.journal.read(begin.migration_id) is not None:
+            raise PrecopyError(f"migration id {begin.migration_id} was already used", AbortCode.BUSY)
+        if begin.name in self._names:
+            raise PrecopyError(
+                f"region {begin.name!r} is already being migrated here; wait for it to finish "
+                "or migrate under another --name", AbortCode.BUSY,
+            )
+        free = shutil.disk_usage(self.opts.memory_dir).free
+        if free < begin.size:
+            raise RegionError(
+                f"{self.opts.memory_dir} has {free >> 20} MiB free, the region needs {begin.size >> 20} MiB"
+            )
+        rec = MigrationRecord(begin.migration_id, begin.name, begin.size, chan.peer)
+        task = asyncio.current_task()
+        assert task is not None
+        self._active[begin.migration_id] = (rec, task)
+        self._names.add(begin.name)
+        self.results.append(rec)
+        t0 = time.monotonic()
+        try:
+            await _DestMigration(self, chan, begin, rec).run()
+        except BaseException as exc:
+            if rec.outcome != "committed":
+                rec.outcome = "aborted"
+                rec.error = str(exc) or type(exc).__name__
+                if isinstance(exc, asyncio.CancelledError):
+                    rec.error = "cancelled"
+                self.journal.write(rec)
+            raise
+        finally:
+            rec.seconds = time.monotonic() - t0
+            rec.bytes_received = chan.bytes_received
+            del self._active[begin.migration_id]
+            self._names.discard(begin.name)
+
+    async def run_hook(self, rec: MigrationRecord, memory: Path, device_state: Path) -> None:
+        """Start the on-resume hook (not waiting for it); its exit code is logged."""
+        cmd = self.opts.on_resume
+        if not cmd:
+            return
+        env = dict(os.environ, PRECOPY_MEMORY=str(memory), PRECOPY_DEVICE_STATE=str(device_state),
+                   PRECOPY_MIGRATION_ID=rec.migration_id)
+        try:
+            proc = await asyncio.create_subprocess_exec("/bin/sh", "-c", cmd, env=env)
+        except OSError as exc:
+            _log.error("on-resume hook for %s could not start: %s", rec.migration_id, exc)
+            return
+
+        async def run() -> None:
+            rec.hook_exit = await proc.wait()
+            log = _log.info if rec.hook_exit == 0 else _log.error
+            log("on-resume hook for %s exited with %d", rec.migration_id, rec.hook_exit)
+
+        task = asyncio.create_task(run())
+        self._hooks.add(task)
+        task.add_done_callback(self._hooks.discard)
+
+
+class _DestMigration:
+    """Receiving one region."""
+
+    def __init__(self, server: DestinationServer, chan: Channel, begin: Begin, rec: MigrationRecord) -> None:
+        self.server = server
+        self.opts = server.opts
+        self.chan = chan
+        self.begin = begin
+        self.rec = rec
+        self.partial = self.opts.memory_dir / f".{begin.name}.{begin.migration_id}.partial"
+        self.final = self.opts.memory_dir / begin.name
+        self.device_state_path = self.opts.memory_dir / f"{begin.name}.device-state"
+        self.device = bytearray()
+        self.device_total: int | None = None
+
+    async def run(self) -> None:
+        mem = GuestMemory.create(self.partial, self.begin.size)
+        committed = False
+        tracker: ChunkTracker | None = None
+        try:
+            tracker = ChunkTracker.zeroed(mem.view, self.begin.chunk_pages, self.server._hash_pool)
+            if self.opts.populate:
+                mem.start_populate()
+            assert self.server.journal is not None
+            self.server.journal.write(self.rec)
+            await self.chan.send(Ready())
+            _log.info("migration %s from %s: receiving %s (%d MiB)", self.begin.migration_id,
+                      self.chan.peer, self.begin.name, self.begin.size >> 20)
+            committed = await self._receive(mem, tracker)
+        finally:
+            if tracker is not None:
+                tracker.close()
+            mem.close()
+            if not committed:
+                if self.opts.keep_partial:
+                    _log.warning("kept partial region %s (--keep-partial)", self.partial)
+                else:
+                    self.partial.unlink(missing_ok=True)
+
+    async def _receive(self, mem: GuestMemory, tracker: ChunkTracker) -> bool:
+        loop = asyncio.get_running_loop()
+        written = np.zeros(mem.npages, dtype=bool)
+        async for ev in self.chan.events(self.opts.idle_timeout_s):
+            if isinstance(ev, Pages):
+                if len(ev.indices):
+                    mem.scatter(ev.indices, page_payload(ev))
+                    written[ev.indices] = True
+                    tracker.mark(ev.indices)
+                if len(ev.zeros):
+                    # Pages never written are still zero in the fresh file.
+                    z = ev.zeros[written[ev.zeros]]
+                    if z.size:
+                        mem.zero(z)
+                        tracker.mark(z)
+            elif isinstance(ev, DigestRequest):
+                table = await loop.run_in_executor(self.server._outer_pool, tracker.table)
+                await self.chan.send(DigestTable(seq=ev.seq, digests=table))
+            elif isinstance(ev, Switchover):
+                _log.info("migration %s: source paused the workload", self.begin.migration_id)
+            elif isinstance(ev, DeviceState):
+                if ev.total > self.opts.max_device_state:
+                    raise RemoteProtocolError(
+                        f"device state of {ev.total} bytes exceeds this destination's limit "
+                        f"({self.opts.max_device_state})"
+                    )
+                if self.device_total is not None and ev.total != self.device_total:
+                    raise RemoteProtocolError("DEVICE_STATE pieces disagree on the total size")
+                self.device_total = ev.total
+                self.device += ev.data
+            elif isinstance(ev, Commit):
+                await self._commit(ev)
+                return True
+            else:
+                raise RemoteProtocolError(f"unexpected {type(ev).__name__} during a migration")
+        raise LinkError(f"{self.chan.peer} closed the connection mid-migration")
+
+    async def _commit(self, ev: Commit) -> None:
+        if ev.migration_id != self.begin.migration_id:
+            raise RemoteProtocolError(f"COMMIT names migration {ev.migration_id!r}")
+        total = self.device_total or 0
+        if len(self.device) != total:
+            raise RemoteProtocolError(f"device state incomplete: {len(self.device)} of {total} bytes")
+        if xxhash.xxh3_64_intdigest(self.device) != ev.checksum:
+            raise RemoteProtocolError("device state checksum mismatch")
+        tmp = self.device_state_path.with_name(f".{self.device_state_path.name}.tmp")
+        tmp.write_bytes(self.device)
+        os.replace(tmp, self.device_state_path)
+        os.replace(self.partial, self.final)
+        self.rec.outcome = "committed"
+        self.rec.memory = str(self.final)
+        self.rec.device_state_bytes = len(self.device)
+        assert self.server.journal is not None
+        self.server.journal.write(self.rec)  # durable before the workload resumes
+        await self.server.run_hook(self.rec, self.final, self.device_state_path)
+        _log.info("migration %s committed: %s", self.begin.migration_id, self.final)
+        # Confirm after the hook is spawned: the source measures downtime
+        # up to this message, i.e. until the workload resumes here.
+        try:
+            await self.chan.send(Committed(migration_id=self.begin.migration_id, resumed=True))
+        except PrecopyError as exc:
+            _log.warning("could not confirm commit of %s (the source will ask): %s",
+                         self.begin.migration_id, exc)

@@ -1,0 +1,214 @@
+"""Page and chunk digests (xxh3_64), kept in NumPy arrays.
+
+Two granularities:
+
+* **Page digests** (one uint64 per 4 KiB page): the source's record of what
+  the destination holds.  They are always computed from the exact bytes that
+  were sent (DESIGN invariant 1): the sender copies pages into a staging
+  buffer, hashes the copy, sends the copy.
+* **Chunk digests** (one uint64 per ``chunk_pages`` pages, 256 KiB by
+  default): cheap to compute over a whole region because xxh3 runs at memory
+  speed on large inputs and releases the GIL above 64 KiB, so two threads
+  hash in parallel.  Both sides compute them over real memory, which makes
+  them an end-to-end check: a chunk whose digests agree holds the same bytes
+  on both sides.  The source compares its live chunk digests with the
+  destination's to find candidate chunks, then compares page digests inside
+  those chunks only.
+
+Per-page hashing in Python costs ~0.2 us a page over prebuilt memoryviews
+and ~0.6 us when the views are built on the fly, so the hot paths reuse
+prebuilt views of fixed staging buffers.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Sequence
+
+import numpy as np
+import xxhash
+
+from .wire import PAGE_SIZE
+
+__all__ = [
+    "ZERO_PAGE_DIGEST",
+    "StagingBuffer",
+    "page_digests",
+    "chunk_digests",
+    "ChunkTracker",
+    "changed",
+]
+
+_h64 = xxhash.xxh3_64_intdigest
+ZERO_PAGE_DIGEST: int = _h64(bytes(PAGE_SIZE))
+
+
+def changed(old: np.ndarray, new: np.ndarray) -> np.ndarray:
+    """Indices where two digest tables differ (vectorised)."""
+    return np.flatnonzero(old != new)
+
+
+class StagingBuffer:
+    """A reusable ``(capacity, PAGE_SIZE)`` buffer with prebuilt page views.
+
+    ``load(pages)`` copies pages in; ``digests(n)`` hashes the first ``n``
+    staged pages.  The views are built once, so hashing costs only the
+    xxh3 call per page.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.array = np.empty((capacity, PAGE_SIZE), dtype=np.uint8)
+        mv = memoryview(self.array).cast("B")
+        self._views = [mv[i * PAGE_SIZE:(i + 1) * PAGE_SIZE] for i in range(capacity)]
+        self.n = 0
+
+    def load(self, src: np.ndarray, indices: np.ndarray) -> np.ndarray:
+        """Copy ``src[indices]`` into the buffer; returns the staged pages."""
+        n = len(indices)
+        if n > self.capacity:
+            raise ValueError(f"{n} pages do not fit a staging buffer of {self.capacity}")
+        out = self.array[:n]
+        if n and int(indices[-1]) - int(indices[0]) == n - 1:
+            np.copyto(out, src[int(indices[0]):int(indices[-1]) + 1])
+        else:
+            np.take(src, indices, axis=0, out=out)
+        self.n = n
+        return out
+
+    def digests(self, n: int | None = None) -> np.ndarray:
+        n = self.n if n is None else n
+        return np.fromiter(map(_h64, self._views[:n]), dtype=np.uint64, count=n)
+
+    def view(self, n: int | None = None) -> memoryview:
+        n = self.n if n is None else n
+        return memoryview(self.array[:n]).cast("B")
+
+
+def page_digests(pages: np.ndarray, indices: np.ndarray | None = None) -> np.ndarray:
+    """xxh3_64 of the given pages of a ``(npages, PAGE_SIZE)`` array.
+
+    Builds one view per page: use for scattered, small sets (the pages of a
+    few candidate chunks), not for whole regions.
+    """
+    flat = memoryview(pages.reshape(-1)).cast("B")
+    if indices is None:
+        indices = np.arange(pages.shape[0])
+    offs = (np.asarray(indices, dtype=np.int64) * PAGE_SIZE).tolist()
+    return np.fromiter(
+        map(_h64, [flat[o:o + PAGE_SIZE] for o in offs]), dtype=np.uint64, count=len(offs)
+    )
+
+
+def _chunk_range(flat: memoryview, offs: Sequence[int], chunk_bytes: int) -> list[int]:
+    return [_h64(flat[o:o + chunk_bytes]) for o in offs]
+
+
+def chunk_digests(
+    flat: memoryview,
+    chunk_bytes: int,
+    executor: ThreadPoolExecutor | None = None,
+    chunks: np.ndarray | None = None,
+) -> np.ndarray:
+    """xxh3_64 of each ``chunk_bytes`` slice of ``flat`` (the last may be short).
+
+    ``chunks`` limits the work to those chunk numbers (the result then has
+    one entry per listed chunk).  With an ``executor`` the work is split in
+    two halves hashed in parallel threads (xxh3 releases the GIL on inputs
+    over 64 KiB).
+    """
+    size = flat.nbytes
+    if chunks is None:
+        offs = list(range(0, size, chunk_bytes))
+    else:
+        offs = (np.asarray(chunks, dtype=np.int64) * chunk_bytes).tolist()
+    if executor is None or len(offs) < 8:
+        return np.array(_chunk_range(flat, offs, chunk_bytes), dtype=np.uint64)
+    half = len(offs) // 2
+    parts = executor.map(_chunk_range, (flat, flat), (offs[:half], offs[half:]),
+                         (chunk_bytes, chunk_bytes))
+    out = np.empty(len(offs), dtype=np.uint64)
+    a, b = parts
+    out[:half] = a
+    out[half:] = b
+    return out
+
+
+class ChunkTracker:
+    """The destination's chunk digests, kept fresh as pages arrive.
+
+    The receive path calls :meth:`mark` after writing pages; a background
+    thread rehashes stale chunks; :meth:`table` brings every chunk up to
+    date and returns the digests.  A chunk is marked stale *after* its pages
+    are written and unmarked *before* it is hashed, so a write racing with
+    the hash leaves it stale, never wrongly fresh.
+    """
+
+    def __init__(self, flat: memoryview, chunk_pages: int, executor: ThreadPoolExecutor) -> None:
+        self.flat = flat
+        self.chunk_pages = chunk_pages
+        self.chunk_bytes = chunk_pages * PAGE_SIZE
+        self.nchunks = -(-flat.nbytes // self.chunk_bytes)
+        self.digests = chunk_digests(flat, self.chunk_bytes, executor) if flat.nbytes else np.zeros(0, np.uint64)
+        self.stale = np.zeros(self.nchunks, dtype=bool)
+        self._executor = executor
+        self._lock = threading.Lock()  # one refresher at a time
+        self._wake = threading.Event()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="precopy-chunks", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def zeroed(cls, flat: memoryview, chunk_pages: int, executor: ThreadPoolExecutor) -> ChunkTracker:
+        """A tracker for a fresh all-zero region: digests known without reading it."""
+        self = cls.__new__(cls)
+        self.flat = flat
+        self.chunk_pages = chunk_pages
+        self.chunk_bytes = chunk_pages * PAGE_SIZE
+        self.nchunks = -(-flat.nbytes // self.chunk_bytes)
+        self.digests = np.full(self.nchunks, _h64(bytes(self.chunk_bytes)), dtype=np.uint64)
+        tail = flat.nbytes - (self.nchunks - 1) * self.chunk_bytes
+        if self.nchunks and tail != self.chunk_bytes:
+            self.digests[-1] = _h64(bytes(tail))
+        self.stale = np.zeros(self.nchunks, dtype=bool)
+        self._executor = executor
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="precopy-chunks", daemon=True)
+        self._thread.start()
+        return self
+
+    def mark(self, page_indices: np.ndarray) -> None:
+        if len(page_indices):
+            self.stale[page_indices // self.chunk_pages] = True
+            self._wake.set()
+
+    def refresh(self) -> int:
+        """Rehash every stale chunk now; returns how many were rehashed."""
+        with self._lock:
+            todo = np.flatnonzero(self.stale)
+            if not todo.size:
+                return 0
+            self.stale[todo] = False
+            self.digests[todo] = chunk_digests(self.flat, self.chunk_bytes, self._executor, todo)
+            return int(todo.size)
+
+    def table(self) -> np.ndarray:
+        """Fresh digests of every chunk (refreshes first)."""
+        self.refresh()
+        return self.digests
+
+    def _run(self) -> None:
+        while not self._closed:
+            self._wake.wait(0.05)
+            self._wake.clear()
+            if self._closed:
+                return
+            self.refresh()
+
+    def close(self) -> None:
+        self._closed = True
+        self._wake.set()
+        self._thread.join()

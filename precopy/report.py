@@ -1,0 +1,63 @@
+"""The migration report (DESIGN "contracts"): plain data, JSON out."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = ["RoundReport", "MigrationReport"]
+
+
+@dataclass
+class RoundReport:
+    """One round: round 0 is the full copy, the last is the final (paused) pass."""
+
+    round: int
+    kind: str  # "full", "iterative", "final", "repair"
+    pages_scanned: int
+    pages_dirty: int
+    pages_sent: int
+    zero_pages: int
+    bytes_on_wire: int
+    seconds: float
+    scan_seconds: float = 0.0
+    send_seconds: float = 0.0
+    bandwidth_bps: float = 0.0
+    dirty_rate_pps: float = 0.0
+    expected_downtime_ms: float | None = None
+
+
+@dataclass
+class MigrationReport:
+    migration_id: str
+    outcome: str = "running"  # committed | aborted | in-doubt
+    source: str = ""
+    destination: str = ""
+    memory: str = ""
+    region_bytes: int = 0
+    page_size: int = 4096
+    workload: str = ""
+    downtime_budget_ms: float = 0.0
+    total_time_s: float = 0.0
+    downtime_ms: float | None = None
+    expected_downtime_ms: float | None = None
+    downtime_overshoot_ms: float | None = None
+    forced: bool = False
+    rounds: list[RoundReport] = field(default_factory=list)
+    bytes_on_wire: int = 0
+    pages_sent: int = 0
+    zero_pages: int = 0
+    verify_repairs: int = 0
+    device_state_bytes: int = 0
+    compression: str = "off"
+    bandwidth_bps: float = 0.0
+    error: str | None = None
+    reason: str | None = None
+    phases_ms: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)

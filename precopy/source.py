@@ -1,0 +1,681 @@
+"""The source side of a migration, as one asyncio session.
+
+Rounds, in the QEMU pre-copy shape:
+
+0. **Full copy** of every page while the workload runs.
+1. **Iterative rounds**: ask the destination for its chunk digests while
+   hashing our live chunks (two threads, memory speed); chunks that differ
+   are candidates; inside them, pages whose live digest differs from the
+   digest of what we last *sent* are dirty.  Decide with the policy; send
+   the dirty pages; repeat.
+2. **Switchover**: pause the workload, hash the frozen region's chunks,
+   compare with the destination's table, send what differs, send the
+   device state, verify the chunk tables agree (repairing any chunk that
+   does not, counted in ``verify_repairs``), commit.
+
+Chunk digests are computed over real memory on both sides, so the final
+comparison is an end-to-end check of the whole region.  Page digests are
+taken from the staged copy that goes on the wire (DESIGN invariant 1).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import lz4.block
+import numpy as np
+import xxhash
+
+from . import auth
+from .channel import Channel, LinkError, PeerAborted, connect
+from .digest import ZERO_PAGE_DIGEST, StagingBuffer, chunk_digests, page_digests
+from .errors import (
+    AbortCode,
+    AuthError,
+    MigrationAborted,
+    MigrationInDoubt,
+    PrecopyError,
+    RemoteProtocolError,
+)
+from .memory import GuestMemory
+from .policy import Action, DirtyRateEstimator, LinkEstimator, SwitchoverPolicy, expected_downtime
+from .report import MigrationReport, RoundReport
+from .wire import (
+    MAX_BATCH_PAGES,
+    MAX_PAYLOAD,
+    PAGE_SIZE,
+    PROTOCOL_VERSION,
+    Auth,
+    AuthOk,
+    Begin,
+    Commit,
+    Committed,
+    DeviceState,
+    DigestRequest,
+    DigestTable,
+    Hello,
+    HelloAck,
+    Outcome,
+    Pages,
+    Query,
+    Ready,
+    Role,
+    Switchover,
+    valid_name,
+)
+from .workload import Workload
+
+__all__ = ["SourceOptions", "Progress", "migrate", "SourceSession"]
+
+_log = logging.getLogger(__name__)
+_h64 = xxhash.xxh3_64_intdigest
+
+
+@dataclass
+class SourceOptions:
+    """Everything a migration needs besides the workload.  See ``precopy-source --help``."""
+
+    host: str
+    port: int
+    memory: Path
+    name: str | None = None
+    downtime_ms: float = 300.0
+    max_rounds: int = 30
+    max_time_s: float | None = 600.0
+    on_nonconvergence: str = "abort"
+    compress: str = "off"  # off | lz4 | auto
+    auth_key: bytes | None = None
+    batch_pages: int = 256
+    chunk_pages: int = 64
+    on_commit: str = "keep-stopped"  # keep-stopped | kill
+    connect_timeout_s: float = 10.0
+    io_timeout_s: float = 60.0
+    migration_id: str | None = None
+    outcome_retries: int = 6
+
+    def __post_init__(self) -> None:
+        self.memory = Path(self.memory)
+        if self.name is None:
+            self.name = self.memory.name
+        if not valid_name(self.name):
+            raise ValueError(f"region name {self.name!r} must be a plain file name ([A-Za-z0-9._-])")
+        if not 1 <= self.batch_pages <= MAX_BATCH_PAGES:
+            raise ValueError(f"batch_pages must be 1..{MAX_BATCH_PAGES}")
+        if self.chunk_pages < 1 or self.chunk_pages & (self.chunk_pages - 1) or self.chunk_pages > 4096:
+            raise ValueError("chunk_pages must be a power of two up to 4096")
+        if self.compress not in ("off", "lz4", "auto"):
+            raise ValueError(f"compress must be off, lz4 or auto, not {self.compress!r}")
+        if self.on_commit not in ("keep-stopped", "kill"):
+            raise ValueError(f"on_commit must be keep-stopped or kill, not {self.on_commit!r}")
+        if self.migration_id is None:
+            self.migration_id = uuid.uuid4().hex
+        if not valid_name(self.migration_id):
+            raise ValueError("migration_id must be a plain token ([A-Za-z0-9._-])")
+
+
+@dataclass
+class Progress:
+    """What a progress display shows; passed to the progress callback."""
+
+    phase: str
+    round: int
+    pages_done: int
+    pages_todo: int
+    dirty_pages: int
+    bandwidth_bps: float
+    dirty_rate_pps: float
+    expected_downtime_ms: float | None
+    elapsed_s: float
+    eta_s: float | None = None
+
+
+class _Compressor:
+    """Per-batch lz4, on demand: always, never, or when it pays on this link."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.raw = 0
+        self.wire = 0
+        self._skip = 0
+
+    def compress(self, data: memoryview, link_bps: float) -> bytes | None:
+        if self.mode == "off":
+            return None
+        if self.mode == "auto":
+            # lz4 runs at ~0.6-0.8 GB/s on page data: it only pays on links
+            # slower than that, and only while the data keeps compressing.
+            if link_bps > 500e6:
+                return None
+            if self._skip > 0:
+                self._skip -= 1
+                return None
+        out = lz4.block.compress(data, store_size=False)
+        self.raw += len(data)
+        if len(out) >= 0.9 * len(data):
+            if self.mode == "auto":
+                self._skip = 32  # incompressible: look again in a while
+            return None
+        self.wire += len(out)
+        return out
+
+    @property
+    def ratio(self) -> float:
+        return self.wire / self.raw if self.raw and self.wire else 1.0
+
+
+class SourceSession:
+    """One migration from the source's side.  Use :func:`migrate`."""
+
+    def __init__(self, opts: SourceOptions, workload: Workload,
+                 progress: Callable[[Progress], None] | None = None) -> None:
+        self.opts = opts
+        self.workload = workload
+        self.progress = progress
+        self.policy = SwitchoverPolicy(
+            downtime_s=opts.downtime_ms / 1e3, max_rounds=opts.max_rounds,
+            max_time_s=opts.max_time_s, on_nonconvergence=opts.on_nonconvergence,
+        )
+        self.link = LinkEstimator()
+        self.dirty_rate = DirtyRateEstimator()
+        self.compressor = _Compressor(opts.compress)
+        self.report = MigrationReport(
+            migration_id=str(opts.migration_id), memory=str(opts.memory),
+            destination=f"{opts.host}:{opts.port}", workload=workload.describe(),
+            downtime_budget_ms=opts.downtime_ms, compression=opts.compress,
+        )
+        self.chan: Channel | None = None
+        self.mem: GuestMemory | None = None
+        self.paused = False
+        self.commit_sent = False
+        self._events: asyncio.Queue[Any] = asyncio.Queue()
+        self._reader: asyncio.Task[None] | None = None
+        self._seq = 0
+        self._t0 = 0.0
+        self._rtt = 0.001
+        self._last_scan_s = 0.0
+        self._hash_pool = ThreadPoolExecutor(2, thread_name_prefix="precopy-hash")
+        self._outer_pool = ThreadPoolExecutor(1, thread_name_prefix="precopy-scan")
+
+    # -- entry point ----------------------------------------------------
+
+    async def run(self) -> MigrationReport:
+        """Migrate.  Returns the report of a committed migration.
+
+        Raises :class:`MigrationAborted` (the workload runs on the source)
+        or :class:`MigrationInDoubt` (it is left paused); both carry the
+        report as ``.report``.
+        """
+        self._t0 = time.monotonic()
+        try:
+            await self._migrate()
+            self.report.outcome = "committed"
+            return self.report
+        except MigrationInDoubt as exc:
+            self.report.outcome = "in-doubt"
+            self.report.error = str(exc)
+            exc.report = self.report  # type: ignore[attr-defined]
+            raise
+        except BaseException as exc:
+            # Anything, even a bug here, before the commit: the workload must
+            # keep running on the source.
+            if not isinstance(exc, (PrecopyError, OSError, asyncio.CancelledError)):
+                _log.exception("internal error during migration; rolling back")
+            await self._rollback(exc)
+            err = MigrationAborted(self._describe(exc), getattr(exc, "code", AbortCode.INTERNAL))
+            err.report = self.report  # type: ignore[attr-defined]
+            raise err from exc
+        finally:
+            self.report.total_time_s = time.monotonic() - self._t0
+            if self._reader is not None:
+                self._reader.cancel()
+            if self.chan is not None:
+                self.chan.close()
+            if self.mem is not None:
+                self.mem.close()
+            self._hash_pool.shutdown(wait=False)
+            self._outer_pool.shutdown(wait=False)
+
+    @staticmethod
+    def _describe(exc: BaseException) -> str:
+        if isinstance(exc, asyncio.CancelledError):
+            return "migration cancelled"
+        return str(exc) or type(exc).__name__
+
+    async def _rollback(self, exc: BaseException) -> None:
+        self.report.outcome = "aborted"
+        self.report.error = self._describe(exc)
+        code = exc.code if isinstance(exc, PrecopyError) else AbortCode.INTERNAL
+        if isinstance(exc, asyncio.CancelledError):
+            code = AbortCode.CANCELLED
+        if self.chan is not None and not isinstance(exc, PeerAborted):
+            await self.chan.abort(code, self.report.error)
+        if self.paused:
+            try:
+                await self.workload.resume()
+                self.paused = False
+                _log.warning("rolled back: workload resumed on the source")
+            except PrecopyError as rexc:
+                self.report.error += f"; and resuming the workload failed: {rexc}"
+                _log.error("rollback could not resume the workload: %s", rexc)
+
+    # -- the migration --------------------------------------------------
+
+    async def _migrate(self) -> None:
+        opts = self.opts
+        self.mem = GuestMemory.open(opts.memory, writable=False)
+        mem = self.mem
+        self.report.region_bytes = mem.size
+        self.sent = np.zeros(mem.npages, dtype=np.uint64)
+        self.staging = StagingBuffer(opts.batch_pages)
+        self.chunk_bytes = opts.chunk_pages * PAGE_SIZE
+
+        sock = await connect(opts.host, opts.port, opts.connect_timeout_s)
+        self.chan = Channel(sock, Role.SOURCE)
+        self.report.source = "%s:%d" % sock.getsockname()[:2]
+        await self._handshake(self.chan)
+        self._reader = asyncio.create_task(self._read_loop())
+
+        await self._send_event(Begin(
+            migration_id=str(opts.migration_id), name=str(opts.name), size=mem.size,
+            chunk_pages=opts.chunk_pages,
+        ))
+        await self._expect(Ready)
+        _log.info("migration %s: %s (%d MiB) -> %s", opts.migration_id, opts.memory,
+                  mem.size >> 20, self.report.destination)
+
+        await self._full_copy()
+        decision_expected = await self._iterate()
+        await self._switchover(decision_expected)
+
+    async def _handshake(self, chan: Channel) -> None:
+        key = self.opts.auth_key
+        nonce = auth.new_nonce()
+        t = time.monotonic()
+        await chan.send(Hello(version=PROTOCOL_VERSION, nonce=nonce))
+        ack: HelloAck = await asyncio.wait_for(chan.recv(HelloAck), self.opts.io_timeout_s)
+        self._rtt = max(time.monotonic() - t, 1e-4)
+        if ack.version != PROTOCOL_VERSION:
+            raise PrecopyError(
+                f"destination speaks protocol {ack.version}, we speak {PROTOCOL_VERSION}: "
+                "upgrade one side", AbortCode.VERSION,
+            )
+        if key is not None:
+            if not ack.mac or not auth.verify(auth.dest_mac(key, nonce, ack.nonce), ack.mac):
+                raise AuthError("the destination did not prove it holds our key (wrong --auth-key-file?)")
+            mac = auth.source_mac(key, nonce, ack.nonce)
+        else:
+            if ack.mac:
+                raise AuthError("the destination requires authentication: pass --auth-key-file")
+            mac = b""
+        await chan.send(Auth(mac=mac))
+        await asyncio.wait_for(chan.recv(AuthOk), self.opts.io_timeout_s)
+
+    async def _read_loop(self) -> None:
+        assert self.chan is not None
+        try:
+            async for ev in self.chan.events():
+                if isinstance(ev, DigestTable):
+                    ev = DigestTable(seq=ev.seq, digests=ev.digests.copy())
+                await self._events.put(ev)
+            await self._events.put(LinkError(f"{self.chan.peer} closed the connection"))
+        except (PrecopyError, OSError) as exc:
+            await self._events.put(exc)
+
+    async def _expect(self, typ: type) -> Any:
+        try:
+            ev = await asyncio.wait_for(self._events.get(), self.opts.io_timeout_s)
+        except asyncio.TimeoutError:
+            raise LinkError(
+                f"no answer from the destination within {self.opts.io_timeout_s:.0f} s "
+                f"(waiting for {typ.__name__})", AbortCode.TIMEOUT,
+            ) from None
+        if isinstance(ev, BaseException):
+            raise ev
+        if not isinstance(ev, typ):
+            raise RemoteProtocolError(f"expected {typ.__name__} from the destination, got {type(ev).__name__}")
+        return ev
+
+    def _check_peer(self) -> None:
+        """Raise what the reader saw (an ABORT, a closed link) without waiting."""
+        if not self._events.empty():
+            ev = self._events.get_nowait()
+            if isinstance(ev, BaseException):
+                raise ev
+            raise RemoteProtocolError(f"unexpected {type(ev).__name__} from the destination")
+
+    async def _send_event(self, ev: Any) -> int:
+        assert self.chan is not None
+        try:
+            return await self.chan.send(ev)
+        except LinkError:
+            # The peer may have said why before closing: prefer its reason.
+            await asyncio.sleep(0.05)
+            self._check_peer()
+            raise
+
+    # -- sending pages --------------------------------------------------
+
+    async def _send_pages(self, indices: np.ndarray, rnd: RoundReport, phase: str) -> None:
+        """Send ``indices`` in batches; record digests of what was sent."""
+        assert self.mem is not None
+        pages = self.mem.pages
+        batch = self.opts.batch_pages
+        t_start = time.monotonic()
+        last_progress = t_start
+        sent_before = self.report.bytes_on_wire
+        for start in range(0, len(indices), batch):
+            idx = indices[start:start + batch]
+            staged = self.staging.load(pages, idx)
+            dig = self.staging.digests()
+            zero = dig == ZERO_PAGE_DIGEST
+            if zero.any():
+                zero &= ~staged.any(axis=1)  # never trust a 64-bit digest for zero
+            if zero.all():
+                data_idx, zero_idx = idx[:0], idx
+                raw = memoryview(b"")
+            elif zero.any():
+                keep = ~zero
+                data_idx, zero_idx = idx[keep], idx[zero]
+                raw = memoryview(np.ascontiguousarray(staged[keep])).cast("B")
+            else:
+                data_idx, zero_idx = idx, idx[:0]
+                raw = self.staging.view()
+            checksum = _h64(raw)
+            payload: Any = raw
+            compressed = False
+            if raw.nbytes:
+                packed = self.compressor.compress(raw, self.link.bytes_per_second)
+                if packed is not None and len(packed) <= MAX_PAYLOAD:
+                    payload, compressed = packed, True
+            n = await self._send_event(Pages(indices=data_idx, zeros=zero_idx, payload=payload,
+                                             compressed=compressed, checksum=checksum))
+            self.sent[idx] = dig
+            rnd.pages_sent += len(data_idx)
+            rnd.zero_pages += len(zero_idx)
+            rnd.bytes_on_wire += n
+            self.report.bytes_on_wire += n
+            self.report.pages_sent += len(data_idx)
+            self.report.zero_pages += len(zero_idx)
+            self._check_peer()
+            now = time.monotonic()
+            if self.progress is not None and now - last_progress > 0.2:
+                last_progress = now
+                self._emit(phase, rnd.round, start + len(idx), len(indices), rnd.pages_dirty, t_start)
+        elapsed = time.monotonic() - t_start
+        rnd.send_seconds += elapsed
+        self.link.add(self.report.bytes_on_wire - sent_before, elapsed)
+
+    def _emit(self, phase: str, rnd: int, done: int, todo: int, dirty: int, t_start: float) -> None:
+        if self.progress is None:
+            return
+        bw = self.link.bytes_per_second
+        left = (todo - done) * PAGE_SIZE
+        self.progress(Progress(
+            phase=phase, round=rnd, pages_done=done, pages_todo=todo, dirty_pages=dirty,
+            bandwidth_bps=bw, dirty_rate_pps=self.dirty_rate.pages_per_second,
+            expected_downtime_ms=(self.policy.history[-1] * 1e3 if self.policy.history else None),
+            elapsed_s=time.monotonic() - self._t0, eta_s=left / bw if bw else None,
+        ))
+
+    async def _full_copy(self) -> None:
+        assert self.mem is not None
+        t = time.monotonic()
+        rnd = RoundReport(round=0, kind="full", pages_scanned=self.mem.npages,
+                          pages_dirty=self.mem.npages, pages_sent=0, zero_pages=0,
+                          bytes_on_wire=0, seconds=0.0)
+        await self._send_pages(np.arange(self.mem.npages, dtype=np.uint32), rnd, "full copy")
+        rnd.seconds = time.monotonic() - t
+        rnd.bandwidth_bps = self.link.bytes_per_second
+        self.report.rounds.append(rnd)
+        self._last_scan_t = t
+
+    # -- scanning -------------------------------------------------------
+
+    async def _scan(self, *, final: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+        """Compare our live chunks with the destination's.
+
+        Returns (dirty pages, pages of chunks that differ although no page
+        digest does, live chunk digests, seconds spent hashing locally).
+        """
+        assert self.mem is not None
+        self._seq += 1
+        await self._send_event(DigestRequest(seq=self._seq, final=final))
+        loop = asyncio.get_running_loop()
+        t = time.monotonic()
+        live = await loop.run_in_executor(
+            self._outer_pool, chunk_digests, self.mem.view, self.chunk_bytes, self._hash_pool
+        )
+        hash_s = time.monotonic() - t
+        table: DigestTable = await self._expect(DigestTable)
+        if table.seq != self._seq:
+            raise RemoteProtocolError(f"digest table {table.seq} answers request {self._seq}")
+        cand = np.flatnonzero(live != table.digests)
+        if not cand.size:
+            empty = np.zeros(0, dtype=np.uint32)
+            return empty, empty, live, hash_s
+        cp = self.opts.chunk_pages
+        pages = (cand[:, None] * cp + np.arange(cp)).ravel()
+        pages = pages[pages < self.mem.npages].astype(np.uint32)
+        now = page_digests(self.mem.pages, pages)
+        differs = now != self.sent[pages]
+        dirty = pages[differs]
+        # Chunks that differ on the destination but where no page differs
+        # from what we sent: our record and the destination disagree.
+        dirty_chunks = np.unique(dirty // cp) if dirty.size else dirty
+        odd = np.setdiff1d(cand, dirty_chunks)
+        if odd.size:
+            odd_pages = (odd[:, None] * cp + np.arange(cp)).ravel()
+            odd_pages = odd_pages[odd_pages < self.mem.npages].astype(np.uint32)
+        else:
+            odd_pages = np.zeros(0, dtype=np.uint32)
+        return dirty, odd_pages, live, hash_s
+
+    def _expected(self, remaining_pages: int, device_state_bytes: int = 0) -> float:
+        return expected_downtime(
+            remaining_pages=remaining_pages,
+            bandwidth_bps=self.link.bytes_per_second,
+            compress_ratio=self.compressor.ratio,
+            device_state_bytes=device_state_bytes,
+            final_scan_s=self._last_scan_s,
+            overhead_s=0.002 + 3 * self._rtt,
+        )
+
+    async def _iterate(self) -> float:
+        """Iterative rounds until the policy says switch over; returns the expected downtime."""
+        assert self.mem is not None
+        rounds_done = 0
+        while True:
+            t = time.monotonic()
+            dirty, odd, _live, hash_s = await self._scan(final=False)
+            scan_s = time.monotonic() - t
+            # The final scan costs the local chunk hash plus per-page hashing
+            # of the candidate chunks; the round trip is in the overhead.
+            self._last_scan_s = hash_s + (len(dirty) + len(odd)) * 0.6e-6
+            interval = time.monotonic() - self._last_scan_t
+            self._last_scan_t = t
+            self.dirty_rate.add(len(dirty), interval)
+            todo = np.union1d(dirty, odd).astype(np.uint32)
+            expected = self._expected(len(todo))
+            decision = self.policy.decide(
+                rounds_done=rounds_done, elapsed_s=time.monotonic() - self._t0, expected_s=expected,
+            )
+            _log.info("round %d: %d dirty pages, %.1f MB/s, %s", rounds_done + 1, len(dirty),
+                      self.link.bytes_per_second / 1e6, decision.reason)
+            if decision.action is Action.SWITCHOVER:
+                return expected
+            if decision.action is Action.FORCE:
+                self.report.forced = True
+                self.report.reason = decision.reason
+                return expected
+            if decision.action is Action.ABORT:
+                self.report.reason = decision.reason
+                raise PrecopyError(decision.reason, AbortCode.NOT_CONVERGED)
+            rounds_done += 1
+            rnd = RoundReport(round=rounds_done, kind="iterative", pages_scanned=self.mem.npages,
+                              pages_dirty=len(todo), pages_sent=0, zero_pages=0, bytes_on_wire=0,
+                              seconds=0.0, scan_seconds=scan_s,
+                              dirty_rate_pps=self.dirty_rate.pages_per_second,
+                              expected_downtime_ms=expected * 1e3)
+            await self._send_pages(todo, rnd, "iterating")
+            rnd.seconds = time.monotonic() - t
+            rnd.bandwidth_bps = self.link.bytes_per_second
+            self.report.rounds.append(rnd)
+            self._emit("iterating", rounds_done, len(todo), len(todo), len(todo), t)
+
+    # -- switchover -----------------------------------------------------
+
+    async def _switchover(self, expected_s: float) -> None:
+        assert self.mem is not None
+        phases: dict[str, float] = {}
+        t_pause = time.monotonic()
+        blob = await self.workload.pause()
+        self.paused = True
+        t = time.monotonic()
+        phases["pause"] = (t - t_pause) * 1e3
+        await self._send_event(Switchover())
+
+        rnd = RoundReport(round=len(self.report.rounds), kind="final", pages_scanned=self.mem.npages,
+                          pages_dirty=0, pages_sent=0, zero_pages=0, bytes_on_wire=0, seconds=0.0)
+        dirty, odd, frozen, _ = await self._scan(final=True)
+        t2 = time.monotonic()
+        phases["final_scan"] = (t2 - t) * 1e3
+        rnd.scan_seconds = t2 - t
+        rnd.pages_dirty = len(dirty)
+        if odd.size:
+            _log.warning("final pass: %d pages in chunks the destination holds differently "
+                         "although our record says otherwise; resending them", len(odd))
+            self.report.verify_repairs += len(odd)
+        todo = np.union1d(dirty, odd).astype(np.uint32)
+        if todo.size:
+            await self._send_pages(todo, rnd, "switchover")
+        t3 = time.monotonic()
+        phases["final_pages"] = (t3 - t2) * 1e3
+
+        self.report.device_state_bytes = len(blob)
+        view = memoryview(blob)
+        for off in range(0, max(len(blob), 1), MAX_PAYLOAD):
+            piece = view[off:off + MAX_PAYLOAD]
+            rnd.bytes_on_wire += await self._send_event(DeviceState(offset=off, total=len(blob), data=piece))
+        t4 = time.monotonic()
+        phases["device_state"] = (t4 - t3) * 1e3
+
+        # Verify: the destination's chunk table must equal our frozen one.
+        if todo.size:
+            for attempt in range(3):
+                bad = await self._verify(frozen)
+                if not bad.size:
+                    break
+                _log.warning("verification: %d chunks differ; repairing (attempt %d)", bad.size, attempt + 1)
+                cp = self.opts.chunk_pages
+                pages = (bad[:, None] * cp + np.arange(cp)).ravel()
+                pages = pages[pages < self.mem.npages].astype(np.uint32)
+                self.report.verify_repairs += len(pages)
+                await self._send_pages(pages, rnd, "repair")
+            else:
+                raise PrecopyError("destination memory still differs after 3 repairs",
+                                   AbortCode.VERIFY_FAILED)
+        t5 = time.monotonic()
+        phases["verify"] = (t5 - t4) * 1e3
+        rnd.seconds = t5 - t
+        self.report.rounds.append(rnd)
+
+        self.commit_sent = True
+        await self._send_event(Commit(migration_id=str(self.opts.migration_id), checksum=_h64(blob)))
+        try:
+            done: Committed = await self._expect(Committed)
+        except PrecopyError as exc:
+            await self._resolve_outcome(exc)
+        else:
+            if done.migration_id != self.opts.migration_id:
+                raise MigrationInDoubt(
+                    f"destination confirmed migration {done.migration_id!r}, not ours; "
+                    "workload left paused", AbortCode.PROTOCOL,
+                )
+        t6 = time.monotonic()
+        phases["commit"] = (t6 - t5) * 1e3
+        self.report.downtime_ms = (t6 - t_pause) * 1e3
+        self.report.expected_downtime_ms = expected_s * 1e3
+        self.report.downtime_overshoot_ms = max(0.0, self.report.downtime_ms - self.opts.downtime_ms)
+        self.report.bandwidth_bps = self.link.bytes_per_second
+        self.report.phases_ms = phases
+        self.paused = False  # it is the destination's now
+        if self.opts.on_commit == "kill":
+            try:
+                await self.workload.stop()
+            except PrecopyError as exc:
+                _log.warning("committed, but stopping the source workload failed: %s", exc)
+        _log.info("committed: downtime %.1f ms (expected %.1f ms)", self.report.downtime_ms,
+                  self.report.expected_downtime_ms)
+
+    async def _verify(self, frozen: np.ndarray) -> np.ndarray:
+        self._seq += 1
+        await self._send_event(DigestRequest(seq=self._seq, final=True))
+        table: DigestTable = await self._expect(DigestTable)
+        if table.seq != self._seq:
+            raise RemoteProtocolError(f"digest table {table.seq} answers request {self._seq}")
+        return np.flatnonzero(frozen != table.digests)
+
+    # -- outcome after a lost commit --------------------------------------
+
+    async def _resolve_outcome(self, cause: BaseException) -> None:
+        """The commit was sent but not confirmed: ask the destination what happened."""
+        _log.warning("commit not confirmed (%s); asking the destination for the outcome", cause)
+        if self.chan is not None:
+            self.chan.close()
+        delay = 0.2
+        last: BaseException = cause
+        for attempt in range(self.opts.outcome_retries):
+            try:
+                outcome = await self._query_outcome()
+            except (PrecopyError, OSError, asyncio.TimeoutError) as exc:
+                last = exc
+                _log.warning("outcome query %d failed: %s", attempt + 1, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            if outcome.committed:
+                _log.info("destination confirms migration %s committed", outcome.migration_id)
+                return
+            if outcome.known:
+                # Definitely not committed: the destination will never commit it.
+                raise PrecopyError("destination reports the migration was not committed",
+                                   AbortCode.LINK) from cause
+            last = PrecopyError("destination has no record of this migration")
+            break
+        raise MigrationInDoubt(
+            f"migration {self.opts.migration_id}: commit sent but its outcome is unknown ({last}); "
+            "the workload is left PAUSED on the source. Check the destination "
+            f"({self.report.destination}) for the migration id, then resume or kill the workload by hand.",
+            AbortCode.LINK,
+        ) from cause
+
+    async def _query_outcome(self) -> Outcome:
+        sock = await connect(self.opts.host, self.opts.port, self.opts.connect_timeout_s)
+        chan = Channel(sock, Role.SOURCE)
+        try:
+            await self._handshake(chan)
+            await chan.send(Query(migration_id=str(self.opts.migration_id)))
+            out: Outcome = await asyncio.wait_for(chan.recv(Outcome), self.opts.io_timeout_s)
+            return out
+        finally:
+            chan.close()
+
+
+async def migrate(opts: SourceOptions, workload: Workload,
+                  progress: Callable[[Progress], None] | None = None) -> MigrationReport:
+    """Live-migrate the region ``opts.memory`` used by ``workload``.
+
+    Returns the report of a committed migration.  Raises
+    :class:`~precopy.errors.MigrationAborted` (rolled back; the workload runs
+    on the source) or :class:`~precopy.errors.MigrationInDoubt` (left paused).
+    The exception's ``report`` attribute holds the report either way.
+    """
+    return await SourceSession(opts, workload, progress).run()

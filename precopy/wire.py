@@ -1,0 +1,727 @@
+"""The precopy wire protocol: framing, messages and phases, with no I/O.
+
+A :class:`Connection` turns bytes into events and events into bytes, the way
+h11 does for HTTP.  It never touches a socket: the agents feed it what they
+read (``get_buffer``/``buffer_updated`` for zero-copy receive, or
+``receive_data``), pull events with :meth:`Connection.next_event`, and write
+what :meth:`Connection.send` returns.
+
+Frame layout (little endian)::
+
+    magic "PC" | kind u8 | flags u8 | meta_len u32 | payload_len u32 | meta | payload
+
+``meta`` is a msgpack map (at most :data:`MAX_META` bytes); ``payload`` is raw
+bytes (at most :data:`MAX_PAYLOAD`).  Both lengths are checked before a byte
+of the body is buffered.  Page numbers travel as one binary field of uint32,
+never as per-page msgpack objects.
+
+Every phase transition lives in :data:`TRANSITIONS`.  A frame that is not
+allowed in the current phase raises :class:`RemoteProtocolError` naming the
+message, the sender and the phase.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from enum import Enum, IntEnum
+from typing import Any, Final, Union
+
+import msgpack
+import numpy as np
+import xxhash
+
+from .errors import AbortCode, LocalProtocolError, RemoteProtocolError
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "PAGE_SIZE",
+    "MAX_META",
+    "MAX_PAYLOAD",
+    "MAX_BATCH_PAGES",
+    "MAX_DEVICE_STATE",
+    "Kind",
+    "Role",
+    "Phase",
+    "NEED_DATA",
+    "Connection",
+    "Hello",
+    "HelloAck",
+    "Auth",
+    "AuthOk",
+    "Begin",
+    "Ready",
+    "Pages",
+    "DigestRequest",
+    "DigestTable",
+    "Switchover",
+    "DeviceState",
+    "Commit",
+    "Committed",
+    "Query",
+    "Outcome",
+    "Abort",
+    "Event",
+    "encode_frame",
+    "page_payload",
+]
+
+PROTOCOL_VERSION: Final = 1
+PAGE_SIZE: Final = 4096
+MAGIC: Final = b"PC"
+PREFIX = struct.Struct("<2sBBII")
+PREFIX_SIZE: Final = PREFIX.size  # 12
+
+#: Largest msgpack header a peer may declare.  Batches carry their page
+#: numbers here (4 bytes a page), digest tables travel in the payload.
+MAX_META: Final = 64 * 1024
+#: Largest payload of one frame: a batch of MAX_BATCH_PAGES raw pages.
+MAX_BATCH_PAGES: Final = 1024
+MAX_PAYLOAD: Final = MAX_BATCH_PAGES * PAGE_SIZE
+#: Largest region a migration may declare (1 TiB) and smallest chunk.
+MAX_REGION: Final = 1 << 40
+#: Largest device-state blob carried to the destination (256 MiB).
+MAX_DEVICE_STATE: Final = 256 * 1024 * 1024
+MAX_NAME: Final = 128
+NONCE_SIZE: Final = 32
+MAC_SIZE: Final = 32
+
+
+class Kind(IntEnum):
+    """Message kinds, the third byte of every frame."""
+
+    HELLO = 1
+    HELLO_ACK = 2
+    AUTH = 3
+    AUTH_OK = 4
+    BEGIN = 5
+    READY = 6
+    PAGES = 7
+    DIGEST_REQUEST = 8
+    DIGEST_TABLE = 9
+    SWITCHOVER = 10
+    DEVICE_STATE = 11
+    COMMIT = 12
+    COMMITTED = 13
+    QUERY = 14
+    OUTCOME = 15
+    ABORT = 16
+
+
+class Role(Enum):
+    SOURCE = "source"
+    DEST = "dest"
+
+    @property
+    def peer(self) -> Role:
+        return Role.DEST if self is Role.SOURCE else Role.SOURCE
+
+
+class Phase(Enum):
+    HELLO = "hello"
+    HELLO_ACK = "awaiting hello-ack"
+    AUTH = "awaiting auth"
+    AUTH_OK = "awaiting auth-ok"
+    AUTHENTICATED = "authenticated"
+    BEGIN_SENT = "awaiting ready"
+    COPYING = "copying"
+    PAUSED = "paused"
+    COMMIT_SENT = "awaiting committed"
+    QUERY_SENT = "awaiting outcome"
+    DONE = "done"
+    ABORTED = "aborted"
+
+
+class _NeedData:
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+NEED_DATA: Final = _NeedData()
+
+S, D = Role.SOURCE, Role.DEST
+
+#: Everything that affects the state machine lives here:
+#: (phase, sender, kind) -> next phase.  ABORT is allowed from any live phase.
+TRANSITIONS: Final[dict[tuple[Phase, Role, Kind], Phase]] = {
+    (Phase.HELLO, S, Kind.HELLO): Phase.HELLO_ACK,
+    (Phase.HELLO_ACK, D, Kind.HELLO_ACK): Phase.AUTH,
+    (Phase.AUTH, S, Kind.AUTH): Phase.AUTH_OK,
+    (Phase.AUTH_OK, D, Kind.AUTH_OK): Phase.AUTHENTICATED,
+    (Phase.AUTHENTICATED, S, Kind.BEGIN): Phase.BEGIN_SENT,
+    (Phase.AUTHENTICATED, S, Kind.QUERY): Phase.QUERY_SENT,
+    (Phase.QUERY_SENT, D, Kind.OUTCOME): Phase.DONE,
+    (Phase.BEGIN_SENT, D, Kind.READY): Phase.COPYING,
+    (Phase.COPYING, S, Kind.PAGES): Phase.COPYING,
+    (Phase.COPYING, S, Kind.DIGEST_REQUEST): Phase.COPYING,
+    (Phase.COPYING, D, Kind.DIGEST_TABLE): Phase.COPYING,
+    (Phase.COPYING, S, Kind.SWITCHOVER): Phase.PAUSED,
+    (Phase.PAUSED, S, Kind.PAGES): Phase.PAUSED,
+    (Phase.PAUSED, S, Kind.DIGEST_REQUEST): Phase.PAUSED,
+    (Phase.PAUSED, D, Kind.DIGEST_TABLE): Phase.PAUSED,
+    (Phase.PAUSED, S, Kind.DEVICE_STATE): Phase.PAUSED,
+    (Phase.PAUSED, S, Kind.COMMIT): Phase.COMMIT_SENT,
+    (Phase.COMMIT_SENT, D, Kind.COMMITTED): Phase.DONE,
+}
+_TERMINAL: Final = frozenset({Phase.DONE, Phase.ABORTED})
+
+
+# --------------------------------------------------------------------------
+# Events
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    version: int
+    nonce: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class HelloAck:
+    version: int
+    nonce: bytes
+    mac: bytes  # proves the destination holds the key (empty without a key)
+
+
+@dataclass(frozen=True, slots=True)
+class Auth:
+    mac: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class AuthOk:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Begin:
+    migration_id: str
+    name: str
+    size: int
+    page_size: int = PAGE_SIZE
+    chunk_pages: int = 64
+
+    @property
+    def npages(self) -> int:
+        return self.size // self.page_size
+
+
+@dataclass(frozen=True, slots=True)
+class Ready:
+    pass
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Pages:
+    """A batch of pages.
+
+    ``indices`` are the pages whose bytes are in the payload (in order);
+    ``zeros`` are pages that are all zero and carry no bytes.  ``payload`` is
+    raw pages, or one lz4 block of them when ``compressed``; ``checksum`` is
+    xxh3_64 of the raw page bytes.  On receive, ``payload`` is a view into the
+    connection's buffer, valid until the next receive call.
+    """
+
+    indices: np.ndarray
+    zeros: np.ndarray
+    payload: Any  # bytes-like
+    compressed: bool = False
+    checksum: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class DigestRequest:
+    """Ask the destination for the digests of every chunk it holds."""
+
+    seq: int
+    final: bool = False
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class DigestTable:
+    """xxh3_64 of every chunk of the destination region, uint64 little endian."""
+
+    seq: int
+    digests: np.ndarray
+
+
+@dataclass(frozen=True, slots=True)
+class Switchover:
+    """The source has paused the workload; downtime has begun."""
+
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceState:
+    """One piece of the device-state blob: bytes [offset, offset+len) of total."""
+
+    offset: int
+    total: int
+    data: Any  # bytes-like
+
+
+@dataclass(frozen=True, slots=True)
+class Commit:
+    migration_id: str
+    checksum: int  # xxh3_64 of the device-state blob
+
+
+@dataclass(frozen=True, slots=True)
+class Committed:
+    migration_id: str
+    resumed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    migration_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    migration_id: str
+    committed: bool
+    known: bool  # False: the destination has no record and no live migration
+
+
+@dataclass(frozen=True, slots=True)
+class Abort:
+    code: int
+    reason: str
+
+
+Event = Union[
+    Hello, HelloAck, Auth, AuthOk, Begin, Ready, Pages, DigestRequest,
+    DigestTable, Switchover, DeviceState, Commit, Committed, Query, Outcome, Abort,
+]
+
+_KIND_OF: Final[dict[type, Kind]] = {
+    Hello: Kind.HELLO,
+    HelloAck: Kind.HELLO_ACK,
+    Auth: Kind.AUTH,
+    AuthOk: Kind.AUTH_OK,
+    Begin: Kind.BEGIN,
+    Ready: Kind.READY,
+    Pages: Kind.PAGES,
+    DigestRequest: Kind.DIGEST_REQUEST,
+    DigestTable: Kind.DIGEST_TABLE,
+    Switchover: Kind.SWITCHOVER,
+    DeviceState: Kind.DEVICE_STATE,
+    Commit: Kind.COMMIT,
+    Committed: Kind.COMMITTED,
+    Query: Kind.QUERY,
+    Outcome: Kind.OUTCOME,
+    Abort: Kind.ABORT,
+}
+
+
+# --------------------------------------------------------------------------
+# Encoding
+
+
+def encode_frame(kind: int, meta: dict[str, Any] | None = None, payload: Any = b"") -> list[Any]:
+    """Frame ``meta`` and ``payload``; returns buffers to write in order.
+
+    No length is checked here: :meth:`Connection.send` checks events, and
+    tests use this directly to build invalid frames.
+    """
+    meta_bytes = msgpack.packb(meta or {}, use_bin_type=True)
+    plen = memoryview(payload).nbytes if payload is not None else 0
+    head = PREFIX.pack(MAGIC, int(kind), 0, len(meta_bytes), plen)
+    if plen:
+        return [head + meta_bytes, payload]
+    return [head + meta_bytes]
+
+
+def _u32(a: np.ndarray) -> bytes:
+    return np.ascontiguousarray(a, dtype="<u4").tobytes()
+
+
+def _encode_event(ev: Event) -> tuple[Kind, dict[str, Any], Any]:
+    """Return (kind, meta, payload) for an event."""
+    if isinstance(ev, Pages):
+        return Kind.PAGES, {
+            "i": _u32(ev.indices),
+            "z": _u32(ev.zeros),
+            "c": int(ev.compressed),
+            "h": int(ev.checksum),
+        }, ev.payload
+    if isinstance(ev, DigestTable):
+        return Kind.DIGEST_TABLE, {"s": ev.seq}, np.ascontiguousarray(ev.digests, dtype="<u8").data
+    if isinstance(ev, DeviceState):
+        return Kind.DEVICE_STATE, {"o": ev.offset, "t": ev.total}, ev.data
+    kind = _KIND_OF[type(ev)]
+    meta = {name: getattr(ev, name) for name in ev.__dataclass_fields__}
+    return kind, meta, b""
+
+
+# --------------------------------------------------------------------------
+# Decoding and validation
+
+
+def _field(meta: dict[Any, Any], key: str, typ: type | tuple[type, ...], kind: Kind) -> Any:
+    try:
+        value = meta[key]
+    except KeyError:
+        raise RemoteProtocolError(f"{kind.name} frame lacks field {key!r}") from None
+    if isinstance(value, bool) and typ is int:
+        raise RemoteProtocolError(f"{kind.name} field {key!r} must be an integer")
+    if not isinstance(value, typ):
+        raise RemoteProtocolError(
+            f"{kind.name} field {key!r} has type {type(value).__name__}"
+        )
+    return value
+
+
+def _bytes_field(meta: dict[Any, Any], key: str, kind: Kind, *, exact: int | None = None,
+                 limit: int = MAX_META) -> bytes:
+    value = _field(meta, key, bytes, kind)
+    if exact is not None and len(value) != exact:
+        raise RemoteProtocolError(f"{kind.name} field {key!r} must be {exact} bytes, got {len(value)}")
+    if len(value) > limit:
+        raise RemoteProtocolError(f"{kind.name} field {key!r} too long ({len(value)} bytes)")
+    return value
+
+
+def _str_field(meta: dict[Any, Any], key: str, kind: Kind, limit: int = 256) -> str:
+    value = _field(meta, key, str, kind)
+    if len(value) > limit:
+        raise RemoteProtocolError(f"{kind.name} field {key!r} longer than {limit} characters")
+    return value
+
+
+def _int_field(meta: dict[Any, Any], key: str, kind: Kind, lo: int, hi: int) -> int:
+    value = _field(meta, key, int, kind)
+    if not lo <= value <= hi:
+        raise RemoteProtocolError(f"{kind.name} field {key!r}={value} outside [{lo}, {hi}]")
+    return value
+
+
+def _page_list(raw: bytes, key: str, npages: int) -> np.ndarray:
+    if len(raw) % 4:
+        raise RemoteProtocolError(f"PAGES field {key!r} is not a whole number of uint32")
+    arr = np.frombuffer(raw, dtype="<u4")
+    if arr.size > MAX_BATCH_PAGES:
+        raise RemoteProtocolError(f"PAGES batch of {arr.size} pages exceeds {MAX_BATCH_PAGES}")
+    if arr.size and int(arr.max()) >= npages:
+        raise RemoteProtocolError(
+            f"PAGES names page {int(arr.max())} but the region has {npages} pages"
+        )
+    return arr
+
+
+def valid_name(name: str) -> bool:
+    """Region names are file names: [A-Za-z0-9._-], not starting with a dot."""
+    return (
+        0 < len(name) <= MAX_NAME
+        and not name.startswith(".")
+        and all(c.isascii() and (c.isalnum() or c in "._-") for c in name)
+    )
+
+
+@dataclass
+class Connection:
+    """One side of a precopy conversation, as a pure state machine.
+
+    ``role`` is the side we play.  Bytes in: :meth:`get_buffer` and
+    :meth:`buffer_updated` (zero copy) or :meth:`receive_data`; events out:
+    :meth:`next_event`.  Events in: :meth:`send`, which returns the buffers
+    to write.  Errors: :class:`RemoteProtocolError` for anything the peer
+    sent that is malformed or out of place, :class:`LocalProtocolError` when
+    the caller tries to send something not allowed now.
+    """
+
+    role: Role
+    buffer_size: int = 2 * (PREFIX_SIZE + MAX_META + MAX_PAYLOAD)
+    phase: Phase = Phase.HELLO
+    begin: Begin | None = None
+    _buf: bytearray = field(init=False, repr=False)
+    _start: int = field(default=0, init=False, repr=False)
+    _end: int = field(default=0, init=False, repr=False)
+    _pending_requests: int = field(default=0, init=False, repr=False)
+    _device_received: int = field(default=0, init=False, repr=False)
+    _device_sent: int = field(default=0, init=False, repr=False)
+    _eof: bool = field(default=False, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._buf = bytearray(self.buffer_size)
+
+    # -- receiving ------------------------------------------------------
+
+    def get_buffer(self, min_free: int = 256 * 1024) -> memoryview:
+        """Return writable space for incoming bytes (invalidates old payload views)."""
+        free = len(self._buf) - self._end
+        if free < min_free or self._start == self._end:
+            n = self._end - self._start
+            if self._start:
+                self._buf[0:n] = self._buf[self._start:self._end]
+            self._start, self._end = 0, n
+        return memoryview(self._buf)[self._end:]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if nbytes < 0 or self._end + nbytes > len(self._buf):
+            raise LocalProtocolError(f"buffer_updated({nbytes}) beyond the buffer")
+        self._end += nbytes
+
+    def receive_data(self, data: bytes) -> None:
+        """Feed bytes (copying); ``b""`` means the peer closed the stream."""
+        if not data:
+            self._eof = True
+            return
+        view = memoryview(data)
+        while view:
+            buf = self.get_buffer(min(len(view), len(self._buf) // 2))
+            n = min(len(buf), len(view))
+            buf[:n] = view[:n]
+            self.buffer_updated(n)
+            view = view[n:]
+
+    @property
+    def buffered(self) -> int:
+        return self._end - self._start
+
+    def next_event(self) -> Event | _NeedData:
+        """Parse one event from buffered bytes, or return :data:`NEED_DATA`."""
+        avail = self._end - self._start
+        if avail < PREFIX_SIZE:
+            return self._need_data()
+        magic, kind_no, flags, meta_len, payload_len = PREFIX.unpack_from(self._buf, self._start)
+        if magic != MAGIC:
+            raise RemoteProtocolError(f"bad frame magic {magic!r}: not a precopy peer")
+        try:
+            kind = Kind(kind_no)
+        except ValueError:
+            raise RemoteProtocolError(f"unknown message kind {kind_no}") from None
+        if flags:
+            raise RemoteProtocolError(f"{kind.name} frame has unknown flags {flags:#x}")
+        if meta_len > MAX_META:
+            raise RemoteProtocolError(f"{kind.name} header of {meta_len} bytes exceeds {MAX_META}")
+        if payload_len > MAX_PAYLOAD:
+            raise RemoteProtocolError(
+                f"{kind.name} payload of {payload_len} bytes exceeds {MAX_PAYLOAD}"
+            )
+        total = PREFIX_SIZE + meta_len + payload_len
+        if avail < total:
+            return self._need_data()
+        mstart = self._start + PREFIX_SIZE
+        pstart = mstart + meta_len
+        try:
+            meta = msgpack.unpackb(
+                memoryview(self._buf)[mstart:pstart], raw=False, strict_map_key=True,
+                max_bin_len=MAX_META, max_str_len=MAX_META, max_array_len=64, max_map_len=64,
+            )
+        except Exception as exc:  # msgpack raises several unrelated types
+            raise RemoteProtocolError(f"{kind.name} header is not valid msgpack: {exc}") from exc
+        if not isinstance(meta, dict):
+            raise RemoteProtocolError(f"{kind.name} header is not a map")
+        payload = memoryview(self._buf)[pstart:pstart + payload_len]
+        self._start += total
+        self._advance(self.role.peer, kind, local=False)
+        return self._decode(kind, meta, payload)
+
+    def _need_data(self) -> _NeedData:
+        if self._eof and self._end > self._start:
+            raise RemoteProtocolError(
+                f"peer closed the connection in the middle of a frame ({self.buffered} bytes left)"
+            )
+        return NEED_DATA
+
+    def _decode(self, kind: Kind, meta: dict[Any, Any], payload: memoryview) -> Event:
+        if kind is not Kind.PAGES and kind is not Kind.DIGEST_TABLE and kind is not Kind.DEVICE_STATE:
+            if len(payload):
+                raise RemoteProtocolError(f"{kind.name} frame must not carry a payload")
+        if kind is Kind.HELLO:
+            return Hello(
+                version=_int_field(meta, "version", kind, 0, 1 << 16),
+                nonce=_bytes_field(meta, "nonce", kind, exact=NONCE_SIZE),
+            )
+        if kind is Kind.HELLO_ACK:
+            return HelloAck(
+                version=_int_field(meta, "version", kind, 0, 1 << 16),
+                nonce=_bytes_field(meta, "nonce", kind, exact=NONCE_SIZE),
+                mac=_bytes_field(meta, "mac", kind, limit=MAC_SIZE),
+            )
+        if kind is Kind.AUTH:
+            return Auth(mac=_bytes_field(meta, "mac", kind, limit=MAC_SIZE))
+        if kind is Kind.AUTH_OK:
+            return AuthOk()
+        if kind is Kind.BEGIN:
+            page_size = _int_field(meta, "page_size", kind, PAGE_SIZE, PAGE_SIZE)
+            size = _int_field(meta, "size", kind, page_size, MAX_REGION)
+            if size % page_size:
+                raise RemoteProtocolError(f"BEGIN size {size} is not a multiple of {page_size}")
+            chunk = _int_field(meta, "chunk_pages", kind, 1, 4096)
+            if chunk & (chunk - 1):
+                raise RemoteProtocolError(f"BEGIN chunk_pages {chunk} is not a power of two")
+            name = _str_field(meta, "name", kind, MAX_NAME)
+            if not valid_name(name):
+                raise RemoteProtocolError(
+                    f"BEGIN region name {name!r} is not a plain file name ([A-Za-z0-9._-])"
+                )
+            ev = Begin(
+                migration_id=_str_field(meta, "migration_id", kind, 64),
+                name=name, size=size, page_size=page_size, chunk_pages=chunk,
+            )
+            if not ev.migration_id or not valid_name(ev.migration_id):
+                raise RemoteProtocolError("BEGIN migration_id must be a plain token")
+            self.begin = ev
+            return ev
+        if kind is Kind.READY:
+            return Ready()
+        if kind is Kind.PAGES:
+            return self._decode_pages(meta, payload)
+        if kind is Kind.DIGEST_REQUEST:
+            self._pending_requests += 1
+            return DigestRequest(
+                seq=_int_field(meta, "seq", kind, 0, 1 << 62),
+                final=bool(_field(meta, "final", bool, kind)),
+            )
+        if kind is Kind.DIGEST_TABLE:
+            return self._decode_table(meta, payload)
+        if kind is Kind.SWITCHOVER:
+            return Switchover()
+        if kind is Kind.DEVICE_STATE:
+            offset = _int_field(meta, "o", kind, 0, MAX_DEVICE_STATE)
+            total = _int_field(meta, "t", kind, 0, MAX_DEVICE_STATE)
+            if offset != self._device_received:
+                raise RemoteProtocolError(
+                    f"DEVICE_STATE piece at offset {offset}, expected {self._device_received}"
+                )
+            if offset + len(payload) > total:
+                raise RemoteProtocolError("DEVICE_STATE piece runs past the declared total")
+            self._device_received += len(payload)
+            return DeviceState(offset=offset, total=total, data=payload)
+        if kind is Kind.COMMIT:
+            return Commit(
+                migration_id=_str_field(meta, "migration_id", kind, 64),
+                checksum=_int_field(meta, "checksum", kind, 0, (1 << 64) - 1),
+            )
+        if kind is Kind.COMMITTED:
+            return Committed(
+                migration_id=_str_field(meta, "migration_id", kind, 64),
+                resumed=bool(_field(meta, "resumed", bool, kind)),
+            )
+        if kind is Kind.QUERY:
+            return Query(migration_id=_str_field(meta, "migration_id", kind, 64))
+        if kind is Kind.OUTCOME:
+            return Outcome(
+                migration_id=_str_field(meta, "migration_id", kind, 64),
+                committed=bool(_field(meta, "committed", bool, kind)),
+                known=bool(_field(meta, "known", bool, kind)),
+            )
+        if kind is Kind.ABORT:
+            return Abort(
+                code=_int_field(meta, "code", kind, 0, 255),
+                reason=_str_field(meta, "reason", kind, 4096),
+            )
+        raise RemoteProtocolError(f"no decoder for {kind.name}")  # pragma: no cover
+
+    def _decode_pages(self, meta: dict[Any, Any], payload: memoryview) -> Pages:
+        kind = Kind.PAGES
+        assert self.begin is not None  # guaranteed by the phase table
+        npages = self.begin.npages
+        indices = _page_list(_bytes_field(meta, "i", kind), "i", npages)
+        zeros = _page_list(_bytes_field(meta, "z", kind), "z", npages)
+        if indices.size + zeros.size == 0:
+            raise RemoteProtocolError("PAGES batch names no page")
+        if indices.size + zeros.size > MAX_BATCH_PAGES:
+            raise RemoteProtocolError(f"PAGES batch exceeds {MAX_BATCH_PAGES} pages")
+        compressed = _int_field(meta, "c", kind, 0, 1) == 1
+        checksum = _int_field(meta, "h", kind, 0, (1 << 64) - 1)
+        raw_len = indices.size * PAGE_SIZE
+        if compressed:
+            if not indices.size or len(payload) == 0:
+                raise RemoteProtocolError("compressed PAGES batch without data")
+        elif len(payload) != raw_len:
+            raise RemoteProtocolError(
+                f"PAGES payload is {len(payload)} bytes for {indices.size} pages"
+            )
+        return Pages(indices=indices, zeros=zeros, payload=payload,
+                     compressed=compressed, checksum=checksum)
+
+    def _decode_table(self, meta: dict[Any, Any], payload: memoryview) -> DigestTable:
+        kind = Kind.DIGEST_TABLE
+        assert self.begin is not None
+        nchunks = -(-self.begin.npages // self.begin.chunk_pages)
+        seq = _int_field(meta, "s", kind, 0, 1 << 62)
+        if len(payload) != nchunks * 8:
+            raise RemoteProtocolError(
+                f"DIGEST_TABLE of {len(payload)} bytes, expected {nchunks * 8} for {nchunks} chunks"
+            )
+        if self._pending_requests <= 0:
+            raise RemoteProtocolError("DIGEST_TABLE without a request")
+        self._pending_requests -= 1
+        return DigestTable(seq=seq, digests=np.frombuffer(payload, dtype="<u8"))
+
+    # -- sending --------------------------------------------------------
+
+    def send(self, event: Event) -> list[Any]:
+        """Check ``event`` against the phase and return the buffers to write."""
+        kind, meta, payload = _encode_event(event)
+        if kind is Kind.BEGIN:
+            assert isinstance(event, Begin)
+            self.begin = event
+        if kind is Kind.PAGES:
+            n = len(event.indices) + len(event.zeros)  # type: ignore[union-attr]
+            if not 0 < n <= MAX_BATCH_PAGES:
+                raise LocalProtocolError(f"PAGES batch of {n} pages")
+        if memoryview(payload).nbytes > MAX_PAYLOAD:
+            raise LocalProtocolError(f"{kind.name} payload exceeds {MAX_PAYLOAD} bytes")
+        if kind is Kind.DIGEST_REQUEST:
+            self._pending_requests += 1
+        if kind is Kind.DIGEST_TABLE:
+            if self._pending_requests <= 0:
+                raise LocalProtocolError("DIGEST_TABLE without a request")
+            self._pending_requests -= 1
+        if kind is Kind.DEVICE_STATE:
+            assert isinstance(event, DeviceState)
+            if event.offset != self._device_sent or event.total > MAX_DEVICE_STATE:
+                raise LocalProtocolError("DEVICE_STATE pieces must be sent in order, within the limit")
+            self._device_sent += memoryview(event.data).nbytes
+        self._advance(self.role, kind, local=True)
+        return encode_frame(kind, meta, payload)
+
+    def _advance(self, sender: Role, kind: Kind, *, local: bool) -> None:
+        if kind is Kind.ABORT and self.phase not in _TERMINAL:
+            self.phase = Phase.ABORTED
+            return
+        nxt = TRANSITIONS.get((self.phase, sender, kind))
+        if nxt is None:
+            who = "we" if local else "the peer"
+            err = LocalProtocolError if local else RemoteProtocolError
+            raise err(
+                f"{kind.name} from the {sender.value} ({who}) is not allowed in phase "
+                f"'{self.phase.value}'"
+            )
+        self.phase = nxt
+
+
+def page_payload(ev: Pages, decompress: Any = None) -> memoryview:
+    """Return the raw page bytes of a received batch, checked.
+
+    Decompresses when needed (``decompress(data, raw_len)`` may be passed in
+    to pick the codec; default lz4 block) into exactly ``len(indices)`` pages
+    and verifies the batch checksum.  Raises :class:`RemoteProtocolError` on
+    a corrupt, truncated or oversized batch: never returns more bytes than
+    the batch declares.
+    """
+    raw_len = len(ev.indices) * PAGE_SIZE
+    data: Any = ev.payload
+    if ev.compressed:
+        import lz4.block
+
+        try:
+            data = lz4.block.decompress(ev.payload, uncompressed_size=raw_len)
+        except Exception as exc:  # lz4 raises LZ4BlockError / ValueError
+            raise RemoteProtocolError(f"compressed PAGES batch does not inflate: {exc}") from exc
+        if len(data) != raw_len:
+            raise RemoteProtocolError(
+                f"compressed PAGES batch inflates to {len(data)} bytes, expected {raw_len}"
+            )
+    if xxhash.xxh3_64_intdigest(data) != ev.checksum:
+        raise RemoteProtocolError(
+            "PAGES batch checksum mismatch: the data was corrupted in transit",
+            AbortCode.PROTOCOL,
+        )
+    return memoryview(data)

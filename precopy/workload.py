@@ -1,0 +1,180 @@
+"""Pause, resume and stop a workload; fetch its device state.
+
+Two adapters:
+
+* :class:`SignalWorkload` — any process, paused with SIGSTOP and resumed with
+  SIGCONT.  It has no device state (empty blob).
+* :class:`GuestControl` — a cooperative guest serving the JSON-lines
+  control socket of DESIGN.md; ``pause`` returns its device-state blob.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Protocol
+
+from .errors import GuestControlError
+from .wire import MAX_DEVICE_STATE
+
+__all__ = ["Workload", "SignalWorkload", "GuestControl", "process_state"]
+
+
+class Workload(Protocol):
+    async def pause(self) -> bytes:
+        """Stop the workload; return its device-state blob (may be empty)."""
+
+    async def resume(self) -> None:
+        """Let the workload run again (rollback, or undoing a throttle)."""
+
+    async def stop(self) -> None:
+        """End the workload for good (after a commit, with --on-commit kill)."""
+
+    def describe(self) -> str:
+        ...
+
+
+def process_state(pid: int) -> str:
+    """The state letter of ``/proc/PID/stat`` ('R', 'S', 'T', ...)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise GuestControlError(f"process {pid} does not exist (it exited?)") from None
+    # The command name may contain spaces and parentheses: split after the last ')'.
+    return data[data.rindex(b")") + 2:][:1].decode()
+
+
+class SignalWorkload:
+    """A process paused with SIGSTOP and resumed with SIGCONT."""
+
+    def __init__(self, pid: int, *, stop_timeout_s: float = 2.0) -> None:
+        if pid <= 1:
+            raise GuestControlError(f"refusing to control pid {pid}")
+        self.pid = pid
+        self.stop_timeout_s = stop_timeout_s
+        process_state(pid)  # fails early if the process is gone
+
+    def describe(self) -> str:
+        return f"pid {self.pid} (SIGSTOP/SIGCONT)"
+
+    def _signal(self, sig: signal.Signals) -> None:
+        try:
+            os.kill(self.pid, sig)
+        except ProcessLookupError:
+            raise GuestControlError(f"process {self.pid} is gone; cannot send {sig.name}") from None
+        except PermissionError:
+            raise GuestControlError(
+                f"not allowed to signal process {self.pid}; run as its user or root"
+            ) from None
+
+    async def pause(self) -> bytes:
+        self._signal(signal.SIGSTOP)
+        # SIGSTOP lands in ~50-70 us; poll with short sleeps (a tight loop
+        # reading /proc can itself delay the stop on a 2-core machine).
+        deadline = time.monotonic() + self.stop_timeout_s
+        delay = 20e-6
+        while process_state(self.pid) not in ("T", "t"):
+            if time.monotonic() > deadline:
+                self._signal(signal.SIGCONT)
+                raise GuestControlError(
+                    f"process {self.pid} did not stop within {self.stop_timeout_s} s"
+                )
+            time.sleep(delay)
+            delay = min(delay * 2, 1e-3)
+        return b""
+
+    async def resume(self) -> None:
+        self._signal(signal.SIGCONT)
+
+    async def stop(self) -> None:
+        self._signal(signal.SIGKILL)
+
+
+class GuestControl:
+    """Client of a guest's control socket (Unix stream, JSON lines).
+
+    Every call has a timeout; a guest that does not answer, answers with
+    bad JSON, or sends a short blob raises :class:`GuestControlError`.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, timeout_s: float = 5.0,
+                 max_device_state: int = MAX_DEVICE_STATE) -> None:
+        self.path = Path(path)
+        self.timeout_s = timeout_s
+        self.max_device_state = max_device_state
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+
+    def describe(self) -> str:
+        return f"guest-control socket {self.path}"
+
+    async def connect(self) -> None:
+        try:
+            self._reader, self._writer = await asyncio.wait_for(
+                asyncio.open_unix_connection(str(self.path), limit=1 << 16), self.timeout_s
+            )
+        except (OSError, asyncio.TimeoutError) as exc:
+            raise GuestControlError(
+                f"cannot connect to guest-control socket {self.path}: {exc or 'timed out'}"
+            ) from exc
+
+    async def _request(self, op: str) -> dict[str, object]:
+        if self._writer is None:
+            await self.connect()
+        assert self._reader is not None and self._writer is not None
+        try:
+            self._writer.write(json.dumps({"op": op}).encode() + b"\n")
+            await asyncio.wait_for(self._writer.drain(), self.timeout_s)
+            line = await asyncio.wait_for(self._reader.readline(), self.timeout_s)
+        except asyncio.TimeoutError:
+            raise GuestControlError(f"guest did not answer {op!r} within {self.timeout_s} s") from None
+        except (OSError, ValueError) as exc:
+            raise GuestControlError(f"guest-control {op!r} failed: {exc}") from exc
+        if not line:
+            raise GuestControlError(f"guest closed the control socket during {op!r}")
+        try:
+            reply = json.loads(line)
+        except ValueError:
+            raise GuestControlError(f"guest answered {op!r} with invalid JSON: {line[:200]!r}") from None
+        if not isinstance(reply, dict) or reply.get("ok") is not True:
+            raise GuestControlError(f"guest refused {op!r}: {reply!r}"[:500])
+        return reply
+
+    async def pause(self) -> bytes:
+        reply = await self._request("pause")
+        n = reply.get("device_state_len", 0)
+        if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= self.max_device_state:
+            raise GuestControlError(
+                f"guest declared a device state of {n!r} bytes (limit {self.max_device_state})"
+            )
+        assert self._reader is not None
+        try:
+            return await asyncio.wait_for(self._reader.readexactly(n), self.timeout_s)
+        except asyncio.IncompleteReadError as exc:
+            raise GuestControlError(
+                f"guest sent {len(exc.partial)} of {n} device-state bytes, then closed"
+            ) from None
+        except asyncio.TimeoutError:
+            raise GuestControlError(
+                f"guest did not send its {n}-byte device state within {self.timeout_s} s"
+            ) from None
+
+    async def resume(self) -> None:
+        await self._request("resume")
+
+    async def stop(self) -> None:
+        await self._request("stop")
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            try:
+                await self._writer.wait_closed()
+            except OSError:
+                pass  # the guest may already have exited (e.g. after "stop")
+            self._writer = self._reader = None
