@@ -327,10 +327,12 @@ def encode_frame(kind: int, meta: dict[str, Any] | None = None, payload: Any = b
     tests use this directly to build invalid frames.
     """
     meta_bytes = msgpack.packb(meta or {}, use_bin_type=True)
-    plen = memoryview(payload).nbytes if payload is not None else 0
-    head = PREFIX.pack(MAGIC, int(kind), 0, len(meta_bytes), plen)
-    if plen:
-        return [head + meta_bytes, payload]
+    view = memoryview(payload if payload is not None else b"")
+    if view.format != "B" or view.ndim != 1:
+        view = view.cast("B")  # socket code counts len() in bytes, not items
+    head = PREFIX.pack(MAGIC, int(kind), 0, len(meta_bytes), view.nbytes)
+    if view.nbytes:
+        return [head + meta_bytes, view]
     return [head + meta_bytes]
 
 

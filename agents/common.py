@@ -1,0 +1,131 @@
+"""What both daemons share: logging, addresses, event loops, exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import time
+from typing import Any, Coroutine, TypeVar
+
+__all__ = [
+    "EXIT_OK", "EXIT_FAILURE", "EXIT_USAGE", "EXIT_ABORTED", "EXIT_IN_DOUBT",
+    "parse_hostport", "setup_logging", "run", "add_common_args",
+]
+
+T = TypeVar("T")
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_ABORTED = 3
+EXIT_IN_DOUBT = 4
+
+
+def parse_hostport(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` or ``[V6]:PORT`` -> (host, port); argparse-friendly errors."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT")
+    host = host.strip("[]")
+    try:
+        p = int(port)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"port {port!r} in {text!r} is not a number") from None
+    if not 0 <= p <= 65535:
+        raise argparse.ArgumentTypeError(f"port {p} out of range")
+    return host, p
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": round(record.created, 6),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+def setup_logging(level: str, fmt: str) -> None:
+    """``fmt``: ``auto`` (human on a TTY, JSON lines otherwise), ``text`` or ``json``."""
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json" or (fmt == "auto" and not sys.stderr.isatty()):
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(message)s", "%H:%M:%S"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def add_common_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="log verbosity (default: info)")
+    p.add_argument("--log-format", default="auto", choices=["auto", "text", "json"],
+                   help="log format: auto = text on a terminal, JSON lines otherwise")
+    p.add_argument("--event-loop", default="uvloop", choices=["uvloop", "asyncio"],
+                   help="event loop implementation (default: uvloop)")
+
+
+def run(coro: Coroutine[Any, Any, T], loop: str) -> T:
+    if loop == "uvloop":
+        import uvloop
+
+        return uvloop.run(coro)
+    return asyncio.run(coro)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover
+
+
+class ProgressLine:
+    """One self-rewriting status line on a TTY; silent otherwise."""
+
+    def __init__(self, stream: Any = None, enabled: bool | None = None) -> None:
+        self.stream = stream or sys.stderr
+        self.enabled = self.stream.isatty() if enabled is None else enabled
+        self._last = 0.0
+        self._width = 0
+
+    def __call__(self, p: Any) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if now - self._last < 0.1:
+            return
+        self._last = now
+        pct = 100.0 * p.pages_done / p.pages_todo if p.pages_todo else 100.0
+        parts = [
+            f"round {p.round}" if p.round else "full copy",
+            f"{pct:5.1f}%",
+            f"{human_bytes(p.pages_done * 4096)}/{human_bytes(p.pages_todo * 4096)}",
+            f"{p.bandwidth_bps / 1e6:7.1f} MB/s",
+        ]
+        if p.round:
+            parts.append(f"dirty {p.dirty_pages} pages ({p.dirty_rate_pps:.0f}/s)")
+        if p.expected_downtime_ms is not None:
+            parts.append(f"expected downtime {p.expected_downtime_ms:.0f} ms")
+        if p.eta_s is not None and p.pages_done < p.pages_todo:
+            parts.append(f"ETA {p.eta_s:.1f} s")
+        line = "  ".join(parts)
+        pad = max(0, self._width - len(line))
+        self._width = len(line)
+        self.stream.write("\r" + line + " " * pad)
+        self.stream.flush()
+
+    def done(self) -> None:
+        if self.enabled and self._width:
+            self.stream.write("\r" + " " * self._width + "\r")
+            self.stream.flush()
+            self._width = 0

@@ -1,0 +1,160 @@
+"""precopy-source: live-migrate one workload's memory to a precopy-dest.
+
+Exit codes: 0 committed (the workload runs on the destination); 2 usage
+error; 3 aborted and rolled back (the workload runs on the source); 4 in
+doubt (the workload is left paused: see the message).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from precopy.auth import load_key
+from precopy.errors import MigrationAborted, MigrationInDoubt, PrecopyError
+from precopy.report import MigrationReport
+from precopy.source import SourceOptions, migrate
+from precopy.workload import GuestControl, SignalWorkload, Workload
+
+from .common import (
+    EXIT_ABORTED,
+    EXIT_IN_DOUBT,
+    EXIT_OK,
+    EXIT_USAGE,
+    ProgressLine,
+    add_common_args,
+    human_bytes,
+    parse_hostport,
+    run,
+    setup_logging,
+)
+
+_log = logging.getLogger("precopy-source")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="precopy-source",
+        description="Live-migrate a running workload's memory region to a precopy-dest daemon.",
+        epilog="Exit codes: 0 committed; 2 usage; 3 aborted, workload runs on the source; "
+               "4 in doubt, workload left paused.",
+    )
+    p.add_argument("--to", required=True, type=parse_hostport, metavar="HOST:PORT",
+                   help="the destination daemon (precopy-dest --listen)")
+    p.add_argument("--memory", required=True, type=Path, metavar="PATH",
+                   help="the workload's memory region file (shared mapping, size a multiple of 4 KiB)")
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument("--pid", type=int, help="pause the workload process with SIGSTOP/SIGCONT")
+    who.add_argument("--guest-control", type=Path, metavar="SOCKET",
+                     help="cooperative guest: JSON-lines control socket (pause returns device state)")
+    p.add_argument("--name", help="region name on the destination (default: basename of --memory)")
+    p.add_argument("--downtime-ms", type=float, default=300.0,
+                   help="downtime budget: switch over when the expected pause fits (default 300)")
+    p.add_argument("--max-rounds", type=int, default=30,
+                   help="iterative rounds before giving up on convergence (default 30)")
+    p.add_argument("--max-time", type=float, default=600.0, metavar="SECONDS",
+                   help="time before giving up on convergence (default 600; 0 = unbounded)")
+    p.add_argument("--on-nonconvergence", choices=["abort", "force"], default="abort",
+                   help="abort: roll back, exit 3; force: switch over anyway (default abort)")
+    p.add_argument("--compress", choices=["off", "lz4", "auto"], default="auto",
+                   help="lz4 per batch: off, always, or auto when the link is slower than lz4 (default auto)")
+    p.add_argument("--auth-key-file", type=Path, metavar="FILE",
+                   help="pre-shared key (same file as precopy-dest's); both sides prove they hold it")
+    p.add_argument("--on-commit", choices=["keep-stopped", "kill"], default="keep-stopped",
+                   help="after commit, leave the source workload stopped or kill it (default keep-stopped)")
+    p.add_argument("--report", type=Path, metavar="FILE", help="write the JSON report here")
+    p.add_argument("--batch-pages", type=int, default=256, help="pages per batch (default 256)")
+    p.add_argument("--connect-timeout", type=float, default=10.0, metavar="SECONDS")
+    p.add_argument("--guest-timeout", type=float, default=5.0, metavar="SECONDS",
+                   help="how long a guest may take to answer a control request (default 5)")
+    p.add_argument("--migration-id", help="id for this migration (default: random)")
+    p.add_argument("--progress", choices=["auto", "on", "off"], default="auto",
+                   help="live progress line (auto: on a terminal)")
+    add_common_args(p)
+    return p
+
+
+def summary(rep: MigrationReport) -> str:
+    secs = rep.total_time_s or 1e-9
+    lines = [
+        f"migration {rep.migration_id}: {rep.outcome}",
+        f"  region      {human_bytes(rep.region_bytes)} ({rep.memory})",
+        f"  total time  {rep.total_time_s:.3f} s in {len(rep.rounds)} rounds",
+        f"  on the wire {human_bytes(rep.bytes_on_wire)} ({rep.bytes_on_wire / secs / 1e6:.0f} MB/s average),"
+        f" {rep.pages_sent} pages sent, {rep.zero_pages} zero pages",
+    ]
+    if rep.downtime_ms is not None:
+        lines.append(f"  downtime    {rep.downtime_ms:.1f} ms (expected {rep.expected_downtime_ms:.1f} ms, "
+                     f"budget {rep.downtime_budget_ms:.0f} ms)")
+    lines.append(f"  verify      {rep.verify_repairs} pages repaired; device state {rep.device_state_bytes} bytes")
+    if rep.error:
+        lines.append(f"  error       {rep.error}")
+    return "\n".join(lines)
+
+
+async def _main(args: argparse.Namespace, opts: SourceOptions, workload: Workload) -> int:
+    progress = ProgressLine(enabled={"auto": None, "on": True, "off": False}[args.progress])
+    task = asyncio.create_task(migrate(opts, workload, progress))
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, lambda s=sig: (_log.warning("%s: cancelling the migration", s.name),
+                                                    task.cancel()))
+    code = EXIT_OK
+    try:
+        rep = await task
+    except MigrationAborted as exc:
+        rep = exc.report  # type: ignore[attr-defined]
+        code = EXIT_ABORTED
+        _log.error("migration aborted, the workload keeps running on the source: %s", exc)
+    except MigrationInDoubt as exc:
+        rep = exc.report  # type: ignore[attr-defined]
+        code = EXIT_IN_DOUBT
+        _log.critical("%s", exc)
+    finally:
+        progress.done()
+        if isinstance(workload, GuestControl):
+            await workload.close()
+    if args.report:
+        try:
+            args.report.write_text(rep.to_json() + "\n")
+        except OSError as exc:
+            _log.error("cannot write report %s: %s", args.report, exc.strerror)
+    print(summary(rep), file=sys.stderr if not sys.stdout.isatty() else sys.stdout)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level, args.log_format)
+    try:
+        key = load_key(args.auth_key_file) if args.auth_key_file else None
+        host, port = args.to
+        opts = SourceOptions(
+            host=host, port=port, memory=args.memory, name=args.name, downtime_ms=args.downtime_ms,
+            max_rounds=args.max_rounds, max_time_s=args.max_time or None,
+            on_nonconvergence=args.on_nonconvergence, compress=args.compress, auth_key=key,
+            batch_pages=args.batch_pages, on_commit=args.on_commit,
+            connect_timeout_s=args.connect_timeout, migration_id=args.migration_id,
+        )
+        if not args.memory.exists():
+            raise PrecopyError(f"memory region {args.memory} does not exist")
+        workload: Workload
+        if args.pid is not None:
+            workload = SignalWorkload(args.pid)
+        else:
+            workload = GuestControl(args.guest_control, timeout_s=args.guest_timeout)
+    except (PrecopyError, ValueError) as exc:
+        parser.print_usage(sys.stderr)
+        print(f"precopy-source: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return run(_main(args, opts, workload), args.event_loop)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""Shared fixtures: real processes on loopback, cleaned up by PID."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+ENV = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+
+def wait_for(pred, timeout: float = 10.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def proc_state(pid: int) -> str:
+    data = Path(f"/proc/{pid}/stat").read_bytes()
+    return data[data.rindex(b")") + 2:][:1].decode()
+
+
+class Procs:
+    """Processes a test started; all stopped at teardown, by PID."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, *args: str, **kw) -> subprocess.Popen[bytes]:  # type: ignore[no-untyped-def]
+        kw.setdefault("env", ENV)
+        kw.setdefault("cwd", ROOT)
+        p = subprocess.Popen([PY, *args], **kw)
+        self.procs.append(p)
+        return p
+
+    def stop_all(self) -> None:
+        for p in reversed(self.procs):
+            if p.poll() is None:
+                try:
+                    os.kill(p.pid, signal.SIGCONT)
+                    p.terminate()
+                    p.wait(5)
+                except (ProcessLookupError, subprocess.TimeoutExpired):
+                    p.kill()
+                    p.wait()
+
+
+@pytest.fixture
+def procs() -> Iterator[Procs]:
+    ps = Procs()
+    try:
+        yield ps
+    finally:
+        ps.stop_all()
+
+
+@pytest.fixture
+def shm(tmp_path: Path) -> Iterator[Path]:
+    """A scratch directory in RAM (falls back to tmp_path)."""
+    base = Path("/dev/shm")
+    if not base.is_dir():
+        yield tmp_path
+        return
+    d = base / f"precopy-test-{os.getpid()}-{time.monotonic_ns()}"
+    d.mkdir()
+    try:
+        yield d
+    finally:
+        subprocess.run(["rm", "-rf", str(d)], check=False)
+
+
+class Dest:
+    def __init__(self, proc: subprocess.Popen[bytes], addr: str, memory_dir: Path, log: Path) -> None:
+        self.proc, self.addr, self.memory_dir, self.log = proc, addr, memory_dir, log
+
+    def log_text(self) -> str:
+        return self.log.read_text() if self.log.exists() else ""
+
+
+def start_dest(procs: Procs, work: Path, *extra: str, loop: str = "uvloop") -> Dest:
+    memdir = work / "dest"
+    ready = work / f"dest-{time.monotonic_ns()}.addr"
+    log = work / "dest.log"
+    p = procs.start("-m", "agents.dest_main", "--listen", "127.0.0.1:0", "--memory-dir", str(memdir),
+                    "--ready-file", str(ready), "--event-loop", loop, "--log-format", "json",
+                    "--log-level", "debug", *extra,
+                    stdout=subprocess.DEVNULL, stderr=open(log, "wb"))
+    wait_for(lambda: ready.exists() and ready.read_text().endswith("\n") or p.poll() is not None,
+             what="precopy-dest to listen")
+    assert p.poll() is None, f"precopy-dest died: {log.read_text()}"
+    return Dest(p, ready.read_text().strip(), memdir, log)
+
+
+def run_source(work: Path, *args: str, timeout: float = 120) -> tuple[int, dict | None, str]:  # type: ignore[type-arg]
+    report = work / f"report-{time.monotonic_ns()}.json"
+    r = subprocess.run([PY, "-m", "agents.source_main", *args, "--report", str(report),
+                        "--log-format", "json", "--progress", "off"],
+                       env=ENV, cwd=ROOT, capture_output=True, timeout=timeout)
+    rep = json.loads(report.read_text()) if report.exists() else None
+    return r.returncode, rep, (r.stdout + r.stderr).decode(errors="replace")
+
+
+def guest(*args: str) -> list[str]:
+    return ["-m", "precopy.guest", *args]
+
+
+def create_region(path: Path, size: str, content: str = "random", seed: int = 0) -> None:
+    subprocess.run([PY, "-m", "precopy.guest", "create", "--memory", str(path), "--size", size,
+                    "--content", content, "--seed", str(seed)], env=ENV, cwd=ROOT, check=True)

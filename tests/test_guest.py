@@ -1,0 +1,548 @@
+"""Tests for the demo guest (``precopy.guest``), run as real subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import numpy as np
+import pytest
+import xxhash
+
+from precopy.guest import PAGE_SIZE, create_region, parse_size, region_digest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MiB = 1024 * 1024
+
+Spawn = Callable[..., subprocess.Popen[bytes]]
+
+
+# ---------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------
+
+
+def _guest_env() -> dict[str, str]:
+    """Environment that makes ``python -m precopy.guest`` importable."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        part for part in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if part
+    )
+    return env
+
+
+def _guest_cmd(*args: object) -> list[str]:
+    """Command line running the guest module with ``args``."""
+    return [sys.executable, "-m", "precopy.guest", *map(str, args)]
+
+
+def run_guest(*args: object, timeout: float = 20.0) -> subprocess.CompletedProcess[str]:
+    """Run the guest to completion and return the finished process."""
+    return subprocess.run(
+        _guest_cmd(*args),
+        cwd=REPO_ROOT,
+        env=_guest_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture
+def spawn() -> Iterator[Spawn]:
+    """Start guests in the background; kill any still running at teardown."""
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def _spawn(*args: object) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(
+            _guest_cmd(*args),
+            cwd=REPO_ROOT,
+            env=_guest_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        procs.append(proc)
+        return proc
+
+    yield _spawn
+    for proc in procs:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
+
+
+def _recv_exact(sock: socket.socket, count: int) -> bytes:
+    """Read exactly ``count`` bytes from ``sock``."""
+    chunks = bytearray()
+    while len(chunks) < count:
+        data = sock.recv(count - len(chunks))
+        if not data:
+            raise ConnectionError(f"connection closed after {len(chunks)} of {count} bytes")
+        chunks += data
+    return bytes(chunks)
+
+
+class Control:
+    """Minimal client for the guest control socket."""
+
+    def __init__(self, path: Path, proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise AssertionError(
+                    f"guest exited with {proc.returncode} before its control socket "
+                    f"appeared: {proc.stderr.read().decode() if proc.stderr else ''}"
+                )
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.connect(str(path))
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                sock.close()
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+        sock.settimeout(timeout)
+        self.sock = sock
+        self._buffer = bytearray()
+
+    def send_raw(self, line: bytes) -> dict[str, Any]:
+        """Send raw bytes (should end with a newline) and read one reply line."""
+        self.sock.sendall(line)
+        return self.read_reply()
+
+    def read_reply(self) -> dict[str, Any]:
+        """Read one JSON reply line (keeping any following bytes buffered)."""
+        while b"\n" not in self._buffer:
+            data = self.sock.recv(65536)
+            if not data:
+                raise ConnectionError("guest closed the control connection")
+            self._buffer += data
+        line, _, rest = bytes(self._buffer).partition(b"\n")
+        self._buffer = bytearray(rest)
+        reply = json.loads(line)
+        assert isinstance(reply, dict)
+        return reply
+
+    def _read_blob(self, count: int) -> bytes:
+        """Read ``count`` raw bytes following a reply line."""
+        take = bytes(self._buffer[:count])
+        del self._buffer[:count]
+        return take + _recv_exact(self.sock, count - len(take))
+
+    def request(self, op: str) -> dict[str, Any]:
+        """Send ``{"op": op}`` and return the reply."""
+        return self.send_raw(json.dumps({"op": op}).encode() + b"\n")
+
+    def pause(self) -> bytes:
+        """Pause the guest and return its device-state blob."""
+        reply = self.request("pause")
+        assert reply["ok"] is True, reply
+        return self._read_blob(reply["device_state_len"])
+
+    def close(self) -> None:
+        """Disconnect."""
+        self.sock.close()
+
+
+def _wait_exit(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> tuple[int, bytes, bytes]:
+    """Wait for ``proc`` and return (returncode, stdout, stderr)."""
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out, err
+
+
+def _read_pages(path: Path) -> np.ndarray:
+    """Return the region file as a (pages, 4096) uint8 array."""
+    return np.fromfile(path, dtype=np.uint8).reshape(-1, PAGE_SIZE)
+
+
+@pytest.fixture
+def region(tmp_path: Path) -> Path:
+    """A 4 MiB random region file."""
+    path = tmp_path / "guest.mem"
+    create_region(path, 4 * MiB, "random", seed=11)
+    return path
+
+
+# ---------------------------------------------------------------------------
+# Sizes, create and digests
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("4096", 4096),
+        ("4K", 4096),
+        ("64k", 65536),
+        ("256M", 256 * MiB),
+        ("1G", 1 << 30),
+        ("2GiB", 2 << 30),
+        ("8KB", 8192),
+        ("0", 0),
+    ],
+)
+def test_parse_size_accepts_suffixes(text: str, expected: int) -> None:
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "-4K", "1.5M", "12x", "M", "4 K B"])
+def test_parse_size_rejects_garbage(text: str) -> None:
+    with pytest.raises(ValueError, match="invalid size"):
+        parse_size(text)
+
+
+def test_create_cli_sizes_and_contents(tmp_path: Path) -> None:
+    for content in ("random", "half-text", "zero"):
+        path = tmp_path / f"{content}.mem"
+        result = run_guest("create", "--memory", path, "--size", "1M", "--content", content)
+        assert result.returncode == 0, result.stderr
+        assert path.stat().st_size == MiB
+    assert not np.fromfile(tmp_path / "zero.mem", dtype=np.uint8).any()
+    random_data = (tmp_path / "random.mem").read_bytes()
+    assert len(zlib.compress(random_data, 1)) > 0.99 * len(random_data)
+    pages = _read_pages(tmp_path / "half-text.mem")
+    text_half, random_half = pages[:, : PAGE_SIZE // 2], pages[:, PAGE_SIZE // 2 :]
+    assert ((text_half >= 32) & (text_half < 127)).all()
+    assert len(zlib.compress(random_half.tobytes(), 1)) > 0.99 * random_half.size
+
+
+def test_create_truncates_existing_file(tmp_path: Path) -> None:
+    path = tmp_path / "r.mem"
+    path.write_bytes(b"\xff" * (3 * PAGE_SIZE))
+    result = run_guest("create", "--memory", path, "--size", "8K", "--content", "zero")
+    assert result.returncode == 0, result.stderr
+    assert path.read_bytes() == bytes(2 * PAGE_SIZE)
+
+
+def test_create_is_seeded(tmp_path: Path) -> None:
+    for content in ("random", "half-text"):
+        create_region(tmp_path / "a", 64 * PAGE_SIZE, content, seed=5)
+        create_region(tmp_path / "b", 64 * PAGE_SIZE, content, seed=5)
+        create_region(tmp_path / "c", 64 * PAGE_SIZE, content, seed=6)
+        assert region_digest(tmp_path / "a") == region_digest(tmp_path / "b")
+        assert region_digest(tmp_path / "a") != region_digest(tmp_path / "c")
+
+
+def test_half_text_lz4_ratio(tmp_path: Path) -> None:
+    lz4_block = pytest.importorskip("lz4.block")
+    path = tmp_path / "t.mem"
+    create_region(path, 2 * MiB, "half-text", seed=2)
+    pages = _read_pages(path)
+    compressed = sum(len(lz4_block.compress(page.tobytes(), store_size=False)) for page in pages)
+    assert 0.6 < compressed / pages.size < 0.8
+
+
+def test_create_rejects_unaligned_size(tmp_path: Path) -> None:
+    result = run_guest("create", "--memory", tmp_path / "x", "--size", "5000")
+    assert result.returncode != 0
+    assert "multiple of 4096" in result.stderr
+    with pytest.raises(ValueError, match="multiple of 4096"):
+        create_region(tmp_path / "y", 0, "zero", 0)
+
+
+def test_region_digest_matches_one_shot_hash(region: Path) -> None:
+    assert region_digest(region) == xxhash.xxh3_128_hexdigest(region.read_bytes())
+
+
+def test_dirty_requires_existing_region(tmp_path: Path) -> None:
+    result = run_guest("dirty", "--memory", tmp_path / "missing", "--duration", "1")
+    assert result.returncode == 1
+    assert "precopy-guest create" in result.stderr
+
+
+# ---------------------------------------------------------------------------
+# dirty
+# ---------------------------------------------------------------------------
+
+
+def test_dirty_rate_and_hot_set(region: Path, tmp_path: Path) -> None:
+    before = _read_pages(region)
+    stats = tmp_path / "stats.json"
+    result = run_guest(
+        "dirty", "--memory", region, "--rate", 2000, "--duration", 1.0, "--stats-out", stats
+    )
+    assert result.returncode == 0, result.stderr
+    data = json.loads(stats.read_text())
+    assert 0.9 < data["seconds"] < 3.0
+    assert 1000 < data["pages_written"] / data["seconds"] < 3000
+    changed = (_read_pages(region) != before).any(axis=1)
+    hot = len(changed) // 10
+    assert changed[:hot].all()  # ~1800 writes into ~102 hot pages
+    assert 50 < changed[hot:].sum() < 400  # ~200 uniform writes elsewhere
+
+
+def test_dirty_uniform_half_text_writes(region: Path, tmp_path: Path) -> None:
+    before = _read_pages(region)
+    stats = tmp_path / "stats.json"
+    result = run_guest(
+        "dirty", "--memory", region, "--rate", 1000, "--duration", 0.5,
+        "--hot-fraction", 1, "--content", "half-text", "--stats-out", stats,
+    )
+    assert result.returncode == 0, result.stderr
+    written = json.loads(stats.read_text())["pages_written"]
+    after = _read_pages(region)
+    changed = (after != before).any(axis=1)
+    assert 0 < changed.sum() <= written
+    assert changed[len(changed) // 2 :].sum() > 0.3 * changed.sum()
+    differing = after[after != before]
+    assert ((differing >= 32) & (differing < 127)).mean() > 0.9
+
+
+def test_dirty_sweep_increments_first_bytes(tmp_path: Path) -> None:
+    path = tmp_path / "sweep.mem"
+    create_region(path, MiB, "random", seed=4)
+    before = _read_pages(path)
+    stats = tmp_path / "stats.json"
+    result = run_guest(
+        "dirty", "--memory", path, "--pattern", "sweep", "--duration", 0.3, "--stats-out", stats
+    )
+    assert result.returncode == 0, result.stderr
+    written = json.loads(stats.read_text())["pages_written"]
+    after = _read_pages(path)
+    pages = len(before)
+    assert written > 10 * pages
+    laps, partial = divmod(written, pages)
+    expected_delta = ((laps + (np.arange(pages) < partial)) % 256).astype(np.uint8)
+    assert np.array_equal(after[:, 0] - before[:, 0], expected_delta)  # uint8 wraps
+    assert np.array_equal(after[:, 1:], before[:, 1:])
+
+
+def test_dirty_idle_writes_nothing(region: Path, tmp_path: Path) -> None:
+    digest = region_digest(region)
+    stats = tmp_path / "stats.json"
+    result = run_guest(
+        "dirty", "--memory", region, "--rate", 0, "--duration", 0.3, "--stats-out", stats
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(stats.read_text())["pages_written"] == 0
+    assert region_digest(region) == digest
+
+
+# ---------------------------------------------------------------------------
+# Control socket
+# ---------------------------------------------------------------------------
+
+
+def test_pause_stops_writes_and_resume_restarts(
+    region: Path, tmp_path: Path, spawn: Spawn
+) -> None:
+    sock_path = tmp_path / "ctl.sock"
+    proc = spawn("dirty", "--memory", region, "--rate", 20000, "--control", sock_path)
+    control = Control(sock_path, proc)
+    start_digest = region_digest(region)
+    time.sleep(0.1)
+    assert control.pause() == b""
+    paused_digest = region_digest(region)
+    assert paused_digest != start_digest
+    time.sleep(0.2)
+    assert region_digest(region) == paused_digest
+    assert control.request("resume") == {"ok": True}
+    time.sleep(0.1)
+    assert region_digest(region) != paused_digest
+    assert control.request("stop") == {"ok": True}
+    returncode, _, err = _wait_exit(proc)
+    assert returncode == 0, err
+    assert not sock_path.exists()
+
+
+def test_sweep_pauses_too(tmp_path: Path, spawn: Spawn) -> None:
+    path = tmp_path / "sweep.mem"
+    create_region(path, MiB, "zero", seed=0)
+    sock_path = tmp_path / "ctl.sock"
+    proc = spawn("dirty", "--memory", path, "--pattern", "sweep", "--control", sock_path)
+    control = Control(sock_path, proc)
+    control.pause()
+    digest = region_digest(path)
+    time.sleep(0.2)
+    assert region_digest(path) == digest
+    control.request("resume")
+    time.sleep(0.05)
+    assert region_digest(path) != digest
+    control.request("stop")
+    assert _wait_exit(proc)[0] == 0
+
+
+def test_device_state_blob_matches_out_file(region: Path, tmp_path: Path, spawn: Spawn) -> None:
+    sock_path = tmp_path / "ctl.sock"
+    out = tmp_path / "device.bin"
+    proc = spawn(
+        "dirty", "--memory", region, "--rate", 1000, "--control", sock_path,
+        "--device-state-size", 100_000, "--device-state-out", out, "--seed", 9,
+    )
+    control = Control(sock_path, proc)
+    first = control.pause()
+    assert len(first) == 100_000
+    assert any(first)
+    assert out.read_bytes() == first
+    assert control.pause() == first  # pausing again while paused: same blob
+    assert control.request("resume") == {"ok": True}
+    assert control.request("resume") == {"ok": True}  # resume while running is fine
+    second = control.pause()
+    assert len(second) == 100_000 and second != first
+    assert out.read_bytes() == second
+    control.request("stop")
+    assert _wait_exit(proc)[0] == 0
+
+
+def test_bad_requests_get_error_replies(region: Path, tmp_path: Path, spawn: Spawn) -> None:
+    sock_path = tmp_path / "ctl.sock"
+    proc = spawn("dirty", "--memory", region, "--rate", 0, "--control", sock_path)
+    control = Control(sock_path, proc)
+    for line in (b"{not json\n", b"[1, 2]\n", b'{"op": "explode"}\n', b'{"no_op": 1}\n'):
+        reply = control.send_raw(line)
+        assert reply["ok"] is False and reply["error"], reply
+    # Several requests in one packet, then the connection is still usable.
+    control.sock.sendall(b'{"op": "resume"}\n{"op": "resume"}\n')
+    assert control.read_reply() == {"ok": True}
+    assert control.read_reply() == {"ok": True}
+    control.close()
+    # A second client connects after the first one left.
+    again = Control(sock_path, proc)
+    assert again.request("resume") == {"ok": True}
+    assert again.request("stop") == {"ok": True}
+    returncode, _, err = _wait_exit(proc)
+    assert returncode == 0, err
+    assert not sock_path.exists()
+
+
+def test_sigterm_exits_cleanly_with_stats(region: Path, tmp_path: Path, spawn: Spawn) -> None:
+    sock_path = tmp_path / "ctl.sock"
+    stats = tmp_path / "stats.json"
+    proc = spawn(
+        "dirty", "--memory", region, "--rate", 5000, "--control", sock_path, "--stats-out", stats
+    )
+    control = Control(sock_path, proc)
+    control.pause()  # a paused guest must still honour SIGTERM
+    control.close()
+    proc.send_signal(signal.SIGTERM)
+    returncode, _, err = _wait_exit(proc)
+    assert returncode == 0, err
+    assert json.loads(stats.read_text())["pages_written"] >= 0
+    assert not sock_path.exists()
+
+
+def test_stale_socket_file_is_replaced(region: Path, tmp_path: Path, spawn: Spawn) -> None:
+    sock_path = tmp_path / "ctl.sock"
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(sock_path))
+    stale.close()
+    proc = spawn("dirty", "--memory", region, "--rate", 0, "--control", sock_path)
+    control = Control(sock_path, proc)
+    assert control.request("stop") == {"ok": True}
+    assert _wait_exit(proc)[0] == 0
+
+
+# ---------------------------------------------------------------------------
+# det
+# ---------------------------------------------------------------------------
+
+
+def _det_result(result: subprocess.CompletedProcess[str]) -> dict[str, Any]:
+    """Parse the JSON line a finished det guest printed."""
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_det_is_deterministic_and_seeded(tmp_path: Path) -> None:
+    create_region(tmp_path / "base.mem", MiB, "random", seed=3)
+    digests = []
+    for name, seed in (("a", 1), ("b", 1), ("c", 2)):
+        path = tmp_path / f"{name}.mem"
+        shutil.copyfile(tmp_path / "base.mem", path)
+        out = tmp_path / f"{name}.json"
+        result = _det_result(
+            run_guest("det", "--memory", path, "--steps", 2000, "--seed", seed, "--digest-out", out)
+        )
+        assert result["steps"] == 2000
+        assert json.loads(out.read_text()) == result
+        assert region_digest(path) == result["digest"]
+        digests.append(result["digest"])
+    assert digests[0] == digests[1] != digests[2]
+    assert digests[0] != region_digest(tmp_path / "base.mem")
+
+
+def test_det_empty_device_state_means_fresh_start(tmp_path: Path) -> None:
+    create_region(tmp_path / "a.mem", MiB, "random", seed=3)
+    shutil.copyfile(tmp_path / "a.mem", tmp_path / "b.mem")
+    (tmp_path / "empty.bin").write_bytes(b"")
+    plain = _det_result(run_guest("det", "--memory", tmp_path / "a.mem", "--steps", 500))
+    loaded = _det_result(
+        run_guest(
+            "det", "--memory", tmp_path / "b.mem", "--steps", 500,
+            "--device-state", tmp_path / "empty.bin",
+        )
+    )
+    assert plain == loaded
+
+
+def test_det_migration_matches_straight_run(tmp_path: Path, spawn: Spawn) -> None:
+    steps = 3000
+    create_region(tmp_path / "base.mem", MiB, "random", seed=3)
+    straight = tmp_path / "straight.mem"
+    source = tmp_path / "source.mem"
+    shutil.copyfile(tmp_path / "base.mem", straight)
+    shutil.copyfile(tmp_path / "base.mem", source)
+    expected = _det_result(run_guest("det", "--memory", straight, "--steps", steps))["digest"]
+
+    # Run on the source, pause mid-way, copy memory + device state while paused.
+    sock_path = tmp_path / "ctl.sock"
+    proc = spawn(
+        "det", "--memory", source, "--steps", steps, "--control", sock_path,
+        "--step-sleep-us", 300,
+    )
+    control = Control(sock_path, proc)
+    time.sleep(0.2)
+    blob = control.pause()
+    state = msgpack.unpackb(blob)
+    assert 0 < state["step"] < steps, state
+    assert set(state) == {"step", "rng", "seed"} and state["seed"] == 1
+    clean, corrupt = tmp_path / "dest.mem", tmp_path / "corrupt.mem"
+    shutil.copyfile(source, clean)
+    shutil.copyfile(source, corrupt)
+    assert control.request("stop") == {"ok": True}
+    returncode, out, _ = _wait_exit(proc)
+    assert returncode == 0 and out == b""  # stopped early: no digest printed
+
+    device_state = tmp_path / "device.bin"
+    device_state.write_bytes(blob)
+    resumed = _det_result(
+        run_guest("det", "--memory", clean, "--steps", steps, "--device-state", device_state)
+    )
+    assert resumed == {"steps": steps, "digest": expected}
+
+    # A single stale/corrupted page in the copy changes the final answer.
+    pages = np.fromfile(corrupt, dtype=np.uint8).reshape(-1, PAGE_SIZE)
+    pages[17] ^= 0xFF
+    pages.tofile(corrupt)
+    damaged = _det_result(
+        run_guest("det", "--memory", corrupt, "--steps", steps, "--device-state", device_state)
+    )
+    assert damaged["digest"] != expected
+
+
+def test_det_rejects_state_beyond_steps(tmp_path: Path) -> None:
+    create_region(tmp_path / "a.mem", MiB, "zero", seed=0)
+    blob = tmp_path / "state.bin"
+    blob.write_bytes(msgpack.packb({"step": 10, "rng": 5, "seed": 1}))
+    result = run_guest("det", "--memory", tmp_path / "a.mem", "--steps", 5, "--device-state", blob)
+    assert result.returncode == 1
+    assert "--steps" in result.stderr
+    blob.write_bytes(b"\xc1garbage")
+    result = run_guest("det", "--memory", tmp_path / "a.mem", "--steps", 5, "--device-state", blob)
+    assert result.returncode == 1
+    assert "msgpack" in result.stderr
