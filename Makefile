@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: venv demo test test-fast bench bench-full clean
+.PHONY: venv demo test test-fast bench clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "precopy needs Python >= 3.11")'
@@ -24,10 +24,7 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow"
 
 bench: $(STAMP)
-	$(BIN)/python -m benchmarks.run --quick
-
-bench-full: $(STAMP)
-	$(BIN)/python -m benchmarks.run --full
+	$(BIN)/python -m benchmarks.quick
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

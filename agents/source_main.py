@@ -124,7 +124,7 @@ async def _main(args: argparse.Namespace, opts: SourceOptions, workload: Workloa
             args.report.write_text(rep.to_json() + "\n")
         except OSError as exc:
             _log.error("cannot write report %s: %s", args.report, exc.strerror)
-    print(summary(rep), file=sys.stderr if not sys.stdout.isatty() else sys.stdout)
+    print(summary(rep), flush=True)
     return code
 
 

@@ -1,0 +1,95 @@
+"""Yardsticks measured in the same run as the migrations they judge.
+
+* ``raw_copy``: the same bytes over a raw TCP socket between two processes
+  (1 MiB ``sendall`` from the mapped region, ``recv_into``), either into a
+  reused buffer (the link) or into a fresh region file (the link plus the
+  first-touch cost any migration to a new host pays).
+* ``hash_time``: pure xxh3 over the region in 64 MiB buffers.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import xxhash
+
+CHUNK = 1 << 20
+
+_RECEIVER = r"""
+import mmap, os, socket, sys
+mode, size, target = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+ls = socket.socket(); ls.bind(("127.0.0.1", 0)); ls.listen(1)
+print(ls.getsockname()[1], flush=True)
+c, _ = ls.accept()
+c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+if mode == "fresh":
+    fd = os.open(target, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.ftruncate(fd, size)
+    m = mmap.mmap(fd, size, mmap.MAP_SHARED)
+    view = memoryview(m)
+    got = 0
+    while got < size:
+        n = c.recv_into(view[got:got + (1 << 20)])
+        if not n: break
+        got += n
+    view.release(); m.close(); os.close(fd); os.unlink(target)
+else:
+    buf = bytearray(1 << 20); view = memoryview(buf); got = 0
+    while got < size:
+        n = c.recv_into(view)
+        if not n: break
+        got += n
+c.sendall(b"k")
+"""
+
+
+def raw_copy(region: Path, fresh: bool) -> float:
+    """Seconds to move the region's bytes to another process over loopback TCP."""
+    size = region.stat().st_size
+    target = str(region.parent / f".rawcopy-{os.getpid()}")
+    p = subprocess.Popen([sys.executable, "-c", _RECEIVER, "fresh" if fresh else "link", str(size), target],
+                         stdout=subprocess.PIPE)
+    try:
+        assert p.stdout is not None
+        port = int(p.stdout.readline())
+        fd = os.open(region, os.O_RDONLY)
+        m = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+        view = memoryview(m)
+        s = socket.create_connection(("127.0.0.1", port))
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+        t = time.perf_counter()
+        for off in range(0, size, CHUNK):
+            s.sendall(view[off:off + CHUNK])
+        s.recv(1)
+        elapsed = time.perf_counter() - t
+        s.close()
+        view.release()
+        m.close()
+        os.close(fd)
+        return elapsed
+    finally:
+        p.wait(30)
+
+
+def hash_time(region: Path) -> float:
+    """Seconds for xxh3 over the whole region in 64 MiB buffers."""
+    size = region.stat().st_size
+    fd = os.open(region, os.O_RDONLY)
+    m = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+    view = memoryview(m)
+    for off in range(0, size, 64 << 20):  # fault the mapping in first: time hashing only
+        xxhash.xxh3_64_intdigest(view[off:off + (64 << 20)])
+    t = time.perf_counter()
+    for off in range(0, size, 64 << 20):
+        xxhash.xxh3_64_intdigest(view[off:off + (64 << 20)])
+    elapsed = time.perf_counter() - t
+    view.release()
+    m.close()
+    os.close(fd)
+    return elapsed
