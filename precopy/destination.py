@@ -150,6 +150,7 @@ class DestinationServer:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._hooks: set[asyncio.Task[Any]] = set()
         self._sock: socket.socket | None = None
+        self._serving: asyncio.Task[Any] | None = None
         self._closing = False
         self._hash_pool = ThreadPoolExecutor(2, thread_name_prefix="precopy-dhash")
         self._outer_pool = ThreadPoolExecutor(2, thread_name_prefix="precopy-dwork")
@@ -192,11 +193,17 @@ class DestinationServer:
             p.unlink(missing_ok=True)
 
     async def serve_forever(self) -> None:
+        """Accept connections until :meth:`close` (which ends this coroutine)."""
         assert self._sock is not None, "call start() first"
+        self._serving = asyncio.current_task()
         loop = asyncio.get_running_loop()
         while not self._closing:
             try:
                 conn, addr = await loop.sock_accept(self._sock)
+            except asyncio.CancelledError:
+                if self._closing:  # close() stopped us: a normal end
+                    return
+                raise
             except OSError as exc:
                 if self._closing:
                     break
@@ -211,11 +218,17 @@ class DestinationServer:
     async def close(self, *, abort_in_flight: bool = True) -> None:
         """Stop accepting; abort (or wait for) migrations in flight; wait for hooks."""
         self._closing = True
-        if self._sock is not None:
-            self._sock.close()
         if abort_in_flight:
             for task in list(self._tasks):
                 task.cancel()
+        serving = self._serving
+        if serving is not None and serving is not asyncio.current_task() and not serving.done():
+            # Stop the accept before closing the socket: closing it under a
+            # pending sock_accept would leave the loop watching a dead fd.
+            serving.cancel()
+            await asyncio.gather(serving, return_exceptions=True)
+        if self._sock is not None:
+            self._sock.close()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._hooks:

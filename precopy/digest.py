@@ -29,6 +29,7 @@ from typing import Sequence
 import numpy as np
 import xxhash
 
+from .memory import is_run
 from .wire import PAGE_SIZE
 
 __all__ = [
@@ -70,7 +71,7 @@ class StagingBuffer:
         if n > self.capacity:
             raise ValueError(f"{n} pages do not fit a staging buffer of {self.capacity}")
         out = self.array[:n]
-        if n and int(indices[-1]) - int(indices[0]) == n - 1:
+        if is_run(indices):
             np.copyto(out, src[int(indices[0]):int(indices[-1]) + 1])
         else:
             np.take(src, indices, axis=0, out=out)
@@ -83,6 +84,8 @@ class StagingBuffer:
 
     def view(self, n: int | None = None) -> memoryview:
         n = self.n if n is None else n
+        if n == 0:
+            return memoryview(b"")
         return memoryview(self.array[:n]).cast("B")
 
 

@@ -30,6 +30,14 @@ _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _libc.madvise.restype = ctypes.c_int
 
 
+def is_run(indices: np.ndarray) -> bool:
+    """True if ``indices`` is one ascending run (k, k+1, ...): a slice will do."""
+    n = len(indices)
+    if n == 0 or int(indices[-1]) - int(indices[0]) != n - 1:
+        return False
+    return n < 3 or bool((np.diff(indices) == 1).all())
+
+
 class GuestMemory:
     """A mapped region.  Use :meth:`open` or :meth:`create`; close when done.
 
@@ -95,7 +103,7 @@ class GuestMemory:
 
     def gather(self, indices: np.ndarray) -> np.ndarray:
         """Copy the given pages into a new contiguous ``(n, PAGE_SIZE)`` array."""
-        if len(indices) and int(indices[-1]) - int(indices[0]) == len(indices) - 1:
+        if is_run(indices):
             return self.pages[int(indices[0]):int(indices[-1]) + 1].copy()
         return self.pages[indices]
 
@@ -103,7 +111,7 @@ class GuestMemory:
         """Write ``len(indices)`` pages from ``data`` (raw bytes, in order)."""
         n = len(indices)
         src = np.frombuffer(data, dtype=np.uint8).reshape(n, PAGE_SIZE)
-        if n and int(indices[-1]) - int(indices[0]) == n - 1:
+        if is_run(indices):
             self.pages[int(indices[0]):int(indices[-1]) + 1] = src
         else:
             self.pages[indices] = src

@@ -273,8 +273,8 @@ class SourceSession:
             # keep running on the source.
             if not isinstance(exc, (PrecopyError, OSError, asyncio.CancelledError)):
                 _log.exception("internal error during migration; rolling back")
-            await self._rollback(exc)
-            err = MigrationAborted(self._describe(exc), getattr(exc, "code", AbortCode.INTERNAL))
+            code = await self._rollback(exc)
+            err = MigrationAborted(self._describe(exc), code)
             err.report = self.report  # type: ignore[attr-defined]
             raise err from exc
         finally:
@@ -294,7 +294,8 @@ class SourceSession:
             return "migration cancelled"
         return str(exc) or type(exc).__name__
 
-    async def _rollback(self, exc: BaseException) -> None:
+    async def _rollback(self, exc: BaseException) -> AbortCode:
+        """Undo what can be undone; returns the abort code of the failure."""
         self.report.outcome = "aborted"
         self.report.error = self._describe(exc)
         code = exc.code if isinstance(exc, PrecopyError) else AbortCode.INTERNAL
@@ -310,6 +311,7 @@ class SourceSession:
             except PrecopyError as rexc:
                 self.report.error += f"; and resuming the workload failed: {rexc}"
                 _log.error("rollback could not resume the workload: %s", rexc)
+        return code
 
     # -- the migration --------------------------------------------------
 

@@ -410,6 +410,8 @@ def _page_list(raw: bytes, key: str, npages: int) -> np.ndarray:
         raise RemoteProtocolError(
             f"PAGES names page {int(arr.max())} but the region has {npages} pages"
         )
+    if arr.size > 1 and not (np.diff(arr.astype(np.int64)) > 0).all():
+        raise RemoteProtocolError(f"PAGES field {key!r} is not strictly increasing")
     return arr
 
 

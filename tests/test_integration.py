@@ -181,3 +181,21 @@ def test_unreachable_destination_exits_3(procs: Procs, shm: Path) -> None:
     assert "cannot connect" in rep["error"]
     assert proc_state(g.pid) != "T"
     os.kill(g.pid, 0)
+
+
+@pytest.mark.slow
+def test_four_gib_region(procs: Procs, shm: Path) -> None:
+    """The largest size the issue names: 4 GiB, with a live dirtier."""
+    from precopy.guest import region_digest
+
+    src = shm / "big.mem"
+    create_region(src, "4G")
+    dest = start_dest(procs, shm)
+    g = procs.start(*guest("dirty", "--memory", str(src), "--rate", "2000"))
+    time.sleep(0.3)
+    rc, rep, out = run_source(shm, "--to", dest.addr, "--memory", str(src), "--pid", str(g.pid),
+                              timeout=300)
+    assert rc == 0, out
+    assert rep["region_bytes"] == 4 << 30
+    assert rep["verify_repairs"] == 0
+    assert region_digest(dest.memory_dir / "big.mem") == region_digest(src)

@@ -1,0 +1,790 @@
+"""In-process engine tests: source session and destination server in one event loop.
+
+The workload is a fake that records calls; the test writes the region
+through its own ``np.memmap`` (``MAP_SHARED``), so the source sees every
+write.  Raw peers speak the protocol with :class:`precopy.wire.Connection`
+over asyncio streams to poke the server with hand-made or invalid frames.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import time
+import uuid
+from pathlib import Path
+from typing import Any, AsyncIterator, Awaitable, Callable, Coroutine
+
+import lz4.block
+import numpy as np
+import pytest
+import uvloop
+import xxhash
+
+import precopy.source
+from precopy.destination import DestinationServer, DestOptions
+from precopy.digest import StagingBuffer
+from precopy.errors import AbortCode, GuestControlError, MigrationAborted
+from precopy.report import MigrationReport
+from precopy.source import SourceOptions
+from precopy.wire import (
+    MAX_META,
+    NEED_DATA,
+    PAGE_SIZE,
+    PREFIX,
+    PROTOCOL_VERSION,
+    Abort,
+    Auth,
+    AuthOk,
+    Begin,
+    Connection,
+    DigestRequest,
+    DigestTable,
+    Event,
+    Hello,
+    HelloAck,
+    Kind,
+    Outcome,
+    Pages,
+    Query,
+    Ready,
+    Role,
+    encode_frame,
+)
+
+MiB = 1024 * 1024
+_h64 = xxhash.xxh3_64_intdigest
+
+
+# --------------------------------------------------------------------------
+# Helpers
+
+
+def make_region(path: Path, npages: int, seed: int = 0) -> np.memmap:
+    """Write a random region (every fifth page zero) and map it MAP_SHARED, writable."""
+    rng = np.random.default_rng(seed)
+    data = rng.integers(0, 256, size=(npages, PAGE_SIZE), dtype=np.uint8)
+    data[::5] = 0
+    path.write_bytes(data.tobytes())
+    return np.memmap(path, dtype=np.uint8, mode="r+", shape=(npages, PAGE_SIZE))
+
+
+def page_of(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(1, 256, size=PAGE_SIZE, dtype=np.uint8)
+
+
+class FakeWorkload:
+    """Records calls; ``pause`` may run a hook, raise, and returns ``blob``."""
+
+    def __init__(self, blob: bytes = b"", *, pause_error: Exception | None = None,
+                 on_pause: Callable[[], Awaitable[None]] | None = None) -> None:
+        self.blob = blob
+        self.pause_error = pause_error
+        self.on_pause = on_pause
+        self.calls: list[str] = []
+
+    def describe(self) -> str:
+        return "fake workload"
+
+    async def pause(self) -> bytes:
+        self.calls.append("pause")
+        if self.on_pause is not None:
+            await self.on_pause()
+        if self.pause_error is not None:
+            raise self.pause_error
+        return self.blob
+
+    async def resume(self) -> None:
+        self.calls.append("resume")
+
+    async def stop(self) -> None:
+        self.calls.append("stop")
+
+
+class LiveWriter:
+    """Dirties random pages of the region from the event loop until stopped."""
+
+    def __init__(self, mm: np.memmap, seed: int = 1, pages_per_tick: int = 8) -> None:
+        self.mm = mm
+        self.rng = np.random.default_rng(seed)
+        self.pages_per_tick = pages_per_tick
+        self.writes = 0
+        self._stop = asyncio.Event()
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        n = self.mm.shape[0]
+        while not self._stop.is_set():
+            idx = self.rng.integers(0, n, self.pages_per_tick)
+            self.mm[idx] = self.rng.integers(0, 256, size=(len(idx), PAGE_SIZE), dtype=np.uint8)
+            self.writes += 1
+            await asyncio.sleep(0.001)
+
+    async def stop(self) -> None:
+        self._stop.set()
+        await self._task
+
+
+@contextlib.asynccontextmanager
+async def serve(memory_dir: Path, **kw: Any) -> AsyncIterator[DestinationServer]:
+    server = DestinationServer(DestOptions(memory_dir=memory_dir, port=0, **kw))
+    await server.start()
+    task = asyncio.create_task(server.serve_forever())
+    try:
+        yield server
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await server.close()
+
+
+def options(server: DestinationServer, path: Path, **kw: Any) -> SourceOptions:
+    kw.setdefault("io_timeout_s", 10.0)
+    kw.setdefault("connect_timeout_s", 5.0)
+    return SourceOptions(host="127.0.0.1", port=server.port, memory=path, **kw)
+
+
+async def migrate(server: DestinationServer, path: Path, workload: FakeWorkload,
+                  **kw: Any) -> MigrationReport:
+    return await asyncio.wait_for(precopy.source.migrate(options(server, path, **kw), workload), 30)
+
+
+async def wait_until(pred: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+async def settled(server: DestinationServer) -> None:
+    """Wait until no migration on ``server`` is still running."""
+    await wait_until(lambda: all(r.outcome != "running" for r in server.results),
+                     what="the destination to finish its migrations")
+
+
+def partials(d: Path) -> list[Path]:
+    return sorted(d.glob(".*.partial"))
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+class RawClient:
+    """A hand-driven source: wire.Connection over an asyncio stream."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.conn = Connection(Role.SOURCE)
+
+    @classmethod
+    async def connect(cls, port: int) -> RawClient:
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        return cls(r, w)
+
+    async def send_bytes(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def send_frame(self, bufs: list[Any]) -> None:
+        await self.send_bytes(b"".join(bytes(memoryview(b).cast("B")) for b in bufs))
+
+    async def send(self, ev: Event) -> None:
+        await self.send_frame(self.conn.send(ev))
+
+    async def recv(self, timeout: float = 5.0) -> Event | None:
+        """The next event, or None when the server closed the connection."""
+        while True:
+            ev = self.conn.next_event()
+            if ev is not NEED_DATA:
+                if isinstance(ev, DigestTable):  # views die on the next receive
+                    ev = DigestTable(seq=ev.seq, digests=ev.digests.copy())
+                return ev  # type: ignore[return-value]
+            try:
+                data = await asyncio.wait_for(self.reader.read(1 << 16), timeout)
+            except ConnectionResetError:
+                data = b""
+            self.conn.receive_data(data)
+            if not data:
+                self.conn.next_event()  # raises if a frame was cut short
+                return None
+
+    async def handshake(self) -> None:
+        await self.send(Hello(version=PROTOCOL_VERSION, nonce=os.urandom(32)))
+        ack = await self.recv()
+        assert isinstance(ack, HelloAck) and ack.mac == b"", ack
+        await self.send(Auth(mac=b""))
+        assert isinstance(await self.recv(), AuthOk)
+
+    async def begin(self, name: str, npages: int, mid: str | None = None) -> Event | None:
+        await self.send(Begin(migration_id=mid or new_id(), name=name, size=npages * PAGE_SIZE))
+        return await self.recv()
+
+    async def half_close(self) -> None:
+        self.writer.write_eof()
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(OSError):
+            await self.writer.wait_closed()
+
+
+async def expect_abort_then_eof(c: RawClient, code: AbortCode, timeout: float = 5.0) -> None:
+    ev = await c.recv(timeout)
+    assert isinstance(ev, Abort), ev
+    assert ev.code == code, ev
+    assert await c.recv(timeout) is None
+
+
+async def query(port: int, mid: str) -> Outcome:
+    c = await RawClient.connect(port)
+    try:
+        await c.handshake()
+        await c.send(Query(migration_id=mid))
+        out = await c.recv()
+        assert isinstance(out, Outcome), out
+        return out
+    finally:
+        await c.close()
+
+
+async def check_normal_migration(server: DestinationServer, work: Path, name: str = "after.mem") -> None:
+    """The server still takes a real migration end to end."""
+    src = work / name
+    mm = make_region(src, 256, seed=7)
+    rep = await migrate(server, src, FakeWorkload(b"state"))
+    assert rep.outcome == "committed"
+    assert (server.opts.memory_dir / name).read_bytes() == src.read_bytes()
+    del mm
+
+
+@pytest.fixture
+def work(shm: Path) -> Path:
+    d = shm / "src"
+    d.mkdir()
+    return d
+
+
+@pytest.fixture
+def dest_dir(shm: Path) -> Path:
+    return shm / "dest"
+
+
+# --------------------------------------------------------------------------
+# Happy path, under both event loops (8)
+
+
+async def _happy(shm: Path, compress: str, expect_uvloop: bool) -> None:
+    loop = asyncio.get_running_loop()
+    assert isinstance(loop, uvloop.Loop) == expect_uvloop
+    src = shm / "vm.mem"
+    mm = make_region(src, 2048)  # 8 MiB
+    blob = os.urandom(1000)
+    async with serve(shm / "dest") as server:
+        writer = LiveWriter(mm)
+        snapshot: dict[str, bytes] = {}
+
+        async def freeze() -> None:
+            await writer.stop()
+            snapshot["mem"] = src.read_bytes()
+
+        wl = FakeWorkload(blob, on_pause=freeze)
+        rep = await migrate(server, src, wl, compress=compress)
+        assert rep.outcome == "committed"
+        assert wl.calls == ["pause"]  # keep-stopped: no stop, no resume
+        assert writer.writes > 0
+        got = (shm / "dest" / "vm.mem").read_bytes()
+        assert got == snapshot["mem"] == src.read_bytes()
+        assert (shm / "dest" / "vm.mem.device-state").read_bytes() == blob
+        assert rep.verify_repairs == 0
+        assert rep.rounds[0].kind == "full" and rep.rounds[-1].kind == "final"
+        assert rep.zero_pages > 0
+        assert rep.device_state_bytes == len(blob)
+        assert rep.downtime_ms is not None and rep.downtime_ms > 0
+        await settled(server)
+        assert [r.outcome for r in server.results] == ["committed"]
+        assert not partials(shm / "dest")
+    del mm
+
+
+@pytest.mark.parametrize("compress", ["off", "lz4"])
+@pytest.mark.parametrize("loop_name", ["asyncio", "uvloop"])
+def test_live_migration_commits_byte_exact(shm: Path, loop_name: str, compress: str) -> None:
+    run: Callable[[Coroutine[Any, Any, None]], None] = asyncio.run if loop_name == "asyncio" else uvloop.run
+    run(_happy(shm, compress, loop_name == "uvloop"))
+
+
+async def test_on_commit_kill_stops_the_source_workload(work: Path, dest_dir: Path) -> None:
+    src = work / "k.mem"
+    mm = make_region(src, 64)
+    async with serve(dest_dir) as server:
+        wl = FakeWorkload()
+        rep = await migrate(server, src, wl, on_commit="kill")
+    assert rep.outcome == "committed"
+    assert wl.calls == ["pause", "stop"]
+    assert (dest_dir / "k.mem").read_bytes() == src.read_bytes()
+    del mm
+
+
+# --------------------------------------------------------------------------
+# Invariant 1: a page's digest is recorded from the exact bytes sent (1)
+
+
+P = 300  # the page flipped A -> B -> A
+
+
+def _flip_load(mm: np.memmap, should_flip: Callable[[np.ndarray], bool],
+               content_b: np.ndarray, stats: dict[str, int]) -> Callable[..., np.ndarray]:
+    orig = StagingBuffer.load
+
+    def load(self: StagingBuffer, src: np.ndarray, indices: np.ndarray) -> np.ndarray:
+        if bool(np.any(indices == P)):
+            stats["loads_with_p"] += 1
+            if should_flip(indices):
+                a = mm[P].copy()
+                mm[P] = content_b
+                out = orig(self, src, indices)  # stages B
+                mm[P] = a  # live memory is A again
+                stats["flips"] += 1
+                return out
+        return orig(self, src, indices)
+
+    return load
+
+
+async def test_aba_during_full_copy_is_caught_by_page_digests(
+    work: Path, dest_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = work / "aba.mem"
+    mm = make_region(src, 1024)  # 4 MiB
+    content_a = mm[P].copy()
+    stats = {"loads_with_p": 0, "flips": 0}
+    monkeypatch.setattr(StagingBuffer, "load",
+                        _flip_load(mm, lambda idx: stats["flips"] == 0, page_of(99), stats))
+    async with serve(dest_dir) as server:
+        rep = await migrate(server, src, FakeWorkload(), batch_pages=64)
+    assert stats["flips"] == 1
+    assert stats["loads_with_p"] >= 2  # P was sent again after the full copy
+    assert rep.outcome == "committed"
+    got = np.fromfile(dest_dir / "aba.mem", dtype=np.uint8).reshape(-1, PAGE_SIZE)
+    assert np.array_equal(got[P], content_a)
+    assert (dest_dir / "aba.mem").read_bytes() == src.read_bytes()
+    # A digest of live memory (A) would hide the B on the destination until
+    # the final chunk comparison, which would count it as a repair.
+    assert rep.verify_repairs == 0
+    assert sum(r.pages_dirty for r in rep.rounds[1:]) >= 1
+    del mm
+
+
+async def test_aba_during_iterative_round_is_caught_by_page_digests(
+    work: Path, dest_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = work / "aba2.mem"
+    mm = make_region(src, 1024)
+    content_a2 = page_of(5)
+    stats = {"loads_with_p": 0, "flips": 0, "dirtied": 0}
+    orig = StagingBuffer.load
+    flip = _flip_load(mm, lambda idx: stats["loads_with_p"] == 2 and stats["flips"] == 0,
+                      page_of(99), stats)
+
+    def load(self: StagingBuffer, src_pages: np.ndarray, indices: np.ndarray) -> np.ndarray:
+        # A real write to P during the full copy, after P's batch went out,
+        # so P is dirty in round 1 (where its staging is flipped).
+        if stats["loads_with_p"] == 1 and not stats["dirtied"] and int(indices[0]) > P:
+            mm[P] = content_a2
+            stats["dirtied"] = 1
+        return flip(self, src_pages, indices)
+
+    monkeypatch.setattr(StagingBuffer, "load", load)
+    async with serve(dest_dir) as server:
+        # An unreachable budget forces one iterative round, then a forced switchover.
+        rep = await migrate(server, src, FakeWorkload(), batch_pages=64, downtime_ms=0.001,
+                            max_rounds=1, on_nonconvergence="force")
+    assert stats["dirtied"] == 1 and stats["flips"] == 1
+    assert stats["loads_with_p"] >= 3  # full copy, round 1 (flipped), final pass
+    assert rep.outcome == "committed" and rep.forced
+    assert [r.kind for r in rep.rounds] == ["full", "iterative", "final"]
+    assert rep.rounds[1].pages_dirty >= 1 and rep.rounds[2].pages_dirty >= 1
+    got = np.fromfile(dest_dir / "aba2.mem", dtype=np.uint8).reshape(-1, PAGE_SIZE)
+    assert np.array_equal(got[P], content_a2)
+    assert (dest_dir / "aba2.mem").read_bytes() == src.read_bytes()
+    assert rep.verify_repairs == 0
+    del mm
+
+
+# --------------------------------------------------------------------------
+# Device state (2)
+
+
+@pytest.mark.parametrize("size", [0, 1, 5 * MiB + 3])
+async def test_device_state_passes_through_byte_exact(work: Path, dest_dir: Path, size: int) -> None:
+    src = work / "dev.mem"
+    mm = make_region(src, 256)
+    blob = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()
+    async with serve(dest_dir) as server:
+        rep = await migrate(server, src, FakeWorkload(blob))
+        await settled(server)
+        assert server.results[-1].device_state_bytes == size
+    assert rep.outcome == "committed"
+    assert rep.device_state_bytes == size
+    assert (dest_dir / "dev.mem.device-state").read_bytes() == blob
+    assert not list(dest_dir.glob(".*.tmp"))
+    del mm
+
+
+# --------------------------------------------------------------------------
+# Rollback (3)
+
+
+async def test_pause_failure_rolls_back_and_leaves_nothing(work: Path, dest_dir: Path) -> None:
+    src = work / "rb.mem"
+    mm = make_region(src, 512)
+    wl = FakeWorkload(pause_error=GuestControlError("guest refused to pause"))
+    async with serve(dest_dir) as server:
+        with pytest.raises(MigrationAborted) as ei:
+            await migrate(server, src, wl)
+        await settled(server)
+        assert [r.outcome for r in server.results] == ["aborted"]
+        await check_normal_migration(server, work)
+    assert ei.value.code == AbortCode.GUEST
+    assert ei.value.report.outcome == "aborted"  # type: ignore[attr-defined]
+    assert wl.calls == ["pause"]
+    assert not (dest_dir / "rb.mem").exists()
+    assert not (dest_dir / "rb.mem.device-state").exists()
+    assert not partials(dest_dir)
+    del mm
+
+
+async def test_destination_closing_during_full_copy_aborts(
+    work: Path, dest_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = work / "cut.mem"
+    mm = make_region(src, 2048)
+    orig = StagingBuffer.load
+    closing: list[asyncio.Task[None]] = []
+    calls = [0]
+
+    async with serve(dest_dir) as server:
+        def load(self: StagingBuffer, s: np.ndarray, indices: np.ndarray) -> np.ndarray:
+            calls[0] += 1
+            if calls[0] == 4:
+                closing.append(asyncio.get_running_loop().create_task(server.close()))
+            return orig(self, s, indices)
+
+        monkeypatch.setattr(StagingBuffer, "load", load)
+        wl = FakeWorkload()
+        with pytest.raises(MigrationAborted) as ei:
+            await migrate(server, src, wl, batch_pages=64)
+        await asyncio.gather(*closing)
+        assert [r.outcome for r in server.results] == ["aborted"]
+    assert closing
+    assert ei.value.code in (AbortCode.CANCELLED, AbortCode.LINK)
+    assert wl.calls == []  # never paused, nothing to resume
+    assert not (dest_dir / "cut.mem").exists()
+    assert not partials(dest_dir)
+    del mm
+
+
+async def test_destination_closing_at_pause_resumes_workload(work: Path, dest_dir: Path) -> None:
+    src = work / "cut2.mem"
+    mm = make_region(src, 512)
+    async with serve(dest_dir) as server:
+        wl = FakeWorkload(b"dev", on_pause=server.close)
+        with pytest.raises(MigrationAborted) as ei:
+            await migrate(server, src, wl)
+        assert [r.outcome for r in server.results] == ["aborted"]
+    assert wl.calls == ["pause", "resume"]
+    assert ei.value.report.outcome == "aborted"  # type: ignore[attr-defined]
+    assert not (dest_dir / "cut2.mem").exists()
+    assert not (dest_dir / "cut2.mem.device-state").exists()
+    assert not partials(dest_dir)
+    del mm
+
+
+async def test_source_cancelled_mid_migration_aborts_both_sides(
+    work: Path, dest_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = work / "cancel.mem"
+    mm = make_region(src, 512)
+    wl = FakeWorkload()
+
+    async with serve(dest_dir) as server:
+        async def hang() -> None:
+            await asyncio.sleep(60)
+
+        wl.on_pause = hang
+        task = asyncio.create_task(precopy.source.migrate(options(server, src), wl))
+        await wait_until(lambda: wl.calls == ["pause"], what="the pause")
+        task.cancel()
+        with pytest.raises(MigrationAborted) as ei:
+            await task
+        await settled(server)
+        assert [r.outcome for r in server.results] == ["aborted"]
+    assert "cancel" in str(ei.value)
+    assert "cancelled" in (server.results[0].error or "")  # ABORT(CANCELLED) reached the peer
+    # pause() never returned, so the session does not consider it paused.
+    assert wl.calls == ["pause"]
+    assert not partials(dest_dir) and not (dest_dir / "cancel.mem").exists()
+    del mm
+
+
+async def test_cancelled_migration_carries_code_cancelled(work: Path, dest_dir: Path) -> None:
+    src = work / "cancel2.mem"
+    mm = make_region(src, 64)
+
+    async def hang() -> None:
+        await asyncio.sleep(60)
+
+    wl = FakeWorkload(on_pause=hang)
+    async with serve(dest_dir) as server:
+        task = asyncio.create_task(precopy.source.migrate(options(server, src), wl))
+        await wait_until(lambda: wl.calls == ["pause"], what="the pause")
+        task.cancel()
+        with pytest.raises(MigrationAborted) as ei:
+            await task
+    del mm
+    assert ei.value.code == AbortCode.CANCELLED
+
+
+async def test_serve_forever_returns_after_close(dest_dir: Path) -> None:
+    server = DestinationServer(DestOptions(memory_dir=dest_dir, port=0))
+    await server.start()
+    task = asyncio.create_task(server.serve_forever())
+    await asyncio.sleep(0.02)
+    await server.close()
+    try:
+        await asyncio.wait_for(asyncio.shield(task), 0.5)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert task.done()
+
+
+# --------------------------------------------------------------------------
+# Busy name (4)
+
+
+async def test_busy_name_rejected_until_the_first_migration_ends(dest_dir: Path) -> None:
+    async with serve(dest_dir) as server:
+        first = await RawClient.connect(server.port)
+        await first.handshake()
+        mid1 = new_id()
+        assert isinstance(await first.begin("x", 16, mid1), Ready)
+        assert (dest_dir / f".x.{mid1}.partial").exists()
+
+        second = await RawClient.connect(server.port)
+        await second.handshake()
+        await second.send(Begin(migration_id=new_id(), name="x", size=16 * PAGE_SIZE))
+        await expect_abort_then_eof(second, AbortCode.BUSY)
+        await second.close()
+
+        # A different name is not busy.
+        other = await RawClient.connect(server.port)
+        await other.handshake()
+        assert isinstance(await other.begin("y", 16), Ready)
+
+        # The first is unaffected: it can still talk, then gives up.
+        await first.send(DigestRequest(seq=1, final=False))
+        table = await first.recv()
+        assert isinstance(table, DigestTable) and table.digests.size == 1
+        await first.send(Abort(int(AbortCode.CANCELLED), "test done"))
+        await first.close()
+        await wait_until(lambda: server.results[0].outcome == "aborted", what="first aborted")
+        assert not (dest_dir / f".x.{mid1}.partial").exists()
+
+        third = await RawClient.connect(server.port)
+        await third.handshake()
+        assert isinstance(await third.begin("x", 16), Ready)
+        for c in (third, other):
+            await c.send(Abort(int(AbortCode.CANCELLED), "test done"))
+            await c.close()
+        await settled(server)
+    assert not partials(dest_dir)
+    assert not (dest_dir / "x").exists()
+
+
+async def test_reused_migration_id_is_busy(work: Path, dest_dir: Path) -> None:
+    src = work / "reuse.mem"
+    mm = make_region(src, 64)
+    async with serve(dest_dir) as server:
+        rep = await migrate(server, src, FakeWorkload())
+        c = await RawClient.connect(server.port)
+        await c.handshake()
+        await c.send(Begin(migration_id=rep.migration_id, name="other", size=16 * PAGE_SIZE))
+        await expect_abort_then_eof(c, AbortCode.BUSY)
+        await c.close()
+    assert not (dest_dir / "other").exists()
+    del mm
+
+
+# --------------------------------------------------------------------------
+# Bad input never writes (5)
+
+
+def _u32(*xs: int) -> bytes:
+    return np.array(xs, dtype="<u4").tobytes()
+
+
+@pytest.mark.parametrize("where", ["indices", "zeros"])
+async def test_out_of_range_page_aborts_and_removes_partial(
+    work: Path, dest_dir: Path, where: str
+) -> None:
+    payload = page_of(1).tobytes()
+    if where == "indices":
+        meta = {"i": _u32(16), "z": b"", "c": 0, "h": _h64(payload)}
+    else:
+        meta = {"i": _u32(3), "z": _u32(16), "c": 0, "h": _h64(payload)}
+    async with serve(dest_dir) as server:
+        c = await RawClient.connect(server.port)
+        await c.handshake()
+        mid = new_id()
+        assert isinstance(await c.begin("bad", 16, mid), Ready)
+        await c.send_frame(encode_frame(Kind.PAGES, meta, payload))
+        await expect_abort_then_eof(c, AbortCode.PROTOCOL)
+        await c.close()
+        await settled(server)
+        assert server.results[0].outcome == "aborted"
+        assert not partials(dest_dir)
+        assert not (dest_dir / "bad").exists()
+        out = await query(server.port, mid)
+        assert out.known and not out.committed
+        await check_normal_migration(server, work)
+
+
+def _bad_batch(case: str) -> Pages:
+    data = page_of(2).tobytes()
+    idx = np.array([3], dtype="<u4")
+    empty = np.zeros(0, dtype="<u4")
+    if case == "checksum":
+        return Pages(indices=idx, zeros=empty, payload=data, checksum=_h64(data) ^ 1)
+    if case == "lz4-garbage":
+        return Pages(indices=idx, zeros=empty, payload=b"\xff" * 200, compressed=True,
+                     checksum=_h64(data))
+    assert case == "lz4-short"  # inflates to one page where two are declared
+    return Pages(indices=np.array([3, 4], dtype="<u4"), zeros=empty,
+                 payload=lz4.block.compress(data, store_size=False), compressed=True,
+                 checksum=_h64(data + data))
+
+
+@pytest.mark.parametrize("case", ["checksum", "lz4-garbage", "lz4-short"])
+async def test_corrupt_batch_aborts_without_writing(dest_dir: Path, case: str) -> None:
+    async with serve(dest_dir, keep_partial=True) as server:
+        c = await RawClient.connect(server.port)
+        await c.handshake()
+        mid = new_id()
+        assert isinstance(await c.begin("corrupt", 16, mid), Ready)
+        await c.send(_bad_batch(case))
+        await expect_abort_then_eof(c, AbortCode.PROTOCOL)
+        await c.close()
+        await settled(server)
+        out = await query(server.port, mid)
+    assert out.known and not out.committed
+    assert not (dest_dir / "corrupt").exists()
+    kept = dest_dir / f".corrupt.{mid}.partial"
+    assert kept.read_bytes() == bytes(16 * PAGE_SIZE)  # not one byte written
+
+
+async def test_unsorted_batch_is_rejected_and_writes_nothing(dest_dir: Path) -> None:
+    """Page lists must be strictly increasing: [0, 5, 2] is a protocol error."""
+    pages = np.stack([page_of(10), page_of(11), page_of(12)])
+    idx = np.array([0, 5, 2], dtype="<u4")
+    async with serve(dest_dir, keep_partial=True) as server:
+        c = await RawClient.connect(server.port)
+        await c.handshake()
+        mid = new_id()
+        assert isinstance(await c.begin("unsorted", 16, mid), Ready)
+        raw = pages.tobytes()
+        await c.send(Pages(indices=idx, zeros=np.zeros(0, "<u4"), payload=raw, checksum=_h64(raw)))
+        await expect_abort_then_eof(c, AbortCode.PROTOCOL)
+        await c.close()
+        await settled(server)
+    kept = dest_dir / f".unsorted.{mid}.partial"
+    assert kept.read_bytes() == bytes(16 * PAGE_SIZE)
+
+
+# --------------------------------------------------------------------------
+# Garbage and truncated handshakes (6)
+
+
+async def test_garbage_and_truncated_handshakes_are_dropped(work: Path, dest_dir: Path) -> None:
+    async with serve(dest_dir, handshake_timeout_s=0.5) as server:
+        port = server.port
+        hello = b"".join(bytes(memoryview(b).cast("B")) for b in encode_frame(
+            Kind.HELLO, {"version": PROTOCOL_VERSION, "nonce": os.urandom(32)}))
+
+        # Random bytes (no magic).
+        c = await RawClient.connect(port)
+        await c.send_bytes(b"XY" + os.urandom(998))
+        await c.half_close()
+        await expect_abort_then_eof(c, AbortCode.PROTOCOL)
+        await c.close()
+
+        # A prefix declaring a header far over the limit: rejected from the prefix alone.
+        c = await RawClient.connect(port)
+        await c.send_bytes(PREFIX.pack(b"PC", int(Kind.HELLO), 0, MAX_META + 1, 0))
+        await expect_abort_then_eof(c, AbortCode.PROTOCOL)
+        await c.close()
+
+        # Half a Hello, then the write side closes.
+        c = await RawClient.connect(port)
+        await c.send_bytes(hello[: len(hello) // 2])
+        await c.half_close()
+        await expect_abort_then_eof(c, AbortCode.PROTOCOL)
+        await c.close()
+
+        # Half a Hello, then a full close (nothing to read back).
+        c = await RawClient.connect(port)
+        await c.send_bytes(hello[:20])
+        await c.close()
+
+        # A Hello from the future.
+        c = await RawClient.connect(port)
+        await c.send_frame(encode_frame(Kind.HELLO, {"version": PROTOCOL_VERSION + 1,
+                                                     "nonce": os.urandom(32)}))
+        await expect_abort_then_eof(c, AbortCode.VERSION)
+        await c.close()
+
+        # Silent peers are timed out, also after a valid Hello.
+        t = time.monotonic()
+        silent = await RawClient.connect(port)
+        after_hello = await RawClient.connect(port)
+        await after_hello.send(Hello(version=PROTOCOL_VERSION, nonce=os.urandom(32)))
+        assert isinstance(await after_hello.recv(), HelloAck)
+        await expect_abort_then_eof(silent, AbortCode.TIMEOUT)
+        await expect_abort_then_eof(after_hello, AbortCode.TIMEOUT)
+        assert time.monotonic() - t < 3.0
+        await silent.close()
+        await after_hello.close()
+
+        # A plain socket that connects and goes away at once.
+        s = socket.create_connection(("127.0.0.1", port))
+        s.close()
+
+        await check_normal_migration(server, work)
+        assert [r.outcome for r in server.results] == ["committed"]
+    assert not partials(dest_dir)
+
+
+# --------------------------------------------------------------------------
+# Outcome query (7)
+
+
+async def test_outcome_query_after_commit_and_for_unknown_id(work: Path, dest_dir: Path) -> None:
+    src = work / "q.mem"
+    mm = make_region(src, 64)
+    async with serve(dest_dir) as server:
+        rep = await migrate(server, src, FakeWorkload())
+        assert rep.outcome == "committed"
+        out = await query(server.port, rep.migration_id)
+        assert out == Outcome(migration_id=rep.migration_id, committed=True, known=True)
+        unknown = new_id()
+        out = await query(server.port, unknown)
+        assert out == Outcome(migration_id=unknown, committed=False, known=False)
+    # The journal is durable: a new server on the same directory still knows.
+    async with serve(dest_dir) as server2:
+        out = await query(server2.port, rep.migration_id)
+        assert out.committed and out.known
+    del mm

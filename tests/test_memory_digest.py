@@ -1,0 +1,261 @@
+"""Unit tests of precopy.memory (GuestMemory) and precopy.digest."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pytest
+import xxhash
+
+from precopy.digest import (
+    ZERO_PAGE_DIGEST,
+    ChunkTracker,
+    StagingBuffer,
+    changed,
+    chunk_digests,
+    page_digests,
+)
+from precopy.errors import RegionError
+from precopy.memory import GuestMemory
+from precopy.wire import PAGE_SIZE
+
+_h64 = xxhash.xxh3_64_intdigest
+
+
+def random_pages(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(n, PAGE_SIZE), dtype=np.uint8)
+
+
+@pytest.fixture
+def pool() -> Iterator[ThreadPoolExecutor]:
+    ex = ThreadPoolExecutor(2)
+    yield ex
+    ex.shutdown(wait=True)
+
+
+@pytest.fixture
+def region(shm: Path) -> Iterator[GuestMemory]:
+    """A 40-page region holding random pages."""
+    path = shm / "r.mem"
+    path.write_bytes(random_pages(40).tobytes())
+    mem = GuestMemory.open(path)
+    yield mem
+    mem.close()
+
+
+# --------------------------------------------------------------------------
+# GuestMemory
+
+
+def test_open_rejects_a_missing_file(shm: Path) -> None:
+    with pytest.raises(RegionError, match="cannot open"):
+        GuestMemory.open(shm / "nope.mem")
+
+
+@pytest.mark.parametrize("size", [0, 1, PAGE_SIZE - 1, PAGE_SIZE + 1, 3 * PAGE_SIZE + 100])
+def test_open_rejects_empty_and_unaligned_sizes(shm: Path, size: int) -> None:
+    path = shm / "bad.mem"
+    path.write_bytes(b"\x01" * size)
+    with pytest.raises(RegionError, match="multiple of 4096"):
+        GuestMemory.open(path)
+    with pytest.raises(RegionError):
+        GuestMemory.open(path, writable=False)
+
+
+@pytest.mark.parametrize("size", [0, -PAGE_SIZE, PAGE_SIZE + 1])
+def test_create_rejects_bad_sizes(shm: Path, size: int) -> None:
+    with pytest.raises(RegionError):
+        GuestMemory.create(shm / "c.mem", size)
+    assert not (shm / "c.mem").exists()
+
+
+def test_create_makes_a_zero_region_and_open_sees_writes(shm: Path) -> None:
+    path = shm / "c.mem"
+    with GuestMemory.create(path, 8 * PAGE_SIZE) as mem:
+        assert mem.npages == 8 and mem.pages.shape == (8, PAGE_SIZE)
+        assert not mem.array.any()
+        mem.pages[3] = 7
+        mem.flush()
+        with GuestMemory.open(path, writable=False) as ro:
+            assert (ro.pages[3] == 7).all() and not ro.pages[4].any()
+            with pytest.raises(ValueError):
+                ro.pages[0] = 1  # read-only mapping
+    assert path.stat().st_size == 8 * PAGE_SIZE
+
+
+@pytest.mark.parametrize("indices", [
+    [5],
+    [0, 1, 2, 3],
+    [36, 37, 38, 39],
+    [1, 4, 9, 30],
+    [2, 3, 7],
+    list(range(40)),
+])
+def test_gather_scatter_round_trip(region: GuestMemory, indices: list[int]) -> None:
+    idx = np.array(indices, dtype=np.uint32)
+    before = region.pages.copy()
+    got = region.gather(idx)
+    assert got.shape == (len(idx), PAGE_SIZE)
+    assert np.array_equal(got, before[idx])
+    got[:] = 0xAB  # a copy: the region is untouched
+    assert np.array_equal(region.pages, before)
+
+    new = random_pages(len(idx), seed=123)
+    region.scatter(idx, new.tobytes())
+    expect = before.copy()
+    expect[idx] = new
+    assert np.array_equal(region.pages, expect)
+    assert np.array_equal(region.gather(idx), new)
+
+    region.zero(idx)
+    expect[idx] = 0
+    assert np.array_equal(region.pages, expect)
+
+
+def test_scatter_accepts_memoryview_and_array(region: GuestMemory) -> None:
+    new = random_pages(2, seed=9)
+    region.scatter(np.array([10, 20], dtype=np.uint32), memoryview(new).cast("B"))
+    region.scatter(np.array([11, 12], dtype=np.uint32), new)
+    assert np.array_equal(region.pages[[10, 20]], new)
+    assert np.array_equal(region.pages[[11, 12]], new)
+
+
+UNSORTED = [0, 5, 2]  # last - first == n - 1, but not a run
+
+
+@pytest.mark.parametrize("op", ["gather", "scatter", "load"])
+def test_unsorted_indices_are_honoured(region: GuestMemory, op: str) -> None:
+    idx = np.array(UNSORTED, dtype=np.uint32)
+    before = region.pages.copy()
+    if op == "gather":
+        assert np.array_equal(region.gather(idx), before[idx])
+    elif op == "load":
+        sb = StagingBuffer(4)
+        assert np.array_equal(sb.load(region.pages, idx), before[idx])
+    else:
+        new = random_pages(3, seed=77)
+        region.scatter(idx, new.tobytes())
+        expect = before.copy()
+        expect[idx] = new
+        assert np.array_equal(region.pages, expect)
+
+
+# --------------------------------------------------------------------------
+# Digests
+
+
+def test_zero_page_digest() -> None:
+    assert ZERO_PAGE_DIGEST == _h64(bytes(PAGE_SIZE))
+
+
+@pytest.mark.parametrize("indices", [[0, 1, 2, 3, 4], [7, 3, 30], [39]])
+def test_staging_buffer_digests_are_per_page_xxh3(region: GuestMemory, indices: list[int]) -> None:
+    sb = StagingBuffer(8)
+    sb.load(region.pages, np.arange(8, dtype=np.uint32))  # stale content to overwrite
+    idx = np.array(indices, dtype=np.uint32)
+    staged = sb.load(region.pages, idx)
+    assert sb.n == len(idx)
+    assert np.array_equal(staged, region.pages[idx])
+    dig = sb.digests()
+    assert dig.dtype == np.uint64 and dig.shape == (len(idx),)
+    assert dig.tolist() == [_h64(region.pages[i].tobytes()) for i in indices]
+    assert bytes(sb.view()) == region.pages[idx].tobytes()
+    # The staged copy is independent of live memory (what is hashed is what is sent).
+    if indices:
+        region.pages[indices[0]] ^= 0xFF
+        assert sb.digests().tolist() == dig.tolist()
+
+
+def test_staging_buffer_empty_load_digests(region: GuestMemory) -> None:
+    sb = StagingBuffer(4)
+    sb.load(region.pages, np.zeros(0, dtype=np.uint32))
+    assert sb.n == 0 and sb.digests().size == 0
+
+
+def test_staging_buffer_empty_view(region: GuestMemory) -> None:
+    sb = StagingBuffer(4)
+    sb.load(region.pages, np.zeros(0, dtype=np.uint32))
+    assert bytes(sb.view()) == b""
+
+
+def test_staging_buffer_rejects_oversized_batches(region: GuestMemory) -> None:
+    with pytest.raises(ValueError):
+        StagingBuffer(2).load(region.pages, np.arange(3, dtype=np.uint32))
+
+
+def test_page_digests(region: GuestMemory) -> None:
+    idx = np.array([3, 0, 39], dtype=np.uint32)
+    assert page_digests(region.pages, idx).tolist() == [_h64(region.pages[i].tobytes()) for i in idx]
+    assert page_digests(region.pages).tolist() == [_h64(p.tobytes()) for p in region.pages]
+
+
+def direct_chunks(data: bytes, chunk_bytes: int) -> list[int]:
+    return [_h64(data[o:o + chunk_bytes]) for o in range(0, len(data), chunk_bytes)]
+
+
+@pytest.mark.parametrize("npages,chunk_pages", [(40, 4), (37, 4), (40, 64), (3, 1), (100, 8)])
+@pytest.mark.parametrize("threads", [False, True])
+def test_chunk_digests_match_a_direct_computation(
+    pool: ThreadPoolExecutor, npages: int, chunk_pages: int, threads: bool
+) -> None:
+    data = random_pages(npages, seed=npages).tobytes()
+    cb = chunk_pages * PAGE_SIZE
+    expect = direct_chunks(data, cb)  # the last chunk is short when npages % chunk_pages
+    ex = pool if threads else None
+    got = chunk_digests(memoryview(data), cb, ex)
+    assert got.dtype == np.uint64
+    assert got.tolist() == expect
+    nchunks = len(expect)
+    subsets = [np.arange(nchunks), np.array([nchunks - 1]), np.arange(0, nchunks, 2)[::-1]]
+    for sub in subsets:
+        assert chunk_digests(memoryview(data), cb, ex, sub).tolist() == [expect[c] for c in sub]
+    assert chunk_digests(memoryview(data), cb, ex, np.zeros(0, np.int64)).size == 0
+
+
+def test_chunk_digests_threaded_on_a_large_subset(pool: ThreadPoolExecutor) -> None:
+    data = random_pages(99, seed=3).tobytes()  # 25 chunks of 4 pages, the last of 3
+    cb = 4 * PAGE_SIZE
+    expect = direct_chunks(data, cb)
+    sub = np.array([24, 0, 5, 6, 7, 11, 12, 13, 20, 23])
+    assert chunk_digests(memoryview(data), cb, pool, sub).tolist() == [expect[c] for c in sub]
+
+
+def test_changed() -> None:
+    a = np.array([1, 2, 3, 4], dtype=np.uint64)
+    b = np.array([1, 9, 3, 0], dtype=np.uint64)
+    assert changed(a, b).tolist() == [1, 3]
+    assert changed(a, a).size == 0
+
+
+@pytest.mark.parametrize("npages,chunk_pages", [(64, 16), (70, 16), (5, 64), (1, 1)])
+def test_chunk_tracker_zeroed_and_marked(
+    shm: Path, pool: ThreadPoolExecutor, npages: int, chunk_pages: int
+) -> None:
+    cb = chunk_pages * PAGE_SIZE
+    with GuestMemory.create(shm / "t.mem", npages * PAGE_SIZE) as mem:
+        tracker = ChunkTracker.zeroed(mem.view, chunk_pages, pool)
+        try:
+            assert tracker.nchunks == -(-npages // chunk_pages)
+            assert tracker.table().tolist() == direct_chunks(bytes(npages * PAGE_SIZE), cb)
+            rng = np.random.default_rng(npages)
+            for _ in range(3):
+                idx = np.unique(rng.integers(0, npages, size=max(1, npages // 8))).astype(np.uint32)
+                mem.scatter(idx, random_pages(len(idx), seed=int(idx[0])).tobytes())
+                tracker.mark(idx)
+                assert tracker.table().tolist() == direct_chunks(bytes(mem.view), cb)
+            # A full tracker over the same memory agrees.
+            full = ChunkTracker(mem.view, chunk_pages, pool)
+            try:
+                assert full.table().tolist() == tracker.table().tolist()
+            finally:
+                full.close()
+            # Zeroing pages back is seen too.
+            mem.zero(np.arange(npages))
+            tracker.mark(np.arange(npages))
+            assert tracker.table().tolist() == direct_chunks(bytes(npages * PAGE_SIZE), cb)
+        finally:
+            tracker.close()
+
