@@ -474,6 +474,11 @@ class Connection:
             self._eof = True
             return
         view = memoryview(data)
+        if len(view) > len(self._buf) - self.buffered:
+            raise LocalProtocolError(
+                f"receive_data() of {len(view)} bytes: only {len(self._buf) - self.buffered} "
+                "bytes free in the receive buffer (call next_event() first)"
+            )
         while view:
             buf = self.get_buffer(min(len(view), len(self._buf) // 2))
             n = min(len(buf), len(view))
@@ -663,27 +668,29 @@ class Connection:
     def send(self, event: Event) -> list[Any]:
         """Check ``event`` against the phase and return the buffers to write."""
         kind, meta, payload = _encode_event(event)
-        if kind is Kind.BEGIN:
-            assert isinstance(event, Begin)
-            self.begin = event
+        # Check everything first: a refused send must leave no trace.
         if kind is Kind.PAGES:
             n = len(event.indices) + len(event.zeros)  # type: ignore[union-attr]
             if not 0 < n <= MAX_BATCH_PAGES:
                 raise LocalProtocolError(f"PAGES batch of {n} pages")
         if memoryview(payload).nbytes > MAX_PAYLOAD:
             raise LocalProtocolError(f"{kind.name} payload exceeds {MAX_PAYLOAD} bytes")
-        if kind is Kind.DIGEST_REQUEST:
-            self._pending_requests += 1
-        if kind is Kind.DIGEST_TABLE:
-            if self._pending_requests <= 0:
-                raise LocalProtocolError("DIGEST_TABLE without a request")
-            self._pending_requests -= 1
+        if kind is Kind.DIGEST_TABLE and self._pending_requests <= 0:
+            raise LocalProtocolError("DIGEST_TABLE without a request")
         if kind is Kind.DEVICE_STATE:
             assert isinstance(event, DeviceState)
             if event.offset != self._device_sent or event.total > MAX_DEVICE_STATE:
                 raise LocalProtocolError("DEVICE_STATE pieces must be sent in order, within the limit")
-            self._device_sent += memoryview(event.data).nbytes
-        self._advance(self.role, kind, local=True)
+        self._advance(self.role, kind, local=True)  # raises before changing the phase
+        if kind is Kind.BEGIN:
+            assert isinstance(event, Begin)
+            self.begin = event
+        if kind is Kind.DIGEST_REQUEST:
+            self._pending_requests += 1
+        if kind is Kind.DIGEST_TABLE:
+            self._pending_requests -= 1
+        if kind is Kind.DEVICE_STATE:
+            self._device_sent += memoryview(event.data).nbytes  # type: ignore[union-attr]
         return encode_frame(kind, meta, payload)
 
     def _advance(self, sender: Role, kind: Kind, *, local: bool) -> None:
@@ -716,12 +723,15 @@ def page_payload(ev: Pages, decompress: Any = None) -> memoryview:
         import lz4.block
 
         try:
-            data = lz4.block.decompress(ev.payload, uncompressed_size=raw_len)
+            if decompress is None:
+                data = lz4.block.decompress(ev.payload, uncompressed_size=raw_len)
+            else:
+                data = decompress(ev.payload, raw_len)
         except Exception as exc:  # lz4 raises LZ4BlockError / ValueError
             raise RemoteProtocolError(f"compressed PAGES batch does not inflate: {exc}") from exc
-        if len(data) != raw_len:
+        if memoryview(data).nbytes != raw_len:
             raise RemoteProtocolError(
-                f"compressed PAGES batch inflates to {len(data)} bytes, expected {raw_len}"
+                f"compressed PAGES batch inflates to {memoryview(data).nbytes} bytes, expected {raw_len}"
             )
     if xxhash.xxh3_64_intdigest(data) != ev.checksum:
         raise RemoteProtocolError(
