@@ -199,3 +199,27 @@ def test_four_gib_region(procs: Procs, shm: Path) -> None:
     assert rep["region_bytes"] == 4 << 30
     assert rep["verify_repairs"] == 0
     assert region_digest(dest.memory_dir / "big.mem") == region_digest(src)
+
+
+def test_sigterm_cancels_and_rolls_back(procs: Procs, shm: Path) -> None:
+    import signal
+    import subprocess
+
+    src = shm / "vm.mem"
+    create_region(src, "32M")
+    dest = start_dest(procs, shm)
+    g = procs.start(*guest("dirty", "--memory", str(src), "--pattern", "sweep"))
+    report = shm / "r.json"
+    s = procs.start("-m", "agents.source_main", "--to", dest.addr, "--memory", str(src), "--pid", str(g.pid),
+                    "--downtime-ms", "0.5", "--max-rounds", "100000", "--report", str(report),
+                    "--progress", "off", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    time.sleep(1.5)
+    assert s.poll() is None, "migration ended before the signal"
+    s.send_signal(signal.SIGTERM)
+    assert s.wait(20) == 3
+    rep = json.loads(report.read_text())
+    assert rep["outcome"] == "aborted" and "cancel" in rep["error"]
+    assert proc_state(g.pid) != "T"
+    wait_for(lambda: not list(dest.memory_dir.glob("vm.mem*")) and not list(dest.memory_dir.glob(".*.partial")),
+             what="destination cleanup")
+

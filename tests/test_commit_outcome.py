@@ -1,0 +1,116 @@
+"""Exactly one owner when the link breaks around the commit (DESIGN invariant 3).
+
+The source sent COMMIT but never saw COMMITTED: it must ask the destination
+for the outcome and resume its workload only on a definite "not committed";
+when it cannot learn the outcome it ends in doubt with the workload paused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import precopy.destination as destination
+from precopy.channel import LinkError
+from precopy.errors import MigrationAborted, MigrationInDoubt
+from precopy.wire import Committed
+
+from .test_engine import FakeWorkload, make_region, migrate, serve, settled
+
+
+@pytest.fixture
+def work(shm: Path) -> Path:
+    d = shm / "src"
+    d.mkdir()
+    return d
+
+
+@pytest.fixture
+def dest_dir(shm: Path) -> Path:
+    return shm / "dest"
+
+
+def _cut(chan: Any) -> None:
+    chan.sock.shutdown(socket.SHUT_RDWR)
+
+
+async def test_commit_persisted_but_confirmation_lost(work: Path, dest_dir: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Committed on the destination, link cut before COMMITTED: the source learns 'committed'."""
+    orig = destination._DestMigration._commit
+
+    async def commit_then_cut(self: Any, ev: Any) -> None:
+        real_send = self.chan.send
+
+        async def send(event: Any) -> int:
+            if isinstance(event, Committed):
+                _cut(self.chan)
+                raise LinkError("test: link cut before COMMITTED")
+            return await real_send(event)
+
+        self.chan.send = send
+        await orig(self, ev)
+
+    monkeypatch.setattr(destination._DestMigration, "_commit", commit_then_cut)
+    src = work / "vm.mem"
+    mm = make_region(src, 256)
+    wl = FakeWorkload(blob=b"state")
+    async with serve(dest_dir) as server:
+        report = await migrate(server, src, wl)
+        await settled(server)
+    assert report.outcome == "committed"
+    assert wl.calls == ["pause"]  # never resumed on the source: it runs on the destination
+    assert (dest_dir / "vm.mem").read_bytes() == src.read_bytes()
+    del mm
+
+
+async def test_link_cut_before_commit_persisted_rolls_back(work: Path, dest_dir: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """COMMIT reached a destination that failed before persisting: definite 'not committed'."""
+
+    async def cut_instead(self: Any, ev: Any) -> None:
+        _cut(self.chan)
+        raise LinkError("test: destination failed before persisting the commit")
+
+    monkeypatch.setattr(destination._DestMigration, "_commit", cut_instead)
+    src = work / "vm.mem"
+    mm = make_region(src, 256)
+    wl = FakeWorkload()
+    async with serve(dest_dir) as server:
+        with pytest.raises(MigrationAborted) as ei:
+            await migrate(server, src, wl)
+        await settled(server)
+    assert "not committed" in str(ei.value)
+    assert wl.calls == ["pause", "resume"]  # the workload runs on the source again
+    assert not (dest_dir / "vm.mem").exists()
+    assert not list(dest_dir.glob(".*.partial"))
+    del mm
+
+
+async def test_destination_gone_after_commit_sent_is_in_doubt(work: Path, dest_dir: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nobody answers after COMMIT: exit 'in doubt', workload left paused."""
+    servers: list[Any] = []
+
+    async def vanish(self: Any, ev: Any) -> None:
+        _cut(self.chan)
+        # The whole daemon goes away: no one will answer the outcome query.
+        self.server._sock.close()
+        raise asyncio.CancelledError()
+
+    monkeypatch.setattr(destination._DestMigration, "_commit", vanish)
+    src = work / "vm.mem"
+    mm = make_region(src, 64)
+    wl = FakeWorkload()
+    async with serve(dest_dir) as server:
+        servers.append(server)
+        with pytest.raises(MigrationInDoubt) as ei:
+            await migrate(server, src, wl, outcome_retries=2)
+    assert "PAUSED" in str(ei.value)
+    assert ei.value.report.outcome == "in-doubt"  # type: ignore[attr-defined]
+    assert wl.calls == ["pause"]  # never resumed: it might be running on the destination
+    del mm
