@@ -38,6 +38,8 @@ __all__ = [
     "page_digests",
     "chunk_digests",
     "ChunkTracker",
+    "zero_chunk_digests",
+    "region_chunk_digests",
     "changed",
 ]
 
@@ -138,6 +140,36 @@ def chunk_digests(
     return out
 
 
+def zero_chunk_digests(size: int, chunk_bytes: int) -> np.ndarray:
+    """Digests of every chunk of an all-zero region of ``size`` bytes."""
+    nchunks = -(-size // chunk_bytes)
+    out = np.full(nchunks, _h64(bytes(chunk_bytes)), dtype=np.uint64)
+    tail = size - (nchunks - 1) * chunk_bytes
+    if nchunks and tail != chunk_bytes:
+        out[-1] = _h64(bytes(tail))
+    return out
+
+
+def region_chunk_digests(flat: memoryview, chunk_pages: int, holes: np.ndarray | None,
+                         executor: ThreadPoolExecutor | None = None) -> np.ndarray:
+    """Chunk digests of a live region, skipping chunks that lie wholly in file holes.
+
+    ``holes`` is a per-page mask (see ``GuestMemory.hole_pages``); those
+    chunks get the zero digest without being read.
+    """
+    chunk_bytes = chunk_pages * PAGE_SIZE
+    if holes is None or not holes.any():
+        return chunk_digests(flat, chunk_bytes, executor)
+    out = zero_chunk_digests(flat.nbytes, chunk_bytes)
+    npages = holes.size
+    pad = (-npages) % chunk_pages
+    whole = np.concatenate([holes, np.ones(pad, dtype=bool)]).reshape(-1, chunk_pages).all(axis=1)
+    todo = np.flatnonzero(~whole)
+    if todo.size:
+        out[todo] = chunk_digests(flat, chunk_bytes, executor, todo)
+    return out
+
+
 class ChunkTracker:
     """The destination's chunk digests, kept fresh as pages arrive.
 
@@ -170,10 +202,7 @@ class ChunkTracker:
         self.chunk_pages = chunk_pages
         self.chunk_bytes = chunk_pages * PAGE_SIZE
         self.nchunks = -(-flat.nbytes // self.chunk_bytes)
-        self.digests = np.full(self.nchunks, _h64(bytes(self.chunk_bytes)), dtype=np.uint64)
-        tail = flat.nbytes - (self.nchunks - 1) * self.chunk_bytes
-        if self.nchunks and tail != self.chunk_bytes:
-            self.digests[-1] = _h64(bytes(tail))
+        self.digests = zero_chunk_digests(flat.nbytes, self.chunk_bytes)
         self.stale = np.zeros(self.nchunks, dtype=bool)
         self._executor = executor
         self._lock = threading.Lock()

@@ -9,6 +9,7 @@ uint8 view so gathers and scatters are one vectorised call each.
 from __future__ import annotations
 
 import ctypes
+import errno
 import logging
 import mmap
 import os
@@ -118,6 +119,32 @@ class GuestMemory:
 
     def zero(self, indices: np.ndarray) -> None:
         self.pages[indices] = 0
+
+    def hole_pages(self, max_extents: int = 1 << 16) -> np.ndarray:
+        """Pages that lie wholly in holes of the file (never written, so zero).
+
+        Found with ``SEEK_DATA``/``SEEK_HOLE``, without touching the pages:
+        reading a hole of a tmpfs file through a shared mapping would
+        allocate it.  A file system without hole support reports all data.
+        After ``max_extents`` data extents the rest is taken as data.  The
+        answer is a snapshot: a workload may write into a hole right after.
+        """
+        holes = np.ones(self.npages, dtype=bool)
+        off = 0
+        for _ in range(max_extents):
+            if off >= self.size:
+                return holes
+            try:
+                data = os.lseek(self._fd, off, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # no data past off
+                    return holes
+                raise RegionError(f"cannot map the holes of {self.path}: {exc.strerror}") from exc
+            hole = os.lseek(self._fd, data, os.SEEK_HOLE)
+            holes[data // PAGE_SIZE:-(-hole // PAGE_SIZE)] = False
+            off = hole
+        holes[off // PAGE_SIZE:] = False
+        return holes
 
     # -- populate -------------------------------------------------------
 

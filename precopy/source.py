@@ -36,7 +36,7 @@ import xxhash
 
 from . import auth
 from .channel import Channel, LinkError, PeerAborted, connect
-from .digest import ZERO_PAGE_DIGEST, StagingBuffer, chunk_digests, page_digests
+from .digest import ZERO_PAGE_DIGEST, StagingBuffer, page_digests, region_chunk_digests
 from .errors import (
     AbortCode,
     AuthError,
@@ -484,7 +484,19 @@ class SourceSession:
         rnd = RoundReport(round=0, kind="full", pages_scanned=self.mem.npages,
                           pages_dirty=self.mem.npages, pages_sent=0, zero_pages=0,
                           bytes_on_wire=0, seconds=0.0)
-        await self._send_pages(np.arange(self.mem.npages, dtype=np.uint32), rnd, "full copy")
+        # Pages in holes of the file were never written: send them as zero
+        # pages without reading (reading would allocate them on tmpfs).
+        holes = self.mem.hole_pages()
+        hole_idx = np.flatnonzero(holes).astype(np.uint32)
+        for start in range(0, len(hole_idx), MAX_BATCH_PAGES):
+            idx = hole_idx[start:start + MAX_BATCH_PAGES]
+            n = await self._send_event(Pages(indices=idx[:0], zeros=idx, payload=b"", checksum=_h64(b"")))
+            self.sent[idx] = ZERO_PAGE_DIGEST
+            rnd.zero_pages += len(idx)
+            rnd.bytes_on_wire += n
+            self.report.bytes_on_wire += n
+            self.report.zero_pages += len(idx)
+        await self._send_pages(np.flatnonzero(~holes).astype(np.uint32), rnd, "full copy")
         rnd.seconds = time.monotonic() - t
         rnd.bandwidth_bps = self.link.bytes_per_second
         self.report.rounds.append(rnd)
@@ -503,8 +515,10 @@ class SourceSession:
         await self._send_event(DigestRequest(seq=self._seq, final=final))
         loop = asyncio.get_running_loop()
         t = time.monotonic()
+        holes = self.mem.hole_pages()
         live = await loop.run_in_executor(
-            self._outer_pool, chunk_digests, self.mem.view, self.chunk_bytes, self._hash_pool
+            self._outer_pool, region_chunk_digests, self.mem.view, self.opts.chunk_pages, holes,
+            self._hash_pool,
         )
         hash_s = time.monotonic() - t
         table: DigestTable = await self._expect(DigestTable)
