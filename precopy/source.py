@@ -94,7 +94,7 @@ class SourceOptions:
     compress: str = "off"  # off | lz4 | auto
     auth_key: bytes | None = None
     batch_pages: int = 256
-    chunk_pages: int = 64
+    chunk_pages: int = 32
     on_commit: str = "keep-stopped"  # keep-stopped | kill
     connect_timeout_s: float = 10.0
     io_timeout_s: float = 60.0
@@ -322,7 +322,14 @@ class SourceSession:
         self.report.region_bytes = mem.size
         self.sent = np.zeros(mem.npages, dtype=np.uint64)
         self.staging = StagingBuffer(opts.batch_pages)
-        self.chunk_bytes = opts.chunk_pages * PAGE_SIZE
+        # Chunks of 128 KiB by default: big enough for xxh3 to run at memory
+        # speed with the GIL released, small enough that few clean pages are
+        # rehashed inside a chunk that changed.  Larger for huge regions, so
+        # one digest table fits a frame.
+        self.chunk_pages = opts.chunk_pages
+        while -(-mem.npages // self.chunk_pages) * 8 > MAX_PAYLOAD:
+            self.chunk_pages *= 2
+        self.chunk_bytes = self.chunk_pages * PAGE_SIZE
 
         sock = await connect(opts.host, opts.port, opts.connect_timeout_s)
         self.chan = Channel(sock, Role.SOURCE)
@@ -332,15 +339,15 @@ class SourceSession:
 
         await self._send_event(Begin(
             migration_id=str(opts.migration_id), name=str(opts.name), size=mem.size,
-            chunk_pages=opts.chunk_pages,
+            chunk_pages=self.chunk_pages,
         ))
         await self._expect(Ready)
         _log.info("migration %s: %s (%d MiB) -> %s", opts.migration_id, opts.memory,
                   mem.size >> 20, self.report.destination)
 
         await self._full_copy()
-        decision_expected = await self._iterate()
-        await self._switchover(decision_expected)
+        expected, dest_table = await self._iterate()
+        await self._switchover(expected, dest_table)
 
     async def _handshake(self, chan: Channel) -> None:
         key = self.opts.auth_key
@@ -504,31 +511,40 @@ class SourceSession:
 
     # -- scanning -------------------------------------------------------
 
-    async def _scan(self, *, final: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    async def _scan(self, *, final: bool, dest_table: np.ndarray | None = None,
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]:
         """Compare our live chunks with the destination's.
 
+        ``dest_table``: the destination's chunk digests when they are known
+        to be current (nothing sent since they were taken); otherwise they
+        are requested, in parallel with hashing our own chunks.
+
         Returns (dirty pages, pages of chunks that differ although no page
-        digest does, live chunk digests, seconds spent hashing locally).
+        digest does, live chunk digests, destination chunk digests, seconds
+        spent hashing locally).
         """
         assert self.mem is not None
-        self._seq += 1
-        await self._send_event(DigestRequest(seq=self._seq, final=final))
+        if dest_table is None:
+            self._seq += 1
+            await self._send_event(DigestRequest(seq=self._seq, final=final))
         loop = asyncio.get_running_loop()
         t = time.monotonic()
         holes = self.mem.hole_pages()
         live = await loop.run_in_executor(
-            self._outer_pool, region_chunk_digests, self.mem.view, self.opts.chunk_pages, holes,
+            self._outer_pool, region_chunk_digests, self.mem.view, self.chunk_pages, holes,
             self._hash_pool,
         )
         hash_s = time.monotonic() - t
-        table: DigestTable = await self._expect(DigestTable)
-        if table.seq != self._seq:
-            raise RemoteProtocolError(f"digest table {table.seq} answers request {self._seq}")
-        cand = np.flatnonzero(live != table.digests)
+        if dest_table is None:
+            table: DigestTable = await self._expect(DigestTable)
+            if table.seq != self._seq:
+                raise RemoteProtocolError(f"digest table {table.seq} answers request {self._seq}")
+            dest_table = table.digests
+        cand = np.flatnonzero(live != dest_table)
         if not cand.size:
             empty = np.zeros(0, dtype=np.uint32)
-            return empty, empty, live, hash_s
-        cp = self.opts.chunk_pages
+            return empty, empty, live, dest_table, hash_s
+        cp = self.chunk_pages
         pages = (cand[:, None] * cp + np.arange(cp)).ravel()
         pages = pages[pages < self.mem.npages].astype(np.uint32)
         now = page_digests(self.mem.pages, pages)
@@ -543,7 +559,7 @@ class SourceSession:
             odd_pages = odd_pages[odd_pages < self.mem.npages].astype(np.uint32)
         else:
             odd_pages = np.zeros(0, dtype=np.uint32)
-        return dirty, odd_pages, live, hash_s
+        return dirty, odd_pages, live, dest_table, hash_s
 
     def _expected(self, remaining_pages: int, device_state_bytes: int = 0) -> float:
         return expected_downtime(
@@ -552,16 +568,20 @@ class SourceSession:
             compress_ratio=self.compressor.ratio if self.compressor.active else 1.0,
             device_state_bytes=device_state_bytes,
             final_scan_s=self._last_scan_s,
-            overhead_s=0.002 + 3 * self._rtt,
+            overhead_s=0.002 + 2 * self._rtt,
         )
 
-    async def _iterate(self) -> float:
-        """Iterative rounds until the policy says switch over; returns the expected downtime."""
+    async def _iterate(self) -> tuple[float, np.ndarray]:
+        """Iterative rounds until the policy says switch over.
+
+        Returns the expected downtime and the destination's chunk digests
+        from the last scan, which stay current: nothing is sent after it.
+        """
         assert self.mem is not None
         rounds_done = 0
         while True:
             t = time.monotonic()
-            dirty, odd, _live, hash_s = await self._scan(final=False)
+            dirty, odd, _live, dest_table, hash_s = await self._scan(final=False)
             scan_s = time.monotonic() - t
             # The final scan costs the local chunk hash plus per-page hashing
             # of the candidate chunks; the round trip is in the overhead.
@@ -577,11 +597,11 @@ class SourceSession:
             _log.info("round %d: %d dirty pages, %.1f MB/s, %s", rounds_done + 1, len(dirty),
                       self.link.bytes_per_second / 1e6, decision.reason)
             if decision.action is Action.SWITCHOVER:
-                return expected
+                return expected, dest_table
             if decision.action is Action.FORCE:
                 self.report.forced = True
                 self.report.reason = decision.reason
-                return expected
+                return expected, dest_table
             if decision.action is Action.ABORT:
                 self.report.reason = decision.reason
                 raise PrecopyError(decision.reason, AbortCode.NOT_CONVERGED)
@@ -599,7 +619,7 @@ class SourceSession:
 
     # -- switchover -----------------------------------------------------
 
-    async def _switchover(self, expected_s: float) -> None:
+    async def _switchover(self, expected_s: float, dest_table: np.ndarray) -> None:
         assert self.mem is not None
         phases: dict[str, float] = {}
         t_pause = time.monotonic()
@@ -611,7 +631,7 @@ class SourceSession:
 
         rnd = RoundReport(round=len(self.report.rounds), kind="final", pages_scanned=self.mem.npages,
                           pages_dirty=0, pages_sent=0, zero_pages=0, bytes_on_wire=0, seconds=0.0)
-        dirty, odd, frozen, _ = await self._scan(final=True)
+        dirty, odd, frozen, _, _ = await self._scan(final=True, dest_table=dest_table)
         t2 = time.monotonic()
         phases["final_scan"] = (t2 - t) * 1e3
         rnd.scan_seconds = t2 - t
@@ -641,7 +661,7 @@ class SourceSession:
                 if not bad.size:
                     break
                 _log.warning("verification: %d chunks differ; repairing (attempt %d)", bad.size, attempt + 1)
-                cp = self.opts.chunk_pages
+                cp = self.chunk_pages
                 pages = (bad[:, None] * cp + np.arange(cp)).ravel()
                 pages = pages[pages < self.mem.npages].astype(np.uint32)
                 self.report.verify_repairs += len(pages)

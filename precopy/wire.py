@@ -199,7 +199,7 @@ class Begin:
     name: str
     size: int
     page_size: int = PAGE_SIZE
-    chunk_pages: int = 64
+    chunk_pages: int = 32
 
     @property
     def npages(self) -> int:
@@ -563,6 +563,10 @@ class Connection:
             chunk = _int_field(meta, "chunk_pages", kind, 1, 4096)
             if chunk & (chunk - 1):
                 raise RemoteProtocolError(f"BEGIN chunk_pages {chunk} is not a power of two")
+            if -(-size // (page_size * chunk)) * 8 > MAX_PAYLOAD:
+                raise RemoteProtocolError(
+                    f"BEGIN chunk_pages {chunk} makes a digest table larger than one frame"
+                )
             name = _str_field(meta, "name", kind, MAX_NAME)
             if not valid_name(name):
                 raise RemoteProtocolError(

@@ -1056,3 +1056,21 @@ def test_encode_frame_layout() -> None:
     assert head[PREFIX_SIZE:] == msgpack.packb({"a": 1})
     assert bufs[1] == b"xyz"
     assert len(encode_frame(Kind.SWITCHOVER)) == 1  # no empty payload buffer
+
+
+def test_begin_whose_digest_table_would_not_fit_a_frame_is_rejected() -> None:
+    """1 TiB in 4 KiB chunks would need a 2 GiB digest table: refused at BEGIN."""
+    from precopy.errors import RemoteProtocolError as _RPE
+    from precopy.wire import MAX_PAYLOAD as _MP
+
+    pair = Pair()
+    pair.handshake()
+    huge = 1 << 40
+    data = join(pair.src.send(Begin(migration_id="m1", name="big", size=huge, chunk_pages=1)))
+    with pytest.raises(_RPE, match="digest table"):
+        feed(pair.dst, data)
+    # The largest chunk count that fits is accepted.
+    pair = Pair()
+    pair.handshake()
+    ok = Begin(migration_id="m2", name="big", size=(_MP // 8) * 32 * 4096, chunk_pages=32)
+    assert len(feed(pair.dst, join(pair.src.send(ok)))) == 1
