@@ -411,6 +411,9 @@ class _DestMigration:
                 await self.chan.send(DigestTable(seq=ev.seq, digests=table))
             elif isinstance(ev, Switchover):
                 _log.info("migration %s: source paused the workload", self.begin.migration_id)
+                # Downtime has begun: stop competing with it for CPU and
+                # memory bandwidth.  The few pages still to come fault in.
+                mem.stop_populate(wait=False)
             elif isinstance(ev, DeviceState):
                 if ev.total > self.opts.max_device_state:
                     raise RemoteProtocolError(

@@ -246,6 +246,7 @@ class SourceSession:
         self._t0 = 0.0
         self._rtt = 0.001
         self._last_scan_s = 0.0
+        self._prev_scan_s = 0.0
         self._hash_pool = ThreadPoolExecutor(2, thread_name_prefix="precopy-hash")
         self._outer_pool = ThreadPoolExecutor(1, thread_name_prefix="precopy-scan")
 
@@ -585,12 +586,18 @@ class SourceSession:
             scan_s = time.monotonic() - t
             # The final scan costs the local chunk hash plus per-page hashing
             # of the candidate chunks; the round trip is in the overhead.
-            self._last_scan_s = hash_s + (len(dirty) + len(odd)) * 0.6e-6
+            # Take the slower of the last two scans: a single fast one (a
+            # quiet moment on a shared machine) should not trigger a switchover.
+            est = hash_s + (len(dirty) + len(odd)) * 0.75e-6
+            self._last_scan_s = max(est, self._prev_scan_s)
+            self._prev_scan_s = est
             interval = time.monotonic() - self._last_scan_t
             self._last_scan_t = t
             self.dirty_rate.add(len(dirty), interval)
             todo = np.union1d(dirty, odd).astype(np.uint32)
-            expected = self._expected(len(todo))
+            # Switching over now leaves ``todo`` plus what the workload dirties
+            # until it is paused (about one scan's time) for the pause.
+            expected = self._expected(len(todo) + int(self.dirty_rate.pages_per_second * self._last_scan_s))
             decision = self.policy.decide(
                 rounds_done=rounds_done, elapsed_s=time.monotonic() - self._t0, expected_s=expected,
             )
