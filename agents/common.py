@@ -110,7 +110,8 @@ class ProgressLine:
             f"round {p.round}" if p.round else "full copy",
             f"{pct:5.1f}%",
             f"{human_bytes(p.pages_done * 4096)}/{human_bytes(p.pages_todo * 4096)}",
-            f"{p.bandwidth_bps / 1e6:7.1f} MB/s",
+            f"{p.page_rate_bps / 1e6:7.1f} MB/s",
+            f"link {p.bandwidth_bps / 1e6:.0f} MB/s",
         ]
         if p.round:
             parts.append(f"dirty {p.dirty_pages} pages ({p.dirty_rate_pps:.0f}/s)")
@@ -125,7 +126,8 @@ class ProgressLine:
         self.stream.flush()
 
     def done(self) -> None:
+        """Keep the last line on screen and move below it."""
         if self.enabled and self._width:
-            self.stream.write("\r" + " " * self._width + "\r")
+            self.stream.write("\n")
             self.stream.flush()
             self._width = 0

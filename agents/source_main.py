@@ -106,7 +106,10 @@ async def _main(args: argparse.Namespace, opts: SourceOptions, workload: Workloa
                                                     task.cancel()))
     code = EXIT_OK
     try:
-        rep = await task
+        try:
+            rep = await task
+        finally:
+            progress.done()  # end the progress line before any log line
     except MigrationAborted as exc:
         rep = exc.report  # type: ignore[attr-defined]
         code = EXIT_ABORTED
@@ -116,7 +119,6 @@ async def _main(args: argparse.Namespace, opts: SourceOptions, workload: Workloa
         code = EXIT_IN_DOUBT
         _log.critical("%s", exc)
     finally:
-        progress.done()
         if isinstance(workload, GuestControl):
             await workload.close()
     if args.report:

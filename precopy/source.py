@@ -135,6 +135,8 @@ class Progress:
     expected_downtime_ms: float | None
     elapsed_s: float
     eta_s: float | None = None
+    #: Page bytes moved per second in this round (before compression).
+    page_rate_bps: float = 0.0
 
 
 class _Compressor:
@@ -477,13 +479,14 @@ class SourceSession:
     def _emit(self, phase: str, rnd: int, done: int, todo: int, dirty: int, t_start: float) -> None:
         if self.progress is None:
             return
-        bw = self.link.bytes_per_second
+        now = time.monotonic()
+        rate = done * PAGE_SIZE / (now - t_start) if now > t_start else 0.0
         left = (todo - done) * PAGE_SIZE
         self.progress(Progress(
             phase=phase, round=rnd, pages_done=done, pages_todo=todo, dirty_pages=dirty,
-            bandwidth_bps=bw, dirty_rate_pps=self.dirty_rate.pages_per_second,
+            bandwidth_bps=self.link.bytes_per_second, dirty_rate_pps=self.dirty_rate.pages_per_second,
             expected_downtime_ms=(self.policy.history[-1] * 1e3 if self.policy.history else None),
-            elapsed_s=time.monotonic() - self._t0, eta_s=left / bw if bw else None,
+            elapsed_s=now - self._t0, eta_s=left / rate if rate else None, page_rate_bps=rate,
         ))
 
     async def _full_copy(self) -> None:
