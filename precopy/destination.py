@@ -259,6 +259,9 @@ class DestinationServer:
         except asyncio.CancelledError:
             await chan.abort(AbortCode.CANCELLED, "destination is shutting down")
             raise
+        except Exception as exc:  # a bug here must not take the daemon down
+            _log.exception("internal error serving %s", peer)
+            await chan.abort(AbortCode.INTERNAL, f"internal error on the destination: {exc}")
         finally:
             chan.close()
 

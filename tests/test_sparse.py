@@ -64,3 +64,19 @@ async def test_sparse_region_migrates_without_inflating_the_source(work: Path, s
     # inside the three 256 KiB chunks that hold data (chunks are hashed whole).
     allocated = (os.stat(path).st_blocks - blocks_before) * 512
     assert allocated <= 3 * 64 * PAGE_SIZE
+
+
+async def test_memfd_region_migrates(shm: Path) -> None:
+    """A memfd shared by the workload is reachable as /proc/PID/fd/N."""
+    npages = 512
+    fd = os.memfd_create("precopy-test-guest")
+    try:
+        data = np.random.default_rng(3).integers(0, 256, npages * PAGE_SIZE, dtype=np.uint8).tobytes()
+        os.write(fd, data)
+        path = Path(f"/proc/{os.getpid()}/fd/{fd}")
+        async with serve(shm / "dest") as server:
+            report = await migrate(server, path, FakeWorkload(), name="memfd-guest")
+        assert report.outcome == "committed"
+        assert (shm / "dest" / "memfd-guest").read_bytes() == data
+    finally:
+        os.close(fd)
