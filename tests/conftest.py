@@ -80,6 +80,20 @@ def shm(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["rm", "-rf", str(d)], check=False)
 
 
+@pytest.fixture
+def work(shm: Path) -> Path:
+    """Where a test keeps its source regions."""
+    d = shm / "src"
+    d.mkdir()
+    return d
+
+
+@pytest.fixture
+def dest_dir(shm: Path) -> Path:
+    """The destination's --memory-dir (created by the server)."""
+    return shm / "dest"
+
+
 class Dest:
     def __init__(self, proc: subprocess.Popen[bytes], addr: str, memory_dir: Path, log: Path) -> None:
         self.proc, self.addr, self.memory_dir, self.log = proc, addr, memory_dir, log

@@ -22,18 +22,6 @@ from precopy.wire import Committed
 from .test_engine import FakeWorkload, make_region, migrate, serve, settled
 
 
-@pytest.fixture
-def work(shm: Path) -> Path:
-    d = shm / "src"
-    d.mkdir()
-    return d
-
-
-@pytest.fixture
-def dest_dir(shm: Path) -> Path:
-    return shm / "dest"
-
-
 def _cut(chan: Any) -> None:
     chan.sock.shutdown(socket.SHUT_RDWR)
 

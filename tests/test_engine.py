@@ -261,18 +261,6 @@ async def check_normal_migration(server: DestinationServer, work: Path, name: st
     del mm
 
 
-@pytest.fixture
-def work(shm: Path) -> Path:
-    d = shm / "src"
-    d.mkdir()
-    return d
-
-
-@pytest.fixture
-def dest_dir(shm: Path) -> Path:
-    return shm / "dest"
-
-
 # --------------------------------------------------------------------------
 # Happy path, under both event loops (8)
 
@@ -386,7 +374,6 @@ async def test_aba_during_iterative_round_is_caught_by_page_digests(
     mm = make_region(src, 1024)
     content_a2 = page_of(5)
     stats = {"loads_with_p": 0, "flips": 0, "dirtied": 0}
-    orig = StagingBuffer.load
     flip = _flip_load(mm, lambda idx: stats["loads_with_p"] == 2 and stats["flips"] == 0,
                       page_of(99), stats)
 

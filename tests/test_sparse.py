@@ -6,19 +6,11 @@ import os
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from precopy.memory import GuestMemory
 from precopy.wire import PAGE_SIZE
 
 from .test_engine import FakeWorkload, migrate, serve
-
-
-@pytest.fixture
-def work(shm: Path) -> Path:
-    d = shm / "src"
-    d.mkdir()
-    return d
 
 
 def _sparse(path: Path, npages: int, data_pages: list[int]) -> None:
