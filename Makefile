@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: venv demo test test-fast bench clean
+.PHONY: venv demo test test-fast bench lint clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "precopy needs Python >= 3.11")'
@@ -22,6 +22,13 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow"
+
+lint: $(STAMP)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check mypy ruff
+	$(BIN)/ruff check --select F,E9 precopy agents tests benchmarks
+	$(BIN)/mypy --strict --ignore-missing-imports precopy/wire.py precopy/channel.py precopy/memory.py \
+	    precopy/digest.py precopy/policy.py precopy/compress.py precopy/workload.py precopy/auth.py \
+	    precopy/source.py precopy/destination.py precopy/report.py precopy/errors.py
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.quick

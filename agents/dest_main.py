@@ -53,8 +53,13 @@ async def _serve(opts: DestOptions, ready_file: Path | None) -> int:
     print(f"precopy-dest listening on {opts.host}:{server.port}", flush=True)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+
+    def shut_down(sig: signal.Signals) -> None:
+        _log.info("%s: shutting down", sig.name)
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, lambda s=sig: (_log.info("%s: shutting down", s.name), stop.set()))
+        loop.add_signal_handler(sig, shut_down, sig)
     serving = asyncio.create_task(server.serve_forever())
     await stop.wait()
     await server.close(abort_in_flight=True)

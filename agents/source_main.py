@@ -100,9 +100,13 @@ async def _main(args: argparse.Namespace, opts: SourceOptions, workload: Workloa
     progress = ProgressLine(enabled={"auto": None, "on": True, "off": False}[args.progress])
     task = asyncio.create_task(migrate(opts, workload, progress))
     loop = asyncio.get_running_loop()
+
+    def cancel(sig: signal.Signals) -> None:
+        _log.warning("%s: cancelling the migration (it rolls back)", sig.name)
+        task.cancel()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, lambda s=sig: (_log.warning("%s: cancelling the migration", s.name),
-                                                    task.cancel()))
+        loop.add_signal_handler(sig, cancel, sig)
     code = EXIT_OK
     try:
         try:

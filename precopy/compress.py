@@ -75,7 +75,7 @@ class AdaptiveCompressor:
 
     def compress(self, data: memoryview) -> bytes | None:
         """lz4 block of ``data``, or None when it does not shrink by 10 %."""
-        out = lz4.block.compress(data, store_size=False)
+        out: bytes = lz4.block.compress(data, store_size=False)
         self.raw += len(data)
         if len(out) >= 0.9 * len(data):
             self.wire += len(data)

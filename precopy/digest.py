@@ -63,7 +63,7 @@ class StagingBuffer:
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self.array = np.empty((capacity, PAGE_SIZE), dtype=np.uint8)
-        mv = memoryview(self.array).cast("B")
+        mv = self.array.data.cast("B")
         self._views = [mv[i * PAGE_SIZE:(i + 1) * PAGE_SIZE] for i in range(capacity)]
         self.n = 0
 
@@ -88,7 +88,7 @@ class StagingBuffer:
         n = self.n if n is None else n
         if n == 0:
             return memoryview(b"")
-        return memoryview(self.array[:n]).cast("B")
+        return self.array[:n].data.cast("B")
 
 
 def page_digests(pages: np.ndarray, indices: np.ndarray | None = None) -> np.ndarray:
@@ -97,7 +97,7 @@ def page_digests(pages: np.ndarray, indices: np.ndarray | None = None) -> np.nda
     Builds one view per page: use for scattered, small sets (the pages of a
     few candidate chunks), not for whole regions.
     """
-    flat = memoryview(pages.reshape(-1)).cast("B")
+    flat = np.ascontiguousarray(pages).reshape(-1).data.cast("B")
     if indices is None:
         indices = np.arange(pages.shape[0])
     offs = (np.asarray(indices, dtype=np.int64) * PAGE_SIZE).tolist()

@@ -106,7 +106,8 @@ class GuestMemory:
         """Copy the given pages into a new contiguous ``(n, PAGE_SIZE)`` array."""
         if is_run(indices):
             return self.pages[int(indices[0]):int(indices[-1]) + 1].copy()
-        return self.pages[indices]
+        out: np.ndarray = self.pages[indices]
+        return out
 
     def scatter(self, indices: np.ndarray, data: np.ndarray | memoryview | bytes) -> None:
         """Write ``len(indices)`` pages from ``data`` (raw bytes, in order)."""

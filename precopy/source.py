@@ -361,7 +361,7 @@ class SourceSession:
             elif zero.any():
                 keep = ~zero
                 data_idx, zero_idx = idx[keep], idx[zero]
-                raw = memoryview(np.ascontiguousarray(staged[keep])).cast("B")
+                raw = np.ascontiguousarray(staged[keep]).data.cast("B")
             else:
                 data_idx, zero_idx = idx, idx[:0]
                 raw = self.staging.view()

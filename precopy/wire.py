@@ -378,7 +378,7 @@ def _field(meta: dict[Any, Any], key: str, typ: type | tuple[type, ...], kind: K
 
 def _bytes_field(meta: dict[Any, Any], key: str, kind: Kind, *, exact: int | None = None,
                  limit: int = MAX_META) -> bytes:
-    value = _field(meta, key, bytes, kind)
+    value: bytes = _field(meta, key, bytes, kind)
     if exact is not None and len(value) != exact:
         raise RemoteProtocolError(f"{kind.name} field {key!r} must be {exact} bytes, got {len(value)}")
     if len(value) > limit:
@@ -387,14 +387,14 @@ def _bytes_field(meta: dict[Any, Any], key: str, kind: Kind, *, exact: int | Non
 
 
 def _str_field(meta: dict[Any, Any], key: str, kind: Kind, limit: int = 256) -> str:
-    value = _field(meta, key, str, kind)
+    value: str = _field(meta, key, str, kind)
     if len(value) > limit:
         raise RemoteProtocolError(f"{kind.name} field {key!r} longer than {limit} characters")
     return value
 
 
 def _int_field(meta: dict[Any, Any], key: str, kind: Kind, lo: int, hi: int) -> int:
-    value = _field(meta, key, int, kind)
+    value: int = _field(meta, key, int, kind)
     if not lo <= value <= hi:
         raise RemoteProtocolError(f"{kind.name} field {key!r}={value} outside [{lo}, {hi}]")
     return value
