@@ -1,0 +1,261 @@
+"""The guest control socket: a Unix stream server speaking JSON lines.
+
+Requests are ``{"op": "pause"}``, ``{"op": "resume"}`` and ``{"op": "stop"}``,
+one per line.  A ``pause`` reply is a JSON line ``{"ok": true,
+"device_state_len": N}`` followed by exactly N raw bytes of device state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+import threading
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from .common import POLL_S, GuestError
+from .gate import WorkGate
+
+__all__ = ["ControlHandler", "ControlServer", "GateController", "control_server"]
+
+_SEND_TIMEOUT_S = 30.0
+_MAX_REQUEST_BYTES = 64 * 1024
+_MAX_UNIX_PATH_BYTES = 107
+
+
+class ControlHandler(Protocol):
+    """What the control server asks of a guest."""
+
+    def pause(self) -> bytes:
+        """Pause the guest and return its device-state blob."""
+
+    def resume(self) -> None:
+        """Resume the guest."""
+
+    def stop(self) -> None:
+        """Make the guest exit."""
+
+
+class GateController:
+    """A :class:`ControlHandler` built from a gate and a device-state provider.
+
+    ``device_state(newly_paused)`` is called while the main loop is blocked
+    and returns the blob to send back.
+    """
+
+    def __init__(self, gate: WorkGate, device_state: Callable[[bool], bytes]) -> None:
+        self._gate = gate
+        self._device_state = device_state
+
+    def pause(self) -> bytes:
+        """Pause the main loop, then snapshot the device state."""
+        return self._device_state(self._gate.pause())
+
+    def resume(self) -> None:
+        """Resume the main loop."""
+        self._gate.resume()
+
+    def stop(self) -> None:
+        """Stop the main loop."""
+        self._gate.request_stop()
+
+
+def _json_line(obj: dict[str, Any]) -> bytes:
+    """Encode a reply as one JSON line."""
+    return json.dumps(obj).encode() + b"\n"
+
+
+def _error_reply(message: str) -> tuple[dict[str, Any], bytes, bool]:
+    """Build an error reply tuple for :meth:`ControlServer._dispatch`."""
+    return {"ok": False, "error": message}, b"", False
+
+
+def _prepare_socket_path(path: str) -> None:
+    """Remove a stale socket at ``path``; refuse to clobber anything else."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise GuestError(
+            f"control path {path} exists and is not a socket; remove it or choose "
+            "another --control path"
+        )
+    os.unlink(path)
+
+
+class ControlServer:
+    """Unix stream socket server for guest control requests.
+
+    Connections are served one after another by a background thread; each
+    connection may carry several newline-terminated JSON requests.  The
+    socket file appears (atomically, via rename) only once it is accepting
+    connections, and it is removed by :meth:`close`.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], handler: ControlHandler) -> None:
+        self.path = os.fspath(path)
+        self._handler = handler
+        self._closing = threading.Event()
+        self._sock: socket.socket | None = None
+        self._inode: int | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Bind, listen and start serving in a daemon thread."""
+        _prepare_socket_path(self.path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self._bind_and_listen(sock)
+        except OSError as exc:
+            sock.close()
+            raise GuestError(
+                f"cannot listen on control socket {self.path}: {exc}; use a short, "
+                "writable path such as /tmp/guest.sock"
+            ) from exc
+        self._inode = os.stat(self.path).st_ino
+        sock.settimeout(POLL_S)
+        self._sock = sock
+        self._thread = threading.Thread(
+            target=self._serve, name="precopy-guest-control", daemon=True
+        )
+        self._thread.start()
+
+    def _bind_and_listen(self, sock: socket.socket) -> None:
+        """Bind to a temporary name, listen, then rename onto the real path."""
+        directory, name = os.path.split(self.path)
+        temporary = os.path.join(directory, f".{name}.{os.getpid()}.tmp")
+        if len(os.fsencode(temporary)) > _MAX_UNIX_PATH_BYTES:
+            sock.bind(self.path)
+            sock.listen(8)
+            return
+        sock.bind(temporary)
+        try:
+            sock.listen(8)
+            os.replace(temporary, self.path)
+        except OSError:
+            os.unlink(temporary)
+            raise
+
+    def close(self) -> None:
+        """Stop serving and remove the socket file (idempotent)."""
+        self._closing.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=2.0)
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        self._remove_socket_file()
+
+    def _remove_socket_file(self) -> None:
+        """Unlink the socket file if it is still the one this server created."""
+        if self._inode is None:
+            return
+        try:
+            if os.stat(self.path).st_ino == self._inode:
+                os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        self._inode = None
+
+    def __enter__(self) -> ControlServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _serve(self) -> None:
+        """Accept connections one at a time until closed."""
+        assert self._sock is not None
+        listener = self._sock
+        while not self._closing.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return  # listener closed
+            with conn:
+                try:
+                    self._serve_connection(conn)
+                except OSError:
+                    pass  # client vanished; wait for the next one
+
+    def _serve_connection(self, conn: socket.socket) -> None:
+        """Read newline-terminated requests from ``conn`` and answer each."""
+        conn.settimeout(POLL_S)
+        buffer = bytearray()
+        while not self._closing.is_set():
+            newline = buffer.find(b"\n")
+            if newline < 0:
+                if len(buffer) > _MAX_REQUEST_BYTES:
+                    self._send(conn, *_error_reply("request line too long")[:2])
+                    return
+                try:
+                    data = conn.recv(65536)
+                except TimeoutError:
+                    continue
+                if not data:
+                    return
+                buffer += data
+                continue
+            line = bytes(buffer[:newline]).strip()
+            del buffer[: newline + 1]
+            if not line:
+                continue
+            reply, payload, stop_after = self._dispatch(line)
+            self._send(conn, reply, payload)
+            if stop_after:
+                self._handler.stop()
+                return
+
+    def _send(self, conn: socket.socket, reply: dict[str, Any], payload: bytes) -> None:
+        """Send a JSON reply line followed by ``payload``."""
+        conn.settimeout(_SEND_TIMEOUT_S)
+        conn.sendall(_json_line(reply))
+        if payload:
+            conn.sendall(payload)
+        conn.settimeout(POLL_S)
+
+    def _dispatch(self, line: bytes) -> tuple[dict[str, Any], bytes, bool]:
+        """Handle one request line; return (reply, payload, stop_after_reply)."""
+        try:
+            request = json.loads(line)
+        except ValueError as exc:
+            return _error_reply(
+                f"bad JSON request ({exc}); send one JSON object per line, "
+                'e.g. {"op": "pause"}'
+            )
+        if not isinstance(request, dict):
+            return _error_reply('request must be a JSON object such as {"op": "pause"}')
+        op = request.get("op")
+        if op == "pause":
+            try:
+                blob = self._handler.pause()
+            except GuestError as exc:
+                return _error_reply(str(exc))
+            return {"ok": True, "device_state_len": len(blob)}, blob, False
+        if op == "resume":
+            self._handler.resume()
+            return {"ok": True}, b"", False
+        if op == "stop":
+            return {"ok": True}, b"", True
+        return _error_reply(f"unknown op {op!r}; expected one of: pause, resume, stop")
+
+
+class _NullServer:
+    """Stand-in used when no ``--control`` socket is requested."""
+
+    def __enter__(self) -> _NullServer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        return None
+
+
+def control_server(path: str | None, handler: ControlHandler) -> ControlServer | _NullServer:
+    """Return a control server for ``path`` or a no-op stand-in."""
+    return ControlServer(path, handler) if path else _NullServer()

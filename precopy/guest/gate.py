@@ -1,0 +1,124 @@
+"""Pause/resume/stop coordination between the work loop, control and signals."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from types import FrameType
+
+from .common import POLL_S, GuestError
+
+__all__ = ["WorkGate", "install_stop_signals"]
+
+_PAUSE_TIMEOUT_S = 30.0
+"""How long a pause request waits for the work loop to reach a pause point."""
+
+
+class WorkGate:
+    """Coordinates the main work loop with control requests and signals.
+
+    The main loop calls :meth:`checkpoint` between batches/steps (never in the
+    middle of a memory write) and :meth:`sleep` for pacing.  The control
+    thread calls :meth:`pause`, :meth:`resume` and :meth:`request_stop`.
+    Signal handlers call :meth:`request_stop_from_signal`, which takes no lock;
+    every blocking wait polls at least every 50 ms so it notices that flag.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._pause_wanted = False
+        self._parked = False
+        self._finished = False
+        self.stop_requested = False
+
+    # -- main-loop side -----------------------------------------------------
+
+    def checkpoint(self) -> bool:
+        """Block while a pause is requested; return ``False`` if the loop must stop."""
+        if not self._pause_wanted:
+            return not self.stop_requested
+        with self._cond:
+            while self._pause_wanted and not self.stop_requested:
+                if not self._parked:
+                    self._parked = True
+                    self._cond.notify_all()
+                self._cond.wait(POLL_S)
+            self._parked = False
+            return not self.stop_requested
+
+    def sleep(self, seconds: float) -> None:
+        """Sleep up to ``seconds``, returning early if a pause or stop is requested."""
+        deadline = time.monotonic() + seconds
+        with self._cond:
+            while not (self._pause_wanted or self.stop_requested):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+                self._cond.wait(min(remaining, POLL_S))
+
+    def finish(self) -> None:
+        """Declare that the main loop will not write guest memory any more."""
+        with self._cond:
+            self._finished = True
+            self._cond.notify_all()
+
+    # -- control side ---------------------------------------------------------
+
+    def pause(self, timeout: float = _PAUSE_TIMEOUT_S) -> bool:
+        """Request a pause and wait until the main loop is blocked.
+
+        Returns:
+            ``True`` if this call paused a running guest, ``False`` if it was
+            already paused (or finished).
+
+        Raises:
+            GuestError: if the guest is stopping or does not reach a pause
+                point within ``timeout`` seconds.
+        """
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            newly_paused = not self._pause_wanted
+            self._pause_wanted = True
+            self._cond.notify_all()
+            while not (self._parked or self._finished or self.stop_requested):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    if newly_paused:
+                        self._pause_wanted = False
+                    raise GuestError(
+                        f"guest did not reach a pause point within {timeout:.0f} s; "
+                        "it may be overloaded, retry the pause"
+                    )
+                self._cond.wait(min(remaining, POLL_S))
+            if self.stop_requested:
+                raise GuestError("guest is stopping; it cannot be paused any more")
+            return newly_paused and not self._finished
+
+    def resume(self) -> None:
+        """Let the main loop continue (no-op if it is running)."""
+        with self._cond:
+            self._pause_wanted = False
+            self._cond.notify_all()
+
+    def request_stop(self) -> None:
+        """Ask the main loop to exit and wake it up."""
+        with self._cond:
+            self.stop_requested = True
+            self._cond.notify_all()
+
+    def request_stop_from_signal(self) -> None:
+        """Ask the main loop to exit; safe inside a signal handler (no locks)."""
+        self.stop_requested = True
+
+
+def install_stop_signals(gate: WorkGate) -> None:
+    """Make SIGTERM and SIGINT stop the main loop cleanly (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def _handler(signum: int, frame: FrameType | None) -> None:
+        gate.request_stop_from_signal()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _handler)
