@@ -371,13 +371,12 @@ class _DestMigration:
         self.device_total: int | None = None
 
     async def run(self) -> None:
-        mem = GuestMemory.create(self.partial, self.begin.size)
+        mem = GuestMemory.create(self.partial, self.begin.size, preallocate=False)
         committed = False
         tracker: ChunkTracker | None = None
         try:
             tracker = ChunkTracker.zeroed(mem.view, self.begin.chunk_pages, self.server._hash_pool)
-            if self.opts.populate:
-                mem.start_populate()
+            mem.start_prepare(populate=self.opts.populate)
             assert self.server.journal is not None
             self.server.journal.write(self.rec)
             await self.chan.send(Ready())
@@ -399,6 +398,11 @@ class _DestMigration:
         written = np.zeros(mem.npages, dtype=bool)
         async for ev in self.chan.events(self.opts.idle_timeout_s):
             if isinstance(ev, Pages):
+                top = max(int(ev.indices[-1]) if len(ev.indices) else 0,
+                          int(ev.zeros[-1]) if len(ev.zeros) else 0)
+                while not mem.reserved_through(top):
+                    # Never write where the file system has not allocated yet.
+                    await asyncio.sleep(0.001)
                 if len(ev.indices):
                     mem.scatter(ev.indices, page_payload(ev))
                     written[ev.indices] = True

@@ -29,6 +29,30 @@ MADV_POPULATE_WRITE = 23  # Linux 5.14; not exported by Python 3.11's mmap
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _libc.madvise.restype = ctypes.c_int
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+_libc.fallocate.restype = ctypes.c_int
+
+
+def reserve(fd: int, size: int, path: Path) -> bool:
+    """Allocate the file's blocks now (``fallocate``, GIL released).
+
+    On tmpfs or hugetlbfs a write into a page that cannot be allocated is a
+    SIGBUS that would kill the whole daemon; reserving up front turns that
+    into a clear error before any page moves.  It is also the cheaper half
+    of first touch (~0.26 s/GiB here against ~1.3 s/GiB for faulting fresh
+    pages in).  Returns False where the file system cannot preallocate.
+    """
+    if _libc.fallocate(fd, 0, 0, size) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EOPNOTSUPP, errno.ENOSYS):
+        return False
+    if err == errno.ENOSPC:
+        raise RegionError(
+            f"not enough space for a {size >> 20} MiB region in {path.parent} "
+            "(free some, or point --memory-dir elsewhere)"
+        )
+    raise RegionError(f"cannot allocate {size >> 20} MiB for {path}: {os.strerror(err)}")
 
 
 def is_run(indices: np.ndarray) -> bool:
@@ -63,7 +87,12 @@ class GuestMemory:
         self.view = memoryview(self._map)
         self._populate_thread: threading.Thread | None = None
         self._populate_stop = threading.Event()
+        self._prepare_abort = threading.Event()
         self.populate_error: OSError | None = None
+        self.prepare_error: RegionError | None = None
+        #: Bytes from the start known to be allocated; writes must stay below.
+        #: An existing region (not being prepared) counts as reserved.
+        self.reserved = size
 
     # -- construction ---------------------------------------------------
 
@@ -84,8 +113,13 @@ class GuestMemory:
         return cls(p, fd, size, writable=writable)
 
     @classmethod
-    def create(cls, path: str | os.PathLike[str], size: int) -> GuestMemory:
-        """Create (or truncate) a zero-filled region file of ``size`` bytes."""
+    def create(cls, path: str | os.PathLike[str], size: int, *, preallocate: bool = True) -> GuestMemory:
+        """Create (or truncate) a zero-filled region file of ``size`` bytes.
+
+        With ``preallocate`` the blocks are reserved now (see :func:`reserve`):
+        a full file system fails here with :class:`RegionError`, never later
+        with SIGBUS.  The file is removed if that fails.
+        """
         p = Path(path)
         if size <= 0 or size % PAGE_SIZE:
             raise RegionError(f"region size {size} is not a positive multiple of {PAGE_SIZE}")
@@ -95,8 +129,13 @@ class GuestMemory:
             raise RegionError(f"cannot create memory region {p}: {exc.strerror}") from exc
         try:
             os.ftruncate(fd, size)
-        except OSError as exc:
+            if preallocate:
+                reserve(fd, size, p)
+        except (OSError, RegionError) as exc:
             os.close(fd)
+            p.unlink(missing_ok=True)
+            if isinstance(exc, RegionError):
+                raise
             raise RegionError(f"cannot size {p} to {size} bytes: {exc.strerror}") from exc
         return cls(p, fd, size)
 
@@ -147,36 +186,69 @@ class GuestMemory:
         holes[off // PAGE_SIZE:] = False
         return holes
 
-    # -- populate -------------------------------------------------------
+    # -- preparing a fresh region ----------------------------------------
 
-    def start_populate(self, chunk: int = 8 * 1024 * 1024) -> None:
-        """Fault the whole mapping in, writable, in a background thread.
+    def start_prepare(self, *, populate: bool = True, chunk: int = 8 * 1024 * 1024) -> None:
+        """Reserve, then prefault, the region in a background thread, in order.
 
-        First touch of fresh shared memory is the slowest step on the
-        receive path (~0.5-1 GB/s); ``MADV_POPULATE_WRITE`` through ctypes
-        releases the GIL, so it runs beside the receive loop.  Errors are
-        kept in :attr:`populate_error` (the receive path still works, just
-        slower).
+        First touch of fresh shared memory is the slowest step of receiving
+        (~0.8 GB/s when pages fault in one by one).  Per chunk the thread
+        first reserves the blocks (``fallocate``, ~4 GB/s on tmpfs), which
+        advances :attr:`reserved`, then maps them writable
+        (``MADV_POPULATE_WRITE``).  Both calls go through ctypes and release
+        the GIL, so they run beside the receive loop.
+
+        The receive path must not write past :attr:`reserved` (see
+        :meth:`wait_reserved`): on tmpfs a page that cannot be allocated is a
+        SIGBUS, which would kill the process.  A reservation failure (file
+        system full) is kept in :attr:`prepare_error`; a prefault failure only
+        costs speed and is kept in :attr:`populate_error`.
         """
         anchor = ctypes.c_char.from_buffer(self._map)
         base = ctypes.addressof(anchor)
         del anchor  # drop the buffer export; the thread is joined before close()
+        self.reserved = 0
 
         def run() -> None:
+            can_reserve = True
             off = 0
-            while off < self.size and not self._populate_stop.is_set():
+            while off < self.size and not self._prepare_abort.is_set():
                 n = min(chunk, self.size - off)
-                if _libc.madvise(base + off, n, MADV_POPULATE_WRITE) != 0:
+                if can_reserve and _libc.fallocate(self._fd, 0, off, n) != 0:
                     err = ctypes.get_errno()
-                    self.populate_error = OSError(err, os.strerror(err))
-                    return
+                    if err in (errno.EOPNOTSUPP, errno.ENOSYS):
+                        can_reserve = False  # cannot know: let writes proceed
+                    else:
+                        self.prepare_error = RegionError(
+                            f"cannot allocate the region {self.path} ({self.size >> 20} MiB): "
+                            f"{os.strerror(err)}; free space in {self.path.parent} or point "
+                            "--memory-dir elsewhere"
+                        )
+                        return
+                if not can_reserve:
+                    self.reserved = self.size
+                else:
+                    self.reserved = off + n
+                if populate and not self._populate_stop.is_set() and self.populate_error is None:
+                    if _libc.madvise(base + off, n, MADV_POPULATE_WRITE) != 0:
+                        err = ctypes.get_errno()
+                        self.populate_error = OSError(err, os.strerror(err))
                 off += n
 
-        self._populate_thread = threading.Thread(target=run, name="precopy-populate", daemon=True)
+        self._populate_thread = threading.Thread(target=run, name="precopy-prepare", daemon=True)
         self._populate_thread.start()
 
+    def reserved_through(self, page: int) -> bool:
+        """True if pages 0..``page`` lie in reserved blocks (safe to write).
+
+        Raises the reservation error if preparing the region failed.
+        """
+        if self.prepare_error is not None:
+            raise self.prepare_error
+        return (page + 1) * PAGE_SIZE <= self.reserved
+
     def stop_populate(self, wait: bool = True) -> None:
-        """Stop prefaulting (it ends within one chunk, ~10 ms); join if ``wait``."""
+        """Stop prefaulting (reserving goes on); join the thread if ``wait``."""
         self._populate_stop.set()
         if wait and self._populate_thread is not None:
             self._populate_thread.join()
@@ -189,6 +261,7 @@ class GuestMemory:
         self._map.flush()
 
     def close(self) -> None:
+        self._prepare_abort.set()
         self.stop_populate()
         self.view.release()
         del self.pages, self.array

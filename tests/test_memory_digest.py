@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator
@@ -259,3 +260,52 @@ def test_chunk_tracker_zeroed_and_marked(
         finally:
             tracker.close()
 
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MiB tmpfs (root only): a file system that runs out of space."""
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount tmpfs here: {r.stderr.decode().strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_prepare_reports_a_full_file_system_instead_of_sigbus(small_tmpfs: Path) -> None:
+    mem = GuestMemory.create(small_tmpfs / "big", 16 * 1024 * 1024, preallocate=False)
+    try:
+        mem.start_prepare(chunk=1024 * 1024)
+        mem.stop_populate(wait=True)  # joins the thread: it stops at the first failure
+        assert isinstance(mem.prepare_error, RegionError)
+        assert "free space" in str(mem.prepare_error)
+        assert mem.reserved <= 4 * 1024 * 1024
+        with pytest.raises(RegionError):
+            mem.reserved_through(mem.npages - 1)
+    finally:
+        mem.close()
+
+
+def test_create_with_preallocate_fails_cleanly_when_full(small_tmpfs: Path) -> None:
+    with pytest.raises(RegionError, match="not enough space"):
+        GuestMemory.create(small_tmpfs / "big", 16 * 1024 * 1024)
+    assert not (small_tmpfs / "big").exists()
+
+
+def test_prepare_reserves_everything_on_a_roomy_file_system(tmp_path: Path) -> None:
+    mem = GuestMemory.create(tmp_path / "r", 4 * 1024 * 1024, preallocate=False)
+    try:
+        mem.start_prepare(chunk=1024 * 1024)
+        mem.stop_populate(wait=True)
+        assert mem.prepare_error is None
+        assert mem.reserved == mem.size and mem.reserved_through(mem.npages - 1)
+    finally:
+        mem.close()

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from precopy.memory import GuestMemory
 from precopy.wire import PAGE_SIZE
@@ -72,3 +73,31 @@ async def test_memfd_region_migrates(shm: Path) -> None:
         assert (shm / "dest" / "memfd-guest").read_bytes() == data
     finally:
         os.close(fd)
+
+
+async def test_destination_without_room_refuses_cleanly(work: Path, tmp_path: Path) -> None:
+    """A region that cannot fit is refused before any page moves; the daemon lives on."""
+    import subprocess
+
+    from precopy.errors import AbortCode, MigrationAborted
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)]).returncode:
+        pytest.skip("cannot mount tmpfs here")
+    try:
+        big, small = work / "big.mem", work / "small.mem"
+        _sparse(big, 4096, [1, 2, 3])      # 16 MiB
+        _sparse(small, 256, [1, 2, 3])     # 1 MiB
+        async with serve(mnt) as server:
+            with pytest.raises(MigrationAborted) as ei:
+                await migrate(server, big, FakeWorkload())
+            assert ei.value.code == AbortCode.REGION
+            assert "MiB free" in str(ei.value)
+            report = await migrate(server, small, FakeWorkload())
+            assert report.outcome == "committed"
+        assert not list(mnt.glob(".*.partial"))
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
