@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-partial", action="store_true",
                    help="keep the partial region file of a failed migration (as .NAME.ID.partial)")
     p.add_argument("--no-populate", action="store_true",
-                   help="do not prefault a new region in the background while receiving")
+                   help="do not prefault a new region in the background (its blocks are still reserved)")
     p.add_argument("--idle-timeout", type=float, default=120.0, metavar="SECONDS",
                    help="drop a migration whose source sends nothing for this long (default 120)")
     p.add_argument("--ready-file", type=Path, metavar="FILE",

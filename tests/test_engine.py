@@ -399,7 +399,6 @@ async def test_aba_during_iterative_round_is_caught_by_page_digests(
     assert np.array_equal(got[P], content_a2)
     assert (dest_dir / "aba2.mem").read_bytes() == src.read_bytes()
     assert rep.verify_repairs == 0
-    del mm
 
 
 # --------------------------------------------------------------------------
