@@ -138,6 +138,18 @@ class Progress:
     page_rate_bps: float = 0.0
 
 
+@dataclass(frozen=True, slots=True, eq=False)
+class _Scan:
+    """What one comparison of our chunks with the destination's found."""
+
+    dirty: np.ndarray  # pages whose content differs from what we last sent
+    odd: np.ndarray  # pages of chunks that differ although no page digest does
+    live: np.ndarray  # our chunk digests
+    dest_table: np.ndarray  # the destination's chunk digests
+    hash_s: float  # hashing our chunks
+    page_hash_s: float  # hashing the pages of the chunks that differ
+
+
 class SourceSession:
     """One migration from the source's side.  Use :func:`migrate`."""
 
@@ -435,17 +447,12 @@ class SourceSession:
 
     # -- scanning -------------------------------------------------------
 
-    async def _scan(self, *, final: bool, dest_table: np.ndarray | None = None,
-                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]:
+    async def _scan(self, *, final: bool, dest_table: np.ndarray | None = None) -> _Scan:
         """Compare our live chunks with the destination's.
 
         ``dest_table``: the destination's chunk digests when they are known
         to be current (nothing sent since they were taken); otherwise they
         are requested, in parallel with hashing our own chunks.
-
-        Returns (dirty pages, pages of chunks that differ although no page
-        digest does, live chunk digests, destination chunk digests, seconds
-        spent hashing locally).
         """
         assert self.mem is not None
         if dest_table is None:
@@ -453,7 +460,9 @@ class SourceSession:
             await self._send_event(DigestRequest(seq=self._seq, final=final))
         loop = asyncio.get_running_loop()
         t = time.monotonic()
-        holes = self.mem.hole_pages()
+        # A bounded hole walk: a pathologically fragmented file costs at most
+        # a few ms here (the rest is read, which allocates it once).
+        holes = self.mem.hole_pages(max_extents=4096)
         live = await loop.run_in_executor(
             self._outer_pool, region_chunk_digests, self.mem.view, self.chunk_pages, holes,
             self._hash_pool,
@@ -464,26 +473,25 @@ class SourceSession:
             if table.seq != self._seq:
                 raise RemoteProtocolError(f"digest table {table.seq} answers request {self._seq}")
             dest_table = table.digests
+        empty = np.zeros(0, dtype=np.uint32)
         cand = np.flatnonzero(live != dest_table)
         if not cand.size:
-            empty = np.zeros(0, dtype=np.uint32)
-            return empty, empty, live, dest_table, hash_s
+            return _Scan(empty, empty, live, dest_table, hash_s, 0.0)
+        t = time.monotonic()
         cp = self.chunk_pages
         pages = (cand[:, None] * cp + np.arange(cp)).ravel()
         pages = pages[pages < self.mem.npages].astype(np.uint32)
         now = page_digests(self.mem.pages, pages)
-        differs = now != self.sent[pages]
-        dirty = pages[differs]
+        dirty = pages[now != self.sent[pages]]
         # Chunks that differ on the destination but where no page differs
         # from what we sent: our record and the destination disagree.
         dirty_chunks = np.unique(dirty // cp) if dirty.size else dirty
         odd = np.setdiff1d(cand, dirty_chunks)
+        odd_pages = empty
         if odd.size:
-            odd_pages = (odd[:, None] * cp + np.arange(cp)).ravel()
-            odd_pages = odd_pages[odd_pages < self.mem.npages].astype(np.uint32)
-        else:
-            odd_pages = np.zeros(0, dtype=np.uint32)
-        return dirty, odd_pages, live, dest_table, hash_s
+            spread = (odd[:, None] * cp + np.arange(cp)).ravel()
+            odd_pages = spread[spread < self.mem.npages].astype(np.uint32)
+        return _Scan(dirty, odd_pages, live, dest_table, hash_s, time.monotonic() - t)
 
     def _expected(self, remaining_pages: int, device_state_bytes: int = 0) -> float:
         return expected_downtime(
@@ -505,13 +513,14 @@ class SourceSession:
         rounds_done = 0
         while True:
             t = time.monotonic()
-            dirty, odd, _live, dest_table, hash_s = await self._scan(final=False)
+            scan = await self._scan(final=False)
+            dirty, odd, dest_table = scan.dirty, scan.odd, scan.dest_table
             scan_s = time.monotonic() - t
             # The final scan costs the local chunk hash plus per-page hashing
             # of the candidate chunks; the round trip is in the overhead.
             # Take the slower of the last two scans: a single fast one (a
             # quiet moment on a shared machine) should not trigger a switchover.
-            est = hash_s + (len(dirty) + len(odd)) * 0.75e-6
+            est = scan.hash_s + scan.page_hash_s
             self._last_scan_s = max(est, self._prev_scan_s)
             self._prev_scan_s = est
             interval = time.monotonic() - self._last_scan_t
@@ -561,7 +570,8 @@ class SourceSession:
 
         rnd = RoundReport(round=len(self.report.rounds), kind="final", pages_scanned=self.mem.npages,
                           pages_dirty=0, pages_sent=0, zero_pages=0, bytes_on_wire=0, seconds=0.0)
-        dirty, odd, frozen, _, _ = await self._scan(final=True, dest_table=dest_table)
+        final = await self._scan(final=True, dest_table=dest_table)
+        dirty, odd, frozen = final.dirty, final.odd, final.live
         t2 = time.monotonic()
         phases["final_scan"] = (t2 - t) * 1e3
         rnd.scan_seconds = t2 - t
