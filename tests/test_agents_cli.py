@@ -1,0 +1,93 @@
+"""precopy-source's exit-code contract, with the engine replaced by fakes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+import agents.source_main as source_main
+from agents.common import EXIT_ABORTED, EXIT_IN_DOUBT, EXIT_OK, EXIT_USAGE, parse_hostport
+from precopy.errors import AbortCode, MigrationAborted, MigrationInDoubt
+from precopy.report import MigrationReport
+
+
+@pytest.fixture
+def sleeper() -> Iterator[int]:
+    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        yield p.pid
+    finally:
+        p.kill()
+        p.wait()
+
+
+def _run(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, pid: int, outcome: Any) -> tuple[int, dict[str, Any]]:
+    region = tmp_path / "r.mem"
+    region.write_bytes(bytes(8192))
+    report = tmp_path / "report.json"
+
+    async def fake_migrate(opts: Any, workload: Any, progress: Any = None) -> MigrationReport:
+        rep = MigrationReport(migration_id=str(opts.migration_id), outcome="committed")
+        if isinstance(outcome, BaseException):
+            rep.outcome = "aborted" if isinstance(outcome, MigrationAborted) else "in-doubt"
+            outcome.report = rep  # type: ignore[attr-defined]
+            raise outcome
+        return rep
+
+    monkeypatch.setattr(source_main, "migrate", fake_migrate)
+    code = source_main.main(["--to", "127.0.0.1:1", "--memory", str(region), "--pid", str(pid),
+                             "--report", str(report), "--progress", "off", "--log-format", "json"])
+    return code, json.loads(report.read_text())
+
+
+@pytest.mark.parametrize("outcome,code,label", [
+    (None, EXIT_OK, "committed"),
+    (MigrationAborted("rolled back", AbortCode.NOT_CONVERGED), EXIT_ABORTED, "aborted"),
+    (MigrationInDoubt("no answer", AbortCode.LINK), EXIT_IN_DOUBT, "in-doubt"),
+])
+def test_exit_codes(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, sleeper: int,
+                    outcome: Any, code: int, label: str) -> None:
+    got, rep = _run(monkeypatch, tmp_path, sleeper, outcome)
+    assert got == code
+    assert rep["outcome"] == label
+
+
+def test_usage_errors(tmp_path: Path, sleeper: int, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "missing"
+    assert source_main.main(["--to", "h:1", "--memory", str(missing), "--pid", str(sleeper)]) == EXIT_USAGE
+    assert "does not exist" in capsys.readouterr().err
+    region = tmp_path / "r"
+    region.write_bytes(bytes(4096))
+    key = tmp_path / "short.key"
+    key.write_text("short")
+    assert source_main.main(["--to", "h:1", "--memory", str(region), "--pid", str(sleeper),
+                             "--auth-key-file", str(key)]) == EXIT_USAGE
+    assert "use at least 16" in capsys.readouterr().err
+    assert source_main.main(["--to", "h:1", "--memory", str(region), "--pid", str(sleeper),
+                             "--name", "../evil"]) == EXIT_USAGE
+    with pytest.raises(SystemExit) as ei:
+        source_main.main(["--to", "h:1", "--memory", str(region)])  # no --pid/--guest-control
+    assert ei.value.code == EXIT_USAGE
+
+
+def test_parse_hostport() -> None:
+    assert parse_hostport("127.0.0.1:7070") == ("127.0.0.1", 7070)
+    assert parse_hostport("[::1]:80") == ("::1", 80)
+    for bad in ("nohost", ":80", "h:port", "h:70000"):
+        with pytest.raises(Exception):
+            parse_hostport(bad)
+
+
+def test_dest_help_mentions_the_hook_environment() -> None:
+    out = subprocess.run([sys.executable, "-m", "agents.dest_main", "--help"], capture_output=True,
+                         text=True, cwd=Path(__file__).resolve().parent.parent,
+                         env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent)))
+    assert out.returncode == 0
+    for name in ("PRECOPY_MEMORY", "PRECOPY_DEVICE_STATE", "PRECOPY_MIGRATION_ID", "--on-resume"):
+        assert name in out.stdout
