@@ -1,0 +1,31 @@
+"""docs/PROTOCOL.md stays true to precopy/wire.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from precopy.errors import AbortCode
+from precopy.wire import MAX_META, MAX_PAYLOAD, TRANSITIONS, Kind
+
+DOC = (Path(__file__).resolve().parent.parent / "docs" / "PROTOCOL.md").read_text()
+
+
+def test_every_transition_is_documented_and_nothing_else() -> None:
+    rows = {f"| {ph.value} | {sender.value} | {kind.name} | {nxt.value} |"
+            for (ph, sender, kind), nxt in TRANSITIONS.items()}
+    documented = {line.strip() for line in DOC.splitlines()
+                  if line.startswith("| ") and line.count("|") == 5 and "phase" not in line
+                  and "---" not in line and any(k.name in line for k in Kind)}
+    assert rows == documented
+
+
+def test_every_kind_and_abort_code_is_documented() -> None:
+    for kind in Kind:
+        assert f"| {kind.name} | {int(kind)} |" in DOC, kind
+    for code in AbortCode:
+        assert f"{int(code)} {code.name}" in DOC, code
+
+
+def test_limits_match() -> None:
+    assert f"meta_len     (<= {MAX_META:,}" in DOC
+    assert f"payload_len  (<= {MAX_PAYLOAD:,}" in DOC
