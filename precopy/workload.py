@@ -76,6 +76,8 @@ class SignalWorkload:
         self._signal(signal.SIGSTOP)
         # SIGSTOP lands in ~50-70 us; poll with short sleeps (a tight loop
         # reading /proc can itself delay the stop on a 2-core machine).
+        # The first polls sleep in place (sub-millisecond, this is downtime);
+        # a process slow to stop then yields the event loop between polls.
         deadline = time.monotonic() + self.stop_timeout_s
         delay = 20e-6
         while process_state(self.pid) not in ("T", "t"):
@@ -84,8 +86,11 @@ class SignalWorkload:
                 raise GuestControlError(
                     f"process {self.pid} did not stop within {self.stop_timeout_s} s"
                 )
-            time.sleep(delay)
-            delay = min(delay * 2, 1e-3)
+            if delay < 1e-3:
+                time.sleep(delay)
+                delay *= 2
+            else:
+                await asyncio.sleep(1e-3)
         return b""
 
     async def resume(self) -> None:
