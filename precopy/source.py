@@ -285,6 +285,15 @@ class SourceSession:
         await self._switchover(expected, dest_table)
 
     async def _handshake(self, chan: Channel) -> None:
+        try:
+            await self._authenticate(chan)
+        except asyncio.TimeoutError:
+            raise LinkError(
+                f"{chan.peer} did not complete the handshake within {self.opts.io_timeout_s:.0f} s "
+                "(is it a precopy-dest?)", AbortCode.TIMEOUT,
+            ) from None
+
+    async def _authenticate(self, chan: Channel) -> None:
         key = self.opts.auth_key
         nonce = auth.new_nonce()
         t = time.monotonic()

@@ -774,3 +774,25 @@ async def test_outcome_query_after_commit_and_for_unknown_id(work: Path, dest_di
         out = await query(server2.port, rep.migration_id)
         assert out.committed and out.known
     del mm
+
+
+async def test_silent_peer_during_handshake_is_a_clear_timeout(work: Path) -> None:
+    """A port that accepts but never speaks: the source gives up with a message, not a traceback."""
+    src = work / "silent.mem"
+    mm = make_region(src, 16)
+    held: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        opts = SourceOptions(host="127.0.0.1", port=port, memory=src, io_timeout_s=0.5)
+        wl = FakeWorkload()
+        with pytest.raises(MigrationAborted, match="did not complete the handshake"):
+            await precopy.source.migrate(opts, wl)
+        assert wl.calls == []
+        for w in held:
+            w.close()
+    del mm
