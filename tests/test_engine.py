@@ -796,3 +796,18 @@ async def test_silent_peer_during_handshake_is_a_clear_timeout(work: Path) -> No
         for w in held:
             w.close()
     del mm
+
+
+async def test_concurrent_migrations_of_different_regions(work: Path, dest_dir: Path) -> None:
+    """One daemon serves several migrations at once, each into its own region."""
+    regions = [work / f"vm{i}.mem" for i in range(3)]
+    maps = [make_region(p, 512, seed=i) for i, p in enumerate(regions)]
+    async with serve(dest_dir) as server:
+        reports = await asyncio.gather(*(migrate(server, p, FakeWorkload(blob=p.name.encode()))
+                                         for p in regions))
+    assert [r.outcome for r in reports] == ["committed"] * 3
+    for p in regions:
+        assert (dest_dir / p.name).read_bytes() == p.read_bytes()
+        assert (dest_dir / f"{p.name}.device-state").read_bytes() == p.name.encode()
+    assert len({r.migration_id for r in reports}) == 3
+    del maps
