@@ -101,7 +101,7 @@ async def _migrate_with_writes(root: Path, npages: int, seed: int, write_prob: f
         await server.close()
         await serving
     frozen = np.array(mm)
-    del mm
+    mm._mmap.close()  # type: ignore[attr-defined]  # release the mapping before cleanup
     return report, frozen
 
 
