@@ -376,7 +376,6 @@ class _DestMigration:
         tracker: ChunkTracker | None = None
         try:
             tracker = ChunkTracker.zeroed(mem.view, self.begin.chunk_pages, self.server._hash_pool)
-            mem.start_prepare(populate=self.opts.populate)
             assert self.server.journal is not None
             self.server.journal.write(self.rec)
             await self.chan.send(Ready())
@@ -396,23 +395,34 @@ class _DestMigration:
     async def _receive(self, mem: GuestMemory, tracker: ChunkTracker) -> bool:
         loop = asyncio.get_running_loop()
         written = np.zeros(mem.npages, dtype=bool)
+        # The source sends the holes of its region first, as zero pages: the
+        # region is prepared when the first data arrives, skipping them.
+        declared_zero = np.zeros(mem.npages, dtype=bool)
+        preparing = False
         async for ev in self.chan.events(self.opts.idle_timeout_s):
             if isinstance(ev, Pages):
-                top = max(int(ev.indices[-1]) if len(ev.indices) else 0,
-                          int(ev.zeros[-1]) if len(ev.zeros) else 0)
-                while not mem.reserved_through(top):
-                    # Never write where the file system has not allocated yet.
-                    await asyncio.sleep(0.001)
+                # Pages never written are still zero in the fresh file.
+                z = ev.zeros[written[ev.zeros]] if len(ev.zeros) else ev.zeros
+                if len(ev.zeros):
+                    declared_zero[ev.zeros] = True
+                if len(ev.indices):
+                    declared_zero[ev.indices] = False
+                    if not preparing:
+                        mem.start_prepare(populate=self.opts.populate, skip=declared_zero.copy())
+                        preparing = True
+                if len(ev.indices) or z.size:
+                    top = max(int(ev.indices[-1]) if len(ev.indices) else 0, int(z[-1]) if z.size else 0)
+                    while not mem.reserved_through(top):
+                        # Never write where the file system has not allocated yet.
+                        await asyncio.sleep(0.001)
+                    mem.reserve_skipped(ev.indices)
                 if len(ev.indices):
                     mem.scatter(ev.indices, page_payload(ev))
                     written[ev.indices] = True
                     tracker.mark(ev.indices)
-                if len(ev.zeros):
-                    # Pages never written are still zero in the fresh file.
-                    z = ev.zeros[written[ev.zeros]]
-                    if z.size:
-                        mem.zero(z)
-                        tracker.mark(z)
+                if z.size:
+                    mem.zero(z)
+                    tracker.mark(z)
             elif isinstance(ev, DigestRequest):
                 table = await loop.run_in_executor(self.server._outer_pool, tracker.table)
                 await self.chan.send(DigestTable(seq=ev.seq, digests=table))

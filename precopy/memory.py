@@ -90,9 +90,11 @@ class GuestMemory:
         self._prepare_abort = threading.Event()
         self.populate_error: OSError | None = None
         self.prepare_error: RegionError | None = None
-        #: Bytes from the start known to be allocated; writes must stay below.
-        #: An existing region (not being prepared) counts as reserved.
+        #: Bytes from the start known to be allocated (or skipped, see
+        #: :meth:`start_prepare`); writes must stay below.
         self.reserved = size
+        self._chunk = 1
+        self._skipped: np.ndarray | None = None
 
     # -- construction ---------------------------------------------------
 
@@ -137,7 +139,10 @@ class GuestMemory:
             if isinstance(exc, RegionError):
                 raise
             raise RegionError(f"cannot size {p} to {size} bytes: {exc.strerror}") from exc
-        return cls(p, fd, size)
+        mem = cls(p, fd, size)
+        if not preallocate:
+            mem.reserved = 0  # nothing may be written before start_prepare()
+        return mem
 
     # -- pages ----------------------------------------------------------
 
@@ -188,7 +193,8 @@ class GuestMemory:
 
     # -- preparing a fresh region ----------------------------------------
 
-    def start_prepare(self, *, populate: bool = True, chunk: int = 8 * 1024 * 1024) -> None:
+    def start_prepare(self, *, populate: bool = True, chunk: int = 8 * 1024 * 1024,
+                      skip: np.ndarray | None = None) -> None:
         """Reserve, then prefault, the region in a background thread, in order.
 
         First touch of fresh shared memory is the slowest step of receiving
@@ -203,17 +209,32 @@ class GuestMemory:
         SIGBUS, which would kill the process.  A reservation failure (file
         system full) is kept in :attr:`prepare_error`; a prefault failure only
         costs speed and is kept in :attr:`populate_error`.
+
+        ``skip`` is a per-page mask of pages known to stay zero (the source's
+        holes): chunks made only of them are neither reserved nor prefaulted,
+        so a sparse region stays sparse.  A later write there reserves its
+        pages on demand (:meth:`reserve_skipped`).
         """
         anchor = ctypes.c_char.from_buffer(self._map)
         base = ctypes.addressof(anchor)
         del anchor  # drop the buffer export; the thread is joined before close()
         self.reserved = 0
+        self._chunk = chunk
+        skipped = np.zeros(-(-self.size // chunk), dtype=bool)
+        self._skipped = skipped
+        chunk_pages = chunk // PAGE_SIZE
 
         def run() -> None:
             can_reserve = True
             off = 0
             while off < self.size and not self._prepare_abort.is_set():
                 n = min(chunk, self.size - off)
+                first = off // PAGE_SIZE
+                if skip is not None and skip[first:first + chunk_pages].all():
+                    skipped[off // chunk] = True  # before the watermark moves past it
+                    self.reserved = off + n
+                    off += n
+                    continue
                 if can_reserve and _libc.fallocate(self._fd, 0, off, n) != 0:
                     err = ctypes.get_errno()
                     if err in (errno.EOPNOTSUPP, errno.ENOSYS):
@@ -237,6 +258,24 @@ class GuestMemory:
 
         self._populate_thread = threading.Thread(target=run, name="precopy-prepare", daemon=True)
         self._populate_thread.start()
+
+    def reserve_skipped(self, indices: np.ndarray) -> None:
+        """Reserve, now, those of ``indices`` that lie in chunks the preparation skipped.
+
+        Raises :class:`RegionError` if the file system is full.
+        """
+        if self._skipped is None or not len(indices):
+            return
+        inside = indices[self._skipped[(indices.astype(np.int64) * PAGE_SIZE) // self._chunk]]
+        for page in inside.tolist():
+            if _libc.fallocate(self._fd, 0, page * PAGE_SIZE, PAGE_SIZE) != 0:
+                err = ctypes.get_errno()
+                if err in (errno.EOPNOTSUPP, errno.ENOSYS):
+                    return
+                raise RegionError(
+                    f"cannot allocate page {page} of {self.path}: {os.strerror(err)}; free space in "
+                    f"{self.path.parent} or point --memory-dir elsewhere"
+                )
 
     def reserved_through(self, page: int) -> bool:
         """True if pages 0..``page`` lie in reserved blocks (safe to write).

@@ -309,3 +309,29 @@ def test_prepare_reserves_everything_on_a_roomy_file_system(tmp_path: Path) -> N
         assert mem.reserved == mem.size and mem.reserved_through(mem.npages - 1)
     finally:
         mem.close()
+
+
+def test_skipped_chunks_are_reserved_on_demand_or_fail_cleanly(small_tmpfs: Path) -> None:
+    mem = GuestMemory.create(small_tmpfs / "sparse", 16 * 1024 * 1024, preallocate=False)
+    try:
+        assert not mem.reserved_through(0)  # nothing may be written before preparing
+        skip = np.ones(mem.npages, dtype=bool)
+        skip[:10] = False  # only the first 1 MiB chunk holds data
+        mem.start_prepare(chunk=1024 * 1024, skip=skip)
+        mem.stop_populate(wait=True)
+        assert mem.prepare_error is None and mem.reserved == mem.size
+        used = os.statvfs(small_tmpfs)
+        assert (used.f_blocks - used.f_bfree) * used.f_frsize <= 2 * 1024 * 1024
+        mem.reserve_skipped(np.array([300, 3000], dtype=np.uint32))  # fine while there is room
+        # Fill the file system, then a page in a skipped chunk cannot be had.
+        with open(small_tmpfs / "filler", "wb") as f:
+            try:
+                while True:
+                    f.write(bytes(65536))
+                    f.flush()
+            except OSError:
+                pass
+        with pytest.raises(RegionError, match="cannot allocate page"):
+            mem.reserve_skipped(np.array([3500], dtype=np.uint32))
+    finally:
+        mem.close()
