@@ -38,9 +38,8 @@ def reserve(fd: int, size: int, path: Path) -> bool:
 
     On tmpfs or hugetlbfs a write into a page that cannot be allocated is a
     SIGBUS that would kill the whole daemon; reserving up front turns that
-    into a clear error before any page moves.  It is also the cheaper half
-    of first touch (~0.26 s/GiB here against ~1.3 s/GiB for faulting fresh
-    pages in).  Returns False where the file system cannot preallocate.
+    into a clear error before any page moves.  Returns False where the file
+    system cannot preallocate.
     """
     if _libc.fallocate(fd, 0, 0, size) == 0:
         return True
@@ -198,14 +197,14 @@ class GuestMemory:
         """Reserve, then prefault, the region in a background thread, in order.
 
         First touch of fresh shared memory is the slowest step of receiving
-        (~0.8 GB/s when pages fault in one by one).  Per chunk the thread
-        first reserves the blocks (``fallocate``, ~4 GB/s on tmpfs), which
-        advances :attr:`reserved`, then maps them writable
-        (``MADV_POPULATE_WRITE``).  Both calls go through ctypes and release
-        the GIL, so they run beside the receive loop.
+        (~0.5-1 GB/s when pages fault in one by one), so it is moved off the
+        receive path.  Per chunk the thread first reserves the blocks
+        (``fallocate``), which advances :attr:`reserved`, then maps them
+        writable (``MADV_POPULATE_WRITE``).  Both calls go through ctypes and
+        release the GIL, so they run beside the receive loop.
 
         The receive path must not write past :attr:`reserved` (see
-        :meth:`wait_reserved`): on tmpfs a page that cannot be allocated is a
+        :meth:`reserved_through`): on tmpfs a page that cannot be allocated is a
         SIGBUS, which would kill the process.  A reservation failure (file
         system full) is kept in :attr:`prepare_error`; a prefault failure only
         costs speed and is kept in :attr:`populate_error`.
