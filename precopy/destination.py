@@ -18,6 +18,7 @@ region file under its final name is always complete.
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import logging
 import os
@@ -96,6 +97,7 @@ class MigrationRecord:
     bytes_received: int = 0
     device_state_bytes: int = 0
     memory: str | None = None
+    partial: str | None = None
     hook_exit: int | None = None
 
 
@@ -106,10 +108,12 @@ class _Journal:
         self.dir = root / ".precopy" / "journal"
         self.dir.mkdir(parents=True, exist_ok=True)
 
-    def write(self, rec: MigrationRecord) -> None:
-        path = self.dir / f"{rec.migration_id}.json"
+    def write(self, rec: MigrationRecord | dict[str, Any]) -> None:
+        """Replace the record durably (write, fsync, rename, fsync the directory)."""
+        fields = rec if isinstance(rec, dict) else rec.__dict__
+        path = self.dir / f"{fields['migration_id']}.json"
         tmp = path.with_suffix(".tmp")
-        data = json.dumps(rec.__dict__).encode()
+        data = json.dumps(fields).encode()
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             os.write(fd, data)
@@ -122,6 +126,15 @@ class _Journal:
             os.fsync(dfd)
         finally:
             os.close(dfd)
+
+    def entries(self) -> list[dict[str, Any]]:
+        """Every readable record (unreadable ones are logged and skipped)."""
+        out = []
+        for path in sorted(self.dir.glob("*.json")):
+            rec = self.read(path.stem)
+            if rec is not None:
+                out.append(rec)
+        return out
 
     def read(self, migration_id: str) -> dict[str, Any] | None:
         try:
@@ -185,6 +198,32 @@ class DestinationServer:
         _log.info("listening on %s:%d, regions in %s", self.opts.host, self.port, self.opts.memory_dir)
 
     def _cleanup_stale_partials(self) -> None:
+        """Recover from a daemon that stopped mid-migration.
+
+        A migration the journal calls committed whose region is still under
+        its partial name (the daemon stopped between the commit record and
+        the rename) is completed: the region belongs here now, the source
+        keeps its copy paused.  Migrations still "running" can no longer
+        commit: they are recorded as aborted.  Other partial files are
+        removed (or kept with --keep-partial).
+        """
+        assert self.journal is not None
+        for rec in self.journal.entries():
+            mid = str(rec.get("migration_id"))
+            if rec.get("outcome") == "committed" and rec.get("partial") and rec.get("memory"):
+                partial, final = Path(str(rec["partial"])), Path(str(rec["memory"]))
+                if partial.exists():
+                    os.replace(partial, final)
+                    _log.critical(
+                        "migration %s was committed but this daemon stopped before resuming it: the "
+                        "region is now %s; resume the workload there by hand (its source keeps its "
+                        "copy paused)", mid, final,
+                    )
+            elif rec.get("outcome") == "running":
+                rec["outcome"] = "aborted"
+                rec["error"] = "the destination daemon stopped during the migration"
+                self.journal.write(rec)
+                _log.warning("migration %s was interrupted by a daemon restart: recorded as aborted", mid)
         for p in self.opts.memory_dir.glob(".*.partial"):
             if self.opts.keep_partial:
                 _log.warning("keeping partial region %s from an earlier run (--keep-partial)", p)
@@ -324,7 +363,10 @@ class DestinationServer:
                 rec.error = str(exc) or type(exc).__name__
                 if isinstance(exc, asyncio.CancelledError):
                     rec.error = "cancelled"
-                self.journal.write(rec)
+                try:
+                    self.journal.write(rec)
+                except OSError as jexc:
+                    _log.error("cannot record that migration %s aborted: %s", rec.migration_id, jexc)
             raise
         finally:
             rec.seconds = time.monotonic() - t0
@@ -456,16 +498,41 @@ class _DestMigration:
             raise RemoteProtocolError(f"device state incomplete: {len(self.device)} of {total} bytes")
         if xxhash.xxh3_64_intdigest(self.device) != ev.checksum:
             raise RemoteProtocolError("device state checksum mismatch")
-        tmp = self.device_state_path.with_name(f".{self.device_state_path.name}.tmp")
-        tmp.write_bytes(self.device)
-        os.replace(tmp, self.device_state_path)
-        os.replace(self.partial, self.final)
-        self.rec.outcome = "committed"
-        self.rec.memory = str(self.final)
+        journal = self.server.journal
+        assert journal is not None
+        try:
+            tmp = self.device_state_path.with_name(f".{self.device_state_path.name}.tmp")
+            tmp.write_bytes(self.device)
+            os.replace(tmp, self.device_state_path)
+        except OSError as exc:
+            raise RegionError(f"cannot write the device state {self.device_state_path}: {exc}") from exc
+        # Write-ahead: the commit record (naming both files) is durable before
+        # the region takes its final name, and both before the workload
+        # resumes.  A daemon that stops in between completes the rename at
+        # its next start (_cleanup_stale_partials).
+        record = copy.copy(self.rec)
+        record.outcome, record.memory, record.partial = "committed", str(self.final), str(self.partial)
+        record.device_state_bytes = len(self.device)
+        try:
+            journal.write(record)
+        except OSError as exc:
+            raise RegionError(f"cannot record the commit in the journal: {exc}") from exc
+        try:
+            os.replace(self.partial, self.final)
+        except OSError as exc:
+            # Take the commit back, or the source would be told "committed".
+            self.rec.error = f"cannot move the region into place: {exc}"
+            self.rec.outcome = "aborted"
+            try:
+                journal.write(self.rec)
+            except OSError as jexc:
+                _log.critical("migration %s: region not moved into place (%s) and the journal "
+                              "cannot be corrected (%s)", self.rec.migration_id, exc, jexc)
+            raise RegionError(self.rec.error) from exc
+        self.rec.outcome, self.rec.memory = "committed", str(self.final)
         self.rec.device_state_bytes = len(self.device)
-        assert self.server.journal is not None
-        self.server.journal.write(self.rec)  # durable before the workload resumes
-        await self.server.run_hook(self.rec, self.final, self.device_state_path)
+        # Not even a cancellation may stop the workload from resuming now.
+        await asyncio.shield(self.server.run_hook(self.rec, self.final, self.device_state_path))
         _log.info("migration %s committed: %s", self.begin.migration_id, self.final)
         # Confirm after the hook is spawned: the source measures downtime
         # up to this message, i.e. until the workload resumes here.

@@ -682,8 +682,8 @@ class SourceSession:
                 return
             if outcome.known:
                 # Definitely not committed: the destination will never commit it.
-                raise PrecopyError("destination reports the migration was not committed",
-                                   AbortCode.LINK) from cause
+                raise PrecopyError(f"destination reports the migration was not committed ({cause})",
+                                   getattr(cause, "code", AbortCode.LINK)) from cause
             last = PrecopyError("destination has no record of this migration")
             break
         raise MigrationInDoubt(

@@ -102,3 +102,56 @@ async def test_destination_gone_after_commit_sent_is_in_doubt(work: Path, dest_d
     assert ei.value.report.outcome == "in-doubt"  # type: ignore[attr-defined]
     assert wl.calls == ["pause"]  # never resumed: it might be running on the destination
     del mm
+
+
+async def test_journal_failure_at_commit_rolls_back(work: Path, dest_dir: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The commit cannot be made durable: not committed, region not in place, source resumes."""
+    orig = destination._Journal.write
+
+    def failing(self: Any, rec: Any) -> None:
+        fields = rec if isinstance(rec, dict) else rec.__dict__
+        if fields.get("outcome") == "committed":
+            raise OSError(28, "No space left on device")
+        orig(self, rec)
+
+    monkeypatch.setattr(destination._Journal, "write", failing)
+    src = work / "vm.mem"
+    mm = make_region(src, 64)
+    wl = FakeWorkload()
+    async with serve(dest_dir) as server:
+        with pytest.raises(MigrationAborted, match="journal"):
+            await migrate(server, src, wl)
+        await settled(server)
+        assert [r.outcome for r in server.results] == ["aborted"]
+    assert wl.calls == ["pause", "resume"]
+    assert not (dest_dir / "vm.mem").exists()
+    assert not list(dest_dir.glob(".*.partial"))
+    del mm
+
+
+async def test_restart_completes_a_committed_migration_and_aborts_running_ones(dest_dir: Path) -> None:
+    """Write-ahead recovery: committed-but-not-renamed is finished, 'running' becomes 'aborted'."""
+    from precopy.destination import DestinationServer, DestOptions, MigrationRecord, _Journal
+
+    dest_dir.mkdir(parents=True)
+    journal = _Journal(dest_dir)
+    partial = dest_dir / ".vm.mem.m-committed.partial"
+    partial.write_bytes(b"x" * 4096)
+    done = MigrationRecord("m-committed", "vm.mem", 4096, "peer", outcome="committed",
+                           memory=str(dest_dir / "vm.mem"), partial=str(partial))
+    journal.write(done)
+    running_partial = dest_dir / ".other.m-running.partial"
+    running_partial.write_bytes(b"y" * 4096)
+    journal.write(MigrationRecord("m-running", "other", 4096, "peer"))
+
+    server = DestinationServer(DestOptions(memory_dir=dest_dir, port=0))
+    await server.start()
+    try:
+        assert (dest_dir / "vm.mem").read_bytes() == b"x" * 4096
+        assert not partial.exists()
+        assert not running_partial.exists()
+        assert journal.read("m-running")["outcome"] == "aborted"  # type: ignore[index]
+        assert journal.read("m-committed")["outcome"] == "committed"  # type: ignore[index]
+    finally:
+        await server.close()
