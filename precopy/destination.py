@@ -6,13 +6,15 @@ into ``<memory-dir>/.<name>.<id>.partial``, keeps chunk digests of what it
 holds fresh, and on COMMIT:
 
 1. checks the device state is complete and intact,
-2. writes ``<name>.device-state`` and renames the partial region to ``<name>``,
-3. persists the commit record (fsync'd journal entry),
-4. runs the on-resume hook (the workload resumes here),
-5. confirms COMMITTED to the source.
+2. writes ``<name>.device-state``,
+3. persists the commit record (fsync'd journal entry naming both files),
+4. renames the partial region to ``<name>``,
+5. runs the on-resume hook (the workload resumes here),
+6. confirms COMMITTED to the source.
 
 Anything that ends a migration before step 3 removes its partial file: a
-region file under its final name is always complete.
+region file under its final name is always complete.  A daemon that stops
+between steps 3 and 4 completes the rename when it starts again.
 """
 
 from __future__ import annotations
