@@ -733,15 +733,14 @@ async def test_garbage_and_truncated_handshakes_are_dropped(work: Path, dest_dir
         await expect_abort_then_eof(c, AbortCode.VERSION)
         await c.close()
 
-        # Silent peers are timed out, also after a valid Hello.
-        t = time.monotonic()
+        # Silent peers are timed out, also after a valid Hello (the outer
+        # wait_for only keeps a broken timeout from hanging the suite).
         silent = await RawClient.connect(port)
         after_hello = await RawClient.connect(port)
         await after_hello.send(Hello(version=PROTOCOL_VERSION, nonce=os.urandom(32)))
         assert isinstance(await after_hello.recv(), HelloAck)
-        await expect_abort_then_eof(silent, AbortCode.TIMEOUT)
-        await expect_abort_then_eof(after_hello, AbortCode.TIMEOUT)
-        assert time.monotonic() - t < 3.0
+        await asyncio.wait_for(expect_abort_then_eof(silent, AbortCode.TIMEOUT), 30)
+        await asyncio.wait_for(expect_abort_then_eof(after_hello, AbortCode.TIMEOUT), 30)
         await silent.close()
         await after_hello.close()
 

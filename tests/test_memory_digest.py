@@ -268,12 +268,12 @@ def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
     import subprocess
 
     if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
+        pytest.skip(reason="mounting a small tmpfs needs root")
     mnt = tmp_path / "small"
     mnt.mkdir()
     r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True)
     if r.returncode != 0:
-        pytest.skip(f"cannot mount tmpfs here: {r.stderr.decode().strip()}")
+        pytest.skip(reason=f"cannot mount tmpfs here: {r.stderr.decode().strip()}")
     try:
         yield mnt
     finally:

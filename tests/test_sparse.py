@@ -82,11 +82,11 @@ async def test_destination_without_room_refuses_cleanly(work: Path, tmp_path: Pa
     from precopy.errors import AbortCode, MigrationAborted
 
     if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
+        pytest.skip(reason="mounting a small tmpfs needs root")
     mnt = tmp_path / "small"
     mnt.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)]).returncode:
-        pytest.skip("cannot mount tmpfs here")
+        pytest.skip(reason="cannot mount tmpfs here")
     try:
         big, small = work / "big.mem", work / "small.mem"
         _sparse(big, 4096, [1, 2, 3])      # 16 MiB
