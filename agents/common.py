@@ -6,6 +6,8 @@ import argparse
 import asyncio
 import json
 import logging
+import signal
+import subprocess
 import sys
 import time
 from typing import Any, Coroutine, TypeVar
@@ -131,3 +133,17 @@ class ProgressLine:
             self.stream.write("\n")
             self.stream.flush()
             self._width = 0
+
+
+def stop_process(proc: subprocess.Popen[bytes] | None, timeout_s: float = 5.0) -> None:
+    """Stop a child we started, by its PID: SIGCONT (a stopped process cannot act
+    on SIGTERM), SIGTERM, then SIGKILL if it does not exit within ``timeout_s``."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGCONT)
+    proc.terminate()
+    try:
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -19,6 +18,8 @@ import time
 from pathlib import Path
 
 from precopy.guest import region_digest
+
+from .common import stop_process
 
 PY = sys.executable
 
@@ -29,18 +30,6 @@ def _wait_for(path: Path, what: str, timeout: float = 15.0) -> None:
         if time.monotonic() > deadline:
             raise SystemExit(f"demo: {what} did not appear within {timeout:.0f} s ({path})")
         time.sleep(0.05)
-
-
-def _stop(proc: subprocess.Popen[bytes] | None) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGCONT)  # a stopped process cannot act on SIGTERM
-    proc.terminate()
-    try:
-        proc.wait(5)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def main() -> int:
@@ -120,7 +109,7 @@ def main() -> int:
         return 0
     finally:
         for p in reversed(procs):
-            _stop(p)
+            stop_process(p)
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -20,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from agents.common import stop_process
 from precopy.guest import create_region, parse_size
 
 from .limits import hash_time, raw_copy
@@ -34,17 +33,6 @@ def _wait(path: Path, timeout: float = 15) -> None:
         if time.monotonic() > deadline:
             raise SystemExit(f"timed out waiting for {path}")
         time.sleep(0.05)
-
-
-def _stop(p: subprocess.Popen[bytes]) -> None:
-    if p.poll() is None:
-        os.kill(p.pid, signal.SIGCONT)
-        p.terminate()
-        try:
-            p.wait(5)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
 
 
 def migrate_once(work: Path, region: Path, addr: str, dest_dir: Path, rate: float, budget: float,
@@ -62,7 +50,7 @@ def migrate_once(work: Path, region: Path, addr: str, dest_dir: Path, rate: floa
         rep["exit_code"] = rc
         return rep
     finally:
-        _stop(guest)
+        stop_process(guest)
         for f in dest_dir.glob("bench*"):
             f.unlink()
 
@@ -124,7 +112,7 @@ def main() -> int:
         return 0
     finally:
         if dest is not None:
-            _stop(dest)
+            stop_process(dest)
         shutil.rmtree(work, ignore_errors=True)
 
 
