@@ -174,6 +174,8 @@ class SourceSession:
         self.mem: GuestMemory | None = None
         self.paused = False
         self.commit_sent = False
+        self._committed = False
+        self._not_committed = False  # the destination said so, definitely
         self._events: asyncio.Queue[Any] = asyncio.Queue()
         self._reader: asyncio.Task[None] | None = None
         self._seq = 0
@@ -195,7 +197,25 @@ class SourceSession:
         """
         self._t0 = time.monotonic()
         try:
-            await self._migrate()
+            try:
+                await self._migrate()
+            except MigrationInDoubt:
+                raise
+            except BaseException as exc:
+                if self._committed:
+                    # Interrupted after the destination confirmed: it is done.
+                    _log.warning("interrupted after the commit was confirmed (%s)", self._describe(exc))
+                    self.report.outcome = "committed"
+                    return self.report
+                if not self.commit_sent:
+                    raise
+                # COMMIT is out (and we were cancelled, or broke, before the
+                # answer): the destination may own the workload now.  Never
+                # roll back blindly; ask.  "Not committed" raises, and rolls back.
+                _log.warning("interrupted after COMMIT was sent (%s): asking for the outcome",
+                             self._describe(exc))
+                await self._resolve_outcome(exc)
+                self.paused = False
             self.report.outcome = "committed"
             return self.report
         except MigrationInDoubt as exc:
@@ -204,6 +224,16 @@ class SourceSession:
             exc.report = self.report  # type: ignore[attr-defined]
             raise
         except BaseException as exc:
+            if self.commit_sent and not self._not_committed:
+                # The outcome could not be learned (e.g. a second interrupt
+                # while asking): resuming here could make two owners.
+                self.report.outcome = "in-doubt"
+                self.report.error = (f"interrupted after COMMIT was sent ({self._describe(exc)}); "
+                                     "the workload is left PAUSED on the source: check the destination "
+                                     f"({self.report.destination}) for migration {self.opts.migration_id}")
+                doubt = MigrationInDoubt(self.report.error, AbortCode.LINK)
+                doubt.report = self.report  # type: ignore[attr-defined]
+                raise doubt from exc
             # Anything, even a bug here, before the commit: the workload must
             # keep running on the source.
             if not isinstance(exc, (PrecopyError, OSError, asyncio.CancelledError)):
@@ -635,6 +665,7 @@ class SourceSession:
                     f"destination confirmed migration {done.migration_id!r}, not ours; "
                     "workload left paused", AbortCode.PROTOCOL,
                 )
+        self._committed = True
         t6 = time.monotonic()
         phases["commit"] = (t6 - t5) * 1e3
         self.report.downtime_ms = (t6 - t_pause) * 1e3
@@ -682,6 +713,7 @@ class SourceSession:
                 return
             if outcome.known:
                 # Definitely not committed: the destination will never commit it.
+                self._not_committed = True
                 raise PrecopyError(f"destination reports the migration was not committed ({cause})",
                                    getattr(cause, "code", AbortCode.LINK)) from cause
             last = PrecopyError("destination has no record of this migration")

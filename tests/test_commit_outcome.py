@@ -155,3 +155,99 @@ async def test_restart_completes_a_committed_migration_and_aborts_running_ones(d
         assert journal.read("m-committed")["outcome"] == "committed"  # type: ignore[index]
     finally:
         await server.close()
+
+
+async def _run_until_commit_sent(server: Any, src: Path, wl: FakeWorkload) -> tuple[Any, asyncio.Task[Any]]:
+    from precopy.source import SourceOptions, SourceSession
+
+    session = SourceSession(SourceOptions(host="127.0.0.1", port=server.port, memory=src,
+                                          io_timeout_s=10, outcome_retries=3), wl)
+    task = asyncio.create_task(session.run())
+    for _ in range(500):
+        if session.commit_sent or task.done():
+            break
+        await asyncio.sleep(0.01)
+    assert session.commit_sent, "the migration never reached COMMIT"
+    return session, task
+
+
+async def test_interrupt_after_commit_sent_asks_and_keeps_a_committed_migration(
+        work: Path, dest_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGINT (a cancel) while waiting for COMMITTED: the source asks, learns 'committed', never resumes."""
+    orig = destination._DestMigration._commit
+
+    async def slow_commit(self: Any, ev: Any) -> None:
+        real_send = self.chan.send
+
+        async def late_send(event: Any) -> int:
+            if isinstance(event, Committed):
+                await asyncio.sleep(0.5)  # committed and resumed here, confirmed late
+            return await real_send(event)
+
+        self.chan.send = late_send
+        await orig(self, ev)
+
+    monkeypatch.setattr(destination._DestMigration, "_commit", slow_commit)
+    src = work / "vm.mem"
+    mm = make_region(src, 64)
+    wl = FakeWorkload()
+    async with serve(dest_dir) as server:
+        session, task = await _run_until_commit_sent(server, src, wl)
+        await asyncio.sleep(0.1)
+        task.cancel()
+        report = await task
+        await settled(server)
+    assert report.outcome == "committed"
+    assert wl.calls == ["pause"]
+    assert (dest_dir / "vm.mem").exists()
+    del mm
+
+
+async def test_interrupt_after_commit_sent_rolls_back_when_not_committed(
+        work: Path, dest_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The destination had not committed yet: the query stops it for good, the source resumes."""
+
+    async def stuck_commit(self: Any, ev: Any) -> None:
+        await asyncio.sleep(60)
+
+    monkeypatch.setattr(destination._DestMigration, "_commit", stuck_commit)
+    src = work / "vm.mem"
+    mm = make_region(src, 64)
+    wl = FakeWorkload()
+    async with serve(dest_dir) as server:
+        session, task = await _run_until_commit_sent(server, src, wl)
+        await asyncio.sleep(0.1)
+        task.cancel()
+        with pytest.raises(MigrationAborted, match="not committed"):
+            await task
+        await settled(server)
+    assert wl.calls == ["pause", "resume"]
+    assert not (dest_dir / "vm.mem").exists()
+    del mm
+
+
+async def test_second_interrupt_while_asking_leaves_the_workload_paused(
+        work: Path, dest_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Interrupted again before the outcome is known: in doubt, never resumed."""
+
+    async def stuck_commit(self: Any, ev: Any) -> None:
+        await asyncio.sleep(60)
+
+    async def slow_answer(self: Any, chan: Any, q: Any) -> None:
+        await asyncio.sleep(60)
+
+    monkeypatch.setattr(destination._DestMigration, "_commit", stuck_commit)
+    monkeypatch.setattr(destination.DestinationServer, "_answer_query", slow_answer)
+    src = work / "vm.mem"
+    mm = make_region(src, 64)
+    wl = FakeWorkload()
+    async with serve(dest_dir) as server:
+        session, task = await _run_until_commit_sent(server, src, wl)
+        await asyncio.sleep(0.1)
+        task.cancel()
+        await asyncio.sleep(0.3)  # now it is asking the destination
+        task.cancel()
+        with pytest.raises(MigrationInDoubt, match="PAUSED"):
+            await task
+    assert wl.calls == ["pause"]
+    del mm
