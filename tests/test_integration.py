@@ -93,7 +93,7 @@ def test_deterministic_guest_matches_unmigrated_run(procs: Procs, shm: Path) -> 
     dest = start_dest(procs, shm, "--on-resume", hook)
     ctl = shm / "det.sock"
     procs.start(*guest("det", "--memory", str(src), "--steps", str(steps), "--control", str(ctl),
-                       "--step-sleep-us", "40"), stdout=open(shm / "det.out", "wb"))
+                       "--step-sleep-us", "150"), stdout=open(shm / "det.out", "wb"))
     wait_for(ctl.exists, what="det guest control socket")
     time.sleep(0.5)
 
