@@ -29,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="address to accept migrations on (port 0: pick one, printed at start)")
     p.add_argument("--memory-dir", required=True, type=Path, metavar="DIR",
                    help="where received regions are written (use /dev/shm/... for RAM)")
+    p.add_argument("--state-dir", type=Path, metavar="DIR",
+                   help="journal and device-state files (default: --memory-dir); required when "
+                        "--memory-dir is hugetlbfs, which holds mappable files only")
     p.add_argument("--on-resume", metavar="CMD",
                    help="shell command run (via /bin/sh -c) after each commit to resume the workload")
     p.add_argument("--auth-key-file", type=Path, metavar="FILE",
@@ -79,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"precopy-dest: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     host, port = args.listen
-    opts = DestOptions(memory_dir=args.memory_dir, host=host, port=port, auth_key=key,
+    opts = DestOptions(memory_dir=args.memory_dir, state_dir=args.state_dir, host=host, port=port, auth_key=key,
                        on_resume=args.on_resume, keep_partial=args.keep_partial,
                        idle_timeout_s=args.idle_timeout, populate=not args.no_populate)
     try:

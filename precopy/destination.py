@@ -72,6 +72,9 @@ class DestOptions:
     """Settings of a destination daemon.  See ``precopy-dest --help``."""
 
     memory_dir: Path
+    #: Journal and device-state files (default: memory_dir).  Needed when
+    #: memory_dir is hugetlbfs, which holds mappable files only.
+    state_dir: Path | None = None
     host: str = "127.0.0.1"
     port: int = 7070
     auth_key: bytes | None = None
@@ -84,6 +87,7 @@ class DestOptions:
 
     def __post_init__(self) -> None:
         self.memory_dir = Path(self.memory_dir)
+        self.state_dir = Path(self.state_dir) if self.state_dir is not None else self.memory_dir
 
 
 @dataclass
@@ -104,30 +108,46 @@ class MigrationRecord:
 
 
 class _Journal:
-    """Durable per-migration records: ``<memory-dir>/.precopy/journal/<id>.json``."""
+    """Durable per-migration records: ``<state-dir>/.precopy/journal/<id>.json``."""
 
     def __init__(self, root: Path) -> None:
         self.dir = root / ".precopy" / "journal"
-        self.dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RegionError(f"cannot create the journal directory {self.dir}: {exc.strerror}") from exc
+        # Fail at start, not at the first commit, where files cannot be
+        # written (hugetlbfs holds mappable files only).
+        self.write({"migration_id": ".probe", "outcome": "probe"})
+        (self.dir / ".probe.json").unlink()
 
     def write(self, rec: MigrationRecord | dict[str, Any]) -> None:
-        """Replace the record durably (write, fsync, rename, fsync the directory)."""
+        """Replace the record durably (write, fsync, rename, fsync the directory).
+
+        Raises :class:`RegionError` when the record cannot be written.
+        """
         fields = rec if isinstance(rec, dict) else rec.__dict__
         path = self.dir / f"{fields['migration_id']}.json"
         tmp = path.with_suffix(".tmp")
         data = json.dumps(fields).encode()
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        dfd = os.open(self.dir, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.write(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+            dfd = os.open(self.dir, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except OSError as exc:
+            raise RegionError(
+                f"cannot write the journal in {self.dir}: {exc.strerror} (a hugetlbfs --memory-dir "
+                "needs a --state-dir on an ordinary file system)"
+            ) from exc
 
     def entries(self) -> list[dict[str, Any]]:
         """Every readable record (unreadable ones are logged and skipped)."""
@@ -173,11 +193,13 @@ class DestinationServer:
         self.port = opts.port
 
     async def start(self) -> None:
+        assert self.opts.state_dir is not None
         try:
             self.opts.memory_dir.mkdir(parents=True, exist_ok=True)
-            self.journal = _Journal(self.opts.memory_dir)
+            self.opts.state_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise RegionError(f"cannot use --memory-dir {self.opts.memory_dir}: {exc.strerror}") from exc
+            raise RegionError(f"cannot use {exc.filename}: {exc.strerror}") from exc
+        self.journal = _Journal(self.opts.state_dir)
         self._cleanup_stale_partials()
         loop = asyncio.get_running_loop()
         infos = await loop.getaddrinfo(self.opts.host, self.opts.port, type=socket.SOCK_STREAM,
@@ -345,10 +367,13 @@ class DestinationServer:
                 f"region {begin.name!r} is already being migrated here; wait for it to finish "
                 "or migrate under another --name", AbortCode.BUSY,
             )
-        free = shutil.disk_usage(self.opts.memory_dir).free
-        if free < begin.size:
+        usage = shutil.disk_usage(self.opts.memory_dir)
+        # total 0: the file system reports no size (hugetlbfs without size=);
+        # then only the reservation while receiving can tell, cleanly.
+        if usage.total and usage.free < begin.size:
             raise RegionError(
-                f"{self.opts.memory_dir} has {free >> 20} MiB free, the region needs {begin.size >> 20} MiB"
+                f"{self.opts.memory_dir} has {usage.free >> 20} MiB free, the region needs "
+                f"{begin.size >> 20} MiB"
             )
         rec = MigrationRecord(begin.migration_id, begin.name, begin.size, chan.peer)
         task = asyncio.current_task()
@@ -367,7 +392,7 @@ class DestinationServer:
                     rec.error = "cancelled"
                 try:
                     self.journal.write(rec)
-                except OSError as jexc:
+                except RegionError as jexc:
                     _log.error("cannot record that migration %s aborted: %s", rec.migration_id, jexc)
             raise
         finally:
@@ -410,7 +435,8 @@ class _DestMigration:
         self.rec = rec
         self.partial = self.opts.memory_dir / f".{begin.name}.{begin.migration_id}.partial"
         self.final = self.opts.memory_dir / begin.name
-        self.device_state_path = self.opts.memory_dir / f"{begin.name}.device-state"
+        assert self.opts.state_dir is not None
+        self.device_state_path = self.opts.state_dir / f"{begin.name}.device-state"
         self.device = bytearray()
         self.device_total: int | None = None
 
@@ -517,7 +543,7 @@ class _DestMigration:
         record.device_state_bytes = len(self.device)
         try:
             journal.write(record)
-        except OSError as exc:
+        except RegionError as exc:
             raise RegionError(f"cannot record the commit in the journal: {exc}") from exc
         try:
             os.replace(self.partial, self.final)
@@ -527,7 +553,7 @@ class _DestMigration:
             self.rec.outcome = "aborted"
             try:
                 journal.write(self.rec)
-            except OSError as jexc:
+            except RegionError as jexc:
                 _log.critical("migration %s: region not moved into place (%s) and the journal "
                               "cannot be corrected (%s)", self.rec.migration_id, exc, jexc)
             raise RegionError(self.rec.error) from exc

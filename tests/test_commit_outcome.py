@@ -112,7 +112,9 @@ async def test_journal_failure_at_commit_rolls_back(work: Path, dest_dir: Path,
     def failing(self: Any, rec: Any) -> None:
         fields = rec if isinstance(rec, dict) else rec.__dict__
         if fields.get("outcome") == "committed":
-            raise OSError(28, "No space left on device")
+            from precopy.errors import RegionError
+
+            raise RegionError("cannot write the journal in test: No space left on device")
         orig(self, rec)
 
     monkeypatch.setattr(destination._Journal, "write", failing)
