@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from pathlib import Path
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 import pytest
 
@@ -26,24 +26,35 @@ def _cut(chan: Any) -> None:
     chan.sock.shutdown(socket.SHUT_RDWR)
 
 
-async def test_commit_persisted_but_confirmation_lost(work: Path, dest_dir: Path,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    """Committed on the destination, link cut before COMMITTED: the source learns 'committed'."""
+def _before_committed(monkeypatch: pytest.MonkeyPatch,
+                      hook: Callable[[Any], Awaitable[None]]) -> None:
+    """Let the destination commit for real, but run ``hook(migration)`` just
+    before it sends COMMITTED (to cut the link or delay the confirmation)."""
     orig = destination._DestMigration._commit
 
-    async def commit_then_cut(self: Any, ev: Any) -> None:
+    async def commit(self: Any, ev: Any) -> None:
         real_send = self.chan.send
 
         async def send(event: Any) -> int:
             if isinstance(event, Committed):
-                _cut(self.chan)
-                raise LinkError("test: link cut before COMMITTED")
+                await hook(self)
             return await real_send(event)
 
         self.chan.send = send
         await orig(self, ev)
 
-    monkeypatch.setattr(destination._DestMigration, "_commit", commit_then_cut)
+    monkeypatch.setattr(destination._DestMigration, "_commit", commit)
+
+
+async def test_commit_persisted_but_confirmation_lost(work: Path, dest_dir: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Committed on the destination, link cut before COMMITTED: the source learns 'committed'."""
+
+    async def cut(migration: Any) -> None:
+        _cut(migration.chan)
+        raise LinkError("test: link cut before COMMITTED")
+
+    _before_committed(monkeypatch, cut)
     src = work / "vm.mem"
     mm = make_region(src, 256)
     wl = FakeWorkload(blob=b"state")
@@ -176,20 +187,11 @@ async def _run_until_commit_sent(server: Any, src: Path, wl: FakeWorkload) -> tu
 async def test_interrupt_after_commit_sent_asks_and_keeps_a_committed_migration(
         work: Path, dest_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """SIGINT (a cancel) while waiting for COMMITTED: the source asks, learns 'committed', never resumes."""
-    orig = destination._DestMigration._commit
 
-    async def slow_commit(self: Any, ev: Any) -> None:
-        real_send = self.chan.send
+    async def late(migration: Any) -> None:
+        await asyncio.sleep(0.5)  # committed and resumed here, confirmed late
 
-        async def late_send(event: Any) -> int:
-            if isinstance(event, Committed):
-                await asyncio.sleep(0.5)  # committed and resumed here, confirmed late
-            return await real_send(event)
-
-        self.chan.send = late_send
-        await orig(self, ev)
-
-    monkeypatch.setattr(destination._DestMigration, "_commit", slow_commit)
+    _before_committed(monkeypatch, late)
     src = work / "vm.mem"
     mm = make_region(src, 64)
     wl = FakeWorkload()
