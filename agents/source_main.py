@@ -60,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="time before giving up on convergence (default 600; 0 = unbounded)")
     p.add_argument("--on-nonconvergence", choices=["abort", "force"], default="abort",
                    help="abort: roll back, exit 3; force: switch over anyway (default abort)")
+    p.add_argument("--mode", choices=["precopy", "stop-and-copy"], default="precopy",
+                   help="precopy: copy while the workload runs, pause only for the rest; stop-and-copy: pause "
+                        "first and copy everything while paused (the baseline Quick Migration and CRIU use) "
+                        "(default: precopy)")
     p.add_argument("--compress", choices=["off", "lz4", "auto"], default="auto",
                    help="lz4 per batch: off, always, or auto when the link is slower than lz4 (default auto)")
     p.add_argument("--auth-key-file", type=Path, metavar="FILE",
@@ -145,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             max_rounds=args.max_rounds, max_time_s=args.max_time or None,
             on_nonconvergence=args.on_nonconvergence, compress=args.compress, auth_key=key,
             batch_pages=args.batch_pages, on_commit=args.on_commit,
-            connect_timeout_s=args.connect_timeout, migration_id=args.migration_id,
+            connect_timeout_s=args.connect_timeout, migration_id=args.migration_id, mode=args.mode,
         )
         if not args.memory.exists():
             raise PrecopyError(f"memory region {args.memory} does not exist")

@@ -38,6 +38,7 @@ class MigrationReport:
     region_bytes: int = 0
     page_size: int = 4096
     workload: str = ""
+    mode: str = "precopy"  # precopy | stop-and-copy
     downtime_budget_ms: float = 0.0
     total_time_s: float = 0.0
     downtime_ms: float | None = None

@@ -99,6 +99,7 @@ class SourceOptions:
     io_timeout_s: float = 60.0
     migration_id: str | None = None
     outcome_retries: int = 6
+    mode: str = "precopy"  # precopy | stop-and-copy (the baseline: pause first, copy everything paused)
 
     def __post_init__(self) -> None:
         self.memory = Path(self.memory)
@@ -112,6 +113,8 @@ class SourceOptions:
             raise ValueError("chunk_pages must be a power of two up to 4096")
         if self.compress not in ("off", "lz4", "auto"):
             raise ValueError(f"compress must be off, lz4 or auto, not {self.compress!r}")
+        if self.mode not in ("precopy", "stop-and-copy"):
+            raise ValueError(f"mode must be precopy or stop-and-copy, not {self.mode!r}")
         if self.on_commit not in ("keep-stopped", "kill"):
             raise ValueError(f"on_commit must be keep-stopped or kill, not {self.on_commit!r}")
         if self.migration_id is None:
@@ -168,7 +171,7 @@ class SourceSession:
         self.report = MigrationReport(
             migration_id=str(opts.migration_id), memory=str(opts.memory),
             destination=f"{opts.host}:{opts.port}", workload=workload.describe(),
-            downtime_budget_ms=opts.downtime_ms, compression=opts.compress,
+            downtime_budget_ms=opts.downtime_ms, compression=opts.compress, mode=opts.mode,
         )
         self.chan: Channel | None = None
         self.mem: GuestMemory | None = None
@@ -310,6 +313,12 @@ class SourceSession:
         _log.info("migration %s: %s (%d MiB) -> %s", opts.migration_id, opts.memory,
                   mem.size >> 20, self.report.destination)
 
+        if opts.mode == "stop-and-copy":
+            # The baseline (Quick Migration, CRIU): pause first, then the
+            # final pass finds every page that differs from the (empty)
+            # destination and sends it while the workload is stopped.
+            await self._switchover(self._expected(mem.npages), None)
+            return
         await self._full_copy()
         expected, dest_table = await self._iterate()
         await self._switchover(expected, dest_table)
@@ -597,7 +606,12 @@ class SourceSession:
 
     # -- switchover -----------------------------------------------------
 
-    async def _switchover(self, expected_s: float, dest_table: np.ndarray) -> None:
+    async def _switchover(self, expected_s: float, dest_table: np.ndarray | None) -> None:
+        """Pause, send what differs, device state, verify, commit.
+
+        ``dest_table``: the destination's chunk digests from the last round
+        (still current), or None to ask for them (stop-and-copy).
+        """
         assert self.mem is not None
         phases: dict[str, float] = {}
         t_pause = time.monotonic()

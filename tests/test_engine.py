@@ -402,6 +402,41 @@ async def test_aba_during_iterative_round_is_caught_by_page_digests(
 
 
 # --------------------------------------------------------------------------
+# Stop-and-copy baseline
+
+
+async def test_stop_and_copy_pauses_first_and_sends_everything_paused(work: Path, dest_dir: Path) -> None:
+    src = work / "snc.mem"
+    mm = make_region(src, 300)
+    blob = b"device state of a stopped guest"
+    writes: list[int] = []
+
+    async def write_at_pause() -> None:  # the last write before the pause must arrive
+        mm[7, :8] = 9
+        mm.flush()
+        writes.append(7)
+
+    wl = FakeWorkload(blob, on_pause=write_at_pause)
+    async with serve(dest_dir) as server:
+        rep = await migrate(server, src, wl, mode="stop-and-copy", downtime_ms=50)
+        await settled(server)
+    assert rep.outcome == "committed" and rep.mode == "stop-and-copy"
+    assert writes == [7]
+    assert [r.kind for r in rep.rounds] == ["final"]  # no full copy, no iterative rounds
+    nonzero = sum(1 for i in range(300) if mm[i].any())
+    assert rep.rounds[0].pages_sent >= nonzero - 1  # every non-zero page went while paused
+    assert rep.downtime_ms is not None and rep.downtime_ms > 0
+    assert (dest_dir / "snc.mem").read_bytes() == src.read_bytes()
+    assert (dest_dir / "snc.mem.device-state").read_bytes() == blob
+    del mm
+
+
+def test_source_options_reject_unknown_mode(work: Path) -> None:
+    with pytest.raises(ValueError, match="mode must be"):
+        SourceOptions(host="127.0.0.1", port=1, memory=work / "x", mode="postcopy")
+
+
+# --------------------------------------------------------------------------
 # Device state (2)
 
 
