@@ -1,10 +1,10 @@
-# precopy: make demo | make test | make bench
+# precopy: make demo | make test | make bench | make bench-full
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: venv demo test test-fast bench lint clean
+.PHONY: venv demo test test-fast bench bench-full lint clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "precopy needs Python >= 3.11")'
@@ -30,8 +30,13 @@ lint: $(STAMP)
 	    precopy/digest.py precopy/policy.py precopy/compress.py precopy/workload.py precopy/auth.py \
 	    precopy/source.py precopy/destination.py precopy/report.py precopy/errors.py
 
+# The quick matrix (a few minutes) and everything (long; needs ~13 GiB of /dev/shm for 4 GiB).
+# Both rewrite their section of benchmarks/RESULTS.md and the plots in benchmarks/results/.
 bench: $(STAMP)
-	$(BIN)/python -m benchmarks.quick
+	$(BIN)/python -m benchmarks.harness --matrix quick --update-results
+
+bench-full: $(STAMP)
+	$(BIN)/python -m benchmarks.harness --matrix full --update-results
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

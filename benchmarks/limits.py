@@ -1,7 +1,7 @@
 """Yardsticks measured in the same run as the migrations they judge.
 
 * ``raw_copy``: the same bytes over a raw TCP socket between two processes
-  (1 MiB ``sendall`` from the mapped region, ``recv_into``), either into a
+  on the link under test (1 MiB ``sendall`` from the mapped region, ``recv_into``), either into a
   reused buffer (the link) or into a fresh region file (the link plus the
   first-touch cost any migration to a new host pays).
 * ``hash_time``: pure xxh3 over the region in 64 MiB buffers.
@@ -11,20 +11,18 @@ from __future__ import annotations
 
 import mmap
 import os
-import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import xxhash
 
-CHUNK = 1 << 20
-
 _RECEIVER = r"""
 import mmap, os, socket, sys
-mode, size, target = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-ls = socket.socket(); ls.bind(("127.0.0.1", 0)); ls.listen(1)
+mode, size, target, host = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+ls = socket.socket(); ls.bind((host, 0)); ls.listen(1)
 print(ls.getsockname()[1], flush=True)
 c, _ = ls.accept()
 c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
@@ -48,33 +46,46 @@ else:
 c.sendall(b"k")
 """
 
+_SENDER = r"""
+import mmap, os, socket, sys, time
+path, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+size = os.stat(path).st_size
+fd = os.open(path, os.O_RDONLY)
+m = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+view = memoryview(m)
+s = socket.create_connection((host, port))
+s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+t = time.perf_counter()
+for off in range(0, size, 1 << 20):
+    s.sendall(view[off:off + (1 << 20)])
+s.recv(1)
+print(time.perf_counter() - t, flush=True)
+"""
 
-def raw_copy(region: Path, fresh: bool) -> float:
-    """Seconds to move the region's bytes to another process over loopback TCP."""
+
+def raw_copy(region: Path, fresh: bool, *, host: str = "127.0.0.1", recv_prefix: Sequence[str] = (),
+             send_prefix: Sequence[str] = ()) -> float:
+    """Seconds to move the region's bytes from one process to another over TCP.
+
+    The receiver listens on ``host``; ``recv_prefix``/``send_prefix`` put the
+    two processes elsewhere (``ip netns exec NS``) to measure a shaped link.
+    """
     size = region.stat().st_size
     target = str(region.parent / f".rawcopy-{os.getpid()}")
-    p = subprocess.Popen([sys.executable, "-c", _RECEIVER, "fresh" if fresh else "link", str(size), target],
-                         stdout=subprocess.PIPE)
+    p = subprocess.Popen([*recv_prefix, sys.executable, "-c", _RECEIVER, "fresh" if fresh else "link", str(size),
+                          target, host], stdout=subprocess.PIPE)
     try:
         assert p.stdout is not None
         port = int(p.stdout.readline())
-        fd = os.open(region, os.O_RDONLY)
-        m = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
-        view = memoryview(m)
-        s = socket.create_connection(("127.0.0.1", port))
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
-        t = time.perf_counter()
-        for off in range(0, size, CHUNK):
-            s.sendall(view[off:off + CHUNK])
-        s.recv(1)
-        elapsed = time.perf_counter() - t
-        s.close()
-        view.release()
-        m.close()
-        os.close(fd)
-        return elapsed
+        out = subprocess.run([*send_prefix, sys.executable, "-c", _SENDER, str(region), host, str(port)],
+                             capture_output=True, text=True, check=True, timeout=600)
+        return float(out.stdout.strip())
     finally:
-        p.wait(30)
+        try:
+            p.wait(30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
 
 
 def hash_time(region: Path) -> float:

@@ -1,0 +1,694 @@
+"""The benchmark harness: a matrix of migrations next to yardsticks from the same run.
+
+    python -m benchmarks.harness --matrix quick            # make bench (a few minutes)
+    python -m benchmarks.harness --matrix full             # make bench-full (long; 4 GiB)
+    python -m benchmarks.harness --matrix quick --update-results   # also rewrite RESULTS.md's section
+
+Each scenario (region size, guest behaviour, content, downtime budget,
+compression, link, precopy or stop-and-copy) runs ``--runs`` times with the
+real agents as separate processes: a ``precopy-dest`` daemon, a
+``precopy-guest dirty`` process and a ``precopy-source`` paused/resumed with
+SIGSTOP/SIGCONT.  For every (size, content, link) the same run measures the
+yardsticks: a raw socket copy of the same bytes between two processes on that
+link (into a reused buffer, and into a fresh region file) and xxh3 over the
+region.  The 1 Gbit/s link is two network namespaces joined by a veth pair
+shaped with ``tc tbf`` (root only; skipped with a message otherwise).
+
+Outputs under ``--out`` (default ``benchmarks/out/MATRIX``): ``runs.jsonl``
+(one line per run: scenario, the full migration report, yardsticks, peak RSS of
+both agents, the guest's achieved write rate), ``table.md`` and PNG plots.
+Benchmarks report; they never fail on a timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from agents.common import stop_process
+from precopy.guest import create_region, parse_size
+from precopy.netns import TwoHosts, rate_bits_per_s, unavailable_reason
+
+from .limits import hash_time, raw_copy
+
+PY = sys.executable
+ROOT = Path(__file__).resolve().parent.parent
+MiB = 1 << 20
+GiB = 1 << 30
+
+# Guest behaviours: arguments to ``precopy-guest dirty``.
+WORKLOADS: dict[str, list[str]] = {
+    "idle": ["--rate", "0"],
+    "low": ["--rate", "2000", "--hot-fraction", "1"],          # 2,000 pages/s, uniform
+    "high": ["--rate", "200000", "--hot-fraction", "1"],       # 200,000 pages/s, uniform
+    "hotset": ["--rate", "50000", "--hot-fraction", "0.1", "--hot-weight", "0.9"],  # 10 % of pages, 90 % of writes
+    "sweep": ["--pattern", "sweep"],                           # every page's first byte, full speed
+}
+NOMINAL_RATE = {"idle": 0, "low": 2000, "high": 200_000, "hotset": 50_000, "sweep": None}
+LINK_BYTES_PER_S = {"loopback": 1.0e9}  # rough, only to bound a run's time
+
+
+@dataclass(frozen=True)
+class Scenario:
+    size: str = "1G"
+    workload: str = "idle"
+    content: str = "random"      # random | half-text
+    budget_ms: float = 50.0
+    compress: str = "off"        # off | lz4
+    link: str = "loopback"       # loopback | 1gbit (any tc rate)
+    mode: str = "precopy"        # precopy | stop-and-copy
+
+    @property
+    def key(self) -> str:
+        return (f"{self.size} {self.workload} {self.content} {self.budget_ms:g}ms {self.compress} "
+                f"{self.link} {self.mode}")
+
+    @property
+    def bytes(self) -> int:
+        return parse_size(self.size)
+
+
+def matrix(name: str) -> list[Scenario]:
+    """The scenario lists behind ``make bench`` (quick) and ``make bench-full`` (full)."""
+    s = Scenario()
+    if name == "smoke":
+        return [Scenario(size="16M", workload="low", budget_ms=300),
+                Scenario(size="16M", workload="low", budget_ms=300, mode="stop-and-copy")]
+    if name == "quick":
+        out = [replace(s, workload=w) for w in ("idle", "low", "high", "hotset", "sweep")]
+        out += [replace(s, workload=w, mode="stop-and-copy") for w in ("idle", "low", "high")]
+        out += [replace(s, workload="high", budget_ms=300)]
+        out += [replace(s, size="256M", workload=w) for w in ("idle", "high")]
+        out += [replace(s, size="256M", workload="idle", mode="stop-and-copy")]
+        net = replace(s, size="256M", link="1gbit")
+        out += [replace(net, workload="idle"), replace(net, workload="low"),
+                replace(net, workload="idle", content="half-text"),
+                replace(net, workload="idle", content="half-text", compress="lz4")]
+        return out
+    if name == "full":
+        out = []
+        for size in ("256M", "1G", "4G"):
+            out += [replace(s, size=size, workload=w) for w in ("idle", "low", "high", "hotset", "sweep")]
+            out += [replace(s, size=size, workload=w, mode="stop-and-copy") for w in ("idle", "low", "high")]
+        out += [replace(s, workload=w, budget_ms=300) for w in ("low", "high", "hotset", "sweep")]
+        for content in ("random", "half-text"):
+            for comp in ("off", "lz4"):
+                out += [replace(s, workload=w, content=content, compress=comp) for w in ("idle", "low")
+                        if (content, comp) != ("random", "off")]
+        net = replace(s, link="1gbit")
+        out += [replace(net, workload=w) for w in ("idle", "low", "high")]
+        out += [replace(net, workload=w, mode="stop-and-copy") for w in ("idle", "low")]
+        out += [replace(net, workload=w, content="half-text", compress=c) for w in ("idle", "low")
+                for c in ("off", "lz4")]
+        out += [replace(net, workload="low", budget_ms=300)]
+        return out
+    raise ValueError(f"unknown matrix {name!r}: use smoke, quick or full")
+
+
+# -- measuring helpers ----------------------------------------------------
+
+
+def _wait_file(path: Path, proc: subprocess.Popen[bytes], timeout: float = 30) -> str:
+    deadline = time.monotonic() + timeout
+    while not path.exists() or not path.read_text().strip():
+        if proc.poll() is not None:
+            raise RuntimeError(f"process {proc.args!r} exited with {proc.returncode} before writing {path}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out waiting for {path}")
+        time.sleep(0.02)
+    return path.read_text().strip()
+
+
+def _rss_kib(pid: int) -> dict[str, int]:
+    out: dict[str, int] = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(("RssAnon:", "RssFile:", "RssShmem:")):
+                    k, v = line.split(":", 1)
+                    out[k] = int(v.split()[0])
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return out
+
+
+class RssSampler:
+    """Peak resident memory of some processes, beyond their shared mappings.
+
+    ``RssAnon + RssFile``: the agent's own heap, buffers and code, without the
+    region (a ``/dev/shm`` region counts as ``RssShmem``).  Sampled every 20 ms.
+    """
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+        self.peak = {name: 0 for name in pids}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for name, pid in self.pids.items():
+                r = _rss_kib(pid)
+                if r:
+                    self.peak[name] = max(self.peak[name], (r.get("RssAnon", 0) + r.get("RssFile", 0)) * 1024)
+            self._stop.wait(0.02)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+@dataclass
+class Link:
+    """Where the agents run: loopback, or two shaped namespaces."""
+
+    name: str
+    host: str = "127.0.0.1"
+    src_prefix: tuple[str, ...] = ()
+    dst_prefix: tuple[str, ...] = ()
+    hosts: TwoHosts | None = None
+
+    @property
+    def bytes_per_s(self) -> float:
+        if self.name == "loopback":
+            return LINK_BYTES_PER_S["loopback"]
+        return rate_bits_per_s(self.name) / 8
+
+
+class Bench:
+    def __init__(self, work: Path, out: Path, runs: int, log: Any) -> None:
+        self.work, self.out, self.runs, self.log = work, out, runs, log
+        self.links: dict[str, Link] = {}
+        self.dests: dict[str, tuple[subprocess.Popen[bytes], str, Path]] = {}
+        self.regions: dict[tuple[str, str], Path] = {}
+        self.yardsticks: dict[tuple[str, str, str], dict[str, Any]] = {}
+        self.skipped: list[str] = []
+
+    # links and daemons ------------------------------------------------------
+
+    def link(self, name: str) -> Link | None:
+        if name in self.links:
+            return self.links[name]
+        if name == "loopback":
+            link = Link("loopback")
+        else:
+            reason = unavailable_reason()
+            if reason:
+                self.skipped.append(f"link {name}: {reason}")
+                self.log(f"skipping the {name} link: {reason}")
+                return None
+            hosts = TwoHosts(f"pcb{os.getpid() % 10000}", rate=name).up()
+            link = Link(name, host=hosts.dst_ip, src_prefix=tuple(hosts.exec_prefix(hosts.src_ns)),
+                        dst_prefix=tuple(hosts.exec_prefix(hosts.dst_ns)), hosts=hosts)
+            self.log(f"link {name}: namespaces {hosts.src_ns} -> {hosts.dst_ns} ({hosts.dst_ip}), tc tbf {name}")
+        self.links[name] = link
+        return link
+
+    def dest(self, link: Link) -> tuple[subprocess.Popen[bytes], str, Path]:
+        if link.name in self.dests:
+            return self.dests[link.name]
+        ddir = self.work / f"dest-{link.name}"
+        ready = self.work / f"dest-{link.name}.addr"
+        log = open(self.work / f"dest-{link.name}.log", "wb")
+        proc = subprocess.Popen([*link.dst_prefix, PY, "-m", "agents.dest_main", "--listen", f"{link.host}:0",
+                                 "--memory-dir", str(ddir), "--ready-file", str(ready), "--log-level", "warning"],
+                                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=_env())
+        addr = _wait_file(ready, proc)
+        self.dests[link.name] = (proc, addr, ddir)
+        return self.dests[link.name]
+
+    def close(self) -> None:
+        for proc, _, _ in self.dests.values():
+            stop_process(proc)
+        for link in self.links.values():
+            if link.hosts is not None:
+                link.hosts.down()
+
+    # regions and yardsticks -------------------------------------------------
+
+    def region(self, sc: Scenario) -> Path:
+        key = (sc.size, sc.content)
+        if key not in self.regions:
+            path = self.work / f"guest-{sc.size}-{sc.content}.mem"
+            self.log(f"creating {path.name} ({sc.size}, {sc.content})")
+            create_region(path, sc.bytes, sc.content, 1)
+            self.regions[key] = path
+        return self.regions[key]
+
+    def yardstick(self, sc: Scenario, link: Link) -> dict[str, Any]:
+        key = (sc.size, sc.content, sc.link)
+        if key not in self.yardsticks:
+            region = self.region(sc)
+            kw: dict[str, Any] = dict(host=link.host, recv_prefix=link.dst_prefix, send_prefix=link.src_prefix)
+            n = 3
+            self.log(f"yardsticks for {sc.size} {sc.content} on {sc.link}: raw copies x{n}, xxh3 x{n}")
+            link_s = [raw_copy(region, fresh=False, **kw) for _ in range(n)]
+            fresh_s = [raw_copy(region, fresh=True, **kw) for _ in range(n)]
+            hash_s = [hash_time(region) for _ in range(n)]
+            self.yardsticks[key] = {
+                "raw_link_s": statistics.median(link_s), "raw_link_runs_s": link_s,
+                "raw_fresh_s": statistics.median(fresh_s), "raw_fresh_runs_s": fresh_s,
+                "xxh3_s": statistics.median(hash_s), "xxh3_runs_s": hash_s,
+            }
+        return self.yardsticks[key]
+
+    # one migration -----------------------------------------------------------
+
+    def run_once(self, sc: Scenario, run: int) -> dict[str, Any] | None:
+        link = self.link(sc.link)
+        if link is None:
+            return None
+        yard = self.yardstick(sc, link)
+        region = self.region(sc)
+        dest, addr, ddir = self.dest(link)
+        tag = f"r{run}"
+        stats = self.work / f"guest-{tag}.json"
+        stats.unlink(missing_ok=True)
+        guest = subprocess.Popen([PY, "-m", "precopy.guest", "dirty", "--memory", str(region),
+                                  "--content", sc.content, "--seed", str(run + 1), "--stats-out", str(stats),
+                                  *WORKLOADS[sc.workload]], cwd=ROOT, env=_env())
+        report = self.work / f"report-{tag}.json"
+        report.unlink(missing_ok=True)
+        # bound the run: enough for the full copy a few times over, then give up (forced switchover)
+        max_time = max(15.0, 3 * sc.bytes / link.bytes_per_s + 5)
+        src = None
+        try:
+            time.sleep(0.7)  # the guest maps its region and starts writing
+            argv = [*link.src_prefix, PY, "-m", "agents.source_main", "--to", addr, "--memory", str(region),
+                    "--pid", str(guest.pid), "--name", "bench", "--downtime-ms", f"{sc.budget_ms:g}",
+                    "--compress", sc.compress, "--mode", sc.mode, "--max-time", f"{max_time:g}",
+                    "--on-nonconvergence", "force", "--report", str(report), "--progress", "off",
+                    "--log-level", "warning"]
+            t = time.monotonic()
+            src = subprocess.Popen(argv, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL)
+            with RssSampler({"source": src.pid, "dest": dest.pid}) as rss:
+                rc = src.wait(max_time * 3 + 60)
+            wall = time.monotonic() - t
+        finally:
+            if src is not None and src.poll() is None:
+                stop_process(src)
+            stop_process(guest)
+            for f in ddir.glob("bench*"):
+                f.unlink()
+        rep = json.loads(report.read_text()) if report.exists() else {"outcome": "no report"}
+        gst = json.loads(stats.read_text()) if stats.exists() else {}
+        achieved = gst.get("pages_written", 0) / gst["seconds"] if gst.get("seconds") else None
+        return {
+            "scenario": asdict(sc), "key": sc.key, "run": run, "when": time.time(), "exit_code": rc,
+            "wall_s": wall, "report": rep, "yardsticks": yard,
+            "peak_rss_bytes": rss.peak, "region_bytes": sc.bytes,
+            "guest": {"pages_written": gst.get("pages_written"), "seconds": gst.get("seconds"),
+                      "achieved_pps": achieved, "nominal_pps": NOMINAL_RATE[sc.workload]},
+        }
+
+
+def _env() -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+
+# -- summarising -----------------------------------------------------------
+
+
+def _med(xs: Sequence[float]) -> float:
+    return statistics.median(xs)
+
+
+def _fmt(xs: Sequence[float], unit: str, scale: float = 1.0, digits: int = 1) -> str:
+    xs = [x * scale for x in xs if x is not None]
+    if not xs:
+        return "n/a"
+    if len(xs) == 1:
+        return f"{xs[0]:.{digits}f}{unit}"
+    return f"{_med(xs):.{digits}f}{unit} ({min(xs):.{digits}f}–{max(xs):.{digits}f})"
+
+
+def group(records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        out.setdefault(r["key"], []).append(r)
+    return out
+
+
+def _converged(r: dict[str, Any]) -> bool:
+    rep = r["report"]
+    return rep.get("outcome") == "committed" and not rep.get("forced")
+
+
+def table(records: list[dict[str, Any]]) -> str:
+    lines = [
+        "| size | guest | content | link | budget | lz4 | mode | committed (not forced) | total s | "
+        "downtime ms | expected ms | rounds | wire ÷ region | GB/s | guest writes/s | peak RSS src / dst MiB |",
+        "|" + "---|" * 16,
+    ]
+    for key, rs in group(records).items():
+        sc = rs[0]["scenario"]
+        reps = [r["report"] for r in rs]
+        ok = [r for r in rs if r["report"].get("outcome") == "committed"]
+        conv = sum(1 for r in rs if _converged(r))
+        total = [r["report"]["total_time_s"] for r in ok]
+        down = [r["report"]["downtime_ms"] for r in ok]
+        exp = [r["report"]["expected_downtime_ms"] for r in ok]
+        rounds = [len(r["report"]["rounds"]) for r in ok]
+        wire = [r["report"]["bytes_on_wire"] / r["region_bytes"] for r in ok]
+        gbps = [r["region_bytes"] / 1e9 / r["report"]["total_time_s"] for r in ok]
+        rate = [r["guest"]["achieved_pps"] for r in rs if r["guest"]["achieved_pps"] is not None]
+        rss_s = _med([r["peak_rss_bytes"]["source"] for r in rs]) / MiB
+        rss_d = _med([r["peak_rss_bytes"]["dest"] for r in rs]) / MiB
+        lines.append(
+            f"| {sc['size']} | {sc['workload']} | {sc['content']} | {sc['link']} | {sc['budget_ms']:g} ms | "
+            f"{sc['compress']} | {sc['mode']} | {len(ok)}/{len(reps)} ({conv}) | {_fmt(total, '', digits=2)} | "
+            f"{_fmt(down, '')} | {_fmt(exp, '')} | {_fmt(rounds, '', digits=0)} | {_fmt(wire, '', digits=2)} | "
+            f"{_fmt(gbps, '', digits=2)} | {_fmt(rate, '', digits=0)} | {rss_s:.0f} / {rss_d:.0f} |")
+    return "\n".join(lines)
+
+
+def yardstick_table(records: list[dict[str, Any]]) -> str:
+    seen: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for r in records:
+        sc = r["scenario"]
+        seen.setdefault((sc["size"], sc["content"], sc["link"]), {**r["yardsticks"], "bytes": r["region_bytes"]})
+    lines = ["| size | content | link | raw copy, reused buffer | raw copy into a fresh file | xxh3 |",
+             "|---|---|---|---|---|---|"]
+    for (size, content, link), y in seen.items():
+        gb = y["bytes"] / 1e9
+        lines.append(f"| {size} | {content} | {link} | {y['raw_link_s']:.3f} s ({gb / y['raw_link_s']:.2f} GB/s) | "
+                     f"{y['raw_fresh_s']:.3f} s ({gb / y['raw_fresh_s']:.2f} GB/s) | "
+                     f"{y['xxh3_s'] * 1e3:.1f} ms ({gb / y['xxh3_s']:.1f} GB/s) |")
+    return "\n".join(lines)
+
+
+def headline(records: list[dict[str, Any]]) -> str:
+    """The figures the benchmark issue asks for, for the largest quick size (1 GiB)."""
+    g = group(records)
+
+    def pick(**kw: Any) -> list[dict[str, Any]]:
+        return g.get(Scenario(**kw).key, [])
+
+    out = []
+    idle = [r for r in pick(workload="idle") if r["report"].get("outcome") == "committed"]
+    if idle:
+        y = idle[0]["yardsticks"]
+        t = _med([r["report"]["total_time_s"] for r in idle])
+        out.append(f"* 1 GiB idle: {t:.3f} s, {1.0737 / t:.2f} GB/s; raw loopback link copy ÷ migration time = "
+                   f"{y['raw_link_s'] / t:.2f}, raw fresh-file copy ÷ migration time = {y['raw_fresh_s'] / t:.2f}.")
+    for w, label in (("low", "2,000 pages/s"), ("high", "200,000 pages/s"), ("hotset", "hot set")):
+        rs = [r for r in pick(workload=w) if r["report"].get("outcome") == "committed"]
+        if rs:
+            d = [r["report"]["downtime_ms"] for r in rs]
+            within = sum(1 for x in d if x <= 50)
+            conv = sum(1 for r in rs if _converged(r))
+            out.append(f"* 1 GiB {label}, 50 ms budget: downtime {_fmt(d, ' ms')}, {within}/{len(d)} within budget, "
+                       f"{conv}/{len(rs)} converged without forcing.")
+    sw = pick(workload="sweep")
+    if sw:
+        conv = sum(1 for r in sw if _converged(r))
+        d = [r["report"]["downtime_ms"] for r in sw if r["report"].get("downtime_ms") is not None]
+        out.append(f"* 1 GiB full-speed sweep: converged in {conv}/{len(sw)} runs"
+                   + (f"; forced switchover downtime {_fmt(d, ' ms')}" if d else "") + ".")
+    for w in ("idle", "low", "high"):
+        pre = [r["report"]["downtime_ms"] for r in pick(workload=w) if r["report"].get("downtime_ms")]
+        snc = [r["report"]["downtime_ms"] for r in pick(workload=w, mode="stop-and-copy")
+               if r["report"].get("downtime_ms")]
+        if pre and snc:
+            out.append(f"* stop-and-copy downtime ÷ precopy downtime, 1 GiB {w}: {_med(snc):.0f} ms ÷ "
+                       f"{_med(pre):.1f} ms = {_med(snc) / _med(pre):.1f}×.")
+    return "\n".join(out)
+
+
+# -- plots -----------------------------------------------------------------
+
+
+def plots(records: list[dict[str, Any]], out: Path) -> list[Path]:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plots (pip install matplotlib)", file=sys.stderr)
+        return []
+    made: list[Path] = []
+    g = group(records)
+    ok = [r for r in records if r["report"].get("outcome") == "committed"]
+
+    # 1. per-round dirty pages and bytes sent, median-total run of each dirtying precopy scenario
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for key, rs in g.items():
+        sc = rs[0]["scenario"]
+        if sc["mode"] != "precopy" or sc["workload"] == "idle" or sc["link"] != "loopback":
+            continue
+        rs = sorted((r for r in rs if r["report"].get("rounds")), key=lambda r: r["report"]["total_time_s"])
+        if not rs:
+            continue
+        r = rs[len(rs) // 2]
+        rounds = r["report"]["rounds"]
+        x = [x["round"] for x in rounds]
+        label = f"{sc['size']} {sc['workload']} {sc['budget_ms']:g}ms"
+        ax1.plot(x, [max(x["pages_dirty"], 1) for x in rounds], marker="o", label=label)
+        ax2.plot(x, [max(x["bytes_on_wire"], 1) / MiB for x in rounds], marker="o", label=label)
+    ax1.set(yscale="log", xlabel="round (0 = full copy, last = paused)", ylabel="dirty pages",
+            title="Dirty pages per round")
+    ax2.set(yscale="log", xlabel="round", ylabel="MiB on the wire", title="Bytes sent per round")
+    _legend(ax1, fontsize=7)
+    fig.tight_layout()
+    made.append(_save(fig, out / "rounds.png"))
+
+    # 2. downtime vs dirty rate, precopy and stop-and-copy
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for mode, marker in (("precopy", "o"), ("stop-and-copy", "s")):
+        pts = [(r["guest"]["achieved_pps"] or 0, r["report"]["downtime_ms"]) for r in ok
+               if r["scenario"]["mode"] == mode and r["scenario"]["link"] == "loopback"
+               and r["scenario"]["budget_ms"] == 50 and r["scenario"]["size"] == "1G"
+               and r["scenario"]["workload"] != "sweep"]
+        if pts:
+            ax.scatter([max(p[0], 1) for p in pts], [p[1] for p in pts], marker=marker, label=mode)
+    ax.axhline(50, color="grey", linestyle="--", label="50 ms budget")
+    ax.set(xscale="log", yscale="log", xlabel="guest writes, pages/s (idle plotted at 1)",
+           ylabel="downtime, ms", title="Downtime vs dirty rate (1 GiB, loopback)")
+    _legend(ax)
+    fig.tight_layout()
+    made.append(_save(fig, out / "downtime_vs_rate.png"))
+
+    # 3. total time vs region size (idle), with the raw copies
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for mode in ("precopy", "stop-and-copy"):
+        by: dict[int, list[float]] = {}
+        for r in ok:
+            sc = r["scenario"]
+            if sc["mode"] == mode and sc["workload"] == "idle" and sc["link"] == "loopback" \
+                    and sc["content"] == "random":
+                by.setdefault(r["region_bytes"], []).append(r["report"]["total_time_s"])
+        if by:
+            xs = sorted(by)
+            ax.plot([x / GiB for x in xs], [_med(by[x]) for x in xs], marker="o", label=f"{mode}, idle")
+    ys: dict[int, dict[str, Any]] = {}
+    for r in records:
+        if r["scenario"]["link"] == "loopback" and r["scenario"]["content"] == "random":
+            ys[r["region_bytes"]] = r["yardsticks"]
+    if ys:
+        xs = sorted(ys)
+        ax.plot([x / GiB for x in xs], [ys[x]["raw_fresh_s"] for x in xs], linestyle="--", label="raw copy, fresh file")
+        ax.plot([x / GiB for x in xs], [ys[x]["raw_link_s"] for x in xs], linestyle=":", label="raw copy, link")
+    ax.set(xlabel="region, GiB", ylabel="total time, s", title="Total time vs region size (loopback)")
+    _legend(ax)
+    fig.tight_layout()
+    made.append(_save(fig, out / "total_vs_size.png"))
+
+    # 4. expected vs measured downtime
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    pts = [(r["report"]["expected_downtime_ms"], r["report"]["downtime_ms"], r["scenario"]["mode"]) for r in ok
+           if r["report"].get("expected_downtime_ms") and not r["report"].get("forced")]
+    for mode, marker in (("precopy", "o"), ("stop-and-copy", "s")):
+        sel = [p for p in pts if p[2] == mode]
+        if sel:
+            ax.scatter([p[0] for p in sel], [p[1] for p in sel], marker=marker, label=mode)
+    if pts:
+        hi = max(max(p[0], p[1]) for p in pts) * 1.1
+        ax.plot([0, hi], [0, hi], color="grey", label="measured = expected")
+        ax.fill_between([0, hi], [0, hi * 0.75], [0, hi * 1.25], color="grey", alpha=0.15, label="±25 %")
+    ax.set(xlabel="expected downtime at switchover, ms", ylabel="measured downtime, ms",
+           title="Expected vs measured downtime")
+    _legend(ax, fontsize=8)
+    fig.tight_layout()
+    made.append(_save(fig, out / "expected_vs_measured.png"))
+    plt.close("all")
+    return made
+
+
+def _legend(ax: Any, **kw: Any) -> None:
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(**kw)
+    else:
+        ax.text(0.5, 0.5, "no data in this run", ha="center", va="center", transform=ax.transAxes)
+
+
+def _save(fig: Any, path: Path) -> Path:
+    fig.savefig(path, dpi=90)
+    return path
+
+
+# -- the report -------------------------------------------------------------
+
+
+def machine_notes() -> str:
+    mem = "?"
+    try:
+        with open("/proc/meminfo") as f:
+            mem = f"{int(f.readline().split()[1]) / (1 << 20):.0f} GiB"
+    except OSError:
+        pass
+    cpu = "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "?")
+    except OSError:
+        pass
+    return (f"{os.cpu_count()} CPUs ({cpu}), {mem}, Linux {platform.release()}, Python {platform.python_version()}; "
+            "agents, guest and yardsticks on one host, regions in /dev/shm")
+
+
+def markdown(records: list[dict[str, Any]], command: str, plots_rel: list[str], skipped: list[str]) -> str:
+    parts = [
+        f"Command: `{command}` — {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
+        f"Machine: {machine_notes()}.",
+        "Each cell: median (min–max) over the runs; \"committed (not forced)\" counts runs that committed and, "
+        "in brackets, those that met the budget without a forced switchover (the harness passes "
+        "`--on-nonconvergence force` and bounds each run's time). Guest writes/s is what the guest achieved.",
+        "",
+        "### Headline (1 GiB, loopback, incompressible)",
+        "",
+        headline(records) or "(no 1 GiB scenarios in this run)",
+        "",
+        "### Yardsticks (same run)",
+        "",
+        yardstick_table(records),
+        "",
+        "### Migrations",
+        "",
+        table(records),
+    ]
+    if skipped:
+        parts += ["", "Skipped: " + "; ".join(skipped) + "."]
+    if plots_rel:
+        parts += ["", "### Plots", ""] + [f"![{Path(p).stem}]({p})" for p in plots_rel]
+    return "\n".join(parts) + "\n"
+
+
+def update_results(results_md: Path, matrix_name: str, body: str) -> None:
+    begin, end = f"<!-- harness:{matrix_name}:begin -->", f"<!-- harness:{matrix_name}:end -->"
+    text = results_md.read_text() if results_md.exists() else "# Benchmark results\n"
+    section = f"{begin}\n{body}{end}"
+    if begin in text and end in text:
+        text = re.sub(re.escape(begin) + r".*?" + re.escape(end), lambda _: section, text, flags=re.S)
+    else:
+        text = text.rstrip() + f"\n\n## Harness: `{matrix_name}` matrix\n\n{section}\n"
+    results_md.write_text(text)
+
+
+def run_matrix(scenarios: list[Scenario], runs: int, out: Path, log: Any) -> tuple[list[dict[str, Any]], list[str]]:
+    work = Path(tempfile.mkdtemp(prefix="precopy-bench-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
+    bench = Bench(work, out, runs, log)
+    records: list[dict[str, Any]] = []
+    out.mkdir(parents=True, exist_ok=True)
+    jsonl = out / "runs.jsonl"
+    jsonl.write_text("")
+    try:
+        # group by link and region so each namespace, daemon and region is made once
+        order = sorted(scenarios, key=lambda s: (s.link != "loopback", s.link, s.bytes, s.content))
+        for i, sc in enumerate(order, 1):
+            for run in range(runs):
+                rec = bench.run_once(sc, run)
+                if rec is None:
+                    break
+                rep = rec["report"]
+                log(f"[{i}/{len(order)}] {sc.key} run {run + 1}/{runs}: {rep.get('outcome')}"
+                    + (f", total {rep['total_time_s']:.2f} s, downtime {rep['downtime_ms']:.1f} ms"
+                       if rep.get("downtime_ms") is not None else f" ({rep.get('error') or rep.get('reason')})"))
+                records.append(rec)
+                with jsonl.open("a") as f:
+                    f.write(json.dumps(rec) + "\n")
+            # a region file is dropped when no later scenario uses it: keeps /dev/shm small for 4 GiB
+            later = {(s.size, s.content) for s in order[i:]}
+            for key in [k for k in bench.regions if k not in later]:
+                bench.regions.pop(key).unlink(missing_ok=True)
+    finally:
+        bench.close()
+        shutil.rmtree(work, ignore_errors=True)
+    return records, bench.skipped
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.harness", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--matrix", choices=("smoke", "quick", "full"), default="quick",
+                    help="scenario list: quick (make bench), full (make bench-full), smoke (tiny; the test suite) "
+                         "(default: quick)")
+    ap.add_argument("--runs", type=int, default=3, help="repeats of each scenario (default: 3)")
+    ap.add_argument("--only", default="", metavar="REGEX",
+                    help="run only scenarios whose key matches, e.g. '1G .*idle' (default: all)")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="output directory (default: benchmarks/out/MATRIX)")
+    ap.add_argument("--update-results", action="store_true",
+                    help="copy the table and plots into benchmarks/results/MATRIX and rewrite that section of "
+                         "benchmarks/RESULTS.md (default: off)")
+    ap.add_argument("--from-jsonl", type=Path, default=None, metavar="FILE",
+                    help="do not run anything: rebuild the table and plots from an earlier runs.jsonl")
+    args = ap.parse_args(argv)
+    if args.runs < 1:
+        ap.error("--runs must be at least 1")
+    out = args.out or ROOT / "benchmarks" / "out" / args.matrix
+
+    def log(msg: str) -> None:
+        print(f"bench: {msg}", file=sys.stderr, flush=True)
+
+    skipped: list[str] = []
+    if args.from_jsonl:
+        records = [json.loads(ln) for ln in args.from_jsonl.read_text().splitlines() if ln.strip()]
+        out.mkdir(parents=True, exist_ok=True)
+    else:
+        scenarios = matrix(args.matrix)
+        if args.only:
+            pat = re.compile(args.only)
+            scenarios = [s for s in scenarios if pat.search(s.key)]
+        if not scenarios:
+            ap.error("no scenario matches --only")
+        log(f"{len(scenarios)} scenarios x {args.runs} runs; writing {out}")
+        records, skipped = run_matrix(scenarios, args.runs, out, log)
+    if not records:
+        print("bench: no run completed", file=sys.stderr)
+        return 1
+    command = "python -m benchmarks.harness " + " ".join(argv if argv is not None else sys.argv[1:])
+    dest_dir = ROOT / "benchmarks" / "results" / args.matrix if args.update_results else out
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    made = plots(records, dest_dir)
+    rel_base = ROOT / "benchmarks" if args.update_results else out
+    body = markdown(records, command, [str(p.relative_to(rel_base)) for p in made], skipped)
+    (out / "table.md").write_text(body)
+    print(body)
+    if args.update_results:
+        if (out / "runs.jsonl").exists() and out != dest_dir:
+            shutil.copy(out / "runs.jsonl", dest_dir / "runs.jsonl")
+        update_results(ROOT / "benchmarks" / "RESULTS.md", args.matrix, body)
+        log(f"updated benchmarks/RESULTS.md and {dest_dir.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""The benchmark harness cannot rot: its smallest matrix runs here, end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks import harness
+
+
+def test_matrices_cover_the_benchmark_scenarios():
+    quick = harness.matrix("quick")
+    full = harness.matrix("full")
+    assert {s.workload for s in quick} == set(harness.WORKLOADS) == {"idle", "low", "high", "hotset", "sweep"}
+    assert {s.mode for s in quick} == {"precopy", "stop-and-copy"}
+    assert {s.link for s in quick} == {"loopback", "1gbit"}
+    assert {s.size for s in full} == {"256M", "1G", "4G"}
+    assert "4G" not in {s.size for s in quick}
+    assert {s.budget_ms for s in full} == {50, 300}
+    assert {(s.content, s.compress) for s in full} >= {("random", "off"), ("half-text", "lz4"), ("half-text", "off")}
+    assert len({s.key for s in full}) == len(full), "duplicate scenarios"
+    with pytest.raises(ValueError, match="unknown matrix"):
+        harness.matrix("huge")
+
+
+def test_results_section_is_replaced_in_place(tmp_path: Path):
+    md = tmp_path / "RESULTS.md"
+    md.write_text("# Benchmark results\n\nhand-written notes\n")
+    harness.update_results(md, "quick", "first table\n")
+    harness.update_results(md, "quick", "second table\n")
+    text = md.read_text()
+    assert "hand-written notes" in text and "second table" in text and "first table" not in text
+    assert text.count("<!-- harness:quick:begin -->") == 1
+
+
+@pytest.mark.slow
+def test_smoke_matrix_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    out = tmp_path / "out"
+    assert harness.main(["--matrix", "smoke", "--runs", "1", "--out", str(out)]) == 0
+    records = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
+    assert [r["scenario"]["mode"] for r in records] == ["precopy", "stop-and-copy"]
+    for r in records:
+        rep = r["report"]
+        assert rep["outcome"] == "committed", rep
+        assert rep["mode"] == r["scenario"]["mode"]
+        assert rep["rounds"] and rep["downtime_ms"] > 0 and rep["bytes_on_wire"] >= r["region_bytes"] // 2
+        assert r["exit_code"] == 0
+        y = r["yardsticks"]
+        assert y["raw_link_s"] > 0 and y["raw_fresh_s"] > 0 and y["xxh3_s"] > 0
+        assert r["peak_rss_bytes"]["source"] > 0 and r["peak_rss_bytes"]["dest"] > 0
+        assert r["guest"]["achieved_pps"] > 0
+    table = (out / "table.md").read_text()
+    assert "| 16M | low | random | loopback | 300 ms | off | stop-and-copy | 1/1 (1) |" in table
+    for name in ("rounds", "downtime_vs_rate", "total_vs_size", "expected_vs_measured"):
+        png = out / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+        assert f"![{name}]({name}.png)" in table
+    # the table can be rebuilt from the JSON lines alone
+    again = tmp_path / "again"
+    assert harness.main(["--from-jsonl", str(out / "runs.jsonl"), "--out", str(again)]) == 0
+    assert (again / "table.md").read_text().split("### Yardsticks")[1] == table.split("### Yardsticks")[1]
