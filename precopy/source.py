@@ -683,7 +683,8 @@ class SourceSession:
         t6 = time.monotonic()
         phases["commit"] = (t6 - t5) * 1e3
         self.report.downtime_ms = (t6 - t_pause) * 1e3
-        self.report.expected_downtime_ms = expected_s * 1e3
+        # stop-and-copy pauses before anything is measured: no estimate decided it
+        self.report.expected_downtime_ms = expected_s * 1e3 if self.opts.mode == "precopy" else None
         self.report.downtime_overshoot_ms = max(0.0, self.report.downtime_ms - self.opts.downtime_ms)
         self.report.bandwidth_bps = self.link.bytes_per_second
         self.report.phases_ms = phases
