@@ -92,8 +92,10 @@ def summary(rep: MigrationReport) -> str:
         f" {rep.pages_sent} pages sent, {rep.zero_pages} zero pages",
     ]
     if rep.downtime_ms is not None:
-        lines.append(f"  downtime    {rep.downtime_ms:.1f} ms (expected {rep.expected_downtime_ms:.1f} ms, "
-                     f"budget {rep.downtime_budget_ms:.0f} ms)")
+        expected = ("" if rep.expected_downtime_ms is None
+                    else f"expected {rep.expected_downtime_ms:.1f} ms, ")
+        lines.append(f"  downtime    {rep.downtime_ms:.1f} ms ({expected}budget {rep.downtime_budget_ms:.0f} ms"
+                     f"{', stop-and-copy' if rep.mode == 'stop-and-copy' else ''})")
     lines.append(f"  verify      {rep.verify_repairs} pages repaired; device state {rep.device_state_bytes} bytes")
     if rep.error:
         lines.append(f"  error       {rep.error}")

@@ -694,8 +694,7 @@ class SourceSession:
                 await self.workload.stop()
             except PrecopyError as exc:
                 _log.warning("committed, but stopping the source workload failed: %s", exc)
-        _log.info("committed: downtime %.1f ms (expected %.1f ms)", self.report.downtime_ms,
-                  self.report.expected_downtime_ms)
+        _log.info("committed: downtime %.1f ms (expected %.1f ms)", self.report.downtime_ms, expected_s * 1e3)
 
     async def _verify(self, frozen: np.ndarray) -> np.ndarray:
         self._seq += 1
