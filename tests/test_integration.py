@@ -193,8 +193,10 @@ def test_four_gib_region(procs: Procs, shm: Path) -> None:
     dest = start_dest(procs, shm)
     g = procs.start(*guest("dirty", "--memory", str(src), "--rate", "2000"))
     time.sleep(0.3)
+    # The final scan of 4 GiB alone takes ~150 ms on a quiet machine and several times that on a loaded
+    # one: a budget with room, since this test is about size, not downtime (that is the benchmarks' job).
     rc, rep, out = run_source(shm, "--to", dest.addr, "--memory", str(src), "--pid", str(g.pid),
-                              timeout=300)
+                              "--downtime-ms", "3000", timeout=300)
     assert rc == 0, out
     assert rep["region_bytes"] == 4 << 30
     assert rep["verify_repairs"] == 0
