@@ -429,7 +429,6 @@ async def test_stop_and_copy_pauses_first_and_sends_everything_paused(work: Path
     assert rep.expected_downtime_ms is None  # no estimate decided when to pause
     assert (dest_dir / "snc.mem").read_bytes() == src.read_bytes()
     assert (dest_dir / "snc.mem.device-state").read_bytes() == blob
-    del mm
 
 
 def test_source_options_reject_unknown_mode(work: Path) -> None:
