@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import logging
 import signal
 import sys
@@ -12,10 +13,34 @@ from pathlib import Path
 from precopy.auth import load_key
 from precopy.destination import DestinationServer, DestOptions
 from precopy.errors import PrecopyError
+from precopy.tls import server_context
 
 from .common import EXIT_OK, EXIT_USAGE, add_common_args, parse_hostport, run, setup_logging
 
 _log = logging.getLogger("precopy-dest")
+
+
+def exposure_refusal(host: str, has_key: bool, has_tls: bool, insecure: bool) -> str | None:
+    """Why listening on ``host`` this way is refused, or None when it is allowed.
+
+    A port that writes into memory is open only to this machine unless
+    something stands in front of it: a key, TLS with client certificates or
+    at least encryption, or an explicit ``--insecure``.
+    """
+    if has_key or has_tls or insecure:
+        return None
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if loopback:
+        return None
+    return (
+        f"refusing to listen on {host or 'all addresses'} with neither --auth-key-file nor TLS: "
+        "anyone who reaches that port could write a region here and have --on-resume run on it. "
+        "Give --auth-key-file (and/or --tls-cert/--tls-key/--tls-ca), listen on 127.0.0.1, or pass "
+        "--insecure if the network is trusted"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,6 +67,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not prefault a new region in the background (its blocks are still reserved)")
     p.add_argument("--idle-timeout", type=float, default=120.0, metavar="SECONDS",
                    help="drop a migration whose source sends nothing for this long (default 120)")
+    p.add_argument("--handshake-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="drop a connection that has not authenticated and begun within this long "
+                        "(default 10)")
+    p.add_argument("--max-migrations", type=int, default=8, metavar="N",
+                   help="migrations served at once; more are refused as busy (default 8)")
+    p.add_argument("--max-connections", type=int, default=64, metavar="N",
+                   help="connections still in the handshake at once; more are closed at once "
+                        "(default 64)")
+    tls = p.add_argument_group("security (see docs/SECURITY.md)")
+    tls.add_argument("--tls-cert", type=Path, metavar="PEM",
+                     help="serve TLS with this certificate (chain); needs --tls-key")
+    tls.add_argument("--tls-key", type=Path, metavar="PEM", help="private key of --tls-cert (mode 0600)")
+    tls.add_argument("--tls-ca", type=Path, metavar="PEM",
+                     help="require client certificates signed by this CA (mutual TLS)")
+    tls.add_argument("--insecure", action="store_true",
+                     help="allow listening on a non-loopback address with neither "
+                          "--auth-key-file nor TLS")
     p.add_argument("--ready-file", type=Path, metavar="FILE",
                    help="write HOST:PORT here once listening (for scripts using port 0)")
     add_common_args(p)
@@ -77,6 +119,22 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.log_level, args.log_format)
     try:
         key = load_key(args.auth_key_file) if args.auth_key_file else None
+        tls_context = None
+        if args.tls_cert or args.tls_key or args.tls_ca:
+            if not (args.tls_cert and args.tls_key):
+                raise PrecopyError("TLS needs both --tls-cert and --tls-key (--tls-ca adds client "
+                                   "certificate checks)")
+            tls_context = server_context(args.tls_cert, args.tls_key, args.tls_ca)
+        refusal = exposure_refusal(args.listen[0], key is not None, tls_context is not None,
+                                   args.insecure)
+        if refusal:
+            raise PrecopyError(refusal)
+        for flag, value in (("--max-migrations", args.max_migrations),
+                            ("--max-connections", args.max_connections)):
+            if value < 1:
+                raise PrecopyError(f"{flag} must be at least 1")
+        if not args.handshake_timeout > 0:
+            raise PrecopyError("--handshake-timeout must be positive")
     except PrecopyError as exc:
         parser.print_usage(sys.stderr)
         print(f"precopy-dest: error: {exc}", file=sys.stderr)
@@ -84,7 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     host, port = args.listen
     opts = DestOptions(memory_dir=args.memory_dir, state_dir=args.state_dir, host=host, port=port, auth_key=key,
                        on_resume=args.on_resume, keep_partial=args.keep_partial,
-                       idle_timeout_s=args.idle_timeout, populate=not args.no_populate)
+                       idle_timeout_s=args.idle_timeout, populate=not args.no_populate,
+                       tls_context=tls_context, handshake_timeout_s=args.handshake_timeout,
+                       max_migrations=args.max_migrations, max_connections=args.max_connections)
     try:
         return run(_serve(opts, args.ready_file), args.event_loop)
     except PrecopyError as exc:

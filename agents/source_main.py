@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from precopy.auth import load_key
+from precopy.tls import client_context
 from precopy.errors import MigrationAborted, MigrationInDoubt, PrecopyError
 from precopy.report import MigrationReport
 from precopy.source import SourceOptions, migrate
@@ -70,6 +71,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pre-shared key (same file as precopy-dest's); both sides prove they hold it")
     p.add_argument("--on-commit", choices=["keep-stopped", "kill"], default="keep-stopped",
                    help="after commit, leave the source workload stopped or kill it (default keep-stopped)")
+    tls = p.add_argument_group("TLS (see docs/SECURITY.md)")
+    tls.add_argument("--tls", action="store_true",
+                     help="connect with TLS, verifying the destination against the system CAs "
+                          "(implied by --tls-ca/--tls-cert)")
+    tls.add_argument("--tls-ca", type=Path, metavar="PEM",
+                     help="CA that signed the destination's certificate (its name or IP must match --to)")
+    tls.add_argument("--tls-cert", type=Path, metavar="PEM",
+                     help="client certificate, for a destination that requires one (with --tls-key)")
+    tls.add_argument("--tls-key", type=Path, metavar="PEM", help="private key of --tls-cert (mode 0600)")
     p.add_argument("--report", type=Path, metavar="FILE", help="write the JSON report here")
     p.add_argument("--batch-pages", type=int, default=256, help="pages per batch (default 256)")
     p.add_argument("--connect-timeout", type=float, default=10.0, metavar="SECONDS")
@@ -145,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.log_level, args.log_format)
     try:
         key = load_key(args.auth_key_file) if args.auth_key_file else None
+        tls_context = None
+        if args.tls or args.tls_ca or args.tls_cert or args.tls_key:
+            tls_context = client_context(args.tls_ca, args.tls_cert, args.tls_key)
         host, port = args.to
         opts = SourceOptions(
             host=host, port=port, memory=args.memory, name=args.name, downtime_ms=args.downtime_ms,
@@ -152,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             on_nonconvergence=args.on_nonconvergence, compress=args.compress, auth_key=key,
             batch_pages=args.batch_pages, on_commit=args.on_commit,
             connect_timeout_s=args.connect_timeout, migration_id=args.migration_id, mode=args.mode,
+            tls_context=tls_context,
         )
         if not args.memory.exists():
             raise PrecopyError(f"memory region {args.memory} does not exist")

@@ -103,17 +103,26 @@ class Channel:
         n = 0
         try:
             for b in bufs:
-                await self.loop.sock_sendall(self.sock, b)
+                await self._write(b)
                 n += memoryview(b).nbytes
         except OSError as exc:
             raise LinkError(f"connection to {self.peer} failed while sending: {exc}") from exc
         self.bytes_sent += n
         return n
 
+    async def start(self) -> None:
+        """Set up the transport before the first frame (TLS: the handshake)."""
+
+    async def _write(self, data: Any) -> None:
+        await self.loop.sock_sendall(self.sock, data)
+
+    async def _read_into(self, buf: memoryview) -> int:
+        return await self.loop.sock_recv_into(self.sock, buf)
+
     async def recv_some(self) -> int:
         buf = self.conn.get_buffer()
         try:
-            n = await self.loop.sock_recv_into(self.sock, buf)
+            n = await self._read_into(buf)
         except OSError as exc:
             raise LinkError(f"connection to {self.peer} failed while receiving: {exc}") from exc
         finally:

@@ -26,6 +26,7 @@ import logging
 import os
 import shutil
 import socket
+import ssl
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ from .channel import Channel, LinkError, PeerAborted, tune
 from .digest import ChunkTracker
 from .errors import AbortCode, AuthError, PrecopyError, RegionError, RemoteProtocolError
 from .memory import GuestMemory
+from .tls import make_channel
 from .wire import (
     MAX_DEVICE_STATE,
     PROTOCOL_VERSION,
@@ -78,10 +80,16 @@ class DestOptions:
     host: str = "127.0.0.1"
     port: int = 7070
     auth_key: bytes | None = None
+    #: TLS for every connection (precopy.tls.server_context); None: plain TCP.
+    tls_context: ssl.SSLContext | None = None
     on_resume: str | None = None
     keep_partial: bool = False
     max_device_state: int = MAX_DEVICE_STATE
     handshake_timeout_s: float = 10.0
+    #: Migrations served at once; one more is refused with ABORT busy.
+    max_migrations: int = 8
+    #: Connections still in the handshake at once; more are closed unread.
+    max_connections: int = 64
     idle_timeout_s: float = 120.0
     populate: bool = True
 
@@ -169,6 +177,13 @@ class _Journal:
         return data if isinstance(data, dict) else None
 
 
+def _addr(addr: Any) -> str:
+    try:
+        return f"{addr[0]}:{addr[1]}"
+    except (TypeError, IndexError):
+        return str(addr)
+
+
 class DestinationServer:
     """Accepts migrations on ``host:port`` until closed.
 
@@ -182,6 +197,7 @@ class DestinationServer:
         self.results: list[MigrationRecord] = []
         self._active: dict[str, tuple[MigrationRecord, asyncio.Task[Any]]] = {}
         self._names: set[str] = set()
+        self._handshaking = 0
         self._tasks: set[asyncio.Task[Any]] = set()
         self._hooks: set[asyncio.Task[Any]] = set()
         self._sock: socket.socket | None = None
@@ -273,7 +289,13 @@ class DestinationServer:
                 _log.error("accept failed: %s", exc)
                 await asyncio.sleep(0.1)
                 continue
+            if self._handshaking >= self.opts.max_connections:
+                _log.warning("dropping %s at once: %d connections are already in the handshake "
+                             "(--max-connections)", _addr(addr), self._handshaking)
+                conn.close()
+                continue
             tune(conn)
+            self._handshaking += 1  # _handle takes it back when the handshake ends
             task = asyncio.create_task(self._handle(conn))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -302,16 +324,19 @@ class DestinationServer:
     # -- one connection ---------------------------------------------------
 
     async def _handle(self, sock: socket.socket) -> None:
-        chan = Channel(sock, Role.DEST)
+        chan = make_channel(sock, Role.DEST, self.opts.tls_context)
         peer = chan.peer
         try:
-            ev = await asyncio.wait_for(self._handshake(chan), self.opts.handshake_timeout_s)
+            try:
+                ev = await asyncio.wait_for(self._handshake(chan), self.opts.handshake_timeout_s)
+            finally:
+                self._handshaking -= 1
             if isinstance(ev, Query):
                 await self._answer_query(chan, ev)
             else:
                 await self._migrate(chan, ev)
         except asyncio.TimeoutError:
-            _log.warning("dropping %s: handshake not completed within %.0f s", peer,
+            _log.warning("dropping %s: handshake not completed within %g s", peer,
                          self.opts.handshake_timeout_s)
             await chan.abort(AbortCode.TIMEOUT, "handshake timed out")
         except PeerAborted as exc:
@@ -330,6 +355,7 @@ class DestinationServer:
 
     async def _handshake(self, chan: Channel) -> Begin | Query:
         key = self.opts.auth_key
+        await chan.start()  # TLS, when configured
         hello: Hello = await chan.recv(Hello)
         if hello.version != PROTOCOL_VERSION:
             raise PrecopyError(
@@ -362,6 +388,12 @@ class DestinationServer:
         assert self.journal is not None
         if begin.migration_id in self._active or self.journal.read(begin.migration_id) is not None:
             raise PrecopyError(f"migration id {begin.migration_id} was already used", AbortCode.BUSY)
+        if len(self._active) >= self.opts.max_migrations:
+            raise PrecopyError(
+                f"this destination already serves {len(self._active)} migrations (its "
+                f"--max-migrations is {self.opts.max_migrations}); retry when one has finished",
+                AbortCode.BUSY,
+            )
         if begin.name in self._names:
             raise PrecopyError(
                 f"region {begin.name!r} is already being migrated here; wait for it to finish "

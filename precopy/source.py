@@ -21,6 +21,7 @@ taken from the staged copy that goes on the wire (DESIGN invariant 1).
 from __future__ import annotations
 
 import asyncio
+import ssl
 import logging
 import time
 import uuid
@@ -34,6 +35,7 @@ import xxhash
 
 from . import auth
 from .channel import Channel, LinkError, PeerAborted, connect
+from .tls import make_channel
 from .compress import AdaptiveCompressor
 from .digest import ZERO_PAGE_DIGEST, StagingBuffer, page_digests, region_chunk_digests
 from .errors import (
@@ -92,6 +94,8 @@ class SourceOptions:
     on_nonconvergence: str = "abort"
     compress: str = "off"  # off | lz4 | auto
     auth_key: bytes | None = None
+    #: TLS to the destination (precopy.tls.client_context); None: plain TCP.
+    tls_context: ssl.SSLContext | None = None
     batch_pages: int = 256
     chunk_pages: int = 32
     on_commit: str = "keep-stopped"  # keep-stopped | kill
@@ -300,7 +304,7 @@ class SourceSession:
         self.chunk_bytes = self.chunk_pages * PAGE_SIZE
 
         sock = await connect(opts.host, opts.port, opts.connect_timeout_s)
-        self.chan = Channel(sock, Role.SOURCE)
+        self.chan = make_channel(sock, Role.SOURCE, opts.tls_context, opts.host)
         self.report.source = "%s:%d" % sock.getsockname()[:2]
         await self._handshake(self.chan)
         self._reader = asyncio.create_task(self._read_loop())
@@ -334,6 +338,7 @@ class SourceSession:
 
     async def _authenticate(self, chan: Channel) -> None:
         key = self.opts.auth_key
+        await asyncio.wait_for(chan.start(), self.opts.io_timeout_s)  # TLS, when configured
         nonce = auth.new_nonce()
         t = time.monotonic()
         await chan.send(Hello(version=PROTOCOL_VERSION, nonce=nonce))
@@ -741,7 +746,7 @@ class SourceSession:
 
     async def _query_outcome(self) -> Outcome:
         sock = await connect(self.opts.host, self.opts.port, self.opts.connect_timeout_s)
-        chan = Channel(sock, Role.SOURCE)
+        chan = make_channel(sock, Role.SOURCE, self.opts.tls_context, self.opts.host)
         try:
             await self._handshake(chan)
             await chan.send(Query(migration_id=str(self.opts.migration_id)))

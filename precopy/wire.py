@@ -164,6 +164,14 @@ TRANSITIONS: Final[dict[tuple[Phase, Role, Kind], Phase]] = {
     (Phase.COMMIT_SENT, D, Kind.COMMITTED): Phase.DONE,
 }
 _TERMINAL: Final = frozenset({Phase.DONE, Phase.ABORTED})
+#: Phases before both sides are authenticated: the receive buffer stays small.
+_HANDSHAKE: Final = frozenset({Phase.HELLO, Phase.HELLO_ACK, Phase.AUTH, Phase.AUTH_OK})
+#: The only kinds whose frames carry a payload.
+_PAYLOAD_KINDS: Final = frozenset({"PAGES", "DIGEST_TABLE", "DEVICE_STATE"})
+#: Receive buffer of a connection still in the handshake: room for two of
+#: the largest headers, not the ~8 MiB a copying connection uses, so idle
+#: or hostile unauthenticated peers cost little memory.
+HANDSHAKE_BUFFER: Final = 2 * (PREFIX_SIZE + MAX_META)
 
 
 # --------------------------------------------------------------------------
@@ -449,12 +457,24 @@ class Connection:
     _eof: bool = field(default=False, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self._buf = bytearray(self.buffer_size)
+        # Full size once authenticated (or when a frame needs it): see _grow.
+        self._buf = bytearray(min(self.buffer_size, HANDSHAKE_BUFFER))
+
+    def _grow(self) -> None:
+        """Give the receive buffer its full ``buffer_size`` (keeps buffered bytes)."""
+        if len(self._buf) >= self.buffer_size:
+            return
+        new = bytearray(self.buffer_size)
+        n = self._end - self._start
+        new[:n] = self._buf[self._start:self._end]
+        self._buf, self._start, self._end = new, 0, n
 
     # -- receiving ------------------------------------------------------
 
     def get_buffer(self, min_free: int = 256 * 1024) -> memoryview:
         """Return writable space for incoming bytes (invalidates old payload views)."""
+        if len(self._buf) < self.buffer_size and self.phase not in _HANDSHAKE:
+            self._grow()
         free = len(self._buf) - self._end
         if free < min_free or self._start == self._end:
             n = self._end - self._start
@@ -474,11 +494,13 @@ class Connection:
             self._eof = True
             return
         view = memoryview(data)
-        if len(view) > len(self._buf) - self.buffered:
+        if len(view) > self.buffer_size - self.buffered:
             raise LocalProtocolError(
-                f"receive_data() of {len(view)} bytes: only {len(self._buf) - self.buffered} "
+                f"receive_data() of {len(view)} bytes: only {self.buffer_size - self.buffered} "
                 "bytes free in the receive buffer (call next_event() first)"
             )
+        if len(view) > len(self._buf) - self.buffered:
+            self._grow()
         while view:
             buf = self.get_buffer(min(len(view), len(self._buf) // 2))
             n = min(len(buf), len(view))
@@ -510,8 +532,15 @@ class Connection:
             raise RemoteProtocolError(
                 f"{kind.name} payload of {payload_len} bytes exceeds {MAX_PAYLOAD}"
             )
+        # Refuse from the prefix alone what no body could make acceptable,
+        # so an unauthenticated peer never gets a large body buffered.
+        self._check_allowed(self.role.peer, kind, local=False)
+        if payload_len and kind.name not in _PAYLOAD_KINDS:
+            raise RemoteProtocolError(f"{kind.name} frame must not carry a payload")
         total = PREFIX_SIZE + meta_len + payload_len
         if avail < total:
+            if total > len(self._buf):
+                self._grow()
             return self._need_data()
         mstart = self._start + PREFIX_SIZE
         pstart = mstart + meta_len
@@ -537,7 +566,7 @@ class Connection:
         return NEED_DATA
 
     def _decode(self, kind: Kind, meta: dict[Any, Any], payload: memoryview) -> Event:
-        if kind is not Kind.PAGES and kind is not Kind.DIGEST_TABLE and kind is not Kind.DEVICE_STATE:
+        if kind.name not in _PAYLOAD_KINDS:
             if len(payload):
                 raise RemoteProtocolError(f"{kind.name} frame must not carry a payload")
         if kind is Kind.HELLO:
@@ -697,10 +726,10 @@ class Connection:
             self._device_sent += memoryview(event.data).nbytes  # type: ignore[union-attr]
         return encode_frame(kind, meta, payload)
 
-    def _advance(self, sender: Role, kind: Kind, *, local: bool) -> None:
+    def _check_allowed(self, sender: Role, kind: Kind, *, local: bool) -> Phase:
+        """The phase after ``kind`` from ``sender``; raises if not allowed now."""
         if kind is Kind.ABORT and self.phase not in _TERMINAL:
-            self.phase = Phase.ABORTED
-            return
+            return Phase.ABORTED
         nxt = TRANSITIONS.get((self.phase, sender, kind))
         if nxt is None:
             who = "we" if local else "the peer"
@@ -709,7 +738,10 @@ class Connection:
                 f"{kind.name} from the {sender.value} ({who}) is not allowed in phase "
                 f"'{self.phase.value}'"
             )
-        self.phase = nxt
+        return nxt
+
+    def _advance(self, sender: Role, kind: Kind, *, local: bool) -> None:
+        self.phase = self._check_allowed(sender, kind, local=local)
 
 
 def page_payload(ev: Pages, decompress: Any = None) -> memoryview:

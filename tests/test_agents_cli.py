@@ -66,6 +66,7 @@ def test_usage_errors(tmp_path: Path, sleeper: int, capsys: pytest.CaptureFixtur
     region.write_bytes(bytes(4096))
     key = tmp_path / "short.key"
     key.write_text("short")
+    key.chmod(0o600)
     assert source_main.main(["--to", "h:1", "--memory", str(region), "--pid", str(sleeper),
                              "--auth-key-file", str(key)]) == EXIT_USAGE
     assert "use at least 16" in capsys.readouterr().err

@@ -71,6 +71,7 @@ def test_verify() -> None:
 def test_load_key_strips_whitespace(tmp_path: Path) -> None:
     p = tmp_path / "key"
     p.write_bytes(b"  " + KEY + b"\n")
+    p.chmod(0o600)
     assert auth.load_key(p) == KEY
     assert auth.load_key(str(p)) == KEY
 
@@ -78,6 +79,7 @@ def test_load_key_strips_whitespace(tmp_path: Path) -> None:
 def test_load_key_accepts_exactly_16_bytes(tmp_path: Path) -> None:
     p = tmp_path / "key"
     p.write_bytes(b"k" * 16 + b"\n")
+    p.chmod(0o600)
     assert auth.load_key(p) == b"k" * 16
 
 
@@ -85,6 +87,7 @@ def test_load_key_accepts_exactly_16_bytes(tmp_path: Path) -> None:
 def test_load_key_rejects_short_keys(tmp_path: Path, content: bytes) -> None:
     p = tmp_path / "key"
     p.write_bytes(content)
+    p.chmod(0o600)
     with pytest.raises(AuthError, match="at least 16") as info:
         auth.load_key(p)
     assert info.value.code is AbortCode.AUTH
@@ -108,6 +111,7 @@ def test_load_key_directory(tmp_path: Path) -> None:
 def test_load_key_unreadable(tmp_path: Path) -> None:
     p = tmp_path / "key"
     p.write_bytes(KEY)
+    p.chmod(0o600)
     p.chmod(0)
     with pytest.raises(AuthError, match="cannot read"):
         auth.load_key(p)

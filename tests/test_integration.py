@@ -148,6 +148,8 @@ def test_wrong_key_is_refused_and_guest_keeps_running(procs: Procs, shm: Path) -
     k1, k2 = shm / "k1", shm / "k2"
     k1.write_text("correct horse battery staple 1\n")
     k2.write_text("correct horse battery staple 2\n")
+    k1.chmod(0o600)
+    k2.chmod(0o600)
     dest = start_dest(procs, shm, "--auth-key-file", str(k1))
     g = procs.start(*guest("dirty", "--memory", str(src), "--rate", "100"))
     rc, rep, out = run_source(shm, "--to", dest.addr, "--memory", str(src), "--pid", str(g.pid),

@@ -1,0 +1,192 @@
+"""TLS for the migration link, with the standard :mod:`ssl` module.
+
+The channel reads and writes a non-blocking socket with the event loop's
+``sock_*`` calls; :class:`TlsChannel` keeps that shape and puts an
+:class:`ssl.SSLObject` between the frames and the socket, over two memory
+BIOs: encrypted bytes go out with ``sock_sendall``, come in with
+``sock_recv`` and decrypt straight into the wire connection's buffer.  No
+thread, no second transport; the cost is the encryption itself (AES-GCM
+with AES-NI), measured in ``benchmarks/tls_cost.py``.
+
+Contexts are built once at start from PEM files, so a bad certificate or
+key is a usage error before any connection:
+
+* :func:`server_context` (``precopy-dest``): ``--tls-cert``/``--tls-key``
+  present the daemon's certificate; with ``--tls-ca`` every client must
+  present a certificate signed by that CA (mutual TLS).
+* :func:`client_context` (``precopy-source``): verifies the destination
+  against ``--tls-ca`` (or the system CAs) including its host name or IP;
+  ``--tls-cert``/``--tls-key`` present a client certificate.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from pathlib import Path
+from typing import Any
+
+from .auth import check_private_file
+from .channel import Channel, LinkError
+from .errors import AbortCode, AuthError, PrecopyError
+from .wire import Role
+
+__all__ = ["server_context", "client_context", "TlsChannel", "make_channel"]
+
+#: Encrypt and send in pieces of this size, so the first records are on the
+#: wire while the rest of a 1 MiB batch is still being encrypted.
+SEND_PIECE = 256 * 1024
+RECV_SIZE = 256 * 1024
+
+
+class TlsConfigError(PrecopyError):
+    """A certificate, key or CA file cannot be used."""
+
+    code = AbortCode.AUTH
+
+
+def _load_chain(ctx: ssl.SSLContext, cert: Path, key: Path) -> None:
+    check_private_file(Path(key), "TLS key file")
+    try:
+        ctx.load_cert_chain(str(cert), str(key))
+    except (OSError, ssl.SSLError) as exc:
+        raise TlsConfigError(
+            f"cannot load TLS certificate {cert} with key {key}: {exc} (both PEM; the key must "
+            "match the certificate)"
+        ) from exc
+
+
+def _load_ca(ctx: ssl.SSLContext, ca: Path) -> None:
+    try:
+        ctx.load_verify_locations(cafile=str(ca))
+    except (OSError, ssl.SSLError) as exc:
+        raise TlsConfigError(f"cannot load TLS CA file {ca}: {exc} (expected PEM certificates)") from exc
+
+
+def server_context(cert: Path, key: Path, ca: Path | None = None) -> ssl.SSLContext:
+    """The destination's context; with ``ca``, clients must present a certificate it signed.
+
+    Raises :class:`TlsConfigError` when a file cannot be used.
+    """
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    _load_chain(ctx, cert, key)
+    if ca is not None:
+        _load_ca(ctx, ca)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+def client_context(ca: Path | None = None, cert: Path | None = None,
+                   key: Path | None = None) -> ssl.SSLContext:
+    """The source's context: verifies the destination's certificate and name.
+
+    Without ``ca`` the system's trusted CAs are used.  ``cert``/``key``
+    present a client certificate (needed when the destination has a CA).
+    Raises :class:`TlsConfigError` when a file cannot be used.
+    """
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED + check_hostname
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if ca is not None:
+        _load_ca(ctx, ca)
+    else:
+        ctx.load_default_certs()
+    if cert is not None or key is not None:
+        if cert is None or key is None:
+            raise TlsConfigError("--tls-cert and --tls-key go together")
+        _load_chain(ctx, cert, key)
+    return ctx
+
+
+class TlsChannel(Channel):
+    """A :class:`Channel` whose bytes pass through TLS (memory BIOs, no thread)."""
+
+    def __init__(self, sock: socket.socket, role: Role, context: ssl.SSLContext,
+                 server_hostname: str | None = None) -> None:
+        super().__init__(sock, role)
+        self._in = ssl.MemoryBIO()
+        self._out = ssl.MemoryBIO()
+        self.tls = context.wrap_bio(self._in, self._out, server_side=role is Role.DEST,
+                                    server_hostname=server_hostname)
+        self._eof = False
+
+    async def start(self) -> None:
+        """Run the TLS handshake.  Raises :class:`AuthError` (refused) or :class:`LinkError`."""
+        while True:
+            try:
+                self.tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                await self._flush()
+                if not await self._fill():
+                    raise LinkError(f"{self.peer} closed the connection during the TLS handshake") from None
+            except ssl.SSLError as exc:
+                await self._flush_quietly()  # carry our alert to the peer
+                raise self._refused(exc) from exc
+        await self._flush()
+
+    def _refused(self, exc: ssl.SSLError) -> AuthError:
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            what = f"certificate verify failed: {exc.verify_message}"
+        elif "ALERT" in str(exc.reason):
+            what = f"the peer refused the connection ({exc.reason}; a missing or untrusted certificate?)"
+        else:
+            what = str(exc.reason or exc)
+        return AuthError(
+            f"TLS with {self.peer} failed: {what} (check --tls-cert/--tls-key/--tls-ca on both sides; "
+            "the peer's certificate must be signed by the CA given here)"
+        )
+
+    async def _flush(self) -> None:
+        data = self._out.read()
+        if data:
+            await self.loop.sock_sendall(self.sock, data)
+
+    async def _flush_quietly(self) -> None:
+        try:
+            await self._flush()
+        except OSError:
+            pass  # the alert is a courtesy; the error that follows says what failed
+
+    async def _fill(self) -> bool:
+        """Read encrypted bytes into the TLS object; False at end of stream."""
+        data = await self.loop.sock_recv(self.sock, RECV_SIZE)
+        if not data:
+            self._in.write_eof()
+            return False
+        self._in.write(data)
+        return True
+
+    async def _write(self, data: Any) -> None:
+        view = memoryview(data).cast("B")
+        try:
+            for pos in range(0, len(view), SEND_PIECE):
+                self.tls.write(view[pos:pos + SEND_PIECE])
+                await self._flush()
+        except ssl.SSLError as exc:
+            raise LinkError(f"TLS connection to {self.peer} failed while sending: {exc}") from exc
+
+    async def _read_into(self, buf: memoryview) -> int:
+        while True:
+            try:
+                return self.tls.read(len(buf), buf)
+            except ssl.SSLWantReadError:
+                await self._flush()  # e.g. TLS 1.3 session tickets
+                if not await self._fill():
+                    return 0
+            except ssl.SSLZeroReturnError:
+                return 0
+            except ssl.SSLEOFError:
+                return 0  # closed without close_notify: a cut link, as for plain TCP
+            except ssl.SSLError as exc:
+                # TLS 1.3: a server that refuses our certificate says so in
+                # an alert we only read after our side of the handshake.
+                raise self._refused(exc) from exc
+
+
+def make_channel(sock: socket.socket, role: Role, context: ssl.SSLContext | None,
+                 server_hostname: str | None = None) -> Channel:
+    """A plain :class:`Channel`, or a :class:`TlsChannel` when ``context`` is given."""
+    if context is None:
+        return Channel(sock, role)
+    return TlsChannel(sock, role, context, server_hostname)
