@@ -14,10 +14,25 @@ from precopy.auth import load_key
 from precopy.destination import DestinationServer, DestOptions
 from precopy.errors import PrecopyError
 from precopy.tls import server_context
+from precopy.wire import MAX_REGION
 
 from .common import EXIT_OK, EXIT_USAGE, add_common_args, parse_hostport, run, setup_logging
 
 _log = logging.getLogger("precopy-dest")
+
+
+def parse_size(text: str) -> int:
+    """``4096``, ``64M``, ``1G``, ``2T`` (powers of 1024) -> bytes; argparse-friendly errors."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    num, unit = (t[:-1], t[-1]) if t and t[-1] in units else (t, "")
+    try:
+        value = int(num) * units[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 4096, 512M or 64G") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"size {text!r} must be positive")
+    return value
 
 
 def exposure_refusal(host: str, has_key: bool, has_tls: bool, insecure: bool) -> str | None:
@@ -72,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 10)")
     p.add_argument("--max-migrations", type=int, default=8, metavar="N",
                    help="migrations served at once; more are refused as busy (default 8)")
+    p.add_argument("--max-region", type=parse_size, default=MAX_REGION, metavar="SIZE",
+                   help="largest region accepted, e.g. 64G (default 1T)")
     p.add_argument("--max-connections", type=int, default=64, metavar="N",
                    help="connections still in the handshake at once; more are closed at once "
                         "(default 64)")
@@ -144,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
                        on_resume=args.on_resume, keep_partial=args.keep_partial,
                        idle_timeout_s=args.idle_timeout, populate=not args.no_populate,
                        tls_context=tls_context, handshake_timeout_s=args.handshake_timeout,
-                       max_migrations=args.max_migrations, max_connections=args.max_connections)
+                       max_migrations=args.max_migrations, max_connections=args.max_connections,
+                       max_region=args.max_region)
     try:
         return run(_serve(opts, args.ready_file), args.event_loop)
     except PrecopyError as exc:

@@ -44,6 +44,7 @@ from .memory import GuestMemory
 from .tls import make_channel
 from .wire import (
     MAX_DEVICE_STATE,
+    MAX_REGION,
     PROTOCOL_VERSION,
     Auth,
     AuthOk,
@@ -86,6 +87,8 @@ class DestOptions:
     keep_partial: bool = False
     max_device_state: int = MAX_DEVICE_STATE
     handshake_timeout_s: float = 10.0
+    #: Largest region a source may migrate in (bytes); larger BEGINs are refused.
+    max_region: int = MAX_REGION
     #: Migrations served at once; one more is refused with ABORT busy.
     max_migrations: int = 8
     #: Connections still in the handshake at once; more are closed unread.
@@ -398,6 +401,11 @@ class DestinationServer:
             raise PrecopyError(
                 f"region {begin.name!r} is already being migrated here; wait for it to finish "
                 "or migrate under another --name", AbortCode.BUSY,
+            )
+        if begin.size > self.opts.max_region:
+            raise RegionError(
+                f"region {begin.name!r} is {begin.size >> 20} MiB, over this destination's limit of "
+                f"{self.opts.max_region >> 20} MiB (precopy-dest --max-region)"
             )
         usage = shutil.disk_usage(self.opts.memory_dir)
         # total 0: the file system reports no size (hugetlbfs without size=);
