@@ -23,6 +23,9 @@ from .wire import MAX_DEVICE_STATE
 
 __all__ = ["Workload", "SignalWorkload", "GuestControl", "process_state"]
 
+#: Longest reply line accepted from a guest (replies are short JSON objects).
+MAX_REPLY_LINE = 1 << 16
+
 
 class Workload(Protocol):
     async def pause(self) -> bytes:
@@ -121,7 +124,7 @@ class GuestControl:
     async def connect(self) -> None:
         try:
             self._reader, self._writer = await asyncio.wait_for(
-                asyncio.open_unix_connection(str(self.path), limit=1 << 16), self.timeout_s
+                asyncio.open_unix_connection(str(self.path), limit=MAX_REPLY_LINE), self.timeout_s
             )
         except (OSError, asyncio.TimeoutError) as exc:
             raise GuestControlError(
@@ -129,6 +132,12 @@ class GuestControl:
             ) from exc
 
     async def _request(self, op: str) -> dict[str, object]:
+        """Send one request and read its JSON reply line.
+
+        Any failure closes the connection, so a late or partial answer can
+        never be read as the reply to the next request; the next request
+        connects afresh.
+        """
         if self._writer is None:
             await self.connect()
         assert self._reader is not None and self._writer is not None
@@ -137,20 +146,60 @@ class GuestControl:
             await asyncio.wait_for(self._writer.drain(), self.timeout_s)
             line = await asyncio.wait_for(self._reader.readline(), self.timeout_s)
         except asyncio.TimeoutError:
+            await self._drop()
             raise GuestControlError(f"guest did not answer {op!r} within {self.timeout_s} s") from None
-        except (OSError, ValueError) as exc:
+        except ValueError:  # asyncio's LimitOverrunError: no newline within the limit
+            await self._drop()
+            raise GuestControlError(
+                f"guest answered {op!r} with a line longer than {MAX_REPLY_LINE} bytes "
+                "(a reply is one short JSON object per line)"
+            ) from None
+        except OSError as exc:
+            await self._drop()
             raise GuestControlError(f"guest-control {op!r} failed: {exc}") from exc
-        if not line:
-            raise GuestControlError(f"guest closed the control socket during {op!r}")
+        if not line.endswith(b"\n"):
+            await self._drop()
+            if not line:
+                raise GuestControlError(f"guest closed the control socket during {op!r}")
+            raise GuestControlError(f"guest closed the control socket in the middle of its {op!r} reply")
         try:
             reply = json.loads(line)
         except ValueError:
+            await self._drop()
             raise GuestControlError(f"guest answered {op!r} with invalid JSON: {line[:200]!r}") from None
-        if not isinstance(reply, dict) or reply.get("ok") is not True:
+        if not isinstance(reply, dict):
+            await self._drop()
+            raise GuestControlError(f"guest answered {op!r} with {reply!r}, not a JSON object"[:500])
+        if reply.get("ok") is not True:
+            await self._drop()
             raise GuestControlError(f"guest refused {op!r}: {reply!r}"[:500])
         return reply
 
     async def pause(self) -> bytes:
+        """Pause the guest and read its device state.
+
+        If the guest may have paused but its answer is unusable (timeout,
+        bad JSON, short or oversized blob), it is asked to resume, on a fresh
+        connection, before :class:`GuestControlError` is raised: a failed
+        pause must not leave the workload stopped.  An explicit refusal
+        (``"ok": false``) is not followed by a resume.
+        """
+        try:
+            return await self._pause()
+        except GuestControlError as exc:
+            if exc.args and str(exc.args[0]).startswith("guest refused"):
+                raise
+            raise GuestControlError(f"{exc}; {await self._resume_after_failed_pause()}") from exc
+
+    async def _resume_after_failed_pause(self) -> str:
+        await self._drop()
+        try:
+            await self._request("resume")
+        except GuestControlError as rexc:
+            return f"asking it to resume failed too ({rexc}): check the guest"
+        return "the guest was asked to resume and confirmed"
+
+    async def _pause(self) -> bytes:
         reply = await self._request("pause")
         n = reply.get("device_state_len", 0)
         if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= self.max_device_state:
@@ -168,12 +217,24 @@ class GuestControl:
             raise GuestControlError(
                 f"guest did not send its {n}-byte device state within {self.timeout_s} s"
             ) from None
+        except OSError as exc:
+            raise GuestControlError(f"reading the guest's device state failed: {exc}") from exc
 
     async def resume(self) -> None:
         await self._request("resume")
 
     async def stop(self) -> None:
         await self._request("stop")
+
+    async def _drop(self) -> None:
+        """Forget the connection (the next request opens a new one)."""
+        writer, self._writer, self._reader = self._writer, None, None
+        if writer is not None:
+            writer.close()
+            try:
+                await asyncio.wait_for(writer.wait_closed(), 1.0)
+            except (OSError, asyncio.TimeoutError):
+                pass  # closing a broken connection: nothing left to report
 
     async def close(self) -> None:
         if self._writer is not None:
