@@ -373,3 +373,30 @@ async def test_region_over_the_destination_limit_is_refused_before_allocating(
     finally:
         await server.close()
 
+
+
+# --------------------------------------------------------------------------
+# Coverage-guided (atheris), when it is installed
+
+
+ATHERIS_RUNS = int(os.environ.get("PRECOPY_FUZZ_ATHERIS_RUNS", "60000"))
+
+
+def test_atheris_decoder(tmp_path: Path) -> None:
+    import importlib.util
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("atheris") is None:
+        pytest.skip("atheris is not installed (optional: pip install atheris; it needs a "
+                    "prebuilt wheel or clang)")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    script = Path(__file__).with_name("atheris_wire.py")
+    r = subprocess.run([sys.executable, str(script), f"-runs={ATHERIS_RUNS}", f"-seed={SEED}",
+                        "-max_len=70000", "-rss_limit_mb=1024", str(corpus)],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    tail = (r.stdout + r.stderr)[-3000:]
+    print("\n" + "\n".join(line for line in tail.splitlines() if "DONE" in line or "Done" in line))
+    assert r.returncode == 0, tail
+    assert f"Done {ATHERIS_RUNS} runs" in r.stderr, tail
