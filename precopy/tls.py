@@ -35,8 +35,8 @@ __all__ = ["server_context", "client_context", "TlsChannel", "make_channel"]
 
 #: Encrypt and send in pieces of this size, so the first records are on the
 #: wire while the rest of a 1 MiB batch is still being encrypted.
-SEND_PIECE = 256 * 1024
-RECV_SIZE = 256 * 1024
+SEND_PIECE = 1024 * 1024
+RECV_SIZE = 1024 * 1024
 
 
 class TlsConfigError(PrecopyError):
@@ -167,21 +167,32 @@ class TlsChannel(Channel):
             raise LinkError(f"TLS connection to {self.peer} failed while sending: {exc}") from exc
 
     async def _read_into(self, buf: memoryview) -> int:
-        while True:
+        # One TLS record (<= 16 KiB) per SSLObject.read: take every record
+        # already here in one call, so the frame parser runs per buffer, not
+        # per record.  Only wait on the socket when nothing is decrypted yet.
+        got = 0
+        while got < len(buf):
             try:
-                return self.tls.read(len(buf), buf)
+                n = self.tls.read(len(buf) - got, buf[got:])
             except ssl.SSLWantReadError:
+                if got:
+                    return got
                 await self._flush()  # e.g. TLS 1.3 session tickets
                 if not await self._fill():
                     return 0
-            except ssl.SSLZeroReturnError:
-                return 0
-            except ssl.SSLEOFError:
-                return 0  # closed without close_notify: a cut link, as for plain TCP
+                continue
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                # close_notify, or a close without it (a cut link, as for
+                # plain TCP): the end of the stream after what we have.
+                return got
             except ssl.SSLError as exc:
                 # TLS 1.3: a server that refuses our certificate says so in
                 # an alert we only read after our side of the handshake.
                 raise self._refused(exc) from exc
+            if n == 0:
+                return got
+            got += n
+        return got
 
 
 def make_channel(sock: socket.socket, role: Role, context: ssl.SSLContext | None,
