@@ -173,7 +173,8 @@ class TlsChannel(Channel):
         got = 0
         while got < len(buf):
             try:
-                n = self.tls.read(len(buf) - got, buf[got:])
+                # With a buffer, read() returns a count (typeshed says bytes).
+                n: int = self.tls.read(len(buf) - got, buf[got:])  # type: ignore[assignment]
             except ssl.SSLWantReadError:
                 if got:
                     return got
