@@ -229,7 +229,9 @@ class Bench:
         ready = self.work / f"dest-{link.name}.addr"
         log = open(self.work / f"dest-{link.name}.log", "wb")
         proc = subprocess.Popen([*link.dst_prefix, PY, "-m", "agents.dest_main", "--listen", f"{link.host}:0",
-                                 "--memory-dir", str(ddir), "--ready-file", str(ready), "--log-level", "warning"],
+                                 "--memory-dir", str(ddir), "--ready-file", str(ready), "--log-level", "warning",
+                                 # a private veth pair between two namespaces: no key needed
+                                 "--insecure"],
                                 cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=_env())
         addr = _wait_file(ready, proc)
         self.dests[link.name] = (proc, addr, ddir)

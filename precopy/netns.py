@@ -8,7 +8,8 @@ Needs root (CAP_NET_ADMIN) and the ``ip`` and ``tc`` tools.
     python -m precopy.netns up   NAME [--rate 1gbit]   # prints the two addresses
     python -m precopy.netns down NAME
 
-then ``ip netns exec NAME-dst precopy-dest --listen 10.x.y.2:7070 ...`` and
+then ``ip netns exec NAME-dst precopy-dest --listen 10.x.y.2:7070 --insecure ...``
+(or with ``--auth-key-file``/TLS: a non-loopback address needs one of them) and
 ``ip netns exec NAME-src precopy-source --to 10.x.y.2:7070 ...``.
 """
 
