@@ -69,6 +69,9 @@ __all__ = ["DestOptions", "DestinationServer"]
 
 _log = logging.getLogger(__name__)
 
+#: ``<state-dir>/<name>.device-state`` holds a committed region's device state.
+DEVICE_STATE_SUFFIX = ".device-state"
+
 
 @dataclass
 class DestOptions:
@@ -391,6 +394,10 @@ class DestinationServer:
         assert self.journal is not None
         if begin.migration_id in self._active or self.journal.read(begin.migration_id) is not None:
             raise PrecopyError(f"migration id {begin.migration_id} was already used", AbortCode.BUSY)
+        if begin.name.endswith(DEVICE_STATE_SUFFIX):
+            # It would replace the device state of the region it names.
+            raise RegionError(f"region name {begin.name!r} ends in {DEVICE_STATE_SUFFIX!r}, "
+                              "which this destination uses for device-state files; use another --name")
         if len(self._active) >= self.opts.max_migrations:
             raise PrecopyError(
                 f"this destination already serves {len(self._active)} migrations (its "
@@ -476,7 +483,7 @@ class _DestMigration:
         self.partial = self.opts.memory_dir / f".{begin.name}.{begin.migration_id}.partial"
         self.final = self.opts.memory_dir / begin.name
         assert self.opts.state_dir is not None
-        self.device_state_path = self.opts.state_dir / f"{begin.name}.device-state"
+        self.device_state_path = self.opts.state_dir / f"{begin.name}{DEVICE_STATE_SUFFIX}"
         self.device = bytearray()
         self.device_total: int | None = None
 

@@ -401,6 +401,14 @@ def _str_field(meta: dict[Any, Any], key: str, kind: Kind, limit: int = 256) -> 
     return value
 
 
+def _id_field(meta: dict[Any, Any], kind: Kind) -> str:
+    """A migration id: a plain token (it names journal files on the destination)."""
+    value = _str_field(meta, "migration_id", kind, 64)
+    if not valid_name(value):
+        raise RemoteProtocolError(f"{kind.name} migration_id {value!r} is not a plain token ([A-Za-z0-9._-])")
+    return value
+
+
 def _int_field(meta: dict[Any, Any], key: str, kind: Kind, lo: int, hi: int) -> int:
     value: int = _field(meta, key, int, kind)
     if not lo <= value <= hi:
@@ -636,19 +644,19 @@ class Connection:
             return DeviceState(offset=offset, total=total, data=payload)
         if kind is Kind.COMMIT:
             return Commit(
-                migration_id=_str_field(meta, "migration_id", kind, 64),
+                migration_id=_id_field(meta, kind),
                 checksum=_int_field(meta, "checksum", kind, 0, (1 << 64) - 1),
             )
         if kind is Kind.COMMITTED:
             return Committed(
-                migration_id=_str_field(meta, "migration_id", kind, 64),
+                migration_id=_id_field(meta, kind),
                 resumed=bool(_field(meta, "resumed", bool, kind)),
             )
         if kind is Kind.QUERY:
-            return Query(migration_id=_str_field(meta, "migration_id", kind, 64))
+            return Query(migration_id=_id_field(meta, kind))
         if kind is Kind.OUTCOME:
             return Outcome(
-                migration_id=_str_field(meta, "migration_id", kind, 64),
+                migration_id=_id_field(meta, kind),
                 committed=bool(_field(meta, "committed", bool, kind)),
                 known=bool(_field(meta, "known", bool, kind)),
             )

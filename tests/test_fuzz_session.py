@@ -400,3 +400,49 @@ def test_atheris_decoder(tmp_path: Path) -> None:
     print("\n" + "\n".join(line for line in tail.splitlines() if "DONE" in line or "Done" in line))
     assert r.returncode == 0, tail
     assert f"Done {ATHERIS_RUNS} runs" in r.stderr, tail
+
+
+# --------------------------------------------------------------------------
+# Hostile names and ids (found by reading what the fuzzers cannot judge)
+
+
+async def test_query_ids_that_are_paths_are_refused(shm: Path, fixed_dest_nonce: None) -> None:
+    """A QUERY id names a journal file: "../x" must not probe files outside it."""
+    secret = shm / "elsewhere.json"
+    secret.write_text('{"outcome": "committed"}')
+    server = await _server(shm)
+    try:
+        head = transcript(random.Random(0), Begin(migration_id="q", name="q", size=PAGE_SIZE), key=KEY)[:2]
+        rel = os.path.relpath(secret.with_suffix(""), server.journal.dir)  # type: ignore[union-attr]
+        assert rel == "../../../elsewhere"  # short enough for the 64-character limit
+        for mid in (rel, "../x", "a/b", ".hidden"):
+            frame = _join(encode_frame(Kind.QUERY, {"migration_id": mid}))
+            outcome, chan = await run_session(server, [*head, frame], [1 << 16])
+            assert outcome == "rejected: RemoteProtocolError", (mid, outcome)
+            assert "not a plain token" in chan.error
+        # A plain id still gets its answer.
+        frame = _join(encode_frame(Kind.QUERY, {"migration_id": "never-seen"}))
+        outcome, chan = await run_session(server, [*head, frame], [1 << 16])
+        assert outcome == "query"
+    finally:
+        await server.close()
+
+
+async def test_region_named_like_a_device_state_file_is_refused(shm: Path, fixed_dest_nonce: None) -> None:
+    """Region "vm.device-state" would overwrite region "vm"'s device state."""
+    server = await _server(shm)
+    try:
+        rng = random.Random(4)
+        outcome, chan = await run_session(
+            server, transcript(rng, Begin(migration_id="d1", name="vm", size=4 * PAGE_SIZE, chunk_pages=1),
+                               key=KEY), [1 << 16])
+        assert outcome == "committed"
+        blob = (server.opts.state_dir / "vm.device-state").read_bytes()  # type: ignore[operator]
+        outcome2, chan2 = await run_session(
+            server, transcript(rng, Begin(migration_id="d2", name="vm.device-state", size=4 * PAGE_SIZE,
+                                          chunk_pages=1), key=KEY), [1 << 16])
+        assert outcome2 == "rejected: RegionError" and "use another --name" in chan2.error
+        assert (server.opts.state_dir / "vm.device-state").read_bytes() == blob  # type: ignore[operator]
+        check_after_session(server, outcome, chan, "")
+    finally:
+        await server.close()
