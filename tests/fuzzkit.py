@@ -436,3 +436,66 @@ def check_after_session(server: Any, outcome: str, chan: MemChannel, begin_name_
         assert names == [], f"{outcome} left {names}"
     state_names = sorted(p.name for p in server.opts.state_dir.iterdir() if p.name != ".precopy")
     assert state_names == [], state_names
+
+
+# --------------------------------------------------------------------------
+# The source's decoder, facing a hostile destination
+
+
+def dest_frames(rng: random.Random, begin: Begin) -> list[bytes]:
+    """Frames a destination sends, valid in some source phase."""
+    from precopy.wire import AuthOk, Committed, HelloAck, Outcome, Ready, _encode_event
+
+    nchunks = -(-begin.npages // begin.chunk_pages)
+    evs: list[Any] = [
+        HelloAck(PROTOCOL_VERSION, DEST_NONCE, rng.randbytes(32)), AuthOk(), Ready(),
+        DigestTable(seq=rng.randrange(10), digests=np.frombuffer(rng.randbytes(nchunks * 8), dtype="<u8")),
+        Committed(migration_id=begin.migration_id, resumed=True),
+        Outcome(migration_id=begin.migration_id, committed=rng.random() < 0.5, known=True),
+        Abort(code=rng.randrange(1, 13), reason="no"),
+    ]
+    out = []
+    for ev in evs:
+        kind, meta, payload = _encode_event(ev)
+        out.append(join(encode_frame(kind, meta, payload)))
+    return out
+
+
+def fuzz_source_decoder(seed: int, budget_frames: int, begin: Begin) -> Stats:
+    """Mutated destination traffic into SOURCE connections in every phase where it listens."""
+    from precopy.wire import Phase
+
+    rng = random.Random(seed)
+    stats = Stats()
+    corpus: list[bytes] = []
+    for _ in range(20):
+        corpus.extend(dest_frames(rng, begin))
+    phases = [Phase.HELLO_ACK, Phase.AUTH_OK, Phase.BEGIN_SENT, Phase.COPYING, Phase.PAUSED,
+              Phase.COMMIT_SENT, Phase.QUERY_SENT]
+    src = Connection(Role.SOURCE)
+    src._grow()
+    nchunks = -(-begin.npages // begin.chunk_pages)
+    t0 = time.perf_counter()
+    while stats.frames < budget_frames:
+        frames = [rng.choice(corpus) for _ in range(rng.randint(1, 3))]
+        frames = [mutate_frame(rng, f, corpus) if rng.random() < 0.7 else f for f in frames]
+        data = b"".join(frames)
+        _reset(src, (rng.choice(phases), begin, rng.randint(0, 2)))
+        try:
+            for piece in [p for p in (data[:len(data) // 2], data[len(data) // 2:]) if p] + [b""]:
+                src.receive_data(piece)
+                while (ev := src.next_event()) is not NEED_DATA:
+                    stats.events += 1
+                    stats.note(type(ev).__name__)
+                    if isinstance(ev, DigestTable):
+                        assert ev.digests.dtype == np.dtype("<u8") and ev.digests.size == nchunks
+                    if isinstance(ev, Abort):
+                        break
+        except RemoteProtocolError as exc:
+            assert type(exc) is RemoteProtocolError and exc.code is AbortCode.PROTOCOL
+            stats.rejected += 1
+            stats.note("rejected")
+        stats.inputs += 1
+        stats.frames += len(frames)
+    stats.seconds = time.perf_counter() - t0
+    return stats

@@ -80,6 +80,16 @@ def test_fuzz_decoder_mutation_loop() -> None:
         assert stats.outcomes.get(kind, 0) > 0, kind
 
 
+def test_fuzz_source_decoder_against_a_hostile_destination() -> None:
+    budget = DECODER_FRAMES
+    stats = fuzzkit.fuzz_source_decoder(SEED, budget, BEGIN)
+    print(f"\nsource decoder fuzz: {stats.frames} frames in {stats.seconds:.1f} s "
+          f"({stats.frames_per_s:,.0f} frames/s); {stats.outcomes}")
+    assert stats.frames >= budget
+    for kind in ("HelloAck", "AuthOk", "Ready", "DigestTable", "Committed", "Outcome", "Abort", "rejected"):
+        assert stats.outcomes.get(kind, 0) > 0, kind
+
+
 # --------------------------------------------------------------------------
 # The destination session, in process, no sockets
 
