@@ -29,7 +29,7 @@ from typing import Any
 from .auth import check_private_file
 from .channel import Channel, LinkError
 from .errors import AbortCode, AuthError, PrecopyError
-from .wire import Role
+from .wire import MAGIC, Kind, Role, encode_frame
 
 __all__ = ["server_context", "client_context", "TlsChannel", "make_channel"]
 
@@ -108,10 +108,12 @@ class TlsChannel(Channel):
         self._out = ssl.MemoryBIO()
         self.tls = context.wrap_bio(self._in, self._out, server_side=role is Role.DEST,
                                     server_hostname=server_hostname)
-        self._eof = False
+        self._first = b""  # the peer's first bytes, to recognise a plain precopy peer
 
     async def start(self) -> None:
         """Run the TLS handshake.  Raises :class:`AuthError` (refused) or :class:`LinkError`."""
+        if self.conn.role is Role.DEST:
+            await self._refuse_plain_peer()
         while True:
             try:
                 self.tls.do_handshake()
@@ -125,7 +127,37 @@ class TlsChannel(Channel):
                 raise self._refused(exc) from exc
         await self._flush()
 
+    async def _refuse_plain_peer(self) -> None:
+        """A source without TLS opens with a plain precopy frame: answer it in
+        plain text, so it learns why, instead of a TLS alert it cannot read."""
+        head = b""
+        while len(head) < len(MAGIC):
+            data = await self.loop.sock_recv(self.sock, RECV_SIZE)
+            if not data:
+                self._in.write(head)
+                self._in.write_eof()
+                return
+            head += data
+        if head.startswith(MAGIC):
+            reason = ("this destination requires TLS: give precopy-source --tls-ca (and --tls-cert/"
+                      "--tls-key if it requires client certificates)")
+            frame = encode_frame(Kind.ABORT, {"code": int(AbortCode.AUTH), "reason": reason})
+            try:
+                for b in frame:
+                    await self.loop.sock_sendall(self.sock, b)
+            except OSError:
+                pass  # the refusal below is logged either way
+            self.closed = True
+            self.sock.close()
+            raise AuthError(f"{self.peer} spoke plain precopy to this TLS destination: refused")
+        self._in.write(head)
+
     def _refused(self, exc: ssl.SSLError) -> AuthError:
+        if self._first.startswith(MAGIC):
+            return AuthError(
+                f"TLS with {self.peer} failed: the peer answered in plain precopy, without TLS (give "
+                "precopy-dest --tls-cert/--tls-key, or drop the TLS options here)"
+            )
         if isinstance(exc, ssl.SSLCertVerificationError):
             what = f"certificate verify failed: {exc.verify_message}"
         elif "ALERT" in str(exc.reason):
@@ -154,6 +186,8 @@ class TlsChannel(Channel):
         if not data:
             self._in.write_eof()
             return False
+        if len(self._first) < len(MAGIC):
+            self._first += data[:len(MAGIC)]
         self._in.write(data)
         return True
 

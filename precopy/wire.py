@@ -527,6 +527,11 @@ class Connection:
             return self._need_data()
         magic, kind_no, flags, meta_len, payload_len = PREFIX.unpack_from(self._buf, self._start)
         if magic != MAGIC:
+            if magic[0] in (0x15, 0x16) and magic[1] == 3:  # a TLS record (alert, handshake)
+                raise RemoteProtocolError(
+                    f"bad frame magic {magic!r}: the peer speaks TLS; give both sides the TLS "
+                    "options (--tls-cert/--tls-key on precopy-dest, --tls-ca on precopy-source)"
+                )
             raise RemoteProtocolError(f"bad frame magic {magic!r}: not a precopy peer")
         try:
             kind = Kind(kind_no)

@@ -206,6 +206,8 @@ async def test_tls_destination_refuses_clients_without_a_valid_certificate(
         assert wl.calls == []  # never paused
         if client != "plain-tcp":
             assert "TLS" in str(info.value) and "certificate" in str(info.value)
+        else:
+            assert "this destination requires TLS" in str(info.value), info.value
         await settled(server)
         assert server.results == []  # no migration ever began
     assert not list(dest_dir.glob("*.mem")) and not list(dest_dir.glob(".*.partial"))
@@ -223,6 +225,17 @@ async def test_source_refuses_a_destination_with_an_untrusted_certificate(
             await migrate(server, src, wl, tls_context=client_context(pki.other_ca))
         assert wl.calls == []
     del mm
+
+
+async def test_tls_source_to_a_plain_destination_says_so(pki: Pki, work: Path, dest_dir: Path) -> None:
+    src = work / "p.mem"
+    mm = make_region(src, 16)
+    async with serve(dest_dir, handshake_timeout_s=5) as server:
+        with pytest.raises(MigrationAborted, match="answered in plain precopy, without TLS") as info:
+            await migrate(server, src, FakeWorkload(), tls_context=client_context(pki.ca))
+        await settled(server)
+        assert server.results == []
+    del mm, info
 
 
 def test_tls_config_errors_name_the_file(pki: Pki, tmp_path: Path) -> None:
