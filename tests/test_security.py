@@ -19,7 +19,7 @@ from agents import dest_main
 from agents.common import EXIT_USAGE
 from precopy.errors import AbortCode, AuthError, MigrationAborted
 from precopy.tls import TlsConfigError, client_context, server_context
-from precopy.wire import PROTOCOL_VERSION, Auth, AuthOk, Hello, HelloAck
+from precopy.wire import PROTOCOL_VERSION, Auth, AuthOk, Connection, Hello, HelloAck, Role
 
 from .conftest import Procs, create_region, guest, run_source, start_dest
 from .test_engine import (
@@ -142,6 +142,43 @@ async def test_replayed_handshake_transcript_is_refused(work: Path, dest_dir: Pa
         # replayed HELLO_ACK would not verify for a new source nonce.
         assert not auth.verify(auth.dest_mac(KEY, os.urandom(32), ack.nonce), ack.mac)
     assert not list(dest_dir.glob(".*.partial"))
+
+
+async def test_source_refuses_a_replayed_destination_proof(work: Path, dest_dir: Path) -> None:
+    """An impostor replaying a real destination's HELLO_ACK: the source's nonce
+    is fresh, so the recorded MAC does not verify and nothing is paused or sent."""
+    async with serve(dest_dir, auth_key=KEY) as server:
+        c = await RawClient.connect(server.port)
+        await c.send(Hello(PROTOCOL_VERSION, os.urandom(32)))
+        recorded = await c.recv()
+        assert isinstance(recorded, HelloAck)
+        await c.close()
+    seen: list[bytes] = []
+
+    async def impostor(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen.append(await reader.read(1 << 16))
+        conn = Connection(Role.DEST)
+        conn.receive_data(seen[-1])
+        conn.next_event()
+        writer.write(b"".join(bytes(memoryview(b).cast("B")) for b in conn.send(recorded)))
+        await writer.drain()
+        seen.append(await reader.read(1 << 16))  # an AUTH here would be a failure
+        writer.close()
+
+    fake = await asyncio.start_server(impostor, "127.0.0.1", 0)
+    src = work / "imp.mem"
+    mm = make_region(src, 16)
+    async with fake:
+        port = fake.sockets[0].getsockname()[1]
+        wl = FakeWorkload()
+        opts = precopy.source.SourceOptions(host="127.0.0.1", port=port, memory=src, auth_key=KEY,
+                                            io_timeout_s=5)
+        with pytest.raises(MigrationAborted, match="did not prove it holds our key"):
+            await asyncio.wait_for(precopy.source.migrate(opts, wl), 20)
+        assert wl.calls == []
+    # The source never answered with its own proof (only an ABORT, or nothing).
+    assert len(seen) == 2 and b"mac" not in seen[1]
+    del mm
 
 
 async def test_destination_compares_macs_in_constant_time(work: Path, dest_dir: Path,
