@@ -8,7 +8,9 @@ The engine, importable without the CLI::
         precopy.SignalWorkload(pid),
     ))
 
-and on the other machine a :class:`DestinationServer`.  See README.md.
+and on the other machine a :class:`DestinationServer`.  TLS: pass
+``tls_context=client_context(...)`` / ``server_context(...)`` in the options
+(docs/SECURITY.md).  See README.md.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from .errors import (
 from .memory import GuestMemory
 from .report import MigrationReport, RoundReport
 from .source import Progress, SourceOptions, migrate
+from .tls import client_context, server_context
 from .workload import GuestControl, SignalWorkload, Workload
 
 __version__ = "0.1.0"
@@ -54,5 +57,7 @@ __all__ = [
     "SignalWorkload",
     "SourceOptions",
     "Workload",
+    "client_context",
     "migrate",
+    "server_context",
 ]
