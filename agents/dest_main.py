@@ -15,6 +15,7 @@ from precopy.destination import DestinationServer, DestOptions
 from precopy.errors import PrecopyError
 from precopy.tls import server_context
 from precopy.wire import MAX_REGION
+from precopy.qemu import QemuDestination, check_dest_command
 
 from .common import EXIT_OK, EXIT_USAGE, add_common_args, parse_hostport, run, setup_logging
 
@@ -74,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "--memory-dir is hugetlbfs, which holds mappable files only")
     p.add_argument("--on-resume", metavar="CMD",
                    help="shell command run (via /bin/sh -c) after each commit to resume the workload")
+    p.add_argument("--qemu-cmd", metavar="CMD",
+                   help="migrate QEMU VMs: for each migration start this QEMU command line (split like "
+                        "a shell would; no shell runs it) with {memory} replaced by the region file being "
+                        "received (its memory-backend-file mem-path, share=on) and {qmp} by a QMP socket "
+                        "path; it must contain '-incoming defer'. After the commit the VM loads its device "
+                        "state and runs. Also: {size} bytes, {name}, {migration_id}")
     p.add_argument("--auth-key-file", type=Path, metavar="FILE",
                    help="pre-shared key; without it any peer that reaches the port may migrate in")
     p.add_argument("--keep-partial", action="store_true",
@@ -107,7 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-async def _serve(opts: DestOptions, ready_file: Path | None) -> int:
+async def _serve(opts: DestOptions, ready_file: Path | None, qemu_cmd: str | None) -> int:
+    if qemu_cmd:
+        opts.workload = QemuDestination(qemu_cmd)
     server = DestinationServer(opts)
     await server.start()
     if ready_file:
@@ -127,6 +136,8 @@ async def _serve(opts: DestOptions, ready_file: Path | None) -> int:
     await server.close(abort_in_flight=True)
     serving.cancel()
     await asyncio.gather(serving, return_exceptions=True)
+    if isinstance(opts.workload, QemuDestination):
+        await opts.workload.close()
     return EXIT_OK
 
 
@@ -157,6 +168,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"precopy-dest: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     host, port = args.listen
+    if args.qemu_cmd:
+        try:
+            check_dest_command(args.qemu_cmd)
+        except ValueError as exc:
+            parser.print_usage(sys.stderr)
+            print(f"precopy-dest: error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
     opts = DestOptions(memory_dir=args.memory_dir, state_dir=args.state_dir, host=host, port=port, auth_key=key,
                        on_resume=args.on_resume, keep_partial=args.keep_partial,
                        idle_timeout_s=args.idle_timeout, populate=not args.no_populate,
@@ -164,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
                        max_migrations=args.max_migrations, max_connections=args.max_connections,
                        max_region=args.max_region)
     try:
-        return run(_serve(opts, args.ready_file), args.event_loop)
+        return run(_serve(opts, args.ready_file, args.qemu_cmd), args.event_loop)
     except PrecopyError as exc:
         print(f"precopy-dest: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -17,6 +17,7 @@ from pathlib import Path
 from precopy.auth import load_key
 from precopy.tls import client_context
 from precopy.errors import MigrationAborted, MigrationInDoubt, PrecopyError
+from precopy.qemu import QemuWorkload
 from precopy.report import MigrationReport
 from precopy.source import SourceOptions, migrate
 from precopy.workload import GuestControl, SignalWorkload, Workload
@@ -52,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     who.add_argument("--pid", type=int, help="pause the workload process with SIGSTOP/SIGCONT")
     who.add_argument("--guest-control", type=Path, metavar="SOCKET",
                      help="cooperative guest: JSON-lines control socket (pause returns device state)")
+    who.add_argument("--qmp", type=Path, metavar="SOCKET",
+                     help="a QEMU VM's QMP socket: its RAM (memory-backend-file,share=on) is --memory, "
+                          "its device state is saved with x-ignore-shared at the switchover")
     p.add_argument("--name", help="region name on the destination (default: basename of --memory)")
     p.add_argument("--downtime-ms", type=float, default=300.0,
                    help="downtime budget: switch over when the expected pause fits (default 300)")
@@ -107,6 +111,8 @@ def summary(rep: MigrationReport) -> str:
         lines.append(f"  downtime    {rep.downtime_ms:.1f} ms ({expected}budget {rep.downtime_budget_ms:.0f} ms"
                      f"{', stop-and-copy' if rep.mode == 'stop-and-copy' else ''})")
     lines.append(f"  verify      {rep.verify_repairs} pages repaired; device state {rep.device_state_bytes} bytes")
+    if rep.phases_ms:
+        lines.append("  downtime split (ms) " + ", ".join(f"{k} {v:.1f}" for k, v in rep.phases_ms.items()))
     if rep.error:
         lines.append(f"  error       {rep.error}")
     return "\n".join(lines)
@@ -114,6 +120,13 @@ def summary(rep: MigrationReport) -> str:
 
 async def _main(args: argparse.Namespace, opts: SourceOptions, workload: Workload) -> int:
     progress = ProgressLine(enabled={"auto": None, "on": True, "off": False}[args.progress])
+    if isinstance(workload, QemuWorkload):
+        try:
+            await workload.connect()
+        except PrecopyError as exc:
+            await workload.close()
+            print(f"precopy-source: error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
     task = asyncio.create_task(migrate(opts, workload, progress))
     loop = asyncio.get_running_loop()
 
@@ -138,7 +151,7 @@ async def _main(args: argparse.Namespace, opts: SourceOptions, workload: Workloa
         code = EXIT_IN_DOUBT
         _log.critical("%s", exc)
     finally:
-        if isinstance(workload, GuestControl):
+        if isinstance(workload, (GuestControl, QemuWorkload)):
             await workload.close()
     if args.report:
         try:
@@ -172,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         workload: Workload
         if args.pid is not None:
             workload = SignalWorkload(args.pid)
+        elif args.qmp is not None:
+            workload = QemuWorkload(args.qmp, memory=args.memory, timeout_s=max(args.guest_timeout, 10.0))
         else:
             workload = GuestControl(args.guest_control, timeout_s=args.guest_timeout)
     except (PrecopyError, ValueError) as exc:

@@ -42,6 +42,7 @@ from .digest import ChunkTracker
 from .errors import AbortCode, AuthError, PrecopyError, RegionError, RemoteProtocolError
 from .memory import GuestMemory
 from .tls import make_channel
+from .workload import DestWorkload
 from .wire import (
     MAX_DEVICE_STATE,
     MAX_REGION,
@@ -98,6 +99,9 @@ class DestOptions:
     max_connections: int = 64
     idle_timeout_s: float = 120.0
     populate: bool = True
+    #: Started when a migration begins, resumed after its commit (before
+    #: COMMITTED), discarded when it ends without one (e.g. a QEMU VM).
+    workload: DestWorkload | None = None
 
     def __post_init__(self) -> None:
         self.memory_dir = Path(self.memory_dir)
@@ -493,6 +497,9 @@ class _DestMigration:
         tracker: ChunkTracker | None = None
         try:
             tracker = ChunkTracker.zeroed(mem.view, self.begin.chunk_pages, self.server._hash_pool)
+            if self.opts.workload is not None:
+                await self.opts.workload.prepare(self.begin.migration_id, self.begin.name, self.partial,
+                                                 self.begin.size)
             assert self.server.journal is not None
             self.server.journal.write(self.rec)
             await self.chan.send(Ready())
@@ -503,6 +510,8 @@ class _DestMigration:
             if tracker is not None:
                 tracker.close()
             mem.close()
+            if not committed and self.opts.workload is not None:
+                await asyncio.shield(self.opts.workload.discard(self.begin.migration_id))
             if not committed:
                 if self.opts.keep_partial:
                     _log.warning("kept partial region %s (--keep-partial)", self.partial)
@@ -607,12 +616,23 @@ class _DestMigration:
         self.rec.outcome, self.rec.memory = "committed", str(self.final)
         self.rec.device_state_bytes = len(self.device)
         # Not even a cancellation may stop the workload from resuming now.
+        resumed, timings = True, {}
+        if self.opts.workload is not None:
+            try:
+                timings = await asyncio.shield(self.opts.workload.resume(
+                    self.begin.migration_id, self.final, self.device_state_path))
+            except PrecopyError as exc:
+                resumed = False
+                _log.critical("migration %s is committed here but its workload did not resume: %s; "
+                              "resume it by hand from %s and %s", self.begin.migration_id, exc,
+                              self.final, self.device_state_path)
         await asyncio.shield(self.server.run_hook(self.rec, self.final, self.device_state_path))
         _log.info("migration %s committed: %s", self.begin.migration_id, self.final)
         # Confirm after the hook is spawned: the source measures downtime
         # up to this message, i.e. until the workload resumes here.
         try:
-            await self.chan.send(Committed(migration_id=self.begin.migration_id, resumed=True))
+            await self.chan.send(Committed(migration_id=self.begin.migration_id, resumed=resumed,
+                                           timings=timings))
         except PrecopyError as exc:
             _log.warning("could not confirm commit of %s (the source will ask): %s",
                          self.begin.migration_id, exc)

@@ -624,6 +624,7 @@ class SourceSession:
         self.paused = True
         t = time.monotonic()
         phases["pause"] = (t - t_pause) * 1e3
+        phases.update(getattr(self.workload, "phases_ms", {}))  # e.g. QEMU's stop and save
         await self._send_event(Switchover())
 
         rnd = RoundReport(round=len(self.report.rounds), kind="final", pages_scanned=self.mem.npages,
@@ -684,6 +685,9 @@ class SourceSession:
                     f"destination confirmed migration {done.migration_id!r}, not ours; "
                     "workload left paused", AbortCode.PROTOCOL,
                 )
+            phases.update({f"dest_{k}": v for k, v in done.timings.items()})
+            if not done.resumed:
+                _log.error("the destination committed but could not resume the workload: see its log")
         self._committed = True
         t6 = time.monotonic()
         phases["commit"] = (t6 - t5) * 1e3

@@ -279,6 +279,8 @@ class Commit:
 class Committed:
     migration_id: str
     resumed: bool
+    #: Optional: the destination's resume steps, name -> milliseconds.
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -382,6 +384,22 @@ def _field(meta: dict[Any, Any], key: str, typ: type | tuple[type, ...], kind: K
             f"{kind.name} field {key!r} has type {type(value).__name__}"
         )
     return value
+
+
+MAX_TIMINGS: Final = 16
+
+
+def _timings(value: Any) -> dict[str, float]:
+    """COMMITTED's optional ``timings``: at most 16 names (<= 32 chars) -> finite ms >= 0."""
+    if not isinstance(value, dict) or len(value) > MAX_TIMINGS:
+        raise RemoteProtocolError(f"COMMITTED field 'timings' must be a map of at most {MAX_TIMINGS} entries")
+    out = {}
+    for k, v in value.items():
+        if (not isinstance(k, str) or not 0 < len(k) <= 32 or isinstance(v, bool)
+                or not isinstance(v, (int, float)) or not 0 <= v < 1e9):
+            raise RemoteProtocolError(f"COMMITTED timing {str(k)[:40]!r}: {str(v)[:40]} is not a duration in ms")
+        out[k] = float(v)
+    return out
 
 
 def _bytes_field(meta: dict[Any, Any], key: str, kind: Kind, *, exact: int | None = None,
@@ -656,6 +674,7 @@ class Connection:
             return Committed(
                 migration_id=_id_field(meta, kind),
                 resumed=bool(_field(meta, "resumed", bool, kind)),
+                timings=_timings(meta.get("timings", {})),
             )
         if kind is Kind.QUERY:
             return Query(migration_id=_id_field(meta, kind))

@@ -21,7 +21,7 @@ from typing import Protocol
 from .errors import GuestControlError
 from .wire import MAX_DEVICE_STATE
 
-__all__ = ["Workload", "SignalWorkload", "GuestControl", "process_state"]
+__all__ = ["Workload", "DestWorkload", "SignalWorkload", "GuestControl", "process_state"]
 
 #: Longest reply line accepted from a guest (replies are short JSON objects).
 MAX_REPLY_LINE = 1 << 16
@@ -38,6 +38,26 @@ class Workload(Protocol):
         """End the workload for good (after a commit, with --on-commit kill)."""
 
     def describe(self) -> str:
+        ...
+
+
+class DestWorkload(Protocol):
+    """The destination's side of a workload (e.g. :class:`~precopy.qemu.QemuDestination`).
+
+    The destination calls ``prepare`` once the region file of a migration
+    exists (it is then being received), ``resume`` after the commit (the
+    region is complete under its final name, the device state written) and
+    before it confirms the commit, and ``discard`` when the migration ends
+    without a commit.  ``resume`` returns timings (ms) for the report.
+    """
+
+    async def prepare(self, migration_id: str, name: str, region: Path, size: int) -> None:
+        ...
+
+    async def resume(self, migration_id: str, memory: Path, device_state: Path) -> dict[str, float]:
+        ...
+
+    async def discard(self, migration_id: str) -> None:
         ...
 
 

@@ -1,0 +1,313 @@
+"""Migrate a QEMU VM: its RAM is the region, its device state the blob.
+
+The VM keeps its guest RAM in a shared file (``-object memory-backend-file,
+id=ram0,size=...,mem-path=FILE,share=on -machine memory-backend=ram0``),
+which precopy pre-copies while the VM runs.  With the ``x-ignore-shared``
+migration capability, QEMU's own migration stream then carries only the
+device state (CPU, devices, ROM blocks: ~320 KB whatever the RAM size).
+
+* :class:`QemuWorkload` (source, ``precopy-source --qmp SOCKET``): ``pause``
+  is QMP ``stop`` then ``migrate`` to ``exec:cat > FILE``, whose bytes become
+  the device-state blob; ``resume`` (rollback) is ``cont``; ``stop`` is
+  ``quit``.
+* :class:`QemuDestination` (destination, ``precopy-dest --qemu-cmd CMD``):
+  when a migration begins it starts the destination QEMU with ``-incoming
+  defer`` on the region file being received (starting QEMU costs ~0.1 s,
+  kept out of the downtime); after the commit it runs ``migrate-incoming``
+  from ``exec:cat DEVICE_STATE`` and ``cont``.  A migration that does not
+  commit has its QEMU ended.
+
+The destination QEMU maps the file precopy is receiving into: the commit
+renames that file, so QEMU keeps the very inode that holds the committed
+RAM.  (Attaching to a QEMU started earlier on another file cannot work:
+its mapping would not see the received pages.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shlex
+import signal
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import GuestControlError
+from .qmp import QMPClient, QMPError
+
+__all__ = ["QemuWorkload", "QemuDestination", "check_dest_command"]
+
+_log = logging.getLogger(__name__)
+
+#: QEMU's default max-bandwidth (32 MiB/s) would slow the device-state save.
+SAVE_BANDWIDTH = 64 << 30
+_IGNORE_SHARED = {"capabilities": [{"capability": "x-ignore-shared", "state": True}]}
+
+
+def _ms(t0: float, t1: float) -> float:
+    return round((t1 - t0) * 1e3, 3)
+
+
+async def _wait_migration(qmp: QMPClient, what: str, timeout_s: float) -> None:
+    """Poll ``query-migrate`` until ``completed``; raise on failed/cancelled/timeout."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        info = await qmp.execute("query-migrate")
+        status = info.get("status") if isinstance(info, dict) else None
+        if status == "completed":
+            return
+        if status in ("failed", "cancelled"):
+            raise QMPError(f"QEMU's {what} {status}: {info.get('error-desc', 'no reason given')}")
+        if loop.time() > deadline:
+            raise QMPError(f"QEMU's {what} did not complete within {timeout_s} s (status {status!r})")
+        await asyncio.sleep(0.001)
+
+
+class QemuWorkload:
+    """The source VM, driven over its QMP socket."""
+
+    def __init__(self, qmp_path: str | os.PathLike[str], *, memory: Path | None = None,
+                 timeout_s: float = 10.0, state_dir: Path | None = None) -> None:
+        self.qmp = QMPClient(qmp_path, timeout_s=timeout_s)
+        self.memory = memory
+        self.timeout_s = timeout_s
+        self.state_dir = state_dir or (Path("/dev/shm") if Path("/dev/shm").is_dir() else None)
+        #: Timings of the last pause: ``qemu_stop`` and ``qemu_save`` (ms).
+        self.phases_ms: dict[str, float] = {}
+        self._was_running = True
+
+    def describe(self) -> str:
+        return f"QEMU VM (QMP {self.qmp.path})"
+
+    async def connect(self) -> None:
+        """Connect and check the VM can be migrated this way.
+
+        Its RAM backend must be ``share=on`` (and be ``memory`` when given),
+        else the RAM would go into the device state.  Sets ``x-ignore-shared``.
+        Raises :class:`GuestControlError` with what to change.
+        """
+        await self.qmp.connect()
+        status = await self.qmp.execute("query-status")
+        self._was_running = bool(status.get("running"))
+        if not self._was_running:
+            _log.warning("the QEMU VM is not running (status %s): it will be migrated as it is",
+                         status.get("status"))
+        memdevs = await self.qmp.execute("query-memdev")
+        if not isinstance(memdevs, list) or not memdevs:
+            raise GuestControlError("this QEMU has no memory backend object: start it with "
+                                    "-object memory-backend-file,id=ram0,...,share=on "
+                                    "-machine memory-backend=ram0")
+        ours = None
+        for dev in memdevs:
+            if self.memory is None:
+                break
+            path = await self.qmp.execute("qom-get", {"path": f"/objects/{dev.get('id')}",
+                                                      "property": "mem-path"})
+            if isinstance(path, str) and path and os.path.realpath(path) == os.path.realpath(self.memory):
+                ours = dev
+        if self.memory is not None and ours is None:
+            raise GuestControlError(f"no memory backend of this QEMU maps {self.memory}: give the "
+                                    "mem-path of its memory-backend-file as --memory")
+        for dev in [ours] if ours is not None else memdevs:
+            if not dev.get("share"):
+                raise GuestControlError(
+                    f"QEMU memory backend {dev.get('id')!r} is not share=on: precopy cannot see its "
+                    "pages and QEMU would put all RAM into the device state; start QEMU with "
+                    "memory-backend-file,...,share=on"
+                )
+        await self.qmp.execute("migrate-set-capabilities", _IGNORE_SHARED)
+        await self.qmp.execute("migrate-set-parameters", {"max-bandwidth": SAVE_BANDWIDTH})
+
+    async def pause(self) -> bytes:
+        if not self.qmp.connected:
+            await self.connect()
+        fd, name = tempfile.mkstemp(prefix="precopy-qemu-state-", dir=self.state_dir)
+        os.close(fd)
+        t0 = time.monotonic()
+        await self.qmp.execute("stop")
+        t1 = time.monotonic()
+        try:
+            await self.qmp.execute("migrate", {"uri": f"exec:cat > {shlex.quote(name)}"})
+            await _wait_migration(self.qmp, "device-state save", self.timeout_s)
+            blob = Path(name).read_bytes()
+        except (GuestControlError, OSError) as exc:
+            if self._was_running:
+                try:
+                    await self.qmp.execute("cont")
+                except QMPError as cexc:
+                    _log.error("could not resume the VM after the failed save: %s", cexc)
+            raise GuestControlError(f"saving the VM's device state failed (VM resumed): {exc}") from exc
+        finally:
+            os.unlink(name)
+        t2 = time.monotonic()
+        self.phases_ms = {"qemu_stop": _ms(t0, t1), "qemu_save": _ms(t1, t2)}
+        if not blob:
+            raise GuestControlError("QEMU saved an empty device state")
+        return blob
+
+    async def resume(self) -> None:
+        # After a completed "migrate" the VM is "postmigrate"; cont runs it.
+        if self._was_running:
+            await self.qmp.execute("cont")
+
+    async def stop(self) -> None:
+        await self.qmp.execute("quit")
+
+    async def close(self) -> None:
+        await self.qmp.close()
+
+
+PLACEHOLDERS = ("{memory}", "{qmp}", "{size}", "{name}", "{migration_id}")
+
+
+def check_dest_command(command: str) -> list[str]:
+    """Split a destination QEMU command line; raise ValueError if unusable."""
+    try:
+        argv = shlex.split(command)
+    except ValueError as exc:
+        raise ValueError(f"--qemu-cmd cannot be split like a shell would: {exc}") from exc
+    if not argv:
+        raise ValueError("--qemu-cmd is empty")
+    joined = " ".join(argv)
+    for needed in ("{memory}", "{qmp}"):
+        if needed not in joined:
+            raise ValueError(f"--qemu-cmd must contain {needed} (see precopy-dest --help)")
+    if "-incoming defer" not in joined:
+        raise ValueError("--qemu-cmd must contain '-incoming defer'")
+    return argv
+
+
+@dataclass
+class _DestVM:
+    proc: asyncio.subprocess.Process
+    qmp: QMPClient
+    sock_dir: Path | None
+    ready: asyncio.Task[None] | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class QemuDestination:
+    """Starts a destination QEMU per migration; resumes it after the commit.
+
+    ``command`` is the QEMU command line (split like a shell would) with
+    placeholders: ``{memory}`` the region file (its mem-path), ``{qmp}`` a
+    QMP socket path, optionally ``{size}`` (bytes), ``{name}``,
+    ``{migration_id}``.  It must contain ``-incoming defer``.
+    """
+
+    def __init__(self, command: str, *, timeout_s: float = 10.0, load_timeout_s: float = 60.0) -> None:
+        self.argv = check_dest_command(command)
+        self.timeout_s = timeout_s
+        self.load_timeout_s = load_timeout_s
+        self._vms: dict[str, _DestVM] = {}
+
+    async def prepare(self, migration_id: str, name: str, region: Path, size: int) -> None:
+        """Start the destination QEMU on ``region`` (being received) with -incoming defer."""
+        sock_dir = Path(tempfile.mkdtemp(prefix="precopy-qmp-"))
+        qmp_path = sock_dir / "qmp.sock"
+        subst = {"{memory}": str(region), "{qmp}": str(qmp_path), "{size}": str(size),
+                 "{name}": name, "{migration_id}": migration_id}
+        argv = []
+        for arg in self.argv:
+            for key, value in subst.items():
+                arg = arg.replace(key, value)
+            argv.append(arg)
+        try:
+            # Its own session: the VM outlives this daemon and its signals.
+            proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL,
+                                                        start_new_session=True)
+        except OSError as exc:
+            os.rmdir(sock_dir)
+            raise GuestControlError(f"cannot start the destination QEMU {argv[0]!r}: {exc}") from exc
+        _log.info("migration %s: started destination QEMU (pid %d) on %s", migration_id, proc.pid, region)
+        vm = _DestVM(proc, QMPClient(qmp_path, timeout_s=self.timeout_s), sock_dir)
+        vm.ready = asyncio.create_task(self._attach(vm))
+        self._vms[migration_id] = vm
+
+    async def _attach(self, vm: _DestVM) -> None:
+        await vm.qmp.connect(wait_s=self.timeout_s)
+        await vm.qmp.execute("migrate-set-capabilities", _IGNORE_SHARED)
+
+    async def _ready(self, migration_id: str, vm: _DestVM) -> None:
+        assert vm.ready is not None
+        waiter = asyncio.create_task(vm.proc.wait())
+        done, _ = await asyncio.wait({vm.ready, waiter}, timeout=self.timeout_s,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if vm.ready in done:
+            waiter.cancel()
+            vm.ready.result()  # raises QMPError if attaching failed
+            return
+        waiter.cancel()
+        if vm.proc.returncode is not None:
+            vm.ready.cancel()
+            raise GuestControlError(f"the destination QEMU for {migration_id} exited with status "
+                                    f"{vm.proc.returncode} (see its messages above)")
+        raise GuestControlError(f"the destination QEMU for {migration_id} did not open its QMP "
+                                f"socket within {self.timeout_s} s")
+
+    async def resume(self, migration_id: str, memory: Path, device_state: Path) -> dict[str, float]:
+        """Load the committed device state into the waiting QEMU and run it.
+
+        Returns timings in ms: ``qemu_load`` (migrate-incoming until
+        completed) and ``qemu_cont``.  Raises :class:`GuestControlError`.
+        """
+        vm = self._vms.get(migration_id)
+        if vm is None:
+            raise GuestControlError(f"no destination QEMU was started for migration {migration_id}")
+        try:
+            await self._ready(migration_id, vm)
+            t0 = time.monotonic()
+            await vm.qmp.execute("migrate-incoming", {"uri": f"exec:cat {shlex.quote(str(device_state))}"})
+            await _wait_migration(vm.qmp, "device-state load", self.load_timeout_s)
+            t1 = time.monotonic()
+            status = await vm.qmp.execute("query-status")
+            if not status.get("running"):
+                await vm.qmp.execute("cont")
+            t2 = time.monotonic()
+        except BaseException:
+            await self.discard(migration_id)
+            raise
+        del self._vms[migration_id]
+        await vm.qmp.close()
+        self._remove_sock_dir(vm)
+        _log.info("migration %s: destination QEMU (pid %d) runs", migration_id, vm.proc.pid)
+        return {"qemu_load": _ms(t0, t1), "qemu_cont": _ms(t1, t2)}
+
+    async def discard(self, migration_id: str) -> None:
+        """End the destination QEMU of a migration that will not commit."""
+        vm = self._vms.pop(migration_id, None)
+        if vm is None:
+            return
+        if vm.ready is not None and not vm.ready.done():
+            vm.ready.cancel()
+            await asyncio.gather(vm.ready, return_exceptions=True)
+        await vm.qmp.close()
+        if vm.proc.returncode is None:
+            try:
+                vm.proc.send_signal(signal.SIGKILL)
+            except ProcessLookupError:
+                pass  # it exited just now
+            await vm.proc.wait()
+        _log.info("migration %s: destination QEMU (pid %d) ended", migration_id, vm.proc.pid)
+        self._remove_sock_dir(vm)
+
+    @staticmethod
+    def _remove_sock_dir(vm: _DestVM) -> None:
+        if vm.sock_dir is not None:
+            for p in vm.sock_dir.iterdir():
+                p.unlink(missing_ok=True)
+            vm.sock_dir.rmdir()
+            vm.sock_dir = None
+
+    async def close(self) -> None:
+        """End every QEMU still waiting for a migration that did not commit."""
+        for mid in list(self._vms):
+            await self.discard(mid)
+
+    def pending(self) -> list[Any]:
+        return list(self._vms)
