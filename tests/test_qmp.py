@@ -1,0 +1,160 @@
+"""The QMP client against a scripted QMP server; COMMITTED's timings on the wire."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+from precopy.errors import RemoteProtocolError
+from precopy.qemu import check_dest_command
+from precopy.qmp import QMPClient, QMPError
+from precopy.wire import Commit, Committed, Kind, Switchover
+
+from .helpers import BEGIN, D, S, Pair, frame
+
+GREETING = {"QMP": {"version": {"qemu": {"major": 7, "minor": 2, "micro": 0}}, "capabilities": []}}
+
+Handler = Callable[[dict[str, Any]], list[bytes]]
+
+
+async def serve(path: Path, handler: Handler, greeting: bytes | None = None) -> asyncio.AbstractServer:
+    """A QMP server: greets, then answers every request line with handler(request)."""
+    async def conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(greeting if greeting is not None else json.dumps(GREETING).encode() + b"\n")
+        while line := await reader.readline():
+            for out in handler(json.loads(line)):
+                writer.write(out)
+            await writer.drain()
+        writer.close()
+    return await asyncio.start_unix_server(conn, str(path))
+
+
+def ok(req: dict[str, Any], value: Any = None) -> bytes:
+    return json.dumps({"return": {} if value is None else value, "id": req.get("id")}).encode() + b"\n"
+
+
+def event(name: str) -> bytes:
+    return json.dumps({"event": name, "data": {}, "timestamp": {"seconds": 1, "microseconds": 0}}).encode() + b"\n"
+
+
+async def test_commands_replies_and_interleaved_events(tmp_path: Path) -> None:
+    sent: list[dict[str, Any]] = []
+
+    def handler(req: dict[str, Any]) -> list[bytes]:
+        sent.append(req)
+        if req["execute"] == "query-status":
+            # An event before the reply must not be taken for it.
+            return [event("STOP"), ok(req, {"status": "paused", "running": False})]
+        return [ok(req)]
+
+    server = await serve(tmp_path / "q.sock", handler)
+    c = QMPClient(tmp_path / "q.sock", timeout_s=5)
+    await c.connect()
+    assert c.greeting == GREETING
+    assert await c.execute("query-status") == {"status": "paused", "running": False}
+    await c.execute("migrate", {"uri": "exec:cat > /x"})
+    assert [e["event"] for e in c.events] == ["STOP"]
+    assert [r["execute"] for r in sent] == ["qmp_capabilities", "query-status", "migrate"]
+    assert sent[2]["arguments"] == {"uri": "exec:cat > /x"}
+    assert len({r["id"] for r in sent}) == 3
+    await c.close()
+    server.close()
+
+
+async def test_error_reply_names_the_command_and_qemus_reason(tmp_path: Path) -> None:
+    def handler(req: dict[str, Any]) -> list[bytes]:
+        if req["execute"] == "cont":
+            return [json.dumps({"error": {"class": "GenericError", "desc": "migration in progress"},
+                                "id": req["id"]}).encode() + b"\n"]
+        return [ok(req)]
+
+    server = await serve(tmp_path / "q.sock", handler)
+    c = QMPClient(tmp_path / "q.sock", timeout_s=5)
+    await c.connect()
+    with pytest.raises(QMPError, match="refused 'cont': GenericError: migration in progress"):
+        await c.execute("cont")
+    await c.close()
+    server.close()
+
+
+@pytest.mark.parametrize("reply, match", [
+    (b"not json\n", "not JSON"),
+    (b"[1, 2]\n", "JSON list, not an object"),
+    (b'{"return": {}, "id": "someone-else"}\n', "answered another request"),
+    (b'{"id": "precopy-2"}\n', "without 'return'"),
+    (b"", "sent nothing for"),  # no answer at all: the timeout
+])
+async def test_bad_or_missing_replies_are_qmp_errors(tmp_path: Path, reply: bytes, match: str) -> None:
+    def handler(req: dict[str, Any]) -> list[bytes]:
+        return [ok(req)] if req["execute"] == "qmp_capabilities" else [reply]
+
+    server = await serve(tmp_path / "q.sock", handler)
+    c = QMPClient(tmp_path / "q.sock", timeout_s=0.5)
+    await c.connect()
+    with pytest.raises(QMPError, match=match):
+        await c.execute("query-status")
+    await c.close()
+    server.close()
+
+
+async def test_peer_closing_and_wrong_greeting_and_no_socket(tmp_path: Path) -> None:
+    def closing(req: dict[str, Any]) -> list[bytes]:
+        raise ConnectionResetError  # the server task ends: the connection closes
+
+    server = await serve(tmp_path / "q.sock", closing)
+    with pytest.raises(QMPError, match="closed its QMP socket"):
+        await QMPClient(tmp_path / "q.sock", timeout_s=2).connect()
+    server.close()
+
+    server = await serve(tmp_path / "h.sock", lambda r: [ok(r)], greeting=b'{"hello": 1}\n')
+    with pytest.raises(QMPError, match="not a QMP socket"):
+        await QMPClient(tmp_path / "h.sock", timeout_s=2).connect()
+    server.close()
+
+    with pytest.raises(QMPError, match="is QEMU running with -qmp"):
+        await QMPClient(tmp_path / "none.sock", timeout_s=2).connect(wait_s=0.05)
+
+
+def test_dest_command_must_name_memory_qmp_and_incoming_defer() -> None:
+    good = "qemu-system-x86_64 -object memory-backend-file,id=ram0,size={size},mem-path={memory},share=on " \
+           "-qmp unix:{qmp},server=on,wait=off -incoming defer -append 'a b'"
+    assert check_dest_command(good)[-1] == "a b"
+    for bad, match in [(good.replace("{memory}", "/x"), r"\{memory\}"), (good.replace("{qmp}", "/q"), r"\{qmp\}"),
+                       (good.replace("-incoming defer", ""), "-incoming defer"), ("", "empty"),
+                       (good + " 'unclosed", "split")]:
+        with pytest.raises(ValueError, match=match):
+            check_dest_command(bad)
+
+
+def _commit_sent() -> Pair:
+    p = Pair()
+    p.start()
+    p.exchange(S, Switchover())
+    p.exchange(S, Commit(migration_id=BEGIN.migration_id, checksum=0))
+    return p
+
+
+def test_committed_carries_timings_and_stays_compatible_without() -> None:
+    p = _commit_sent()
+    got = p.send(D, Committed(migration_id=BEGIN.migration_id, resumed=True,
+                              timings={"qemu_load": 6.5, "qemu_cont": 1}))
+    assert got[0].timings == {"qemu_load": 6.5, "qemu_cont": 1.0}
+    p = _commit_sent()
+    p.src.receive_data(frame(Kind.COMMITTED, {"migration_id": BEGIN.migration_id, "resumed": True}))
+    assert p.src.next_event().timings == {}
+
+
+@pytest.mark.parametrize("timings", [
+    [1, 2], {"x": "fast"}, {"x": -1.0}, {"x": float("nan")}, {"x": True}, {"": 1.0}, {"y" * 33: 1.0},
+    {f"k{i}": 1.0 for i in range(17)}, {1: 1.0},
+])
+def test_committed_rejects_bad_timings(timings: Any) -> None:
+    p = _commit_sent()
+    p.src.receive_data(frame(Kind.COMMITTED, {"migration_id": BEGIN.migration_id, "resumed": True,
+                                              "timings": timings}))
+    with pytest.raises(RemoteProtocolError, match="COMMITTED"):
+        p.src.next_event()
