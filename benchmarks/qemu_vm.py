@@ -26,7 +26,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -39,7 +41,7 @@ from typing import Any
 from agents.common import stop_process
 from precopy.guest import parse_size
 from precopy.qemuguest import build
-from precopy.qemuguest.vm import backend_argv, command_line, guest_argv, serial_ticks
+from precopy.qemuguest.vm import backend_argv, children, command_line, guest_argv, serial_ticks
 from precopy.qmp import QMPClient
 
 PY = sys.executable
@@ -100,12 +102,14 @@ def run_precopy(work: Path, kernel: Path, mib: int, a: argparse.Namespace, tag: 
         dst_serial = work / f"{tag}-dst.serial"
         _wait(lambda: len(serial_ticks(dst_serial)) >= 2, "the guest to run on the destination")
         bad = max(t.bad for t in serial_ticks(dst_serial))
-        _qmp(dst_qmp, ("quit", None))
         return {"tool": "precopy", "mib": mib, "exit_code": rc, "downtime_ms": rep["downtime_ms"],
                 "total_s": rep["total_time_s"], "rounds": len(rep["rounds"]),
                 "mb_on_wire": rep["bytes_on_wire"] / 1e6, "device_state_bytes": rep["device_state_bytes"],
                 "phases_ms": rep["phases_ms"], "guest_bad_pages": bad}
     finally:
+        if dest is not None:
+            for pid in children(dest.pid):  # the destination VM it started
+                os.kill(pid, signal.SIGKILL)
         stop_process(dest)
         stop_process(src)
         ram.unlink(missing_ok=True)

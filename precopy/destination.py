@@ -582,6 +582,8 @@ class _DestMigration:
             raise RemoteProtocolError(f"device state incomplete: {len(self.device)} of {total} bytes")
         if xxhash.xxh3_64_intdigest(self.device) != ev.checksum:
             raise RemoteProtocolError("device state checksum mismatch")
+        if self.opts.workload is not None:
+            await self.opts.workload.check(self.begin.migration_id)  # last chance to say no
         journal = self.server.journal
         assert journal is not None
         try:

@@ -238,17 +238,24 @@ class QemuDestination:
         waiter = asyncio.create_task(vm.proc.wait())
         done, _ = await asyncio.wait({vm.ready, waiter}, timeout=self.timeout_s,
                                      return_when=asyncio.FIRST_COMPLETED)
-        if vm.ready in done:
-            waiter.cancel()
-            vm.ready.result()  # raises QMPError if attaching failed
-            return
         waiter.cancel()
+        if vm.ready in done:
+            vm.ready.result()  # raises QMPError if attaching failed
+            if vm.proc.returncode is None:
+                return
         if vm.proc.returncode is not None:
             vm.ready.cancel()
             raise GuestControlError(f"the destination QEMU for {migration_id} exited with status "
                                     f"{vm.proc.returncode} (see its messages above)")
         raise GuestControlError(f"the destination QEMU for {migration_id} did not open its QMP "
                                 f"socket within {self.timeout_s} s")
+
+    async def check(self, migration_id: str) -> None:
+        """Raise :class:`GuestControlError` unless the destination QEMU waits, attached."""
+        vm = self._vms.get(migration_id)
+        if vm is None:
+            raise GuestControlError(f"no destination QEMU was started for migration {migration_id}")
+        await self._ready(migration_id, vm)
 
     async def resume(self, migration_id: str, memory: Path, device_state: Path) -> dict[str, float]:
         """Load the committed device state into the waiting QEMU and run it.
@@ -270,7 +277,9 @@ class QemuDestination:
                 await vm.qmp.execute("cont")
             t2 = time.monotonic()
         except BaseException:
-            await self.discard(migration_id)
+            # Committed: never kill it here (a QEMU whose load failed exits by itself).
+            del self._vms[migration_id]
+            await vm.qmp.close()
             raise
         del self._vms[migration_id]
         await vm.qmp.close()
@@ -283,9 +292,9 @@ class QemuDestination:
         vm = self._vms.pop(migration_id, None)
         if vm is None:
             return
-        if vm.ready is not None and not vm.ready.done():
+        if vm.ready is not None:
             vm.ready.cancel()
-            await asyncio.gather(vm.ready, return_exceptions=True)
+            await asyncio.gather(vm.ready, return_exceptions=True)  # its error, if any, was reported
         await vm.qmp.close()
         if vm.proc.returncode is None:
             try:

@@ -45,13 +45,19 @@ class DestWorkload(Protocol):
     """The destination's side of a workload (e.g. :class:`~precopy.qemu.QemuDestination`).
 
     The destination calls ``prepare`` once the region file of a migration
-    exists (it is then being received), ``resume`` after the commit (the
-    region is complete under its final name, the device state written) and
-    before it confirms the commit, and ``discard`` when the migration ends
-    without a commit.  ``resume`` returns timings (ms) for the report.
+    exists (it is then being received), ``check`` when COMMIT arrives, before
+    anything is committed (raise :class:`GuestControlError` if the workload
+    could not be resumed here: the migration then aborts and the source
+    resumes its workload), ``resume`` after the commit (the region is
+    complete under its final name, the device state written) and before it
+    confirms the commit, and ``discard`` when the migration ends without a
+    commit.  ``resume`` returns timings (ms) for the report.
     """
 
     async def prepare(self, migration_id: str, name: str, region: Path, size: int) -> None:
+        ...
+
+    async def check(self, migration_id: str) -> None:
         ...
 
     async def resume(self, migration_id: str, memory: Path, device_state: Path) -> dict[str, float]:

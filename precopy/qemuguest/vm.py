@@ -15,12 +15,26 @@ import numpy as np
 
 from . import DATA_BASE, VER_BASE, expected_page
 
-__all__ = ["QEMU", "qemu_available", "guest_argv", "backend_argv", "serial_ticks", "Tick",
+__all__ = ["children", "QEMU", "qemu_available", "guest_argv", "backend_argv", "serial_ticks", "Tick",
            "compare_ram", "RamComparison"]
 
 QEMU = "qemu-system-x86_64"
 PAGE = 4096
 _TICK = re.compile(rb"precopy-guest tick=(\d+) writes=(\d+) sweeps=(\d+) bad=(\d+)")
+
+
+def children(pid: int) -> list[int]:
+    """PIDs whose parent is ``pid`` (e.g. the VMs a precopy-dest started)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            data = stat.read_bytes()
+        except OSError:
+            continue  # it exited meanwhile
+        fields = data[data.rindex(b")") + 2:].split()
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
 
 
 def qemu_available() -> str | None:
