@@ -154,6 +154,8 @@ def run_qemu(work: Path, kernel: Path, mib: int, a: argparse.Namespace, tag: str
                 await c.close()
         info = asyncio.run(poll())
         row: dict[str, Any] = {"tool": "qemu", "mib": mib, "status": info.get("status")}
+        if info.get("error-desc"):
+            row["error"] = info["error-desc"]
         if info.get("status") == "completed":
             dst_serial = work / f"{tag}-dst.serial"
             _wait(lambda: len(serial_ticks(dst_serial)) >= 2, "the guest to run on the destination")
