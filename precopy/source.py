@@ -553,7 +553,9 @@ class SourceSession:
             compress_ratio=self.compressor.ratio if self.compressor.active else 1.0,
             device_state_bytes=device_state_bytes,
             final_scan_s=self._last_scan_s,
-            overhead_s=0.002 + 2 * self._rtt,
+            # A workload may declare what pausing and resuming it costs (a VMM's
+            # device-state save and load).
+            overhead_s=0.002 + 2 * self._rtt + float(getattr(self.workload, "switchover_cost_s", 0.0)),
         )
 
     async def _iterate(self) -> tuple[float, np.ndarray]:
