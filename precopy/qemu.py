@@ -43,7 +43,7 @@ __all__ = ["QemuWorkload", "QemuDestination", "check_dest_command"]
 
 _log = logging.getLogger(__name__)
 
-#: QEMU's default max-bandwidth (32 MiB/s) would slow the device-state save.
+#: QEMU's max-bandwidth (128 MiB/s by default in 7.2) would slow the device-state save.
 SAVE_BANDWIDTH = 64 << 30
 _IGNORE_SHARED = {"capabilities": [{"capability": "x-ignore-shared", "state": True}]}
 
@@ -85,6 +85,8 @@ class QemuWorkload:
         #: (~10-25 ms and ~10-20 ms with QEMU 7.2 on a 2-core host).
         self.switchover_cost_s = switchover_cost_s
         self._was_running = True
+        self._restore: list[tuple[str, dict[str, Any]]] = []
+        self._quit = False
 
     def describe(self) -> str:
         return f"QEMU VM (QMP {self.qmp.path})"
@@ -125,6 +127,16 @@ class QemuWorkload:
                     "pages and QEMU would put all RAM into the device state; start QEMU with "
                     "memory-backend-file,...,share=on"
                 )
+        # Put the VM's own settings back in close(): left on, x-ignore-shared
+        # would make a later ordinary QEMU migration of this VM skip its RAM.
+        caps = await self.qmp.execute("query-migrate-capabilities")
+        was = any(c.get("capability") == "x-ignore-shared" and c.get("state") for c in caps)
+        params = await self.qmp.execute("query-migrate-parameters")
+        self._restore = [
+            ("migrate-set-capabilities",
+             {"capabilities": [{"capability": "x-ignore-shared", "state": bool(was)}]}),
+            ("migrate-set-parameters", {"max-bandwidth": int(params.get("max-bandwidth", 32 << 20))}),
+        ]
         await self.qmp.execute("migrate-set-capabilities", _IGNORE_SHARED)
         await self.qmp.execute("migrate-set-parameters", {"max-bandwidth": SAVE_BANDWIDTH})
 
@@ -161,9 +173,19 @@ class QemuWorkload:
             await self.qmp.execute("cont")
 
     async def stop(self) -> None:
+        self._quit = True
         await self.qmp.execute("quit")
 
     async def close(self) -> None:
+        """Restore the VM's migration settings (unless it quit) and disconnect."""
+        if self.qmp.connected and not self._quit:
+            try:
+                for cmd, args in self._restore:
+                    await self.qmp.execute(cmd, args)
+            except QMPError as exc:
+                _log.error("could not restore the VM's migration settings (x-ignore-shared, "
+                           "max-bandwidth): %s", exc)
+        self._restore = []
         await self.qmp.close()
 
 

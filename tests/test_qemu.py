@@ -157,6 +157,10 @@ def test_rollback_before_commit_resumes_the_source_vm(shm: Path, kernel: Path,
                                                max_device_state=1000))  # QEMU's is ~320 KB: refused
         await server.start()
         serving = asyncio.create_task(server.serve_forever())
+        c = QMPClient(src.qmp)
+        await c.connect()
+        bandwidth_before = (await c.execute("query-migrate-parameters"))["max-bandwidth"]
+        await c.close()
         wl = QemuWorkload(src.qmp, memory=ram)
         await wl.connect()
         try:
@@ -169,6 +173,14 @@ def test_rollback_before_commit_resumes_the_source_vm(shm: Path, kernel: Path,
             await server.close()
             serving.cancel()
             await asyncio.gather(serving, return_exceptions=True)
+        # The VM's own migration settings are back: a later ordinary
+        # migration of it must not skip its (shared) RAM.
+        c = QMPClient(src.qmp)
+        await c.connect()
+        caps = {x["capability"]: x["state"] for x in await c.execute("query-migrate-capabilities")}
+        assert caps["x-ignore-shared"] is False
+        assert (await c.execute("query-migrate-parameters"))["max-bandwidth"] == bandwidth_before
+        await c.close()
         return info.value, qdest
 
     before = src.ticks()[-1]
