@@ -5,11 +5,13 @@ Each accepted connection authenticates, then either migrates a region
 into ``<memory-dir>/.<name>.<id>.partial``, keeps chunk digests of what it
 holds fresh, and on COMMIT:
 
-1. checks the device state is complete and intact,
+1. checks the device state is complete and intact (and asks the
+   workload adapter, if any, whether it can resume here),
 2. writes ``<name>.device-state``,
 3. persists the commit record (fsync'd journal entry naming both files),
 4. renames the partial region to ``<name>``,
-5. runs the on-resume hook (the workload resumes here),
+5. resumes the workload adapter (e.g. loads a QEMU VM's device state,
+   waiting since BEGIN on the region file) and runs the on-resume hook,
 6. confirms COMMITTED to the source.
 
 Anything that ends a migration before step 3 removes its partial file: a
