@@ -88,6 +88,10 @@ class Channel:
         self.bytes_sent = 0
         self.bytes_received = 0
         self.closed = False
+        #: A send that makes no progress for this long (the peer stopped
+        #: reading, or the path went black without a reset) is a
+        #: :class:`LinkError` (code TIMEOUT) instead of a wait without end.
+        self.send_timeout_s: float | None = None
 
     @property
     def peer(self) -> str:
@@ -101,11 +105,21 @@ class Channel:
         """Send one event; returns bytes written.  Raises :class:`LinkError`."""
         bufs = self.conn.send(event)
         n = 0
+        deadline = asyncio.timeout(self.send_timeout_s)
         try:
-            for b in bufs:
-                await self._write(b)
-                n += memoryview(b).nbytes
-        except OSError as exc:
+            async with deadline:
+                for b in bufs:
+                    await self._write(b)
+                    n += memoryview(b).nbytes
+        except OSError as exc:  # TimeoutError included
+            if deadline.expired():
+                # A frame may be half sent: this connection is unusable now.
+                peer = self.peer
+                self.close()
+                raise LinkError(
+                    f"{peer} accepted no data for {self.send_timeout_s:.0f} s (link stalled)",
+                    AbortCode.TIMEOUT,
+                ) from None
             raise LinkError(f"connection to {self.peer} failed while sending: {exc}") from exc
         self.bytes_sent += n
         return n

@@ -337,6 +337,7 @@ class DestinationServer:
 
     async def _handle(self, sock: socket.socket) -> None:
         chan = make_channel(sock, Role.DEST, self.opts.tls_context)
+        chan.send_timeout_s = self.opts.idle_timeout_s
         peer = chan.peer
         try:
             try:

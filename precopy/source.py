@@ -38,6 +38,7 @@ from .channel import Channel, LinkError, PeerAborted, connect
 from .tls import make_channel
 from .compress import AdaptiveCompressor
 from .digest import ZERO_PAGE_DIGEST, StagingBuffer, page_digests, region_chunk_digests
+from .guardian import ARMED, COMMIT, IDLE, Guardian
 from .errors import (
     AbortCode,
     AuthError,
@@ -104,6 +105,9 @@ class SourceOptions:
     migration_id: str | None = None
     outcome_retries: int = 6
     mode: str = "precopy"  # precopy | stop-and-copy (the baseline: pause first, copy everything paused)
+    #: Start a guardian process that resumes a paused workload if this
+    #: process dies before COMMIT is sent (see precopy.guardian).
+    guardian: bool = False
 
     def __post_init__(self) -> None:
         self.memory = Path(self.memory)
@@ -192,6 +196,7 @@ class SourceSession:
         self._prev_scan_s = 0.0
         self._hash_pool = ThreadPoolExecutor(2, thread_name_prefix="precopy-hash")
         self._outer_pool = ThreadPoolExecutor(1, thread_name_prefix="precopy-scan")
+        self._guardian: Guardian | None = None
 
     # -- entry point ----------------------------------------------------
 
@@ -259,6 +264,8 @@ class SourceSession:
                 self.mem.close()
             self._hash_pool.shutdown(wait=False)
             self._outer_pool.shutdown(wait=False)
+            if self._guardian is not None:
+                self._guardian.close()  # the workload is settled, one way or the other
 
     @staticmethod
     def _describe(exc: BaseException) -> str:
@@ -279,6 +286,8 @@ class SourceSession:
             try:
                 await self.workload.resume()
                 self.paused = False
+                if self._guardian is not None:
+                    self._guardian.declare(IDLE)
                 _log.warning("rolled back: workload resumed on the source")
             except PrecopyError as rexc:
                 self.report.error += f"; and resuming the workload failed: {rexc}"
@@ -291,6 +300,15 @@ class SourceSession:
         opts = self.opts
         self.mem = GuestMemory.open(opts.memory, writable=False)
         mem = self.mem
+        spec = getattr(self.workload, "guardian_spec", None)
+        if opts.guardian and spec is not None:
+            self._guardian = Guardian({
+                "workload": spec(), "on_commit": opts.on_commit,
+                "outcome": {"host": opts.host, "port": opts.port, "migration_id": opts.migration_id,
+                            "key": opts.auth_key.hex() if opts.auth_key else None,
+                            "retries": opts.outcome_retries, "connect_timeout": opts.connect_timeout_s,
+                            "io_timeout": opts.io_timeout_s},
+            })
         self.report.region_bytes = mem.size
         self.sent = np.zeros(mem.npages, dtype=np.uint64)
         self.staging = StagingBuffer(opts.batch_pages)
@@ -305,6 +323,7 @@ class SourceSession:
 
         sock = await connect(opts.host, opts.port, opts.connect_timeout_s)
         self.chan = make_channel(sock, Role.SOURCE, opts.tls_context, opts.host)
+        self.chan.send_timeout_s = opts.io_timeout_s
         self.report.source = "%s:%d" % sock.getsockname()[:2]
         await self._handshake(self.chan)
         self._reader = asyncio.create_task(self._read_loop())
@@ -621,6 +640,8 @@ class SourceSession:
         """
         assert self.mem is not None
         phases: dict[str, float] = {}
+        if self._guardian is not None:
+            self._guardian.declare(ARMED)  # before the pause: a crash from here on resumes it
         t_pause = time.monotonic()
         blob = await self.workload.pause()
         self.paused = True
@@ -675,6 +696,8 @@ class SourceSession:
         rnd.seconds = t5 - t
         self.report.rounds.append(rnd)
 
+        if self._guardian is not None:
+            self._guardian.declare(COMMIT)  # from here on a crash must ask, never resume blindly
         self.commit_sent = True
         await self._send_event(Commit(migration_id=str(self.opts.migration_id), checksum=_h64(blob)))
         try:
@@ -700,6 +723,8 @@ class SourceSession:
         self.report.bandwidth_bps = self.link.bytes_per_second
         self.report.phases_ms = phases
         self.paused = False  # it is the destination's now
+        if self._guardian is not None:
+            self._guardian.declare(IDLE)
         if self.opts.on_commit == "kill":
             try:
                 await self.workload.stop()
@@ -753,6 +778,7 @@ class SourceSession:
     async def _query_outcome(self) -> Outcome:
         sock = await connect(self.opts.host, self.opts.port, self.opts.connect_timeout_s)
         chan = make_channel(sock, Role.SOURCE, self.opts.tls_context, self.opts.host)
+        chan.send_timeout_s = self.opts.io_timeout_s
         try:
             await self._handshake(chan)
             await chan.send(Query(migration_id=str(self.opts.migration_id)))

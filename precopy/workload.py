@@ -128,6 +128,10 @@ class SignalWorkload:
     async def stop(self) -> None:
         self._signal(signal.SIGKILL)
 
+    def guardian_spec(self) -> dict[str, object]:
+        """How a guardian process resumes this workload (see precopy.guardian)."""
+        return {"kind": "pid", "pid": self.pid}
+
 
 class GuestControl:
     """Client of a guest's control socket (Unix stream, JSON lines).
@@ -248,6 +252,10 @@ class GuestControl:
 
     async def resume(self) -> None:
         await self._request("resume")
+
+    def guardian_spec(self) -> dict[str, object]:
+        """How a guardian process resumes this guest (see precopy.guardian)."""
+        return {"kind": "control", "path": str(self.path), "timeout": self.timeout_s}
 
     async def stop(self) -> None:
         await self._request("stop")
