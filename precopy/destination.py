@@ -620,18 +620,31 @@ class _DestMigration:
             raise RegionError(self.rec.error) from exc
         self.rec.outcome, self.rec.memory = "committed", str(self.final)
         self.rec.device_state_bytes = len(self.device)
-        # Not even a cancellation may stop the workload from resuming now.
+        # Not even a cancellation (the daemon shutting down) may stop the
+        # workload from resuming now, nor its source from being told: a
+        # source left without COMMITTED while this daemon is gone would end
+        # in doubt.  The confirmation is bounded by the send timeout.
+        finish = asyncio.ensure_future(self._resume_and_confirm())
+        try:
+            await asyncio.shield(finish)
+        except asyncio.CancelledError:
+            _log.warning("migration %s is committed: confirming it before shutting down",
+                         self.begin.migration_id)
+            await finish
+            raise
+
+    async def _resume_and_confirm(self) -> None:
         resumed, timings = True, {}
         if self.opts.workload is not None:
             try:
-                timings = await asyncio.shield(self.opts.workload.resume(
-                    self.begin.migration_id, self.final, self.device_state_path))
+                timings = await self.opts.workload.resume(
+                    self.begin.migration_id, self.final, self.device_state_path)
             except PrecopyError as exc:
                 resumed = False
                 _log.critical("migration %s is committed here but its workload did not resume: %s; "
                               "resume it by hand from %s and %s", self.begin.migration_id, exc,
                               self.final, self.device_state_path)
-        await asyncio.shield(self.server.run_hook(self.rec, self.final, self.device_state_path))
+        await self.server.run_hook(self.rec, self.final, self.device_state_path)
         _log.info("migration %s committed: %s", self.begin.migration_id, self.final)
         # Confirm after the hook is spawned: the source measures downtime
         # up to this message, i.e. until the workload resumes here.

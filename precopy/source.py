@@ -219,7 +219,7 @@ class SourceSession:
                     _log.warning("interrupted after the commit was confirmed (%s)", self._describe(exc))
                     self.report.outcome = "committed"
                     return self.report
-                if not self.commit_sent:
+                if not self.commit_sent or self._not_committed:
                     raise
                 # COMMIT is out (and we were cancelled, or broke, before the
                 # answer): the destination may own the workload now.  Never
@@ -702,6 +702,12 @@ class SourceSession:
         await self._send_event(Commit(migration_id=str(self.opts.migration_id), checksum=_h64(blob)))
         try:
             done: Committed = await self._expect(Committed)
+        except PeerAborted as exc:
+            # The destination answered COMMIT with ABORT on this connection:
+            # it records the migration as aborted before it says so, and it
+            # never commits an aborted migration.  A definite "not committed".
+            self._not_committed = True
+            raise PrecopyError(f"the destination refused the commit: {exc}", exc.code) from exc
         except PrecopyError as exc:
             await self._resolve_outcome(exc)
         else:
