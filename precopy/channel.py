@@ -117,7 +117,7 @@ class Channel:
                 peer = self.peer
                 self.close()
                 raise LinkError(
-                    f"{peer} accepted no data for {self.send_timeout_s:.0f} s (link stalled)",
+                    f"{peer} did not take a frame within {self.send_timeout_s:.0f} s (link stalled)",
                     AbortCode.TIMEOUT,
                 ) from None
             raise LinkError(f"connection to {self.peer} failed while sending: {exc}") from exc

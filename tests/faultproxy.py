@@ -18,6 +18,8 @@ trigger matches it acts:
              right after the frame was delivered);
 * ``flip``   xor one byte of the frame (``offset`` counted from the start of
              the meta, or of the payload with ``in_payload``) and forward;
+* ``mutate`` ``mutate(frame, meta_len)`` edits the frame in place (a
+             corruption crafted to pass the framing checks), then forward;
 * ``delay``  sleep ``seconds`` then forward.
 
 A proxy-wide ``rate_bps`` slows every byte down.  Faults apply to the
@@ -50,7 +52,7 @@ S2C = "s2c"  # destination -> source
 
 @dataclass
 class Fault:
-    action: str  # cut | stall | hold | kill | call | flip | delay
+    action: str  # cut | stall | hold | kill | call | flip | mutate | delay
     kind: Kind | None = None  # trigger on this frame kind ...
     meta: dict[str, Any] | None = None  # ... whose meta has these values
     nth: int = 1  # ... the nth such frame
@@ -61,7 +63,9 @@ class Fault:
     offset: int = 0  # flip
     in_payload: bool = False  # flip
     seconds: float = 0.0  # delay
-    callback: Callable[[], None] | None = None  # hold / call
+    xor: int = 0x5A  # flip
+    callback: Callable[[], None] | None = None  # hold / kill / call
+    mutate: Callable[[bytearray, int], None] | None = None
     fired: threading.Event = field(default_factory=threading.Event)
     seen: int = 0
 
@@ -178,7 +182,11 @@ class _Link:
             return bytearray()
         if fault.action == "flip":
             pos = PREFIX_SIZE + fault.offset + (meta_len if fault.in_payload else 0)
-            frame[min(pos, len(frame) - 1)] ^= 0x5A
+            frame[min(pos, len(frame) - 1)] ^= fault.xor
+            return frame
+        if fault.action == "mutate":
+            assert fault.mutate is not None
+            fault.mutate(frame, meta_len)
             return frame
         if fault.action == "delay":
             await asyncio.sleep(fault.seconds)

@@ -9,17 +9,21 @@ import signal
 
 import pytest
 
-from precopy.wire import Kind
 
 from .conftest import Procs
-from .faultproxy import Fault, FaultProxy
+from .faultproxy import FaultProxy
 from .test_faults import PRE_COMMIT, Setup, dport, fault_at
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-@pytest.mark.parametrize("phase", PRE_COMMIT)
+# SIGINT in every phase before the commit (pid mode); SIGTERM where the
+# workload is paused (guest-control mode, with a device state).
+SIGNAL_CASES = [(p, signal.SIGINT) for p in PRE_COMMIT] + [
+    (p, signal.SIGTERM) for p in ("first-copy", "paused", "device-state", "verify")]
+
+
+@pytest.mark.parametrize(("phase", "sig"), SIGNAL_CASES, ids=[f"{p}-{s.name}" for p, s in SIGNAL_CASES])
 def test_source_signal_before_commit_rolls_back(procs: Procs, shm, phase: str, sig: signal.Signals) -> None:  # type: ignore[no-untyped-def]
     s = Setup(procs, shm, "control" if sig == signal.SIGTERM else "pid")
 

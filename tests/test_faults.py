@@ -49,11 +49,12 @@ def digest(path: Path) -> int:
 class Setup:
     """A region, a guest (pid or guest-control), a destination, a proxy."""
 
-    def __init__(self, procs: Procs, shm: Path, mode: str = "pid") -> None:
+    def __init__(self, procs: Procs, shm: Path, mode: str = "pid", dest_args: tuple[str, ...] = ()) -> None:
         self.procs, self.shm, self.mode = procs, shm, mode
         self.src = shm / "vm.mem"
         create_region(self.src, SIZE)
-        self.dest = start_dest(procs, shm)
+        self.dest_args = dest_args
+        self.dest = start_dest(procs, shm, *dest_args)
         self.ctl = shm / "g.sock"
         args = ["dirty", "--memory", str(self.src), "--rate", "20000"]
         if mode == "control":
@@ -93,7 +94,7 @@ class Setup:
         os.kill(self.source.pid, signal.SIGKILL)
 
     def restart_dest(self) -> Dest:
-        self.dest = start_dest(self.procs, self.shm)
+        self.dest = start_dest(self.procs, self.shm, *self.dest_args)
         return self.dest
 
     # -- outcomes ---------------------------------------------------------
@@ -300,3 +301,19 @@ def test_source_sigkill_after_commit_sent(procs: Procs, shm: Path, mode: str, de
     if not delivered:
         assert rec["outcome"] == "aborted"
     s.assert_no_partial()
+
+
+def test_commit_is_durable_before_the_workload_resumes(procs: Procs, shm: Path) -> None:
+    """The on-resume hook (the workload resuming here) already finds the commit
+    journalled and the region under its final name."""
+    seen = shm / "seen-by-hook.json"
+    journal = shm / "dest" / ".precopy" / "journal"
+    s = Setup(procs, shm, dest_args=("--on-resume", f'cp "{journal}/$PRECOPY_MIGRATION_ID.json" {seen}.tmp && '
+                                     f'test -f "$PRECOPY_MEMORY" && mv {seen}.tmp {seen}'))
+    s.start_source(s.dest.addr, "--migration-id", "m-durable")
+    rc, rep, log = s.finish()
+    assert rc == 0, log
+    wait_for(seen.exists, what="the on-resume hook")
+    rec = json.loads(seen.read_text())
+    assert rec["outcome"] == "committed" and rec["memory"] == str(s.dest.memory_dir / "vm.mem")
+    s.assert_runs_on_destination()

@@ -1,0 +1,84 @@
+"""The guardian process on its own: what it does when its agent's pipe ends."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from precopy.guardian import ARMED, COMMIT, Guardian
+
+from .conftest import proc_state, wait_for
+
+
+@pytest.fixture
+def sleeper() -> Any:
+    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        yield p
+    finally:
+        os.kill(p.pid, signal.SIGCONT)
+        p.kill()
+        p.wait()
+
+
+def spec(pid: int, port: int = 9) -> dict[str, Any]:
+    return {"workload": {"kind": "pid", "pid": pid}, "on_commit": "keep-stopped",
+            "outcome": {"host": "127.0.0.1", "port": port, "migration_id": "m-g", "key": None,
+                        "retries": 1, "connect_timeout": 1, "io_timeout": 1}}
+
+
+def die(g: Guardian) -> int:
+    """What the agent's death looks like to the guardian: the pipe ends without 'done'."""
+    g._pipe.close()
+    return g.proc.wait(30)
+
+
+def test_agent_death_while_armed_resumes(sleeper: Any) -> None:
+    g = Guardian(spec(sleeper.pid))
+    g.declare(ARMED)
+    os.kill(sleeper.pid, signal.SIGSTOP)
+    wait_for(lambda: proc_state(sleeper.pid) == "T", what="SIGSTOP")
+    assert die(g) == 0
+    wait_for(lambda: proc_state(sleeper.pid) != "T", what="the guardian's SIGCONT")
+
+
+def test_agent_death_after_commit_without_an_answer_leaves_it_paused(sleeper: Any, tmp_path: Path) -> None:
+    g = Guardian(spec(sleeper.pid, port=9))  # nobody answers there
+    g.declare(ARMED)
+    os.kill(sleeper.pid, signal.SIGSTOP)
+    g.declare(COMMIT)
+    assert die(g) == 4  # in doubt
+    time.sleep(0.2)
+    assert proc_state(sleeper.pid) == "T"
+
+
+def test_normal_exit_leaves_the_workload_alone(sleeper: Any) -> None:
+    """The agent settled the workload itself (e.g. in doubt, exit 4): 'done' means hands off."""
+    g = Guardian(spec(sleeper.pid))
+    g.declare(ARMED)
+    os.kill(sleeper.pid, signal.SIGSTOP)
+    wait_for(lambda: proc_state(sleeper.pid) == "T", what="SIGSTOP")
+    g.close()
+    assert g.proc.returncode == 0
+    time.sleep(0.2)
+    assert proc_state(sleeper.pid) == "T"
+
+
+def test_guardian_ignores_the_terminal_interrupt(sleeper: Any) -> None:
+    """A Ctrl-C for the agent must not take the guardian with it."""
+    g = Guardian(spec(sleeper.pid))
+    g.declare(ARMED)
+    time.sleep(0.5)  # let it install its handlers
+    os.kill(g.proc.pid, signal.SIGINT)
+    time.sleep(0.2)
+    assert g.proc.poll() is None
+    os.kill(sleeper.pid, signal.SIGSTOP)
+    assert die(g) == 0
+    wait_for(lambda: proc_state(sleeper.pid) != "T", what="the guardian's SIGCONT")

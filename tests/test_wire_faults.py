@@ -1,0 +1,155 @@
+"""Corruption, black holes, slow links and partial state, through the fault proxy."""
+
+from __future__ import annotations
+
+import msgpack
+import numpy as np
+import pytest
+
+from precopy.wire import PREFIX_SIZE, Kind
+
+from .conftest import Procs, start_dest
+from .faultproxy import S2C, Fault, FaultProxy
+from .test_faults import Setup, dport, fault_at
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+# -- corruption --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("compress", ["off", "lz4"])
+def test_flipped_page_byte_is_detected_and_never_lands(procs: Procs, shm, compress: str) -> None:  # type: ignore[no-untyped-def]
+    """A byte of a page batch flipped in flight: the batch checksum (or lz4) catches it;
+    the migration rolls back and nothing is left on the destination."""
+    s = Setup(procs, shm)
+    fault = Fault(action="flip", kind=Kind.PAGES, nth=4, in_payload=True, offset=1234)
+    with FaultProxy(("127.0.0.1", dport(s.dest)), [fault]) as proxy:
+        s.start_source(proxy.addr, "--compress", compress)
+        rc, rep, log = s.finish()
+    assert fault.fired.is_set()
+    assert rc == 3, log
+    assert "corrupt" in rep["error"] or "lz4" in rep["error"] or "checksum" in rep["error"], rep  # type: ignore[index]
+    s.assert_runs_on_source()
+    s.assert_no_partial()
+    assert "checksum mismatch" in s.dest.log_text() or "lz4" in s.dest.log_text()
+
+
+def test_flipped_device_state_is_refused_at_commit(procs: Procs, shm) -> None:  # type: ignore[no-untyped-def]
+    """The device state is checked against COMMIT's checksum: a corrupted blob is never committed."""
+    s = Setup(procs, shm, "control")
+    fault = Fault(action="flip", kind=Kind.DEVICE_STATE, in_payload=True, offset=4000)
+    with FaultProxy(("127.0.0.1", dport(s.dest)), [fault]) as proxy:
+        s.start_source(proxy.addr)
+        rc, rep, log = s.finish()
+    assert fault.fired.is_set()
+    assert rc == 3, log
+    assert "checksum" in rep["error"], rep  # type: ignore[index]
+    s.assert_runs_on_source()
+    s.assert_no_partial()
+    assert not (s.dest.memory_dir / "vm.mem.device-state").exists()
+
+
+def test_page_number_corrupted_within_limits_is_repaired(procs: Procs, shm) -> None:  # type: ignore[no-untyped-def]
+    """The worst corruption: a page number changed into another valid, increasing one,
+    so the frame passes every check and a page lands in the wrong place.  The chunk
+    comparison finds it and resends; the committed region equals the source."""
+    s = Setup(procs, shm)
+
+    def misplace(frame: bytearray, meta_len: int) -> None:
+        meta = msgpack.unpackb(bytes(frame[PREFIX_SIZE:PREFIX_SIZE + meta_len]), raw=False)
+        idx = np.frombuffer(meta["i"], dtype="<u4").copy()
+        idx[-1] = 4095  # the region's last page: still < npages and increasing
+        meta["i"] = idx.tobytes()
+        packed = msgpack.packb(meta, use_bin_type=True)
+        assert len(packed) == meta_len
+        frame[PREFIX_SIZE:PREFIX_SIZE + meta_len] = packed
+
+    fault = Fault(action="mutate", kind=Kind.PAGES, nth=3, mutate=misplace)
+    with FaultProxy(("127.0.0.1", dport(s.dest)), [fault]) as proxy:
+        s.start_source(proxy.addr)
+        rc, rep, log = s.finish()
+    assert fault.fired.is_set()
+    assert rc == 0, log
+    s.assert_runs_on_destination()
+
+
+def test_corrupted_digest_table_only_causes_a_resend(procs: Procs, shm) -> None:  # type: ignore[no-untyped-def]
+    """A flipped byte in the destination's final digest table: the source resends that
+    chunk and verifies again; the commit still holds exactly the source memory."""
+    s = Setup(procs, shm)
+    fault = Fault(action="flip", kind=Kind.DIGEST_TABLE, direction=S2C, nth=2, in_payload=True, offset=9)
+    with FaultProxy(("127.0.0.1", dport(s.dest)), [fault]) as proxy:
+        s.start_source(proxy.addr)
+        rc, rep, log = s.finish()
+    assert fault.fired.is_set()
+    assert rc == 0, log
+    s.assert_runs_on_destination()
+
+
+# -- black holes, slow links ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("phase", ["first-copy", "verify", "commit-sent"])
+def test_stalled_link_times_out_and_rolls_back(procs: Procs, shm, phase: str) -> None:  # type: ignore[no-untyped-def]
+    """No FIN, no RST, no data: the source gives up after --io-timeout.  A stall after
+    COMMIT is asked about on a new connection, which stops the destination's migration
+    for good, so 'not committed' is definite."""
+    s = Setup(procs, shm, dest_args=("--idle-timeout", "3"))
+    fault = fault_at(phase, action="stall")
+    with FaultProxy(("127.0.0.1", dport(s.dest)), [fault]) as proxy:
+        s.start_source(proxy.addr, "--io-timeout", "2")
+        rc, rep, log = s.finish()
+        assert fault.fired.is_set()
+        assert rc == 3, log
+        if phase == "commit-sent":
+            assert "not committed" in rep["error"], rep  # type: ignore[index]
+        else:
+            assert "2 s" in rep["error"], rep  # type: ignore[index]
+        s.assert_runs_on_source()
+        s.assert_no_partial()  # the destination's idle timeout (or the query) ended it
+
+
+def test_slow_and_delayed_link_still_commits(procs: Procs, shm) -> None:  # type: ignore[no-untyped-def]
+    s = Setup(procs, shm)
+    fault = fault_at("paused", action="delay", seconds=0.5)
+    with FaultProxy(("127.0.0.1", dport(s.dest)), [fault], rate_bps=40e6) as proxy:
+        s.start_source(proxy.addr, "--downtime-ms", "5000")
+        rc, rep, log = s.finish()
+    assert rc == 0, log
+    assert rep["downtime_ms"] >= 500  # type: ignore[index]
+    s.assert_runs_on_destination()
+
+
+# -- partial state -------------------------------------------------------------------
+
+
+def test_keep_partial_keeps_it_under_its_partial_name_only(procs: Procs, shm) -> None:  # type: ignore[no-untyped-def]
+    """--keep-partial: a failed migration's file stays as .NAME.ID.partial (also across a
+    restart), never under NAME; a later migration of the same region commits normally."""
+    s = Setup(procs, shm, dest_args=("--keep-partial",))
+    fault = fault_at("iterative", action="cut")
+    with FaultProxy(("127.0.0.1", dport(s.dest)), [fault]) as proxy:
+        s.start_source(proxy.addr, "--migration-id", "m-kept")
+        rc, rep, log = s.finish()
+    assert rc == 3, log
+    kept = s.dest.memory_dir / ".vm.mem.m-kept.partial"
+    from .conftest import wait_for
+
+    wait_for(lambda: s.journal("m-kept") is not None and s.journal("m-kept")["outcome"] == "aborted",
+             what="the destination to record the abort")
+    assert kept.exists()
+    assert not (s.dest.memory_dir / "vm.mem").exists()
+    s.dest.proc.kill()
+    s.dest.proc.wait()
+    s.dest = start_dest(procs, shm, "--keep-partial")
+    assert kept.exists() and "keeping partial region" in s.dest.log_text()
+    s.start_source(s.dest.addr, "--migration-id", "m-next")
+    rc, rep, log = s.finish()
+    assert rc == 0, log
+    s.assert_runs_on_destination()
+    # Without the flag, the next start removes it.
+    s.dest.proc.kill()
+    s.dest.proc.wait()
+    s.dest = start_dest(procs, shm)
+    assert not kept.exists()
