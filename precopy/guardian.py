@@ -36,7 +36,6 @@ and key (sent through the pipe, never on a command line).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
@@ -44,9 +43,12 @@ import signal
 import socket
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
-from .errors import GuestControlError, MigrationInDoubt, PrecopyError
+# Only the standard library at import time: the guardian starts with every
+# migration, next to the copy, and should cost next to nothing.  The outcome
+# query (rare) imports the engine when it is needed.
 
 __all__ = ["Guardian", "main"]
 
@@ -68,9 +70,9 @@ class Guardian:
 
     def __init__(self, spec: dict[str, Any]) -> None:
         self.proc = subprocess.Popen(
-            # -c, not -m: precopy.guardian is already imported by the package.
-            [sys.executable, "-c", "import sys, precopy.guardian as g; sys.exit(g.main())"],
-            stdin=subprocess.PIPE,
+            # Run as a script, not "-m precopy.guardian": importing the
+            # package would load the whole engine (numpy, ...) for nothing.
+            [sys.executable, str(Path(__file__).resolve())], stdin=subprocess.PIPE,
             start_new_session=True, close_fds=True,
         )
         assert self.proc.stdin is not None
@@ -110,6 +112,10 @@ class Guardian:
 # -- the guardian process -------------------------------------------------
 
 
+class ResumeError(Exception):
+    """The workload could not be resumed or stopped."""
+
+
 def _resume(workload: dict[str, Any], op: str = "resume") -> None:
     kind = workload.get("kind")
     if kind == "pid":
@@ -135,9 +141,9 @@ def _resume(workload: dict[str, Any], op: str = "resume") -> None:
         except (ValueError, AttributeError):
             ok = False
         if not ok:
-            raise GuestControlError(f"guest answered {op!r} with {reply[:200]!r}")
+            raise ResumeError(f"guest answered {op!r} with {reply[:200]!r}")
         return
-    raise GuestControlError(f"unknown workload kind {kind!r}")
+    raise ResumeError(f"unknown workload kind {kind!r}")
 
 
 class _Unused:
@@ -149,7 +155,8 @@ class _Unused:
 
 async def _ask(outcome: dict[str, Any]) -> str:
     """``committed``, ``not-committed`` or ``unknown`` (with the reason logged)."""
-    from .source import SourceOptions, SourceSession
+    from precopy.errors import MigrationInDoubt, PrecopyError
+    from precopy.source import SourceOptions, SourceSession
 
     key = bytes.fromhex(outcome["key"]) if outcome.get("key") else None
     opts = SourceOptions(
@@ -182,7 +189,7 @@ def _on_agent_death(state: str, spec: dict[str, Any]) -> int:
                    "on the source", what)
         try:
             _resume(workload)
-        except (OSError, PrecopyError) as exc:
+        except (OSError, ResumeError) as exc:
             _log.critical("could not resume the workload (%s): %s; resume it by hand", what, exc)
             return 1
         return 0
@@ -190,13 +197,15 @@ def _on_agent_death(state: str, spec: dict[str, Any]) -> int:
         mid = spec.get("outcome", {}).get("migration_id")
         _log.warning("the source agent died after sending COMMIT for migration %s: asking the "
                      "destination for the outcome", mid)
+        import asyncio
+
         answer = asyncio.run(_ask(spec["outcome"]))
         if answer == "not-committed":
             _log.error("migration %s was not committed: resuming the workload (%s) on the source",
                        mid, what)
             try:
                 _resume(workload)
-            except (OSError, PrecopyError) as exc:
+            except (OSError, ResumeError) as exc:
                 _log.critical("could not resume the workload (%s): %s; resume it by hand", what, exc)
                 return 1
             return 0
@@ -206,7 +215,7 @@ def _on_agent_death(state: str, spec: dict[str, Any]) -> int:
             if spec.get("on_commit") == "kill":
                 try:
                     _resume(workload, "stop")
-                except (OSError, PrecopyError) as exc:
+                except (OSError, ResumeError) as exc:
                     _log.error("could not stop the source workload (%s): %s", what, exc)
             return 0
         _log.critical("migration %s is IN DOUBT: the workload (%s) is left PAUSED on the source; "
@@ -242,4 +251,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    # Run as a script: import the engine from the package this file is in.
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
     sys.exit(main())
