@@ -770,7 +770,8 @@ class SourceSession:
             if outcome.known:
                 # Definitely not committed: the destination will never commit it.
                 self._not_committed = True
-                raise PrecopyError(f"destination reports the migration was not committed ({cause})",
+                raise PrecopyError(f"destination reports the migration was not committed "
+                                   f"({self._describe(cause)})",
                                    getattr(cause, "code", AbortCode.LINK)) from cause
             last = PrecopyError("destination has no record of this migration")
             break

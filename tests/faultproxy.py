@@ -20,7 +20,9 @@ trigger matches it acts:
              the meta, or of the payload with ``in_payload``) and forward;
 * ``mutate`` ``mutate(frame, meta_len)`` edits the frame in place (a
              corruption crafted to pass the framing checks), then forward;
-* ``delay``  sleep ``seconds`` then forward.
+* ``delay``  call ``callback`` if any, sleep ``seconds``, then forward
+             (frames behind it wait too: a peer waiting for an answer is
+             held in this phase while, e.g., a signal lands).
 
 A proxy-wide ``rate_bps`` slows every byte down.  Faults apply to the
 connection number ``conn`` (0 = the first the proxy accepted); later
@@ -189,6 +191,8 @@ class _Link:
             fault.mutate(frame, meta_len)
             return frame
         if fault.action == "delay":
+            if fault.callback is not None:
+                await asyncio.get_running_loop().run_in_executor(None, fault.callback)
             await asyncio.sleep(fault.seconds)
             return frame
         raise ValueError(f"unknown fault action {fault.action!r}")

@@ -31,8 +31,9 @@ def test_source_signal_before_commit_rolls_back(procs: Procs, shm, phase: str, s
         assert s.source is not None
         os.kill(s.source.pid, sig)
 
-    # The frame is held while the signal lands, so the source is in that phase.
-    fault = fault_at(phase, action="kill", callback=interrupt)
+    # The frame (and all behind it) is held while the signal lands, so the
+    # source cannot get past its next wait for an answer.
+    fault = fault_at(phase, action="delay", seconds=1.0, callback=interrupt)
     with FaultProxy(("127.0.0.1", dport(s.dest)), [fault]) as proxy:
         s.start_source(proxy.addr)
         rc, rep, log = s.finish()
