@@ -106,10 +106,21 @@ class Setup:
         time.sleep(0.3)
         return digest(self.src) != before
 
+    def diag(self) -> str:
+        """The agents' logs, for a failure message."""
+        src = self.source_log.read_text() if self.source_log.exists() else ""
+        return f"\n--- source ---\n{src[-4000:]}\n--- destination ---\n{self.dest.log_text()[-4000:]}"
+
+    def wait(self, pred: Any, what: str) -> None:
+        try:
+            wait_for(pred, timeout=20, what=what)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}{self.diag()}") from None
+
     def assert_runs_on_source(self) -> None:
         """Rolled back: the guest runs (and writes) on the source, nothing committed on the destination."""
         assert self.guest.poll() is None, "the guest died"
-        wait_for(self.guest_running, timeout=20, what="the guest to run on the source")
+        self.wait(self.guest_running, what="the guest to run on the source")
         assert not (self.dest.memory_dir / "vm.mem").exists(), "a region was committed as well"
 
     def assert_runs_on_destination(self) -> None:
@@ -118,8 +129,8 @@ class Setup:
         assert (self.dest.memory_dir / "vm.mem").read_bytes() == self.src.read_bytes()
 
     def assert_no_partial(self) -> None:
-        wait_for(lambda: not list(self.dest.memory_dir.glob(".*.partial")), timeout=20,
-                 what="the destination to remove the partial region")
+        self.wait(lambda: not list(self.dest.memory_dir.glob(".*.partial")),
+                  what="the destination to remove the partial region")
 
     def journal(self, migration_id: str) -> dict[str, Any] | None:
         p = self.dest.memory_dir / ".precopy" / "journal" / f"{migration_id}.json"
