@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--io-timeout", type=float, default=60.0, metavar="SECONDS",
                    help="a destination that neither answers nor accepts data for this long is a "
                         "failed link (default 60)")
+    p.add_argument("--outcome-retries", type=int, default=6, metavar="N",
+                   help="after a lost commit confirmation, ask the destination this many times "
+                        "(backing off from 0.2 to 5 s) before ending in doubt (default 6)")
     p.add_argument("--guest-timeout", type=float, default=5.0, metavar="SECONDS",
                    help="how long a guest may take to answer a control request (default 5)")
     p.add_argument("--migration-id", help="id for this migration (default: random)")
@@ -182,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
             batch_pages=args.batch_pages, on_commit=args.on_commit,
             connect_timeout_s=args.connect_timeout, migration_id=args.migration_id, mode=args.mode,
             tls_context=tls_context,
-            io_timeout_s=args.io_timeout, guardian=True,
+            io_timeout_s=args.io_timeout, outcome_retries=args.outcome_retries, guardian=True,
         )
         if not args.memory.exists():
             raise PrecopyError(f"memory region {args.memory} does not exist")

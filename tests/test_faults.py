@@ -220,7 +220,7 @@ def test_dest_sigkill_after_commit_stays_dead_is_in_doubt(procs: Procs, shm: Pat
     s = Setup(procs, shm)
     fault = Fault(action="kill", kind=Kind.COMMITTED, direction=S2C, callback=s.kill_dest)
     with FaultProxy(("127.0.0.1", dport(s.dest)), [fault]) as proxy:
-        s.start_source(proxy.addr, "--migration-id", "m-doubt")
+        s.start_source(proxy.addr, "--migration-id", "m-doubt", "--outcome-retries", "2")
         rc, rep, log = s.finish()
     assert fault.fired.is_set()
     assert rc == 4, log
@@ -270,8 +270,13 @@ def test_dest_sigkill_after_commit_sent_restarted_in_time(procs: Procs, shm: Pat
 # -- source SIGKILL (the guardian) -------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", ["pid", "control"])
-@pytest.mark.parametrize("phase", PRE_COMMIT)
+# Every phase with a SIGSTOPped guest; the phases where the guest is paused
+# with a guest-control guest too (before them it was never paused).
+SOURCE_KILL_CASES = [(p, "pid") for p in PRE_COMMIT] + [
+    (p, "control") for p in ("paused", "device-state", "verify")]
+
+
+@pytest.mark.parametrize(("phase", "mode"), SOURCE_KILL_CASES, ids=[f"{p}-{m}" for p, m in SOURCE_KILL_CASES])
 def test_source_sigkill_before_commit_guest_resumes(procs: Procs, shm: Path, phase: str, mode: str) -> None:
     s = Setup(procs, shm, mode)
     fault = fault_at(phase, action="kill", callback=s.kill_source)
