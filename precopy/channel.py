@@ -92,6 +92,10 @@ class Channel:
         #: reading, or the path went black without a reset) is a
         #: :class:`LinkError` (code TIMEOUT) instead of a wait without end.
         self.send_timeout_s: float | None = None
+        #: The migration's outcome is settled (the destination committed):
+        #: from now on :meth:`abort` only closes, it never tells the peer
+        #: "aborted" -- that would be a lie the source acts on.
+        self.settled = False
 
     @property
     def peer(self) -> str:
@@ -186,7 +190,7 @@ class Channel:
 
     async def abort(self, code: AbortCode, reason: str) -> None:
         """Tell the peer why we are giving up (best effort) and close."""
-        if not self.closed and self.conn.phase.value not in ("done", "aborted"):
+        if not self.closed and not self.settled and self.conn.phase.value not in ("done", "aborted"):
             try:
                 await asyncio.wait_for(self.send(Abort(int(code), reason[:4000])), 1.0)
             except (PrecopyError, asyncio.TimeoutError) as exc:

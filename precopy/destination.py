@@ -620,18 +620,24 @@ class _DestMigration:
             raise RegionError(self.rec.error) from exc
         self.rec.outcome, self.rec.memory = "committed", str(self.final)
         self.rec.device_state_bytes = len(self.device)
+        self.chan.settled = True  # an ABORT from here on would tell the source to resume
         # Not even a cancellation (the daemon shutting down) may stop the
         # workload from resuming now, nor its source from being told: a
         # source left without COMMITTED while this daemon is gone would end
         # in doubt.  The confirmation is bounded by the send timeout.
         finish = asyncio.ensure_future(self._resume_and_confirm())
-        try:
-            await asyncio.shield(finish)
-        except asyncio.CancelledError:
-            _log.warning("migration %s is committed: confirming it before shutting down",
-                         self.begin.migration_id)
-            await finish
-            raise
+        cancelled = False
+        while not finish.done():
+            try:
+                await asyncio.shield(finish)
+            except asyncio.CancelledError:
+                if not cancelled:
+                    _log.warning("migration %s is committed: confirming it before shutting down",
+                                 self.begin.migration_id)
+                cancelled = True
+        finish.result()
+        if cancelled:
+            raise asyncio.CancelledError()
 
     async def _resume_and_confirm(self) -> None:
         resumed, timings = True, {}

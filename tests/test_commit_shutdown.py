@@ -70,3 +70,30 @@ async def test_abort_in_answer_to_commit_is_definite(work: Path, dest_dir: Path,
     assert not (dest_dir / "vm.mem").exists()
     assert not list(dest_dir.glob(".*.partial"))
     del mm
+
+
+async def test_a_committed_migration_never_sends_abort(work: Path, dest_dir: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cancelled twice after the rename (the confirmation itself interrupted): the
+    destination closes without ABORT, so the source asks and learns 'committed'."""
+    orig = destination.DestinationServer.run_hook
+
+    async def hook_cancelled_twice(self: Any, rec: Any, memory: Path, device_state: Path) -> None:
+        task = next(iter(self._tasks))
+        task.cancel()
+        await asyncio.sleep(0)
+        task.cancel()
+        await asyncio.sleep(0.1)
+        await orig(self, rec, memory, device_state)
+
+    monkeypatch.setattr(destination.DestinationServer, "run_hook", hook_cancelled_twice)
+    src = work / "vm.mem"
+    mm = make_region(src, 64)
+    wl = FakeWorkload()
+    async with serve(dest_dir) as server:
+        report = await migrate(server, src, wl)
+        await settled(server)
+    assert report.outcome == "committed"
+    assert wl.calls == ["pause"]
+    assert (dest_dir / "vm.mem").read_bytes() == src.read_bytes()
+    del mm

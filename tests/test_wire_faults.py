@@ -35,6 +35,21 @@ def test_flipped_page_byte_is_detected_and_never_lands(procs: Procs, shm, compre
     assert "checksum mismatch" in s.dest.log_text() or "lz4" in s.dest.log_text()
 
 
+def test_flipped_meta_byte_is_a_protocol_error(procs: Procs, shm) -> None:  # type: ignore[no-untyped-def]
+    """A flipped byte in a PAGES header (here the key of the page list): a clear
+    protocol error, the migration rolls back."""
+    s = Setup(procs, shm)
+    fault = Fault(action="flip", kind=Kind.PAGES, nth=2, offset=2)
+    with FaultProxy(("127.0.0.1", dport(s.dest)), [fault]) as proxy:
+        s.start_source(proxy.addr)
+        rc, rep, log = s.finish()
+    assert fault.fired.is_set()
+    assert rc == 3, log
+    assert "PAGES" in rep["error"], rep  # type: ignore[index]
+    s.assert_runs_on_source()
+    s.assert_no_partial()
+
+
 def test_flipped_device_state_is_refused_at_commit(procs: Procs, shm) -> None:  # type: ignore[no-untyped-def]
     """The device state is checked against COMMIT's checksum: a corrupted blob is never committed."""
     s = Setup(procs, shm, "control")
@@ -104,6 +119,8 @@ def test_stalled_link_times_out_and_rolls_back(procs: Procs, shm, phase: str) ->
         assert rc == 3, log
         if phase == "commit-sent":
             assert "not committed" in rep["error"], rep  # type: ignore[index]
+        elif phase == "first-copy":  # the source was sending: the send timed out
+            assert "did not take a frame within 2 s" in rep["error"], rep  # type: ignore[index]
         else:
             assert "2 s" in rep["error"], rep  # type: ignore[index]
         s.assert_runs_on_source()
