@@ -119,9 +119,7 @@ def test_stalled_link_times_out_and_rolls_back(procs: Procs, shm, phase: str) ->
         assert rc == 3, log
         if phase == "commit-sent":
             assert "not committed" in rep["error"], rep  # type: ignore[index]
-        elif phase == "first-copy":  # the source was sending: the send timed out
-            assert "did not take a frame within 2 s" in rep["error"], rep  # type: ignore[index]
-        else:
+        else:  # a send that cannot proceed, or an answer that does not come
             assert "2 s" in rep["error"], rep  # type: ignore[index]
         s.assert_runs_on_source()
         s.assert_no_partial()  # the destination's idle timeout (or the query) ended it
