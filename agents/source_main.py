@@ -186,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
             connect_timeout_s=args.connect_timeout, migration_id=args.migration_id, mode=args.mode,
             tls_context=tls_context,
             io_timeout_s=args.io_timeout, outcome_retries=args.outcome_retries, guardian=True,
+            tls_files={k: str(v) if v else None for k, v in
+                       (("ca", args.tls_ca), ("cert", args.tls_cert), ("key", args.tls_key))},
         )
         if not args.memory.exists():
             raise PrecopyError(f"memory region {args.memory} does not exist")

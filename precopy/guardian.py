@@ -63,7 +63,8 @@ class Guardian:
     ``spec`` says how to resume the workload and how to ask the destination:
     ``{"workload": {"kind": "pid", "pid": N} | {"kind": "control", "path": P,
     "timeout": S}, "outcome": {"host", "port", "migration_id", "key" (hex or
-    None), "retries", "connect_timeout", "io_timeout"}, "on_commit": ...}``.
+    None), "tls" (None, or {"ca", "cert", "key"}: paths or None),
+    "retries", "connect_timeout", "io_timeout"}, "on_commit": ...}``.
     Writes to the pipe are small and synchronous: a state is declared before
     the step it covers is taken.
     """
@@ -159,9 +160,20 @@ async def _ask(outcome: dict[str, Any]) -> str:
     from precopy.source import SourceOptions, SourceSession
 
     key = bytes.fromhex(outcome["key"]) if outcome.get("key") else None
+    tls = outcome.get("tls")
+    tls_context = None
+    if tls is not None:
+        from precopy.tls import client_context
+
+        try:
+            tls_context = client_context(*(Path(tls[k]) if tls.get(k) else None
+                                           for k in ("ca", "cert", "key")))
+        except PrecopyError as exc:
+            _log.critical("cannot set up TLS to ask the destination: %s", exc)
+            return "unknown"
     opts = SourceOptions(
         host=str(outcome["host"]), port=int(outcome["port"]), memory="guardian",  # type: ignore[arg-type]
-        auth_key=key, migration_id=str(outcome["migration_id"]),
+        auth_key=key, tls_context=tls_context, migration_id=str(outcome["migration_id"]),
         outcome_retries=int(outcome.get("retries", 6)),
         connect_timeout_s=float(outcome.get("connect_timeout", 10.0)),
         io_timeout_s=float(outcome.get("io_timeout", 60.0)),

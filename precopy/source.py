@@ -108,6 +108,11 @@ class SourceOptions:
     #: Start a guardian process that resumes a paused workload if this
     #: process dies before COMMIT is sent (see precopy.guardian).
     guardian: bool = False
+    #: The files ``tls_context`` was made from ({"ca", "cert", "key"}, each a
+    #: path or None), so that the guardian process can ask the destination
+    #: over TLS too.  Without them a guardian cannot reach a TLS-only
+    #: destination and leaves an in-doubt workload paused.
+    tls_files: dict[str, str | None] | None = None
 
     def __post_init__(self) -> None:
         self.memory = Path(self.memory)
@@ -306,6 +311,7 @@ class SourceSession:
                 "workload": spec(), "on_commit": opts.on_commit,
                 "outcome": {"host": opts.host, "port": opts.port, "migration_id": opts.migration_id,
                             "key": opts.auth_key.hex() if opts.auth_key else None,
+                            "tls": opts.tls_files if opts.tls_context is not None else None,
                             "retries": opts.outcome_retries, "connect_timeout": opts.connect_timeout_s,
                             "io_timeout": opts.io_timeout_s},
             })

@@ -82,3 +82,37 @@ def test_guardian_ignores_the_terminal_interrupt(sleeper: Any) -> None:
     os.kill(sleeper.pid, signal.SIGSTOP)
     assert die(g) == 0
     wait_for(lambda: proc_state(sleeper.pid) != "T", what="the guardian's SIGCONT")
+
+
+@pytest.mark.parametrize("with_tls", [True, False], ids=["tls", "no-tls-files"])
+async def test_guardian_asks_a_tls_destination(sleeper: Any, tmp_path: Path, dest_dir: Path,
+                                               with_tls: bool) -> None:
+    """After COMMIT, the guardian's question goes over the agent's TLS (and key):
+    'committed' leaves the source copy paused.  Without the TLS files it cannot
+    ask, and leaves the workload paused (in doubt) rather than guess."""
+    import asyncio
+
+    from precopy.destination import MigrationRecord, _Journal
+    from precopy.tls import server_context
+
+    from .test_engine import serve
+    from .tlscerts import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    key = b"k" * 32
+    dest_dir.mkdir(parents=True)
+    _Journal(dest_dir).write(MigrationRecord("m-g", "vm.mem", 4096, "peer", outcome="committed",
+                                             memory=str(dest_dir / "vm.mem")))
+    sctx = server_context(pki.server_cert, pki.server_key, pki.ca)
+    async with serve(dest_dir, tls_context=sctx, auth_key=key) as server:
+        sp = spec(sleeper.pid, server.port)
+        sp["outcome"].update(key=key.hex(), host="localhost", tls={
+            "ca": str(pki.ca), "cert": str(pki.client_cert), "key": str(pki.client_key)} if with_tls else None)
+        g = Guardian(sp)
+        g.declare(ARMED)
+        os.kill(sleeper.pid, signal.SIGSTOP)
+        g.declare(COMMIT)
+        rc = await asyncio.to_thread(die, g)
+    assert rc == (0 if with_tls else 4)
+    time.sleep(0.2)
+    assert proc_state(sleeper.pid) == "T"
