@@ -247,4 +247,9 @@ class FaultProxy:
         link = _Link(self, self.connections, reader, writer)
         self.connections += 1
         self._links.append(link)
-        await link.run()
+        try:
+            await link.run()
+        except asyncio.CancelledError:
+            # Teardown: end normally, or asyncio.start_server's done-callback
+            # logs the cancellation as an error (Python 3.11).
+            link.close()

@@ -301,9 +301,10 @@ def test_source_sigkill_after_commit_sent(procs: Procs, shm: Path, mode: str, de
         s.start_source(proxy.addr, "--migration-id", "m-src-kill")
         rc, rep, log = s.finish()
         assert rc == -signal.SIGKILL
-        wait_for(lambda: "precopy-guardian" in s.source_log.read_text() and (
-            "committed:" in s.source_log.read_text() or "was not committed" in s.source_log.read_text()),
-            timeout=30, what="the guardian to settle the workload")
+        # The guardian's last word: it resumed the workload, or left it to the destination.
+        wait_for(lambda: "resuming the workload" in s.source_log.read_text()
+                 or "the source copy" in s.source_log.read_text(),
+                 timeout=30, what="the guardian to settle the workload")
     log = s.source_log.read_text()
     rec = s.journal("m-src-kill")
     assert rec is not None
