@@ -38,8 +38,8 @@ def test_source_signal_before_commit_rolls_back(procs: Procs, shm, phase: str, s
         s.start_source(proxy.addr)
         rc, rep, log = s.finish()
     assert fault.fired.is_set(), log
-    assert rc == 3, log
-    assert rep is not None and rep["outcome"] == "aborted" and "cancel" in rep["error"], rep
+    assert rc == 3, s.diag()
+    assert rep is not None and rep["outcome"] == "aborted" and "cancel" in rep["error"], s.diag()
     s.assert_runs_on_source()
     s.assert_no_partial()
 
@@ -57,8 +57,8 @@ def test_dest_sigterm_mid_copy_source_rolls_back(procs: Procs, shm) -> None:  # 
     with FaultProxy(("127.0.0.1", dport(s.dest)), [fault], rate_bps=20e6) as proxy:
         s.start_source(proxy.addr)
         rc, rep, log = s.finish()
-    assert rc == 3, log
-    assert "shutting down" in rep["error"], rep  # type: ignore[index]
+    assert rc == 3, s.diag()
+    assert "shutting down" in rep["error"], s.diag()  # type: ignore[index]
     assert s.dest.proc.wait(20) == 0, s.dest.log_text()
     s.assert_runs_on_source()
     assert not list(s.dest.memory_dir.glob(".*.partial"))
@@ -77,8 +77,8 @@ def test_dest_sigterm_while_paused_source_rolls_back(procs: Procs, shm) -> None:
     with FaultProxy(("127.0.0.1", dport(s.dest)), [fault]) as proxy:
         s.start_source(proxy.addr)
         rc, rep, log = s.finish()
-    assert rc == 3, log
-    assert "refused the commit" in rep["error"] or "shutting down" in rep["error"], rep  # type: ignore[index]
+    assert rc == 3, s.diag()
+    assert "refused the commit" in rep["error"] or "shutting down" in rep["error"], s.diag()  # type: ignore[index]
     assert s.dest.proc.wait(20) == 0
     s.assert_runs_on_source()
     assert not list(s.dest.memory_dir.glob(".*.partial"))

@@ -156,7 +156,7 @@ def test_proxy_cut_before_commit_rolls_back(procs: Procs, shm: Path, phase: str)
         s.start_source(proxy.addr)
         rc, rep, log = s.finish()
     assert fault.fired.is_set(), f"the {phase} fault never triggered: {log}"
-    assert rc == 3, log
+    assert rc == 3, s.diag()
     assert rep is not None and rep["outcome"] == "aborted"
     s.assert_runs_on_source()
     s.assert_no_partial()
@@ -171,7 +171,7 @@ def test_proxy_cut_after_commit_sent_before_delivery(procs: Procs, shm: Path) ->
         rc, rep, log = s.finish()
         assert proxy.connections >= 2, "the source never reconnected to ask"
     assert fault.fired.is_set()
-    assert rc == 3, log
+    assert rc == 3, s.diag()
     assert "not committed" in rep["error"]  # type: ignore[index]
     s.assert_runs_on_source()
     s.assert_no_partial()
@@ -187,7 +187,7 @@ def test_proxy_cut_loses_committed(procs: Procs, shm: Path) -> None:
         rc, rep, log = s.finish()
         assert proxy.connections >= 2
     assert fault.fired.is_set()
-    assert rc == 0, log
+    assert rc == 0, s.diag()
     assert rep["outcome"] == "committed"  # type: ignore[index]
     s.assert_runs_on_destination()
     assert s.journal("m-lost-ack")["outcome"] == "committed"  # type: ignore[index]
@@ -204,7 +204,7 @@ def test_dest_sigkill_before_commit_rolls_back(procs: Procs, shm: Path, phase: s
         s.start_source(proxy.addr, "--migration-id", "m-dest-kill")
         rc, rep, log = s.finish()
     assert fault.fired.is_set(), f"the {phase} fault never triggered: {log}"
-    assert rc == 3, log
+    assert rc == 3, s.diag()
     s.assert_runs_on_source()
     # The dead daemon could not clean up; its restart does, and records the abort.
     s.restart_dest()
@@ -223,7 +223,7 @@ def test_dest_sigkill_after_commit_stays_dead_is_in_doubt(procs: Procs, shm: Pat
         s.start_source(proxy.addr, "--migration-id", "m-doubt", "--outcome-retries", "2")
         rc, rep, log = s.finish()
     assert fault.fired.is_set()
-    assert rc == 4, log
+    assert rc == 4, s.diag()
     assert rep["outcome"] == "in-doubt"  # type: ignore[index]
     assert "PAUSED" in rep["error"] and "m-doubt" in rep["error"]  # type: ignore[index]
     assert not s.guest_running()
@@ -257,11 +257,11 @@ def test_dest_sigkill_after_commit_sent_restarted_in_time(procs: Procs, shm: Pat
     rec = s.journal("m-restart")
     assert rec is not None
     if at == "commit-persisted":
-        assert rc == 0, log
+        assert rc == 0, s.diag()
         assert rec["outcome"] == "committed"
         s.assert_runs_on_destination()
     else:
-        assert rc == 3, log
+        assert rc == 3, s.diag()
         assert rec["outcome"] == "aborted"
         s.assert_runs_on_source()
     s.assert_no_partial()
@@ -329,7 +329,7 @@ def test_commit_is_durable_before_the_workload_resumes(procs: Procs, shm: Path) 
                                      f'test -f "$PRECOPY_MEMORY" && mv {seen}.tmp {seen}'))
     s.start_source(s.dest.addr, "--migration-id", "m-durable")
     rc, rep, log = s.finish()
-    assert rc == 0, log
+    assert rc == 0, s.diag()
     wait_for(seen.exists, what="the on-resume hook")
     rec = json.loads(seen.read_text())
     assert rec["outcome"] == "committed" and rec["memory"] == str(s.dest.memory_dir / "vm.mem")

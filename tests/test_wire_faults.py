@@ -28,8 +28,8 @@ def test_flipped_page_byte_is_detected_and_never_lands(procs: Procs, shm, compre
         s.start_source(proxy.addr, "--compress", compress)
         rc, rep, log = s.finish()
     assert fault.fired.is_set()
-    assert rc == 3, log
-    assert "corrupt" in rep["error"] or "lz4" in rep["error"] or "checksum" in rep["error"], rep  # type: ignore[index]
+    assert rc == 3, s.diag()
+    assert "corrupt" in rep["error"] or "lz4" in rep["error"] or "checksum" in rep["error"], s.diag()  # type: ignore[index]
     s.assert_runs_on_source()
     s.assert_no_partial()
     assert "checksum mismatch" in s.dest.log_text() or "lz4" in s.dest.log_text()
@@ -44,8 +44,8 @@ def test_flipped_meta_byte_is_a_protocol_error(procs: Procs, shm) -> None:  # ty
         s.start_source(proxy.addr)
         rc, rep, log = s.finish()
     assert fault.fired.is_set()
-    assert rc == 3, log
-    assert "PAGES" in rep["error"], rep  # type: ignore[index]
+    assert rc == 3, s.diag()
+    assert "PAGES" in rep["error"], s.diag()  # type: ignore[index]
     s.assert_runs_on_source()
     s.assert_no_partial()
 
@@ -58,8 +58,8 @@ def test_flipped_device_state_is_refused_at_commit(procs: Procs, shm) -> None:  
         s.start_source(proxy.addr)
         rc, rep, log = s.finish()
     assert fault.fired.is_set()
-    assert rc == 3, log
-    assert "checksum" in rep["error"], rep  # type: ignore[index]
+    assert rc == 3, s.diag()
+    assert "checksum" in rep["error"], s.diag()  # type: ignore[index]
     s.assert_runs_on_source()
     s.assert_no_partial()
     assert not (s.dest.memory_dir / "vm.mem.device-state").exists()
@@ -85,7 +85,7 @@ def test_page_number_corrupted_within_limits_is_repaired(procs: Procs, shm) -> N
         s.start_source(proxy.addr)
         rc, rep, log = s.finish()
     assert fault.fired.is_set()
-    assert rc == 0, log
+    assert rc == 0, s.diag()
     s.assert_runs_on_destination()
 
 
@@ -98,7 +98,7 @@ def test_corrupted_digest_table_only_causes_a_resend(procs: Procs, shm) -> None:
         s.start_source(proxy.addr)
         rc, rep, log = s.finish()
     assert fault.fired.is_set()
-    assert rc == 0, log
+    assert rc == 0, s.diag()
     s.assert_runs_on_destination()
 
 
@@ -116,11 +116,11 @@ def test_stalled_link_times_out_and_rolls_back(procs: Procs, shm, phase: str) ->
         s.start_source(proxy.addr, "--io-timeout", "2")
         rc, rep, log = s.finish()
         assert fault.fired.is_set()
-        assert rc == 3, log
+        assert rc == 3, s.diag()
         if phase == "commit-sent":
-            assert "not committed" in rep["error"], rep  # type: ignore[index]
+            assert "not committed" in rep["error"], s.diag()  # type: ignore[index]
         else:  # a send that cannot proceed, or an answer that does not come
-            assert "2 s" in rep["error"], rep  # type: ignore[index]
+            assert "2 s" in rep["error"], s.diag()  # type: ignore[index]
         s.assert_runs_on_source()
         s.assert_no_partial()  # the destination's idle timeout (or the query) ended it
 
@@ -131,7 +131,7 @@ def test_slow_and_delayed_link_still_commits(procs: Procs, shm) -> None:  # type
     with FaultProxy(("127.0.0.1", dport(s.dest)), [fault], rate_bps=40e6) as proxy:
         s.start_source(proxy.addr, "--downtime-ms", "5000")
         rc, rep, log = s.finish()
-    assert rc == 0, log
+    assert rc == 0, s.diag()
     assert rep["downtime_ms"] >= 500  # type: ignore[index]
     s.assert_runs_on_destination()
 
@@ -147,7 +147,7 @@ def test_keep_partial_keeps_it_under_its_partial_name_only(procs: Procs, shm) ->
     with FaultProxy(("127.0.0.1", dport(s.dest)), [fault]) as proxy:
         s.start_source(proxy.addr, "--migration-id", "m-kept")
         rc, rep, log = s.finish()
-    assert rc == 3, log
+    assert rc == 3, s.diag()
     kept = s.dest.memory_dir / ".vm.mem.m-kept.partial"
     from .conftest import wait_for
 
@@ -161,7 +161,7 @@ def test_keep_partial_keeps_it_under_its_partial_name_only(procs: Procs, shm) ->
     assert kept.exists() and "keeping partial region" in s.dest.log_text()
     s.start_source(s.dest.addr, "--migration-id", "m-next")
     rc, rep, log = s.finish()
-    assert rc == 0, log
+    assert rc == 0, s.diag()
     s.assert_runs_on_destination()
     # Without the flag, the next start removes it.
     s.dest.proc.kill()
