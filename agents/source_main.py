@@ -71,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: precopy)")
     p.add_argument("--compress", choices=["off", "lz4", "auto"], default="auto",
                    help="lz4 per batch: off, always, or auto when the link is slower than lz4 (default auto)")
+    p.add_argument("--tracking", choices=["auto", "digest", "uffd-wp"], default="auto",
+                   help="how dirty pages are found: digest (rehash and compare), uffd-wp (kernel write "
+                        "tracking offered by a --guest-control guest; Linux >= 6.7; fails if unavailable), "
+                        "or auto: uffd-wp when offered and supported, digests otherwise (default auto)")
     p.add_argument("--auth-key-file", type=Path, metavar="FILE",
                    help="pre-shared key (same file as precopy-dest's); both sides prove they hold it")
     p.add_argument("--on-commit", choices=["keep-stopped", "kill"], default="keep-stopped",
@@ -116,6 +120,7 @@ def summary(rep: MigrationReport) -> str:
                     else f"expected {rep.expected_downtime_ms:.1f} ms, ")
         lines.append(f"  downtime    {rep.downtime_ms:.1f} ms ({expected}budget {rep.downtime_budget_ms:.0f} ms"
                      f"{', stop-and-copy' if rep.mode == 'stop-and-copy' else ''})")
+    lines.append(f"  tracking    {rep.tracking} ({rep.tracking_reason})")
     lines.append(f"  verify      {rep.verify_repairs} pages repaired; device state {rep.device_state_bytes} bytes")
     if rep.phases_ms:
         lines.append("  downtime split (ms) " + ", ".join(f"{k} {v:.1f}" for k, v in rep.phases_ms.items()))
@@ -188,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
             io_timeout_s=args.io_timeout, outcome_retries=args.outcome_retries, guardian=True,
             tls_files={k: str(v) if v else None for k, v in
                        (("ca", args.tls_ca), ("cert", args.tls_cert), ("key", args.tls_key))},
+            tracking=args.tracking,
         )
         if not args.memory.exists():
             raise PrecopyError(f"memory region {args.memory} does not exist")

@@ -22,6 +22,8 @@ class RoundReport:
     bytes_on_wire: int
     seconds: float
     scan_seconds: float = 0.0
+    #: Finding the dirty pages: the digest scan, or the kernel tracker's scan.
+    detect_seconds: float = 0.0
     send_seconds: float = 0.0
     bandwidth_bps: float = 0.0
     dirty_rate_pps: float = 0.0
@@ -52,6 +54,8 @@ class MigrationReport:
     verify_repairs: int = 0
     device_state_bytes: int = 0
     compression: str = "off"
+    tracking: str = "digest"  # digest | uffd-wp: how dirty pages were found
+    tracking_reason: str = ""  # why that tracker (e.g. why auto fell back to digests)
     bandwidth_bps: float = 0.0
     error: str | None = None
     reason: str | None = None

@@ -16,6 +16,11 @@ Rounds, in the QEMU pre-copy shape:
 Chunk digests are computed over real memory on both sides, so the final
 comparison is an end-to-end check of the whole region.  Page digests are
 taken from the staged copy that goes on the wire (DESIGN invariant 1).
+
+With ``tracking="uffd-wp"`` (:mod:`precopy.tracking`) the kernel names the
+dirty pages instead of the chunk comparison, and the source's chunk table
+for the final verification is kept current by rehashing only the chunks of
+reported pages, so the pause rehashes only what the last scan reported.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ from .errors import (
 from .memory import GuestMemory
 from .policy import Action, DirtyRateEstimator, LinkEstimator, SwitchoverPolicy, expected_downtime
 from .report import MigrationReport, RoundReport
+from .tracking import TRACKING_MODES, SourceChunks, TrackingUnavailable, UffdTracker, select_tracker
 from .wire import (
     MAX_BATCH_PAGES,
     MAX_PAYLOAD,
@@ -113,6 +119,10 @@ class SourceOptions:
     #: over TLS too.  Without them a guardian cannot reach a TLS-only
     #: destination and leaves an in-doubt workload paused.
     tls_files: dict[str, str | None] | None = None
+    #: How dirty pages are found: ``digest`` (rehash and compare), ``uffd-wp``
+    #: (the kernel, offered by the guest; docs/TRACKING.md) or ``auto``
+    #: (uffd-wp when the guest offers it and the kernel supports it).
+    tracking: str = "auto"
 
     def __post_init__(self) -> None:
         self.memory = Path(self.memory)
@@ -128,6 +138,10 @@ class SourceOptions:
             raise ValueError(f"compress must be off, lz4 or auto, not {self.compress!r}")
         if self.mode not in ("precopy", "stop-and-copy"):
             raise ValueError(f"mode must be precopy or stop-and-copy, not {self.mode!r}")
+        if self.tracking not in TRACKING_MODES:
+            raise ValueError(f"tracking must be one of {', '.join(TRACKING_MODES)}, not {self.tracking!r}")
+        if self.tracking == "uffd-wp" and self.mode == "stop-and-copy":
+            raise ValueError("tracking uffd-wp needs mode precopy (stop-and-copy tracks nothing: it pauses first)")
         if self.on_commit not in ("keep-stopped", "kill"):
             raise ValueError(f"on_commit must be keep-stopped or kill, not {self.on_commit!r}")
         if self.migration_id is None:
@@ -202,6 +216,9 @@ class SourceSession:
         self._hash_pool = ThreadPoolExecutor(2, thread_name_prefix="precopy-hash")
         self._outer_pool = ThreadPoolExecutor(1, thread_name_prefix="precopy-scan")
         self._guardian: Guardian | None = None
+        self.tracker: UffdTracker | None = None
+        self.chunks: SourceChunks | None = None
+        self._pending = np.zeros(0, dtype=np.uint32)  # decided on, sent in the final pass
 
     # -- entry point ----------------------------------------------------
 
@@ -265,6 +282,8 @@ class SourceSession:
                 self._reader.cancel()
             if self.chan is not None:
                 self.chan.close()
+            if self.tracker is not None:
+                self.tracker.close()
             if self.mem is not None:
                 self.mem.close()
             self._hash_pool.shutdown(wait=False)
@@ -326,6 +345,7 @@ class SourceSession:
         while -(-mem.npages // self.chunk_pages) * 8 > MAX_PAYLOAD:
             self.chunk_pages *= 2
         self.chunk_bytes = self.chunk_pages * PAGE_SIZE
+        await self._choose_tracking()
 
         sock = await connect(opts.host, opts.port, opts.connect_timeout_s)
         self.chan = make_channel(sock, Role.SOURCE, opts.tls_context, opts.host)
@@ -348,6 +368,7 @@ class SourceSession:
             # destination and sends it while the workload is stopped.
             await self._switchover(self._expected(mem.npages), None)
             return
+        await self._arm_tracking()
         await self._full_copy()
         expected, dest_table = await self._iterate()
         await self._switchover(expected, dest_table)
@@ -523,6 +544,72 @@ class SourceSession:
         self.report.rounds.append(rnd)
         self._last_scan_t = t
 
+    # -- kernel write tracking ---------------------------------------------
+
+    async def _choose_tracking(self) -> None:
+        assert self.mem is not None
+        if self.opts.mode == "stop-and-copy":
+            self._set_tracking("stop-and-copy pauses first and compares every page: nothing to track")
+            return
+        try:
+            self.tracker, reason = await select_tracker(self.opts.tracking, self.workload, self.mem)
+        except TrackingUnavailable as exc:
+            raise PrecopyError(str(exc), AbortCode.GUEST) from exc
+        self._set_tracking(reason)
+
+    def _set_tracking(self, reason: str) -> None:
+        self.report.tracking = "digest" if self.tracker is None else self.tracker.name
+        self.report.tracking_reason = reason
+        log = (_log.warning if self.tracker is None and self.opts.tracking == "auto"
+               and self.opts.mode == "precopy" else _log.info)
+        log("dirty tracking: %s (%s)", self.report.tracking, reason)
+
+    async def _arm_tracking(self) -> None:
+        """Arm the kernel tracker before the first page is read; digests if that fails."""
+        if self.tracker is None:
+            return
+        assert self.mem is not None
+        try:
+            arm_s = await asyncio.get_running_loop().run_in_executor(self._outer_pool, self.tracker.arm)
+        except (TrackingUnavailable, OSError) as exc:
+            self.tracker.close()
+            self.tracker = None
+            if self.opts.tracking == "uffd-wp":
+                raise PrecopyError(f"--tracking uffd-wp: arming failed: {exc}", AbortCode.GUEST) from exc
+            self._set_tracking(f"arming kernel write tracking failed ({exc}); using digests")
+            return
+        self.chunks = SourceChunks(self.mem, self.chunk_pages, self._hash_pool)
+        _log.debug("write tracking armed in %.1f ms", arm_s * 1e3)
+
+    async def _track_scan(self, *, final: bool) -> _Scan:
+        """Ask the kernel which pages were written; keep our chunk table current.
+
+        Live: the chunks of reported pages are rehashed now (the first scan
+        hashes every chunk), so that paused, only the last scan's chunks are.
+        Returns ``dirty`` (with the final pass, also the pages decided on
+        before the pause), ``live`` (our chunk table; current when paused),
+        ``hash_s`` (detection) and ``page_hash_s`` (rehashing the reported
+        pages' chunks, estimated for the first scan).
+        """
+        assert self.tracker is not None and self.chunks is not None
+        loop = asyncio.get_running_loop()
+        t = time.monotonic()
+        try:
+            dirty = await loop.run_in_executor(self._outer_pool, self.tracker.scan)
+        except TrackingUnavailable as exc:
+            raise PrecopyError(f"kernel write tracking failed mid-migration: {exc}", AbortCode.GUEST) from exc
+        detect_s = time.monotonic() - t
+        if self.chunks.table is None:
+            await loop.run_in_executor(self._outer_pool, self.chunks.full)
+            rehash_s = self.chunks.estimate(len(dirty))
+        else:
+            rehash_s = await loop.run_in_executor(self._outer_pool, self.chunks.rehash, dirty)
+        assert self.chunks.table is not None
+        if final:
+            dirty = np.union1d(self._pending, dirty).astype(np.uint32)
+        empty = np.zeros(0, dtype=np.uint32)
+        return _Scan(dirty, empty, self.chunks.table, np.zeros(0, dtype=np.uint64), detect_s, rehash_s)
+
     # -- scanning -------------------------------------------------------
 
     async def _scan(self, *, final: bool, dest_table: np.ndarray | None = None) -> _Scan:
@@ -572,7 +659,12 @@ class SourceSession:
         return _Scan(dirty, odd_pages, live, dest_table, hash_s, time.monotonic() - t)
 
     def _expected(self, remaining_pages: int, device_state_bytes: int = 0) -> float:
-        return expected_downtime(
+        verify_s = 0.0
+        if self.chunks is not None and self.chunks.table is not None:
+            # Verification always runs with a tracker: one round trip and our
+            # chunk table's worth of digests back.
+            verify_s = self._rtt + self.chunks.table.nbytes / max(self.link.bytes_per_second, 1.0)
+        return verify_s + expected_downtime(
             remaining_pages=remaining_pages,
             bandwidth_bps=self.link.bytes_per_second,
             compress_ratio=self.compressor.ratio if self.compressor.active else 1.0,
@@ -593,7 +685,10 @@ class SourceSession:
         rounds_done = 0
         while True:
             t = time.monotonic()
-            scan = await self._scan(final=False)
+            if self.tracker is not None:
+                scan = await self._track_scan(final=False)
+            else:
+                scan = await self._scan(final=False)
             dirty, odd, dest_table = scan.dirty, scan.odd, scan.dest_table
             scan_s = time.monotonic() - t
             # The final scan costs the local chunk hash plus per-page hashing
@@ -616,10 +711,12 @@ class SourceSession:
             _log.info("round %d: %d dirty pages, %.1f MB/s, %s", rounds_done + 1, len(dirty),
                       self.link.bytes_per_second / 1e6, decision.reason)
             if decision.action is Action.SWITCHOVER:
+                self._pending = todo
                 return expected, dest_table
             if decision.action is Action.FORCE:
                 self.report.forced = True
                 self.report.reason = decision.reason
+                self._pending = todo
                 return expected, dest_table
             if decision.action is Action.ABORT:
                 self.report.reason = decision.reason
@@ -628,6 +725,7 @@ class SourceSession:
             rnd = RoundReport(round=rounds_done, kind="iterative", pages_scanned=self.mem.npages,
                               pages_dirty=len(todo), pages_sent=0, zero_pages=0, bytes_on_wire=0,
                               seconds=0.0, scan_seconds=scan_s,
+                              detect_seconds=scan.hash_s if self.tracker is not None else est,
                               dirty_rate_pps=self.dirty_rate.pages_per_second,
                               expected_downtime_ms=expected * 1e3)
             await self._send_pages(todo, rnd, "iterating")
@@ -658,11 +756,15 @@ class SourceSession:
 
         rnd = RoundReport(round=len(self.report.rounds), kind="final", pages_scanned=self.mem.npages,
                           pages_dirty=0, pages_sent=0, zero_pages=0, bytes_on_wire=0, seconds=0.0)
-        final = await self._scan(final=True, dest_table=dest_table)
+        if self.tracker is not None:
+            final = await self._track_scan(final=True)
+        else:
+            final = await self._scan(final=True, dest_table=dest_table)
         dirty, odd, frozen = final.dirty, final.odd, final.live
         t2 = time.monotonic()
         phases["final_scan"] = (t2 - t) * 1e3
         rnd.scan_seconds = t2 - t
+        rnd.detect_seconds = final.hash_s if self.tracker is not None else final.hash_s + final.page_hash_s
         rnd.pages_dirty = len(dirty)
         if odd.size:
             _log.warning("final pass: %d pages in chunks the destination holds differently "
@@ -683,7 +785,9 @@ class SourceSession:
         phases["device_state"] = (t4 - t3) * 1e3
 
         # Verify: the destination's chunk table must equal our frozen one.
-        if todo.size:
+        # (Digests: a final scan that found nothing to send has just compared
+        # both tables.  A tracker compares nothing by itself: always verify.)
+        if todo.size or self.tracker is not None:
             for attempt in range(3):
                 bad = await self._verify(frozen)
                 if not bad.size:

@@ -6,6 +6,8 @@ Two adapters:
   SIGCONT.  It has no device state (empty blob).
 * :class:`GuestControl` — a cooperative guest serving the JSON-lines
   control socket of DESIGN.md; ``pause`` returns its device-state blob.
+  A guest may also offer kernel write tracking (``{"op": "track"}``, its
+  userfaultfd passed with ``SCM_RIGHTS``; docs/TRACKING.md).
 """
 
 from __future__ import annotations
@@ -14,11 +16,14 @@ import asyncio
 import json
 import os
 import signal
+import socket
+import struct
 import time
 from pathlib import Path
 from typing import Protocol
 
 from .errors import GuestControlError
+from .tracking import TrackingOffer
 from .wire import MAX_DEVICE_STATE
 
 __all__ = ["Workload", "DestWorkload", "SignalWorkload", "GuestControl", "process_state"]
@@ -269,6 +274,59 @@ class GuestControl:
                 await asyncio.wait_for(writer.wait_closed(), 1.0)
             except (OSError, asyncio.TimeoutError):
                 pass  # closing a broken connection: nothing left to report
+
+    async def offer_tracking(self) -> TrackingOffer:
+        """Ask the guest for its userfaultfd (``{"op": "track"}``, docs/TRACKING.md).
+
+        Uses a connection of its own (the fd arrives as ``SCM_RIGHTS`` with
+        the reply line; the guest serves one connection at a time, so an
+        open one is closed first).  Raises :class:`GuestControlError` saying
+        why when the guest does not offer tracking or answers wrongly.
+        """
+        await self.close()
+        return await asyncio.to_thread(self._offer_tracking)
+
+    def _offer_tracking(self) -> TrackingOffer:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        fds: list[int] = []
+        try:
+            sock.settimeout(self.timeout_s)
+            try:
+                sock.connect(str(self.path))
+                pid, _, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+                sock.sendall(b'{"op": "track"}\n')
+                line = b""
+                while not line.endswith(b"\n"):
+                    if len(line) > 1 << 16:
+                        raise GuestControlError("guest answered 'track' with a line over 64 KiB")
+                    data, got, _, _ = socket.recv_fds(sock, 4096, 4, socket.MSG_CMSG_CLOEXEC)
+                    fds.extend(got)
+                    if not data:
+                        raise GuestControlError("guest closed the control socket during 'track'")
+                    line += data
+            except TimeoutError:
+                raise GuestControlError(f"guest did not answer 'track' within {self.timeout_s} s") from None
+            except OSError as exc:
+                raise GuestControlError(f"guest-control 'track' failed: {exc}") from exc
+            try:
+                reply = json.loads(line)
+            except ValueError:
+                raise GuestControlError(f"guest answered 'track' with invalid JSON: {line[:200]!r}") from None
+            if not isinstance(reply, dict) or reply.get("ok") is not True:
+                why = reply.get("error") if isinstance(reply, dict) else None
+                raise GuestControlError(f"guest does not offer write tracking: {why or reply!r}"[:500])
+            start, length = reply.get("start"), reply.get("length")
+            if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (start, length)):
+                raise GuestControlError(f"guest's 'track' reply lacks a positive start and length: {reply!r}"[:500])
+            if len(fds) != 1:
+                raise GuestControlError(f"guest's 'track' reply carried {len(fds)} file descriptors, expected 1")
+            assert isinstance(start, int) and isinstance(length, int)
+            offer = TrackingOffer(fd=fds.pop(), pid=pid, start=start, length=length)
+            return offer
+        finally:
+            for fd in fds:
+                os.close(fd)
+            sock.close()
 
     async def close(self) -> None:
         if self._writer is not None:

@@ -3,6 +3,11 @@
 Requests are ``{"op": "pause"}``, ``{"op": "resume"}`` and ``{"op": "stop"}``,
 one per line.  A ``pause`` reply is a JSON line ``{"ok": true,
 "device_state_len": N}`` followed by exactly N raw bytes of device state.
+
+``{"op": "track"}`` offers kernel write tracking: the reply line
+``{"ok": true, "start": ADDR, "length": N, "page_size": 4096}`` carries the
+guest's userfaultfd as ``SCM_RIGHTS`` (see :mod:`precopy.guest.tracking` and
+docs/TRACKING.md); a guest that does not offer it answers ``{"ok": false}``.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ import stat
 import threading
 from collections.abc import Callable
 from typing import Any, Protocol
+
+_Offer = Callable[[], "tuple[dict[str, Any], int]"]
 
 from .common import POLL_S, GuestError
 from .gate import WorkGate
@@ -45,9 +52,17 @@ class GateController:
     and returns the blob to send back.
     """
 
-    def __init__(self, gate: WorkGate, device_state: Callable[[bool], bytes]) -> None:
+    def __init__(self, gate: WorkGate, device_state: Callable[[bool], bytes],
+                 tracking: _Offer | None = None) -> None:
         self._gate = gate
         self._device_state = device_state
+        self._tracking = tracking
+
+    def track(self) -> tuple[dict[str, Any], int]:
+        """Offer write tracking: reply fields and a userfaultfd (see :mod:`.tracking`)."""
+        if self._tracking is None:
+            raise GuestError("this guest does not offer write tracking (started with --no-tracking)")
+        return self._tracking()
 
     def pause(self) -> bytes:
         """Pause the main loop, then snapshot the device state."""
@@ -206,11 +221,35 @@ class ControlServer:
             del buffer[: newline + 1]
             if not line:
                 continue
+            if _op_of(line) == "track":
+                self._send_tracking(conn)
+                continue
             reply, payload, stop_after = self._dispatch(line)
             self._send(conn, reply, payload)
             if stop_after:
                 self._handler.stop()
                 return
+
+    def _send_tracking(self, conn: socket.socket) -> None:
+        """Answer ``track``: the reply line with the userfaultfd attached (SCM_RIGHTS)."""
+        track = getattr(self._handler, "track", None)
+        if track is None:
+            self._send(conn, *_error_reply("this guest does not offer write tracking")[:2])
+            return
+        try:
+            fields, fd = track()
+        except GuestError as exc:
+            self._send(conn, *_error_reply(f"write tracking unavailable: {exc}")[:2])
+            return
+        try:
+            conn.settimeout(_SEND_TIMEOUT_S)
+            data = _json_line({"ok": True, **fields})
+            sent = socket.send_fds(conn, [data], [fd])
+            if sent < len(data):
+                conn.sendall(data[sent:])
+            conn.settimeout(POLL_S)
+        finally:
+            os.close(fd)  # tracking ends when the agent closes its copy
 
     def _send(self, conn: socket.socket, reply: dict[str, Any], payload: bytes) -> None:
         """Send a JSON reply line followed by ``payload``."""
@@ -243,7 +282,16 @@ class ControlServer:
             return {"ok": True}, b"", False
         if op == "stop":
             return {"ok": True}, b"", True
-        return _error_reply(f"unknown op {op!r}; expected one of: pause, resume, stop")
+        return _error_reply(f"unknown op {op!r}; expected one of: pause, resume, stop, track")
+
+
+def _op_of(line: bytes) -> object:
+    """The ``op`` of a request line, or None if it is not a JSON object."""
+    try:
+        request = json.loads(line)
+    except ValueError:
+        return None
+    return request.get("op") if isinstance(request, dict) else None
 
 
 class _NullServer:

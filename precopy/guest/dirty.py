@@ -13,6 +13,7 @@ from .common import PAGE_SIZE, GuestError, seeded_rng, write_file_atomic
 from .control import GateController, control_server
 from .gate import WorkGate, install_stop_signals
 from .region import MappedRegion, text_pool
+from .tracking import WriteTrackingOffer
 
 __all__ = [
     "DIRTY_CONTENTS",
@@ -201,7 +202,8 @@ def run_dirty(args: argparse.Namespace) -> int:
     written = 0
     with MappedRegion(args.memory) as region:
         memory = region.bytes_array()
-        with control_server(args.control, GateController(gate, device.snapshot)):
+        offer = None if args.no_tracking else WriteTrackingOffer(region.mm)
+        with control_server(args.control, GateController(gate, device.snapshot, offer)):
             if args.pattern == "sweep":
                 written = _sweep_loop(memory, gate, deadline)
             elif args.rate == 0:

@@ -1,0 +1,285 @@
+"""Dirty-page tracking for the source: digests, or the kernel's write tracking.
+
+Two trackers answer "which pages changed since I last looked?":
+
+* **digest** (always available): hash every chunk of the live region and
+  compare with the destination's chunk table (``SourceSession._scan``).
+  Costs a full rehash per round and, worse, one while the workload is paused.
+* **uffd-wp**: the guest hands the agent a userfaultfd; the agent registers
+  the guest's mapping for async write-protect and asks the kernel with
+  ``PAGEMAP_SCAN`` (:mod:`precopy.uffd`): ~1-3 ms per GiB, no rehash.
+
+With uffd-wp the digests keep their job (DESIGN invariants 1 and 2): pages
+are still hashed from the staged copy as they are sent, and the final
+verification still compares the destination's chunk table with the source's
+chunk table of the frozen region.  That source table (:class:`SourceChunks`)
+is computed once over the live region, then kept current by rehashing, after
+every scan, the chunks holding pages the kernel reported; while the
+workload is paused only the chunks of the last scan's pages are rehashed.
+A chunk the tracker never reports is trusted from its last hash: a write the
+kernel missed before that hash is caught and repaired by the verification,
+one after it could not be.
+
+What the kernel does not report is handled here: a hole punched into the
+region file (``fallocate(PUNCH_HOLE)``, ``MADV_REMOVE``) turns a page to
+zeros without a write, so each scan also diffs the file's holes against the
+previous scan and treats new holes as dirty.  Writes that bypass the guest's
+mapping (``write(2)`` to the file, another process's mapping) cannot be
+seen: :func:`check_guest_mapping` refuses a guest that maps the region
+twice, and docs/TRACKING.md says what a guest must not do.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from .digest import chunk_digests, region_chunk_digests
+from .errors import GuestControlError
+from .memory import GuestMemory
+from .uffd import (
+    PagemapScanner,
+    TrackingUnavailable,
+    probe_pagemap_scan,
+    register_wp,
+    unregister,
+    writeprotect,
+)
+from .wire import PAGE_SIZE
+
+__all__ = [
+    "TRACKING_MODES",
+    "TrackingOffer",
+    "TrackingUnavailable",
+    "UffdTracker",
+    "SourceChunks",
+    "check_guest_mapping",
+    "select_tracker",
+]
+
+_log = logging.getLogger(__name__)
+
+TRACKING_MODES = ("auto", "digest", "uffd-wp")
+
+#: Extents of the region file walked for holes per scan: a pathologically
+#: fragmented file costs at most a few ms; holes past it are not seen.
+HOLE_WALK_EXTENTS = 4096
+
+
+@dataclass(slots=True)
+class TrackingOffer:
+    """What a guest handed over: its userfaultfd and its mapping of the region."""
+
+    fd: int  # our copy of the guest's userfaultfd
+    pid: int  # the guest, as the control socket's peer credentials name it
+    start: int  # address of the region's mapping in the guest
+    length: int  # bytes
+
+
+def check_guest_mapping(pid: int, start: int, length: int, region: os.PathLike[str] | str) -> None:
+    """Check that ``pid`` maps ``region`` once, shared, whole, at ``start``.
+
+    Raises :class:`TrackingUnavailable` naming what does not fit: the range
+    is not one shared mapping of the region file from offset 0, or the
+    region is also mapped elsewhere in the guest (writes there would be
+    missed).
+    """
+    st = os.stat(region)
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            lines = f.read().splitlines()
+    except OSError as exc:
+        raise TrackingUnavailable(f"cannot read /proc/{pid}/maps: {exc.strerror}") from exc
+    covered = 0
+    for line in lines:
+        fields = line.split(None, 5)
+        if len(fields) < 5:
+            continue
+        lo_s, _, hi_s = fields[0].partition("-")
+        perms, offset, dev, inode = fields[1], int(fields[2], 16), fields[3], int(fields[4])
+        major, _, minor = dev.partition(":")
+        if inode != st.st_ino or os.makedev(int(major, 16), int(minor, 16)) != st.st_dev:
+            continue
+        lo, hi = int(lo_s, 16), int(hi_s, 16)
+        inside = start <= lo and hi <= start + length
+        if not inside:
+            if "w" in perms:
+                raise TrackingUnavailable(
+                    f"the guest also maps {region} writable at {lo:#x}-{hi:#x}, outside the offered "
+                    "range: writes there would not be tracked"
+                )
+            continue
+        if perms[3] != "s" or offset != lo - start:
+            raise TrackingUnavailable(
+                f"the guest's mapping {lo:#x}-{hi:#x} of {region} is not a shared mapping at offset "
+                f"{lo - start} (perms {perms}, offset {offset})"
+            )
+        covered += hi - lo
+    if covered != length or length != st.st_size:
+        raise TrackingUnavailable(
+            f"the offered range {start:#x}+{length} is not one whole mapping of {region} "
+            f"({st.st_size} bytes) in process {pid} ({covered} bytes of it found)"
+        )
+
+
+class UffdTracker:
+    """Kernel write tracking of one guest's mapping of the region.
+
+    :meth:`arm` registers and write-protects the range (call it before the
+    first page is read for sending); :meth:`scan` returns the pages written
+    since the previous scan, plus pages that became holes of the file.
+    :meth:`close` unregisters and closes the fd.
+    """
+
+    name = "uffd-wp"
+
+    def __init__(self, offer: TrackingOffer, mem: GuestMemory) -> None:
+        self.offer = offer
+        self.mem = mem
+        self._registered = False
+        self.scanner: PagemapScanner | None = None
+        self._holes = np.zeros(mem.npages, dtype=bool)
+        try:
+            if offer.length != mem.size:
+                raise TrackingUnavailable(
+                    f"the guest offered {offer.length} bytes of tracking, the region is {mem.size}"
+                )
+            if offer.start % PAGE_SIZE:
+                raise TrackingUnavailable(f"the guest's mapping address {offer.start:#x} is not page aligned")
+            try:
+                kind = os.readlink(f"/proc/self/fd/{offer.fd}")
+            except OSError as exc:
+                raise TrackingUnavailable(f"the fd the guest passed is unusable: {exc.strerror}") from exc
+            if kind != "anon_inode:[userfaultfd]":
+                raise TrackingUnavailable(f"the guest passed {kind}, not a userfaultfd")
+            probe_pagemap_scan()
+            check_guest_mapping(offer.pid, offer.start, offer.length, mem.path)
+            self.scanner = PagemapScanner(offer.pid, offer.start, offer.length)
+        except BaseException:
+            self.close()
+            raise
+
+    def arm(self) -> float:
+        """Register and write-protect the guest's range; returns the seconds it took.
+
+        Pages written before this call are not reported: arm before reading
+        any page to send.
+        """
+        assert self.scanner is not None
+        t = time.monotonic()
+        register_wp(self.offer.fd, self.offer.start, self.offer.length)
+        self._registered = True
+        writeprotect(self.offer.fd, self.offer.start, self.offer.length)
+        # A first scan proves the kernel tracks the range we will scan (it
+        # fails if the fd's address space is not the one of /proc/<pid>).
+        self.scanner.scan()
+        self._holes = self.mem.hole_pages(max_extents=HOLE_WALK_EXTENTS)
+        return time.monotonic() - t
+
+    def scan(self) -> np.ndarray:
+        """Pages written (or hole-punched) since the previous scan; re-arms them."""
+        assert self.scanner is not None
+        written = self.scanner.scan()
+        holes = self.mem.hole_pages(max_extents=HOLE_WALK_EXTENTS)
+        punched = np.flatnonzero(holes & ~self._holes).astype(np.uint32)
+        self._holes = holes
+        if punched.size:
+            _log.info("%d pages became holes of %s since the last scan: resending them as zeros",
+                      punched.size, self.mem.path)
+            return np.union1d(written, punched).astype(np.uint32)
+        return written
+
+    def close(self) -> None:
+        if self._registered:
+            try:
+                unregister(self.offer.fd, self.offer.start, self.offer.length)
+            except TrackingUnavailable as exc:
+                # The guest exited (its address space is gone): nothing to undo.
+                _log.debug("unregistering the guest's range: %s", exc)
+            self._registered = False
+        if self.scanner is not None:
+            self.scanner.close()
+            self.scanner = None
+        if self.offer.fd >= 0:
+            try:
+                os.close(self.offer.fd)
+            except OSError as exc:
+                _log.debug("closing the userfaultfd: %s", exc)
+            self.offer.fd = -1
+
+
+class SourceChunks:
+    """The source's chunk digests of its region, for the final verification.
+
+    Computed once over the live region (:meth:`full`), then kept current by
+    :meth:`rehash` of the chunks whose pages a tracker reported.  Valid as
+    long as the tracker reports every write after the hash.
+    """
+
+    def __init__(self, mem: GuestMemory, chunk_pages: int, executor: ThreadPoolExecutor) -> None:
+        self.mem = mem
+        self.chunk_pages = chunk_pages
+        self.executor = executor
+        self.table: np.ndarray | None = None
+        self.seconds_per_chunk = 0.0
+
+    def full(self) -> float:
+        """Hash every chunk now; returns the seconds it took."""
+        t = time.monotonic()
+        holes = self.mem.hole_pages(max_extents=HOLE_WALK_EXTENTS)
+        self.table = region_chunk_digests(self.mem.view, self.chunk_pages, holes, self.executor)
+        s = time.monotonic() - t
+        self.seconds_per_chunk = s / max(len(self.table), 1)
+        return s
+
+    def chunks_of(self, pages: np.ndarray) -> np.ndarray:
+        return np.unique(pages // self.chunk_pages) if len(pages) else np.zeros(0, dtype=np.uint32)
+
+    def rehash(self, pages: np.ndarray) -> float:
+        """Rehash the chunks holding ``pages``; returns the seconds it took."""
+        assert self.table is not None
+        chunks = self.chunks_of(pages)
+        if not chunks.size:
+            return 0.0
+        t = time.monotonic()
+        self.table[chunks] = chunk_digests(self.mem.view, self.chunk_pages * PAGE_SIZE, self.executor, chunks)
+        s = time.monotonic() - t
+        if chunks.size >= 8:
+            self.seconds_per_chunk = s / chunks.size
+        return s
+
+    def estimate(self, pages: int) -> float:
+        """Seconds to rehash the chunks of ``pages`` scattered pages (an upper bound)."""
+        assert self.table is not None
+        return min(pages, len(self.table)) * self.seconds_per_chunk
+
+
+async def select_tracker(mode: str, workload: object, mem: GuestMemory) -> tuple[UffdTracker | None, str]:
+    """Choose the tracker for one migration: ``(tracker or None for digests, reason)``.
+
+    ``auto`` falls back to digests with the reason; ``uffd-wp`` raises
+    :class:`TrackingUnavailable` instead.  Never arms anything (see
+    :meth:`UffdTracker.arm`).
+    """
+    if mode == "digest":
+        return None, "digest tracking requested"
+    offer_tracking = getattr(workload, "offer_tracking", None)
+    try:
+        if offer_tracking is None:
+            describe = getattr(workload, "describe", lambda: "the workload")
+            raise TrackingUnavailable(
+                f"{describe()} cannot offer write tracking (only a guest-control guest can hand over "
+                "a userfaultfd)"
+            )
+        offer = await offer_tracking()
+        tracker = UffdTracker(offer, mem)
+    except (TrackingUnavailable, GuestControlError, OSError) as exc:
+        if mode == "uffd-wp":
+            raise TrackingUnavailable(f"--tracking uffd-wp: {exc}") from exc
+        return None, f"kernel write tracking unavailable ({exc}); using digests"
+    return tracker, f"the guest offered its userfaultfd (pid {offer.pid}); the kernel supports async write-protect"
