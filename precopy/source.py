@@ -42,7 +42,7 @@ from . import auth
 from .channel import Channel, LinkError, PeerAborted, connect
 from .tls import make_channel
 from .compress import AdaptiveCompressor
-from .digest import ZERO_PAGE_DIGEST, StagingBuffer, page_digests, region_chunk_digests
+from .digest import ZERO_PAGE_DIGEST, StagingBuffer, chunk_digests, page_digests, region_chunk_digests
 from .guardian import ARMED, COMMIT, IDLE, Guardian
 from .errors import (
     AbortCode,
@@ -219,6 +219,7 @@ class SourceSession:
         self.tracker: UffdTracker | None = None
         self.chunks: SourceChunks | None = None
         self._pending = np.zeros(0, dtype=np.uint32)  # decided on, sent in the final pass
+        self._dest_table = np.zeros(0, dtype=np.uint64)  # from the last verification
 
     # -- entry point ----------------------------------------------------
 
@@ -584,8 +585,10 @@ class SourceSession:
     async def _track_scan(self, *, final: bool) -> _Scan:
         """Ask the kernel which pages were written; keep our chunk table current.
 
-        Live: the chunks of reported pages are rehashed now (the first scan
-        hashes every chunk), so that paused, only the last scan's chunks are.
+        Live: the chunks of reported pages are rehashed now, so that paused,
+        only the last scan's chunks are.  The first scan also runs the digest
+        comparison with the destination once: it checks the tracker over the
+        full copy and gives the starting chunk table.
         Returns ``dirty`` (with the final pass, also the pages decided on
         before the pause), ``live`` (our chunk table; current when paused),
         ``hash_s`` (detection) and ``page_hash_s`` (rehashing the reported
@@ -595,15 +598,26 @@ class SourceSession:
         loop = asyncio.get_running_loop()
         t = time.monotonic()
         try:
-            dirty = await loop.run_in_executor(self._outer_pool, self.tracker.scan)
+            dirty = await loop.run_in_executor(self._outer_pool, self.tracker.scan, self.sent)
         except TrackingUnavailable as exc:
             raise PrecopyError(f"kernel write tracking failed mid-migration: {exc}", AbortCode.GUEST) from exc
         detect_s = time.monotonic() - t
         if self.chunks.table is None:
-            await loop.run_in_executor(self._outer_pool, self.chunks.full)
+            digest = await self._scan(final=False)
+            self.chunks.adopt(digest.live, digest.hash_s)
+            missed = np.setdiff1d(np.union1d(digest.dirty, digest.odd), dirty)
+            if missed.size:
+                _log.info("first scan: %d pages differ from the destination beyond the %d the kernel "
+                          "reported (holes punched, or writes the kernel did not see): sending them too",
+                          missed.size, dirty.size)
+                dirty = np.union1d(dirty, missed).astype(np.uint32)
             rehash_s = self.chunks.estimate(len(dirty))
         else:
-            rehash_s = await loop.run_in_executor(self._outer_pool, self.chunks.rehash, dirty)
+            rehash_s, extra = await loop.run_in_executor(self._outer_pool, self.chunks.rehash, dirty, self.sent)
+            if extra.size:
+                _log.info("%d pages changed without a write the kernel reported (holes punched?): "
+                          "sending them too", extra.size)
+                dirty = np.union1d(dirty, extra).astype(np.uint32)
         assert self.chunks.table is not None
         if final:
             dirty = np.union1d(self._pending, dirty).astype(np.uint32)
@@ -790,6 +804,8 @@ class SourceSession:
         if todo.size or self.tracker is not None:
             for attempt in range(3):
                 bad = await self._verify(frozen)
+                if bad.size and self.chunks is not None:
+                    bad = await self._recheck(frozen, bad)
                 if not bad.size:
                     break
                 _log.warning("verification: %d chunks differ; repairing (attempt %d)", bad.size, attempt + 1)
@@ -854,7 +870,24 @@ class SourceSession:
         table: DigestTable = await self._expect(DigestTable)
         if table.seq != self._seq:
             raise RemoteProtocolError(f"digest table {table.seq} answers request {self._seq}")
+        self._dest_table = table.digests
         return np.flatnonzero(frozen != table.digests)
+
+    async def _recheck(self, frozen: np.ndarray, bad: np.ndarray) -> np.ndarray:
+        """Rehash our ``bad`` chunks from the paused region; returns those the destination really lacks.
+
+        With a tracker our table is kept current from its reports; a race the
+        kernel cannot report (a hole punched over a fresh write) can leave a
+        chunk digest stale while the destination is right.
+        """
+        assert self.mem is not None
+        frozen[bad] = await asyncio.get_running_loop().run_in_executor(
+            self._outer_pool, chunk_digests, self.mem.view, self.chunk_bytes, self._hash_pool, bad)
+        still: np.ndarray = bad[frozen[bad] != self._dest_table[bad]]
+        if still.size < bad.size:
+            _log.info("verification: %d chunk digests of ours were stale (holes punched while tracked); "
+                      "the destination holds them right", bad.size - still.size)
+        return still
 
     # -- outcome after a lost commit --------------------------------------
 

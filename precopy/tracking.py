@@ -22,8 +22,12 @@ one after it could not be.
 
 What the kernel does not report is handled here: a hole punched into the
 region file (``fallocate(PUNCH_HOLE)``, ``MADV_REMOVE``) turns a page to
-zeros without a write, so each scan also diffs the file's holes against the
-previous scan and treats new holes as dirty.  Writes that bypass the guest's
+zeros without a write (and drops a pending "written" mark), so each scan
+also walks the file's holes and treats as dirty every page that became a
+hole since the previous scan or that is a hole although what we last sent
+there was not zero.  A chunk digest left stale by such a race is caught by
+the verification, which rehashes the chunks it finds different before
+repairing them.  Writes that bypass the guest's
 mapping (``write(2)`` to the file, another process's mapping) cannot be
 seen: :func:`check_guest_mapping` refuses a guest that maps the region
 twice, and docs/TRACKING.md says what a guest must not do.
@@ -31,6 +35,7 @@ twice, and docs/TRACKING.md says what a guest must not do.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import time
@@ -39,7 +44,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .digest import chunk_digests, region_chunk_digests
+from .digest import ZERO_PAGE_DIGEST, chunk_digests, page_digests
 from .errors import GuestControlError
 from .memory import GuestMemory
 from .uffd import (
@@ -66,9 +71,52 @@ _log = logging.getLogger(__name__)
 
 TRACKING_MODES = ("auto", "digest", "uffd-wp")
 
-#: Extents of the region file walked for holes per scan: a pathologically
-#: fragmented file costs at most a few ms; holes past it are not seen.
+#: Extents of a regular region file walked for holes per scan (tmpfs and
+#: hugetlbfs use residency instead); holes past it are not seen.
 HOLE_WALK_EXTENTS = 4096
+TMPFS_MAGIC = 0x01021994
+HUGETLBFS_MAGIC = 0x958458F6
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+_libc.mincore.restype = ctypes.c_int
+_libc.statfs.argtypes = [ctypes.c_char_p, ctypes.c_void_p]
+_libc.statfs.restype = ctypes.c_int
+
+
+def fs_magic(path: os.PathLike[str] | str) -> int:
+    """``f_type`` of the file system holding ``path`` (statfs(2)); 0 if unknown."""
+    buf = ctypes.create_string_buffer(256)  # struct statfs; f_type comes first
+    if _libc.statfs(os.fsencode(path), buf) != 0:
+        return 0
+    return int.from_bytes(buf.raw[:ctypes.sizeof(ctypes.c_long)], "little")
+
+
+class HoleFinder:
+    """Which pages of the region are holes of its file, cheaply enough for the pause.
+
+    On tmpfs and hugetlbfs a page is backed exactly when it is in the page
+    cache, and punching a hole unmaps it from every mapping, ours included:
+    ``mincore`` over our own mapping (ptes present since the full copy read
+    every page) answers in ~1 ms per GiB.  Elsewhere a page out of the page
+    cache need not be a hole, so the file's holes are walked
+    (``SEEK_HOLE``), which costs more (up to ~15 ms per GiB on tmpfs, where
+    that walk visits every cached page).
+    """
+
+    def __init__(self, mem: GuestMemory) -> None:
+        self.mem = mem
+        self.by_residency = fs_magic(mem.path) in (TMPFS_MAGIC, HUGETLBFS_MAGIC)
+        self._vec = np.zeros(mem.npages, dtype=np.uint8)
+
+    def holes(self) -> np.ndarray:
+        """Per-page mask: True where the page is a hole (reads as zeros)."""
+        if self.by_residency:
+            if _libc.mincore(self.mem.array.ctypes.data, self.mem.size, self._vec.ctypes.data) == 0:
+                out: np.ndarray = (self._vec & 1) == 0
+                return out
+            _log.debug("mincore failed (%s): walking holes instead", os.strerror(ctypes.get_errno()))
+        return self.mem.hole_pages(max_extents=HOLE_WALK_EXTENTS)
 
 
 @dataclass(slots=True)
@@ -107,6 +155,12 @@ def check_guest_mapping(pid: int, start: int, length: int, region: os.PathLike[s
             continue
         lo, hi = int(lo_s, 16), int(hi_s, 16)
         inside = start <= lo and hi <= start + length
+        overlaps = lo < start + length and start < hi
+        if overlaps and not inside:
+            raise TrackingUnavailable(
+                f"the offered range {start:#x}+{length} is not one whole mapping of {region} in process "
+                f"{pid}: its mapping {lo:#x}-{hi:#x} straddles the range's edge"
+            )
         if not inside:
             if "w" in perms:
                 raise TrackingUnavailable(
@@ -144,6 +198,7 @@ class UffdTracker:
         self._registered = False
         self.scanner: PagemapScanner | None = None
         self._holes = np.zeros(mem.npages, dtype=bool)
+        self._hole_finder = HoleFinder(mem)
         try:
             if offer.length != mem.size:
                 raise TrackingUnavailable(
@@ -178,15 +233,22 @@ class UffdTracker:
         # A first scan proves the kernel tracks the range we will scan (it
         # fails if the fd's address space is not the one of /proc/<pid>).
         self.scanner.scan()
-        self._holes = self.mem.hole_pages(max_extents=HOLE_WALK_EXTENTS)
+        self._holes = self._hole_finder.holes()
         return time.monotonic() - t
 
-    def scan(self) -> np.ndarray:
-        """Pages written (or hole-punched) since the previous scan; re-arms them."""
+    def scan(self, sent: np.ndarray | None = None) -> np.ndarray:
+        """Pages written (or hole-punched) since the previous scan; re-arms them.
+
+        ``sent``: the digests of what the destination holds, per page; a
+        hole whose digest there is not the zero page's is reported too.
+        """
         assert self.scanner is not None
         written = self.scanner.scan()
-        holes = self.mem.hole_pages(max_extents=HOLE_WALK_EXTENTS)
-        punched = np.flatnonzero(holes & ~self._holes).astype(np.uint32)
+        holes = self._hole_finder.holes()
+        gone = holes & ~self._holes
+        if sent is not None:
+            gone |= holes & (sent != ZERO_PAGE_DIGEST)
+        punched = np.flatnonzero(gone).astype(np.uint32)
         self._holes = holes
         if punched.size:
             _log.info("%d pages became holes of %s since the last scan: resending them as zeros",
@@ -216,7 +278,7 @@ class UffdTracker:
 class SourceChunks:
     """The source's chunk digests of its region, for the final verification.
 
-    Computed once over the live region (:meth:`full`), then kept current by
+    Computed once over the live region (:meth:`adopt`), then kept current by
     :meth:`rehash` of the chunks whose pages a tracker reported.  Valid as
     long as the tracker reports every write after the hash.
     """
@@ -228,30 +290,36 @@ class SourceChunks:
         self.table: np.ndarray | None = None
         self.seconds_per_chunk = 0.0
 
-    def full(self) -> float:
-        """Hash every chunk now; returns the seconds it took."""
-        t = time.monotonic()
-        holes = self.mem.hole_pages(max_extents=HOLE_WALK_EXTENTS)
-        self.table = region_chunk_digests(self.mem.view, self.chunk_pages, holes, self.executor)
-        s = time.monotonic() - t
-        self.seconds_per_chunk = s / max(len(self.table), 1)
-        return s
+    def adopt(self, table: np.ndarray, seconds: float) -> None:
+        """Take a full live chunk hash (``seconds``: what it cost) as the starting table."""
+        self.table = table
+        self.seconds_per_chunk = seconds / max(len(table), 1)
 
     def chunks_of(self, pages: np.ndarray) -> np.ndarray:
         return np.unique(pages // self.chunk_pages) if len(pages) else np.zeros(0, dtype=np.uint32)
 
-    def rehash(self, pages: np.ndarray) -> float:
-        """Rehash the chunks holding ``pages``; returns the seconds it took."""
+    def rehash(self, pages: np.ndarray, sent: np.ndarray) -> tuple[float, np.ndarray]:
+        """Rehash the chunks holding ``pages``; returns the seconds it took and more dirty pages.
+
+        Inside those chunks every page is also compared with ``sent`` (the
+        digests of what the destination holds): pages that differ although
+        not in ``pages`` are returned, to be sent too.  Reading a chunk
+        allocates the holes in it (tmpfs), which would hide a hole punched
+        there from the next hole walk; this comparison catches it instead.
+        """
         assert self.table is not None
         chunks = self.chunks_of(pages)
         if not chunks.size:
-            return 0.0
+            return 0.0, np.zeros(0, dtype=np.uint32)
         t = time.monotonic()
         self.table[chunks] = chunk_digests(self.mem.view, self.chunk_pages * PAGE_SIZE, self.executor, chunks)
         s = time.monotonic() - t
         if chunks.size >= 8:
             self.seconds_per_chunk = s / chunks.size
-        return s
+        around = (chunks[:, None].astype(np.int64) * self.chunk_pages + np.arange(self.chunk_pages)).ravel()
+        around = np.setdiff1d(around[around < self.mem.npages], pages).astype(np.uint32)
+        extra = around[page_digests(self.mem.pages, around) != sent[around]] if around.size else around
+        return time.monotonic() - t, extra
 
     def estimate(self, pages: int) -> float:
         """Seconds to rehash the chunks of ``pages`` scattered pages (an upper bound)."""

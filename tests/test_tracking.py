@@ -1,0 +1,531 @@
+"""Kernel write tracking (userfaultfd async write-protect + PAGEMAP_SCAN).
+
+Three tiers: the kernel interface in one process; the guest's ``track`` op
+and the agent's checks of what a guest offers; whole migrations with a real
+guest process writing adversarially (heavy, random, A -> B -> A, holes
+punched), where the destination must equal the paused source byte for
+byte.  Then the choice of tracker: auto-selection, and every way of falling
+back to digests (kernel without PAGEMAP_SCAN, seccomp, a guest that does not
+offer, a SIGSTOP workload, a non-root agent) without a crash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import json
+import mmap
+import os
+import platform
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import precopy.source
+import precopy.tracking
+import precopy.uffd as uffd
+from precopy.destination import DestinationServer, DestOptions
+from precopy.digest import StagingBuffer
+from precopy.errors import GuestControlError, MigrationAborted
+from precopy.memory import GuestMemory
+from precopy.source import SourceOptions
+from precopy.tracking import TrackingOffer, TrackingUnavailable, UffdTracker, check_guest_mapping
+from precopy.wire import PAGE_SIZE
+from precopy.workload import GuestControl, SignalWorkload
+
+from .conftest import ENV, PY, ROOT, Procs, create_region, guest, run_source, start_dest, wait_for
+
+
+def _kernel_reason() -> str | None:
+    try:
+        uffd.syscall_numbers()
+        uffd.probe_pagemap_scan()
+        fd = uffd.create_userfaultfd()
+        try:
+            uffd.uffd_api(fd)
+        finally:
+            os.close(fd)
+    except TrackingUnavailable as exc:
+        return str(exc)
+    return None
+
+
+_REASON = _kernel_reason()
+needs_uffd = pytest.mark.skipif(_REASON is not None, reason=f"no kernel write tracking here: {_REASON}")
+needs_root_x86 = pytest.mark.skipif(
+    os.geteuid() != 0 or platform.machine() != "x86_64", reason="needs root on x86-64 (uid switch, seccomp)"
+)
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+
+
+def punch(fd: int, page: int) -> None:
+    assert _libc.fallocate(fd, 3, page * PAGE_SIZE, PAGE_SIZE) == 0  # PUNCH_HOLE | KEEP_SIZE
+
+
+class SelfTracked:
+    """This process tracks its own mapping of a region file (same kernel calls as across processes)."""
+
+    def __init__(self, path: Path, npages: int) -> None:
+        path.write_bytes(np.random.default_rng(1).integers(0, 256, npages * PAGE_SIZE, dtype=np.uint8).tobytes())
+        self.fd = os.open(path, os.O_RDWR)
+        self.mm = mmap.mmap(self.fd, npages * PAGE_SIZE, mmap.MAP_SHARED)
+        self.pages = np.frombuffer(self.mm, dtype=np.uint8).reshape(npages, PAGE_SIZE)
+        self.start = ctypes.addressof(ctypes.c_char.from_buffer(self.mm))
+        self.uffd = uffd.create_userfaultfd()
+        uffd.uffd_api(self.uffd)
+        self.mem = GuestMemory.open(path, writable=False)
+        self.tracker = UffdTracker(TrackingOffer(self.uffd, os.getpid(), self.start, len(self.mm)), self.mem)
+        self.tracker.arm()
+
+    def close(self) -> None:
+        self.tracker.close()
+        self.mem.close()
+        del self.pages
+        os.close(self.fd)
+
+
+# --------------------------------------------------------------------------
+# The kernel interface
+
+
+def test_ranges_to_pages() -> None:
+    starts = np.array([0x1000, 0x5000, 0x9000], dtype=np.uint64)
+    ends = np.array([0x3000, 0x6000, 0xC000], dtype=np.uint64)
+    got = uffd.ranges_to_pages(starts, ends, 0x1000, PAGE_SIZE)
+    assert got.tolist() == [0, 1, 4, 8, 9, 10]
+    assert uffd.ranges_to_pages(starts[:0], ends[:0], 0, PAGE_SIZE).size == 0
+
+
+def test_ioctl_numbers_match_the_kernel_headers() -> None:
+    assert uffd.UFFDIO_API == 0xC018AA3F
+    assert uffd.UFFDIO_REGISTER == 0xC020AA00
+    assert uffd.UFFDIO_WRITEPROTECT == 0xC018AA06
+    assert uffd.UFFDIO_UNREGISTER == 0x8010AA01
+    assert uffd.PAGEMAP_SCAN == 0xC0606610
+
+
+@needs_uffd
+def test_scan_reports_exactly_the_written_pages_and_rearms(shm: Path) -> None:
+    t = SelfTracked(shm / "r.mem", 512)
+    try:
+        assert t.tracker.scan().size == 0
+        t.pages[[3, 4, 200, 511], 7] += 1
+        a = t.pages[100].copy()
+        t.pages[100] = 0xAB
+        t.pages[100] = a  # A -> B -> A is still a write
+        assert t.tracker.scan().tolist() == [3, 4, 100, 200, 511]
+        assert t.tracker.scan().size == 0  # re-armed by the scan
+        _ = int(t.pages[5].sum())  # reads are not writes
+        assert t.tracker.scan().size == 0
+    finally:
+        t.close()
+
+
+@needs_uffd
+def test_scan_continues_past_a_full_result_vector(shm: Path) -> None:
+    t = SelfTracked(shm / "r.mem", 2048)
+    assert t.tracker.scanner is not None
+    t.tracker.scanner._vec = t.tracker.scanner._vec[:7]  # force many ioctl calls
+    try:
+        every_other = np.arange(0, 2048, 2)
+        t.pages[every_other, 0] += 1
+        assert np.array_equal(t.tracker.scan(), every_other)
+        assert t.tracker.scan().size == 0
+    finally:
+        t.close()
+
+
+@needs_uffd
+def test_holes_punched_are_reported_though_the_kernel_does_not(shm: Path) -> None:
+    t = SelfTracked(shm / "r.mem", 256)
+    try:
+        punch(t.fd, 10)
+        punch(t.fd, 11)
+        assert t.tracker.scanner is not None
+        assert t.tracker.scanner.scan(rearm=False).size == 0  # the kernel's view: nothing written
+        assert t.tracker.scan().tolist() == [10, 11]
+        assert not t.pages[10].any()
+        assert t.tracker.scan().size == 0
+        t.pages[10, 0] = 1  # writing into the hole is an ordinary write
+        assert t.tracker.scan().tolist() == [10]
+    finally:
+        t.close()
+
+
+@needs_uffd
+def test_unregister_ends_write_protection(shm: Path) -> None:
+    t = SelfTracked(shm / "r.mem", 64)
+    t.tracker.close()
+    t.pages[1, 0] += 1  # no fault handler involved any more; the write just lands
+    assert t.pages[1, 0] == (np.frombuffer((shm / "r.mem").read_bytes(), np.uint8)[PAGE_SIZE])
+    t.mem.close()
+    os.close(t.fd)
+
+
+# --------------------------------------------------------------------------
+# What a guest offers, and the agent's checks of it
+
+
+def test_mapping_check_refuses_a_second_writable_mapping(shm: Path) -> None:
+    path = shm / "r.mem"
+    path.write_bytes(bytes(16 * PAGE_SIZE))
+    with open(path, "r+b") as f:
+        a = mmap.mmap(f.fileno(), 16 * PAGE_SIZE, mmap.MAP_SHARED)
+        start = ctypes.addressof(ctypes.c_char.from_buffer(a))
+        check_guest_mapping(os.getpid(), start, 16 * PAGE_SIZE, path)
+        with pytest.raises(TrackingUnavailable, match="not one whole mapping"):
+            check_guest_mapping(os.getpid(), start, 8 * PAGE_SIZE, path)
+        with pytest.raises(TrackingUnavailable, match="not one whole mapping"):
+            check_guest_mapping(os.getpid(), start + PAGE_SIZE, 16 * PAGE_SIZE, path)
+        b = mmap.mmap(f.fileno(), 16 * PAGE_SIZE, mmap.MAP_SHARED)
+        with pytest.raises(TrackingUnavailable, match="writes there would not be tracked"):
+            check_guest_mapping(os.getpid(), start, 16 * PAGE_SIZE, path)
+        b.close()
+        p = mmap.mmap(f.fileno(), 16 * PAGE_SIZE, mmap.MAP_PRIVATE)
+        pstart = ctypes.addressof(ctypes.c_char.from_buffer(p))
+        with pytest.raises(TrackingUnavailable, match="not a shared mapping"):
+            check_guest_mapping(os.getpid(), pstart, 16 * PAGE_SIZE, path)
+
+
+def test_tracker_refuses_an_fd_that_is_not_a_userfaultfd(shm: Path) -> None:
+    path = shm / "r.mem"
+    path.write_bytes(bytes(4 * PAGE_SIZE))
+    mem = GuestMemory.open(path, writable=False)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with pytest.raises(TrackingUnavailable, match="not a userfaultfd"):
+            UffdTracker(TrackingOffer(fd, os.getpid(), 0x10000, 4 * PAGE_SIZE), mem)
+        with pytest.raises(OSError):
+            os.fstat(fd)  # the tracker closed our copy
+    finally:
+        mem.close()
+
+
+def _start_guest(procs: Procs, shm: Path, *extra: str, pattern: str = "random", npages: int = 4096,
+                 size: str | None = None, **kw: Any) -> tuple[Path, Path, subprocess.Popen[bytes]]:
+    mem, ctl = shm / "g.mem", shm / "g.sock"
+    create_region(mem, size or f"{npages * 4}K")
+    g = procs.start("-m", "tests.uffd_guest", "--memory", str(mem), "--control", str(ctl),
+                    "--pattern", pattern, *extra, **kw)
+    wait_for(lambda: ctl.exists() or g.poll() is not None, what="the test guest's control socket")
+    assert g.poll() is None
+    return mem, ctl, g
+
+
+@needs_uffd
+def test_track_op_hands_over_a_userfaultfd_and_other_ops_still_work(procs: Procs, shm: Path) -> None:
+    mem, ctl, g = _start_guest(procs, shm)
+
+    async def go() -> TrackingOffer:
+        gc = GuestControl(ctl)
+        try:
+            assert await gc.pause() == b"uffd-guest"
+            offer = await gc.offer_tracking()
+            await gc.resume()
+            return offer
+        finally:
+            await gc.close()
+
+    offer = asyncio.run(go())
+    try:
+        assert offer.pid == g.pid and offer.length == os.path.getsize(mem)
+        assert os.readlink(f"/proc/self/fd/{offer.fd}") == "anon_inode:[userfaultfd]"
+        check_guest_mapping(offer.pid, offer.start, offer.length, mem)
+    finally:
+        os.close(offer.fd)
+
+
+def test_guest_that_does_not_offer_says_so(procs: Procs, shm: Path) -> None:
+    _, ctl, _ = _start_guest(procs, shm, "--no-tracking")
+    with pytest.raises(GuestControlError, match="does not offer write tracking"):
+        asyncio.run(GuestControl(ctl).offer_tracking())
+
+
+def _fake_guest(path: Path, reply: bytes, fds: list[int]) -> threading.Thread:
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(str(path))
+    srv.listen(1)
+
+    def serve() -> None:
+        conn, _ = srv.accept()
+        conn.recv(100)
+        socket.send_fds(conn, [reply], fds) if fds else conn.sendall(reply)
+        conn.close()
+        srv.close()
+
+    th = threading.Thread(target=serve, daemon=True)
+    th.start()
+    return th
+
+
+@pytest.mark.parametrize("reply,nfds,match", [
+    (b'{"ok": true, "start": 4096, "length": 4096}\n', 0, "carried 0 file descriptors"),
+    (b'{"ok": true, "start": 4096, "length": 4096}\n', 2, "carried 2 file descriptors"),
+    (b'{"ok": true, "start": -1, "length": 4096}\n', 1, "positive start and length"),
+    (b'not json\n', 1, "invalid JSON"),
+    (b'{"ok": true', 0, "closed the control socket"),
+])
+def test_offer_with_a_bad_reply_is_a_clear_error_and_leaks_no_fd(tmp_path: Path, reply: bytes, nfds: int,
+                                                                  match: str) -> None:
+    path = tmp_path / "fake.sock"
+    fds = [os.open("/dev/null", os.O_RDONLY) for _ in range(nfds)]
+    th = _fake_guest(path, reply, fds)
+    before = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(GuestControlError, match=match):
+        asyncio.run(GuestControl(path, timeout_s=5).offer_tracking())
+    th.join(5)
+    for fd in fds:
+        os.close(fd)
+    assert len(os.listdir("/proc/self/fd")) <= before
+
+
+# --------------------------------------------------------------------------
+# Whole migrations: the destination equals the paused source, byte for byte
+
+
+async def _migrate(shm: Path, workload: Any, mem: Path, **opts: Any) -> precopy.source.MigrationReport:
+    server = DestinationServer(DestOptions(memory_dir=shm / "dest", port=0))
+    await server.start()
+    serving = asyncio.create_task(server.serve_forever())
+    try:
+        kw: dict[str, Any] = dict(downtime_ms=50, max_rounds=6, on_nonconvergence="force", io_timeout_s=20)
+        kw.update(opts)
+        return await precopy.source.migrate(SourceOptions(host="127.0.0.1", port=server.port, memory=mem, **kw),
+                                            workload)
+    finally:
+        serving.cancel()
+        await asyncio.gather(serving, return_exceptions=True)
+        await server.close()
+
+
+def _migrate_guest(shm: Path, ctl: Path, mem: Path, **opts: Any) -> precopy.source.MigrationReport:
+    async def go() -> precopy.source.MigrationReport:
+        gc = GuestControl(ctl)
+        try:
+            return await _migrate(shm, gc, mem, **opts)
+        finally:
+            await gc.close()
+
+    return asyncio.run(go())
+
+
+@needs_uffd
+@pytest.mark.parametrize("pattern", ["sweep", "random", "abab", "punch"])
+def test_no_write_is_missed(procs: Procs, shm: Path, pattern: str) -> None:
+    mem, ctl, g = _start_guest(procs, shm, pattern=pattern, npages=8192)
+    time.sleep(0.2)  # let it write for a while first
+    rep = _migrate_guest(shm, ctl, mem, tracking="uffd-wp")
+    assert rep.outcome == "committed" and rep.tracking == "uffd-wp", rep.tracking_reason
+    # The guest is paused (keep-stopped): its memory is frozen.
+    assert (shm / "dest" / "g.mem").read_bytes() == mem.read_bytes()
+    assert rep.verify_repairs == 0
+    assert rep.pages_sent + rep.zero_pages > 8192  # it did write during the migration
+    assert g.poll() is None
+
+
+@needs_uffd
+def test_writes_missing_from_the_first_report_are_found_by_the_first_digest_comparison(
+        procs: Procs, shm: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    mem, ctl, _ = _start_guest(procs, shm, pattern="random", npages=4096)
+    real_scan = UffdTracker.scan
+    calls = [0]
+
+    def lossy_scan(self: UffdTracker, sent: np.ndarray | None = None) -> np.ndarray:
+        pages = real_scan(self, sent)
+        calls[0] += 1
+        return pages[:0] if calls[0] == 1 else pages  # the writes during the full copy: lost
+
+    monkeypatch.setattr(UffdTracker, "scan", lossy_scan)
+    rep = _migrate_guest(shm, ctl, mem, tracking="uffd-wp")
+    assert rep.outcome == "committed" and rep.tracking == "uffd-wp"
+    assert (shm / "dest" / "g.mem").read_bytes() == mem.read_bytes()
+    assert rep.verify_repairs == 0
+
+
+@needs_uffd
+def test_a_wrong_page_on_the_destination_is_repaired_and_counted(
+        procs: Procs, shm: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Verification still runs with a tracker: a page sent wrong in the final pass is caught."""
+    mem, ctl, _ = _start_guest(procs, shm, pattern="random", npages=4096)
+    real_load = StagingBuffer.load
+    paused = [False]
+    real_pause = GuestControl.pause
+
+    async def pause(self: GuestControl) -> bytes:
+        paused[0] = True
+        return await real_pause(self)
+
+    def load(self: StagingBuffer, pages: np.ndarray, indices: np.ndarray) -> np.ndarray:
+        out = real_load(self, pages, indices)
+        if paused[0] and len(indices):
+            out[0, :16] ^= 0x5A  # what goes on the wire differs from memory, once
+            paused[0] = False
+        return out
+
+    monkeypatch.setattr(GuestControl, "pause", pause)
+    monkeypatch.setattr(StagingBuffer, "load", load)
+    rep = _migrate_guest(shm, ctl, mem, tracking="uffd-wp")
+    assert rep.outcome == "committed" and rep.tracking == "uffd-wp"
+    assert rep.verify_repairs > 0
+    assert (shm / "dest" / "g.mem").read_bytes() == mem.read_bytes()
+
+
+@needs_uffd
+def test_a_stale_chunk_digest_of_ours_is_rechecked_not_repaired(
+        procs: Procs, shm: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    mem, ctl, _ = _start_guest(procs, shm, pattern="random", npages=4096)
+    real = precopy.source.SourceSession._track_scan
+
+    async def track_scan(self: precopy.source.SourceSession, *, final: bool) -> Any:
+        scan = await real(self, final=final)
+        if final:
+            scan.live[3] ^= 1  # our table says chunk 3 changed; the destination holds it right
+        return scan
+
+    monkeypatch.setattr(precopy.source.SourceSession, "_track_scan", track_scan)
+    rep = _migrate_guest(shm, ctl, mem, tracking="uffd-wp")
+    assert rep.outcome == "committed" and rep.verify_repairs == 0
+    assert (shm / "dest" / "g.mem").read_bytes() == mem.read_bytes()
+
+
+# --------------------------------------------------------------------------
+# Choosing the tracker, and falling back without a crash
+
+
+def test_auto_uses_uffd_wp_when_offered_and_digests_otherwise(procs: Procs, shm: Path) -> None:
+    mem, ctl, _ = _start_guest(procs, shm, pattern="random", npages=2048)
+    rep = _migrate_guest(shm, ctl, mem, tracking="auto")
+    assert rep.outcome == "committed"
+    if _REASON is None:
+        assert rep.tracking == "uffd-wp"
+        assert "offered" in rep.tracking_reason
+    else:
+        assert rep.tracking == "digest"
+    assert (shm / "dest" / "g.mem").read_bytes() == mem.read_bytes()
+
+
+def test_auto_falls_back_when_the_guest_does_not_offer(procs: Procs, shm: Path) -> None:
+    mem, ctl, _ = _start_guest(procs, shm, "--no-tracking", npages=2048)
+    rep = _migrate_guest(shm, ctl, mem, tracking="auto")
+    assert rep.outcome == "committed" and rep.tracking == "digest"
+    assert "does not offer write tracking" in rep.tracking_reason
+    assert (shm / "dest" / "g.mem").read_bytes() == mem.read_bytes()
+
+
+@needs_uffd
+def test_auto_falls_back_on_a_kernel_without_pagemap_scan(procs: Procs, shm: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    # An ioctl number this kernel does not know: the same ENOTTY a pre-6.7 kernel gives.
+    monkeypatch.setattr(uffd, "PAGEMAP_SCAN", uffd._ioc(3, ord("f"), 99, 96))
+    mem, ctl, _ = _start_guest(procs, shm, npages=2048)
+    rep = _migrate_guest(shm, ctl, mem, tracking="auto")
+    assert rep.outcome == "committed" and rep.tracking == "digest"
+    assert "no PAGEMAP_SCAN" in rep.tracking_reason
+    assert (shm / "dest" / "g.mem").read_bytes() == mem.read_bytes()
+
+
+@needs_uffd
+def test_auto_falls_back_when_arming_fails(procs: Procs, shm: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(uffd, "UFFDIO_REGISTER", uffd._ioc(3, 0xAA, 0x3E, 32))
+    mem, ctl, _ = _start_guest(procs, shm, npages=2048)
+    rep = _migrate_guest(shm, ctl, mem, tracking="auto")
+    assert rep.outcome == "committed" and rep.tracking == "digest"
+    assert "arming kernel write tracking failed" in rep.tracking_reason
+    assert (shm / "dest" / "g.mem").read_bytes() == mem.read_bytes()
+
+
+@needs_uffd
+@needs_root_x86
+def test_seccomp_guest_falls_back_to_digests(procs: Procs, shm: Path) -> None:
+    mem, ctl, _ = _start_guest(procs, shm, "--seccomp-deny-uffd", npages=2048)
+    rep = _migrate_guest(shm, ctl, mem, tracking="auto")
+    assert rep.outcome == "committed" and rep.tracking == "digest"
+    assert "seccomp" in rep.tracking_reason
+    assert (shm / "dest" / "g.mem").read_bytes() == mem.read_bytes()
+
+
+@needs_uffd
+@needs_root_x86
+def test_non_root_guest_offers_tracking_in_user_mode(procs: Procs, shm: Path) -> None:
+    os.chmod(shm, 0o777)
+    mem, ctl = shm / "g.mem", shm / "g.sock"
+    create_region(mem, "8M")
+    os.chmod(mem, 0o666)
+    g = procs.start("-m", "tests.uffd_guest", "--memory", str(mem), "--control", str(ctl), "--user", "65534")
+    wait_for(lambda: ctl.exists() or g.poll() is not None, what="the non-root guest's control socket")
+    rep = _migrate_guest(shm, ctl, mem, tracking="auto")
+    assert rep.outcome == "committed" and rep.tracking == "uffd-wp", rep.tracking_reason
+    assert (shm / "dest" / "g.mem").read_bytes() == mem.read_bytes()
+
+
+def test_sigstop_workload_uses_digests(procs: Procs, shm: Path) -> None:
+    mem = shm / "g.mem"
+    create_region(mem, "8M")
+    g = procs.start(*guest("dirty", "--memory", str(mem), "--rate", "500"))
+
+    async def go() -> precopy.source.MigrationReport:
+        return await _migrate(shm, SignalWorkload(g.pid), mem, tracking="auto")
+
+    rep = asyncio.run(go())
+    assert rep.outcome == "committed" and rep.tracking == "digest"
+    assert "cannot offer write tracking" in rep.tracking_reason
+
+
+def test_uffd_wp_required_but_not_offered_aborts_and_the_guest_keeps_running(procs: Procs, shm: Path) -> None:
+    mem, ctl, g = _start_guest(procs, shm, "--no-tracking", npages=2048)
+    with pytest.raises(MigrationAborted, match="--tracking uffd-wp"):
+        _migrate_guest(shm, ctl, mem, tracking="uffd-wp")
+    before = mem.read_bytes()
+    time.sleep(0.1)
+    assert mem.read_bytes() != before  # still writing: never paused
+
+
+@needs_uffd
+@needs_root_x86
+def test_non_root_agent_falls_back_without_a_crash(procs: Procs, shm: Path) -> None:
+    """The agent may not read a root guest's pagemap: digests, exit 0."""
+    os.chmod(shm, 0o777)
+    mem, ctl, _ = _start_guest(procs, shm, npages=2048)
+    os.chmod(mem, 0o644)
+    os.chmod(ctl, 0o777)
+    dest = start_dest(procs, shm)
+    report = shm / "report.json"
+    # Drop root after the imports (the interpreter may live where uid 65534 cannot read).
+    as_nobody = ("import os, sys, ctypes, encodings.idna, uvloop, agents.source_main as m; os.setgroups([]); "
+                 "os.setresgid(65534, 65534, 65534); os.setresuid(65534, 65534, 65534); "
+                 "ctypes.CDLL(None).prctl(4, 1, 0, 0, 0); sys.exit(m.main())")  # PR_SET_DUMPABLE
+    r = subprocess.run([PY, "-c", as_nobody, "--to", dest.addr, "--memory", str(mem),
+                        "--guest-control", str(ctl), "--tracking", "auto", "--report", str(report),
+                        "--log-format", "json", "--progress", "off", "--downtime-ms", "1000"],
+                       env=ENV, cwd=ROOT, capture_output=True, timeout=120)
+    out = (r.stdout + r.stderr).decode(errors="replace")
+    assert r.returncode == 0, out
+    rep = json.loads(report.read_text())
+    assert rep["tracking"] == "digest"
+    assert "Permission denied" in rep["tracking_reason"], rep["tracking_reason"]
+
+
+def test_cli_tracking_option(procs: Procs, shm: Path) -> None:
+    r = subprocess.run([PY, "-m", "agents.source_main", "--help"], env=ENV, cwd=ROOT, capture_output=True)
+    assert b"--tracking {auto,digest,uffd-wp}" in r.stdout
+    mem, ctl, _ = _start_guest(procs, shm, "--no-tracking", npages=1024)
+    dest = start_dest(procs, shm)
+    code, rep, out = run_source(shm, "--to", dest.addr, "--memory", str(mem), "--guest-control", str(ctl),
+                                "--tracking", "uffd-wp")
+    assert code == 3, out
+    assert rep is not None and rep["outcome"] == "aborted"
+    assert "does not offer write tracking" in rep["error"]
+
+
+def test_source_options_reject_an_unknown_tracking(shm: Path) -> None:
+    with pytest.raises(ValueError, match="tracking must be one of"):
+        SourceOptions(host="h", port=1, memory=shm / "x", tracking="soft-dirty")
+    assert precopy.tracking.TRACKING_MODES == ("auto", "digest", "uffd-wp")
