@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import signal
 import socket
@@ -30,6 +31,8 @@ __all__ = ["Workload", "DestWorkload", "SignalWorkload", "GuestControl", "proces
 
 #: Longest reply line accepted from a guest (replies are short JSON objects).
 MAX_REPLY_LINE = 1 << 16
+
+_log = logging.getLogger(__name__)
 
 
 class Workload(Protocol):
@@ -284,7 +287,15 @@ class GuestControl:
         why when the guest does not offer tracking or answers wrongly.
         """
         await self.close()
-        return await asyncio.to_thread(self._offer_tracking)
+        try:
+            return await asyncio.to_thread(self._offer_tracking)
+        finally:
+            # Reconnect now, so the pause does not wait for a new connection
+            # to be accepted (downtime); a failure here surfaces at the pause.
+            try:
+                await self.connect()
+            except GuestControlError as exc:
+                _log.debug("reconnecting after 'track': %s (retried at the pause)", exc)
 
     def _offer_tracking(self) -> TrackingOffer:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
