@@ -53,7 +53,7 @@ from .errors import (
     RemoteProtocolError,
 )
 from .memory import GuestMemory
-from .policy import Action, DirtyRateEstimator, LinkEstimator, SwitchoverPolicy, expected_downtime
+from .policy import Action, Decision, DirtyRateEstimator, LinkEstimator, SwitchoverPolicy, expected_downtime
 from .report import MigrationReport, RoundReport
 from .tracking import TRACKING_MODES, SourceChunks, TrackingUnavailable, UffdTracker, select_tracker
 from .wire import (
@@ -722,6 +722,11 @@ class SourceSession:
             decision = self.policy.decide(
                 rounds_done=rounds_done, elapsed_s=time.monotonic() - self._t0, expected_s=expected,
             )
+            if (decision.action is Action.SWITCHOVER and self.tracker is not None and rounds_done == 0
+                    and len(todo)):
+                # The first tracked round's dirty set covers the whole full copy
+                # and is the largest; another round costs a few ms: send it live.
+                decision = Decision(Action.CONTINUE, expected, decision.reason + "; one more tracked round first")
             _log.info("round %d: %d dirty pages, %.1f MB/s, %s", rounds_done + 1, len(dirty),
                       self.link.bytes_per_second / 1e6, decision.reason)
             if decision.action is Action.SWITCHOVER:

@@ -529,3 +529,25 @@ def test_source_options_reject_an_unknown_tracking(shm: Path) -> None:
     with pytest.raises(ValueError, match="tracking must be one of"):
         SourceOptions(host="h", port=1, memory=shm / "x", tracking="soft-dirty")
     assert precopy.tracking.TRACKING_MODES == ("auto", "digest", "uffd-wp")
+
+
+def test_expected_downtime_with_a_tracker_counts_its_scan_and_the_verification(shm: Path) -> None:
+    """The switchover estimate uses the tracker's measured cost, not a whole-region rehash."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from precopy.policy import expected_downtime
+    from precopy.tracking import SourceChunks
+
+    opts = SourceOptions(host="h", port=1, memory=shm / "x")
+    s = precopy.source.SourceSession(opts, SignalWorkload(os.getpid()))
+    s._rtt = 0.001
+    s._last_scan_s = 0.002  # what a tracked round measured (scan + rehash of its chunks)
+    base = expected_downtime(remaining_pages=100, bandwidth_bps=s.link.bytes_per_second,
+                             final_scan_s=0.002, overhead_s=0.002 + 2 * 0.001)
+    assert s._expected(100) == pytest.approx(base)  # digests: no extra verification term
+    mem = type("M", (), {"npages": 8192 * 32})()
+    s.chunks = SourceChunks(mem, 32, ThreadPoolExecutor(1))  # type: ignore[arg-type]
+    s.chunks.adopt(np.zeros(8192, dtype=np.uint64), 0.05)
+    verify = 0.001 + 8192 * 8 / s.link.bytes_per_second
+    assert s._expected(100) == pytest.approx(base + verify)
+    assert s._expected(100) < 0.015  # a 1 GiB region's estimate is not a 60-110 ms rehash

@@ -18,8 +18,9 @@ modifies it while a migration agent copies it.  Three subcommands exist:
     state elsewhere and resuming there up to N.
 
 Both ``dirty`` and ``det`` optionally serve a *control socket* (Unix stream
-socket, one JSON request per line) supporting ``pause``, ``resume`` and
-``stop``.  A ``pause`` reply is a JSON line ``{"ok": true,
+socket, one JSON request per line) supporting ``pause``, ``resume``,
+``stop`` and ``track`` (kernel write tracking: the guest hands the agent its
+userfaultfd; ``--no-tracking`` turns that off).  A ``pause`` reply is a JSON line ``{"ok": true,
 "device_state_len": N}`` followed by exactly N raw bytes of device state.
 
 The helpers :func:`parse_size`, :func:`create_region` and
@@ -35,6 +36,9 @@ Layout of the package:
     :class:`WorkGate`: pause/resume/stop coordination with the work loop.
 ``control``
     :class:`ControlServer`, the control-socket server.
+``tracking``
+    :class:`WriteTrackingOffer`: the guest's side of kernel write tracking
+    (docs/TRACKING.md).
 ``dirty``
     The ``dirty`` guest.
 ``det``
@@ -58,6 +62,7 @@ from .dirty import (
     run_dirty,
 )
 from .gate import WorkGate
+from .tracking import WriteTrackingOffer
 from .region import (
     CREATE_CONTENTS,
     MappedRegion,
@@ -83,6 +88,7 @@ __all__ = [
     "PageWriter",
     "SplitMix64",
     "WorkGate",
+    "WriteTrackingOffer",
     "build_parser",
     "create_region",
     "det_step",
