@@ -615,8 +615,8 @@ class SourceSession:
         else:
             rehash_s, extra = await loop.run_in_executor(self._outer_pool, self.chunks.rehash, dirty, self.sent)
             if extra.size:
-                _log.info("%d pages changed without a write the kernel reported (holes punched?): "
-                          "sending them too", extra.size)
+                _log.info("%d unreported pages read as zeros although what was sent was not "
+                          "(holes punched): sending them too", extra.size)
                 dirty = np.union1d(dirty, extra).astype(np.uint32)
         assert self.chunks.table is not None
         if final:

@@ -551,3 +551,25 @@ def test_expected_downtime_with_a_tracker_counts_its_scan_and_the_verification(s
     verify = 0.001 + 8192 * 8 / s.link.bytes_per_second
     assert s._expected(100) == pytest.approx(base + verify)
     assert s._expected(100) < 0.015  # a 1 GiB region's estimate is not a 60-110 ms rehash
+
+
+@pytest.mark.parametrize("where", ["shm", "tmp_path"])
+def test_hole_finder_sees_punched_pages_on_tmpfs_and_on_a_disk_file(where: str, request: pytest.FixtureRequest) -> None:
+    from precopy.tracking import TMPFS_MAGIC, HoleFinder, fs_magic
+
+    root: Path = request.getfixturevalue(where)
+    path = root / "r.mem"
+    path.write_bytes(np.random.default_rng(3).integers(1, 256, 64 * PAGE_SIZE, dtype=np.uint8).tobytes())
+    mem = GuestMemory.open(path, writable=False)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        _ = int(mem.pages[:, 0].sum())  # the agent's mapping, populated as after a full copy
+        finder = HoleFinder(mem)
+        assert finder.by_residency == (fs_magic(path) == TMPFS_MAGIC)
+        assert not finder.holes().any()
+        punch(fd, 5)
+        punch(fd, 40)
+        assert np.flatnonzero(finder.holes()).tolist() == [5, 40]
+    finally:
+        os.close(fd)
+        mem.close()
