@@ -561,8 +561,10 @@ class SourceSession:
     def _set_tracking(self, reason: str) -> None:
         self.report.tracking = "digest" if self.tracker is None else self.tracker.name
         self.report.tracking_reason = reason
+        # A guest that could have offered tracking and did not is worth a
+        # warning; a SIGSTOP workload never can.
         log = (_log.warning if self.tracker is None and self.opts.tracking == "auto"
-               and self.opts.mode == "precopy" else _log.info)
+               and self.opts.mode == "precopy" and hasattr(self.workload, "offer_tracking") else _log.info)
         log("dirty tracking: %s (%s)", self.report.tracking, reason)
 
     async def _arm_tracking(self) -> None:
