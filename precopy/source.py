@@ -84,6 +84,8 @@ from .workload import Workload
 __all__ = ["SourceOptions", "Progress", "migrate", "SourceSession"]
 
 _log = logging.getLogger(__name__)
+#: With a tracker, a dirty set this small is sent paused rather than chased.
+_TRACKED_SHRINK_PAGES = 64
 _h64 = xxhash.xxh3_64_intdigest
 
 
@@ -724,10 +726,14 @@ class SourceSession:
             decision = self.policy.decide(
                 rounds_done=rounds_done, elapsed_s=time.monotonic() - self._t0, expected_s=expected,
             )
-            if (decision.action is Action.SWITCHOVER and self.tracker is not None and rounds_done == 0
-                    and len(todo)):
-                # The first tracked round's dirty set covers the whole full copy
-                # and is the largest; another round costs a few ms: send it live.
+            if (decision.action is Action.SWITCHOVER and self.tracker is not None
+                    and rounds_done + 1 < self.policy.max_rounds
+                    and (rounds_done == 0 and len(todo)
+                         or len(todo) > max(_TRACKED_SHRINK_PAGES, 2 * self.dirty_rate.pages_per_second * interval))):
+                # Tracked rounds cost a few ms: while sending the dirty set live
+                # would at least halve it (the workload dirties ~rate x round
+                # time meanwhile), do that rather than send it paused.  The
+                # first round's set spans the full copy: never pause on it.
                 decision = Decision(Action.CONTINUE, expected, decision.reason + "; one more tracked round first")
             _log.info("round %d: %d dirty pages, %.1f MB/s, %s", rounds_done + 1, len(dirty),
                       self.link.bytes_per_second / 1e6, decision.reason)
