@@ -406,8 +406,12 @@ class SourceSession:
             if ack.mac:
                 raise AuthError("the destination requires authentication: pass --auth-key-file")
             mac = b""
+        t = time.monotonic()
         await chan.send(Auth(mac=mac))
         await asyncio.wait_for(chan.recv(AuthOk), self.opts.io_timeout_s)
+        # The first exchange also pays for the destination accepting us; the
+        # round trip in every downtime estimate is the faster of the two.
+        self._rtt = max(min(self._rtt, time.monotonic() - t), 1e-4)
 
     async def _read_loop(self) -> None:
         assert self.chan is not None
