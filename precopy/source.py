@@ -680,6 +680,11 @@ class SourceSession:
             odd_pages = spread[spread < self.mem.npages].astype(np.uint32)
         return _Scan(dirty, odd_pages, live, dest_table, hash_s, time.monotonic() - t)
 
+    def _round_s(self, pages: int) -> float:
+        """Seconds a round that sends ``pages`` would take: the send plus a scan."""
+        ratio = self.compressor.ratio if self.compressor.active else 1.0
+        return pages * PAGE_SIZE * ratio / max(self.link.bytes_per_second, 1.0) + self._last_scan_s
+
     def _expected(self, remaining_pages: int, device_state_bytes: int = 0) -> float:
         verify_s = 0.0
         if self.chunks is not None and self.chunks.table is not None:
@@ -733,11 +738,12 @@ class SourceSession:
             if (decision.action is Action.SWITCHOVER and self.tracker is not None
                     and rounds_done + 1 < self.policy.max_rounds
                     and (rounds_done == 0 and len(todo)
-                         or len(todo) > max(_TRACKED_SHRINK_PAGES, 2 * self.dirty_rate.pages_per_second * interval))):
+                         or len(todo) > max(_TRACKED_SHRINK_PAGES,
+                                            2 * self.dirty_rate.pages_per_second * self._round_s(len(todo))))):
                 # Tracked rounds cost a few ms: while sending the dirty set live
-                # would at least halve it (the workload dirties ~rate x round
-                # time meanwhile), do that rather than send it paused.  The
-                # first round's set spans the full copy: never pause on it.
+                # would at least halve it (the workload dirties ~rate x the next
+                # round's time meanwhile), do that rather than send it paused.
+                # The first round's set spans the full copy: never pause on it.
                 decision = Decision(Action.CONTINUE, expected, decision.reason + "; one more tracked round first")
             _log.info("round %d: %d dirty pages, %.1f MB/s, %s", rounds_done + 1, len(dirty),
                       self.link.bytes_per_second / 1e6, decision.reason)
