@@ -21,6 +21,7 @@ import socket
 import subprocess
 import threading
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -491,25 +492,46 @@ def test_uffd_wp_required_but_not_offered_aborts_and_the_guest_keeps_running(pro
 @needs_uffd
 @needs_root_x86
 def test_non_root_agent_falls_back_without_a_crash(procs: Procs, shm: Path) -> None:
-    """The agent may not read a root guest's pagemap: digests, exit 0."""
+    """The agent may not read a root guest's maps and pagemap: digests, committed.
+
+    The agent runs in a forked child that drops to uid 65534 (no exec: the
+    interpreter may live where that user cannot read).
+    """
     os.chmod(shm, 0o777)
     mem, ctl, _ = _start_guest(procs, shm, npages=2048)
     os.chmod(mem, 0o644)
     os.chmod(ctl, 0o777)
     dest = start_dest(procs, shm)
     report = shm / "report.json"
-    # Drop root after the imports (the interpreter may live where uid 65534 cannot read).
-    as_nobody = ("import os, sys, ctypes, encodings.idna, uvloop, agents.source_main as m; os.setgroups([]); "
-                 "os.setresgid(65534, 65534, 65534); os.setresuid(65534, 65534, 65534); "
-                 "ctypes.CDLL(None).prctl(4, 1, 0, 0, 0); sys.exit(m.main())")  # PR_SET_DUMPABLE
-    r = subprocess.run([PY, "-c", as_nobody, "--to", dest.addr, "--memory", str(mem),
-                        "--guest-control", str(ctl), "--tracking", "auto", "--report", str(report),
-                        "--log-format", "json", "--progress", "off", "--downtime-ms", "1000"],
-                       env=ENV, cwd=ROOT, capture_output=True, timeout=120)
-    out = (r.stdout + r.stderr).decode(errors="replace")
-    assert r.returncode == 0, out
+    host, port = dest.addr.rsplit(":", 1)
+    pid = os.fork()
+    if pid == 0:  # the agent, unprivileged
+        code = 1
+        try:
+            os.setgroups([])
+            os.setresgid(65534, 65534, 65534)
+            os.setresuid(65534, 65534, 65534)
+            ctypes.CDLL(None).prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE: its own /proc stays readable
+
+            async def go() -> precopy.source.MigrationReport:
+                gc = GuestControl(ctl)
+                try:
+                    return await precopy.source.migrate(SourceOptions(
+                        host=host, port=int(port), memory=mem, downtime_ms=1000, tracking="auto"), gc)
+                finally:
+                    await gc.close()
+
+            rep = asyncio.run(go())
+            report.write_text(rep.to_json())
+            code = 0
+        except BaseException:
+            traceback.print_exc()  # the child must not return into pytest
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, dest.log_text()
     rep = json.loads(report.read_text())
-    assert rep["tracking"] == "digest"
+    assert rep["outcome"] == "committed" and rep["tracking"] == "digest"
     assert "Permission denied" in rep["tracking_reason"], rep["tracking_reason"]
 
 
