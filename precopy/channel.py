@@ -96,6 +96,11 @@ class Channel:
         #: from now on :meth:`abort` only closes, it never tells the peer
         #: "aborted" -- that would be a lie the source acts on.
         self.settled = False
+        #: After sending ABORT, wait up to this long for the peer to close
+        #: (discarding what it still sends) so our close cannot reset the
+        #: connection before the peer has read why.  The destination sets
+        #: it; the source does not wait (it has a workload to resume).
+        self.linger_s = 0.0
 
     @property
     def peer(self) -> str:
@@ -195,7 +200,27 @@ class Channel:
                 await asyncio.wait_for(self.send(Abort(int(code), reason[:4000])), 1.0)
             except (PrecopyError, asyncio.TimeoutError) as exc:
                 _log.debug("could not send ABORT to %s: %s", self.peer, exc)
+            else:
+                if self.linger_s > 0:
+                    await self._linger(self.linger_s)
         self.close()
+
+    async def _linger(self, timeout_s: float) -> None:
+        """Half-close, then discard what the peer still sends until it closes (bounded).
+
+        Closing a socket with unread data in it sends RST, and an RST can
+        destroy our ABORT in the peer's receive queue before the peer reads
+        it: the peer would see "connection reset" instead of the reason.
+        """
+        loop = asyncio.get_running_loop()
+        buf = bytearray(1 << 16)
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+            async with asyncio.timeout(timeout_s):
+                while await loop.sock_recv_into(self.sock, buf):
+                    pass
+        except (OSError, TimeoutError) as exc:
+            _log.debug("closing %s after ABORT without its close: %s", self.peer, exc)
 
     def close(self) -> None:
         if not self.closed:

@@ -338,6 +338,7 @@ class DestinationServer:
     async def _handle(self, sock: socket.socket) -> None:
         chan = make_channel(sock, Role.DEST, self.opts.tls_context)
         chan.send_timeout_s = self.opts.idle_timeout_s
+        chan.linger_s = 1.0
         peer = chan.peer
         try:
             try:
