@@ -11,11 +11,13 @@ States the agent declares (one line each) and what the guardian does if the
 pipe ends (the agent died) in that state:
 
 ``idle``     (start, and again once the agent resumed its workload or knows
-             the outcome) -- nothing; the guardian exits.
+             the outcome) -- nothing (a QEMU VM gets its migration settings
+             back, see below); the guardian exits.
 ``armed``    (written *before* the workload is paused) -- the commit was
              never sent, so the destination can never commit: the guardian
-             resumes the workload (SIGCONT / ``{"op": "resume"}``).  A resume
-             of a workload that was not paused yet is harmless.
+             resumes the workload (SIGCONT / ``{"op": "resume"}`` / QMP
+             ``cont``).  A resume of a workload that was not paused yet is
+             harmless.
 ``commit``   (written *before* COMMIT is sent) -- the destination may own
              the workload now.  The guardian never resumes blindly: it asks
              the destination for the outcome by migration id (the same
@@ -28,9 +30,18 @@ pipe ends (the agent died) in that state:
              itself (including "in doubt", exit 4): the guardian exits
              without touching it.
 
+A QEMU VM (``--qmp``) is settled over its QMP socket, which the dead
+agent's connection no longer holds: whatever the state, the guardian puts
+back the migration settings the agent changed (``x-ignore-shared``,
+``max-bandwidth``, recorded when the agent connected) unless it quits the VM,
+and removes the agent's device-state save file; to resume, it first cancels
+a device-state save still in flight, then ``cont`` (only if the VM ran when
+the migration began).  A VM left paused (committed, or in doubt) keeps its
+state: only its settings change, as the agent itself would have done.
+
 The guardian runs in its own session, so a Ctrl-C meant for the agent does
-not reach it, and it holds nothing but the pipe, the workload's pid or
-control-socket path and, for the outcome query, the destination's address
+not reach it, and it holds nothing but the pipe, the workload's pid,
+control-socket or QMP-socket path and, for the outcome query, the destination's address
 and key (sent through the pipe, never on a command line).
 """
 
@@ -43,6 +54,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +74,9 @@ class Guardian:
 
     ``spec`` says how to resume the workload and how to ask the destination:
     ``{"workload": {"kind": "pid", "pid": N} | {"kind": "control", "path": P,
-    "timeout": S}, "outcome": {"host", "port", "migration_id", "key" (hex or
+    "timeout": S} | {"kind": "qmp", "path": P, "timeout": S, "was_running":
+    bool, "restore": [[command, arguments], ...], "state_files": PREFIX},
+    "outcome": {"host", "port", "migration_id", "key" (hex or
     None), "tls" (None, or {"ca", "cert", "key"}: paths or None),
     "retries", "connect_timeout", "io_timeout"}, "on_commit": ...}``.
     Writes to the pipe are small and synchronous: a state is declared before
@@ -117,8 +131,192 @@ class ResumeError(Exception):
     """The workload could not be resumed or stopped."""
 
 
+#: QMP lines we read are small; a longer one means something is wrong.
+_QMP_MAX_LINE = 1 << 20
+#: ``query-migrate`` statuses in which no outgoing migration is in flight.
+_MIGRATION_IDLE = ("none", "completed", "failed", "cancelled")
+
+
+class _QMP:
+    """A minimal blocking QMP client: greeting, ``qmp_capabilities``, commands.
+
+    QEMU serves one client per ``-qmp unix:PATH,server=on`` socket; it
+    accepts the next one once the previous one is gone.  The dead agent's
+    connection is closed by the kernel, so this connect may wait in the
+    socket's backlog for a moment until QEMU notices: ``timeout`` bounds
+    every wait.
+    """
+
+    def __init__(self, path: str, timeout: float) -> None:
+        self.path, self.timeout = path, timeout
+        self._buf = b""
+        self._next_id = 0
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        try:
+            self.sock.connect(path)
+            greeting = self._read("the greeting (QEMU greets one client at a time: is another "
+                                  "one connected?)")
+            if "QMP" not in greeting:
+                raise ResumeError(f"{path} is not a QMP socket: it greeted with {str(greeting)[:200]}")
+            self.execute("qmp_capabilities")
+        except BaseException:
+            self.sock.close()
+            raise
+
+    def __enter__(self) -> _QMP:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.sock.close()
+
+    def _read(self, what: str) -> dict[str, Any]:
+        while b"\n" not in self._buf:
+            try:
+                data = self.sock.recv(65536)
+            except socket.timeout:
+                raise ResumeError(f"QEMU ({self.path}) sent nothing for {self.timeout} s while the "
+                                  f"guardian waited for {what}") from None
+            if not data:
+                raise ResumeError(f"QEMU closed its QMP socket {self.path} while the guardian waited "
+                                  f"for {what}")
+            self._buf += data
+            if len(self._buf) > _QMP_MAX_LINE:
+                raise ResumeError(f"QEMU ({self.path}) sent an over-long line")
+        line, self._buf = self._buf.split(b"\n", 1)
+        try:
+            msg = json.loads(line)
+        except ValueError:
+            raise ResumeError(f"QEMU ({self.path}) sent a line that is not JSON: {line[:200]!r}") from None
+        if not isinstance(msg, dict):
+            raise ResumeError(f"QEMU ({self.path}) sent a JSON {type(msg).__name__}, not an object")
+        return msg
+
+    def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
+        """Run one command; its ``return`` value.  Raises :class:`ResumeError` or OSError."""
+        self._next_id += 1
+        cid = f"precopy-guardian-{self._next_id}"
+        req: dict[str, Any] = {"execute": command, "id": cid}
+        if arguments:
+            req["arguments"] = arguments
+        self.sock.sendall(json.dumps(req).encode() + b"\n")
+        while True:
+            msg = self._read(f"the answer to {command!r}")
+            if "event" in msg:
+                continue
+            if msg.get("id") != cid:
+                raise ResumeError(f"QMP {command!r}: QEMU answered another request: {str(msg)[:200]}")
+            if "error" in msg:
+                err = msg["error"] if isinstance(msg["error"], dict) else {}
+                raise ResumeError(f"QEMU refused {command!r}: {err.get('class', '?')}: "
+                                  f"{err.get('desc', msg['error'])}")
+            return msg.get("return")
+
+
+def _qmp_connect(workload: dict[str, Any]) -> _QMP:
+    """Connect, retrying for ``timeout`` while QEMU's listen backlog refuses."""
+    timeout = float(workload.get("timeout", 10.0))
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return _QMP(str(workload["path"]), timeout)
+        except ConnectionRefusedError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def _migration_status(q: _QMP) -> str:
+    info = q.execute("query-migrate")
+    return str(info.get("status", "none")) if isinstance(info, dict) else "none"
+
+
+def _wait_migration_end(q: _QMP, timeout: float) -> str:
+    """Poll until no outgoing migration is in flight; the last status seen."""
+    deadline = time.monotonic() + timeout
+    status = _migration_status(q)
+    while status not in _MIGRATION_IDLE and time.monotonic() < deadline:
+        time.sleep(0.02)
+        status = _migration_status(q)
+    return status
+
+
+def _settle_qemu(workload: dict[str, Any], op: str) -> None:
+    """Settle a QEMU VM over QMP.
+
+    ``resume``: cancel a device-state save the agent left in flight, ``cont``
+    (only if the VM ran when the migration began), then restore the
+    migration settings the agent changed; ``keep``: restore the settings
+    only (the VM stays as it is); ``stop``: ``quit``.  Raises
+    :class:`ResumeError` or OSError if the VM could not be resumed or
+    stopped; a setting that cannot be restored is logged, not raised.
+    """
+    timeout = float(workload.get("timeout", 10.0))
+    with _qmp_connect(workload) as q:
+        if op == "stop":
+            try:
+                q.execute("quit")
+            except ResumeError as exc:
+                if "closed its QMP socket" not in str(exc):  # QEMU may exit before it answers
+                    raise
+            return
+        if op == "resume":
+            status = _migration_status(q)
+            if status not in _MIGRATION_IDLE:
+                # A save blocked on its output can stay "cancelling" for a
+                # while; QEMU accepts cont meanwhile, and nothing will ever
+                # load that state: resume first, wait for the end after.
+                _log.warning("QEMU's device-state save is still %s: cancelling it", status)
+                q.execute("migrate_cancel")
+            if workload.get("was_running", True):
+                q.execute("cont")
+                _log.info("the VM runs again on the source (QMP cont)")
+            else:
+                _log.warning("the VM was not running when the migration began: it is left as it is")
+        status = _wait_migration_end(q, timeout)
+        if status not in _MIGRATION_IDLE:
+            _log.error("QEMU's migration is still %s after %s s: cannot restore the VM's migration "
+                       "settings; once it ends, set them by hand over QMP: %s", status, timeout,
+                       json.dumps(workload.get("restore", [])))
+            return
+        failed = []
+        for cmd, args in workload.get("restore", []):
+            try:
+                q.execute(str(cmd), args)
+            except ResumeError as exc:
+                failed.append(f"{cmd} {json.dumps(args)}: {exc}")
+        if failed:
+            _log.error("could not restore the VM's migration settings; set them by hand over QMP: %s",
+                       "; ".join(failed))
+        elif workload.get("restore"):
+            _log.info("restored the VM's migration settings (x-ignore-shared, max-bandwidth)")
+
+
+def _remove_leftovers(workload: dict[str, Any]) -> None:
+    """A QEMU agent killed during its device-state save leaves the save file behind."""
+    prefix = workload.get("state_files")
+    if workload.get("kind") != "qmp" or not prefix:
+        return
+    where = Path(str(prefix))
+    for leftover in where.parent.glob(where.name + "*"):
+        try:
+            leftover.unlink()
+        except OSError as exc:
+            _log.error("cannot remove the agent's device-state file %s: %s", leftover, exc)
+
+
 def _resume(workload: dict[str, Any], op: str = "resume") -> None:
+    """``op``: ``resume`` the workload, ``stop`` (kill) it, or ``keep`` it as it is.
+
+    ``keep`` matters only for a QEMU VM, whose migration settings are put back.
+    Raises :class:`ResumeError` or OSError.
+    """
     kind = workload.get("kind")
+    if kind == "qmp":
+        _settle_qemu(workload, op)
+        return
+    if op == "keep":
+        return
     if kind == "pid":
         pid = int(workload["pid"])
         os.kill(pid, signal.SIGCONT if op == "resume" else signal.SIGKILL)
@@ -193,9 +391,30 @@ async def _ask(outcome: dict[str, Any]) -> str:
     return "committed"
 
 
+def _describe(workload: dict[str, Any]) -> str:
+    kind = workload.get("kind")
+    if kind == "pid":
+        return f"pid {workload.get('pid')}"
+    if kind == "qmp":
+        return f"QEMU VM, QMP {workload.get('path')}"
+    return f"guest {workload.get('path')}"
+
+
+def _keep(workload: dict[str, Any], what: str) -> None:
+    """The workload stays as it is; a QEMU VM gets its migration settings back."""
+    if workload.get("kind") != "qmp":
+        return
+    try:
+        _resume(workload, "keep")
+    except (OSError, ResumeError) as exc:
+        _log.error("could not restore the VM's migration settings (%s): %s; set x-ignore-shared and "
+                   "max-bandwidth back by hand over QMP", what, exc)
+
+
 def _on_agent_death(state: str, spec: dict[str, Any]) -> int:
     workload = spec.get("workload", {})
-    what = f"pid {workload.get('pid')}" if workload.get("kind") == "pid" else f"guest {workload.get('path')}"
+    what = _describe(workload)
+    _remove_leftovers(workload)
     if state == ARMED:
         _log.error("the source agent died before sending COMMIT: resuming the workload (%s) "
                    "on the source", what)
@@ -229,11 +448,19 @@ def _on_agent_death(state: str, spec: dict[str, Any]) -> int:
                     _resume(workload, "stop")
                 except (OSError, ResumeError) as exc:
                     _log.error("could not stop the source workload (%s): %s", what, exc)
+            else:
+                _keep(workload, what)
             return 0
+        _keep(workload, what)
+        resume_how = {"pid": "kill -CONT", "qmp": "QMP cont", "control": '{"op": "resume"}'}.get(
+            str(workload.get("kind")), "resume")
         _log.critical("migration %s is IN DOUBT: the workload (%s) is left PAUSED on the source; "
-                      "check the destination for the migration id, then resume or kill it by hand",
-                      mid, what)
+                      "check the destination for the migration id, then resume it by hand (%s) "
+                      "or kill it", mid, what, resume_how)
         return 4
+    if state == IDLE:
+        # Not paused (or already the destination's): only a VM's settings to put back.
+        _keep(workload, what)
     return 0
 
 

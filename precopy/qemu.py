@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 import shlex
 import signal
 import tempfile
@@ -87,6 +88,9 @@ class QemuWorkload:
         self._was_running = True
         self._restore: list[tuple[str, dict[str, Any]]] = []
         self._quit = False
+        # Our own prefix for the device-state save file, so that a guardian
+        # can remove the file a killed agent leaves behind (and only that).
+        self._state_prefix = f"precopy-qemu-state-{secrets.token_hex(6)}-"
 
     def describe(self) -> str:
         return f"QEMU VM (QMP {self.qmp.path})"
@@ -143,7 +147,7 @@ class QemuWorkload:
     async def pause(self) -> bytes:
         if not self.qmp.connected:
             await self.connect()
-        fd, name = tempfile.mkstemp(prefix="precopy-qemu-state-", dir=self.state_dir)
+        fd, name = tempfile.mkstemp(prefix=self._state_prefix, dir=self.state_dir)
         os.close(fd)
         t0 = time.monotonic()
         await self.qmp.execute("stop")
@@ -171,6 +175,17 @@ class QemuWorkload:
         # After a completed "migrate" the VM is "postmigrate"; cont runs it.
         if self._was_running:
             await self.qmp.execute("cont")
+
+    def guardian_spec(self) -> dict[str, object]:
+        """How a guardian process settles this VM (see precopy.guardian).
+
+        Call it after :meth:`connect`: the settings to restore are recorded there.
+        """
+        state_dir = self.state_dir if self.state_dir is not None else Path(tempfile.gettempdir())
+        return {"kind": "qmp", "path": str(self.qmp.path), "timeout": self.timeout_s,
+                "was_running": self._was_running,
+                "restore": [[cmd, args] for cmd, args in self._restore],
+                "state_files": str(state_dir / self._state_prefix)}
 
     async def stop(self) -> None:
         self._quit = True
