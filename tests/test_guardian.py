@@ -116,3 +116,89 @@ async def test_guardian_asks_a_tls_destination(sleeper: Any, tmp_path: Path, des
     assert rc == (0 if with_tls else 4)
     time.sleep(0.2)
     assert proc_state(sleeper.pid) == "T"
+
+
+class FakeQMP:
+    """A QMP monitor on a Unix socket that answers from a table (one client)."""
+
+    def __init__(self, path: Path, answers: dict[str, Any], greet: bool = True) -> None:
+        import socket
+        import threading
+
+        self.seen: list[str] = []
+        self.answers, self.greet = answers, greet
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(str(path))
+        self.sock.listen(4)
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        import json
+
+        conn, _ = self.sock.accept()
+        with conn, conn.makefile("rwb") as f:
+            if not self.greet:  # like QEMU while another client holds the monitor
+                f.read()
+                return
+            f.write(b'{"QMP": {"version": {}, "capabilities": []}}\n')
+            f.flush()
+            for line in f:
+                req = json.loads(line)
+                self.seen.append(req["execute"])
+                # An event may come before any reply.
+                f.write(b'{"event": "STOP", "timestamp": {"seconds": 0, "microseconds": 0}}\n')
+                answer = self.answers.get(req["execute"], {})
+                reply = {"error": answer["error"]} if "error" in answer else {"return": answer}
+                f.write(json.dumps({**reply, "id": req["id"]}).encode() + b"\n")
+                f.flush()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_qmp_settle_skips_events_and_reports_a_refused_cont(tmp_path: Path) -> None:
+    from precopy.guardian import ResumeError, _resume
+
+    fake = FakeQMP(tmp_path / "q.sock", {"query-migrate": {"status": "completed"},
+                                         "cont": {"error": {"class": "GenericError", "desc": "no"}}})
+    workload = {"kind": "qmp", "path": str(tmp_path / "q.sock"), "timeout": 2, "was_running": True,
+                "restore": [["migrate-set-parameters", {"max-bandwidth": 1}]]}
+    try:
+        with pytest.raises(ResumeError, match="QEMU refused 'cont': GenericError: no"):
+            _resume(workload)
+    finally:
+        fake.close()
+    assert fake.seen == ["qmp_capabilities", "query-migrate", "cont"]
+
+
+def test_qmp_settle_waits_for_the_greeting_with_a_timeout(tmp_path: Path) -> None:
+    """A monitor that never greets (another client holds it): a bounded wait, a clear error."""
+    from precopy.guardian import ResumeError, _resume
+
+    fake = FakeQMP(tmp_path / "q.sock", {}, greet=False)
+    try:
+        with pytest.raises(ResumeError, match="another one connected"):
+            _resume({"kind": "qmp", "path": str(tmp_path / "q.sock"), "timeout": 0.5, "restore": []})
+    finally:
+        fake.close()
+
+
+@pytest.mark.parametrize("state", ["idle", "commit"], ids=["idle", "commit-in-doubt"])
+def test_qmp_vm_left_as_it_is_gets_its_settings_back(tmp_path: Path, state: str) -> None:
+    """Idle (the VM runs, or is already the destination's) and in doubt (paused): no cont,
+    no quit; only the migration settings the agent changed are put back."""
+    from precopy.guardian import _on_agent_death
+
+    fake = FakeQMP(tmp_path / "q.sock", {"query-migrate": {"status": "completed"}})
+    sp = spec(0)
+    sp["workload"] = {"kind": "qmp", "path": str(tmp_path / "q.sock"), "timeout": 2, "was_running": True,
+                      "restore": [["migrate-set-capabilities", {"capabilities": []}],
+                                  ["migrate-set-parameters", {"max-bandwidth": 1}]]}
+    try:
+        assert _on_agent_death(state, sp) == (0 if state == "idle" else 4)
+    finally:
+        fake.close()
+    fake.thread.join(5)
+    assert fake.seen == ["qmp_capabilities", "query-migrate", "migrate-set-capabilities",
+                         "migrate-set-parameters"]
