@@ -9,7 +9,9 @@ device state (CPU, devices, ROM blocks: ~320 KB whatever the RAM size).
 * :class:`QemuWorkload` (source, ``precopy-source --qmp SOCKET``): ``pause``
   is QMP ``stop`` then ``migrate`` to ``exec:cat > FILE``, whose bytes become
   the device-state blob; ``resume`` (rollback) is ``cont``; ``stop`` is
-  ``quit``.
+  ``quit``.  :meth:`QemuWorkload.guardian_spec` lets the guardian process
+  (precopy.guardian) do the same over QMP, and restore the VM's migration
+  settings, if the agent is killed.
 * :class:`QemuDestination` (destination, ``precopy-dest --qemu-cmd CMD``):
   when a migration begins it starts the destination QEMU with ``-incoming
   defer`` on the region file being received (starting QEMU costs ~0.1 s,

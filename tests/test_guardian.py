@@ -202,3 +202,17 @@ def test_qmp_vm_left_as_it_is_gets_its_settings_back(tmp_path: Path, state: str)
     fake.thread.join(5)
     assert fake.seen == ["qmp_capabilities", "query-migrate", "migrate-set-capabilities",
                          "migrate-set-parameters"]
+
+
+def test_qmp_on_commit_kill_quits_the_vm(tmp_path: Path) -> None:
+    """Committed under --on-commit kill: QMP quit, nothing restored on a VM that is gone."""
+    from precopy.guardian import _resume
+
+    fake = FakeQMP(tmp_path / "q.sock", {})
+    try:
+        _resume({"kind": "qmp", "path": str(tmp_path / "q.sock"), "timeout": 2,
+                 "restore": [["migrate-set-parameters", {"max-bandwidth": 1}]]}, "stop")
+    finally:
+        fake.close()
+    fake.thread.join(5)
+    assert fake.seen == ["qmp_capabilities", "quit"]
