@@ -70,7 +70,7 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="log verbosity (default: info)")
     p.add_argument("--log-format", default="auto", choices=["auto", "text", "json"],
-                   help="log format: auto = text on a terminal, JSON lines otherwise")
+                   help="log format: auto = text on a terminal, JSON lines otherwise (default: auto)")
     p.add_argument("--event-loop", default="uvloop", choices=["uvloop", "asyncio"],
                    help="event loop implementation (default: uvloop)")
 

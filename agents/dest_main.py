@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import ipaddress
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -18,6 +19,8 @@ from precopy.wire import MAX_REGION
 from precopy.qemu import QemuDestination, check_dest_command
 
 from .common import EXIT_OK, EXIT_USAGE, add_common_args, parse_hostport, run, setup_logging
+from .config import add_config_args, effective_config, parse_with_config
+from .metrics import MetricsServer, dest_metrics
 
 _log = logging.getLogger("precopy-dest")
 
@@ -67,14 +70,16 @@ def build_parser() -> argparse.ArgumentParser:
                     "PRECOPY_MIGRATION_ID set.",
     )
     p.add_argument("--listen", required=True, type=parse_hostport, metavar="HOST:PORT",
-                   help="address to accept migrations on (port 0: pick one, printed at start)")
+                   help="address to accept migrations on (port 0: pick one, printed at start; "
+                        "required, on the command line or in --config)")
     p.add_argument("--memory-dir", required=True, type=Path, metavar="DIR",
-                   help="where received regions are written (use /dev/shm/... for RAM)")
+                   help="where received regions are written (use /dev/shm/... for RAM; required)")
     p.add_argument("--state-dir", type=Path, metavar="DIR",
                    help="journal and device-state files (default: --memory-dir); required when "
                         "--memory-dir is hugetlbfs, which holds mappable files only")
     p.add_argument("--on-resume", metavar="CMD",
-                   help="shell command run (via /bin/sh -c) after each commit to resume the workload")
+                   help="shell command run (via /bin/sh -c) after each commit to resume the workload "
+                        "(default: none)")
     p.add_argument("--qemu-cmd", metavar="CMD",
                    help="migrate QEMU VMs: for each migration start this QEMU command line (split like "
                         "a shell would; no shell runs it) with {memory} replaced by the region file being "
@@ -82,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "path; it must contain '-incoming defer'. After the commit the VM loads its device "
                         "state and runs. Also: {size} bytes, {name}, {migration_id}")
     p.add_argument("--auth-key-file", type=Path, metavar="FILE",
-                   help="pre-shared key; without it any peer that reaches the port may migrate in")
+                   help="pre-shared key; without it any peer that reaches the port may migrate in "
+                        "(default: none)")
     p.add_argument("--keep-partial", action="store_true",
                    help="keep the partial region file of a failed migration (as .NAME.ID.partial)")
     p.add_argument("--no-populate", action="store_true",
@@ -109,16 +115,28 @@ def build_parser() -> argparse.ArgumentParser:
                      help="allow listening on a non-loopback address with neither "
                           "--auth-key-file nor TLS")
     p.add_argument("--ready-file", type=Path, metavar="FILE",
-                   help="write HOST:PORT here once listening (for scripts using port 0)")
+                   help="write HOST:PORT here once listening (for scripts using port 0; default: none)")
+    p.add_argument("--metrics", type=parse_hostport, metavar="HOST:PORT",
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off)")
     add_common_args(p)
+    add_config_args(p)
     return p
 
 
-async def _serve(opts: DestOptions, ready_file: Path | None, qemu_cmd: str | None) -> int:
+async def _serve(opts: DestOptions, ready_file: Path | None, qemu_cmd: str | None,
+                 metrics: tuple[str, int] | None = None) -> int:
     if qemu_cmd:
         opts.workload = QemuDestination(qemu_cmd)
     server = DestinationServer(opts)
     await server.start()
+    metrics_server = None
+    if metrics is not None:
+        metrics_server = MetricsServer(metrics[0], metrics[1], lambda: dest_metrics(server))
+        try:
+            await metrics_server.start()
+        except OSError as exc:
+            await server.close()
+            raise PrecopyError(str(exc.strerror)) from exc
     if ready_file:
         ready_file.write_text(f"{opts.host}:{server.port}\n")
     print(f"precopy-dest listening on {opts.host}:{server.port}", flush=True)
@@ -134,6 +152,8 @@ async def _serve(opts: DestOptions, ready_file: Path | None, qemu_cmd: str | Non
     serving = asyncio.create_task(server.serve_forever())
     await stop.wait()
     await server.close(abort_in_flight=True)
+    if metrics_server is not None:
+        await metrics_server.close()
     serving.cancel()
     await asyncio.gather(serving, return_exceptions=True)
     if isinstance(opts.workload, QemuDestination):
@@ -141,12 +161,36 @@ async def _serve(opts: DestOptions, ready_file: Path | None, qemu_cmd: str | Non
     return EXIT_OK
 
 
+def check_config(args: argparse.Namespace, opts: DestOptions) -> int:
+    """--check-config: the options are valid (parsed, key readable); can the directories be used?"""
+    problems = []
+    for key, d in (("memory-dir", opts.memory_dir), ("state-dir", opts.state_dir)):
+        assert d is not None
+        probe = d
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+            problems.append(f"key '{key}': {d} cannot be created or written by this user ({probe})")
+    if problems:
+        for line in problems:
+            print(f"precopy-dest: error: {line}", file=sys.stderr)
+        return EXIT_USAGE
+    print(effective_config(args))
+    print("precopy-dest: configuration OK", file=sys.stderr)
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_with_config(parser, argv)
     setup_logging(args.log_level, args.log_format)
     try:
         key = load_key(args.auth_key_file) if args.auth_key_file else None
+    except PrecopyError as exc:
+        parser.print_usage(sys.stderr)
+        print(f"precopy-dest: error: key 'auth-key-file': {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
         tls_context = None
         if args.tls_cert or args.tls_key or args.tls_ca:
             if not (args.tls_cert and args.tls_key):
@@ -181,8 +225,10 @@ def main(argv: list[str] | None = None) -> int:
                        tls_context=tls_context, handshake_timeout_s=args.handshake_timeout,
                        max_migrations=args.max_migrations, max_connections=args.max_connections,
                        max_region=args.max_region)
+    if args.check_config:
+        return check_config(args, opts)
     try:
-        return run(_serve(opts, args.ready_file, args.qemu_cmd), args.event_loop)
+        return run(_serve(opts, args.ready_file, args.qemu_cmd, args.metrics), args.event_loop)
     except PrecopyError as exc:
         print(f"precopy-dest: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -22,6 +22,7 @@ from precopy.report import MigrationReport
 from precopy.source import SourceOptions, migrate
 from precopy.workload import GuestControl, SignalWorkload, Workload
 
+from .config import add_config_args, effective_config, parse_with_config
 from .common import (
     EXIT_ABORTED,
     EXIT_IN_DOUBT,
@@ -43,19 +44,22 @@ def build_parser() -> argparse.ArgumentParser:
         prog="precopy-source",
         description="Live-migrate a running workload's memory region to a precopy-dest daemon.",
         epilog="Exit codes: 0 committed; 2 usage; 3 aborted, workload runs on the source; "
-               "4 in doubt, workload left paused.",
+               "4 in doubt, workload left paused.  Also: 'precopy-source serve --help' (a daemon "
+               "driven over a control socket) and 'precopy-source ctl --help' (its client).",
     )
     p.add_argument("--to", required=True, type=parse_hostport, metavar="HOST:PORT",
-                   help="the destination daemon (precopy-dest --listen)")
+                   help="the destination daemon (precopy-dest --listen; required)")
     p.add_argument("--memory", required=True, type=Path, metavar="PATH",
-                   help="the workload's memory region file (shared mapping, size a multiple of 4 KiB)")
+                   help="the workload's memory region file (shared mapping, size a multiple of 4 KiB; required)")
     who = p.add_mutually_exclusive_group(required=True)
-    who.add_argument("--pid", type=int, help="pause the workload process with SIGSTOP/SIGCONT")
+    who.add_argument("--pid", type=int,
+                     help="pause the workload process with SIGSTOP/SIGCONT (this or --guest-control is required)")
     who.add_argument("--guest-control", type=Path, metavar="SOCKET",
-                     help="cooperative guest: JSON-lines control socket (pause returns device state)")
+                     help="cooperative guest: JSON-lines control socket (pause returns device state; "
+                          "default: none)")
     who.add_argument("--qmp", type=Path, metavar="SOCKET",
                      help="a QEMU VM's QMP socket: its RAM (memory-backend-file,share=on) is --memory, "
-                          "its device state is saved with x-ignore-shared at the switchover")
+                          "its device state is saved with x-ignore-shared at the switchover (default: none)")
     p.add_argument("--name", help="region name on the destination (default: basename of --memory)")
     p.add_argument("--downtime-ms", type=float, default=300.0,
                    help="downtime budget: switch over when the expected pause fits (default 300)")
@@ -76,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "tracking offered by a --guest-control guest; Linux >= 6.7; fails if unavailable), "
                         "or auto: uffd-wp when offered and supported, digests otherwise (default auto)")
     p.add_argument("--auth-key-file", type=Path, metavar="FILE",
-                   help="pre-shared key (same file as precopy-dest's); both sides prove they hold it")
+                   help="pre-shared key (same file as precopy-dest's); both sides prove they hold it (default: none)")
     p.add_argument("--on-commit", choices=["keep-stopped", "kill"], default="keep-stopped",
                    help="after commit, leave the source workload stopped or kill it (default keep-stopped)")
     tls = p.add_argument_group("TLS (see docs/SECURITY.md)")
@@ -84,13 +88,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="connect with TLS, verifying the destination against the system CAs "
                           "(implied by --tls-ca/--tls-cert)")
     tls.add_argument("--tls-ca", type=Path, metavar="PEM",
-                     help="CA that signed the destination's certificate (its name or IP must match --to)")
+                     help="CA that signed the destination's certificate (its name or IP must match --to; "
+                          "default: the system CAs)")
     tls.add_argument("--tls-cert", type=Path, metavar="PEM",
-                     help="client certificate, for a destination that requires one (with --tls-key)")
-    tls.add_argument("--tls-key", type=Path, metavar="PEM", help="private key of --tls-cert (mode 0600)")
-    p.add_argument("--report", type=Path, metavar="FILE", help="write the JSON report here")
+                     help="client certificate, for a destination that requires one (with --tls-key; default: none)")
+    tls.add_argument("--tls-key", type=Path, metavar="PEM", help="private key of --tls-cert (mode 0600; default: none)")
+    p.add_argument("--report", type=Path, metavar="FILE", help="write the JSON report here (default: none)")
     p.add_argument("--batch-pages", type=int, default=256, help="pages per batch (default 256)")
-    p.add_argument("--connect-timeout", type=float, default=10.0, metavar="SECONDS")
+    p.add_argument("--connect-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="how long to try to reach the destination (default 10)")
     p.add_argument("--io-timeout", type=float, default=60.0, metavar="SECONDS",
                    help="a destination that neither answers nor accepts data for this long is a "
                         "failed link (default 60)")
@@ -101,12 +107,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how long a guest may take to answer a control request (default 5)")
     p.add_argument("--migration-id", help="id for this migration (default: random)")
     p.add_argument("--progress", choices=["auto", "on", "off"], default="auto",
-                   help="live progress line (auto: on a terminal)")
+                   help="live progress line: round, dirty pages, rate, expected downtime, ETA (default auto: on a terminal)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="preflight only: connect, authenticate, ask the destination whether the region fits "
+                        "(space, memory, page size, guest requirements), exit 0 if it does, 3 if not; "
+                        "nothing is paused or sent")
     add_common_args(p)
+    add_config_args(p)
     return p
 
 
 def summary(rep: MigrationReport) -> str:
+    if rep.outcome == "preflight-ok":
+        return (f"preflight {rep.migration_id}: OK, {rep.destination} accepts {human_bytes(rep.region_bytes)} "
+                f"({rep.memory}); nothing was paused or sent")
     secs = rep.total_time_s or 1e-9
     lines = [
         f"migration {rep.migration_id}: {rep.outcome}",
@@ -138,6 +152,12 @@ async def _main(args: argparse.Namespace, opts: SourceOptions, workload: Workloa
             await workload.close()
             print(f"precopy-source: error: {exc}", file=sys.stderr)
             return EXIT_USAGE
+    if opts.dry_run and isinstance(workload, GuestControl):
+        try:
+            await workload.connect()  # the guest's control socket answers
+        except PrecopyError as exc:
+            print(f"precopy-source: preflight failed: {exc}", file=sys.stderr)
+            return EXIT_ABORTED
     task = asyncio.create_task(migrate(opts, workload, progress))
     loop = asyncio.get_running_loop()
 
@@ -156,7 +176,10 @@ async def _main(args: argparse.Namespace, opts: SourceOptions, workload: Workloa
     except MigrationAborted as exc:
         rep = exc.report  # type: ignore[attr-defined]
         code = EXIT_ABORTED
-        _log.error("migration aborted, the workload keeps running on the source: %s", exc)
+        if opts.dry_run:
+            _log.error("preflight failed (nothing was paused or sent): %s", exc)
+        else:
+            _log.error("migration aborted, the workload keeps running on the source: %s", exc)
     except MigrationInDoubt as exc:
         rep = exc.report  # type: ignore[attr-defined]
         code = EXIT_IN_DOUBT
@@ -173,41 +196,64 @@ async def _main(args: argparse.Namespace, opts: SourceOptions, workload: Workloa
     return code
 
 
+def make_migration(args: argparse.Namespace) -> tuple[SourceOptions, Workload]:
+    """The engine's options and workload adapter for parsed arguments.
+
+    Shared by the one-shot command and ``serve`` (whose start requests carry
+    the same options).  Raises PrecopyError or ValueError on bad values.
+    """
+    key = load_key(args.auth_key_file) if args.auth_key_file else None
+    tls_context = None
+    if args.tls or args.tls_ca or args.tls_cert or args.tls_key:
+        tls_context = client_context(args.tls_ca, args.tls_cert, args.tls_key)
+    host, port = args.to
+    opts = SourceOptions(
+        host=host, port=port, memory=args.memory, name=args.name, downtime_ms=args.downtime_ms,
+        max_rounds=args.max_rounds, max_time_s=args.max_time or None,
+        on_nonconvergence=args.on_nonconvergence, compress=args.compress, auth_key=key,
+        batch_pages=args.batch_pages, on_commit=args.on_commit,
+        connect_timeout_s=args.connect_timeout, migration_id=args.migration_id, mode=args.mode,
+        dry_run=args.dry_run, tls_context=tls_context,
+        io_timeout_s=args.io_timeout, outcome_retries=args.outcome_retries, guardian=True,
+        tls_files={k: str(v) if v else None for k, v in
+                   (("ca", args.tls_ca), ("cert", args.tls_cert), ("key", args.tls_key))},
+        tracking=args.tracking,
+    )
+    if not args.memory.exists():
+        raise PrecopyError(f"memory region {args.memory} does not exist")
+    workload: Workload
+    if args.pid is not None:
+        workload = SignalWorkload(args.pid)
+    elif args.qmp is not None:
+        workload = QemuWorkload(args.qmp, memory=args.memory, timeout_s=max(args.guest_timeout, 10.0))
+    else:
+        workload = GuestControl(args.guest_control, timeout_s=args.guest_timeout)
+    return opts, workload
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["serve"]:
+        from .source_daemon import main as serve_main
+
+        return serve_main(argv[1:])
+    if argv[:1] == ["ctl"]:
+        from .ctl import main as ctl_main
+
+        return ctl_main(argv[1:])
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_with_config(parser, argv)
     setup_logging(args.log_level, args.log_format)
     try:
-        key = load_key(args.auth_key_file) if args.auth_key_file else None
-        tls_context = None
-        if args.tls or args.tls_ca or args.tls_cert or args.tls_key:
-            tls_context = client_context(args.tls_ca, args.tls_cert, args.tls_key)
-        host, port = args.to
-        opts = SourceOptions(
-            host=host, port=port, memory=args.memory, name=args.name, downtime_ms=args.downtime_ms,
-            max_rounds=args.max_rounds, max_time_s=args.max_time or None,
-            on_nonconvergence=args.on_nonconvergence, compress=args.compress, auth_key=key,
-            batch_pages=args.batch_pages, on_commit=args.on_commit,
-            connect_timeout_s=args.connect_timeout, migration_id=args.migration_id, mode=args.mode,
-            tls_context=tls_context,
-            io_timeout_s=args.io_timeout, outcome_retries=args.outcome_retries, guardian=True,
-            tls_files={k: str(v) if v else None for k, v in
-                       (("ca", args.tls_ca), ("cert", args.tls_cert), ("key", args.tls_key))},
-            tracking=args.tracking,
-        )
-        if not args.memory.exists():
-            raise PrecopyError(f"memory region {args.memory} does not exist")
-        workload: Workload
-        if args.pid is not None:
-            workload = SignalWorkload(args.pid)
-        elif args.qmp is not None:
-            workload = QemuWorkload(args.qmp, memory=args.memory, timeout_s=max(args.guest_timeout, 10.0))
-        else:
-            workload = GuestControl(args.guest_control, timeout_s=args.guest_timeout)
+        opts, workload = make_migration(args)
     except (PrecopyError, ValueError) as exc:
         parser.print_usage(sys.stderr)
         print(f"precopy-source: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    if args.check_config:
+        print(effective_config(args))
+        print("precopy-source: configuration OK", file=sys.stderr)
+        return EXIT_OK
     return run(_main(args, opts, workload), args.event_loop)
 
 

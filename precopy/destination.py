@@ -26,7 +26,6 @@ import copy
 import json
 import logging
 import os
-import shutil
 import socket
 import ssl
 import time
@@ -38,7 +37,7 @@ from typing import Any
 import numpy as np
 import xxhash
 
-from . import auth
+from . import auth, preflight
 from .channel import Channel, LinkError, PeerAborted, tune
 from .digest import ChunkTracker
 from .errors import AbortCode, AuthError, PrecopyError, RegionError, RemoteProtocolError
@@ -125,6 +124,10 @@ class MigrationRecord:
     memory: str | None = None
     partial: str | None = None
     hook_exit: int | None = None
+    #: Iterative digest requests answered (the source's rounds).
+    rounds: int = 0
+    #: From SWITCHOVER (the source paused) to the resume here, as seen here.
+    downtime_ms: float | None = None
 
 
 class _Journal:
@@ -422,14 +425,13 @@ class DestinationServer:
                 f"region {begin.name!r} is {begin.size >> 20} MiB, over this destination's limit of "
                 f"{self.opts.max_region >> 20} MiB (precopy-dest --max-region)"
             )
-        usage = shutil.disk_usage(self.opts.memory_dir)
-        # total 0: the file system reports no size (hugetlbfs without size=);
-        # then only the reservation while receiving can tell, cleanly.
-        if usage.total and usage.free < begin.size:
-            raise RegionError(
-                f"{self.opts.memory_dir} has {usage.free >> 20} MiB free, the region needs "
-                f"{begin.size >> 20} MiB"
-            )
+        passed = preflight.check_destination(size=begin.size, page_size=begin.page_size,
+                                             memory_dir=self.opts.memory_dir, requires=begin.requires)
+        if begin.dry_run:
+            _log.info("dry run %s from %s: %s fits (%s)", begin.migration_id, chan.peer, begin.name,
+                      "; ".join(passed))
+            await chan.send(Ready())
+            return
         rec = MigrationRecord(begin.migration_id, begin.name, begin.size, chan.peer)
         task = asyncio.current_task()
         assert task is not None
@@ -494,6 +496,7 @@ class _DestMigration:
         self.device_state_path = self.opts.state_dir / f"{begin.name}{DEVICE_STATE_SUFFIX}"
         self.device = bytearray()
         self.device_total: int | None = None
+        self.t_switchover: float | None = None
 
     async def run(self) -> None:
         mem = GuestMemory.create(self.partial, self.begin.size, preallocate=False)
@@ -554,9 +557,12 @@ class _DestMigration:
                     mem.zero(z)
                     tracker.mark(z)
             elif isinstance(ev, DigestRequest):
+                if not ev.final:
+                    self.rec.rounds += 1
                 table = await loop.run_in_executor(self.server._outer_pool, tracker.table)
                 await self.chan.send(DigestTable(seq=ev.seq, digests=table))
             elif isinstance(ev, Switchover):
+                self.t_switchover = time.monotonic()
                 _log.info("migration %s: source paused the workload", self.begin.migration_id)
                 # Downtime has begun: stop competing with it for CPU and
                 # memory bandwidth.  The few pages still to come fault in.
@@ -652,6 +658,8 @@ class _DestMigration:
                               "resume it by hand from %s and %s", self.begin.migration_id, exc,
                               self.final, self.device_state_path)
         await self.server.run_hook(self.rec, self.final, self.device_state_path)
+        if self.t_switchover is not None:
+            self.rec.downtime_ms = (time.monotonic() - self.t_switchover) * 1e3
         _log.info("migration %s committed: %s", self.begin.migration_id, self.final)
         # Confirm after the hook is spawned: the source measures downtime
         # up to this message, i.e. until the workload resumes here.

@@ -112,6 +112,9 @@ class SourceOptions:
     io_timeout_s: float = 60.0
     migration_id: str | None = None
     outcome_retries: int = 6
+    #: Preflight only: connect, handshake, ask the destination whether the
+    #: region fits, and stop (report outcome "preflight-ok"); nothing moves.
+    dry_run: bool = False
     mode: str = "precopy"  # precopy | stop-and-copy (the baseline: pause first, copy everything paused)
     #: Start a guardian process that resumes a paused workload if this
     #: process dies before COMMIT is sent (see precopy.guardian).
@@ -236,6 +239,9 @@ class SourceSession:
         try:
             try:
                 await self._migrate()
+                if self.opts.dry_run:
+                    self.report.outcome = "preflight-ok"
+                    return self.report
             except MigrationInDoubt:
                 raise
             except BaseException as exc:
@@ -357,11 +363,19 @@ class SourceSession:
         await self._handshake(self.chan)
         self._reader = asyncio.create_task(self._read_loop())
 
+        # An adapter may declare what the guest needs on the destination
+        # (precopy.preflight): checked there before any page moves.
+        requirements = getattr(self.workload, "requirements", None)
+        requires = dict(requirements()) if callable(requirements) else {}
         await self._send_event(Begin(
             migration_id=str(opts.migration_id), name=str(opts.name), size=mem.size,
-            chunk_pages=self.chunk_pages,
+            chunk_pages=self.chunk_pages, dry_run=opts.dry_run, requires=requires,
         ))
         await self._expect(Ready)
+        if opts.dry_run:
+            _log.info("preflight of %s (%d MiB) -> %s: the destination accepts it", opts.memory,
+                      mem.size >> 20, self.report.destination)
+            return
         _log.info("migration %s: %s (%d MiB) -> %s", opts.migration_id, opts.memory,
                   mem.size >> 20, self.report.destination)
 

@@ -40,6 +40,7 @@ __all__ = [
     "MAX_PAYLOAD",
     "MAX_BATCH_PAGES",
     "MAX_DEVICE_STATE",
+    "MAX_REQUIREMENTS",
     "Kind",
     "Role",
     "Phase",
@@ -82,6 +83,8 @@ MAX_PAYLOAD: Final = MAX_BATCH_PAGES * PAGE_SIZE
 MAX_REGION: Final = 1 << 40
 #: Largest device-state blob carried to the destination (256 MiB).
 MAX_DEVICE_STATE: Final = 256 * 1024 * 1024
+#: At most this many guest requirements in one BEGIN.
+MAX_REQUIREMENTS: Final = 16
 MAX_NAME: Final = 128
 NONCE_SIZE: Final = 32
 MAC_SIZE: Final = 32
@@ -208,6 +211,12 @@ class Begin:
     size: int
     page_size: int = PAGE_SIZE
     chunk_pages: int = 32
+    #: Preflight only: the destination runs its checks, answers READY (all
+    #: fit) or ABORT (what did not), and no page moves.
+    dry_run: bool = False
+    #: Guest requirements the source's workload adapter declares, checked by
+    #: the destination before READY: ``{"cpu_flags": [...], "executables": [...]}``.
+    requires: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def npages(self) -> int:
@@ -365,6 +374,8 @@ def _encode_event(ev: Event) -> tuple[Kind, dict[str, Any], Any]:
         return Kind.DEVICE_STATE, {"o": ev.offset, "t": ev.total}, ev.data
     kind = _KIND_OF[type(ev)]
     meta = {name: getattr(ev, name) for name in ev.__dataclass_fields__}
+    if isinstance(ev, Begin):
+        meta["requires"] = {k: list(v) for k, v in ev.requires.items()}
     return kind, meta, b""
 
 
@@ -432,6 +443,22 @@ def _int_field(meta: dict[Any, Any], key: str, kind: Kind, lo: int, hi: int) -> 
     if not lo <= value <= hi:
         raise RemoteProtocolError(f"{kind.name} field {key!r}={value} outside [{lo}, {hi}]")
     return value
+
+
+def _requires_field(value: Any) -> dict[str, tuple[str, ...]]:
+    """BEGIN ``requires``: a map of at most 16 names to lists of at most 256 short strings."""
+    if not isinstance(value, dict) or len(value) > MAX_REQUIREMENTS:
+        raise RemoteProtocolError(f"BEGIN field 'requires' must be a map of at most {MAX_REQUIREMENTS} entries")
+    out: dict[str, tuple[str, ...]] = {}
+    for key, items in value.items():
+        if not isinstance(key, str) or not 0 < len(key) <= 64:
+            raise RemoteProtocolError("BEGIN 'requires' keys must be strings of 1-64 characters")
+        if not isinstance(items, (list, tuple)) or len(items) > 256 or not all(
+                isinstance(i, str) and 0 < len(i) <= 128 for i in items):
+            raise RemoteProtocolError(
+                f"BEGIN requirement {key!r} must be a list of at most 256 strings of 1-128 characters")
+        out[key] = tuple(items)
+    return out
 
 
 def _page_list(raw: bytes, key: str, npages: int) -> np.ndarray:
@@ -632,9 +659,13 @@ class Connection:
                 raise RemoteProtocolError(
                     f"BEGIN region name {name!r} is not a plain file name ([A-Za-z0-9._-])"
                 )
+            dry_run = meta.get("dry_run", False)
+            if not isinstance(dry_run, bool):
+                raise RemoteProtocolError("BEGIN field 'dry_run' must be a boolean")
             ev = Begin(
                 migration_id=_str_field(meta, "migration_id", kind, 64),
                 name=name, size=size, page_size=page_size, chunk_pages=chunk,
+                dry_run=dry_run, requires=_requires_field(meta.get("requires", {})),
             )
             if not ev.migration_id or not valid_name(ev.migration_id):
                 raise RemoteProtocolError("BEGIN migration_id must be a plain token")
@@ -746,6 +777,11 @@ class Connection:
             assert isinstance(event, DeviceState)
             if event.offset != self._device_sent or event.total > MAX_DEVICE_STATE:
                 raise LocalProtocolError("DEVICE_STATE pieces must be sent in order, within the limit")
+        if kind is Kind.BEGIN:
+            try:
+                _requires_field(meta["requires"])
+            except RemoteProtocolError as exc:
+                raise LocalProtocolError(str(exc)) from None
         self._advance(self.role, kind, local=True)  # raises before changing the phase
         if kind is Kind.BEGIN:
             assert isinstance(event, Begin)
