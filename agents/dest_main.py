@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 from pathlib import Path
 
 from precopy.auth import load_key
@@ -169,8 +170,10 @@ def check_config(args: argparse.Namespace, opts: DestOptions) -> int:
         probe = d
         while not probe.exists() and probe != probe.parent:
             probe = probe.parent
-        if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-            problems.append(f"key '{key}': {d} cannot be created or written by this user ({probe})")
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=".precopy-check-", dir=probe))  # can we create in it?
+        except OSError as exc:
+            problems.append(f"key '{key}': {d} cannot be created or written here ({probe}: {exc.strerror})")
     if problems:
         for line in problems:
             print(f"precopy-dest: error: {line}", file=sys.stderr)

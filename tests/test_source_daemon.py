@@ -1,0 +1,205 @@
+"""precopy-source serve: start, watch, status, cancel and list over the control socket; metrics."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .conftest import ENV, PY, ROOT, Dest, Procs, create_region, guest, proc_state, start_dest, wait_for
+
+
+class Daemon:
+    def __init__(self, procs: Procs, work: Path, *extra: str) -> None:
+        self.control = work / f"ctl-{time.monotonic_ns()}.sock"
+        self.log = work / f"serve-{time.monotonic_ns()}.log"
+        self.report_dir = work / "reports"
+        self.proc = procs.start("-m", "agents.source_main", "serve", "--control", str(self.control),
+                                "--report-dir", str(self.report_dir), "--metrics", "127.0.0.1:0",
+                                "--log-format", "json", *extra,
+                                stdout=subprocess.DEVNULL, stderr=open(self.log, "wb"))
+        wait_for(lambda: "metrics on http://" in self.log.read_text() or self.proc.poll() is not None,
+                 what="the source daemon to serve")
+        assert self.proc.poll() is None, self.log.read_text()
+        self.metrics_url = re.search(r"metrics on (http://[0-9.:]+/metrics)", self.log.read_text()).group(1)  # type: ignore[union-attr]
+
+    def request(self, req: dict[str, Any] | bytes) -> dict[str, Any]:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(30)
+            s.connect(str(self.control))
+            s.sendall(req if isinstance(req, bytes) else json.dumps(req).encode() + b"\n")
+            line = s.makefile("rb").readline()
+        return json.loads(line)  # type: ignore[no-any-return]
+
+    def ctl(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([PY, "-m", "agents.source_main", "ctl", "--control", str(self.control), *args],
+                              env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def scrape(url: str) -> dict[str, float]:
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    assert "# TYPE precopy_" in text
+    return out
+
+
+def dest_metrics_url(dest: Dest) -> str:
+    m = re.search(r"metrics on (http://[0-9.:]+/metrics)", dest.log_text())
+    assert m, dest.log_text()
+    return m.group(1)
+
+
+@pytest.fixture
+def setup(procs: Procs, work: Path) -> tuple[Daemon, Dest, Path, int]:
+    region = work / "g.mem"
+    create_region(region, "16M", content="half-text")
+    g = procs.start(*guest("dirty", "--memory", str(region), "--rate", "1000"))
+    dest = start_dest(procs, work, "--metrics", "127.0.0.1:0")
+    wait_for(lambda: "metrics on http://" in dest.log_text(), what="dest metrics")
+    return Daemon(procs, work), dest, region, g.pid
+
+
+def test_start_watch_status_list_and_metrics(setup: tuple[Daemon, Dest, Path, int]) -> None:
+    d, dest, region, pid = setup
+    r = d.ctl("start", "--watch", "--", "--to", dest.addr, "--memory", str(region), "--pid", str(pid),
+              "--downtime-ms", "200", "--migration-id", "mig-ok")
+    assert r.returncode == 0, r.stdout + r.stderr
+    first, last = r.stdout.splitlines()[0], r.stdout.splitlines()[-1]
+    assert json.loads(first) == {"ok": True, "id": "mig-ok"}
+    done = json.loads(last)
+    assert done["event"] == "done" and done["job"]["state"] == "committed"
+    assert done["report"]["downtime_budget_ms"] == 200.0 and done["report"]["verify_repairs"] == 0
+    assert proc_state(pid) == "T"
+    assert (dest.memory_dir / "g.mem").read_bytes() == region.read_bytes()
+
+    st = json.loads(d.ctl("status", "mig-ok").stdout)
+    assert st["job"]["state"] == "committed" and st["report"]["outcome"] == "committed"
+    listed = [json.loads(line) for line in d.ctl("list").stdout.splitlines()]
+    assert [j["id"] for j in listed] == ["mig-ok"]
+    assert json.loads((d.report_dir / "mig-ok.json").read_text())["outcome"] == "committed"
+
+    m = scrape(d.metrics_url)
+    assert m['precopy_source_migrations_total{outcome="committed"}'] == 1
+    assert m['precopy_source_migrations_total{outcome="aborted"}'] == 0
+    assert m["precopy_source_migrations_in_flight"] == 0
+    assert m["precopy_source_bytes_on_wire_total"] == done["report"]["bytes_on_wire"] > 0
+    assert m["precopy_source_rounds_total"] == len(done["report"]["rounds"])
+    assert m["precopy_source_downtime_seconds_count"] == 1
+    assert m['precopy_source_downtime_seconds_bucket{le="+Inf"}'] == 1
+    dm = scrape(dest_metrics_url(dest))
+    assert dm['precopy_dest_migrations_total{outcome="committed"}'] == 1
+    assert dm["precopy_dest_received_bytes_total"] > (16 << 20) // 2
+    assert dm["precopy_dest_downtime_seconds_count"] == 1
+    assert dm["precopy_dest_migrations_in_flight"] == 0
+
+
+def test_cancel_rolls_back_and_the_result_is_kept(procs: Procs, work: Path,
+                                                  setup: tuple[Daemon, Dest, Path, int]) -> None:
+    d, dest, region, pid = setup
+    # A budget that can never be met: it iterates until cancelled.
+    ans = d.request({"op": "start", "options": {"to": dest.addr, "memory": str(region), "pid": pid,
+                                                 "downtime-ms": 0.001, "max-time": 0, "max-rounds": 1000000}})
+    assert ans["ok"], ans
+    jid = ans["id"]
+    wait_for(lambda: (d.request({"op": "status", "id": jid})["job"].get("progress") or {}).get("round", 0) >= 2,
+             timeout=60, what="iterative rounds")
+    m = scrape(d.metrics_url)
+    assert m["precopy_source_migrations_in_flight"] == 1
+    dm = scrape(dest_metrics_url(dest))
+    assert dm["precopy_dest_migrations_in_flight"] == 1
+    again = d.request({"op": "start", "options": {"to": dest.addr, "memory": str(region), "pid": pid}})
+    assert not again["ok"] and "already being migrated" in again["error"]
+    r = d.ctl("cancel", jid)
+    assert r.returncode == 0 and json.loads(r.stdout)["state"] == "cancelling"
+    w = d.ctl("watch", jid)
+    assert w.returncode == 3, w.stdout + w.stderr
+    job = json.loads(w.stdout.splitlines()[-1])["job"]
+    assert job["state"] == "aborted" and "cancelled" in job["error"]
+    assert proc_state(pid) != "T"  # the workload runs on the source
+    assert not (dest.memory_dir / "g.mem").exists()
+    assert scrape(d.metrics_url)['precopy_source_migrations_total{outcome="aborted"}'] == 1
+    wait_for(lambda: scrape(dest_metrics_url(dest))['precopy_dest_migrations_total{outcome="aborted"}'] == 1,
+             what="the destination to record the abort")
+    r = d.ctl("cancel", jid)
+    assert r.returncode == 1 and "not running" in r.stderr
+
+    # Past results survive a restart of the daemon (they live in --report-dir).
+    d.proc.terminate()
+    d.proc.wait(10)
+    d2 = Daemon(procs, work)
+    listed = [json.loads(line) for line in d2.ctl("list").stdout.splitlines()]
+    assert [(j["id"], j["state"]) for j in listed] == [(jid, "aborted")]
+
+
+def test_bad_requests_are_answered_and_the_daemon_lives_on(setup: tuple[Daemon, Dest, Path, int]) -> None:
+    d, dest, region, pid = setup
+    cases: list[tuple[dict[str, Any] | bytes, str]] = [
+        (b"not json\n", "Expecting value"),
+        (b"[1, 2]\n", "JSON object"),
+        ({"op": "reboot"}, "unknown op 'reboot'"),
+        ({"op": "status"}, "needs \"id\""),
+        ({"op": "status", "id": "nope"}, "no migration 'nope'"),
+        ({"op": "start"}, "start needs \"options\""),
+        ({"op": "start", "options": {"to": dest.addr, "memory": str(region), "pid": pid, "downtime-ms": "x"}},
+         "key 'downtime-ms'"),
+        ({"op": "start", "options": {"to": dest.addr, "memory": str(region)}}, "--pid --guest-control is required"),
+        ({"op": "start", "options": {"to": dest.addr, "memory": "/dev/shm/no-such-region", "pid": pid}},
+         "does not exist"),
+        ({"op": "start", "argv": ["--to", dest.addr, "--memory", str(region), "--pid", str(pid), "--bogus"]},
+         "unrecognized arguments: --bogus"),
+        ({"op": "start", "argv": ["--help"]}, "bad options"),
+        ({"op": "start", "argv": "--to x"}, "list of strings"),
+    ]
+    for req, message in cases:
+        ans = d.request(req)
+        assert ans["ok"] is False and message in ans["error"], (req, ans)
+    assert d.proc.poll() is None
+    assert d.request({"op": "list"}) == {"ok": True, "jobs": []}
+    r = subprocess.run([PY, "-m", "agents.source_main", "ctl", "--control", str(d.control) + ".nope", "list"],
+                       env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1 and "cannot reach the source daemon" in r.stderr
+
+
+def test_migration_defaults_from_the_daemon_config(procs: Procs, work: Path) -> None:
+    region = work / "g.mem"
+    create_region(region, "4M")
+    g = procs.start(*guest("dirty", "--memory", str(region), "--rate", "200"))
+    dest = start_dest(procs, work)
+    conf = work / "serve.toml"
+    conf.write_text("log-level = \"debug\"\n[migration]\ndowntime-ms = 123\ncompress = \"off\"\n")
+    d = Daemon(procs, work, "--config", str(conf))
+    r = d.ctl("start", "--watch", "--", "--to", dest.addr, "--memory", str(region), "--pid", str(g.pid))
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout.splitlines()[-1])["report"]
+    assert rep["downtime_budget_ms"] == 123.0 and rep["compression"] == "off"
+    r = d.ctl("start", "--watch", "--", "--to", dest.addr, "--memory", str(region), "--pid", str(g.pid),
+              "--name", "again", "--dry-run")
+    assert r.returncode == 0 and json.loads(r.stdout.splitlines()[-1])["job"]["state"] == "preflight-ok"
+
+
+def test_metrics_endpoint_answers_only_get_metrics(setup: tuple[Daemon, Dest, Path, int]) -> None:
+    d = setup[0]
+    base = d.metrics_url.rsplit("/", 1)[0]
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(base + "/other", timeout=10)
+    assert err.value.code == 404
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(urllib.request.Request(d.metrics_url, data=b"x", method="POST"), timeout=10)
+    assert err.value.code == 405
+    host, port = base.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(b"GARBAGE" * 2000)  # no end of headers, longer than the limit
+        s.shutdown(socket.SHUT_WR)
+        s.recv(100)
+    assert scrape(d.metrics_url)["precopy_source_migrations_in_flight"] == 0
