@@ -29,7 +29,7 @@ lint: $(STAMP)
 	$(BIN)/mypy --strict --ignore-missing-imports precopy/wire.py precopy/channel.py precopy/memory.py \
 	    precopy/digest.py precopy/policy.py precopy/compress.py precopy/workload.py precopy/auth.py \
 	    precopy/source.py precopy/destination.py precopy/report.py precopy/errors.py precopy/netns.py \
-	    precopy/tls.py precopy/qmp.py precopy/qemu.py precopy/guardian.py \
+	    precopy/tls.py precopy/qmp.py precopy/qemu.py precopy/guardian.py precopy/preflight.py \
 	    precopy/tracking.py precopy/uffd.py
 
 # The quick matrix (a few minutes) and everything (long; needs ~13 GiB of /dev/shm for 4 GiB).

@@ -74,7 +74,7 @@ def _convert_one(action: argparse.Action, where: str, value: Any) -> Any:
     elif typ is int and isinstance(value, int):
         out = value
     elif typ in (int, float) and not isinstance(value, str):
-        raise ConfigError(f"{where}: expected a {typ.__name__}, got {value!r}")  # type: ignore[union-attr]
+        raise ConfigError(f"{where}: expected a {typ.__name__}, got {value!r}")
     else:
         text = value if isinstance(value, str) else str(value)
         try:

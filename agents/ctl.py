@@ -21,6 +21,7 @@ import json
 import os
 import socket
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Iterator
@@ -51,15 +52,25 @@ def _lines(sock: socket.socket) -> Iterator[dict[str, Any]]:
 
 
 def request(control: Path, req: dict[str, Any], *, stream: bool = False,
-            timeout_s: float | None = 30.0) -> Iterator[dict[str, Any]]:
+            timeout_s: float | None = 30.0, wait_s: float = 0.0) -> Iterator[dict[str, Any]]:
     """Send one request; yield the answer (or, with ``stream``, every answer until "done")."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(None if stream else timeout_s)
     try:
-        try:
-            s.connect(str(control))
-        except OSError as exc:
-            raise CtlError(f"cannot reach the source daemon at {control}: {exc.strerror or exc} "
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                s.connect(str(control))
+                break
+            except (FileNotFoundError, ConnectionRefusedError) as exc:
+                # A daemon that is starting: its socket appears in a moment.
+                if time.monotonic() < deadline:
+                    time.sleep(0.1)
+                    continue
+                err: OSError = exc
+            except OSError as exc:
+                err = exc
+            raise CtlError(f"cannot reach the source daemon at {control}: {err.strerror or err} "
                            "(is 'precopy-source serve' running? --control?)") from None
         s.sendall(json.dumps(req).encode() + b"\n")
         for ans in _lines(s):
@@ -71,8 +82,11 @@ def request(control: Path, req: dict[str, Any], *, stream: bool = False,
         s.close()
 
 
+_WAIT_S = 0.0
+
+
 def _one(control: Path, req: dict[str, Any]) -> dict[str, Any]:
-    ans = next(request(control, req))
+    ans = next(request(control, req, wait_s=_WAIT_S))
     if not ans.get("ok"):
         raise CtlError(str(ans.get("error")))
     return ans
@@ -82,7 +96,7 @@ def _watch(control: Path, jid: str, progress: str) -> int:
     line = ProgressLine(stream=sys.stderr, enabled={"auto": None, "on": True, "off": False}[progress])
     done: dict[str, Any] = {}
     try:
-        for ans in request(control, {"op": "watch", "id": jid}, stream=True):
+        for ans in request(control, {"op": "watch", "id": jid}, stream=True, wait_s=_WAIT_S):
             if not ans.get("ok"):
                 raise CtlError(str(ans.get("error")))
             if ans.get("event") == "progress":
@@ -107,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"the daemon's control socket (default: $PRECOPY_CONTROL or {DEFAULT_CONTROL})")
     p.add_argument("--progress", choices=["auto", "on", "off"], default="auto",
                    help="progress line while watching (default auto: on a terminal)")
+    p.add_argument("--wait", type=float, default=5.0, metavar="SECONDS",
+                   help="how long to wait for a daemon that is starting (no socket yet) (default 5)")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     st = sub.add_parser("start", help="start a migration; the options after -- are precopy-source's",
                         description="Start a migration. Everything after -- is passed as precopy-source "
@@ -127,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    global _WAIT_S
+    _WAIT_S = args.wait
     try:
         if args.cmd == "start":
             opts = args.options[1:] if args.options[:1] == ["--"] else args.options

@@ -13,8 +13,11 @@ of a yielded event stay valid until the iterator is advanced.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import socket
+import sys
+import termios
 from typing import Any, AsyncIterator
 
 from .errors import AbortCode, PrecopyError, RemoteProtocolError
@@ -101,6 +104,17 @@ class Channel:
         #: connection before the peer has read why.  The destination sets
         #: it; the source does not wait (it has a workload to resume).
         self.linger_s = 0.0
+
+    def unsent_bytes(self) -> int:
+        """Bytes written but still in the kernel's send queue (not yet acknowledged).
+
+        Written minus this is what the link actually carried; 0 when unknown.
+        """
+        try:
+            buf = fcntl.ioctl(self.sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+        except (OSError, ValueError):
+            return 0
+        return max(0, int.from_bytes(buf, sys.byteorder, signed=True))
 
     @property
     def peer(self) -> str:

@@ -479,7 +479,11 @@ class SourceSession:
         batch = self.opts.batch_pages
         t_start = time.monotonic()
         last_progress = last_sample = t_start
-        sampled = self.report.bytes_on_wire
+        # The link's rate is what it delivered: bytes written minus those
+        # still queued in the socket (a round's first writes only fill the
+        # send buffer; counting them would overstate the rate).
+        unsent = self.chan.unsent_bytes if self.chan is not None else (lambda: 0)
+        sampled = self.report.bytes_on_wire - unsent()
         for start in range(0, len(indices), batch):
             idx = indices[start:start + batch]
             staged = self.staging.load(pages, idx)
@@ -519,14 +523,15 @@ class SourceSession:
             self.report.zero_pages += len(zero_idx)
             self._check_peer()
             if now - last_sample > 0.05:
-                self.link.add(self.report.bytes_on_wire - sampled, now - last_sample)
-                sampled, last_sample = self.report.bytes_on_wire, now
+                delivered = self.report.bytes_on_wire - unsent()
+                self.link.add(delivered - sampled, now - last_sample)
+                sampled, last_sample = delivered, now
             if self.progress is not None and now - last_progress > 0.2:
                 last_progress = now
                 self._emit(phase, rnd.round, start + len(idx), len(indices), rnd.pages_dirty, t_start)
         end = time.monotonic()
         rnd.send_seconds += end - t_start
-        self.link.add(self.report.bytes_on_wire - sampled, end - last_sample)
+        self.link.add(self.report.bytes_on_wire - unsent() - sampled, end - last_sample)
 
     def _emit(self, phase: str, rnd: int, done: int, todo: int, dirty: int, t_start: float) -> None:
         if self.progress is None:

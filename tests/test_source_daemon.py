@@ -166,7 +166,7 @@ def test_bad_requests_are_answered_and_the_daemon_lives_on(setup: tuple[Daemon, 
         assert ans["ok"] is False and message in ans["error"], (req, ans)
     assert d.proc.poll() is None
     assert d.request({"op": "list"}) == {"ok": True, "jobs": []}
-    r = subprocess.run([PY, "-m", "agents.source_main", "ctl", "--control", str(d.control) + ".nope", "list"],
+    r = subprocess.run([PY, "-m", "agents.source_main", "ctl", "--wait", "0.3", "--control", str(d.control) + ".nope", "list"],
                        env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=30)
     assert r.returncode == 1 and "cannot reach the source daemon" in r.stderr
 
