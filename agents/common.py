@@ -99,6 +99,19 @@ class ProgressLine:
         self.enabled = self.stream.isatty() if enabled is None else enabled
         self._last = 0.0
         self._width = 0
+        if self.enabled:
+            # A log line printed while the progress line is shown would be
+            # glued to its end: clear the line first (it is redrawn next time).
+            for handler in logging.getLogger().handlers:
+                handler.addFilter(self._clear_for_log)
+
+    def _clear_for_log(self, record: logging.LogRecord) -> bool:
+        if self._width:
+            self.stream.write("\r" + " " * self._width + "\r")
+            self.stream.flush()
+            self._width = 0
+            self._last = 0.0
+        return True
 
     def __call__(self, p: Any) -> None:
         if not self.enabled:
@@ -133,6 +146,8 @@ class ProgressLine:
             self.stream.write("\n")
             self.stream.flush()
             self._width = 0
+        for handler in logging.getLogger().handlers:
+            handler.removeFilter(self._clear_for_log)
 
 
 def stop_process(proc: subprocess.Popen[bytes] | None, timeout_s: float = 5.0) -> None:

@@ -569,6 +569,7 @@ class SourceSession:
         rnd.bandwidth_bps = self.link.bytes_per_second
         self.report.rounds.append(rnd)
         self._last_scan_t = t
+        self._emit("full copy", 0, self.mem.npages, self.mem.npages, 0, t)  # shown even when it was quick
 
     # -- kernel write tracking ---------------------------------------------
 

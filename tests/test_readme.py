@@ -114,3 +114,16 @@ def test_service_files_and_example_configs_check(tmp_path: Path, unit: str, conf
         r = subprocess.run([PY, *module, *args, *([] if "--check-config" in args else ["--check-config"])],
                            env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert r.returncode == 0, (line, r.stderr)
+
+
+def test_readme_python_api_example_type_checks(tmp_path: Path) -> None:
+    """The public API is typed (py.typed): mypy --strict accepts the README example."""
+    mypy = Path(PY).parent / "mypy"
+    if not mypy.exists():
+        pytest.skip("mypy is not installed in this venv (make lint installs it)")
+    assert (ROOT / "precopy" / "py.typed").exists()
+    example = tmp_path / "example.py"
+    example.write_text(_example())
+    r = subprocess.run([str(mypy), "--strict", "--no-incremental", "--cache-dir", str(tmp_path / "cache"),
+                        str(example)], env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
