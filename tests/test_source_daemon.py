@@ -34,7 +34,10 @@ class Daemon:
         with socket.socket(socket.AF_UNIX) as s:
             s.settimeout(30)
             s.connect(str(self.control))
-            s.sendall(req if isinstance(req, bytes) else json.dumps(req).encode() + b"\n")
+            try:
+                s.sendall(req if isinstance(req, bytes) else json.dumps(req).encode() + b"\n")
+            except BrokenPipeError:
+                pass  # the daemon answered and hung up before we finished: read its answer
             line = s.makefile("rb").readline()
         return json.loads(line)  # type: ignore[no-any-return]
 
@@ -164,8 +167,11 @@ def test_bad_requests_are_answered_and_the_daemon_lives_on(setup: tuple[Daemon, 
     for req, message in cases:
         ans = d.request(req)
         assert ans["ok"] is False and message in ans["error"], (req, ans)
+    ans = d.request(b"{" + b" " * (2 << 20) + b"}\n")  # longer than the 1 MiB request limit
+    assert ans["ok"] is False and "longer than" in ans["error"]
     assert d.proc.poll() is None
     assert d.request({"op": "list"}) == {"ok": True, "jobs": []}
+    assert d.control.stat().st_mode & 0o777 == 0o600  # only its owner may drive migrations
     r = subprocess.run([PY, "-m", "agents.source_main", "ctl", "--wait", "0.3", "--control", str(d.control) + ".nope", "list"],
                        env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=30)
     assert r.returncode == 1 and "cannot reach the source daemon" in r.stderr
