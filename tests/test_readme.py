@@ -67,10 +67,14 @@ def test_walkthrough_runs_on_two_namespaces(tmp_path: Path, shm: Path) -> None:
     script = re.sub(r"\bdemo\b", "ops-rd", script)
     bindir = Path(PY).parent
     env = dict(ENV, PATH=f"{bindir}{os.pathsep}{os.environ['PATH']}")
-    proc = subprocess.Popen(["bash", "-euc", "set -o pipefail\n" + script], env=env, cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    log = tmp_path / "walkthrough.log"
+    # Output to a file, not a pipe: daemons started in the background keep
+    # their stdout open, and a failed step must not leave the test waiting.
+    with open(log, "w") as f:
+        proc = subprocess.Popen(["bash", "-euxc", "set -o pipefail\n" + script], env=env, cwd=tmp_path,
+                                stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        out, _ = proc.communicate(timeout=240)
+        proc.wait(timeout=240)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -80,11 +84,12 @@ def test_walkthrough_runs_on_two_namespaces(tmp_path: Path, shm: Path) -> None:
         except ProcessLookupError:
             pass
         TwoHosts("ops-rd").down()
+    out = log.read_text()
     assert proc.returncode == 0, out
     assert '"state": "preflight-ok"' in out, out
     assert '"state": "committed"' in out, out
     assert 'precopy_dest_migrations_total{outcome="committed"} 1' in out, out
-    assert '"outcome": "committed"' in out  # the json.tool view of the report
+    assert '"outcome": "committed"' in out  # the grep of the report
     report = json.loads((tmp_path / "var" / "reports" / "first-move.json").read_text())
     assert report["outcome"] == "committed" and report["verify_repairs"] == 0
     assert report["region_bytes"] == 256 << 20 and report["destination"].endswith(":7070")
