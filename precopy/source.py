@@ -439,9 +439,14 @@ class SourceSession:
             await self._events.put(exc)
 
     async def _expect(self, typ: type) -> Any:
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a
+        # cancellation that arrives as the awaited item completes, and this
+        # runs every round, so a cancel (SIGINT, the daemon's cancel) could be
+        # lost and the migration go on.
         try:
-            ev = await asyncio.wait_for(self._events.get(), self.opts.io_timeout_s)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(self.opts.io_timeout_s):
+                ev = await self._events.get()
+        except TimeoutError:
             raise LinkError(
                 f"no answer from the destination within {self.opts.io_timeout_s:.0f} s "
                 f"(waiting for {typ.__name__})", AbortCode.TIMEOUT,

@@ -209,3 +209,28 @@ def test_metrics_endpoint_answers_only_get_metrics(setup: tuple[Daemon, Dest, Pa
         s.shutdown(socket.SHUT_WR)
         s.recv(100)
     assert scrape(d.metrics_url)["precopy_source_migrations_in_flight"] == 0
+
+
+async def test_a_cancel_is_never_lost_while_waiting_for_the_destination(tmp_path: Path) -> None:
+    """The daemon's cancel is task.cancel(): it must not be swallowed when the awaited answer lands
+    at the same moment (asyncio.wait_for on 3.11 returns the answer instead)."""
+    import asyncio
+
+    from precopy.source import SourceOptions, SourceSession
+    from precopy.wire import Ready
+
+    from .test_engine import FakeWorkload
+
+    region = tmp_path / "g.mem"
+    region.write_bytes(b"\0" * 8192)
+    session = SourceSession(SourceOptions(host="127.0.0.1", port=1, memory=region), FakeWorkload())
+    try:
+        waiting = asyncio.create_task(session._expect(Ready))
+        await asyncio.sleep(0.01)  # it waits for the destination's answer
+        session._events.put_nowait(Ready())  # the answer arrives ...
+        waiting.cancel()  # ... as the cancel does
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+    finally:
+        session._hash_pool.shutdown()
+        session._outer_pool.shutdown()
