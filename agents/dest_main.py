@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "a shell would; no shell runs it) with {memory} replaced by the region file being "
                         "received (its memory-backend-file mem-path, share=on) and {qmp} by a QMP socket "
                         "path; it must contain '-incoming defer'. After the commit the VM loads its device "
-                        "state and runs. Also: {size} bytes, {name}, {migration_id}")
+                        "state and runs. Also: {size} bytes, {name}, {migration_id} (default: none)")
     p.add_argument("--auth-key-file", type=Path, metavar="FILE",
                    help="pre-shared key; without it any peer that reaches the port may migrate in "
                         "(default: none)")
@@ -108,10 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 64)")
     tls = p.add_argument_group("security (see docs/SECURITY.md)")
     tls.add_argument("--tls-cert", type=Path, metavar="PEM",
-                     help="serve TLS with this certificate (chain); needs --tls-key")
-    tls.add_argument("--tls-key", type=Path, metavar="PEM", help="private key of --tls-cert (mode 0600)")
+                     help="serve TLS with this certificate (chain); needs --tls-key (default: none, no TLS)")
+    tls.add_argument("--tls-key", type=Path, metavar="PEM",
+                     help="private key of --tls-cert (mode 0600; default: none)")
     tls.add_argument("--tls-ca", type=Path, metavar="PEM",
-                     help="require client certificates signed by this CA (mutual TLS)")
+                     help="require client certificates signed by this CA (mutual TLS; default: none)")
     tls.add_argument("--insecure", action="store_true",
                      help="allow listening on a non-loopback address with neither "
                           "--auth-key-file nor TLS")

@@ -41,6 +41,7 @@ from typing import Any, NoReturn
 
 from precopy.errors import MigrationAborted, MigrationInDoubt, PrecopyError
 from precopy.source import Progress, migrate
+from precopy.qemu import QemuWorkload
 from precopy.workload import GuestControl
 
 from .common import EXIT_OK, EXIT_USAGE, add_common_args, parse_hostport, run, setup_logging
@@ -313,12 +314,15 @@ class SourceDaemon:
                     q.put_nowait(job.progress)
 
         async def run_job() -> None:
-            if opts.dry_run and isinstance(workload, GuestControl):
+            # A QEMU VM's QMP socket is opened before the migration, as by the
+            # one-shot command; a guest's control socket is probed on a dry run.
+            if isinstance(workload, QemuWorkload) or (opts.dry_run and isinstance(workload, GuestControl)):
                 try:
                     await workload.connect()
                 except PrecopyError as exc:
+                    await workload.close()
                     job.state, job.report = "aborted", {"migration_id": job.id, "outcome": "aborted",
-                                                        "error": f"preflight failed: {exc}"}
+                                                        "error": f"cannot reach the workload: {exc}"}
                     return
             try:
                 rep = await migrate(opts, workload, progress)
@@ -330,7 +334,7 @@ class SourceDaemon:
                 rep = exc.report  # type: ignore[attr-defined]
                 _log.critical("migration %s: %s", job.id, exc)
             finally:
-                if isinstance(workload, GuestControl):
+                if isinstance(workload, (GuestControl, QemuWorkload)):
                     await workload.close()
             job.state = rep.outcome
             job.report = json.loads(rep.to_json())

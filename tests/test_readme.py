@@ -112,6 +112,7 @@ def test_service_files_and_example_configs_check(tmp_path: Path, unit: str, conf
     conf = conf.replace("/run/precopy", str(tmp_path / "run")).replace("/dev/shm/precopy", str(tmp_path / "mem"))
     (tmp_path / config).write_text(conf)
     (tmp_path / "key").write_text("a2V5LWZvci10aGUtc2VydmljZS1maWxlLXRlc3QhIQ==\n")
+    (tmp_path / "key").chmod(0o600)
     for line in execs:
         argv = shlex.split(line.replace("/etc/precopy", str(tmp_path)))
         assert argv[0].startswith("/usr/local/bin/precopy-")

@@ -60,6 +60,7 @@ def test_migration_between_two_namespaces_over_a_shaped_link(procs: Procs, work:
     create_region(region, "160M", content="random")
     key = work / "key"
     key.write_text("b3BzLXR3by1ob3N0cy10ZXN0LWtleS0zMi1ieXRlcyE=\n")
+    key.chmod(0o600)
     with TwoHosts("ops-2h", RATE) as hosts:
         src_dev, dst_dev = f"{hosts.name}-s", f"{hosts.name}-d"
         subprocess.run(["ip", "-n", hosts.src_ns, "addr", "add", f"{SERVICE}/24", "dev", src_dev], check=True)
