@@ -43,9 +43,9 @@ dry-run = true
 
 def test_flags_added_to_a_parser_work_in_config_without_code(tmp_path: Path) -> None:
     p = source_main.build_parser()
-    p.add_argument("--tracking", choices=["rehash", "uffd-wp"], default="rehash", help="(default rehash)")
-    conf = _toml(tmp_path, 'to = "h:1"\nmemory = "/m"\npid = 7\ntracking = "uffd-wp"\n')
-    assert parse_with_config(p, ["--config", str(conf)]).tracking == "uffd-wp"
+    p.add_argument("--example-flag", choices=["one", "two"], default="one", help="(default one)")
+    conf = _toml(tmp_path, 'to = "h:1"\nmemory = "/m"\npid = 7\nexample-flag = "two"\n')
+    assert parse_with_config(p, ["--config", str(conf)]).example_flag == "two"
 
 
 def test_command_line_picks_the_workload_over_the_file(tmp_path: Path) -> None:
