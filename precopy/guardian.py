@@ -305,6 +305,16 @@ def _remove_leftovers(workload: dict[str, Any]) -> None:
             _log.error("cannot remove the agent's device-state file %s: %s", leftover, exc)
 
 
+
+def _resume_or_say(workload: dict[str, Any], what: str) -> int:
+    """Resume the workload; exit status 0, or 1 after saying it must be resumed by hand."""
+    try:
+        _resume(workload)
+    except (OSError, ResumeError) as exc:
+        _log.critical("could not resume the workload (%s): %s; resume it by hand", what, exc)
+        return 1
+    return 0
+
 def _resume(workload: dict[str, Any], op: str = "resume") -> None:
     """``op``: ``resume`` the workload, ``stop`` (kill) it, or ``keep`` it as it is.
 
@@ -418,12 +428,7 @@ def _on_agent_death(state: str, spec: dict[str, Any]) -> int:
     if state == ARMED:
         _log.error("the source agent died before sending COMMIT: resuming the workload (%s) "
                    "on the source", what)
-        try:
-            _resume(workload)
-        except (OSError, ResumeError) as exc:
-            _log.critical("could not resume the workload (%s): %s; resume it by hand", what, exc)
-            return 1
-        return 0
+        return _resume_or_say(workload, what)
     if state == COMMIT:
         mid = spec.get("outcome", {}).get("migration_id")
         _log.warning("the source agent died after sending COMMIT for migration %s: asking the "
@@ -434,12 +439,7 @@ def _on_agent_death(state: str, spec: dict[str, Any]) -> int:
         if answer == "not-committed":
             _log.error("migration %s was not committed: resuming the workload (%s) on the source",
                        mid, what)
-            try:
-                _resume(workload)
-            except (OSError, ResumeError) as exc:
-                _log.critical("could not resume the workload (%s): %s; resume it by hand", what, exc)
-                return 1
-            return 0
+            return _resume_or_say(workload, what)
         if answer == "committed":
             _log.warning("migration %s committed: the workload runs on the destination; the "
                          "source copy (%s) stays paused", mid, what)
