@@ -68,7 +68,7 @@ class Scenario:
     workload: str = "idle"
     content: str = "random"      # random | half-text
     budget_ms: float = 50.0
-    compress: str = "off"        # off | lz4
+    compress: str = "off"        # off | lz4 | auto
     link: str = "loopback"       # loopback | 1gbit (any tc rate)
     mode: str = "precopy"        # precopy | stop-and-copy
 
@@ -94,10 +94,13 @@ def matrix(name: str) -> list[Scenario]:
         out += [replace(s, workload="high", budget_ms=300)]
         out += [replace(s, size="256M", workload=w) for w in ("idle", "high")]
         out += [replace(s, size="256M", workload="idle", mode="stop-and-copy")]
+        out += [replace(s, size="4G", workload="idle")]  # scaling: 4 GiB against 1 GiB
+        out += [replace(s, workload="idle", compress="auto")]  # adaptive lz4 must not slow loopback down
         net = replace(s, size="256M", link="1gbit")
         out += [replace(net, workload="idle"), replace(net, workload="low"),
                 replace(net, workload="idle", content="half-text"),
-                replace(net, workload="idle", content="half-text", compress="lz4")]
+                replace(net, workload="idle", content="half-text", compress="lz4"),
+                replace(net, workload="idle", content="half-text", compress="auto")]
         return out
     if name == "full":
         out = []
@@ -435,6 +438,128 @@ def headline(records: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+_DEFAULTS = {"size": "1G", "workload": "idle", "content": "random", "budget_ms": 50.0, "compress": "off",
+             "link": "loopback", "mode": "precopy", "dest_region": "fresh"}
+
+
+def select(records: list[dict[str, Any]], **kw: Any) -> list[dict[str, Any]]:
+    """Records of the scenario ``kw`` names (unnamed fields at their defaults); tolerant of older JSONL."""
+    want = {**_DEFAULTS, **kw}
+    return [r for r in records if all(r["scenario"].get(k, _DEFAULTS.get(k)) == v for k, v in want.items())]
+
+
+def _committed(rs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in rs if r["report"].get("outcome") == "committed"]
+
+
+def _max_throttle(rep: dict[str, Any]) -> float:
+    return max([float(rd.get("throttle_pct") or 0) for rd in rep.get("rounds", [])] or [0.0])
+
+
+def _scan_ratio(rs: list[dict[str, Any]]) -> list[float]:
+    """Per run: median digest-scan time of the live rounds ÷ the xxh3 yardstick (whole region)."""
+    out = []
+    for r in rs:
+        rep = r["report"]
+        if rep.get("tracking", "digest") != "digest":
+            continue
+        scans = [rd["scan_seconds"] for rd in rep.get("rounds", []) if rd["kind"] == "iterative"
+                 and rd.get("scan_seconds")]
+        if scans:
+            out.append(_med(scans) / r["yardsticks"]["xxh3_s"])
+    return out
+
+
+def targets(records: list[dict[str, Any]]) -> str:
+    """Issue 5's targets, each with its figure from this run and whether it is met."""
+    rows: list[tuple[str, str, bool | None]] = []
+
+    def ratio_row(label: str, rs: list[dict[str, Any]], yard: str, bound: float) -> None:
+        ok = _committed(rs)
+        if not ok:
+            return
+        t = _med([r["report"]["total_time_s"] for r in ok])
+        y = ok[0]["yardsticks"][yard]
+        rows.append((label, f"{y:.3f} s ÷ {t:.3f} s = {y / t:.2f}", y / t >= bound))
+
+    ratio_row("1 GiB idle: raw copy into a fresh file ÷ migration time ≥ 0.8",
+              select(records, workload="idle"), "raw_fresh_s", 0.8)
+    ratio_row("1 GiB idle, destination region exists: raw link copy ÷ migration time ≥ 0.7",
+              select(records, workload="idle", dest_region="existing"), "raw_link_s", 0.7)
+    for w in ("idle", "low", "high"):
+        sr = _scan_ratio(select(records, workload=w))
+        if sr:
+            rows.append((f"1 GiB {w}: live digest scan ÷ xxh3 of the region ≤ 1.5 (median of rounds per run)",
+                         _fmt(sr, "", digits=2), max(sr) <= 1.5))
+    for w, label in (("low", "2,000"), ("high", "200,000")):
+        rs = select(records, workload=w)
+        ok = _committed(rs)
+        if not rs:
+            continue
+        down = [r["report"]["downtime_ms"] for r in ok]
+        within = sum(1 for r in ok if r["report"]["downtime_ms"] <= r["report"]["downtime_budget_ms"]
+                     and not r["report"].get("forced"))
+        rows.append((f"1 GiB {label} pages/s: downtime within 50 ms in every run",
+                     f"{_fmt(down, ' ms')}; {within}/{len(rs)} within", within == len(rs)))
+        acc = [r["report"]["downtime_ms"] / r["report"]["expected_downtime_ms"] for r in ok
+               if r["report"].get("expected_downtime_ms")]
+        good = sum(1 for a in acc if 0.75 <= a <= 1.25)
+        rows.append((f"1 GiB {label} pages/s: measured ÷ expected downtime within 0.75–1.25",
+                     f"{_fmt(acc, '', digits=2)}; {good}/{len(rs)} within", good == len(rs)))
+    high = _committed(select(records, workload="high"))
+    if high:
+        wire = [r["report"]["bytes_on_wire"] / r["region_bytes"] for r in high]
+        conv = sum(1 for r in high if _converged(r))
+        rows.append(("1 GiB 200,000 pages/s: converges; wire bytes ≤ 2 × region",
+                     f"{conv}/{len(high)} converged; wire ÷ region {_fmt(wire, '', digits=2)}",
+                     conv == len(high) and max(wire) <= 2.0))
+    for w, label in (("sweep", "full-speed sweep"), ("idle", "idle"), ("low", "2,000 pages/s")):
+        rs = select(records, workload=w)
+        if not rs:
+            continue
+        thr = [_max_throttle(r["report"]) for r in rs]
+        conv = sum(1 for r in rs if _converged(r))
+        if w == "sweep":
+            rows.append(("1 GiB full-speed sweep: converges by throttling",
+                         f"{conv}/{len(rs)} converged; max throttle {_fmt(thr, ' %', digits=0)}",
+                         conv == len(rs) and min(thr) > 0))
+        else:
+            rows.append((f"1 GiB {label}: never throttled", f"max throttle {_fmt(thr, ' %', digits=0)}",
+                         max(thr) == 0))
+    net = _committed(select(records, size="256M", link="1gbit"))
+    if net:
+        y, t = net[0]["yardsticks"]["raw_link_s"], _med([r["report"]["total_time_s"] for r in net])
+        rows.append(("1 Gbit/s link, 256 MiB idle random: raw link copy ÷ migration time ≥ 0.9",
+                     f"{y:.3f} s ÷ {t:.3f} s = {y / t:.2f}", y / t >= 0.9))
+    for comp in ("lz4", "auto"):
+        lz = _committed(select(records, size="256M", link="1gbit", content="half-text", compress=comp))
+        if lz:
+            y, t = lz[0]["yardsticks"]["raw_link_s"], _med([r["report"]["total_time_s"] for r in lz])
+            rows.append((f"1 Gbit/s, half-text, --compress {comp}: effective rate ÷ link rate ≥ 1.3",
+                         f"{y:.3f} s ÷ {t:.3f} s = {y / t:.2f}", y / t >= 1.3))
+    one, four = _committed(select(records, workload="idle")), _committed(select(records, size="4G", workload="idle"))
+    if one and four:
+        a, b = (_med([r["report"]["total_time_s"] for r in x]) for x in (one, four))
+        rows.append(("4 GiB idle time ÷ 1 GiB idle time ≤ 4.3", f"{b:.2f} s ÷ {a:.2f} s = {b / a:.2f}", b / a <= 4.3))
+    for size in ("1G", "4G"):
+        rs = [r for r in records if r["scenario"]["size"] == size and r.get("peak_rss_bytes")]
+        if not rs:
+            continue
+        limit = rs[0]["region_bytes"] // 4096 * 16 + 64 * MiB
+        worst = {side: max(r["peak_rss_bytes"][side] for r in rs) for side in ("source", "dest")}
+        which = {side: max(rs, key=lambda r: r["peak_rss_bytes"][side])["scenario"] for side in ("source", "dest")}
+        rows.append((f"{size}: agent memory beyond the region ≤ 16 B/page + 64 MiB = {limit / MiB:.0f} MiB "
+                     "(peak over every scenario)",
+                     f"source {worst['source'] / MiB:.0f} MiB ({which['source']['workload']} "
+                     f"{which['source']['mode']}), destination {worst['dest'] / MiB:.0f} MiB",
+                     max(worst.values()) <= limit))
+    if not rows:
+        return "(no scenario of the issue's targets in this run)"
+    lines = ["| target | this run | met |", "|---|---|---|"]
+    lines += [f"| {t} | {f} | {'yes' if m else 'no' if m is not None else '?'} |" for t, f, m in rows]
+    return "\n".join(lines)
+
+
 # -- plots -----------------------------------------------------------------
 
 
@@ -581,6 +706,10 @@ def markdown(records: list[dict[str, Any]], command: str, plots_rel: list[str], 
         "### Headline (1 GiB, loopback, incompressible)",
         "",
         headline(records) or "(no 1 GiB scenarios in this run)",
+        "",
+        "### Performance targets (issue 5)",
+        "",
+        targets(records),
         "",
         "### Yardsticks (same run)",
         "",

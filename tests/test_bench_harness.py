@@ -17,7 +17,9 @@ def test_matrices_cover_the_benchmark_scenarios():
     assert {s.mode for s in quick} == {"precopy", "stop-and-copy"}
     assert {s.link for s in quick} == {"loopback", "1gbit"}
     assert {s.size for s in full} == {"256M", "1G", "4G"}
-    assert "4G" not in {s.size for s in quick}
+    assert {s.size for s in quick} == {"256M", "1G", "4G"}
+    assert [s.workload for s in quick if s.size == "4G"] == ["idle"], "quick runs 4 GiB idle only (scaling)"
+    assert {s.compress for s in quick} == {"off", "lz4", "auto"}
     assert {s.budget_ms for s in full} == {50, 300}
     assert {(s.content, s.compress) for s in full} >= {("random", "off"), ("half-text", "lz4"), ("half-text", "off")}
     assert len({s.key for s in full}) == len(full), "duplicate scenarios"
