@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import logging
 import signal
@@ -76,6 +77,11 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
 
 
 def run(coro: Coroutine[Any, Any, T], loop: str) -> T:
+    # The hot loops allocate many short-lived objects that reference counting
+    # frees: collect cycles less often, and never walk the imported modules'
+    # objects again (gc.freeze), which cost ~2 % of a migration's CPU.
+    gc.freeze()
+    gc.set_threshold(20_000, 50, 50)
     if loop == "uvloop":
         import uvloop
 
@@ -117,8 +123,8 @@ class ProgressLine:
         if not self.enabled:
             return
         now = time.monotonic()
-        if now - self._last < 0.1:
-            return
+        if now - self._last < 0.1 and p.pages_done < p.pages_todo:
+            return  # at most ten redraws a second, but the end of a phase is always shown
         self._last = now
         pct = 100.0 * p.pages_done / p.pages_todo if p.pages_todo else 100.0
         parts = [

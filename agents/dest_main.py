@@ -93,7 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-partial", action="store_true",
                    help="keep the partial region file of a failed migration (as .NAME.ID.partial)")
     p.add_argument("--no-populate", action="store_true",
-                   help="do not prefault a new region in the background (its blocks are still reserved)")
+                   help="do not prefault a new region that is written through its mapping (hugetlbfs) in the "
+                        "background (its blocks are still reserved; default: prefault)")
+    p.add_argument("--no-reuse-regions", action="store_true",
+                   help="always receive into a new region file; by default a region file already under the "
+                        "migration's name, of its size and used by no process, is received into (a repeat "
+                        "migration or a pre-provisioned host: no first touch of fresh memory, no second copy's "
+                        "space; it is consumed, even if the migration fails)")
     p.add_argument("--idle-timeout", type=float, default=120.0, metavar="SECONDS",
                    help="drop a migration whose source sends nothing for this long (default 120)")
     p.add_argument("--handshake-timeout", type=float, default=10.0, metavar="SECONDS",
@@ -226,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     opts = DestOptions(memory_dir=args.memory_dir, state_dir=args.state_dir, host=host, port=port, auth_key=key,
                        on_resume=args.on_resume, keep_partial=args.keep_partial,
                        idle_timeout_s=args.idle_timeout, populate=not args.no_populate,
+                       reuse_regions=not args.no_reuse_regions,
                        tls_context=tls_context, handshake_timeout_s=args.handshake_timeout,
                        max_migrations=args.max_migrations, max_connections=args.max_connections,
                        max_region=args.max_region)

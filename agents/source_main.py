@@ -124,7 +124,8 @@ def summary(rep: MigrationReport) -> str:
     secs = rep.total_time_s or 1e-9
     lines = [
         f"migration {rep.migration_id}: {rep.outcome}",
-        f"  region      {human_bytes(rep.region_bytes)} ({rep.memory})",
+        f"  region      {human_bytes(rep.region_bytes)} ({rep.memory})"
+        + ("; the destination received it into its existing copy" if rep.dest_region == "existing" else ""),
         f"  total time  {rep.total_time_s:.3f} s in {len(rep.rounds)} rounds",
         f"  on the wire {human_bytes(rep.bytes_on_wire)} ({rep.bytes_on_wire / secs / 1e6:.0f} MB/s average),"
         f" {rep.pages_sent} pages sent, {rep.zero_pages} zero pages",

@@ -71,11 +71,16 @@ class Scenario:
     compress: str = "off"        # off | lz4 | auto
     link: str = "loopback"       # loopback | 1gbit (any tc rate)
     mode: str = "precopy"        # precopy | stop-and-copy
+    #: fresh: the destination creates the region; existing: it already holds a
+    #: region file of that name and size (other contents, every page written:
+    #: a pre-provisioned host or an earlier migration) and receives into it.
+    dest_region: str = "fresh"
 
     @property
     def key(self) -> str:
-        return (f"{self.size} {self.workload} {self.content} {self.budget_ms:g}ms {self.compress} "
-                f"{self.link} {self.mode}")
+        key = (f"{self.size} {self.workload} {self.content} {self.budget_ms:g}ms {self.compress} "
+               f"{self.link} {self.mode}")
+        return key if self.dest_region == "fresh" else f"{key} {self.dest_region}-region"
 
     @property
     def bytes(self) -> int:
@@ -96,6 +101,7 @@ def matrix(name: str) -> list[Scenario]:
         out += [replace(s, size="256M", workload="idle", mode="stop-and-copy")]
         out += [replace(s, size="4G", workload="idle")]  # scaling: 4 GiB against 1 GiB
         out += [replace(s, workload="idle", compress="auto")]  # adaptive lz4 must not slow loopback down
+        out += [replace(s, workload="idle", dest_region="existing")]  # no first touch on the destination
         net = replace(s, size="256M", link="1gbit")
         out += [replace(net, workload="idle"), replace(net, workload="low"),
                 replace(net, workload="idle", content="half-text"),
@@ -292,6 +298,11 @@ class Bench:
                                   *WORKLOADS[sc.workload]], cwd=ROOT, env=_env())
         report = self.work / f"report-{tag}.json"
         report.unlink(missing_ok=True)
+        if sc.dest_region == "existing":
+            # What a pre-provisioned host or an earlier migration left: the right
+            # size, every page written, other contents (so every page moves).
+            ddir.mkdir(parents=True, exist_ok=True)
+            create_region(ddir / "bench", sc.bytes, sc.content, 1000 + run)
         # bound the run: enough for the full copy a few times over, then give up (forced switchover)
         max_time = max(15.0, 3 * sc.bytes / link.bytes_per_s + 5)
         src = None

@@ -28,6 +28,7 @@ import logging
 import os
 import socket
 import ssl
+import stat
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -39,9 +40,9 @@ import xxhash
 
 from . import auth, preflight
 from .channel import Channel, LinkError, PeerAborted, tune
-from .digest import ChunkTracker
+from .digest import ChunkTracker, chunk_pages_of, page_digests
 from .errors import AbortCode, AuthError, PrecopyError, RegionError, RemoteProtocolError
-from .memory import GuestMemory
+from .memory import GuestMemory, users_of
 from .tls import make_channel
 from .workload import DestWorkload
 from .wire import (
@@ -100,6 +101,11 @@ class DestOptions:
     max_connections: int = 64
     idle_timeout_s: float = 120.0
     populate: bool = True
+    #: Receive into a region file already under the migration's name (a
+    #: repeat migration, a pre-provisioned host) when it has the right size
+    #: and no process maps or holds it: no first touch of fresh memory and,
+    #: on tmpfs, no second copy's worth of space.
+    reuse_regions: bool = True
     #: Started when a migration begins, resumed after its commit (before
     #: COMMITTED), discarded when it ends without one (e.g. a QEMU VM).
     workload: DestWorkload | None = None
@@ -128,6 +134,8 @@ class MigrationRecord:
     rounds: int = 0
     #: From SWITCHOVER (the source paused) to the resume here, as seen here.
     downtime_ms: float | None = None
+    #: Received into the region file already under its name (not a new one).
+    reused_region: bool = False
 
 
 class _Journal:
@@ -425,8 +433,10 @@ class DestinationServer:
                 f"region {begin.name!r} is {begin.size >> 20} MiB, over this destination's limit of "
                 f"{self.opts.max_region >> 20} MiB (precopy-dest --max-region)"
             )
+        existing = self._reusable(begin)
         passed = preflight.check_destination(size=begin.size, page_size=begin.page_size,
-                                             memory_dir=self.opts.memory_dir, requires=begin.requires)
+                                             memory_dir=self.opts.memory_dir, requires=begin.requires,
+                                             have=begin.size if existing else 0)
         if begin.dry_run:
             _log.info("dry run %s from %s: %s fits (%s)", begin.migration_id, chan.peer, begin.name,
                       "; ".join(passed))
@@ -440,7 +450,7 @@ class DestinationServer:
         self.results.append(rec)
         t0 = time.monotonic()
         try:
-            await _DestMigration(self, chan, begin, rec).run()
+            await _DestMigration(self, chan, begin, rec, existing).run()
         except BaseException as exc:
             if rec.outcome != "committed":
                 rec.outcome = "aborted"
@@ -457,6 +467,39 @@ class DestinationServer:
             rec.bytes_received = chan.bytes_received
             del self._active[begin.migration_id]
             self._names.discard(begin.name)
+
+    def _reusable(self, begin: Begin) -> bool:
+        """Whether the region file already under ``begin.name`` can receive this migration.
+
+        It must be a regular file of exactly the region's size that no
+        process maps or holds open: a workload resumed here from an earlier
+        migration keeps its memory (the commit then replaces the name, as
+        for a fresh region).
+        """
+        if not self.opts.reuse_regions:
+            return False
+        final = self.opts.memory_dir / begin.name
+        try:
+            st = final.lstat()
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            _log.warning("cannot inspect %s (%s): receiving into a new region", final, exc.strerror)
+            return False
+        if not stat.S_ISREG(st.st_mode) or st.st_size != begin.size:
+            _log.info("%s exists but is not a %d-byte regular file: receiving into a new region",
+                      final, begin.size)
+            return False
+        try:
+            users = users_of(final)
+        except OSError as exc:
+            _log.warning("cannot tell who uses %s (%s): receiving into a new region", final, exc.strerror)
+            return False
+        if users:
+            _log.info("%s is in use (pid %s): receiving into a new region", final,
+                      ", ".join(map(str, users[:8])))
+            return False
+        return True
 
     async def run_hook(self, rec: MigrationRecord, memory: Path, device_state: Path) -> None:
         """Start the on-resume hook (not waiting for it); its exit code is logged."""
@@ -484,8 +527,12 @@ class DestinationServer:
 class _DestMigration:
     """Receiving one region."""
 
-    def __init__(self, server: DestinationServer, chan: Channel, begin: Begin, rec: MigrationRecord) -> None:
+    def __init__(self, server: DestinationServer, chan: Channel, begin: Begin, rec: MigrationRecord,
+                 existing: bool = False) -> None:
         self.server = server
+        #: Receive into the region file already under the final name (see
+        #: DestinationServer._reusable): renamed to the partial name first.
+        self.existing = existing
         self.opts = server.opts
         self.chan = chan
         self.begin = begin
@@ -498,18 +545,38 @@ class _DestMigration:
         self.device_total: int | None = None
         self.t_switchover: float | None = None
 
+    def _open_region(self) -> GuestMemory:
+        if self.existing:
+            try:
+                os.replace(self.final, self.partial)
+                mem = GuestMemory.open(self.partial)
+            except (OSError, RegionError) as exc:
+                _log.warning("cannot take over %s (%s): receiving into a new region", self.final, exc)
+                self.existing = False
+            else:
+                _log.info("migration %s: receiving into the existing region %s", self.begin.migration_id,
+                          self.final)
+                self.rec.reused_region = True
+                return mem
+        return GuestMemory.create(self.partial, self.begin.size, preallocate=False)
+
     async def run(self) -> None:
-        mem = GuestMemory.create(self.partial, self.begin.size, preallocate=False)
+        mem = self._open_region()
         committed = False
         tracker: ChunkTracker | None = None
         try:
-            tracker = ChunkTracker.zeroed(mem.view, self.begin.chunk_pages, self.server._hash_pool)
+            if self.existing:
+                # What it holds is hashed when first asked for, and only where
+                # the migration has not overwritten whole chunks by then.
+                tracker = ChunkTracker.unread(mem.view, self.begin.chunk_pages, self.server._hash_pool)
+            else:
+                tracker = ChunkTracker.zeroed(mem.view, self.begin.chunk_pages, self.server._hash_pool)
             if self.opts.workload is not None:
                 await self.opts.workload.prepare(self.begin.migration_id, self.begin.name, self.partial,
                                                  self.begin.size)
             assert self.server.journal is not None
             self.server.journal.write(self.rec)
-            await self.chan.send(Ready())
+            await self.chan.send(Ready(existing=self.existing))
             _log.info("migration %s from %s: receiving %s (%d MiB)", self.begin.migration_id,
                       self.chan.peer, self.begin.name, self.begin.size >> 20)
             committed = await self._receive(mem, tracker)
@@ -527,11 +594,13 @@ class _DestMigration:
 
     async def _receive(self, mem: GuestMemory, tracker: ChunkTracker) -> bool:
         loop = asyncio.get_running_loop()
-        written = np.zeros(mem.npages, dtype=bool)
+        # Pages that may hold something other than zeros, all with a block:
+        # none in a fresh file; in an existing region, all but its holes.
+        written = ~mem.hole_pages() if self.existing else np.zeros(mem.npages, dtype=bool)
         # The source sends the holes of its region first, as zero pages: the
         # region is prepared when the first data arrives, skipping them.
         declared_zero = np.zeros(mem.npages, dtype=bool)
-        preparing = False
+        preparing = self.existing  # an existing region has its blocks
         async for ev in self.chan.events(self.opts.idle_timeout_s):
             if isinstance(ev, Pages):
                 # Pages never written are still zero in the fresh file.
@@ -550,12 +619,18 @@ class _DestMigration:
                         await asyncio.sleep(0.001)
                     mem.reserve_skipped(ev.indices)
                 if len(ev.indices):
-                    mem.scatter(ev.indices, page_payload(ev))
+                    data = page_payload(ev, chunk_pages=self.begin.chunk_pages)
+                    mem.write_pages(ev.indices, data, allocated=written)
                     written[ev.indices] = True
-                    tracker.mark(ev.indices)
+                    tracker.received(ev.indices, data, ev.chunk_digests)
                 if z.size:
                     mem.zero(z)
                     tracker.mark(z)
+            elif isinstance(ev, DigestRequest) and ev.pages_of is not None:
+                # The source's record of pages it sent without hashing them.
+                pages = chunk_pages_of(ev.pages_of, self.begin.chunk_pages, mem.npages)
+                held = await loop.run_in_executor(self.server._outer_pool, page_digests, mem.pages, pages)
+                await self.chan.send(DigestTable(seq=ev.seq, digests=held))
             elif isinstance(ev, DigestRequest):
                 if not ev.final:
                     self.rec.rounds += 1

@@ -36,6 +36,7 @@ __all__ = [
     "ZERO_PAGE_DIGEST",
     "StagingBuffer",
     "page_digests",
+    "chunk_pages_of",
     "chunk_digests",
     "ChunkTracker",
     "zero_chunk_digests",
@@ -91,19 +92,35 @@ class StagingBuffer:
         return self.array[:n].data.cast("B")
 
 
+#: Pages hashed per block in :func:`page_digests`: bounds the memoryviews
+#: alive at once (~200 bytes each) whatever the number of pages.
+_PAGE_BLOCK = 4096
+
+
 def page_digests(pages: np.ndarray, indices: np.ndarray | None = None) -> np.ndarray:
     """xxh3_64 of the given pages of a ``(npages, PAGE_SIZE)`` array.
 
-    Builds one view per page: use for scattered, small sets (the pages of a
-    few candidate chunks), not for whole regions.
+    Builds one view per page, a block of pages at a time (memory stays a
+    few hundred KiB however many pages are asked for): use for scattered
+    sets (the pages of candidate chunks), not for whole regions.
     """
     flat = np.ascontiguousarray(pages).reshape(-1).data.cast("B")
     if indices is None:
         indices = np.arange(pages.shape[0])
-    offs = (np.asarray(indices, dtype=np.int64) * PAGE_SIZE).tolist()
-    return np.fromiter(
-        map(_h64, [flat[o:o + PAGE_SIZE] for o in offs]), dtype=np.uint64, count=len(offs)
-    )
+    n = len(indices)
+    out = np.empty(n, dtype=np.uint64)
+    pos = np.asarray(indices, dtype=np.int64) * PAGE_SIZE
+    for lo in range(0, n, _PAGE_BLOCK):
+        offs = pos[lo:lo + _PAGE_BLOCK].tolist()
+        out[lo:lo + len(offs)] = np.fromiter(
+            map(_h64, [flat[o:o + PAGE_SIZE] for o in offs]), dtype=np.uint64, count=len(offs))
+    return out
+
+
+def chunk_pages_of(chunks: np.ndarray, chunk_pages: int, npages: int) -> np.ndarray:
+    """Every page of the given chunks, in order (the last chunk may be short), as uint32."""
+    pages = (np.asarray(chunks, dtype=np.int64)[:, None] * chunk_pages + np.arange(chunk_pages)).ravel()
+    return pages[pages < npages].astype(np.uint32)
 
 
 def _chunk_range(flat: memoryview, offs: Sequence[int], chunk_bytes: int) -> list[int]:
@@ -187,6 +204,7 @@ class ChunkTracker:
         self.nchunks = -(-flat.nbytes // self.chunk_bytes)
         self.digests = chunk_digests(flat, self.chunk_bytes, executor) if flat.nbytes else np.zeros(0, np.uint64)
         self.stale = np.zeros(self.nchunks, dtype=bool)
+        self.cold = np.zeros(self.nchunks, dtype=bool)
         self._executor = executor
         self._lock = threading.Lock()  # one refresher at a time
         self._wake = threading.Event()
@@ -197,13 +215,32 @@ class ChunkTracker:
     @classmethod
     def zeroed(cls, flat: memoryview, chunk_pages: int, executor: ThreadPoolExecutor) -> ChunkTracker:
         """A tracker for a fresh all-zero region: digests known without reading it."""
+        return cls._blank(flat, chunk_pages, executor, zero_chunk_digests(flat.nbytes, chunk_pages * PAGE_SIZE))
+
+    @classmethod
+    def unread(cls, flat: memoryview, chunk_pages: int, executor: ThreadPoolExecutor) -> ChunkTracker:
+        """A tracker for a region with unknown contents, read only when asked.
+
+        Every chunk is *cold*: :meth:`table` hashes those still cold, but the
+        background refresh leaves them alone, so chunks the migration
+        overwrites whole (:meth:`received`) are never read at all.
+        """
+        self = cls._blank(flat, chunk_pages, executor, np.zeros(-(-flat.nbytes // (chunk_pages * PAGE_SIZE)),
+                                                                dtype=np.uint64))
+        self.cold[:] = True
+        return self
+
+    @classmethod
+    def _blank(cls, flat: memoryview, chunk_pages: int, executor: ThreadPoolExecutor,
+               digests: np.ndarray) -> ChunkTracker:
         self = cls.__new__(cls)
         self.flat = flat
         self.chunk_pages = chunk_pages
         self.chunk_bytes = chunk_pages * PAGE_SIZE
         self.nchunks = -(-flat.nbytes // self.chunk_bytes)
-        self.digests = zero_chunk_digests(flat.nbytes, self.chunk_bytes)
+        self.digests = digests
         self.stale = np.zeros(self.nchunks, dtype=bool)
+        self.cold = np.zeros(self.nchunks, dtype=bool)
         self._executor = executor
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -217,19 +254,61 @@ class ChunkTracker:
             self.stale[page_indices // self.chunk_pages] = True
             self._wake.set()
 
-    def refresh(self) -> int:
-        """Rehash every stale chunk now; returns how many were rehashed."""
+    def received(self, page_indices: np.ndarray, data: memoryview,
+                 digests: np.ndarray | None = None) -> None:
+        """Account pages just written from ``data`` (their bytes, in order).
+
+        Chunks the batch covers whole get their digests from ``data`` now,
+        while it is in the CPU cache, instead of being read back from memory
+        later (or ``digests``, already checked against ``data``, when the
+        pages are exactly whole chunks); the rest are marked stale.  Call
+        after the write.
+        """
+        n = len(page_indices)
+        if not n:
+            return
+        cp = self.chunk_pages
+        first, last = int(page_indices[0]), int(page_indices[-1])
+        npages = self.flat.nbytes // PAGE_SIZE
+        if last - first != n - 1 or n < cp:
+            self.mark(page_indices)
+            return
+        lo = -(-first // cp)  # first chunk the run covers whole
+        hi = (last + 1) // cp  # one past the last whole chunk
+        if last + 1 == npages:
+            hi = self.nchunks  # a short last chunk is whole when the run reaches the end
+        if hi <= lo:
+            self.mark(page_indices)
+            return
+        if digests is None or len(digests) != hi - lo:
+            base = (lo * cp - first) * PAGE_SIZE
+            offs = range(base, base + (hi - lo) * self.chunk_bytes, self.chunk_bytes)
+            digests = np.array(_chunk_range(data, offs, self.chunk_bytes), dtype=np.uint64)
+        with self._lock:  # not while a refresh may be hashing these chunks
+            self.digests[lo:hi] = digests
+            self.stale[lo:hi] = False
+            self.cold[lo:hi] = False
+        if first < lo * cp:
+            self.stale[first // cp] = True
+        if hi < self.nchunks and last >= hi * cp:
+            self.stale[hi] = True
+        if first < lo * cp or (hi < self.nchunks and last >= hi * cp):
+            self._wake.set()
+
+    def refresh(self, *, cold: bool = False) -> int:
+        """Rehash every stale chunk now (and the cold ones with ``cold``); returns how many."""
         with self._lock:
-            todo = np.flatnonzero(self.stale)
+            todo = np.flatnonzero(self.stale | self.cold if cold else self.stale)
             if not todo.size:
                 return 0
             self.stale[todo] = False
+            self.cold[todo] = False
             self.digests[todo] = chunk_digests(self.flat, self.chunk_bytes, self._executor, todo)
             return int(todo.size)
 
     def table(self) -> np.ndarray:
         """Fresh digests of every chunk (refreshes first)."""
-        self.refresh()
+        self.refresh(cold=True)
         return self.digests
 
     def _run(self) -> None:

@@ -93,8 +93,12 @@ def check_destination(
     mem_available_fn: Callable[[], int | None] = mem_available,
     cpu_flags_fn: Callable[[], frozenset[str]] = cpu_flags,
     which: Callable[[str], str | None] = shutil.which,
+    have: int = 0,
 ) -> list[str]:
     """Check that a region of ``size`` bytes fits under ``memory_dir``.
+
+    ``have``: bytes of it the destination already holds (an existing region
+    file it will receive into), which need no new space or memory.
 
     Returns the list of checks that passed (for logs and dry-run answers).
     Raises :class:`RegionError` (space, memory, page size) or
@@ -112,11 +116,13 @@ def check_destination(
     total, free = st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
     # total 0: the file system reports no size (hugetlbfs without size=);
     # then only the reservation while receiving can tell, cleanly.
-    if total and free < size:
+    need = max(0, size - have)
+    if total and free < need:
         raise RegionError(
-            f"preflight: --memory-dir {memory_dir} has {_mib(free)} free, the region needs {_mib(size)}"
+            f"preflight: --memory-dir {memory_dir} has {_mib(free)} free, the region needs {_mib(need)}"
         )
-    passed.append(f"free space in {memory_dir}: {_mib(free) if total else 'unbounded'} >= {_mib(size)}")
+    passed.append(f"free space in {memory_dir}: {_mib(free) if total else 'unbounded'} >= {_mib(need)}"
+                  + (" (an existing region is reused)" if have else ""))
     if fstype == "hugetlbfs" and st.f_bsize > PAGE_SIZE and size % st.f_bsize:
         raise RegionError(
             f"preflight: --memory-dir {memory_dir} is hugetlbfs with {st.f_bsize >> 10} KiB pages; "
@@ -124,17 +130,17 @@ def check_destination(
         )
     if fstype in _RAM_FS:
         avail = mem_available_fn()
-        if avail is not None and avail < size:
+        if avail is not None and avail < need:
             raise RegionError(
                 f"preflight: --memory-dir {memory_dir} is {fstype} (RAM) and this host has "
-                f"{_mib(avail)} of memory available, the region needs {_mib(size)}"
+                f"{_mib(avail)} of memory available, the region needs {_mib(need)}"
             )
         if avail is not None:
-            passed.append(f"available memory {_mib(avail)} >= {_mib(size)}")
+            passed.append(f"available memory {_mib(avail)} >= {_mib(need)}")
     for name, values in requires.items():
         if name == "cpu_flags":
-            have = cpu_flags_fn()
-            missing = [v for v in values if v not in have]
+            flags = cpu_flags_fn()
+            missing = [v for v in values if v not in flags]
             if missing:
                 raise PrecopyError(
                     "preflight: this host's CPUs lack flag(s) the guest needs: " + ", ".join(missing),

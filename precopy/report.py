@@ -56,6 +56,10 @@ class MigrationReport:
     compression: str = "off"
     tracking: str = "digest"  # digest | uffd-wp: how dirty pages were found
     tracking_reason: str = ""  # why that tracker (e.g. why auto fell back to digests)
+    #: "new": received into a new file; "existing": into the region file the
+    #: destination already held under that name (a repeat migration, a
+    #: pre-provisioned host).
+    dest_region: str = "new"
     bandwidth_bps: float = 0.0
     error: str | None = None
     reason: str | None = None

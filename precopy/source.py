@@ -33,7 +33,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import xxhash
@@ -42,7 +42,14 @@ from . import auth
 from .channel import Channel, LinkError, PeerAborted, connect
 from .tls import make_channel
 from .compress import AdaptiveCompressor
-from .digest import ZERO_PAGE_DIGEST, StagingBuffer, chunk_digests, page_digests, region_chunk_digests
+from .digest import (
+    ZERO_PAGE_DIGEST,
+    StagingBuffer,
+    chunk_digests,
+    chunk_pages_of,
+    page_digests,
+    region_chunk_digests,
+)
 from .guardian import ARMED, COMMIT, IDLE, Guardian
 from .errors import (
     AbortCode,
@@ -52,12 +59,13 @@ from .errors import (
     PrecopyError,
     RemoteProtocolError,
 )
-from .memory import GuestMemory
+from .memory import GuestMemory, is_run
 from .policy import Action, Decision, DirtyRateEstimator, LinkEstimator, SwitchoverPolicy, expected_downtime
 from .report import MigrationReport, RoundReport
 from .tracking import TRACKING_MODES, SourceChunks, TrackingUnavailable, UffdTracker, select_tracker
 from .wire import (
     MAX_BATCH_PAGES,
+    MAX_PAGE_DIGEST_CHUNKS,
     MAX_PAYLOAD,
     PAGE_SIZE,
     PROTOCOL_VERSION,
@@ -78,6 +86,7 @@ from .wire import (
     Role,
     Switchover,
     valid_name,
+    whole_chunks,
 )
 from .workload import Workload
 
@@ -183,6 +192,21 @@ class _Scan:
     dest_table: np.ndarray  # the destination's chunk digests
     hash_s: float  # hashing our chunks
     page_hash_s: float  # hashing the pages of the chunks that differ
+
+
+def _batches(indices: np.ndarray, size: int, *, by_runs: bool = False) -> Iterator[np.ndarray]:
+    """``indices`` in batches of at most ``size``; with ``by_runs`` a batch
+    never spans a gap (each is one run of consecutive pages where possible)."""
+    if not by_runs:
+        for start in range(0, len(indices), size):
+            yield indices[start:start + size]
+        return
+    cuts = np.flatnonzero(np.diff(indices.astype(np.int64)) != 1) + 1
+    lo = 0
+    for hi in [*cuts.tolist(), len(indices)]:
+        for start in range(lo, hi, size):
+            yield indices[start:min(start + size, hi)]
+        lo = hi
 
 
 class SourceSession:
@@ -344,7 +368,11 @@ class SourceSession:
                             "io_timeout": opts.io_timeout_s},
             })
         self.report.region_bytes = mem.size
+        #: Per page, the digest of what the destination holds, where ``known``:
+        #: pages sent straight from memory are known once the destination
+        #: has hashed them for a scan that needed them (see _scan).
         self.sent = np.zeros(mem.npages, dtype=np.uint64)
+        self.known = np.zeros(mem.npages, dtype=bool)
         self.staging = StagingBuffer(opts.batch_pages)
         # Chunks of 128 KiB by default: big enough for xxh3 to run at memory
         # speed with the GIL released, small enough that few clean pages are
@@ -371,7 +399,8 @@ class SourceSession:
             migration_id=str(opts.migration_id), name=str(opts.name), size=mem.size,
             chunk_pages=self.chunk_pages, dry_run=opts.dry_run, requires=requires,
         ))
-        await self._expect(Ready)
+        ready: Ready = await self._expect(Ready)
+        self.report.dest_region = "existing" if ready.existing else "new"
         if opts.dry_run:
             _log.info("preflight of %s (%d MiB) -> %s: the destination accepts it", opts.memory,
                       mem.size >> 20, self.report.destination)
@@ -477,55 +506,51 @@ class SourceSession:
 
     # -- sending pages --------------------------------------------------
 
-    async def _send_pages(self, indices: np.ndarray, rnd: RoundReport, phase: str) -> None:
-        """Send ``indices`` in batches; record digests of what was sent."""
-        assert self.mem is not None
-        pages = self.mem.pages
+    async def _send_pages(self, indices: np.ndarray, rnd: RoundReport, phase: str, *,
+                          direct: bool = False) -> None:
+        """Send ``indices`` in batches; record digests of what was sent.
+
+        A batch is staged (copied into the staging buffer), hashed per page
+        from that copy (the record of what the destination holds, DESIGN
+        invariant 1), checked for zero pages, maybe compressed, and sent from
+        the copy.  With ``direct`` (the full copy), a batch that is one run of
+        pages and is not to be compressed is sent straight from the mapping
+        instead -- no copy, no hashing: the kernel copies the pages into the
+        socket, and the record of what it copied comes from the destination,
+        which hashes what it received when a later scan needs it
+        (:meth:`_scan`).  The first touch of every page is the slowest part
+        of a full copy; this makes the source's share of it only the send.
+        """
+        assert self.mem is not None and self.chan is not None
         batch = self.opts.batch_pages
         t_start = time.monotonic()
         last_progress = last_sample = t_start
         # The link's rate is what it delivered: bytes written minus those
         # still queued in the socket (a round's first writes only fill the
         # send buffer; counting them would overstate the rate).
-        unsent = self.chan.unsent_bytes if self.chan is not None else (lambda: 0)
+        unsent = self.chan.unsent_bytes
         sampled = self.report.bytes_on_wire - unsent()
-        for start in range(0, len(indices), batch):
-            idx = indices[start:start + batch]
-            staged = self.staging.load(pages, idx)
-            dig = self.staging.digests()
-            zero = dig == ZERO_PAGE_DIGEST
-            if zero.any():
-                zero &= ~staged.any(axis=1)  # never trust a 64-bit digest for zero
-            if zero.all():
-                data_idx, zero_idx = idx[:0], idx
-                raw = memoryview(b"")
-            elif zero.any():
-                keep = ~zero
-                data_idx, zero_idx = idx[keep], idx[zero]
-                raw = np.ascontiguousarray(staged[keep]).data.cast("B")
-            else:
-                data_idx, zero_idx = idx, idx[:0]
-                raw = self.staging.view()
-            checksum = _h64(raw)
-            payload: Any = raw
-            compressed = False
+        done = 0
+        for idx in _batches(indices, batch, by_runs=direct):
+            tried = self.compressor.want()
             t_batch = time.monotonic()
-            tried = bool(raw.nbytes) and self.compressor.want()
-            if tried:
-                packed = self.compressor.compress(raw)
-                if packed is not None and len(packed) <= MAX_PAYLOAD:
-                    payload, compressed = packed, True
-            n = await self._send_event(Pages(indices=data_idx, zeros=zero_idx, payload=payload,
-                                             compressed=compressed, checksum=checksum))
+            if direct and not tried and is_run(idx) and not self._has_zero_page(idx):
+                first = int(idx[0]) * PAGE_SIZE
+                raw = self.mem.view[first:first + len(idx) * PAGE_SIZE]
+                n = await self._send_event(Pages(indices=idx, zeros=idx[:0], payload=raw, checksum=None))
+                self.known[idx] = False
+                data_pages, zero_pages = len(idx), 0
+            else:
+                n, data_pages, zero_pages = await self._send_staged(idx, tried)
             now = time.monotonic()
-            self.compressor.record(tried, raw.nbytes, now - t_batch)
-            self.sent[idx] = dig
-            rnd.pages_sent += len(data_idx)
-            rnd.zero_pages += len(zero_idx)
+            self.compressor.record(tried, data_pages * PAGE_SIZE, now - t_batch)
+            done += len(idx)
+            rnd.pages_sent += data_pages
+            rnd.zero_pages += zero_pages
             rnd.bytes_on_wire += n
             self.report.bytes_on_wire += n
-            self.report.pages_sent += len(data_idx)
-            self.report.zero_pages += len(zero_idx)
+            self.report.pages_sent += data_pages
+            self.report.zero_pages += zero_pages
             self._check_peer()
             if now - last_sample > 0.05:
                 delivered = self.report.bytes_on_wire - unsent()
@@ -533,10 +558,65 @@ class SourceSession:
                 sampled, last_sample = delivered, now
             if self.progress is not None and now - last_progress > 0.2:
                 last_progress = now
-                self._emit(phase, rnd.round, start + len(idx), len(indices), rnd.pages_dirty, t_start)
+                self._emit(phase, rnd.round, done, len(indices), rnd.pages_dirty, t_start)
         end = time.monotonic()
         rnd.send_seconds += end - t_start
         self.link.add(self.report.bytes_on_wire - unsent() - sampled, end - last_sample)
+
+    def _has_zero_page(self, run: np.ndarray) -> bool:
+        """Whether a run of pages holds an all-zero page (sent as a number, not 4 KiB).
+
+        Looks at each page's first 8 bytes, then reads in full only those
+        that start with zeros: a page of data is rejected after one cache
+        line, which the send then reads anyway.
+        """
+        assert self.mem is not None
+        lo, hi = int(run[0]), int(run[-1]) + 1
+        heads = self.mem.words[lo * (PAGE_SIZE // 8):hi * (PAGE_SIZE // 8):PAGE_SIZE // 8]
+        maybe = np.flatnonzero(heads == 0)
+        return bool(maybe.size) and not bool(self.mem.pages[lo + maybe].any(axis=1).all())
+
+    async def _send_staged(self, idx: np.ndarray, compress: bool) -> tuple[int, int, int]:
+        """Stage, hash, check for zeros, maybe compress, send one batch.
+
+        Returns (bytes written, data pages, zero pages).
+        """
+        assert self.mem is not None
+        staged = self.staging.load(self.mem.pages, idx)
+        dig = self.staging.digests()
+        zero = dig == ZERO_PAGE_DIGEST
+        if zero.any():
+            zero &= ~staged.any(axis=1)  # never trust a 64-bit digest for zero
+        if zero.all():
+            data_idx, zero_idx = idx[:0], idx
+            raw = memoryview(b"")
+        elif zero.any():
+            keep = ~zero
+            data_idx, zero_idx = idx[keep], idx[zero]
+            raw = np.ascontiguousarray(staged[keep]).data.cast("B")
+        else:
+            data_idx, zero_idx = idx, idx[:0]
+            raw = self.staging.view()
+        # Whole chunks carry their chunk digests as the checksum: the
+        # destination checks them and keeps them as its chunk table, one
+        # pass over the bytes for both.
+        cd = None
+        checksum = 0
+        if whole_chunks(data_idx, self.chunk_pages, self.mem.npages) is not None:
+            cd = chunk_digests(raw, self.chunk_bytes)
+        else:
+            checksum = _h64(raw)
+        payload: Any = raw
+        compressed = False
+        if compress and raw.nbytes:
+            packed = self.compressor.compress(raw)
+            if packed is not None and len(packed) <= MAX_PAYLOAD:
+                payload, compressed = packed, True
+        n = await self._send_event(Pages(indices=data_idx, zeros=zero_idx, payload=payload,
+                                         compressed=compressed, checksum=checksum, chunk_digests=cd))
+        self.sent[idx] = dig
+        self.known[idx] = True
+        return n, len(data_idx), len(zero_idx)
 
     def _emit(self, phase: str, rnd: int, done: int, todo: int, dirty: int, t_start: float) -> None:
         if self.progress is None:
@@ -565,11 +645,12 @@ class SourceSession:
             idx = hole_idx[start:start + MAX_BATCH_PAGES]
             n = await self._send_event(Pages(indices=idx[:0], zeros=idx, payload=b"", checksum=_h64(b"")))
             self.sent[idx] = ZERO_PAGE_DIGEST
+            self.known[idx] = True
             rnd.zero_pages += len(idx)
             rnd.bytes_on_wire += n
             self.report.bytes_on_wire += n
             self.report.zero_pages += len(idx)
-        await self._send_pages(np.flatnonzero(~holes).astype(np.uint32), rnd, "full copy")
+        await self._send_pages(np.flatnonzero(~holes).astype(np.uint32), rnd, "full copy", direct=True)
         rnd.seconds = time.monotonic() - t
         rnd.bandwidth_bps = self.link.bytes_per_second
         self.report.rounds.append(rnd)
@@ -691,9 +772,27 @@ class SourceSession:
             return _Scan(empty, empty, live, dest_table, hash_s, 0.0)
         t = time.monotonic()
         cp = self.chunk_pages
-        pages = (cand[:, None] * cp + np.arange(cp)).ravel()
-        pages = pages[pages < self.mem.npages].astype(np.uint32)
-        now = page_digests(self.mem.pages, pages)
+        pages = chunk_pages_of(cand, cp, self.mem.npages)
+        # Pages sent straight from memory have no record yet: the
+        # destination hashes what it holds of their chunks while we hash
+        # ours, and its digests become the record (what it received is
+        # exactly what was sent).
+        unknown = np.unique(pages[~self.known[pages]] // cp).astype(np.uint32)
+        asked = []
+        limit = min(MAX_PAGE_DIGEST_CHUNKS, MAX_PAYLOAD // 8 // cp)
+        for lo in range(0, len(unknown), limit):
+            self._seq += 1
+            piece = unknown[lo:lo + limit]
+            await self._send_event(DigestRequest(seq=self._seq, final=final, pages_of=piece))
+            asked.append((self._seq, piece))
+        now = await loop.run_in_executor(self._outer_pool, page_digests, self.mem.pages, pages)
+        for seq, piece in asked:
+            held: DigestTable = await self._expect(DigestTable)
+            if held.seq != seq:
+                raise RemoteProtocolError(f"page digests {held.seq} answer request {seq}")
+            got = chunk_pages_of(piece, cp, self.mem.npages)
+            self.sent[got] = held.digests
+            self.known[got] = True
         dirty = pages[now != self.sent[pages]]
         # Chunks that differ on the destination but where no page differs
         # from what we sent: our record and the destination disagree.

@@ -191,6 +191,13 @@ class TlsChannel(Channel):
         self._in.write(data)
         return True
 
+    async def _write_all(self, bufs: list[Any]) -> int:
+        n = 0
+        for b in bufs:
+            await self._write(b)
+            n += memoryview(b).nbytes
+        return n
+
     async def _write(self, data: Any) -> None:
         view = memoryview(data).cast("B")
         try:

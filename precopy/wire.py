@@ -23,6 +23,7 @@ message, the sender and the phase.
 from __future__ import annotations
 
 import struct
+from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum, IntEnum
 from typing import Any, Final, Union
@@ -65,9 +66,12 @@ __all__ = [
     "Event",
     "encode_frame",
     "page_payload",
+    "whole_chunks",
+    "page_digest_limit",
+    "MAX_PAGE_DIGEST_CHUNKS",
 ]
 
-PROTOCOL_VERSION: Final = 1
+PROTOCOL_VERSION: Final = 2
 PAGE_SIZE: Final = 4096
 MAGIC: Final = b"PC"
 PREFIX = struct.Struct("<2sBBII")
@@ -225,7 +229,14 @@ class Begin:
 
 @dataclass(frozen=True, slots=True)
 class Ready:
-    pass
+    """The destination accepts the BEGIN.
+
+    ``existing``: it receives into a region file it already held under the
+    region's name (a repeat migration, a pre-provisioned host): its pages
+    hold old contents, not zeros, and its first digest table says which.
+    """
+
+    existing: bool = False
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -235,28 +246,46 @@ class Pages:
     ``indices`` are the pages whose bytes are in the payload (in order);
     ``zeros`` are pages that are all zero and carry no bytes.  ``payload`` is
     raw pages, or one lz4 block of them when ``compressed``; ``checksum`` is
-    xxh3_64 of the raw page bytes.  On receive, ``payload`` is a view into the
-    connection's buffer, valid until the next receive call.
+    xxh3_64 of the raw page bytes.  A batch whose data pages are whole
+    digest chunks (one run starting on a chunk boundary; see
+    :func:`whole_chunks`) may carry ``chunk_digests`` instead: xxh3_64 of
+    each chunk's raw bytes, which the receiver checks and keeps as its chunk
+    table (one pass over the bytes for both); ``checksum`` is then 0.  A raw
+    batch sent straight from the workload's memory carries neither
+    (``checksum`` None): its sender never saw the bytes the kernel copied,
+    and the destination's digests of what it received become the source's
+    record of them (a DIGEST_REQUEST with ``pages_of``), checked like every
+    page by the final verification.  On receive, ``payload`` is a view into
+    the connection's buffer, valid until the next receive call.
     """
 
     indices: np.ndarray
     zeros: np.ndarray
     payload: Any  # bytes-like
     compressed: bool = False
-    checksum: int = 0
+    checksum: int | None = 0
+    chunk_digests: np.ndarray | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class DigestRequest:
-    """Ask the destination for the digests of every chunk it holds."""
+    """Ask the destination for the digests of every chunk it holds.
+
+    With ``pages_of`` (uint32 chunk numbers, strictly increasing): for the
+    digest of every page of those chunks instead, in order -- what the
+    destination holds, as the source's record of pages it sent without
+    hashing them.
+    """
 
     seq: int
     final: bool = False
+    pages_of: np.ndarray | None = None
 
 
 @dataclass(frozen=True, slots=True, eq=False)
 class DigestTable:
-    """xxh3_64 of every chunk of the destination region, uint64 little endian."""
+    """xxh3_64 of every chunk of the destination region (or of the pages asked
+    for with ``pages_of``), uint64 little endian."""
 
     seq: int
     digests: np.ndarray
@@ -362,14 +391,23 @@ def _u32(a: np.ndarray) -> bytes:
 def _encode_event(ev: Event) -> tuple[Kind, dict[str, Any], Any]:
     """Return (kind, meta, payload) for an event."""
     if isinstance(ev, Pages):
-        return Kind.PAGES, {
+        meta: dict[str, Any] = {
             "i": _u32(ev.indices),
             "z": _u32(ev.zeros),
             "c": int(ev.compressed),
-            "h": int(ev.checksum),
-        }, ev.payload
+        }
+        if ev.checksum is not None:
+            meta["h"] = int(ev.checksum)
+        if ev.chunk_digests is not None:
+            meta["cd"] = np.ascontiguousarray(ev.chunk_digests, dtype="<u8").tobytes()
+        return Kind.PAGES, meta, ev.payload
     if isinstance(ev, DigestTable):
         return Kind.DIGEST_TABLE, {"s": ev.seq}, np.ascontiguousarray(ev.digests, dtype="<u8").data
+    if isinstance(ev, DigestRequest):
+        req: dict[str, Any] = {"seq": ev.seq, "final": ev.final}
+        if ev.pages_of is not None:
+            req["p"] = _u32(ev.pages_of)
+        return Kind.DIGEST_REQUEST, req, b""
     if isinstance(ev, DeviceState):
         return Kind.DEVICE_STATE, {"o": ev.offset, "t": ev.total}, ev.data
     kind = _KIND_OF[type(ev)]
@@ -476,6 +514,51 @@ def _page_list(raw: bytes, key: str, npages: int) -> np.ndarray:
     return arr
 
 
+def whole_chunks(indices: np.ndarray, chunk_pages: int, npages: int) -> tuple[int, int] | None:
+    """``(first, end)`` chunk numbers if ``indices`` are exactly those whole chunks, else None.
+
+    The pages must be one ascending run starting on a chunk boundary and
+    ending on one (or at the region's last page: the last chunk may be short).
+    """
+    n = len(indices)
+    if n == 0:
+        return None
+    first, last = int(indices[0]), int(indices[-1])
+    if first % chunk_pages or last - first != n - 1:
+        return None
+    if (last + 1) % chunk_pages and last + 1 != npages:
+        return None
+    if n > 2 and not bool((np.diff(indices) == 1).all()):
+        return None
+    return first // chunk_pages, -(-(last + 1) // chunk_pages)
+
+
+#: Chunks one DIGEST_REQUEST may ask page digests of (their numbers fill at
+#: most 32 KiB of the header; the answer is also bounded by MAX_PAYLOAD).
+MAX_PAGE_DIGEST_CHUNKS: Final = 8192
+
+
+def _chunk_list(raw: bytes, begin: Begin) -> np.ndarray:
+    """A DIGEST_REQUEST's ``p``: strictly increasing chunk numbers within the region."""
+    if len(raw) % 4:
+        raise RemoteProtocolError("DIGEST_REQUEST field 'p' is not a whole number of uint32")
+    arr = np.frombuffer(raw, dtype="<u4")
+    nchunks = -(-begin.npages // begin.chunk_pages)
+    limit = min(MAX_PAGE_DIGEST_CHUNKS, MAX_PAYLOAD // 8 // begin.chunk_pages)
+    if not 0 < arr.size <= limit:
+        raise RemoteProtocolError(f"DIGEST_REQUEST asks for the pages of {arr.size} chunks (1..{limit})")
+    if int(arr.max()) >= nchunks:
+        raise RemoteProtocolError(f"DIGEST_REQUEST names chunk {int(arr.max())} of a region of {nchunks}")
+    if arr.size > 1 and not (np.diff(arr.astype(np.int64)) > 0).all():
+        raise RemoteProtocolError("DIGEST_REQUEST field 'p' is not strictly increasing")
+    return arr
+
+
+def page_digest_limit(begin: Begin) -> int:
+    """Most chunks one DIGEST_REQUEST may ask the page digests of."""
+    return min(MAX_PAGE_DIGEST_CHUNKS, MAX_PAYLOAD // 8 // begin.chunk_pages)
+
+
 def valid_name(name: str) -> bool:
     """Region names are file names: [A-Za-z0-9._-], not starting with a dot."""
     return (
@@ -504,7 +587,8 @@ class Connection:
     _buf: bytearray = field(init=False, repr=False)
     _start: int = field(default=0, init=False, repr=False)
     _end: int = field(default=0, init=False, repr=False)
-    _pending_requests: int = field(default=0, init=False, repr=False)
+    #: Digests in the answer to each DIGEST_REQUEST not yet answered, in order.
+    _expected_tables: deque[int] = field(default_factory=deque, init=False, repr=False)
     _device_received: int = field(default=0, init=False, repr=False)
     _device_sent: int = field(default=0, init=False, repr=False)
     _eof: bool = field(default=False, init=False, repr=False)
@@ -672,15 +756,18 @@ class Connection:
             self.begin = ev
             return ev
         if kind is Kind.READY:
-            return Ready()
+            return Ready(existing=bool(_field(meta, "existing", bool, kind)) if "existing" in meta else False)
         if kind is Kind.PAGES:
             return self._decode_pages(meta, payload)
         if kind is Kind.DIGEST_REQUEST:
-            self._pending_requests += 1
-            return DigestRequest(
-                seq=_int_field(meta, "seq", kind, 0, 1 << 62),
-                final=bool(_field(meta, "final", bool, kind)),
-            )
+            assert self.begin is not None
+            seq = _int_field(meta, "seq", kind, 0, 1 << 62)
+            final = bool(_field(meta, "final", bool, kind))
+            pages_of = None
+            if "p" in meta:
+                pages_of = _chunk_list(_bytes_field(meta, "p", kind), self.begin)
+            self._expected_tables.append(self._table_size(pages_of))
+            return DigestRequest(seq=seq, final=final, pages_of=pages_of)
         if kind is Kind.DIGEST_TABLE:
             return self._decode_table(meta, payload)
         if kind is Kind.SWITCHOVER:
@@ -733,7 +820,11 @@ class Connection:
         if indices.size + zeros.size > MAX_BATCH_PAGES:
             raise RemoteProtocolError(f"PAGES batch exceeds {MAX_BATCH_PAGES} pages")
         compressed = _int_field(meta, "c", kind, 0, 1) == 1
-        checksum = _int_field(meta, "h", kind, 0, (1 << 64) - 1)
+        checksum = _int_field(meta, "h", kind, 0, (1 << 64) - 1) if "h" in meta else None
+        if checksum is None and "cd" not in meta and compressed:
+            # Only raw bytes may come unchecked (the destination's digests of
+            # them become the source's record); an lz4 block must be checked.
+            raise RemoteProtocolError("compressed PAGES batch without a checksum")
         raw_len = indices.size * PAGE_SIZE
         if compressed:
             if not indices.size or len(payload) == 0:
@@ -742,22 +833,45 @@ class Connection:
             raise RemoteProtocolError(
                 f"PAGES payload is {len(payload)} bytes for {indices.size} pages"
             )
+        chunk_digests = None
+        if "cd" in meta:
+            raw_cd = _bytes_field(meta, "cd", kind)
+            chunks = whole_chunks(indices, self.begin.chunk_pages, npages)
+            if chunks is None:
+                raise RemoteProtocolError("PAGES chunk digests for pages that are not whole chunks")
+            if len(raw_cd) != 8 * (chunks[1] - chunks[0]):
+                raise RemoteProtocolError(
+                    f"PAGES carries {len(raw_cd) // 8} chunk digests for {chunks[1] - chunks[0]} chunks"
+                )
+            chunk_digests = np.frombuffer(raw_cd, dtype="<u8")
         return Pages(indices=indices, zeros=zeros, payload=payload,
-                     compressed=compressed, checksum=checksum)
+                     compressed=compressed, checksum=checksum, chunk_digests=chunk_digests)
 
     def _decode_table(self, meta: dict[Any, Any], payload: memoryview) -> DigestTable:
         kind = Kind.DIGEST_TABLE
         assert self.begin is not None
-        nchunks = -(-self.begin.npages // self.begin.chunk_pages)
         seq = _int_field(meta, "s", kind, 0, 1 << 62)
-        if len(payload) != nchunks * 8:
-            raise RemoteProtocolError(
-                f"DIGEST_TABLE of {len(payload)} bytes, expected {nchunks * 8} for {nchunks} chunks"
-            )
-        if self._pending_requests <= 0:
+        if not self._expected_tables:
             raise RemoteProtocolError("DIGEST_TABLE without a request")
-        self._pending_requests -= 1
+        want = self._expected_tables[0]
+        if len(payload) != want * 8:
+            raise RemoteProtocolError(
+                f"DIGEST_TABLE of {len(payload)} bytes, expected {want * 8} for the {want} digests asked for"
+            )
+        self._expected_tables.popleft()
         return DigestTable(seq=seq, digests=np.frombuffer(payload, dtype="<u8"))
+
+    def _table_size(self, pages_of: np.ndarray | None) -> int:
+        """Digests in the answer to a request for ``pages_of`` (None: the chunk table)."""
+        assert self.begin is not None
+        cp, npages = self.begin.chunk_pages, self.begin.npages
+        nchunks = -(-npages // cp)
+        if pages_of is None:
+            return nchunks
+        n = len(pages_of) * cp
+        if len(pages_of) and int(pages_of[-1]) == nchunks - 1:
+            n -= nchunks * cp - npages  # the last chunk may be short
+        return n
 
     # -- sending --------------------------------------------------------
 
@@ -771,8 +885,27 @@ class Connection:
                 raise LocalProtocolError(f"PAGES batch of {n} pages")
         if memoryview(payload).nbytes > MAX_PAYLOAD:
             raise LocalProtocolError(f"{kind.name} payload exceeds {MAX_PAYLOAD} bytes")
-        if kind is Kind.DIGEST_TABLE and self._pending_requests <= 0:
-            raise LocalProtocolError("DIGEST_TABLE without a request")
+        if kind is Kind.DIGEST_TABLE:
+            if not self._expected_tables:
+                raise LocalProtocolError("DIGEST_TABLE without a request")
+            if memoryview(payload).nbytes != 8 * self._expected_tables[0]:
+                raise LocalProtocolError(
+                    f"DIGEST_TABLE of {memoryview(payload).nbytes // 8} digests answers a request "
+                    f"for {self._expected_tables[0]}"
+                )
+        if kind is Kind.PAGES:
+            assert isinstance(event, Pages)
+            if event.compressed and event.checksum is None and event.chunk_digests is None:
+                raise LocalProtocolError("a compressed PAGES batch must carry a checksum")
+        if kind is Kind.DIGEST_REQUEST:
+            assert isinstance(event, DigestRequest)
+            if event.pages_of is not None:
+                if self.begin is None:
+                    raise LocalProtocolError("DIGEST_REQUEST before BEGIN")
+                try:
+                    _chunk_list(_u32(event.pages_of), self.begin)
+                except RemoteProtocolError as exc:
+                    raise LocalProtocolError(str(exc)) from None
         if kind is Kind.DEVICE_STATE:
             assert isinstance(event, DeviceState)
             if event.offset != self._device_sent or event.total > MAX_DEVICE_STATE:
@@ -787,9 +920,9 @@ class Connection:
             assert isinstance(event, Begin)
             self.begin = event
         if kind is Kind.DIGEST_REQUEST:
-            self._pending_requests += 1
+            self._expected_tables.append(self._table_size(event.pages_of))  # type: ignore[union-attr]
         if kind is Kind.DIGEST_TABLE:
-            self._pending_requests -= 1
+            self._expected_tables.popleft()
         if kind is Kind.DEVICE_STATE:
             self._device_sent += memoryview(event.data).nbytes  # type: ignore[union-attr]
         return encode_frame(kind, meta, payload)
@@ -812,13 +945,14 @@ class Connection:
         self.phase = self._check_allowed(sender, kind, local=local)
 
 
-def page_payload(ev: Pages, decompress: Any = None) -> memoryview:
+def page_payload(ev: Pages, decompress: Any = None, *, chunk_pages: int = 0) -> memoryview:
     """Return the raw page bytes of a received batch, checked.
 
     Decompresses when needed (``decompress(data, raw_len)`` may be passed in
     to pick the codec; default lz4 block) into exactly ``len(indices)`` pages
-    and verifies the batch checksum.  Raises :class:`RemoteProtocolError` on
-    a corrupt, truncated or oversized batch: never returns more bytes than
+    and verifies the batch checksum, or its chunk digests (``chunk_pages``,
+    the migration's, is then needed).  Raises :class:`RemoteProtocolError`
+    on a corrupt, truncated or oversized batch: never returns more bytes than
     the batch declares.
     """
     raw_len = len(ev.indices) * PAGE_SIZE
@@ -837,9 +971,21 @@ def page_payload(ev: Pages, decompress: Any = None) -> memoryview:
             raise RemoteProtocolError(
                 f"compressed PAGES batch inflates to {memoryview(data).nbytes} bytes, expected {raw_len}"
             )
-    if xxhash.xxh3_64_intdigest(data) != ev.checksum:
+    view = memoryview(data)
+    if ev.chunk_digests is not None:
+        if chunk_pages <= 0:
+            raise ValueError("page_payload: a batch with chunk digests needs the migration's chunk_pages")
+        step = chunk_pages * PAGE_SIZE
+        h = xxhash.xxh3_64_intdigest
+        got = [h(view[o:o + step]) for o in range(0, view.nbytes, step)]
+        if len(got) != len(ev.chunk_digests) or not bool((np.array(got, dtype=np.uint64) == ev.chunk_digests).all()):
+            raise RemoteProtocolError(
+                "PAGES batch checksum mismatch (chunk digests): the data was corrupted in transit",
+                AbortCode.PROTOCOL,
+            )
+    elif ev.checksum is not None and xxhash.xxh3_64_intdigest(data) != ev.checksum:
         raise RemoteProtocolError(
             "PAGES batch checksum mismatch: the data was corrupted in transit",
             AbortCode.PROTOCOL,
         )
-    return memoryview(data)
+    return view

@@ -27,7 +27,7 @@ from tests import fuzzkit  # noqa: E402
 BEGIN = Begin(migration_id="fz", name="fz", size=64 * PAGE_SIZE, chunk_pages=8)
 STATS = fuzzkit.Stats()
 _COPYING = fuzzkit.copying_dest(BEGIN)
-_SNAPSHOT = (_COPYING.phase, _COPYING.begin, _COPYING._pending_requests)
+_SNAPSHOT = (_COPYING.phase, _COPYING.begin, tuple(_COPYING._expected_tables))
 
 
 def one_input(data: bytes) -> None:

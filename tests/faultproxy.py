@@ -57,6 +57,7 @@ class Fault:
     action: str  # cut | stall | hold | kill | call | flip | mutate | delay
     kind: Kind | None = None  # trigger on this frame kind ...
     meta: dict[str, Any] | None = None  # ... whose meta has these values
+    where: Callable[[dict[str, Any]], bool] | None = None  # ... and for whose meta this holds
     nth: int = 1  # ... the nth such frame
     after_bytes: int | None = None  # or: once this many bytes went this way
     direction: str = C2S
@@ -78,12 +79,14 @@ class Fault:
             return forwarded >= self.after_bytes
         if self.kind is None or kind != self.kind:
             return False
-        if self.meta:
+        if self.meta or self.where:
             try:
                 decoded = msgpack.unpackb(meta, raw=False)
             except Exception:  # a corrupted meta cannot match; the peer will say why
                 return False
-            if not isinstance(decoded, dict) or any(decoded.get(k) != v for k, v in self.meta.items()):
+            if not isinstance(decoded, dict) or any(decoded.get(k) != v for k, v in (self.meta or {}).items()):
+                return False
+            if self.where is not None and not self.where(decoded):
                 return False
         self.seen += 1
         return self.seen >= self.nth

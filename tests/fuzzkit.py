@@ -19,6 +19,7 @@ seeded from valid transcripts.
 from __future__ import annotations
 
 import random
+from collections import deque
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -81,8 +82,24 @@ def random_pages(rng: random.Random, npages: int, compress: bool) -> Pages:
     c = False
     if compress and idx:
         payload, c = lz4.block.compress(raw, store_size=False), True
+    checksum: int | None = xxhash.xxh3_64_intdigest(raw)
+    if not c and rng.random() < 0.2:
+        checksum = None  # sent straight from memory: unchecked
     return Pages(indices=np.asarray(idx, dtype=np.uint32), zeros=np.asarray(zeros, dtype=np.uint32),
-                 payload=payload, compressed=c, checksum=xxhash.xxh3_64_intdigest(raw))
+                 payload=payload, compressed=c, checksum=checksum)
+
+
+def chunk_pages_batch(rng: random.Random, begin: Begin) -> Pages:
+    """A batch of whole chunks carrying their chunk digests (as a compressed full copy sends)."""
+    cp = begin.chunk_pages
+    nchunks = -(-begin.npages // cp)
+    first = rng.randrange(nchunks)
+    count = max(1, min(rng.randint(1, 2), nchunks - first, 1024 // cp))
+    idx = np.arange(first * cp, min((first + count) * cp, begin.npages), dtype=np.uint32)
+    raw = rng.randbytes(8) * (len(idx) * PAGE_SIZE // 8)
+    step = cp * PAGE_SIZE
+    cd = np.array([xxhash.xxh3_64_intdigest(raw[o:o + step]) for o in range(0, len(raw), step)], dtype=np.uint64)
+    return Pages(indices=idx, zeros=np.zeros(0, np.uint32), payload=raw, checksum=0, chunk_digests=cd)
 
 
 def transcript(rng: random.Random, begin: Begin, *, key: bytes | None) -> list[bytes]:
@@ -92,9 +109,16 @@ def transcript(rng: random.Random, begin: Begin, *, key: bytes | None) -> list[b
     evs: list[Any] = [Hello(PROTOCOL_VERSION, SOURCE_NONCE), Auth(mac=mac), begin]
     for _ in range(rng.randint(1, 6)):
         evs.append(random_pages(rng, npages, rng.random() < 0.4))
+    if rng.random() < 0.3 and begin.chunk_pages <= 1024:
+        evs.append(chunk_pages_batch(rng, begin))
     seq = 0
     if rng.random() < 0.5:
         evs.append(DigestRequest(seq=seq))
+        seq += 1
+    if rng.random() < 0.3:
+        nchunks = -(-begin.npages // begin.chunk_pages)
+        chunks = sorted(rng.sample(range(nchunks), min(nchunks, rng.randint(1, 4))))
+        evs.append(DigestRequest(seq=seq, pages_of=np.asarray(chunks, dtype=np.uint32)))
         seq += 1
     evs.append(Switchover())
     for _ in range(rng.randint(0, 2)):
@@ -286,7 +310,7 @@ def fuzz_decoder(seed: int, budget_frames: int, begin: Begin) -> Stats:
         corpus.extend(transcript(rng, begin, key=None)[3:])  # the copying-phase frames
     t0 = time.perf_counter()
     base = copying_dest(begin)
-    snapshot = (base.phase, base.begin, base._pending_requests)
+    snapshot = (base.phase, base.begin, tuple(base._expected_tables))
     while stats.frames < budget_frames:
         seqlen = rng.randint(1, 4)
         frames = [rng.choice(corpus) for _ in range(seqlen)]
@@ -302,9 +326,10 @@ def fuzz_decoder(seed: int, budget_frames: int, begin: Begin) -> Stats:
     return stats
 
 
-def _reset(conn: Connection, snapshot: tuple[Any, Any, int]) -> Connection:
+def _reset(conn: Connection, snapshot: tuple[Any, Any, tuple[int, ...]]) -> Connection:
     """Put a used connection back into the copying phase with an empty buffer."""
-    conn.phase, conn.begin, conn._pending_requests = snapshot
+    conn.phase, conn.begin = snapshot[0], snapshot[1]
+    conn._expected_tables = deque(snapshot[2])
     conn._start = conn._end = 0
     conn._eof = False
     conn._device_received = 0
@@ -348,6 +373,11 @@ class MemChannel(Channel):
 
     async def _write(self, data: Any) -> None:
         self.sent.append(memoryview(data).nbytes)
+
+    async def _write_all(self, bufs: list[Any]) -> int:
+        for b in bufs:
+            await self._write(b)
+        return sum(memoryview(b).nbytes for b in bufs)
 
     async def _read_into(self, buf: memoryview) -> int:
         n = min(len(buf), self.pieces[self.k % len(self.pieces)], len(self.data) - self.pos)
@@ -448,7 +478,7 @@ def dest_frames(rng: random.Random, begin: Begin) -> list[bytes]:
 
     nchunks = -(-begin.npages // begin.chunk_pages)
     evs: list[Any] = [
-        HelloAck(PROTOCOL_VERSION, DEST_NONCE, rng.randbytes(32)), AuthOk(), Ready(),
+        HelloAck(PROTOCOL_VERSION, DEST_NONCE, rng.randbytes(32)), AuthOk(), Ready(), Ready(existing=True),
         DigestTable(seq=rng.randrange(10), digests=np.frombuffer(rng.randbytes(nchunks * 8), dtype="<u8")),
         Committed(migration_id=begin.migration_id, resumed=True),
         Outcome(migration_id=begin.migration_id, committed=rng.random() < 0.5, known=True),
@@ -480,7 +510,7 @@ def fuzz_source_decoder(seed: int, budget_frames: int, begin: Begin) -> Stats:
         frames = [rng.choice(corpus) for _ in range(rng.randint(1, 3))]
         frames = [mutate_frame(rng, f, corpus) if rng.random() < 0.7 else f for f in frames]
         data = b"".join(frames)
-        _reset(src, (rng.choice(phases), begin, rng.randint(0, 2)))
+        _reset(src, (rng.choice(phases), begin, (nchunks,) * rng.randint(0, 2)))
         try:
             for piece in [p for p in (data[:len(data) // 2], data[len(data) // 2:]) if p] + [b""]:
                 src.receive_data(piece)

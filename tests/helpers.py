@@ -155,6 +155,7 @@ def freeze(ev: Any) -> Any:
             payload=bytes(ev.payload),
             compressed=ev.compressed,
             checksum=ev.checksum,
+            chunk_digests=None if ev.chunk_digests is None else np.array(ev.chunk_digests, copy=True),
         )
     if isinstance(ev, DigestTable):
         return DigestTable(seq=ev.seq, digests=np.array(ev.digests, copy=True))

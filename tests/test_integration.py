@@ -217,7 +217,11 @@ def test_sigterm_cancels_and_rolls_back(procs: Procs, shm: Path) -> None:
     s = procs.start("-m", "agents.source_main", "--to", dest.addr, "--memory", str(src), "--pid", str(g.pid),
                     "--downtime-ms", "0.5", "--max-rounds", "100000", "--report", str(report),
                     "--progress", "off", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    time.sleep(1.5)
+    # Signal once the migration is under way (the destination holds its partial
+    # region): a fixed sleep could land before the agent's handlers on a loaded machine.
+    wait_for(lambda: bool(list(dest.memory_dir.glob(".*.partial"))) or s.poll() is not None,
+             what="the migration to begin")
+    time.sleep(0.3)
     assert s.poll() is None, "migration ended before the signal"
     s.send_signal(signal.SIGTERM)
     assert s.wait(20) == 3

@@ -281,7 +281,8 @@ def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
 
 
 def test_prepare_reports_a_full_file_system_instead_of_sigbus(small_tmpfs: Path) -> None:
-    mem = GuestMemory.create(small_tmpfs / "big", 16 * 1024 * 1024, preallocate=False)
+    # Written through the mapping (as on hugetlbfs): the thread reserves ahead.
+    mem = GuestMemory.create(small_tmpfs / "big", 16 * 1024 * 1024, preallocate=False, pwrite=False)
     try:
         mem.start_prepare(chunk=1024 * 1024)
         mem.stop_populate(wait=True)  # joins the thread: it stops at the first failure
@@ -301,7 +302,7 @@ def test_create_with_preallocate_fails_cleanly_when_full(small_tmpfs: Path) -> N
 
 
 def test_prepare_reserves_everything_on_a_roomy_file_system(tmp_path: Path) -> None:
-    mem = GuestMemory.create(tmp_path / "r", 4 * 1024 * 1024, preallocate=False)
+    mem = GuestMemory.create(tmp_path / "r", 4 * 1024 * 1024, preallocate=False, pwrite=False)
     try:
         mem.start_prepare(chunk=1024 * 1024)
         mem.stop_populate(wait=True)
@@ -312,7 +313,7 @@ def test_prepare_reserves_everything_on_a_roomy_file_system(tmp_path: Path) -> N
 
 
 def test_skipped_chunks_are_reserved_on_demand_or_fail_cleanly(small_tmpfs: Path) -> None:
-    mem = GuestMemory.create(small_tmpfs / "sparse", 16 * 1024 * 1024, preallocate=False)
+    mem = GuestMemory.create(small_tmpfs / "sparse", 16 * 1024 * 1024, preallocate=False, pwrite=False)
     try:
         assert not mem.reserved_through(0)  # nothing may be written before preparing
         skip = np.ones(mem.npages, dtype=bool)
@@ -334,4 +335,74 @@ def test_skipped_chunks_are_reserved_on_demand_or_fail_cleanly(small_tmpfs: Path
         with pytest.raises(RegionError, match="cannot allocate page"):
             mem.reserve_skipped(np.array([3500], dtype=np.uint32))
     finally:
+        mem.close()
+
+
+def test_pwrite_region_needs_no_preparation_and_a_full_file_system_is_an_error(small_tmpfs: Path) -> None:
+    """Written with pwrite, a region is allocated page by page as it is written:
+    it stays sparse where nothing arrives, and a full file system is a
+    RegionError from the write (ENOSPC), never a SIGBUS."""
+    mem = GuestMemory.create(small_tmpfs / "big", 16 * 1024 * 1024, preallocate=False)
+    try:
+        mem.start_prepare(chunk=1024 * 1024)
+        assert mem.reserved == mem.size and mem.prepare_error is None  # nothing to wait for
+        mem.write_pages(np.arange(256, dtype=np.uint32), random_pages(256, seed=1))
+        used = os.statvfs(small_tmpfs)
+        assert (used.f_blocks - used.f_bfree) * used.f_frsize <= 2 * 1024 * 1024  # sparse elsewhere
+        with pytest.raises(RegionError, match="cannot write"):
+            for start in range(256, mem.npages, 256):
+                mem.write_pages(np.arange(start, start + 256, dtype=np.uint32), random_pages(256, seed=start))
+    finally:
+        mem.close()
+
+
+@pytest.mark.parametrize("pwrite", [True, False])
+def test_write_pages_runs_singles_and_allocated_mask(tmp_path: Path, pwrite: bool) -> None:
+    """Every mix of runs and lone pages lands where it should, through pwrite,
+    the mapping (lone pages the mask calls allocated), or both."""
+    npages = 300
+    mem = GuestMemory.create(tmp_path / "w", npages * PAGE_SIZE, preallocate=False, pwrite=pwrite)
+    ref = np.zeros((npages, PAGE_SIZE), dtype=np.uint8)
+    rng = np.random.default_rng(7)
+    try:
+        for trial in range(60):
+            if trial % 3 == 0:
+                a = int(rng.integers(0, npages - 1))
+                idx = np.arange(a, min(npages, a + int(rng.integers(1, 80))), dtype=np.uint32)
+            else:
+                idx = np.sort(rng.choice(npages, int(rng.integers(1, 40)), replace=False)).astype(np.uint32)
+            data = random_pages(len(idx), seed=trial)
+            allocated = rng.random(npages) < 0.5 if trial % 2 else None
+            mem.write_pages(idx, memoryview(data.tobytes()) if trial % 4 else data, allocated=allocated)
+            ref[idx] = data
+        assert (mem.pages == ref).all()
+        assert (np.fromfile(tmp_path / "w", dtype=np.uint8).reshape(npages, PAGE_SIZE) == ref).all()
+    finally:
+        mem.close()
+
+
+def test_chunk_tracker_takes_whole_chunks_from_received_bytes(tmp_path: Path) -> None:
+    """Digests taken from the batch's bytes (whole chunks, the short last one
+    included) or marked stale (partial chunks) always equal the region's."""
+    npages = 1000  # not a multiple of the chunk
+    mem = GuestMemory.create(tmp_path / "t", npages * PAGE_SIZE, preallocate=False)
+    pool = ThreadPoolExecutor(2)
+    tracker = ChunkTracker.zeroed(mem.view, 32, pool)
+    rng = np.random.default_rng(3)
+    try:
+        for trial in range(200):
+            if trial % 5 == 0:
+                idx = np.sort(rng.choice(npages, 10, replace=False)).astype(np.uint32)
+            else:
+                a = int(rng.integers(0, npages))
+                idx = np.arange(a, int(rng.integers(a + 1, min(npages, a + 300) + 1)), dtype=np.uint32)
+            data = random_pages(len(idx), seed=trial)
+            mem.write_pages(idx, data)
+            tracker.received(idx, data.reshape(-1).data.cast("B"))
+            if trial % 40 == 0:
+                assert (tracker.table() == chunk_digests(mem.view, 32 * PAGE_SIZE)).all(), trial
+        assert (tracker.table() == chunk_digests(mem.view, 32 * PAGE_SIZE)).all()
+    finally:
+        tracker.close()
+        pool.shutdown()
         mem.close()

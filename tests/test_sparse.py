@@ -111,20 +111,22 @@ async def test_sparse_region_stays_sparse_on_the_destination(work: Path, shm: Pa
     _sparse(path, npages, data_pages)
     mm = np.memmap(path, dtype=np.uint8, mode="r+", shape=(npages, PAGE_SIZE))
     calls = [0]
-    from precopy.digest import StagingBuffer
+    from precopy.source import SourceSession
+    from precopy.wire import Pages
 
-    orig = StagingBuffer.load
+    orig = SourceSession._send_event
 
-    def load(self: StagingBuffer, pages: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    async def send_event(self: SourceSession, ev: object) -> int:
         # After the holes were sent, the workload writes into one: that
         # page must be reserved on demand on the destination.
-        calls[0] += 1
-        if calls[0] == 1:
-            mm[15000] = 7
-        return orig(self, pages, indices)
+        if isinstance(ev, Pages) and len(ev.indices):
+            calls[0] += 1
+            if calls[0] == 1:
+                mm[15000] = 7
+        return await orig(self, ev)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(StagingBuffer, "load", load)
+        mp.setattr(SourceSession, "_send_event", send_event)
         async with serve(shm / "dest") as server:
             report = await migrate(server, path, FakeWorkload())
     assert report.outcome == "committed"

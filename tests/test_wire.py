@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from .helpers import (
     BEGIN,
+    CHUNK_PAGES,
     D,
     DEST_NONCE,
     HANDSHAKE,
@@ -524,8 +525,9 @@ INVALID: dict[str, tuple[Callable[[], Connection], bytes, str]] = {
                         "msgpack"),
     "meta-deep-nesting": (dest_copying, raw_frame(Kind.SWITCHOVER, b"\x91" * 5000 + b"\xc0"), "msgpack"),
     # -- missing fields and wrong types -----------------------------------
-    "pages-missing-h": (dest_copying, frame(Kind.PAGES, {"i": u32([1]), "z": b"", "c": 0}, ONE_PAGE),
-                        "lacks field 'h'"),
+    # (a raw batch may come unchecked: sent straight from memory, see test_unchecked_raw_batch)
+    "pages-lz4-missing-h": (dest_copying, frame(Kind.PAGES, {"i": u32([1]), "z": b"", "c": 1}, b"\x00" * 16),
+                            "compressed PAGES batch without a checksum"),
     "pages-missing-all": (dest_copying, frame(Kind.PAGES, {}, ONE_PAGE), "lacks field"),
     "pages-bytes-keys": (dest_copying, frame(Kind.PAGES, {b"i": u32([1]), b"z": b"", b"c": 0, b"h": 0},
                                              ONE_PAGE), "lacks field"),
@@ -1074,3 +1076,151 @@ def test_begin_whose_digest_table_would_not_fit_a_frame_is_rejected() -> None:
     pair.handshake()
     ok = Begin(migration_id="m2", name="big", size=(_MP // 8) * 32 * 4096, chunk_pages=32)
     assert len(feed(pair.dst, join(pair.src.send(ok)))) == 1
+
+
+# --------------------------------------------------------------------------
+# Chunk digests in place of the batch checksum
+
+
+def chunked(indices: list[int], *, digests: Any = None) -> tuple[Pages, dict[str, Any]]:
+    """A raw batch carrying the chunk digests of its bytes (``digests`` overrides them)."""
+    data = page_bytes(indices)
+    step = CHUNK_PAGES * PAGE_SIZE
+    cd = [xxhash.xxh3_64_intdigest(data[o:o + step]) for o in range(0, len(data), step)]
+    cd_bytes = np.array(cd if digests is None else digests, dtype="<u8").tobytes()
+    batch = Pages(indices=np.asarray(indices, np.uint32), zeros=np.zeros(0, np.uint32), payload=data,
+                  checksum=0, chunk_digests=np.frombuffer(cd_bytes, dtype="<u8"))
+    return batch, {"cd": cd_bytes}
+
+
+@pytest.mark.parametrize("indices", [
+    list(range(CHUNK_PAGES)),
+    list(range(3 * CHUNK_PAGES, 5 * CHUNK_PAGES)),
+    list(range(NPAGES - CHUNK_PAGES, NPAGES)),
+], ids=["first-chunk", "two-chunks", "last-chunk"])
+def test_whole_chunk_batches_carry_checked_chunk_digests(indices: list[int]) -> None:
+    batch, meta = chunked(indices)
+    ev = received(batch, meta)
+    assert ev.chunk_digests is not None and (ev.chunk_digests == batch.chunk_digests).all()
+    assert bytes(page_payload(ev, chunk_pages=CHUNK_PAGES)) == batch.payload
+    with pytest.raises(ValueError, match="chunk_pages"):
+        page_payload(ev)  # a receiver that forgot the chunk size must not skip the check
+
+
+def test_chunk_digests_round_trip_through_endpoints() -> None:
+    pair = Pair()
+    pair.start()
+    batch, _ = chunked(list(range(CHUNK_PAGES, 2 * CHUNK_PAGES)))
+    (ev,) = pair.send(Role.SOURCE, batch)
+    assert isinstance(ev, Pages) and ev.checksum == 0
+    assert ev.chunk_digests is not None and (ev.chunk_digests == batch.chunk_digests).all()
+    assert bytes(page_payload(ev, chunk_pages=CHUNK_PAGES)) == batch.payload
+
+
+def test_whole_chunks() -> None:
+    from precopy.wire import whole_chunks
+    a = np.arange
+    assert whole_chunks(a(0, 64, dtype=np.uint32), 32, 100) == (0, 2)
+    assert whole_chunks(a(96, 100, dtype=np.uint32), 32, 100) == (3, 4)  # the short last chunk
+    assert whole_chunks(a(32, 80, dtype=np.uint32), 32, 100) is None  # ends mid-chunk
+    assert whole_chunks(a(1, 33, dtype=np.uint32), 32, 100) is None  # starts mid-chunk
+    assert whole_chunks(np.array([0, 2] + list(range(3, 33)), dtype=np.uint32), 32, 100) is None  # a gap
+    assert whole_chunks(a(0, 0, dtype=np.uint32), 32, 100) is None
+
+
+def test_bad_chunk_digests_are_refused() -> None:
+    idx = list(range(CHUNK_PAGES))
+    batch, meta = chunked(idx)
+    flipped = bytearray(batch.payload)
+    flipped[4321] ^= 1
+    with pytest.raises(RemoteProtocolError, match="checksum mismatch") as info:
+        page_payload(received(batch, meta, bytes(flipped)), chunk_pages=CHUNK_PAGES)
+    assert info.value.code is AbortCode.PROTOCOL
+    wrong, wmeta = chunked(idx, digests=[12345])
+    with pytest.raises(RemoteProtocolError, match="checksum mismatch"):
+        page_payload(received(wrong, wmeta), chunk_pages=CHUNK_PAGES)
+    dst = dest_copying()
+    m = pages_meta(list(range(1, CHUNK_PAGES + 1)))
+    m["cd"] = bytes(8)
+    dst.receive_data(frame(Kind.PAGES, m, page_bytes(list(range(1, CHUNK_PAGES + 1)))))
+    with pytest.raises(RemoteProtocolError, match="not whole chunks"):
+        dst.next_event()
+    dst = dest_copying()
+    m = pages_meta(idx)
+    m["cd"] = bytes(16)
+    dst.receive_data(frame(Kind.PAGES, m, page_bytes(idx)))
+    with pytest.raises(RemoteProtocolError, match="2 chunk digests for 1 chunks"):
+        dst.next_event()
+
+
+# --------------------------------------------------------------------------
+# Pages sent straight from memory, and the destination's page digests
+
+
+def test_unchecked_raw_batch_is_accepted_as_is() -> None:
+    """A raw batch sent straight from memory carries no checksum: its bytes are
+    taken as they are (the destination's digests of them become the record)."""
+    data = page_bytes([5, 6])
+    batch = Pages(indices=np.array([5, 6], np.uint32), zeros=np.zeros(0, np.uint32), payload=data, checksum=None)
+    pair = Pair()
+    pair.start()
+    (ev,) = pair.send(Role.SOURCE, batch)
+    assert isinstance(ev, Pages) and ev.checksum is None and ev.chunk_digests is None
+    assert bytes(page_payload(ev)) == data
+
+
+def test_compressed_batch_must_be_checked_on_both_sides() -> None:
+    src = Pair()
+    src.start()
+    z = lz4_pages([4, 5])
+    bad = Pages(indices=z.indices, zeros=z.zeros, payload=z.payload, compressed=True, checksum=None)
+    with pytest.raises(LocalProtocolError, match="checksum"):
+        src.src.send(bad)
+
+
+def test_page_digest_request_round_trip_and_table_sizes() -> None:
+    """A request for the pages of some chunks is answered with one digest per page
+    (the region's short last chunk counted short); the table's size is checked
+    on both sides, and answers come in the order of the requests."""
+    pair = Pair()
+    pair.start()
+    chunks = np.array([0, 5, NCHUNKS - 1], dtype=np.uint32)
+    (req,) = pair.send(Role.SOURCE, DigestRequest(seq=1, pages_of=chunks))
+    assert isinstance(req, DigestRequest) and req.pages_of is not None and (req.pages_of == chunks).all()
+    (plain,) = pair.send(Role.SOURCE, DigestRequest(seq=2))
+    assert plain.pages_of is None
+    npages_asked = 3 * CHUNK_PAGES - (NCHUNKS * CHUNK_PAGES - NPAGES)
+    with pytest.raises(LocalProtocolError, match="answers a request"):
+        pair.dst.send(DigestTable(seq=1, digests=np.zeros(NCHUNKS, dtype=np.uint64)))  # the chunk table's size
+    (tab,) = pair.send(Role.DEST, DigestTable(seq=1, digests=np.arange(npages_asked, dtype=np.uint64)))
+    assert len(tab.digests) == npages_asked
+    (tab2,) = pair.send(Role.DEST, DigestTable(seq=2, digests=np.zeros(NCHUNKS, dtype=np.uint64)))
+    assert len(tab2.digests) == NCHUNKS
+
+
+def test_page_digest_table_of_the_wrong_size_is_refused_by_the_source() -> None:
+    pair = Pair()
+    pair.start()
+    pair.send(Role.SOURCE, DigestRequest(seq=1, pages_of=np.array([2], dtype=np.uint32)))
+    pair.dst._expected_tables[0] = NCHUNKS  # a destination that answers with the wrong table
+    data = join(pair.dst.send(DigestTable(seq=1, digests=np.zeros(NCHUNKS, dtype=np.uint64))))
+    pair.src.receive_data(data)
+    with pytest.raises(RemoteProtocolError, match=f"the {CHUNK_PAGES} digests asked for"):
+        pair.src.next_event()
+
+
+@pytest.mark.parametrize("chunks, match", [
+    ([], "pages of 0 chunks"),
+    ([3, 2], "not strictly increasing"),
+    ([1, 1], "not strictly increasing"),
+    ([NCHUNKS], f"names chunk {NCHUNKS}"),
+], ids=["empty", "decreasing", "repeated", "out-of-range"])
+def test_bad_page_digest_requests_are_refused(chunks: list[int], match: str) -> None:
+    dst = dest_copying()
+    dst.receive_data(frame(Kind.DIGEST_REQUEST, {"seq": 1, "final": False, "p": u32(chunks)}))
+    with pytest.raises(RemoteProtocolError, match=match):
+        dst.next_event()
+    pair = Pair()
+    pair.start()
+    with pytest.raises(LocalProtocolError, match=match):
+        pair.src.send(DigestRequest(seq=1, pages_of=np.asarray(chunks, dtype=np.uint32)))

@@ -20,10 +20,13 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 @pytest.mark.parametrize("compress", ["off", "lz4"])
 def test_flipped_page_byte_is_detected_and_never_lands(procs: Procs, shm, compress: str) -> None:  # type: ignore[no-untyped-def]
-    """A byte of a page batch flipped in flight: the batch checksum (or lz4) catches it;
-    the migration rolls back and nothing is left on the destination."""
+    """A byte of a checked page batch flipped in flight (a batch of dirty pages with
+    its checksum, or a compressed full-copy batch with its chunk digests or lz4):
+    the check catches it before the bytes are written; the migration rolls back and
+    nothing is left on the destination."""
     s = Setup(procs, shm)
-    fault = Fault(action="flip", kind=Kind.PAGES, nth=4, in_payload=True, offset=1234)
+    checked = (lambda m: "h" in m and len(m["i"]) >= 8) if compress == "off" else (lambda m: m.get("c") == 1 or "cd" in m)
+    fault = Fault(action="flip", kind=Kind.PAGES, where=checked, in_payload=True, offset=1234)
     with FaultProxy(("127.0.0.1", dport(s.dest)), [fault]) as proxy:
         s.start_source(proxy.addr, "--compress", compress)
         rc, rep, log = s.finish()
@@ -33,6 +36,23 @@ def test_flipped_page_byte_is_detected_and_never_lands(procs: Procs, shm, compre
     s.assert_runs_on_source()
     s.assert_no_partial()
     assert "checksum mismatch" in s.dest.log_text() or "lz4" in s.dest.log_text()
+
+
+def test_flipped_byte_of_a_page_sent_straight_from_memory_is_repaired(procs: Procs, shm) -> None:  # type: ignore[no-untyped-def]
+    """A full-copy batch sent straight from the workload's memory carries no
+    checksum (the source never saw the bytes the kernel copied): a byte flipped in
+    it lands in the partial region, and the next scan finds the chunk different,
+    asks the destination what it holds there and resends the page.  What commits
+    equals the paused source."""
+    s = Setup(procs, shm)
+    fault = Fault(action="flip", kind=Kind.PAGES, where=lambda m: "h" not in m and "cd" not in m, nth=4,
+                  in_payload=True, offset=1234)
+    with FaultProxy(("127.0.0.1", dport(s.dest)), [fault]) as proxy:
+        s.start_source(proxy.addr)
+        rc, rep, log = s.finish()
+    assert fault.fired.is_set()
+    assert rc == 0, s.diag()
+    s.assert_runs_on_destination()
 
 
 def test_flipped_meta_byte_is_a_protocol_error(procs: Procs, shm) -> None:  # type: ignore[no-untyped-def]
@@ -65,28 +85,48 @@ def test_flipped_device_state_is_refused_at_commit(procs: Procs, shm) -> None:  
     assert not (s.dest.memory_dir / "vm.mem.device-state").exists()
 
 
+def _misplace(frame: bytearray, meta_len: int) -> None:
+    """Change a batch's last page number into another valid, increasing one."""
+    meta = msgpack.unpackb(bytes(frame[PREFIX_SIZE:PREFIX_SIZE + meta_len]), raw=False)
+    idx = np.frombuffer(meta["i"], dtype="<u4").copy()
+    idx[-1] = 4095  # the region's last page: still < npages and increasing
+    meta["i"] = idx.tobytes()
+    packed = msgpack.packb(meta, use_bin_type=True)
+    assert len(packed) == meta_len
+    frame[PREFIX_SIZE:PREFIX_SIZE + meta_len] = packed
+
+
 def test_page_number_corrupted_within_limits_is_repaired(procs: Procs, shm) -> None:  # type: ignore[no-untyped-def]
-    """The worst corruption: a page number changed into another valid, increasing one,
-    so the frame passes every check and a page lands in the wrong place.  The chunk
-    comparison finds it and resends; the committed region equals the source."""
+    """The worst corruption: a page number of a batch of scattered (dirty) pages,
+    whose checksum covers the bytes but not the page numbers, changed into
+    another valid, increasing one, so the frame passes every check and a page
+    lands in the wrong place.  The chunk comparison finds it and resends; the
+    committed region equals the source."""
     s = Setup(procs, shm)
-
-    def misplace(frame: bytearray, meta_len: int) -> None:
-        meta = msgpack.unpackb(bytes(frame[PREFIX_SIZE:PREFIX_SIZE + meta_len]), raw=False)
-        idx = np.frombuffer(meta["i"], dtype="<u4").copy()
-        idx[-1] = 4095  # the region's last page: still < npages and increasing
-        meta["i"] = idx.tobytes()
-        packed = msgpack.packb(meta, use_bin_type=True)
-        assert len(packed) == meta_len
-        frame[PREFIX_SIZE:PREFIX_SIZE + meta_len] = packed
-
-    fault = Fault(action="mutate", kind=Kind.PAGES, nth=3, mutate=misplace)
+    fault = Fault(action="mutate", kind=Kind.PAGES, where=lambda m: "cd" not in m and len(m["i"]) >= 8,
+                  mutate=_misplace)
     with FaultProxy(("127.0.0.1", dport(s.dest)), [fault]) as proxy:
         s.start_source(proxy.addr)
         rc, rep, log = s.finish()
     assert fault.fired.is_set()
     assert rc == 0, s.diag()
     s.assert_runs_on_destination()
+
+
+def test_page_number_of_a_whole_chunk_batch_corrupted_is_refused(procs: Procs, shm) -> None:  # type: ignore[no-untyped-def]
+    """A compressed full-copy batch is whole chunks, checked by their digests: a page number
+    changed in it no longer describes whole chunks and is refused before a byte
+    is written; the migration rolls back and the guest keeps running."""
+    s = Setup(procs, shm)
+    fault = Fault(action="mutate", kind=Kind.PAGES, where=lambda m: "cd" in m, nth=3, mutate=_misplace)
+    with FaultProxy(("127.0.0.1", dport(s.dest)), [fault]) as proxy:
+        s.start_source(proxy.addr, "--compress", "lz4")  # a compressed full copy is staged, with chunk digests
+        rc, rep, log = s.finish()
+    assert fault.fired.is_set()
+    assert rc == 3, s.diag()
+    assert "whole chunks" in rep["error"], s.diag()  # type: ignore[index]
+    s.assert_runs_on_source()
+    s.assert_no_partial()
 
 
 def test_corrupted_digest_table_only_causes_a_resend(procs: Procs, shm) -> None:  # type: ignore[no-untyped-def]
