@@ -845,3 +845,93 @@ async def test_concurrent_migrations_of_different_regions(work: Path, dest_dir: 
         assert (dest_dir / f"{p.name}.device-state").read_bytes() == p.name.encode()
     assert len({r.migration_id for r in reports}) == 3
     del maps
+
+
+# --------------------------------------------------------------------------
+# Receiving into a region the destination already holds
+
+
+@pytest.mark.parametrize("old", ["stale", "same", "sparse"])
+async def test_existing_region_is_received_into_and_ends_byte_exact(work: Path, shm: Path, old: str) -> None:
+    """A region file already under the name, of the right size and unused, is taken
+    over: the migration writes into it (holes and zero pages included) and commits
+    exactly the source's memory."""
+    npages = 2048
+    src = work / "vm.mem"
+    mm = make_region(src, npages, seed=1)
+    dest = shm / "dest"
+    dest.mkdir()
+    target = dest / "vm.mem"
+    if old == "same":
+        target.write_bytes(src.read_bytes())
+    elif old == "stale":
+        make_region(target, npages, seed=99)
+    else:  # a sparse earlier copy: most pages are holes, the rest other data
+        with open(target, "wb") as f:
+            f.truncate(npages * PAGE_SIZE)
+            f.seek(100 * PAGE_SIZE)
+            f.write(bytes([9]) * 50 * PAGE_SIZE)
+    inode = os.stat(target).st_ino
+    async with serve(dest) as server:
+        writer = LiveWriter(mm)
+        try:
+            rep = await migrate(server, src, FakeWorkload(on_pause=writer.stop), downtime_ms=500)
+        finally:
+            await writer.stop()
+    assert rep.outcome == "committed" and rep.dest_region == "existing"
+    assert os.stat(target).st_ino == inode  # the same file, not a new one
+    assert target.read_bytes() == src.read_bytes()
+    assert rep.verify_repairs == 0
+    assert server.results[0].reused_region
+
+
+async def test_region_in_use_or_of_another_size_is_not_received_into(work: Path, shm: Path) -> None:
+    """A region some process maps (a workload resumed here earlier) keeps its memory;
+    one of another size is left alone too: both migrations get a new file."""
+    import mmap as _mmap
+
+    npages = 256
+    src = work / "vm.mem"
+    make_region(src, npages, seed=1)
+    dest = shm / "dest"
+    dest.mkdir()
+    target = dest / "vm.mem"
+    make_region(target, npages, seed=5)
+    before = target.read_bytes()
+    with open(target, "r+b") as f, _mmap.mmap(f.fileno(), 0) as held:
+        # This process maps it: users_of() skips its own pid, so map it in a child.
+        import subprocess
+        import sys
+        child = subprocess.Popen([sys.executable, "-c", "import mmap,sys,time\n"
+                                  f"f=open({str(target)!r},'r+b'); m=mmap.mmap(f.fileno(),0)\n"
+                                  "print('mapped', flush=True); time.sleep(60)"], stdout=subprocess.PIPE)
+        try:
+            assert child.stdout is not None and child.stdout.readline().strip() == b"mapped"
+            async with serve(dest) as server:
+                rep = await migrate(server, src, FakeWorkload())
+            assert rep.dest_region == "new"
+            assert bytes(held[:]) == before  # the running workload's memory was not touched
+        finally:
+            child.kill()
+            child.wait()
+    assert target.read_bytes() == src.read_bytes()  # the commit replaced the name
+    other = work / "other.mem"
+    make_region(other, npages * 2, seed=2)
+    (dest / "other.mem").write_bytes(bytes(PAGE_SIZE * npages))  # half the size
+    async with serve(dest) as server:
+        rep = await migrate(server, other, FakeWorkload())
+    assert rep.dest_region == "new" and (dest / "other.mem").read_bytes() == other.read_bytes()
+
+
+async def test_no_reuse_regions_always_creates_a_new_file(work: Path, shm: Path) -> None:
+    npages = 256
+    src = work / "vm.mem"
+    make_region(src, npages, seed=1)
+    dest = shm / "dest"
+    dest.mkdir()
+    make_region(dest / "vm.mem", npages, seed=3)
+    inode = os.stat(dest / "vm.mem").st_ino
+    async with serve(dest, reuse_regions=False) as server:
+        rep = await migrate(server, src, FakeWorkload())
+    assert rep.dest_region == "new" and os.stat(dest / "vm.mem").st_ino != inode
+    assert (dest / "vm.mem").read_bytes() == src.read_bytes()

@@ -37,6 +37,19 @@ def test_region_larger_than_free_space_names_both_sizes(tmp_path: Path) -> None:
     assert str(tmp_path) in str(err.value)
 
 
+
+def test_an_existing_region_needs_no_new_space(tmp_path: Path) -> None:
+    """Received into a region file the destination already holds, the region needs
+    no room beyond it: a repeat migration fits a directory without space for a copy."""
+    free = os.statvfs(tmp_path).f_bavail * os.statvfs(tmp_path).f_frsize
+    size = free + 64 * MiB
+    passed = preflight.check_destination(size=size, page_size=PAGE_SIZE, memory_dir=tmp_path, requires={},
+                                         have=size, mem_available_fn=lambda: None)
+    assert any("existing region" in p for p in passed)
+    with pytest.raises(RegionError, match="the region needs"):  # only part of it is held
+        preflight.check_destination(size=size, page_size=PAGE_SIZE, memory_dir=tmp_path, requires={},
+                                    have=32 * MiB, mem_available_fn=lambda: None)
+
 def test_region_larger_than_available_memory_on_tmpfs() -> None:
     shm = Path("/dev/shm")
     if preflight.fs_type(shm) != "tmpfs":
