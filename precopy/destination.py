@@ -620,7 +620,7 @@ class _DestMigration:
                     mem.reserve_skipped(ev.indices)
                 if len(ev.indices):
                     data = page_payload(ev, chunk_pages=self.begin.chunk_pages)
-                    mem.write_pages(ev.indices, data, allocated=written)
+                    mem.write_pages(ev.indices, data, allocated=written[ev.indices])
                     written[ev.indices] = True
                     tracker.received(ev.indices, data, ev.chunk_digests)
                 if z.size:

@@ -221,8 +221,9 @@ class GuestMemory:
         fault per 4 KiB page (~3-5 us each here, most of a first copy's
         cost), while ``pwrite`` copies into the page cache directly (~4 GB/s
         into touched pages).  A page on its own goes through the mapping when
-        ``allocated`` (a per-page mask) says it already has a block -- a
-        rewritten page then costs no syscall (~1 us against ~3) -- and with
+        ``allocated`` (a mask) says it already has a block -- a
+        rewritten page then costs no syscall (~1 us against ~3; ``allocated``
+        has one entry per entry of ``indices``) -- and with
         ``pwrite`` otherwise, which turns a full file system into an error
         instead of a SIGBUS.  File systems that cannot ``pwrite`` (hugetlbfs)
         use the mapping throughout (see :meth:`start_prepare`).  Raises
@@ -243,7 +244,7 @@ class GuestMemory:
         lengths = np.diff(starts, append=n)
         mapped = lengths == 1
         if allocated is not None:
-            mapped &= allocated[idx[starts]]
+            mapped &= np.asarray(allocated, dtype=bool)[starts]
         else:
             mapped[:] = False
         for i, length in zip(starts[~mapped].tolist(), lengths[~mapped].tolist()):

@@ -819,6 +819,10 @@ class Connection:
             raise RemoteProtocolError("PAGES batch names no page")
         if indices.size + zeros.size > MAX_BATCH_PAGES:
             raise RemoteProtocolError(f"PAGES batch exceeds {MAX_BATCH_PAGES} pages")
+        if indices.size and zeros.size:
+            both = np.intersect1d(indices, zeros, assume_unique=True)
+            if both.size:
+                raise RemoteProtocolError(f"PAGES batch names page {int(both[0])} both with data and as zero")
         compressed = _int_field(meta, "c", kind, 0, 1) == 1
         checksum = _int_field(meta, "h", kind, 0, (1 << 64) - 1) if "h" in meta else None
         if checksum is None and "cd" not in meta and compressed:

@@ -261,7 +261,7 @@ def copying_dest(begin: Begin) -> Connection:
     return dst
 
 
-def check_decoded(ev: Any, npages: int, stats: Stats) -> None:
+def check_decoded(ev: Any, npages: int, stats: Stats, chunk_pages: int = 0) -> None:
     """Invariants of anything the decoder lets through."""
     if isinstance(ev, Pages):
         for arr in (ev.indices, ev.zeros):
@@ -271,7 +271,7 @@ def check_decoded(ev: Any, npages: int, stats: Stats) -> None:
         assert 0 < len(ev.indices) + len(ev.zeros) <= MAX_BATCH_PAGES
         if not ev.compressed:
             assert memoryview(ev.payload).nbytes == len(ev.indices) * PAGE_SIZE
-        out = page_payload(ev)  # may raise RemoteProtocolError (checksum, inflate)
+        out = page_payload(ev, chunk_pages=chunk_pages)  # may raise RemoteProtocolError (checksum, inflate)
         assert out.nbytes == len(ev.indices) * PAGE_SIZE
         stats.pages_ok += 1
     elif isinstance(ev, DigestTable):
@@ -293,7 +293,7 @@ def feed_decoder(dst: Connection, data: bytes, split: int, npages: int, stats: S
                 stats.note(type(ev).__name__)
                 if isinstance(ev, Abort):
                     return
-                check_decoded(ev, npages, stats)
+                check_decoded(ev, npages, stats, dst.begin.chunk_pages if dst.begin else 0)
     except RemoteProtocolError as exc:
         assert type(exc) is RemoteProtocolError, repr(exc)
         assert exc.code is AbortCode.PROTOCOL
@@ -368,6 +368,7 @@ class MemChannel(Channel):
         self.k = 0
         self.sent: list[int] = []
         self.pages: list[Pages] = []
+        self.chunk_pages = 0
         self.device: list[bytes] = []
         self.error = ""
 
@@ -391,18 +392,22 @@ class MemChannel(Channel):
             if isinstance(ev, Pages):
                 self.pages.append(Pages(indices=ev.indices.copy(), zeros=ev.zeros.copy(),
                                         payload=bytes(ev.payload), compressed=ev.compressed,
-                                        checksum=ev.checksum))
+                                        checksum=ev.checksum,
+                                        chunk_digests=None if ev.chunk_digests is None else ev.chunk_digests.copy()))
+                assert self.conn.begin is not None
+                self.chunk_pages = self.conn.begin.chunk_pages
             elif isinstance(ev, DeviceState):
                 self.device.append(bytes(ev.data))
             yield ev
 
 
-def expected_region(npages: int, batches: list[Pages]) -> bytes:
+def expected_region(npages: int, batches: list[Pages], chunk_pages: int = 0) -> bytes:
     """What a destination that applied ``batches`` in order must hold."""
     model = np.zeros((npages, PAGE_SIZE), dtype=np.uint8)
     for b in batches:
         if len(b.indices):
-            model[b.indices] = np.frombuffer(page_payload(b), dtype=np.uint8).reshape(-1, PAGE_SIZE)
+            model[b.indices] = np.frombuffer(page_payload(b, chunk_pages=chunk_pages),
+                                             dtype=np.uint8).reshape(-1, PAGE_SIZE)
         if len(b.zeros):
             model[b.zeros] = 0
     return model.tobytes()
@@ -457,7 +462,8 @@ def check_after_session(server: Any, outcome: str, chan: MemChannel, begin_name_
         assert names == [rec.name], names
         data = final.read_bytes()
         assert len(data) == rec.size
-        assert data == expected_region(rec.size // PAGE_SIZE, chan.pages), "region differs from the batches sent"
+        assert data == expected_region(rec.size // PAGE_SIZE, chan.pages, chan.chunk_pages), \
+            "region differs from the batches sent"
         dev = server.opts.state_dir / f"{rec.name}.device-state"
         assert dev.read_bytes() == b"".join(chan.device)
         final.unlink()

@@ -372,7 +372,7 @@ def test_write_pages_runs_singles_and_allocated_mask(tmp_path: Path, pwrite: boo
             else:
                 idx = np.sort(rng.choice(npages, int(rng.integers(1, 40)), replace=False)).astype(np.uint32)
             data = random_pages(len(idx), seed=trial)
-            allocated = rng.random(npages) < 0.5 if trial % 2 else None
+            allocated = rng.random(len(idx)) < 0.5 if trial % 2 else None
             mem.write_pages(idx, memoryview(data.tobytes()) if trial % 4 else data, allocated=allocated)
             ref[idx] = data
         assert (mem.pages == ref).all()
