@@ -54,7 +54,7 @@ def test_smoke_matrix_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixt
         assert r["peak_rss_bytes"]["source"] > 0 and r["peak_rss_bytes"]["dest"] > 0
         assert r["guest"]["achieved_pps"] > 0
     table = (out / "table.md").read_text()
-    assert "| 16M | low | random | loopback | 300 ms | off | stop-and-copy | 1/1 (1) |" in table
+    assert "| 16M | low | random | loopback | 300 ms | off | stop-and-copy | digest | fresh | 1/1 (1) |" in table
     for name in ("rounds", "downtime_vs_rate", "total_vs_size", "expected_vs_measured"):
         png = out / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
