@@ -125,7 +125,9 @@ def summary(rep: MigrationReport) -> str:
     lines = [
         f"migration {rep.migration_id}: {rep.outcome}",
         f"  region      {human_bytes(rep.region_bytes)} ({rep.memory})"
-        + ("; the destination received it into its existing copy" if rep.dest_region == "existing" else ""),
+        + ("; the destination received it into its existing copy"
+           + (f", which already held {rep.pages_already_there} pages" if rep.pages_already_there else "")
+           if rep.dest_region == "existing" else ""),
         f"  total time  {rep.total_time_s:.3f} s in {len(rep.rounds)} rounds",
         f"  on the wire {human_bytes(rep.bytes_on_wire)} ({rep.bytes_on_wire / secs / 1e6:.0f} MB/s average),"
         f" {rep.pages_sent} pages sent, {rep.zero_pages} zero pages",

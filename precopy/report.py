@@ -60,6 +60,9 @@ class MigrationReport:
     #: destination already held under that name (a repeat migration, a
     #: pre-provisioned host).
     dest_region: str = "new"
+    #: Pages not sent in the full copy because that existing region already
+    #: held them (a repeat migration).
+    pages_already_there: int = 0
     bandwidth_bps: float = 0.0
     error: str | None = None
     reason: str | None = None
