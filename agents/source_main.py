@@ -148,9 +148,10 @@ def summary(rep: MigrationReport) -> str:
                      f"{', stop-and-copy' if rep.mode == 'stop-and-copy' else ''})")
     lines.append(f"  tracking    {rep.tracking} ({rep.tracking_reason})")
     if rep.max_throttle_pct:
+        # (A round cut short by a failure is not in the report: maybe none is.)
         throttled = [r.round for r in rep.rounds if r.throttle_pct]
-        lines.append(f"  throttle    up to {rep.max_throttle_pct} % of the workload's time stopped, in "
-                     f"{len(throttled)} rounds ({throttled[0]}-{throttled[-1]})")
+        where = f", in {len(throttled)} rounds ({throttled[0]}-{throttled[-1]})" if throttled else ""
+        lines.append(f"  throttle    up to {rep.max_throttle_pct} % of the workload's time stopped{where}")
     lines.append(f"  verify      {rep.verify_repairs} pages repaired; device state {rep.device_state_bytes} bytes")
     if rep.phases_ms:
         lines.append("  downtime split (ms) " + ", ".join(f"{k} {v:.1f}" for k, v in rep.phases_ms.items()))

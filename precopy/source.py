@@ -247,6 +247,7 @@ class SourceSession:
         self.tracker: UffdTracker | None = None
         self.chunks: SourceChunks | None = None
         self._throttle_pct = 0  # the throttle in effect on the workload
+        self._recent_dirty: list[int] = []  # dirty pages found by the last rounds' scans
         self._pending = np.zeros(0, dtype=np.uint32)  # decided on, sent in the final pass
         self._dest_table = np.zeros(0, dtype=np.uint64)  # from the last verification
 
@@ -766,6 +767,7 @@ class SourceSession:
         assert self.mem is not None
         rounds_done = 0
         while True:
+            held = await self._hold_for_scan()
             t = time.monotonic()
             if self.tracker is not None:
                 scan = await self._track_scan(final=False)
@@ -786,7 +788,18 @@ class SourceSession:
             todo = np.union1d(dirty, odd).astype(np.uint32)
             # Switching over now leaves ``todo`` plus what the workload dirties
             # until it is paused (about one scan's time) for the pause.
-            expected = self._expected(len(todo) + int(self.dirty_rate.pages_per_second * self._last_scan_s))
+            later = int(self.dirty_rate.pages_per_second * self._last_scan_s)
+            self._recent_dirty = [*self._recent_dirty[-3:], len(dirty)]
+            dirtied = len(dirty)
+            ran_since = getattr(self.workload, "ran_since", None)
+            if self._throttle_pct and ran_since is not None and ran_since(t):
+                # A throttled workload writes in bursts: the quiet scan of a
+                # stop phase says nothing of a run that came after it began.
+                # Count what its recent runs dirtied, so as not to pause on it.
+                stale = max(self._recent_dirty)
+                later = max(later, stale)
+                dirtied = min(self.mem.npages, dirtied + stale)
+            expected = self._expected(len(todo) + later)
             # For the floor rule and auto-converge: what a pause with nothing
             # left to send would cost (the part of the scan no dirty page
             # adds to: hashing every chunk, or the tracker's scan), and what
@@ -802,7 +815,7 @@ class SourceSession:
                        last.pages_sent + last.zero_pages)
             decision = self.policy.decide(
                 rounds_done=rounds_done, elapsed_s=time.monotonic() - self._t0, expected_s=expected,
-                floor_s=floor, scan_s=self._floor_scan_s, dirtied_pages=len(dirty),
+                floor_s=floor, scan_s=self._floor_scan_s, dirtied_pages=dirtied,
                 sent_pages=last.pages_sent + last.zero_pages, remaining_pages=len(todo),
             )
             if (decision.action is Action.SWITCHOVER and self.tracker is not None
@@ -817,7 +830,7 @@ class SourceSession:
                 decision = dataclasses.replace(decision, action=Action.CONTINUE,
                                                reason=decision.reason + "; one more tracked round first")
             if decision.action is Action.CONTINUE:
-                await self._throttle(decision.throttle_pct)
+                await self._throttle(decision.throttle_pct, release=held)
             throttled = f", throttle {self._throttle_pct} %" if self._throttle_pct else ""
             _log.info("round %d: %d dirty pages, %.1f MB/s%s, %s", rounds_done + 1, len(dirty),
                       self.link.bytes_per_second / 1e6, throttled, decision.reason)
@@ -847,16 +860,38 @@ class SourceSession:
 
     # -- throttling (auto-converge) -----------------------------------------
 
-    async def _throttle(self, pct: int) -> None:
+    async def _hold_for_scan(self) -> bool:
+        """At the highest throttle there is, keep the workload stopped from the scan to the decision.
+
+        At 99 % a workload that can dirty its whole region in one 10 ms run
+        converges only on a quiet scan that stays true until the pause; a
+        run between the two (likely when a round takes about the 1 s duty
+        cycle, e.g. on a slow link) would leave the pause all to send.  A
+        held workload is paused straight from the hold, or released (the
+        next :meth:`_throttle`) to go on.  Below 99 % a hold would stop the
+        workload beyond its ``--throttle-max``.  Returns whether it is held.
+        """
+        hold = getattr(self.workload, "hold", None)
+        if hold is None or self._throttle_pct < 99:
+            return False
+        try:
+            await hold()
+        except GuestControlError as exc:
+            _log.warning("could not hold the throttled workload for the scan: %s", exc)
+            return False
+        return True
+
+    async def _throttle(self, pct: int, *, release: bool = False) -> None:
         """Throttle the workload to ``pct`` % of its time stopped (0: not at all).
 
-        A workload without a ``throttle`` method, or one that refuses or
-        fails it (a guest answering not-ok), is not throttled: that is said
-        once and the migration goes on without.  The guardian is armed while
-        a throttle is on, so a crash of this process cannot leave the
-        workload stopped.
+        ``release``: it is held (:meth:`_hold_for_scan`): set the throttle
+        even if unchanged, which ends the hold.  A workload without a
+        ``throttle`` method, or one that refuses or fails it (a guest
+        answering not-ok), is not throttled: that is said once and the
+        migration goes on without.  The guardian is armed while a throttle
+        is on, so a crash of this process cannot leave the workload stopped.
         """
-        if pct == self._throttle_pct:
+        if pct == self._throttle_pct and not release:
             return
         throttle = getattr(self.workload, "throttle", None)
         if throttle is None:

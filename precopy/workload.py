@@ -120,10 +120,12 @@ class _DutyCycle:
 
     The thread runs the process for ``run_s``, stops it for ``run_s x f /
     (1 - f)``, and so on; it sleeps in between (no polling: SIGSTOP lands in
-    ~50 us).  Every signal is sent holding the lock, so :meth:`stop` is never
-    overtaken by one.  :meth:`stop` ends with the process continued (SIGCONT)
-    -- or, with ``hold``, stopped by a SIGSTOP of its own, for a pause to
-    take over without letting the process run in between.
+    ~50 us).  The state (stopped or running, since when) changes only under
+    the lock, signal and all, so no call is ever overtaken by a signal of
+    the thread.  :meth:`hold` keeps the process stopped until
+    :meth:`release`.  :meth:`stop` ends with the process continued
+    (SIGCONT) -- or, with ``keep_stopped``, stopped, for a pause to take
+    over without letting the process run in between.
     """
 
     def __init__(self, pid: int, fraction: float, run_s: float = THROTTLE_RUN_S) -> None:
@@ -131,9 +133,12 @@ class _DutyCycle:
         self.run_s = run_s
         self.error: str | None = None
         self._fraction = fraction
-        self._generation = 0  # bumped by a change: a stop phase in progress ends early
         self._stopping = False
-        self._hold = False
+        self._keep_stopped = False
+        self._held = False
+        self._stopped = False  # by this cycle, now
+        self._since = time.monotonic()  # the current phase began
+        self._last_run = self._since  # the process last ran (was running, or was continued)
         self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._loop, name=f"precopy-throttle-{pid}", daemon=True)
         _ACTIVE.add(self)
@@ -143,62 +148,85 @@ class _DutyCycle:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
-    def set(self, fraction: float) -> None:
+    @property
+    def fraction(self) -> float:
+        return self._fraction
+
+    def ran_since(self, t: float) -> bool:
+        """Whether the process may have run at or after monotonic time ``t``."""
         with self._cond:
-            self._fraction = fraction
-            self._generation += 1
+            return not self._stopped or self._last_run >= t
+
+    def set(self, fraction: float) -> None:
+        """A new fraction; a stop in progress is cut or lengthened to it.  Ends a hold."""
+        with self._cond:
+            self._fraction, self._held = fraction, False
             self._cond.notify_all()
 
-    def stop(self, *, hold: bool = False) -> None:
-        """End the cycle; the process runs afterwards, or with ``hold`` is left stopped.
+    def hold(self) -> None:
+        """Stop the process now (if it runs) and keep it stopped until :meth:`set` or :meth:`stop`.
 
-        ``hold`` raises :class:`ProcessLookupError` / :class:`PermissionError`
-        if the SIGSTOP cannot be sent; without it nothing is raised.
+        Raises OSError if it cannot be stopped (gone, not ours).
+        """
+        with self._cond:
+            self._held = True
+            if not self._stopped:
+                self._stop_now()
+            self._cond.notify_all()
+
+    def stop(self, *, keep_stopped: bool = False) -> None:
+        """End the cycle; the process runs afterwards, or with ``keep_stopped`` is left stopped.
+
+        ``keep_stopped`` raises OSError if the SIGSTOP cannot be sent; without
+        it nothing is raised.
         """
         try:
             with self._cond:
-                self._stopping, self._hold = True, hold
+                self._stopping, self._keep_stopped = True, keep_stopped
                 self._cond.notify_all()
-                if hold:
-                    os.kill(self.pid, signal.SIGSTOP)
+                if keep_stopped and not self._stopped:
+                    self._stop_now()
         finally:
             if self._thread is not threading.current_thread():
                 self._thread.join()
             _ACTIVE.discard(self)
-        if not hold:
+        if not keep_stopped:
             _cont(self.pid)
 
-    def _wait(self, seconds: float, generation: int | None = None) -> None:
-        """Sleep ``seconds``, less if told to stop (or, given ``generation``, of a change)."""
-        deadline = time.monotonic() + seconds
-        with self._cond:
-            while not self._stopping and (generation is None or generation == self._generation):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return
-                self._cond.wait(left)
+    def _stop_now(self) -> None:  # holding the lock
+        self._last_run = time.monotonic()
+        os.kill(self.pid, signal.SIGSTOP)
+        self._stopped, self._since = True, time.monotonic()
+
+    def _cont_now(self) -> None:  # holding the lock
+        os.kill(self.pid, signal.SIGCONT)
+        self._stopped, self._since = False, time.monotonic()
+        self._last_run = self._since
 
     def _loop(self) -> None:
         try:
-            while True:
-                self._wait(self.run_s)
-                with self._cond:
-                    if self._stopping:
-                        break
-                    fraction, generation = self._fraction, self._generation
-                    os.kill(self.pid, signal.SIGSTOP)
-                self._wait(self.run_s * fraction / (1.0 - fraction), generation)
-                with self._cond:
-                    if self._hold:
-                        break
-                    os.kill(self.pid, signal.SIGCONT)
+            with self._cond:
+                while not self._stopping:
+                    f = self._fraction
+                    if self._stopped:
+                        end = float("inf") if self._held else self._since + self.run_s * f / (1.0 - f)
+                    else:
+                        end = self._since + self.run_s
+                    left = end - time.monotonic()
+                    if left > 0:
+                        # Woken early by set / hold / stop: the phase's end is recomputed.
+                        self._cond.wait(None if left == float("inf") else left)
+                    elif self._stopped:
+                        self._cont_now()
+                    else:
+                        self._stop_now()
         except ProcessLookupError:
             self.error = f"process {self.pid} is gone"
         except OSError as exc:
             self.error = f"cannot signal process {self.pid}: {exc}"
         finally:
             with self._cond:
-                if not self._hold:
+                if not self._keep_stopped:
                     _cont(self.pid)
 
 
@@ -270,6 +298,30 @@ class SignalWorkload:
     def throttled(self) -> bool:
         return self._cycle is not None
 
+    def ran_since(self, t: float) -> bool:
+        """Whether the process may have run at or after monotonic time ``t`` (True unless throttled
+        and stopped by the duty cycle since before ``t``)."""
+        return self._cycle is None or self._cycle.ran_since(t)
+
+    async def hold(self) -> None:
+        """While throttled: stop the process now and keep it stopped until the next
+        :meth:`throttle`, :meth:`pause`, :meth:`resume` or :meth:`stop` (a no-op unthrottled).
+
+        Raises :class:`GuestControlError` if the process cannot be signalled.
+        """
+        cycle = self._cycle
+        if cycle is None:
+            return
+        try:
+            cycle.hold()
+        except ProcessLookupError:
+            raise GuestControlError(f"process {self.pid} is gone; cannot send SIGSTOP") from None
+        except PermissionError:
+            raise GuestControlError(f"not allowed to signal process {self.pid}") from None
+        if not await self._stopped():
+            cycle.set(cycle.fraction)  # release it: the cycle goes on
+            raise GuestControlError(f"process {self.pid} did not stop within {self.stop_timeout_s} s")
+
     def _end_throttle(self) -> None:
         cycle, self._cycle = self._cycle, None
         if cycle is not None:
@@ -286,13 +338,20 @@ class SignalWorkload:
         cycle, self._cycle = self._cycle, None
         if cycle is not None:
             try:
-                cycle.stop(hold=True)
+                cycle.stop(keep_stopped=True)
             except ProcessLookupError:
                 raise GuestControlError(f"process {self.pid} is gone; cannot send SIGSTOP") from None
             except PermissionError:
                 raise GuestControlError(f"not allowed to signal process {self.pid}") from None
         else:
             self._signal(signal.SIGSTOP)
+        if not await self._stopped():
+            self._signal(signal.SIGCONT)
+            raise GuestControlError(f"process {self.pid} did not stop within {self.stop_timeout_s} s")
+        return b""
+
+    async def _stopped(self) -> bool:
+        """Wait until a SIGSTOP sent took effect; False after ``stop_timeout_s``."""
         # SIGSTOP lands in ~50-70 us; poll with short sleeps (a tight loop
         # reading /proc can itself delay the stop on a 2-core machine).
         # The first polls sleep in place (sub-millisecond, this is downtime);
@@ -301,16 +360,13 @@ class SignalWorkload:
         delay = 20e-6
         while process_state(self.pid) not in ("T", "t"):
             if time.monotonic() > deadline:
-                self._signal(signal.SIGCONT)
-                raise GuestControlError(
-                    f"process {self.pid} did not stop within {self.stop_timeout_s} s"
-                )
+                return False
             if delay < 1e-3:
                 time.sleep(delay)
                 delay *= 2
             else:
                 await asyncio.sleep(1e-3)
-        return b""
+        return True
 
     async def resume(self) -> None:
         self._end_throttle()

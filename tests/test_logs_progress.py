@@ -98,6 +98,8 @@ def test_summary_shows_a_throttle_only_when_there_was_one() -> None:
     assert "throttle" not in summary(rep)
     rep.max_throttle_pct = 30
     assert "throttle    up to 30 % of the workload's time stopped, in 2 rounds (2-3)" in summary(rep)
+    rep.rounds = rep.rounds[:2]  # cut short in the first throttled round
+    assert "throttle    up to 30 % of the workload's time stopped\n" in summary(rep)
 
 
 def test_a_log_line_erases_the_progress_line_first(restore_logging: None) -> None:

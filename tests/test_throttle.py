@@ -117,6 +117,28 @@ async def test_pause_takes_over_from_the_throttle(child: subprocess.Popen[bytes]
     assert never_stopped(child.pid)
 
 
+async def test_hold_keeps_it_stopped_until_the_next_call(child: subprocess.Popen[bytes]) -> None:
+    w = SignalWorkload(child.pid)
+    await w.hold()  # unthrottled: nothing to hold
+    assert never_stopped(child.pid, 0.1) and w.ran_since(time.monotonic())
+    await w.throttle(0.2)
+    await w.hold()
+    t = time.monotonic()
+    assert stopped_share(child.pid, 0.3) == 1.0  # 20 % would have run it most of that time
+    assert not w.ran_since(t)
+    await w.throttle(0.2)  # releases the hold: the cycle goes on
+    assert 0.0 < stopped_share(child.pid, 0.5) < 0.6
+    assert w.ran_since(t)
+    await w.hold()
+    assert await w.pause() == b""  # the pause takes over the hold
+    assert stopped_share(child.pid, 0.2) == 1.0
+    await w.resume()
+    await w.throttle(0.5)
+    await w.hold()
+    await w.throttle(0.0)  # ending the throttle ends a hold: running
+    assert never_stopped(child.pid)
+
+
 async def test_throttling_a_process_that_is_gone(child: subprocess.Popen[bytes]) -> None:
     w = SignalWorkload(child.pid)
     await w.throttle(0.5)
@@ -202,6 +224,11 @@ class ThrottledWorkload(FakeWorkload):
             raise GuestControlError("guest refused 'throttle': {'ok': False, 'error': 'unknown op'}")
 
 
+class HoldingWorkload(ThrottledWorkload):
+    async def hold(self) -> None:
+        self.calls.append("hold")
+
+
 def script(monkeypatch: pytest.MonkeyPatch, *steps: tuple[Action, int]) -> None:
     """Make every policy decide from ``steps`` (the last repeats), throttle 0 once throttling is off."""
     it = iter(steps)
@@ -232,6 +259,68 @@ async def test_switchover_pauses_straight_from_the_throttle(
     assert rep.max_throttle_pct == 30
     assert rep.to_dict()["rounds"][1]["throttle_pct"] == 20
     assert (dest_dir / "t.mem").read_bytes() == src.read_bytes()
+
+
+async def test_at_99_percent_the_workload_is_held_from_each_scan_to_its_decision(
+        work: Path, dest_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src = work / "t.mem"
+    make_region(src, 256)
+    script(monkeypatch, (Action.CONTINUE, 90), (Action.CONTINUE, 99), (Action.CONTINUE, 99),
+           (Action.SWITCHOVER, 99))
+    wl = HoldingWorkload()
+    async with serve(dest_dir) as server:
+        rep = await precopy.source.migrate(options(server, src), wl)
+    assert rep.outcome == "committed"
+    # Held for the scans after 99 % was reached; released by setting the throttle again
+    # (even unchanged); the last hold is taken over by the pause.
+    assert wl.calls == ["throttle 0.9", "throttle 0.99", "hold", "throttle 0.99", "hold", "pause"]
+
+
+@pytest.mark.parametrize("ran", [True, False])
+async def test_a_scan_the_throttled_workload_ran_after_is_not_trusted(
+        work: Path, dest_dir: Path, monkeypatch: pytest.MonkeyPatch, ran: bool) -> None:
+    """A throttled workload writes in bursts: when it ran after a scan began, the
+    decision counts what its recent runs dirtied, on top of what the scan found."""
+    src = work / "t.mem"
+    mm = make_region(src, 256)
+    seen: list[dict[str, Any]] = []
+    steps = iter([(Action.CONTINUE, 20), (Action.CONTINUE, 20), (Action.SWITCHOVER, 20)])
+
+    def decide(self: SwitchoverPolicy, **kw: Any) -> Decision:
+        seen.append(kw)
+        action, pct = next(steps)
+        return Decision(action, 0.001, "scripted", pct)
+
+    monkeypatch.setattr(SwitchoverPolicy, "decide", decide)
+
+    class Bursty(ThrottledWorkload):
+        async def throttle(self, fraction: float) -> None:
+            await super().throttle(fraction)
+            mm[:100] = np.random.default_rng(len(self.calls)).integers(0, 256, (100, 4096), dtype=np.uint8)
+
+        def ran_since(self, t: float) -> bool:
+            return ran
+
+    pages: list[int] = []  # what each expected downtime was computed for
+    real = precopy.source.SourceSession._expected
+
+    def expected(self: Any, remaining: int, device_state_bytes: int = 0,
+                 final_scan_s: float | None = None) -> float:
+        if final_scan_s is None and not self.paused:
+            pages.append(remaining)
+        return real(self, remaining, device_state_bytes, final_scan_s)
+
+    monkeypatch.setattr(precopy.source.SourceSession, "_expected", expected)
+    async with serve(dest_dir) as server:
+        rep = await precopy.source.migrate(options(server, src), Bursty())
+    assert rep.outcome == "committed"
+    # Round 1 (unthrottled so far) found nothing; round 2 the burst of the first throttle
+    # call; round 3 nothing new: but the workload ran after that scan began.
+    assert [kw["remaining_pages"] for kw in seen] == [0, 100, 0]
+    assert [kw["dirtied_pages"] for kw in seen] == ([0, 200, 100] if ran else [0, 100, 0])
+    # Besides what it found, a switchover sends what the workload dirties until the
+    # pause: a scan's worth at the dirty rate (under 100 pages here), or its recent burst.
+    assert (pages[2] >= 100) is ran, pages
 
 
 async def test_a_failure_while_throttled_ends_the_throttle_and_rolls_back(
