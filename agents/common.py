@@ -123,8 +123,10 @@ class ProgressLine:
         if not self.enabled:
             return
         now = time.monotonic()
+        # At most ten redraws a second, but never skip the line that ends a
+        # phase (a quick full copy's 100 % would otherwise be lost).
         if now - self._last < 0.1 and p.pages_done < p.pages_todo:
-            return  # at most ten redraws a second, but the end of a phase is always shown
+            return
         self._last = now
         pct = 100.0 * p.pages_done / p.pages_todo if p.pages_todo else 100.0
         parts = [
@@ -136,6 +138,8 @@ class ProgressLine:
         ]
         if p.round:
             parts.append(f"dirty {p.dirty_pages} pages ({p.dirty_rate_pps:.0f}/s)")
+        if getattr(p, "throttle_pct", 0):
+            parts.append(f"throttle {p.throttle_pct}%")
         if p.expected_downtime_ms is not None:
             parts.append(f"expected downtime {p.expected_downtime_ms:.0f} ms")
         if p.eta_s is not None and p.pages_done < p.pages_todo:

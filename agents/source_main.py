@@ -69,6 +69,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="time before giving up on convergence (default 600; 0 = unbounded)")
     p.add_argument("--on-nonconvergence", choices=["abort", "force"], default="abort",
                    help="abort: roll back, exit 3; force: switch over anyway (default abort)")
+    p.add_argument("--throttle", choices=["auto", "off"], default="auto",
+                   help="auto-converge: when the dirty set will not shrink (two rounds in a row dirtying "
+                        "more than half of what they sent, the downtime over budget), keep the workload "
+                        "stopped part of the time (SIGSTOP/SIGCONT duty cycle with --pid, the guest's "
+                        "throttle op with --guest-control; a QEMU VM is not throttled); off: never "
+                        "(default auto)")
+    p.add_argument("--throttle-initial", type=int, default=20, metavar="PCT",
+                   help="first throttle, percent of the workload's time stopped (default 20)")
+    p.add_argument("--throttle-step", type=int, default=10, metavar="PCT",
+                   help="added at each further trigger (default 10)")
+    p.add_argument("--throttle-max", type=int, default=99, metavar="PCT",
+                   help="the highest throttle, at most 99 (default 99)")
     p.add_argument("--mode", choices=["precopy", "stop-and-copy"], default="precopy",
                    help="precopy: copy while the workload runs, pause only for the rest; stop-and-copy: pause "
                         "first and copy everything while paused (the baseline Quick Migration and CRIU use) "
@@ -138,6 +150,11 @@ def summary(rep: MigrationReport) -> str:
         lines.append(f"  downtime    {rep.downtime_ms:.1f} ms ({expected}budget {rep.downtime_budget_ms:.0f} ms"
                      f"{', stop-and-copy' if rep.mode == 'stop-and-copy' else ''})")
     lines.append(f"  tracking    {rep.tracking} ({rep.tracking_reason})")
+    if rep.max_throttle_pct:
+        # (A round cut short by a failure is not in the report: maybe none is.)
+        throttled = [r.round for r in rep.rounds if r.throttle_pct]
+        where = f", in {len(throttled)} rounds ({throttled[0]}-{throttled[-1]})" if throttled else ""
+        lines.append(f"  throttle    up to {rep.max_throttle_pct} % of the workload's time stopped{where}")
     lines.append(f"  verify      {rep.verify_repairs} pages repaired; device state {rep.device_state_bytes} bytes")
     if rep.phases_ms:
         lines.append("  downtime split (ms) " + ", ".join(f"{k} {v:.1f}" for k, v in rep.phases_ms.items()))
@@ -220,7 +237,8 @@ def make_migration(args: argparse.Namespace) -> tuple[SourceOptions, Workload]:
         io_timeout_s=args.io_timeout, outcome_retries=args.outcome_retries, guardian=True,
         tls_files={k: str(v) if v else None for k, v in
                    (("ca", args.tls_ca), ("cert", args.tls_cert), ("key", args.tls_key))},
-        tracking=args.tracking,
+        tracking=args.tracking, throttle=args.throttle, throttle_initial_pct=args.throttle_initial,
+        throttle_step_pct=args.throttle_step, throttle_max_pct=args.throttle_max,
     )
     if not args.memory.exists():
         raise PrecopyError(f"memory region {args.memory} does not exist")

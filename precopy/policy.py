@@ -12,10 +12,26 @@ Expected downtime (DESIGN "Switchover")::
 
 Switch over when that is within the budget, as QEMU does
 (remaining < bandwidth x downtime-limit).
+
+When the dirty set will not shrink, :meth:`SwitchoverPolicy.decide` also
+says how hard to throttle the workload (auto-converge, QEMU's semantics):
+a round is *not converging* when the pages dirtied during it exceed half
+the pages sent in it and the expected downtime's trend does not reach the
+budget within a couple of rounds; two such rounds in a row throttle the
+workload to 20 %, and every further two add 10 %, up to 99 %.  The
+throttle never steps down before the switchover, and a migration that
+would converge without it is never throttled.
+
+The *downtime floor* is the expected downtime with nothing left to send
+(final scan, verification, device state, fixed overhead).  When it alone
+is over the budget in two rounds in a row, more rounds (or throttling)
+cannot reach the budget: abort at once, or, with ``force``, switch over as
+soon as the dirty set stops shrinking.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -27,8 +43,12 @@ __all__ = [
     "LinkEstimator",
     "DirtyRateEstimator",
     "SwitchoverPolicy",
+    "THROTTLE_MODES",
+    "check_throttle",
     "expected_downtime",
 ]
+
+THROTTLE_MODES = ("auto", "off")
 
 
 class Action(Enum):
@@ -43,6 +63,10 @@ class Decision:
     action: Action
     expected_downtime_s: float
     reason: str
+    #: How hard the workload should be throttled from now on, in percent of
+    #: its time stopped (0: not at all).  Meaningful with CONTINUE; the
+    #: session ends any throttle before it switches over or rolls back.
+    throttle_pct: int = 0
 
 
 @dataclass
@@ -108,6 +132,17 @@ def expected_downtime(
     return wire / max(bandwidth_bps, 1.0) + final_scan_s + overhead_s
 
 
+def check_throttle(mode: str, initial_pct: int, step_pct: int, max_pct: int) -> None:
+    """Raise ValueError, saying what is wrong, unless these are valid throttle settings."""
+    if mode not in THROTTLE_MODES:
+        raise ValueError(f"throttle must be auto or off, not {mode!r}")
+    if not 1 <= initial_pct <= max_pct <= 99:
+        raise ValueError("throttle percentages must satisfy 1 <= initial <= max <= 99 "
+                         f"(got initial {initial_pct}, max {max_pct})")
+    if not 0 <= step_pct <= 99:
+        raise ValueError(f"throttle step must be 0..99, not {step_pct}")
+
+
 @dataclass
 class SwitchoverPolicy:
     """The stop rule, and what to do when the dirty set will not shrink.
@@ -116,13 +151,40 @@ class SwitchoverPolicy:
     over anyway; the report shows the overshoot).  ``max_rounds`` counts
     rounds after the first full copy; ``max_time_s`` bounds the time spent
     iterating (None: unbounded).
+
+    ``throttle`` is ``"auto"`` (auto-converge, see the module docstring:
+    start at ``throttle_initial_pct``, add ``throttle_step_pct`` per further
+    trigger, at most ``throttle_max_pct``) or ``"off"``.  A trigger is
+    ``throttle_checks`` non-converging rounds in a row, a round being
+    non-converging when it dirtied more than ``throttle_threshold`` times the
+    pages it sent and the trend of the expected downtime does not reach the
+    budget within ``converge_rounds`` rounds (and the rounds left).  ``tracked``: dirty pages come
+    from kernel write tracking (only changes the advice when floor-bound).
+
+    The policy keeps state between calls (history, the throttle, counters):
+    one instance per migration.
     """
 
     downtime_s: float = 0.3
     max_rounds: int = 30
     max_time_s: float | None = 600.0
     on_nonconvergence: str = "abort"
+    throttle: str = "auto"
+    throttle_initial_pct: int = 20
+    throttle_step_pct: int = 10
+    throttle_max_pct: int = 99
+    throttle_threshold: float = 0.5
+    throttle_checks: int = 2
+    converge_rounds: float = 5.0
+    floor_rounds: int = 2
+    tracked: bool = False
     history: list[float] = field(default_factory=list)
+    #: The throttle the last decision asked for (percent).
+    throttle_pct: int = field(default=0, init=False)
+    _high: int = field(default=0, init=False, repr=False)  # non-converging rounds in a row
+    _floor_strikes: int = field(default=0, init=False, repr=False)
+    _prev_excess: float | None = field(default=None, init=False, repr=False)
+    _min_remaining: int | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.on_nonconvergence not in ("abort", "force"):
@@ -131,26 +193,119 @@ class SwitchoverPolicy:
             raise ValueError("downtime budget must be positive")
         if self.max_rounds < 0:
             raise ValueError("max_rounds must be >= 0")
+        check_throttle(self.throttle, self.throttle_initial_pct, self.throttle_step_pct, self.throttle_max_pct)
+        if self.throttle_checks < 1 or self.floor_rounds < 1:
+            raise ValueError("throttle_checks and floor_rounds must be >= 1")
 
-    def decide(self, *, rounds_done: int, elapsed_s: float, expected_s: float) -> Decision:
+    def disable_throttle(self) -> None:
+        """The workload cannot be throttled: decide as with ``throttle="off"``."""
+        self.throttle = "off"
+        self.throttle_pct = 0
+        self._high = 0
+
+    def decide(self, *, rounds_done: int, elapsed_s: float, expected_s: float,
+               floor_s: float | None = None, scan_s: float | None = None,
+               dirtied_pages: int | None = None, sent_pages: int | None = None,
+               remaining_pages: int | None = None) -> Decision:
         """Decide after a scan.
 
         ``rounds_done``: iterative rounds completed after the full copy;
-        ``expected_s``: expected downtime if we paused now.
+        ``expected_s``: expected downtime if we paused now.  Optional, for
+        the floor rule and throttling: ``floor_s``, the expected downtime
+        with nothing left to send, and ``scan_s``, its final-scan part;
+        ``dirtied_pages``, pages dirtied since the previous scan, and
+        ``sent_pages``, pages sent meanwhile (by the previous round, or the
+        full copy); ``remaining_pages``, what a switchover now would send.
+        Without them, neither rule applies.  Returns the decision; raises
+        nothing.
         """
+        budget = self.downtime_s
         self.history.append(expected_s)
-        if expected_s <= self.downtime_s:
+        floor_over = floor_s is not None and floor_s > budget
+        self._floor_strikes = self._floor_strikes + 1 if floor_over else 0
+        # What more rounds can shrink: the expected downtime above the floor.
+        excess = expected_s - (floor_s or 0.0)
+        prev_excess, self._prev_excess = self._prev_excess, excess
+        prev_min = self._min_remaining
+        if remaining_pages is not None:
+            self._min_remaining = remaining_pages if prev_min is None else min(prev_min, remaining_pages)
+
+        if expected_s <= budget:
             return Decision(Action.SWITCHOVER, expected_s,
                             f"expected downtime {expected_s * 1e3:.1f} ms within the "
-                            f"{self.downtime_s * 1e3:.0f} ms budget")
+                            f"{budget * 1e3:.0f} ms budget", self.throttle_pct)
+
         over_rounds = rounds_done >= self.max_rounds
         over_time = self.max_time_s is not None and elapsed_s >= self.max_time_s
+        if floor_s is not None and self._floor_strikes >= self.floor_rounds:
+            # Throttling cannot lower the floor: never throttle a floor-bound migration.
+            self.throttle_pct, self._high = 0, 0
+            why = self._floor_reason(floor_s, scan_s)
+            if self.on_nonconvergence == "abort":
+                return Decision(Action.ABORT, expected_s, why + "; aborting")
+            # Force: switch over at the smallest dirty set this migration will
+            # see, i.e. as soon as it stops shrinking by a tenth per round.
+            shrinking = (remaining_pages is not None and prev_min is not None
+                         and remaining_pages < 0.9 * prev_min)
+            if shrinking and not (over_rounds or over_time):
+                return Decision(Action.CONTINUE, expected_s,
+                                why + f"; one more round while the dirty set shrinks "
+                                      f"({remaining_pages} pages, smallest before {prev_min})")
+            return Decision(Action.FORCE, expected_s, why + "; forcing switchover now")
+
         if over_rounds or over_time:
             bound = (f"{rounds_done} rounds" if over_rounds else f"{elapsed_s:.1f} s")
-            why = (f"did not converge after {bound}: expected downtime "
-                   f"{expected_s * 1e3:.1f} ms > budget {self.downtime_s * 1e3:.0f} ms")
+            throttled = f" (throttled at {self.throttle_pct} %)" if self.throttle_pct else ""
+            why = (f"did not converge after {bound}{throttled}: expected downtime "
+                   f"{expected_s * 1e3:.1f} ms > budget {budget * 1e3:.0f} ms")
             if self.on_nonconvergence == "force":
-                return Decision(Action.FORCE, expected_s, why + "; forcing switchover")
-            return Decision(Action.ABORT, expected_s, why + "; aborting")
+                return Decision(Action.FORCE, expected_s, why + "; forcing switchover", self.throttle_pct)
+            return Decision(Action.ABORT, expected_s, why + "; aborting", self.throttle_pct)
+
+        note = ""
+        if floor_over:
+            self._high = 0  # no throttle can help this round: not a check "in a row"
+        elif self.throttle == "auto" and dirtied_pages is not None and sent_pages is not None:
+            soon = min(self.converge_rounds, self.max_rounds - rounds_done)
+            note = self._auto_converge(dirtied_pages, sent_pages,
+                                       _rounds_to_reach(prev_excess, excess, budget - (floor_s or 0.0)) <= soon)
         return Decision(Action.CONTINUE, expected_s,
-                        f"expected downtime {expected_s * 1e3:.1f} ms over budget")
+                        f"expected downtime {expected_s * 1e3:.1f} ms over budget" + note, self.throttle_pct)
+
+    def _auto_converge(self, dirtied: int, sent: int, converging: bool) -> str:
+        """Count a non-converging round, step the throttle up on a trigger; a note for the reason."""
+        if converging or dirtied <= self.throttle_threshold * sent:
+            self._high = 0
+            return ""
+        self._high += 1
+        if self._high < self.throttle_checks:
+            return ""
+        self._high = 0
+        new = (self.throttle_initial_pct if not self.throttle_pct
+               else min(self.throttle_pct + self.throttle_step_pct, self.throttle_max_pct))
+        why = (f"; not converging ({dirtied} pages dirtied vs {sent} sent, "
+               f"{self.throttle_checks} rounds in a row)")
+        if new == self.throttle_pct:
+            return why + f": throttle stays at its maximum, {new} %"
+        self.throttle_pct = new
+        return why + f": throttling the workload to {new} %"
+
+    def _floor_reason(self, floor_s: float, scan_s: float | None) -> str:
+        budget_ms, floor_ms = self.downtime_s * 1e3, floor_s * 1e3
+        scan = (f"; the final scan alone takes ~{scan_s * 1e3:.0f} ms"
+                if scan_s is not None and not self.tracked else "")
+        advice = f"raise --downtime-ms to at least {math.ceil(floor_ms * 1.25)}"
+        if not self.tracked:
+            advice += ", or use a guest that offers kernel write tracking (--tracking uffd-wp)"
+        return (f"cannot converge: the downtime floor (a pause with nothing left to send: final "
+                f"scan, verification, fixed costs) is ~{floor_ms:.1f} ms, over the {budget_ms:.0f} ms "
+                f"budget in {self._floor_strikes} rounds in a row{scan}; more rounds cannot help: {advice}")
+
+
+def _rounds_to_reach(prev: float | None, now: float, target: float) -> float:
+    """Rounds until ``now`` falls to ``target`` at the ratio it fell since ``prev`` (inf: never)."""
+    if now <= target:
+        return 0.0
+    if prev is None or target <= 0 or not 0 < now < prev:
+        return math.inf
+    return math.log(target / now) / math.log(now / prev)

@@ -28,6 +28,8 @@ class RoundReport:
     bandwidth_bps: float = 0.0
     dirty_rate_pps: float = 0.0
     expected_downtime_ms: float | None = None
+    #: The workload's throttle during the round (percent of its time stopped).
+    throttle_pct: int = 0
 
 
 @dataclass
@@ -47,6 +49,8 @@ class MigrationReport:
     expected_downtime_ms: float | None = None
     downtime_overshoot_ms: float | None = None
     forced: bool = False
+    #: The highest throttle put on the workload (auto-converge), percent.
+    max_throttle_pct: int = 0
     rounds: list[RoundReport] = field(default_factory=list)
     bytes_on_wire: int = 0
     pages_sent: int = 0

@@ -26,6 +26,7 @@ reported pages, so the pause rehashes only what the last scan reported.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ssl
 import logging
 import time
@@ -54,13 +55,21 @@ from .guardian import ARMED, COMMIT, IDLE, Guardian
 from .errors import (
     AbortCode,
     AuthError,
+    GuestControlError,
     MigrationAborted,
     MigrationInDoubt,
     PrecopyError,
     RemoteProtocolError,
 )
 from .memory import GuestMemory, is_run
-from .policy import Action, Decision, DirtyRateEstimator, LinkEstimator, SwitchoverPolicy, expected_downtime
+from .policy import (
+    Action,
+    DirtyRateEstimator,
+    LinkEstimator,
+    SwitchoverPolicy,
+    check_throttle,
+    expected_downtime,
+)
 from .report import MigrationReport, RoundReport
 from .tracking import TRACKING_MODES, SourceChunks, TrackingUnavailable, UffdTracker, select_tracker
 from .wire import (
@@ -137,6 +146,14 @@ class SourceOptions:
     #: (the kernel, offered by the guest; docs/TRACKING.md) or ``auto``
     #: (uffd-wp when the guest offers it and the kernel supports it).
     tracking: str = "auto"
+    #: Auto-converge: throttle a workload whose dirty set will not shrink
+    #: (``auto``) or never (``off``); percentages of its time stopped: the
+    #: first throttle, the step per further trigger, the cap
+    #: (precopy.policy.SwitchoverPolicy).
+    throttle: str = "auto"
+    throttle_initial_pct: int = 20
+    throttle_step_pct: int = 10
+    throttle_max_pct: int = 99
 
     def __post_init__(self) -> None:
         self.memory = Path(self.memory)
@@ -158,6 +175,7 @@ class SourceOptions:
             raise ValueError("tracking uffd-wp needs mode precopy (stop-and-copy tracks nothing: it pauses first)")
         if self.on_commit not in ("keep-stopped", "kill"):
             raise ValueError(f"on_commit must be keep-stopped or kill, not {self.on_commit!r}")
+        check_throttle(self.throttle, self.throttle_initial_pct, self.throttle_step_pct, self.throttle_max_pct)
         if self.migration_id is None:
             self.migration_id = uuid.uuid4().hex
         if not valid_name(self.migration_id):
@@ -180,6 +198,8 @@ class Progress:
     eta_s: float | None = None
     #: Page bytes moved per second in this round (before compression).
     page_rate_bps: float = 0.0
+    #: How hard the workload is throttled (percent of its time stopped; 0: not).
+    throttle_pct: int = 0
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -220,6 +240,8 @@ class SourceSession:
         self.policy = SwitchoverPolicy(
             downtime_s=opts.downtime_ms / 1e3, max_rounds=opts.max_rounds,
             max_time_s=opts.max_time_s, on_nonconvergence=opts.on_nonconvergence,
+            throttle=opts.throttle, throttle_initial_pct=opts.throttle_initial_pct,
+            throttle_step_pct=opts.throttle_step_pct, throttle_max_pct=opts.throttle_max_pct,
         )
         self.link = LinkEstimator()
         self.dirty_rate = DirtyRateEstimator()
@@ -242,11 +264,14 @@ class SourceSession:
         self._rtt = 0.001
         self._last_scan_s = 0.0
         self._prev_scan_s = 0.0
+        self._floor_scan_s = float("inf")  # the fastest scan of the whole region so far
         self._hash_pool = ThreadPoolExecutor(2, thread_name_prefix="precopy-hash")
         self._outer_pool = ThreadPoolExecutor(1, thread_name_prefix="precopy-scan")
         self._guardian: Guardian | None = None
         self.tracker: UffdTracker | None = None
         self.chunks: SourceChunks | None = None
+        self._throttle_pct = 0  # the throttle in effect on the workload
+        self._recent_dirty: list[int] = []  # dirty pages found by the last rounds' scans
         self._pending = np.zeros(0, dtype=np.uint32)  # decided on, sent in the final pass
         self._dest_table = np.zeros(0, dtype=np.uint64)  # from the last verification
 
@@ -310,6 +335,8 @@ class SourceSession:
             err.report = self.report  # type: ignore[attr-defined]
             raise err from exc
         finally:
+            if self._throttle_pct:  # every exit path: never leave the workload throttled
+                await self._end_throttle()
             self.report.total_time_s = time.monotonic() - self._t0
             if self._reader is not None:
                 self._reader.cancel()
@@ -332,6 +359,7 @@ class SourceSession:
 
     async def _rollback(self, exc: BaseException) -> AbortCode:
         """Undo what can be undone; returns the abort code of the failure."""
+        await self._end_throttle()  # first: the workload must run again
         self.report.outcome = "aborted"
         self.report.error = self._describe(exc)
         code = exc.code if isinstance(exc, PrecopyError) else AbortCode.INTERNAL
@@ -629,6 +657,7 @@ class SourceSession:
             bandwidth_bps=self.link.bytes_per_second, dirty_rate_pps=self.dirty_rate.pages_per_second,
             expected_downtime_ms=(self.policy.history[-1] * 1e3 if self.policy.history else None),
             elapsed_s=now - self._t0, eta_s=left / rate if rate else None, page_rate_bps=rate,
+            throttle_pct=self._throttle_pct,
         ))
 
     async def _full_copy(self) -> None:
@@ -717,6 +746,7 @@ class SourceSession:
 
     def _set_tracking(self, reason: str) -> None:
         self.report.tracking = "digest" if self.tracker is None else self.tracker.name
+        self.policy.tracked = self.tracker is not None
         self.report.tracking_reason = reason
         # A guest that could have offered tracking and did not is worth a
         # warning; a SIGSTOP workload never can.
@@ -862,7 +892,8 @@ class SourceSession:
         ratio = self.compressor.ratio if self.compressor.active else 1.0
         return pages * PAGE_SIZE * ratio / max(self.link.bytes_per_second, 1.0) + self._last_scan_s
 
-    def _expected(self, remaining_pages: int, device_state_bytes: int = 0) -> float:
+    def _expected(self, remaining_pages: int, device_state_bytes: int = 0,
+                  final_scan_s: float | None = None) -> float:
         verify_s = 0.0
         if self.chunks is not None and self.chunks.table is not None:
             # Verification always runs with a tracker: one round trip and our
@@ -873,7 +904,7 @@ class SourceSession:
             bandwidth_bps=self.link.bytes_per_second,
             compress_ratio=self.compressor.ratio if self.compressor.active else 1.0,
             device_state_bytes=device_state_bytes,
-            final_scan_s=self._last_scan_s,
+            final_scan_s=self._last_scan_s if final_scan_s is None else final_scan_s,
             # A workload may declare what pausing and resuming it costs (a VMM's
             # device-state save and load).
             overhead_s=0.002 + 2 * self._rtt + float(getattr(self.workload, "switchover_cost_s", 0.0)),
@@ -888,6 +919,7 @@ class SourceSession:
         assert self.mem is not None
         rounds_done = 0
         while True:
+            held = await self._hold_for_scan()
             t = time.monotonic()
             if self.tracker is not None:
                 scan = await self._track_scan(final=False)
@@ -908,9 +940,35 @@ class SourceSession:
             todo = np.union1d(dirty, odd).astype(np.uint32)
             # Switching over now leaves ``todo`` plus what the workload dirties
             # until it is paused (about one scan's time) for the pause.
-            expected = self._expected(len(todo) + int(self.dirty_rate.pages_per_second * self._last_scan_s))
+            later = int(self.dirty_rate.pages_per_second * self._last_scan_s)
+            self._recent_dirty = [*self._recent_dirty[-3:], len(dirty)]
+            dirtied = len(dirty)
+            ran_since = getattr(self.workload, "ran_since", None)
+            if self._throttle_pct and ran_since is not None and ran_since(t):
+                # A throttled workload writes in bursts: the quiet scan of a
+                # stop phase says nothing of a run that came after it began.
+                # Count what its recent runs dirtied, so as not to pause on it.
+                stale = max(self._recent_dirty)
+                later = max(later, stale)
+                dirtied = min(self.mem.npages, dirtied + stale)
+            expected = self._expected(len(todo) + later)
+            # For the floor rule and auto-converge: what a pause with nothing
+            # left to send would cost (the part of the scan no dirty page
+            # adds to: hashing every chunk, or the tracker's scan), and what
+            # the previous round (or the full copy) sent while the workload
+            # dirtied ``dirty``.
+            # The fastest such scan so far: a live scan competes with the
+            # workload for the CPUs, the paused one does not.
+            self._floor_scan_s = min(self._floor_scan_s, scan.hash_s)
+            last = self.report.rounds[-1]
+            floor = self._expected(0, final_scan_s=self._floor_scan_s)
+            _log.debug("round %d: downtime floor %.1f ms (scan %.1f ms); %d pages dirtied while %d were sent",
+                       rounds_done + 1, floor * 1e3, self._floor_scan_s * 1e3, len(dirty),
+                       last.pages_sent + last.zero_pages)
             decision = self.policy.decide(
                 rounds_done=rounds_done, elapsed_s=time.monotonic() - self._t0, expected_s=expected,
+                floor_s=floor, scan_s=self._floor_scan_s, dirtied_pages=dirtied,
+                sent_pages=last.pages_sent + last.zero_pages, remaining_pages=len(todo),
             )
             if (decision.action is Action.SWITCHOVER and self.tracker is not None
                     and rounds_done + 1 < self.policy.max_rounds
@@ -921,9 +979,13 @@ class SourceSession:
                 # would at least halve it (the workload dirties ~rate x the next
                 # round's time meanwhile), do that rather than send it paused.
                 # The first round's set spans the full copy: never pause on it.
-                decision = Decision(Action.CONTINUE, expected, decision.reason + "; one more tracked round first")
-            _log.info("round %d: %d dirty pages, %.1f MB/s, %s", rounds_done + 1, len(dirty),
-                      self.link.bytes_per_second / 1e6, decision.reason)
+                decision = dataclasses.replace(decision, action=Action.CONTINUE,
+                                               reason=decision.reason + "; one more tracked round first")
+            if decision.action is Action.CONTINUE:
+                await self._throttle(decision.throttle_pct, release=held)
+            throttled = f", throttle {self._throttle_pct} %" if self._throttle_pct else ""
+            _log.info("round %d: %d dirty pages, %.1f MB/s%s, %s", rounds_done + 1, len(dirty),
+                      self.link.bytes_per_second / 1e6, throttled, decision.reason)
             if decision.action is Action.SWITCHOVER:
                 self._pending = todo
                 return expected, dest_table
@@ -941,12 +1003,94 @@ class SourceSession:
                               seconds=0.0, scan_seconds=scan_s,
                               detect_seconds=scan.hash_s if self.tracker is not None else est,
                               dirty_rate_pps=self.dirty_rate.pages_per_second,
-                              expected_downtime_ms=expected * 1e3)
+                              expected_downtime_ms=expected * 1e3, throttle_pct=self._throttle_pct)
             await self._send_pages(todo, rnd, "iterating")
             rnd.seconds = time.monotonic() - t
             rnd.bandwidth_bps = self.link.bytes_per_second
             self.report.rounds.append(rnd)
             self._emit("iterating", rounds_done, len(todo), len(todo), len(todo), t)
+
+    # -- throttling (auto-converge) -----------------------------------------
+
+    async def _hold_for_scan(self) -> bool:
+        """At the highest throttle there is, keep the workload stopped from the scan to the decision.
+
+        At 99 % a workload that can dirty its whole region in one 10 ms run
+        converges only on a quiet scan that stays true until the pause; a
+        run between the two (likely when a round takes about the 1 s duty
+        cycle, e.g. on a slow link) would leave the pause all to send.  A
+        held workload is paused straight from the hold, or released (the
+        next :meth:`_throttle`) to go on.  Below 99 % a hold would stop the
+        workload beyond its ``--throttle-max``.  Returns whether it is held.
+        """
+        hold = getattr(self.workload, "hold", None)
+        if hold is None or self._throttle_pct < 99:
+            return False
+        try:
+            await hold()
+        except GuestControlError as exc:
+            _log.warning("could not hold the throttled workload for the scan: %s", exc)
+            return False
+        return True
+
+    async def _throttle(self, pct: int, *, release: bool = False) -> None:
+        """Throttle the workload to ``pct`` % of its time stopped (0: not at all).
+
+        ``release``: it is held (:meth:`_hold_for_scan`): set the throttle
+        even if unchanged, which ends the hold.  A workload without a
+        ``throttle`` method, or one that refuses or fails it (a guest
+        answering not-ok), is not throttled: that is said once and the
+        migration goes on without.  The guardian is armed while a throttle
+        is on, so a crash of this process cannot leave the workload stopped.
+        """
+        if pct == self._throttle_pct and not release:
+            return
+        throttle = getattr(self.workload, "throttle", None)
+        if throttle is None:
+            self._no_throttle(f"{self.workload.describe()} cannot be throttled")
+            return
+        if pct and self._guardian is not None:
+            self._guardian.declare(ARMED)  # before the first stop: a crash from here on resumes it
+        try:
+            await throttle(pct / 100)
+        except GuestControlError as exc:
+            self._no_throttle(str(exc))
+            if self._throttle_pct or not str(exc).startswith("guest refused"):
+                # It may be throttled now (no answer, a broken one, or an
+                # earlier throttle on): end it as any throttle is ended.
+                self._throttle_pct = max(self._throttle_pct, 1)
+                await self._end_throttle()
+            elif self._guardian is not None and not self.paused:
+                self._guardian.declare(IDLE)  # an explicit refusal changed nothing
+            return
+        self._throttle_pct = pct
+        self.report.max_throttle_pct = max(self.report.max_throttle_pct, pct)
+        if not pct and self._guardian is not None and not self.paused:
+            self._guardian.declare(IDLE)
+
+    def _no_throttle(self, why: str) -> None:
+        if self.policy.throttle != "off":
+            _log.warning("throttling unavailable (%s): iterating without", why)
+            self.policy.disable_throttle()
+
+    async def _end_throttle(self) -> None:
+        """End any throttle: the workload runs at full speed again.
+
+        Never raises for the workload: a failure is logged (the guardian
+        stays armed; the resume of a rollback follows).
+        """
+        if not self._throttle_pct:
+            return
+        self._throttle_pct = 0
+        throttle = getattr(self.workload, "throttle", None)
+        try:
+            if throttle is not None:
+                await throttle(0.0)
+        except GuestControlError as exc:
+            _log.error("could not end the workload's throttle: %s", exc)
+            return  # the guardian stays armed
+        if self._guardian is not None and not self.paused:
+            self._guardian.declare(IDLE)
 
     # -- switchover -----------------------------------------------------
 
@@ -961,8 +1105,12 @@ class SourceSession:
         if self._guardian is not None:
             self._guardian.declare(ARMED)  # before the pause: a crash from here on resumes it
         t_pause = time.monotonic()
+        # The pause ends a throttle itself, stopping the workload straight
+        # from it: ending it first would let the workload run (and dirty
+        # pages inside the downtime) between its last stop and the pause.
         blob = await self.workload.pause()
         self.paused = True
+        self._throttle_pct = 0
         t = time.monotonic()
         phases["pause"] = (t - t_pause) * 1e3
         phases.update(getattr(self.workload, "phases_ms", {}))  # e.g. QEMU's stop and save

@@ -41,6 +41,32 @@ dry-run = true
     assert args.log_format == "auto"
 
 
+def test_throttle_options_from_toml_reach_the_engine(tmp_path: Path) -> None:
+    region = tmp_path / "g.mem"
+    region.write_bytes(b"\0" * 4096)
+    conf = _toml(tmp_path, f"""
+to = "10.0.0.2:7070"
+memory = "{region}"
+guest-control = "/run/g.sock"
+throttle = "off"
+throttle-initial = 30
+throttle_step = 5
+throttle-max = 80
+""")
+    args = parse_with_config(source_main.build_parser(), ["--config", str(conf), "--throttle-max", "90"])
+    opts, _ = source_main.make_migration(args)
+    assert (opts.throttle, opts.throttle_initial_pct, opts.throttle_step_pct, opts.throttle_max_pct) == \
+        ("off", 30, 5, 90)
+    defaults = parse_with_config(source_main.build_parser(), ["--to", "h:1", "--memory", str(region),
+                                                               "--guest-control", "/run/g.sock"])
+    opts, _ = source_main.make_migration(defaults)
+    assert (opts.throttle, opts.throttle_initial_pct, opts.throttle_step_pct, opts.throttle_max_pct) == \
+        ("auto", 20, 10, 99)
+    bad = parse_with_config(source_main.build_parser(), ["--config", str(conf), "--throttle-initial", "95"])
+    with pytest.raises(ValueError, match="initial <= max"):
+        source_main.make_migration(bad)
+
+
 def test_flags_added_to_a_parser_work_in_config_without_code(tmp_path: Path) -> None:
     p = source_main.build_parser()
     p.add_argument("--example-flag", choices=["one", "two"], default="one", help="(default one)")

@@ -449,6 +449,83 @@ def test_stale_socket_file_is_replaced(region: Path, tmp_path: Path, spawn: Spaw
     assert _wait_exit(proc)[0] == 0
 
 
+def _cpu_seconds(pid: int, window: float) -> float:
+    """CPU time ``pid`` used during the next ``window`` seconds (a resting loop uses none)."""
+    def ticks() -> int:
+        data = Path(f"/proc/{pid}/stat").read_bytes()
+        fields = data[data.rindex(b")") + 2:].split()
+        return int(fields[11]) + int(fields[12])  # utime + stime
+
+    start = ticks()
+    time.sleep(window)
+    return (ticks() - start) / os.sysconf("SC_CLK_TCK")
+
+
+def _throttle(control: Control, pct: object) -> dict[str, Any]:
+    return control.send_raw(json.dumps({"op": "throttle", "pct": pct}).encode() + b"\n")
+
+
+def test_throttle_op_makes_the_work_loop_rest(tmp_path: Path, spawn: Spawn) -> None:
+    """At 90 % the sweep (which otherwise uses a whole CPU) rests 90 ms in every 100:
+    its CPU time falls well below the unthrottled figure measured in the same run;
+    resume ends the throttle."""
+    path = tmp_path / "sweep.mem"
+    create_region(path, 4 * MiB, "zero", seed=0)
+    sock_path = tmp_path / "ctl.sock"
+    proc = spawn("dirty", "--memory", path, "--pattern", "sweep", "--control", sock_path)
+    control = Control(sock_path, proc)
+    full = _cpu_seconds(proc.pid, 1.0)
+    assert _throttle(control, 90) == {"ok": True}
+    slow = _cpu_seconds(proc.pid, 1.0)
+    digest = region_digest(path)
+    time.sleep(0.05)
+    assert region_digest(path) != digest  # resting, not stopped
+    assert control.request("resume") == {"ok": True}
+    again = _cpu_seconds(proc.pid, 1.0)
+    assert slow < 0.5 * full and slow < 0.5 * again, (full, slow, again)
+    # A pause while throttled stops the loop at once; resume runs it unthrottled.
+    assert _throttle(control, 95) == {"ok": True}
+    control.pause()
+    digest = region_digest(path)
+    time.sleep(0.2)
+    assert region_digest(path) == digest
+    assert control.request("resume") == {"ok": True}
+    assert _cpu_seconds(proc.pid, 1.0) > 2 * slow
+    control.request("stop")
+    assert _wait_exit(proc)[0] == 0
+
+
+def test_throttle_ends_when_its_connection_closes(tmp_path: Path, spawn: Spawn) -> None:
+    """An agent that dies (its connection closes) never leaves the guest throttled."""
+    path = tmp_path / "sweep.mem"
+    create_region(path, 4 * MiB, "zero", seed=0)
+    sock_path = tmp_path / "ctl.sock"
+    proc = spawn("dirty", "--memory", path, "--pattern", "sweep", "--control", sock_path)
+    control = Control(sock_path, proc)
+    assert _throttle(control, 95) == {"ok": True}
+    slow = _cpu_seconds(proc.pid, 1.0)
+    control.close()
+    again = Control(sock_path, proc)  # served once the first connection is gone
+    fast = _cpu_seconds(proc.pid, 1.0)
+    assert fast > 2 * slow, (slow, fast)
+    assert again.request("stop") == {"ok": True}
+    assert _wait_exit(proc)[0] == 0
+
+
+def test_bad_throttle_requests_get_error_replies(region: Path, tmp_path: Path, spawn: Spawn) -> None:
+    sock_path = tmp_path / "ctl.sock"
+    proc = spawn("dirty", "--memory", region, "--rate", 0, "--control", sock_path)
+    control = Control(sock_path, proc)
+    for pct in (100, -5, "50", True, None, [50]):
+        reply = _throttle(control, pct)
+        assert reply["ok"] is False and "throttle" in reply["error"], (pct, reply)
+    assert _throttle(control, 0) == {"ok": True}
+    assert _throttle(control, 99) == {"ok": True}
+    assert _throttle(control, 12.5) == {"ok": True}
+    assert control.request("stop") == {"ok": True}
+    assert _wait_exit(proc)[0] == 0
+
+
 # ---------------------------------------------------------------------------
 # det
 # ---------------------------------------------------------------------------

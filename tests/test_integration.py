@@ -209,22 +209,29 @@ def test_sigterm_cancels_and_rolls_back(procs: Procs, shm: Path) -> None:
     import signal
     import subprocess
 
+    from .faultproxy import FaultProxy
+
     src = shm / "vm.mem"
     create_region(src, "32M")
     dest = start_dest(procs, shm)
     g = procs.start(*guest("dirty", "--memory", str(src), "--pattern", "sweep"))
     report = shm / "r.json"
-    s = procs.start("-m", "agents.source_main", "--to", dest.addr, "--memory", str(src), "--pid", str(g.pid),
-                    "--downtime-ms", "0.5", "--max-rounds", "100000", "--report", str(report),
-                    "--progress", "off", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    # Signal once the migration is under way (the destination holds its partial
-    # region): a fixed sleep could land before the agent's handlers on a loaded machine.
-    wait_for(lambda: bool(list(dest.memory_dir.glob(".*.partial"))) or s.poll() is not None,
-             what="the migration to begin")
-    time.sleep(0.3)
-    assert s.poll() is None, "migration ended before the signal"
-    s.send_signal(signal.SIGTERM)
-    assert s.wait(20) == 3
+    # A migration that iterates until cancelled: unthrottled, a sweep re-dirties the whole
+    # region each round, which takes far longer than the budget on a 50 MB/s link, while
+    # the downtime floor stays under it (a budget under the floor would abort at once).
+    with FaultProxy(("127.0.0.1", int(dest.addr.rsplit(":", 1)[1])), rate_bps=50e6) as proxy:
+        s = procs.start("-m", "agents.source_main", "--to", proxy.addr, "--memory", str(src), "--pid",
+                        str(g.pid), "--downtime-ms", "100", "--throttle", "off", "--max-rounds", "100000",
+                        "--report", str(report), "--progress", "off",
+                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # Signal once the migration is under way (the destination holds its partial
+        # region): a fixed sleep could land before the agent's handlers on a loaded machine.
+        wait_for(lambda: bool(list(dest.memory_dir.glob(".*.partial"))) or s.poll() is not None,
+                 what="the migration to begin")
+        time.sleep(0.3)
+        assert s.poll() is None, "migration ended before the signal"
+        s.send_signal(signal.SIGTERM)
+        assert s.wait(20) == 3
     rep = json.loads(report.read_text())
     assert rep["outcome"] == "aborted" and "cancel" in rep["error"]
     assert proc_state(g.pid) != "T"

@@ -59,7 +59,7 @@ def test_text_on_a_terminal(monkeypatch: pytest.MonkeyPatch, restore_logging: No
 def _progress(**kw: object) -> SimpleNamespace:
     base = dict(phase="iterating", round=3, pages_done=500, pages_todo=1000, dirty_pages=1234,
                 bandwidth_bps=118e6, dirty_rate_pps=2000.0, expected_downtime_ms=42.0, elapsed_s=1.0,
-                eta_s=0.5, page_rate_bps=117e6)
+                eta_s=0.5, page_rate_bps=117e6, throttle_pct=0)
     base.update(kw)
     return SimpleNamespace(**base)
 
@@ -78,6 +78,28 @@ def test_progress_line_shows_round_dirty_rate_downtime_eta() -> None:
     quiet = io.StringIO()
     ProgressLine(stream=quiet, enabled=False)(_progress())
     assert quiet.getvalue() == ""
+
+
+def test_progress_line_shows_a_throttle_only_when_there_is_one() -> None:
+    for pct, shown in ((0, False), (40, True)):
+        buf = io.StringIO()
+        ProgressLine(stream=buf, enabled=True)(_progress(throttle_pct=pct))
+        assert ("throttle 40%" in buf.getvalue()) is shown, buf.getvalue()
+        assert "throttle" in buf.getvalue() or not shown
+
+
+def test_summary_shows_a_throttle_only_when_there_was_one() -> None:
+    from agents.source_main import summary
+    from precopy.report import MigrationReport, RoundReport
+
+    rep = MigrationReport(migration_id="m", outcome="committed", rounds=[
+        RoundReport(round=i, kind="iterative", pages_scanned=1, pages_dirty=1, pages_sent=1, zero_pages=0,
+                    bytes_on_wire=1, seconds=0.1, throttle_pct=pct) for i, pct in enumerate((0, 0, 20, 30, 0))])
+    assert "throttle" not in summary(rep)
+    rep.max_throttle_pct = 30
+    assert "throttle    up to 30 % of the workload's time stopped, in 2 rounds (2-3)" in summary(rep)
+    rep.rounds = rep.rounds[:2]  # cut short in the first throttled round
+    assert "throttle    up to 30 % of the workload's time stopped\n" in summary(rep)
 
 
 def test_a_log_line_erases_the_progress_line_first(restore_logging: None) -> None:

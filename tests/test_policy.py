@@ -245,3 +245,228 @@ def test_decision_rule(budget: float, expected: float, rounds: int, max_rounds: 
     else:
         assert d.action is (Action.FORCE if mode == "force" else Action.ABORT)
     assert d.expected_downtime_s == expected
+
+
+# --------------------------------------------------------------------------
+# Auto-converge (throttling) and the downtime floor
+
+
+def _round(pol: SwitchoverPolicy, expected: float, *, dirtied: int = 1000, sent: int = 1000,
+           floor: float = 0.01, rounds: int = 0, remaining: int | None = None) -> Decision:
+    """One decision of a migration whose dirty set does not shrink (by default)."""
+    return pol.decide(rounds_done=rounds, elapsed_s=0.0, expected_s=expected, floor_s=floor,
+                      scan_s=floor / 2, dirtied_pages=dirtied, sent_pages=sent,
+                      remaining_pages=dirtied if remaining is None else remaining)
+
+
+def test_decision_without_throttle_field_means_no_throttle() -> None:
+    assert Decision(Action.CONTINUE, 1.0, "x").throttle_pct == 0
+
+
+def test_throttle_starts_after_two_non_converging_rounds() -> None:
+    pol = SwitchoverPolicy(downtime_s=0.05)
+    first = _round(pol, 0.5, rounds=0)
+    assert first.action is Action.CONTINUE and first.throttle_pct == 0
+    second = _round(pol, 0.5, rounds=1)
+    assert second.action is Action.CONTINUE and second.throttle_pct == 20
+    assert "not converging" in second.reason and "1000 pages dirtied vs 1000 sent" in second.reason
+    assert "throttling the workload to 20 %" in second.reason
+    assert pol.throttle_pct == 20
+
+
+def test_throttle_steps_up_every_further_trigger_and_stops_at_the_cap() -> None:
+    pol = SwitchoverPolicy(downtime_s=0.05, max_rounds=100, throttle_initial_pct=20, throttle_step_pct=10,
+                           throttle_max_pct=45)
+    seen = [_round(pol, 0.5, rounds=r).throttle_pct for r in range(10)]
+    # QEMU: two non-converging periods per trigger, then the count starts again.
+    assert seen == [0, 20, 20, 30, 30, 40, 40, 45, 45, 45]
+    _round(pol, 0.5, rounds=10)
+    assert "stays at its maximum, 45 %" in _round(pol, 0.5, rounds=11).reason
+
+
+def test_throttle_defaults_are_qemus() -> None:
+    pol = SwitchoverPolicy(downtime_s=0.05, max_rounds=1000)
+    seen = {_round(pol, 0.5, rounds=r).throttle_pct for r in range(40)}
+    assert seen == {0, 20, 30, 40, 50, 60, 70, 80, 90, 99}
+
+
+def test_two_in_a_row_means_in_a_row() -> None:
+    pol = SwitchoverPolicy(downtime_s=0.05, max_rounds=100)
+    for r in range(6):  # not converging, then converging, alternately
+        d = _round(pol, 0.5, dirtied=1000 if r % 2 == 0 else 100, rounds=r)
+        assert d.throttle_pct == 0, r
+
+
+@pytest.mark.parametrize("dirtied", [0, 100, 500])  # at most half of what was sent
+def test_never_throttled_while_the_dirty_set_shrinks_by_half(dirtied: int) -> None:
+    pol = SwitchoverPolicy(downtime_s=0.05, max_rounds=100)
+    for r in range(10):
+        assert _round(pol, 0.5, dirtied=dirtied, sent=1000, rounds=r).throttle_pct == 0
+
+
+def test_never_throttled_within_budget() -> None:
+    pol = SwitchoverPolicy(downtime_s=0.05)
+    d = _round(pol, 0.04, dirtied=10_000, sent=1)
+    assert d.action is Action.SWITCHOVER and d.throttle_pct == 0
+
+
+def test_never_throttled_when_the_trend_reaches_the_budget_soon() -> None:
+    """More dirtied than half of what was sent, but the expected downtime falls fast enough:
+    at this ratio the budget is a few rounds away, so the migration converges without help."""
+    pol = SwitchoverPolicy(downtime_s=0.05, max_rounds=100)
+    floor = 0.01
+    for r, expected in enumerate((0.97, 0.394, 0.164, 0.071)):  # excess 0.96, then x 0.4 a round
+        d = _round(pol, expected, dirtied=900, sent=1000, floor=floor, rounds=r)
+        assert d.action is Action.CONTINUE and d.throttle_pct == 0, (r, d.reason)
+    assert _round(pol, 0.035, dirtied=900, sent=1000, floor=floor, rounds=4).action is Action.SWITCHOVER
+
+
+def test_a_decline_too_slow_for_the_rounds_left_is_not_convergence() -> None:
+    thr = []
+    for max_rounds in (100, 3):
+        pol = SwitchoverPolicy(downtime_s=0.05, max_rounds=max_rounds, on_nonconvergence="force")
+        for r, expected in enumerate((0.97, 0.394, 0.164)):  # 0.4 a round: 2.5 more rounds needed
+            d = _round(pol, expected, dirtied=900, sent=1000, floor=0.01, rounds=r)
+        thr.append(d.throttle_pct)
+    assert thr == [0, 20]
+
+
+def test_a_slow_decline_is_not_convergence() -> None:
+    pol = SwitchoverPolicy(downtime_s=0.05, max_rounds=100)
+    thr = [_round(pol, 1.0 - 0.02 * r, dirtied=900, sent=1000, rounds=r).throttle_pct for r in range(3)]
+    assert thr == [0, 20, 20]
+
+
+def test_throttle_off_never_throttles() -> None:
+    pol = SwitchoverPolicy(downtime_s=0.05, max_rounds=100, throttle="off")
+    assert all(_round(pol, 0.5, rounds=r).throttle_pct == 0 for r in range(10))
+
+
+def test_disable_throttle_ends_it() -> None:
+    pol = SwitchoverPolicy(downtime_s=0.05, max_rounds=100)
+    _round(pol, 0.5)
+    assert _round(pol, 0.5, rounds=1).throttle_pct == 20
+    pol.disable_throttle()
+    assert all(_round(pol, 0.5, rounds=r).throttle_pct == 0 for r in range(2, 8))
+
+
+def test_no_measurements_no_throttle() -> None:
+    pol = SwitchoverPolicy(downtime_s=0.05, max_rounds=100)
+    for r in range(6):
+        assert pol.decide(rounds_done=r, elapsed_s=0.0, expected_s=0.5).throttle_pct == 0
+
+
+def test_limits_after_throttling_still_end_by_the_nonconvergence_policy() -> None:
+    for mode, action in (("abort", Action.ABORT), ("force", Action.FORCE)):
+        pol = SwitchoverPolicy(downtime_s=0.05, max_rounds=4, max_time_s=None, on_nonconvergence=mode)
+        decisions = [_round(pol, 0.5, rounds=r) for r in range(5)]
+        assert [d.action for d in decisions[:4]] == [Action.CONTINUE] * 4
+        assert decisions[-1].action is action
+        assert "did not converge after 4 rounds (throttled at 30 %)" in decisions[-1].reason
+
+
+def test_one_round_over_the_floor_is_not_floor_bound_but_is_not_throttled() -> None:
+    pol = SwitchoverPolicy(downtime_s=0.05, max_rounds=100)
+    assert _round(pol, 0.5, rounds=0).throttle_pct == 0
+    d = _round(pol, 0.5, floor=0.06, rounds=1)  # would be the trigger, but the floor is over budget
+    assert d.action is Action.CONTINUE and d.throttle_pct == 0
+    d = _round(pol, 0.5, floor=0.01, rounds=2)  # the count started again
+    assert d.action is Action.CONTINUE and d.throttle_pct == 0
+
+
+@pytest.mark.parametrize("tracked", [False, True])
+def test_floor_over_budget_twice_aborts_at_once(tracked: bool) -> None:
+    pol = SwitchoverPolicy(downtime_s=0.05, max_rounds=30, on_nonconvergence="abort", tracked=tracked)
+    assert pol.decide(rounds_done=0, elapsed_s=0, expected_s=0.5, floor_s=0.08, scan_s=0.07).action \
+        is Action.CONTINUE
+    d = pol.decide(rounds_done=1, elapsed_s=0, expected_s=0.5, floor_s=0.0812, scan_s=0.07)
+    assert d.action is Action.ABORT
+    assert "cannot converge" in d.reason and "downtime floor" in d.reason
+    assert "~81.2 ms, over the 50 ms budget in 2 rounds in a row" in d.reason
+    assert "raise --downtime-ms to at least 102" in d.reason and "aborting" in d.reason
+    if tracked:
+        assert "uffd-wp" not in d.reason and "final scan alone" not in d.reason
+    else:
+        assert "the final scan alone takes ~70 ms" in d.reason and "--tracking uffd-wp" in d.reason
+
+
+def test_floor_strikes_must_be_consecutive() -> None:
+    pol = SwitchoverPolicy(downtime_s=0.05, max_rounds=30)
+    for r, floor in enumerate((0.08, 0.04, 0.08, 0.04, 0.08)):
+        assert pol.decide(rounds_done=r, elapsed_s=0, expected_s=0.5, floor_s=floor).action \
+            is Action.CONTINUE
+
+
+def test_floor_bound_force_switches_over_once_the_dirty_set_stops_shrinking() -> None:
+    pol = SwitchoverPolicy(downtime_s=0.05, max_rounds=30, on_nonconvergence="force")
+    assert _round(pol, 0.9, floor=0.08, remaining=9000, rounds=0).action is Action.CONTINUE
+    d = _round(pol, 0.5, floor=0.08, remaining=5000, rounds=1)  # floor-bound, but still shrinking
+    assert d.action is Action.CONTINUE and "while the dirty set shrinks" in d.reason
+    d = _round(pol, 0.48, floor=0.08, remaining=4800, rounds=2)  # less than a tenth smaller: now
+    assert d.action is Action.FORCE and "forcing switchover now" in d.reason and "downtime floor" in d.reason
+
+
+def test_floor_bound_force_does_not_wait_for_max_rounds() -> None:
+    pol = SwitchoverPolicy(downtime_s=0.05, max_rounds=30, on_nonconvergence="force")
+    actions = [_round(pol, 0.5, floor=0.08, remaining=5000, rounds=r).action for r in range(3)]
+    assert actions == [Action.CONTINUE, Action.FORCE, Action.FORCE]
+
+
+def test_floor_bound_force_at_the_round_limit_forces_even_while_shrinking() -> None:
+    pol = SwitchoverPolicy(downtime_s=0.05, max_rounds=1, on_nonconvergence="force")
+    _round(pol, 0.9, floor=0.08, remaining=9000, rounds=0)
+    assert _round(pol, 0.5, floor=0.08, remaining=1000, rounds=1).action is Action.FORCE
+
+
+def test_floor_bound_ends_a_throttle() -> None:
+    pol = SwitchoverPolicy(downtime_s=0.05, max_rounds=30, on_nonconvergence="force")
+    _round(pol, 0.5, rounds=0, remaining=9000)
+    assert _round(pol, 0.5, rounds=1, remaining=9000).throttle_pct == 20
+    _round(pol, 0.5, floor=0.08, remaining=5000, rounds=2)
+    d = _round(pol, 0.5, floor=0.08, remaining=2000, rounds=3)  # floor-bound, still shrinking
+    assert d.action is Action.CONTINUE and d.throttle_pct == 0 and pol.throttle_pct == 0
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"throttle": "on"},
+    {"throttle_initial_pct": 0},
+    {"throttle_initial_pct": 50, "throttle_max_pct": 40},
+    {"throttle_max_pct": 100},
+    {"throttle_step_pct": -1},
+    {"throttle_checks": 0},
+])
+def test_invalid_throttle_arguments(kwargs: dict[str, object]) -> None:
+    with pytest.raises(ValueError, match="throttle"):
+        SwitchoverPolicy(**kwargs)  # type: ignore[arg-type]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    rounds=st.lists(st.tuples(st.floats(0.0, 2.0), st.floats(0.0, 0.2), st.integers(0, 10_000),
+                              st.integers(0, 10_000)), min_size=1, max_size=40),
+    initial=st.integers(1, 99), step=st.integers(0, 99), cap=st.integers(1, 99),
+    mode=st.sampled_from(["abort", "force"]),
+)
+def test_throttle_invariants(rounds: list[tuple[float, float, int, int]], initial: int, step: int,
+                             cap: int, mode: str) -> None:
+    """Whatever the measurements: the throttle is 0 or between initial and the cap; it only
+    grows, except to 0 when floor-bound; a round that dirtied at most half of what was sent
+    never starts it; a stop rule applies as before."""
+    cap = max(cap, initial)
+    pol = SwitchoverPolicy(downtime_s=0.05, max_rounds=1000, max_time_s=None, on_nonconvergence=mode,
+                           throttle_initial_pct=initial, throttle_step_pct=step, throttle_max_pct=cap)
+    prev = 0
+    for r, (expected, floor, dirtied, sent) in enumerate(rounds):
+        d = pol.decide(rounds_done=r, elapsed_s=0.0, expected_s=expected, floor_s=floor,
+                       dirtied_pages=dirtied, sent_pages=sent, remaining_pages=dirtied)
+        assert d.throttle_pct == 0 or initial <= d.throttle_pct <= cap
+        if expected <= 0.05:
+            assert d.action is Action.SWITCHOVER
+        elif d.action is Action.CONTINUE:
+            assert d.throttle_pct >= prev or d.throttle_pct == 0 and floor > 0.05
+            if d.throttle_pct > prev:
+                assert dirtied > sent / 2 and floor <= 0.05
+        else:
+            assert d.action in (Action.ABORT, Action.FORCE) and "floor" in d.reason
+            break
+        prev = d.throttle_pct

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from .conftest import ENV, PY, ROOT, Dest, Procs, create_region, guest, proc_state, start_dest, wait_for
+from .faultproxy import FaultProxy
 
 
 class Daemon:
@@ -107,12 +108,20 @@ def test_start_watch_status_list_and_metrics(setup: tuple[Daemon, Dest, Path, in
     assert dm["precopy_dest_migrations_in_flight"] == 0
 
 
-def test_cancel_rolls_back_and_the_result_is_kept(procs: Procs, work: Path,
+def test_cancel_rolls_back_and_the_result_is_kept(procs: Procs, work: Path, request: pytest.FixtureRequest,
                                                   setup: tuple[Daemon, Dest, Path, int]) -> None:
-    d, dest, region, pid = setup
-    # A budget that can never be met: it iterates until cancelled.
-    ans = d.request({"op": "start", "options": {"to": dest.addr, "memory": str(region), "pid": pid,
-                                                 "downtime-ms": 0.001, "max-time": 0, "max-rounds": 1000000}})
+    d, dest, _, _ = setup
+    # A migration that iterates until cancelled: an unthrottled sweep re-dirties its whole
+    # region each round, far more than a 20 MB/s link sends within the budget (a budget
+    # under the downtime floor would abort at once instead).
+    region = work / "sweep.mem"
+    create_region(region, "16M")
+    pid = procs.start(*guest("dirty", "--memory", str(region), "--pattern", "sweep")).pid
+    proxy = FaultProxy(("127.0.0.1", int(dest.addr.rsplit(":", 1)[1])), rate_bps=20e6).__enter__()
+    request.addfinalizer(lambda: proxy.__exit__(None, None, None))
+    ans = d.request({"op": "start", "options": {"to": proxy.addr, "memory": str(region), "pid": pid,
+                                                 "downtime-ms": 100, "throttle": "off", "max-time": 0,
+                                                 "max-rounds": 1000000}})
     assert ans["ok"], ans
     jid = ans["id"]
     wait_for(lambda: (d.request({"op": "status", "id": jid})["job"].get("progress") or {}).get("round", 0) >= 2,
@@ -130,7 +139,7 @@ def test_cancel_rolls_back_and_the_result_is_kept(procs: Procs, work: Path,
     job = json.loads(w.stdout.splitlines()[-1])["job"]
     assert job["state"] == "aborted" and "cancelled" in job["error"]
     assert proc_state(pid) != "T"  # the workload runs on the source
-    assert not (dest.memory_dir / "g.mem").exists()
+    assert not (dest.memory_dir / "sweep.mem").exists()
     assert scrape(d.metrics_url)['precopy_source_migrations_total{outcome="aborted"}'] == 1
     wait_for(lambda: scrape(dest_metrics_url(dest))['precopy_dest_migrations_total{outcome="aborted"}'] == 1,
              what="the destination to record the abort")

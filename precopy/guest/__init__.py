@@ -19,8 +19,10 @@ modifies it while a migration agent copies it.  Three subcommands exist:
 
 Both ``dirty`` and ``det`` optionally serve a *control socket* (Unix stream
 socket, one JSON request per line) supporting ``pause``, ``resume``,
-``stop`` and ``track`` (kernel write tracking: the guest hands the agent its
-userfaultfd; ``--no-tracking`` turns that off).  A ``pause`` reply is a JSON line ``{"ok": true,
+``stop``, ``track`` (kernel write tracking: the guest hands the agent its
+userfaultfd; ``--no-tracking`` turns that off) and ``throttle`` (``{"op":
+"throttle", "pct": N}``: the work loop rests N % of the time, until ``resume``,
+``pct`` 0 or the end of that connection).  A ``pause`` reply is a JSON line ``{"ok": true,
 "device_state_len": N}`` followed by exactly N raw bytes of device state.
 
 The helpers :func:`parse_size`, :func:`create_region` and
@@ -33,7 +35,7 @@ Layout of the package:
 ``region``
     Sizes, content generation, digests, :class:`MappedRegion` and ``create``.
 ``gate``
-    :class:`WorkGate`: pause/resume/stop coordination with the work loop.
+    :class:`WorkGate`: pause/resume/stop/throttle coordination with the work loop.
 ``control``
     :class:`ControlServer`, the control-socket server.
 ``tracking``

@@ -93,7 +93,7 @@ def _add_dirty_parser(subparsers: Any) -> None:
         help="probability a write goes to the hot set (default 0.9)",
     )
     parser.add_argument("--content", choices=DIRTY_CONTENTS, default="random")
-    parser.add_argument("--control", help="Unix socket path for pause/resume/stop/track")
+    parser.add_argument("--control", help="Unix socket path for pause/resume/stop/track/throttle")
     parser.add_argument(
         "--no-tracking", action="store_true",
         help="do not offer the agent kernel write tracking (the 'track' op; docs/TRACKING.md)",
@@ -120,7 +120,7 @@ def _add_det_parser(subparsers: Any) -> None:
     parser.add_argument(
         "--device-state", help="msgpack blob from a pause reply to resume from (empty = fresh)"
     )
-    parser.add_argument("--control", help="Unix socket path for pause/resume/stop/track")
+    parser.add_argument("--control", help="Unix socket path for pause/resume/stop/track/throttle")
     parser.add_argument(
         "--no-tracking", action="store_true",
         help="do not offer the agent kernel write tracking (the 'track' op; docs/TRACKING.md)",

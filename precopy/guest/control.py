@@ -8,6 +8,11 @@ one per line.  A ``pause`` reply is a JSON line ``{"ok": true,
 ``{"ok": true, "start": ADDR, "length": N, "page_size": 4096}`` carries the
 guest's userfaultfd as ``SCM_RIGHTS`` (see :mod:`precopy.guest.tracking` and
 docs/TRACKING.md); a guest that does not offer it answers ``{"ok": false}``.
+
+``{"op": "throttle", "pct": N}`` (optional for a guest) makes the work loop
+rest N % of the time (0 ends it) -> ``{"ok": true}``.  A throttle ends with
+``resume``, and when the connection that set it closes: an agent that dies
+never leaves the guest throttled.
 """
 
 from __future__ import annotations
@@ -44,6 +49,9 @@ class ControlHandler(Protocol):
     def stop(self) -> None:
         """Make the guest exit."""
 
+    # Optional: ``track()`` (see GateController.track) and
+    # ``throttle(fraction)``, raising GuestError for a bad fraction.
+
 
 class GateController:
     """A :class:`ControlHandler` built from a gate and a device-state provider.
@@ -69,8 +77,13 @@ class GateController:
         return self._device_state(self._gate.pause())
 
     def resume(self) -> None:
-        """Resume the main loop."""
+        """Resume the main loop, at full speed (a throttle ends too)."""
+        self._gate.set_throttle(0.0)
         self._gate.resume()
+
+    def throttle(self, fraction: float) -> None:
+        """Rest ``fraction`` of the time (0: not at all); GuestError if out of range."""
+        self._gate.set_throttle(fraction)
 
     def stop(self) -> None:
         """Stop the main loop."""
@@ -117,6 +130,7 @@ class ControlServer:
         self._sock: socket.socket | None = None
         self._inode: int | None = None
         self._thread: threading.Thread | None = None
+        self._throttled = False  # the connection being served set a throttle
 
     def start(self) -> None:
         """Bind, listen and start serving in a daemon thread."""
@@ -200,6 +214,15 @@ class ControlServer:
                     pass  # client vanished; wait for the next one
 
     def _serve_connection(self, conn: socket.socket) -> None:
+        """Serve one connection; a throttle it set ends with it."""
+        self._throttled = False
+        try:
+            self._serve_requests(conn)
+        finally:
+            if self._throttled:
+                self._handler.throttle(0.0)  # type: ignore[attr-defined]
+
+    def _serve_requests(self, conn: socket.socket) -> None:
         """Read newline-terminated requests from ``conn`` and answer each."""
         conn.settimeout(POLL_S)
         buffer = bytearray()
@@ -282,7 +305,22 @@ class ControlServer:
             return {"ok": True}, b"", False
         if op == "stop":
             return {"ok": True}, b"", True
-        return _error_reply(f"unknown op {op!r}; expected one of: pause, resume, stop, track")
+        if op == "throttle":
+            return self._throttle(request.get("pct"))
+        return _error_reply(f"unknown op {op!r}; expected one of: pause, resume, stop, track, throttle")
+
+    def _throttle(self, pct: object) -> tuple[dict[str, Any], bytes, bool]:
+        throttle = getattr(self._handler, "throttle", None)
+        if throttle is None:
+            return _error_reply("this guest cannot be throttled")
+        if isinstance(pct, bool) or not isinstance(pct, (int, float)):
+            return _error_reply(f'throttle needs "pct": a number 0..99, not {pct!r}')
+        try:
+            throttle(pct / 100)
+        except GuestError as exc:
+            return _error_reply(str(exc))
+        self._throttled = pct > 0
+        return {"ok": True}, b"", False
 
 
 def _op_of(line: bytes) -> object:

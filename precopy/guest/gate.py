@@ -14,6 +14,12 @@ __all__ = ["WorkGate", "install_stop_signals"]
 _PAUSE_TIMEOUT_S = 30.0
 """How long a pause request waits for the work loop to reach a pause point."""
 
+THROTTLE_RUN_S = 0.010
+"""How long a throttled loop works between rests (as the agent's SIGSTOP duty cycle)."""
+
+MAX_THROTTLE = 0.99
+"""The largest throttle accepted: 1.0 would never let the loop work again."""
+
 
 class WorkGate:
     """Coordinates the main work loop with control requests and signals.
@@ -23,6 +29,11 @@ class WorkGate:
     thread calls :meth:`pause`, :meth:`resume` and :meth:`request_stop`.
     Signal handlers call :meth:`request_stop_from_signal`, which takes no lock;
     every blocking wait polls at least every 50 ms so it notices that flag.
+
+    :meth:`set_throttle` makes :meth:`checkpoint` a duty cycle: after each
+    ``THROTTLE_RUN_S`` of work the loop rests ``RUN x f / (1 - f)``, so it
+    works ``1 - f`` of the time.  A pause, a stop or a new throttle ends a
+    rest early.
     """
 
     def __init__(self) -> None:
@@ -31,11 +42,16 @@ class WorkGate:
         self._parked = False
         self._finished = False
         self.stop_requested = False
+        self._throttle = 0.0
+        self._throttle_changes = 0
+        self._run_start = time.monotonic()
 
     # -- main-loop side -----------------------------------------------------
 
     def checkpoint(self) -> bool:
-        """Block while a pause is requested; return ``False`` if the loop must stop."""
+        """Block while a pause is requested, rest while throttled; ``False`` if the loop must stop."""
+        if self._throttle:
+            self._rest()
         if not self._pause_wanted:
             return not self.stop_requested
         with self._cond:
@@ -46,6 +62,40 @@ class WorkGate:
                 self._cond.wait(POLL_S)
             self._parked = False
             return not self.stop_requested
+
+    def _rest(self) -> None:
+        """The throttle's rest, once ``THROTTLE_RUN_S`` of work is done since the last one."""
+        now = time.monotonic()
+        if now - self._run_start < THROTTLE_RUN_S:
+            return
+        with self._cond:
+            fraction, changes = self._throttle, self._throttle_changes
+            deadline = now + THROTTLE_RUN_S * fraction / (1.0 - fraction) if fraction else now
+            while not (self._pause_wanted or self.stop_requested) and changes == self._throttle_changes:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(min(remaining, POLL_S))
+        self._run_start = time.monotonic()
+
+    @property
+    def throttle(self) -> float:
+        """The fraction of time the loop rests (0: not throttled)."""
+        return self._throttle
+
+    def set_throttle(self, fraction: float) -> None:
+        """Rest ``fraction`` of the time from now on (0 ends the throttle).
+
+        Raises:
+            GuestError: if ``fraction`` is outside 0..0.99.
+        """
+        if not 0.0 <= fraction <= MAX_THROTTLE:
+            raise GuestError(f"throttle must be 0..{MAX_THROTTLE * 100:.0f} %, not {fraction * 100:g} %")
+        with self._cond:
+            self._throttle = fraction
+            self._throttle_changes += 1
+            self._run_start = time.monotonic()
+            self._cond.notify_all()
 
     def sleep(self, seconds: float) -> None:
         """Sleep up to ``seconds``, returning early if a pause or stop is requested."""

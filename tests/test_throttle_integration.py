@@ -1,0 +1,214 @@
+"""Auto-converge and the downtime floor with real agents and guests on loopback.
+
+The link is shaped by :class:`~tests.faultproxy.FaultProxy` (``rate_bps``), so
+whether a full-speed sweep can converge without throttling does not depend on
+how fast this machine's loopback and data path happen to be: at 100-200 MB/s
+re-sending a 32 MiB region takes 170-340 ms, far over the budgets below,
+while the downtime floor (scanning 32 MiB, round trips) stays well under them
+even on a loaded machine.  Nothing here asserts a duration.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .conftest import Procs, create_region, guest, proc_state, run_source, start_dest, wait_for
+from .faultproxy import FaultProxy
+from .test_faults import dport
+
+pytestmark = pytest.mark.integration
+
+
+def sweep_guest(procs: Procs, shm: Path, mode: str, size: str = "32M") -> tuple[Path, subprocess.Popen[bytes], list[str]]:
+    """A full-speed sweep guest; returns its region, process and the source's workload flags."""
+    src = shm / "vm.mem"
+    create_region(src, size)
+    args = ["dirty", "--memory", str(src), "--pattern", "sweep"]
+    ctl = shm / "g.sock"
+    if mode == "control":
+        args += ["--control", str(ctl)]
+    g = procs.start(*guest(*args))
+    if mode == "control":
+        wait_for(ctl.exists, what="guest control socket")
+        return src, g, ["--guest-control", str(ctl)]
+    return src, g, ["--pid", str(g.pid)]
+
+
+def iterative(rep: dict[str, Any]) -> list[dict[str, Any]]:
+    return [r for r in rep["rounds"] if r["kind"] == "iterative"]
+
+
+def stopped(pid: int) -> bool:
+    return proc_state(pid) in ("T", "t")
+
+
+def keeps_running(pid: int, seconds: float = 0.3) -> bool:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if stopped(pid):
+            return False
+        time.sleep(0.002)
+    return True
+
+
+def cpu_seconds(pid: int, window: float) -> float:
+    def ticks() -> int:
+        data = Path(f"/proc/{pid}/stat").read_bytes()
+        fields = data[data.rindex(b")") + 2:].split()
+        return int(fields[11]) + int(fields[12])
+
+    start = ticks()
+    time.sleep(window)
+    return (ticks() - start) / os.sysconf("SC_CLK_TCK")
+
+
+# SIGSTOP with QEMU's defaults (20 %, +10 %, up to 99 %); the guest's own duty
+# cycle with a coarser ramp (fewer rounds).
+@pytest.mark.parametrize(("mode", "loop", "initial", "step"),
+                         [("pid", "uvloop", 20, 10), ("control", "asyncio", 50, 25)])
+def test_full_speed_sweep_converges_by_throttling(procs: Procs, shm: Path, mode: str, loop: str,
+                                                  initial: int, step: int) -> None:
+    src, g, who = sweep_guest(procs, shm, mode)
+    dest = start_dest(procs, shm, loop=loop)
+    ramp = [] if (initial, step) == (20, 10) else ["--throttle-initial", str(initial), "--throttle-step", str(step)]
+    with FaultProxy(("127.0.0.1", dport(dest)), rate_bps=200e6) as proxy:
+        rc, rep, out = run_source(shm, "--to", proxy.addr, "--memory", str(src), *who, "--downtime-ms", "100",
+                                  "--max-rounds", "60", "--event-loop", loop, *ramp, timeout=240)
+    assert rc == 0, out
+    assert rep is not None and rep["outcome"] == "committed" and not rep["forced"], out
+    throttles = [r["throttle_pct"] for r in rep["rounds"]]
+    assert max(throttles) > 0 and rep["max_throttle_pct"] == max(throttles), throttles
+    # Stepped up as QEMU does: the initial throttle, then a step per further trigger, never down.
+    iterating = [t for r, t in zip(rep["rounds"], throttles) if r["kind"] == "iterative"]
+    assert iterating == sorted(iterating), throttles
+    used = sorted(set(throttles) - {0})
+    assert used[0] == initial and all(b - a == step or b == 99 for a, b in zip(used, used[1:])), used
+    assert rep["rounds"][0]["throttle_pct"] == 0 and rep["rounds"][-1]["throttle_pct"] == 0
+    assert rep["verify_repairs"] == 0
+    if mode == "pid":
+        assert stopped(g.pid)  # keep-stopped: memory is the memory at the pause
+    assert (dest.memory_dir / "vm.mem").read_bytes() == src.read_bytes()
+    assert "throttle" in out  # the round log lines and the summary say so
+
+
+@pytest.mark.parametrize("rate", [0, 2000], ids=["idle", "2000-pages-per-s"])
+def test_a_guest_that_converges_is_never_throttled(procs: Procs, shm: Path, rate: int) -> None:
+    src = shm / "vm.mem"
+    create_region(src, "32M")
+    g = procs.start(*guest("dirty", "--memory", str(src), "--rate", str(rate)))
+    dest = start_dest(procs, shm)
+    # At 50 MB/s the pages a 2,000 pages/s guest dirties during the full copy
+    # take longer than the budget to send: some rounds run over budget, and
+    # converge on their own.
+    with FaultProxy(("127.0.0.1", dport(dest)), rate_bps=50e6) as proxy:
+        rc, rep, out = run_source(shm, "--to", proxy.addr, "--memory", str(src), "--pid", str(g.pid),
+                                  "--downtime-ms", "100", "--event-loop", "asyncio", timeout=240)
+    assert rc == 0, out
+    assert rep is not None and rep["outcome"] == "committed", out
+    assert all(r["throttle_pct"] == 0 for r in rep["rounds"]), rep["rounds"]
+    assert rep["max_throttle_pct"] == 0
+    if rate:
+        assert iterative(rep) and iterative(rep)[0]["expected_downtime_ms"] > 100, rep["rounds"]
+    assert (dest.memory_dir / "vm.mem").read_bytes() == src.read_bytes()
+
+
+@pytest.mark.parametrize("mode", ["abort", "force"])
+def test_floor_bound_migration_stops_iterating_at_once(procs: Procs, shm: Path, mode: str) -> None:
+    """A 1 ms budget is under the fixed costs of any pause: more rounds cannot help."""
+    src = shm / "vm.mem"
+    create_region(src, "32M")
+    g = procs.start(*guest("dirty", "--memory", str(src), "--rate", "1000"))
+    dest = start_dest(procs, shm)
+    rc, rep, out = run_source(shm, "--to", dest.addr, "--memory", str(src), "--pid", str(g.pid),
+                              "--downtime-ms", "1", "--on-nonconvergence", mode)  # default --max-rounds 30
+    assert rep is not None, out
+    assert rep["max_throttle_pct"] == 0  # throttling cannot lower a floor
+    if mode == "abort":
+        assert rc == 3, out
+        assert rep["outcome"] == "aborted"
+        assert len(iterative(rep)) <= 1, rep["rounds"]  # the floor is known after two scans
+        for part in ("cannot converge", "downtime floor", "over the 1 ms budget", "raise --downtime-ms to at least",
+                     "--tracking uffd-wp"):
+            assert part in rep["error"], rep["error"]
+        assert keeps_running(g.pid)
+    else:
+        assert rc == 0, out
+        assert rep["outcome"] == "committed" and rep["forced"]
+        assert len(iterative(rep)) < 10, rep["rounds"]  # not the 30 of --max-rounds
+        assert "downtime floor" in rep["reason"]
+        assert (dest.memory_dir / "vm.mem").read_bytes() == src.read_bytes()
+
+
+class Throttled:
+    """A migration of a sweep held at a 90 % throttle that can never converge (every
+    round takes longer than the 100 ms duty cycle, so the guest always ran in it)."""
+
+    def __init__(self, procs: Procs, shm: Path, mode: str) -> None:
+        self.mode = mode
+        self.src, self.guest, who = sweep_guest(procs, shm, mode)
+        self.dest = start_dest(procs, shm)
+        self.proxy = FaultProxy(("127.0.0.1", dport(self.dest)), rate_bps=100e6).__enter__()
+        self.report = shm / "report.json"
+        self.log = shm / "source.log"
+        self.source = procs.start(
+            "-m", "agents.source_main", "--to", self.proxy.addr, "--memory", str(self.src), *who,
+            "--downtime-ms", "100", "--throttle-initial", "90", "--throttle-max", "90", "--max-rounds", "100000",
+            "--max-time", "0", "--report", str(self.report), "--log-format", "json", "--progress", "off",
+            stdout=subprocess.DEVNULL, stderr=open(self.log, "wb"))
+
+    def wait_throttled(self, rounds: int = 1) -> None:
+        wait_for(lambda: self.log.read_text().count("throttle 90 %") >= rounds or self.source.poll() is not None,
+                 timeout=120, what="the source to throttle the guest")
+        assert self.source.poll() is None, self.log.read_text()
+        if self.mode == "pid":
+            wait_for(lambda: stopped(self.guest.pid), what="a stop of the duty cycle")
+
+    def close(self) -> None:
+        self.proxy.__exit__(None, None, None)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["pid", "control"])
+def test_agent_killed_while_throttling_leaves_the_guest_running(procs: Procs, shm: Path, mode: str) -> None:
+    """SIGKILL takes the duty cycle with the agent: the guardian (armed while a
+    throttle is on) resumes the guest; a guest-control guest also ends the
+    throttle itself when the agent's connection closes."""
+    m = Throttled(procs, shm, mode)
+    try:
+        m.wait_throttled()
+        slow = cpu_seconds(m.guest.pid, 0.5) if mode == "control" else 0.0
+        if mode == "pid":
+            wait_for(lambda: stopped(m.guest.pid), what="a stop of the duty cycle")
+        os.kill(m.source.pid, signal.SIGKILL)  # pid mode: while the guest is stopped
+        m.source.wait(10)
+        if mode == "pid":
+            wait_for(lambda: not stopped(m.guest.pid), what="the guardian's SIGCONT")
+            assert keeps_running(m.guest.pid)
+        else:
+            time.sleep(0.5)  # the guardian's resume and the closed connection
+            assert cpu_seconds(m.guest.pid, 0.5) > 2 * slow, slow
+    finally:
+        m.close()
+
+
+@pytest.mark.slow
+def test_sigint_while_throttling_rolls_back_with_the_guest_running(procs: Procs, shm: Path) -> None:
+    m = Throttled(procs, shm, "pid")
+    try:
+        m.wait_throttled(rounds=2)  # the first throttled round is complete, and in the report
+        os.kill(m.source.pid, signal.SIGINT)
+        assert m.source.wait(30) == 3, m.log.read_text()
+    finally:
+        m.close()
+    rep = json.loads(m.report.read_text())
+    assert rep["outcome"] == "aborted" and "cancel" in rep["error"]
+    assert rep["max_throttle_pct"] == 90 and any(r["throttle_pct"] == 90 for r in rep["rounds"])
+    assert keeps_running(m.guest.pid)
