@@ -203,9 +203,14 @@ class Channel:
                 if idle_timeout_s is None:
                     n = await self.recv_some()
                 else:
+                    # asyncio.timeout, not wait_for: on Python 3.11 wait_for loses a
+                    # cancellation that lands as the read completes, and a daemon
+                    # shutting down (SIGTERM cancels every migration) would go on
+                    # serving this one until the idle timeout.
                     try:
-                        n = await asyncio.wait_for(self.recv_some(), idle_timeout_s)
-                    except asyncio.TimeoutError:
+                        async with asyncio.timeout(idle_timeout_s):
+                            n = await self.recv_some()
+                    except TimeoutError:
                         raise LinkError(
                             f"no data from {self.peer} for {idle_timeout_s:.0f} s", AbortCode.TIMEOUT
                         ) from None

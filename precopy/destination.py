@@ -353,7 +353,8 @@ class DestinationServer:
         peer = chan.peer
         try:
             try:
-                ev = await asyncio.wait_for(self._handshake(chan), self.opts.handshake_timeout_s)
+                async with asyncio.timeout(self.opts.handshake_timeout_s):  # not wait_for: see Channel.events
+                    ev = await self._handshake(chan)
             finally:
                 self._handshaking -= 1
             if isinstance(ev, Query):

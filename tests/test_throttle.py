@@ -331,13 +331,13 @@ async def test_a_failure_while_throttled_ends_the_throttle_and_rolls_back(
     sends = 0
     real = precopy.source.SourceSession._send_pages
 
-    async def send_pages(self: Any, indices: np.ndarray, rnd: Any, phase: str) -> None:
+    async def send_pages(self: Any, indices: np.ndarray, rnd: Any, phase: str, **kw: Any) -> None:
         nonlocal sends
         if phase == "iterating":
             sends += 1
             if sends == 3:
                 raise PrecopyError("injected failure in round 3")
-        await real(self, indices, rnd, phase)
+        await real(self, indices, rnd, phase, **kw)
 
     monkeypatch.setattr(precopy.source.SourceSession, "_send_pages", send_pages)
     wl = ThrottledWorkload()
