@@ -318,6 +318,10 @@ class Bench:
             create_region(ddir / "bench", sc.bytes, sc.content, 1000 + run)
         # bound the run: enough for the full copy a few times over, then give up (forced switchover)
         max_time = max(15.0, 3 * sc.bytes / link.bytes_per_s + 5)
+        if sc.workload in ("high", "sweep"):
+            # Auto-converge steps the throttle up every two rounds of a second or
+            # more each (as QEMU does): give it the time to get there.
+            max_time = max(max_time, 60.0)
         src = None
         try:
             time.sleep(0.7)  # the guest maps its region and starts writing

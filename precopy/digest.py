@@ -6,7 +6,7 @@ Two granularities:
   the destination holds.  They are always computed from the exact bytes that
   were sent (DESIGN invariant 1): the sender copies pages into a staging
   buffer, hashes the copy, sends the copy.
-* **Chunk digests** (one uint64 per ``chunk_pages`` pages, 256 KiB by
+* **Chunk digests** (one uint64 per ``chunk_pages`` pages, 128 KiB by
   default): cheap to compute over a whole region because xxh3 runs at memory
   speed on large inputs and releases the GIL above 64 KiB, so two threads
   hash in parallel.  Both sides compute them over real memory, which makes
@@ -37,6 +37,9 @@ __all__ = [
     "StagingBuffer",
     "page_digests",
     "chunk_pages_of",
+    "page_union",
+    "page_difference",
+    "sorted_distinct",
     "chunk_digests",
     "ChunkTracker",
     "zero_chunk_digests",
@@ -115,6 +118,48 @@ def page_digests(pages: np.ndarray, indices: np.ndarray | None = None) -> np.nda
         out[lo:lo + len(offs)] = np.fromiter(
             map(_h64, [flat[o:o + PAGE_SIZE] for o in offs]), dtype=np.uint64, count=len(offs))
     return out
+
+
+# Set operations on page numbers, through a mask of the region: O(n), where
+# NumPy 2's np.unique/union1d/setdiff1d cost ~190 ms for 250,000 distinct
+# pages here (measured): most of a round at a high dirty rate.
+
+
+def page_union(npages: int, *sets: np.ndarray) -> np.ndarray:
+    """Sorted distinct pages in any of ``sets`` (each within ``0..npages-1``), as uint32."""
+    sets = tuple(x for x in sets if len(x))
+    if not sets:
+        return np.zeros(0, dtype=np.uint32)
+    if len(sets) == 1 and _is_strictly_increasing(sets[0]):
+        return np.asarray(sets[0], dtype=np.uint32)
+    mask = np.zeros(npages, dtype=bool)
+    for x in sets:
+        mask[x] = True
+    return np.flatnonzero(mask).astype(np.uint32)
+
+
+def page_difference(npages: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Sorted distinct pages of ``a`` not in ``b``, as uint32."""
+    if not len(a):
+        return np.zeros(0, dtype=np.uint32)
+    mask = np.zeros(npages, dtype=bool)
+    mask[a] = True
+    mask[b] = False
+    return np.flatnonzero(mask).astype(np.uint32)
+
+
+def sorted_distinct(x: np.ndarray) -> np.ndarray:
+    """The distinct values of an ascending array (np.unique without its cost)."""
+    if len(x) < 2:
+        return np.asarray(x)
+    keep = np.empty(len(x), dtype=bool)
+    keep[0] = True
+    np.not_equal(x[1:], x[:-1], out=keep[1:])
+    return x[keep]
+
+
+def _is_strictly_increasing(x: np.ndarray) -> bool:
+    return len(x) < 2 or bool((np.diff(x.astype(np.int64)) > 0).all())
 
 
 def chunk_pages_of(chunks: np.ndarray, chunk_pages: int, npages: int) -> np.ndarray:

@@ -48,7 +48,10 @@ from .digest import (
     StagingBuffer,
     chunk_digests,
     chunk_pages_of,
+    page_difference,
     page_digests,
+    page_union,
+    sorted_distinct,
     region_chunk_digests,
 )
 from .guardian import ARMED, COMMIT, IDLE, Guardian
@@ -61,7 +64,7 @@ from .errors import (
     PrecopyError,
     RemoteProtocolError,
 )
-from .memory import GuestMemory, is_run
+from .memory import GuestMemory
 from .policy import (
     Action,
     DirtyRateEstimator,
@@ -214,19 +217,34 @@ class _Scan:
     page_hash_s: float  # hashing the pages of the chunks that differ
 
 
-def _batches(indices: np.ndarray, size: int, *, by_runs: bool = False) -> Iterator[np.ndarray]:
-    """``indices`` in batches of at most ``size``; with ``by_runs`` a batch
-    never spans a gap (each is one run of consecutive pages where possible)."""
-    if not by_runs:
-        for start in range(0, len(indices), size):
-            yield indices[start:start + size]
+#: Runs at least this long are sent straight from memory (see _plan).
+_DIRECT_RUN = 16
+
+
+def _plan(indices: np.ndarray, size: int, *, fill: int = 0) -> Iterator[tuple[np.ndarray, bool]]:
+    """``indices`` (ascending) in batches of at most ``size`` pages, each with
+    whether it is one run to send straight from memory.
+
+    Runs of at least ``_DIRECT_RUN`` pages -- after filling gaps of up to
+    ``fill`` pages between pages of ``indices``, which are then sent too
+    (a dense dirty set is mostly runs cut by a clean page here and there) --
+    become their own batches; the rest is gathered into staged batches.
+    """
+    n = len(indices)
+    if not n:
         return
-    cuts = np.flatnonzero(np.diff(indices.astype(np.int64)) != 1) + 1
-    lo = 0
-    for hi in [*cuts.tolist(), len(indices)]:
-        for start in range(lo, hi, size):
-            yield indices[start:min(start + size, hi)]
-        lo = hi
+    idx64 = indices.astype(np.int64)
+    starts = np.flatnonzero(np.diff(idx64, prepend=-(fill + 2)) > fill + 1)
+    ends = np.append(starts[1:], n)
+    spans = idx64[ends - 1] - idx64[starts] + 1
+    direct = spans >= _DIRECT_RUN
+    if not direct.all():
+        rest = indices[~np.repeat(direct, ends - starts)]
+        for lo in range(0, len(rest), size):
+            yield rest[lo:lo + size], False
+    for a, b in zip(idx64[starts[direct]].tolist(), idx64[ends[direct] - 1].tolist()):
+        for lo in range(a, b + 1, size):
+            yield np.arange(lo, min(lo + size, b + 1), dtype=np.uint32), True
 
 
 class SourceSession:
@@ -535,19 +553,21 @@ class SourceSession:
     # -- sending pages --------------------------------------------------
 
     async def _send_pages(self, indices: np.ndarray, rnd: RoundReport, phase: str, *,
-                          direct: bool = False) -> None:
+                          fill: int = 0) -> None:
         """Send ``indices`` in batches; record digests of what was sent.
 
-        A batch is staged (copied into the staging buffer), hashed per page
-        from that copy (the record of what the destination holds, DESIGN
-        invariant 1), checked for zero pages, maybe compressed, and sent from
-        the copy.  With ``direct`` (the full copy), a batch that is one run of
-        pages and is not to be compressed is sent straight from the mapping
-        instead -- no copy, no hashing: the kernel copies the pages into the
-        socket, and the record of what it copied comes from the destination,
-        which hashes what it received when a later scan needs it
-        (:meth:`_scan`).  The first touch of every page is the slowest part
-        of a full copy; this makes the source's share of it only the send.
+        A run of pages (``_DIRECT_RUN`` or more, see :func:`_plan`; ``fill``
+        lets it bridge gaps of that many pages, sent too) that is not to be
+        compressed is sent straight from the mapping -- no copy, no hashing:
+        the kernel copies the pages into the socket, and the record of what
+        it copied comes from the destination, which hashes what it received
+        when a later scan needs it (:meth:`_scan`).  That is safe whatever
+        the workload writes meanwhile: a page changed during the send differs
+        at the next scan from what the destination holds, and is sent again.
+        It is most of a full copy, and of a dense dirty set.  The other
+        pages are staged (copied into the staging buffer), hashed per page
+        from that copy (the record, DESIGN invariant 1), checked for zero
+        pages, maybe compressed, and sent from the copy.
         """
         assert self.mem is not None and self.chan is not None
         batch = self.opts.batch_pages
@@ -559,10 +579,10 @@ class SourceSession:
         unsent = self.chan.unsent_bytes
         sampled = self.report.bytes_on_wire - unsent()
         done = 0
-        for idx in _batches(indices, batch, by_runs=direct):
+        for idx, run in _plan(indices, batch, fill=fill):
             tried = self.compressor.want()
             t_batch = time.monotonic()
-            if direct and not tried and is_run(idx) and not self._has_zero_page(idx):
+            if run and not tried and not self._has_zero_page(idx):
                 first = int(idx[0]) * PAGE_SIZE
                 raw = self.mem.view[first:first + len(idx) * PAGE_SIZE]
                 n = await self._send_event(Pages(indices=idx, zeros=idx[:0], payload=raw, checksum=None))
@@ -686,7 +706,7 @@ class SourceSession:
                 rnd.pages_dirty -= int(same[data].sum())
                 data = data[~same[data]]
                 self.report.pages_already_there = self.mem.npages - rnd.pages_dirty
-        await self._send_pages(data, rnd, "full copy", direct=True)
+        await self._send_pages(data, rnd, "full copy")
         rnd.seconds = time.monotonic() - t
         rnd.bandwidth_bps = self.link.bytes_per_second
         self.report.rounds.append(rnd)
@@ -794,22 +814,22 @@ class SourceSession:
         if self.chunks.table is None:
             digest = await self._scan(final=False)
             self.chunks.adopt(digest.live, digest.hash_s)
-            missed = np.setdiff1d(np.union1d(digest.dirty, digest.odd), dirty)
+            missed = page_difference(self.mem.npages, page_union(self.mem.npages, digest.dirty, digest.odd), dirty)
             if missed.size:
                 _log.info("first scan: %d pages differ from the destination beyond the %d the kernel "
                           "reported (holes punched, or writes the kernel did not see): sending them too",
                           missed.size, dirty.size)
-                dirty = np.union1d(dirty, missed).astype(np.uint32)
+                dirty = page_union(self.mem.npages, dirty, missed)
             rehash_s = self.chunks.estimate(len(dirty))
         else:
             rehash_s, extra = await loop.run_in_executor(self._outer_pool, self.chunks.rehash, dirty, self.sent)
             if extra.size:
                 _log.info("%d unreported pages read as zeros although what was sent was not "
                           "(holes punched): sending them too", extra.size)
-                dirty = np.union1d(dirty, extra).astype(np.uint32)
+                dirty = page_union(self.mem.npages, dirty, extra)
         assert self.chunks.table is not None
         if final:
-            dirty = np.union1d(self._pending, dirty).astype(np.uint32)
+            dirty = page_union(self.mem.npages, self._pending, dirty)
         empty = np.zeros(0, dtype=np.uint32)
         return _Scan(dirty, empty, self.chunks.table, np.zeros(0, dtype=np.uint64), detect_s, rehash_s)
 
@@ -860,7 +880,7 @@ class SourceSession:
         # destination hashes what it holds of their chunks while we hash
         # ours, and its digests become the record (what it received is
         # exactly what was sent).
-        unknown = np.unique(pages[~self.known[pages]] // cp).astype(np.uint32)
+        unknown = sorted_distinct(pages[~self.known[pages]] // cp).astype(np.uint32)
         asked = []
         limit = min(MAX_PAGE_DIGEST_CHUNKS, MAX_PAYLOAD // 8 // cp)
         for lo in range(0, len(unknown), limit):
@@ -879,8 +899,8 @@ class SourceSession:
         dirty = pages[now != self.sent[pages]]
         # Chunks that differ on the destination but where no page differs
         # from what we sent: our record and the destination disagree.
-        dirty_chunks = np.unique(dirty // cp) if dirty.size else dirty
-        odd = np.setdiff1d(cand, dirty_chunks)
+        dirty_chunks = sorted_distinct(dirty // cp) if dirty.size else dirty
+        odd = page_difference(len(live), cand, dirty_chunks)
         odd_pages = empty
         if odd.size:
             spread = (odd[:, None] * cp + np.arange(cp)).ravel()
@@ -937,7 +957,7 @@ class SourceSession:
             interval = time.monotonic() - self._last_scan_t
             self._last_scan_t = t
             self.dirty_rate.add(len(dirty), interval)
-            todo = np.union1d(dirty, odd).astype(np.uint32)
+            todo = page_union(self.mem.npages, dirty, odd)
             # Switching over now leaves ``todo`` plus what the workload dirties
             # until it is paused (about one scan's time) for the pause.
             later = int(self.dirty_rate.pages_per_second * self._last_scan_s)
@@ -959,15 +979,21 @@ class SourceSession:
             # dirtied ``dirty``.
             # The fastest such scan so far: a live scan competes with the
             # workload for the CPUs, the paused one does not.
-            self._floor_scan_s = min(self._floor_scan_s, scan.hash_s)
+            # A kernel tracker's scan grows with what was written (one region
+            # per run of written pages, decoded here): only a scan of a small
+            # dirty set says what it costs when nothing is left, and until one
+            # is seen the floor is unknown -- never a reason to stop.
+            if self.tracker is None or len(dirty) <= max(2048, self.mem.npages // 100):
+                self._floor_scan_s = min(self._floor_scan_s, scan.hash_s)
             last = self.report.rounds[-1]
-            floor = self._expected(0, final_scan_s=self._floor_scan_s)
-            _log.debug("round %d: downtime floor %.1f ms (scan %.1f ms); %d pages dirtied while %d were sent",
-                       rounds_done + 1, floor * 1e3, self._floor_scan_s * 1e3, len(dirty),
-                       last.pages_sent + last.zero_pages)
+            floor = (self._expected(0, final_scan_s=self._floor_scan_s)
+                     if self._floor_scan_s != float("inf") else None)
+            _log.debug("round %d: downtime floor %s (scan %.1f ms); %d pages dirtied while %d were sent",
+                       rounds_done + 1, "unknown" if floor is None else f"{floor * 1e3:.1f} ms",
+                       self._floor_scan_s * 1e3, len(dirty), last.pages_sent + last.zero_pages)
             decision = self.policy.decide(
                 rounds_done=rounds_done, elapsed_s=time.monotonic() - self._t0, expected_s=expected,
-                floor_s=floor, scan_s=self._floor_scan_s, dirtied_pages=dirtied,
+                floor_s=floor, scan_s=self._floor_scan_s if floor is not None else None, dirtied_pages=dirtied,
                 sent_pages=last.pages_sent + last.zero_pages, remaining_pages=len(todo),
             )
             if (decision.action is Action.SWITCHOVER and self.tracker is not None
@@ -1004,7 +1030,7 @@ class SourceSession:
                               detect_seconds=scan.hash_s if self.tracker is not None else est,
                               dirty_rate_pps=self.dirty_rate.pages_per_second,
                               expected_downtime_ms=expected * 1e3, throttle_pct=self._throttle_pct)
-            await self._send_pages(todo, rnd, "iterating")
+            await self._send_pages(todo, rnd, "iterating", fill=1)
             rnd.seconds = time.monotonic() - t
             rnd.bandwidth_bps = self.link.bytes_per_second
             self.report.rounds.append(rnd)
@@ -1132,7 +1158,7 @@ class SourceSession:
             _log.warning("final pass: %d pages in chunks the destination holds differently "
                          "although our record says otherwise; resending them", len(odd))
             self.report.verify_repairs += len(odd)
-        todo = np.union1d(dirty, odd).astype(np.uint32)
+        todo = page_union(self.mem.npages, dirty, odd)
         if todo.size:
             await self._send_pages(todo, rnd, "switchover")
         t3 = time.monotonic()

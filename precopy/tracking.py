@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .digest import ZERO_PAGE_DIGEST, chunk_digests, page_digests
+from .digest import ZERO_PAGE_DIGEST, chunk_digests, page_difference, page_digests, page_union, sorted_distinct
 from .errors import GuestControlError
 from .memory import GuestMemory
 from .uffd import (
@@ -253,7 +253,7 @@ class UffdTracker:
         if punched.size:
             _log.info("%d pages became holes of %s since the last scan: resending them as zeros",
                       punched.size, self.mem.path)
-            return np.union1d(written, punched).astype(np.uint32)
+            return page_union(self.mem.npages, written, punched)
         return written
 
     def close(self) -> None:
@@ -296,7 +296,7 @@ class SourceChunks:
         self.seconds_per_chunk = seconds / max(len(table), 1)
 
     def chunks_of(self, pages: np.ndarray) -> np.ndarray:
-        return np.unique(pages // self.chunk_pages) if len(pages) else np.zeros(0, dtype=np.uint32)
+        return sorted_distinct(np.sort(pages // self.chunk_pages)) if len(pages) else np.zeros(0, dtype=np.uint32)
 
     def rehash(self, pages: np.ndarray, sent: np.ndarray) -> tuple[float, np.ndarray]:
         """Rehash the chunks holding ``pages``; returns the seconds it took and more dirty pages.
@@ -318,7 +318,7 @@ class SourceChunks:
         if chunks.size >= 8:
             self.seconds_per_chunk = s / chunks.size
         around = (chunks[:, None].astype(np.int64) * self.chunk_pages + np.arange(self.chunk_pages)).ravel()
-        around = np.setdiff1d(around[around < self.mem.npages], pages)
+        around = page_difference(self.mem.npages, around[around < self.mem.npages], pages)
         first_words = self.mem.array.view(np.uint64)[::PAGE_SIZE // 8]
         maybe = around[(first_words[around] == 0) & (sent[around] != ZERO_PAGE_DIGEST)].astype(np.uint32)
         extra = maybe[page_digests(self.mem.pages, maybe) == ZERO_PAGE_DIGEST] if maybe.size else maybe

@@ -406,3 +406,20 @@ def test_chunk_tracker_takes_whole_chunks_from_received_bytes(tmp_path: Path) ->
         tracker.close()
         pool.shutdown()
         mem.close()
+
+
+def test_page_set_operations_match_numpy() -> None:
+    from precopy.digest import page_difference, page_union, sorted_distinct
+    rng = np.random.default_rng(11)
+    for _ in range(50):
+        n = int(rng.integers(1, 5000))
+        a = rng.integers(0, n, int(rng.integers(0, 300)))
+        b = rng.integers(0, n, int(rng.integers(0, 300)))
+        assert (page_union(n, a, b) == np.union1d(a, b)).all()
+        assert page_union(n, a, b).dtype == np.uint32
+        assert (page_difference(n, a, b) == np.setdiff1d(a, b)).all()
+        s = np.sort(a)
+        assert (sorted_distinct(s) == np.unique(s)).all()
+    one = np.array([1, 4, 9], dtype=np.uint32)
+    assert page_union(10, one) is not None and (page_union(10, one) == one).all()
+    assert page_union(10).size == 0 and page_difference(10, np.zeros(0, np.uint32), one).size == 0
