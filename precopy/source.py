@@ -803,7 +803,7 @@ class SourceSession:
         ``hash_s`` (detection) and ``page_hash_s`` (rehashing the reported
         pages' chunks, estimated for the first scan).
         """
-        assert self.tracker is not None and self.chunks is not None
+        assert self.tracker is not None and self.chunks is not None and self.mem is not None
         loop = asyncio.get_running_loop()
         t = time.monotonic()
         try:
