@@ -581,7 +581,11 @@ class Connection:
     """
 
     role: Role
-    buffer_size: int = 2 * (PREFIX_SIZE + MAX_META + MAX_PAYLOAD)
+    #: Receive buffer once authenticated; 0: by role.  A destination streams
+    #: page batches and keeps room for two of the largest frames (a partial
+    #: one waits while a whole one is parsed); a source receives only short
+    #: answers and digest tables, one at a time: one frame's room is enough.
+    buffer_size: int = 0
     phase: Phase = Phase.HELLO
     begin: Begin | None = None
     _buf: bytearray = field(init=False, repr=False)
@@ -594,6 +598,9 @@ class Connection:
     _eof: bool = field(default=False, init=False, repr=False)
 
     def __post_init__(self) -> None:
+        if self.buffer_size <= 0:
+            frame = PREFIX_SIZE + MAX_META + MAX_PAYLOAD
+            self.buffer_size = 2 * frame if self.role is Role.DEST else frame + 256 * 1024
         # Full size once authenticated (or when a frame needs it): see _grow.
         self._buf = bytearray(min(self.buffer_size, HANDSHAKE_BUFFER))
 
