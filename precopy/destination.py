@@ -635,7 +635,14 @@ class _DestMigration:
             elif isinstance(ev, DigestRequest):
                 if not ev.final:
                     self.rec.rounds += 1
+                # The full copy is over: map the region in while the source
+                # scans, so that rehashing chunks later takes no page faults.
+                mem.start_map_in()
+                t = time.monotonic()
+                stale = int(tracker.stale.sum() + tracker.cold.sum())
                 table = await loop.run_in_executor(self.server._outer_pool, tracker.table)
+                _log.debug("digest table for %s: %d stale chunks rehashed in %.1f ms", self.begin.migration_id,
+                           stale, (time.monotonic() - t) * 1e3)
                 await self.chan.send(DigestTable(seq=ev.seq, digests=table))
             elif isinstance(ev, Switchover):
                 self.t_switchover = time.monotonic()

@@ -283,6 +283,8 @@ class SourceSession:
         self._last_scan_s = 0.0
         self._prev_scan_s = 0.0
         self._floor_scan_s = float("inf")  # the fastest scan of the whole region so far
+        self._chunk_hash_s = 0.0  # hashing one chunk, as measured in the last scan
+        self._round_chunks = 0  # chunks the last round sent pages to
         self._hash_pool = ThreadPoolExecutor(2, thread_name_prefix="precopy-hash")
         self._outer_pool = ThreadPoolExecutor(1, thread_name_prefix="precopy-scan")
         self._guardian: Guardian | None = None
@@ -586,6 +588,9 @@ class SourceSession:
                 first = int(idx[0]) * PAGE_SIZE
                 raw = self.mem.view[first:first + len(idx) * PAGE_SIZE]
                 n = await self._send_event(Pages(indices=idx, zeros=idx[:0], payload=raw, checksum=None))
+                # No record until the destination gives one; never the zero
+                # page's (the tracker's hole check trusts a zero record).
+                self.sent[idx] = 0
                 self.known[idx] = False
                 data_pages, zero_pages = len(idx), 0
             else:
@@ -703,6 +708,7 @@ class SourceSession:
         if self.report.dest_region == "existing":
             same = await self._held_already(holes)
             if same is not None:
+                self.sent[same] = 0  # no record of their own (see _held_already)
                 rnd.pages_dirty -= int(same[data].sum())
                 data = data[~same[data]]
                 self.report.pages_already_there = self.mem.npages - rnd.pages_dirty
@@ -913,12 +919,22 @@ class SourceSession:
         return pages * PAGE_SIZE * ratio / max(self.link.bytes_per_second, 1.0) + self._last_scan_s
 
     def _expected(self, remaining_pages: int, device_state_bytes: int = 0,
-                  final_scan_s: float | None = None) -> float:
+                  final_scan_s: float | None = None, *, floor: bool = False) -> float:
         verify_s = 0.0
-        if self.chunks is not None and self.chunks.table is not None:
-            # Verification always runs with a tracker: one round trip and our
-            # chunk table's worth of digests back.
-            verify_s = self._rtt + self.chunks.table.nbytes / max(self.link.bytes_per_second, 1.0)
+        assert self.mem is not None
+        nchunks = -(-self.mem.npages // self.chunk_pages)
+        tracked = self.chunks is not None and self.chunks.table is not None
+        if tracked or remaining_pages:
+            # Verification (always with a tracker; with digests after pages
+            # were sent paused): a round trip, the destination's chunk table
+            # back, and first its rehash of every chunk written since its
+            # last refresh -- those of the pages still to send and, with a
+            # tracker, of the last round (sent just before the pause, so its
+            # refresh is seldom done by then).  Scattered pages cost a whole
+            # chunk each: with 500 pages that was most of a 30 ms pause.
+            stale = min(remaining_pages, nchunks) + (0 if floor or not tracked else self._round_chunks)
+            verify_s = (self._rtt + nchunks * 8 / max(self.link.bytes_per_second, 1.0)
+                        + min(stale, nchunks) * self._chunk_hash_s)
         return verify_s + expected_downtime(
             remaining_pages=remaining_pages,
             bandwidth_bps=self.link.bytes_per_second,
@@ -952,6 +968,9 @@ class SourceSession:
             # Take the slower of the last two scans: a single fast one (a
             # quiet moment on a shared machine) should not trigger a switchover.
             est = scan.hash_s + scan.page_hash_s
+            nchunks = -(-self.mem.npages // self.chunk_pages)
+            self._chunk_hash_s = (self.chunks.seconds_per_chunk if self.chunks is not None
+                                  else scan.hash_s / nchunks)
             self._last_scan_s = max(est, self._prev_scan_s)
             self._prev_scan_s = est
             interval = time.monotonic() - self._last_scan_t
@@ -986,7 +1005,7 @@ class SourceSession:
             if self.tracker is None or len(dirty) <= max(2048, self.mem.npages // 100):
                 self._floor_scan_s = min(self._floor_scan_s, scan.hash_s)
             last = self.report.rounds[-1]
-            floor = (self._expected(0, final_scan_s=self._floor_scan_s)
+            floor = (self._expected(0, final_scan_s=self._floor_scan_s, floor=True)
                      if self._floor_scan_s != float("inf") else None)
             _log.debug("round %d: downtime floor %s (scan %.1f ms); %d pages dirtied while %d were sent",
                        rounds_done + 1, "unknown" if floor is None else f"{floor * 1e3:.1f} ms",
@@ -1031,6 +1050,7 @@ class SourceSession:
                               dirty_rate_pps=self.dirty_rate.pages_per_second,
                               expected_downtime_ms=expected * 1e3, throttle_pct=self._throttle_pct)
             await self._send_pages(todo, rnd, "iterating", fill=1)
+            self._round_chunks = len(sorted_distinct(todo // self.chunk_pages))
             rnd.seconds = time.monotonic() - t
             rnd.bandwidth_bps = self.link.bytes_per_second
             self.report.rounds.append(rnd)
@@ -1241,11 +1261,15 @@ class SourceSession:
     async def _verify(self, frozen: np.ndarray) -> np.ndarray:
         self._seq += 1
         await self._send_event(DigestRequest(seq=self._seq, final=True))
+        t = time.monotonic()
         table: DigestTable = await self._expect(DigestTable)
         if table.seq != self._seq:
             raise RemoteProtocolError(f"digest table {table.seq} answers request {self._seq}")
         self._dest_table = table.digests
-        return np.flatnonzero(frozen != table.digests)
+        bad = np.flatnonzero(frozen != table.digests)
+        _log.debug("verification: the destination's table in %.1f ms, %d chunks differ",
+                   (time.monotonic() - t) * 1e3, bad.size)
+        return bad
 
     async def _recheck(self, frozen: np.ndarray, bad: np.ndarray) -> np.ndarray:
         """Rehash our ``bad`` chunks from the paused region; returns those the destination really lacks.
