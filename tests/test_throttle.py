@@ -305,10 +305,10 @@ async def test_a_scan_the_throttled_workload_ran_after_is_not_trusted(
     real = precopy.source.SourceSession._expected
 
     def expected(self: Any, remaining: int, device_state_bytes: int = 0,
-                 final_scan_s: float | None = None) -> float:
+                 final_scan_s: float | None = None, **kw: Any) -> float:
         if final_scan_s is None and not self.paused:
             pages.append(remaining)
-        return real(self, remaining, device_state_bytes, final_scan_s)
+        return real(self, remaining, device_state_bytes, final_scan_s, **kw)
 
     monkeypatch.setattr(precopy.source.SourceSession, "_expected", expected)
     async with serve(dest_dir) as server:

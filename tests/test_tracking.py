@@ -566,12 +566,22 @@ def test_expected_downtime_with_a_tracker_counts_its_scan_and_the_verification(s
     s._last_scan_s = 0.002  # what a tracked round measured (scan + rehash of its chunks)
     base = expected_downtime(remaining_pages=100, bandwidth_bps=s.link.bytes_per_second,
                              final_scan_s=0.002, overhead_s=0.002 + 2 * 0.001)
-    assert s._expected(100) == pytest.approx(base)  # digests: no extra verification term
     mem = type("M", (), {"npages": 8192 * 32})()
+    s.mem = mem  # type: ignore[assignment]
+    s.chunk_pages = 32
+    verify = 0.001 + 8192 * 8 / s.link.bytes_per_second
+    assert s._expected(0) == pytest.approx(base - 100 * PAGE_SIZE / s.link.bytes_per_second)  # digests: no pages, no verification
+    assert s._expected(100) == pytest.approx(base + verify)  # pages sent paused are verified
+    s._chunk_hash_s = 1e-5  # and the destination rehashes their chunks first
+    assert s._expected(100) == pytest.approx(base + verify + 100 * 1e-5)
+    s._chunk_hash_s = 0.0
     s.chunks = SourceChunks(mem, 32, ThreadPoolExecutor(1))  # type: ignore[arg-type]
     s.chunks.adopt(np.zeros(8192, dtype=np.uint64), 0.05)
-    verify = 0.001 + 8192 * 8 / s.link.bytes_per_second
     assert s._expected(100) == pytest.approx(base + verify)
+    s._round_chunks, s._chunk_hash_s = 500, 1e-5  # with a tracker, the last round's chunks too
+    assert s._expected(100) == pytest.approx(base + verify + 600 * 1e-5)
+    assert s._expected(100, floor=True) == pytest.approx(base + verify + 100 * 1e-5)
+    s._round_chunks, s._chunk_hash_s = 0, 0.0
     assert s._expected(100) < 0.015  # a 1 GiB region's estimate is not a 60-110 ms rehash
 
 
