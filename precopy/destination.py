@@ -635,9 +635,6 @@ class _DestMigration:
             elif isinstance(ev, DigestRequest):
                 if not ev.final:
                     self.rec.rounds += 1
-                # The full copy is over: map the region in while the source
-                # scans, so that rehashing chunks later takes no page faults.
-                mem.start_map_in()
                 t = time.monotonic()
                 stale = int(tracker.stale.sum() + tracker.cold.sum())
                 table = await loop.run_in_executor(self.server._outer_pool, tracker.table)

@@ -25,8 +25,7 @@ __all__ = ["GuestMemory", "MADV_POPULATE_WRITE", "users_of"]
 
 _log = logging.getLogger(__name__)
 
-MADV_POPULATE_READ = 22  # Linux 5.14; not exported by Python 3.11's mmap
-MADV_POPULATE_WRITE = 23
+MADV_POPULATE_WRITE = 23  # Linux 5.14; not exported by Python 3.11's mmap
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _libc.madvise.restype = ctypes.c_int
@@ -407,38 +406,6 @@ class GuestMemory:
         if self.prepare_error is not None:
             raise self.prepare_error
         return (page + 1) * PAGE_SIZE <= self.reserved
-
-    def start_map_in(self, chunk: int = 8 * 1024 * 1024) -> None:
-        """Map every page of the file into this process ahead of use, in a thread.
-
-        A region written with ``pwrite`` has no page-table entries here, and
-        every later read through the mapping (rehashing a digest chunk after
-        scattered pages arrive: 32 pages for one) then takes its page faults,
-        ~20 us each on this kind of machine: most of the destination's part
-        of a pause.  ``MADV_POPULATE_READ`` maps them 16 at a time, ~0.1 s per
-        GiB, off the receive path.  Holes are not touched (a read of a hole
-        of a tmpfs file would allocate it); :meth:`stop_populate` ends it.
-        """
-        if self._populate_thread is not None or self._populate_stop.is_set():
-            return
-        anchor = ctypes.c_char.from_buffer(self._map)
-        base = ctypes.addressof(anchor)
-        del anchor  # the thread is joined before close()
-        holes = self.hole_pages(max_extents=4096)
-
-        def run() -> None:
-            for off in range(0, self.size, chunk):
-                if self._populate_stop.is_set() or self._prepare_abort.is_set():
-                    return
-                first = off // PAGE_SIZE
-                n = min(chunk, self.size - off)
-                if holes[first:first + n // PAGE_SIZE].any():
-                    continue  # keep a sparse region sparse
-                if _libc.madvise(base + off, n, MADV_POPULATE_READ) != 0:
-                    return  # only speed is lost
-
-        self._populate_thread = threading.Thread(target=run, name="precopy-map-in", daemon=True)
-        self._populate_thread.start()
 
     def stop_populate(self, wait: bool = True) -> None:
         """Stop prefaulting (reserving goes on); join the thread if ``wait``."""

@@ -215,8 +215,11 @@ class _Scan:
     dest_table: np.ndarray  # the destination's chunk digests
     hash_s: float  # hashing our chunks
     page_hash_s: float  # hashing the pages of the chunks that differ
+    whole: bool = False  # ``dirty`` is every page of the chunks that differ (a dense set)
 
 
+#: When at least this fraction of the chunks differ, a scan sends them whole.
+_DENSE = 0.5
 #: Runs at least this long are sent straight from memory (see _plan).
 _DIRECT_RUN = 16
 
@@ -820,7 +823,13 @@ class SourceSession:
         if self.chunks.table is None:
             digest = await self._scan(final=False)
             self.chunks.adopt(digest.live, digest.hash_s)
-            missed = page_difference(self.mem.npages, page_union(self.mem.npages, digest.dirty, digest.odd), dirty)
+            found = page_union(self.mem.npages, digest.dirty, digest.odd)
+            if digest.whole:
+                # Chunks, not pages, were compared: those with no reported page are missed.
+                cp = self.chunk_pages
+                found = chunk_pages_of(page_difference(len(digest.live), sorted_distinct(found // cp),
+                                                       sorted_distinct(dirty // cp)), cp, self.mem.npages)
+            missed = page_difference(self.mem.npages, found, dirty)
             if missed.size:
                 _log.info("first scan: %d pages differ from the destination beyond the %d the kernel "
                           "reported (holes punched, or writes the kernel did not see): sending them too",
@@ -882,6 +891,12 @@ class SourceSession:
         t = time.monotonic()
         cp = self.chunk_pages
         pages = chunk_pages_of(cand, cp, self.mem.npages)
+        if cand.size >= _DENSE * len(live):
+            # Most chunks changed (a fast writer): finding the pages inside
+            # them would hash nearly every page one by one (GIL-bound, and the
+            # destination the same for pages without a record) to spare a
+            # few; the chunks go whole, as runs straight from memory.
+            return _Scan(pages, empty, live, dest_table, hash_s, time.monotonic() - t, whole=True)
         # Pages sent straight from memory have no record yet: the
         # destination hashes what it holds of their chunks while we hash
         # ours, and its digests become the record (what it received is

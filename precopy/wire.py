@@ -582,9 +582,10 @@ class Connection:
 
     role: Role
     #: Receive buffer once authenticated; 0: by role.  A destination streams
-    #: page batches and keeps room for two of the largest frames (a partial
-    #: one waits while a whole one is parsed); a source receives only short
-    #: answers and digest tables, one at a time: one frame's room is enough.
+    #: page batches: room for the largest frame plus 1 MiB, so that a batch
+    #: (1 MiB by default) can arrive while one is parsed, and the partial
+    #: frame moved to the front now and then is small; a source receives
+    #: only short answers and digest tables, one at a time.
     buffer_size: int = 0
     phase: Phase = Phase.HELLO
     begin: Begin | None = None
@@ -600,7 +601,7 @@ class Connection:
     def __post_init__(self) -> None:
         if self.buffer_size <= 0:
             frame = PREFIX_SIZE + MAX_META + MAX_PAYLOAD
-            self.buffer_size = 2 * frame if self.role is Role.DEST else frame + 256 * 1024
+            self.buffer_size = frame + (1024 if self.role is Role.DEST else 256) * 1024
         # Full size once authenticated (or when a frame needs it): see _grow.
         self._buf = bytearray(min(self.buffer_size, HANDSHAKE_BUFFER))
 

@@ -940,3 +940,27 @@ async def test_no_reuse_regions_always_creates_a_new_file(work: Path, shm: Path)
         rep = await migrate(server, src, FakeWorkload())
     assert rep.dest_region == "new" and os.stat(dest / "vm.mem").st_ino != inode
     assert (dest / "vm.mem").read_bytes() == src.read_bytes()
+
+
+async def test_dense_dirty_sets_go_as_whole_chunks_and_stay_exact(work: Path, shm: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """When most chunks differ, a scan sends them whole (no per-page pass); with
+    every scan forced to, what commits still equals the paused source."""
+    monkeypatch.setattr(precopy.source, "_DENSE", 0.0)
+    npages = 2048
+    src = work / "vm.mem"
+    mm = make_region(src, npages, seed=4)
+    async with serve(shm / "dest") as server:
+        writer = LiveWriter(mm, pages_per_tick=4)
+        snapshot: dict[str, bytes] = {}
+
+        async def freeze() -> None:
+            await writer.stop()
+            snapshot["mem"] = src.read_bytes()
+
+        try:
+            rep = await migrate(server, src, FakeWorkload(on_pause=freeze), downtime_ms=300)
+        finally:
+            await writer.stop()
+    assert rep.outcome == "committed" and rep.verify_repairs == 0
+    assert (shm / "dest" / "vm.mem").read_bytes() == snapshot["mem"]
