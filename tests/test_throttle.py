@@ -283,6 +283,8 @@ async def test_a_scan_the_throttled_workload_ran_after_is_not_trusted(
     decision counts what its recent runs dirtied, on top of what the scan found."""
     src = work / "t.mem"
     mm = make_region(src, 256)
+    # Fewer than half the chunks: a dense scan would send whole chunks (more pages).
+    BURST = 40
     seen: list[dict[str, Any]] = []
     steps = iter([(Action.CONTINUE, 20), (Action.CONTINUE, 20), (Action.SWITCHOVER, 20)])
 
@@ -296,7 +298,7 @@ async def test_a_scan_the_throttled_workload_ran_after_is_not_trusted(
     class Bursty(ThrottledWorkload):
         async def throttle(self, fraction: float) -> None:
             await super().throttle(fraction)
-            mm[:100] = np.random.default_rng(len(self.calls)).integers(0, 256, (100, 4096), dtype=np.uint8)
+            mm[:BURST] = np.random.default_rng(len(self.calls)).integers(0, 256, (BURST, 4096), dtype=np.uint8)
 
         def ran_since(self, t: float) -> bool:
             return ran
@@ -316,11 +318,11 @@ async def test_a_scan_the_throttled_workload_ran_after_is_not_trusted(
     assert rep.outcome == "committed"
     # Round 1 (unthrottled so far) found nothing; round 2 the burst of the first throttle
     # call; round 3 nothing new: but the workload ran after that scan began.
-    assert [kw["remaining_pages"] for kw in seen] == [0, 100, 0]
-    assert [kw["dirtied_pages"] for kw in seen] == ([0, 200, 100] if ran else [0, 100, 0])
+    assert [kw["remaining_pages"] for kw in seen] == [0, BURST, 0]
+    assert [kw["dirtied_pages"] for kw in seen] == ([0, 2 * BURST, BURST] if ran else [0, BURST, 0])
     # Besides what it found, a switchover sends what the workload dirties until the
-    # pause: a scan's worth at the dirty rate (under 100 pages here), or its recent burst.
-    assert (pages[2] >= 100) is ran, pages
+    # pause: a scan's worth at the dirty rate (under BURST pages here), or its recent burst.
+    assert (pages[2] >= BURST) is ran, pages
 
 
 async def test_a_failure_while_throttled_ends_the_throttle_and_rolls_back(
