@@ -238,20 +238,36 @@ class SwitchoverPolicy:
         over_rounds = rounds_done >= self.max_rounds
         over_time = self.max_time_s is not None and elapsed_s >= self.max_time_s
         if floor_s is not None and self._floor_strikes >= self.floor_rounds:
-            # Throttling cannot lower the floor: never throttle a floor-bound migration.
-            self.throttle_pct, self._high = 0, 0
             why = self._floor_reason(floor_s, scan_s)
             if self.on_nonconvergence == "abort":
+                self.throttle_pct, self._high = 0, 0
                 return Decision(Action.ABORT, expected_s, why + "; aborting")
-            # Force: switch over at the smallest dirty set this migration will
-            # see, i.e. as soon as it stops shrinking by a tenth per round.
+            # Force: the budget is out of reach, so get as close to the floor
+            # as rounds and throttling can (throttling cannot lower the floor,
+            # but it shrinks what is sent above it: a sweep forced at once
+            # paused for ~0.9 s over a ~0.1 s floor), then switch over.
+            near = expected_s <= 1.25 * floor_s
             shrinking = (remaining_pages is not None and prev_min is not None
                          and remaining_pages < 0.9 * prev_min)
-            if shrinking and not (over_rounds or over_time):
+            if near or over_rounds or over_time:
+                return Decision(Action.FORCE, expected_s, why + "; forcing switchover now", self.throttle_pct)
+            note = ""
+            if self.throttle == "auto" and dirtied_pages is not None and sent_pages is not None:
+                halving = (remaining_pages is not None and prev_min is not None
+                           and remaining_pages <= 0.5 * prev_min)
+                before = self.throttle_pct
+                note = self._auto_converge(dirtied_pages, sent_pages, halving)
+                if self.throttle_pct > before or (self.throttle_pct < self.throttle_max_pct and not shrinking
+                                                  and self._high):
+                    return Decision(Action.CONTINUE, expected_s,
+                                    why + f"; throttling toward the floor ({remaining_pages} pages left)" + note,
+                                    self.throttle_pct)
+            if shrinking:
                 return Decision(Action.CONTINUE, expected_s,
                                 why + f"; one more round while the dirty set shrinks "
-                                      f"({remaining_pages} pages, smallest before {prev_min})")
-            return Decision(Action.FORCE, expected_s, why + "; forcing switchover now")
+                                      f"({remaining_pages} pages, smallest before {prev_min})" + note,
+                                self.throttle_pct)
+            return Decision(Action.FORCE, expected_s, why + "; forcing switchover now" + note, self.throttle_pct)
 
         if over_rounds or over_time:
             bound = (f"{rounds_done} rounds" if over_rounds else f"{elapsed_s:.1f} s")

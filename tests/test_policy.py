@@ -398,7 +398,9 @@ def test_floor_strikes_must_be_consecutive() -> None:
 
 
 def test_floor_bound_force_switches_over_once_the_dirty_set_stops_shrinking() -> None:
-    pol = SwitchoverPolicy(downtime_s=0.05, max_rounds=30, on_nonconvergence="force")
+    """Without a throttle to try, a floor-bound forced migration goes on only while
+    the dirty set shrinks by a tenth a round."""
+    pol = SwitchoverPolicy(downtime_s=0.05, max_rounds=30, on_nonconvergence="force", throttle="off")
     assert _round(pol, 0.9, floor=0.08, remaining=9000, rounds=0).action is Action.CONTINUE
     d = _round(pol, 0.5, floor=0.08, remaining=5000, rounds=1)  # floor-bound, but still shrinking
     assert d.action is Action.CONTINUE and "while the dirty set shrinks" in d.reason
@@ -407,24 +409,37 @@ def test_floor_bound_force_switches_over_once_the_dirty_set_stops_shrinking() ->
 
 
 def test_floor_bound_force_does_not_wait_for_max_rounds() -> None:
-    pol = SwitchoverPolicy(downtime_s=0.05, max_rounds=30, on_nonconvergence="force")
+    pol = SwitchoverPolicy(downtime_s=0.05, max_rounds=30, on_nonconvergence="force", throttle="off")
     actions = [_round(pol, 0.5, floor=0.08, remaining=5000, rounds=r).action for r in range(3)]
     assert actions == [Action.CONTINUE, Action.FORCE, Action.FORCE]
 
 
-def test_floor_bound_force_at_the_round_limit_forces_even_while_shrinking() -> None:
-    pol = SwitchoverPolicy(downtime_s=0.05, max_rounds=1, on_nonconvergence="force")
-    _round(pol, 0.9, floor=0.08, remaining=9000, rounds=0)
-    assert _round(pol, 0.5, floor=0.08, remaining=1000, rounds=1).action is Action.FORCE
-
-
-def test_floor_bound_ends_a_throttle() -> None:
+def test_floor_bound_force_near_the_floor_switches_over_at_once() -> None:
     pol = SwitchoverPolicy(downtime_s=0.05, max_rounds=30, on_nonconvergence="force")
-    _round(pol, 0.5, rounds=0, remaining=9000)
-    assert _round(pol, 0.5, rounds=1, remaining=9000).throttle_pct == 20
-    _round(pol, 0.5, floor=0.08, remaining=5000, rounds=2)
-    d = _round(pol, 0.5, floor=0.08, remaining=2000, rounds=3)  # floor-bound, still shrinking
-    assert d.action is Action.CONTINUE and d.throttle_pct == 0 and pol.throttle_pct == 0
+    _round(pol, 0.09, floor=0.08, remaining=100, rounds=0)
+    d = _round(pol, 0.095, floor=0.08, remaining=90, rounds=1)  # within a quarter of the floor
+    assert d.action is Action.FORCE
+
+
+def test_floor_bound_force_throttles_toward_the_floor_then_forces() -> None:
+    """Floor-bound and forced: the budget is out of reach, but a throttle still shrinks
+    what the pause sends above the floor; it steps up as usual, and once it is at its
+    maximum and the dirty set no longer shrinks, the switchover is forced (well before
+    the round limit)."""
+    pol = SwitchoverPolicy(downtime_s=0.05, max_rounds=100, on_nonconvergence="force", throttle_max_pct=40)
+    decisions = [_round(pol, 0.9, floor=0.08, remaining=9000, rounds=r) for r in range(12)]
+    thr = [d.throttle_pct for d in decisions]
+    assert max(thr) == 40 and thr == sorted(thr) and thr[2] == 20  # floor-bound from the second round
+    forced = [d.action for d in decisions].index(Action.FORCE)
+    assert all(d.action is Action.CONTINUE for d in decisions[:forced])
+    assert forced < 12 and thr[forced] == 40 and "throttling toward the floor" in decisions[forced - 1].reason
+    # Abort mode never throttles a floor-bound migration: it ends it.
+    pol = SwitchoverPolicy(downtime_s=0.05, max_rounds=100, on_nonconvergence="abort")
+    _round(pol, 0.9, rounds=0)
+    assert _round(pol, 0.9, rounds=1).throttle_pct == 20
+    _round(pol, 0.9, floor=0.08, rounds=2)
+    d = _round(pol, 0.9, floor=0.08, rounds=3)
+    assert d.action is Action.ABORT and pol.throttle_pct == 0
 
 
 @pytest.mark.parametrize("kwargs", [
@@ -450,7 +465,7 @@ def test_invalid_throttle_arguments(kwargs: dict[str, object]) -> None:
 def test_throttle_invariants(rounds: list[tuple[float, float, int, int]], initial: int, step: int,
                              cap: int, mode: str) -> None:
     """Whatever the measurements: the throttle is 0 or between initial and the cap; it only
-    grows, except to 0 when floor-bound; a round that dirtied at most half of what was sent
+    grows, except to 0 when floor-bound (and aborting); a round that dirtied at most half of what was sent
     never starts it; a stop rule applies as before."""
     cap = max(cap, initial)
     pol = SwitchoverPolicy(downtime_s=0.05, max_rounds=1000, max_time_s=None, on_nonconvergence=mode,
@@ -465,7 +480,7 @@ def test_throttle_invariants(rounds: list[tuple[float, float, int, int]], initia
         elif d.action is Action.CONTINUE:
             assert d.throttle_pct >= prev or d.throttle_pct == 0 and floor > 0.05
             if d.throttle_pct > prev:
-                assert dirtied > sent / 2 and floor <= 0.05
+                assert dirtied > sent / 2 and (floor <= 0.05 or mode == "force")
         else:
             assert d.action in (Action.ABORT, Action.FORCE) and "floor" in d.reason
             break
