@@ -252,7 +252,10 @@ class SwitchoverPolicy:
             if near or over_rounds or over_time:
                 return Decision(Action.FORCE, expected_s, why + "; forcing switchover now", self.throttle_pct)
             note = ""
-            if self.throttle == "auto" and dirtied_pages is not None and sent_pages is not None:
+            # Throttle only for a pause well above the floor: pages that take
+            # long to send, not the estimate's noise over a few pages.
+            if (self.throttle == "auto" and dirtied_pages is not None and sent_pages is not None
+                    and expected_s > 1.5 * floor_s):
                 halving = (remaining_pages is not None and prev_min is not None
                            and remaining_pages <= 0.5 * prev_min)
                 before = self.throttle_pct

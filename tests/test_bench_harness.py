@@ -18,7 +18,8 @@ def test_matrices_cover_the_benchmark_scenarios():
     assert {s.link for s in quick} == {"loopback", "1gbit"}
     assert {s.size for s in full} == {"256M", "1G", "4G"}
     assert {s.size for s in quick} == {"256M", "1G", "4G"}
-    assert [s.workload for s in quick if s.size == "4G"] == ["idle"], "quick runs 4 GiB idle only (scaling)"
+    assert [(s.workload, s.dest_region) for s in quick if s.size == "4G"] == [("idle", "fresh"), ("idle", "existing")], \
+        "quick runs 4 GiB idle only (scaling, with and without the first touch)"
     assert {s.compress for s in quick} == {"off", "lz4", "auto"}
     assert {s.budget_ms for s in full} == {50, 300}
     assert {(s.content, s.compress) for s in full} >= {("random", "off"), ("half-text", "lz4"), ("half-text", "off")}

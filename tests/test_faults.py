@@ -49,14 +49,15 @@ def digest(path: Path) -> int:
 class Setup:
     """A region, a guest (pid or guest-control), a destination, a proxy."""
 
-    def __init__(self, procs: Procs, shm: Path, mode: str = "pid", dest_args: tuple[str, ...] = ()) -> None:
+    def __init__(self, procs: Procs, shm: Path, mode: str = "pid", dest_args: tuple[str, ...] = (),
+                 rate: int = 20000) -> None:
         self.procs, self.shm, self.mode = procs, shm, mode
         self.src = shm / "vm.mem"
         create_region(self.src, SIZE)
         self.dest_args = dest_args
         self.dest = start_dest(procs, shm, *dest_args)
         self.ctl = shm / "g.sock"
-        args = ["dirty", "--memory", str(self.src), "--rate", "20000"]
+        args = ["dirty", "--memory", str(self.src), "--rate", str(rate)]
         if mode == "control":
             args += ["--control", str(self.ctl), "--device-state-size", "64K"]
         self.guest = procs.start(*guest(*args))

@@ -442,6 +442,15 @@ def test_floor_bound_force_throttles_toward_the_floor_then_forces() -> None:
     assert d.action is Action.ABORT and pol.throttle_pct == 0
 
 
+def test_floor_bound_force_does_not_throttle_a_pause_close_to_the_floor() -> None:
+    """A few pages over a floor (the estimate's noise, not pages that take long to
+    send) are no reason to slow the workload down, however fast it dirties them."""
+    pol = SwitchoverPolicy(downtime_s=0.001, max_rounds=30, on_nonconvergence="force")
+    decisions = [_round(pol, 0.0095, floor=0.0070, remaining=6, rounds=r) for r in range(6)]
+    assert all(d.throttle_pct == 0 for d in decisions), [d.reason for d in decisions]
+    assert decisions[-1].action is Action.FORCE
+
+
 @pytest.mark.parametrize("kwargs", [
     {"throttle": "on"},
     {"throttle_initial_pct": 0},

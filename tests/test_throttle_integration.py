@@ -130,9 +130,9 @@ def test_floor_bound_migration_stops_iterating_at_once(procs: Procs, shm: Path, 
     rc, rep, out = run_source(shm, "--to", dest.addr, "--memory", str(src), "--pid", str(g.pid),
                               "--downtime-ms", "1", "--on-nonconvergence", mode)  # default --max-rounds 30
     assert rep is not None, out
-    # Throttling cannot lower a floor; force mode throttles toward it only for a guest
-    # that dirties more than is sent, and 1,000 pages/s does not.
-    assert rep["max_throttle_pct"] == 0
+    # Throttling cannot lower a floor; force mode throttles toward it only when the pause
+    # would send far more than the floor's worth, and a few pages are not that.
+    assert rep["max_throttle_pct"] == 0, out[-3000:]
     if mode == "abort":
         assert rc == 3, out
         assert rep["outcome"] == "aborted"
