@@ -946,7 +946,7 @@ async def test_dense_dirty_sets_go_as_whole_chunks_and_stay_exact(work: Path, sh
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """When most chunks differ, a scan sends them whole (no per-page pass); with
     every scan forced to, what commits still equals the paused source."""
-    monkeypatch.setattr(precopy.source, "_DENSE", 0.0)
+    monkeypatch.setattr(precopy.source, "_written_fraction", lambda *a: 1.0)
     npages = 2048
     src = work / "vm.mem"
     mm = make_region(src, npages, seed=4)
@@ -964,3 +964,46 @@ async def test_dense_dirty_sets_go_as_whole_chunks_and_stay_exact(work: Path, sh
             await writer.stop()
     assert rep.outcome == "committed" and rep.verify_repairs == 0
     assert (shm / "dest" / "vm.mem").read_bytes() == snapshot["mem"]
+
+
+@pytest.mark.parametrize("changed, least", [(0, 0.0), (2048, 1.0), (1782, 0.071), (1024, 0.042), (2047, 0.21)])
+def test_a_scan_estimates_how_much_of_its_changed_chunks_was_written(changed: int, least: float) -> None:
+    """Evenly spread writes are the sparsest way to change that many chunks: 87 %
+    of 2,048 chunks of 32 pages changed means at least ~7 % of their pages were
+    written -- sending them whole would send ~14 times what was written."""
+    got = precopy.source._written_fraction(changed, 2048, 32)
+    assert got == pytest.approx(least, abs=0.01)
+
+
+@pytest.mark.parametrize("every, hash_bps, whole", [
+    (64, 1e3, False),  # half the chunks changed, a page each: found page by page
+    (16, 1e3, True),   # every chunk changed (cannot tell how much of each): whole, on a fast link
+    (16, 1e18, False),  # ... but not on a link slower than hashing pages
+])
+async def test_scattered_writes_over_many_chunks_are_not_sent_whole(
+        work: Path, shm: Path, monkeypatch: pytest.MonkeyPatch, every: int, hash_bps: float, whole: bool) -> None:
+    """One page in ``every`` written at the pause: a whole-chunk send would be many
+    times what was written, so the scan finds the pages -- unless every chunk
+    changed and the link is faster than hashing pages one by one."""
+    npages = 2048
+    src = work / "vm.mem"
+    mm = make_region(src, npages, seed=5)
+    monkeypatch.setattr(precopy.source, "_PAGE_HASH_BPS", hash_bps)
+    sent: list[int] = []
+    real = precopy.source.SourceSession._send_pages
+
+    async def send_pages(self: Any, indices: np.ndarray, rnd: Any, phase: str, **kw: Any) -> None:
+        if phase != "full copy":
+            sent.append(len(indices))
+        await real(self, indices, rnd, phase, **kw)
+
+    monkeypatch.setattr(precopy.source.SourceSession, "_send_pages", send_pages)
+
+    async def scribble() -> None:
+        mm.reshape(npages, 4096)[::every, :8] ^= 0xFF
+
+    async with serve(shm / "dest") as server:
+        rep = await migrate(server, src, FakeWorkload(on_pause=scribble), downtime_ms=5000)
+    assert rep.outcome == "committed" and rep.verify_repairs == 0
+    assert (shm / "dest" / "vm.mem").read_bytes() == src.read_bytes()
+    assert sum(sent) == (npages if whole else npages // every), sent
