@@ -1,0 +1,49 @@
+#!/bin/bash
+# Profile one 1 GiB idle loopback migration with py-spy on both agents.
+#
+#   benchmarks/profile_migration.sh [existing|fresh] [OUTDIR]
+#
+# existing: the destination already holds a region of the right size with
+# other contents (every page moves, none is touched for the first time);
+# fresh: it creates the region.  Writes OUTDIR/{dest,src}-MODE.txt (py-spy
+# raw stacks, 1 kHz: pauses each agent while it samples, so the run is
+# slower than unprofiled), OUTDIR/report-MODE.json and a summary of both
+# profiles (benchmarks/pyspy_summary.py).  Needs py-spy in .venv
+# (.venv/bin/pip install py-spy) and ~3 GiB of /dev/shm.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+MODE=${1:-existing}
+OUT=${2:-benchmarks/out/profile}
+PY=.venv/bin/python
+SPY=.venv/bin/py-spy
+[ -x "$SPY" ] || { echo "py-spy missing: .venv/bin/pip install py-spy" >&2; exit 2; }
+mkdir -p "$OUT"
+W=$(mktemp -d /dev/shm/precopy-profile.XXXXXX)
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$W"; }
+trap cleanup EXIT
+mkdir -p "$W/dest"
+$PY - "$W" "$MODE" <<'PYEOF'
+import sys
+from pathlib import Path
+from precopy.guest import create_region
+w, mode = Path(sys.argv[1]), sys.argv[2]
+create_region(w / "src.mem", 1 << 30, "random", 1)
+if mode == "existing":
+    create_region(w / "dest" / "bench", 1 << 30, "random", 1001)
+PYEOF
+$PY -m precopy.guest dirty --memory "$W/src.mem" --rate 0 & PIDS+=($!); G=$!
+$PY -m agents.dest_main --listen 127.0.0.1:0 --memory-dir "$W/dest" --ready-file "$W/ready" \
+    --log-level warning --insecure & PIDS+=($!); D=$!
+for _ in $(seq 100); do [ -s "$W/ready" ] && break; sleep 0.1; done
+sleep 0.7
+$SPY record -r 1000 -f raw -o "$OUT/dest-$MODE.txt" --pid "$D" >/dev/null 2>&1 & PD=$!
+$PY -m agents.source_main --to "$(cat "$W/ready")" --memory "$W/src.mem" --pid "$G" --name bench \
+    --downtime-ms 50 --compress off --on-nonconvergence force --report "$OUT/report-$MODE.json" \
+    --progress off --log-level warning & S=$!
+$SPY record -r 1000 -f raw -o "$OUT/src-$MODE.txt" --pid "$S" >/dev/null 2>&1 & PS=$!
+wait "$S" || true
+sleep 0.5
+kill -INT "$PD" 2>/dev/null || true
+wait "$PS" "$PD" 2>/dev/null || true
+$PY benchmarks/pyspy_summary.py "$OUT/dest-$MODE.txt" "$OUT/src-$MODE.txt"
