@@ -10,17 +10,21 @@
 # slower than unprofiled), OUTDIR/report-MODE.json and a summary of both
 # profiles (benchmarks/pyspy_summary.py).  Needs py-spy in .venv
 # (.venv/bin/pip install py-spy) and ~3 GiB of /dev/shm.
+# With NOSPY=1: no profiler; prints the CPU seconds each agent used instead
+# (wall time vs CPU time of a 2-core machine shared by both agents).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODE=${1:-existing}
 OUT=${2:-benchmarks/out/profile}
 PY=.venv/bin/python
 SPY=.venv/bin/py-spy
-[ -x "$SPY" ] || { echo "py-spy missing: .venv/bin/pip install py-spy" >&2; exit 2; }
+NOSPY=${NOSPY:-0}
+[ "$NOSPY" = 1 ] || [ -x "$SPY" ] || { echo "py-spy missing: .venv/bin/pip install py-spy" >&2; exit 2; }
 mkdir -p "$OUT"
 W=$(mktemp -d /dev/shm/precopy-profile.XXXXXX)
 PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$W"; }
+# The guest is left stopped by the commit (SIGSTOP): it gets SIGKILL.
+cleanup() { for p in "${PIDS[@]}"; do kill -KILL "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$W"; }
 trap cleanup EXIT
 mkdir -p "$W/dest"
 $PY - "$W" "$MODE" <<'PYEOF'
@@ -37,13 +41,22 @@ $PY -m agents.dest_main --listen 127.0.0.1:0 --memory-dir "$W/dest" --ready-file
     --log-level warning --insecure & PIDS+=($!); D=$!
 for _ in $(seq 100); do [ -s "$W/ready" ] && break; sleep 0.1; done
 sleep 0.7
-$SPY record -r 1000 -f raw -o "$OUT/dest-$MODE.txt" --pid "$D" >/dev/null 2>&1 & PD=$!
-$PY -m agents.source_main --to "$(cat "$W/ready")" --memory "$W/src.mem" --pid "$G" --name bench \
+cpu() { awk '{printf "%.2f", ($14 + $15) / 100}' "/proc/$1/stat"; }
+D0=$(cpu "$D")
+PD=""; PS=""
+[ "$NOSPY" = 1 ] || { $SPY record -r 1000 -f raw -o "$OUT/dest-$MODE.txt" --pid "$D" >/dev/null 2>&1 & PD=$!; }
+/usr/bin/time -f "source CPU: %U s user + %S s system, wall %e s" -o "$W/time" $PY -m agents.source_main --to "$(cat "$W/ready")" --memory "$W/src.mem" --pid "$G" --name bench \
     --downtime-ms 50 --compress off --on-nonconvergence force --report "$OUT/report-$MODE.json" \
     --progress off --log-level warning & S=$!
-$SPY record -r 1000 -f raw -o "$OUT/src-$MODE.txt" --pid "$S" >/dev/null 2>&1 & PS=$!
+[ "$NOSPY" = 1 ] || { $SPY record -s -r 1000 -f raw -o "$OUT/src-$MODE.txt" --pid "$S" >/dev/null 2>&1 & PS=$!; }
 wait "$S" || true
-sleep 0.5
-kill -INT "$PD" 2>/dev/null || true
-wait "$PS" "$PD" 2>/dev/null || true
-$PY benchmarks/pyspy_summary.py "$OUT/dest-$MODE.txt" "$OUT/src-$MODE.txt"
+echo "destination CPU: $(awk -v a="$D0" -v b="$(cpu "$D")" 'BEGIN{printf "%.2f", b - a}') s (user + system)"
+cat "$W/time"
+/usr/bin/time -f "  of which starting the interpreter and imports: %U s user + %S s system" $PY -c "import agents.source_main"
+$PY -c "import json,sys; r=json.load(open(sys.argv[1])); print('migration', round(r['total_time_s'], 3), 's;', ', '.join(f\"{x['kind']} {x['seconds']:.3f} s\" for x in r['rounds']))" "$OUT/report-$MODE.json"
+if [ "$NOSPY" != 1 ]; then
+    sleep 0.5
+    kill -INT "$PD" 2>/dev/null || true
+    wait "$PS" "$PD" 2>/dev/null || true
+    $PY benchmarks/pyspy_summary.py "$OUT/dest-$MODE.txt" "$OUT/src-$MODE.txt"
+fi
