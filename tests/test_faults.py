@@ -80,6 +80,12 @@ class Setup:
         )
         return self.source
 
+    def migrate_through(self, fault: Fault, *extra: str) -> tuple[int, dict[str, Any] | None, str]:
+        """Migrate through a fault proxy in front of the destination; :meth:`finish`'s result."""
+        with FaultProxy(("127.0.0.1", dport(self.dest)), [fault]) as proxy:
+            self.start_source(proxy.addr, *extra)
+            return self.finish()
+
     def finish(self, timeout: float = 60) -> tuple[int, dict[str, Any] | None, str]:
         assert self.source is not None
         rc = self.source.wait(timeout)
@@ -153,9 +159,7 @@ def fault_at(phase: str, **kw: Any) -> Fault:
 def test_proxy_cut_before_commit_rolls_back(procs: Procs, shm: Path, phase: str) -> None:
     s = Setup(procs, shm)
     fault = fault_at(phase, action="cut", keep=7)  # mid-frame: part of the prefix went through
-    with FaultProxy(("127.0.0.1", dport(s.dest)), [fault]) as proxy:
-        s.start_source(proxy.addr)
-        rc, rep, log = s.finish()
+    rc, rep, log = s.migrate_through(fault)
     assert fault.fired.is_set(), f"the {phase} fault never triggered: {log}"
     assert rc == 3, s.diag()
     assert rep is not None and rep["outcome"] == "aborted"
@@ -201,9 +205,7 @@ def test_proxy_cut_loses_committed(procs: Procs, shm: Path) -> None:
 def test_dest_sigkill_before_commit_rolls_back(procs: Procs, shm: Path, phase: str) -> None:
     s = Setup(procs, shm)
     fault = fault_at(phase, action="kill", callback=s.kill_dest)
-    with FaultProxy(("127.0.0.1", dport(s.dest)), [fault]) as proxy:
-        s.start_source(proxy.addr, "--migration-id", "m-dest-kill")
-        rc, rep, log = s.finish()
+    rc, rep, log = s.migrate_through(fault, "--migration-id", "m-dest-kill")
     assert fault.fired.is_set(), f"the {phase} fault never triggered: {log}"
     assert rc == 3, s.diag()
     s.assert_runs_on_source()
@@ -220,9 +222,7 @@ def test_dest_sigkill_after_commit_stays_dead_is_in_doubt(procs: Procs, shm: Pat
     tell the source, so exit 4 with the guest paused; the restarted daemon holds the region."""
     s = Setup(procs, shm)
     fault = Fault(action="kill", kind=Kind.COMMITTED, direction=S2C, callback=s.kill_dest)
-    with FaultProxy(("127.0.0.1", dport(s.dest)), [fault]) as proxy:
-        s.start_source(proxy.addr, "--migration-id", "m-doubt", "--outcome-retries", "2")
-        rc, rep, log = s.finish()
+    rc, rep, log = s.migrate_through(fault, "--migration-id", "m-doubt", "--outcome-retries", "2")
     assert fault.fired.is_set()
     assert rc == 4, s.diag()
     assert rep["outcome"] == "in-doubt"  # type: ignore[index]
@@ -251,7 +251,7 @@ def test_dest_sigkill_after_commit_sent_restarted_in_time(procs: Procs, shm: Pat
         fault = fault_at("commit-sent", action="kill", callback=kill_and_restart)
     else:  # the daemon committed, then died before COMMITTED left
         fault = Fault(action="kill", kind=Kind.COMMITTED, direction=S2C, callback=kill_and_restart)
-    with FaultProxy(("127.0.0.1", dport(s.dest)), [fault]) as proxy:
+    with FaultProxy(("127.0.0.1", dport(s.dest)), [fault]) as proxy:  # the restart repoints it
         s.start_source(proxy.addr, "--migration-id", "m-restart")
         rc, rep, log = s.finish()
     assert fault.fired.is_set()
@@ -281,9 +281,7 @@ SOURCE_KILL_CASES = [(p, "pid") for p in PRE_COMMIT] + [
 def test_source_sigkill_before_commit_guest_resumes(procs: Procs, shm: Path, phase: str, mode: str) -> None:
     s = Setup(procs, shm, mode)
     fault = fault_at(phase, action="kill", callback=s.kill_source)
-    with FaultProxy(("127.0.0.1", dport(s.dest)), [fault]) as proxy:
-        s.start_source(proxy.addr)
-        rc, rep, log = s.finish()
+    rc, rep, log = s.migrate_through(fault)
     assert fault.fired.is_set(), f"the {phase} fault never triggered: {log}"
     assert rc == -signal.SIGKILL
     s.assert_runs_on_source()

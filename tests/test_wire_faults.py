@@ -29,9 +29,7 @@ def test_flipped_page_byte_is_detected_and_never_lands(procs: Procs, shm, compre
     s = Setup(procs, shm, rate=1000 if compress == "off" else 20000)
     checked = (lambda m: "h" in m and len(m["i"]) >= 8) if compress == "off" else (lambda m: m.get("c") == 1 or "cd" in m)
     fault = Fault(action="flip", kind=Kind.PAGES, where=checked, in_payload=True, offset=1234)
-    with FaultProxy(("127.0.0.1", dport(s.dest)), [fault]) as proxy:
-        s.start_source(proxy.addr, "--compress", compress)
-        rc, rep, log = s.finish()
+    rc, rep, log = s.migrate_through(fault, "--compress", compress)
     assert fault.fired.is_set()
     assert rc == 3, s.diag()
     assert "corrupt" in rep["error"] or "lz4" in rep["error"] or "checksum" in rep["error"], s.diag()  # type: ignore[index]
@@ -49,9 +47,7 @@ def test_flipped_byte_of_a_page_sent_straight_from_memory_is_repaired(procs: Pro
     s = Setup(procs, shm)
     fault = Fault(action="flip", kind=Kind.PAGES, where=lambda m: "h" not in m and "cd" not in m, nth=4,
                   in_payload=True, offset=1234)
-    with FaultProxy(("127.0.0.1", dport(s.dest)), [fault]) as proxy:
-        s.start_source(proxy.addr)
-        rc, rep, log = s.finish()
+    rc, rep, log = s.migrate_through(fault)
     assert fault.fired.is_set()
     assert rc == 0, s.diag()
     s.assert_runs_on_destination()
@@ -62,9 +58,7 @@ def test_flipped_meta_byte_is_a_protocol_error(procs: Procs, shm) -> None:  # ty
     protocol error, the migration rolls back."""
     s = Setup(procs, shm)
     fault = Fault(action="flip", kind=Kind.PAGES, nth=2, offset=2)
-    with FaultProxy(("127.0.0.1", dport(s.dest)), [fault]) as proxy:
-        s.start_source(proxy.addr)
-        rc, rep, log = s.finish()
+    rc, rep, log = s.migrate_through(fault)
     assert fault.fired.is_set()
     assert rc == 3, s.diag()
     assert "PAGES" in rep["error"], s.diag()  # type: ignore[index]
@@ -76,9 +70,7 @@ def test_flipped_device_state_is_refused_at_commit(procs: Procs, shm) -> None:  
     """The device state is checked against COMMIT's checksum: a corrupted blob is never committed."""
     s = Setup(procs, shm, "control")
     fault = Fault(action="flip", kind=Kind.DEVICE_STATE, in_payload=True, offset=4000)
-    with FaultProxy(("127.0.0.1", dport(s.dest)), [fault]) as proxy:
-        s.start_source(proxy.addr)
-        rc, rep, log = s.finish()
+    rc, rep, log = s.migrate_through(fault)
     assert fault.fired.is_set()
     assert rc == 3, s.diag()
     assert "checksum" in rep["error"], s.diag()  # type: ignore[index]
@@ -107,9 +99,7 @@ def test_page_number_corrupted_within_limits_is_repaired(procs: Procs, shm) -> N
     s = Setup(procs, shm)
     fault = Fault(action="mutate", kind=Kind.PAGES, where=lambda m: "cd" not in m and len(m["i"]) >= 8,
                   mutate=_misplace)
-    with FaultProxy(("127.0.0.1", dport(s.dest)), [fault]) as proxy:
-        s.start_source(proxy.addr)
-        rc, rep, log = s.finish()
+    rc, rep, log = s.migrate_through(fault)
     assert fault.fired.is_set()
     assert rc == 0, s.diag()
     s.assert_runs_on_destination()
@@ -121,9 +111,7 @@ def test_page_number_of_a_whole_chunk_batch_corrupted_is_refused(procs: Procs, s
     is written; the migration rolls back and the guest keeps running."""
     s = Setup(procs, shm)
     fault = Fault(action="mutate", kind=Kind.PAGES, where=lambda m: "cd" in m, nth=3, mutate=_misplace)
-    with FaultProxy(("127.0.0.1", dport(s.dest)), [fault]) as proxy:
-        s.start_source(proxy.addr, "--compress", "lz4")  # a compressed full copy is staged, with chunk digests
-        rc, rep, log = s.finish()
+    rc, rep, log = s.migrate_through(fault, "--compress", "lz4")  # a compressed full copy is staged, with chunk digests
     assert fault.fired.is_set()
     assert rc == 3, s.diag()
     assert "whole chunks" in rep["error"], s.diag()  # type: ignore[index]
@@ -136,9 +124,7 @@ def test_corrupted_digest_table_only_causes_a_resend(procs: Procs, shm) -> None:
     chunk and verifies again; the commit still holds exactly the source memory."""
     s = Setup(procs, shm)
     fault = Fault(action="flip", kind=Kind.DIGEST_TABLE, direction=S2C, nth=2, in_payload=True, offset=9)
-    with FaultProxy(("127.0.0.1", dport(s.dest)), [fault]) as proxy:
-        s.start_source(proxy.addr)
-        rc, rep, log = s.finish()
+    rc, rep, log = s.migrate_through(fault)
     assert fault.fired.is_set()
     assert rc == 0, s.diag()
     s.assert_runs_on_destination()
@@ -186,9 +172,7 @@ def test_keep_partial_keeps_it_under_its_partial_name_only(procs: Procs, shm) ->
     restart), never under NAME; a later migration of the same region commits normally."""
     s = Setup(procs, shm, dest_args=("--keep-partial",))
     fault = fault_at("iterative", action="cut")
-    with FaultProxy(("127.0.0.1", dport(s.dest)), [fault]) as proxy:
-        s.start_source(proxy.addr, "--migration-id", "m-kept")
-        rc, rep, log = s.finish()
+    rc, rep, log = s.migrate_through(fault, "--migration-id", "m-kept")
     assert rc == 3, s.diag()
     kept = s.dest.memory_dir / ".vm.mem.m-kept.partial"
     from .conftest import wait_for
