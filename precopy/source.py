@@ -310,9 +310,10 @@ class SourceSession:
         self._rtt = 0.001
         self._last_scan_s = 0.0
         self._prev_scan_s = 0.0
+        self._prev_detect_s = 0.0  # the tracker's detection in the scan before
+        self._settle_seq: int | None = None  # a table asked for by _settle, not yet answered
         self._floor_scan_s = float("inf")  # the fastest scan of the whole region so far
         self._chunk_hash_s = 0.0  # hashing one chunk, as measured in the last scan
-        self._round_chunks = 0  # chunks the last round sent pages to
         self._hash_pool = ThreadPoolExecutor(2, thread_name_prefix="precopy-hash")
         self._outer_pool = ThreadPoolExecutor(1, thread_name_prefix="precopy-scan")
         self._guardian: Guardian | None = None
@@ -969,7 +970,7 @@ class SourceSession:
         return pages * PAGE_SIZE * ratio / max(self.link.bytes_per_second, 1.0) + self._last_scan_s
 
     def _expected(self, remaining_pages: int, device_state_bytes: int = 0,
-                  final_scan_s: float | None = None, *, floor: bool = False) -> float:
+                  final_scan_s: float | None = None) -> float:
         verify_s = 0.0
         assert self.mem is not None
         nchunks = -(-self.mem.npages // self.chunk_pages)
@@ -978,13 +979,13 @@ class SourceSession:
             # Verification (always with a tracker; with digests after pages
             # were sent paused): a round trip, the destination's chunk table
             # back, and first its rehash of every chunk written since its
-            # last refresh -- those of the pages still to send and, with a
-            # tracker, of the last round (sent just before the pause, so its
-            # refresh is seldom done by then).  Scattered pages cost a whole
-            # chunk each: with 500 pages that was most of a 30 ms pause.
-            stale = min(remaining_pages, nchunks) + (0 if floor or not tracked else self._round_chunks)
+            # last refresh -- those of the pages still to send (the last
+            # round's were settled while it ran: _settle).
+            # Scattered pages cost a whole chunk each: with 500 pages that
+            # was most of a 30 ms pause.
+            stale = min(remaining_pages, nchunks)
             verify_s = (self._rtt + nchunks * 8 / max(self.link.bytes_per_second, 1.0)
-                        + min(stale, nchunks) * self._chunk_hash_s)
+                        + stale * self._chunk_hash_s)
         return verify_s + expected_downtime(
             remaining_pages=remaining_pages,
             bandwidth_bps=self.link.bytes_per_second,
@@ -1040,7 +1041,15 @@ class SourceSession:
                 stale = max(self._recent_dirty)
                 later = max(later, stale)
                 dirtied = min(self.mem.npages, dirtied + stale)
-            expected = self._expected(len(todo) + later)
+            final_scan_s = None
+            if self.tracker is not None and self.chunks is not None and self.chunks.table is not None:
+                # Paused, the tracker's scan rehashes only the chunks of what
+                # is written from now to the pause (``todo``'s were rehashed
+                # in this scan): its detection plus ``later`` pages' chunks,
+                # not this scan's rehash of the whole dirty set.
+                final_scan_s = max(scan.hash_s, self._prev_detect_s) + self.chunks.estimate(later)
+                self._prev_detect_s = scan.hash_s
+            expected = self._expected(len(todo) + later, final_scan_s=final_scan_s)
             # For the floor rule and auto-converge: what a pause with nothing
             # left to send would cost (the part of the scan no dirty page
             # adds to: hashing every chunk, or the tracker's scan), and what
@@ -1057,7 +1066,7 @@ class SourceSession:
             last = self.report.rounds[-1]
             # A workload that writes leaves pages for any pause, and so the
             # verification they bring: the floor counts one.
-            floor = (self._expected(1 if len(dirty) else 0, final_scan_s=self._floor_scan_s, floor=True)
+            floor = (self._expected(1 if len(dirty) else 0, final_scan_s=self._floor_scan_s)
                      if self._floor_scan_s != float("inf") else None)
             _log.debug("round %d: downtime floor %s (scan %.1f ms); %d pages dirtied while %d were sent",
                        rounds_done + 1, "unknown" if floor is None else f"{floor * 1e3:.1f} ms",
@@ -1078,6 +1087,7 @@ class SourceSession:
                 # The first round's set spans the full copy: never pause on it.
                 decision = dataclasses.replace(decision, action=Action.CONTINUE,
                                                reason=decision.reason + "; one more tracked round first")
+            await self._settled()
             if decision.action is Action.CONTINUE:
                 await self._throttle(decision.throttle_pct, release=held)
             throttled = f", throttle {self._throttle_pct} %" if self._throttle_pct else ""
@@ -1102,7 +1112,8 @@ class SourceSession:
                               dirty_rate_pps=self.dirty_rate.pages_per_second,
                               expected_downtime_ms=expected * 1e3, throttle_pct=self._throttle_pct)
             await self._send_pages(todo, rnd, "iterating", fill=1)
-            self._round_chunks = len(sorted_distinct(todo // self.chunk_pages))
+            if self.tracker is not None and len(todo):
+                await self._settle()
             rnd.seconds = time.monotonic() - t
             rnd.bandwidth_bps = self.link.bytes_per_second
             self.report.rounds.append(rnd)
@@ -1200,6 +1211,7 @@ class SourceSession:
         """
         assert self.mem is not None
         phases: dict[str, float] = {}
+        await self._settled()  # (already, normally: see _iterate)
         if self._guardian is not None:
             self._guardian.declare(ARMED)  # before the pause: a crash from here on resumes it
         t_pause = time.monotonic()
@@ -1309,6 +1321,31 @@ class SourceSession:
             except PrecopyError as exc:
                 _log.warning("committed, but stopping the source workload failed: %s", exc)
         _log.info("committed: downtime %.1f ms (expected %.1f ms)", self.report.downtime_ms, expected_s * 1e3)
+
+    async def _settle(self) -> None:
+        """Ask the destination for its table after a tracked round's pages (answer: :meth:`_settled`).
+
+        With kernel write tracking nothing else asks the destination for its
+        chunk table between rounds, and its background rehash lags behind a
+        fast round: the verification after the pause would first rehash that
+        backlog (2-28 ms measured, most of a 10-30 ms pause, and not in the
+        estimate).  Asked for right after the round's pages, the destination
+        hashes them while this side scans and decides, and the workload runs.
+        """
+        self._seq += 1
+        self._settle_seq = self._seq
+        await self._send_event(DigestRequest(seq=self._seq))
+
+    async def _settled(self) -> None:
+        """Wait for the answer to :meth:`_settle`, if one is due (its table itself is not needed)."""
+        if self._settle_seq is None:
+            return
+        t = time.monotonic()
+        table: DigestTable = await self._expect(DigestTable)
+        if table.seq != self._settle_seq:
+            raise RemoteProtocolError(f"digest table {table.seq} answers request {self._settle_seq}")
+        self._settle_seq = None
+        _log.debug("destination settled %.1f ms after the scan", (time.monotonic() - t) * 1e3)
 
     async def _verify(self, frozen: np.ndarray) -> np.ndarray:
         self._seq += 1
