@@ -509,7 +509,7 @@ def fuzz_source_decoder(seed: int, budget_frames: int, begin: Begin) -> Stats:
     phases = [Phase.HELLO_ACK, Phase.AUTH_OK, Phase.BEGIN_SENT, Phase.COPYING, Phase.PAUSED,
               Phase.COMMIT_SENT, Phase.QUERY_SENT]
     src = Connection(Role.SOURCE)
-    src._grow()
+    src._grow(src.buffer_size)
     nchunks = -(-begin.npages // begin.chunk_pages)
     t0 = time.perf_counter()
     while stats.frames < budget_frames:

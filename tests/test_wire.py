@@ -49,6 +49,7 @@ from .helpers import (
 from precopy import auth
 from precopy.errors import AbortCode, LocalProtocolError, RemoteProtocolError
 from precopy.wire import (
+    HANDSHAKE_BUFFER,
     MAX_BATCH_PAGES,
     MAX_DEVICE_STATE,
     MAX_META,
@@ -850,6 +851,25 @@ def test_digest_requests_are_counted() -> None:
     pair.exchange(D, DigestTable(seq=2, digests=table))
     with pytest.raises(LocalProtocolError, match="without a request"):
         pair.dst.send(DigestTable(seq=3, digests=table))
+
+
+def test_a_source_receive_buffer_grows_only_as_far_as_a_frame_needs() -> None:
+    """A source receives answers and tables: no multi-MiB buffer for a 64 KiB table."""
+    npages = 1 << 17  # a 512 MiB region in 1-page chunks: a 1 MiB chunk table
+    begin = Begin(migration_id="mig-big", name="big", size=npages * PAGE_SIZE, chunk_pages=1)
+    pair = Pair()
+    pair.start(begin)
+    with pair.src.get_buffer(1) as room:
+        assert len(room) <= HANDSHAKE_BUFFER  # still the handshake's after READY
+    pair.exchange(S, DigestRequest(seq=1))
+    table = np.arange(npages, dtype=np.uint64)
+    # As the channel reads: recv_into get_buffer(), 64 KiB at a time.
+    got = feed_zero_copy(pair.src, join(pair.dst.send(DigestTable(seq=1, digests=table))), 64 * 1024)
+    assert len(got) == 1 and np.array_equal(got[0].digests, table)
+    grown = len(pair.src._buf)
+    assert npages * 8 <= grown < pair.src.buffer_size  # what the frame needed, not the full 4+ MiB
+    with pair.dst.get_buffer(1) as room:
+        assert len(room) > 4 * 1024 * 1024  # a destination takes its full buffer at once
 
 
 # --------------------------------------------------------------------------
