@@ -12,6 +12,9 @@
 # (.venv/bin/pip install py-spy) and ~3 GiB of /dev/shm.
 # With NOSPY=1: no profiler; prints the CPU seconds each agent used instead
 # (wall time vs CPU time of a 2-core machine shared by both agents).
+# GUEST="--rate 200000 --hot-fraction 1" sets the guest's writes (default
+# idle); CONTROL=1 drives it through its guest-control socket (kernel write
+# tracking, uffd-wp) instead of --pid; SRCARGS adds source options.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODE=${1:-existing}
@@ -36,18 +39,28 @@ create_region(w / "src.mem", 1 << 30, "random", 1)
 if mode == "existing":
     create_region(w / "dest" / "bench", 1 << 30, "random", 1001)
 PYEOF
-$PY -m precopy.guest dirty --memory "$W/src.mem" --rate 0 & PIDS+=($!); G=$!
+GUEST=${GUEST:---rate 0}
+CONTROL=${CONTROL:-0}
+CTL=()
+[ "$CONTROL" = 1 ] && CTL=(--control "$W/guest.sock")
+# shellcheck disable=SC2086
+$PY -m precopy.guest dirty --memory "$W/src.mem" $GUEST "${CTL[@]}" & PIDS+=($!); G=$!
 $PY -m agents.dest_main --listen 127.0.0.1:0 --memory-dir "$W/dest" --ready-file "$W/ready" \
     --log-level warning --insecure & PIDS+=($!); D=$!
 for _ in $(seq 100); do [ -s "$W/ready" ] && break; sleep 0.1; done
 sleep 0.7
+WHO=(--pid "$G")
+if [ "$CONTROL" = 1 ]; then
+    for _ in $(seq 100); do [ -S "$W/guest.sock" ] && break; sleep 0.1; done
+    WHO=(--guest-control "$W/guest.sock")
+fi
 cpu() { awk '{printf "%.2f", ($14 + $15) / 100}' "/proc/$1/stat"; }
 D0=$(cpu "$D")
 PD=""; PS=""
 [ "$NOSPY" = 1 ] || { $SPY record -r 1000 -f raw -o "$OUT/dest-$MODE.txt" --pid "$D" >/dev/null 2>&1 & PD=$!; }
-/usr/bin/time -f "source CPU: %U s user + %S s system, wall %e s" -o "$W/time" $PY -m agents.source_main --to "$(cat "$W/ready")" --memory "$W/src.mem" --pid "$G" --name bench \
+/usr/bin/time -f "source CPU: %U s user + %S s system, wall %e s" -o "$W/time" $PY -m agents.source_main --to "$(cat "$W/ready")" --memory "$W/src.mem" "${WHO[@]}" --name bench \
     --downtime-ms 50 --compress off --on-nonconvergence force --report "$OUT/report-$MODE.json" \
-    --progress off --log-level warning & S=$!
+    --progress off --log-level warning ${SRCARGS:-} & S=$!
 [ "$NOSPY" = 1 ] || { $SPY record -s -r 1000 -f raw -o "$OUT/src-$MODE.txt" --pid "$S" >/dev/null 2>&1 & PS=$!; }
 wait "$S" || true
 echo "destination CPU: $(awk -v a="$D0" -v b="$(cpu "$D")" 'BEGIN{printf "%.2f", b - a}') s (user + system)"
