@@ -1079,6 +1079,8 @@ class SourceSession:
                 rounds_done=rounds_done, elapsed_s=time.monotonic() - self._t0, expected_s=expected,
                 floor_s=floor, scan_s=self._floor_scan_s if floor is not None else None, dirtied_pages=dirtied,
                 sent_pages=last.pages_sent + last.zero_pages, remaining_pages=len(todo),
+                at_floor_scan_s=(self._expected(len(todo) + later, final_scan_s=self._floor_scan_s)
+                                 if floor is not None else None),
             )
             if (decision.action is Action.SWITCHOVER and self.tracker is not None
                     and rounds_done + 1 < self.policy.max_rounds
