@@ -28,6 +28,8 @@ __all__ = ["Channel", "LinkError", "connect"]
 _log = logging.getLogger(__name__)
 
 SOCKET_BUFFER = 4 * 1024 * 1024
+#: Buffers one sendmsg may take (Linux's IOV_MAX).
+_IOV_MAX = 1024
 
 
 class LinkError(PrecopyError):
@@ -154,23 +156,28 @@ class Channel:
     async def _write_all(self, bufs: list[Any]) -> int:
         """Write a frame's buffers; returns their length.
 
-        One ``sendmsg`` of header and payload together: a syscall less per
-        batch, and the kernel gets the frame at once.  Whatever the socket
-        does not take now goes out with ``sock_sendall``, which waits for room.
+        One ``sendmsg`` of header and payload together (at most ``_IOV_MAX``
+        buffers a call): a syscall less per batch, and the kernel gets the
+        frame at once.  Whatever the socket does not take now goes out with
+        ``sock_sendall``, which waits for room.
         """
         views = [memoryview(b).cast("B") for b in bufs]
-        total = sum(v.nbytes for v in views)
-        try:
-            sent = self.sock.sendmsg(views)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        if sent < total:
-            for v in views:
-                if sent >= v.nbytes:
-                    sent -= v.nbytes
-                    continue
-                await self._write(v[sent:])
+        total = 0
+        for lo in range(0, len(views), _IOV_MAX):
+            group = views[lo:lo + _IOV_MAX]
+            size = sum(v.nbytes for v in group)
+            total += size
+            try:
+                sent = self.sock.sendmsg(group)
+            except (BlockingIOError, InterruptedError):
                 sent = 0
+            if sent < size:
+                for v in group:
+                    if sent >= v.nbytes:
+                        sent -= v.nbytes
+                        continue
+                    await self._write(v[sent:])
+                    sent = 0
         return total
 
     async def _read_into(self, buf: memoryview) -> int:

@@ -48,6 +48,7 @@ from .workload import DestWorkload
 from .wire import (
     MAX_DEVICE_STATE,
     MAX_REGION,
+    PAGE_SIZE,
     PROTOCOL_VERSION,
     Auth,
     AuthOk,
@@ -136,6 +137,8 @@ class MigrationRecord:
     downtime_ms: float | None = None
     #: Received into the region file already under its name (not a new one).
     reused_region: bool = False
+    #: Pages received straight into the region (no second copy; existing regions).
+    pages_in_place: int = 0
 
 
 class _Journal:
@@ -602,6 +605,18 @@ class _DestMigration:
         # region is prepared when the first data arrives, skipping them.
         declared_zero = np.zeros(mem.npages, dtype=bool)
         preparing = self.existing  # an existing region has its blocks
+        if self.existing:
+            # Its pages exist: runs of them are received straight into the
+            # mapping, no second copy (pwrite from the receive buffer).
+            mem.start_map_in(written)
+
+            def sink(indices: np.ndarray) -> memoryview | None:
+                first, last = int(indices[0]), int(indices[-1])
+                if last - first + 1 != len(indices) or not written[first:last + 1].all():
+                    return None  # scattered, or into holes (pwrite: ENOSPC, not SIGBUS)
+                return mem.view[first * PAGE_SIZE:(last + 1) * PAGE_SIZE]
+
+            self.chan.conn.payload_sink = sink
         async for ev in self.chan.events(self.opts.idle_timeout_s):
             if isinstance(ev, Pages):
                 # Pages never written are still zero in the fresh file.
@@ -621,7 +636,10 @@ class _DestMigration:
                     mem.reserve_skipped(ev.indices)
                 if len(ev.indices):
                     data = page_payload(ev, chunk_pages=self.begin.chunk_pages)
-                    mem.write_pages(ev.indices, data, allocated=written[ev.indices])
+                    if ev.in_place:
+                        self.rec.pages_in_place += len(ev.indices)
+                    else:
+                        mem.write_pages(ev.indices, data, allocated=written[ev.indices])
                     written[ev.indices] = True
                     tracker.received(ev.indices, data, ev.chunk_digests)
                 if z.size:
@@ -658,6 +676,8 @@ class _DestMigration:
                 self.device_total = ev.total
                 self.device += ev.data
             elif isinstance(ev, Commit):
+                _log.debug("migration %s: %d pages received straight into the region", self.begin.migration_id,
+                           self.rec.pages_in_place)
                 await self._commit(ev)
                 return True
             else:

@@ -21,11 +21,12 @@ import numpy as np
 from .errors import RegionError
 from .wire import PAGE_SIZE
 
-__all__ = ["GuestMemory", "MADV_POPULATE_WRITE", "users_of"]
+__all__ = ["GuestMemory", "MADV_POPULATE_READ", "MADV_POPULATE_WRITE", "users_of"]
 
 _log = logging.getLogger(__name__)
 
-MADV_POPULATE_WRITE = 23  # Linux 5.14; not exported by Python 3.11's mmap
+MADV_POPULATE_READ = 22  # Linux 5.14; not exported by Python 3.11's mmap
+MADV_POPULATE_WRITE = 23
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _libc.madvise.restype = ctypes.c_int
@@ -130,6 +131,7 @@ class GuestMemory:
         self.words = self.array.view(np.uint64)
         self.view = memoryview(self._map)
         self._populate_thread: threading.Thread | None = None
+        self._map_in_thread: threading.Thread | None = None
         self._populate_stop = threading.Event()
         self._prepare_abort = threading.Event()
         self.populate_error: OSError | None = None
@@ -240,6 +242,14 @@ class GuestMemory:
             self._pwrite_run(int(indices[0]), flat)
             return
         idx = np.asarray(indices, dtype=np.int64)
+        if allocated is not None and bool(np.all(allocated)):
+            # Scattered pages that all have their blocks (rewrites after the
+            # full copy): one NumPy scatter through the mapping.  A pwrite
+            # per run cost ~1.8 us a page (syscall and the Python loop) and
+            # was most of a destination's time at 200,000 pages/s; the
+            # scatter ~0.5-1 us, page-table faults on first touch included.
+            self.pages[idx] = np.frombuffer(flat, dtype=np.uint8).reshape(n, PAGE_SIZE)
+            return
         starts = np.flatnonzero(np.diff(idx, prepend=-2) != 1)
         lengths = np.diff(starts, append=n)
         mapped = lengths == 1
@@ -414,6 +424,38 @@ class GuestMemory:
             self._populate_thread.join()
             self._populate_thread = None
 
+    def start_map_in(self, pages: np.ndarray) -> None:
+        """Map the given pages of the file in, in a background thread (``MADV_POPULATE_READ``).
+
+        For a region whose pages exist (an existing destination region):
+        receiving straight into the mapping then takes no page fault per
+        page (~450 ms per GiB of faults here, against ~30 ms to map it all
+        in at once; a shared tmpfs mapping populated for reading is
+        writable).  ``pages`` is a per-page mask (not the holes: mapping a
+        hole in would allocate it).  Best effort: a kernel without it only
+        costs the faults.
+        """
+        anchor = ctypes.c_char.from_buffer(self._map)
+        base = ctypes.addressof(anchor)
+        del anchor  # the thread is joined before close()
+        idx = np.flatnonzero(pages)
+        if not idx.size:
+            return
+        starts = idx[np.flatnonzero(np.diff(idx, prepend=-2) != 1)]
+        ends = idx[np.append(np.flatnonzero(np.diff(idx) != 1), idx.size - 1)] + 1
+        runs = list(zip(starts.tolist(), ends.tolist()))
+
+        def run() -> None:
+            for a, b in runs:
+                if self._prepare_abort.is_set():
+                    return
+                if _libc.madvise(base + a * PAGE_SIZE, (b - a) * PAGE_SIZE, MADV_POPULATE_READ) != 0:
+                    _log.debug("mapping %s in: %s", self.path, os.strerror(ctypes.get_errno()))
+                    return
+
+        self._map_in_thread = threading.Thread(target=run, name="precopy-map-in", daemon=True)
+        self._map_in_thread.start()
+
     # -- lifetime -------------------------------------------------------
 
     def flush(self) -> None:
@@ -423,6 +465,8 @@ class GuestMemory:
     def close(self) -> None:
         self._prepare_abort.set()
         self.stop_populate()
+        if self._map_in_thread is not None:
+            self._map_in_thread.join()
         self.view.release()
         del self.pages, self.words, self.array
         try:

@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import struct
 from collections import deque
+import dataclasses
 from dataclasses import dataclass, field
 from enum import Enum, IntEnum
-from typing import Any, Final, Union
+from typing import Any, Callable, Final, Union
 
 import msgpack
 import numpy as np
@@ -66,6 +67,7 @@ __all__ = [
     "Event",
     "encode_frame",
     "page_payload",
+    "payload_nbytes",
     "whole_chunks",
     "page_digest_limit",
     "MAX_PAGE_DIGEST_CHUNKS",
@@ -256,7 +258,9 @@ class Pages:
     and the destination's digests of what it received become the source's
     record of them (a DIGEST_REQUEST with ``pages_of``), checked like every
     page by the final verification.  On receive, ``payload`` is a view into
-    the connection's buffer, valid until the next receive call.
+    the connection's buffer, valid until the next receive call -- or, with
+    ``in_place``, the view a :attr:`Connection.payload_sink` gave, into
+    which the payload was received directly (already where it belongs).
     """
 
     indices: np.ndarray
@@ -265,6 +269,7 @@ class Pages:
     compressed: bool = False
     checksum: int | None = 0
     chunk_digests: np.ndarray | None = None
+    in_place: bool = False
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -375,13 +380,24 @@ def encode_frame(kind: int, meta: dict[str, Any] | None = None, payload: Any = b
     tests use this directly to build invalid frames.
     """
     meta_bytes = msgpack.packb(meta or {}, use_bin_type=True)
-    view = memoryview(payload if payload is not None else b"")
+    views = [_byte_view(p) for p in payload] if isinstance(payload, (list, tuple)) else [_byte_view(payload)]
+    nbytes = sum(v.nbytes for v in views)
+    head = PREFIX.pack(MAGIC, int(kind), 0, len(meta_bytes), nbytes)
+    return [head + meta_bytes, *(v for v in views if v.nbytes)]
+
+
+def _byte_view(buf: Any) -> memoryview:
+    view = memoryview(buf if buf is not None else b"")
     if view.format != "B" or view.ndim != 1:
         view = view.cast("B")  # socket code counts len() in bytes, not items
-    head = PREFIX.pack(MAGIC, int(kind), 0, len(meta_bytes), view.nbytes)
-    if view.nbytes:
-        return [head + meta_bytes, view]
-    return [head + meta_bytes]
+    return view
+
+
+def payload_nbytes(payload: Any) -> int:
+    """Bytes in a payload: one buffer, or a list of buffers sent as one."""
+    if isinstance(payload, (list, tuple)):
+        return sum(memoryview(p).nbytes for p in payload)
+    return memoryview(payload).nbytes
 
 
 def _u32(a: np.ndarray) -> bytes:
@@ -589,6 +605,16 @@ class Connection:
     #: frame moved to the front now and then is small; a source receives
     #: only short answers and digest tables, one at a time.
     buffer_size: int = 0
+    #: Zero-copy receive of page batches: called with a batch's page
+    #: numbers once its header is in (the batch checked, raw pages, its
+    #: payload still to come), it returns a writable view of exactly the
+    #: payload's size to receive the payload into, or None for the receive
+    #: buffer.  The event then comes with ``in_place``.  With a sink,
+    #: :meth:`get_buffer` hands out no more than the frame in progress
+    #: needs, so that no payload is read into the buffer only to be copied
+    #: out.  A destination receiving into a region that has its pages sets
+    #: it: the second copy (buffer to region) is gone.
+    payload_sink: Callable[[np.ndarray], memoryview | None] | None = None
     phase: Phase = Phase.HELLO
     begin: Begin | None = None
     _buf: bytearray = field(init=False, repr=False)
@@ -599,6 +625,10 @@ class Connection:
     _device_received: int = field(default=0, init=False, repr=False)
     _device_sent: int = field(default=0, init=False, repr=False)
     _eof: bool = field(default=False, init=False, repr=False)
+    #: The payload in progress into a sink's view: (view, bytes in, the batch).
+    _direct: tuple[memoryview, int, Pages] | None = field(default=None, init=False, repr=False)
+    #: Buffer offset of a frame whose payload the sink declined (not asked again).
+    _declined: int = field(default=-1, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.buffer_size <= 0:
@@ -629,18 +659,49 @@ class Connection:
     # -- receiving ------------------------------------------------------
 
     def get_buffer(self, min_free: int = 256 * 1024) -> memoryview:
-        """Return writable space for incoming bytes (invalidates old payload views)."""
+        """Return writable space for incoming bytes (invalidates old payload views).
+
+        While a payload goes to a sink's view (see :attr:`payload_sink`),
+        the rest of that view.
+        """
+        if self._direct is not None and self._direct[1] < self._direct[0].nbytes:
+            view, done, _ = self._direct
+            return view[done:]
         if len(self._buf) < self.buffer_size and self.phase not in _HANDSHAKE and self.role is Role.DEST:
             self._grow()
+        need = self._wanted() if self.payload_sink is not None else 0
         free = len(self._buf) - self._end
-        if free < min_free or self._start == self._end:
+        if free < max(min_free, need) or self._start == self._end:
             n = self._end - self._start
             if self._start:
                 self._buf[0:n] = self._buf[self._start:self._end]
+                if self._declined >= 0:
+                    self._declined -= self._start
             self._start, self._end = 0, n
+        if need:
+            if len(self._buf) - self._end < need:
+                self._grow(self._end + need)
+            return memoryview(self._buf)[self._end:self._end + need]
         return memoryview(self._buf)[self._end:]
 
+    def _wanted(self) -> int:
+        """Bytes that complete the header, or else the frame, in progress (with a sink)."""
+        avail = self._end - self._start
+        if avail < PREFIX_SIZE:
+            return PREFIX_SIZE - avail
+        _, _, _, meta_len, payload_len = PREFIX.unpack_from(self._buf, self._start)
+        head = PREFIX_SIZE + min(int(meta_len), MAX_META)
+        if avail < head:
+            return head - avail
+        return max(0, head + min(int(payload_len), MAX_PAYLOAD) - avail)
+
     def buffer_updated(self, nbytes: int) -> None:
+        if self._direct is not None and self._direct[1] < self._direct[0].nbytes:
+            view, done, ev = self._direct
+            if nbytes < 0 or done + nbytes > view.nbytes:
+                raise LocalProtocolError(f"buffer_updated({nbytes}) beyond the payload")
+            self._direct = (view, done + nbytes, ev)
+            return
         if nbytes < 0 or self._end + nbytes > len(self._buf):
             raise LocalProtocolError(f"buffer_updated({nbytes}) beyond the buffer")
         self._end += nbytes
@@ -671,6 +732,17 @@ class Connection:
 
     def next_event(self) -> Event | _NeedData:
         """Parse one event from buffered bytes, or return :data:`NEED_DATA`."""
+        if self._direct is not None:
+            view, done, ev = self._direct
+            if done < view.nbytes:
+                if self._eof:
+                    raise RemoteProtocolError(
+                        f"peer closed the connection in the middle of a frame ({done} of {view.nbytes} "
+                        "payload bytes in)")
+                return NEED_DATA
+            self._direct = None
+            self._advance(self.role.peer, Kind.PAGES, local=False)
+            return ev
         avail = self._end - self._start
         if avail < PREFIX_SIZE:
             return self._need_data()
@@ -700,12 +772,22 @@ class Connection:
         if payload_len and kind.name not in _PAYLOAD_KINDS:
             raise RemoteProtocolError(f"{kind.name} frame must not carry a payload")
         total = PREFIX_SIZE + meta_len + payload_len
+        mstart = self._start + PREFIX_SIZE
+        pstart = mstart + meta_len
         if avail < total:
+            if (self.payload_sink is not None and kind is Kind.PAGES and payload_len
+                    and avail >= PREFIX_SIZE + meta_len and self._declined != self._start):
+                return self._to_sink(kind, mstart, pstart, payload_len)
             if total > len(self._buf):
                 self._grow(total)
             return self._need_data()
-        mstart = self._start + PREFIX_SIZE
-        pstart = mstart + meta_len
+        meta = self._meta(kind, mstart, pstart)
+        payload = memoryview(self._buf)[pstart:pstart + payload_len]
+        self._start += total
+        self._advance(self.role.peer, kind, local=False)
+        return self._decode(kind, meta, payload)
+
+    def _meta(self, kind: Kind, mstart: int, pstart: int) -> dict[Any, Any]:
         try:
             meta = msgpack.unpackb(
                 memoryview(self._buf)[mstart:pstart], raw=False, strict_map_key=True,
@@ -715,10 +797,31 @@ class Connection:
             raise RemoteProtocolError(f"{kind.name} header is not valid msgpack: {exc}") from exc
         if not isinstance(meta, dict):
             raise RemoteProtocolError(f"{kind.name} header is not a map")
-        payload = memoryview(self._buf)[pstart:pstart + payload_len]
-        self._start += total
-        self._advance(self.role.peer, kind, local=False)
-        return self._decode(kind, meta, payload)
+        return meta
+
+    def _to_sink(self, kind: Kind, mstart: int, pstart: int, payload_len: int) -> _NeedData:
+        """A PAGES header is in, its payload not: offer the payload to the sink.
+
+        The batch is checked first (as when it is whole): a sink is only
+        ever asked for pages of the region, for a payload of their size.
+        """
+        assert self.payload_sink is not None
+        meta = self._meta(kind, mstart, pstart)
+        ev = self._decode_pages(meta, None, payload_len)
+        target = None if ev.compressed or not ev.indices.size else self.payload_sink(ev.indices)
+        if target is None:
+            self._declined = self._start
+            if PREFIX_SIZE + (pstart - mstart) + payload_len > len(self._buf):
+                self._grow(PREFIX_SIZE + (pstart - mstart) + payload_len)
+            return self._need_data()
+        if target.nbytes != payload_len:
+            raise LocalProtocolError(f"payload sink gave {target.nbytes} bytes for a {payload_len}-byte payload")
+        have = self._end - pstart
+        if have:
+            target[:have] = memoryview(self._buf)[pstart:self._end]
+        self._start = self._end
+        self._direct = (target, have, dataclasses.replace(ev, payload=target, in_place=True))
+        return NEED_DATA
 
     def _need_data(self) -> _NeedData:
         if self._eof and self._end > self._start:
@@ -829,8 +932,15 @@ class Connection:
             )
         raise RemoteProtocolError(f"no decoder for {kind.name}")  # pragma: no cover
 
-    def _decode_pages(self, meta: dict[Any, Any], payload: memoryview) -> Pages:
+    def _decode_pages(self, meta: dict[Any, Any], payload: memoryview | None,
+                      payload_len: int | None = None) -> Pages:
+        """Check a PAGES frame and return its event.
+
+        ``payload`` None: only the header is in (see :meth:`_to_sink`);
+        ``payload_len`` is then the payload's declared size.
+        """
         kind = Kind.PAGES
+        size = len(payload) if payload is not None else int(payload_len or 0)
         assert self.begin is not None  # guaranteed by the phase table
         npages = self.begin.npages
         indices = _page_list(_bytes_field(meta, "i", kind), "i", npages)
@@ -851,11 +961,11 @@ class Connection:
             raise RemoteProtocolError("compressed PAGES batch without a checksum")
         raw_len = indices.size * PAGE_SIZE
         if compressed:
-            if not indices.size or len(payload) == 0:
+            if not indices.size or size == 0:
                 raise RemoteProtocolError("compressed PAGES batch without data")
-        elif len(payload) != raw_len:
+        elif size != raw_len:
             raise RemoteProtocolError(
-                f"PAGES payload is {len(payload)} bytes for {indices.size} pages"
+                f"PAGES payload is {size} bytes for {indices.size} pages"
             )
         chunk_digests = None
         if "cd" in meta:
@@ -907,7 +1017,7 @@ class Connection:
             n = len(event.indices) + len(event.zeros)  # type: ignore[union-attr]
             if not 0 < n <= MAX_BATCH_PAGES:
                 raise LocalProtocolError(f"PAGES batch of {n} pages")
-        if memoryview(payload).nbytes > MAX_PAYLOAD:
+        if payload_nbytes(payload) > MAX_PAYLOAD:
             raise LocalProtocolError(f"{kind.name} payload exceeds {MAX_PAYLOAD} bytes")
         if kind is Kind.DIGEST_TABLE:
             if not self._expected_tables:

@@ -6,6 +6,7 @@ input is hand-made with the frame factory.  Nothing here does I/O.
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 from collections.abc import Callable
 from typing import Any
@@ -1244,3 +1245,131 @@ def test_bad_page_digest_requests_are_refused(chunks: list[int], match: str) -> 
     pair.start()
     with pytest.raises(LocalProtocolError, match=match):
         pair.src.send(DigestRequest(seq=1, pages_of=np.asarray(chunks, dtype=np.uint32)))
+
+
+# --------------------------------------------------------------------------
+# Payloads received in place (Connection.payload_sink)
+
+
+class RegionSink:
+    """A destination region as a NumPy array; the sink takes runs of pages whose ``allowed`` is set."""
+
+    def __init__(self) -> None:
+        self.region = np.zeros((NPAGES, PAGE_SIZE), dtype=np.uint8)
+        self.allowed = np.ones(NPAGES, dtype=bool)
+        self.asked: list[list[int]] = []
+
+    def __call__(self, indices: np.ndarray) -> memoryview | None:
+        self.asked.append(indices.tolist())
+        first, last = int(indices[0]), int(indices[-1])
+        if last - first + 1 != len(indices) or not self.allowed[first:last + 1].all():
+            return None
+        return self.region[first:last + 1].reshape(-1).data
+
+
+def sink_batches() -> list[Any]:
+    return [
+        raw_pages(list(range(10, 26)), seed=1),  # a run: in place
+        raw_pages([3, 7, 9], zeros=[1], seed=2),  # scattered: the buffer
+        lz4_pages(list(range(40, 44))),  # compressed: the buffer, the sink not asked
+        DigestRequest(seq=1),
+        Pages(indices=np.zeros(0, dtype=np.uint32), zeros=np.array([5, 6], dtype=np.uint32),
+              payload=b"", checksum=xxhash.xxh3_64_intdigest(b"")),  # zeros only
+        raw_pages(list(range(100, 356)), seed=3),  # 1 MiB run
+        raw_pages(list(range(600, 604)), seed=4),  # a run the sink declines (see allowed)
+        raw_pages([NPAGES - 1], seed=5),  # the last page
+    ]
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(1, 70_000), min_size=1, max_size=8))
+def test_payload_sink_receives_runs_in_place(sizes: list[int]) -> None:
+    """Runs of raw pages land where the sink says, whatever the read sizes;
+    everything else arrives as without a sink."""
+    batches = sink_batches()
+    sink = RegionSink()
+    sink.allowed[600:604] = False
+    pair = Pair()
+    pair.start()
+    pair.dst.payload_sink = sink
+    data = b"".join(join(pair.src.send(b)) for b in batches)
+    got: list[Any] = []
+    pos = k = 0
+    while pos < len(data):
+        buf = pair.dst.get_buffer()
+        n = min(len(buf), sizes[k % len(sizes)], len(data) - pos)
+        assert n > 0, "get_buffer() returned no room"
+        buf[:n] = data[pos:pos + n]
+        buf.release()
+        pair.dst.buffer_updated(n)
+        pos, k = pos + n, k + 1
+        while (ev := pair.dst.next_event()) is not NEED_DATA:
+            if isinstance(ev, Pages):
+                assert ev.in_place == (batches[len(got)] is batches[0] or batches[len(got)] is batches[5]
+                                       or batches[len(got)] is batches[7])
+                if ev.in_place:
+                    first = int(ev.indices[0])
+                    assert bytes(sink.region[first:first + len(ev.indices)]) == bytes(ev.payload)
+                ev = dataclasses.replace(freeze(ev), in_place=False)
+            got.append(freeze(ev))
+    assert_same_events([freeze(b) for b in batches], got)
+    assert [40, 41, 42, 43] not in sink.asked  # compressed: never offered
+    assert not sink.region[600:604].any()  # declined: not written there
+
+
+def test_with_a_sink_the_buffer_asks_for_no_more_than_the_frame_in_progress() -> None:
+    """Headers are read on their own, so no payload is read into the buffer only to be copied out."""
+    pair = Pair()
+    pair.start()
+    sink = RegionSink()
+    pair.dst.payload_sink = sink
+    batch = raw_pages(list(range(8, 16)), seed=6)
+    data = join(pair.src.send(batch))
+    assert len(pair.dst.get_buffer()) == PREFIX_SIZE
+    pair.dst.receive_data(data[:PREFIX_SIZE])
+    head = len(data) - len(batch.payload)
+    assert len(pair.dst.get_buffer()) == head - PREFIX_SIZE  # the header's meta
+    pair.dst.receive_data(data[PREFIX_SIZE:head])
+    assert pair.dst.next_event() is NEED_DATA
+    buf = pair.dst.get_buffer()
+    assert len(buf) == len(batch.payload)  # the rest of the payload, into the region itself
+    buf[:] = data[head:]
+    buf.release()
+    pair.dst.buffer_updated(len(batch.payload))
+    ev = pair.dst.next_event()
+    assert isinstance(ev, Pages) and ev.in_place
+    assert bytes(sink.region[8:16]) == batch.payload
+
+
+def test_a_bad_batch_is_refused_before_the_sink_is_asked() -> None:
+    dst = dest_copying()
+    sink = RegionSink()
+    dst.payload_sink = sink
+    bad = frame(Kind.PAGES, pages_meta([NPAGES], checksum=0), bytes(PAGE_SIZE))
+    dst.receive_data(bad[:len(bad) - PAGE_SIZE])
+    with pytest.raises(RemoteProtocolError, match="page"):
+        dst.next_event()
+    assert sink.asked == []
+
+
+def test_close_in_the_middle_of_an_in_place_payload_is_a_remote_error() -> None:
+    dst = dest_copying()
+    dst.payload_sink = RegionSink()
+    batch = raw_pages([20, 21], seed=7)
+    data = frame(Kind.PAGES, pages_meta([20, 21], checksum=batch.checksum), batch.payload)
+    dst.receive_data(data[:-100])
+    assert dst.next_event() is NEED_DATA
+    dst.receive_data(b"")
+    with pytest.raises(RemoteProtocolError, match="middle of a frame"):
+        dst.next_event()
+
+
+def test_a_sink_view_of_the_wrong_size_is_a_local_error() -> None:
+    dst = dest_copying()
+    region = np.zeros(8 * PAGE_SIZE, dtype=np.uint8)
+    dst.payload_sink = lambda indices: region.data
+    batch = raw_pages([1, 2], seed=8)
+    data = frame(Kind.PAGES, pages_meta([1, 2], checksum=batch.checksum), batch.payload)
+    dst.receive_data(data[:-1])
+    with pytest.raises(LocalProtocolError, match="payload sink"):
+        dst.next_event()
