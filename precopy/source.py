@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import ssl
 import logging
 import time
@@ -236,6 +237,7 @@ class _Scan:
     hash_s: float  # hashing our chunks
     page_hash_s: float  # hashing the pages of the chunks that differ
     whole: bool = False  # ``dirty`` is every page of the chunks that differ (a dense set)
+    by_page: bool = False  # every page compared with its record, no chunk pass (_page_scan)
 
 
 #: A scan sends the changed chunks whole when at least this fraction of
@@ -247,6 +249,37 @@ _DENSE = 0.5
 _PAGE_HASH_BPS = 8e9
 #: Runs at least this long are sent straight from memory (see _plan).
 _DIRECT_RUN = 16
+
+
+def _whole_need(link_bps: float) -> float:
+    """The least fraction of a changed chunk's pages that must be written to send it whole."""
+    return max(_DENSE, 1.0 - link_bps / _PAGE_HASH_BPS)
+
+
+def _whole_chunks_pay(cand: np.ndarray, nchunks: int, chunk_pages: int, link_bps: float,
+                      written_seen: float) -> bool:
+    """Whether the changed chunks ``cand`` (ascending, of ``nchunks``) go whole.
+
+    Sending a changed chunk whole spares hashing its pages one by one
+    (GIL-bound, and the destination the same for pages without a record)
+    but sends its clean pages too: it pays when most of each was written
+    (see _written_fraction and _whole_need), or when the changed chunks lie
+    in a few long runs where even writes would leave many (a sweep writes
+    through them) and the link outruns page hashing by far.  Every chunk
+    changed says nothing about how much of each -- a sweep writes them
+    through, 200,000 random pages/s a third -- so ``written_seen``, the
+    fraction of changed chunks' pages the last page pass found written,
+    decides (sent whole on a guess, a uniform writer's rounds were four
+    times what it wrote).
+    """
+    need = _whole_need(link_bps)
+    c = len(cand) / nchunks if nchunks else 0.0
+    if c >= 1.0:
+        return written_seen >= need
+    fast = need <= 0.9  # the link outruns hashing pages by far
+    runs = 1 + int(np.count_nonzero(np.diff(cand) > 1))
+    clustered = len(cand) >= 16 and runs <= max(2.0, 0.25 * len(cand) * (1.0 - c))
+    return _written_fraction(len(cand), nchunks, chunk_pages) >= need or (fast and clustered)
 
 
 def _plan(indices: np.ndarray, size: int, *, fill: int = 0) -> Iterator[tuple[np.ndarray, bool]]:
@@ -312,6 +345,11 @@ class SourceSession:
         self._prev_scan_s = 0.0
         self._prev_detect_s = 0.0  # the tracker's detection in the scan before
         self._settle_seq: int | None = None  # a table asked for by _settle, not yet answered
+        self._unsettled = 0  # pages sent since the destination last hashed what it holds (tracked)
+        self._closing_in = False  # see _near_switchover
+        self._dense = False  # the last digest scan found most chunks changed: scan by page (_page_scan)
+        self._written_seen = 0.0  # of the pages of changed chunks, the fraction the last page pass found dirty
+        self._page_s = 0.0  # hashing one page, as measured in the last scan that hashed pages
         self._floor_scan_s = float("inf")  # the fastest scan of the whole region so far
         self._chunk_hash_s = 0.0  # hashing one chunk, as measured in the last scan
         self._hash_pool = ThreadPoolExecutor(2, thread_name_prefix="precopy-hash")
@@ -613,7 +651,9 @@ class SourceSession:
         for idx, run in _plan(indices, batch, fill=fill):
             tried = self.compressor.want()
             t_batch = time.monotonic()
-            if run and not tried and not self._has_zero_page(idx):
+            if not run and not tried and self.tracker is not None:
+                n, data_pages, zero_pages = await self._send_gathered(idx)
+            elif run and not tried and not self._has_zero_page(idx):
                 first = int(idx[0]) * PAGE_SIZE
                 raw = self.mem.view[first:first + len(idx) * PAGE_SIZE]
                 n = await self._send_event(Pages(indices=idx, zeros=idx[:0], payload=raw, checksum=None))
@@ -657,6 +697,36 @@ class SourceSession:
         heads = self.mem.words[lo * (PAGE_SIZE // 8):hi * (PAGE_SIZE // 8):PAGE_SIZE // 8]
         maybe = np.flatnonzero(heads == 0)
         return bool(maybe.size) and not bool(self.mem.pages[lo + maybe].any(axis=1).all())
+
+    async def _send_gathered(self, idx: np.ndarray) -> tuple[int, int, int]:
+        """Send scattered pages straight from memory, gathered by ``sendmsg``.
+
+        With a kernel tracker the record of what was sent is not needed to
+        find what changes (the kernel says; the final verification compares
+        chunk tables of real memory), so scattered pages skip the staging
+        copy and their hashing as runs do: the kernel copies them from the
+        mapping into the socket, a buffer per run of pages.  Zero pages are
+        found from their first 8 bytes (then read in full) and sent as
+        numbers.  Returns (bytes written, data pages, zero pages).
+        """
+        assert self.mem is not None
+        pos = idx.astype(np.int64)
+        zero = np.zeros(len(idx), dtype=bool)
+        maybe = np.flatnonzero(self.mem.words[pos * (PAGE_SIZE // 8)] == 0)
+        if maybe.size:
+            zero[maybe] = ~self.mem.pages[pos[maybe]].any(axis=1)
+        data_idx, zero_idx = idx[~zero], idx[zero]
+        d = pos[~zero]
+        starts = np.flatnonzero(np.diff(d, prepend=-2) != 1)
+        ends = np.append(starts[1:], len(d)) - 1
+        view = self.mem.view
+        bufs = [view[a * PAGE_SIZE:(b + 1) * PAGE_SIZE] for a, b in zip(d[starts].tolist(), d[ends].tolist())]
+        n = await self._send_event(Pages(indices=data_idx, zeros=zero_idx, payload=bufs, checksum=None))
+        self.sent[data_idx] = 0  # no record: see _send_pages
+        self.known[data_idx] = False
+        self.sent[zero_idx] = ZERO_PAGE_DIGEST
+        self.known[zero_idx] = True
+        return n, len(data_idx), len(zero_idx)
 
     async def _send_staged(self, idx: np.ndarray, compress: bool) -> tuple[int, int, int]:
         """Stage, hash, check for zeros, maybe compress, send one batch.
@@ -863,7 +933,11 @@ class SourceSession:
                 dirty = page_union(self.mem.npages, dirty, missed)
             rehash_s = self.chunks.estimate(len(dirty))
         else:
-            rehash_s, extra = await loop.run_in_executor(self._outer_pool, self.chunks.rehash, dirty, self.sent)
+            # Far from a switchover (a fast writer), the chunks it dirtied
+            # now would be dirtied again before the pause: their rehash waits.
+            defer = not final and not self._near_switchover(len(dirty))
+            rehash_s, extra = await loop.run_in_executor(
+                self._outer_pool, functools.partial(self.chunks.rehash, dirty, self.sent, defer=defer))
             if extra.size:
                 _log.info("%d unreported pages read as zeros although what was sent was not "
                           "(holes punched): sending them too", extra.size)
@@ -912,22 +986,15 @@ class SourceSession:
         loop = asyncio.get_running_loop()
         empty = np.zeros(0, dtype=np.uint32)
         cand = np.flatnonzero(live != dest_table)
+        self._dense = False
         if not cand.size:
             return _Scan(empty, empty, live, dest_table, hash_s, 0.0)
         t = time.monotonic()
         cp = self.chunk_pages
         pages = chunk_pages_of(cand, cp, self.mem.npages)
-        need = max(_DENSE, 1.0 - self.link.bytes_per_second / _PAGE_HASH_BPS)
-        written = _written_fraction(cand.size, len(live), cp)
-        fast = need <= 0.9  # the link outruns hashing pages by far
-        # Changed chunks in a few long runs where even writes would leave
-        # many (a sweep) were written through: on a fast link, whole too.
-        # Every chunk changed says nothing about how much of each.
-        c = cand.size / len(live)
-        runs = 1 + int(np.count_nonzero(np.diff(cand) > 1))
-        clustered = cand.size >= 16 and runs <= max(2.0, 0.25 * cand.size * (1.0 - c))
-        if (written >= need and (written < 1.0 or fast)) or (fast and clustered):
-            # Nearly every chunk changed (a fast writer): finding the pages
+        whole = _whole_chunks_pay(cand, len(live), cp, self.link.bytes_per_second, self._written_seen)
+        if whole:
+            # Most of every changed chunk was written: finding the pages
             # inside them would hash them one by one (GIL-bound, and the
             # destination the same for pages without a record) to spare
             # fewer than the link can carry meanwhile; the chunks go whole,
@@ -945,7 +1012,10 @@ class SourceSession:
             piece = unknown[lo:lo + limit]
             await self._send_event(DigestRequest(seq=self._seq, final=final, pages_of=piece))
             asked.append((self._seq, piece))
+        t_pages = time.monotonic()
         now = await loop.run_in_executor(self._outer_pool, page_digests, self.mem.pages, pages)
+        if pages.size >= 1024:
+            self._page_s = (time.monotonic() - t_pages) / pages.size
         for seq, piece in asked:
             held: DigestTable = await self._expect(DigestTable)
             if held.seq != seq:
@@ -957,12 +1027,90 @@ class SourceSession:
         # Chunks that differ on the destination but where no page differs
         # from what we sent: our record and the destination disagree.
         dirty_chunks = sorted_distinct(dirty // cp) if dirty.size else dirty
+        self._written_seen = dirty.size / pages.size
+        # Most chunks changed and a page pass was worth it: the next live
+        # scan goes by page straight away (_page_scan).
+        self._dense = not final and cand.size >= _DENSE * len(live)
         odd = page_difference(len(live), cand, dirty_chunks)
         odd_pages = empty
         if odd.size:
             spread = (odd[:, None] * cp + np.arange(cp)).ravel()
             odd_pages = spread[spread < self.mem.npages].astype(np.uint32)
         return _Scan(dirty, odd_pages, live, dest_table, hash_s, time.monotonic() - t)
+
+    async def _page_scan(self) -> _Scan:
+        """A live digest scan of a fast writer's region, page by page, with no chunk pass.
+
+        When the last scan found most chunks changed, hashing every chunk
+        first only adds a pass over the region (~60-80 ms per GiB here) to
+        the page pass that follows over nearly all of it anyway.  Every
+        page's digest is compared with the record of what was sent; pages
+        without a record (sent straight from memory) get the destination's
+        digests of their chunks first, as in :meth:`_scan`.  Holes of the
+        file are not read (that would allocate them) and count as zero
+        pages.  The destination's chunk table is asked for all the same:
+        hashing what changed there meanwhile (while we hash pages) keeps it
+        out of the pause, and the final scan, if this one decides it, has
+        it at hand.  Sets whether the next scan goes by page
+        too (most chunks still hold a dirty page, and not most of their
+        pages: else whole chunks are cheaper, which :meth:`_scan` decides).
+        """
+        assert self.mem is not None
+        loop = asyncio.get_running_loop()
+        cp, npages = self.chunk_pages, self.mem.npages
+        t = time.monotonic()
+        holes = self.mem.hole_pages(max_extents=4096)
+        data = np.flatnonzero(~holes).astype(np.uint32)
+        self._seq += 1
+        table_seq = self._seq
+        await self._send_event(DigestRequest(seq=table_seq))
+        unknown = sorted_distinct(np.flatnonzero(~self.known) // cp).astype(np.uint32)
+        asked = []
+        limit = min(MAX_PAGE_DIGEST_CHUNKS, MAX_PAYLOAD // 8 // cp)
+        for lo in range(0, len(unknown), limit):
+            self._seq += 1
+            piece = unknown[lo:lo + limit]
+            await self._send_event(DigestRequest(seq=self._seq, pages_of=piece))
+            asked.append((self._seq, piece))
+        now = np.full(npages, ZERO_PAGE_DIGEST, dtype=np.uint64)
+        now[data] = await loop.run_in_executor(self._outer_pool, page_digests, self.mem.pages, data)
+        if data.size >= 1024:
+            self._page_s = (time.monotonic() - t) / data.size
+        table: DigestTable = await self._expect(DigestTable)
+        if table.seq != table_seq:
+            raise RemoteProtocolError(f"digest table {table.seq} answers request {table_seq}")
+        for seq, piece in asked:
+            held: DigestTable = await self._expect(DigestTable)
+            if held.seq != seq:
+                raise RemoteProtocolError(f"page digests {held.seq} answer request {seq}")
+            got = chunk_pages_of(piece, cp, npages)
+            self.sent[got] = held.digests
+            self.known[got] = True
+        dirty = np.flatnonzero(now != self.sent).astype(np.uint32)
+        nchunks = -(-npages // cp)
+        touched = sorted_distinct(dirty // cp).size if dirty.size else 0
+        self._written_seen = dirty.size / max(1, min(npages, touched * cp))
+        self._dense = touched >= _DENSE * nchunks and self._written_seen < _whole_need(self.link.bytes_per_second)
+        empty = np.zeros(0, dtype=np.uint32)
+        return _Scan(dirty, empty, np.zeros(0, dtype=np.uint64), table.digests, 0.0, time.monotonic() - t,
+                     by_page=True)
+
+    def _near_switchover(self, pages: int) -> bool:
+        """Whether a tracked migration is closing in on its switchover.
+
+        True from the first dirty set of ``pages`` that can be sent within
+        twice the downtime budget, and from then on.  Before, a tracked
+        round leaves the rehash of the chunks it dirtied (here and on the
+        destination) for later: a fast writer dirties them again.  After,
+        every round rehashes what it dirtied, so that the pause rehashes
+        only its own pages' chunks; for good, since flushing the backlog
+        takes a round long enough to swell the next dirty set, and going
+        back to deferring made rounds alternate without converging.
+        """
+        if not self._closing_in:
+            rate = max(self.link.bytes_per_second, 1.0)
+            self._closing_in = pages * PAGE_SIZE <= 2 * self.policy.downtime_s * rate
+        return self._closing_in
 
     def _round_s(self, pages: int) -> float:
         """Seconds a round that sends ``pages`` would take: the send plus a scan."""
@@ -983,7 +1131,7 @@ class SourceSession:
             # round's were settled while it ran: _settle).
             # Scattered pages cost a whole chunk each: with 500 pages that
             # was most of a 30 ms pause.
-            stale = min(remaining_pages, nchunks)
+            stale = min(remaining_pages + self._unsettled, nchunks)
             verify_s = (self._rtt + nchunks * 8 / max(self.link.bytes_per_second, 1.0)
                         + stale * self._chunk_hash_s)
         return verify_s + expected_downtime(
@@ -1014,6 +1162,8 @@ class SourceSession:
             t = time.monotonic()
             if self.tracker is not None:
                 scan = await self._track_scan(final=False)
+            elif self._dense:
+                scan = await self._page_scan()
             else:
                 scan = await self._scan(final=False)
             dirty, odd, dest_table = scan.dirty, scan.odd, scan.dest_table
@@ -1022,10 +1172,16 @@ class SourceSession:
             # of the candidate chunks; the round trip is in the overhead.
             # Take the slower of the last two scans: a single fast one (a
             # quiet moment on a shared machine) should not trigger a switchover.
-            est = scan.hash_s + scan.page_hash_s
+            est = scanned_s = scan.hash_s + scan.page_hash_s
             nchunks = -(-self.mem.npages // self.chunk_pages)
-            self._chunk_hash_s = (self.chunks.seconds_per_chunk if self.chunks is not None
-                                  else scan.hash_s / nchunks)
+            if scan.by_page:
+                # The final scan hashes chunks, then the pages of those that
+                # differ: what a scan by page would find dirty, at the least.
+                chunk_pass = self._floor_scan_s if self._floor_scan_s != float("inf") else est
+                est = chunk_pass + self._page_s * min(self.mem.npages, self.chunk_pages * len(dirty))
+            else:
+                self._chunk_hash_s = (self.chunks.seconds_per_chunk if self.chunks is not None
+                                      else scan.hash_s / nchunks)
             self._last_scan_s = max(est, self._prev_scan_s)
             self._prev_scan_s = est
             interval = time.monotonic() - self._last_scan_t
@@ -1065,7 +1221,7 @@ class SourceSession:
             # per run of written pages, decoded here): only a scan of a small
             # dirty set says what it costs when nothing is left, and until one
             # is seen the floor is unknown -- never a reason to stop.
-            if self.tracker is None or len(dirty) <= max(2048, self.mem.npages // 100):
+            if not scan.by_page and (self.tracker is None or len(dirty) <= max(2048, self.mem.npages // 100)):
                 self._floor_scan_s = min(self._floor_scan_s, scan.hash_s)
             last = self.report.rounds[-1]
             # A workload that writes leaves pages for any pause, and so the
@@ -1113,12 +1269,17 @@ class SourceSession:
             rnd = RoundReport(round=rounds_done, kind="iterative", pages_scanned=self.mem.npages,
                               pages_dirty=len(todo), pages_sent=0, zero_pages=0, bytes_on_wire=0,
                               seconds=0.0, scan_seconds=scan_s,
-                              detect_seconds=scan.hash_s if self.tracker is not None else est,
+                              detect_seconds=scan.hash_s if self.tracker is not None else scanned_s,
                               dirty_rate_pps=self.dirty_rate.pages_per_second,
                               expected_downtime_ms=expected * 1e3, throttle_pct=self._throttle_pct)
             await self._send_pages(todo, rnd, "iterating", fill=1)
             if self.tracker is not None and len(todo):
-                await self._settle()
+                if self._near_switchover(len(todo)):
+                    await self._settle()
+                else:
+                    # Far from a switchover the destination would rehash
+                    # chunks the next round rewrites: it does when asked.
+                    self._unsettled += len(todo)
             rnd.seconds = time.monotonic() - t
             rnd.bandwidth_bps = self.link.bytes_per_second
             self.report.rounds.append(rnd)
@@ -1342,6 +1503,7 @@ class SourceSession:
         """
         self._seq += 1
         self._settle_seq = self._seq
+        self._unsettled = 0
         await self._send_event(DigestRequest(seq=self._seq))
 
     async def _settled(self) -> None:

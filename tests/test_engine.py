@@ -890,6 +890,28 @@ async def test_existing_region_is_received_into_and_ends_byte_exact(work: Path, 
         assert rep.pages_already_there == 0
 
 
+async def test_runs_are_received_straight_into_an_existing_region(work: Path, shm: Path) -> None:
+    """Into a region whose pages exist, a run of pages is received in place (no
+    second copy from the receive buffer into the file); a region with holes
+    gets those pages the ordinary way (a write into a hole must be able to fail
+    with ENOSPC, not SIGBUS)."""
+    npages = 4096
+    src = work / "vm.mem"
+    src.write_bytes(np.random.default_rng(3).integers(1, 256, npages * PAGE_SIZE, dtype=np.uint8).tobytes())
+    dest = shm / "dest"
+    dest.mkdir()
+    target = dest / "vm.mem"
+    with open(target, "wb") as f:  # stale, and a hole over pages 1024..2047
+        f.write(bytes([7]) * 1024 * PAGE_SIZE)
+        f.seek(2048 * PAGE_SIZE)
+        f.write(bytes([8]) * (npages - 2048) * PAGE_SIZE)
+    async with serve(dest) as server:
+        rep = await migrate(server, src, FakeWorkload())
+    assert rep.outcome == "committed" and rep.dest_region == "existing" and rep.verify_repairs == 0
+    assert target.read_bytes() == src.read_bytes()
+    assert server.results[0].pages_in_place == npages - 1024
+
+
 async def test_region_in_use_or_of_another_size_is_not_received_into(work: Path, shm: Path) -> None:
     """A region some process maps (a workload resumed here earlier) keeps its memory;
     one of another size is left alone too: both migrations get a new file."""
@@ -966,6 +988,21 @@ async def test_dense_dirty_sets_go_as_whole_chunks_and_stay_exact(work: Path, sh
     assert (shm / "dest" / "vm.mem").read_bytes() == snapshot["mem"]
 
 
+@pytest.mark.parametrize("cand, seen, link_bps, whole", [
+    (np.arange(2048), 0.0, 3e9, False),  # every chunk changed, nothing seen yet: look at the pages
+    (np.arange(2048), 0.3, 3e9, False),  # ... a third of their pages were written last time: still look
+    (np.arange(2048), 0.9, 3e9, True),  # ... most of them: whole (a sweep)
+    (np.arange(2048), 0.9, 1e8, False),  # ... but not on a slow link, which page hashing outruns
+    (np.arange(0, 2048, 2), 0.0, 3e9, False),  # half the chunks, evenly spread: a page or two each
+    (np.arange(300, 1300), 0.0, 3e9, True),  # half the chunks in one run: written through (a sweep)
+    (np.arange(300, 1300), 0.0, 1e8, False),  # ... unless the link is slow
+])
+def test_whether_changed_chunks_go_whole(cand: np.ndarray, seen: float, link_bps: float, whole: bool) -> None:
+    """Whole chunks when most of each was written, by the spread of the changed
+    chunks or, when every chunk changed, by what the last page pass saw."""
+    assert precopy.source._whole_chunks_pay(cand, 2048, 32, link_bps, seen) is whole
+
+
 @pytest.mark.parametrize("changed, least", [(0, 0.0), (2048, 1.0), (1782, 0.071), (1024, 0.042), (2047, 0.21)])
 def test_a_scan_estimates_how_much_of_its_changed_chunks_was_written(changed: int, least: float) -> None:
     """Evenly spread writes are the sparsest way to change that many chunks: 87 %
@@ -977,14 +1014,15 @@ def test_a_scan_estimates_how_much_of_its_changed_chunks_was_written(changed: in
 
 @pytest.mark.parametrize("every, hash_bps, whole", [
     (64, 1e3, False),  # half the chunks changed, a page each: found page by page
-    (16, 1e3, True),   # every chunk changed (cannot tell how much of each): whole, on a fast link
-    (16, 1e18, False),  # ... but not on a link slower than hashing pages
+    (16, 1e3, False),  # every chunk changed (cannot tell how much of each): looked at, page by page
+    (16, 1e18, False),  # ... and on a link slower than hashing pages
+    (1, 1e3, True),  # every page written: found so, and sent
 ])
 async def test_scattered_writes_over_many_chunks_are_not_sent_whole(
         work: Path, shm: Path, monkeypatch: pytest.MonkeyPatch, every: int, hash_bps: float, whole: bool) -> None:
     """One page in ``every`` written at the pause: a whole-chunk send would be many
-    times what was written, so the scan finds the pages -- unless every chunk
-    changed and the link is faster than hashing pages one by one."""
+    times what was written, so the scan finds the pages, also when every chunk
+    changed (no page pass has said how much of each was written)."""
     npages = 2048
     src = work / "vm.mem"
     mm = make_region(src, npages, seed=5)

@@ -32,7 +32,6 @@ import precopy.source
 import precopy.tracking
 import precopy.uffd as uffd
 from precopy.destination import DestinationServer, DestOptions
-from precopy.digest import StagingBuffer
 from precopy.errors import GuestControlError, MigrationAborted
 from precopy.memory import GuestMemory
 from precopy.source import SourceOptions
@@ -354,9 +353,13 @@ def test_writes_missing_from_the_first_report_are_found_by_the_first_digest_comp
 @needs_uffd
 def test_a_wrong_page_on_the_destination_is_repaired_and_counted(
         procs: Procs, shm: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Verification still runs with a tracker: a page sent wrong in the final pass is caught."""
+    """Verification still runs with a tracker: a page that lands wrong in the final pass is caught.
+
+    (With a tracker, scattered pages go straight from the guest's memory, not
+    through a staging copy: the corruption is made where they land.)
+    """
     mem, ctl, _ = _start_guest(procs, shm, pattern="random", npages=4096)
-    real_load = StagingBuffer.load
+    real_write = GuestMemory.write_pages
     paused = [False]
     real_pause = GuestControl.pause
 
@@ -364,15 +367,16 @@ def test_a_wrong_page_on_the_destination_is_repaired_and_counted(
         paused[0] = True
         return await real_pause(self)
 
-    def load(self: StagingBuffer, pages: np.ndarray, indices: np.ndarray) -> np.ndarray:
-        out = real_load(self, pages, indices)
+    def write_pages(self: GuestMemory, indices: np.ndarray, data: Any, **kw: Any) -> None:
         if paused[0] and len(indices):
-            out[0, :16] ^= 0x5A  # what goes on the wire differs from memory, once
+            wrong = bytearray(memoryview(data).cast("B"))
+            wrong[:16] = bytes(b ^ 0x5A for b in wrong[:16])  # what lands differs from what was sent, once
+            data = wrong
             paused[0] = False
-        return out
+        real_write(self, indices, data, **kw)
 
     monkeypatch.setattr(GuestControl, "pause", pause)
-    monkeypatch.setattr(StagingBuffer, "load", load)
+    monkeypatch.setattr(GuestMemory, "write_pages", write_pages)
     rep = _migrate_guest(shm, ctl, mem, tracking="uffd-wp")
     assert rep.outcome == "committed" and rep.tracking == "uffd-wp"
     assert rep.verify_repairs > 0
