@@ -43,7 +43,7 @@ from agents.common import stop_process
 from precopy.guest import create_region, parse_size
 from precopy.netns import TwoHosts, rate_bits_per_s, unavailable_reason
 
-from .limits import hash_time, raw_copy
+from .limits import hash_time, hash_time_2, raw_copy
 
 PY = sys.executable
 ROOT = Path(__file__).resolve().parent.parent
@@ -286,11 +286,15 @@ class Bench:
             self.log(f"yardsticks for {sc.size} {sc.content} on {sc.link}: raw copies x{n}, xxh3 x{n}")
             link_s = [raw_copy(region, fresh=False, **kw) for _ in range(n)]
             fresh_s = [raw_copy(region, fresh=True, **kw) for _ in range(n)]
+            existing_s = [raw_copy(region, fresh=False, into="existing", **kw) for _ in range(n)]
             hash_s = [hash_time(region) for _ in range(n)]
+            hash2_s = [hash_time_2(region) for _ in range(n)]
             self.yardsticks[key] = {
                 "raw_link_s": statistics.median(link_s), "raw_link_runs_s": link_s,
                 "raw_fresh_s": statistics.median(fresh_s), "raw_fresh_runs_s": fresh_s,
+                "raw_existing_s": statistics.median(existing_s), "raw_existing_runs_s": existing_s,
                 "xxh3_s": statistics.median(hash_s), "xxh3_runs_s": hash_s,
+                "xxh3_2_s": statistics.median(hash2_s), "xxh3_2_runs_s": hash2_s,
             }
         return self.yardsticks[key]
 
@@ -429,13 +433,21 @@ def yardstick_table(records: list[dict[str, Any]]) -> str:
     for r in records:
         sc = r["scenario"]
         seen.setdefault((sc["size"], sc["content"], sc["link"]), {**r["yardsticks"], "bytes": r["region_bytes"]})
-    lines = ["| size | content | link | raw copy, reused buffer | raw copy into a fresh file | xxh3 |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| size | content | link | raw copy, reused buffer | raw copy into a fresh file "
+             "| raw copy into an existing file | xxh3 | xxh3, two threads |",
+             "|---|---|---|---|---|---|---|---|"]
+
+    def cell(y: dict[str, Any], key: str, gb: float, ms: bool = False) -> str:
+        if key not in y:  # a record from before this yardstick
+            return "n/a"
+        v = y[key]
+        return f"{v * 1e3:.1f} ms ({gb / v:.1f} GB/s)" if ms else f"{v:.3f} s ({gb / v:.2f} GB/s)"
+
     for (size, content, link), y in seen.items():
         gb = y["bytes"] / 1e9
-        lines.append(f"| {size} | {content} | {link} | {y['raw_link_s']:.3f} s ({gb / y['raw_link_s']:.2f} GB/s) | "
-                     f"{y['raw_fresh_s']:.3f} s ({gb / y['raw_fresh_s']:.2f} GB/s) | "
-                     f"{y['xxh3_s'] * 1e3:.1f} ms ({gb / y['xxh3_s']:.1f} GB/s) |")
+        lines.append(f"| {size} | {content} | {link} | {cell(y, 'raw_link_s', gb)} | {cell(y, 'raw_fresh_s', gb)} | "
+                     f"{cell(y, 'raw_existing_s', gb)} | {cell(y, 'xxh3_s', gb, True)} | "
+                     f"{cell(y, 'xxh3_2_s', gb, True)} |")
     return "\n".join(lines)
 
 
@@ -513,20 +525,27 @@ def targets(records: list[dict[str, Any]]) -> str:
     """Issue 5's targets, each with its figure from this run and whether it is met."""
     rows: list[tuple[str, str, bool | None]] = []
 
-    def ratio_row(label: str, rs: list[dict[str, Any]], yard: str, bound: float) -> None:
+    def ratio_row(label: str, rs: list[dict[str, Any]], yard: str, bound: float, also: str | None = None) -> None:
         ok = _committed(rs)
         if not ok:
             return
         t = _med([r["report"]["total_time_s"] for r in ok])
         y = ok[0]["yardsticks"][yard]
-        rows.append((label, f"{y:.3f} s ÷ {t:.3f} s = {y / t:.2f}", y / t >= bound))
+        figure = f"{y:.3f} s ÷ {t:.3f} s = {y / t:.2f}"
+        if also and also in ok[0]["yardsticks"]:
+            # The same ratio against a copy that also writes every byte into the region's memory.
+            z = ok[0]["yardsticks"][also]
+            figure += f" (raw copy into an existing file: {z:.3f} s ÷ {t:.3f} s = {z / t:.2f})"
+        rows.append((label, figure, y / t >= bound))
 
     ratio_row("1 GiB idle: raw copy into a fresh file ÷ migration time ≥ 0.8",
               select(records, workload="idle"), "raw_fresh_s", 0.8)
     ratio_row("1 GiB idle, destination region exists: raw link copy ÷ migration time ≥ 0.7",
-              select(records, workload="idle", dest_region="existing", control="pid"), "raw_link_s", 0.7)
+              select(records, workload="idle", dest_region="existing", control="pid"), "raw_link_s", 0.7,
+              "raw_existing_s")
     ratio_row("1 GiB idle, destination region exists, uffd-wp (no digest scans): raw link copy ÷ migration time ≥ 0.7",
-              select(records, workload="idle", dest_region="existing", control="control"), "raw_link_s", 0.7)
+              select(records, workload="idle", dest_region="existing", control="control"), "raw_link_s", 0.7,
+              "raw_existing_s")
     for w in ("idle", "low", "high"):
         sr = _scan_ratio(select(records, workload=w))
         if sr:
@@ -541,8 +560,12 @@ def targets(records: list[dict[str, Any]]) -> str:
             down = [r["report"]["downtime_ms"] for r in ok]
             within = sum(1 for r in ok if r["report"]["downtime_ms"] <= r["report"]["downtime_budget_ms"]
                          and not r["report"].get("forced"))
+            floor = ""
+            if control == "pid" and ok and "xxh3_2_s" in ok[0]["yardsticks"]:
+                # A paused digest scan reads the whole region: no faster than both cores hash it.
+                floor = f" (reading the region on both cores: {ok[0]['yardsticks']['xxh3_2_s'] * 1e3:.1f} ms)"
             rows.append((f"1 GiB {label} pages/s ({how}): downtime within 50 ms in every run",
-                         f"{_fmt(down, ' ms')}; {within}/{len(rs)} within", within == len(rs)))
+                         f"{_fmt(down, ' ms')}; {within}/{len(rs)} within{floor}", within == len(rs)))
             acc = [r["report"]["downtime_ms"] / r["report"]["expected_downtime_ms"] for r in ok
                    if r["report"].get("expected_downtime_ms")]
             good = sum(1 for a in acc if 0.75 <= a <= 1.25)

@@ -2,9 +2,15 @@
 
 * ``raw_copy``: the same bytes over a raw TCP socket between two processes
   on the link under test (1 MiB ``sendall`` from the mapped region, ``recv_into``), either into a
-  reused buffer (the link) or into a fresh region file (the link plus the
-  first-touch cost any migration to a new host pays).
-* ``hash_time``: pure xxh3 over the region in 64 MiB buffers.
+  reused buffer (the link), into a fresh region file (the link plus the
+  first-touch cost any migration to a new host pays), or straight into the
+  mapping of a region file that already holds data, mapped in beforehand
+  (the link plus writing every byte to memory once: what a migration into
+  an existing region cannot do without).
+* ``hash_time``: pure xxh3 over the region in 64 MiB buffers (one core);
+  ``hash_time_2``: xxh3 of 1 MiB pieces on two threads, the GIL released:
+  what reading the whole region costs on both cores, the floor of any scan
+  that rehashes it.
 """
 
 from __future__ import annotations
@@ -22,14 +28,22 @@ import xxhash
 _RECEIVER = r"""
 import mmap, os, socket, sys
 mode, size, target, host = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+if mode == "existing":  # written, mapped and mapped in (MADV_POPULATE_READ) before the clock starts
+    fd = os.open(target, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    block = b"\x5a" * (1 << 20)
+    for off in range(0, size, 1 << 20):
+        os.pwrite(fd, block, off)
+    m = mmap.mmap(fd, size, mmap.MAP_SHARED)
+    m.madvise(22)
 ls = socket.socket(); ls.bind((host, 0)); ls.listen(1)
 print(ls.getsockname()[1], flush=True)
 c, _ = ls.accept()
 c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-if mode == "fresh":
-    fd = os.open(target, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.ftruncate(fd, size)
-    m = mmap.mmap(fd, size, mmap.MAP_SHARED)
+if mode in ("fresh", "existing"):
+    if mode == "fresh":
+        fd = os.open(target, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.ftruncate(fd, size)
+        m = mmap.mmap(fd, size, mmap.MAP_SHARED)
     view = memoryview(m)
     got = 0
     while got < size:
@@ -64,16 +78,19 @@ print(time.perf_counter() - t, flush=True)
 
 
 def raw_copy(region: Path, fresh: bool, *, host: str = "127.0.0.1", recv_prefix: Sequence[str] = (),
-             send_prefix: Sequence[str] = ()) -> float:
+             send_prefix: Sequence[str] = (), into: str | None = None) -> float:
     """Seconds to move the region's bytes from one process to another over TCP.
 
-    The receiver listens on ``host``; ``recv_prefix``/``send_prefix`` put the
-    two processes elsewhere (``ip netns exec NS``) to measure a shaped link.
+    Into a fresh file (``fresh``), a reused buffer, or ``into="existing"``:
+    an existing region file, mapped in.  The receiver listens on ``host``;
+    ``recv_prefix``/``send_prefix`` put the two processes elsewhere (``ip
+    netns exec NS``) to measure a shaped link.
     """
     size = region.stat().st_size
     target = str(region.parent / f".rawcopy-{os.getpid()}")
-    p = subprocess.Popen([*recv_prefix, sys.executable, "-c", _RECEIVER, "fresh" if fresh else "link", str(size),
-                          target, host], stdout=subprocess.PIPE)
+    mode = into or ("fresh" if fresh else "link")
+    p = subprocess.Popen([*recv_prefix, sys.executable, "-c", _RECEIVER, mode, str(size), target, host],
+                         stdout=subprocess.PIPE)
     try:
         assert p.stdout is not None
         port = int(p.stdout.readline())
@@ -86,6 +103,7 @@ def raw_copy(region: Path, fresh: bool, *, host: str = "127.0.0.1", recv_prefix:
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
+        Path(target).unlink(missing_ok=True)
 
 
 def hash_time(region: Path) -> float:
@@ -100,6 +118,32 @@ def hash_time(region: Path) -> float:
     for off in range(0, size, 64 << 20):
         xxhash.xxh3_64_intdigest(view[off:off + (64 << 20)])
     elapsed = time.perf_counter() - t
+    view.release()
+    m.close()
+    os.close(fd)
+    return elapsed
+
+
+def hash_time_2(region: Path) -> float:
+    """Seconds for xxh3 of the region in 1 MiB pieces on two threads (the GIL released)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    size = region.stat().st_size
+    fd = os.open(region, os.O_RDONLY)
+    m = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+    view = memoryview(m)
+    piece = 1 << 20
+
+    def part(lo: int, hi: int) -> None:
+        for off in range(lo, hi, piece):
+            xxhash.xxh3_64_intdigest(view[off:off + piece])
+
+    half = (size // 2) // piece * piece
+    with ThreadPoolExecutor(2) as pool:
+        part(0, size)  # fault the mapping in first
+        t = time.perf_counter()
+        list(pool.map(part, (0, half), (half, size)))
+        elapsed = time.perf_counter() - t
     view.release()
     m.close()
     os.close(fd)
