@@ -438,12 +438,14 @@ class GuestMemory:
         anchor = ctypes.c_char.from_buffer(self._map)
         base = ctypes.addressof(anchor)
         del anchor  # the thread is joined before close()
-        idx = np.flatnonzero(pages)
-        if not idx.size:
+        # Runs of the mask from a byte per page (page-number arrays would be
+        # 8 bytes a page: 8 MiB of peak memory more at 4 GiB).
+        edges = np.diff(pages.view(np.int8) if pages.dtype == bool else pages.astype(np.int8),
+                        prepend=np.int8(0), append=np.int8(0))
+        runs = list(zip(np.flatnonzero(edges == 1).tolist(), np.flatnonzero(edges == -1).tolist()))
+        del edges
+        if not runs:
             return
-        starts = idx[np.flatnonzero(np.diff(idx, prepend=-2) != 1)]
-        ends = idx[np.append(np.flatnonzero(np.diff(idx) != 1), idx.size - 1)] + 1
-        runs = list(zip(starts.tolist(), ends.tolist()))
 
         def run() -> None:
             for a, b in runs:
