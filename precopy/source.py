@@ -1000,29 +1000,12 @@ class SourceSession:
             # fewer than the link can carry meanwhile; the chunks go whole,
             # as runs straight from memory.
             return _Scan(pages, empty, live, dest_table, hash_s, time.monotonic() - t, whole=True)
-        # Pages sent straight from memory have no record yet: the
-        # destination hashes what it holds of their chunks while we hash
-        # ours, and its digests become the record (what it received is
-        # exactly what was sent).
-        unknown = sorted_distinct(pages[~self.known[pages]] // cp).astype(np.uint32)
-        asked = []
-        limit = min(MAX_PAGE_DIGEST_CHUNKS, MAX_PAYLOAD // 8 // cp)
-        for lo in range(0, len(unknown), limit):
-            self._seq += 1
-            piece = unknown[lo:lo + limit]
-            await self._send_event(DigestRequest(seq=self._seq, final=final, pages_of=piece))
-            asked.append((self._seq, piece))
+        asked = await self._ask_page_digests(sorted_distinct(pages[~self.known[pages]] // cp), final)
         t_pages = time.monotonic()
         now = await loop.run_in_executor(self._outer_pool, page_digests, self.mem.pages, pages)
         if pages.size >= 1024:
             self._page_s = (time.monotonic() - t_pages) / pages.size
-        for seq, piece in asked:
-            held: DigestTable = await self._expect(DigestTable)
-            if held.seq != seq:
-                raise RemoteProtocolError(f"page digests {held.seq} answer request {seq}")
-            got = chunk_pages_of(piece, cp, self.mem.npages)
-            self.sent[got] = held.digests
-            self.known[got] = True
+        await self._take_page_digests(asked)
         dirty = pages[now != self.sent[pages]]
         # Chunks that differ on the destination but where no page differs
         # from what we sent: our record and the destination disagree.
@@ -1037,6 +1020,35 @@ class SourceSession:
             spread = (odd[:, None] * cp + np.arange(cp)).ravel()
             odd_pages = spread[spread < self.mem.npages].astype(np.uint32)
         return _Scan(dirty, odd_pages, live, dest_table, hash_s, time.monotonic() - t)
+
+    async def _ask_page_digests(self, chunks: np.ndarray, final: bool) -> list[tuple[int, np.ndarray]]:
+        """Ask the destination for the digest of every page of ``chunks`` (ascending).
+
+        Pages sent straight from memory have no record yet: the destination
+        hashes what it holds of their chunks while we hash ours, and its
+        digests become the record (what it received is exactly what was
+        sent).  Returns the requests, for :meth:`_take_page_digests`.
+        """
+        chunks = np.asarray(chunks, dtype=np.uint32)
+        asked = []
+        limit = min(MAX_PAGE_DIGEST_CHUNKS, MAX_PAYLOAD // 8 // self.chunk_pages)
+        for lo in range(0, len(chunks), limit):
+            self._seq += 1
+            piece = chunks[lo:lo + limit]
+            await self._send_event(DigestRequest(seq=self._seq, final=final, pages_of=piece))
+            asked.append((self._seq, piece))
+        return asked
+
+    async def _take_page_digests(self, asked: list[tuple[int, np.ndarray]]) -> None:
+        """Receive the answers to :meth:`_ask_page_digests` into the record."""
+        assert self.mem is not None
+        for seq, piece in asked:
+            held: DigestTable = await self._expect(DigestTable)
+            if held.seq != seq:
+                raise RemoteProtocolError(f"page digests {held.seq} answer request {seq}")
+            got = chunk_pages_of(piece, self.chunk_pages, self.mem.npages)
+            self.sent[got] = held.digests
+            self.known[got] = True
 
     async def _page_scan(self) -> _Scan:
         """A live digest scan of a fast writer's region, page by page, with no chunk pass.
@@ -1064,14 +1076,7 @@ class SourceSession:
         self._seq += 1
         table_seq = self._seq
         await self._send_event(DigestRequest(seq=table_seq))
-        unknown = sorted_distinct(np.flatnonzero(~self.known) // cp).astype(np.uint32)
-        asked = []
-        limit = min(MAX_PAGE_DIGEST_CHUNKS, MAX_PAYLOAD // 8 // cp)
-        for lo in range(0, len(unknown), limit):
-            self._seq += 1
-            piece = unknown[lo:lo + limit]
-            await self._send_event(DigestRequest(seq=self._seq, pages_of=piece))
-            asked.append((self._seq, piece))
+        asked = await self._ask_page_digests(sorted_distinct(np.flatnonzero(~self.known) // cp), False)
         now = np.full(npages, ZERO_PAGE_DIGEST, dtype=np.uint64)
         now[data] = await loop.run_in_executor(self._outer_pool, page_digests, self.mem.pages, data)
         if data.size >= 1024:
@@ -1079,13 +1084,7 @@ class SourceSession:
         table: DigestTable = await self._expect(DigestTable)
         if table.seq != table_seq:
             raise RemoteProtocolError(f"digest table {table.seq} answers request {table_seq}")
-        for seq, piece in asked:
-            held: DigestTable = await self._expect(DigestTable)
-            if held.seq != seq:
-                raise RemoteProtocolError(f"page digests {held.seq} answer request {seq}")
-            got = chunk_pages_of(piece, cp, npages)
-            self.sent[got] = held.digests
-            self.known[got] = True
+        await self._take_page_digests(asked)
         dirty = np.flatnonzero(now != self.sent).astype(np.uint32)
         nchunks = -(-npages // cp)
         touched = sorted_distinct(dirty // cp).size if dirty.size else 0

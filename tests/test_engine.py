@@ -1003,6 +1003,53 @@ def test_whether_changed_chunks_go_whole(cand: np.ndarray, seen: float, link_bps
     assert precopy.source._whole_chunks_pay(cand, 2048, 32, link_bps, seen) is whole
 
 
+async def test_a_writer_touching_every_chunk_is_scanned_page_by_page(
+        work: Path, shm: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A page in every chunk every 5 ms: once a scan has seen most chunks change,
+    the next live scans go page by page (no chunk pass), rounds send the pages
+    written, not every page of the changed chunks (all of them: the region),
+    and the migration ends byte exact."""
+    npages = 4096
+    src = work / "vm.mem"
+    mm = make_region(src, npages, seed=6)
+    real = precopy.source.SourceSession._page_scan
+    page_scans: list[int] = []
+
+    async def page_scan(self: Any) -> Any:
+        scan = await real(self)
+        page_scans.append(len(scan.dirty))
+        return scan
+
+    monkeypatch.setattr(precopy.source.SourceSession, "_page_scan", page_scan)
+    stop = asyncio.Event()
+
+    async def scribble() -> None:
+        rng = np.random.default_rng(7)
+        pages = mm.reshape(npages, PAGE_SIZE)
+        while not stop.is_set():
+            idx = np.arange(0, npages, 32) + rng.integers(0, 32, npages // 32)
+            pages[idx, :8] = rng.integers(0, 256, (len(idx), 8), dtype=np.uint8)
+            await asyncio.sleep(0.005)
+
+    async def freeze() -> None:
+        stop.set()
+        await writer
+
+    async with serve(shm / "dest") as server:
+        writer = asyncio.create_task(scribble())
+        try:
+            rep = await migrate(server, src, FakeWorkload(on_pause=freeze), downtime_ms=1,
+                                max_rounds=5, on_nonconvergence="force")
+        finally:
+            stop.set()
+            await writer
+    assert rep.outcome == "committed" and rep.verify_repairs == 0
+    assert (shm / "dest" / "vm.mem").read_bytes() == src.read_bytes()
+    assert page_scans, "no scan went page by page"
+    iterative = [r for r in rep.rounds if r.kind == "iterative"]
+    assert all(r.pages_sent < 0.9 * npages for r in iterative[1:]), [r.pages_sent for r in iterative]
+
+
 @pytest.mark.parametrize("changed, least", [(0, 0.0), (2048, 1.0), (1782, 0.071), (1024, 0.042), (2047, 0.21)])
 def test_a_scan_estimates_how_much_of_its_changed_chunks_was_written(changed: int, least: float) -> None:
     """Evenly spread writes are the sparsest way to change that many chunks: 87 %
