@@ -440,8 +440,7 @@ class GuestMemory:
         del anchor  # the thread is joined before close()
         # Runs of the mask from a byte per page (page-number arrays would be
         # 8 bytes a page: 8 MiB of peak memory more at 4 GiB).
-        edges = np.diff(pages.view(np.int8) if pages.dtype == bool else pages.astype(np.int8),
-                        prepend=np.int8(0), append=np.int8(0))
+        edges = np.diff(np.asarray(pages, dtype=bool).view(np.int8), prepend=np.int8(0), append=np.int8(0))
         runs = list(zip(np.flatnonzero(edges == 1).tolist(), np.flatnonzero(edges == -1).tolist()))
         del edges
         if not runs:

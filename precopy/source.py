@@ -601,6 +601,13 @@ class SourceSession:
             raise RemoteProtocolError(f"expected {typ.__name__} from the destination, got {type(ev).__name__}")
         return ev
 
+    async def _expect_table(self, seq: int) -> DigestTable:
+        """The next DIGEST_TABLE, which must answer request ``seq``."""
+        table: DigestTable = await self._expect(DigestTable)
+        if table.seq != seq:
+            raise RemoteProtocolError(f"digest table {table.seq} answers request {seq}")
+        return table
+
     def _check_peer(self) -> None:
         """Raise what the reader saw (an ABORT, a closed link) without waiting."""
         if not self._events.empty():
@@ -839,9 +846,7 @@ class SourceSession:
         pages = chunk_pages_of(sample, cp, npages)
         loop = asyncio.get_running_loop()
         live = await loop.run_in_executor(self._outer_pool, page_digests, self.mem.pages, pages)
-        held: DigestTable = await self._expect(DigestTable)
-        if held.seq != self._seq:
-            raise RemoteProtocolError(f"page digests {held.seq} answer request {self._seq}")
+        held = await self._expect_table(self._seq)
         match = float((live == held.digests).mean())
         if match < 0.25:
             _log.info("the destination's existing region is stale (%.0f %% of a sample matches): "
@@ -968,9 +973,7 @@ class SourceSession:
         )
         hash_s = time.monotonic() - t
         if dest_table is None:
-            table: DigestTable = await self._expect(DigestTable)
-            if table.seq != self._seq:
-                raise RemoteProtocolError(f"digest table {table.seq} answers request {self._seq}")
+            table = await self._expect_table(self._seq)
             dest_table = table.digests
         return live, dest_table, hash_s
 
@@ -1043,9 +1046,7 @@ class SourceSession:
         """Receive the answers to :meth:`_ask_page_digests` into the record."""
         assert self.mem is not None
         for seq, piece in asked:
-            held: DigestTable = await self._expect(DigestTable)
-            if held.seq != seq:
-                raise RemoteProtocolError(f"page digests {held.seq} answer request {seq}")
+            held = await self._expect_table(seq)
             got = chunk_pages_of(piece, self.chunk_pages, self.mem.npages)
             self.sent[got] = held.digests
             self.known[got] = True
@@ -1081,9 +1082,7 @@ class SourceSession:
         now[data] = await loop.run_in_executor(self._outer_pool, page_digests, self.mem.pages, data)
         if data.size >= 1024:
             self._page_s = (time.monotonic() - t) / data.size
-        table: DigestTable = await self._expect(DigestTable)
-        if table.seq != table_seq:
-            raise RemoteProtocolError(f"digest table {table.seq} answers request {table_seq}")
+        table = await self._expect_table(table_seq)
         await self._take_page_digests(asked)
         dirty = np.flatnonzero(now != self.sent).astype(np.uint32)
         nchunks = -(-npages // cp)
@@ -1510,9 +1509,7 @@ class SourceSession:
         if self._settle_seq is None:
             return
         t = time.monotonic()
-        table: DigestTable = await self._expect(DigestTable)
-        if table.seq != self._settle_seq:
-            raise RemoteProtocolError(f"digest table {table.seq} answers request {self._settle_seq}")
+        await self._expect_table(self._settle_seq)
         self._settle_seq = None
         _log.debug("destination settled %.1f ms after the scan", (time.monotonic() - t) * 1e3)
 
@@ -1520,9 +1517,7 @@ class SourceSession:
         self._seq += 1
         await self._send_event(DigestRequest(seq=self._seq, final=True))
         t = time.monotonic()
-        table: DigestTable = await self._expect(DigestTable)
-        if table.seq != self._seq:
-            raise RemoteProtocolError(f"digest table {table.seq} answers request {self._seq}")
+        table = await self._expect_table(self._seq)
         self._dest_table = table.digests
         bad = np.flatnonzero(frozen != table.digests)
         _log.debug("verification: the destination's table in %.1f ms, %d chunks differ",
