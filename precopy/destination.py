@@ -644,7 +644,7 @@ class _DestMigration:
                     tracker.received(ev.indices, data, ev.chunk_digests)
                 if z.size:
                     mem.zero(z)
-                    tracker.mark(z)
+                    tracker.zeroed_pages(z)
             elif isinstance(ev, DigestRequest) and ev.pages_of is not None:
                 # The source's record of pages it sent without hashing them.
                 pages = chunk_pages_of(ev.pages_of, self.begin.chunk_pages, mem.npages)
@@ -654,6 +654,13 @@ class _DestMigration:
                 if not ev.final:
                     self.rec.rounds += 1
                 t = time.monotonic()
+                if ev.by_page and tracker.page_table is None:
+                    # From now on chunk digests derive from page digests;
+                    # pages never written in a fresh file read as zeros
+                    # unread (reading would allocate them).
+                    hashed = await loop.run_in_executor(self.server._outer_pool, tracker.by_page, written.copy())
+                    _log.debug("chunk tables by page for %s: %d pages hashed in %.1f ms", self.begin.migration_id,
+                               hashed, (time.monotonic() - t) * 1e3)
                 stale = int(tracker.stale.sum() + tracker.cold.sum())
                 table = await loop.run_in_executor(self.server._outer_pool, tracker.table)
                 _log.debug("digest table for %s: %d stale chunks rehashed in %.1f ms", self.begin.migration_id,

@@ -42,6 +42,8 @@ __all__ = [
     "page_difference",
     "sorted_distinct",
     "chunk_digests",
+    "live_page_digests",
+    "chunks_of_page_digests",
     "ChunkTracker",
     "zero_chunk_digests",
     "region_chunk_digests",
@@ -128,6 +130,37 @@ def page_digests(pages: np.ndarray, indices: np.ndarray | None = None) -> np.nda
         out[lo:lo + len(offs)] = np.fromiter(
             map(_h64, [flat[o:o + PAGE_SIZE] for o in offs]), dtype=np.uint64, count=len(offs))
     return out
+
+
+def live_page_digests(pages: np.ndarray, zero: np.ndarray | None) -> np.ndarray:
+    """xxh3_64 of every page of a region; pages where ``zero`` is True get the zero page's, unread.
+
+    ``zero`` (a per-page mask, or None) names pages known to read as zeros
+    without reading them: file holes, whose read would allocate them.
+    """
+    if zero is None or not zero.any():
+        return page_digests(pages)
+    out = np.full(pages.shape[0], ZERO_PAGE_DIGEST, dtype=np.uint64)
+    todo = np.flatnonzero(~zero)
+    out[todo] = page_digests(pages, todo)
+    return out
+
+
+def chunks_of_page_digests(table: np.ndarray, chunk_pages: int, chunks: np.ndarray | None = None) -> np.ndarray:
+    """Chunk digests *by page*: xxh3_64 of each chunk's page digests (uint64 little endian, in order).
+
+    ``table`` holds one digest per page of the region (the last chunk may be
+    short); ``chunks`` limits the work to those chunk numbers.  Two regions
+    whose page digests agree agree on these, and a page rewritten costs its
+    own hash plus 256 bytes of its chunk's, not the whole chunk's bytes.
+    """
+    flat = np.ascontiguousarray(table, dtype="<u8").data.cast("B")
+    step = chunk_pages * 8
+    if chunks is None:
+        offs: Sequence[int] = range(0, flat.nbytes, step)
+    else:
+        offs = (np.asarray(chunks, dtype=np.int64) * step).tolist()
+    return np.fromiter(map(_h64, [flat[o:o + step] for o in offs]), dtype=np.uint64, count=len(offs))
 
 
 # Set operations on page numbers, through a mask of the region: O(n), where
@@ -250,7 +283,17 @@ class ChunkTracker:
     date and returns the digests.  A chunk is marked stale *after* its pages
     are written and unmarked *before* it is hashed, so a write racing with
     the hash leaves it stale, never wrongly fresh.
+
+    After :meth:`by_page` (the source asked for chunk tables by page), it
+    keeps a digest per page instead: :meth:`received` hashes the pages it
+    is given (read back from the region), and a stale chunk's digest is
+    recomputed from its pages' digests (:func:`chunks_of_page_digests`),
+    256 bytes instead of 128 KiB.
     """
+
+    #: One digest per page once :meth:`by_page` was called; None before.
+    page_table: np.ndarray | None = None
+    _pages: np.ndarray
 
     def __init__(self, flat: memoryview, chunk_pages: int, executor: ThreadPoolExecutor) -> None:
         self.flat = flat
@@ -306,10 +349,35 @@ class ChunkTracker:
         self._thread.start()
         return self
 
+    def by_page(self, maybe_data: np.ndarray) -> int:
+        """Keep chunk digests by page from now on; returns the pages read to start the page table.
+
+        Every page is hashed once, from memory, except those ``maybe_data``
+        (a per-page mask) says still read as zeros without a block: reading
+        them would allocate them.  Idempotent.
+        """
+        with self._lock:
+            if self.page_table is not None:
+                return 0
+            flat = np.frombuffer(self.flat, dtype=np.uint8)[:self.flat.nbytes // PAGE_SIZE * PAGE_SIZE]
+            self._pages = flat.reshape(-1, PAGE_SIZE)
+            zero = ~np.asarray(maybe_data, dtype=bool)
+            self.page_table = live_page_digests(self._pages, zero)
+            self.digests = chunks_of_page_digests(self.page_table, self.chunk_pages)
+            self.stale[:] = False
+            self.cold[:] = False
+            return int(zero.size - np.count_nonzero(zero))
+
     def mark(self, page_indices: np.ndarray) -> None:
         if len(page_indices):
             self.stale[page_indices // self.chunk_pages] = True
             self._wake_refresh()
+
+    def zeroed_pages(self, page_indices: np.ndarray) -> None:
+        """Account pages just set to zeros."""
+        if self.page_table is not None and len(page_indices):
+            self.page_table[page_indices] = ZERO_PAGE_DIGEST
+        self.mark(page_indices)
 
     def _wake_refresh(self) -> None:
         # Event.set takes a lock and notifies (7 % of a destination's busy
@@ -332,6 +400,13 @@ class ChunkTracker:
         """
         n = len(page_indices)
         if not n:
+            return
+        if self.page_table is not None:
+            # Read back from the region, not taken from ``data``: what landed
+            # is what is verified.  Just written, it is still in the CPU
+            # cache; the chunks' digests follow on refresh.
+            self.page_table[page_indices] = page_digests(self._pages, page_indices)
+            self.mark(page_indices)
             return
         cp = self.chunk_pages
         first, last = int(page_indices[0]), int(page_indices[-1])
@@ -369,7 +444,10 @@ class ChunkTracker:
                 return 0
             self.stale[todo] = False
             self.cold[todo] = False
-            self.digests[todo] = chunk_digests(self.flat, self.chunk_bytes, self._executor, todo)
+            if self.page_table is not None:
+                self.digests[todo] = chunks_of_page_digests(self.page_table, self.chunk_pages, todo)
+            else:
+                self.digests[todo] = chunk_digests(self.flat, self.chunk_bytes, self._executor, todo)
             return int(todo.size)
 
     def table(self) -> np.ndarray:

@@ -60,6 +60,10 @@ class MigrationReport:
     compression: str = "off"
     tracking: str = "digest"  # digest | uffd-wp: how dirty pages were found
     tracking_reason: str = ""  # why that tracker (e.g. why auto fell back to digests)
+    #: What the chunk tables compared hash: "chunks" (their bytes), or
+    #: "pages" (their pages' digests; with kernel tracking, once a writer
+    #: scatters over most chunks: a page written costs a 4 KiB hash, not 128 KiB).
+    verification: str = "chunks"
     #: "new": received into a new file; "existing": into the region file the
     #: destination already held under that name (a repeat migration, a
     #: pre-provisioned host).

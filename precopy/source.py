@@ -108,6 +108,12 @@ __all__ = ["SourceOptions", "Progress", "migrate", "SourceSession"]
 _log = logging.getLogger(__name__)
 #: With a tracker, a dirty set this small is sent paused rather than chased.
 _TRACKED_SHRINK_PAGES = 64
+#: With a tracker, chunk tables go by page (SourceChunks.to_pages) once a
+#: rehash that is not deferred would hash this share of all chunks: a
+#: writer scattered that widely pays a whole-region chunk hash a round on
+#: each side, where by page it pays 4 KiB a page written (one page pass on
+#: each side to switch, ~100-160 ms per GiB here, repaid in a few rounds).
+_BY_PAGE_SHARE = 0.5
 _h64 = xxhash.xxh3_64_intdigest
 
 
@@ -664,10 +670,11 @@ class SourceSession:
                 first = int(idx[0]) * PAGE_SIZE
                 raw = self.mem.view[first:first + len(idx) * PAGE_SIZE]
                 n = await self._send_event(Pages(indices=idx, zeros=idx[:0], payload=raw, checksum=None))
-                # No record until the destination gives one; never the zero
-                # page's (the tracker's hole check trusts a zero record).
-                self.sent[idx] = 0
-                self.known[idx] = False
+                if not self._by_page:
+                    # No record until the destination gives one; never the zero
+                    # page's (the tracker's hole check trusts a zero record).
+                    self.sent[idx] = 0
+                    self.known[idx] = False
                 data_pages, zero_pages = len(idx), 0
             else:
                 n, data_pages, zero_pages = await self._send_staged(idx, tried)
@@ -691,6 +698,11 @@ class SourceSession:
         end = time.monotonic()
         rnd.send_seconds += end - t_start
         self.link.add(self.report.bytes_on_wire - unsent() - sampled, end - last_sample)
+
+    @property
+    def _by_page(self) -> bool:
+        """Chunk tables by page: the record holds every page's digest as last read (the scan hashed them)."""
+        return self.chunks is not None and self.chunks.by_page
 
     def _has_zero_page(self, run: np.ndarray) -> bool:
         """Whether a run of pages holds an all-zero page (sent as a number, not 4 KiB).
@@ -729,8 +741,9 @@ class SourceSession:
         view = self.mem.view
         bufs = [view[a * PAGE_SIZE:(b + 1) * PAGE_SIZE] for a, b in zip(d[starts].tolist(), d[ends].tolist())]
         n = await self._send_event(Pages(indices=data_idx, zeros=zero_idx, payload=bufs, checksum=None))
-        self.sent[data_idx] = 0  # no record: see _send_pages
-        self.known[data_idx] = False
+        if not self._by_page:
+            self.sent[data_idx] = 0  # no record: see _send_pages
+            self.known[data_idx] = False
         self.sent[zero_idx] = ZERO_PAGE_DIGEST
         self.known[zero_idx] = True
         return n, len(data_idx), len(zero_idx)
@@ -941,8 +954,18 @@ class SourceSession:
             # Far from a switchover (a fast writer), the chunks it dirtied
             # now would be dirtied again before the pause: their rehash waits.
             defer = not final and not self._near_switchover(len(dirty))
-            rehash_s, extra = await loop.run_in_executor(
-                self._outer_pool, functools.partial(self.chunks.rehash, dirty, self.sent, defer=defer))
+            spread = 0 if defer or final or self.chunks.by_page else self.chunks.would_rehash(dirty)
+            if spread >= _BY_PAGE_SHARE * len(self.chunks.table) > 0:
+                # The switch hashes every page (what was written included).
+                holes = self.mem.hole_pages(max_extents=4096)
+                rehash_s, extra = await loop.run_in_executor(
+                    self._outer_pool, self.chunks.to_pages, dirty, self.sent, self.known, holes)
+                self.report.verification = "pages"
+                _log.info("chunk tables by page from now on: %d pages written over %d of %d chunks "
+                          "(switching took %.1f ms)", len(dirty), spread, len(self.chunks.table), rehash_s * 1e3)
+            else:
+                rehash_s, extra = await loop.run_in_executor(
+                    self._outer_pool, functools.partial(self.chunks.rehash, dirty, self.sent, defer=defer))
             if extra.size:
                 _log.info("%d unreported pages read as zeros although what was sent was not "
                           "(holes punched): sending them too", extra.size)
@@ -1129,7 +1152,8 @@ class SourceSession:
             # round's were settled while it ran: _settle).
             # Scattered pages cost a whole chunk each: with 500 pages that
             # was most of a 30 ms pause.
-            stale = min(remaining_pages + self._unsettled, nchunks)
+            # By page, each page received costs its own hash instead.
+            stale = min(remaining_pages + self._unsettled, self.mem.npages if self._by_page else nchunks)
             verify_s = (self._rtt + nchunks * 8 / max(self.link.bytes_per_second, 1.0)
                         + stale * self._chunk_hash_s)
         return verify_s + expected_downtime(
@@ -1178,7 +1202,7 @@ class SourceSession:
                 chunk_pass = self._floor_scan_s if self._floor_scan_s != float("inf") else est
                 est = chunk_pass + self._page_s * min(self.mem.npages, self.chunk_pages * len(dirty))
             else:
-                self._chunk_hash_s = (self.chunks.seconds_per_chunk if self.chunks is not None
+                self._chunk_hash_s = (self.chunks.scattered_page_s if self.chunks is not None
                                       else scan.hash_s / nchunks)
             self._last_scan_s = max(est, self._prev_scan_s)
             self._prev_scan_s = est
@@ -1502,7 +1526,7 @@ class SourceSession:
         self._seq += 1
         self._settle_seq = self._seq
         self._unsettled = 0
-        await self._send_event(DigestRequest(seq=self._seq))
+        await self._send_event(DigestRequest(seq=self._seq, by_page=self._by_page))
 
     async def _settled(self) -> None:
         """Wait for the answer to :meth:`_settle`, if one is due (its table itself is not needed)."""
@@ -1515,7 +1539,7 @@ class SourceSession:
 
     async def _verify(self, frozen: np.ndarray) -> np.ndarray:
         self._seq += 1
-        await self._send_event(DigestRequest(seq=self._seq, final=True))
+        await self._send_event(DigestRequest(seq=self._seq, final=True, by_page=self._by_page))
         t = time.monotonic()
         table = await self._expect_table(self._seq)
         self._dest_table = table.digests
@@ -1531,9 +1555,9 @@ class SourceSession:
         kernel cannot report (a hole punched over a fresh write) can leave a
         chunk digest stale while the destination is right.
         """
-        assert self.mem is not None
+        assert self.mem is not None and self.chunks is not None
         frozen[bad] = await asyncio.get_running_loop().run_in_executor(
-            self._outer_pool, chunk_digests, self.mem.view, self.chunk_bytes, self._hash_pool, bad)
+            self._outer_pool, self.chunks.recompute, bad, self.sent)
         still: np.ndarray = bad[frozen[bad] != self._dest_table[bad]]
         if still.size < bad.size:
             _log.info("verification: %d chunk digests of ours were stale (holes punched while tracked); "

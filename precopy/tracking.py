@@ -44,7 +44,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .digest import ZERO_PAGE_DIGEST, chunk_digests, page_difference, page_digests, page_union, sorted_distinct
+from .digest import (
+    ZERO_PAGE_DIGEST,
+    chunk_digests,
+    chunk_pages_of,
+    chunks_of_page_digests,
+    live_page_digests,
+    page_difference,
+    page_digests,
+    page_union,
+    sorted_distinct,
+)
 from .errors import GuestControlError
 from .memory import GuestMemory
 from .uffd import (
@@ -288,6 +298,13 @@ class SourceChunks:
     (~100 ms of two cores).  Deferred chunks stay in :attr:`stale` until a
     rehash that is not deferred; :meth:`backlog` counts them, and the
     downtime estimate with it, so the pause never inherits them unawares.
+
+    After :meth:`to_pages` the chunk digests are *by page* (see
+    :func:`chunks_of_page_digests`): a scattered page costs its own 4 KiB
+    hash instead of its chunk's 128 KiB, which is what a writer that
+    touches most chunks every round needs.  The page digests are kept in
+    the source's record (``sent``), which from then on holds the digest of
+    every page as last read from the region.
     """
 
     def __init__(self, mem: GuestMemory, chunk_pages: int, executor: ThreadPoolExecutor) -> None:
@@ -296,6 +313,8 @@ class SourceChunks:
         self.executor = executor
         self.table: np.ndarray | None = None
         self.seconds_per_chunk = 0.0
+        self.seconds_per_page = 0.0
+        self.by_page = False
         self.stale = np.zeros(-(-mem.npages // chunk_pages), dtype=bool)
 
     def adopt(self, table: np.ndarray, seconds: float) -> None:
@@ -312,6 +331,56 @@ class SourceChunks:
         """Chunks whose rehash was deferred (see the class docstring)."""
         return int(np.count_nonzero(self.stale))
 
+    def would_rehash(self, pages: np.ndarray) -> int:
+        """Chunks a rehash of ``pages`` that is not deferred would hash (the backlog included)."""
+        touched = self.stale.copy()
+        touched[self.chunks_of(pages)] = True
+        return int(np.count_nonzero(touched))
+
+    def to_pages(self, pages: np.ndarray, sent: np.ndarray, known: np.ndarray,
+                 holes: np.ndarray | None) -> tuple[float, np.ndarray]:
+        """Switch to chunk digests by page: hash every page once.
+
+        Call right after a tracker scan that reported ``pages``, instead of
+        its rehash: writes from then on are reported by the next.
+        ``sent``/``known``: the source's record, which becomes the page
+        table (every page known); ``holes``: pages in file holes, taken as
+        zeros unread.  Returns the seconds it took and more pages to send:
+        as :meth:`rehash` does for the chunks it reads, the pages not in
+        ``pages`` that read as zeros although what was sent there was not
+        (reading a hole just punched allocates it, which hides it from the
+        next scan's hole check).
+        """
+        t = time.monotonic()
+        step = 1 << 16  # bounds the temporary arrays
+        zeroed = []
+        for lo in range(0, self.mem.npages, step):
+            hi = min(lo + step, self.mem.npages)
+            now = live_page_digests(self.mem.pages[lo:hi], None if holes is None else holes[lo:hi])
+            zeroed.append(lo + np.flatnonzero((now == ZERO_PAGE_DIGEST) & (sent[lo:hi] != ZERO_PAGE_DIGEST)))
+            sent[lo:hi] = now
+        known[:] = True
+        self.table = chunks_of_page_digests(sent, self.chunk_pages)
+        self.stale[:] = False
+        self.by_page = True
+        s = time.monotonic() - t
+        self.seconds_per_page = s / max(self.mem.npages, 1)
+        extra = page_difference(self.mem.npages, np.concatenate(zeroed), pages) if zeroed else pages[:0]
+        return s, extra
+
+    def recompute(self, chunks: np.ndarray, sent: np.ndarray) -> np.ndarray:
+        """Digests of ``chunks`` from the region as it is now (their pages' digests into ``sent``, by page)."""
+        if not self.by_page:
+            return chunk_digests(self.mem.view, self.chunk_pages * PAGE_SIZE, self.executor, chunks)
+        pages = chunk_pages_of(chunks, self.chunk_pages, self.mem.npages)
+        sent[pages] = page_digests(self.mem.pages, pages)
+        return chunks_of_page_digests(sent, self.chunk_pages, chunks)
+
+    @property
+    def scattered_page_s(self) -> float:
+        """What a scattered page written costs to rehash: its chunk, or by page itself."""
+        return self.seconds_per_page if self.by_page else self.seconds_per_chunk
+
     def rehash(self, pages: np.ndarray, sent: np.ndarray, *, defer: bool = False) -> tuple[float, np.ndarray]:
         """Rehash the chunks holding ``pages``; returns the seconds it took and more dirty pages.
 
@@ -327,6 +396,16 @@ class SourceChunks:
         (a strided read of 8 bytes per page), so it costs next to nothing.
         """
         assert self.table is not None
+        if self.by_page:
+            # Only what was written is read: no hole gets allocated here.
+            t = time.monotonic()
+            if len(pages):
+                sent[pages] = page_digests(self.mem.pages, pages)
+                touched = self.chunks_of(pages)
+                self.table[touched] = chunks_of_page_digests(sent, self.chunk_pages, touched)
+                if len(pages) >= 256:
+                    self.seconds_per_page = (time.monotonic() - t) / len(pages)
+            return time.monotonic() - t, np.zeros(0, dtype=np.uint32)
         touched = self.chunks_of(pages)
         if defer:
             quiet = self.stale.copy()
@@ -354,6 +433,8 @@ class SourceChunks:
     def estimate(self, pages: int) -> float:
         """Seconds to rehash the chunks of ``pages`` scattered pages and the backlog (an upper bound)."""
         assert self.table is not None
+        if self.by_page:
+            return pages * self.seconds_per_page
         return min(pages + self.backlog, len(self.table)) * self.seconds_per_chunk
 
 

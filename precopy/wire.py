@@ -73,7 +73,7 @@ __all__ = [
     "MAX_PAGE_DIGEST_CHUNKS",
 ]
 
-PROTOCOL_VERSION: Final = 2
+PROTOCOL_VERSION: Final = 3
 PAGE_SIZE: Final = 4096
 MAGIC: Final = b"PC"
 PREFIX = struct.Struct("<2sBBII")
@@ -280,11 +280,19 @@ class DigestRequest:
     digest of every page of those chunks instead, in order -- what the
     destination holds, as the source's record of pages it sent without
     hashing them.
+
+    With ``by_page``: each chunk's digest is derived from its pages' digests
+    (:func:`precopy.digest.chunks_of_page_digests`), not from its bytes, so
+    that a page rewritten costs a 4 KiB hash instead of its whole chunk's.
+    Once a migration asks for that, it asks for it in every later chunk
+    table (the destination keeps a page table from then on); never together
+    with ``pages_of``.
     """
 
     seq: int
     final: bool = False
     pages_of: np.ndarray | None = None
+    by_page: bool = False
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -423,6 +431,8 @@ def _encode_event(ev: Event) -> tuple[Kind, dict[str, Any], Any]:
         req: dict[str, Any] = {"seq": ev.seq, "final": ev.final}
         if ev.pages_of is not None:
             req["p"] = _u32(ev.pages_of)
+        if ev.by_page:
+            req["bp"] = True
         return Kind.DIGEST_REQUEST, req, b""
     if isinstance(ev, DeviceState):
         return Kind.DEVICE_STATE, {"o": ev.offset, "t": ev.total}, ev.data
@@ -622,6 +632,8 @@ class Connection:
     _end: int = field(default=0, init=False, repr=False)
     #: Digests in the answer to each DIGEST_REQUEST not yet answered, in order.
     _expected_tables: deque[int] = field(default_factory=deque, init=False, repr=False)
+    #: A chunk table by page was asked for (DIGEST_REQUEST ``bp``): every later one is.
+    _by_page: bool = field(default=False, init=False, repr=False)
     _device_received: int = field(default=0, init=False, repr=False)
     _device_sent: int = field(default=0, init=False, repr=False)
     _eof: bool = field(default=False, init=False, repr=False)
@@ -889,8 +901,11 @@ class Connection:
             pages_of = None
             if "p" in meta:
                 pages_of = _chunk_list(_bytes_field(meta, "p", kind), self.begin)
+            by_page = bool(_field(meta, "bp", bool, kind)) if "bp" in meta else False
+            self._check_by_page(by_page, pages_of)
+            self._by_page |= by_page
             self._expected_tables.append(self._table_size(pages_of))
-            return DigestRequest(seq=seq, final=final, pages_of=pages_of)
+            return DigestRequest(seq=seq, final=final, pages_of=pages_of, by_page=by_page)
         if kind is Kind.DIGEST_TABLE:
             return self._decode_table(meta, payload)
         if kind is Kind.SWITCHOVER:
@@ -995,6 +1010,16 @@ class Connection:
         self._expected_tables.popleft()
         return DigestTable(seq=seq, digests=np.frombuffer(payload, dtype="<u8"))
 
+    def _check_by_page(self, by_page: bool, pages_of: np.ndarray | None) -> None:
+        """A chunk table by page excludes ``pages_of``, and once asked for, is asked for from then on."""
+        if by_page and pages_of is not None:
+            raise RemoteProtocolError("DIGEST_REQUEST asks for page digests ('p') and a chunk table by page "
+                                      "('bp') at once")
+        if pages_of is None:
+            if self._by_page and not by_page:
+                raise RemoteProtocolError("DIGEST_REQUEST for a chunk table of chunk bytes after one by page "
+                                          "('bp'): a migration's chunk tables stay by page once they are")
+
     def _table_size(self, pages_of: np.ndarray | None) -> int:
         """Digests in the answer to a request for ``pages_of`` (None: the chunk table)."""
         assert self.begin is not None
@@ -1033,6 +1058,10 @@ class Connection:
                 raise LocalProtocolError("a compressed PAGES batch must carry a checksum")
         if kind is Kind.DIGEST_REQUEST:
             assert isinstance(event, DigestRequest)
+            try:
+                self._check_by_page(event.by_page, event.pages_of)
+            except RemoteProtocolError as exc:
+                raise LocalProtocolError(str(exc)) from None
             if event.pages_of is not None:
                 if self.begin is None:
                     raise LocalProtocolError("DIGEST_REQUEST before BEGIN")
@@ -1054,7 +1083,9 @@ class Connection:
             assert isinstance(event, Begin)
             self.begin = event
         if kind is Kind.DIGEST_REQUEST:
-            self._expected_tables.append(self._table_size(event.pages_of))  # type: ignore[union-attr]
+            assert isinstance(event, DigestRequest)
+            self._by_page |= event.by_page
+            self._expected_tables.append(self._table_size(event.pages_of))
         if kind is Kind.DIGEST_TABLE:
             self._expected_tables.popleft()
         if kind is Kind.DEVICE_STATE:

@@ -17,6 +17,8 @@ from precopy.digest import (
     StagingBuffer,
     changed,
     chunk_digests,
+    chunks_of_page_digests,
+    live_page_digests,
     page_digests,
 )
 from precopy.errors import RegionError
@@ -402,6 +404,82 @@ def test_chunk_tracker_takes_whole_chunks_from_received_bytes(tmp_path: Path) ->
             if trial % 40 == 0:
                 assert (tracker.table() == chunk_digests(mem.view, 32 * PAGE_SIZE)).all(), trial
         assert (tracker.table() == chunk_digests(mem.view, 32 * PAGE_SIZE)).all()
+    finally:
+        tracker.close()
+        pool.shutdown()
+        mem.close()
+
+
+def by_page_table(mem: GuestMemory, chunk_pages: int) -> list[int]:
+    """Chunk digests by page, computed directly: xxh3 of each chunk's page digests, little endian."""
+    pages = [_h64(bytes(mem.view[i * PAGE_SIZE:(i + 1) * PAGE_SIZE])) for i in range(mem.npages)]
+    raw = np.array(pages, dtype="<u8").tobytes()
+    step = chunk_pages * 8
+    return [_h64(raw[o:o + step]) for o in range(0, len(raw), step)]
+
+
+@pytest.mark.parametrize("npages,chunk_pages", [(64, 16), (70, 16), (5, 64)])
+def test_chunks_of_page_digests_match_a_direct_computation(shm: Path, npages: int, chunk_pages: int) -> None:
+    with GuestMemory.create(shm / "t.mem", npages * PAGE_SIZE) as mem:
+        mem.scatter(np.arange(npages, dtype=np.uint32), random_pages(npages).tobytes())
+        table = page_digests(mem.pages)
+        assert chunks_of_page_digests(table, chunk_pages).tolist() == by_page_table(mem, chunk_pages)
+        some = np.array([0, -(-npages // chunk_pages) - 1], dtype=np.uint32)
+        assert chunks_of_page_digests(table, chunk_pages, some).tolist() == [
+            by_page_table(mem, chunk_pages)[int(c)] for c in some]
+        # A page's position counts: two pages swapped inside a chunk change its digest.
+        swapped = table.copy()
+        swapped[[0, 1]] = swapped[[1, 0]]
+        assert chunks_of_page_digests(swapped, chunk_pages)[0] != chunks_of_page_digests(table, chunk_pages)[0]
+
+
+def test_live_page_digests_take_known_zeros_unread(region: GuestMemory) -> None:
+    zero = np.zeros(region.npages, dtype=bool)
+    zero[[2, 5]] = True
+    got = live_page_digests(region.pages, zero)
+    assert got[2] == got[5] == ZERO_PAGE_DIGEST  # random pages: not what reading them would give
+    keep = ~zero
+    assert (got[keep] == page_digests(region.pages)[keep]).all()
+    assert (live_page_digests(region.pages, None) == page_digests(region.pages)).all()
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_chunk_tracker_by_page_follows_received_and_zeroed_pages(tmp_path: Path, existing: bool) -> None:
+    """After the switch a tracker's table is the region's chunk table by page, whatever is
+    received (runs, scattered pages, whole chunks with their byte digests) or zeroed; pages
+    the switch is told were never written are not read."""
+    npages, cp = 1000, 32
+    mem = GuestMemory.create(tmp_path / "t", npages * PAGE_SIZE, preallocate=False)
+    pool = ThreadPoolExecutor(2)
+    tracker = ChunkTracker.unread(mem.view, cp, pool) if existing else ChunkTracker.zeroed(mem.view, cp, pool)
+    rng = np.random.default_rng(4)
+    written = np.zeros(npages, dtype=bool)
+    try:
+        first = np.arange(0, 600, dtype=np.uint32)
+        data = random_pages(600, seed=9)
+        mem.write_pages(first, data)
+        written[first] = True
+        tracker.received(first, data.reshape(-1).data.cast("B"))
+        assert tracker.by_page(written) == 600  # only the pages that may hold data are read
+        assert tracker.by_page(written) == 0  # once
+        assert tracker.table().tolist() == by_page_table(mem, cp)
+        for trial in range(60):
+            if trial % 3 == 0:
+                idx = np.sort(rng.choice(npages, 10, replace=False)).astype(np.uint32)
+            else:
+                a = int(rng.integers(0, npages - 64))
+                idx = np.arange(a, a + int(rng.integers(1, 64)), dtype=np.uint32)
+            if trial % 7 == 6:
+                mem.zero(idx)
+                tracker.zeroed_pages(idx)
+            else:
+                data = random_pages(len(idx), seed=100 + trial)
+                mem.write_pages(idx, data)
+                cd = chunk_digests(data.reshape(-1).data.cast("B"), cp * PAGE_SIZE)
+                tracker.received(idx, data.reshape(-1).data.cast("B"), cd)
+            if trial % 10 == 0:
+                assert tracker.table().tolist() == by_page_table(mem, cp), trial
+        assert tracker.table().tolist() == by_page_table(mem, cp)
     finally:
         tracker.close()
         pool.shutdown()

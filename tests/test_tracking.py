@@ -317,18 +317,40 @@ def _migrate_guest(shm: Path, ctl: Path, mem: Path, **opts: Any) -> precopy.sour
     return asyncio.run(go())
 
 
+@pytest.fixture(params=["chunks", "pages"])
+def verification(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Chunk tables of chunk bytes throughout, or by page from the first round that writes any page."""
+    monkeypatch.setattr(precopy.source, "_BY_PAGE_SHARE", 2.0 if request.param == "chunks" else 1e-9)
+    return str(request.param)
+
+
 @needs_uffd
 @pytest.mark.parametrize("pattern", ["sweep", "random", "abab", "punch"])
-def test_no_write_is_missed(procs: Procs, shm: Path, pattern: str) -> None:
+def test_no_write_is_missed(procs: Procs, shm: Path, pattern: str, verification: str) -> None:
     mem, ctl, g = _start_guest(procs, shm, pattern=pattern, npages=8192)
     time.sleep(0.2)  # let it write for a while first
     rep = _migrate_guest(shm, ctl, mem, tracking="uffd-wp")
     assert rep.outcome == "committed" and rep.tracking == "uffd-wp", rep.tracking_reason
+    assert rep.verification == verification
     # The guest is paused (keep-stopped): its memory is frozen.
     assert (shm / "dest" / "g.mem").read_bytes() == mem.read_bytes()
     assert rep.verify_repairs == 0
     assert rep.pages_sent + rep.zero_pages > 8192  # it did write during the migration
     assert g.poll() is None
+
+
+@needs_uffd
+@pytest.mark.parametrize("sleep, expected", [("0.001", "pages"), ("0.2", "chunks")], ids=["fast", "slow"])
+def test_chunk_tables_go_by_page_only_for_a_writer_scattered_over_most_chunks(
+        procs: Procs, shm: Path, sleep: str, expected: str) -> None:
+    """~64,000 random pages/s over 256 chunks touch most of them every round: by page; ~300 pages/s do not."""
+    mem, ctl, _ = _start_guest(procs, shm, "--sleep", sleep, pattern="random", npages=8192)
+    time.sleep(0.2)
+    rep = _migrate_guest(shm, ctl, mem, tracking="uffd-wp")
+    assert rep.outcome == "committed" and rep.tracking == "uffd-wp"
+    assert rep.verification == expected
+    assert (shm / "dest" / "g.mem").read_bytes() == mem.read_bytes()
+    assert rep.verify_repairs == 0
 
 
 @needs_uffd
@@ -352,7 +374,7 @@ def test_writes_missing_from_the_first_report_are_found_by_the_first_digest_comp
 
 @needs_uffd
 def test_a_wrong_page_on_the_destination_is_repaired_and_counted(
-        procs: Procs, shm: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        procs: Procs, shm: Path, monkeypatch: pytest.MonkeyPatch, verification: str) -> None:
     """Verification still runs with a tracker: a page that lands wrong in the final pass is caught.
 
     (With a tracker, scattered pages go straight from the guest's memory, not
@@ -379,6 +401,7 @@ def test_a_wrong_page_on_the_destination_is_repaired_and_counted(
     monkeypatch.setattr(GuestMemory, "write_pages", write_pages)
     rep = _migrate_guest(shm, ctl, mem, tracking="uffd-wp")
     assert rep.outcome == "committed" and rep.tracking == "uffd-wp"
+    assert rep.verification == verification
     assert rep.verify_repairs > 0
     assert (shm / "dest" / "g.mem").read_bytes() == mem.read_bytes()
 
@@ -425,7 +448,7 @@ def test_the_destination_hashes_the_last_rounds_before_the_pause_not_in_it(
 
 @needs_uffd
 def test_a_stale_chunk_digest_of_ours_is_rechecked_not_repaired(
-        procs: Procs, shm: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        procs: Procs, shm: Path, monkeypatch: pytest.MonkeyPatch, verification: str) -> None:
     mem, ctl, _ = _start_guest(procs, shm, pattern="random", npages=4096)
     real = precopy.source.SourceSession._track_scan
 
@@ -438,6 +461,7 @@ def test_a_stale_chunk_digest_of_ours_is_rechecked_not_repaired(
     monkeypatch.setattr(precopy.source.SourceSession, "_track_scan", track_scan)
     rep = _migrate_guest(shm, ctl, mem, tracking="uffd-wp")
     assert rep.outcome == "committed" and rep.verify_repairs == 0
+    assert rep.verification == verification
     assert (shm / "dest" / "g.mem").read_bytes() == mem.read_bytes()
 
 
@@ -648,3 +672,43 @@ def test_hole_finder_sees_punched_pages_on_tmpfs_and_on_a_disk_file(where: str, 
     finally:
         os.close(fd)
         mem.close()
+
+
+def test_source_chunks_by_page_follow_the_region_and_resend_zeroed_pages(shm: Path) -> None:
+    """After the switch our table is the region's chunk table by page, kept so by rehashing the
+    reported pages alone; pages that read as zeros where what was sent was not are returned."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from precopy.digest import ZERO_PAGE_DIGEST, chunks_of_page_digests, page_digests
+    from precopy.tracking import SourceChunks
+
+    npages, cp = 1000, 32  # a short last chunk
+    path = shm / "s.mem"
+    path.write_bytes(np.random.default_rng(5).integers(0, 256, npages * PAGE_SIZE, dtype=np.uint8).tobytes())
+    pool = ThreadPoolExecutor(2)
+    with GuestMemory.open(path) as mem:
+        chunks = SourceChunks(mem, cp, pool)
+        chunks.adopt(np.zeros(-(-npages // cp), dtype=np.uint64), 0.01)
+        sent = np.zeros(npages, dtype=np.uint64)  # sent straight from memory: no record
+        known = np.zeros(npages, dtype=bool)
+        sent[10] = ZERO_PAGE_DIGEST  # sent as a zero page, and still one
+        mem.pages[[7, 10, 500]] = 0  # 7, 500: zeroed since they were sent (a hole punched, then read)
+        reported = np.array([500, 600], dtype=np.uint32)
+        assert chunks.would_rehash(reported) == 2
+        _, extra = chunks.to_pages(reported, sent, known, None)
+        assert chunks.by_page and known.all()
+        assert extra.tolist() == [7]  # 500 was reported: it is sent anyway
+        assert chunks.table is not None
+        assert (chunks.table == chunks_of_page_digests(page_digests(mem.pages), cp)).all()
+        rng = np.random.default_rng(6)
+        for _ in range(5):
+            written = np.unique(rng.integers(0, npages, 40)).astype(np.uint32)
+            mem.pages[written, :8] = rng.integers(0, 256, (len(written), 8), dtype=np.uint8)
+            _, more = chunks.rehash(written, sent)
+            assert more.size == 0
+            assert (chunks.table == chunks_of_page_digests(page_digests(mem.pages), cp)).all()
+        assert chunks.estimate(100) == pytest.approx(100 * chunks.seconds_per_page)
+        mem.pages[3, 0] ^= 1  # not reported: only a recompute from the region sees it
+        bad = np.array([0], dtype=np.uint32)
+        assert chunks.recompute(bad, sent)[0] == chunks_of_page_digests(page_digests(mem.pages), cp)[0]
+    pool.shutdown()

@@ -1247,6 +1247,46 @@ def test_bad_page_digest_requests_are_refused(chunks: list[int], match: str) -> 
         pair.src.send(DigestRequest(seq=1, pages_of=np.asarray(chunks, dtype=np.uint32)))
 
 
+def test_chunk_tables_by_page_round_trip_and_stay_by_page() -> None:
+    """``bp`` asks for chunk digests by page; once asked, every later chunk table is by page
+    (page-digest requests are unaffected), on the sending side as on the receiving one."""
+    pair = Pair()
+    pair.start()
+    (plain,) = pair.send(Role.SOURCE, DigestRequest(seq=1))
+    assert not plain.by_page
+    (req,) = pair.send(Role.SOURCE, DigestRequest(seq=2, by_page=True))
+    assert isinstance(req, DigestRequest) and req.by_page and req.pages_of is None
+    (pages,) = pair.send(Role.SOURCE, DigestRequest(seq=3, pages_of=np.array([1], dtype=np.uint32)))
+    assert not pages.by_page and pages.pages_of is not None
+    (final,) = pair.send(Role.SOURCE, DigestRequest(seq=4, final=True, by_page=True))
+    assert final.by_page and final.final
+    with pytest.raises(LocalProtocolError, match="stay by page"):
+        pair.src.send(DigestRequest(seq=5))
+    dst = dest_copying()
+    dst.receive_data(frame(Kind.DIGEST_REQUEST, {"seq": 1, "final": False, "bp": True}))
+    assert dst.next_event().by_page  # type: ignore[union-attr]
+    dst.receive_data(frame(Kind.DIGEST_REQUEST, {"seq": 2, "final": True}))
+    with pytest.raises(RemoteProtocolError, match="stay by page"):
+        dst.next_event()
+
+
+@pytest.mark.parametrize("meta, match", [
+    ({"bp": True, "p": u32([1])}, "at once"),
+    ({"bp": 1}, "bp"),
+], ids=["with-pages-of", "not-a-boolean"])
+def test_bad_by_page_requests_are_refused(meta: dict[str, Any], match: str) -> None:
+    dst = dest_copying()
+    dst.receive_data(frame(Kind.DIGEST_REQUEST, {"seq": 1, "final": False, **meta}))
+    with pytest.raises(RemoteProtocolError, match=match):
+        dst.next_event()
+    if "p" in meta:
+        pair = Pair()
+        pair.start()
+        with pytest.raises(LocalProtocolError, match=match):
+            pair.src.send(DigestRequest(seq=1, by_page=True, pages_of=np.array([1], dtype=np.uint32)))
+        assert not pair.src._by_page  # a refused send leaves no trace
+
+
 # --------------------------------------------------------------------------
 # Payloads received in place (Connection.payload_sink)
 
