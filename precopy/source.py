@@ -357,7 +357,7 @@ class SourceSession:
         self._written_seen = 0.0  # of the pages of changed chunks, the fraction the last page pass found dirty
         self._page_s = 0.0  # hashing one page, as measured in the last scan that hashed pages
         self._floor_scan_s = float("inf")  # the fastest scan of the whole region so far
-        self._chunk_hash_s = 0.0  # hashing one chunk, as measured in the last scan
+        self._chunk_hash_s = 0.0  # rehashing for one scattered page: its chunk, or (by page) itself
         self._hash_pool = ThreadPoolExecutor(2, thread_name_prefix="precopy-hash")
         self._outer_pool = ThreadPoolExecutor(1, thread_name_prefix="precopy-scan")
         self._guardian: Guardian | None = None
@@ -955,7 +955,7 @@ class SourceSession:
             # now would be dirtied again before the pause: their rehash waits.
             defer = not final and not self._near_switchover(len(dirty))
             spread = 0 if defer or final or self.chunks.by_page else self.chunks.would_rehash(dirty)
-            if spread >= _BY_PAGE_SHARE * len(self.chunks.table) > 0:
+            if spread and spread >= _BY_PAGE_SHARE * len(self.chunks.table):
                 # The switch hashes every page (what was written included).
                 holes = self.mem.hole_pages(max_extents=4096)
                 rehash_s, extra = await loop.run_in_executor(
