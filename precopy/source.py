@@ -288,7 +288,8 @@ def _whole_chunks_pay(cand: np.ndarray, nchunks: int, chunk_pages: int, link_bps
     return _written_fraction(len(cand), nchunks, chunk_pages) >= need or (fast and clustered)
 
 
-def _plan(indices: np.ndarray, size: int, *, fill: int = 0) -> Iterator[tuple[np.ndarray, bool]]:
+def _plan(indices: np.ndarray, size: int, *, fill: int = 0,
+          ordered: bool = False) -> Iterator[tuple[np.ndarray, bool]]:
     """``indices`` (ascending) in batches of at most ``size`` pages, each with
     whether it is one run to send straight from memory.
 
@@ -296,6 +297,11 @@ def _plan(indices: np.ndarray, size: int, *, fill: int = 0) -> Iterator[tuple[np
     ``fill`` pages between pages of ``indices``, which are then sent too
     (a dense dirty set is mostly runs cut by a clean page here and there) --
     become their own batches; the rest is gathered into staged batches.
+
+    ``ordered``: batches come in ascending order and no batch's span
+    (first to last page) holds a page of another (scattered pages between
+    two runs are batched apart), as :meth:`UffdTracker.rearm` needs;
+    otherwise the scattered batches come first.
     """
     n = len(indices)
     if not n:
@@ -305,13 +311,27 @@ def _plan(indices: np.ndarray, size: int, *, fill: int = 0) -> Iterator[tuple[np
     ends = np.append(starts[1:], n)
     spans = idx64[ends - 1] - idx64[starts] + 1
     direct = spans >= _DIRECT_RUN
+
+    def runs(a: int, b: int) -> Iterator[tuple[np.ndarray, bool]]:
+        for lo in range(a, b + 1, size):
+            yield np.arange(lo, min(lo + size, b + 1), dtype=np.uint32), True
+
+    if ordered:
+        pos = 0
+        for s, e in zip(starts[direct].tolist(), ends[direct].tolist()):
+            for lo in range(pos, s, size):
+                yield indices[lo:min(lo + size, s)], False
+            yield from runs(int(idx64[s]), int(idx64[e - 1]))
+            pos = e
+        for lo in range(pos, n, size):
+            yield indices[lo:lo + size], False
+        return
     if not direct.all():
         rest = indices[~np.repeat(direct, ends - starts)]
         for lo in range(0, len(rest), size):
             yield rest[lo:lo + size], False
     for a, b in zip(idx64[starts[direct]].tolist(), idx64[ends[direct] - 1].tolist()):
-        for lo in range(a, b + 1, size):
-            yield np.arange(lo, min(lo + size, b + 1), dtype=np.uint32), True
+        yield from runs(a, b)
 
 
 class SourceSession:
@@ -635,7 +655,7 @@ class SourceSession:
     # -- sending pages --------------------------------------------------
 
     async def _send_pages(self, indices: np.ndarray, rnd: RoundReport, phase: str, *,
-                          fill: int = 0) -> None:
+                          fill: int = 0, live: bool = False) -> None:
         """Send ``indices`` in batches; record digests of what was sent.
 
         A run of pages (``_DIRECT_RUN`` or more, see :func:`_plan`; ``fill``
@@ -650,9 +670,15 @@ class SourceSession:
         pages are staged (copied into the staging buffer), hashed per page
         from that copy (the record, DESIGN invariant 1), checked for zero
         pages, maybe compressed, and sent from the copy.
+
+        ``live`` (the workload runs): with a kernel tracker, each batch's
+        pages are re-protected just before they are read
+        (:meth:`UffdTracker.rearm`), so that only writes after their send
+        make them dirty again.
         """
         assert self.mem is not None and self.chan is not None
         batch = self.opts.batch_pages
+        rearm = self.tracker.rearm if live and self.tracker is not None else None
         t_start = time.monotonic()
         last_progress = last_sample = t_start
         # The link's rate is what it delivered: bytes written minus those
@@ -661,9 +687,15 @@ class SourceSession:
         unsent = self.chan.unsent_bytes
         sampled = self.report.bytes_on_wire - unsent()
         done = 0
-        for idx, run in _plan(indices, batch, fill=fill):
+        for idx, run in _plan(indices, batch, fill=fill, ordered=rearm is not None):
             tried = self.compressor.want()
             t_batch = time.monotonic()
+            if rearm is not None:
+                try:
+                    rearm(idx)
+                except TrackingUnavailable as exc:
+                    raise PrecopyError(f"kernel write tracking failed mid-migration: {exc}",
+                                       AbortCode.GUEST) from exc
             if not run and not tried and self.tracker is not None:
                 n, data_pages, zero_pages = await self._send_gathered(idx)
             elif run and not tried and not self._has_zero_page(idx):
@@ -739,7 +771,8 @@ class SourceSession:
         starts = np.flatnonzero(np.diff(d, prepend=-2) != 1)
         ends = np.append(starts[1:], len(d)) - 1
         view = self.mem.view
-        bufs = [view[a * PAGE_SIZE:(b + 1) * PAGE_SIZE] for a, b in zip(d[starts].tolist(), d[ends].tolist())]
+        bufs = ([view[a * PAGE_SIZE:(b + 1) * PAGE_SIZE] for a, b in zip(d[starts].tolist(), d[ends].tolist())]
+                if len(d) else [])
         n = await self._send_event(Pages(indices=data_idx, zeros=zero_idx, payload=bufs, checksum=None))
         if not self._by_page:
             self.sent[data_idx] = 0  # no record: see _send_pages
@@ -831,7 +864,7 @@ class SourceSession:
                 rnd.pages_dirty -= int(same[data].sum())
                 data = data[~same[data]]
                 self.report.pages_already_there = self.mem.npages - rnd.pages_dirty
-        await self._send_pages(data, rnd, "full copy")
+        await self._send_pages(data, rnd, "full copy", live=True)
         rnd.seconds = time.monotonic() - t
         rnd.bandwidth_bps = self.link.bytes_per_second
         self.report.rounds.append(rnd)
@@ -929,14 +962,20 @@ class SourceSession:
         assert self.tracker is not None and self.chunks is not None and self.mem is not None
         loop = asyncio.get_running_loop()
         t = time.monotonic()
-        try:
-            dirty = await loop.run_in_executor(self._outer_pool, self.tracker.scan, self.sent)
-        except TrackingUnavailable as exc:
-            raise PrecopyError(f"kernel write tracking failed mid-migration: {exc}", AbortCode.GUEST) from exc
+        dirty = await self._tracker_scan()
         detect_s = time.monotonic() - t
+        # Pages re-protected just before their send (UffdTracker.rearm) went
+        # with their writes, but their chunks' digests must follow them.
+        written = page_union(self.mem.npages, dirty, self.tracker.take_rewritten())
         if self.chunks.table is None:
             digest = await self._scan(final=False)
+            # What was written while we hashed is reported now: not taken
+            # for writes the kernel missed (sent twice), and its chunks are
+            # left stale until a rehash that is not deferred.
+            late = await self._tracker_scan()
             self.chunks.adopt(digest.live, digest.hash_s)
+            self.chunks.rehash(late, self.sent, defer=True)
+            dirty = page_union(self.mem.npages, dirty, late)
             found = page_union(self.mem.npages, digest.dirty, digest.odd)
             if digest.whole:
                 # Chunks, not pages, were compared: those with no reported page are missed.
@@ -954,7 +993,7 @@ class SourceSession:
             # Far from a switchover (a fast writer), the chunks it dirtied
             # now would be dirtied again before the pause: their rehash waits.
             defer = not final and not self._near_switchover(len(dirty))
-            spread = 0 if defer or final or self.chunks.by_page else self.chunks.would_rehash(dirty)
+            spread = 0 if defer or final or self.chunks.by_page else self.chunks.would_rehash(written)
             if spread and spread >= _BY_PAGE_SHARE * len(self.chunks.table):
                 # The switch hashes every page (what was written included).
                 holes = self.mem.hole_pages(max_extents=4096)
@@ -965,7 +1004,7 @@ class SourceSession:
                           "(switching took %.1f ms)", len(dirty), spread, len(self.chunks.table), rehash_s * 1e3)
             else:
                 rehash_s, extra = await loop.run_in_executor(
-                    self._outer_pool, functools.partial(self.chunks.rehash, dirty, self.sent, defer=defer))
+                    self._outer_pool, functools.partial(self.chunks.rehash, written, self.sent, defer=defer))
             if extra.size:
                 _log.info("%d unreported pages read as zeros although what was sent was not "
                           "(holes punched): sending them too", extra.size)
@@ -975,6 +1014,13 @@ class SourceSession:
             dirty = page_union(self.mem.npages, self._pending, dirty)
         empty = np.zeros(0, dtype=np.uint32)
         return _Scan(dirty, empty, self.chunks.table, np.zeros(0, dtype=np.uint64), detect_s, rehash_s)
+
+    async def _tracker_scan(self) -> np.ndarray:
+        assert self.tracker is not None
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._outer_pool, self.tracker.scan, self.sent)
+        except TrackingUnavailable as exc:
+            raise PrecopyError(f"kernel write tracking failed mid-migration: {exc}", AbortCode.GUEST) from exc
 
     # -- scanning -------------------------------------------------------
 
@@ -1294,7 +1340,9 @@ class SourceSession:
                               detect_seconds=scan.hash_s if self.tracker is not None else scanned_s,
                               dirty_rate_pps=self.dirty_rate.pages_per_second,
                               expected_downtime_ms=expected * 1e3, throttle_pct=self._throttle_pct)
-            await self._send_pages(todo, rnd, "iterating", fill=1)
+            # With a tracker, scattered pages are gathered straight from
+            # memory as cheaply as runs: filling gaps would only add bytes.
+            await self._send_pages(todo, rnd, "iterating", fill=0 if self.tracker is not None else 1, live=True)
             if self.tracker is not None and len(todo):
                 if self._near_switchover(len(todo)):
                     await self._settle()

@@ -198,6 +198,15 @@ class UffdTracker:
     first page is read for sending); :meth:`scan` returns the pages written
     since the previous scan, plus pages that became holes of the file.
     :meth:`close` unregisters and closes the fd.
+
+    :meth:`rearm` re-protects the pages of a batch just before they are
+    read for sending (QEMU clears KVM's dirty log the same way, chunk by
+    chunk before sending it): a page written before its send then goes
+    once, not once now and again because the next scan reports that
+    write.  What ``rearm`` finds written is not lost: pages of the range
+    that are not being sent are reported by the next :meth:`scan`, and
+    every page it found is in the next :meth:`take_rewritten` (written
+    since the last scan, so their chunk digests must be rehashed).
     """
 
     name = "uffd-wp"
@@ -209,6 +218,8 @@ class UffdTracker:
         self.scanner: PagemapScanner | None = None
         self._holes = np.zeros(mem.npages, dtype=bool)
         self._hole_finder = HoleFinder(mem)
+        self._carried: list[np.ndarray] = []  # found by rearm, not being sent: for the next scan
+        self._rewritten: list[np.ndarray] = []  # found by rearm: written since the last scan
         try:
             if offer.length != mem.size:
                 raise TrackingUnavailable(
@@ -254,6 +265,9 @@ class UffdTracker:
         """
         assert self.scanner is not None
         written = self.scanner.scan()
+        if self._carried:
+            written = page_union(self.mem.npages, written, *self._carried)
+            self._carried.clear()
         holes = self._hole_finder.holes()
         gone = holes & ~self._holes
         if sent is not None:
@@ -265,6 +279,35 @@ class UffdTracker:
                       punched.size, self.mem.path)
             return page_union(self.mem.npages, written, punched)
         return written
+
+    def rearm(self, sending: np.ndarray) -> None:
+        """Re-protect the range of ``sending`` (ascending pages, about to be read for sending).
+
+        Every page of the range that is not in ``sending`` must be one the
+        caller is not sending at all in this pass: it is reported by the
+        next :meth:`scan` if it was written (a write before this call, and
+        after the page was last sent).
+        """
+        assert self.scanner is not None
+        if not len(sending):
+            return
+        lo, hi = int(sending[0]), int(sending[-1]) + 1
+        written = self.scanner.scan(first=lo, stop=hi)
+        if not written.size:
+            return
+        self._rewritten.append(written)
+        if hi - lo != len(sending):
+            rest = written[~np.isin(written, sending, assume_unique=True)]
+            if rest.size:
+                self._carried.append(rest)
+
+    def take_rewritten(self) -> np.ndarray:
+        """Pages :meth:`rearm` found written since the last call (sorted, distinct)."""
+        if not self._rewritten:
+            return np.zeros(0, dtype=np.uint32)
+        out = page_union(self.mem.npages, *self._rewritten)
+        self._rewritten.clear()
+        return out
 
     def close(self) -> None:
         if self._registered:

@@ -256,16 +256,19 @@ class PagemapScanner:
         self._vec = np.zeros(vec_len, dtype=_PAGE_REGION)
         self._arg = _PmScanArg()
 
-    def scan(self, *, rearm: bool = True) -> np.ndarray:
+    def scan(self, *, rearm: bool = True, first: int = 0, stop: int | None = None) -> np.ndarray:
         """Page indices (relative to the range, uint32, ascending) written since the last scan.
 
-        Raises :class:`TrackingUnavailable` if the kernel refuses (e.g. the
-        range is not registered for async write-protect any more).
+        ``first``/``stop``: only pages ``first..stop-1`` of the range are
+        scanned (and re-protected); by default all of them.  One call at a
+        time (the result buffer is shared).  Raises
+        :class:`TrackingUnavailable` if the kernel refuses (e.g. the range
+        is not registered for async write-protect any more).
         """
         vec = self._vec
         arg = self._arg
-        end = self.start + self.length
-        pos = self.start
+        end = self.start + (self.length if stop is None else stop * self.page_size)
+        pos = self.start + first * self.page_size
         parts: list[np.ndarray] = []
         while pos < end:
             arg.size = ctypes.sizeof(arg)

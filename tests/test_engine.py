@@ -1092,3 +1092,27 @@ async def test_scattered_writes_over_many_chunks_are_not_sent_whole(
     assert rep.outcome == "committed" and rep.verify_repairs == 0
     assert (shm / "dest" / "vm.mem").read_bytes() == src.read_bytes()
     assert sum(sent) == (npages if whole else npages // every), sent
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("fill", [0, 1])
+def test_send_plan_covers_every_page_once_and_ordered_batches_span_only_their_own(seed: int, fill: int) -> None:
+    """The kernel tracker re-protects each batch's span before reading it: no span may hold another batch's page."""
+    rng = np.random.default_rng(seed)
+    npages = 4096
+    dense = rng.random(npages) < (0.2, 0.6, 0.95)[seed % 3]
+    dense[rng.integers(0, npages - 300):][:300] = True  # a long run, cut into batches
+    indices = np.flatnonzero(dense).astype(np.uint32)
+    for ordered in (False, True):
+        batches = list(precopy.source._plan(indices, 64, fill=fill, ordered=ordered))
+        pages = np.concatenate([b for b, _ in batches])
+        assert all(len(b) <= 64 for b, _ in batches)
+        assert len(pages) == len(np.unique(pages))
+        assert set(indices.tolist()) <= set(pages.tolist())
+        for b, run in batches:
+            if run:
+                assert len(b) and np.array_equal(b, np.arange(b[0], b[-1] + 1))
+        extra = np.setdiff1d(pages, indices)
+        assert fill or not extra.size  # only gaps of ``fill`` pages are bridged
+        if ordered:
+            assert np.array_equal(pages, np.sort(pages))  # ascending: spans are disjoint

@@ -144,6 +144,25 @@ def test_scan_continues_past_a_full_result_vector(shm: Path) -> None:
 
 
 @needs_uffd
+def test_rearm_before_a_send_keeps_writes_before_it_out_of_the_next_scan(shm: Path) -> None:
+    """Pages re-protected as they are sent go once; written pages of the range not sent are still reported."""
+    t = SelfTracked(shm / "r.mem", 512)
+    try:
+        t.pages[[10, 11, 12, 40, 41, 300], 0] += 1
+        t.tracker.rearm(np.arange(8, 16, dtype=np.uint32))  # a run about to be sent: 10-12 go with it
+        t.tracker.rearm(np.array([38, 41, 45], dtype=np.uint32))  # scattered: 40 is in range, not sent
+        t.pages[11, 0] += 1  # after its send: dirty again
+        assert t.tracker.scan().tolist() == [11, 40, 300]
+        assert t.tracker.take_rewritten().tolist() == [10, 11, 12, 40, 41]  # their chunks need rehashing
+        assert t.tracker.take_rewritten().size == 0
+        assert t.tracker.scan().size == 0
+        t.tracker.rearm(np.array([5], dtype=np.uint32))  # nothing written: nothing found
+        assert t.tracker.take_rewritten().size == 0
+    finally:
+        t.close()
+
+
+@needs_uffd
 def test_holes_punched_are_reported_though_the_kernel_does_not(shm: Path) -> None:
     t = SelfTracked(shm / "r.mem", 256)
     try:
