@@ -114,6 +114,10 @@ _TRACKED_SHRINK_PAGES = 64
 #: each side, where by page it pays 4 KiB a page written (one page pass on
 #: each side to switch, ~100-160 ms per GiB here, repaid in a few rounds).
 _BY_PAGE_SHARE = 0.5
+#: ... and from the first round's digest comparison when the full copy's
+#: writes already cover this share of the chunks (both sides hash every
+#: page once, instead of every chunk now and every page a round later).
+_FIRST_BY_PAGE_SHARE = 0.5
 _h64 = xxhash.xxh3_64_intdigest
 
 
@@ -968,25 +972,30 @@ class SourceSession:
         # with their writes, but their chunks' digests must follow them.
         written = page_union(self.mem.npages, dirty, self.tracker.take_rewritten())
         if self.chunks.table is None:
-            digest = await self._scan(final=False)
-            # What was written while we hashed is reported now: not taken
-            # for writes the kernel missed (sent twice), and its chunks are
-            # left stale until a rehash that is not deferred.
-            late = await self._tracker_scan()
-            self.chunks.adopt(digest.live, digest.hash_s)
-            self.chunks.rehash(late, self.sent, defer=True)
-            dirty = page_union(self.mem.npages, dirty, late)
-            found = page_union(self.mem.npages, digest.dirty, digest.odd)
-            if digest.whole:
-                # Chunks, not pages, were compared: those with no reported page are missed.
-                cp = self.chunk_pages
-                found = chunk_pages_of(page_difference(len(digest.live), sorted_distinct(found // cp),
-                                                       sorted_distinct(dirty // cp)), cp, self.mem.npages)
+            if len(self.chunks.chunks_of(dirty)) >= _FIRST_BY_PAGE_SHARE * len(self.chunks.stale):
+                # Written all over during the full copy: compare by page at
+                # once (see _first_compare_by_page) rather than hash every
+                # chunk now and switch to pages a round or two later.
+                found, late, extra = await self._first_compare_by_page(dirty)
+                dirty = page_union(self.mem.npages, dirty, late, extra)
+            else:
+                digest = await self._scan(final=False)
+                # What was written while we hashed is reported now: not taken
+                # for writes the kernel missed (sent twice), and its chunks are
+                # left stale until a rehash that is not deferred.
+                late = await self._tracker_scan()
+                self.chunks.adopt(digest.live, digest.hash_s)
+                self.chunks.rehash(late, self.sent, defer=True)
+                # Whole chunks (a dense set) compared no page: every page of
+                # a chunk that differs goes, reported or not (one page
+                # reported there says nothing of the others).
+                found = page_union(self.mem.npages, digest.dirty, digest.odd)
+                dirty = page_union(self.mem.npages, dirty, late)
             missed = page_difference(self.mem.npages, found, dirty)
             if missed.size:
-                _log.info("first scan: %d pages differ from the destination beyond the %d the kernel "
-                          "reported (holes punched, or writes the kernel did not see): sending them too",
-                          missed.size, dirty.size)
+                _log.info("first scan: %d pages differ from the destination (or share a chunk that does) "
+                          "beyond the %d the kernel reported (holes punched, or writes the kernel did "
+                          "not see): sending them too", missed.size, dirty.size)
                 dirty = page_union(self.mem.npages, dirty, missed)
             rehash_s = self.chunks.estimate(len(dirty))
         else:
@@ -1014,6 +1023,41 @@ class SourceSession:
             dirty = page_union(self.mem.npages, self._pending, dirty)
         empty = np.zeros(0, dtype=np.uint32)
         return _Scan(dirty, empty, self.chunks.table, np.zeros(0, dtype=np.uint64), detect_s, rehash_s)
+
+    async def _first_compare_by_page(self, dirty: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The first digest comparison, by page: both sides switch to chunk tables by page.
+
+        ``dirty``: what the tracker reported after the full copy.  Both
+        sides hash every page (the destination when it gets the request, we
+        meanwhile, into our record: :meth:`SourceChunks.to_pages`); chunks
+        whose digests differ have their pages' digests asked for and
+        compared with ours.  Returns the pages found different, those the
+        tracker reported written while we hashed (rehashed already), and the
+        pages that read as zeros although what was sent there was not.
+        """
+        assert self.mem is not None and self.chunks is not None
+        loop = asyncio.get_running_loop()
+        self._seq += 1
+        seq = self._seq
+        await self._send_event(DigestRequest(seq=seq, by_page=True))
+        holes = self.mem.hole_pages(max_extents=4096)
+        hash_s, extra = await loop.run_in_executor(
+            self._outer_pool, self.chunks.to_pages, dirty, self.sent, self.known, holes)
+        self.report.verification = "pages"
+        _log.info("chunk tables by page from the first round: %d pages written during the full copy "
+                  "(hashing every page took %.1f ms)", len(dirty), hash_s * 1e3)
+        assert self.chunks.table is not None
+        dest_table = (await self._expect_table(seq)).digests
+        cand = np.flatnonzero(self.chunks.table != dest_table).astype(np.uint32)
+        parts = []
+        for piece_seq, piece in await self._ask_page_digests(cand, False):
+            held = await self._expect_table(piece_seq)
+            got = chunk_pages_of(piece, self.chunk_pages, self.mem.npages)
+            parts.append(got[held.digests != self.sent[got]])
+        found = np.concatenate(parts) if parts else cand[:0]
+        late = await self._tracker_scan()
+        await loop.run_in_executor(self._outer_pool, self.chunks.rehash, late, self.sent)
+        return found.astype(np.uint32), late, extra
 
     async def _tracker_scan(self) -> np.ndarray:
         assert self.tracker is not None
