@@ -446,13 +446,21 @@ class GuestMemory:
         if not runs:
             return
 
+        # In pieces: while one call maps a range in, the receiver's (and a
+        # digest request's) own faults there wait for the whole call (a
+        # sample of 2,048 pages answered in 55 ms behind one 1 GiB call, in
+        # 8 ms beside 8 MiB ones; the map-in took as long either way).
+        piece = 2048
+
         def run() -> None:
             for a, b in runs:
-                if self._prepare_abort.is_set():
-                    return
-                if _libc.madvise(base + a * PAGE_SIZE, (b - a) * PAGE_SIZE, MADV_POPULATE_READ) != 0:
-                    _log.debug("mapping %s in: %s", self.path, os.strerror(ctypes.get_errno()))
-                    return
+                for lo in range(a, b, piece):
+                    if self._prepare_abort.is_set():
+                        return
+                    n = min(piece, b - lo)
+                    if _libc.madvise(base + lo * PAGE_SIZE, n * PAGE_SIZE, MADV_POPULATE_READ) != 0:
+                        _log.debug("mapping %s in: %s", self.path, os.strerror(ctypes.get_errno()))
+                        return
 
         self._map_in_thread = threading.Thread(target=run, name="precopy-map-in", daemon=True)
         self._map_in_thread.start()
