@@ -648,7 +648,12 @@ class _DestMigration:
             elif isinstance(ev, DigestRequest) and ev.pages_of is not None:
                 # The source's record of pages it sent without hashing them.
                 pages = chunk_pages_of(ev.pages_of, self.begin.chunk_pages, mem.npages)
-                held = await loop.run_in_executor(self.server._outer_pool, page_digests, mem.pages, pages)
+                if tracker.page_table is not None:
+                    # By page, every page's digest is kept as it landed
+                    # (read back from the region): no need to read them again.
+                    held = tracker.page_table[pages]
+                else:
+                    held = await loop.run_in_executor(self.server._outer_pool, page_digests, mem.pages, pages)
                 await self.chan.send(DigestTable(seq=ev.seq, digests=held))
             elif isinstance(ev, DigestRequest):
                 if not ev.final:
