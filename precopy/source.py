@@ -1013,7 +1013,8 @@ class SourceSession:
                           "(switching took %.1f ms)", len(dirty), spread, len(self.chunks.table), rehash_s * 1e3)
             else:
                 rehash_s, extra = await loop.run_in_executor(
-                    self._outer_pool, functools.partial(self.chunks.rehash, written, self.sent, defer=defer))
+                    self._outer_pool, functools.partial(self.chunks.rehash, written, self.sent, defer=defer,
+                                                        sending=dirty))
             if extra.size:
                 _log.info("%d unreported pages read as zeros although what was sent was not "
                           "(holes punched): sending them too", extra.size)

@@ -424,8 +424,13 @@ class SourceChunks:
         """What a scattered page written costs to rehash: its chunk, or by page itself."""
         return self.seconds_per_page if self.by_page else self.seconds_per_chunk
 
-    def rehash(self, pages: np.ndarray, sent: np.ndarray, *, defer: bool = False) -> tuple[float, np.ndarray]:
+    def rehash(self, pages: np.ndarray, sent: np.ndarray, *, defer: bool = False,
+               sending: np.ndarray | None = None) -> tuple[float, np.ndarray]:
         """Rehash the chunks holding ``pages``; returns the seconds it took and more dirty pages.
+
+        ``sending``: those of ``pages`` about to be sent (default: all); the
+        others (written, but sent since: :meth:`UffdTracker.take_rewritten`)
+        get the zero check below like unreported pages.
 
         With ``defer`` the chunks of ``pages`` are only marked stale, and
         the chunks deferred earlier that ``pages`` does not touch (quiet
@@ -440,15 +445,23 @@ class SourceChunks:
         """
         assert self.table is not None
         if self.by_page:
-            # Only what was written is read: no hole gets allocated here.
+            # Only what was written is read: a hole gets allocated here only
+            # if it was punched into a page written and sent since the last
+            # scan (not in ``sending``): such a page reading as zeros is sent
+            # again, as in the chunk case below.
             t = time.monotonic()
+            extra = np.zeros(0, dtype=np.uint32)
             if len(pages):
-                sent[pages] = page_digests(self.mem.pages, pages)
+                now = page_digests(self.mem.pages, pages)
+                if sending is not None:
+                    zeroed = pages[(now == ZERO_PAGE_DIGEST) & (sent[pages] != ZERO_PAGE_DIGEST)]
+                    extra = page_difference(self.mem.npages, zeroed, sending)
+                sent[pages] = now
                 touched = self.chunks_of(pages)
                 self.table[touched] = chunks_of_page_digests(sent, self.chunk_pages, touched)
                 if len(pages) >= 256:
                     self.seconds_per_page = (time.monotonic() - t) / len(pages)
-            return time.monotonic() - t, np.zeros(0, dtype=np.uint32)
+            return time.monotonic() - t, extra
         touched = self.chunks_of(pages)
         if defer:
             quiet = self.stale.copy()
@@ -467,7 +480,8 @@ class SourceChunks:
         if chunks.size >= 8:
             self.seconds_per_chunk = s / chunks.size
         around = (chunks[:, None].astype(np.int64) * self.chunk_pages + np.arange(self.chunk_pages)).ravel()
-        around = page_difference(self.mem.npages, around[around < self.mem.npages], pages)
+        around = page_difference(self.mem.npages, around[around < self.mem.npages],
+                                 pages if sending is None else sending)
         first_words = self.mem.array.view(np.uint64)[::PAGE_SIZE // 8]
         maybe = around[(first_words[around] == 0) & (sent[around] != ZERO_PAGE_DIGEST)].astype(np.uint32)
         extra = maybe[page_digests(self.mem.pages, maybe) == ZERO_PAGE_DIGEST] if maybe.size else maybe

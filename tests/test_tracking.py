@@ -739,3 +739,34 @@ def test_source_chunks_by_page_follow_the_region_and_resend_zeroed_pages(shm: Pa
         bad = np.array([0], dtype=np.uint32)
         assert chunks.recompute(bad, sent)[0] == chunks_of_page_digests(page_digests(mem.pages), cp)[0]
     pool.shutdown()
+
+
+@pytest.mark.parametrize("by_page", [False, True])
+def test_a_page_written_sent_and_zeroed_since_is_resent_by_the_rehash(shm: Path, by_page: bool) -> None:
+    """A page the tracker found written just before its send (UffdTracker.rearm) is rehashed, not
+    resent -- unless it reads as zeros now although it did not then: a hole punched after the send,
+    which reading it allocated (the next hole check would not see it)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from precopy.digest import ZERO_PAGE_DIGEST, page_digests
+    from precopy.tracking import SourceChunks
+
+    npages, cp = 256, 32
+    path = shm / "z.mem"
+    path.write_bytes(np.random.default_rng(7).integers(0, 256, npages * PAGE_SIZE, dtype=np.uint8).tobytes())
+    pool = ThreadPoolExecutor(2)
+    with GuestMemory.open(path) as mem:
+        chunks = SourceChunks(mem, cp, pool)
+        chunks.adopt(np.zeros(-(-npages // cp), dtype=np.uint64), 0.01)
+        sent = np.zeros(npages, dtype=np.uint64)
+        if by_page:
+            chunks.to_pages(np.zeros(0, dtype=np.uint32), sent, np.zeros(npages, dtype=bool), None)
+        assert not (sent == ZERO_PAGE_DIGEST).any()
+        mem.pages[[40, 41]] = 0  # 40: reported, sent now; 41: written and sent before the scan, zeroed since
+        mem.pages[42, 0] ^= 1  # 42: written and sent before the scan, still data
+        written = np.array([40, 41, 42], dtype=np.uint32)
+        _, extra = chunks.rehash(written, sent, sending=np.array([40], dtype=np.uint32))
+        assert extra.tolist() == [41]
+        if by_page:
+            assert (sent[written] == page_digests(mem.pages, written)).all()
+    pool.shutdown()
