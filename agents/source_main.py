@@ -158,6 +158,8 @@ def summary(rep: MigrationReport) -> str:
     lines.append(f"  verify      {rep.verify_repairs} pages repaired; device state {rep.device_state_bytes} bytes")
     if rep.phases_ms:
         lines.append("  downtime split (ms) " + ", ".join(f"{k} {v:.1f}" for k, v in rep.phases_ms.items()))
+    if rep.expected_phases_ms:
+        lines.append("  expected split (ms) " + ", ".join(f"{k} {v:.1f}" for k, v in rep.expected_phases_ms.items()))
     if rep.error:
         lines.append(f"  error       {rep.error}")
     return "\n".join(lines)

@@ -75,6 +75,10 @@ class MigrationReport:
     error: str | None = None
     reason: str | None = None
     phases_ms: dict[str, float] = field(default_factory=dict)
+    #: The parts of ``expected_downtime_ms``, to hold against ``phases_ms``:
+    #: final_scan, final_pages (pages and device state, at the rate expected
+    #: paused), verify, overhead (pause, round trips, commit).
+    expected_phases_ms: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

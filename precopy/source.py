@@ -292,6 +292,15 @@ def _whole_chunks_pay(cand: np.ndarray, nchunks: int, chunk_pages: int, link_bps
     return _written_fraction(len(cand), nchunks, chunk_pages) >= need or (fast and clustered)
 
 
+def _cpu_wait_s() -> float:
+    """Seconds the calling thread has waited for a CPU (runnable, not running); 0.0 where unknown."""
+    try:
+        with open("/proc/thread-self/schedstat", "rb") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 def _plan(indices: np.ndarray, size: int, *, fill: int = 0,
           ordered: bool = False) -> Iterator[tuple[np.ndarray, bool]]:
     """``indices`` (ascending) in batches of at most ``size`` pages, each with
@@ -690,6 +699,9 @@ class SourceSession:
         # send buffer; counting them would overstate the rate).
         unsent = self.chan.unsent_bytes
         sampled = self.report.bytes_on_wire - unsent()
+        # Time this thread waited for a CPU: what a pause would give back
+        # (LinkEstimator.paused_bytes_per_second).
+        waited = _cpu_wait_s()
         done = 0
         for idx, run in _plan(indices, batch, fill=fill, ordered=rearm is not None):
             tried = self.compressor.want()
@@ -726,14 +738,15 @@ class SourceSession:
             self._check_peer()
             if now - last_sample > 0.05:
                 delivered = self.report.bytes_on_wire - unsent()
-                self.link.add(delivered - sampled, now - last_sample)
-                sampled, last_sample = delivered, now
+                w = _cpu_wait_s()
+                self.link.add(delivered - sampled, now - last_sample, w - waited)
+                sampled, last_sample, waited = delivered, now, w
             if self.progress is not None and now - last_progress > 0.2:
                 last_progress = now
                 self._emit(phase, rnd.round, done, len(indices), rnd.pages_dirty, t_start)
         end = time.monotonic()
         rnd.send_seconds += end - t_start
-        self.link.add(self.report.bytes_on_wire - unsent() - sampled, end - last_sample)
+        self.link.add(self.report.bytes_on_wire - unsent() - sampled, end - last_sample, _cpu_wait_s() - waited)
 
     @property
     def _by_page(self) -> bool:
@@ -1230,7 +1243,8 @@ class SourceSession:
         return pages * PAGE_SIZE * ratio / max(self.link.bytes_per_second, 1.0) + self._last_scan_s
 
     def _expected(self, remaining_pages: int, device_state_bytes: int = 0,
-                  final_scan_s: float | None = None) -> float:
+                  final_scan_s: float | None = None, split: dict[str, float] | None = None) -> float:
+        """Expected downtime if the workload were paused now (seconds); ``split`` gets its parts in ms."""
         verify_s = 0.0
         assert self.mem is not None
         nchunks = -(-self.mem.npages // self.chunk_pages)
@@ -1243,20 +1257,27 @@ class SourceSession:
             # round's were settled while it ran: _settle).
             # Scattered pages cost a whole chunk each: with 500 pages that
             # was most of a 30 ms pause.
-            # By page, each page received costs its own hash instead.
-            stale = min(remaining_pages + self._unsettled, self.mem.npages if self._by_page else nchunks)
-            verify_s = (self._rtt + nchunks * 8 / max(self.link.bytes_per_second, 1.0)
+            # By page, the destination hashes each page as it lands (part of
+            # sending it) and derives chunk digests from page digests at
+            # ~0.2 us a chunk: counting a page hash a page here put 9-10 ms
+            # of a 200,000 pages/s guest's pause in verify, which took 2.
+            stale = 0 if self._by_page else min(remaining_pages + self._unsettled, nchunks)
+            verify_s = (self._rtt + nchunks * 8 / max(self.link.paused_bytes_per_second, 1.0)
                         + stale * self._chunk_hash_s)
-        return verify_s + expected_downtime(
+        scan_s = self._last_scan_s if final_scan_s is None else final_scan_s
+        # A workload may declare what pausing and resuming it costs (a VMM's
+        # device-state save and load).
+        overhead_s = 0.002 + 2 * self._rtt + float(getattr(self.workload, "switchover_cost_s", 0.0))
+        pages_s = expected_downtime(
             remaining_pages=remaining_pages,
-            bandwidth_bps=self.link.bytes_per_second,
+            bandwidth_bps=self.link.paused_bytes_per_second,
             compress_ratio=self.compressor.ratio if self.compressor.active else 1.0,
             device_state_bytes=device_state_bytes,
-            final_scan_s=self._last_scan_s if final_scan_s is None else final_scan_s,
-            # A workload may declare what pausing and resuming it costs (a VMM's
-            # device-state save and load).
-            overhead_s=0.002 + 2 * self._rtt + float(getattr(self.workload, "switchover_cost_s", 0.0)),
         )
+        if split is not None:
+            split.update(final_scan=scan_s * 1e3, final_pages=pages_s * 1e3, verify=verify_s * 1e3,
+                         overhead=overhead_s * 1e3)
+        return verify_s + pages_s + scan_s + overhead_s
 
     async def _iterate(self) -> tuple[float, np.ndarray]:
         """Iterative rounds until the policy says switch over.
@@ -1322,7 +1343,8 @@ class SourceSession:
                 # not this scan's rehash of the whole dirty set.
                 final_scan_s = max(scan.hash_s, self._prev_detect_s) + self.chunks.estimate(later)
                 self._prev_detect_s = scan.hash_s
-            expected = self._expected(len(todo) + later, final_scan_s=final_scan_s)
+            split: dict[str, float] = {}
+            expected = self._expected(len(todo) + later, final_scan_s=final_scan_s, split=split)
             # For the floor rule and auto-converge: what a pause with nothing
             # left to send would cost (the part of the scan no dirty page
             # adds to: hashing every chunk, or the tracker's scan), and what
@@ -1367,6 +1389,8 @@ class SourceSession:
             throttled = f", throttle {self._throttle_pct} %" if self._throttle_pct else ""
             _log.info("round %d: %d dirty pages, %.1f MB/s%s, %s", rounds_done + 1, len(dirty),
                       self.link.bytes_per_second / 1e6, throttled, decision.reason)
+            if decision.action in (Action.SWITCHOVER, Action.FORCE):
+                self.report.expected_phases_ms = split
             if decision.action is Action.SWITCHOVER:
                 self._pending = todo
                 return expected, dest_table

@@ -292,6 +292,9 @@ async def _happy(shm: Path, compress: str, expect_uvloop: bool) -> None:
         assert rep.zero_pages > 0
         assert rep.device_state_bytes == len(blob)
         assert rep.downtime_ms is not None and rep.downtime_ms > 0
+        # The estimate that decided the switchover, in parts to hold against phases_ms.
+        assert set(rep.expected_phases_ms) == {"final_scan", "final_pages", "verify", "overhead"}
+        assert rep.expected_downtime_ms == pytest.approx(sum(rep.expected_phases_ms.values()))
         await settled(server)
         assert [r.outcome for r in server.results] == ["committed"]
         assert not partials(shm / "dest")

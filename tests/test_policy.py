@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from precopy.policy import (
+    MAX_PAUSED_SPEEDUP,
     Action,
     Decision,
     DirtyRateEstimator,
@@ -37,6 +38,26 @@ def test_link_estimator_ignores_empty_or_bogus_samples(nbytes: int, seconds: flo
     assert est.bytes_per_second == 7e6
     est.add(1000, 0.1)
     assert est.bytes_per_second == approx(10_000)  # the bogus sample was not pooled
+
+
+def test_paused_rate_takes_out_the_time_the_sender_waited_for_a_cpu() -> None:
+    est = LinkEstimator(alpha=0.5, min_seconds=0.0)
+    assert est.paused_bytes_per_second == est.bytes_per_second == 100e6  # nothing known: the guess
+    est.add(1_000_000, 1.0)  # nobody else wanted the CPU: the pause changes nothing
+    assert est.paused_bytes_per_second == approx(1e6)
+    est.add(1_000_000, 1.0, waited=0.25)  # a quarter of it runnable but not running (the workload's CPU)
+    assert est.bytes_per_second == approx(1e6)
+    assert est.paused_bytes_per_second == approx(0.5 * 1e6 / 0.75 + 0.5 * 1e6)
+    fresh = LinkEstimator(min_seconds=0.0)
+    fresh.add(1_000_000, 1.0, waited=0.9)  # never taken for more than MAX_PAUSED_SPEEDUP times faster
+    assert fresh.paused_bytes_per_second == approx(MAX_PAUSED_SPEEDUP * 1e6)
+    fresh.add(1_000_000, 1.0, waited=5.0)  # a wait longer than the sample is the sample
+    assert fresh.paused_bytes_per_second == approx(MAX_PAUSED_SPEEDUP * 1e6)
+    pooled = LinkEstimator(min_seconds=0.02)
+    pooled.add(1000, 0.01)
+    pooled.add(1000, 0.01, waited=0.005)
+    pooled.add(1000, 0.01, waited=0.005)  # pooled with the bytes and seconds
+    assert pooled.paused_bytes_per_second == approx(0.5 * 2000 / 0.01 + 0.5 * 1000 / 0.01)
 
 
 def test_link_estimator_first_sample_is_taken_even_if_short() -> None:
