@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -64,3 +65,11 @@ def test_smoke_matrix_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixt
     again = tmp_path / "again"
     assert harness.main(["--from-jsonl", str(out / "runs.jsonl"), "--out", str(again)]) == 0
     assert (again / "table.md").read_text().split("### Yardsticks")[1] == table.split("### Yardsticks")[1]
+
+
+def test_first_touch_yardstick_runs_and_cleans_up(capsys: pytest.CaptureFixture[str]):
+    from benchmarks import first_touch
+
+    before = set(Path("/dev/shm").glob("precopy-first-touch.*"))
+    assert first_touch.touch(Path("/dev/shm") / f"precopy-first-touch.test-{os.getpid()}", 4 << 20) > 0
+    assert set(Path("/dev/shm").glob("precopy-first-touch.*")) == before
