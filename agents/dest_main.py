@@ -93,8 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-partial", action="store_true",
                    help="keep the partial region file of a failed migration (as .NAME.ID.partial)")
     p.add_argument("--no-populate", action="store_true",
-                   help="do not prefault a new region that is written through its mapping (hugetlbfs) in the "
-                        "background (its blocks are still reserved; default: prefault)")
+                   help="do not prefault new regions in the background (hugetlbfs: its blocks are still "
+                        "reserved; tmpfs: pages are then written by pwrite, not received straight into the "
+                        "mapping; default: prefault)")
     p.add_argument("--no-reuse-regions", action="store_true",
                    help="always receive into a new region file; by default a region file already under the "
                         "migration's name, of its size and used by no process, is received into (a repeat "

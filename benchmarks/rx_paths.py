@@ -33,6 +33,7 @@ import os
 import socket
 import statistics
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -41,6 +42,8 @@ from precopy.guest import create_region, parse_size
 FRAME = 1 << 20
 HEADER = 4096
 MADV_POPULATE_READ = 22
+MADV_POPULATE_WRITE = 23
+PIECE = 8 << 20
 
 
 def _sender(path: str, size: int, port: int) -> None:
@@ -69,6 +72,21 @@ def _recv_exact(c: socket.socket, view: memoryview) -> None:
         got += n
 
 
+def _populate_ahead(m: mmap.mmap, size: int, mark: list[int], advice: int) -> threading.Thread:
+    """A thread that populates the mapping in 8 MiB pieces, in order, moving ``mark[0]`` past each."""
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def go() -> None:
+        for off in range(0, size, PIECE):
+            if libc.madvise(ctypes.c_void_p(addr + off), ctypes.c_size_t(min(PIECE, size - off)), advice):
+                raise OSError(ctypes.get_errno(), "madvise")
+            mark[0] = off + PIECE
+    t = threading.Thread(target=go, daemon=True)
+    t.start()
+    return t
+
+
 def run(way: str, src: Path, dst: Path, size: int) -> tuple[float, float]:
     """One transfer; returns (seconds, receiver CPU seconds)."""
     ls = socket.socket()
@@ -91,6 +109,15 @@ def run(way: str, src: Path, dst: Path, size: int) -> tuple[float, float]:
                 _recv_exact(c, header)
                 _recv_exact(c, buf)
                 os.pwrite(fd, buf, off)
+        elif way == "populate-ahead+into-mapping":
+            mark = [0]
+            th = _populate_ahead(m, size, mark, MADV_POPULATE_WRITE)
+            for off in range(0, size, FRAME):
+                _recv_exact(c, header)
+                while mark[0] < off + FRAME:
+                    time.sleep(0.0002)
+                _recv_exact(c, region[off:off + FRAME])
+            th.join()
         else:
             if way.startswith("populate"):
                 addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
@@ -115,18 +142,27 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="1G", help="region size (default 1G)")
     ap.add_argument("--runs", type=int, default=3, help="transfers per way, interleaved (default 3)")
+    ap.add_argument("--fresh", action="store_true",
+                    help="into a new region file each time (no page allocated yet) instead of an existing one")
     args = ap.parse_args()
     size = parse_size(args.size)
-    ways = ["pwrite", "into-mapping", "populate+into-mapping"]
+    ways = (["pwrite", "into-mapping", "populate-ahead+into-mapping"] if args.fresh
+            else ["pwrite", "into-mapping", "populate+into-mapping"])
     with tempfile.TemporaryDirectory(dir="/dev/shm", prefix="precopy-rx.") as tmp:
         src, dst = Path(tmp) / "src", Path(tmp) / "dst"
         create_region(src, size, "random", 1)
-        create_region(dst, size, "random", 2)  # exists, every page allocated
+        if not args.fresh:
+            create_region(dst, size, "random", 2)  # exists, every page allocated
         results: dict[str, list[tuple[float, float]]] = {w: [] for w in ways}
         for _ in range(args.runs):
             for way in ways:
+                if args.fresh:
+                    dst.unlink(missing_ok=True)
+                    with open(dst, "wb") as f:
+                        f.truncate(size)
                 results[way].append(run(way, src, dst, size))
-    print(f"{args.size} into an existing /dev/shm region, {args.runs} runs each (median):")
+    print(f"{args.size} into {'a new' if args.fresh else 'an existing'} /dev/shm region, "
+          f"{args.runs} runs each (median):")
     for way in ways:
         t = statistics.median(s for s, _ in results[way])
         cpu = statistics.median(c for _, c in results[way])

@@ -44,6 +44,7 @@ from .digest import ChunkTracker, chunk_pages_of, page_digests
 from .errors import AbortCode, AuthError, PrecopyError, RegionError, RemoteProtocolError
 from .memory import GuestMemory, users_of
 from .tls import make_channel
+from .tracking import TMPFS_MAGIC, fs_magic
 from .workload import DestWorkload
 from .wire import (
     MAX_DEVICE_STATE,
@@ -605,96 +606,113 @@ class _DestMigration:
         # region is prepared when the first data arrives, skipping them.
         declared_zero = np.zeros(mem.npages, dtype=bool)
         preparing = self.existing  # an existing region has its blocks
-        if self.existing:
+        # A new tmpfs region is mapped in writable ahead of the receiver once
+        # data arrives (GuestMemory.start_populate_ahead): runs received
+        # where that is done go straight into the mapping, as into an
+        # existing region's pages; the rest by pwrite.
+        existing = self.existing
+        ahead = not existing and self.opts.populate and fs_magic(self.partial) == TMPFS_MAGIC
+        if existing:
             # Its pages exist: runs of them are received straight into the
             # mapping, no second copy (pwrite from the receive buffer).
             mem.start_map_in(written)
+        if existing or ahead:
+            # (No reference to self here: the connection holds the sink, and
+            # a cycle through it kept each migration's buffers until a full
+            # garbage collection, ~5 MiB a migration.)
 
             def sink(indices: np.ndarray) -> memoryview | None:
                 first, last = int(indices[0]), int(indices[-1])
-                if last - first + 1 != len(indices) or not written[first:last + 1].all():
-                    return None  # scattered, or into holes (pwrite: ENOSPC, not SIGBUS)
+                if last - first + 1 != len(indices):
+                    return None  # scattered
+                if not (written[first:last + 1].all() if existing else mem.populated(first, last)):
+                    return None  # into holes, or not mapped in yet (pwrite: ENOSPC, not SIGBUS)
                 return mem.view[first * PAGE_SIZE:(last + 1) * PAGE_SIZE]
 
             self.chan.conn.payload_sink = sink
-        async for ev in self.chan.events(self.opts.idle_timeout_s):
-            if isinstance(ev, Pages):
-                # Pages never written are still zero in the fresh file.
-                z = ev.zeros[written[ev.zeros]] if len(ev.zeros) else ev.zeros
-                if len(ev.zeros):
-                    declared_zero[ev.zeros] = True
-                if len(ev.indices):
-                    declared_zero[ev.indices] = False
-                    if not preparing:
-                        mem.start_prepare(populate=self.opts.populate, skip=declared_zero.copy())
-                        preparing = True
-                if len(ev.indices) or z.size:
-                    top = max(int(ev.indices[-1]) if len(ev.indices) else 0, int(z[-1]) if z.size else 0)
-                    while not mem.reserved_through(top):
-                        # Never write where the file system has not allocated yet.
-                        await asyncio.sleep(0.001)
-                    mem.reserve_skipped(ev.indices)
-                if len(ev.indices):
-                    data = page_payload(ev, chunk_pages=self.begin.chunk_pages)
-                    if ev.in_place:
-                        self.rec.pages_in_place += len(ev.indices)
+        try:
+            async for ev in self.chan.events(self.opts.idle_timeout_s):
+                if isinstance(ev, Pages):
+                    # Pages never written are still zero in the fresh file.
+                    z = ev.zeros[written[ev.zeros]] if len(ev.zeros) else ev.zeros
+                    if len(ev.zeros):
+                        declared_zero[ev.zeros] = True
+                    if len(ev.indices):
+                        declared_zero[ev.indices] = False
+                        if not preparing:
+                            mem.start_prepare(populate=self.opts.populate, skip=declared_zero.copy())
+                            if ahead:
+                                mem.start_populate_ahead(~declared_zero)
+                            preparing = True
+                    if len(ev.indices) or z.size:
+                        top = max(int(ev.indices[-1]) if len(ev.indices) else 0, int(z[-1]) if z.size else 0)
+                        while not mem.reserved_through(top):
+                            # Never write where the file system has not allocated yet.
+                            await asyncio.sleep(0.001)
+                        mem.reserve_skipped(ev.indices)
+                    if len(ev.indices):
+                        data = page_payload(ev, chunk_pages=self.begin.chunk_pages)
+                        if ev.in_place:
+                            self.rec.pages_in_place += len(ev.indices)
+                        else:
+                            mem.write_pages(ev.indices, data, allocated=written[ev.indices])
+                        written[ev.indices] = True
+                        tracker.received(ev.indices, data, ev.chunk_digests)
+                    if z.size:
+                        mem.zero(z)
+                        tracker.zeroed_pages(z)
+                elif isinstance(ev, DigestRequest) and ev.pages_of is not None:
+                    # The source's record of pages it sent without hashing them.
+                    pages = chunk_pages_of(ev.pages_of, self.begin.chunk_pages, mem.npages)
+                    if tracker.page_table is not None:
+                        # By page, every page's digest is kept as it landed
+                        # (read back from the region): no need to read them again.
+                        held = tracker.page_table[pages]
                     else:
-                        mem.write_pages(ev.indices, data, allocated=written[ev.indices])
-                    written[ev.indices] = True
-                    tracker.received(ev.indices, data, ev.chunk_digests)
-                if z.size:
-                    mem.zero(z)
-                    tracker.zeroed_pages(z)
-            elif isinstance(ev, DigestRequest) and ev.pages_of is not None:
-                # The source's record of pages it sent without hashing them.
-                pages = chunk_pages_of(ev.pages_of, self.begin.chunk_pages, mem.npages)
-                if tracker.page_table is not None:
-                    # By page, every page's digest is kept as it landed
-                    # (read back from the region): no need to read them again.
-                    held = tracker.page_table[pages]
+                        held = await loop.run_in_executor(self.server._outer_pool, page_digests, mem.pages, pages)
+                    await self.chan.send(DigestTable(seq=ev.seq, digests=held))
+                elif isinstance(ev, DigestRequest):
+                    if not ev.final:
+                        self.rec.rounds += 1
+                    t = time.monotonic()
+                    if ev.by_page and tracker.page_table is None:
+                        # From now on chunk digests derive from page digests;
+                        # pages never written in a fresh file read as zeros
+                        # unread (reading would allocate them).
+                        hashed = await loop.run_in_executor(self.server._outer_pool, tracker.by_page, written.copy())
+                        _log.debug("chunk tables by page for %s: %d pages hashed in %.1f ms", self.begin.migration_id,
+                                   hashed, (time.monotonic() - t) * 1e3)
+                    stale = int(tracker.stale.sum() + tracker.cold.sum())
+                    table = await loop.run_in_executor(self.server._outer_pool, tracker.table)
+                    _log.debug("digest table for %s: %d stale chunks rehashed in %.1f ms", self.begin.migration_id,
+                               stale, (time.monotonic() - t) * 1e3)
+                    await self.chan.send(DigestTable(seq=ev.seq, digests=table))
+                elif isinstance(ev, Switchover):
+                    self.t_switchover = time.monotonic()
+                    _log.info("migration %s: source paused the workload", self.begin.migration_id)
+                    # Downtime has begun: stop competing with it for CPU and
+                    # memory bandwidth.  The few pages still to come fault in.
+                    mem.stop_populate(wait=False)
+                elif isinstance(ev, DeviceState):
+                    if ev.total > self.opts.max_device_state:
+                        raise RemoteProtocolError(
+                            f"device state of {ev.total} bytes exceeds this destination's limit "
+                            f"({self.opts.max_device_state})"
+                        )
+                    if self.device_total is not None and ev.total != self.device_total:
+                        raise RemoteProtocolError("DEVICE_STATE pieces disagree on the total size")
+                    self.device_total = ev.total
+                    self.device += ev.data
+                elif isinstance(ev, Commit):
+                    _log.debug("migration %s: %d pages received straight into the region", self.begin.migration_id,
+                               self.rec.pages_in_place)
+                    await self._commit(ev)
+                    return True
                 else:
-                    held = await loop.run_in_executor(self.server._outer_pool, page_digests, mem.pages, pages)
-                await self.chan.send(DigestTable(seq=ev.seq, digests=held))
-            elif isinstance(ev, DigestRequest):
-                if not ev.final:
-                    self.rec.rounds += 1
-                t = time.monotonic()
-                if ev.by_page and tracker.page_table is None:
-                    # From now on chunk digests derive from page digests;
-                    # pages never written in a fresh file read as zeros
-                    # unread (reading would allocate them).
-                    hashed = await loop.run_in_executor(self.server._outer_pool, tracker.by_page, written.copy())
-                    _log.debug("chunk tables by page for %s: %d pages hashed in %.1f ms", self.begin.migration_id,
-                               hashed, (time.monotonic() - t) * 1e3)
-                stale = int(tracker.stale.sum() + tracker.cold.sum())
-                table = await loop.run_in_executor(self.server._outer_pool, tracker.table)
-                _log.debug("digest table for %s: %d stale chunks rehashed in %.1f ms", self.begin.migration_id,
-                           stale, (time.monotonic() - t) * 1e3)
-                await self.chan.send(DigestTable(seq=ev.seq, digests=table))
-            elif isinstance(ev, Switchover):
-                self.t_switchover = time.monotonic()
-                _log.info("migration %s: source paused the workload", self.begin.migration_id)
-                # Downtime has begun: stop competing with it for CPU and
-                # memory bandwidth.  The few pages still to come fault in.
-                mem.stop_populate(wait=False)
-            elif isinstance(ev, DeviceState):
-                if ev.total > self.opts.max_device_state:
-                    raise RemoteProtocolError(
-                        f"device state of {ev.total} bytes exceeds this destination's limit "
-                        f"({self.opts.max_device_state})"
-                    )
-                if self.device_total is not None and ev.total != self.device_total:
-                    raise RemoteProtocolError("DEVICE_STATE pieces disagree on the total size")
-                self.device_total = ev.total
-                self.device += ev.data
-            elif isinstance(ev, Commit):
-                _log.debug("migration %s: %d pages received straight into the region", self.begin.migration_id,
-                           self.rec.pages_in_place)
-                await self._commit(ev)
-                return True
-            else:
-                raise RemoteProtocolError(f"unexpected {type(ev).__name__} during a migration")
-        raise LinkError(f"{self.chan.peer} closed the connection mid-migration")
+                    raise RemoteProtocolError(f"unexpected {type(ev).__name__} during a migration")
+            raise LinkError(f"{self.chan.peer} closed the connection mid-migration")
+        finally:
+            self.chan.conn.payload_sink = None  # it holds the region: not past the migration
 
     async def _commit(self, ev: Commit) -> None:
         if ev.migration_id != self.begin.migration_id:

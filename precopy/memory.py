@@ -141,6 +141,11 @@ class GuestMemory:
         self.reserved = size
         self._chunk = 1
         self._skipped: np.ndarray | None = None
+        #: Bytes from the start that :meth:`start_populate_ahead` mapped in
+        #: writable (pieces it skipped excepted: see :meth:`populated`).
+        self.populated_upto = 0
+        self._ahead_skipped: np.ndarray | None = None
+        self._ahead_piece = 1
         #: Whether :meth:`write_pages` may use ``pwrite``: hugetlbfs has no
         #: write(2), and a zero-length write says so (EINVAL) without writing.
         self._pwrite = writable and pwrite and _can_pwrite(fd)
@@ -416,6 +421,53 @@ class GuestMemory:
         if self.prepare_error is not None:
             raise self.prepare_error
         return (page + 1) * PAGE_SIZE <= self.reserved
+
+    def start_populate_ahead(self, data: np.ndarray, *, piece: int = 8 * 1024 * 1024) -> None:
+        """Map a fresh region in writable ahead of the receiver, in order, in a background thread.
+
+        Receiving straight into pages already mapped saves the second copy
+        of ``recv`` + ``pwrite``: 1 GiB into a new /dev/shm file in 409 ms
+        against 694 ms here (``python -m benchmarks.rx_paths --fresh``; the
+        ``MADV_POPULATE_WRITE`` thread runs beside the receiver, GIL
+        released).  :meth:`populated` says where that is safe.  Only pieces
+        made entirely of pages that will hold data (``data``, a per-page
+        mask) are populated, so a sparse region stays sparse.  Best effort:
+        a failure (a full file system: ``madvise`` returns an error, no
+        SIGBUS) stops it, and the pages left go by ``pwrite``, which reports it.
+        """
+        anchor = ctypes.c_char.from_buffer(self._map)
+        base = ctypes.addressof(anchor)
+        del anchor  # the thread is joined before close()
+        piece_pages = piece // PAGE_SIZE
+        npieces = -(-self.npages // piece_pages)
+        padded = np.zeros(npieces * piece_pages, dtype=bool)
+        padded[:self.npages] = ~np.asarray(data, dtype=bool)
+        skipped: np.ndarray = np.asarray(padded.reshape(npieces, piece_pages).any(axis=1))
+        del padded
+        self._ahead_skipped = skipped
+        self._ahead_piece = piece
+
+        def run() -> None:
+            for i in range(npieces):
+                if self._populate_stop.is_set() or self._prepare_abort.is_set():
+                    return
+                off = i * piece
+                n = min(piece, self.size - off)
+                if not skipped[i] and _libc.madvise(base + off, n, MADV_POPULATE_WRITE) != 0:
+                    err = ctypes.get_errno()
+                    self.populate_error = OSError(err, os.strerror(err))
+                    return
+                self.populated_upto = off + n
+
+        self._populate_thread = threading.Thread(target=run, name="precopy-populate", daemon=True)
+        self._populate_thread.start()
+
+    def populated(self, first: int, last: int) -> bool:
+        """Whether pages ``first..last`` are mapped in writable by :meth:`start_populate_ahead`."""
+        if (last + 1) * PAGE_SIZE > self.populated_upto or self._ahead_skipped is None:
+            return False
+        return not bool(self._ahead_skipped[first * PAGE_SIZE // self._ahead_piece:
+                                            last * PAGE_SIZE // self._ahead_piece + 1].any())
 
     def stop_populate(self, wait: bool = True) -> None:
         """Stop prefaulting (reserving goes on); join the thread if ``wait``."""

@@ -501,3 +501,26 @@ def test_page_set_operations_match_numpy() -> None:
     one = np.array([1, 4, 9], dtype=np.uint32)
     assert page_union(10, one) is not None and (page_union(10, one) == one).all()
     assert page_union(10).size == 0 and page_difference(10, np.zeros(0, np.uint32), one).size == 0
+
+
+def test_populate_ahead_maps_in_only_pieces_that_will_hold_data(shm: Path) -> None:
+    """A new region is mapped in writable ahead of the receiver, piece by piece, in order; a piece
+    holding a page the source declared zero (a hole there) is left alone, so the region stays sparse."""
+    piece = 16 * PAGE_SIZE
+    mem = GuestMemory.create(shm / "ahead.mem", 64 * PAGE_SIZE, preallocate=False)
+    try:
+        assert not mem.populated(0, 0)  # nothing yet
+        data = np.ones(64, dtype=bool)
+        data[20] = False  # piece 1 holds a hole of the source's
+        mem.start_populate_ahead(data, piece=piece)
+        assert mem._populate_thread is not None
+        mem._populate_thread.join()
+        assert mem.populated_upto == 64 * PAGE_SIZE and mem.populate_error is None
+        assert mem.populated(0, 15) and mem.populated(32, 63)
+        assert not mem.populated(15, 16) and not mem.populated(20, 20)
+        holes = mem.hole_pages()
+        assert holes[16:32].all() and not holes[:16].any() and not holes[32:].any()
+        mem.view[0:PAGE_SIZE] = b"\x07" * PAGE_SIZE  # writable where populated, as the receiver does
+        assert (mem.pages[0] == 7).all()
+    finally:
+        mem.close()
