@@ -12,6 +12,7 @@ offer, a SIGSTOP workload, a non-root agent) without a crash.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import json
 import mmap
@@ -23,7 +24,7 @@ import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pytest
@@ -701,21 +702,27 @@ def test_hole_finder_sees_punched_pages_on_tmpfs_and_on_a_disk_file(where: str, 
         mem.close()
 
 
+@contextlib.contextmanager
+def _random_source_chunks(path: Path, npages: int, cp: int, *, seed: int) -> Iterator[tuple[GuestMemory, Any]]:
+    """A region of random pages and a SourceChunks over it, its table adopted (zeros: not hashed)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from precopy.tracking import SourceChunks
+
+    path.write_bytes(np.random.default_rng(seed).integers(0, 256, npages * PAGE_SIZE, dtype=np.uint8).tobytes())
+    with ThreadPoolExecutor(2) as pool, GuestMemory.open(path) as mem:
+        chunks = SourceChunks(mem, cp, pool)
+        chunks.adopt(np.zeros(-(-npages // cp), dtype=np.uint64), 0.01)
+        yield mem, chunks
+
+
 def test_source_chunks_by_page_follow_the_region_and_resend_zeroed_pages(shm: Path) -> None:
     """After the switch our table is the region's chunk table by page, kept so by rehashing the
     reported pages alone; pages that read as zeros where what was sent was not are returned."""
-    from concurrent.futures import ThreadPoolExecutor
-
     from precopy.digest import ZERO_PAGE_DIGEST, chunks_of_page_digests, page_digests
-    from precopy.tracking import SourceChunks
 
     npages, cp = 1000, 32  # a short last chunk
-    path = shm / "s.mem"
-    path.write_bytes(np.random.default_rng(5).integers(0, 256, npages * PAGE_SIZE, dtype=np.uint8).tobytes())
-    pool = ThreadPoolExecutor(2)
-    with GuestMemory.open(path) as mem:
-        chunks = SourceChunks(mem, cp, pool)
-        chunks.adopt(np.zeros(-(-npages // cp), dtype=np.uint64), 0.01)
+    with _random_source_chunks(shm / "s.mem", npages, cp, seed=5) as (mem, chunks):
         sent = np.zeros(npages, dtype=np.uint64)  # sent straight from memory: no record
         known = np.zeros(npages, dtype=bool)
         sent[10] = ZERO_PAGE_DIGEST  # sent as a zero page, and still one
@@ -738,7 +745,6 @@ def test_source_chunks_by_page_follow_the_region_and_resend_zeroed_pages(shm: Pa
         mem.pages[3, 0] ^= 1  # not reported: only a recompute from the region sees it
         bad = np.array([0], dtype=np.uint32)
         assert chunks.recompute(bad, sent)[0] == chunks_of_page_digests(page_digests(mem.pages), cp)[0]
-    pool.shutdown()
 
 
 @pytest.mark.parametrize("by_page", [False, True])
@@ -746,18 +752,10 @@ def test_a_page_written_sent_and_zeroed_since_is_resent_by_the_rehash(shm: Path,
     """A page the tracker found written just before its send (UffdTracker.rearm) is rehashed, not
     resent -- unless it reads as zeros now although it did not then: a hole punched after the send,
     which reading it allocated (the next hole check would not see it)."""
-    from concurrent.futures import ThreadPoolExecutor
-
     from precopy.digest import ZERO_PAGE_DIGEST, page_digests
-    from precopy.tracking import SourceChunks
 
     npages, cp = 256, 32
-    path = shm / "z.mem"
-    path.write_bytes(np.random.default_rng(7).integers(0, 256, npages * PAGE_SIZE, dtype=np.uint8).tobytes())
-    pool = ThreadPoolExecutor(2)
-    with GuestMemory.open(path) as mem:
-        chunks = SourceChunks(mem, cp, pool)
-        chunks.adopt(np.zeros(-(-npages // cp), dtype=np.uint64), 0.01)
+    with _random_source_chunks(shm / "z.mem", npages, cp, seed=7) as (mem, chunks):
         sent = np.zeros(npages, dtype=np.uint64)
         if by_page:
             chunks.to_pages(np.zeros(0, dtype=np.uint32), sent, np.zeros(npages, dtype=bool), None)
@@ -769,4 +767,3 @@ def test_a_page_written_sent_and_zeroed_since_is_resent_by_the_rehash(shm: Path,
         assert extra.tolist() == [41]
         if by_page:
             assert (sent[written] == page_digests(mem.pages, written)).all()
-    pool.shutdown()
