@@ -1325,7 +1325,9 @@ def sink_batches() -> list[Any]:
 @given(st.lists(st.integers(1, 70_000), min_size=1, max_size=8))
 def test_payload_sink_receives_runs_in_place(sizes: list[int]) -> None:
     """Runs of raw pages land where the sink says, whatever the read sizes;
-    everything else arrives as without a sink."""
+    everything else arrives as without a sink.  (After a payload the sink
+    declined, reads are no longer limited to the frame: a run that then
+    arrives whole in the buffer is taken from there.)"""
     batches = sink_batches()
     sink = RegionSink()
     sink.allowed[600:604] = False
@@ -1345,9 +1347,11 @@ def test_payload_sink_receives_runs_in_place(sizes: list[int]) -> None:
         pos, k = pos + n, k + 1
         while (ev := pair.dst.next_event()) is not NEED_DATA:
             if isinstance(ev, Pages):
-                assert ev.in_place == (batches[len(got)] is batches[0] or batches[len(got)] is batches[5]
-                                       or batches[len(got)] is batches[7])
+                if batches[len(got)] is batches[0]:
+                    assert ev.in_place  # reads limited to the frame from the start
                 if ev.in_place:
+                    assert batches[len(got)] is batches[0] or batches[len(got)] is batches[5] \
+                        or batches[len(got)] is batches[7]
                     first = int(ev.indices[0])
                     assert bytes(sink.region[first:first + len(ev.indices)]) == bytes(ev.payload)
                 ev = dataclasses.replace(freeze(ev), in_place=False)
@@ -1379,6 +1383,37 @@ def test_with_a_sink_the_buffer_asks_for_no_more_than_the_frame_in_progress() ->
     ev = pair.dst.next_event()
     assert isinstance(ev, Pages) and ev.in_place
     assert bytes(sink.region[8:16]) == batch.payload
+
+
+def test_once_the_sink_declines_reads_are_as_large_as_the_buffer_until_it_takes_one() -> None:
+    """Scattered pages (declined) must not cost a read for each frame's prefix, header and payload."""
+    pair = Pair()
+    pair.start()
+    sink = RegionSink()
+    pair.dst.payload_sink = sink
+    scattered = raw_pages([3, 7, 9], seed=2)
+    run = raw_pages(list(range(10, 26)), seed=1)
+    data = join(pair.src.send(scattered))
+    head = len(data) - len(scattered.payload)
+    pair.dst.receive_data(data[:head])  # the header: the sink is asked, and declines
+    assert pair.dst.next_event() is NEED_DATA
+    free = pair.dst.get_buffer()
+    assert len(free) > len(data)  # no longer the frame's rest only
+    free.release()
+    pair.dst.receive_data(data[head:])
+    assert isinstance(pair.dst.next_event(), Pages)
+    more = join(pair.src.send(run))
+    head = len(more) - len(run.payload)
+    pair.dst.receive_data(more[:head])  # a run: the sink takes it, and reads are limited again
+    assert pair.dst.next_event() is NEED_DATA
+    buf = pair.dst.get_buffer()
+    assert len(buf) == len(run.payload)
+    buf[:] = more[head:]
+    buf.release()
+    pair.dst.buffer_updated(len(run.payload))
+    ev = pair.dst.next_event()
+    assert isinstance(ev, Pages) and ev.in_place and bytes(sink.region[10:26]) == run.payload
+    assert len(pair.dst.get_buffer()) == PREFIX_SIZE
 
 
 def test_a_bad_batch_is_refused_before_the_sink_is_asked() -> None:
