@@ -216,8 +216,11 @@ class Link:
 
 
 class Bench:
-    def __init__(self, work: Path, out: Path, runs: int, log: Any) -> None:
+    def __init__(self, work: Path, out: Path, runs: int, log: Any, *,
+                 dest_args: Sequence[str] = (), source_args: Sequence[str] = ()) -> None:
         self.work, self.out, self.runs, self.log = work, out, runs, log
+        # Extra daemon options, for A/B runs of one scenario (--dest-arg, --source-arg).
+        self.dest_args, self.source_args = tuple(dest_args), tuple(source_args)
         self.links: dict[str, Link] = {}
         self.dests: dict[str, tuple[subprocess.Popen[bytes], str, Path]] = {}
         self.regions: dict[tuple[str, str], Path] = {}
@@ -253,7 +256,7 @@ class Bench:
         proc = subprocess.Popen([*link.dst_prefix, PY, "-m", "agents.dest_main", "--listen", f"{link.host}:0",
                                  "--memory-dir", str(ddir), "--ready-file", str(ready), "--log-level", "warning",
                                  # a private veth pair between two namespaces: no key needed
-                                 "--insecure"],
+                                 "--insecure", *self.dest_args],
                                 cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=_env())
         addr = _wait_file(ready, proc)
         self.dests[link.name] = (proc, addr, ddir)
@@ -341,7 +344,7 @@ class Bench:
                     *who, "--name", "bench", "--downtime-ms", f"{sc.budget_ms:g}",
                     "--compress", sc.compress, "--mode", sc.mode, "--max-time", f"{max_time:g}",
                     "--on-nonconvergence", "force", "--report", str(report), "--progress", "off",
-                    "--log-level", "warning"]
+                    "--log-level", "warning", *self.source_args]
             t = time.monotonic()
             src = subprocess.Popen(argv, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL)
             with RssSampler({"source": src.pid, "dest": dest.pid}) as rss:
@@ -809,9 +812,10 @@ def update_results(results_md: Path, matrix_name: str, body: str) -> None:
     results_md.write_text(text)
 
 
-def run_matrix(scenarios: list[Scenario], runs: int, out: Path, log: Any) -> tuple[list[dict[str, Any]], list[str]]:
+def run_matrix(scenarios: list[Scenario], runs: int, out: Path, log: Any, *, dest_args: Sequence[str] = (),
+               source_args: Sequence[str] = ()) -> tuple[list[dict[str, Any]], list[str]]:
     work = Path(tempfile.mkdtemp(prefix="precopy-bench-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
-    bench = Bench(work, out, runs, log)
+    bench = Bench(work, out, runs, log, dest_args=dest_args, source_args=source_args)
     records: list[dict[str, Any]] = []
     out.mkdir(parents=True, exist_ok=True)
     jsonl = out / "runs.jsonl"
@@ -857,6 +861,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                          "benchmarks/RESULTS.md (default: off)")
     ap.add_argument("--from-jsonl", type=Path, default=None, metavar="FILE",
                     help="do not run anything: rebuild the table and plots from an earlier runs.jsonl")
+    ap.add_argument("--dest-arg", action="append", default=[], metavar="ARG",
+                    help="pass ARG to every precopy-dest (repeatable; for A/B runs, e.g. --dest-arg=--no-populate)")
+    ap.add_argument("--source-arg", action="append", default=[], metavar="ARG",
+                    help="pass ARG to every precopy-source (repeatable; e.g. --source-arg=--batch-pages=512)")
     args = ap.parse_args(argv)
     if args.runs < 1:
         ap.error("--runs must be at least 1")
@@ -877,7 +885,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not scenarios:
             ap.error("no scenario matches --only")
         log(f"{len(scenarios)} scenarios x {args.runs} runs; writing {out}")
-        records, skipped = run_matrix(scenarios, args.runs, out, log)
+        records, skipped = run_matrix(scenarios, args.runs, out, log, dest_args=args.dest_arg,
+                                      source_args=args.source_arg)
     if not records:
         print("bench: no run completed", file=sys.stderr)
         return 1

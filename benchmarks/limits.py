@@ -38,6 +38,7 @@ if mode == "existing":  # written, mapped and mapped in (MADV_POPULATE_READ) bef
 ls = socket.socket(); ls.bind((host, 0)); ls.listen(1)
 print(ls.getsockname()[1], flush=True)
 c, _ = ls.accept()
+cpu0 = os.times().user + os.times().system
 c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
 if mode in ("fresh", "existing"):
     if mode == "fresh":
@@ -58,6 +59,7 @@ else:
         if not n: break
         got += n
 c.sendall(b"k")
+print(os.times().user + os.times().system - cpu0, flush=True)  # CPU seconds of the copy
 """
 
 _SENDER = r"""
@@ -70,21 +72,23 @@ view = memoryview(m)
 s = socket.create_connection((host, port))
 s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
 t = time.perf_counter()
+cpu0 = os.times().user + os.times().system
 for off in range(0, size, 1 << 20):
     s.sendall(view[off:off + (1 << 20)])
 s.recv(1)
-print(time.perf_counter() - t, flush=True)
+print(time.perf_counter() - t, os.times().user + os.times().system - cpu0, flush=True)
 """
 
 
 def raw_copy(region: Path, fresh: bool, *, host: str = "127.0.0.1", recv_prefix: Sequence[str] = (),
-             send_prefix: Sequence[str] = (), into: str | None = None) -> float:
+             send_prefix: Sequence[str] = (), into: str | None = None, cpu: list[float] | None = None) -> float:
     """Seconds to move the region's bytes from one process to another over TCP.
 
     Into a fresh file (``fresh``), a reused buffer, or ``into="existing"``:
     an existing region file, mapped in.  The receiver listens on ``host``;
     ``recv_prefix``/``send_prefix`` put the two processes elsewhere (``ip
-    netns exec NS``) to measure a shaped link.
+    netns exec NS``) to measure a shaped link.  ``cpu``, a list, gets the
+    CPU seconds (user + system) both processes spent on the copy appended.
     """
     size = region.stat().st_size
     target = str(region.parent / f".rawcopy-{os.getpid()}")
@@ -96,7 +100,11 @@ def raw_copy(region: Path, fresh: bool, *, host: str = "127.0.0.1", recv_prefix:
         port = int(p.stdout.readline())
         out = subprocess.run([*send_prefix, sys.executable, "-c", _SENDER, str(region), host, str(port)],
                              capture_output=True, text=True, check=True, timeout=600)
-        return float(out.stdout.strip())
+        elapsed, send_cpu = (float(x) for x in out.stdout.split())
+        if cpu is not None:
+            p.wait(30)
+            cpu.append(send_cpu + float(p.stdout.readline()))
+        return elapsed
     finally:
         try:
             p.wait(30)

@@ -14,7 +14,7 @@
 # (wall time vs CPU time of a 2-core machine shared by both agents).
 # GUEST="--rate 200000 --hot-fraction 1" sets the guest's writes (default
 # idle); CONTROL=1 drives it through its guest-control socket (kernel write
-# tracking, uffd-wp) instead of --pid; SRCARGS adds source options.
+# tracking, uffd-wp) instead of --pid; SRCARGS and DESTARGS add agent options.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODE=${1:-existing}
@@ -46,7 +46,7 @@ CTL=()
 # shellcheck disable=SC2086
 $PY -m precopy.guest dirty --memory "$W/src.mem" $GUEST "${CTL[@]}" & PIDS+=($!); G=$!
 $PY -m agents.dest_main --listen 127.0.0.1:0 --memory-dir "$W/dest" --ready-file "$W/ready" \
-    --log-level warning --insecure & PIDS+=($!); D=$!
+    --log-level warning --insecure ${DESTARGS:-} & PIDS+=($!); D=$!
 for _ in $(seq 100); do [ -s "$W/ready" ] && break; sleep 0.1; done
 sleep 0.7
 WHO=(--pid "$G")
@@ -56,6 +56,7 @@ if [ "$CONTROL" = 1 ]; then
 fi
 cpu() { awk '{printf "%.2f", ($14 + $15) / 100}' "/proc/$1/stat"; }
 D0=$(cpu "$D")
+G0=$(cpu "$G")
 PD=""; PS=""
 [ "$NOSPY" = 1 ] || { $SPY record -r 1000 -f raw -o "$OUT/dest-$MODE.txt" --pid "$D" >/dev/null 2>&1 & PD=$!; }
 /usr/bin/time -f "source CPU: %U s user + %S s system, wall %e s" -o "$W/time" $PY -m agents.source_main --to "$(cat "$W/ready")" --memory "$W/src.mem" "${WHO[@]}" --name bench \
@@ -65,9 +66,22 @@ PD=""; PS=""
 wait "$S" || true
 echo "destination CPU: $(awk -v a="$D0" -v b="$(cpu "$D")" 'BEGIN{printf "%.2f", b - a}') s (user + system)"
 cat "$W/time"
+echo "guest CPU: $(awk -v a="$G0" -v b="$(cpu "$G")" 'BEGIN{printf "%.2f", b - a}') s over the migration (a writer's share of the 2 cores)"
 /usr/bin/time -f "  of which starting the interpreter and imports: %U s user + %S s system" $PY -c "import agents.source_main"
 $PY -c "import json,sys; r=json.load(open(sys.argv[1])); print('migration', round(r['total_time_s'], 3), 's;', ', '.join(f\"{x['kind']} {x['seconds']:.3f} s\" for x in r['rounds']))" "$OUT/report-$MODE.json"
-if [ "$NOSPY" != 1 ]; then
+if [ "$NOSPY" = 1 ]; then
+    # The yardstick beside it: the same bytes raw (benchmarks/limits.py), and the CPU both ends used.
+    $PY - "$W/src.mem" "$MODE" <<'PYEOF'
+import sys
+from pathlib import Path
+from benchmarks.limits import raw_copy
+into = "existing" if sys.argv[2] == "existing" else None
+for name, kw in (("link (reused buffer)", dict(fresh=False)), (f"into {'an existing' if into else 'a fresh'} file", dict(fresh=True, into=into))):
+    cpu: list[float] = []
+    s = raw_copy(Path(sys.argv[1]), cpu=cpu, **kw)
+    print(f"raw copy {name}: {s:.3f} s; CPU of the copy, both processes: {cpu[0]:.2f} s")
+PYEOF
+else
     sleep 0.5
     kill -INT "$PD" 2>/dev/null || true
     wait "$PS" "$PD" 2>/dev/null || true
