@@ -936,7 +936,11 @@ async def test_runs_are_received_straight_into_an_existing_region(work: Path, sh
         rep = await migrate(server, src, FakeWorkload())
     assert rep.outcome == "committed" and rep.dest_region == "existing" and rep.verify_repairs == 0
     assert target.read_bytes() == src.read_bytes()
-    assert server.results[0].pages_in_place == npages - 1024
+    # Every page outside the hole went in place but for batches read whole into
+    # the receive buffer right after the hole's (declined) ones: reads are not
+    # limited to the frame again until the sink takes a payload (wire.Connection).
+    in_place = server.results[0].pages_in_place
+    assert npages - 1024 - 4 * 256 <= in_place <= npages - 1024
 
 
 async def test_region_in_use_or_of_another_size_is_not_received_into(work: Path, shm: Path) -> None:
