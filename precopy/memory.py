@@ -483,13 +483,12 @@ class GuestMemory:
         receiving straight into the mapping then takes no page fault per
         page (~450 ms per GiB of faults here, against ~30 ms to map it all
         in at once; a shared tmpfs mapping populated for reading is
-        writable).  ``pages`` is a per-page mask (not the holes: mapping a
+        writable).  The source maps its region in the same way before the
+        full copy reads it.  ``pages`` is a per-page mask (not the holes: mapping a
         hole in would allocate it).  Best effort: a kernel without it only
         costs the faults.
         """
-        anchor = ctypes.c_char.from_buffer(self._map)
-        base = ctypes.addressof(anchor)
-        del anchor  # the thread is joined before close()
+        base = self.array.ctypes.data  # (read-only mappings too; the thread is joined before close())
         # Runs of the mask from a byte per page (page-number arrays would be
         # 8 bytes a page: 8 MiB of peak memory more at 4 GiB).
         edges = np.diff(np.asarray(pages, dtype=bool).view(np.int8), prepend=np.int8(0), append=np.int8(0))

@@ -863,6 +863,12 @@ class SourceSession:
         # Pages in holes of the file were never written: send them as zero
         # pages without reading (reading would allocate them on tmpfs).
         holes = self.mem.hole_pages()
+        # Map the region's pages into our page tables ahead of the sends, in
+        # a thread (MADV_POPULATE_READ, never the holes: that would allocate
+        # them): a fault for every few pages, on the zero-page check's first
+        # read or inside sendmsg, costs more than one call per 8 MiB. Into
+        # an existing region, 1 GiB: full copy 0.47 -> 0.45 s (6 runs each).
+        self.mem.start_map_in(~holes)
         hole_idx = np.flatnonzero(holes).astype(np.uint32)
         for start in range(0, len(hole_idx), MAX_BATCH_PAGES):
             idx = hole_idx[start:start + MAX_BATCH_PAGES]
