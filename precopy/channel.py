@@ -18,6 +18,7 @@ import logging
 import socket
 import sys
 import termios
+import time
 from typing import Any, AsyncIterator
 
 from .errors import AbortCode, PrecopyError, RemoteProtocolError
@@ -106,6 +107,9 @@ class Channel:
         #: connection before the peer has read why.  The destination sets
         #: it; the source does not wait (it has a workload to resume).
         self.linger_s = 0.0
+        #: Seconds sends spent waiting for room in the socket (the peer or
+        #: the link slower than us), and writing what then fit.
+        self.send_blocked_s = 0.0
 
     def unsent_bytes(self) -> int:
         """Bytes written but still in the kernel's send queue (not yet acknowledged).
@@ -172,12 +176,14 @@ class Channel:
             except (BlockingIOError, InterruptedError):
                 sent = 0
             if sent < size:
+                t = time.monotonic()
                 for v in group:
                     if sent >= v.nbytes:
                         sent -= v.nbytes
                         continue
                     await self._write(v[sent:])
                     sent = 0
+                self.send_blocked_s += time.monotonic() - t
         return total
 
     async def _read_into(self, buf: memoryview) -> int:

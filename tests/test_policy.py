@@ -176,9 +176,17 @@ def test_switchover_within_budget() -> None:
     assert "within" in d.reason and "100.0 ms" in d.reason
 
 
-def test_switchover_exactly_at_budget() -> None:
-    assert SwitchoverPolicy(downtime_s=0.3).decide(rounds_done=3, elapsed_s=0, expected_s=0.3).action \
+def test_switchover_exactly_at_the_budget_less_its_headroom() -> None:
+    """The estimate errs by 10-15 % either way: the pause is planned with that much to spare."""
+    assert SwitchoverPolicy(downtime_s=0.3).headroom == 0.85
+    assert SwitchoverPolicy(downtime_s=0.3).decide(rounds_done=3, elapsed_s=0, expected_s=0.255).action \
         is Action.SWITCHOVER
+    assert SwitchoverPolicy(downtime_s=0.3).decide(rounds_done=3, elapsed_s=0, expected_s=0.27).action \
+        is Action.CONTINUE
+    assert SwitchoverPolicy(downtime_s=0.3, headroom=1.0).decide(rounds_done=3, elapsed_s=0,
+                                                                 expected_s=0.3).action is Action.SWITCHOVER
+    with pytest.raises(ValueError, match="headroom"):
+        SwitchoverPolicy(headroom=0.0)
 
 
 def test_continue_when_over_budget_and_limits_not_reached() -> None:
@@ -259,7 +267,7 @@ def test_decision_rule(budget: float, expected: float, rounds: int, max_rounds: 
                            on_nonconvergence=mode)
     d = pol.decide(rounds_done=rounds, elapsed_s=elapsed, expected_s=expected)
     exhausted = rounds >= max_rounds or (max_time is not None and elapsed >= max_time)
-    if expected <= budget:
+    if expected <= budget * pol.headroom:
         assert d.action is Action.SWITCHOVER
     elif not exhausted:
         assert d.action is Action.CONTINUE
@@ -519,17 +527,26 @@ def test_throttle_invariants(rounds: list[tuple[float, float, int, int]], initia
     pol = SwitchoverPolicy(downtime_s=0.05, max_rounds=1000, max_time_s=None, on_nonconvergence=mode,
                            throttle_initial_pct=initial, throttle_step_pct=step, throttle_max_pct=cap)
     prev = 0
+    target = 0.05 * pol.headroom
     for r, (expected, floor, dirtied, sent) in enumerate(rounds):
         d = pol.decide(rounds_done=r, elapsed_s=0.0, expected_s=expected, floor_s=floor,
                        dirtied_pages=dirtied, sent_pages=sent, remaining_pages=dirtied)
         assert d.throttle_pct == 0 or initial <= d.throttle_pct <= cap
-        if expected <= 0.05:
+        if expected <= target:
             assert d.action is Action.SWITCHOVER
         elif d.action is Action.CONTINUE:
-            assert d.throttle_pct >= prev or d.throttle_pct == 0 and floor > 0.05
+            assert d.throttle_pct >= prev or d.throttle_pct == 0 and floor > target
             if d.throttle_pct > prev:
-                assert dirtied > sent / 2 and (floor <= 0.05 or mode == "force")
+                assert dirtied > sent / 2 and (floor <= target or mode == "force")
         else:
             assert d.action in (Action.ABORT, Action.FORCE) and "floor" in d.reason
             break
         prev = d.throttle_pct
+
+
+def test_a_floor_within_the_budget_but_not_its_headroom_says_so() -> None:
+    pol = SwitchoverPolicy(downtime_s=0.05, max_rounds=30, on_nonconvergence="abort")
+    for r in range(2):
+        d = pol.decide(rounds_done=r, elapsed_s=0, expected_s=0.2, floor_s=0.047, scan_s=0.04)
+    assert d.action is Action.ABORT
+    assert "~47.0 ms, over 42.5 ms (the 50 ms budget less its 15 % headroom)" in d.reason
