@@ -177,11 +177,12 @@ def test_switchover_within_budget() -> None:
 
 
 def test_switchover_exactly_at_the_budget_less_its_headroom() -> None:
-    """The estimate errs by 10-15 % either way: the pause is planned with that much to spare."""
-    assert SwitchoverPolicy(downtime_s=0.3).headroom == 0.85
-    assert SwitchoverPolicy(downtime_s=0.3).decide(rounds_done=3, elapsed_s=0, expected_s=0.255).action \
+    """The estimate errs (a pause can send no faster than the live rounds): the pause is
+    planned with a quarter of the budget to spare."""
+    assert SwitchoverPolicy(downtime_s=0.3).headroom == 0.75
+    assert SwitchoverPolicy(downtime_s=0.3).decide(rounds_done=3, elapsed_s=0, expected_s=0.22).action \
         is Action.SWITCHOVER
-    assert SwitchoverPolicy(downtime_s=0.3).decide(rounds_done=3, elapsed_s=0, expected_s=0.27).action \
+    assert SwitchoverPolicy(downtime_s=0.3).decide(rounds_done=3, elapsed_s=0, expected_s=0.24).action \
         is Action.CONTINUE
     assert SwitchoverPolicy(downtime_s=0.3, headroom=1.0).decide(rounds_done=3, elapsed_s=0,
                                                                  expected_s=0.3).action is Action.SWITCHOVER
@@ -335,7 +336,7 @@ def test_never_throttled_while_the_dirty_set_shrinks_by_half(dirtied: int) -> No
 
 def test_never_throttled_within_budget() -> None:
     pol = SwitchoverPolicy(downtime_s=0.05)
-    d = _round(pol, 0.04, dirtied=10_000, sent=1)
+    d = _round(pol, 0.035, dirtied=10_000, sent=1)
     assert d.action is Action.SWITCHOVER and d.throttle_pct == 0
 
 
@@ -412,7 +413,7 @@ def test_floor_over_budget_twice_aborts_at_once(tracked: bool) -> None:
     assert d.action is Action.ABORT
     assert "cannot converge" in d.reason and "downtime floor" in d.reason
     assert "~81.2 ms, over the 50 ms budget in 2 rounds in a row" in d.reason
-    assert "raise --downtime-ms to at least 102" in d.reason and "aborting" in d.reason
+    assert "raise --downtime-ms to at least 136" in d.reason and "aborting" in d.reason
     if tracked:
         assert "uffd-wp" not in d.reason and "final scan alone" not in d.reason
     else:
@@ -421,7 +422,7 @@ def test_floor_over_budget_twice_aborts_at_once(tracked: bool) -> None:
 
 def test_floor_strikes_must_be_consecutive() -> None:
     pol = SwitchoverPolicy(downtime_s=0.05, max_rounds=30)
-    for r, floor in enumerate((0.08, 0.04, 0.08, 0.04, 0.08)):
+    for r, floor in enumerate((0.08, 0.03, 0.08, 0.03, 0.08)):
         assert pol.decide(rounds_done=r, elapsed_s=0, expected_s=0.5, floor_s=floor).action \
             is Action.CONTINUE
 
@@ -549,4 +550,4 @@ def test_a_floor_within_the_budget_but_not_its_headroom_says_so() -> None:
     for r in range(2):
         d = pol.decide(rounds_done=r, elapsed_s=0, expected_s=0.2, floor_s=0.047, scan_s=0.04)
     assert d.action is Action.ABORT
-    assert "~47.0 ms, over 42.5 ms (the 50 ms budget less its 15 % headroom)" in d.reason
+    assert "~47.0 ms, over 37.5 ms (the 50 ms budget less its 25 % headroom)" in d.reason
