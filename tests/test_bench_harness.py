@@ -73,3 +73,14 @@ def test_first_touch_yardstick_runs_and_cleans_up(capsys: pytest.CaptureFixture[
     before = set(Path("/dev/shm").glob("precopy-first-touch.*"))
     assert first_touch.touch(Path("/dev/shm") / f"precopy-first-touch.test-{os.getpid()}", 4 << 20) > 0
     assert set(Path("/dev/shm").glob("precopy-first-touch.*")) == before
+
+
+def test_scan_floor_measures_each_way_of_reading_a_region(tmp_path: Path):
+    from benchmarks import scan_floor
+
+    path = tmp_path / "region"
+    path.write_bytes(os.urandom(4 << 20))
+    res = scan_floor.measure(path, runs=1)
+    assert set(res) == {"xxh3, 64 MiB buffers", "xxh3, 128 KiB chunks, two threads",
+                        "xxh3 per 4 KiB page (page_digests)"}
+    assert all(s > 0 for s in res.values())
