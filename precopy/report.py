@@ -30,6 +30,10 @@ class RoundReport:
     expected_downtime_ms: float | None = None
     #: The workload's throttle during the round (percent of its time stopped).
     throttle_pct: int = 0
+    #: Of ``send_seconds``: the sending thread runnable but waiting for a CPU,
+    #: and waiting for room in the socket (the receiver or the link slower).
+    send_cpu_wait_seconds: float = 0.0
+    send_blocked_seconds: float = 0.0
 
 
 @dataclass

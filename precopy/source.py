@@ -710,7 +710,8 @@ class SourceSession:
         # receiver slower) is not ours to speed up (a throttled sweep, whose
         # pause went at 1.1-1.2x the live rate, was taken at up to 2x).
         rearm_s = 0.0
-        blocked = self.chan.send_blocked_s
+        blocked = blocked_start = self.chan.send_blocked_s
+        waited_start = waited
         done = 0
         for idx, run in _plan(indices, batch, fill=fill, ordered=rearm is not None):
             tried = self.compressor.want()
@@ -756,8 +757,11 @@ class SourceSession:
                 self._emit(phase, rnd.round, done, len(indices), rnd.pages_dirty, t_start)
         end = time.monotonic()
         rnd.send_seconds += end - t_start
+        w = _cpu_wait_s()
         self.link.add(self.report.bytes_on_wire - unsent() - sampled, end - last_sample,
-                      _cpu_wait_s() - waited + max(0.0, rearm_s - (self.chan.send_blocked_s - blocked)))
+                      w - waited + max(0.0, rearm_s - (self.chan.send_blocked_s - blocked)))
+        rnd.send_cpu_wait_seconds += w - waited_start
+        rnd.send_blocked_seconds += self.chan.send_blocked_s - blocked_start
 
     @property
     def _by_page(self) -> bool:

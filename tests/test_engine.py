@@ -289,6 +289,10 @@ async def _happy(shm: Path, compress: str, expect_uvloop: bool) -> None:
         assert (shm / "dest" / "vm.mem.device-state").read_bytes() == blob
         assert rep.verify_repairs == 0
         assert rep.rounds[0].kind == "full" and rep.rounds[-1].kind == "final"
+        # Where each round's sending time went: parts of it, never more.
+        for r in rep.rounds:
+            assert 0 <= r.send_cpu_wait_seconds <= r.send_seconds + 0.01
+            assert 0 <= r.send_blocked_seconds <= r.send_seconds + 1e-6
         assert rep.zero_pages > 0
         assert rep.device_state_bytes == len(blob)
         assert rep.downtime_ms is not None and rep.downtime_ms > 0
