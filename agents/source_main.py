@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "its device state is saved with x-ignore-shared at the switchover (default: none)")
     p.add_argument("--name", help="region name on the destination (default: basename of --memory)")
     p.add_argument("--downtime-ms", type=float, default=300.0,
-                   help="downtime budget: switch over when the expected pause fits (default 300)")
+                   help="downtime budget: switch over when the expected pause fits in 75%% of it, the "
+                        "rest a margin for the estimate's error (default 300)")
     p.add_argument("--max-rounds", type=int, default=30,
                    help="iterative rounds before giving up on convergence (default 30)")
     p.add_argument("--max-time", type=float, default=600.0, metavar="SECONDS",
