@@ -108,7 +108,8 @@ class Channel:
         #: it; the source does not wait (it has a workload to resume).
         self.linger_s = 0.0
         #: Seconds sends spent waiting for room in the socket (the peer or
-        #: the link slower than us), and writing what then fit.
+        #: the link slower than us), and writing what then fit.  Plain TCP
+        #: only: through TLS it stays 0 (its writes encrypt as they wait).
         self.send_blocked_s = 0.0
 
     def unsent_bytes(self) -> int:

@@ -712,6 +712,11 @@ class SourceSession:
         rearm_s = 0.0
         blocked = blocked_start = self.chan.send_blocked_s
         waited_start = waited
+
+        def given_back(w: float, b: float) -> float:
+            """Seconds of the sample since the last one that a pause would not spend."""
+            return w - waited + max(0.0, rearm_s - (b - blocked))
+
         done = 0
         for idx, run in _plan(indices, batch, fill=fill, ordered=rearm is not None):
             tried = self.compressor.want()
@@ -750,7 +755,7 @@ class SourceSession:
             if now - last_sample > 0.05:
                 delivered = self.report.bytes_on_wire - unsent()
                 w, b = _cpu_wait_s(), self.chan.send_blocked_s
-                self.link.add(delivered - sampled, now - last_sample, w - waited + max(0.0, rearm_s - (b - blocked)))
+                self.link.add(delivered - sampled, now - last_sample, given_back(w, b))
                 sampled, last_sample, waited, rearm_s, blocked = delivered, now, w, 0.0, b
             if self.progress is not None and now - last_progress > 0.2:
                 last_progress = now
@@ -759,7 +764,7 @@ class SourceSession:
         rnd.send_seconds += end - t_start
         w = _cpu_wait_s()
         self.link.add(self.report.bytes_on_wire - unsent() - sampled, end - last_sample,
-                      w - waited + max(0.0, rearm_s - (self.chan.send_blocked_s - blocked)))
+                      given_back(w, self.chan.send_blocked_s))
         rnd.send_cpu_wait_seconds += w - waited_start
         rnd.send_blocked_seconds += self.chan.send_blocked_s - blocked_start
 
