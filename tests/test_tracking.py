@@ -556,8 +556,10 @@ def test_non_root_guest_offers_tracking_in_user_mode(procs: Procs, shm: Path) ->
     mem, ctl = shm / "g.mem", shm / "g.sock"
     create_region(mem, "8M")
     os.chmod(mem, 0o666)
-    g = procs.start("-m", "tests.uffd_guest", "--memory", str(mem), "--control", str(ctl), "--user", "65534")
+    g = procs.start("-m", "tests.uffd_guest", "--memory", str(mem), "--control", str(ctl), "--user", "65534",
+                    stderr=subprocess.PIPE)
     wait_for(lambda: ctl.exists() or g.poll() is not None, what="the non-root guest's control socket")
+    assert g.poll() is None, f"the uid-65534 guest died: {g.stderr.read().decode(errors='replace')}"  # type: ignore[union-attr]
     rep = _migrate_guest(shm, ctl, mem, tracking="auto")
     assert rep.outcome == "committed" and rep.tracking == "uffd-wp", rep.tracking_reason
     assert (shm / "dest" / "g.mem").read_bytes() == mem.read_bytes()

@@ -64,9 +64,11 @@ def deny_userfaultfd() -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    # Everything that imports does so before a --user drop: the checkout (and
+    # its venv) may sit in a folder that user cannot enter, such as a mode-0700
+    # mktemp -d or /root, and then any later import fails.
+    rng = np.random.default_rng(args.seed)  # numpy.random loads on first use
     if args.user is not None:
-        # An unprivileged guest (after the imports: the interpreter may live
-        # where that user cannot read).
         import secrets  # noqa: F401  (imported lazily by what follows)
 
         os.setgroups([])
@@ -76,7 +78,6 @@ def run(args: argparse.Namespace) -> None:
         deny_userfaultfd()
     gate = WorkGate()
     install_stop_signals(gate)
-    rng = np.random.default_rng(args.seed)
     with MappedRegion(args.memory) as region:
         mem = region.bytes_array()
         pages = mem.reshape(-1, PAGE)
