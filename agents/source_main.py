@@ -73,9 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--throttle", choices=["auto", "off"], default="auto",
                    help="auto-converge: when the dirty set will not shrink (two rounds in a row dirtying "
                         "more than half of what they sent, the downtime over budget), keep the workload "
-                        "stopped part of the time (SIGSTOP/SIGCONT duty cycle with --pid, the guest's "
-                        "throttle op with --guest-control; a QEMU VM is not throttled); off: never "
-                        "(default auto)")
+                        "stopped part of the time (SIGSTOP/SIGCONT duty cycle with --pid; with --guest-control "
+                        "the guest's throttle op, or for a guest without it the same duty cycle on the "
+                        "process serving the socket; a QEMU VM is not throttled); off: never (default auto)")
     p.add_argument("--throttle-initial", type=int, default=20, metavar="PCT",
                    help="first throttle, percent of the workload's time stopped (default 20)")
     p.add_argument("--throttle-step", type=int, default=10, metavar="PCT",
@@ -155,7 +155,9 @@ def summary(rep: MigrationReport) -> str:
         # (A round cut short by a failure is not in the report: maybe none is.)
         throttled = [r.round for r in rep.rounds if r.throttle_pct]
         where = f", in {len(throttled)} rounds ({throttled[0]}-{throttled[-1]})" if throttled else ""
-        lines.append(f"  throttle    up to {rep.max_throttle_pct} % of the workload's time stopped{where}")
+        how = {"sigstop": ", SIGSTOP/SIGCONT duty cycle", "guest-op": ", the guest's throttle op"}.get(
+            str(rep.throttle_method), "")
+        lines.append(f"  throttle    up to {rep.max_throttle_pct} % of the workload's time stopped{where}{how}")
     lines.append(f"  verify      {rep.verify_repairs} pages repaired; device state {rep.device_state_bytes} bytes")
     if rep.phases_ms:
         lines.append("  downtime split (ms) " + ", ".join(f"{k} {v:.1f}" for k, v in rep.phases_ms.items()))

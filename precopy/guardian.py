@@ -15,8 +15,9 @@ pipe ends (the agent died) in that state:
              back, see below); the guardian exits.
 ``armed``    (written *before* the workload is paused) -- the commit was
              never sent, so the destination can never commit: the guardian
-             resumes the workload (SIGCONT / ``{"op": "resume"}`` / QMP
-             ``cont``).  A resume of a workload that was not paused yet is
+             resumes the workload (SIGCONT / ``{"op": "resume"}``, after a
+             SIGCONT to the guest's process in case the agent's SIGSTOP duty
+             cycle left it stopped / QMP ``cont``).  A resume of a workload that was not paused yet is
              harmless.
 ``commit``   (written *before* COMMIT is sent) -- the destination may own
              the workload now.  The guardian never resumes blindly: it asks
@@ -52,6 +53,7 @@ import logging
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -338,6 +340,8 @@ def _resume(workload: dict[str, Any], op: str = "resume") -> None:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(timeout)
             s.connect(str(workload["path"]))
+            if workload.get("sigcont"):
+                _cont_peer(s)
             s.sendall(json.dumps({"op": op}).encode() + b"\n")
             reply = b""
             while not reply.endswith(b"\n"):
@@ -353,6 +357,25 @@ def _resume(workload: dict[str, Any], op: str = "resume") -> None:
             raise ResumeError(f"guest answered {op!r} with {reply[:200]!r}")
         return
     raise ResumeError(f"unknown workload kind {kind!r}")
+
+
+def _cont_peer(s: socket.socket) -> None:
+    """SIGCONT the process serving the connected control socket ``s`` (SO_PEERCRED).
+
+    A guest without the throttle op is throttled by the agent's SIGSTOP duty
+    cycle; the agent may have died with the guest stopped, which could then
+    answer nothing.  Continuing a running process changes nothing.
+    """
+    pid = struct.unpack("3i", s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
+    if pid <= 1 or pid == os.getpid():
+        return  # not visible from here (another pid namespace), or nothing to continue
+    try:
+        os.kill(pid, signal.SIGCONT)
+    except ProcessLookupError:
+        pass  # the guest is gone: the resume request says so
+    except PermissionError:
+        _log.warning("not allowed to SIGCONT the guest's process %d: if the agent left it stopped, "
+                     "continue it by hand (kill -CONT %d)", pid, pid)
 
 
 class _Unused:

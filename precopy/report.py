@@ -55,6 +55,11 @@ class MigrationReport:
     forced: bool = False
     #: The highest throttle put on the workload (auto-converge), percent.
     max_throttle_pct: int = 0
+    #: How the workload was throttled: "sigstop" (a SIGSTOP/SIGCONT duty
+    #: cycle: --pid, or a guest-control guest without the throttle op),
+    #: "guest-op" (the guest's throttle op), "adapter" (another adapter's
+    #: own way); None: never throttled.
+    throttle_method: str | None = None
     rounds: list[RoundReport] = field(default_factory=list)
     bytes_on_wire: int = 0
     pages_sent: int = 0

@@ -1483,11 +1483,11 @@ class SourceSession:
         if hold is None or self._throttle_pct < 99:
             return False
         try:
-            await hold()
+            # A workload that cannot hold (a guest throttling itself) says False.
+            return await hold() is not False
         except GuestControlError as exc:
             _log.warning("could not hold the throttled workload for the scan: %s", exc)
             return False
-        return True
 
     async def _throttle(self, pct: int, *, release: bool = False) -> None:
         """Throttle the workload to ``pct`` % of its time stopped (0: not at all).
@@ -1521,6 +1521,8 @@ class SourceSession:
             return
         self._throttle_pct = pct
         self.report.max_throttle_pct = max(self.report.max_throttle_pct, pct)
+        if pct and self.report.throttle_method is None:
+            self.report.throttle_method = str(getattr(self.workload, "throttle_method", None) or "adapter")
         if not pct and self._guardian is not None and not self.paused:
             self._guardian.declare(IDLE)
 

@@ -14,7 +14,10 @@ optional ``async def throttle(fraction)`` keeps the workload stopped that
 fraction of the time (0 ends the throttle; a workload without the method is
 simply not throttled).  :class:`SignalWorkload` runs a SIGSTOP/SIGCONT duty
 cycle in a thread; :class:`GuestControl` asks the guest
-(``{"op": "throttle", "pct": N}``, optional for a guest).
+(``{"op": "throttle", "pct": N}``, optional for a guest), and for a guest
+that does not offer it runs the same duty cycle on the process serving the
+control socket (its ``SO_PEERCRED`` pid).  ``throttle_method`` says which:
+``"sigstop"`` or ``"guest-op"`` (None before the first throttle).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import threading
 import time
 import weakref
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 from .errors import GuestControlError
 from .tracking import TrackingOffer
@@ -252,6 +255,8 @@ def _stop_all_throttles() -> None:
 class SignalWorkload:
     """A process paused with SIGSTOP and resumed with SIGCONT; throttled by a duty cycle of both."""
 
+    throttle_method = "sigstop"
+
     def __init__(self, pid: int, *, stop_timeout_s: float = 2.0) -> None:
         if pid <= 1:
             raise GuestControlError(f"refusing to control pid {pid}")
@@ -395,26 +400,42 @@ class GuestControl:
         self.max_device_state = max_device_state
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
+        #: The process serving the control socket (SO_PEERCRED of the last
+        #: connection; 0 when it is in a pid namespace we cannot see).
+        self.peer_pid: int | None = None
+        #: How the guest is throttled: "guest-op" (it throttles itself),
+        #: "sigstop" (it does not offer the op: a duty cycle on ``peer_pid``),
+        #: None until a throttle was put on it.
+        self.throttle_method: str | None = None
+        self._signals: SignalWorkload | None = None  # the duty cycle's, once "sigstop"
 
     def describe(self) -> str:
         return f"guest-control socket {self.path}"
 
     async def connect(self) -> None:
         try:
-            self._reader, self._writer = await asyncio.wait_for(
+            reader, writer = await asyncio.wait_for(
                 asyncio.open_unix_connection(str(self.path), limit=MAX_REPLY_LINE), self.timeout_s
             )
         except (OSError, asyncio.TimeoutError) as exc:
             raise GuestControlError(
                 f"cannot connect to guest-control socket {self.path}: {exc or 'timed out'}"
             ) from exc
+        self._reader, self._writer = reader, writer
+        sock = writer.get_extra_info("socket")
+        try:
+            self.peer_pid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
+        except (OSError, AttributeError) as exc:  # not a Unix socket after all, or a transport without one
+            _log.debug("the guest's pid is unknown (SO_PEERCRED: %s)", exc)
 
-    async def _request(self, op: str, **fields: object) -> dict[str, object]:
+    async def _request(self, op: str, *, after_send: Callable[[], None] | None = None,
+                       **fields: object) -> dict[str, object]:
         """Send one request (``{"op": op, **fields}``) and read its JSON reply line.
 
-        Any failure closes the connection, so a late or partial answer can
-        never be read as the reply to the next request; the next request
-        connects afresh.
+        ``after_send`` is called once the request is written (before the
+        reply is awaited).  Any failure closes the connection, so a late or
+        partial answer can never be read as the reply to the next request;
+        the next request connects afresh.
         """
         if self._writer is None:
             await self.connect()
@@ -422,6 +443,8 @@ class GuestControl:
         try:
             self._writer.write(json.dumps({"op": op, **fields}).encode() + b"\n")
             await asyncio.wait_for(self._writer.drain(), self.timeout_s)
+            if after_send is not None:
+                after_send()
             line = await asyncio.wait_for(self._reader.readline(), self.timeout_s)
         except asyncio.TimeoutError:
             await self._drop()
@@ -461,9 +484,32 @@ class GuestControl:
         connection, before :class:`GuestControlError` is raised: a failed
         pause must not leave the workload stopped.  An explicit refusal
         (``"ok": false``) is not followed by a resume.
+
+        A guest under the SIGSTOP duty cycle is stopped straight from it and
+        continued (SIGCONT) only once the ``pause`` request is written, so
+        its work loop barely runs between the throttle and the pause: a
+        stopped guest could not answer.
         """
+        signals = self._signals
+        if signals is None or not signals.throttled:
+            return await self._pause_or_resume()
+        await signals.pause()  # ends the duty cycle holding the process stopped
+        continued = False
+
+        def cont() -> None:
+            nonlocal continued
+            continued = True
+            _cont(signals.pid)
+
         try:
-            return await self._pause()
+            return await self._pause_or_resume(after_send=cont)
+        finally:
+            if not continued:
+                cont()  # the request never went out: the guest must not stay stopped
+
+    async def _pause_or_resume(self, after_send: Callable[[], None] | None = None) -> bytes:
+        try:
+            return await self._pause(after_send)
         except GuestControlError as exc:
             if exc.args and str(exc.args[0]).startswith("guest refused"):
                 raise
@@ -477,8 +523,8 @@ class GuestControl:
             return f"asking it to resume failed too ({rexc}): check the guest"
         return "the guest was asked to resume and confirmed"
 
-    async def _pause(self) -> bytes:
-        reply = await self._request("pause")
+    async def _pause(self, after_send: Callable[[], None] | None = None) -> bytes:
+        reply = await self._request("pause", after_send=after_send)
         n = reply.get("device_state_len", 0)
         if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= self.max_device_state:
             raise GuestControlError(
@@ -499,23 +545,93 @@ class GuestControl:
             raise GuestControlError(f"reading the guest's device state failed: {exc}") from exc
 
     async def resume(self) -> None:
+        await self._end_duty_cycle()
         await self._request("resume")
 
     async def throttle(self, fraction: float) -> None:
-        """Ask the guest to stop its work ``fraction`` of the time: ``{"op": "throttle", "pct": N}``.
+        """Keep the guest stopped ``fraction`` of the time (0: end the throttle).
 
-        Optional for a guest: one that does not offer it answers not-ok, and
-        :class:`GuestControlError` ("guest refused ...") says so.  A guest
-        ends its throttle on ``resume`` and when this connection closes.
+        The guest is asked first (``{"op": "throttle", "pct": N}``); a guest
+        ends that throttle on ``resume`` and when this connection closes.
+        The op is optional: a guest that refuses the first throttle is
+        throttled from then on with the SIGSTOP/SIGCONT duty cycle of
+        :class:`SignalWorkload` on the process serving the control socket
+        (``throttle_method`` says which).  Raises :class:`GuestControlError`
+        when neither works (its message starts "guest refused" when nothing
+        was changed on the guest), ValueError for a fraction outside 0..0.99.
         """
         _check_fraction(fraction)
-        await self._request("throttle", pct=round(fraction * 100))
+        if self._signals is not None:
+            await self._signals.throttle(fraction)
+            return
+        try:
+            await self._request("throttle", pct=round(fraction * 100))
+        except GuestControlError as exc:
+            if self.throttle_method is not None or not fraction or not str(exc).startswith("guest refused"):
+                raise
+            signals = self._peer_process(exc)
+            await signals.throttle(fraction)  # nothing started if this raises
+            self._signals, self.throttle_method = signals, "sigstop"
+            _log.info("the guest does not offer the throttle op (%s): throttling its process %d "
+                      "with SIGSTOP/SIGCONT instead", exc, signals.pid)
+            return
+        if fraction:
+            self.throttle_method = "guest-op"
+
+    def _peer_process(self, refused: GuestControlError) -> SignalWorkload:
+        """The process serving the control socket, to be throttled by signals; raises
+        :class:`GuestControlError` (starting with ``refused``'s message) if it cannot be."""
+        pid = self.peer_pid
+        why = None
+        if pid is None:
+            why = "its pid is unknown (no SO_PEERCRED)"
+        elif pid == 0:
+            why = "its process is in a pid namespace this agent cannot see"
+        elif pid == os.getpid():
+            why = "the control socket is served by this agent's own process"
+        if why is None:
+            assert pid is not None
+            try:
+                return SignalWorkload(pid)
+            except GuestControlError as exc:
+                why = str(exc)
+        raise GuestControlError(f"{refused}; and it cannot be throttled with SIGSTOP instead: {why}")
+
+    @property
+    def throttled(self) -> bool:
+        """Whether the SIGSTOP duty cycle runs (a guest throttling itself is not counted)."""
+        return self._signals is not None and self._signals.throttled
+
+    def ran_since(self, t: float) -> bool | None:
+        """Under the SIGSTOP duty cycle: whether the guest may have run at or after monotonic
+        time ``t``.  None when that cannot be told (a guest throttling itself)."""
+        if self._signals is None:
+            return None
+        return self._signals.ran_since(t)
+
+    async def hold(self) -> bool:
+        """Under the SIGSTOP duty cycle: stop the guest now until the next throttle, pause,
+        resume or stop (see :meth:`SignalWorkload.hold`); returns True.  False, doing
+        nothing, for a guest throttling itself (no way to hold it)."""
+        if self._signals is None or not self._signals.throttled:
+            return False
+        await self._signals.hold()
+        return True
+
+    async def _end_duty_cycle(self) -> None:
+        if self._signals is not None:
+            await self._signals.throttle(0.0)  # ends with SIGCONT; raises nothing then
 
     def guardian_spec(self) -> dict[str, object]:
-        """How a guardian process resumes this guest (see precopy.guardian)."""
-        return {"kind": "control", "path": str(self.path), "timeout": self.timeout_s}
+        """How a guardian process resumes this guest (see precopy.guardian).
+
+        ``sigcont``: the guardian continues the process serving the socket
+        first -- the duty cycle may have died with the agent in a stop.
+        """
+        return {"kind": "control", "path": str(self.path), "timeout": self.timeout_s, "sigcont": True}
 
     async def stop(self) -> None:
+        await self._end_duty_cycle()
         await self._request("stop")
 
     async def _drop(self) -> None:
@@ -590,6 +706,7 @@ class GuestControl:
             sock.close()
 
     async def close(self) -> None:
+        await self._end_duty_cycle()
         if self._writer is not None:
             self._writer.close()
             try:

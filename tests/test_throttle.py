@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import signal
 import subprocess
 import sys
 import time
@@ -26,6 +27,8 @@ from precopy.errors import GuestControlError, MigrationAborted, PrecopyError
 from precopy.guardian import ARMED, IDLE
 from precopy.policy import Action, Decision, SwitchoverPolicy
 from precopy.workload import GuestControl, SignalWorkload, process_state
+
+from agents.source_main import summary
 
 from .conftest import ENV, PY, ROOT, wait_for
 from .test_engine import FakeWorkload, make_region, options, serve
@@ -207,6 +210,91 @@ async def test_guest_control_throttle_request_and_refusal(tmp_path: Path) -> Non
     assert seen == [{"op": "throttle", "pct": 30}, {"op": "throttle", "pct": 0}, {"op": "throttle", "pct": 99}]
 
 
+async def test_a_refused_throttle_of_a_guest_this_process_serves_is_not_turned_into_sigstop(tmp_path: Path) -> None:
+    """The fallback signals the process serving the control socket: never the agent itself."""
+    async def guest(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while await reader.readline():
+            writer.write(b'{"ok": false, "error": "unknown op"}\n')
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_unix_server(guest, path=str(tmp_path / "g.sock"))
+    async with server:
+        gc = GuestControl(tmp_path / "g.sock", timeout_s=2)
+        with pytest.raises(GuestControlError, match="guest refused 'throttle'.*cannot be throttled with "
+                                                    "SIGSTOP instead.*this agent's own process"):
+            await gc.throttle(0.5)
+        assert gc.throttle_method is None and not gc.throttled
+        await gc.close()
+
+
+# --------------------------------------------------------------------------
+# GuestControl: a guest without the throttle op gets the SIGSTOP duty cycle
+
+
+@pytest.fixture
+def plain_guest(shm: Path) -> Iterator[tuple[subprocess.Popen[bytes], Path, Path]]:
+    """An idle guest-control guest that does not offer the throttle op (it sleeps: 'S' unless stopped)."""
+    region = shm / "g.mem"
+    make_region(region, 64)
+    sock = shm / "g.sock"
+    p = subprocess.Popen([PY, "-m", "precopy.guest", "dirty", "--memory", str(region), "--rate", "0",
+                          "--control", str(sock), "--no-throttle", "--no-tracking", "--device-state-size", "100"],
+                         env=ENV, cwd=ROOT)
+    try:
+        wait_for(lambda: sock.exists() or p.poll() is not None, what="the guest's control socket")
+        assert p.poll() is None
+        yield p, sock, region
+    finally:
+        p.send_signal(signal.SIGCONT)  # whatever a failed test left
+        p.kill()
+        p.wait()
+
+
+async def test_a_guest_without_the_throttle_op_is_throttled_with_sigstop(
+        plain_guest: tuple[subprocess.Popen[bytes], Path, Path]) -> None:
+    g, sock, _ = plain_guest
+    gc = GuestControl(sock, timeout_s=5)
+    await gc.throttle(0.5)
+    assert gc.throttle_method == "sigstop" and gc.peer_pid == g.pid and gc.throttled
+    assert 0.1 < stopped_share(g.pid, 1.0) < 0.9
+    await gc.throttle(0.0)
+    assert not gc.throttled and never_stopped(g.pid)
+    await gc.throttle(0.2)  # the method is decided: no second request to the guest
+    assert gc.throttle_method == "sigstop"
+    await gc.throttle(0.95)
+    wait_for(lambda: stopped(g.pid), what="a stop of the duty cycle")
+    # The pause is written while the guest is stopped, then it is continued to answer.
+    assert len(await gc.pause()) == 100
+    assert not gc.throttled and never_stopped(g.pid, 0.2)  # paused at its gate, not stopped
+    await gc.resume()
+    await gc.throttle(0.95)
+    assert await gc.hold() is True
+    assert stopped_share(g.pid, 0.2) == 1.0
+    await gc.resume()  # ends the duty cycle, then the guest's resume
+    assert never_stopped(g.pid)
+    await gc.throttle(0.95)
+    await gc.close()  # a closing agent never leaves it stopped
+    assert never_stopped(g.pid)
+    assert gc.ran_since(time.monotonic()) is True
+
+
+async def test_a_guest_throttling_itself_cannot_be_held(tmp_path: Path) -> None:
+    async def guest(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while await reader.readline():
+            writer.write(b'{"ok": true}\n')
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_unix_server(guest, path=str(tmp_path / "g.sock"))
+    async with server:
+        gc = GuestControl(tmp_path / "g.sock", timeout_s=2)
+        await gc.throttle(0.99)
+        assert gc.throttle_method == "guest-op"
+        assert await gc.hold() is False and gc.ran_since(0.0) is None
+        await gc.close()
+
+
 # --------------------------------------------------------------------------
 # The session: applying and ending a throttle (decisions scripted)
 
@@ -369,6 +457,29 @@ async def test_a_refused_throttle_is_said_once_and_the_migration_goes_on(
         assert [c for c in wl.calls if c.startswith("throttle")] == (
             ["throttle 0.2"] if isinstance(wl, ThrottledWorkload) else [])
         script(monkeypatch, (Action.CONTINUE, 20), (Action.CONTINUE, 30), (Action.SWITCHOVER, 30))
+
+
+@pytest.mark.parametrize("throttle", ["auto", "off"])
+async def test_a_guest_without_the_throttle_op_is_throttled_by_the_session_unless_off(
+        work: Path, dest_dir: Path, monkeypatch: pytest.MonkeyPatch, throttle: str,
+        plain_guest: tuple[subprocess.Popen[bytes], Path, Path]) -> None:
+    g, sock, region = plain_guest
+    script(monkeypatch, (Action.CONTINUE, 20), (Action.CONTINUE, 30), (Action.SWITCHOVER, 30))
+    gc = GuestControl(sock, timeout_s=5)
+    try:
+        async with serve(dest_dir) as server:
+            rep = await precopy.source.migrate(options(server, region, throttle=throttle, tracking="digest"), gc)
+    finally:
+        await gc.close()
+    assert rep.outcome == "committed"
+    if throttle == "auto":
+        assert rep.throttle_method == "sigstop" and rep.max_throttle_pct == 30
+        assert [r.throttle_pct for r in rep.rounds] == [0, 20, 30, 0]
+        assert "SIGSTOP/SIGCONT duty cycle" in summary(rep)
+    else:  # --throttle off still means never
+        assert rep.throttle_method is None and rep.max_throttle_pct == 0 and gc.throttle_method is None
+    assert rep.to_dict()["throttle_method"] == rep.throttle_method
+    assert not stopped(g.pid)  # paused at its gate by the guest's own pause, not by SIGSTOP
 
 
 async def test_a_cancel_while_throttled_leaves_the_process_running(

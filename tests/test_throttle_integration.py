@@ -33,10 +33,12 @@ def sweep_guest(procs: Procs, shm: Path, mode: str, size: str = "32M") -> tuple[
     create_region(src, size)
     args = ["dirty", "--memory", str(src), "--pattern", "sweep"]
     ctl = shm / "g.sock"
-    if mode == "control":
+    if mode.startswith("control"):
         args += ["--control", str(ctl)]
+    if mode == "control-no-op":  # a guest without the optional throttle op
+        args += ["--no-throttle"]
     g = procs.start(*guest(*args))
-    if mode == "control":
+    if mode.startswith("control"):
         wait_for(ctl.exists, what="guest control socket")
         return src, g, ["--guest-control", str(ctl)]
     return src, g, ["--pid", str(g.pid)]
@@ -71,9 +73,11 @@ def cpu_seconds(pid: int, window: float) -> float:
 
 
 # SIGSTOP with QEMU's defaults (20 %, +10 %, up to 99 %); the guest's own duty
-# cycle with a coarser ramp (fewer rounds).
+# cycle with a coarser ramp (fewer rounds); a guest-control guest without the
+# throttle op gets the SIGSTOP duty cycle on the process serving its socket.
 @pytest.mark.parametrize(("mode", "loop", "initial", "step"),
-                         [("pid", "uvloop", 20, 10), ("control", "asyncio", 50, 25)])
+                         [("pid", "uvloop", 20, 10), ("control", "asyncio", 50, 25),
+                          ("control-no-op", "uvloop", 50, 25)])
 def test_full_speed_sweep_converges_by_throttling(procs: Procs, shm: Path, mode: str, loop: str,
                                                   initial: int, step: int) -> None:
     src, g, who = sweep_guest(procs, shm, mode)
@@ -93,8 +97,11 @@ def test_full_speed_sweep_converges_by_throttling(procs: Procs, shm: Path, mode:
     assert used[0] == initial and all(b - a == step or b == 99 for a, b in zip(used, used[1:])), used
     assert rep["rounds"][0]["throttle_pct"] == 0 and rep["rounds"][-1]["throttle_pct"] == 0
     assert rep["verify_repairs"] == 0
+    assert rep["throttle_method"] == ("guest-op" if mode == "control" else "sigstop")
     if mode == "pid":
         assert stopped(g.pid)  # keep-stopped: memory is the memory at the pause
+    else:
+        assert keeps_running(g.pid, 0.1)  # paused at its gate by the guest's pause, not left stopped
     assert (dest.memory_dir / "vm.mem").read_bytes() == src.read_bytes()
     assert "throttle" in out  # the round log lines and the summary say so
 
@@ -170,7 +177,7 @@ class Throttled:
         wait_for(lambda: self.log.read_text().count("throttle 90 %") >= rounds or self.source.poll() is not None,
                  timeout=120, what="the source to throttle the guest")
         assert self.source.poll() is None, self.log.read_text()
-        if self.mode == "pid":
+        if self.mode != "control":
             wait_for(lambda: stopped(self.guest.pid), what="a stop of the duty cycle")
 
     def close(self) -> None:
@@ -178,20 +185,21 @@ class Throttled:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["pid", "control"])
+@pytest.mark.parametrize("mode", ["pid", "control", "control-no-op"])
 def test_agent_killed_while_throttling_leaves_the_guest_running(procs: Procs, shm: Path, mode: str) -> None:
     """SIGKILL takes the duty cycle with the agent: the guardian (armed while a
-    throttle is on) resumes the guest; a guest-control guest also ends the
-    throttle itself when the agent's connection closes."""
+    throttle is on) resumes the guest -- a guest-control guest stopped by the
+    duty cycle is continued (SIGCONT) before its resume; a guest throttling
+    itself also ends the throttle when the agent's connection closes."""
     m = Throttled(procs, shm, mode)
     try:
         m.wait_throttled()
         slow = cpu_seconds(m.guest.pid, 0.5) if mode == "control" else 0.0
-        if mode == "pid":
+        if mode != "control":
             wait_for(lambda: stopped(m.guest.pid), what="a stop of the duty cycle")
-        os.kill(m.source.pid, signal.SIGKILL)  # pid mode: while the guest is stopped
+        os.kill(m.source.pid, signal.SIGKILL)  # while the guest is stopped by the duty cycle
         m.source.wait(10)
-        if mode == "pid":
+        if mode != "control":
             wait_for(lambda: not stopped(m.guest.pid), what="the guardian's SIGCONT")
             assert keeps_running(m.guest.pid)
         else:

@@ -22,7 +22,8 @@ socket, one JSON request per line) supporting ``pause``, ``resume``,
 ``stop``, ``track`` (kernel write tracking: the guest hands the agent its
 userfaultfd; ``--no-tracking`` turns that off) and ``throttle`` (``{"op":
 "throttle", "pct": N}``: the work loop rests N % of the time, until ``resume``,
-``pct`` 0 or the end of that connection).  A ``pause`` reply is a JSON line ``{"ok": true,
+``pct`` 0 or the end of that connection; ``--no-throttle`` refuses it, as a
+guest without the op would).  A ``pause`` reply is a JSON line ``{"ok": true,
 "device_state_len": N}`` followed by exactly N raw bytes of device state.
 
 The helpers :func:`parse_size`, :func:`create_region` and

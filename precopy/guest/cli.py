@@ -99,6 +99,11 @@ def _add_dirty_parser(subparsers: Any) -> None:
         help="do not offer the agent kernel write tracking (the 'track' op; docs/TRACKING.md)",
     )
     parser.add_argument(
+        "--no-throttle", action="store_true",
+        help="do not offer the optional 'throttle' op (answer it not-ok, as a guest without it "
+             "would: the agent then throttles with SIGSTOP/SIGCONT)",
+    )
+    parser.add_argument(
         "--duration", type=_positive_float, default=None,
         help="seconds to run (default: until stopped)",
     )
@@ -124,6 +129,11 @@ def _add_det_parser(subparsers: Any) -> None:
     parser.add_argument(
         "--no-tracking", action="store_true",
         help="do not offer the agent kernel write tracking (the 'track' op; docs/TRACKING.md)",
+    )
+    parser.add_argument(
+        "--no-throttle", action="store_true",
+        help="do not offer the optional 'throttle' op (answer it not-ok, as a guest without it "
+             "would: the agent then throttles with SIGSTOP/SIGCONT)",
     )
     parser.add_argument("--seed", type=int, default=1, help="RNG seed for a fresh start")
     parser.add_argument(

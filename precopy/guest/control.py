@@ -61,10 +61,11 @@ class GateController:
     """
 
     def __init__(self, gate: WorkGate, device_state: Callable[[bool], bytes],
-                 tracking: _Offer | None = None) -> None:
+                 tracking: _Offer | None = None, throttling: bool = True) -> None:
         self._gate = gate
         self._device_state = device_state
         self._tracking = tracking
+        self._throttling = throttling
 
     def track(self) -> tuple[dict[str, Any], int]:
         """Offer write tracking: reply fields and a userfaultfd (see :mod:`.tracking`)."""
@@ -82,7 +83,10 @@ class GateController:
         self._gate.resume()
 
     def throttle(self, fraction: float) -> None:
-        """Rest ``fraction`` of the time (0: not at all); GuestError if out of range."""
+        """Rest ``fraction`` of the time (0: not at all); GuestError if out of range,
+        or if this guest does not offer the op (``--no-throttle``)."""
+        if not self._throttling:
+            raise GuestError("this guest does not offer the throttle op (started with --no-throttle)")
         self._gate.set_throttle(fraction)
 
     def stop(self) -> None:

@@ -138,7 +138,8 @@ def run_det(args: argparse.Namespace) -> int:
     install_stop_signals(gate)
     with MappedRegion(args.memory) as region:
         offer = None if args.no_tracking else WriteTrackingOffer(region.mm)
-        controller = GateController(gate, lambda _newly: state.to_blob(), offer)
+        controller = GateController(gate, lambda _newly: state.to_blob(), offer,
+                                    throttling=not args.no_throttle)
         with control_server(args.control, controller):
             completed = _run_det_steps(region, state, args.steps, gate, args.step_sleep_us / 1e6)
             gate.finish()

@@ -209,7 +209,8 @@ def run_dirty(args: argparse.Namespace) -> int:
     with MappedRegion(args.memory) as region:
         memory = region.bytes_array()
         offer = None if args.no_tracking else WriteTrackingOffer(region.mm)
-        with control_server(args.control, GateController(gate, device.snapshot, offer)):
+        controller = GateController(gate, device.snapshot, offer, throttling=not args.no_throttle)
+        with control_server(args.control, controller):
             if args.pattern == "sweep":
                 written = _sweep_loop(memory, gate, deadline)
             elif args.rate == 0:
