@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +17,23 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 ENV = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """At the end of the run: which tests were skipped, why, and the command that enables them."""
+    from .skipsummary import skip_summary
+
+    skips = []
+    for rep in terminalreporter.stats.get("skipped", []):
+        longrepr = getattr(rep, "longrepr", None)
+        reason = longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr)
+        skips.append((rep.nodeid, str(reason)))
+    ci_run = ROOT / ".ci" / "run"
+    lines = skip_summary(skips, ci_run.read_text() if ci_run.exists() else "", shutil.which)
+    if lines:
+        terminalreporter.section("skipped tests", sep="-")
+        for line in lines:
+            terminalreporter.write_line(line)
 
 
 def wait_for(pred, timeout: float = 10.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
