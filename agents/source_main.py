@@ -64,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--downtime-ms", type=float, default=300.0,
                    help="downtime budget: switch over when the expected pause fits in 75%% of it, the "
                         "rest a margin for the estimate's error (default 300)")
+    p.add_argument("--max-downtime-ms", type=float, metavar="MS",
+                   help="hard cap on the pause (at least --downtime-ms): once paused, if the pause would pass "
+                        "it before COMMIT is sent (checked before the final scan, each final batch, the device "
+                        "state, verification and COMMIT), roll back: the workload resumes on the source, exit 3, "
+                        "the report's cap_hit says where; after COMMIT is sent the commit stands "
+                        "(default: no cap)")
     p.add_argument("--max-rounds", type=int, default=30,
                    help="iterative rounds before giving up on convergence (default 30)")
     p.add_argument("--max-time", type=float, default=600.0, metavar="SECONDS",
@@ -148,8 +154,13 @@ def summary(rep: MigrationReport) -> str:
     if rep.downtime_ms is not None:
         expected = ("" if rep.expected_downtime_ms is None
                     else f"expected {rep.expected_downtime_ms:.1f} ms, ")
-        lines.append(f"  downtime    {rep.downtime_ms:.1f} ms ({expected}budget {rep.downtime_budget_ms:.0f} ms"
+        cap = "" if rep.max_downtime_ms is None else f", cap {rep.max_downtime_ms:g} ms"
+        lines.append(f"  downtime    {rep.downtime_ms:.1f} ms ({expected}budget {rep.downtime_budget_ms:.0f} ms{cap}"
                      f"{', stop-and-copy' if rep.mode == 'stop-and-copy' else ''})")
+    elif rep.paused_ms is not None:
+        lines.append(f"  paused      {rep.paused_ms:.1f} ms on the source, then resumed there"
+                     + (f" (cap {rep.max_downtime_ms:g} ms hit before {rep.cap_hit.replace('_', ' ')})"
+                        if rep.cap_hit else ""))
     lines.append(f"  tracking    {rep.tracking} ({rep.tracking_reason})")
     if rep.max_throttle_pct:
         # (A round cut short by a failure is not in the report: maybe none is.)
@@ -244,6 +255,7 @@ def make_migration(args: argparse.Namespace) -> tuple[SourceOptions, Workload]:
                    (("ca", args.tls_ca), ("cert", args.tls_cert), ("key", args.tls_key))},
         tracking=args.tracking, throttle=args.throttle, throttle_initial_pct=args.throttle_initial,
         throttle_step_pct=args.throttle_step, throttle_max_pct=args.throttle_max,
+        max_downtime_ms=args.max_downtime_ms,
     )
     if not args.memory.exists():
         raise PrecopyError(f"memory region {args.memory} does not exist")

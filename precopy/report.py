@@ -52,6 +52,16 @@ class MigrationReport:
     downtime_ms: float | None = None
     expected_downtime_ms: float | None = None
     downtime_overshoot_ms: float | None = None
+    #: --max-downtime-ms, the hard cap (None: none).
+    max_downtime_ms: float | None = None
+    #: Where the cap was hit: the step it would have been passed before
+    #: ("final_scan", "final_pages", "device_state", "verify", "commit":
+    #: rolled back, outcome "aborted"), or "after_commit" (passed once COMMIT
+    #: was out: the commit stands).  None: not hit.
+    cap_hit: str | None = None
+    #: How long the workload was paused on the source: until the commit was
+    #: confirmed (as ``downtime_ms``), or until a rollback resumed it.
+    paused_ms: float | None = None
     forced: bool = False
     #: The highest throttle put on the workload (auto-converge), percent.
     max_throttle_pct: int = 0

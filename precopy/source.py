@@ -44,6 +44,7 @@ from . import auth
 from .channel import Channel, LinkError, PeerAborted, connect
 from .tls import make_channel
 from .compress import AdaptiveCompressor
+from .downtime import DowntimeCap, DowntimeCapExceeded
 from .digest import (
     ZERO_PAGE_DIGEST,
     StagingBuffer,
@@ -168,6 +169,10 @@ class SourceOptions:
     throttle_initial_pct: int = 20
     throttle_step_pct: int = 10
     throttle_max_pct: int = 99
+    #: A hard cap on the pause (ms; None: none): once paused, a migration
+    #: that would pass it before the commit is sent rolls back instead
+    #: (precopy.downtime).  At least ``downtime_ms``.
+    max_downtime_ms: float | None = None
 
     def __post_init__(self) -> None:
         self.memory = Path(self.memory)
@@ -190,6 +195,14 @@ class SourceOptions:
         if self.on_commit not in ("keep-stopped", "kill"):
             raise ValueError(f"on_commit must be keep-stopped or kill, not {self.on_commit!r}")
         check_throttle(self.throttle, self.throttle_initial_pct, self.throttle_step_pct, self.throttle_max_pct)
+        if self.max_downtime_ms is not None:
+            if not self.max_downtime_ms > 0:
+                raise ValueError(f"max_downtime_ms must be positive, not {self.max_downtime_ms!r}")
+            if self.max_downtime_ms < self.downtime_ms:
+                raise ValueError(
+                    f"max downtime {self.max_downtime_ms:g} ms is under the downtime budget {self.downtime_ms:g} ms: "
+                    "the switchover aims under the budget and the cap is the line never to cross, so lower "
+                    "--downtime-ms to the cap or below")
         if self.migration_id is None:
             self.migration_id = uuid.uuid4().hex
         if not valid_name(self.migration_id):
@@ -368,7 +381,11 @@ class SourceSession:
             migration_id=str(opts.migration_id), memory=str(opts.memory),
             destination=f"{opts.host}:{opts.port}", workload=workload.describe(),
             downtime_budget_ms=opts.downtime_ms, compression=opts.compress, mode=opts.mode,
+            max_downtime_ms=opts.max_downtime_ms,
         )
+        self._cap = (DowntimeCap(opts.max_downtime_ms / 1e3, time.monotonic)
+                     if opts.max_downtime_ms is not None else None)
+        self._t_pause = 0.0
         self.chan: Channel | None = None
         self.mem: GuestMemory | None = None
         self.paused = False
@@ -499,6 +516,7 @@ class SourceSession:
             try:
                 await self.workload.resume()
                 self.paused = False
+                self.report.paused_ms = (time.monotonic() - self._t_pause) * 1e3
                 if self._guardian is not None:
                     self._guardian.declare(IDLE)
                 _log.warning("rolled back: workload resumed on the source")
@@ -670,7 +688,8 @@ class SourceSession:
     # -- sending pages --------------------------------------------------
 
     async def _send_pages(self, indices: np.ndarray, rnd: RoundReport, phase: str, *,
-                          fill: int = 0, live: bool = False) -> None:
+                          fill: int = 0, live: bool = False,
+                          before_batch: Callable[[int], None] | None = None) -> None:
         """Send ``indices`` in batches; record digests of what was sent.
 
         A run of pages (``_DIRECT_RUN`` or more, see :func:`_plan`; ``fill``
@@ -690,6 +709,9 @@ class SourceSession:
         pages are re-protected just before they are read
         (:meth:`UffdTracker.rearm`), so that only writes after their send
         make them dirty again.
+
+        ``before_batch(pages_left)`` is called before each batch (the
+        downtime cap's check: it may raise).
         """
         assert self.mem is not None and self.chan is not None
         batch = self.opts.batch_pages
@@ -719,6 +741,8 @@ class SourceSession:
 
         done = 0
         for idx, run in _plan(indices, batch, fill=fill, ordered=rearm is not None):
+            if before_batch is not None:
+                before_batch(len(indices) - done)
             tried = self.compressor.want()
             t_batch = time.monotonic()
             if rearm is not None:
@@ -1278,6 +1302,29 @@ class SourceSession:
         ratio = self.compressor.ratio if self.compressor.active else 1.0
         return pages * PAGE_SIZE * ratio / max(self.link.bytes_per_second, 1.0) + self._last_scan_s
 
+    def _overhead_s(self) -> float:
+        """The pause's fixed costs: pausing, round trips, the commit and the resume."""
+        # A workload may declare what pausing and resuming it costs (a VMM's
+        # device-state save and load).
+        return 0.002 + 2 * self._rtt + float(getattr(self.workload, "switchover_cost_s", 0.0))
+
+    def _rest_s(self, pages_left: int, device_state_bytes: int = 0) -> float:
+        """What a pause is expected to take from here until the commit is confirmed, with
+        ``pages_left`` pages and ``device_state_bytes`` still to send: the downtime cap's guess."""
+        split: dict[str, float] = {}
+        self._expected(pages_left, device_state_bytes, final_scan_s=0.0, split=split)
+        return (split["final_pages"] + split["verify"] + split["overhead"]) / 1e3
+
+    def _cap_check(self, step: str, rest_s: float) -> None:
+        """Before a switchover step: roll back (raise) if the pause would pass ``--max-downtime-ms``."""
+        if self._cap is None:
+            return
+        try:
+            self._cap.check(step, rest_s)
+        except DowntimeCapExceeded:
+            self.report.cap_hit = step
+            raise
+
     def _expected(self, remaining_pages: int, device_state_bytes: int = 0,
                   final_scan_s: float | None = None, split: dict[str, float] | None = None) -> float:
         """Expected downtime if the workload were paused now (seconds); ``split`` gets its parts in ms."""
@@ -1301,9 +1348,7 @@ class SourceSession:
             verify_s = (self._rtt + nchunks * 8 / max(self.link.paused_bytes_per_second, 1.0)
                         + stale * self._chunk_hash_s)
         scan_s = self._last_scan_s if final_scan_s is None else final_scan_s
-        # A workload may declare what pausing and resuming it costs (a VMM's
-        # device-state save and load).
-        overhead_s = 0.002 + 2 * self._rtt + float(getattr(self.workload, "switchover_cost_s", 0.0))
+        overhead_s = self._overhead_s()
         pages_s = expected_downtime(
             remaining_pages=remaining_pages,
             bandwidth_bps=self.link.paused_bytes_per_second,
@@ -1436,6 +1481,14 @@ class SourceSession:
             if decision.action is Action.SWITCHOVER:
                 self._pending = todo
                 return expected, dest_table
+            if (decision.action is Action.FORCE and self._cap is not None
+                    and expected > self._cap.cap_s):
+                # Forcing would pause past the cap for sure: roll back without pausing at all.
+                self.report.reason = decision.reason
+                raise PrecopyError(
+                    f"{decision.reason}; but the expected downtime {expected * 1e3:.1f} ms is over "
+                    f"--max-downtime-ms {self._cap.cap_s * 1e3:g}: aborting without pausing",
+                    AbortCode.NOT_CONVERGED)
             if decision.action is Action.FORCE:
                 self.report.forced = True
                 self.report.reason = decision.reason
@@ -1563,7 +1616,9 @@ class SourceSession:
         await self._settled()  # (already, normally: see _iterate)
         if self._guardian is not None:
             self._guardian.declare(ARMED)  # before the pause: a crash from here on resumes it
-        t_pause = time.monotonic()
+        t_pause = self._t_pause = time.monotonic()
+        if self._cap is not None:
+            self._cap.start()
         # The pause ends a throttle itself, stopping the workload straight
         # from it: ending it first would let the workload run (and dirty
         # pages inside the downtime) between its last stop and the pause.
@@ -1577,6 +1632,11 @@ class SourceSession:
 
         rnd = RoundReport(round=len(self.report.rounds), kind="final", pages_scanned=self.mem.npages,
                           pages_dirty=0, pages_sent=0, zero_pages=0, bytes_on_wire=0, seconds=0.0)
+        # The downtime cap: before every step that still stands between the
+        # pause and the commit, what is paused so far and what is expected to
+        # follow must stay within it; else roll back.  The last check is right
+        # before COMMIT: after it, the commit stands whatever the time.
+        self._cap_check("final_scan", expected_s)
         if self.tracker is not None:
             final = await self._track_scan(final=True)
         else:
@@ -1593,10 +1653,13 @@ class SourceSession:
             self.report.verify_repairs += len(odd)
         todo = page_union(self.mem.npages, dirty, odd)
         if todo.size:
-            await self._send_pages(todo, rnd, "switchover")
+            await self._send_pages(todo, rnd, "switchover",
+                                   before_batch=lambda left: self._cap_check("final_pages",
+                                                                             self._rest_s(left, len(blob))))
         t3 = time.monotonic()
         phases["final_pages"] = (t3 - t2) * 1e3
 
+        self._cap_check("device_state", self._rest_s(0, len(blob)))
         self.report.device_state_bytes = len(blob)
         view = memoryview(blob)
         for off in range(0, max(len(blob), 1), MAX_PAYLOAD):
@@ -1610,6 +1673,7 @@ class SourceSession:
         # both tables.  A tracker compares nothing by itself: always verify.)
         if todo.size or self.tracker is not None:
             for attempt in range(3):
+                self._cap_check("verify", self._rest_s(0))
                 bad = await self._verify(frozen)
                 if bad.size and self.chunks is not None:
                     bad = await self._recheck(frozen, bad)
@@ -1620,7 +1684,8 @@ class SourceSession:
                 pages = (bad[:, None] * cp + np.arange(cp)).ravel()
                 pages = pages[pages < self.mem.npages].astype(np.uint32)
                 self.report.verify_repairs += len(pages)
-                await self._send_pages(pages, rnd, "repair")
+                await self._send_pages(pages, rnd, "repair",
+                                       before_batch=lambda left: self._cap_check("verify", self._rest_s(left)))
             else:
                 raise PrecopyError("destination memory still differs after 3 repairs",
                                    AbortCode.VERIFY_FAILED)
@@ -1629,6 +1694,7 @@ class SourceSession:
         rnd.seconds = t5 - t
         self.report.rounds.append(rnd)
 
+        self._cap_check("commit", self._overhead_s())
         if self._guardian is not None:
             self._guardian.declare(COMMIT)  # from here on a crash must ask, never resume blindly
         self.commit_sent = True
@@ -1655,7 +1721,12 @@ class SourceSession:
         self._committed = True
         t6 = time.monotonic()
         phases["commit"] = (t6 - t5) * 1e3
-        self.report.downtime_ms = (t6 - t_pause) * 1e3
+        self.report.downtime_ms = self.report.paused_ms = (t6 - t_pause) * 1e3
+        if self._cap is not None and self._cap.passed():
+            # Too late to roll back: the destination may own the workload (DESIGN invariant 3).
+            self.report.cap_hit = "after_commit"
+            _log.warning("the pause passed --max-downtime-ms %g after COMMIT was sent (%.1f ms): "
+                         "the commit stands", self._cap.cap_s * 1e3, self.report.downtime_ms)
         # stop-and-copy pauses before anything is measured: no estimate decided it
         self.report.expected_downtime_ms = expected_s * 1e3 if self.opts.mode == "precopy" else None
         self.report.downtime_overshoot_ms = max(0.0, self.report.downtime_ms - self.opts.downtime_ms)

@@ -62,6 +62,10 @@ throttle-max = 80
     opts, _ = source_main.make_migration(defaults)
     assert (opts.throttle, opts.throttle_initial_pct, opts.throttle_step_pct, opts.throttle_max_pct) == \
         ("auto", 20, 10, 99)
+    assert opts.max_downtime_ms is None
+    capped = parse_with_config(source_main.build_parser(), ["--config", str(conf), "--downtime-ms", "50",
+                                                             "--max-downtime-ms", "80"])
+    assert source_main.make_migration(capped)[0].max_downtime_ms == 80.0
     bad = parse_with_config(source_main.build_parser(), ["--config", str(conf), "--throttle-initial", "95"])
     with pytest.raises(ValueError, match="initial <= max"):
         source_main.make_migration(bad)

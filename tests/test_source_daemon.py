@@ -166,6 +166,8 @@ def test_bad_requests_are_answered_and_the_daemon_lives_on(setup: tuple[Daemon, 
         ({"op": "start", "options": {"to": dest.addr, "memory": str(region), "pid": pid, "downtime-ms": "x"}},
          "key 'downtime-ms'"),
         ({"op": "start", "options": {"to": dest.addr, "memory": str(region)}}, "one of the arguments --pid --guest-control"),
+        ({"op": "start", "options": {"to": dest.addr, "memory": str(region), "pid": pid, "max-downtime-ms": 100}},
+         "max downtime 100 ms is under the downtime budget 300 ms"),
         ({"op": "start", "options": {"to": dest.addr, "memory": "/dev/shm/no-such-region", "pid": pid}},
          "does not exist"),
         ({"op": "start", "argv": ["--to", dest.addr, "--memory", str(region), "--pid", str(pid), "--bogus"]},
@@ -192,12 +194,14 @@ def test_migration_defaults_from_the_daemon_config(procs: Procs, work: Path) -> 
     g = procs.start(*guest("dirty", "--memory", str(region), "--rate", "200"))
     dest = start_dest(procs, work)
     conf = work / "serve.toml"
-    conf.write_text("log-level = \"debug\"\n[migration]\ndowntime-ms = 123\ncompress = \"off\"\n")
+    conf.write_text("log-level = \"debug\"\n[migration]\ndowntime-ms = 123\ncompress = \"off\"\n"
+                    "max-downtime-ms = 60000\n")
     d = Daemon(procs, work, "--config", str(conf))
     r = d.ctl("start", "--watch", "--", "--to", dest.addr, "--memory", str(region), "--pid", str(g.pid))
     assert r.returncode == 0, r.stderr
     rep = json.loads(r.stdout.splitlines()[-1])["report"]
     assert rep["downtime_budget_ms"] == 123.0 and rep["compression"] == "off"
+    assert rep["max_downtime_ms"] == 60000.0 and rep["cap_hit"] is None
     r = d.ctl("start", "--watch", "--", "--to", dest.addr, "--memory", str(region), "--pid", str(g.pid),
               "--name", "again", "--dry-run")
     assert r.returncode == 0 and json.loads(r.stdout.splitlines()[-1])["job"]["state"] == "preflight-ok"
