@@ -28,6 +28,16 @@ The *downtime floor* is the expected downtime with nothing left to send
 is over the budget (less its headroom) in two rounds in a row, more rounds (or throttling)
 cannot reach the budget: abort at once, or, with ``force``, switch over as
 soon as the dirty set stops shrinking.
+
+A floor measured while the host is *contended* (:class:`Contention`: other
+migrations moving bytes on either side, the sender waiting for a CPU most
+of the round, CPU steal) is not a floor: eight migrations sharing two cores
+measured one at ~350 ms that is ~20 ms alone.  Such rounds count no strike;
+the decision is CONTINUE with a pause (``Decision.wait_s``, backing off)
+before the next round, and only a floor over the budget in rounds without
+contention (or one whose contention-proof part, ``floor_min_s``, is over it
+already) gives up -- or ``max_time_s``.  Contended rounds do not count
+toward ``max_rounds`` either.
 """
 
 from __future__ import annotations
@@ -41,6 +51,7 @@ from .wire import PAGE_SIZE
 __all__ = [
     "MAX_PAUSED_SPEEDUP",
     "Action",
+    "Contention",
     "Decision",
     "LinkEstimator",
     "DirtyRateEstimator",
@@ -69,6 +80,40 @@ class Decision:
     #: its time stopped (0: not at all).  Meaningful with CONTINUE; the
     #: session ends any throttle before it switches over or rolls back.
     throttle_pct: int = 0
+    #: Seconds to wait before the next round (CONTINUE while the host is
+    #: contended: let the contention pass instead of adding to it).
+    wait_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Contention:
+    """What competed with the migration over the last round (measured by the session).
+
+    ``source_peers``: other migrations moving bytes out of this process;
+    ``dest_peers``: other migrations the destination said it is receiving;
+    ``cpu_wait_share``: of the round's wall time, the session's thread was
+    runnable but waiting for a CPU (/proc/thread-self/schedstat);
+    ``steal_share``: of the host's CPU time over the round, the share the
+    hypervisor stole (/proc/stat).
+    """
+
+    source_peers: int = 0
+    dest_peers: int = 0
+    cpu_wait_share: float = 0.0
+    steal_share: float = 0.0
+
+    def reasons(self, cpu_wait_limit: float, steal_limit: float) -> list[str]:
+        """What makes the round contended at these limits (empty: not contended)."""
+        out = []
+        if self.source_peers > 0:
+            out.append(f"{self.source_peers} other migration(s) sending from this host")
+        if self.dest_peers > 0:
+            out.append(f"{self.dest_peers} other migration(s) into the destination")
+        if self.cpu_wait_share >= cpu_wait_limit:
+            out.append(f"the sender waited for a CPU {self.cpu_wait_share:.0%} of the round")
+        if self.steal_share >= steal_limit:
+            out.append(f"CPU steal {self.steal_share:.0%}")
+        return out
 
 
 #: The most the pause is taken to speed sending up (see LinkEstimator).
@@ -189,6 +234,13 @@ class SwitchoverPolicy:
     budget within ``converge_rounds`` rounds (and the rounds left).  ``tracked``: dirty pages come
     from kernel write tracking (only changes the advice when floor-bound).
 
+    A round is contended (see :class:`Contention`) when another migration
+    moves bytes on either side, the sender waited for a CPU at least
+    ``contended_cpu_wait`` of it, or steal was at least ``contended_steal``;
+    a floor over the budget then waits ``contention_wait_s`` (doubling each
+    contended round in a row, at most ``contention_wait_max_s``) instead of
+    counting toward an abort.
+
     The policy keeps state between calls (history, the throttle, counters):
     one instance per migration.
     """
@@ -215,6 +267,13 @@ class SwitchoverPolicy:
     #: sixteen paused 50.8-54.7 ms on a 50 ms budget; at 0.75 none of
     #: three, 37-38 ms (RESULTS.md, 2026-12-04).
     headroom: float = 0.75
+    #: Contention (see the class docstring): a CPU-wait share of the round
+    #: this high -- alone on 2 cores, the sender of a sweeping guest waited
+    #: well under it -- or this much steal.
+    contended_cpu_wait: float = 0.4
+    contended_steal: float = 0.1
+    contention_wait_s: float = 0.25
+    contention_wait_max_s: float = 2.0
     history: list[float] = field(default_factory=list)
     #: The throttle the last decision asked for (percent).
     throttle_pct: int = field(default=0, init=False)
@@ -222,6 +281,8 @@ class SwitchoverPolicy:
     _floor_strikes: int = field(default=0, init=False, repr=False)
     _prev_excess: float | None = field(default=None, init=False, repr=False)
     _min_remaining: int | None = field(default=None, init=False, repr=False)
+    _contended_rounds: int = field(default=0, init=False, repr=False)  # in all: not counted as rounds
+    _contended_run: int = field(default=0, init=False, repr=False)  # contended floor waits in a row
 
     def __post_init__(self) -> None:
         if self.on_nonconvergence not in ("abort", "force"):
@@ -235,6 +296,9 @@ class SwitchoverPolicy:
             raise ValueError("throttle_checks and floor_rounds must be >= 1")
         if not 0 < self.headroom <= 1:
             raise ValueError(f"headroom must be in (0, 1], not {self.headroom}")
+        if not (0 < self.contended_cpu_wait and 0 < self.contended_steal
+                and 0 <= self.contention_wait_s <= self.contention_wait_max_s):
+            raise ValueError("contention limits must be positive and the waits 0 <= first <= max")
 
     def disable_throttle(self) -> None:
         """The workload cannot be throttled: decide as with ``throttle="off"``."""
@@ -245,7 +309,8 @@ class SwitchoverPolicy:
     def decide(self, *, rounds_done: int, elapsed_s: float, expected_s: float,
                floor_s: float | None = None, scan_s: float | None = None,
                dirtied_pages: int | None = None, sent_pages: int | None = None,
-               remaining_pages: int | None = None, at_floor_scan_s: float | None = None) -> Decision:
+               remaining_pages: int | None = None, at_floor_scan_s: float | None = None,
+               contention: Contention | None = None, floor_min_s: float | None = None) -> Decision:
         """Decide after a scan.
 
         ``rounds_done``: iterative rounds completed after the full copy;
@@ -258,14 +323,23 @@ class SwitchoverPolicy:
         ``at_floor_scan_s``, ``expected_s`` with the final scan at the floor's
         cost (what the pages add to the floor, without the live scans'
         noise: a floor-bound migration is throttled only for that).
-        Without them, neither rule applies.  Returns the decision; raises
-        nothing.
+        Without them, neither rule applies.  ``contention``: what competed
+        with the round (None: nothing known, not contended); ``floor_min_s``:
+        the part of the floor no contention inflates (fixed costs) -- over
+        the budget, the floor holds whatever the contention.  Returns the
+        decision; raises nothing.
         """
         budget = self.downtime_s
         target = budget * self.headroom  # what the expected downtime must fall to
         self.history.append(expected_s)
+        busy = (contention.reasons(self.contended_cpu_wait, self.contended_steal)
+                if contention is not None else [])
+        if busy:
+            self._contended_rounds += 1
         floor_over = floor_s is not None and floor_s > target
-        self._floor_strikes = self._floor_strikes + 1 if floor_over else 0
+        # A floor measured under contention is no floor: no strike (below).
+        sure = floor_min_s is not None and floor_min_s > target
+        self._floor_strikes = self._floor_strikes + 1 if floor_over and (sure or not busy) else 0
         # What more rounds can shrink: the expected downtime above the floor.
         excess = expected_s - (floor_s or 0.0)
         prev_excess, self._prev_excess = self._prev_excess, excess
@@ -278,8 +352,18 @@ class SwitchoverPolicy:
                             f"expected downtime {expected_s * 1e3:.1f} ms within the "
                             f"{budget * 1e3:.0f} ms budget", self.throttle_pct)
 
-        over_rounds = rounds_done >= self.max_rounds
+        over_rounds = rounds_done - self._contended_rounds >= self.max_rounds
         over_time = self.max_time_s is not None and elapsed_s >= self.max_time_s
+        if floor_over and busy and not sure and not over_time:
+            assert floor_s is not None
+            self._high = 0  # no throttle helps a floor: not a check "in a row"
+            wait = min(self.contention_wait_s * 2 ** self._contended_run, self.contention_wait_max_s)
+            self._contended_run += 1
+            return Decision(Action.CONTINUE, expected_s,
+                            f"the downtime floor ~{floor_s * 1e3:.1f} ms is over {target * 1e3:.1f} ms, but "
+                            f"measured under contention ({'; '.join(busy)}): waiting {wait:.2f} s for it "
+                            f"to pass, then measuring again", self.throttle_pct, wait_s=wait)
+        self._contended_run = 0
         if floor_s is not None and self._floor_strikes >= self.floor_rounds:
             why = self._floor_reason(floor_s, scan_s)
             if self.on_nonconvergence == "abort":
@@ -321,6 +405,8 @@ class SwitchoverPolicy:
 
         if over_rounds or over_time:
             bound = (f"{rounds_done} rounds" if over_rounds else f"{elapsed_s:.1f} s")
+            if self._contended_rounds:
+                bound += f" ({self._contended_rounds} of them contended)" if over_rounds else ""
             throttled = f" (throttled at {self.throttle_pct} %)" if self.throttle_pct else ""
             why = (f"did not converge after {bound}{throttled}: expected downtime "
                    f"{expected_s * 1e3:.1f} ms > budget {budget * 1e3:.0f} ms")
@@ -332,7 +418,7 @@ class SwitchoverPolicy:
         if floor_over:
             self._high = 0  # no throttle can help this round: not a check "in a row"
         elif self.throttle == "auto" and dirtied_pages is not None and sent_pages is not None:
-            soon = min(self.converge_rounds, self.max_rounds - rounds_done)
+            soon = min(self.converge_rounds, self.max_rounds - rounds_done + self._contended_rounds)
             note = self._auto_converge(dirtied_pages, sent_pages,
                                        _rounds_to_reach(prev_excess, excess, target - (floor_s or 0.0)) <= soon)
         return Decision(Action.CONTINUE, expected_s,

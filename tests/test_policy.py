@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from precopy.policy import (
+    Contention,
     MAX_PAUSED_SPEEDUP,
     Action,
     Decision,
@@ -551,3 +552,108 @@ def test_a_floor_within_the_budget_but_not_its_headroom_says_so() -> None:
         d = pol.decide(rounds_done=r, elapsed_s=0, expected_s=0.2, floor_s=0.047, scan_s=0.04)
     assert d.action is Action.ABORT
     assert "~47.0 ms, over 37.5 ms (the 50 ms budget less its 25 % headroom)" in d.reason
+
+
+# --------------------------------------------------------------------------
+# A floor measured under contention is not a floor (issue 29)
+
+_BUSY = Contention(dest_peers=7, cpu_wait_share=0.6)
+
+
+def _floor_round(pol: SwitchoverPolicy, r: int, floor: float, contention: Contention | None = None,
+                 elapsed: float = 0.0, floor_min: float | None = None) -> Decision:
+    return pol.decide(rounds_done=r, elapsed_s=elapsed, expected_s=floor + 0.01, floor_s=floor, scan_s=0.012,
+                      contention=contention, floor_min_s=floor_min)
+
+
+def test_contention_reasons_name_each_cause_at_the_limits() -> None:
+    assert Contention().reasons(0.4, 0.1) == []
+    assert Contention(cpu_wait_share=0.39, steal_share=0.09).reasons(0.4, 0.1) == []
+    why = Contention(source_peers=2, dest_peers=7, cpu_wait_share=0.6, steal_share=0.2).reasons(0.4, 0.1)
+    assert why == ["2 other migration(s) sending from this host", "7 other migration(s) into the destination",
+                   "the sender waited for a CPU 60% of the round", "CPU steal 20%"]
+
+
+def test_a_floor_over_budget_under_contention_waits_instead_of_aborting() -> None:
+    """The issue's case: eight migrations on two cores measure a ~353 ms floor on a 300 ms
+    budget; alone the same guest's floor is ~20 ms.  No abort while contended: wait, retry."""
+    pol = SwitchoverPolicy(downtime_s=0.3, max_rounds=30)
+    waits = []
+    for r in range(40):  # more than --max-rounds: contended rounds are not counted
+        d = _floor_round(pol, r, 0.3535, _BUSY)
+        assert d.action is Action.CONTINUE, d.reason
+        assert "contention" in d.reason and "7 other migration(s) into the destination" in d.reason
+        waits.append(d.wait_s)
+    assert waits[:4] == [0.25, 0.5, 1.0, 2.0] and set(waits[4:]) == {2.0}  # backs off, bounded
+    # Contention gone: the floor alone decides, and it is far under the budget.
+    d = _floor_round(pol, 40, 0.02)
+    assert d.action is Action.SWITCHOVER and d.wait_s == 0.0
+
+
+def test_a_floor_that_holds_once_contention_is_gone_aborts() -> None:
+    pol = SwitchoverPolicy(downtime_s=0.3, max_rounds=30)
+    assert _floor_round(pol, 0, 0.35, _BUSY).action is Action.CONTINUE
+    assert _floor_round(pol, 1, 0.35, _BUSY).action is Action.CONTINUE
+    d = _floor_round(pol, 2, 0.35)  # quiet: a first strike
+    assert d.action is Action.CONTINUE and d.wait_s == 0.0
+    d = _floor_round(pol, 3, 0.35)  # quiet again: the floor is real
+    assert d.action is Action.ABORT and "cannot converge" in d.reason and "in 2 rounds in a row" in d.reason
+
+
+def test_quiet_floor_strikes_must_be_consecutive_across_contended_rounds() -> None:
+    pol = SwitchoverPolicy(downtime_s=0.3, max_rounds=30)
+    for r, busy in enumerate((None, _BUSY, None, _BUSY, None)):
+        assert _floor_round(pol, r, 0.35, busy).action is Action.CONTINUE
+
+
+def test_contention_gives_up_at_max_time() -> None:
+    pol = SwitchoverPolicy(downtime_s=0.3, max_rounds=30, max_time_s=600.0)
+    assert _floor_round(pol, 0, 0.35, _BUSY, elapsed=599.0).action is Action.CONTINUE
+    d = _floor_round(pol, 1, 0.35, _BUSY, elapsed=600.5)
+    assert d.action is Action.ABORT and "did not converge after 600.5 s" in d.reason
+    forced = SwitchoverPolicy(downtime_s=0.3, on_nonconvergence="force", max_time_s=10.0)
+    d = _floor_round(forced, 0, 0.35, _BUSY, elapsed=11.0)
+    assert d.action is Action.FORCE
+
+
+def test_a_floor_whose_fixed_costs_exceed_the_budget_aborts_even_under_contention() -> None:
+    """A 1 ms budget is under the fixed 2 ms of any pause: no contention can be to blame."""
+    pol = SwitchoverPolicy(downtime_s=0.001)
+    assert _floor_round(pol, 0, 0.02, _BUSY, floor_min=0.002).action is Action.CONTINUE
+    d = _floor_round(pol, 1, 0.02, _BUSY, floor_min=0.002)
+    assert d.action is Action.ABORT and "cannot converge" in d.reason
+
+
+@pytest.mark.parametrize("busy", [
+    Contention(source_peers=1), Contention(dest_peers=1), Contention(cpu_wait_share=0.5),
+    Contention(steal_share=0.3),
+], ids=["source-peer", "dest-peer", "cpu-wait", "steal"])
+def test_each_kind_of_contention_alone_defers_the_floor_rule(busy: Contention) -> None:
+    pol = SwitchoverPolicy(downtime_s=0.05)
+    for r in range(5):
+        assert _floor_round(pol, r, 0.08, busy).action is Action.CONTINUE
+
+
+def test_a_little_cpu_wait_is_not_contention() -> None:
+    pol = SwitchoverPolicy(downtime_s=0.05)
+    _floor_round(pol, 0, 0.08, Contention(cpu_wait_share=0.2))
+    assert _floor_round(pol, 1, 0.08, Contention(cpu_wait_share=0.2)).action is Action.ABORT
+
+
+def test_contended_rounds_do_not_count_toward_max_rounds() -> None:
+    """Not floor-bound, just over budget: the rounds contention made do not use up --max-rounds."""
+    pol = SwitchoverPolicy(downtime_s=0.05, max_rounds=3, throttle="off")
+    for r in range(6):
+        d = pol.decide(rounds_done=r, elapsed_s=0, expected_s=0.5, floor_s=0.01, contention=_BUSY)
+        assert d.action is Action.CONTINUE and d.wait_s == 0.0  # only a floor waits
+    d = pol.decide(rounds_done=8, elapsed_s=0, expected_s=0.5, floor_s=0.01)
+    assert d.action is Action.CONTINUE
+    d = pol.decide(rounds_done=9, elapsed_s=0, expected_s=0.5, floor_s=0.01)
+    assert d.action is Action.ABORT and "did not converge after 9 rounds (6 of them contended)" in d.reason
+
+
+def test_contention_settings_are_checked() -> None:
+    with pytest.raises(ValueError, match="contention"):
+        SwitchoverPolicy(contended_cpu_wait=0)
+    with pytest.raises(ValueError, match="contention"):
+        SwitchoverPolicy(contention_wait_s=3.0, contention_wait_max_s=2.0)
