@@ -149,11 +149,20 @@ class ProgressLine:
         if not self.enabled:
             return
         now = time.monotonic()
+        queued = getattr(p, "phase", "") == "queued"
         # At most ten redraws a second, but never skip the line that ends a
         # phase (a quick full copy's 100 % would otherwise be lost).
-        if now - self._last < 0.1 and p.pages_done < p.pages_todo:
+        if now - self._last < 0.1 and (queued or p.pages_done < p.pages_todo):
             return
         self._last = now
+        if queued:
+            line = (f"queued at the {getattr(p, 'queued_at', 'destination')}, position "
+                    f"{p.queue_position} (the workload runs on; nothing moves yet)")
+            pad = max(0, self._width - len(line))
+            self._width = len(line)
+            self.stream.write("\r" + line + " " * pad)
+            self.stream.flush()
+            return
         pct = 100.0 * p.pages_done / p.pages_todo if p.pages_todo else 100.0
         parts = [
             f"round {p.round}" if p.round else "full copy",

@@ -12,6 +12,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from precopy.admission import default_max_active
 from precopy.auth import load_key
 from precopy.destination import DestinationServer, DestOptions
 from precopy.errors import PrecopyError
@@ -107,7 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="drop a connection that has not authenticated and begun within this long "
                         "(default 10)")
     p.add_argument("--max-migrations", type=int, default=8, metavar="N",
-                   help="migrations served at once; more are refused as busy (default 8)")
+                   help="migrations accepted at once, moving bytes or queued (--max-active); more are "
+                        "refused as busy (default 8)")
+    p.add_argument("--max-active", type=int, default=None, metavar="N",
+                   help="migrations moving bytes at once; the others accepted wait their turn in order "
+                        "(the source hears its place and keeps its workload running; the wait counts "
+                        "toward neither its downtime nor its --max-time) (default: one per two CPUs, "
+                        f"here {default_max_active()})")
     p.add_argument("--max-region", type=parse_size, default=MAX_REGION, metavar="SIZE",
                    help="largest region accepted, e.g. 64G (default 1T)")
     p.add_argument("--max-connections", type=int, default=64, metavar="N",
@@ -213,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         if refusal:
             raise PrecopyError(refusal)
         for flag, value in (("--max-migrations", args.max_migrations),
-                            ("--max-connections", args.max_connections)):
+                            ("--max-connections", args.max_connections),
+                            ("--max-active", 1 if args.max_active is None else args.max_active)):
             if value < 1:
                 raise PrecopyError(f"{flag} must be at least 1")
         if not args.handshake_timeout > 0:
@@ -236,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
                        reuse_regions=not args.no_reuse_regions,
                        tls_context=tls_context, handshake_timeout_s=args.handshake_timeout,
                        max_migrations=args.max_migrations, max_connections=args.max_connections,
+                       max_active=args.max_active,
                        max_region=args.max_region)
     if args.check_config:
         return check_config(args, opts)

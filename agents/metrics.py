@@ -143,6 +143,12 @@ def dest_metrics(server: Any) -> list[Family]:
                 _by_outcome(r.outcome for r in done)),
         gauge("precopy_dest_migrations_in_flight", "Migrations being received now.",
               sum(1 for r in recs if r.outcome == "running")),
+        gauge("precopy_dest_migrations_active", "Migrations moving bytes now (at most --max-active).",
+              server.admission.active),
+        gauge("precopy_dest_migrations_queued", "Migrations accepted and waiting for a slot (--max-active).",
+              server.admission.queued),
+        gauge("precopy_dest_max_active", "Migrations allowed to move bytes at once (--max-active).",
+              server.admission.limit),
         counter("precopy_dest_received_bytes_total", "Bytes received by finished migrations.",
                 sum(r.bytes_received for r in done)),
         counter("precopy_dest_rounds_total", "Iterative rounds (digest requests) of finished migrations.",
@@ -153,22 +159,35 @@ def dest_metrics(server: Any) -> list[Family]:
     ]
 
 
-def source_metrics(jobs: Iterable[Any]) -> list[Family]:
+def _dest_queued(job: Any) -> bool:
+    """A running job the destination holds in its queue (its last progress said so)."""
+    progress = getattr(job, "progress", None)
+    return isinstance(progress, dict) and progress.get("phase") == "queued"
+
+
+def source_metrics(jobs: Iterable[Any], max_active: int | None = None) -> list[Family]:
     """Families of the source daemon's jobs (each with ``state`` and ``report`` dict or None)."""
     jobs = list(jobs)
-    done = [j for j in jobs if j.state != "running" and j.report is not None]
+    done = [j for j in jobs if j.state not in ("queued", "running") and j.report is not None]
     reps = [j.report for j in done]
     return [
         counter("precopy_source_migrations_total", "Migrations started by this daemon, by outcome.",
                 _by_outcome(j.state for j in done)),
         gauge("precopy_source_migrations_in_flight", "Migrations running now.",
               sum(1 for j in jobs if j.state == "running")),
+        gauge("precopy_source_migrations_active", "Migrations moving bytes now (running, not queued at "
+              "the destination).", sum(1 for j in jobs if j.state == "running" and not _dest_queued(j))),
+        gauge("precopy_source_migrations_queued", "Migrations waiting: in this daemon's queue "
+              "(--max-active) or the destination's.",
+              sum(1 for j in jobs if j.state == "queued" or (j.state == "running" and _dest_queued(j)))),
         counter("precopy_source_bytes_on_wire_total", "Bytes sent by finished migrations.",
                 sum(int(r.get("bytes_on_wire") or 0) for r in reps)),
         counter("precopy_source_pages_sent_total", "Pages sent by finished migrations.",
                 sum(int(r.get("pages_sent") or 0) for r in reps)),
         counter("precopy_source_rounds_total", "Rounds (full, iterative, final) of finished migrations.",
                 sum(len(r.get("rounds") or []) for r in reps)),
+        *([gauge("precopy_source_max_active", "Migrations allowed to move bytes at once (--max-active).",
+                 max_active)] if max_active is not None else []),
         histogram("precopy_source_downtime_seconds", "Measured downtime of committed migrations.",
                   [float(r["downtime_ms"]) / 1e3 for r in reps
                    if r.get("outcome") == "committed" and r.get("downtime_ms") is not None]),

@@ -11,8 +11,12 @@ one answer object per line (``watch`` streams several).  Every answer has
   ``precopy-source`` (same names as its flags, same validation); the
   daemon's ``[migration]`` config table supplies defaults.  Answer:
   ``{"ok": true, "id": ID}``.
-* ``{"op": "status", "id": ID}`` — state (running, committed, aborted,
-  in-doubt, preflight-ok), last progress, and the report once finished.
+* ``{"op": "status", "id": ID}`` — state (queued, running, committed,
+  aborted, in-doubt, preflight-ok), last progress, and the report once
+  finished.  At most ``--max-active`` migrations run at once; the others
+  are "queued" with ``queue_position`` (1: next), first come first served.
+  A running migration the destination holds in its own queue shows
+  ``queued_at`` "destination" and its position there.
 * ``{"op": "watch", "id": ID}`` — progress lines ``{"ok": true, "event":
   "progress", ...}`` as the migration advances, then ``{"ok": true,
   "event": "done", "job": {...}}``.
@@ -39,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
+from precopy.admission import Admission, default_max_active
 from precopy.errors import MigrationAborted, MigrationInDoubt, PrecopyError
 from precopy.source import Progress, migrate
 from precopy.qemu import QemuWorkload
@@ -73,10 +78,18 @@ class Job:
     report: dict[str, Any] | None = None
     task: asyncio.Task[Any] | None = None
     watchers: list[asyncio.Queue[dict[str, Any] | None]] = field(default_factory=list)
+    #: Place in this daemon's queue while "queued" (1: next), else 0.
+    queue_position: int = 0
 
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {"id": self.id, "state": self.state, "started": self.started,
                                "memory": self.options.get("memory"), "to": self.options.get("to")}
+        if self.state == "queued":
+            out["queue_position"] = self.queue_position
+            out["queued_at"] = "source"
+        elif self.state == "running" and self.progress is not None and self.progress.get("phase") == "queued":
+            out["queue_position"] = self.progress.get("queue_position")
+            out["queued_at"] = "destination"
         if self.progress is not None:
             out["progress"] = self.progress
         if self.report is not None:
@@ -110,10 +123,12 @@ class SourceDaemon:
     """Runs migrations on request; see the module docstring for the protocol."""
 
     def __init__(self, control: Path, report_dir: Path | None = None,
-                 defaults: dict[str, Any] | None = None) -> None:
+                 defaults: dict[str, Any] | None = None, max_active: int | None = None) -> None:
         self.control = control
         self.report_dir = report_dir
         self.defaults = dict(defaults or {})
+        #: Migrations that move bytes at once; the others are "queued", in order.
+        self.admission = Admission(default_max_active() if max_active is None else max_active)
         self.jobs: dict[str, Job] = {}
         self._server: asyncio.AbstractServer | None = None
         self._conns: set[asyncio.Task[Any]] = set()
@@ -286,7 +301,7 @@ class SourceDaemon:
         if args.migration_id in self.jobs:
             raise RequestError(f"migration id {args.migration_id} was already used here")
         for other in self.jobs.values():
-            if other.state == "running" and other.options.get("memory") == str(args.memory):
+            if other.state in ("queued", "running") and other.options.get("memory") == str(args.memory):
                 raise RequestError(f"{args.memory} is already being migrated (migration {other.id})")
         try:
             opts, workload = make_migration(args)
@@ -324,7 +339,21 @@ class SourceDaemon:
                     job.state, job.report = "aborted", {"migration_id": job.id, "outcome": "aborted",
                                                         "error": f"cannot reach the workload: {exc}"}
                     return
+            ticket = None if opts.dry_run else self.admission.join(job.id)  # a dry run moves nothing
+            t_queue = time.monotonic()
+            waited = 0.0
             try:
+                while ticket is not None and not await self.admission.wait(ticket):
+                    job.state, job.queue_position = "queued", self.admission.position(ticket)
+                    queued = {"phase": "queued", "queued_at": "source", "queue_position": job.queue_position}
+                    for q in job.watchers:
+                        if not q.full():
+                            q.put_nowait(queued)
+                waited = time.monotonic() - t_queue
+                if job.state == "queued":
+                    _log.info("migration %s: its turn after %.1f s queued (--max-active %d)", job.id,
+                              waited, self.admission.limit)
+                job.state, job.queue_position = "running", 0
                 rep = await migrate(opts, workload, progress)
                 _log.info("migration %s: %s", job.id, rep.outcome)
             except MigrationAborted as exc:
@@ -334,10 +363,13 @@ class SourceDaemon:
                 rep = exc.report  # type: ignore[attr-defined]
                 _log.critical("migration %s: %s", job.id, exc)
             finally:
+                if ticket is not None:
+                    self.admission.leave(ticket)
                 if isinstance(workload, (GuestControl, QemuWorkload)):
                     await workload.close()
             job.state = rep.outcome
             job.report = json.loads(rep.to_json())
+            job.report["source_queued_s"] = round(waited, 3)  # before the engine's total_time_s began
 
         async def supervise() -> None:
             try:
@@ -354,7 +386,7 @@ class SourceDaemon:
         return job
 
     def _finish(self, job: Job, report_file: Path | None) -> None:
-        if job.state == "running":  # cancelled before the engine produced a report
+        if job.state in ("queued", "running"):  # cancelled before the engine produced a report
             job.state = "aborted"
             job.report = {"migration_id": job.id, "outcome": "aborted", "error": "cancelled"}
         assert job.report is not None
@@ -403,6 +435,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "restart too (default: none, reports only in memory)")
     p.add_argument("--metrics", type=parse_hostport, metavar="HOST:PORT",
                    help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off)")
+    p.add_argument("--max-active", type=int, default=None, metavar="N",
+                   help="migrations that move bytes at once; more start requests are accepted and wait "
+                        "their turn in order (state \"queued\", queue_position; the wait counts toward "
+                        "neither their downtime nor their --max-time) (default: one per two CPUs, "
+                        f"here {default_max_active()})")
     add_common_args(p)
     add_config_args(p)
     return p
@@ -412,7 +449,8 @@ async def _serve(daemon: SourceDaemon, metrics: tuple[str, int] | None) -> int:
     await daemon.start()
     metrics_server = None
     if metrics is not None:
-        metrics_server = MetricsServer(metrics[0], metrics[1], lambda: source_metrics(daemon.jobs.values()))
+        metrics_server = MetricsServer(metrics[0], metrics[1], lambda: source_metrics(daemon.jobs.values(),
+                                                                                   daemon.admission.limit))
         try:
             await metrics_server.start()
         except OSError as exc:
@@ -466,7 +504,9 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(f"{k} = {json.dumps(v)}" for k, v in defaults.items()))
         print("precopy-source serve: configuration OK", file=sys.stderr)
         return EXIT_OK
-    daemon = SourceDaemon(args.control, args.report_dir, defaults)
+    if args.max_active is not None and args.max_active < 1:
+        parser.error("--max-active must be at least 1")
+    daemon = SourceDaemon(args.control, args.report_dir, defaults, args.max_active)
     try:
         return run(_serve(daemon, args.metrics), args.event_loop)
     except PrecopyError as exc:

@@ -39,6 +39,7 @@ import numpy as np
 import xxhash
 
 from . import auth, preflight
+from .admission import Admission, Ticket, default_max_active
 from .channel import Channel, LinkError, PeerAborted, tune
 from .digest import ChunkTracker, chunk_pages_of, page_digests
 from .errors import AbortCode, AuthError, PrecopyError, RegionError, RemoteProtocolError
@@ -64,6 +65,7 @@ from .wire import (
     Outcome,
     Pages,
     Query,
+    Queued,
     Ready,
     Role,
     Switchover,
@@ -76,6 +78,9 @@ _log = logging.getLogger(__name__)
 
 #: ``<state-dir>/<name>.device-state`` holds a committed region's device state.
 DEVICE_STATE_SUFFIX = ".device-state"
+#: A queued migration hears QUEUED at least this often (a keep-alive for
+#: the source's I/O timeout; docs/PROTOCOL.md "The queue").
+QUEUE_KEEPALIVE_S = 2.0
 
 
 @dataclass
@@ -97,8 +102,12 @@ class DestOptions:
     handshake_timeout_s: float = 10.0
     #: Largest region a source may migrate in (bytes); larger BEGINs are refused.
     max_region: int = MAX_REGION
-    #: Migrations served at once; one more is refused with ABORT busy.
+    #: Migrations accepted at once, moving bytes or queued; one more is
+    #: refused with ABORT busy.
     max_migrations: int = 8
+    #: Migrations moving bytes at once; the others accepted wait in a FIFO
+    #: queue (QUEUED on the wire).  None: one per two CPUs (default_max_active).
+    max_active: int | None = None
     #: Connections still in the handshake at once; more are closed unread.
     max_connections: int = 64
     idle_timeout_s: float = 120.0
@@ -115,6 +124,10 @@ class DestOptions:
     def __post_init__(self) -> None:
         self.memory_dir = Path(self.memory_dir)
         self.state_dir = Path(self.state_dir) if self.state_dir is not None else self.memory_dir
+        if self.max_active is None:
+            self.max_active = default_max_active()
+        if self.max_active < 1:
+            raise ValueError(f"max_active must be at least 1, not {self.max_active}")
 
 
 @dataclass
@@ -140,6 +153,8 @@ class MigrationRecord:
     reused_region: bool = False
     #: Pages received straight into the region (no second copy; existing regions).
     pages_in_place: int = 0
+    #: Waiting in the queue for a slot (--max-active) before READY.
+    queued_s: float = 0.0
 
 
 class _Journal:
@@ -224,6 +239,10 @@ class DestinationServer:
         self.results: list[MigrationRecord] = []
         self._active: dict[str, tuple[MigrationRecord, asyncio.Task[Any]]] = {}
         self._names: set[str] = set()
+        assert opts.max_active is not None
+        #: Who moves bytes now and who waits (QUEUED), in order.
+        self.admission = Admission(opts.max_active)
+        self._waiting: set[str] = set()  # migration ids in the queue
         self._handshaking = 0
         self._tasks: set[asyncio.Task[Any]] = set()
         self._hooks: set[asyncio.Task[Any]] = set()
@@ -416,17 +435,18 @@ class DestinationServer:
 
     async def _migrate(self, chan: Channel, begin: Begin) -> None:
         assert self.journal is not None
-        if begin.migration_id in self._active or self.journal.read(begin.migration_id) is not None:
+        if (begin.migration_id in self._active or begin.migration_id in self._waiting
+                or self.journal.read(begin.migration_id) is not None):
             raise PrecopyError(f"migration id {begin.migration_id} was already used", AbortCode.BUSY)
         if begin.name.endswith(DEVICE_STATE_SUFFIX):
             # It would replace the device state of the region it names.
             raise RegionError(f"region name {begin.name!r} ends in {DEVICE_STATE_SUFFIX!r}, "
                               "which this destination uses for device-state files; use another --name")
-        if len(self._active) >= self.opts.max_migrations:
+        if not begin.dry_run and len(self._active) + len(self._waiting) >= self.opts.max_migrations:
             raise PrecopyError(
-                f"this destination already serves {len(self._active)} migrations (its "
-                f"--max-migrations is {self.opts.max_migrations}); retry when one has finished",
-                AbortCode.BUSY,
+                f"this destination already serves {len(self._active)} migrations and queues "
+                f"{len(self._waiting)} (its --max-migrations is {self.opts.max_migrations}); retry when "
+                "one has finished", AbortCode.BUSY,
             )
         if begin.name in self._names:
             raise PrecopyError(
@@ -447,7 +467,30 @@ class DestinationServer:
                       "; ".join(passed))
             await chan.send(Ready())
             return
+        t_queue = time.monotonic()
+        ticket = self.admission.join(begin.migration_id, at_once=not begin.wait)
+        if not ticket.admitted:
+            self._names.add(begin.name)
+            self._waiting.add(begin.migration_id)
+            try:
+                await self._queue(chan, begin, ticket)
+                # Others were received meanwhile: what fit then may not now.
+                existing = self._reusable(begin)
+                preflight.check_destination(size=begin.size, page_size=begin.page_size,
+                                            memory_dir=self.opts.memory_dir, requires=begin.requires,
+                                            have=begin.size if existing else 0)
+            except BaseException:
+                self.admission.leave(ticket)
+                self._names.discard(begin.name)
+                raise
+            finally:
+                self._waiting.discard(begin.migration_id)
+        elif self.admission.active > self.admission.limit:
+            _log.warning("migration %s from %s: the source cannot wait in the queue (a precopy-source from "
+                         "before it): served at once, beyond --max-active %d", begin.migration_id, chan.peer,
+                         self.admission.limit)
         rec = MigrationRecord(begin.migration_id, begin.name, begin.size, chan.peer)
+        rec.queued_s = time.monotonic() - t_queue
         task = asyncio.current_task()
         assert task is not None
         self._active[begin.migration_id] = (rec, task)
@@ -472,6 +515,40 @@ class DestinationServer:
             rec.bytes_received = chan.bytes_received
             del self._active[begin.migration_id]
             self._names.discard(begin.name)
+            self.admission.leave(ticket)
+
+    async def _queue(self, chan: Channel, begin: Begin, ticket: Ticket) -> None:
+        """Hold a BEGIN that offered to wait until a slot is free, telling the source where it stands.
+
+        QUEUED goes out at once, when the position changes and every
+        QUEUE_KEEPALIVE_S.  A source that leaves meanwhile (ABORT, close) is
+        noticed at the next of those and raises (PeerAborted, LinkError);
+        its place goes to the next.
+        """
+        _log.info("migration %s from %s: queued at position %d (%d moving bytes, --max-active %d)",
+                  begin.migration_id, chan.peer, self.admission.position(ticket), self.admission.active,
+                  self.admission.limit)
+        while not await self.admission.wait(ticket, QUEUE_KEEPALIVE_S):  # at once the first time
+            await self._check_still_there(chan)
+            await chan.send(Queued(position=self.admission.position(ticket), active=self.admission.active,
+                                   limit=self.admission.limit))
+        await self._check_still_there(chan)
+
+    @staticmethod
+    async def _check_still_there(chan: Channel) -> None:
+        """Raise if the source, which sends nothing while queued, sent something or closed."""
+        try:
+            peek = chan.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return  # nothing: still waiting, as it should
+        except OSError as exc:
+            raise LinkError(f"connection to {chan.peer} failed while queued: {exc}") from exc
+        if not peek:
+            raise LinkError(f"{chan.peer} closed the connection while queued")
+        # An ABORT (raises PeerAborted) or anything else (not allowed now: raises).
+        async with asyncio.timeout(QUEUE_KEEPALIVE_S):
+            ev = await chan.recv()
+        raise RemoteProtocolError(f"{chan.peer} sent {type(ev).__name__} while queued")
 
     def _reusable(self, begin: Begin) -> bool:
         """Whether the region file already under ``begin.name`` can receive this migration.
@@ -549,6 +626,10 @@ class _DestMigration:
         self.device = bytearray()
         self.device_total: int | None = None
         self.t_switchover: float | None = None
+
+    def _others(self) -> int:
+        """Other migrations moving bytes here now (told to the source: contention)."""
+        return max(self.server.admission.active - 1, 0)
 
     def _open_region(self) -> GuestMemory:
         if self.existing:
@@ -670,7 +751,7 @@ class _DestMigration:
                         held = tracker.page_table[pages]
                     else:
                         held = await loop.run_in_executor(self.server._outer_pool, page_digests, mem.pages, pages)
-                    await self.chan.send(DigestTable(seq=ev.seq, digests=held))
+                    await self.chan.send(DigestTable(seq=ev.seq, digests=held, others=self._others()))
                 elif isinstance(ev, DigestRequest):
                     if not ev.final:
                         self.rec.rounds += 1
@@ -686,7 +767,7 @@ class _DestMigration:
                     table = await loop.run_in_executor(self.server._outer_pool, tracker.table)
                     _log.debug("digest table for %s: %d stale chunks rehashed in %.1f ms", self.begin.migration_id,
                                stale, (time.monotonic() - t) * 1e3)
-                    await self.chan.send(DigestTable(seq=ev.seq, digests=table))
+                    await self.chan.send(DigestTable(seq=ev.seq, digests=table, others=self._others()))
                 elif isinstance(ev, Switchover):
                     self.t_switchover = time.monotonic()
                     _log.info("migration %s: source paused the workload", self.begin.migration_id)

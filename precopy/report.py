@@ -49,6 +49,10 @@ class MigrationReport:
     mode: str = "precopy"  # precopy | stop-and-copy
     downtime_budget_ms: float = 0.0
     total_time_s: float = 0.0
+    #: Of ``total_time_s``: waiting in the destination's queue (QUEUED)
+    #: before anything moved.  (The source daemon's own queue comes before
+    #: ``total_time_s`` begins: its reports add ``source_queued_s``.)
+    queued_s: float = 0.0
     downtime_ms: float | None = None
     expected_downtime_ms: float | None = None
     downtime_overshoot_ms: float | None = None

@@ -69,6 +69,7 @@ from .errors import (
 from .memory import GuestMemory
 from .policy import (
     Action,
+    Contention,
     DirtyRateEstimator,
     LinkEstimator,
     SwitchoverPolicy,
@@ -96,6 +97,7 @@ from .wire import (
     Outcome,
     Pages,
     Query,
+    Queued,
     Ready,
     Role,
     Switchover,
@@ -227,6 +229,8 @@ class Progress:
     page_rate_bps: float = 0.0
     #: How hard the workload is throttled (percent of its time stopped; 0: not).
     throttle_pct: int = 0
+    #: Phase "queued": the place in the destination's queue (1: next).
+    queue_position: int = 0
 
 
 def _written_fraction(changed: int, nchunks: int, chunk_pages: int) -> float:
@@ -312,6 +316,22 @@ def _cpu_wait_s() -> float:
             return int(f.read().split()[1]) / 1e9
     except (OSError, ValueError, IndexError):
         return 0.0
+
+
+def _steal_ticks() -> tuple[int, int]:
+    """(steal, all) CPU ticks of the host so far (/proc/stat); (0, 0) where unknown."""
+    try:
+        with open("/proc/stat", "rb") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return 0, 0
+    # user nice system idle iowait irq softirq steal [guest guest_nice: inside user]
+    return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
+
+
+#: Migrations of this process moving bytes now (past the destination's
+#: queue): the others are contention for each (precopy.policy.Contention).
+_SENDING: set[str] = set()
 
 
 def _plan(indices: np.ndarray, size: int, *, fill: int = 0,
@@ -419,6 +439,9 @@ class SourceSession:
         self._recent_dirty: list[int] = []  # dirty pages found by the last rounds' scans
         self._pending = np.zeros(0, dtype=np.uint32)  # decided on, sent in the final pass
         self._dest_table = np.zeros(0, dtype=np.uint64)  # from the last verification
+        self._asked: dict[int, float] = {}  # digest requests out: seq -> when sent (round trips)
+        self._dest_peers = 0  # other migrations the destination receives, as its last table said
+        self._contention_mark = (0.0, 0.0, (0, 0))  # (monotonic, cpu wait, steal ticks) at the last decision
 
     # -- entry point ----------------------------------------------------
 
@@ -480,6 +503,7 @@ class SourceSession:
             err.report = self.report  # type: ignore[attr-defined]
             raise err from exc
         finally:
+            _SENDING.discard(str(self.opts.migration_id))
             if self._throttle_pct:  # every exit path: never leave the workload throttled
                 await self._end_throttle()
             self.report.total_time_s = time.monotonic() - self._t0
@@ -571,9 +595,9 @@ class SourceSession:
         requires = dict(requirements()) if callable(requirements) else {}
         await self._send_event(Begin(
             migration_id=str(opts.migration_id), name=str(opts.name), size=mem.size,
-            chunk_pages=self.chunk_pages, dry_run=opts.dry_run, requires=requires,
+            chunk_pages=self.chunk_pages, dry_run=opts.dry_run, requires=requires, wait=not opts.dry_run,
         ))
-        ready: Ready = await self._expect(Ready)
+        ready = await self._wait_ready()
         self.report.dest_region = "existing" if ready.existing else "new"
         if opts.dry_run:
             _log.info("preflight of %s (%d MiB) -> %s: the destination accepts it", opts.memory,
@@ -592,6 +616,27 @@ class SourceSession:
         await self._full_copy()
         expected, dest_table = await self._iterate()
         await self._switchover(expected, dest_table)
+
+    async def _wait_ready(self) -> Ready:
+        """READY, after any time in the destination's queue (QUEUED: position, keep-alive).
+
+        The time queued is the report's ``queued_s``; it counts toward
+        neither the downtime estimate nor ``--max-time`` (nothing moves, the
+        workload runs on untouched).
+        """
+        t = time.monotonic()
+        ev = await self._expect((Ready, Queued))
+        if isinstance(ev, Queued):
+            _log.info("migration %s: queued at the destination, position %d (%d of %d moving bytes there)",
+                      self.opts.migration_id, ev.position, ev.active, ev.limit)
+        while isinstance(ev, Queued):
+            self._emit("queued", 0, 0, 0, 0, t, queue_position=ev.position)
+            # QUEUED comes every couple of seconds: a shorter --io-timeout must not end the wait.
+            ev = await self._expect((Ready, Queued), timeout_s=max(self.opts.io_timeout_s, 10.0))
+            self.report.queued_s = time.monotonic() - t
+        _SENDING.add(str(self.opts.migration_id))
+        self._contention()  # the first round's contention counts from here
+        return ev
 
     async def _handshake(self, chan: Channel) -> None:
         try:
@@ -635,29 +680,31 @@ class SourceSession:
         try:
             async for ev in self.chan.events():
                 if isinstance(ev, DigestTable):
-                    ev = DigestTable(seq=ev.seq, digests=ev.digests.copy())
+                    ev = DigestTable(seq=ev.seq, digests=ev.digests.copy(), others=ev.others)
                 await self._events.put(ev)
             await self._events.put(LinkError(f"{self.chan.peer} closed the connection"))
         except (PrecopyError, OSError) as exc:
             await self._events.put(exc)
 
-    async def _expect(self, typ: type) -> Any:
+    async def _expect(self, typ: type | tuple[type, ...], timeout_s: float | None = None) -> Any:
         # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a
         # cancellation that arrives as the awaited item completes, and this
         # runs every round, so a cancel (SIGINT, the daemon's cancel) could be
         # lost and the migration go on.
+        timeout_s = self.opts.io_timeout_s if timeout_s is None else timeout_s
+        name = typ.__name__ if isinstance(typ, type) else " or ".join(t.__name__ for t in typ)
         try:
-            async with asyncio.timeout(self.opts.io_timeout_s):
+            async with asyncio.timeout(timeout_s):
                 ev = await self._events.get()
         except TimeoutError:
             raise LinkError(
-                f"no answer from the destination within {self.opts.io_timeout_s:.0f} s "
-                f"(waiting for {typ.__name__})", AbortCode.TIMEOUT,
+                f"no answer from the destination within {timeout_s:.0f} s "
+                f"(waiting for {name})", AbortCode.TIMEOUT,
             ) from None
         if isinstance(ev, BaseException):
             raise ev
         if not isinstance(ev, typ):
-            raise RemoteProtocolError(f"expected {typ.__name__} from the destination, got {type(ev).__name__}")
+            raise RemoteProtocolError(f"expected {name} from the destination, got {type(ev).__name__}")
         return ev
 
     async def _expect_table(self, seq: int) -> DigestTable:
@@ -665,6 +712,15 @@ class SourceSession:
         table: DigestTable = await self._expect(DigestTable)
         if table.seq != seq:
             raise RemoteProtocolError(f"digest table {table.seq} answers request {seq}")
+        asked = self._asked.pop(seq, None)
+        if asked is not None:
+            # An exchange is a round trip and then some: the round trip in
+            # every estimate is the fastest seen.  The handshake's alone was
+            # taken while many migrations started at once (eight on two
+            # cores: ~0.1 s, a "floor" of ~350 ms for one of ~20 alone).
+            self._rtt = max(min(self._rtt, time.monotonic() - asked), 1e-4)
+        if table.others is not None:
+            self._dest_peers = table.others
         return table
 
     def _check_peer(self) -> None:
@@ -677,6 +733,8 @@ class SourceSession:
 
     async def _send_event(self, ev: Any) -> int:
         assert self.chan is not None
+        if isinstance(ev, DigestRequest):
+            self._asked[ev.seq] = time.monotonic()
         try:
             return await self.chan.send(ev)
         except LinkError:
@@ -884,7 +942,8 @@ class SourceSession:
         self.known[idx] = True
         return n, len(data_idx), len(zero_idx)
 
-    def _emit(self, phase: str, rnd: int, done: int, todo: int, dirty: int, t_start: float) -> None:
+    def _emit(self, phase: str, rnd: int, done: int, todo: int, dirty: int, t_start: float,
+              queue_position: int = 0) -> None:
         if self.progress is None:
             return
         now = time.monotonic()
@@ -895,7 +954,7 @@ class SourceSession:
             bandwidth_bps=self.link.bytes_per_second, dirty_rate_pps=self.dirty_rate.pages_per_second,
             expected_downtime_ms=(self.policy.history[-1] * 1e3 if self.policy.history else None),
             elapsed_s=now - self._t0, eta_s=left / rate if rate else None, page_rate_bps=rate,
-            throttle_pct=self._throttle_pct,
+            throttle_pct=self._throttle_pct, queue_position=queue_position,
         ))
 
     async def _full_copy(self) -> None:
@@ -1360,6 +1419,20 @@ class SourceSession:
                          overhead=overhead_s * 1e3)
         return verify_s + pages_s + scan_s + overhead_s
 
+    def _contention(self) -> Contention:
+        """What competed with this migration since the last call (the round just done)."""
+        now, waited, steal = time.monotonic(), _cpu_wait_s(), _steal_ticks()
+        t0, w0, s0 = self._contention_mark
+        self._contention_mark = (now, waited, steal)
+        wall = now - t0 if t0 else 0.0
+        ticks = steal[1] - s0[1]
+        return Contention(
+            source_peers=len(_SENDING - {str(self.opts.migration_id)}),
+            dest_peers=self._dest_peers,
+            cpu_wait_share=min(max(waited - w0, 0.0) / wall, 1.0) if wall > 0 else 0.0,
+            steal_share=(steal[0] - s0[0]) / ticks if t0 and ticks > 0 else 0.0,
+        )
+
     async def _iterate(self) -> tuple[float, np.ndarray]:
         """Iterative rounds until the policy says switch over.
 
@@ -1453,8 +1526,11 @@ class SourceSession:
             _log.debug("round %d: downtime floor %s (scan %.1f ms); %d pages dirtied while %d were sent",
                        rounds_done + 1, "unknown" if floor is None else f"{floor * 1e3:.1f} ms",
                        self._floor_scan_s * 1e3, len(dirty), last.pages_sent + last.zero_pages)
+            contention = self._contention()
             decision = self.policy.decide(
-                rounds_done=rounds_done, elapsed_s=time.monotonic() - self._t0, expected_s=expected,
+                rounds_done=rounds_done, elapsed_s=time.monotonic() - self._t0 - self.report.queued_s,
+                expected_s=expected, contention=contention,
+                floor_min_s=0.002 + float(getattr(self.workload, "switchover_cost_s", 0.0)),
                 floor_s=floor, scan_s=self._floor_scan_s if floor is not None else None, dirtied_pages=dirtied,
                 sent_pages=last.pages_sent + last.zero_pages, remaining_pages=len(todo),
                 at_floor_scan_s=(self._expected(len(todo) + later, final_scan_s=self._floor_scan_s)
@@ -1497,6 +1573,10 @@ class SourceSession:
             if decision.action is Action.ABORT:
                 self.report.reason = decision.reason
                 raise PrecopyError(decision.reason, AbortCode.NOT_CONVERGED)
+            if decision.wait_s > 0:
+                # Contended: let it pass rather than add to it (the pages
+                # found are still sent below: a tracker has re-armed them).
+                await asyncio.sleep(decision.wait_s)
             rounds_done += 1
             rnd = RoundReport(round=rounds_done, kind="iterative", pages_scanned=self.mem.npages,
                               pages_dirty=len(todo), pages_sent=0, zero_pages=0, bytes_on_wire=0,

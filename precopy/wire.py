@@ -64,6 +64,7 @@ __all__ = [
     "Query",
     "Outcome",
     "Abort",
+    "Queued",
     "Event",
     "encode_frame",
     "page_payload",
@@ -115,6 +116,7 @@ class Kind(IntEnum):
     QUERY = 14
     OUTCOME = 15
     ABORT = 16
+    QUEUED = 17
 
 
 class Role(Enum):
@@ -161,6 +163,7 @@ TRANSITIONS: Final[dict[tuple[Phase, Role, Kind], Phase]] = {
     (Phase.AUTHENTICATED, S, Kind.QUERY): Phase.QUERY_SENT,
     (Phase.QUERY_SENT, D, Kind.OUTCOME): Phase.DONE,
     (Phase.BEGIN_SENT, D, Kind.READY): Phase.COPYING,
+    (Phase.BEGIN_SENT, D, Kind.QUEUED): Phase.BEGIN_SENT,
     (Phase.COPYING, S, Kind.PAGES): Phase.COPYING,
     (Phase.COPYING, S, Kind.DIGEST_REQUEST): Phase.COPYING,
     (Phase.COPYING, D, Kind.DIGEST_TABLE): Phase.COPYING,
@@ -223,6 +226,9 @@ class Begin:
     #: Guest requirements the source's workload adapter declares, checked by
     #: the destination before READY: ``{"cpu_flags": [...], "executables": [...]}``.
     requires: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    #: The source can wait in the destination's queue: QUEUED frames may
+    #: come before READY (never to a BEGIN without it, nor to a dry run).
+    wait: bool = False
 
     @property
     def npages(self) -> int:
@@ -239,6 +245,24 @@ class Ready:
     """
 
     existing: bool = False
+
+
+#: Most migrations a QUEUED frame may count (positions, active, limit).
+MAX_QUEUE: Final = 1 << 16
+
+
+@dataclass(frozen=True, slots=True)
+class Queued:
+    """The destination holds the BEGIN in its queue: ``position`` migrations
+    wait ahead of and including this one (1: next); ``active`` move bytes
+    there now, at most ``limit`` at once.  Sent when the migration enters
+    the queue, when its position changes and every few seconds meanwhile
+    (a keep-alive: the source's timeouts restart on each); READY follows
+    once it may move bytes."""
+
+    position: int
+    active: int
+    limit: int
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -302,6 +326,9 @@ class DigestTable:
 
     seq: int
     digests: np.ndarray
+    #: Optional: other migrations moving bytes into the destination now
+    #: (contention the source's stop rule takes into account); None: not said.
+    others: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -354,7 +381,7 @@ class Abort:
 
 Event = Union[
     Hello, HelloAck, Auth, AuthOk, Begin, Ready, Pages, DigestRequest,
-    DigestTable, Switchover, DeviceState, Commit, Committed, Query, Outcome, Abort,
+    DigestTable, Switchover, DeviceState, Commit, Committed, Query, Outcome, Abort, Queued,
 ]
 
 _KIND_OF: Final[dict[type, Kind]] = {
@@ -374,6 +401,7 @@ _KIND_OF: Final[dict[type, Kind]] = {
     Query: Kind.QUERY,
     Outcome: Kind.OUTCOME,
     Abort: Kind.ABORT,
+    Queued: Kind.QUEUED,
 }
 
 
@@ -426,7 +454,10 @@ def _encode_event(ev: Event) -> tuple[Kind, dict[str, Any], Any]:
             meta["cd"] = np.ascontiguousarray(ev.chunk_digests, dtype="<u8").tobytes()
         return Kind.PAGES, meta, ev.payload
     if isinstance(ev, DigestTable):
-        return Kind.DIGEST_TABLE, {"s": ev.seq}, np.ascontiguousarray(ev.digests, dtype="<u8").data
+        table: dict[str, Any] = {"s": ev.seq}
+        if ev.others is not None:
+            table["o"] = ev.others
+        return Kind.DIGEST_TABLE, table, np.ascontiguousarray(ev.digests, dtype="<u8").data
     if isinstance(ev, DigestRequest):
         req: dict[str, Any] = {"seq": ev.seq, "final": ev.final}
         if ev.pages_of is not None:
@@ -440,6 +471,8 @@ def _encode_event(ev: Event) -> tuple[Kind, dict[str, Any], Any]:
     meta = {name: getattr(ev, name) for name in ev.__dataclass_fields__}
     if isinstance(ev, Begin):
         meta["requires"] = {k: list(v) for k, v in ev.requires.items()}
+        if not ev.wait:
+            del meta["wait"]  # as a source before queues: nothing new on the wire
     return kind, meta, b""
 
 
@@ -889,10 +922,13 @@ class Connection:
             dry_run = meta.get("dry_run", False)
             if not isinstance(dry_run, bool):
                 raise RemoteProtocolError("BEGIN field 'dry_run' must be a boolean")
+            wait = meta.get("wait", False)
+            if not isinstance(wait, bool):
+                raise RemoteProtocolError("BEGIN field 'wait' must be a boolean")
             ev = Begin(
                 migration_id=_str_field(meta, "migration_id", kind, 64),
                 name=name, size=size, page_size=page_size, chunk_pages=chunk,
-                dry_run=dry_run, requires=_requires_field(meta.get("requires", {})),
+                dry_run=dry_run, requires=_requires_field(meta.get("requires", {})), wait=wait,
             )
             if not ev.migration_id or not valid_name(ev.migration_id):
                 raise RemoteProtocolError("BEGIN migration_id must be a plain token")
@@ -952,6 +988,12 @@ class Connection:
             return Abort(
                 code=_int_field(meta, "code", kind, 0, 255),
                 reason=_str_field(meta, "reason", kind, 4096),
+            )
+        if kind is Kind.QUEUED:
+            return Queued(
+                position=_int_field(meta, "position", kind, 1, MAX_QUEUE),
+                active=_int_field(meta, "active", kind, 0, MAX_QUEUE),
+                limit=_int_field(meta, "limit", kind, 1, MAX_QUEUE),
             )
         raise RemoteProtocolError(f"no decoder for {kind.name}")  # pragma: no cover
 
@@ -1016,7 +1058,8 @@ class Connection:
                 f"DIGEST_TABLE of {len(payload)} bytes, expected {want * 8} for the {want} digests asked for"
             )
         self._expected_tables.popleft()
-        return DigestTable(seq=seq, digests=np.frombuffer(payload, dtype="<u8"))
+        others = _int_field(meta, "o", kind, 0, MAX_QUEUE) if "o" in meta else None
+        return DigestTable(seq=seq, digests=np.frombuffer(payload, dtype="<u8"), others=others)
 
     def _check_by_page(self, by_page: bool, pages_of: np.ndarray | None) -> None:
         """A chunk table by page excludes ``pages_of``, and once asked for, is asked for from then on."""
@@ -1105,6 +1148,11 @@ class Connection:
         if kind is Kind.ABORT and self.phase not in _TERMINAL:
             return Phase.ABORTED
         nxt = TRANSITIONS.get((self.phase, sender, kind))
+        if kind is Kind.QUEUED and nxt is not None and (self.begin is None or not self.begin.wait
+                                                        or self.begin.dry_run):
+            err = LocalProtocolError if local else RemoteProtocolError
+            raise err(f"QUEUED from the {sender.value} answers a BEGIN that did not offer to wait "
+                      "(no 'wait', or a dry run)")
         if nxt is None:
             who = "we" if local else "the peer"
             err = LocalProtocolError if local else RemoteProtocolError

@@ -158,7 +158,7 @@ def freeze(ev: Any) -> Any:
             chunk_digests=None if ev.chunk_digests is None else np.array(ev.chunk_digests, copy=True),
         )
     if isinstance(ev, DigestTable):
-        return DigestTable(seq=ev.seq, digests=np.array(ev.digests, copy=True))
+        return DigestTable(seq=ev.seq, digests=np.array(ev.digests, copy=True), others=ev.others)
     if isinstance(ev, DeviceState):
         return DeviceState(offset=ev.offset, total=ev.total, data=bytes(ev.data))
     return ev

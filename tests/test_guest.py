@@ -324,6 +324,24 @@ def test_dirty_sweep_increments_first_bytes(tmp_path: Path) -> None:
     assert np.array_equal(after[:, 1:], before[:, 1:])
 
 
+def test_dirty_sweep_at_a_rate_goes_in_order_and_wraps(tmp_path: Path) -> None:
+    path = tmp_path / "sweep.mem"
+    create_region(path, MiB, "random", seed=5)
+    before = _read_pages(path)
+    stats = tmp_path / "stats.json"
+    result = run_guest("dirty", "--memory", path, "--pattern", "sweep", "--sweep-rate", 2000,
+                       "--duration", 0.5, "--stats-out", stats)
+    assert result.returncode == 0, result.stderr
+    written = json.loads(stats.read_text())["pages_written"]
+    pages = len(before)
+    assert 0 < written < 10 * pages  # paced: far from the full-speed sweep's laps
+    laps, partial = divmod(written, pages)
+    expected_delta = ((laps + (np.arange(pages) < partial)) % 256).astype(np.uint8)
+    after = _read_pages(path)
+    assert np.array_equal(after[:, 0] - before[:, 0], expected_delta)
+    assert np.array_equal(after[:, 1:], before[:, 1:])
+
+
 def test_dirty_idle_writes_nothing(region: Path, tmp_path: Path) -> None:
     digest = region_digest(region)
     stats = tmp_path / "stats.json"

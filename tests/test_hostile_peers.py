@@ -138,7 +138,7 @@ async def test_over_max_migrations_is_a_clean_busy_refusal(work: Path, dest_dir:
         paused += 1
         await gate.wait()
 
-    async with serve(dest_dir, max_migrations=2) as server:
+    async with serve(dest_dir, max_migrations=2, max_active=2) as server:
         running = [asyncio.create_task(migrate(server, p, FakeWorkload(on_pause=hold))) for p in regions]
         deadline = time.monotonic() + 20
         while paused < 2:

@@ -247,3 +247,54 @@ async def test_a_cancel_is_never_lost_while_waiting_for_the_destination(tmp_path
     finally:
         session._hash_pool.shutdown()
         session._outer_pool.shutdown()
+
+
+def test_max_active_queues_start_requests_in_order(procs: Procs, work: Path, request: pytest.FixtureRequest) -> None:
+    """--max-active 1: a second and a third start wait "queued" with their place (list, status,
+    metrics), their workloads untouched; a queued one can be cancelled; the next goes when the
+    first ends, and its report says how long it waited."""
+    dest = start_dest(procs, work, "--max-active", "4")
+    d = Daemon(procs, work, "--max-active", "1")
+    # The first holds its slot until cancelled: its full copy alone takes 16 s over a 1 MB/s link.
+    hot = work / "hot.mem"
+    create_region(hot, "16M")
+    hot_pid = procs.start(*guest("dirty", "--memory", str(hot), "--rate", "0")).pid
+    proxy = FaultProxy(("127.0.0.1", int(dest.addr.rsplit(":", 1)[1])), rate_bps=1e6).__enter__()
+    request.addfinalizer(lambda: proxy.__exit__(None, None, None))
+    first = d.request({"op": "start", "options": {"to": proxy.addr, "memory": str(hot), "pid": hot_pid,
+                                                   "compress": "off"}})
+    assert first["ok"], first
+    others = []
+    for name in ("q1", "q2"):
+        region = work / f"{name}.mem"
+        create_region(region, "4M")
+        pid = procs.start(*guest("dirty", "--memory", str(region), "--rate", "100")).pid
+        ans = d.request({"op": "start", "options": {"to": dest.addr, "memory": str(region), "pid": pid}})
+        assert ans["ok"], ans
+        others.append((ans["id"], region, pid))
+    jobs = {j["id"]: j for j in d.request({"op": "list"})["jobs"]}
+    assert jobs[first["id"]]["state"] == "running"
+    assert [(jobs[j]["state"], jobs[j]["queue_position"], jobs[j]["queued_at"]) for j, _, _ in others] == \
+        [("queued", 1, "source"), ("queued", 2, "source")]
+    m = scrape(d.metrics_url)
+    assert (m["precopy_source_migrations_active"], m["precopy_source_migrations_queued"]) == (1, 2)
+    assert m["precopy_source_max_active"] == 1 and m["precopy_source_migrations_in_flight"] == 1
+    # The second in line leaves the queue; the first in line moves on when the running one ends.
+    (q1, q1_region, q1_pid), (q2, _, q2_pid) = others
+    r = d.ctl("cancel", q2)
+    assert r.returncode == 0, r.stderr
+    wait_for(lambda: d.request({"op": "status", "id": q2})["job"]["state"] == "aborted", what="q2 to end")
+    assert "cancelled" in d.request({"op": "status", "id": q2})["job"]["error"]
+    assert proc_state(q2_pid) != "T"  # never paused
+    assert d.request({"op": "status", "id": q1})["job"]["state"] == "queued"
+    time.sleep(0.5)
+    assert d.ctl("cancel", first["id"]).returncode == 0
+    w = d.ctl("watch", q1)
+    assert w.returncode == 0, w.stdout + w.stderr
+    done = json.loads(w.stdout.splitlines()[-1])
+    assert done["job"]["state"] == "committed" and done["report"]["source_queued_s"] >= 0.5
+    assert (dest.memory_dir / "q1.mem").read_bytes() == q1_region.read_bytes()
+    assert proc_state(q1_pid) == "T"
+    m = scrape(d.metrics_url)
+    assert (m["precopy_source_migrations_active"], m["precopy_source_migrations_queued"]) == (0, 0)
+    assert m['precopy_source_migrations_total{outcome="aborted"}'] == 2

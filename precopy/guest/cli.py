@@ -85,6 +85,10 @@ def _add_dirty_parser(subparsers: Any) -> None:
         help="random paced writes, or sweep: increment every page's first byte at full speed",
     )
     parser.add_argument(
+        "--sweep-rate", type=_non_negative_float, default=0.0,
+        help="with --pattern sweep: pages per second, in order, wrapping around (default 0: full speed)",
+    )
+    parser.add_argument(
         "--hot-fraction", type=_unit_fraction, default=0.1,
         help="fraction of pages (from the start) forming the hot set (default 0.1)",
     )

@@ -164,8 +164,24 @@ def _sweep_loop(memory: np.ndarray, gate: WorkGate, deadline: float | None) -> i
     return written
 
 
+class SweepWriter:
+    """Increments the first byte of the next ``count`` pages, in order, wrapping around."""
+
+    def __init__(self, memory: np.ndarray) -> None:
+        self._first = memory[::PAGE_SIZE]
+        self._pos = 0
+
+    def write(self, count: int) -> None:
+        pages = len(self._first)
+        while count > 0:
+            end = min(self._pos + count, pages)
+            self._first[self._pos:end] += 1
+            count -= end - self._pos
+            self._pos = 0 if end == pages else end
+
+
 def _paced_loop(
-    writer: PageWriter, rate: float, gate: WorkGate, deadline: float | None
+    writer: PageWriter | SweepWriter, rate: float, gate: WorkGate, deadline: float | None
 ) -> int:
     """Write about ``rate`` pages per second in batches every few milliseconds."""
     written = 0
@@ -211,7 +227,9 @@ def run_dirty(args: argparse.Namespace) -> int:
         offer = None if args.no_tracking else WriteTrackingOffer(region.mm)
         controller = GateController(gate, device.snapshot, offer, throttling=not args.no_throttle)
         with control_server(args.control, controller):
-            if args.pattern == "sweep":
+            if args.pattern == "sweep" and args.sweep_rate:
+                written = _paced_loop(SweepWriter(memory), args.sweep_rate, gate, deadline)
+            elif args.pattern == "sweep":
                 written = _sweep_loop(memory, gate, deadline)
             elif args.rate == 0:
                 written = _idle_loop(gate, deadline)
