@@ -62,8 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
                           "its device state is saved with x-ignore-shared at the switchover (default: none)")
     p.add_argument("--name", help="region name on the destination (default: basename of --memory)")
     p.add_argument("--downtime-ms", type=float, default=300.0,
-                   help="downtime budget: switch over when the expected pause fits in 75%% of it, the "
-                        "rest a margin for the estimate's error (default 300)")
+                   help="downtime budget: switch over when the expected pause fits in it less a margin for "
+                        "the estimate's error (see --headroom) (default 300)")
+    p.add_argument("--headroom", choices=["spread", "fixed"], default="spread",
+                   help="the margin under --downtime-ms: spread: from the spread the live rounds measured "
+                        "in each part of the pause (scan cost, send rate, dirty rate; 5-50%% of the budget, "
+                        "25%% until there are samples); fixed: always 25%% (default spread)")
     p.add_argument("--max-downtime-ms", type=float, metavar="MS",
                    help="hard cap on the pause (at least --downtime-ms): once paused, if the pause would pass "
                         "it before COMMIT is sent (checked before the final scan, each final batch, the device "
@@ -255,7 +259,7 @@ def make_migration(args: argparse.Namespace) -> tuple[SourceOptions, Workload]:
                    (("ca", args.tls_ca), ("cert", args.tls_cert), ("key", args.tls_key))},
         tracking=args.tracking, throttle=args.throttle, throttle_initial_pct=args.throttle_initial,
         throttle_step_pct=args.throttle_step, throttle_max_pct=args.throttle_max,
-        max_downtime_ms=args.max_downtime_ms,
+        max_downtime_ms=args.max_downtime_ms, headroom=args.headroom,
     )
     if not args.memory.exists():
         raise PrecopyError(f"memory region {args.memory} does not exist")

@@ -10,9 +10,11 @@ Expected downtime (DESIGN "Switchover")::
       + cost of the final scan (measured: the last live chunk scan)
       + fixed overhead (pause, round trips, commit, resume; measured RTT-based)
 
-Switch over when that is within the budget less a headroom for the
-estimate's error (``SwitchoverPolicy.headroom``, 75 % of it by default), as
-QEMU does with the whole budget (remaining < bandwidth x downtime-limit).
+Switch over when that is within the budget less a margin for the
+estimate's error -- the session's, sized from the measured spread of the
+pause's parts (``margin_s``, precopy.downtime.switchover_margin), or a fixed
+share (``SwitchoverPolicy.headroom``, 75 % of the budget) -- as QEMU does
+with the whole budget (remaining < bandwidth x downtime-limit).
 
 When the dirty set will not shrink, :meth:`SwitchoverPolicy.decide` also
 says how hard to throttle the workload (auto-converge, QEMU's semantics):
@@ -118,6 +120,8 @@ class Contention:
 
 #: The most the pause is taken to speed sending up (see LinkEstimator).
 MAX_PAUSED_SPEEDUP = 2.0
+#: Rate samples a LinkEstimator keeps for their spread.
+SAMPLES_KEPT = 16
 
 
 @dataclass
@@ -147,6 +151,10 @@ class LinkEstimator:
     _pool_bytes: int = 0
     _pool_seconds: float = 0.0
     _pool_waited: float = 0.0
+    #: The last pooled samples of the rate with the waits taken out (newest
+    #: last, at most ``SAMPLES_KEPT``): their spread sizes the switchover's
+    #: margin for the pause's pages (precopy.downtime.switchover_margin).
+    free_samples: list[float] = field(default_factory=list)
 
     def add(self, nbytes: int, seconds: float, waited: float = 0.0) -> None:
         if nbytes <= 0 or seconds <= 0:
@@ -160,6 +168,7 @@ class LinkEstimator:
         free = self._pool_bytes / max(self._pool_seconds - self._pool_waited,
                                       self._pool_seconds / MAX_PAUSED_SPEEDUP)
         self._pool_bytes, self._pool_seconds, self._pool_waited = 0, 0.0, 0.0
+        self.free_samples = [*self.free_samples[-(SAMPLES_KEPT - 1):], free]
         self._bps = sample if self._bps is None else self.alpha * sample + (1 - self.alpha) * self._bps
         self._free_bps = free if self._free_bps is None else self.alpha * free + (1 - self.alpha) * self._free_bps
 
@@ -310,7 +319,8 @@ class SwitchoverPolicy:
                floor_s: float | None = None, scan_s: float | None = None,
                dirtied_pages: int | None = None, sent_pages: int | None = None,
                remaining_pages: int | None = None, at_floor_scan_s: float | None = None,
-               contention: Contention | None = None, floor_min_s: float | None = None) -> Decision:
+               contention: Contention | None = None, floor_min_s: float | None = None,
+               margin_s: float | None = None) -> Decision:
         """Decide after a scan.
 
         ``rounds_done``: iterative rounds completed after the full copy;
@@ -326,19 +336,27 @@ class SwitchoverPolicy:
         Without them, neither rule applies.  ``contention``: what competed
         with the round (None: nothing known, not contended); ``floor_min_s``:
         the part of the floor no contention inflates (fixed costs) -- over
-        the budget, the floor holds whatever the contention.  Returns the
+        the budget, the floor holds whatever the contention.  ``margin_s``:
+        how far under the budget the expected downtime must fall to switch
+        over (from the spread of the pause's parts,
+        precopy.downtime.switchover_margin); without it, to ``headroom`` of
+        the budget (the floor rule always uses ``headroom``).  Returns the
         decision; raises nothing.
         """
         budget = self.downtime_s
-        target = budget * self.headroom  # what the expected downtime must fall to
+        # What the expected downtime must fall to.  The floor is held against
+        # the fixed share: the margin was sized for this round's pause, whose
+        # pages (and their spread) a pause at the floor would not have.
+        floor_target = budget * self.headroom
+        target = budget - margin_s if margin_s is not None else floor_target
         self.history.append(expected_s)
         busy = (contention.reasons(self.contended_cpu_wait, self.contended_steal)
                 if contention is not None else [])
         if busy:
             self._contended_rounds += 1
-        floor_over = floor_s is not None and floor_s > target
+        floor_over = floor_s is not None and floor_s > floor_target
         # A floor measured under contention is no floor: no strike (below).
-        sure = floor_min_s is not None and floor_min_s > target
+        sure = floor_min_s is not None and floor_min_s > floor_target
         self._floor_strikes = self._floor_strikes + 1 if floor_over and (sure or not busy) else 0
         # What more rounds can shrink: the expected downtime above the floor.
         excess = expected_s - (floor_s or 0.0)
@@ -360,7 +378,7 @@ class SwitchoverPolicy:
             wait = min(self.contention_wait_s * 2 ** self._contended_run, self.contention_wait_max_s)
             self._contended_run += 1
             return Decision(Action.CONTINUE, expected_s,
-                            f"the downtime floor ~{floor_s * 1e3:.1f} ms is over {target * 1e3:.1f} ms, but "
+                            f"the downtime floor ~{floor_s * 1e3:.1f} ms is over {floor_target * 1e3:.1f} ms, but "
                             f"measured under contention ({'; '.join(busy)}): waiting {wait:.2f} s for it "
                             f"to pass, then measuring again", self.throttle_pct, wait_s=wait)
         self._contended_run = 0

@@ -102,6 +102,15 @@ class MigrationReport:
     #: final_scan, final_pages (pages and device state, at the rate expected
     #: paused), verify, overhead (pause, round trips, commit).
     expected_phases_ms: dict[str, float] = field(default_factory=dict)
+    #: At the switchover, how far under the budget the expected downtime had
+    #: to fall (the budget less this was the target), and per part of the
+    #: pause how far it might run over its estimate (ms; "speedup": room for
+    #: a pause that sends no faster than the live rounds did).
+    switchover_margin_ms: float | None = None
+    margin_parts_ms: dict[str, float] = field(default_factory=dict)
+    #: "spread" (from the parts' measured spread), or "fixed" (the budget's
+    #: fixed share: --headroom fixed, or too few samples yet).
+    margin_basis: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

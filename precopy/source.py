@@ -44,7 +44,7 @@ from . import auth
 from .channel import Channel, LinkError, PeerAborted, connect
 from .tls import make_channel
 from .compress import AdaptiveCompressor
-from .downtime import DowntimeCap, DowntimeCapExceeded
+from .downtime import DowntimeCap, DowntimeCapExceeded, Margin, Part, switchover_margin
 from .digest import (
     ZERO_PAGE_DIGEST,
     StagingBuffer,
@@ -122,6 +122,9 @@ _BY_PAGE_SHARE = 0.5
 #: page once, instead of every chunk now and every page a round later).
 _FIRST_BY_PAGE_SHARE = 0.5
 _h64 = xxhash.xxh3_64_intdigest
+HEADROOM_MODES = ("spread", "fixed")
+#: Live samples of the scan's cost and of the dirty rate kept for their spread.
+_SPREAD_SAMPLES = 8
 
 
 @dataclass
@@ -175,6 +178,10 @@ class SourceOptions:
     #: that would pass it before the commit is sent rolls back instead
     #: (precopy.downtime).  At least ``downtime_ms``.
     max_downtime_ms: float | None = None
+    #: How far under the budget the expected downtime must fall to switch
+    #: over: ``spread`` (from the measured spread of the pause's parts,
+    #: precopy.downtime.switchover_margin) or ``fixed`` (25 % of the budget).
+    headroom: str = "spread"
 
     def __post_init__(self) -> None:
         self.memory = Path(self.memory)
@@ -197,6 +204,8 @@ class SourceOptions:
         if self.on_commit not in ("keep-stopped", "kill"):
             raise ValueError(f"on_commit must be keep-stopped or kill, not {self.on_commit!r}")
         check_throttle(self.throttle, self.throttle_initial_pct, self.throttle_step_pct, self.throttle_max_pct)
+        if self.headroom not in HEADROOM_MODES:
+            raise ValueError(f"headroom must be spread or fixed, not {self.headroom!r}")
         if self.max_downtime_ms is not None:
             if not self.max_downtime_ms > 0:
                 raise ValueError(f"max_downtime_ms must be positive, not {self.max_downtime_ms!r}")
@@ -438,6 +447,8 @@ class SourceSession:
         self._throttle_pct = 0  # the throttle in effect on the workload
         self._recent_dirty: list[int] = []  # dirty pages found by the last rounds' scans
         self._pending = np.zeros(0, dtype=np.uint32)  # decided on, sent in the final pass
+        self._scan_samples: list[float] = []  # the scan's cost as each live round measured it
+        self._dirty_samples: list[float] = []  # the dirty rate (pages/s) each live round measured
         self._dest_table = np.zeros(0, dtype=np.uint64)  # from the last verification
         self._asked: dict[int, float] = {}  # digest requests out: seq -> when sent (round trips)
         self._dest_peers = 0  # other migrations the destination receives, as its last table said
@@ -1384,6 +1395,46 @@ class SourceSession:
             self.report.cap_hit = step
             raise
 
+    def _margin(self, split: dict[str, float], later: int, scan_estimate: float) -> Margin:
+        """The switchover's margin for an expected downtime made of ``split`` (ms, from
+        :meth:`_expected`), ``later`` of its pages dirtied until the pause, and a final scan
+        estimated from a live scan cost of ``scan_estimate`` s (see switchover_margin)."""
+        link = self.link
+        paused_bps = link.paused_bytes_per_second
+        ratio = self.compressor.ratio if self.compressor.active else 1.0
+        later_s = later * PAGE_SIZE * ratio / max(paused_bps, 1.0)
+        parts = {
+            "final_scan": Part(split["final_scan"] / 1e3, scan_estimate, self._scan_samples),
+            # The pages' time goes as 1 / the paused rate; the rate samples
+            # are the live ones with the waits taken out (what it is made of).
+            "final_pages": Part(split["final_pages"] / 1e3, paused_bps, link.free_samples, inverse=True),
+            # Of those pages, the ones dirtied until the pause go with the dirty rate.
+            "dirtied": Part(later_s, self.dirty_rate.pages_per_second, self._dirty_samples),
+            # Round trips and fixed costs: no live samples (the handshake's two).
+            "verify": Part(split["verify"] / 1e3, self._rtt),
+            "overhead": Part(split["overhead"] / 1e3, self._rtt),
+        }
+        whole = {
+            # The pause may send no faster than the live rounds did ...
+            "speedup": split["final_pages"] / 1e3 * max(paused_bps / max(link.bytes_per_second, 1.0) - 1.0, 0.0),
+        }
+        if self.tracker is not None and self.report.rounds and self.report.rounds[-1].send_seconds > 0:
+            # ... and a kernel scan taken at its CPU time may wait for a CPU
+            # as long as the last round's sends did (other processes hold it).
+            last = self.report.rounds[-1]
+            waited = min(last.send_cpu_wait_seconds / last.send_seconds, 0.75)
+            whole["cpu"] = split["final_scan"] / 1e3 * waited / (1 - waited)
+        budget_s = self.opts.downtime_ms / 1e3
+        if self.opts.headroom == "fixed":
+            fixed = budget_s * (1 - self.policy.headroom)
+            return Margin(fixed, budget_s - fixed, {}, "fixed")
+        return switchover_margin(parts, budget_s, whole=whole, fixed_share=self.policy.headroom)
+
+    def _report_margin(self, margin: Margin) -> None:
+        self.report.switchover_margin_ms = margin.margin_s * 1e3
+        self.report.margin_parts_ms = {k: v * 1e3 for k, v in margin.parts_s.items()}
+        self.report.margin_basis = margin.basis
+
     def _expected(self, remaining_pages: int, device_state_bytes: int = 0,
                   final_scan_s: float | None = None, split: dict[str, float] | None = None) -> float:
         """Expected downtime if the workload were paused now (seconds); ``split`` gets its parts in ms."""
@@ -1475,6 +1526,8 @@ class SourceSession:
             interval = time.monotonic() - self._last_scan_t
             self._last_scan_t = t
             self.dirty_rate.add(len(dirty), interval)
+            if interval > 0:
+                self._dirty_samples = [*self._dirty_samples[-(_SPREAD_SAMPLES - 1):], len(dirty) / interval]
             todo = page_union(self.mem.npages, dirty, odd)
             # Switching over now leaves ``todo`` plus what the workload dirties
             # until it is paused (about one scan's time) for the pause.
@@ -1489,6 +1542,12 @@ class SourceSession:
                 stale = max(self._recent_dirty)
                 later = max(later, stale)
                 dirtied = min(self.mem.npages, dirtied + stale)
+            if self.tracker is not None:  # the detection's CPU time drives the paused scan
+                scan_sample = self._scan_detect_cpu_s
+                scan_estimate = max(self._scan_detect_cpu_s, self._prev_detect_s)
+            else:
+                scan_sample, scan_estimate = scanned_s, self._last_scan_s
+            self._scan_samples = [*self._scan_samples[-(_SPREAD_SAMPLES - 1):], scan_sample]
             final_scan_s = None
             if self.tracker is not None and self.chunks is not None and self.chunks.table is not None:
                 # Paused, the tracker's scan rehashes only the chunks of what
@@ -1505,6 +1564,7 @@ class SourceSession:
                 self._prev_detect_s = self._scan_detect_cpu_s
             split: dict[str, float] = {}
             expected = self._expected(len(todo) + later, final_scan_s=final_scan_s, split=split)
+            margin = self._margin(split, later, scan_estimate)
             # For the floor rule and auto-converge: what a pause with nothing
             # left to send would cost (the part of the scan no dirty page
             # adds to: hashing every chunk, or the tracker's scan), and what
@@ -1535,6 +1595,7 @@ class SourceSession:
                 sent_pages=last.pages_sent + last.zero_pages, remaining_pages=len(todo),
                 at_floor_scan_s=(self._expected(len(todo) + later, final_scan_s=self._floor_scan_s)
                                  if floor is not None else None),
+                margin_s=margin.margin_s if self.opts.headroom == "spread" else None,
             )
             if (decision.action is Action.SWITCHOVER and self.tracker is not None
                     and rounds_done + 1 < self.policy.max_rounds
@@ -1554,6 +1615,7 @@ class SourceSession:
                       self.link.bytes_per_second / 1e6, throttled, decision.reason)
             if decision.action in (Action.SWITCHOVER, Action.FORCE):
                 self.report.expected_phases_ms = split
+                self._report_margin(margin)
             if decision.action is Action.SWITCHOVER:
                 self._pending = todo
                 return expected, dest_table

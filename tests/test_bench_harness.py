@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,29 @@ def test_matrices_cover_the_benchmark_scenarios():
     assert len({s.key for s in full}) == len(full), "duplicate scenarios"
     with pytest.raises(ValueError, match="unknown matrix"):
         harness.matrix("huge")
+
+
+def test_the_promise_matrix_and_its_tally():
+    promise = harness.matrix("promise")
+    assert {(s.size, s.budget_ms, s.on_nonconvergence) for s in promise} == {("1G", 50.0, "abort")}
+    assert {(s.workload, s.control) for s in promise} == {(w, c) for w in ("low", "high") for c in ("pid", "control")}
+    assert all(s.key.endswith("abort") for s in promise) and len({s.key for s in promise}) == 4
+
+    def rec(outcome: str, down: float | None = None, paused: float | None = None, error: str = "") -> dict:
+        return {"key": "k", "scenario": {"budget_ms": 50.0},
+                "report": {"outcome": outcome, "downtime_ms": down, "expected_downtime_ms": 40.0 if down else None,
+                           "paused_ms": paused, "error": error or None, "switchover_margin_ms": 10.0,
+                           "rounds": [{}, {}]}}
+
+    runs = [rec("committed", 30.0 + i / 5) for i in range(96)] + [rec("committed", 50.0), rec("committed", 61.5),
+                                                               rec("aborted", paused=55.0),
+                                                               rec("aborted", error="cannot converge: the floor")]
+    row = harness.promise_tally(runs).splitlines()[2]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[:6] == ["k", "100", "**97/100**", "1", "1 (cannot converge: the floor...)", "1"]
+    downs = [30.0 + i / 5 for i in range(96)] + [50.0, 61.5]
+    assert cells[6] == f"{statistics.median(downs):.1f} / 61.5 / 61.5"  # median, the 99th of 98, the max
+    assert harness._quantile(list(range(1, 101)), 0.99) == 99 and harness._quantile([5.0], 0.99) == 5.0
 
 
 def test_results_section_is_replaced_in_place(tmp_path: Path):

@@ -9,6 +9,7 @@ test sets a cap no pause can keep.
 from __future__ import annotations
 
 import asyncio
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import pytest
 
 import precopy.source
 from agents.source_main import summary
-from precopy.downtime import CAP_STEPS, DowntimeCap, DowntimeCapExceeded
+from precopy.downtime import CAP_STEPS, DowntimeCap, DowntimeCapExceeded, Part, switchover_margin
 from precopy.errors import AbortCode, MigrationAborted
 from precopy.policy import Action, Decision, LinkEstimator, SwitchoverPolicy
 from precopy.source import SourceOptions, SourceSession
@@ -243,3 +244,113 @@ def test_a_cap_no_pause_can_keep_rolls_back_with_the_workload_running(procs: Pro
         assert proc_state(g.pid) not in ("T", "t")
         time.sleep(0.005)
     assert not (dest.memory_dir / "vm.mem").exists()
+
+
+# --------------------------------------------------------------------------
+# The switchover's margin from the spread of the pause's parts (pure)
+
+def test_a_steady_part_gets_a_small_margin_a_noisy_one_a_large_one() -> None:
+    steady = [0.010, 0.0101, 0.0099, 0.010, 0.0102]
+    noisy = [0.006, 0.014, 0.010, 0.018, 0.005]
+    calm = switchover_margin({"final_scan": Part(0.020, 0.010, steady)}, 0.050)
+    wild = switchover_margin({"final_scan": Part(0.020, 0.010, noisy)}, 0.050)
+    assert calm.basis == wild.basis == "spread"
+    assert calm.margin_s < wild.margin_s
+    # Steady: the part's 5 % minimum (1 ms of 20), within the 5 % .. 50 % of the budget allowed.
+    assert calm.parts_s["final_scan"] == pytest.approx(0.001)
+    assert calm.margin_s == pytest.approx(0.050 * 0.05)  # at least 5 % of the budget
+    assert calm.target_s == pytest.approx(0.050 - calm.margin_s)
+    # Noisy: mean 10.6 ms + 2.33 sd (5.46 ms) = 23.3 ms over a 10 ms estimate: +133 % of 20 ms,
+    # and the margin is capped at half the budget.
+    assert wild.parts_s["final_scan"] == pytest.approx(0.020 * (0.0106 + 2.33 * statistics.stdev(noisy)) / 0.010 - 0.020)
+    assert wild.margin_s == pytest.approx(0.025) and wild.target_s == pytest.approx(0.025)
+
+
+def test_rates_count_as_time_per_byte_and_parts_add_in_quadrature() -> None:
+    rates = [1.0e9, 1.2e9, 0.9e9, 1.1e9]
+    m = switchover_margin({"final_pages": Part(0.010, 1.0e9, rates, inverse=True),
+                           "final_scan": Part(0.010, 0.005, [0.005] * 4)}, 0.030)
+    per_byte = [1 / r for r in rates]
+    mean = sum(per_byte) / 4
+    sd = (sum((x - mean) ** 2 for x in per_byte) / 3) ** 0.5
+    pages = 0.010 * ((mean + 2.33 * sd) * 1.0e9 - 1)
+    assert m.parts_s["final_pages"] == pytest.approx(pages)
+    assert m.parts_s["final_scan"] == pytest.approx(0.0005)  # no spread: the 5 % minimum
+    assert m.margin_s == pytest.approx((pages ** 2 + 0.0005 ** 2) ** 0.5)
+
+
+def test_what_a_pause_may_not_give_back_is_kept_whole() -> None:
+    parts = {"final_scan": Part(0.005, 0.005, [0.005] * 4)}
+    without = switchover_margin(parts, 0.100)
+    with_ = switchover_margin(parts, 0.100, whole={"speedup": 0.012, "cpu": 0.003, "nothing": 0.0})
+    assert with_.parts_s == {"final_scan": pytest.approx(0.00025), "speedup": 0.012, "cpu": 0.003}
+    assert with_.margin_s == pytest.approx(without.parts_s["final_scan"] + 0.015)
+    with pytest.raises(ValueError, match="a part's name"):
+        switchover_margin(parts, 0.100, whole={"final_scan": 0.001})
+
+
+def test_without_samples_the_margin_is_the_fixed_share() -> None:
+    parts = {"final_scan": Part(0.005, 0.005, [0.005, 0.006]), "verify": Part(0.002, 0.001)}
+    m = switchover_margin(parts, 0.050)
+    assert m.basis == "fixed" and m.target_s == pytest.approx(0.0375)
+    # A part with too few samples counts a quarter of its share when others are sampled.
+    parts["final_pages"] = Part(0.010, 1e9, [1e9] * 3, inverse=True)
+    m = switchover_margin(parts, 0.050)
+    assert m.basis == "spread" and m.parts_s["verify"] == pytest.approx(0.0005)
+    assert m.parts_s["final_scan"] == pytest.approx(0.005 * 0.25)
+    with pytest.raises(ValueError, match="positive"):
+        switchover_margin(parts, 0.0)
+    with pytest.raises(ValueError, match="shares"):
+        switchover_margin(parts, 0.05, min_share=0.9)
+
+
+def test_the_policy_switches_over_at_the_budget_less_the_margin() -> None:
+    p = SwitchoverPolicy(downtime_s=0.050)
+    assert p.decide(rounds_done=1, elapsed_s=1, expected_s=0.040).action is Action.CONTINUE  # over 75 %
+    p = SwitchoverPolicy(downtime_s=0.050)
+    assert p.decide(rounds_done=1, elapsed_s=1, expected_s=0.040, margin_s=0.005).action is Action.SWITCHOVER
+    p = SwitchoverPolicy(downtime_s=0.050)
+    assert p.decide(rounds_done=1, elapsed_s=1, expected_s=0.030, margin_s=0.025).action is Action.CONTINUE
+
+
+@pytest.mark.parametrize("headroom", ["spread", "fixed"])
+async def test_the_session_decides_with_the_margin_and_reports_it(
+        work: Path, dest_dir: Path, monkeypatch: pytest.MonkeyPatch, headroom: str) -> None:
+    seen: list[float | None] = []
+    real = SwitchoverPolicy.decide
+
+    def decide(self: SwitchoverPolicy, **kw: Any) -> Decision:
+        seen.append(kw.get("margin_s"))
+        return real(self, **kw)
+
+    monkeypatch.setattr(SwitchoverPolicy, "decide", decide)
+    src = work / "m.mem"
+    make_region(src, 256)
+    async with serve(dest_dir) as server:
+        rep = await precopy.source.migrate(options(server, src, downtime_ms=50, headroom=headroom), FakeWorkload())
+    assert rep.outcome == "committed" and seen
+    assert rep.switchover_margin_ms is not None
+    if headroom == "fixed":
+        assert seen == [None] * len(seen)
+        assert rep.margin_basis == "fixed" and rep.switchover_margin_ms == pytest.approx(12.5)
+    else:
+        assert all(m is not None and 2.5e-3 - 1e-9 <= m <= 25e-3 + 1e-9 for m in seen), seen
+        assert rep.switchover_margin_ms == pytest.approx(seen[-1] * 1e3)  # type: ignore[operator]
+        assert {"final_scan", "final_pages", "dirtied", "verify", "overhead"} <= set(rep.margin_parts_ms)
+    assert rep.to_dict()["margin_basis"] == rep.margin_basis
+    with pytest.raises(ValueError, match="headroom must be spread or fixed"):
+        options(server, src, headroom="wide")
+
+
+def test_the_floor_is_held_against_the_fixed_share_not_this_rounds_margin() -> None:
+    """The margin is sized for this round's pause (its pages and their spread): a pause at
+    the floor would not have them.  A 59 ms floor under a 100 ms budget is no reason to give
+    up because a round with 8,192 pages left asked for a 50 ms margin."""
+    p = SwitchoverPolicy(downtime_s=0.100)
+    for _ in range(4):
+        d = p.decide(rounds_done=1, elapsed_s=1, expected_s=0.200, floor_s=0.059, margin_s=0.050)
+        assert d.action is Action.CONTINUE, d.reason
+    p = SwitchoverPolicy(downtime_s=0.100)
+    actions = [p.decide(rounds_done=1, elapsed_s=1, expected_s=0.200, floor_s=0.080, margin_s=0.010).action
+               for _ in range(2)]
+    assert actions == [Action.CONTINUE, Action.ABORT]
