@@ -853,7 +853,11 @@ def install(ocf_root: Path) -> Path:
     d.mkdir(parents=True, exist_ok=True)
     path = d / TYPE
     src = Path(__file__).resolve().parent.parent
+    # meta-data is answered by the shell: Pacemaker's controller asks for it as
+    # user hacluster, who may not be allowed to run this Python.
     text = ("#!/bin/sh\n# ocf:precopy:workload -- written by 'precopy-ocf install'\n"
+            'if [ "$1" = meta-data ]; then\ncat <<\'PRECOPY_META_DATA\'\n'
+            f"{meta_data()}PRECOPY_META_DATA\nexit 0\nfi\n"
             f"PYTHONPATH={shlex.quote(str(src))}${{PYTHONPATH:+:$PYTHONPATH}} "
             f"exec {shlex.quote(sys.executable)} -m agents.ocf \"$@\"\n")
     tmp = path.with_name(f".{TYPE}.tmp")

@@ -206,6 +206,16 @@ class Lab:
         self.n1.run("crm_resource", "--clear", "--resource", rsc)
 
 
+def retry(lab: Lab, rsc: str) -> None:
+    """The README's procedure after a failed migration: forget the resource's history
+    under maintenance (so the cluster acts on nothing until every node is re-probed)."""
+    lab.n1.run("crm_resource", "--resource", rsc, "--meta", "--set-parameter", "maintenance",
+               "--parameter-value", "true")
+    lab.n1.run("crm_resource", "--refresh", "--resource", rsc)
+    lab.n1.run("crm_resource", "--wait", "--timeout", f"{SETTLE_S:.0f}s", timeout=SETTLE_S + 30)
+    lab.n1.run("crm_resource", "--resource", rsc, "--meta", "--delete-parameter", "maintenance")
+
+
 def _standby(lab: Lab, node: str, on: bool) -> None:
     lab.n1.run("crm_attribute", "--node", node, "--name", "standby", "--update", "on" if on else "off")
 
@@ -247,6 +257,7 @@ def test_crm_resource_move_one(lab: Lab) -> None:
 def test_dest_killed_mid_migration_keeps_it_on_the_source_and_a_retry_elsewhere_works(lab: Lab) -> None:
     src = lab.where("w3")[0]
     bad, good = [n.name for n in lab.c.nodes if n.name != src]
+    (pid, _), = lab.copies("w3")[src]
     dest = lab.c.dest[bad]
     marker = lab.c.node(src).path("/run/precopy-ocf/w3.migrating")
     dest.send_signal(signal.SIGSTOP)  # hold the migration in its handshake, then kill the daemon
@@ -273,8 +284,10 @@ def test_dest_killed_mid_migration_keeps_it_on_the_source_and_a_retry_elsewhere_
     lab.c.wait_precopy(lab.c.node(bad))
     # the operator's retry: forget the failed move, let Pacemaker re-probe, move elsewhere
     lab.clear("w3")
-    lab.n1.run("crm_resource", "--cleanup", "--resource", "w3")
+    retry(lab, "w3")
     lab.wait(lambda: lab.where("w3") == [src], "w3 to be seen on its source only")
+    assert list(lab.copies("w3")) == [src] and [p for p, _ in lab.copies("w3")[src]] == [pid], \
+        f"the workload was restarted, not left running (pid {pid} before): {lab.copies('w3')}"
     lab.move("w3", good)
     lab.wait(lambda: lab.where("w3") == [good], f"the retry to move w3 to {good}")
     lab.check_migrated("w3", src, rep)
@@ -313,7 +326,7 @@ def test_power_cut_node_never_gets_a_second_copy(lab: Lab) -> None:
     node.pacemakerd = node.spawn("pacemakerd", "-f", log=node.root / "pacemakerd.out")
     lab.c.wait_online(SETTLE_S)
     for r in victims:
-        lab.n1.run("crm_resource", "--cleanup", "--resource", r)
+        retry(lab, r)
     lab.wait(lambda: all(lab.where(r) == [cut] for r in victims), f"{victims} to be found on {cut}")
     lab.one_copy_each()
     # and it still migrates, intact
