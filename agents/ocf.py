@@ -435,7 +435,9 @@ def _one(control: Path, req: dict[str, Any]) -> dict[str, Any]:
 
 
 def job_state(p: Params, migration_id: str) -> str:
-    """running / committed / aborted / in-doubt of a migration the local daemon ran.  Raises DaemonError."""
+    """queued / running / committed / aborted / in-doubt of a migration the local daemon ran.
+
+    Raises DaemonError."""
     ans = _one(p.control, {"op": "status", "id": migration_id})
     return str(ans.get("job", {}).get("state"))
 
@@ -498,7 +500,7 @@ def settle_markers(p: Params) -> str | None:
             _write_marker(p.in_doubt_file, dict(m, error=str(exc)))
             p.migrating_file.unlink(missing_ok=True)
             return "in-doubt"
-        if state == "running":
+        if state in ("running", "queued"):  # queued: waiting for the daemons' --max-active
             return "running"
         if state == "committed":
             _log(p, "info", f"migration {mid} committed: retiring this node's copy")
