@@ -2,6 +2,7 @@
 
     precopy-ocf install [--ocf-root DIR]   # writes DIR/resource.d/precopy/workload
     precopy-ocf resume                     # precopy-dest's --on-resume hook on every node
+    precopy-ocf resolve RESOURCE committed|aborted   # settle a migration in doubt (source node)
     precopy-ocf ACTION                     # what Pacemaker runs, through the installed file
 
 One resource is one workload: a process mapping a region file (``memory``)
@@ -847,6 +848,68 @@ def resume_hook() -> int:
     return 1  # not reached
 
 
+# -- resolving a migration in doubt ---------------------------------------------------
+
+def resolve(p: Params, outcome: str) -> str:
+    """Settle this node after a migration in doubt, once the operator knows its outcome.
+
+    ``committed`` (the target's journal says so): the paused copy here is
+    killed and the region retired, as after any commit.  ``aborted`` (the
+    target has no committed record): the paused copy is resumed here (SIGCONT,
+    or the guest's resume op).  Returns what was done.  Raises RuntimeError
+    when there is nothing in doubt here or the copy cannot be resumed.
+    """
+    m = _read_marker(p.in_doubt_file) or _read_marker(p.migrating_file)
+    if m is None:
+        raise RuntimeError(f"no migration of {p.resource} is in doubt on this node ({p.in_doubt_file} is absent)")
+    mid = str(m.get("id") or "?")
+    if outcome == "committed":
+        retire_source(p, mid)
+        _log(p, "warning", f"migration {mid} resolved by the operator as committed: this node's copy retired")
+        return f"migration {mid}: committed; the paused copy here was ended and {p.memory} retired"
+    if outcome != "aborted":
+        raise ValueError(f"outcome {outcome!r}: use committed or aborted")
+    pid = workload_pid(p)
+    if pid is None:
+        raise RuntimeError(f"the paused copy of {p.resource} is gone (pid file {p.pid_file}); "
+                           f"start it again from {p.memory} with 'crm_resource --refresh' once resolved")
+    if p.guest_control:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(10)
+        try:
+            sock.connect(p.guest_control)
+            sock.sendall(b'{"op": "resume"}\n')
+            ans = json.loads(sock.makefile("rb").readline() or b"{}")
+        except (OSError, ValueError) as exc:
+            raise RuntimeError(f"cannot resume the guest through {p.guest_control}: {exc}") from exc
+        finally:
+            sock.close()
+        if not ans.get("ok"):
+            raise RuntimeError(f"the guest refused to resume: {ans}")
+    else:
+        os.kill(pid, signal.SIGCONT)
+    p.in_doubt_file.unlink(missing_ok=True)
+    p.migrating_file.unlink(missing_ok=True)
+    _log(p, "warning", f"migration {mid} resolved by the operator as aborted: the copy here (pid {pid}) resumed")
+    return f"migration {mid}: aborted; the copy here (pid {pid}) runs again"
+
+
+def _params_from_cib(resource: str) -> Params:
+    cib = subprocess.run(["cibadmin", "--query", "--scope", "resources"], capture_output=True, text=True,
+                         timeout=30)
+    if cib.returncode != 0:
+        raise RuntimeError(f"cibadmin failed: {cib.stderr.strip()}")
+    for prim in ET.fromstring(cib.stdout).iter("primitive"):
+        if prim.get("id") == resource:
+            values: dict[str, str] = {}
+            for ia in prim.findall("instance_attributes"):
+                for nv in ia.findall("nvpair"):
+                    if nv.get("name") and nv.get("value") is not None:
+                        values.setdefault(str(nv.get("name")), str(nv.get("value")))
+            return Params.from_values(resource, values)
+    raise RuntimeError(f"no resource {resource!r} in the CIB")
+
+
 # -- install -------------------------------------------------------------------------------
 
 def install(ocf_root: Path) -> Path:
@@ -888,6 +951,25 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if argv[:1] == ["resume"]:
         return resume_hook()
+    if argv[:1] == ["resolve"]:
+        import argparse
+
+        ap = argparse.ArgumentParser(
+            prog="precopy-ocf resolve",
+            description="On the source node of a migration in doubt: settle it once you know its outcome "
+                        "(the target's precopy-dest journal, STATE_DIR/.precopy/journal/ID.json). Then "
+                        "refresh the resource (README: 'What the agent promises under failures').")
+        ap.add_argument("resource", help="the resource's name in the cluster")
+        ap.add_argument("outcome", choices=["committed", "aborted"],
+                        help="committed: the target holds it (the copy here is ended); aborted: it "
+                             "resumes here")
+        args = ap.parse_args(argv[1:])
+        try:
+            print(resolve(_params_from_cib(args.resource), args.outcome))
+        except (RuntimeError, ConfigError, OSError, ET.ParseError, subprocess.TimeoutExpired) as exc:
+            print(f"precopy-ocf resolve: {exc}", file=sys.stderr)
+            return 1
+        return 0
     if len(argv) != 1 or argv[0] in ("-h", "--help"):
         print(__doc__.split("\n\n")[0] if __doc__ else "", file=sys.stderr)
         return OCF_ERR_ARGS if argv else 2

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Cluster", "Node", "unavailable_reason"]
+__all__ = ["Cluster", "Node", "PrecopyCluster", "move", "unavailable_reason"]
 
 #: Debian packages the lab needs, as ``.ci/run`` installs them.
 PACKAGES = ("pacemaker", "corosync", "pacemaker-cli-utils", "crmsh")
@@ -141,6 +141,23 @@ class Node:
                 out.close()  # type: ignore[union-attr]
         self.procs.append(p)
         return p
+
+
+def move(via: Node, rsc: str, to: str, timeout: float = 60.0) -> None:
+    """``crm_resource --move`` ``rsc`` to node ``to``.
+
+    Right after a migration the resource can still be listed on both nodes
+    until the source's stop is recorded; crm_resource then refuses ("Multiple
+    items match request"): retried until the cluster has settled.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        p = via.run("crm_resource", "--move", "--resource", rsc, "--node", to, check=False)
+        if p.returncode == 0:
+            return
+        if "Multiple items match" not in p.stderr or time.monotonic() > deadline:
+            raise RuntimeError(f"crm_resource --move {rsc} to {to} failed ({p.returncode}): {p.stderr.strip()}")
+        time.sleep(0.2)
 
 
 class Cluster:
@@ -391,7 +408,8 @@ class PrecopyCluster(Cluster):
     PORT = 7070
 
     def __init__(self, name: str, nodes: int = 3, workdir: Path | None = None, keep: bool = False,
-                 python: str | None = None) -> None:
+                 python: str | None = None, dest_args: Sequence[str] = (),
+                 source_args: Sequence[str] = ()) -> None:
         import sys
 
         from agents.ocf import install
@@ -404,6 +422,7 @@ class PrecopyCluster(Cluster):
         self.key = self.workdir / "migration.key"
         self.key.write_bytes(os.urandom(32).hex().encode())
         os.chmod(self.key, 0o600)
+        self.dest_args, self.source_args = list(dest_args), list(source_args)
         self.dest: dict[str, subprocess.Popen[bytes]] = {}
         self.source: dict[str, subprocess.Popen[bytes]] = {}
 
@@ -420,7 +439,7 @@ class PrecopyCluster(Cluster):
                 self.start_dest(n)
                 self.source[n.name] = n.spawn(
                     self.python, "-m", "agents.source_main", "serve", "--control", "/run/precopy/source.sock",
-                    "--report-dir", "/run/precopy/reports", "--log-level", "info",
+                    "--report-dir", "/run/precopy/reports", "--log-level", "info", *self.source_args,
                     log=n.root / "precopy-source.log")
             for n in self.nodes:
                 self.wait_precopy(n)
@@ -435,7 +454,8 @@ class PrecopyCluster(Cluster):
         p = n.spawn(self.python, "-m", "agents.dest_main", "--listen", f"{n.ip}:{self.PORT}",
                     "--memory-dir", self.MEMORY_DIR, "--auth-key-file", str(self.key),
                     "--on-resume", f"exec {self.python} -m agents.ocf resume",
-                    "--ready-file", str(ready), "--log-level", "info", log=n.root / "precopy-dest.log")
+                    "--ready-file", str(ready), "--log-level", "info", *self.dest_args,
+                    log=n.root / "precopy-dest.log")
         self.dest[n.name] = p
         return p
 

@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator
 import pytest
 
 from precopy.guest import region_digest
-from precopy.pcmklab import PrecopyCluster, unavailable_reason
+from precopy.pcmklab import PrecopyCluster, move, unavailable_reason
 
 from .conftest import PY, wait_for
 
@@ -200,7 +200,7 @@ class Lab:
         return rep
 
     def move(self, rsc: str, to: str) -> None:
-        self.n1.run("crm_resource", "--move", "--resource", rsc, "--node", to)
+        move(self.n1, rsc, to)
 
     def clear(self, rsc: str) -> None:
         self.n1.run("crm_resource", "--clear", "--resource", rsc)

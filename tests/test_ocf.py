@@ -244,6 +244,8 @@ def test_migrate_to_maps_outcomes(node: Node, final: str) -> None:
             daemon.final = "committed"
             assert node.act("monitor") == ocf.OCF_NOT_RUNNING
             assert not node.p.in_doubt_file.exists() and not node.region.exists()
+            with pytest.raises(RuntimeError, match="no migration of w1 is in doubt"):
+                ocf.resolve(node.p, "aborted")
     finally:
         daemon.close()
 
@@ -271,3 +273,22 @@ def test_migrate_from_waits_for_the_resumed_workload(node: Node) -> None:
     finally:
         proc.kill()
         proc.wait()
+
+
+@pytest.mark.parametrize("outcome", ["committed", "aborted"])
+def test_operator_resolves_a_migration_in_doubt(node: Node, outcome: str) -> None:
+    node.region.write_bytes(b"\1" * 4096)
+    assert node.act("start") == ocf.OCF_SUCCESS
+    pid = ocf.workload_pid(node.p)
+    assert pid is not None
+    os.kill(pid, 19)  # paused, as the source daemon leaves it in doubt
+    ocf._write_marker(node.p.in_doubt_file, {"id": "m1", "target": "n2"})
+    assert node.act("start") == ocf.OCF_ERR_GENERIC
+    print(ocf.resolve(node.p, outcome))
+    if outcome == "committed":
+        wait_for(lambda: ocf._start_time(pid) is None, 10, "the paused copy to end")
+        assert not node.region.exists() and node.act("monitor") == ocf.OCF_NOT_RUNNING
+    else:
+        wait_for(lambda: ocf._proc_state(pid) in "RS", 10, "the copy to run again")
+        assert node.act("monitor") == ocf.OCF_SUCCESS
+    assert not node.p.in_doubt_file.exists()
