@@ -491,29 +491,26 @@ class GuestControl:
         stopped guest could not answer.
         """
         signals = self._signals
-        if signals is None or not signals.throttled:
-            return await self._pause_or_resume()
-        await signals.pause()  # ends the duty cycle holding the process stopped
-        continued = False
+        cont: Callable[[], None] | None = None
+        if signals is not None and signals.throttled:
+            await signals.pause()  # ends the duty cycle holding the process stopped
+            pending = [signals.pid]
 
-        def cont() -> None:
-            nonlocal continued
-            continued = True
-            _cont(signals.pid)
+            def cont() -> None:  # once: after the request is written, or on any failure before
+                while pending:
+                    _cont(pending.pop())
 
         try:
-            return await self._pause_or_resume(after_send=cont)
-        finally:
-            if not continued:
-                cont()  # the request never went out: the guest must not stay stopped
-
-    async def _pause_or_resume(self, after_send: Callable[[], None] | None = None) -> bytes:
-        try:
-            return await self._pause(after_send)
+            return await self._pause(cont)
         except GuestControlError as exc:
+            if cont is not None:
+                cont()  # before asking it to resume: a stopped guest could not answer
             if exc.args and str(exc.args[0]).startswith("guest refused"):
                 raise
             raise GuestControlError(f"{exc}; {await self._resume_after_failed_pause()}") from exc
+        finally:
+            if cont is not None:
+                cont()  # e.g. cancelled before the request went out: never left stopped
 
     async def _resume_after_failed_pause(self) -> str:
         await self._drop()

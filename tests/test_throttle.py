@@ -279,6 +279,42 @@ async def test_a_guest_without_the_throttle_op_is_throttled_with_sigstop(
     assert gc.ran_since(time.monotonic()) is True
 
 
+SILENT_GUEST = """
+import asyncio, json, sys
+async def serve(reader, writer):
+    while line := await reader.readline():
+        op = json.loads(line)["op"]
+        if op == "pause":
+            continue  # never answers a pause
+        writer.write(b'{"ok": true}\\n' if op == "resume" else b'{"ok": false, "error": "unknown op"}\\n')
+        await writer.drain()
+async def main():
+    server = await asyncio.start_unix_server(serve, path=sys.argv[1])
+    async with server:
+        await server.serve_forever()
+asyncio.run(main())
+"""
+
+
+async def test_a_failed_pause_of_a_guest_stopped_by_the_duty_cycle_continues_it_before_the_resume(
+        tmp_path: Path) -> None:
+    sock = tmp_path / "g.sock"
+    p = subprocess.Popen([PY, "-c", SILENT_GUEST, str(sock)])
+    try:
+        wait_for(sock.exists, what="the fake guest's socket")
+        gc = GuestControl(sock, timeout_s=1)
+        await gc.throttle(0.95)
+        assert gc.throttle_method == "sigstop"
+        with pytest.raises(GuestControlError, match="did not answer 'pause'.*asked to resume and confirmed"):
+            await gc.pause()
+        assert never_stopped(p.pid)
+        await gc.close()
+    finally:
+        p.send_signal(signal.SIGCONT)
+        p.kill()
+        p.wait()
+
+
 async def test_a_guest_throttling_itself_cannot_be_held(tmp_path: Path) -> None:
     async def guest(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while await reader.readline():
