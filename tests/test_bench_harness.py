@@ -108,3 +108,26 @@ def test_scan_floor_measures_each_way_of_reading_a_region(tmp_path: Path):
     assert set(res) == {"xxh3, 64 MiB buffers", "xxh3, 128 KiB chunks, two threads",
                         "xxh3 per 4 KiB page (page_digests)"}
     assert all(s > 0 for s in res.values())
+
+
+def test_drain_benchmark_smoke_runs_tiny(capsys: pytest.CaptureFixture[str]):
+    """benchmarks/drain.py with 4 MiB guests, N = 1 and 2, one run: all commit, the table has both rows."""
+    from benchmarks import drain
+
+    assert drain.main(["--n", "2", "--size-mib", "4", "--runs", "1", "--versus=--max-active=2"]) == 0
+    out = capsys.readouterr().out
+    assert "precopy-dest (defaults):" in out and "precopy-dest --max-active=2:" in out, out
+    assert out.count("| 1 | ") == 2 and out.count("| 2/2 | 0 |") == 2, out
+    assert not list(Path("/dev/shm").glob(f"precopy-drain-{os.getpid()}"))
+
+
+def test_drain_table_holds_each_drain_against_n_times_one():
+    from benchmarks.drain import Drain, table
+
+    ok = {"outcome": "committed", "downtime_ms": 50.0, "queued_s": 0.0}
+    results = {1: [Drain(1, 1.0, [ok])],
+               2: [Drain(2, 2.2, [ok, {"outcome": "committed", "downtime_ms": 400.0, "queued_s": 1.1}])],
+               4: [Drain(4, 5.0, [ok, ok, ok, {"outcome": "aborted"}])]}
+    rows = table(results, 300.0).splitlines()
+    assert rows[3] == "| 2 | 2.20 | 2.00 | 1.10 | 2/2 | 0 | 1/2 | 400 | 1.10 |"
+    assert rows[4] == "| 4 | 5.00 | 4.00 | 1.25 | 3/4 | 1 | 3/4 | 50 | 0.00 |"
