@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -62,9 +63,13 @@ def drain_once(procs: Procs, work: Path, dest_addr: str, dest_dir: Path, daemon:
             shots.append(_one_shot(procs, work, dest_addr, region, pid))
     reports: list[dict] = []
     for jid in jobs:
-        wait_for(lambda: daemon.request({"op": "status", "id": jid})["job"]["state"] not in ("queued", "running"),
-                 timeout=600, what=f"daemon migration {jid}")
-        reports.append(daemon.request({"op": "status", "id": jid})["report"])
+        # Ask twice a second, not wait_for's fifty: each answer is the daemon's event loop's
+        # time, the same thread that runs the migrations' pauses.
+        deadline = time.monotonic() + 600
+        while (st := daemon.request({"op": "status", "id": jid}))["job"]["state"] in ("queued", "running"):
+            assert time.monotonic() < deadline, f"daemon migration {jid} never ended"
+            time.sleep(0.5)
+        reports.append(st["report"])
     for p, report, log in shots:
         rc = p.wait(600)
         rep = json.loads(report.read_text()) if report.exists() else None
