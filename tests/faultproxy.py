@@ -37,6 +37,7 @@ that drive real processes can use it.
 from __future__ import annotations
 
 import asyncio
+import socket
 import struct
 import threading
 from dataclasses import dataclass, field
@@ -233,7 +234,17 @@ class FaultProxy:
         self._loop.close()
 
     async def _start(self) -> None:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if self.rate_bps:
+            # A slow link holds little: with the kernel's autotuned receive
+            # buffer (MiBs) the source saw its bytes taken at once and
+            # measured a rate several times the real one (a 16 MiB sweep over
+            # 5 MB/s "converged" on 25 MB/s and paused 4-7 s). Accepted
+            # sockets inherit this; at most a frame more waits in the proxy.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        sock.bind(("127.0.0.1", 0))
+        self._server = await asyncio.start_server(self._accept, sock=sock)
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def _stop(self) -> None:

@@ -112,8 +112,9 @@ def test_cancel_rolls_back_and_the_result_is_kept(procs: Procs, work: Path, requ
                                                   setup: tuple[Daemon, Dest, Path, int]) -> None:
     d, dest, _, _ = setup
     # A migration that iterates until cancelled: an unthrottled sweep re-dirties its whole
-    # region each round, far more than a 20 MB/s link sends within the budget (a budget
-    # under the downtime floor would abort at once instead).
+    # region (16 MiB) each round, far more than a 5 MB/s link sends within the budget. The
+    # budget stays far above the downtime floor (a final scan of 16 MiB): on a busy machine
+    # that scan took ~300 ms, and a floor over the budget aborts before the cancel.
     region = work / "sweep.mem"
     create_region(region, "16M")
     first = region.read_bytes()[:1]
@@ -121,15 +122,20 @@ def test_cancel_rolls_back_and_the_result_is_kept(procs: Procs, work: Path, requ
     # Sweeping before the migration starts: a guest still importing when the first round
     # scans leaves nothing dirty, and the migration commits at once.
     wait_for(lambda: region.open("rb").read(1) != first, timeout=60, what="the guest to sweep")
-    proxy = FaultProxy(("127.0.0.1", int(dest.addr.rsplit(":", 1)[1])), rate_bps=20e6).__enter__()
+    proxy = FaultProxy(("127.0.0.1", int(dest.addr.rsplit(":", 1)[1])), rate_bps=5e6).__enter__()
     request.addfinalizer(lambda: proxy.__exit__(None, None, None))
     ans = d.request({"op": "start", "options": {"to": proxy.addr, "memory": str(region), "pid": pid,
-                                                 "downtime-ms": 100, "throttle": "off", "max-time": 0,
+                                                 "downtime-ms": 1000, "throttle": "off", "max-time": 0,
                                                  "max-rounds": 1000000}})
     assert ans["ok"], ans
     jid = ans["id"]
-    wait_for(lambda: (d.request({"op": "status", "id": jid})["job"].get("progress") or {}).get("round", 0) >= 2,
-             timeout=60, what="iterative rounds")
+
+    def iterating() -> bool:
+        job = d.request({"op": "status", "id": jid})["job"]
+        assert job["state"] in ("queued", "running"), f"the migration ended before it was cancelled: {job}"
+        return bool((job.get("progress") or {}).get("round", 0) >= 2)
+
+    wait_for(iterating, timeout=60, what="iterative rounds")
     m = scrape(d.metrics_url)
     assert m["precopy_source_migrations_in_flight"] == 1
     dm = scrape(dest_metrics_url(dest))
