@@ -822,6 +822,16 @@ def _quantile(xs: Sequence[float], q: float) -> float:
     return ys[min(len(ys), max(1, math.ceil(q * len(ys) - 1e-9))) - 1]
 
 
+def _abort_kind(error: str) -> str:
+    """A short name for why a run aborted, for the tally."""
+    for prefix, kind in (("cannot converge: the downtime floor", "floor over the budget"),
+                         ("did not converge after", "no convergence in --max-time/--max-rounds"),
+                         ("downtime cap hit", "cap")):
+        if error.startswith(prefix):
+            return kind
+    return error[:40] or "unknown"
+
+
 def promise_tally(records: list[dict[str, Any]]) -> str:
     """Per scenario: how many runs paused within the budget, and what the others did.
 
@@ -844,10 +854,15 @@ def promise_tally(records: list[dict[str, Any]]) -> str:
         down = [p["downtime_ms"] for p in done]
         ratio = [p["downtime_ms"] / p["expected_downtime_ms"] for p in done if p.get("expected_downtime_ms")]
         margin = [p["switchover_margin_ms"] for p in done if p.get("switchover_margin_ms") is not None]
-        why = sorted({(p.get("error") or "")[:60] for p in aborted if p.get("paused_ms") is None})
+        why: dict[str, int] = {}
+        for p in aborted:
+            if p.get("paused_ms") is None:
+                reason = _abort_kind(p.get("error") or "")
+                why[reason] = why.get(reason, 0) + 1
+        said = ", ".join(f"{k} {n}" for k, n in sorted(why.items(), key=lambda kv: -kv[1]))
         lines.append(
             f"| {key} | {len(reps)} | **{len(within)}/{len(reps)}** | {len(done) - len(within)} | "
-            f"{len(aborted) - len(after)}{' (' + '; '.join(why) + '...)' if why else ''} | {len(after)} | "
+            f"{len(aborted) - len(after)}{f' ({said})' if said else ''} | {len(after)} | "
             + (f"{_med(down):.1f} / {_quantile(down, 0.99):.1f} / {max(down):.1f}" if down else "n/a")
             + f" | {_fmt(ratio, '', digits=2)} | {_fmt(margin, '', digits=1)} | "
             f"{_fmt([len(p.get('rounds', [])) for p in done], '', digits=0)} |")

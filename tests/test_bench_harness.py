@@ -44,10 +44,10 @@ def test_the_promise_matrix_and_its_tally():
 
     runs = [rec("committed", 30.0 + i / 5) for i in range(96)] + [rec("committed", 50.0), rec("committed", 61.5),
                                                                rec("aborted", paused=55.0),
-                                                               rec("aborted", error="cannot converge: the floor")]
+                                                               rec("aborted", error="cannot converge: the downtime floor")]
     row = harness.promise_tally(runs).splitlines()[2]
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[:6] == ["k", "100", "**97/100**", "1", "1 (cannot converge: the floor...)", "1"]
+    assert cells[:6] == ["k", "100", "**97/100**", "1", "1 (floor over the budget 1)", "1"]
     downs = [30.0 + i / 5 for i in range(96)] + [50.0, 61.5]
     assert cells[6] == f"{statistics.median(downs):.1f} / 61.5 / 61.5"  # median, the 99th of 98, the max
     assert harness._quantile(list(range(1, 101)), 0.99) == 99 and harness._quantile([5.0], 0.99) == 5.0
