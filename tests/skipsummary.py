@@ -11,10 +11,16 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable
 
-__all__ = ["ci_packages", "skip_summary"]
+__all__ = ["FAMILIES", "ci_packages", "skip_summary"]
 
-#: A skip reason naming one of these tools is one ``.ci/run`` installs.
-_CI_TOOLS = ("qemu", "gcc")
+#: Test families whose tools .ci/run installs: (the test files' prefix, words
+#: of their skip reasons, the tools).  A skipped test of a family is enabled by
+#: installing the family's missing tools' packages.
+FAMILIES: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
+    "QEMU": ("tests/test_qemu", ("qemu", "gcc"), ("qemu-system-x86_64", "gcc", "ld")),
+    "cluster": ("tests/test_cluster", ("corosync", "pacemaker", "crmsh", "cluster"),
+                ("corosync", "pacemakerd", "crm_resource", "crm")),
+}
 _NEED = re.compile(r"command -v (\S+) >/dev/null \|\| need\+=\((\S+)\)")
 
 
@@ -41,7 +47,7 @@ def skip_summary(skips: Iterable[tuple[str, str]], ci_run: str,
         return []
     total = sum(len(v) for v in by_reason.values())
     lines = [f"{total} test{'s' * (total != 1)} skipped:"]
-    needs_ci = False
+    families: list[str] = []
     for reason, ids in sorted(by_reason.items(), key=lambda kv: (-len(kv[1]), kv[0])):
         files: dict[str, list[str]] = {}
         for nodeid in ids:
@@ -51,12 +57,18 @@ def skip_summary(skips: Iterable[tuple[str, str]], ci_run: str,
         for path, names in files.items():
             more = ", ..." if len(names) > 3 else ""
             lines.append(f"      {path}: {len(names)} ({', '.join(names[:3])}{more})")
-        needs_ci = needs_ci or any(tool in reason.lower() for tool in _CI_TOOLS)
-    if needs_ci:
-        missing = [pkg for tool, pkg in ci_packages(ci_run) if which(tool) is None]
+            for family, (prefix, words, _) in FAMILIES.items():
+                if family not in families and (path.startswith(prefix) or any(w in reason.lower() for w in words)):
+                    families.append(family)
+    if families:
+        tools = {t for f in families for t in FAMILIES[f][2]}
+        missing = [pkg for tool, pkg in ci_packages(ci_run) if tool in tools and which(tool) is None]
+        which_tests = " and ".join(families)
         if missing:
-            lines.append("To run the QEMU tests, install what .ci/run installs (as root), then make test again:")
-            lines.append(f"    apt-get install -y --no-install-recommends {' '.join(missing)}")
+            lines.append(f"To run the {which_tests} tests, install what .ci/run installs (as root), "
+                         "then make test again:")
+            lines.append(f"    apt-get install -y --no-install-recommends {' '.join(dict.fromkeys(missing))}")
         else:
-            lines.append("The QEMU tools are installed now (.ci/run's list): make test again runs those tests.")
+            lines.append(f"The {which_tests} tests' tools are installed now (.ci/run's list): "
+                         "make test again runs them, or they skip for the reason above.")
     return lines

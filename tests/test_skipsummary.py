@@ -7,14 +7,24 @@ import subprocess
 from pathlib import Path
 
 from .conftest import ENV, PY, ROOT
-from .skipsummary import ci_packages, skip_summary
+from .skipsummary import FAMILIES, ci_packages, skip_summary
 
 CI_RUN = (ROOT / ".ci" / "run").read_text()
 QEMU = "qemu-system-x86_64 is not installed (apt-get install qemu-system-x86; .ci/run does)"
 
 
 def test_the_packages_come_from_ci_runs_install_lines() -> None:
-    assert ci_packages(CI_RUN) == [("qemu-system-x86_64", "qemu-system-x86"), ("gcc", "gcc"), ("ld", "binutils")]
+    pairs = ci_packages(CI_RUN)
+    assert pairs[:3] == [("qemu-system-x86_64", "qemu-system-x86"), ("gcc", "gcc"), ("ld", "binutils")]
+    # Every family's tools are ones .ci/run installs: the advice is what CI does.
+    assert {t for _, _, tools in FAMILIES.values() for t in tools} <= {tool for tool, _ in pairs}
+
+
+def test_a_cluster_skip_asks_for_the_cluster_packages_only() -> None:
+    skips = [("tests/test_cluster.py::test_drain", "no cluster here: crmsh is not installed")]
+    lines = skip_summary(skips, CI_RUN, lambda tool: None if tool in ("crm", "qemu-system-x86_64") else "/x")
+    assert lines[-2].startswith("To run the cluster tests")
+    assert lines[-1].strip() == "apt-get install -y --no-install-recommends crmsh"
 
 
 def test_skips_are_grouped_by_reason_with_the_command_for_what_is_missing() -> None:
