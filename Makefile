@@ -30,7 +30,7 @@ lint: $(STAMP)
 	    precopy/digest.py precopy/policy.py precopy/compress.py precopy/workload.py precopy/auth.py \
 	    precopy/source.py precopy/destination.py precopy/report.py precopy/errors.py precopy/netns.py \
 	    precopy/tls.py precopy/qmp.py precopy/qemu.py precopy/guardian.py precopy/preflight.py \
-	    precopy/tracking.py precopy/uffd.py precopy/downtime.py
+	    precopy/tracking.py precopy/uffd.py precopy/pcmklab.py precopy/downtime.py
 
 # The quick matrix (a few minutes) and everything (long; needs ~13 GiB of /dev/shm for 4 GiB).
 # Both rewrite their section of benchmarks/RESULTS.md and the plots in benchmarks/results/.

@@ -635,7 +635,7 @@ def migrate_to(p: Params) -> int:
         return OCF_ERR_GENERIC
     pid = workload_pid(p)
     if pid is None:
-        _log(p, "error", f"cannot migrate: the workload is not running here")
+        _log(p, "error", "cannot migrate: the workload is not running here")
         return OCF_ERR_GENERIC
     mid = uuid.uuid4().hex
     marker = {"id": mid, "target": target, "to": to, "started": time.time()}

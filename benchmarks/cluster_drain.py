@@ -2,7 +2,7 @@
 sum of the same workloads' single migrations, in a real 3-node cluster on this machine.
 
     .venv/bin/python -m benchmarks.cluster_drain [--size 128M] [--rate 5000] [--runs 3]
-                                                 [--max-active N] [--workloads 3]
+                                                 [--max-active N] [--workloads 3] [--node-action-limit N]
 
 Needs root and Debian's pacemaker, corosync, pacemaker-cli-utils and crmsh (the
 cluster of tests/test_cluster.py: precopy.pcmklab).  Each run, interleaved:
@@ -110,6 +110,9 @@ def main() -> int:
     ap.add_argument("--max-active", type=int, default=None,
                     help="--max-active of both daemons on every node (default: theirs)")
     ap.add_argument("--downtime-ms", type=int, default=300)
+    ap.add_argument("--node-action-limit", type=int, default=None,
+                    help="Pacemaker's node-action-limit, and load-threshold raised out of the way "
+                         "(default: Pacemaker's: 2 x cores, throttled further under high load)")
     args = ap.parse_args()
     reason = unavailable_reason()
     if reason:
@@ -122,7 +125,10 @@ def main() -> int:
     try:
         names = [f"b{i}" for i in range(1, args.workloads + 1)]
         n1 = c.nodes[0]
-        conf = ["property placement-strategy=balanced", "rsc_defaults resource-stickiness=100"]
+        props = "placement-strategy=balanced"
+        if args.node_action_limit:
+            props += f" node-action-limit={args.node_action_limit} load-threshold=10000%"
+        conf = [f"property {props}", "rsc_defaults resource-stickiness=100"]
         conf += [f"node {n.name} utilization memory=65536" for n in c.nodes]
         for r in names:
             n1.run(PY, "-m", "precopy.guest", "create", "--memory", f"{c.MEMORY_DIR}/{r}", "--size", args.size,
@@ -151,7 +157,8 @@ def main() -> int:
             p_drains.append(max(p_drain))
             row = {"run": run + 1, "singles_s": single, "singles_precopy_s": p_single, "drain_s": drain,
                    "drain_precopy_s": p_drain, "drain_placement": where, "size": args.size, "rate": args.rate,
-                   "max_active": args.max_active, "ts": time.time()}
+                   "max_active": args.max_active, "node_action_limit": args.node_action_limit,
+                   "ts": time.time()}
             rows.append(row)
             print(json.dumps(row), flush=True)
         out = ROOT / "benchmarks" / "out"
@@ -161,7 +168,8 @@ def main() -> int:
                 fh.write(json.dumps(row) + "\n")
         ratios = [d / s for d, s in zip(drains, sums)]
         print(f"\n{args.workloads} workloads of {args.size}, {args.rate} pages/s, budget {args.downtime_ms} ms, "
-              f"--max-active {args.max_active or 'default'}; medians (min–max) of {args.runs} runs, seconds\n")
+              f"--max-active {args.max_active or 'default'}, node-action-limit "
+              f"{args.node_action_limit or 'default'}; medians (min–max) of {args.runs} runs, seconds\n")
         print("| | cluster: command → started on the target | precopy's own (reports' total_time_s) |")
         print("|---|---|---|")
         print(f"| sum of {args.workloads} single moves | {_med(sums)} | {_med(p_sums)} |")

@@ -315,10 +315,9 @@ class Cluster:
         deadline = time.monotonic() + timeout
         while True:
             for n in self.nodes:
-                for p in (n.corosync, n.pacemakerd):
+                for what, p in (("corosync", n.corosync), ("pacemakerd", n.pacemakerd)):
                     if p is not None and p.poll() is not None and n in (nodes or self.nodes):
-                        raise RuntimeError(f"{n.name}: {p.args[-2]} exited {p.returncode} "
-                                           f"(see {n.root})")
+                        raise RuntimeError(f"{n.name}: {what} exited {p.returncode} (see {n.root})")
             if sorted(self.online((nodes or self.nodes)[0])) == want:
                 return
             if time.monotonic() > deadline:

@@ -9,7 +9,6 @@ import os
 import socket
 import subprocess
 import threading
-import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any, Iterator
