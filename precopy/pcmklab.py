@@ -210,12 +210,21 @@ class Cluster:
             for n in self.nodes:
                 n.corosync = n.spawn("corosync", "-f", log=n.root / "corosync.out")
             for n in self.nodes:
-                n.pacemakerd = n.spawn("pacemakerd", "-f", log=n.root / "pacemakerd.out")
+                self.start_pacemaker(n)
             self.wait_online(timeout)
         except BaseException:
             self.down()
             raise
         return self
+
+    def start_pacemaker(self, n: Node) -> None:
+        # pacemakerd runs in the foreground (2.1 ignores -f, later versions may not take it)
+        n.pacemakerd = n.spawn("pacemakerd", log=n.root / "pacemakerd.out")
+
+    def start_node(self, n: Node) -> None:
+        """Start a stopped node's corosync and pacemakerd again (it then rejoins)."""
+        n.corosync = n.spawn("corosync", "-f", log=n.root / "corosync.out")
+        self.start_pacemaker(n)
 
     def _network(self) -> None:
         _run(["ip", "netns", "add", self.br_ns])

@@ -322,8 +322,7 @@ def test_power_cut_node_never_gets_a_second_copy(lab: Lab) -> None:
     # The node comes back: its pacemaker finds the workloads running where they always were.
     if node.pacemakerd is not None and node.pacemakerd.poll() is None:
         lab.c.stop_node(node)
-    node.corosync = node.spawn("corosync", "-f", log=node.root / "corosync.out")
-    node.pacemakerd = node.spawn("pacemakerd", "-f", log=node.root / "pacemakerd.out")
+    lab.c.start_node(node)
     lab.c.wait_online(SETTLE_S)
     for r in victims:
         retry(lab, r)
