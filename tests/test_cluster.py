@@ -61,16 +61,37 @@ def _config(c: PrecopyCluster, workload: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+def lab(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     if _REASON:
         pytest.skip(f"no cluster here: {_REASON}")
     work = tmp_path_factory.mktemp("cluster")
     c = PrecopyCluster(f"cl{os.getpid() % 100000}", workdir=work)
+    failed = request.session.testsfailed
     c.up()
     try:
         yield Lab(c, work)
     finally:
+        if request.session.testsfailed > failed:
+            _keep_logs(c)
         c.down()
+
+
+def _keep_logs(c: PrecopyCluster) -> None:
+    """After a failure: every node's cluster, daemon and agent logs, out of pytest's rotation."""
+    import shutil
+    import tempfile
+
+    keep = Path(tempfile.mkdtemp(prefix="test_cluster-logs-"))
+    for n in c.nodes:
+        d = keep / n.name
+        shutil.copytree(n.root / "var-log", d / "var-log", ignore_dangling_symlinks=True, dirs_exist_ok=True)
+        for f in n.root.glob("*.log"):
+            shutil.copy(f, d)
+        try:
+            shutil.copytree(n.path("/run/precopy-ocf"), d / "precopy-ocf")
+        except OSError as exc:
+            print(f"{n.name}: no agent state to keep: {exc}")
+    print(f"\ntest_cluster: the cluster's logs are kept in {keep}")
 
 
 class Lab:
