@@ -971,8 +971,13 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         return 0
     if len(argv) != 1 or argv[0] in ("-h", "--help"):
-        print(__doc__.split("\n\n")[0] if __doc__ else "", file=sys.stderr)
-        return OCF_ERR_ARGS if argv else 2
+        usage = "\n\n".join((__doc__ or "").split("\n\n")[:3]) + \
+            f"\n\nACTION: {', '.join(ACTIONS)}, meta-data (OCF exit codes). README: 'Run it in a Pacemaker cluster'."
+        if argv[:1] in (["-h"], ["--help"]):
+            print(usage)
+            return 0
+        print(usage, file=sys.stderr)
+        return 2
     return run_action(argv[0])
 
 

@@ -96,6 +96,12 @@ def test_installed_wrapper_answers_meta_data_without_python(tmp_path: Path) -> N
     assert rc.returncode == ocf.OCF_ERR_CONFIGURED and "'memory' is required" in rc.stderr
 
 
+def test_cli_help_and_usage() -> None:
+    assert ocf.main(["--help"]) == 0
+    assert ocf.main([]) == 2
+    assert ocf.main(["reboot"]) == ocf.OCF_ERR_UNIMPLEMENTED
+
+
 # -- actions on one node ---------------------------------------------------------------
 
 class Node:
