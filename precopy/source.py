@@ -453,6 +453,7 @@ class SourceSession:
         self._asked: dict[int, float] = {}  # digest requests out: seq -> when sent (round trips)
         self._dest_peers = 0  # other migrations the destination receives, as its last table said
         self._contention_mark = (0.0, 0.0, (0, 0))  # (monotonic, cpu wait, steal ticks) at the last decision
+        self._contention_slept = 0.0  # of the time since then, asleep waiting for contention to pass
 
     # -- entry point ----------------------------------------------------
 
@@ -1475,7 +1476,9 @@ class SourceSession:
         now, waited, steal = time.monotonic(), _cpu_wait_s(), _steal_ticks()
         t0, w0, s0 = self._contention_mark
         self._contention_mark = (now, waited, steal)
-        wall = now - t0 if t0 else 0.0
+        # Time spent waiting for contention to pass (asleep, never runnable) is not the round's.
+        wall = now - t0 - self._contention_slept if t0 else 0.0
+        self._contention_slept = 0.0
         ticks = steal[1] - s0[1]
         return Contention(
             source_peers=len(_SENDING - {str(self.opts.migration_id)}),
@@ -1639,6 +1642,7 @@ class SourceSession:
                 # Contended: let it pass rather than add to it (the pages
                 # found are still sent below: a tracker has re-armed them).
                 await asyncio.sleep(decision.wait_s)
+                self._contention_slept += decision.wait_s
             rounds_done += 1
             rnd = RoundReport(round=rounds_done, kind="iterative", pages_scanned=self.mem.npages,
                               pages_dirty=len(todo), pages_sent=0, zero_pages=0, bytes_on_wire=0,

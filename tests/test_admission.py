@@ -202,3 +202,38 @@ async def test_a_source_that_cannot_wait_is_served_at_once(work: Path, dest_dir:
         reps = await asyncio.wait_for(asyncio.gather(*tasks), 60)
     assert [r.outcome for r in reps] == ["committed"] * 2
     del maps
+
+
+# --------------------------------------------------------------------------
+# What the session tells the stop rule about contention
+
+
+def test_the_session_measures_contention_over_the_round_without_its_waits(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from precopy.source import SourceOptions, SourceSession
+
+    region = tmp_path / "g.mem"
+    region.write_bytes(b"\0" * 8192)
+    clock, waited, steal = [100.0], [1.0], [(0, 1000)]
+    monkeypatch.setattr(precopy.source.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(precopy.source, "_cpu_wait_s", lambda: waited[0])
+    monkeypatch.setattr(precopy.source, "_steal_ticks", lambda: steal[0])
+    session = SourceSession(SourceOptions(host="127.0.0.1", port=1, memory=region, migration_id="me"),
+                            FakeWorkload())
+    try:
+        session._contention()  # the mark: the round starts here
+        clock[0], waited[0], steal[0] = 101.0, 1.5, (10, 1100)
+        session._dest_peers = 3
+        monkeypatch.setattr(precopy.source, "_SENDING", {"me", "other"})
+        c = session._contention()
+        assert (c.source_peers, c.dest_peers) == (1, 3)
+        assert c.cpu_wait_share == pytest.approx(0.5) and c.steal_share == pytest.approx(0.1)
+        # A round that slept 0.75 s of its 1 s waiting for contention to pass: the 0.1 s
+        # the sender waited was of 0.25 s awake.
+        session._contention_slept = 0.75
+        clock[0], waited[0] = 102.0, 1.6
+        c = session._contention()
+        assert c.cpu_wait_share == pytest.approx(0.4) and c.steal_share == 0.0
+    finally:
+        session._hash_pool.shutdown()
+        session._outer_pool.shutdown()

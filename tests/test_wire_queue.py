@@ -24,7 +24,6 @@ from precopy.wire import (
     Phase,
     Queued,
     Ready,
-    Role,
 )
 
 WAITING = dataclasses.replace(BEGIN, wait=True)
