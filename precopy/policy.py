@@ -94,7 +94,8 @@ class Contention:
     ``source_peers``: other migrations moving bytes out of this process;
     ``dest_peers``: other migrations the destination said it is receiving;
     ``cpu_wait_share``: of the round's wall time, the session's thread was
-    runnable but waiting for a CPU (/proc/thread-self/schedstat);
+    runnable but waiting for a CPU, or of the time the process's threads
+    were runnable, the share they waited (the larger; schedstat);
     ``steal_share``: of the host's CPU time over the round, the share the
     hypervisor stole (/proc/stat).
     """
@@ -112,7 +113,7 @@ class Contention:
         if self.dest_peers > 0:
             out.append(f"{self.dest_peers} other migration(s) into the destination")
         if self.cpu_wait_share >= cpu_wait_limit:
-            out.append(f"the sender waited for a CPU {self.cpu_wait_share:.0%} of the round")
+            out.append(f"the sender waited for a CPU {self.cpu_wait_share:.0%} of the time")
         if self.steal_share >= steal_limit:
             out.append(f"CPU steal {self.steal_share:.0%}")
         return out

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import os
 import ssl
 import logging
 import time
@@ -327,6 +328,28 @@ def _cpu_wait_s() -> float:
         return 0.0
 
 
+def _process_sched() -> tuple[float, float]:
+    """Seconds this process's threads have run and waited for a CPU, summed; (0, 0) where unknown.
+
+    A migration's CPU work is mostly in its hashing and scanning threads,
+    whose waits the event loop's thread never sees.
+    """
+    run = wait = 0
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return 0.0, 0.0
+    for tid in tasks:
+        try:
+            with open(f"/proc/self/task/{tid}/schedstat", "rb") as f:
+                fields = f.read().split()
+            run += int(fields[0])
+            wait += int(fields[1])
+        except (OSError, ValueError, IndexError):
+            continue  # a thread that ended meanwhile
+    return run / 1e9, wait / 1e9
+
+
 def _steal_ticks() -> tuple[int, int]:
     """(steal, all) CPU ticks of the host so far (/proc/stat); (0, 0) where unknown."""
     try:
@@ -452,7 +475,8 @@ class SourceSession:
         self._dest_table = np.zeros(0, dtype=np.uint64)  # from the last verification
         self._asked: dict[int, float] = {}  # digest requests out: seq -> when sent (round trips)
         self._dest_peers = 0  # other migrations the destination receives, as its last table said
-        self._contention_mark = (0.0, 0.0, (0, 0))  # (monotonic, cpu wait, steal ticks) at the last decision
+        #: At the last decision: (monotonic, this thread's CPU wait, steal ticks, the process's (run, wait)).
+        self._contention_mark: tuple[float, float, tuple[int, int], tuple[float, float]] = (0.0, 0.0, (0, 0), (0.0, 0.0))
         self._contention_slept = 0.0  # of the time since then, asleep waiting for contention to pass
 
     # -- entry point ----------------------------------------------------
@@ -1473,17 +1497,24 @@ class SourceSession:
 
     def _contention(self) -> Contention:
         """What competed with this migration since the last call (the round just done)."""
-        now, waited, steal = time.monotonic(), _cpu_wait_s(), _steal_ticks()
-        t0, w0, s0 = self._contention_mark
-        self._contention_mark = (now, waited, steal)
+        now, waited, steal, (run, pwait) = time.monotonic(), _cpu_wait_s(), _steal_ticks(), _process_sched()
+        t0, w0, s0, (run0, pwait0) = self._contention_mark
+        self._contention_mark = (now, waited, steal, (run, pwait))
         # Time spent waiting for contention to pass (asleep, never runnable) is not the round's.
         wall = now - t0 - self._contention_slept if t0 else 0.0
         self._contention_slept = 0.0
         ticks = steal[1] - s0[1]
+        # The share of the round the event loop's thread waited for a CPU, or
+        # of the time the process's threads (hashing, scanning) were runnable,
+        # the larger: a starved scan inflates the floor with the loop idle.
+        share = min(max(waited - w0, 0.0) / wall, 1.0) if wall > 0 else 0.0
+        busy_s = max(run - run0, 0.0) + max(pwait - pwait0, 0.0)
+        if t0 and busy_s >= 0.01:
+            share = max(share, max(pwait - pwait0, 0.0) / busy_s)
         return Contention(
             source_peers=len(_SENDING - {str(self.opts.migration_id)}),
             dest_peers=self._dest_peers,
-            cpu_wait_share=min(max(waited - w0, 0.0) / wall, 1.0) if wall > 0 else 0.0,
+            cpu_wait_share=share,
             steal_share=(steal[0] - s0[0]) / ticks if t0 and ticks > 0 else 0.0,
         )
 

@@ -90,6 +90,13 @@ async def test_wait_returns_on_admission_or_timeout() -> None:
 # The destination's queue, in process
 
 
+async def _until(pred, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
 class Gate:
     """Holds each migration at its pause until released; records the order of pauses."""
 
@@ -142,7 +149,7 @@ async def test_queued_migrations_wait_their_turn_and_hear_their_place(work: Path
         reports = await asyncio.wait_for(asyncio.gather(*tasks), 60)
     assert gate.order == [p.name for p in regions]  # first come, first served
     assert [r.outcome for r in reports] == ["committed"] * 3
-    assert reports[0].queued_s == 0 and reports[1].queued_s > 2 and reports[2].queued_s > reports[1].queued_s
+    assert reports[0].queued_s == 0 and reports[1].queued_s > 2 and reports[2].queued_s > 2
     assert 1 in heard["q2.mem"]  # it moved up when the first finished
     for p in regions:
         assert (dest_dir / p.name).read_bytes() == p.read_bytes()
@@ -157,15 +164,12 @@ async def test_a_source_that_leaves_the_queue_gives_its_place_to_the_next(work: 
     gate = Gate()
     async with serve(dest_dir, max_active=1) as server:
         first = asyncio.create_task(precopy.source.migrate(options(server, regions[0]), gate.workload("l0")))
-        while not gate.order:
-            await asyncio.sleep(0.01)
+        await _until(lambda: bool(gate.order), "the first to pause")
         quitter_wl = FakeWorkload()
         quitter = asyncio.create_task(precopy.source.migrate(options(server, regions[1]), quitter_wl))
-        while server.admission.queued < 1:
-            await asyncio.sleep(0.01)
+        await _until(lambda: server.admission.queued >= 1, "the second to queue")
         last = asyncio.create_task(precopy.source.migrate(options(server, regions[2]), gate.workload("l2")))
-        while server.admission.queued < 2:
-            await asyncio.sleep(0.01)
+        await _until(lambda: server.admission.queued >= 2, "the third to queue")
         quitter.cancel()
         with pytest.raises(MigrationAborted, match="cancelled"):
             await quitter
@@ -218,6 +222,8 @@ def test_the_session_measures_contention_over_the_round_without_its_waits(
     monkeypatch.setattr(precopy.source.time, "monotonic", lambda: clock[0])
     monkeypatch.setattr(precopy.source, "_cpu_wait_s", lambda: waited[0])
     monkeypatch.setattr(precopy.source, "_steal_ticks", lambda: steal[0])
+    sched = [(5.0, 1.0)]  # the process's threads: run, wait
+    monkeypatch.setattr(precopy.source, "_process_sched", lambda: sched[0])
     session = SourceSession(SourceOptions(host="127.0.0.1", port=1, memory=region, migration_id="me"),
                             FakeWorkload())
     try:
@@ -234,6 +240,11 @@ def test_the_session_measures_contention_over_the_round_without_its_waits(
         clock[0], waited[0] = 102.0, 1.6
         c = session._contention()
         assert c.cpu_wait_share == pytest.approx(0.4) and c.steal_share == 0.0
+        # The hashing threads starved while the loop's thread waited on the network: 0.3 s
+        # run, 0.6 s waited of their runnable time.
+        clock[0], waited[0], sched[0] = 103.0, 1.6, (5.3, 1.6)
+        c = session._contention()
+        assert c.cpu_wait_share == pytest.approx(0.6 / 0.9)
     finally:
         session._hash_pool.shutdown()
         session._outer_pool.shutdown()

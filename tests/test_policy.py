@@ -571,7 +571,7 @@ def test_contention_reasons_name_each_cause_at_the_limits() -> None:
     assert Contention(cpu_wait_share=0.39, steal_share=0.09).reasons(0.4, 0.1) == []
     why = Contention(source_peers=2, dest_peers=7, cpu_wait_share=0.6, steal_share=0.2).reasons(0.4, 0.1)
     assert why == ["2 other migration(s) sending from this host", "7 other migration(s) into the destination",
-                   "the sender waited for a CPU 60% of the round", "CPU steal 20%"]
+                   "the sender waited for a CPU 60% of the time", "CPU steal 20%"]
 
 
 def test_a_floor_over_budget_under_contention_waits_instead_of_aborting() -> None:
