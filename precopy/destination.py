@@ -29,6 +29,7 @@ import os
 import socket
 import ssl
 import stat
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -43,7 +44,7 @@ from .admission import Admission, Ticket, default_max_active
 from .channel import Channel, LinkError, PeerAborted, tune
 from .digest import ChunkTracker, chunk_pages_of, page_digests
 from .errors import AbortCode, AuthError, PrecopyError, RegionError, RemoteProtocolError
-from .memory import GuestMemory, users_of
+from .memory import GuestMemory, clear_exception_frames, users_of
 from .tls import make_channel
 from .tracking import TMPFS_MAGIC, fs_magic
 from .workload import DestWorkload
@@ -669,6 +670,7 @@ class _DestMigration:
         finally:
             if tracker is not None:
                 tracker.close()
+            clear_exception_frames(sys.exc_info()[1])  # their views of the region: see there
             mem.close()
             if not committed and self.opts.workload is not None:
                 await asyncio.shield(self.opts.workload.discard(self.begin.migration_id))
@@ -793,7 +795,7 @@ class _DestMigration:
                     raise RemoteProtocolError(f"unexpected {type(ev).__name__} during a migration")
             raise LinkError(f"{self.chan.peer} closed the connection mid-migration")
         finally:
-            self.chan.conn.payload_sink = None  # it holds the region: not past the migration
+            self.chan.conn.release_sink()  # it holds the region: not past the migration
 
     async def _commit(self, ev: Commit) -> None:
         if ev.migration_id != self.begin.migration_id:

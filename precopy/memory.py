@@ -14,6 +14,7 @@ import logging
 import mmap
 import os
 import threading
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ import numpy as np
 from .errors import RegionError
 from .wire import PAGE_SIZE
 
-__all__ = ["GuestMemory", "MADV_POPULATE_READ", "MADV_POPULATE_WRITE", "users_of"]
+__all__ = ["GuestMemory", "MADV_POPULATE_READ", "MADV_POPULATE_WRITE", "clear_exception_frames", "users_of"]
 
 _log = logging.getLogger(__name__)
 
@@ -96,6 +97,26 @@ def users_of(path: Path) -> list[int]:
         except OSError:  # gone, or not ours to inspect
             continue
     return users
+
+
+def clear_exception_frames(exc: BaseException | None) -> None:
+    """Drop the locals of the finished frames an exception holds (and its causes' and contexts').
+
+    Call it before :meth:`GuestMemory.close` on a path an exception is
+    leaving by: the frames it passed through keep their locals, among them
+    views of the region (the batch in hand, a payload received in place),
+    and :meth:`GuestMemory.close` cannot unmap a region that still has
+    views.  Refcounting would free them with the exception, but asyncio
+    futures and tracebacks form cycles that only a full garbage collection
+    frees -- in a daemon that can be many migrations later, with the whole
+    region kept mapped (on tmpfs: in RAM, though its file was removed).
+    Frames still running (the caller's) are left alone.
+    """
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        traceback.clear_frames(exc.__traceback__)
+        exc = exc.__cause__ or exc.__context__
 
 
 def is_run(indices: np.ndarray) -> bool:
@@ -532,9 +553,13 @@ class GuestMemory:
         try:
             self._map.close()
         except BufferError:
-            # A caller still holds a NumPy view of the pages: the mapping is
-            # unmapped when that view is garbage collected instead.
+            # A caller still holds a view of the pages: the mapping is
+            # unmapped when the last view goes.  This object lets go of it
+            # now, so that a reference to it (a frame in a traceback, a
+            # cycle only a full garbage collection frees) cannot keep the
+            # region mapped (see clear_exception_frames).
             _log.debug("region %s still has views; unmapping deferred to GC", self.path)
+        del self._map
         os.close(self._fd)
 
     def __enter__(self) -> GuestMemory:

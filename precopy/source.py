@@ -31,6 +31,7 @@ import functools
 import os
 import ssl
 import logging
+import sys
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -67,7 +68,7 @@ from .errors import (
     PrecopyError,
     RemoteProtocolError,
 )
-from .memory import GuestMemory
+from .memory import GuestMemory, clear_exception_frames
 from .policy import (
     Action,
     Contention,
@@ -550,6 +551,7 @@ class SourceSession:
             if self.tracker is not None:
                 self.tracker.close()
             if self.mem is not None:
+                clear_exception_frames(sys.exc_info()[1])  # their views of the region: see there
                 self.mem.close()
             self._hash_pool.shutdown(wait=False)
             self._outer_pool.shutdown(wait=False)

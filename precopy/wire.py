@@ -681,6 +681,8 @@ class Connection:
     _declined: int = field(default=-1, init=False, repr=False)
     #: The sink declined the last payload offered: reads are not limited to the frame.
     _sink_declines: bool = field(default=False, init=False, repr=False)
+    #: :meth:`release_sink` dropped a payload in progress: no more events.
+    _abandoned: bool = field(default=False, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.buffer_size <= 0:
@@ -782,8 +784,24 @@ class Connection:
     def buffered(self) -> int:
         return self._end - self._start
 
+    def release_sink(self) -> None:
+        """Stop offering payloads to :attr:`payload_sink` and drop any view it gave.
+
+        For the end of a receive (the sink's memory is about to go away): a
+        payload still arriving into a sink's view is abandoned, and from then
+        on :meth:`next_event` raises :class:`LocalProtocolError` -- the rest of
+        that frame would be read as the next one.  Without a payload in
+        progress the connection goes on as without a sink.
+        """
+        self.payload_sink = None
+        if self._direct is not None:
+            self._direct = None
+            self._abandoned = True
+
     def next_event(self) -> Event | _NeedData:
         """Parse one event from buffered bytes, or return :data:`NEED_DATA`."""
+        if self._abandoned:
+            raise LocalProtocolError("a payload was abandoned mid-frame (release_sink): the stream is out of step")
         if self._direct is not None:
             view, done, ev = self._direct
             if done < view.nbytes:

@@ -7,6 +7,8 @@ trigger matches it acts:
 
 * ``cut``    forward ``keep`` bytes of the trigger frame (a cut mid-frame),
              then close both sides;
+* ``reset``  as ``cut``, but both sides get a TCP reset (RST), as from a
+             peer that crashed with unread data or a firewall;
 * ``stall``  stop forwarding in both directions, keep both sockets open
              (a black hole: no FIN, no RST);
 * ``hold``   like ``stall``, but only after calling ``callback`` (used to
@@ -28,7 +30,9 @@ A proxy-wide ``rate_bps`` slows every byte down.  Faults apply to the
 connection number ``conn`` (0 = the first the proxy accepted); later
 connections (e.g. the source's outcome query) pass through untouched unless
 a fault names them.  ``upstream`` may be changed while running (a restarted
-destination on a new port).
+destination on a new port).  With ``netns`` the proxy's thread enters that
+network namespace first: it listens on that "host"'s loopback and connects
+upstream from there (the soak's migrations between two namespaces).
 
 The proxy runs its own event loop in a daemon thread, so synchronous tests
 that drive real processes can use it.
@@ -55,7 +59,7 @@ S2C = "s2c"  # destination -> source
 
 @dataclass
 class Fault:
-    action: str  # cut | stall | hold | kill | call | flip | mutate | delay
+    action: str  # cut | reset | stall | hold | kill | call | flip | mutate | delay
     kind: Kind | None = None  # trigger on this frame kind ...
     meta: dict[str, Any] | None = None  # ... whose meta has these values
     where: Callable[[dict[str, Any]], bool] | None = None  # ... and for whose meta this holds
@@ -103,6 +107,7 @@ class _Link:
         self.upstream: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
         self.stalled = asyncio.Event()
         self.done = asyncio.Event()
+        self.reset = False  # close with RST (SO_LINGER 0), not FIN
 
     async def run(self) -> None:
         try:
@@ -121,7 +126,14 @@ class _Link:
 
     def close(self) -> None:
         for w in (self.client[1], self.upstream[1] if self.upstream else None):
-            if w is not None:
+            if w is None or w.transport.is_closing():
+                continue
+            if self.reset:
+                sock = w.get_extra_info("socket")
+                if sock is not None:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                w.transport.abort()
+            else:
                 w.close()
 
     async def _write(self, w: asyncio.StreamWriter, data: bytes) -> None:
@@ -137,13 +149,15 @@ class _Link:
         forwarded = 0
         try:
             while True:
+                head = b""
                 try:
                     head = await r.readexactly(PREFIX_SIZE)
                     _, kind, _, meta_len, payload_len = PREFIX.unpack(head)
                     body = await r.readexactly(meta_len + payload_len)
                 except asyncio.IncompleteReadError as exc:
-                    # The peer closed (possibly mid-frame): pass on what came, then the close.
-                    await self._write(w, exc.partial)
+                    # The peer closed (possibly mid-frame): pass on what came -- the
+                    # prefix too, when it was in -- then the close.
+                    await self._write(w, head + exc.partial)
                     break
                 except struct.error:
                     break
@@ -167,9 +181,10 @@ class _Link:
                    meta_len: int) -> bytearray | None:
         fault.fired.set()
         self.proxy.log.append((self.number, fault.action, int(frame[2])))
-        if fault.action == "cut":
+        if fault.action in ("cut", "reset"):
             if fault.keep:
                 await self._write(w, bytes(frame[:fault.keep]))
+            self.reset = fault.action == "reset"
             self.done.set()
             return None
         if fault.action in ("stall", "hold"):
@@ -206,7 +221,7 @@ class FaultProxy:
     """``with FaultProxy(("127.0.0.1", port), [Fault(...)]) as p: ... p.addr``."""
 
     def __init__(self, upstream: tuple[str, int], faults: list[Fault] | None = None,
-                 rate_bps: float = 0.0) -> None:
+                 rate_bps: float = 0.0, netns: str | None = None) -> None:
         self.upstream = upstream
         self.faults = list(faults or [])
         self.rate_bps = rate_bps
@@ -216,7 +231,18 @@ class FaultProxy:
         self._loop = asyncio.new_event_loop()
         self._links: list[_Link] = []
         self._server: asyncio.AbstractServer | None = None
-        self._thread = threading.Thread(target=self._loop.run_forever, name="faultproxy", daemon=True)
+        self._netns = netns
+        self._thread = threading.Thread(target=self._run, name="faultproxy", daemon=True)
+
+    def _run(self) -> None:
+        if self._netns is not None:
+            from precopy.netns import enter_in_thread
+
+            try:
+                enter_in_thread(self._netns)
+            except OSError as exc:
+                self._netns_error: OSError | None = exc  # _start raises it; the loop still runs for teardown
+        self._loop.run_forever()
 
     @property
     def addr(self) -> str:
@@ -234,6 +260,9 @@ class FaultProxy:
         self._loop.close()
 
     async def _start(self) -> None:
+        error = getattr(self, "_netns_error", None)
+        if error is not None:
+            raise error
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if self.rate_bps:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import struct
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -1448,3 +1449,35 @@ def test_a_sink_view_of_the_wrong_size_is_a_local_error() -> None:
     dst.receive_data(data[:-1])
     with pytest.raises(LocalProtocolError, match="payload sink"):
         dst.next_event()
+
+
+def test_release_sink_drops_the_view_of_a_payload_in_progress() -> None:
+    """The receiver's region goes away at the end of a migration: the connection
+    must not keep a view of it, and must not read the rest of that payload as a frame."""
+    dst = dest_copying()
+    sink = RegionSink()
+    dst.payload_sink = sink
+    batch = raw_pages([20, 21], seed=7)
+    data = frame(Kind.PAGES, pages_meta([20, 21], checksum=batch.checksum), batch.payload)
+    dst.receive_data(data[:-100])
+    assert dst.next_event() is NEED_DATA  # the payload goes into the sink's view
+    region = sink.region
+    dst.release_sink()
+    assert dst.payload_sink is None
+    assert sys.getrefcount(region) == 3  # sink.region, the local, getrefcount's argument: no view kept
+    with pytest.raises(LocalProtocolError, match="abandoned"):
+        dst.next_event()
+
+
+def test_release_sink_between_frames_goes_on_without_a_sink() -> None:
+    dst = dest_copying()
+    sink = RegionSink()
+    dst.payload_sink = sink
+    first, second = raw_pages(list(range(10, 14)), seed=1), raw_pages(list(range(30, 34)), seed=2)
+    dst.receive_data(frame(Kind.PAGES, pages_meta(list(range(10, 14)), checksum=first.checksum), first.payload))
+    assert isinstance(dst.next_event(), Pages)
+    dst.release_sink()
+    dst.receive_data(frame(Kind.PAGES, pages_meta(list(range(30, 34)), checksum=second.checksum), second.payload))
+    ev = dst.next_event()
+    assert isinstance(ev, Pages) and not ev.in_place and bytes(ev.payload) == second.payload
+    assert [30, 31, 32, 33] not in sink.asked
