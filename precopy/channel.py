@@ -191,6 +191,8 @@ class Channel:
         return await self.loop.sock_recv_into(self.sock, buf)
 
     async def recv_some(self) -> int:
+        if self.closed:
+            raise LinkError(f"connection to {self.peer} is closed")
         buf = self.conn.get_buffer()
         try:
             n = await self._read_into(buf)
@@ -198,6 +200,8 @@ class Channel:
             raise LinkError(f"connection to {self.peer} failed while receiving: {exc}") from exc
         finally:
             buf.release()
+        if self.closed:  # closed while the read was in flight: what came is not ours to parse
+            raise LinkError(f"connection to {self.peer} was closed")
         if n == 0:
             self.conn.receive_data(b"")
         else:
@@ -279,3 +283,4 @@ class Channel:
         if not self.closed:
             self.closed = True
             self.sock.close()
+            self.conn.close()  # its receive buffer: see Connection.close

@@ -683,6 +683,8 @@ class Connection:
     _sink_declines: bool = field(default=False, init=False, repr=False)
     #: :meth:`release_sink` dropped a payload in progress: no more events.
     _abandoned: bool = field(default=False, init=False, repr=False)
+    #: :meth:`close` dropped the receive buffer.
+    _closed: bool = field(default=False, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.buffer_size <= 0:
@@ -718,6 +720,8 @@ class Connection:
         While a payload goes to a sink's view (see :attr:`payload_sink`),
         the rest of that view.
         """
+        if self._closed:
+            raise LocalProtocolError("the connection is closed: it receives nothing more")
         if self._direct is not None and self._direct[1] < self._direct[0].nbytes:
             view, done, _ = self._direct
             return view[done:]
@@ -762,6 +766,8 @@ class Connection:
 
     def receive_data(self, data: bytes) -> None:
         """Feed bytes (copying); ``b""`` means the peer closed the stream."""
+        if self._closed:
+            raise LocalProtocolError("the connection is closed: it receives nothing more")
         if not data:
             self._eof = True
             return
@@ -783,6 +789,20 @@ class Connection:
     @property
     def buffered(self) -> int:
         return self._end - self._start
+
+    def close(self) -> None:
+        """Let go of the receive buffer (up to ~5 MiB on a destination): nothing more is received.
+
+        A closed connection's object may outlive it for a while -- the
+        frames of an exception that ended it, a future, and the cycles they
+        form are freed only by a full garbage collection -- and must not
+        hold its buffer meanwhile.  Receiving afterwards raises
+        :class:`LocalProtocolError`; sending still works (an ABORT).
+        """
+        self.release_sink()
+        self._buf = bytearray()
+        self._start = self._end = 0
+        self._closed = True
 
     def release_sink(self) -> None:
         """Stop offering payloads to :attr:`payload_sink` and drop any view it gave.

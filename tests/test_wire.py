@@ -1481,3 +1481,21 @@ def test_release_sink_between_frames_goes_on_without_a_sink() -> None:
     ev = dst.next_event()
     assert isinstance(ev, Pages) and not ev.in_place and bytes(ev.payload) == second.payload
     assert [30, 31, 32, 33] not in sink.asked
+
+
+def test_close_drops_the_receive_buffer_and_refuses_more_data() -> None:
+    """A closed connection may live on in a reference cycle: it must not keep its buffer."""
+    pair = Pair()
+    pair.start()
+    batch = raw_pages(list(range(10, 26)), seed=1)
+    pair.dst.receive_data(join(pair.src.send(batch)))
+    assert isinstance(pair.dst.next_event(), Pages)
+    assert len(pair.dst._buf) >= 4 << 20  # a destination's buffer: a frame and more
+    pair.dst.close()
+    assert len(pair.dst._buf) == 0
+    with pytest.raises(LocalProtocolError, match="closed"):
+        pair.dst.receive_data(b"x")
+    with pytest.raises(LocalProtocolError, match="closed"):
+        pair.dst.get_buffer()
+    assert pair.dst.next_event() is NEED_DATA
+    assert join(pair.dst.send(Abort(int(AbortCode.CANCELLED), "bye")))  # an ABORT can still be sent
