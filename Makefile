@@ -1,10 +1,10 @@
-# precopy: make demo | make test | make bench | make bench-full
+# precopy: make demo | make test | make bench | make bench-full | make soak
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: venv demo test test-fast bench bench-full lint clean
+.PHONY: venv demo test test-fast bench bench-full soak lint clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "precopy needs Python >= 3.11")'
@@ -39,6 +39,14 @@ bench: $(STAMP)
 
 bench-full: $(STAMP)
 	$(BIN)/python -m benchmarks.harness --matrix full --update-results
+
+# 200 migrations back and forth between two daemons in two network namespaces, a third
+# with a fault (root; ~20-30 min); rewrites the soak section of benchmarks/RESULTS.md.
+SOAK_MIGRATIONS ?= 200
+SOAK_SEED ?= 1
+soak: $(STAMP)
+	$(BIN)/python -m benchmarks.soak --migrations $(SOAK_MIGRATIONS) --seed $(SOAK_SEED) \
+	    --json benchmarks/results/soak.json --update-results
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

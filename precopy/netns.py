@@ -24,7 +24,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["TwoHosts", "unavailable_reason", "rate_bits_per_s"]
+__all__ = ["TwoHosts", "unavailable_reason", "rate_bits_per_s", "enter_in_thread"]
 
 
 def unavailable_reason() -> str | None:
@@ -47,6 +47,29 @@ def rate_bits_per_s(rate: str) -> float:
             except ValueError:
                 break
     raise ValueError(f"rate {rate!r} is not a tc rate such as '1gbit' or '500mbit'")
+
+
+_CLONE_NEWNET = 0x40000000
+
+
+def enter_in_thread(ns: str) -> None:
+    """Move the calling thread (only it) into network namespace ``ns``.
+
+    Sockets the thread creates from then on live in ``ns``: an in-process
+    helper (a fault proxy, an outcome query) can sit on one "host" of a
+    :class:`TwoHosts` pair while the rest of the process stays where it is.
+    Raises OSError when the namespace does not exist or setns(2) fails.
+    """
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(f"/run/netns/{ns}", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if libc.setns(fd, _CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns into network namespace {ns}: {os.strerror(err)}")
+    finally:
+        os.close(fd)
 
 
 def _run(argv: Sequence[str]) -> None:
