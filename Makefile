@@ -45,7 +45,7 @@ bench-full: $(STAMP)
 SOAK_MIGRATIONS ?= 200
 SOAK_SEED ?= 1
 soak: $(STAMP)
-	$(BIN)/python -m benchmarks.soak --migrations $(SOAK_MIGRATIONS) --seed $(SOAK_SEED) \
+	$(BIN)/python -m benchmarks.soak --migrations $(SOAK_MIGRATIONS) --seed $(SOAK_SEED) --in-doubt-drill \
 	    --json benchmarks/results/soak.json --update-results
 
 clean:

@@ -1,9 +1,10 @@
 """The soak's short version (benchmarks/soak.py; `make soak` runs the full 200).
 
-Twelve migrations back and forth between two precopy-dest daemons in two
-network namespaces, four of them with a fault (a cut or stalled link, a
+Ten migrations back and forth between two precopy-dest daemons in two
+network namespaces, three of them with a fault (a cut or stalled link, a
 SIGKILL of the source agent or of the receiving daemon, a daemon restart),
-tallied: every guest in exactly one place after each migration, committed
+one of those the in-doubt drill (the receiving daemon dies as COMMIT reaches
+it and comes back after the source has given up asking: exit 4), tallied: every guest in exactly one place after each migration, committed
 regions byte-exact, aborted ones resumed on their source, in-doubt ends
 resolved as docs/FAILURES.md says, no fd/thread/RSS growth in the daemons.
 The randomness is seeded: PRECOPY_SOAK_SEED=N reruns a failing draw.
@@ -26,7 +27,7 @@ from .conftest import ENV, PY, ROOT
 
 _reason = unavailable_reason()
 
-MIGRATIONS = 12
+MIGRATIONS = 10
 
 
 @pytest.mark.skipif(_reason is not None, reason=f"the soak needs two network namespaces: {_reason}")
@@ -35,9 +36,9 @@ def test_short_soak_with_faults(tmp_path: Path) -> None:
     seed = int(os.environ.get("PRECOPY_SOAK_SEED") or random.SystemRandom().randrange(1 << 31))
     tally_path = tmp_path / "tally.json"
     cmd = [PY, "-m", "benchmarks.soak", "--migrations", str(MIGRATIONS), "--seed", str(seed), "--guests", "3",
-           "--sizes-mib", "8,16", "--warmup", "2", "--json", str(tally_path)]
+           "--sizes-mib", "8,16", "--warmup", "2", "--in-doubt-drill", "--json", str(tally_path)]
     again = f"PRECOPY_SOAK_SEED={seed} pytest tests/test_soak.py (or: python -m benchmarks.soak --migrations " \
-            f"{MIGRATIONS} --seed {seed} --guests 3 --sizes-mib 8,16 --warmup 2 --keep)"
+            f"{MIGRATIONS} --seed {seed} --guests 3 --sizes-mib 8,16 --warmup 2 --in-doubt-drill --keep)"
     try:
         r = subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=900)
     except subprocess.TimeoutExpired as exc:
@@ -53,10 +54,14 @@ def test_short_soak_with_faults(tmp_path: Path) -> None:
     # mostly commit (a busy machine may time one out: that is a rollback, not a loss).
     assert all(r["outcome"] in ("committed", "aborted") for r in records), out
     assert sum(r["outcome"] == "committed" for r in records if r["fault"] is None) >= 1, out
+    # The drill ended in doubt (exit 4, workload paused) and was settled by hand as not committed.
+    (drill,) = [r for r in records if r["drill"]]
+    assert drill["rc"] == 4 and drill["in_doubt"] and drill["resolved"] == "aborted", drill
+    assert drill["journal"] == "aborted" and drill["resumed_by"] == "hand", drill
     # Migrations went both ways, and the leak baseline of the long-lived daemon was taken.
     assert {(r["from"], r["to"]) for r in records} == {("A", "B"), ("B", "A")}, out
     a = tally["leaks"]["A"]
-    assert len(a) == 1 and a[0]["start"] is not None and a[0]["served"] >= 4, out
+    assert len(a) == 1 and a[0]["start"] is not None and a[0]["served"] >= 3, out
 
 
 def _tally(start: dict[str, int], end: dict[str, int], served: int = 50) -> dict:  # type: ignore[type-arg]
