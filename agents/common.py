@@ -17,7 +17,7 @@ from typing import Any, Coroutine, TypeVar
 
 __all__ = [
     "EXIT_OK", "EXIT_FAILURE", "EXIT_USAGE", "EXIT_ABORTED", "EXIT_IN_DOUBT",
-    "parse_hostport", "setup_logging", "run", "add_common_args",
+    "parse_hostport", "setup_logging", "run", "add_common_args", "Parser", "usage_error",
 ]
 
 T = TypeVar("T")
@@ -27,6 +27,25 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_ABORTED = 3
 EXIT_IN_DOUBT = 4
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: the usage block only for an unknown flag.
+
+    A bad value, a missing option or a bad config key is one line that says
+    what is wrong and where to look (``--help``), exit 2.
+    """
+
+    def error(self, message: str) -> Any:  # NoReturn, as argparse's
+        if message.startswith("unrecognized arguments"):
+            self.print_usage(sys.stderr)
+        usage_error(self.prog, message)
+
+
+def usage_error(prog: str, message: str) -> Any:  # NoReturn
+    """Print ``PROG: error: MESSAGE (see PROG --help)`` and exit 2 (usage)."""
+    sys.stderr.write(f"{prog}: error: {message} (see {prog} --help)\n")
+    sys.exit(EXIT_USAGE)
 
 
 def parse_hostport(text: str) -> tuple[str, int]:
@@ -152,12 +171,21 @@ class ProgressLine:
         queued = getattr(p, "phase", "") == "queued"
         # At most ten redraws a second, but never skip the line that ends a
         # phase (a quick full copy's 100 % would otherwise be lost).
-        if now - self._last < 0.1 and (queued or p.pages_done < p.pages_todo):
+        final = getattr(p, "phase", "") == "switchover"
+        if now - self._last < 0.1 and not final and (queued or p.pages_done < p.pages_todo):
             return
         self._last = now
         if queued:
             line = (f"queued at the {getattr(p, 'queued_at', 'destination')}, position "
                     f"{p.queue_position} (the workload runs on; nothing moves yet)")
+            pad = max(0, self._width - len(line))
+            self._width = len(line)
+            self.stream.write("\r" + line + " " * pad)
+            self.stream.flush()
+            return
+        if getattr(p, "phase", "") == "switchover":
+            line = (f"switchover after {p.round} rounds: the workload is paused, the last pages go "
+                    f"(expected downtime {p.expected_downtime_ms or 0:.0f} ms)")
             pad = max(0, self._width - len(line))
             self._width = len(line)
             self.stream.write("\r" + line + " " * pad)

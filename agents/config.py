@@ -79,12 +79,22 @@ def _convert_one(action: argparse.Action, where: str, value: Any) -> Any:
         text = value if isinstance(value, str) else str(value)
         try:
             out = typ(text) if callable(typ) else text
-        except (argparse.ArgumentTypeError, ValueError, TypeError) as exc:
+        except argparse.ArgumentTypeError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        except (ValueError, TypeError) as exc:
+            if typ in (int, float):  # Python's own message ("could not convert ...") names no remedy
+                raise ConfigError(f"{where}: {value!r} is not a number (write e.g. {key_of(where)} = "
+                                  f"{'120' if typ is float else '8'}, without quotes)") from None
             raise ConfigError(f"{where}: {exc}") from None
     if action.choices is not None and out not in action.choices:
         choices = ", ".join(map(str, action.choices))
         raise ConfigError(f"{where}: {value!r} is not one of {choices}")
     return out
+
+
+def key_of(where: str) -> str:
+    """``key 'idle-timeout'`` -> ``idle-timeout``."""
+    return where.split("'")[1] if where.count("'") >= 2 else where
 
 
 def load_config(path: Path) -> dict[str, Any]:
@@ -135,7 +145,8 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] | Non
             conf.update(config_values(parser, load_config(known.config)))
         except ConfigError as exc:
             msg = str(exc)
-            parser.error(msg if msg.startswith("config") else f"config {known.config}: {msg}")
+            msg = msg if msg.startswith("config") else f"config {known.config}: {msg}"
+            parser.exit(2, f"{parser.prog}: error: {msg}\n")  # one line: the key says what to fix
     actions = _actions(parser)
     # What the file provides is no longer required on the command line.
     for dest in conf:
@@ -146,7 +157,9 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] | Non
         g.required = False
     # Parse with every dest preset to a marker, to learn what the command
     # line set: argparse only fills defaults for attributes that are missing.
-    ns = argparse.Namespace(**{a.dest: _UNSET for a in parser._actions if a.dest != argparse.SUPPRESS})
+    # (--help and --version store nothing: their default is SUPPRESS.)
+    stored = [a for a in parser._actions if a.dest != argparse.SUPPRESS and a.default != argparse.SUPPRESS]
+    ns = argparse.Namespace(**{a.dest: _UNSET for a in stored})
     args = parser.parse_args(argv, namespace=ns)
     given = {d for d, v in vars(args).items() if v is not _UNSET}
     for g in groups:
@@ -158,8 +171,8 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] | Non
         elif sum(1 for d in members if d in conf) > 1:
             parser.error("config: only one of " + ", ".join(d.replace("_", "-") for d in members)
                          + " may be set")
-    for a in parser._actions:
-        if a.dest == argparse.SUPPRESS or a.dest in given:
+    for a in stored:
+        if a.dest in given:
             continue
         if a.dest in conf:
             setattr(args, a.dest, conf[a.dest])
@@ -193,7 +206,7 @@ def effective_config(args: argparse.Namespace) -> str:
     """The options in effect, as TOML a --config file accepts (unset ones omitted)."""
     lines = []
     for dest, v in sorted(vars(args).items()):
-        if dest in ("config", "check_config", "config_values") or v is None:
+        if dest in ("config", "check_config", "config_values") or v is None or v == argparse.SUPPRESS:
             continue
         lines.append(f"{dest.replace('_', '-')} = {_toml_value(v)}")
     return "\n".join(lines)

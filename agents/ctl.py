@@ -1,17 +1,20 @@
 """precopy-source ctl: a client of the source daemon's control socket.
 
-    precopy-source ctl start [--watch] -- --to HOST:PORT --memory PATH --pid PID [...]
-    precopy-source ctl status ID
-    precopy-source ctl watch ID
-    precopy-source ctl cancel ID
-    precopy-source ctl list
+    precopy-source ctl [--json] start [--watch] -- --to HOST:PORT --memory PATH --pid PID [...]
+    precopy-source ctl [--json] status ID
+    precopy-source ctl [--json] watch ID
+    precopy-source ctl [--json] cancel ID
+    precopy-source ctl [--json] list
 
-Answers are printed as JSON (one object per line) on stdout; ``watch`` (and
-``start --watch``) show a progress line on a terminal and end with the
-job as JSON.  Exit codes: 0 success (for a watched migration: committed or
-preflight-ok); 1 the daemon refused the request or is unreachable; 2
-usage; 3 the watched migration aborted (the workload runs on the source);
-4 in doubt (left paused).
+For people (the default): ``watch`` (and ``start --watch``) show a progress
+line on a terminal and end with the summary the one-shot ``precopy-source``
+prints; ``list`` is a table; ``status`` the job and its summary.  For
+scripts, ``--json`` prints the daemon's answers as JSON, one object per line
+(``watch``: the final ``done`` event; ``list``: one job per line).  Exit
+codes: 0 success (for a watched migration: committed or preflight-ok); 1 the
+daemon refused the request or is unreachable; 2 usage; 3 the watched
+migration aborted (the workload runs on the source); 4 in doubt (left
+paused).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Iterator
 
-from .common import EXIT_ABORTED, EXIT_FAILURE, EXIT_IN_DOUBT, EXIT_OK, ProgressLine
+from .common import EXIT_ABORTED, EXIT_FAILURE, EXIT_IN_DOUBT, EXIT_OK, Parser, ProgressLine
 from .source_daemon import DEFAULT_CONTROL
 
 __all__ = ["main", "request", "build_parser"]
@@ -92,7 +95,58 @@ def _one(control: Path, req: dict[str, Any]) -> dict[str, Any]:
     return ans
 
 
-def _watch(control: Path, jid: str, progress: str) -> int:
+def _report_summary(report: dict[str, Any] | None, job: dict[str, Any]) -> str:
+    """The one-shot command's summary of a finished job (or what is known of it)."""
+    from precopy.report import MigrationReport
+
+    from .source_main import summary
+
+    data = dict(report or {"migration_id": job.get("id", "?"), "outcome": job.get("state", "?")})
+    try:
+        return summary(MigrationReport.from_dict(data))
+    except (TypeError, ValueError) as exc:  # a report from another version: say so, show the gist
+        return (f"migration {data.get('migration_id')}: {data.get('outcome')} "
+                f"(its report could not be read: {exc}; --json shows it)")
+
+
+def _age(started: Any) -> str:
+    if not isinstance(started, (int, float)):
+        return "?"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started))
+
+
+def _where(job: dict[str, Any]) -> str:
+    """A job's progress, or how it ended, in a few words."""
+    state = job.get("state")
+    p = job.get("progress") or {}
+    if state == "queued" or p.get("phase") == "queued":
+        return f"queued at the {job.get('queued_at', 'source')}, position {job.get('queue_position')}"
+    if state == "running":
+        if p.get("phase") == "switchover":
+            return "switchover (the workload is paused)"
+        if not p:
+            return "connecting"
+        todo = p.get("pages_todo") or 0
+        pct = 100.0 * (p.get("pages_done") or 0) / todo if todo else 0.0
+        name = f"round {p.get('round')}" if p.get("round") else "full copy"
+        return f"{name} {pct:.0f}%"
+    if state == "committed" and job.get("downtime_ms") is not None:
+        return f"downtime {job['downtime_ms']:.1f} ms, {job.get('total_time_s') or 0:.1f} s"
+    if job.get("error"):
+        return str(job["error"])
+    return ""
+
+
+def _table(jobs: list[dict[str, Any]]) -> str:
+    rows = [("ID", "STATE", "STARTED", "MEMORY", "TO", "")]
+    for job in jobs:
+        rows.append((str(job.get("id")), str(job.get("state")), _age(job.get("started")),
+                     str(job.get("memory") or "-"), str(job.get("to") or "-"), _where(job)))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[5] for r in rows).rstrip()
+
+
+def _watch(control: Path, jid: str, progress: str, as_json: bool = True) -> int:
     line = ProgressLine(stream=sys.stderr, enabled={"auto": None, "on": True, "off": False}[progress])
     done: dict[str, Any] = {}
     try:
@@ -105,12 +159,33 @@ def _watch(control: Path, jid: str, progress: str) -> int:
                 done = ans
     finally:
         line.done()
-    print(json.dumps(done), flush=True)
-    return _EXIT_OF_STATE.get(str(done.get("job", {}).get("state")), EXIT_FAILURE)
+    job = done.get("job", {})
+    if as_json:
+        print(json.dumps(done), flush=True)
+    else:
+        print(_report_summary(done.get("report"), job), flush=True)
+    return _EXIT_OF_STATE.get(str(job.get("state")), EXIT_FAILURE)
+
+
+#: precopy-source options whose value is a path (made absolute before a start request).
+_PATH_OPTIONS = ("--memory", "--guest-control", "--qmp", "--report", "--auth-key-file", "--tls-ca",
+                 "--tls-cert", "--tls-key")
+
+
+def _absolute(argv: list[str]) -> list[str]:
+    """Relative path values made absolute against this directory: the daemon's is not the caller's."""
+    out = list(argv)
+    for i, a in enumerate(out):
+        name, eq, value = a.partition("=")
+        if name in _PATH_OPTIONS and eq and value and not value.startswith("/"):
+            out[i] = f"{name}={os.path.abspath(value)}"
+        elif a in _PATH_OPTIONS and i + 1 < len(out) and out[i + 1] and not out[i + 1].startswith(("/", "-")):
+            out[i + 1] = os.path.abspath(out[i + 1])
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="precopy-source ctl",
         description="Drive a running 'precopy-source serve' over its control socket.",
         epilog="Exit codes: 0 ok (a watched migration committed); 1 refused or unreachable; 2 usage; "
@@ -119,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--control", type=Path, default=Path(os.environ.get("PRECOPY_CONTROL", DEFAULT_CONTROL)),
                    metavar="SOCKET",
                    help=f"the daemon's control socket (default: $PRECOPY_CONTROL or {DEFAULT_CONTROL})")
+    p.add_argument("--json", action="store_true",
+                   help="print the daemon's answers as JSON, one object per line, for scripts (default: "
+                        "for people: a summary, a table)")
     p.add_argument("--progress", choices=["auto", "on", "off"], default="auto",
                    help="progress line while watching (default auto: on a terminal)")
     p.add_argument("--wait", type=float, default=5.0, metavar="SECONDS",
@@ -126,7 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     st = sub.add_parser("start", help="start a migration; the options after -- are precopy-source's",
                         description="Start a migration. Everything after -- is passed as precopy-source "
-                                    "options (see precopy-source --help); prints {\"ok\": true, \"id\": ID}.")
+                                    "options (see precopy-source --help); prints its id (--json: "
+                                    "{\"ok\": true, \"id\": ID}). Relative paths are made absolute "
+                                    "here: the daemon resolves none.")
     st.add_argument("--watch", action="store_true",
                     help="then follow it until it ends; exit code as precopy-source's")
     st.add_argument("options", nargs=argparse.REMAINDER, help="precopy-source options (required)")
@@ -150,18 +230,35 @@ def main(argv: list[str] | None = None) -> int:
             opts = args.options[1:] if args.options[:1] == ["--"] else args.options
             if not opts:
                 parser.error("start needs precopy-source options after --")
-            ans = _one(args.control, {"op": "start", "argv": opts})
-            print(json.dumps(ans), flush=True)
-            return _watch(args.control, str(ans["id"]), args.progress) if args.watch else EXIT_OK
+            ans = _one(args.control, {"op": "start", "argv": _absolute(opts)})
+            if args.json:
+                print(json.dumps(ans), flush=True)
+            elif not args.watch:
+                print(f"migration {ans['id']} started (precopy-source ctl watch {ans['id']} follows it)",
+                      flush=True)
+            return _watch(args.control, str(ans["id"]), args.progress, args.json) if args.watch else EXIT_OK
         if args.cmd == "watch":
-            return _watch(args.control, args.id, args.progress)
+            return _watch(args.control, args.id, args.progress, args.json)
         if args.cmd == "list":
             ans = _one(args.control, {"op": "list"})
-            for job in ans.get("jobs", []):
-                print(json.dumps(job))
+            jobs = [j for j in ans.get("jobs", []) if isinstance(j, dict)]
+            if args.json:
+                for job in jobs:
+                    print(json.dumps(job))
+            else:
+                print(_table(jobs) if jobs else "no migrations yet", flush=True)
             return EXIT_OK
         ans = _one(args.control, {"op": args.cmd, "id": args.id})
-        print(json.dumps(ans), flush=True)
+        if args.json:
+            print(json.dumps(ans), flush=True)
+        elif args.cmd == "cancel":
+            print(f"migration {args.id}: cancelling (it rolls back; the workload resumes on the source)",
+                  flush=True)
+        else:
+            job = ans.get("job") or {}
+            print(_table([job]), flush=True)
+            if job.get("state") not in ("queued", "running"):
+                print(_report_summary(ans.get("report"), job), flush=True)
         return EXIT_OK
     except CtlError as exc:
         print(f"precopy-source ctl: {exc}", file=sys.stderr)

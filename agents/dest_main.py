@@ -20,7 +20,7 @@ from precopy.tls import server_context
 from precopy.wire import MAX_REGION
 from precopy.qemu import QemuDestination, check_dest_command
 
-from .common import EXIT_OK, EXIT_USAGE, add_common_args, parse_hostport, run, setup_logging
+from .common import EXIT_OK, EXIT_USAGE, Parser, add_common_args, parse_hostport, run, setup_logging
 from .config import add_config_args, effective_config, parse_with_config
 from .metrics import MetricsServer, dest_metrics
 
@@ -65,7 +65,7 @@ def exposure_refusal(host: str, has_key: bool, has_tls: bool, insecure: bool) ->
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="precopy-dest",
         description="Receive live migrations: each region is written under --memory-dir; after a "
                     "commit --on-resume runs with PRECOPY_MEMORY, PRECOPY_DEVICE_STATE and "
@@ -205,7 +205,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         key = load_key(args.auth_key_file) if args.auth_key_file else None
     except PrecopyError as exc:
-        parser.print_usage(sys.stderr)
         print(f"precopy-dest: error: key 'auth-key-file': {exc}", file=sys.stderr)
         return EXIT_USAGE
     try:
@@ -227,7 +226,6 @@ def main(argv: list[str] | None = None) -> int:
         if not args.handshake_timeout > 0:
             raise PrecopyError("--handshake-timeout must be positive")
     except PrecopyError as exc:
-        parser.print_usage(sys.stderr)
         print(f"precopy-dest: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     host, port = args.listen
@@ -235,7 +233,6 @@ def main(argv: list[str] | None = None) -> int:
         try:
             check_dest_command(args.qemu_cmd)
         except ValueError as exc:
-            parser.print_usage(sys.stderr)
             print(f"precopy-dest: error: {exc}", file=sys.stderr)
             return EXIT_USAGE
     opts = DestOptions(memory_dir=args.memory_dir, state_dir=args.state_dir, host=host, port=port, auth_key=key,

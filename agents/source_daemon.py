@@ -49,7 +49,7 @@ from precopy.source import Progress, migrate
 from precopy.qemu import QemuWorkload
 from precopy.workload import GuestControl
 
-from .common import EXIT_OK, EXIT_USAGE, add_common_args, parse_hostport, run, setup_logging
+from .common import EXIT_OK, EXIT_USAGE, Parser, add_common_args, parse_hostport, run, setup_logging
 from .config import ConfigError, add_config_args, config_values, effective_config, load_config, parse_with_config
 from .metrics import MetricsServer, source_metrics
 
@@ -294,6 +294,11 @@ class SourceDaemon:
             args = parse_with_config(parser, argv, values)
         except (ConfigError, _ParseError) as exc:
             raise RequestError(f"bad options: {exc}") from None
+        for name in ("memory", "guest_control", "qmp", "report", "auth_key_file", "tls_ca", "tls_cert", "tls_key"):
+            value = getattr(args, name, None)
+            if isinstance(value, Path) and not value.is_absolute():
+                raise RequestError(f"--{name.replace('_', '-')} {value} is a relative path: give an absolute one "
+                                   f"(the daemon runs in {os.getcwd()}, not where the request came from)")
         if args.migration_id is None:
             import uuid
 
@@ -319,9 +324,10 @@ class SourceDaemon:
         last = [0.0]
 
         def progress(p: Progress) -> None:
+            before = job.progress.get("phase") if job.progress else None
             job.progress = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in vars(p).items()}
             now = time.monotonic()
-            if now - last[0] < 0.1:
+            if now - last[0] < 0.1 and p.phase == before:  # a new phase always goes out
                 return
             last[0] = now
             for q in job.watchers:
@@ -369,6 +375,11 @@ class SourceDaemon:
                     await workload.close()
             job.state = rep.outcome
             job.report = json.loads(rep.to_json())
+            # The last progress said where the migration was; now it says how it ended.
+            job.progress = {**(job.progress or {}), "phase": rep.outcome,
+                            "round": rep.rounds[-1].round if rep.rounds else 0, "eta_s": None,
+                            "expected_downtime_ms": rep.expected_downtime_ms, "downtime_ms": rep.downtime_ms,
+                            "elapsed_s": round(rep.total_time_s, 4)}
             job.report["source_queued_s"] = round(waited, 3)  # before the engine's total_time_s began
 
         async def supervise() -> None:
@@ -389,6 +400,8 @@ class SourceDaemon:
         if job.state in ("queued", "running"):  # cancelled before the engine produced a report
             job.state = "aborted"
             job.report = {"migration_id": job.id, "outcome": "aborted", "error": "cancelled"}
+        if job.progress is not None and job.progress.get("phase") != job.state:
+            job.progress = {**job.progress, "phase": job.state, "eta_s": None}
         assert job.report is not None
         job.report.setdefault("options", job.options)
         job.report.setdefault("started", job.started)
@@ -421,7 +434,7 @@ def _plain(d: dict[str, Any]) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="precopy-source serve",
         description="Run as a daemon: migrations are started, watched, cancelled and listed over a local "
                     "control socket (JSON lines; 'precopy-source ctl' is a client).  Each start request "
@@ -492,7 +505,8 @@ def main(argv: list[str] | None = None) -> int:
             file_values = config_values(parser, data)
         except (ConfigError, _ParseError) as exc:
             msg = str(exc)
-            parser.error(msg if msg.startswith("config") else f"config {known.config}: {msg}")
+            msg = msg if msg.startswith("config") else f"config {known.config}: {msg}"
+            parser.exit(2, f"{parser.prog}: error: {msg}\n")
         argv = [a for i, a in enumerate(argv)
                 if not (a == "--config" or a.startswith("--config=") or (i and argv[i - 1] == "--config"))]
     args = parse_with_config(parser, argv, file_values)

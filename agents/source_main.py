@@ -17,6 +17,7 @@ from pathlib import Path
 from precopy.auth import load_key
 from precopy.tls import client_context
 from precopy.errors import MigrationAborted, MigrationInDoubt, PrecopyError
+from precopy.memory import PAGE_SIZE
 from precopy.qemu import QemuWorkload
 from precopy.report import MigrationReport
 from precopy.source import SourceOptions, migrate
@@ -28,6 +29,7 @@ from .common import (
     EXIT_IN_DOUBT,
     EXIT_OK,
     EXIT_USAGE,
+    Parser,
     ProgressLine,
     add_common_args,
     human_bytes,
@@ -40,7 +42,7 @@ _log = logging.getLogger("precopy-source")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="precopy-source",
         description="Live-migrate a running workload's memory region to a precopy-dest daemon.",
         epilog="Exit codes: 0 committed; 2 usage; 3 aborted, workload runs on the source; "
@@ -144,6 +146,14 @@ def summary(rep: MigrationReport) -> str:
     if rep.outcome == "preflight-ok":
         return (f"preflight {rep.migration_id}: OK, {rep.destination} accepts {human_bytes(rep.region_bytes)} "
                 f"({rep.memory}); nothing was paused or sent")
+    if not rep.rounds and rep.downtime_ms is None and rep.paused_ms is None and not rep.bytes_on_wire:
+        # It ended before any page moved (refused, unreachable, cancelled while queued).
+        lines = [f"migration {rep.migration_id}: {rep.outcome}, before any page moved"]
+        if rep.region_bytes:
+            lines.append(f"  region      {human_bytes(rep.region_bytes)} ({rep.memory})")
+        if rep.error:
+            lines.append(f"  error       {rep.error}")
+        return "\n".join(lines)
     secs = rep.total_time_s or 1e-9
     lines = [
         f"migration {rep.migration_id}: {rep.outcome}",
@@ -178,9 +188,21 @@ def summary(rep: MigrationReport) -> str:
         lines.append("  downtime split (ms) " + ", ".join(f"{k} {v:.1f}" for k, v in rep.phases_ms.items()))
     if rep.expected_phases_ms:
         lines.append("  expected split (ms) " + ", ".join(f"{k} {v:.1f}" for k, v in rep.expected_phases_ms.items()))
+    if rep.outcome == "committed":
+        lines.append("  source copy " + _source_copy(rep))
     if rep.error:
         lines.append(f"  error       {rep.error}")
     return "\n".join(lines)
+
+
+def _source_copy(rep: MigrationReport) -> str:
+    """What became of the workload on the source after a commit, and what to do about it."""
+    if rep.on_commit == "kill":
+        return f"ended at the commit (--on-commit kill): {rep.workload}"
+    pid = rep.workload.split()[1] if rep.workload.startswith("pid ") else None
+    release = f"kill -KILL {pid}" if pid else "end it"
+    return (f"left stopped ({rep.workload}; --on-commit keep-stopped): precopy never resumes it; "
+            f"once the destination's copy is confirmed, release it: {release}")
 
 
 async def _main(args: argparse.Namespace, opts: SourceOptions, workload: Workload) -> int:
@@ -263,6 +285,11 @@ def make_migration(args: argparse.Namespace) -> tuple[SourceOptions, Workload]:
     )
     if not args.memory.exists():
         raise PrecopyError(f"memory region {args.memory} does not exist")
+    size = args.memory.stat().st_size
+    if args.memory.is_file() and (size == 0 or size % PAGE_SIZE):
+        # Checked here, not only when the engine maps it: a usage error (exit 2), nothing started.
+        raise PrecopyError(f"memory region {args.memory} is {size} bytes: it must be a non-empty multiple "
+                           f"of {PAGE_SIZE}: is --memory the file the workload maps?")
     workload: Workload
     if args.pid is not None:
         workload = SignalWorkload(args.pid)
@@ -289,7 +316,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         opts, workload = make_migration(args)
     except (PrecopyError, ValueError) as exc:
-        parser.print_usage(sys.stderr)
         print(f"precopy-source: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     if args.check_config:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 __all__ = ["RoundReport", "MigrationReport"]
@@ -95,6 +95,10 @@ class MigrationReport:
     #: held them (a repeat migration).
     pages_already_there: int = 0
     bandwidth_bps: float = 0.0
+    #: What became of the source's copy after a commit: "keep-stopped" (left
+    #: paused, never resumed by precopy: the operator ends it once the
+    #: destination's copy is confirmed) or "kill" (ended at the commit).
+    on_commit: str = "keep-stopped"
     error: str | None = None
     reason: str | None = None
     phases_ms: dict[str, float] = field(default_factory=dict)
@@ -114,6 +118,16 @@ class MigrationReport:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "MigrationReport":
+        """A report from its JSON form (keys it does not know, e.g. a daemon's ``options``, are ignored)."""
+        known = {f.name for f in fields(cls)}
+        round_fields = {f.name for f in fields(RoundReport)}
+        values = {k: v for k, v in data.items() if k in known}
+        values["rounds"] = [RoundReport(**{k: v for k, v in r.items() if k in round_fields})
+                            for r in data.get("rounds") or [] if isinstance(r, dict)]
+        return cls(**values)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)

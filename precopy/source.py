@@ -434,7 +434,7 @@ class SourceSession:
             migration_id=str(opts.migration_id), memory=str(opts.memory),
             destination=f"{opts.host}:{opts.port}", workload=workload.describe(),
             downtime_budget_ms=opts.downtime_ms, compression=opts.compress, mode=opts.mode,
-            max_downtime_ms=opts.max_downtime_ms,
+            max_downtime_ms=opts.max_downtime_ms, on_commit=opts.on_commit,
         )
         self._cap = (DowntimeCap(opts.max_downtime_ms / 1e3, time.monotonic)
                      if opts.max_downtime_ms is not None else None)
@@ -1793,6 +1793,9 @@ class SourceSession:
         assert self.mem is not None
         phases: dict[str, float] = {}
         await self._settled()  # (already, normally: see _iterate)
+        # Shown (and in a daemon's job) from here until the outcome: before
+        # the pause is timed, so it costs the downtime nothing.
+        self._emit("switchover", len(self.report.rounds), 0, 0, 0, time.monotonic())
         if self._guardian is not None:
             self._guardian.declare(ARMED)  # before the pause: a crash from here on resumes it
         t_pause = self._t_pause = time.monotonic()

@@ -42,8 +42,10 @@ class Daemon:
             line = s.makefile("rb").readline()
         return json.loads(line)  # type: ignore[no-any-return]
 
-    def ctl(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([PY, "-m", "agents.source_main", "ctl", "--control", str(self.control), *args],
+    def ctl(self, *args: str, timeout: float = 120, as_json: bool = True) -> subprocess.CompletedProcess[str]:
+        """ctl as a script runs it (--json), or as a person (as_json=False)."""
+        return subprocess.run([PY, "-m", "agents.source_main", "ctl", "--control", str(self.control),
+                               *(["--json"] if as_json else []), *args],
                               env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
@@ -89,8 +91,20 @@ def test_start_watch_status_list_and_metrics(setup: tuple[Daemon, Dest, Path, in
 
     st = json.loads(d.ctl("status", "mig-ok").stdout)
     assert st["job"]["state"] == "committed" and st["report"]["outcome"] == "committed"
+    # The job's progress says how it ended, not where it was last seen.
+    assert st["job"]["progress"]["phase"] == "committed"
+    assert st["job"]["progress"]["round"] == done["report"]["rounds"][-1]["round"] > 0
     listed = [json.loads(line) for line in d.ctl("list").stdout.splitlines()]
     assert [j["id"] for j in listed] == ["mig-ok"]
+    # For people: a table, and the one-shot command's summary.
+    table = d.ctl("list", as_json=False)
+    assert table.returncode == 0 and "{" not in table.stdout, table.stdout
+    header, row = table.stdout.splitlines()
+    assert header.split()[:5] == ["ID", "STATE", "STARTED", "MEMORY", "TO"]
+    assert row.split()[:2] == ["mig-ok", "committed"] and "downtime" in row and str(region) in row
+    human = d.ctl("status", "mig-ok", as_json=False).stdout
+    assert "migration mig-ok: committed" in human and "  downtime  " in human and "{" not in human
+    assert f"source copy left stopped (pid {pid}" in human and f"kill -KILL {pid}" in human
     assert json.loads((d.report_dir / "mig-ok.json").read_text())["outcome"] == "committed"
 
     m = scrape(d.metrics_url)
@@ -215,6 +229,17 @@ def test_migration_defaults_from_the_daemon_config(procs: Procs, work: Path) -> 
     r = d.ctl("start", "--watch", "--", "--to", dest.addr, "--memory", str(region), "--pid", str(g.pid),
               "--name", "again", "--dry-run")
     assert r.returncode == 0 and json.loads(r.stdout.splitlines()[-1])["job"]["state"] == "preflight-ok"
+    # Without --json: the one-shot command's summary, and the same exit code.
+    r = d.ctl("start", "--watch", "--", "--to", dest.addr, "--memory", str(region), "--pid", str(g.pid),
+              "--name", "again", "--migration-id", "dry-2", "--dry-run", as_json=False)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("preflight dry-2: OK, ") and "{" not in r.stdout, r.stdout
+    # A relative path is made absolute by ctl; a request that carries one is refused.
+    r = d.ctl("start", "--", "--to", dest.addr, "--memory", "g.mem", "--pid", str(g.pid), "--dry-run",
+              "--migration-id", "dry-rel", as_json=False)
+    assert r.returncode == 1 and "does not exist" in r.stderr and str(ROOT / "g.mem") in r.stderr, r.stderr
+    ans = d.request({"op": "start", "options": {"to": dest.addr, "memory": "g.mem", "pid": g.pid}})
+    assert not ans["ok"] and "relative path" in ans["error"], ans
 
 
 def test_metrics_endpoint_answers_only_get_metrics(setup: tuple[Daemon, Dest, Path, int]) -> None:
