@@ -12,7 +12,8 @@ one answer object per line (``watch`` streams several).  Every answer has
   daemon's ``[migration]`` config table supplies defaults.  Answer:
   ``{"ok": true, "id": ID}``.
 * ``{"op": "status", "id": ID}`` — state (queued, running, committed,
-  aborted, in-doubt, preflight-ok), last progress, and the report once
+  aborted, in-doubt, preflight-ok), progress (its ``phase``: queued, full
+  copy, iterating, switchover, then the outcome), and the report once
   finished.  At most ``--max-active`` migrations run at once; the others
   are "queued" with ``queue_position`` (1: next), first come first served.
   A running migration the destination holds in its own queue shows
@@ -26,7 +27,8 @@ one answer object per line (``watch`` streams several).  Every answer has
 * ``{"op": "list"}`` — every migration this daemon knows, newest last,
   including past ones (their reports are kept in ``--report-dir``).
 
-Paths in start options are the daemon's paths: use absolute ones.
+Paths in start options are the daemon's paths and must be absolute (a
+relative one is refused; ``ctl`` makes them absolute for its caller).
 """
 
 from __future__ import annotations

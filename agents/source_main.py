@@ -121,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", type=Path, metavar="FILE", help="write the JSON report here (default: none)")
     p.add_argument("--batch-pages", type=int, default=256, help="pages per batch (default 256)")
     p.add_argument("--connect-timeout", type=float, default=10.0, metavar="SECONDS",
-                   help="how long to try to reach the destination (default 10)")
+                   help="how long to try to reach the destination, also while it refuses connections "
+                        "(a daemon that is starting) (default 10)")
     p.add_argument("--io-timeout", type=float, default=60.0, metavar="SECONDS",
                    help="a destination that neither answers nor accepts data for this long is a "
                         "failed link (default 60)")

@@ -61,23 +61,38 @@ def tune(sock: socket.socket) -> None:
             _log.debug("cannot set socket buffer: %s", exc)
 
 
-async def connect(host: str, port: int, timeout_s: float) -> socket.socket:
-    """Open a tuned TCP connection or raise :class:`LinkError`."""
+async def connect(host: str, port: int, timeout_s: float, *, retry_refused: bool = False) -> socket.socket:
+    """Open a tuned TCP connection or raise :class:`LinkError`.
+
+    ``retry_refused``: a refused connection (nothing listens yet: a
+    destination daemon that is starting) is tried again every 0.2 s until
+    ``timeout_s`` has passed, instead of failing at once.
+    """
     loop = asyncio.get_running_loop()
     try:
         infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except OSError as exc:
         raise LinkError(f"cannot resolve {host}:{port}: {exc}") from exc
+    deadline = loop.time() + timeout_s
     last: Exception | None = None
-    for family, type_, proto, _, addr in infos:
-        sock = socket.socket(family, type_, proto)
-        tune(sock)
-        try:
-            await asyncio.wait_for(loop.sock_connect(sock, addr), timeout_s)
-            return sock
-        except (OSError, asyncio.TimeoutError) as exc:
-            sock.close()
-            last = exc
+    said = False
+    while True:
+        for family, type_, proto, _, addr in infos:
+            sock = socket.socket(family, type_, proto)
+            tune(sock)
+            try:
+                await asyncio.wait_for(loop.sock_connect(sock, addr), max(0.01, deadline - loop.time()))
+                return sock
+            except (OSError, asyncio.TimeoutError) as exc:
+                sock.close()
+                last = exc
+        if not (retry_refused and isinstance(last, ConnectionRefusedError) and loop.time() + 0.2 < deadline):
+            break
+        if not said:
+            _log.info("%s:%d refuses connections (not listening yet?): trying again for up to %.0f s",
+                      host, port, deadline - loop.time())
+            said = True
+        await asyncio.sleep(0.2)
     raise LinkError(
         f"cannot connect to {host}:{port}: {last or 'no address'} "
         "(is precopy-dest running and reachable?)"

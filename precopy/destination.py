@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import ipaddress
 import json
 import logging
 import os
@@ -280,8 +281,11 @@ class DestinationServer:
         self._sock = sock
         self.port = sock.getsockname()[1]
         if self.opts.auth_key is None:
-            _log.warning("no --auth-key-file: any peer that reaches %s:%d can write migrations",
-                         self.opts.host, self.port)
+            # On loopback only this machine's processes reach the port: said, not warned about.
+            local = _is_loopback(self.opts.host)
+            (_log.info if local else _log.warning)(
+                "no --auth-key-file: any %s that reaches %s:%d can write migrations",
+                "local process" if local else "peer", self.opts.host, self.port)
         _log.info("listening on %s:%d, regions in %s", self.opts.host, self.port, self.opts.memory_dir)
 
     def _cleanup_stale_partials(self) -> None:
@@ -882,3 +886,10 @@ class _DestMigration:
         except PrecopyError as exc:
             _log.warning("could not confirm commit of %s (the source will ask): %s",
                          self.begin.migration_id, exc)
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"

@@ -620,7 +620,7 @@ class SourceSession:
         self.chunk_bytes = self.chunk_pages * PAGE_SIZE
         await self._choose_tracking()
 
-        sock = await connect(opts.host, opts.port, opts.connect_timeout_s)
+        sock = await connect(opts.host, opts.port, opts.connect_timeout_s, retry_refused=True)
         self.chan = make_channel(sock, Role.SOURCE, opts.tls_context, opts.host)
         self.chan.send_timeout_s = opts.io_timeout_s
         self.report.source = "%s:%d" % sock.getsockname()[:2]

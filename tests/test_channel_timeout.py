@@ -40,3 +40,32 @@ async def test_send_to_a_peer_that_stops_reading_times_out() -> None:
         b.close()
 
 
+
+
+async def test_connect_waits_for_a_destination_that_is_starting() -> None:
+    """retry_refused: a refused connection is tried again until the timeout; without it, it fails at once."""
+    import asyncio
+
+    from precopy.channel import connect
+
+    probe = socket.create_server(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()  # nothing listens there now: connecting is refused
+    with pytest.raises(LinkError, match="cannot connect"):
+        await connect("127.0.0.1", port, 30.0)  # no retry: refused is final
+    listening: list[socket.socket] = []
+
+    async def start_listening() -> None:
+        await asyncio.sleep(0.5)
+        listening.append(socket.create_server(("127.0.0.1", port)))
+
+    starter = asyncio.create_task(start_listening())
+    sock = await connect("127.0.0.1", port, 60.0, retry_refused=True)
+    await starter
+    try:
+        assert sock.getpeername()[1] == port and listening
+    finally:
+        sock.close()
+        listening[0].close()
+    with pytest.raises(LinkError, match="cannot connect"):
+        await connect("127.0.0.1", port, 0.5, retry_refused=True)  # past the timeout it still ends
