@@ -134,6 +134,8 @@ def test_source_shows_progress_while_migrating(procs: Procs, work: Path) -> None
     err = r.stderr.decode()
     assert r.returncode == 0, err
     assert "\rfull copy  100.0%" in err and "MB/s" in err, repr(err)
-    assert "\nHH:MM:SS INFO    committed" in re.sub(r"\d\d:\d\d:\d\d", "HH:MM:SS", err)  # human-readable lines
+    # human-readable lines, at the start of a line (after a newline, or the erased progress line)
+    assert re.search(r"[\r\n]HH:MM:SS INFO    committed", re.sub(r"\d\d:\d\d:\d\d", "HH:MM:SS", err)), repr(err)
+    assert "\rswitchover after " in err, repr(err)  # the progress line says when the workload is paused
     # each log line starts on a clean line: the progress line is erased before it
     assert re.search(r"MB/s[^\r\n]*\d\d:\d\d:\d\d INFO", err) is None, repr(err)
