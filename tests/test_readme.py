@@ -126,7 +126,7 @@ def test_walkthrough_there_and_back_on_two_namespaces(tmp_path: Path, shm: Path)
     m = re.search(r"source copy left stopped \(pid (\d+) .*release it: kill -KILL (\d+)", out)
     assert m and m.group(1) == m.group(2), out
     stopped = int(m.group(1))
-    ps = dict(re.findall(r"^\+ ps -o pid=,stat=,args= -p (\d+)\n\s*\d+ (\S+)", out, re.M))
+    ps = dict(re.findall(r"^\+ (?:ip netns exec \S+ )?ps -o pid=,stat=,args= -p (\d+)\n\s*\d+ (\S+)", out, re.M))
     assert len(ps) == 3, out
     assert ps[str(stopped)].startswith("T"), out
     assert all(not state.startswith(("T", "Z")) for pid, state in ps.items() if pid != str(stopped)), out
