@@ -72,9 +72,39 @@ def test_usage_errors(tmp_path: Path, sleeper: int, capsys: pytest.CaptureFixtur
     assert "use at least 16" in capsys.readouterr().err
     assert source_main.main(["--to", "h:1", "--memory", str(region), "--pid", str(sleeper),
                              "--name", "../evil"]) == EXIT_USAGE
+    assert capsys.readouterr().err.count("\n") == 1
     with pytest.raises(SystemExit) as ei:
         source_main.main(["--to", "h:1", "--memory", str(region)])  # no --pid/--guest-control
     assert ei.value.code == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "usage:" not in err and "--help" in err, err  # one line, no usage block
+    odd = tmp_path / "odd"
+    odd.write_bytes(bytes(4097))
+    assert source_main.main(["--to", "h:1", "--memory", str(odd), "--pid", str(sleeper)]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "4097 bytes" in err and "multiple of 4096" in err, err
+
+
+def test_summary_of_a_migration_that_moved_nothing_is_short() -> None:
+    rep = MigrationReport(migration_id="m1", outcome="aborted", error="cannot connect to h:1: refused")
+    assert source_main.summary(rep).splitlines() == [
+        "migration m1: aborted, before any page moved", "  error       cannot connect to h:1: refused"]
+
+
+def test_summary_says_what_became_of_the_source_copy() -> None:
+    from precopy.report import RoundReport
+
+    rnd = RoundReport(round=0, kind="full", pages_scanned=1, pages_dirty=1, pages_sent=1, zero_pages=0,
+                      bytes_on_wire=4096, seconds=0.1)
+    rep = MigrationReport(migration_id="m2", outcome="committed", workload="pid 4242 (SIGSTOP/SIGCONT)",
+                          downtime_ms=12.0, rounds=[rnd], bytes_on_wire=4096, pages_sent=1)
+    assert "left stopped (pid 4242 (SIGSTOP/SIGCONT); --on-commit keep-stopped)" in source_main.summary(rep)
+    assert source_main.summary(rep).endswith("release it: kill -KILL 4242")
+    rep.on_commit = "kill"
+    assert "source copy ended at the commit (--on-commit kill)" in source_main.summary(rep)
+    # A report read back from its JSON (as ctl does with the daemon's) says the same.
+    again = MigrationReport.from_dict({**json.loads(rep.to_json()), "options": {"pid": 4242}})
+    assert again == rep and source_main.summary(again) == source_main.summary(rep)
 
 
 def test_parse_hostport() -> None:
