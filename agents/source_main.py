@@ -200,8 +200,12 @@ def _source_copy(rep: MigrationReport) -> str:
     """What became of the workload on the source after a commit, and what to do about it."""
     if rep.on_commit == "kill":
         return f"ended at the commit (--on-commit kill): {rep.workload}"
-    pid = rep.workload.split()[1] if rep.workload.startswith("pid ") else None
-    release = f"kill -KILL {pid}" if pid else "end it"
+    if rep.workload.startswith("pid "):
+        release = f"kill -KILL {rep.workload.split()[1]}"
+    elif rep.workload.startswith("QEMU"):
+        release = "QMP quit, or kill the source QEMU"
+    else:
+        release = 'the guest\'s "stop" op, or kill its process'
     return (f"left stopped ({rep.workload}; --on-commit keep-stopped): precopy never resumes it; "
             f"once the destination's copy is confirmed, release it: {release}")
 
