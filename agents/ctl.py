@@ -184,6 +184,12 @@ def _absolute(argv: list[str]) -> list[str]:
     return out
 
 
+def _json_here(sp: argparse.ArgumentParser) -> None:
+    """--json after the command too (``ctl list --json``), as before it."""
+    sp.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                    help="JSON for scripts, as ctl --json")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(
         prog="precopy-source ctl",
@@ -209,14 +215,16 @@ def build_parser() -> argparse.ArgumentParser:
                                     "here: the daemon resolves none.")
     st.add_argument("--watch", action="store_true",
                     help="then follow it until it ends; exit code as precopy-source's")
+    _json_here(st)
     st.add_argument("options", nargs=argparse.REMAINDER, help="precopy-source options (required)")
     for name, text in (("status", "state, progress and report of a migration"),
                        ("watch", "follow a migration until it ends"),
                        ("cancel", "cancel a running migration (it rolls back)")):
         sp = sub.add_parser(name, help=text, description=text)
         sp.add_argument("id", help="migration id, from start or list (required)")
-    sub.add_parser("list", help="all migrations this daemon knows, past ones included",
-                   description="all migrations this daemon knows, past ones included")
+        _json_here(sp)
+    _json_here(sub.add_parser("list", help="all migrations this daemon knows, past ones included",
+                              description="all migrations this daemon knows, past ones included"))
     return p
 
 

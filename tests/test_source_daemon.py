@@ -96,6 +96,7 @@ def test_start_watch_status_list_and_metrics(setup: tuple[Daemon, Dest, Path, in
     assert st["job"]["progress"]["round"] == done["report"]["rounds"][-1]["round"] > 0
     listed = [json.loads(line) for line in d.ctl("list").stdout.splitlines()]
     assert [j["id"] for j in listed] == ["mig-ok"]
+    assert json.loads(d.ctl("list", "--json", as_json=False).stdout)["id"] == "mig-ok"  # --json after the command
     # For people: a table, and the one-shot command's summary.
     table = d.ctl("list", as_json=False)
     assert table.returncode == 0 and "{" not in table.stdout, table.stdout
