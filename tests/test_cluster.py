@@ -241,19 +241,34 @@ def _standby(lab: Lab, node: str, on: bool) -> None:
     lab.n1.run("crm_attribute", "--node", node, "--name", "standby", "--update", "on" if on else "off")
 
 
-def test_standby_drains_three_live_and_one_moves_back(lab: Lab) -> None:
-    before = {r: lab.report(r, "n1") for r in RES}
-    _standby(lab, "n1", True)
-    lab.wait(lambda: all(lab.where(r) and lab.where(r) != ["n1"] for r in RES),
-             "all three workloads to leave n1")
+def _gather_on_n1(lab: Lab) -> None:
+    """Every workload on n1, as the lab starts them (other scenarios, in any order, move some)."""
     for r in RES:
-        lab.check_migrated(r, "n1", before[r])
-        assert not lab.failures(r), lab.failures(r)
-    # balanced placement: 3 x 32 MiB over two nodes of 256 MiB: not all on one
-    assert len({lab.where(r)[0] for r in RES}) == 2
+        src = lab.where(r)[0]
+        if src != "n1":
+            before = lab.report(r, src)
+            lab.move(r, "n1")
+            lab.wait(lambda r=r: lab.where(r) == ["n1"], f"{r} to come back to n1")
+            lab.check_migrated(r, src, before)
+            lab.clear(r)
     lab.one_copy_each()
 
-    _standby(lab, "n1", False)
+
+def test_standby_drains_three_live_and_one_moves_back(lab: Lab) -> None:
+    _gather_on_n1(lab)
+    before = {r: lab.report(r, "n1") for r in RES}
+    _standby(lab, "n1", True)
+    try:
+        lab.wait(lambda: all(lab.where(r) and lab.where(r) != ["n1"] for r in RES),
+                 "all three workloads to leave n1")
+        for r in RES:
+            lab.check_migrated(r, "n1", before[r])
+            assert not lab.failures(r), lab.failures(r)
+        # balanced placement: 3 x 32 MiB over two nodes of 256 MiB: not all on one
+        assert len({lab.where(r)[0] for r in RES}) == 2
+        lab.one_copy_each()
+    finally:
+        _standby(lab, "n1", False)  # also after a failure: the other scenarios need n1
     src = lab.where("w1")[0]
     before1 = lab.report("w1", src)
     lab.move("w1", "n1")
