@@ -674,6 +674,7 @@ class SourceSession:
             self.report.queued_s = time.monotonic() - t
         _SENDING.add(str(self.opts.migration_id))
         self._contention()  # the first round's contention counts from here
+        assert isinstance(ev, Ready)
         return ev
 
     async def _handshake(self, chan: Channel) -> None:
