@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "the report's cap_hit says where; after COMMIT is sent the commit stands "
                         "(default: no cap)")
     p.add_argument("--max-rounds", type=int, default=30,
-                   help="iterative rounds before giving up on convergence (default 30)")
+                   help="iterative rounds before giving up on convergence (default 30; rounds measured "
+                        "under contention count only with --on-nonconvergence force)")
     p.add_argument("--max-time", type=float, default=600.0, metavar="SECONDS",
                    help="time before giving up on convergence (default 600; 0 = unbounded)")
     p.add_argument("--on-nonconvergence", choices=["abort", "force"], default="abort",

@@ -371,9 +371,14 @@ class SwitchoverPolicy:
                             f"expected downtime {expected_s * 1e3:.1f} ms within the "
                             f"{budget * 1e3:.0f} ms budget", self.throttle_pct)
 
-        over_rounds = rounds_done - self._contended_rounds >= self.max_rounds
+        # Giving up (abort) waits out contention: its rounds do not use up
+        # --max-rounds.  Forcing is not giving up: every round counts, so
+        # --max-rounds bounds a forced migration on a busy host too (else it
+        # waited for quiet until --max-time, 600 s by default).
+        forcing = self.on_nonconvergence == "force"
+        over_rounds = rounds_done - (0 if forcing else self._contended_rounds) >= self.max_rounds
         over_time = self.max_time_s is not None and elapsed_s >= self.max_time_s
-        if floor_over and busy and not sure and not over_time:
+        if floor_over and busy and not sure and not over_time and not (forcing and over_rounds):
             assert floor_s is not None
             self._high = 0  # no throttle helps a floor: not a check "in a row"
             wait = min(self.contention_wait_s * 2 ** self._contended_run, self.contention_wait_max_s)

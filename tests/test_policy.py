@@ -652,6 +652,23 @@ def test_contended_rounds_do_not_count_toward_max_rounds() -> None:
     assert d.action is Action.ABORT and "did not converge after 9 rounds (6 of them contended)" in d.reason
 
 
+def test_a_forced_migration_under_contention_is_forced_at_max_rounds() -> None:
+    """--on-nonconvergence force: contention delays the switchover, but --max-rounds still bounds
+    it (on a host that stays busy a forced migration waited for quiet until --max-time)."""
+    pol = SwitchoverPolicy(downtime_s=0.05, max_rounds=6, on_nonconvergence="force", throttle="off")
+    for r in range(6):
+        d = _floor_round(pol, r, 0.08, _BUSY)
+        assert d.action is Action.CONTINUE and d.wait_s > 0, d.reason
+    d = _floor_round(pol, 6, 0.08, _BUSY)
+    assert d.action is Action.FORCE and "did not converge after 6 rounds" in d.reason
+    over = SwitchoverPolicy(downtime_s=0.05, max_rounds=3, on_nonconvergence="force", throttle="off")
+    for r in range(3):  # not floor-bound, just over budget: every round counts as well
+        assert over.decide(rounds_done=r, elapsed_s=0, expected_s=0.5, floor_s=0.01,
+                           contention=_BUSY).action is Action.CONTINUE
+    assert over.decide(rounds_done=3, elapsed_s=0, expected_s=0.5, floor_s=0.01,
+                       contention=_BUSY).action is Action.FORCE
+
+
 def test_contention_settings_are_checked() -> None:
     with pytest.raises(ValueError, match="contention"):
         SwitchoverPolicy(contended_cpu_wait=0)
