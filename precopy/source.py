@@ -609,6 +609,15 @@ class SourceSession:
         #: has hashed them for a scan that needed them (see _scan).
         self.sent = np.zeros(mem.npages, dtype=np.uint64)
         self.known = np.zeros(mem.npages, dtype=bool)
+        #: Per page, whether the destination is known to hold zeros there (a
+        #: zero page was the last thing sent, or its digest says so).  Not
+        #: the same as ``sent == ZERO_PAGE_DIGEST`` once chunk tables go by
+        #: page: ``sent`` then holds what the region read as last (a hole
+        #: read as zeros, then written and sent as data, still has the zero
+        #: digest there).  The hole and zero checks of a tracker (a hole
+        #: punched turns a page to zeros unreported) resend a page that
+        #: reads as zeros where this is False.
+        self.held_zero = np.zeros(mem.npages, dtype=bool)
         self.staging = StagingBuffer(opts.batch_pages)
         # Chunks of 128 KiB by default: big enough for xxh3 to run at memory
         # speed with the GIL released, small enough that few clean pages are
@@ -860,6 +869,7 @@ class SourceSession:
                     # page's (the tracker's hole check trusts a zero record).
                     self.sent[idx] = 0
                     self.known[idx] = False
+                self.held_zero[idx] = False
                 data_pages, zero_pages = len(idx), 0
             else:
                 n, data_pages, zero_pages = await self._send_staged(idx, tried)
@@ -937,6 +947,8 @@ class SourceSession:
             self.known[data_idx] = False
         self.sent[zero_idx] = ZERO_PAGE_DIGEST
         self.known[zero_idx] = True
+        self.held_zero[data_idx] = False
+        self.held_zero[zero_idx] = True
         return n, len(data_idx), len(zero_idx)
 
     async def _send_staged(self, idx: np.ndarray, compress: bool) -> tuple[int, int, int]:
@@ -979,6 +991,7 @@ class SourceSession:
                                          compressed=compressed, checksum=checksum, chunk_digests=cd))
         self.sent[idx] = dig
         self.known[idx] = True
+        self.held_zero[idx] = zero
         return n, len(data_idx), len(zero_idx)
 
     def _emit(self, phase: str, rnd: int, done: int, todo: int, dirty: int, t_start: float,
@@ -1017,6 +1030,7 @@ class SourceSession:
             n = await self._send_event(Pages(indices=idx[:0], zeros=idx, payload=b"", checksum=_h64(b"")))
             self.sent[idx] = ZERO_PAGE_DIGEST
             self.known[idx] = True
+            self.held_zero[idx] = True
             rnd.zero_pages += len(idx)
             rnd.bytes_on_wire += n
             self.report.bytes_on_wire += n
@@ -1147,7 +1161,7 @@ class SourceSession:
                 # left stale until a rehash that is not deferred.
                 late = await self._tracker_scan()
                 self.chunks.adopt(digest.live, digest.hash_s)
-                self.chunks.rehash(late, self.sent, defer=True)
+                self.chunks.rehash(late, self.sent, defer=True, held_zero=self.held_zero)
                 # Whole chunks (a dense set) compared no page: every page of
                 # a chunk that differs goes, reported or not (one page
                 # reported there says nothing of the others).
@@ -1168,15 +1182,15 @@ class SourceSession:
             if spread and spread >= _BY_PAGE_SHARE * len(self.chunks.table):
                 # The switch hashes every page (what was written included).
                 holes = self.mem.hole_pages(max_extents=4096)
-                rehash_s, extra = await loop.run_in_executor(
-                    self._outer_pool, self.chunks.to_pages, dirty, self.sent, self.known, holes)
+                rehash_s, extra = await loop.run_in_executor(self._outer_pool, functools.partial(
+                    self.chunks.to_pages, dirty, self.sent, self.known, holes, held_zero=self.held_zero))
                 self.report.verification = "pages"
                 _log.info("chunk tables by page from now on: %d pages written over %d of %d chunks "
                           "(switching took %.1f ms)", len(dirty), spread, len(self.chunks.table), rehash_s * 1e3)
             else:
                 rehash_s, extra = await loop.run_in_executor(
                     self._outer_pool, functools.partial(self.chunks.rehash, written, self.sent, defer=defer,
-                                                        sending=dirty))
+                                                        sending=dirty, held_zero=self.held_zero))
             if extra.size:
                 _log.info("%d unreported pages read as zeros although what was sent was not "
                           "(holes punched): sending them too", extra.size)
@@ -1204,8 +1218,8 @@ class SourceSession:
         seq = self._seq
         await self._send_event(DigestRequest(seq=seq, by_page=True))
         holes = self.mem.hole_pages(max_extents=4096)
-        hash_s, extra = await loop.run_in_executor(
-            self._outer_pool, self.chunks.to_pages, dirty, self.sent, self.known, holes)
+        hash_s, extra = await loop.run_in_executor(self._outer_pool, functools.partial(
+            self.chunks.to_pages, dirty, self.sent, self.known, holes, held_zero=self.held_zero))
         self.report.verification = "pages"
         _log.info("chunk tables by page from the first round: %d pages written during the full copy "
                   "(hashing every page took %.1f ms)", len(dirty), hash_s * 1e3)
@@ -1219,14 +1233,15 @@ class SourceSession:
             parts.append(got[held.digests != self.sent[got]])
         found = np.concatenate(parts) if parts else cand[:0]
         late = await self._tracker_scan()
-        await loop.run_in_executor(self._outer_pool, self.chunks.rehash, late, self.sent)
+        await loop.run_in_executor(self._outer_pool, functools.partial(
+            self.chunks.rehash, late, self.sent, held_zero=self.held_zero))
         return found.astype(np.uint32), late, extra
 
     def _timed_tracker_scan(self) -> tuple[np.ndarray, float]:
         """The tracker's scan, and the CPU time it took (what it costs paused: see _iterate)."""
         assert self.tracker is not None
         t = time.thread_time()
-        dirty = self.tracker.scan(self.sent)
+        dirty = self.tracker.scan(self.sent, held_zero=self.held_zero)
         return dirty, time.thread_time() - t
 
     async def _tracker_scan(self) -> np.ndarray:
@@ -1335,6 +1350,7 @@ class SourceSession:
             got = chunk_pages_of(piece, self.chunk_pages, self.mem.npages)
             self.sent[got] = held.digests
             self.known[got] = True
+            self.held_zero[got] = held.digests == ZERO_PAGE_DIGEST
 
     async def _page_scan(self) -> _Scan:
         """A live digest scan of a fast writer's region, page by page, with no chunk pass.

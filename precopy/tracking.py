@@ -102,6 +102,23 @@ def fs_magic(path: os.PathLike[str] | str) -> int:
     return int.from_bytes(buf.raw[:ctypes.sizeof(ctypes.c_long)], "little")
 
 
+def maybe_data_held(sent: np.ndarray, held_zero: np.ndarray | None, pages: np.ndarray | slice = slice(None)
+                    ) -> np.ndarray:
+    """Per page of ``pages``: whether the destination may hold something other than zeros there.
+
+    ``sent``: the source's record (digests; the zero page's digest means
+    zeros); ``held_zero``: where the destination is known to hold zeros
+    (``SourceSession.held_zero``), which is what counts once the record
+    holds what the region read as last (chunk tables by page): a page read
+    as a hole, then written and sent as data, keeps a zero digest there.
+    A page is taken for zeros only where both say so.
+    """
+    out: np.ndarray = sent[pages] != ZERO_PAGE_DIGEST
+    if held_zero is not None:
+        out |= ~held_zero[pages]
+    return out
+
+
 class HoleFinder:
     """Which pages of the region are holes of its file, cheaply enough for the pause.
 
@@ -257,11 +274,16 @@ class UffdTracker:
         self._holes = self._hole_finder.holes()
         return time.monotonic() - t
 
-    def scan(self, sent: np.ndarray | None = None) -> np.ndarray:
+    def scan(self, sent: np.ndarray | None = None, *, held_zero: np.ndarray | None = None) -> np.ndarray:
         """Pages written (or hole-punched) since the previous scan; re-arms them.
 
-        ``sent``: the digests of what the destination holds, per page; a
-        hole whose digest there is not the zero page's is reported too.
+        ``sent``: the source's record of digests, per page, and
+        ``held_zero``: where the destination is known to hold zeros (see
+        :func:`maybe_data_held`); a hole where the destination may hold
+        data is reported too, whenever it became a hole.  (Became a hole
+        "since the previous scan" is not enough: a page that was a hole
+        then, read or written and sent as data since, and punched again,
+        was a hole at both scans.)
         """
         assert self.scanner is not None
         written = self.scanner.scan()
@@ -271,7 +293,7 @@ class UffdTracker:
         holes = self._hole_finder.holes()
         gone = holes & ~self._holes
         if sent is not None:
-            gone |= holes & (sent != ZERO_PAGE_DIGEST)
+            gone |= holes & maybe_data_held(sent, held_zero)
         punched = np.flatnonzero(gone).astype(np.uint32)
         self._holes = holes
         if punched.size:
@@ -381,7 +403,7 @@ class SourceChunks:
         return int(np.count_nonzero(touched))
 
     def to_pages(self, pages: np.ndarray, sent: np.ndarray, known: np.ndarray,
-                 holes: np.ndarray | None) -> tuple[float, np.ndarray]:
+                 holes: np.ndarray | None, *, held_zero: np.ndarray | None = None) -> tuple[float, np.ndarray]:
         """Switch to chunk digests by page: hash every page once.
 
         Call right after a tracker scan that reported ``pages``, instead of
@@ -392,7 +414,7 @@ class SourceChunks:
         as :meth:`rehash` does for the chunks it reads, the pages not in
         ``pages`` that read as zeros although what was sent there was not
         (reading a hole just punched allocates it, which hides it from the
-        next scan's hole check).
+        next scan's hole check).  ``held_zero``: see :func:`maybe_data_held`.
         """
         t = time.monotonic()
         step = 1 << 16  # bounds the temporary arrays
@@ -400,7 +422,8 @@ class SourceChunks:
         for lo in range(0, self.mem.npages, step):
             hi = min(lo + step, self.mem.npages)
             now = live_page_digests(self.mem.pages[lo:hi], None if holes is None else holes[lo:hi])
-            zeroed.append(lo + np.flatnonzero((now == ZERO_PAGE_DIGEST) & (sent[lo:hi] != ZERO_PAGE_DIGEST)))
+            zeroed.append(lo + np.flatnonzero((now == ZERO_PAGE_DIGEST)
+                                              & maybe_data_held(sent, held_zero, slice(lo, hi))))
             sent[lo:hi] = now
         known[:] = True
         self.table = chunks_of_page_digests(sent, self.chunk_pages)
@@ -425,12 +448,16 @@ class SourceChunks:
         return self.seconds_per_page if self.by_page else self.seconds_per_chunk
 
     def rehash(self, pages: np.ndarray, sent: np.ndarray, *, defer: bool = False,
-               sending: np.ndarray | None = None) -> tuple[float, np.ndarray]:
+               sending: np.ndarray | None = None, held_zero: np.ndarray | None = None
+               ) -> tuple[float, np.ndarray]:
         """Rehash the chunks holding ``pages``; returns the seconds it took and more dirty pages.
 
         ``sending``: those of ``pages`` about to be sent (default: all); the
         others (written, but sent since: :meth:`UffdTracker.take_rewritten`)
-        get the zero check below like unreported pages.
+        get the zero check below like unreported pages.  ``held_zero``:
+        where the destination is known to hold zeros (see
+        :func:`maybe_data_held`; by page, ``sent`` alone holds what the
+        region read as last, not what was sent).
 
         With ``defer`` the chunks of ``pages`` are only marked stale, and
         the chunks deferred earlier that ``pages`` does not touch (quiet
@@ -448,13 +475,17 @@ class SourceChunks:
             # Only what was written is read: a hole gets allocated here only
             # if it was punched into a page written and sent since the last
             # scan (not in ``sending``): such a page reading as zeros is sent
-            # again, as in the chunk case below.
+            # again, as in the chunk case below -- unless the destination
+            # holds zeros there already.  Whether it does is not what
+            # ``sent`` says: by page that is the page as last read, which
+            # for a page read as a hole, written and sent as data since, is
+            # the zero digest (``held_zero`` tells).
             t = time.monotonic()
             extra = np.zeros(0, dtype=np.uint32)
             if len(pages):
                 now = page_digests(self.mem.pages, pages)
                 if sending is not None:
-                    zeroed = pages[(now == ZERO_PAGE_DIGEST) & (sent[pages] != ZERO_PAGE_DIGEST)]
+                    zeroed = pages[(now == ZERO_PAGE_DIGEST) & maybe_data_held(sent, held_zero, pages)]
                     extra = page_difference(self.mem.npages, zeroed, sending)
                 sent[pages] = now
                 touched = self.chunks_of(pages)
@@ -483,7 +514,7 @@ class SourceChunks:
         around = page_difference(self.mem.npages, around[around < self.mem.npages],
                                  pages if sending is None else sending)
         first_words = self.mem.array.view(np.uint64)[::PAGE_SIZE // 8]
-        maybe = around[(first_words[around] == 0) & (sent[around] != ZERO_PAGE_DIGEST)].astype(np.uint32)
+        maybe = around[(first_words[around] == 0) & maybe_data_held(sent, held_zero, around)].astype(np.uint32)
         extra = maybe[page_digests(self.mem.pages, maybe) == ZERO_PAGE_DIGEST] if maybe.size else maybe
         return time.monotonic() - t, extra
 
