@@ -537,6 +537,11 @@ class GuestMemory:
         self._map_in_thread = threading.Thread(target=run, name="precopy-map-in", daemon=True)
         self._map_in_thread.start()
 
+    def wait_map_in(self) -> None:
+        """Wait until the thread of :meth:`start_map_in` is done (at once if there is none)."""
+        if self._map_in_thread is not None:
+            self._map_in_thread.join()
+
     # -- lifetime -------------------------------------------------------
 
     def flush(self) -> None:

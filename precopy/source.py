@@ -1044,6 +1044,13 @@ class SourceSession:
                 data = data[~same[data]]
                 self.report.pages_already_there = self.mem.npages - rnd.pages_dirty
         await self._send_pages(data, rnd, "full copy", live=True)
+        if self.tracker is not None:
+            # Mapping a page in reads it: one sent, then punched, then mapped
+            # in is allocated again as zeros, a hole no scan's hole check sees
+            # and no rehash reads (it was not written).  The first comparison
+            # reads every page and finds it, if the map-in (a thread that a
+            # busy machine may starve past the full copy) is done by then.
+            await asyncio.get_running_loop().run_in_executor(self._outer_pool, self.mem.wait_map_in)
         rnd.seconds = time.monotonic() - t
         rnd.bandwidth_bps = self.link.bytes_per_second
         self.report.rounds.append(rnd)

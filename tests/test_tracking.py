@@ -853,3 +853,39 @@ def test_a_hole_at_two_scans_is_reported_where_the_destination_holds_data(shm: P
         assert t.tracker.scan(sent, held_zero=held_zero).size == 0
     finally:
         t.close()
+
+
+@needs_uffd
+def test_the_first_scan_waits_for_the_full_copys_map_in(procs: Procs, shm: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The source maps its region in (MADV_POPULATE_READ) in a thread beside the full copy.  Mapping
+    a page in reads it: a page sent, then punched, then mapped in is allocated again as zeros, and
+    no hole check sees it afterwards.  Only a comparison reading every page finds it, so the map-in
+    must be done before the first scan (a map-in starved past it on a busy machine, the destination
+    kept the page's old data).  Here the map-in is held back on purpose."""
+    real_start = GuestMemory.start_map_in
+    done = threading.Event()
+    seen: list[bool] = []
+
+    def slow_start_map_in(self: GuestMemory, pages: np.ndarray) -> None:
+        def run() -> None:
+            time.sleep(0.5)  # starved: the full copy of 2048 pages is done long before
+            real_start(self, pages)
+            self.wait_map_in()
+            done.set()
+
+        self._map_in_thread = threading.Thread(target=run, daemon=True)
+        self._map_in_thread.start()
+
+    real_scan = precopy.source.SourceSession._tracker_scan
+
+    async def scan(self: precopy.source.SourceSession) -> np.ndarray:
+        seen.append(done.is_set())
+        return await real_scan(self)
+
+    monkeypatch.setattr(GuestMemory, "start_map_in", slow_start_map_in)
+    monkeypatch.setattr(precopy.source.SourceSession, "_tracker_scan", scan)
+    mem, ctl, _ = _start_guest(procs, shm, pattern="punch", npages=2048)
+    rep = _migrate_guest(shm, ctl, mem, tracking="uffd-wp")
+    assert rep.outcome == "committed" and rep.tracking == "uffd-wp"
+    assert seen and all(seen)
+    assert (shm / "dest" / "g.mem").read_bytes() == mem.read_bytes()
