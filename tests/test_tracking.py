@@ -863,15 +863,13 @@ def test_the_first_scan_waits_for_the_full_copys_map_in(procs: Procs, shm: Path,
     must be done before the first scan (a map-in starved past it on a busy machine, the destination
     kept the page's old data).  Here the map-in is held back on purpose."""
     real_start = GuestMemory.start_map_in
-    done = threading.Event()
     seen: list[bool] = []
 
     def slow_start_map_in(self: GuestMemory, pages: np.ndarray) -> None:
         def run() -> None:
             time.sleep(0.5)  # starved: the full copy of 2048 pages is done long before
-            real_start(self, pages)
+            real_start(self, pages)  # (its own thread replaces this one as the one to wait for)
             self.wait_map_in()
-            done.set()
 
         self._map_in_thread = threading.Thread(target=run, daemon=True)
         self._map_in_thread.start()
@@ -879,7 +877,9 @@ def test_the_first_scan_waits_for_the_full_copys_map_in(procs: Procs, shm: Path,
     real_scan = precopy.source.SourceSession._tracker_scan
 
     async def scan(self: precopy.source.SourceSession) -> np.ndarray:
-        seen.append(done.is_set())
+        assert self.mem is not None
+        thread = self.mem._map_in_thread
+        seen.append(thread is not None and not thread.is_alive())
         return await real_scan(self)
 
     monkeypatch.setattr(GuestMemory, "start_map_in", slow_start_map_in)
