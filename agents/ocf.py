@@ -366,16 +366,22 @@ def _device_state_path(p: Params) -> str:
     return str(path) if path.exists() else ""
 
 
-def _kill_group(pid: int, wait_s: float) -> bool:
-    """End the workload's process group (TERM, CONT, then KILL).  True once the leader is gone."""
-    for sig in (signal.SIGTERM, signal.SIGCONT):
+def _kill_group(pid: int, wait_s: float, *, graceful: bool = True) -> bool:
+    """End the workload's process group (TERM, CONT, then KILL).  True once the leader is gone.
+
+    ``graceful=False``: KILL at once, never CONT -- for a paused copy whose
+    migration committed.  Continued to see its TERM, it ran again (its
+    handler finished a loop of writes into the old region) while the copy on
+    the target already ran: two owners, for a moment.
+    """
+    for sig in (signal.SIGTERM, signal.SIGCONT) if graceful else ():
         try:
             os.killpg(pid, sig)
         except ProcessLookupError:
             return True
         except PermissionError:
             os.kill(pid, sig)
-    deadline = time.monotonic() + wait_s
+    deadline = time.monotonic() + (wait_s if graceful else 0.0)
     while time.monotonic() < deadline:
         if _start_time(pid) is None:
             return True
@@ -466,7 +472,7 @@ def retire_source(p: Params, migration_id: str) -> None:
     """After a commit: end the paused source copy and remove its region from ``memory``."""
     pid = workload_pid(p)
     if pid is not None:
-        _kill_group(pid, 5.0)
+        _kill_group(pid, 5.0, graceful=False)
     p.pid_file.unlink(missing_ok=True)
     try:
         if p.keep_source_copy:

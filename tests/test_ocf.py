@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import threading
@@ -297,3 +298,21 @@ def test_operator_resolves_a_migration_in_doubt(node: Node, outcome: str) -> Non
         wait_for(lambda: ocf._proc_state(pid) in "RS", 10, "the copy to run again")
         assert node.act("monitor") == ocf.OCF_SUCCESS
     assert not node.p.in_doubt_file.exists()
+
+
+@pytest.mark.parametrize("graceful", [False, True], ids=["paused-copy", "stop"])
+def test_a_committed_source_copy_is_killed_without_running_again(tmp_path: Path, graceful: bool) -> None:
+    """After a commit the paused copy gets SIGKILL only: continued to see a TERM, its handler ran
+    (the cluster test's guest wrote into the old region while the target's copy ran)."""
+    ran = tmp_path / "ran-again"
+    proc = subprocess.Popen(["sh", "-c", f'trap "touch {ran}; exit 0" TERM; while :; do sleep 0.05; done'],
+                            start_new_session=True)
+    try:
+        os.kill(proc.pid, signal.SIGSTOP)
+        assert ocf._kill_group(proc.pid, 10, graceful=graceful)
+        proc.wait(10)
+        assert ran.exists() is graceful  # a stop (graceful) lets it end cleanly; a retirement never
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
