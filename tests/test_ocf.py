@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -304,12 +305,20 @@ def test_operator_resolves_a_migration_in_doubt(node: Node, outcome: str) -> Non
 def test_a_committed_source_copy_is_killed_without_running_again(tmp_path: Path, graceful: bool) -> None:
     """After a commit the paused copy gets SIGKILL only: continued to see a TERM, its handler ran
     (the cluster test's guest wrote into the old region while the target's copy ran)."""
-    ran = tmp_path / "ran-again"
-    proc = subprocess.Popen(["sh", "-c", f'trap "touch {ran}; exit 0" TERM; while :; do sleep 0.05; done'],
-                            start_new_session=True)
+    ran, ready = tmp_path / "ran-again", tmp_path / "ready"
+    code = ("import pathlib, signal, sys, time\n"
+            "def term(*_):\n"
+            f"    pathlib.Path({str(ran)!r}).touch()\n"
+            "    sys.exit(0)\n"
+            "signal.signal(signal.SIGTERM, term)\n"
+            f"pathlib.Path({str(ready)!r}).touch()\n"
+            "while True:\n"
+            "    time.sleep(0.05)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
     try:
+        wait_for(ready.exists, 60, "the workload's TERM handler")
         os.kill(proc.pid, signal.SIGSTOP)
-        assert ocf._kill_group(proc.pid, 10, graceful=graceful)
+        assert ocf._kill_group(proc.pid, 60, graceful=graceful)
         proc.wait(10)
         assert ran.exists() is graceful  # a stop (graceful) lets it end cleanly; a retirement never
     finally:
