@@ -97,7 +97,7 @@ def _one(control: Path, req: dict[str, Any]) -> dict[str, Any]:
 
 def _report_summary(report: dict[str, Any] | None, job: dict[str, Any]) -> str:
     """The one-shot command's summary of a finished job (or what is known of it)."""
-    from precopy.report import MigrationReport
+    from precopy.session.report import MigrationReport
 
     from .source_main import summary
 

@@ -12,13 +12,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-from precopy.admission import default_max_active
-from precopy.auth import load_key
-from precopy.destination import DestinationServer, DestOptions
+from precopy.policy.admission import default_max_active
+from precopy.protocol.auth import load_key
+from precopy.session.destination import DestinationServer, DestOptions
 from precopy.errors import PrecopyError
-from precopy.tls import server_context
-from precopy.wire import MAX_REGION
-from precopy.qemu import QemuDestination, check_dest_command
+from precopy.net.tls import server_context
+from precopy.protocol.wire import MAX_REGION
+from precopy.workload.qemu import QemuDestination, check_dest_command
 
 from .common import EXIT_OK, EXIT_USAGE, Parser, add_common_args, parse_hostport, run, setup_logging
 from .config import add_config_args, effective_config, parse_with_config

@@ -14,14 +14,14 @@ import signal
 import sys
 from pathlib import Path
 
-from precopy.auth import load_key
-from precopy.tls import client_context
+from precopy.protocol.auth import load_key
+from precopy.net.tls import client_context
 from precopy.errors import MigrationAborted, MigrationInDoubt, PrecopyError
-from precopy.memory import PAGE_SIZE
-from precopy.qemu import QemuWorkload
-from precopy.report import MigrationReport
-from precopy.source import SourceOptions, migrate
-from precopy.workload import GuestControl, SignalWorkload, Workload
+from precopy.memory.region import PAGE_SIZE
+from precopy.workload.qemu import QemuWorkload
+from precopy.session.report import MigrationReport
+from precopy.session.source import SourceOptions, migrate
+from precopy.workload.core import GuestControl, SignalWorkload, Workload
 
 from .config import add_config_args, effective_config, parse_with_config
 from .common import (

@@ -5,7 +5,7 @@ sum of the same workloads' single migrations, in a real 3-node cluster on this m
                                                  [--max-active N] [--workloads 3] [--node-action-limit N]
 
 Needs root and Debian's pacemaker, corosync, pacemaker-cli-utils and crmsh (the
-cluster of tests/test_cluster.py: precopy.pcmklab).  Each run, interleaved:
+cluster of tests/test_cluster.py: precopy.lab.pcmk).  Each run, interleaved:
 
 * singles: each workload in turn is moved n1 -> n2 with ``crm_resource --move`` and
   timed from the command until the cluster shows it started on n2 (the agent's
@@ -30,7 +30,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
-from precopy.pcmklab import PrecopyCluster, move, unavailable_reason
+from precopy.lab.pcmk import PrecopyCluster, move, unavailable_reason
 
 PY = sys.executable
 ROOT = Path(__file__).resolve().parent.parent

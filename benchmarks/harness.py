@@ -43,7 +43,7 @@ from typing import Any
 
 from agents.common import stop_process
 from precopy.guest import create_region, parse_size
-from precopy.netns import TwoHosts, rate_bits_per_s, unavailable_reason
+from precopy.lab.netns import TwoHosts, rate_bits_per_s, unavailable_reason
 
 from .limits import hash_time, hash_time_2, raw_copy
 

@@ -27,7 +27,7 @@ from typing import Any
 import uvloop
 
 import precopy
-import precopy.memory as memory
+import precopy.memory.region as memory
 from precopy.guest import create_region
 
 

@@ -42,7 +42,7 @@ from agents.common import stop_process
 from precopy.guest import parse_size
 from precopy.qemuguest import build
 from precopy.qemuguest.vm import backend_argv, children, command_line, guest_argv, serial_ticks
-from precopy.qmp import QMPClient
+from precopy.workload.qmp import QMPClient
 
 PY = sys.executable
 ROOT = Path(__file__).resolve().parent.parent

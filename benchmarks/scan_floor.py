@@ -8,7 +8,7 @@ chunk pass would only add a pass).  This measures, on a region of random
 bytes in /dev/shm and with nothing else running, the three ways of reading
 it: xxh3 in 64 MiB buffers (the yardstick of the issue's scan target), xxh3
 of 128 KiB chunks on two threads (the chunk pass: the GIL is released above
-64 KiB), and :func:`precopy.digest.page_digests` (one xxh3 call per 4 KiB
+64 KiB), and :func:`precopy.memory.digest.page_digests` (one xxh3 call per 4 KiB
 page, GIL held).  The ratio of the last to the first is the floor of the
 "live digest scan ÷ xxh3" figure for a page-by-page scan on this machine.
 """
@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 import xxhash
 
-from precopy.digest import chunk_digests, page_digests
-from precopy.memory import GuestMemory
+from precopy.memory.digest import chunk_digests, page_digests
+from precopy.memory.region import GuestMemory
 
 
 def measure(path: Path, runs: int) -> dict[str, float]:

@@ -271,7 +271,7 @@ class Side:
 
 def _run_in_netns(ns: str, fn: Callable[[], Any]) -> Any:
     """Run ``fn`` in a thread that has entered network namespace ``ns``."""
-    from precopy.netns import enter_in_thread
+    from precopy.lab.netns import enter_in_thread
 
     box: dict[str, Any] = {}
 
@@ -307,7 +307,7 @@ class Plan:
 #: Protocol points a fault may be tied to: (name, direction, kind, meta, weight).
 #: The commit window weighs more: it is where exactly-one-owner is decided.
 def _points() -> list[tuple[str, str, Any, dict[str, Any] | None, int]]:
-    from precopy.wire import Kind
+    from precopy.protocol.wire import Kind
 
     return [("READY", "s2c", Kind.READY, None, 1),
             ("DIGEST_TABLE", "s2c", Kind.DIGEST_TABLE, None, 1),
@@ -361,7 +361,7 @@ class Soak:
     # -- setup / teardown --
 
     def setup(self) -> None:
-        from precopy.netns import TwoHosts
+        from precopy.lab.netns import TwoHosts
 
         _set_subreaper()
         for d in ("sock", "ds", "logs", "resumed", "reports", "A/mem", "A/state", "B/mem", "B/state"):
@@ -599,11 +599,11 @@ class Soak:
 
     def ask(self, dst: Side, mid: str) -> str:
         """The destination's answer to an outcome QUERY: committed / not-committed / unknown."""
-        from precopy.guardian import _ask
+        from precopy.session.guardian import _ask
 
         import asyncio
 
-        from precopy.auth import load_key
+        from precopy.protocol.auth import load_key
 
         spec = {"host": dst.ip, "port": PORT, "migration_id": mid, "key": load_key(self.work / "key").hex(),
                 "retries": 3, "connect_timeout": CONNECT_TIMEOUT_S, "io_timeout": 10.0}
@@ -916,7 +916,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="soak: %(name)s: %(message)s")
     for name in ("precopy", "precopy-guardian"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
-    from precopy.netns import unavailable_reason
+    from precopy.lab.netns import unavailable_reason
 
     reason = unavailable_reason()
     if reason:

@@ -41,13 +41,13 @@ from typing import Any
 import numpy as np
 
 from agents.common import stop_process
-from precopy.digest import page_digests, region_chunk_digests
+from precopy.memory.digest import page_digests, region_chunk_digests
 from precopy.guest import create_region, parse_size
-from precopy.memory import GuestMemory
-from precopy.tracking import SourceChunks, TrackingOffer, UffdTracker
-from precopy.uffd import create_userfaultfd, uffd_api
-from precopy.wire import PAGE_SIZE
-from precopy.workload import GuestControl
+from precopy.memory.region import GuestMemory
+from precopy.memory.tracking import SourceChunks, TrackingOffer, UffdTracker
+from precopy.memory.uffd import create_userfaultfd, uffd_api
+from precopy.protocol.wire import PAGE_SIZE
+from precopy.workload.core import GuestControl
 
 PY = sys.executable
 ROOT = Path(__file__).resolve().parent.parent

@@ -15,8 +15,8 @@ and on the other machine a :class:`DestinationServer`.  TLS: pass
 
 from __future__ import annotations
 
-from .destination import DestinationServer, DestOptions
-from .errors import (
+from precopy.session.destination import DestinationServer, DestOptions
+from precopy.errors import (
     AbortCode,
     AuthError,
     GuestControlError,
@@ -28,11 +28,11 @@ from .errors import (
     RegionError,
     RemoteProtocolError,
 )
-from .memory import GuestMemory
-from .report import MigrationReport, RoundReport
-from .source import Progress, SourceOptions, migrate
-from .tls import client_context, server_context
-from .workload import GuestControl, SignalWorkload, Workload
+from precopy.memory.region import GuestMemory
+from precopy.session.report import MigrationReport, RoundReport
+from precopy.session.source import Progress, SourceOptions, migrate
+from precopy.net.tls import client_context, server_context
+from precopy.workload.core import GuestControl, SignalWorkload, Workload
 
 __version__ = "0.1.0"
 

@@ -1,7 +1,7 @@
 """A fault-injecting TCP proxy for tests (asyncpg ``_testbase/fuzzer.py`` style).
 
 It sits between ``precopy-source`` and ``precopy-dest``, forwards whole
-frames (it parses the 12-byte prefix of :mod:`precopy.wire`, and the
+frames (it parses the 12-byte prefix of :mod:`precopy.protocol.wire`, and the
 msgpack meta when a trigger needs a field), and when a :class:`Fault`'s
 trigger matches it acts:
 
@@ -49,7 +49,7 @@ from typing import Any, Callable
 
 import msgpack
 
-from precopy.wire import PREFIX, PREFIX_SIZE, Kind
+from precopy.protocol.wire import PREFIX, PREFIX_SIZE, Kind
 
 __all__ = ["Fault", "FaultProxy", "C2S", "S2C"]
 
@@ -236,7 +236,7 @@ class FaultProxy:
 
     def _run(self) -> None:
         if self._netns is not None:
-            from precopy.netns import enter_in_thread
+            from precopy.lab.netns import enter_in_thread
 
             try:
                 enter_in_thread(self._netns)

@@ -7,10 +7,10 @@ integers in the length fields, cuts, splices, duplicated and dropped frames)
 seeded from valid transcripts.
 
 * :func:`fuzz_decoder` feeds mutated frame sequences to a lone DEST
-  :class:`~precopy.wire.Connection` in a given phase and checks what comes
+  :class:`~precopy.protocol.wire.Connection` in a given phase and checks what comes
   out: only :class:`RemoteProtocolError` may escape, every decoded batch
   lies inside the region and inflates to exactly its declared size.
-* :class:`MemChannel` is the real :class:`~precopy.channel.Channel` with its
+* :class:`MemChannel` is the real :class:`~precopy.net.channel.Channel` with its
   two socket calls replaced by an in-memory script, so the destination
   server's own handshake and migration code (``_handshake``,
   ``_migrate``, ``_DestMigration``) run unmodified on mutated transcripts.
@@ -28,10 +28,10 @@ import lz4.block
 import numpy as np
 import xxhash
 
-from precopy import auth
-from precopy.channel import Channel
+from precopy.protocol import auth
+from precopy.net.channel import Channel
 from precopy.errors import AbortCode, RemoteProtocolError
-from precopy.wire import (
+from precopy.protocol.wire import (
     MAX_BATCH_PAGES,
     MAX_DEVICE_STATE,
     NEED_DATA,
@@ -138,7 +138,7 @@ def transcript(rng: random.Random, begin: Begin, *, key: bytes | None) -> list[b
 def _frames_no_replies(evs: list[Any]) -> list[bytes]:
     # encode_frame directly: the source's own machine would want the
     # destination's replies (READY, DIGEST_TABLE) in between.
-    from precopy.wire import _encode_event
+    from precopy.protocol.wire import _encode_event
 
     out = []
     for ev in evs:
@@ -245,7 +245,7 @@ class Stats:
 
 def copying_dest(begin: Begin) -> Connection:
     """A DEST connection that acknowledged ``begin`` (phase COPYING)."""
-    from precopy.wire import AuthOk, HelloAck, Ready
+    from precopy.protocol.wire import AuthOk, HelloAck, Ready
 
     dst = Connection(Role.DEST)
     for f in _frames_no_replies([Hello(PROTOCOL_VERSION, SOURCE_NONCE)]):
@@ -434,7 +434,7 @@ async def run_session(server: Any, frames: list[bytes], pieces: list[int]) -> tu
     Anything but a :class:`~precopy.errors.PrecopyError` propagates: a bug.
     """
     from precopy.errors import PrecopyError
-    from precopy.wire import Query
+    from precopy.protocol.wire import Query
 
     chan = MemChannel(b"".join(frames), pieces)
     try:
@@ -480,7 +480,7 @@ def check_after_session(server: Any, outcome: str, chan: MemChannel, begin_name_
 
 def dest_frames(rng: random.Random, begin: Begin) -> list[bytes]:
     """Frames a destination sends, valid in some source phase."""
-    from precopy.wire import AuthOk, Committed, HelloAck, Outcome, Ready, _encode_event
+    from precopy.protocol.wire import AuthOk, Committed, HelloAck, Outcome, Ready, _encode_event
 
     nchunks = -(-begin.npages // begin.chunk_pages)
     evs: list[Any] = [
@@ -499,7 +499,7 @@ def dest_frames(rng: random.Random, begin: Begin) -> list[bytes]:
 
 def fuzz_source_decoder(seed: int, budget_frames: int, begin: Begin) -> Stats:
     """Mutated destination traffic into SOURCE connections in every phase where it listens."""
-    from precopy.wire import Phase
+    from precopy.protocol.wire import Phase
 
     rng = random.Random(seed)
     stats = Stats()

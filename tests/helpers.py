@@ -1,6 +1,6 @@
 """Shared helpers for the pure wire-protocol tests.
 
-Two :class:`~precopy.wire.Connection` endpoints wired back to back in
+Two :class:`~precopy.protocol.wire.Connection` endpoints wired back to back in
 memory (h11/h2 style), a frame factory for hand-made and invalid frames,
 and event builders.  No sockets, no threads.
 
@@ -20,7 +20,7 @@ import msgpack
 import numpy as np
 import xxhash
 
-from precopy.wire import (
+from precopy.protocol.wire import (
     NEED_DATA,
     PAGE_SIZE,
     PREFIX,

@@ -1,6 +1,6 @@
 """Admission (issue 29): a bounded number of migrations move bytes at once, the rest wait in order.
 
-The FIFO itself is pure (``precopy.admission``); the destination's queue is
+The FIFO itself is pure (``precopy.policy.admission``); the destination's queue is
 driven in process over loopback with fake workloads: queued sources hear
 their place (QUEUED, docs/PROTOCOL.md), keep their workloads running, and
 go in the order they came.
@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-import precopy.source
-from precopy.admission import Admission, default_max_active
+import precopy.session.source
+from precopy.policy.admission import Admission, default_max_active
 from precopy.errors import MigrationAborted
-from precopy.source import Progress
-from precopy.wire import Begin
+from precopy.session.source import Progress
+from precopy.protocol.wire import Begin
 
 from .test_engine import FakeWorkload, make_region, options, serve
 
@@ -126,7 +126,7 @@ async def test_queued_migrations_wait_their_turn_and_hear_their_place(work: Path
     async with serve(dest_dir, max_active=1) as server:
         tasks = []
         for p in regions:
-            tasks.append(asyncio.create_task(precopy.source.migrate(
+            tasks.append(asyncio.create_task(precopy.session.source.migrate(
                 options(server, p), gate.workload(p.name), progress_of(p.name))))
             # In order: each BEGIN reaches the destination before the next is sent.
             deadline = time.monotonic() + 20
@@ -163,12 +163,12 @@ async def test_a_source_that_leaves_the_queue_gives_its_place_to_the_next(work: 
     maps = [make_region(p, 64, seed=i) for i, p in enumerate(regions)]
     gate = Gate()
     async with serve(dest_dir, max_active=1) as server:
-        first = asyncio.create_task(precopy.source.migrate(options(server, regions[0]), gate.workload("l0")))
+        first = asyncio.create_task(precopy.session.source.migrate(options(server, regions[0]), gate.workload("l0")))
         await _until(lambda: bool(gate.order), "the first to pause")
         quitter_wl = FakeWorkload()
-        quitter = asyncio.create_task(precopy.source.migrate(options(server, regions[1]), quitter_wl))
+        quitter = asyncio.create_task(precopy.session.source.migrate(options(server, regions[1]), quitter_wl))
         await _until(lambda: server.admission.queued >= 1, "the second to queue")
-        last = asyncio.create_task(precopy.source.migrate(options(server, regions[2]), gate.workload("l2")))
+        last = asyncio.create_task(precopy.session.source.migrate(options(server, regions[2]), gate.workload("l2")))
         await _until(lambda: server.admission.queued >= 2, "the third to queue")
         quitter.cancel()
         with pytest.raises(MigrationAborted, match="cancelled"):
@@ -192,10 +192,10 @@ async def test_a_source_that_cannot_wait_is_served_at_once(work: Path, dest_dir:
     regions = [work / f"o{i}.mem" for i in range(2)]
     maps = [make_region(p, 64, seed=i) for i, p in enumerate(regions)]
     gate = Gate()
-    monkeypatch.setattr(precopy.source, "Begin",
+    monkeypatch.setattr(precopy.session.source, "Begin",
                         lambda **kw: dataclasses.replace(Begin(**kw), wait=False))
     async with serve(dest_dir, max_active=1) as server:
-        tasks = [asyncio.create_task(precopy.source.migrate(options(server, p), gate.workload(p.name)))
+        tasks = [asyncio.create_task(precopy.session.source.migrate(options(server, p), gate.workload(p.name)))
                  for p in regions]
         deadline = time.monotonic() + 20
         while len(gate.order) < 2:  # both reached their pause: both moved bytes at once
@@ -214,23 +214,23 @@ async def test_a_source_that_cannot_wait_is_served_at_once(work: Path, dest_dir:
 
 def test_the_session_measures_contention_over_the_round_without_its_waits(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from precopy.source import SourceOptions, SourceSession
+    from precopy.session.source import SourceOptions, SourceSession
 
     region = tmp_path / "g.mem"
     region.write_bytes(b"\0" * 8192)
     clock, waited, steal = [100.0], [1.0], [(0, 1000)]
-    monkeypatch.setattr(precopy.source.time, "monotonic", lambda: clock[0])
-    monkeypatch.setattr(precopy.source, "_cpu_wait_s", lambda: waited[0])
-    monkeypatch.setattr(precopy.source, "_steal_ticks", lambda: steal[0])
+    monkeypatch.setattr(precopy.session.source.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(precopy.session.source, "_cpu_wait_s", lambda: waited[0])
+    monkeypatch.setattr(precopy.session.source, "_steal_ticks", lambda: steal[0])
     sched = [(5.0, 1.0)]  # the process's threads: run, wait
-    monkeypatch.setattr(precopy.source, "_process_sched", lambda: sched[0])
+    monkeypatch.setattr(precopy.session.source, "_process_sched", lambda: sched[0])
     session = SourceSession(SourceOptions(host="127.0.0.1", port=1, memory=region, migration_id="me"),
                             FakeWorkload())
     try:
         session._contention()  # the mark: the round starts here
         clock[0], waited[0], steal[0] = 101.0, 1.5, (10, 1100)
         session._dest_peers = 3
-        monkeypatch.setattr(precopy.source, "_SENDING", {"me", "other"})
+        monkeypatch.setattr(precopy.session.source, "_SENDING", {"me", "other"})
         c = session._contention()
         assert (c.source_peers, c.dest_peers) == (1, 3)
         assert c.cpu_wait_share == pytest.approx(0.5) and c.steal_share == pytest.approx(0.1)

@@ -14,7 +14,7 @@ import pytest
 import agents.source_main as source_main
 from agents.common import EXIT_ABORTED, EXIT_IN_DOUBT, EXIT_OK, EXIT_USAGE, parse_hostport
 from precopy.errors import AbortCode, MigrationAborted, MigrationInDoubt
-from precopy.report import MigrationReport
+from precopy.session.report import MigrationReport
 
 
 @pytest.fixture
@@ -92,7 +92,7 @@ def test_summary_of_a_migration_that_moved_nothing_is_short() -> None:
 
 
 def test_summary_says_what_became_of_the_source_copy() -> None:
-    from precopy.report import RoundReport
+    from precopy.session.report import RoundReport
 
     rnd = RoundReport(round=0, kind="full", pages_scanned=1, pages_dirty=1, pages_sent=1, zero_pages=0,
                       bytes_on_wire=4096, seconds=0.1)

@@ -1,4 +1,4 @@
-"""Tests of pre-shared-key authentication (``precopy.auth``)."""
+"""Tests of pre-shared-key authentication (``precopy.protocol.auth``)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from precopy import auth
+from precopy.protocol import auth
 from precopy.errors import AbortCode, AuthError
-from precopy.wire import NONCE_SIZE, PROTOCOL_VERSION
+from precopy.protocol.wire import NONCE_SIZE, PROTOCOL_VERSION
 
 KEY = b"0123456789abcdef0123456789abcdef"
 NS = bytes(range(32))          # source nonce

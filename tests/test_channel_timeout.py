@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from precopy.channel import Channel, LinkError
+from precopy.net.channel import Channel, LinkError
 from precopy.errors import AbortCode
-from precopy.wire import Role
+from precopy.protocol.wire import Role
 
 from .helpers import Pair, raw_pages
 
@@ -46,7 +46,7 @@ async def test_connect_waits_for_a_destination_that_is_starting() -> None:
     """retry_refused: a refused connection is tried again until the timeout; without it, it fails at once."""
     import asyncio
 
-    from precopy.channel import connect
+    from precopy.net.channel import connect
 
     probe = socket.create_server(("127.0.0.1", 0))
     port = probe.getsockname()[1]

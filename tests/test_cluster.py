@@ -1,6 +1,6 @@
 """precopy as a Pacemaker resource, in a real 3-node Corosync/Pacemaker cluster.
 
-Three nodes in their own network, mount and UTS namespaces (precopy.pcmklab),
+Three nodes in their own network, mount and UTS namespaces (precopy.lab.pcmk),
 each running corosync, pacemakerd, precopy-dest and precopy-source serve;
 three ocf:precopy:workload resources, each a dirtying guest on a 32 MiB region.
 The scenarios of issue 20, each ending with every migrated workload checked
@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator
 import pytest
 
 from precopy.guest import region_digest
-from precopy.pcmklab import PrecopyCluster, move, unavailable_reason
+from precopy.lab.pcmk import PrecopyCluster, move, unavailable_reason
 
 from .conftest import PY, wait_for
 

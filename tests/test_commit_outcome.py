@@ -14,10 +14,10 @@ from typing import Any, Awaitable, Callable
 
 import pytest
 
-import precopy.destination as destination
-from precopy.channel import LinkError
+import precopy.session.destination as destination
+from precopy.net.channel import LinkError
 from precopy.errors import MigrationAborted, MigrationInDoubt
-from precopy.wire import Committed
+from precopy.protocol.wire import Committed
 
 from .test_engine import FakeWorkload, make_region, migrate, serve, settled
 
@@ -145,7 +145,7 @@ async def test_journal_failure_at_commit_rolls_back(work: Path, dest_dir: Path,
 
 async def test_restart_completes_a_committed_migration_and_aborts_running_ones(dest_dir: Path) -> None:
     """Write-ahead recovery: committed-but-not-renamed is finished, 'running' becomes 'aborted'."""
-    from precopy.destination import DestinationServer, DestOptions, MigrationRecord, _Journal
+    from precopy.session.destination import DestinationServer, DestOptions, MigrationRecord, _Journal
 
     dest_dir.mkdir(parents=True)
     journal = _Journal(dest_dir)
@@ -171,7 +171,7 @@ async def test_restart_completes_a_committed_migration_and_aborts_running_ones(d
 
 
 async def _run_until_commit_sent(server: Any, src: Path, wl: FakeWorkload) -> tuple[Any, asyncio.Task[Any]]:
-    from precopy.source import SourceOptions, SourceSession
+    from precopy.session.source import SourceOptions, SourceSession
 
     session = SourceSession(SourceOptions(host="127.0.0.1", port=server.port, memory=src,
                                           io_timeout_s=10, outcome_retries=3), wl)

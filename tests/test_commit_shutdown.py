@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-import precopy.destination as destination
+import precopy.session.destination as destination
 from precopy.errors import MigrationAborted
 
 from .test_engine import FakeWorkload, make_region, migrate, serve, settled

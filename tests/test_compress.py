@@ -7,7 +7,7 @@ import os
 import lz4.block
 import pytest
 
-from precopy.compress import AdaptiveCompressor
+from precopy.protocol.compress import AdaptiveCompressor
 
 MiB = 1 << 20
 

@@ -17,13 +17,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-import precopy.source
+import precopy.session.source
 from agents.source_main import summary
-from precopy.downtime import CAP_STEPS, DowntimeCap, DowntimeCapExceeded, Part, switchover_margin
+from precopy.policy.downtime import CAP_STEPS, DowntimeCap, DowntimeCapExceeded, Part, switchover_margin
 from precopy.errors import AbortCode, MigrationAborted
-from precopy.policy import Action, Decision, LinkEstimator, SwitchoverPolicy
-from precopy.source import SourceOptions, SourceSession
-from precopy.wire import Commit, DeviceState, DigestRequest, Pages
+from precopy.policy.switchover import Action, Decision, LinkEstimator, SwitchoverPolicy
+from precopy.session.source import SourceOptions, SourceSession
+from precopy.protocol.wire import Commit, DeviceState, DigestRequest, Pages
 
 from .conftest import Procs, create_region, guest, proc_state, run_source, start_dest
 from .test_engine import FakeWorkload, make_region, options, serve, settled
@@ -213,7 +213,7 @@ async def test_forcing_a_switchover_over_the_cap_aborts_without_pausing(
     async with serve(dest_dir) as server:
         with pytest.raises(MigrationAborted, match="scripted force; but the expected downtime .* is over "
                                                    "--max-downtime-ms 1e-06: aborting without pausing") as err:
-            await precopy.source.migrate(options(server, src, downtime_ms=1e-6, max_downtime_ms=1e-6,
+            await precopy.session.source.migrate(options(server, src, downtime_ms=1e-6, max_downtime_ms=1e-6,
                                                  on_nonconvergence="force"), wl)
     assert "pause" not in wl.calls
     assert err.value.report.cap_hit is None  # type: ignore[attr-defined]
@@ -327,7 +327,7 @@ async def test_the_session_decides_with_the_margin_and_reports_it(
     src = work / "m.mem"
     make_region(src, 256)
     async with serve(dest_dir) as server:
-        rep = await precopy.source.migrate(options(server, src, downtime_ms=50, headroom=headroom), FakeWorkload())
+        rep = await precopy.session.source.migrate(options(server, src, downtime_ms=50, headroom=headroom), FakeWorkload())
     assert rep.outcome == "committed" and seen
     assert rep.switchover_margin_ms is not None
     if headroom == "fixed":

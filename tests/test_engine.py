@@ -2,7 +2,7 @@
 
 The workload is a fake that records calls; the test writes the region
 through its own ``np.memmap`` (``MAP_SHARED``), so the source sees every
-write.  Raw peers speak the protocol with :class:`precopy.wire.Connection`
+write.  Raw peers speak the protocol with :class:`precopy.protocol.wire.Connection`
 over asyncio streams to poke the server with hand-made or invalid frames.
 """
 
@@ -23,13 +23,13 @@ import pytest
 import uvloop
 import xxhash
 
-import precopy.source
-from precopy.destination import DestinationServer, DestOptions
-from precopy.digest import StagingBuffer
+import precopy.session.source
+from precopy.session.destination import DestinationServer, DestOptions
+from precopy.memory.digest import StagingBuffer
 from precopy.errors import AbortCode, GuestControlError, MigrationAborted
-from precopy.report import MigrationReport
-from precopy.source import SourceOptions
-from precopy.wire import (
+from precopy.session.report import MigrationReport
+from precopy.session.source import SourceOptions
+from precopy.protocol.wire import (
     MAX_META,
     NEED_DATA,
     PAGE_SIZE,
@@ -148,7 +148,7 @@ def options(server: DestinationServer, path: Path, **kw: Any) -> SourceOptions:
 
 async def migrate(server: DestinationServer, path: Path, workload: FakeWorkload,
                   **kw: Any) -> MigrationReport:
-    return await asyncio.wait_for(precopy.source.migrate(options(server, path, **kw), workload), 30)
+    return await asyncio.wait_for(precopy.session.source.migrate(options(server, path, **kw), workload), 30)
 
 
 async def wait_until(pred: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> None:
@@ -317,7 +317,7 @@ async def test_a_destination_keeps_nothing_of_a_finished_migration(work: Path, d
     (a sink closure over the migration did: ~5 MiB a migration on a long-running destination)."""
     import gc
 
-    from precopy.destination import _DestMigration
+    from precopy.session.destination import _DestMigration
 
     src = work / "c.mem"
     mm = make_region(src, 256)
@@ -568,7 +568,7 @@ async def test_source_cancelled_mid_migration_aborts_both_sides(
             await asyncio.sleep(60)
 
         wl.on_pause = hang
-        task = asyncio.create_task(precopy.source.migrate(options(server, src), wl))
+        task = asyncio.create_task(precopy.session.source.migrate(options(server, src), wl))
         await wait_until(lambda: wl.calls == ["pause"], what="the pause")
         task.cancel()
         with pytest.raises(MigrationAborted) as ei:
@@ -592,7 +592,7 @@ async def test_cancelled_migration_carries_code_cancelled(work: Path, dest_dir: 
 
     wl = FakeWorkload(on_pause=hang)
     async with serve(dest_dir) as server:
-        task = asyncio.create_task(precopy.source.migrate(options(server, src), wl))
+        task = asyncio.create_task(precopy.session.source.migrate(options(server, src), wl))
         await wait_until(lambda: wl.calls == ["pause"], what="the pause")
         task.cancel()
         with pytest.raises(MigrationAborted) as ei:
@@ -856,7 +856,7 @@ async def test_silent_peer_during_handshake_is_a_clear_timeout(work: Path) -> No
         opts = SourceOptions(host="127.0.0.1", port=port, memory=src, io_timeout_s=0.5)
         wl = FakeWorkload()
         with pytest.raises(MigrationAborted, match="did not complete the handshake"):
-            await precopy.source.migrate(opts, wl)
+            await precopy.session.source.migrate(opts, wl)
         assert wl.calls == []
         for w in held:
             w.close()
@@ -1003,7 +1003,7 @@ async def test_dense_dirty_sets_go_as_whole_chunks_and_stay_exact(work: Path, sh
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """When most chunks differ, a scan sends them whole (no per-page pass); with
     every scan forced to, what commits still equals the paused source."""
-    monkeypatch.setattr(precopy.source, "_written_fraction", lambda *a: 1.0)
+    monkeypatch.setattr(precopy.session.source, "_written_fraction", lambda *a: 1.0)
     npages = 2048
     src = work / "vm.mem"
     mm = make_region(src, npages, seed=4)
@@ -1035,7 +1035,7 @@ async def test_dense_dirty_sets_go_as_whole_chunks_and_stay_exact(work: Path, sh
 def test_whether_changed_chunks_go_whole(cand: np.ndarray, seen: float, link_bps: float, whole: bool) -> None:
     """Whole chunks when most of each was written, by the spread of the changed
     chunks or, when every chunk changed, by what the last page pass saw."""
-    assert precopy.source._whole_chunks_pay(cand, 2048, 32, link_bps, seen) is whole
+    assert precopy.session.source._whole_chunks_pay(cand, 2048, 32, link_bps, seen) is whole
 
 
 async def test_a_writer_touching_every_chunk_is_scanned_page_by_page(
@@ -1047,7 +1047,7 @@ async def test_a_writer_touching_every_chunk_is_scanned_page_by_page(
     npages = 4096
     src = work / "vm.mem"
     mm = make_region(src, npages, seed=6)
-    real = precopy.source.SourceSession._page_scan
+    real = precopy.session.source.SourceSession._page_scan
     page_scans: list[int] = []
 
     async def page_scan(self: Any) -> Any:
@@ -1055,7 +1055,7 @@ async def test_a_writer_touching_every_chunk_is_scanned_page_by_page(
         page_scans.append(len(scan.dirty))
         return scan
 
-    monkeypatch.setattr(precopy.source.SourceSession, "_page_scan", page_scan)
+    monkeypatch.setattr(precopy.session.source.SourceSession, "_page_scan", page_scan)
     stop = asyncio.Event()
 
     async def scribble() -> None:
@@ -1090,7 +1090,7 @@ def test_a_scan_estimates_how_much_of_its_changed_chunks_was_written(changed: in
     """Evenly spread writes are the sparsest way to change that many chunks: 87 %
     of 2,048 chunks of 32 pages changed means at least ~7 % of their pages were
     written -- sending them whole would send ~14 times what was written."""
-    got = precopy.source._written_fraction(changed, 2048, 32)
+    got = precopy.session.source._written_fraction(changed, 2048, 32)
     assert got == pytest.approx(least, abs=0.01)
 
 
@@ -1108,16 +1108,16 @@ async def test_scattered_writes_over_many_chunks_are_not_sent_whole(
     npages = 2048
     src = work / "vm.mem"
     mm = make_region(src, npages, seed=5)
-    monkeypatch.setattr(precopy.source, "_PAGE_HASH_BPS", hash_bps)
+    monkeypatch.setattr(precopy.session.source, "_PAGE_HASH_BPS", hash_bps)
     sent: list[int] = []
-    real = precopy.source.SourceSession._send_pages
+    real = precopy.session.source.SourceSession._send_pages
 
     async def send_pages(self: Any, indices: np.ndarray, rnd: Any, phase: str, **kw: Any) -> None:
         if phase != "full copy":
             sent.append(len(indices))
         await real(self, indices, rnd, phase, **kw)
 
-    monkeypatch.setattr(precopy.source.SourceSession, "_send_pages", send_pages)
+    monkeypatch.setattr(precopy.session.source.SourceSession, "_send_pages", send_pages)
 
     async def scribble() -> None:
         mm.reshape(npages, 4096)[::every, :8] ^= 0xFF
@@ -1139,7 +1139,7 @@ def test_send_plan_covers_every_page_once_and_ordered_batches_span_only_their_ow
     dense[rng.integers(0, npages - 300):][:300] = True  # a long run, cut into batches
     indices = np.flatnonzero(dense).astype(np.uint32)
     for ordered in (False, True):
-        batches = list(precopy.source._plan(indices, 64, fill=fill, ordered=ordered))
+        batches = list(precopy.session.source._plan(indices, 64, fill=fill, ordered=ordered))
         pages = np.concatenate([b for b, _ in batches])
         assert all(len(b) <= 64 for b, _ in batches)
         assert len(pages) == len(np.unique(pages))

@@ -28,10 +28,10 @@ import xxhash
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import precopy.auth
-from precopy.destination import DestinationServer, DestOptions
+import precopy.protocol.auth
+from precopy.session.destination import DestinationServer, DestOptions
 from precopy.errors import RemoteProtocolError
-from precopy.wire import (
+from precopy.protocol.wire import (
     HANDSHAKE_BUFFER,
     MAX_BATCH_PAGES,
     MAX_DEVICE_STATE,
@@ -97,7 +97,7 @@ def test_fuzz_source_decoder_against_a_hostile_destination() -> None:
 @pytest.fixture
 def fixed_dest_nonce(monkeypatch: pytest.MonkeyPatch) -> None:
     """The destination's nonce is fixed so a keyed transcript can be precomputed."""
-    monkeypatch.setattr(precopy.auth, "new_nonce", lambda: fuzzkit.DEST_NONCE)
+    monkeypatch.setattr(precopy.protocol.auth, "new_nonce", lambda: fuzzkit.DEST_NONCE)
 
 
 async def _server(shm: Path, **kw: Any) -> DestinationServer:

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from precopy.guardian import ARMED, COMMIT, Guardian
+from precopy.session.guardian import ARMED, COMMIT, Guardian
 
 from .conftest import proc_state, wait_for
 
@@ -92,8 +92,8 @@ async def test_guardian_asks_a_tls_destination(sleeper: Any, tmp_path: Path, des
     ask, and leaves the workload paused (in doubt) rather than guess."""
     import asyncio
 
-    from precopy.destination import MigrationRecord, _Journal
-    from precopy.tls import server_context
+    from precopy.session.destination import MigrationRecord, _Journal
+    from precopy.net.tls import server_context
 
     from .test_engine import serve
     from .tlscerts import make_pki
@@ -158,7 +158,7 @@ class FakeQMP:
 
 
 def test_qmp_settle_skips_events_and_reports_a_refused_cont(tmp_path: Path) -> None:
-    from precopy.guardian import ResumeError, _resume
+    from precopy.session.guardian import ResumeError, _resume
 
     fake = FakeQMP(tmp_path / "q.sock", {"query-migrate": {"status": "completed"},
                                          "cont": {"error": {"class": "GenericError", "desc": "no"}}})
@@ -174,7 +174,7 @@ def test_qmp_settle_skips_events_and_reports_a_refused_cont(tmp_path: Path) -> N
 
 def test_qmp_settle_waits_for_the_greeting_with_a_timeout(tmp_path: Path) -> None:
     """A monitor that never greets (another client holds it): a bounded wait, a clear error."""
-    from precopy.guardian import ResumeError, _resume
+    from precopy.session.guardian import ResumeError, _resume
 
     fake = FakeQMP(tmp_path / "q.sock", {}, greet=False)
     try:
@@ -188,7 +188,7 @@ def test_qmp_settle_waits_for_the_greeting_with_a_timeout(tmp_path: Path) -> Non
 def test_qmp_vm_left_as_it_is_gets_its_settings_back(tmp_path: Path, state: str) -> None:
     """Idle (the VM runs, or is already the destination's) and in doubt (paused): no cont,
     no quit; only the migration settings the agent changed are put back."""
-    from precopy.guardian import _on_agent_death
+    from precopy.session.guardian import _on_agent_death
 
     fake = FakeQMP(tmp_path / "q.sock", {"query-migrate": {"status": "completed"}})
     sp = spec(0)
@@ -206,7 +206,7 @@ def test_qmp_vm_left_as_it_is_gets_its_settings_back(tmp_path: Path, state: str)
 
 def test_qmp_on_commit_kill_quits_the_vm(tmp_path: Path) -> None:
     """Committed under --on-commit kill: QMP quit, nothing restored on a VM that is gone."""
-    from precopy.guardian import _resume
+    from precopy.session.guardian import _resume
 
     fake = FakeQMP(tmp_path / "q.sock", {})
     try:

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-import precopy.source
+import precopy.session.source
 from precopy.errors import AbortCode, GuestControlError, MigrationAborted
-from precopy.workload import MAX_REPLY_LINE, GuestControl
+from precopy.workload.core import MAX_REPLY_LINE, GuestControl
 
 from .test_engine import make_region, options, partials, serve, settled
 
@@ -108,7 +108,7 @@ async def test_misbehaving_guest_rolls_back_and_keeps_running(work: Path, dest_d
         async with server, serve(dest_dir) as dest:
             gc = GuestControl(sock, timeout_s=0.4)
             with pytest.raises(MigrationAborted) as info:
-                await asyncio.wait_for(precopy.source.migrate(options(dest, src), gc), 30)
+                await asyncio.wait_for(precopy.session.source.migrate(options(dest, src), gc), 30)
             await gc.close()
             await settled(dest)
             assert [r.outcome for r in dest.results] == ["aborted"]

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from precopy.errors import AbortCode, MigrationAborted
-from precopy.wire import PROTOCOL_VERSION, Kind, encode_frame
+from precopy.protocol.wire import PROTOCOL_VERSION, Kind, encode_frame
 
 from .conftest import Procs, create_region, guest, run_source, start_dest, wait_for
 from .test_engine import (
@@ -77,7 +77,7 @@ async def _slowloris(port: int, stop: asyncio.Event, interval: float = 0.1) -> t
 
 async def test_slowloris_peers_are_dropped_while_a_real_migration_succeeds(
         work: Path, dest_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="precopy.destination")
+    caplog.set_level(logging.WARNING, logger="precopy.session.destination")
     stop = asyncio.Event()
     async with serve(dest_dir, handshake_timeout_s=1.5) as server:
         lorises = [asyncio.create_task(_slowloris(server.port, stop)) for _ in range(6)]
@@ -110,7 +110,7 @@ async def test_connection_flood_is_capped_and_logged(work: Path, dest_dir: Path,
                                                      caplog: pytest.LogCaptureFixture) -> None:
     """Beyond --max-connections pending handshakes, new connections are closed
     at once (no memory, no task); once the silent ones time out, migrations work."""
-    caplog.set_level(logging.WARNING, logger="precopy.destination")
+    caplog.set_level(logging.WARNING, logger="precopy.session.destination")
     async with serve(dest_dir, handshake_timeout_s=1.0, max_connections=3) as server:
         silent = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(3)]
         await asyncio.sleep(0.2)

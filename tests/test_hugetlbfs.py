@@ -64,7 +64,7 @@ async def test_hugetlbfs_region_round_trip(hugetlbfs: Path) -> None:
 
 
 async def test_hugetlbfs_memory_dir_without_state_dir_fails_at_start(hugetlbfs: Path) -> None:
-    from precopy.destination import DestinationServer, DestOptions
+    from precopy.session.destination import DestinationServer, DestOptions
     from precopy.errors import RegionError
 
     server = DestinationServer(DestOptions(memory_dir=hugetlbfs / "dest", port=0))

@@ -90,7 +90,7 @@ def test_progress_line_shows_a_throttle_only_when_there_is_one() -> None:
 
 def test_summary_shows_a_throttle_only_when_there_was_one() -> None:
     from agents.source_main import summary
-    from precopy.report import MigrationReport, RoundReport
+    from precopy.session.report import MigrationReport, RoundReport
 
     rep = MigrationReport(migration_id="m", outcome="committed", rounds=[
         RoundReport(round=i, kind="iterative", pages_scanned=1, pages_dirty=1, pages_sent=1, zero_pages=0,

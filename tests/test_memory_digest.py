@@ -1,4 +1,4 @@
-"""Unit tests of precopy.memory (GuestMemory) and precopy.digest."""
+"""Unit tests of precopy.memory.region (GuestMemory) and precopy.memory.digest."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import xxhash
 
-from precopy.digest import (
+from precopy.memory.digest import (
     ZERO_PAGE_DIGEST,
     ChunkTracker,
     StagingBuffer,
@@ -22,8 +22,8 @@ from precopy.digest import (
     page_digests,
 )
 from precopy.errors import RegionError
-from precopy.memory import GuestMemory
-from precopy.wire import PAGE_SIZE
+from precopy.memory.region import GuestMemory
+from precopy.protocol.wire import PAGE_SIZE
 
 _h64 = xxhash.xxh3_64_intdigest
 
@@ -487,7 +487,7 @@ def test_chunk_tracker_by_page_follows_received_and_zeroed_pages(tmp_path: Path,
 
 
 def test_page_set_operations_match_numpy() -> None:
-    from precopy.digest import page_difference, page_union, sorted_distinct
+    from precopy.memory.digest import page_difference, page_union, sorted_distinct
     rng = np.random.default_rng(11)
     for _ in range(50):
         n = int(rng.integers(1, 5000))

@@ -1,10 +1,10 @@
-"""precopy.netns: two namespaces joined by a shaped veth pair (root only for the live part)."""
+"""precopy.lab.netns: two namespaces joined by a shaped veth pair (root only for the live part)."""
 
 import subprocess
 
 import pytest
 
-from precopy.netns import TwoHosts, rate_bits_per_s, unavailable_reason
+from precopy.lab.netns import TwoHosts, rate_bits_per_s, unavailable_reason
 
 
 def test_rate_parsing():

@@ -1,4 +1,4 @@
-"""Tests of the pure switchover policy (``precopy.policy``)."""
+"""Tests of the pure switchover policy (``precopy.policy.switchover``)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from precopy.policy import (
+from precopy.policy.switchover import (
     Contention,
     MAX_PAUSED_SPEEDUP,
     Action,
@@ -18,7 +18,7 @@ from precopy.policy import (
     SwitchoverPolicy,
     expected_downtime,
 )
-from precopy.wire import PAGE_SIZE
+from precopy.protocol.wire import PAGE_SIZE
 
 approx = pytest.approx
 

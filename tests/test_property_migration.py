@@ -21,11 +21,11 @@ import uvloop
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import precopy.source
-from precopy.destination import DestinationServer, DestOptions
-from precopy.digest import StagingBuffer
-from precopy.source import SourceOptions
-from precopy.wire import PAGE_SIZE
+import precopy.session.source
+from precopy.session.destination import DestinationServer, DestOptions
+from precopy.memory.digest import StagingBuffer
+from precopy.session.source import SourceOptions
+from precopy.protocol.wire import PAGE_SIZE
 
 
 class PausableWorkload:
@@ -93,7 +93,7 @@ async def _migrate_with_writes(root: Path, npages: int, seed: int, write_prob: f
     await server.start()
     serving = asyncio.create_task(server.serve_forever())
     try:
-        report = await precopy.source.migrate(SourceOptions(
+        report = await precopy.session.source.migrate(SourceOptions(
             host="127.0.0.1", port=server.port, memory=src, batch_pages=16, chunk_pages=8,
             downtime_ms=budget_ms, max_rounds=4, on_nonconvergence="force", io_timeout_s=10,
         ), wl)

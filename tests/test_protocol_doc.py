@@ -1,11 +1,11 @@
-"""docs/PROTOCOL.md stays true to precopy/wire.py."""
+"""docs/PROTOCOL.md stays true to precopy/protocol/wire.py."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from precopy.errors import AbortCode
-from precopy.wire import MAX_META, MAX_PAYLOAD, TRANSITIONS, Kind
+from precopy.protocol.wire import MAX_META, MAX_PAYLOAD, TRANSITIONS, Kind
 
 DOC = (Path(__file__).resolve().parent.parent / "docs" / "PROTOCOL.md").read_text()
 

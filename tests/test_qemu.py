@@ -18,13 +18,13 @@ from typing import Iterator
 
 import pytest
 
-from precopy.destination import DestinationServer, DestOptions
+from precopy.session.destination import DestinationServer, DestOptions
 from precopy.errors import MigrationAborted
-from precopy.qemu import QemuDestination, QemuWorkload
+from precopy.workload.qemu import QemuDestination, QemuWorkload
 from precopy.qemuguest import BuildError, build
 from precopy.qemuguest.vm import backend_argv, children, command_line, compare_ram, guest_argv, serial_ticks
-from precopy.qmp import QMPClient
-from precopy.source import SourceOptions, migrate
+from precopy.workload.qmp import QMPClient
+from precopy.session.source import SourceOptions, migrate
 
 from .conftest import Procs, run_source, start_dest, wait_for
 

@@ -19,10 +19,10 @@ from typing import Any
 
 import pytest
 
-from precopy import guardian
-from precopy.qemu import QemuWorkload
+from precopy.session import guardian
+from precopy.workload.qemu import QemuWorkload
 from precopy.qemuguest.vm import backend_argv, children, command_line, guest_argv, serial_ticks
-from precopy.wire import Kind
+from precopy.protocol.wire import Kind
 
 from .conftest import Procs, start_dest, wait_for
 from .faultproxy import S2C, Fault, FaultProxy

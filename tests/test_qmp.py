@@ -10,9 +10,9 @@ from typing import Any, Callable
 import pytest
 
 from precopy.errors import RemoteProtocolError
-from precopy.qemu import check_dest_command
-from precopy.qmp import QMPClient, QMPError
-from precopy.wire import Commit, Committed, Kind, Switchover
+from precopy.workload.qemu import check_dest_command
+from precopy.workload.qmp import QMPClient, QMPError
+from precopy.protocol.wire import Commit, Committed, Kind, Switchover
 
 from .helpers import BEGIN, D, S, Pair, frame
 

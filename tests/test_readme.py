@@ -41,7 +41,7 @@ import time  # noqa: E402
 
 import pytest  # noqa: E402
 
-from precopy.netns import TwoHosts, unavailable_reason  # noqa: E402
+from precopy.lab.netns import TwoHosts, unavailable_reason  # noqa: E402
 
 
 

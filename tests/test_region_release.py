@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import precopy.source
+import precopy.session.source
 from precopy.errors import MigrationAborted
-from precopy.wire import PAGE_SIZE, Connection, Kind
+from precopy.protocol.wire import PAGE_SIZE, Connection, Kind
 
 from .faultproxy import Fault, FaultProxy
 from .test_engine import FakeWorkload, serve, settled, wait_until
@@ -92,7 +92,7 @@ def _held(dest_dir: Path) -> list[str]:
 async def test_region_unmapped_when_the_source_goes_away(work: Path, dest_dir: Path, no_cyclic_gc: None,
                                                          existing: bool, keep: int, how: str,
                                                          caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.DEBUG, logger="precopy.memory")
+    caplog.set_level(logging.DEBUG, logger="precopy.memory.region")
     src = work / "vm.mem"
     _region(src, 1)
     if existing:
@@ -106,10 +106,10 @@ async def test_region_unmapped_when_the_source_goes_away(work: Path, dest_dir: P
         # at a frame boundary) or 300,000 bytes into it (mid-payload).
         fault = Fault(how, kind=Kind.PAGES, nth=3, keep=keep)
         with FaultProxy(("127.0.0.1", server.port), [fault]) as proxy:
-            opts = precopy.source.SourceOptions(host="127.0.0.1", port=proxy.port, memory=src, io_timeout_s=10.0,
+            opts = precopy.session.source.SourceOptions(host="127.0.0.1", port=proxy.port, memory=src, io_timeout_s=10.0,
                                                 connect_timeout_s=5.0)
             with pytest.raises(MigrationAborted):
-                await precopy.source.migrate(opts, FakeWorkload())
+                await precopy.session.source.migrate(opts, FakeWorkload())
             assert fault.fired.is_set()
             await settled(server)
         assert [r.outcome for r in server.results] == ["aborted"]
@@ -128,7 +128,7 @@ async def test_region_unmapped_when_a_query_stops_the_migration(work: Path, dest
                                                                 caplog: pytest.LogCaptureFixture) -> None:
     """COMMIT lost in a stalled link: the source asks, which stops the migration on the
     destination (a cancellation): its region must go at once too."""
-    caplog.set_level(logging.DEBUG, logger="precopy.memory")
+    caplog.set_level(logging.DEBUG, logger="precopy.memory.region")
     src = work / "vm.mem"
     _region(src, 1)
     if existing:
@@ -137,10 +137,10 @@ async def test_region_unmapped_when_a_query_stops_the_migration(work: Path, dest
     async with serve(dest_dir) as server:
         fault = Fault("stall", kind=Kind.COMMIT)
         with FaultProxy(("127.0.0.1", server.port), [fault]) as proxy:
-            opts = precopy.source.SourceOptions(host="127.0.0.1", port=proxy.port, memory=src, io_timeout_s=1.0,
+            opts = precopy.session.source.SourceOptions(host="127.0.0.1", port=proxy.port, memory=src, io_timeout_s=1.0,
                                                 connect_timeout_s=5.0)
             with pytest.raises(MigrationAborted, match="not committed"):
-                await precopy.source.migrate(opts, FakeWorkload())
+                await precopy.session.source.migrate(opts, FakeWorkload())
             assert fault.fired.is_set()
             await settled(server)
             assert [r.outcome for r in server.results] == ["aborted"]

@@ -13,13 +13,13 @@ from typing import Any
 
 import pytest
 
-import precopy.auth as auth
-import precopy.source
+import precopy.protocol.auth as auth
+import precopy.session.source
 from agents import dest_main
 from agents.common import EXIT_USAGE
 from precopy.errors import AbortCode, AuthError, MigrationAborted
-from precopy.tls import TlsConfigError, client_context, server_context
-from precopy.wire import PROTOCOL_VERSION, Auth, AuthOk, Connection, Hello, HelloAck, Role
+from precopy.net.tls import TlsConfigError, client_context, server_context
+from precopy.protocol.wire import PROTOCOL_VERSION, Auth, AuthOk, Connection, Hello, HelloAck, Role
 
 from .conftest import Procs, create_region, guest, run_source, start_dest
 from .test_engine import (
@@ -171,10 +171,10 @@ async def test_source_refuses_a_replayed_destination_proof(work: Path, dest_dir:
     async with fake:
         port = fake.sockets[0].getsockname()[1]
         wl = FakeWorkload()
-        opts = precopy.source.SourceOptions(host="127.0.0.1", port=port, memory=src, auth_key=KEY,
+        opts = precopy.session.source.SourceOptions(host="127.0.0.1", port=port, memory=src, auth_key=KEY,
                                             io_timeout_s=5)
         with pytest.raises(MigrationAborted, match="did not prove it holds our key"):
-            await asyncio.wait_for(precopy.source.migrate(opts, wl), 20)
+            await asyncio.wait_for(precopy.session.source.migrate(opts, wl), 20)
         assert wl.calls == []
     # The source never answered with its own proof (only an ABORT, or nothing).
     assert len(seen) == 2 and b"mac" not in seen[1]
@@ -216,7 +216,7 @@ async def test_migration_over_mutual_tls(pki: Pki, work: Path, dest_dir: Path) -
         assert (dest_dir / "tls.mem").read_bytes() == src.read_bytes()
         assert (dest_dir / "tls.mem.device-state").read_bytes() == b"device"
         # The outcome query reconnects over TLS as well.
-        session = precopy.source.SourceSession(options(server, src, tls_context=cctx, auth_key=KEY,
+        session = precopy.session.source.SourceSession(options(server, src, tls_context=cctx, auth_key=KEY,
                                                        migration_id=rep.migration_id), FakeWorkload())
         out = await session._query_outcome()
         assert out.committed and out.known

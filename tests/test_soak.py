@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.soak import check_leaks
-from precopy.netns import unavailable_reason
+from precopy.lab.netns import unavailable_reason
 
 from .conftest import ENV, PY, ROOT
 

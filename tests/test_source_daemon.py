@@ -265,8 +265,8 @@ async def test_a_cancel_is_never_lost_while_waiting_for_the_destination(tmp_path
     at the same moment (asyncio.wait_for on 3.11 returns the answer instead)."""
     import asyncio
 
-    from precopy.source import SourceOptions, SourceSession
-    from precopy.wire import Ready
+    from precopy.session.source import SourceOptions, SourceSession
+    from precopy.protocol.wire import Ready
 
     from .test_engine import FakeWorkload
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from precopy.memory import GuestMemory
-from precopy.wire import PAGE_SIZE
+from precopy.memory.region import GuestMemory
+from precopy.protocol.wire import PAGE_SIZE
 
 from .test_engine import FakeWorkload, migrate, serve
 
@@ -111,8 +111,8 @@ async def test_sparse_region_stays_sparse_on_the_destination(work: Path, shm: Pa
     _sparse(path, npages, data_pages)
     mm = np.memmap(path, dtype=np.uint8, mode="r+", shape=(npages, PAGE_SIZE))
     calls = [0]
-    from precopy.source import SourceSession
-    from precopy.wire import Pages
+    from precopy.session.source import SourceSession
+    from precopy.protocol.wire import Pages
 
     orig = SourceSession._send_event
 

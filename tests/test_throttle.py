@@ -22,11 +22,11 @@ from typing import Any, Iterator
 import numpy as np
 import pytest
 
-import precopy.source
+import precopy.session.source
 from precopy.errors import GuestControlError, MigrationAborted, PrecopyError
-from precopy.guardian import ARMED, IDLE
-from precopy.policy import Action, Decision, SwitchoverPolicy
-from precopy.workload import GuestControl, SignalWorkload, process_state
+from precopy.session.guardian import ARMED, IDLE
+from precopy.policy.switchover import Action, Decision, SwitchoverPolicy
+from precopy.workload.core import GuestControl, SignalWorkload, process_state
 
 from agents.source_main import summary
 
@@ -169,7 +169,7 @@ def test_an_agent_exiting_with_a_throttle_on_leaves_the_process_running(child: s
     exit handler continues the process (SIGKILL is the guardian's case)."""
     script = (
         "import asyncio, sys\n"
-        "from precopy.workload import SignalWorkload, process_state\n"
+        "from precopy.workload.core import SignalWorkload, process_state\n"
         f"w = SignalWorkload({child.pid})\n"
         "asyncio.run(w.throttle(0.95))\n"
         "while process_state(w.pid) != 'T':\n"
@@ -374,7 +374,7 @@ async def test_switchover_pauses_straight_from_the_throttle(
     script(monkeypatch, (Action.CONTINUE, 20), (Action.CONTINUE, 30), (Action.SWITCHOVER, 30))
     wl = ThrottledWorkload()
     async with serve(dest_dir) as server:
-        rep = await precopy.source.migrate(options(server, src), wl)
+        rep = await precopy.session.source.migrate(options(server, src), wl)
     assert rep.outcome == "committed"
     # No "throttle 0" between: the pause ends it (the workload must not run in between).
     assert wl.calls == ["throttle 0.2", "throttle 0.3", "pause"]
@@ -393,7 +393,7 @@ async def test_at_99_percent_the_workload_is_held_from_each_scan_to_its_decision
            (Action.SWITCHOVER, 99))
     wl = HoldingWorkload()
     async with serve(dest_dir) as server:
-        rep = await precopy.source.migrate(options(server, src), wl)
+        rep = await precopy.session.source.migrate(options(server, src), wl)
     assert rep.outcome == "committed"
     # Held for the scans after 99 % was reached; released by setting the throttle again
     # (even unchanged); the last hold is taken over by the pause.
@@ -428,7 +428,7 @@ async def test_a_scan_the_throttled_workload_ran_after_is_not_trusted(
             return ran
 
     pages: list[int] = []  # what each expected downtime was computed for
-    real = precopy.source.SourceSession._expected
+    real = precopy.session.source.SourceSession._expected
 
     def expected(self: Any, remaining: int, device_state_bytes: int = 0,
                  final_scan_s: float | None = None, **kw: Any) -> float:
@@ -436,9 +436,9 @@ async def test_a_scan_the_throttled_workload_ran_after_is_not_trusted(
             pages.append(remaining)
         return real(self, remaining, device_state_bytes, final_scan_s, **kw)
 
-    monkeypatch.setattr(precopy.source.SourceSession, "_expected", expected)
+    monkeypatch.setattr(precopy.session.source.SourceSession, "_expected", expected)
     async with serve(dest_dir) as server:
-        rep = await precopy.source.migrate(options(server, src), Bursty())
+        rep = await precopy.session.source.migrate(options(server, src), Bursty())
     assert rep.outcome == "committed"
     # Round 1 (unthrottled so far) found nothing; round 2 the burst of the first throttle
     # call; round 3 nothing new: but the workload ran after that scan began.
@@ -455,7 +455,7 @@ async def test_a_failure_while_throttled_ends_the_throttle_and_rolls_back(
     make_region(src, 256)
     script(monkeypatch, (Action.CONTINUE, 40))
     sends = 0
-    real = precopy.source.SourceSession._send_pages
+    real = precopy.session.source.SourceSession._send_pages
 
     async def send_pages(self: Any, indices: np.ndarray, rnd: Any, phase: str, **kw: Any) -> None:
         nonlocal sends
@@ -465,11 +465,11 @@ async def test_a_failure_while_throttled_ends_the_throttle_and_rolls_back(
                 raise PrecopyError("injected failure in round 3")
         await real(self, indices, rnd, phase, **kw)
 
-    monkeypatch.setattr(precopy.source.SourceSession, "_send_pages", send_pages)
+    monkeypatch.setattr(precopy.session.source.SourceSession, "_send_pages", send_pages)
     wl = ThrottledWorkload()
     async with serve(dest_dir) as server:
         with pytest.raises(MigrationAborted, match="injected") as err:
-            await precopy.source.migrate(options(server, src), wl)
+            await precopy.session.source.migrate(options(server, src), wl)
     assert wl.calls == ["throttle 0.4", "throttle 0"]  # ended, never paused
     assert err.value.report.max_throttle_pct == 40  # type: ignore[attr-defined]
 
@@ -480,11 +480,11 @@ async def test_a_refused_throttle_is_said_once_and_the_migration_goes_on(
     make_region(src, 256)
     script(monkeypatch, (Action.CONTINUE, 20), (Action.CONTINUE, 30), (Action.CONTINUE, 40),
            (Action.SWITCHOVER, 40))
-    caplog.set_level(logging.WARNING, logger="precopy.source")
+    caplog.set_level(logging.WARNING, logger="precopy.session.source")
     for wl in (ThrottledWorkload(refuse=True), FakeWorkload()):  # refuses / has no throttle at all
         caplog.clear()
         async with serve(dest_dir / type(wl).__name__) as server:
-            rep = await precopy.source.migrate(options(server, src), wl)
+            rep = await precopy.session.source.migrate(options(server, src), wl)
         assert rep.outcome == "committed" and rep.max_throttle_pct == 0
         assert all(r.throttle_pct == 0 for r in rep.rounds)
         warned = [r.getMessage() for r in caplog.records if "throttling unavailable" in r.getMessage()]
@@ -504,7 +504,7 @@ async def test_a_guest_without_the_throttle_op_is_throttled_by_the_session_unles
     gc = GuestControl(sock, timeout_s=5)
     try:
         async with serve(dest_dir) as server:
-            rep = await precopy.source.migrate(options(server, region, throttle=throttle, tracking="digest"), gc)
+            rep = await precopy.session.source.migrate(options(server, region, throttle=throttle, tracking="digest"), gc)
     finally:
         await gc.close()
     assert rep.outcome == "committed"
@@ -526,16 +526,16 @@ async def test_a_cancel_while_throttled_leaves_the_process_running(
     make_region(src, 256)
     script(monkeypatch, (Action.CONTINUE, 90))
     states: list[str] = []
-    real_declare = precopy.source.Guardian.declare
+    real_declare = precopy.session.source.Guardian.declare
 
     def declare(self: Any, state: str) -> None:
         states.append(state)
         real_declare(self, state)
 
-    monkeypatch.setattr(precopy.source.Guardian, "declare", declare)
+    monkeypatch.setattr(precopy.session.source.Guardian, "declare", declare)
     wl = SignalWorkload(child.pid)
     async with serve(dest_dir) as server:
-        task = asyncio.create_task(precopy.source.migrate(options(server, src, guardian=True), wl))
+        task = asyncio.create_task(precopy.session.source.migrate(options(server, src, guardian=True), wl))
         while not wl.throttled:
             await asyncio.sleep(0.01)
         while not stopped(child.pid):

@@ -29,17 +29,17 @@ from typing import Any, Iterator
 import numpy as np
 import pytest
 
-import precopy.source
-import precopy.tracking
-import precopy.uffd as uffd
-from precopy.destination import DestinationServer, DestOptions
-from precopy.digest import page_union
+import precopy.session.source
+import precopy.memory.tracking
+import precopy.memory.uffd as uffd
+from precopy.session.destination import DestinationServer, DestOptions
+from precopy.memory.digest import page_union
 from precopy.errors import GuestControlError, MigrationAborted
-from precopy.memory import GuestMemory
-from precopy.source import SourceOptions
-from precopy.tracking import TrackingOffer, TrackingUnavailable, UffdTracker, check_guest_mapping
-from precopy.wire import PAGE_SIZE
-from precopy.workload import GuestControl, SignalWorkload
+from precopy.memory.region import GuestMemory
+from precopy.session.source import SourceOptions
+from precopy.memory.tracking import TrackingOffer, TrackingUnavailable, UffdTracker, check_guest_mapping
+from precopy.protocol.wire import PAGE_SIZE
+from precopy.workload.core import GuestControl, SignalWorkload
 
 from .conftest import ENV, PY, ROOT, Procs, create_region, guest, run_source, start_dest, wait_for
 
@@ -312,14 +312,14 @@ def test_offer_with_a_bad_reply_is_a_clear_error_and_leaks_no_fd(tmp_path: Path,
 # Whole migrations: the destination equals the paused source, byte for byte
 
 
-async def _migrate(shm: Path, workload: Any, mem: Path, **opts: Any) -> precopy.source.MigrationReport:
+async def _migrate(shm: Path, workload: Any, mem: Path, **opts: Any) -> precopy.session.source.MigrationReport:
     server = DestinationServer(DestOptions(memory_dir=shm / "dest", port=0))
     await server.start()
     serving = asyncio.create_task(server.serve_forever())
     try:
         kw: dict[str, Any] = dict(downtime_ms=50, max_rounds=6, on_nonconvergence="force", io_timeout_s=20)
         kw.update(opts)
-        return await precopy.source.migrate(SourceOptions(host="127.0.0.1", port=server.port, memory=mem, **kw),
+        return await precopy.session.source.migrate(SourceOptions(host="127.0.0.1", port=server.port, memory=mem, **kw),
                                             workload)
     finally:
         serving.cancel()
@@ -327,8 +327,8 @@ async def _migrate(shm: Path, workload: Any, mem: Path, **opts: Any) -> precopy.
         await server.close()
 
 
-def _migrate_guest(shm: Path, ctl: Path, mem: Path, **opts: Any) -> precopy.source.MigrationReport:
-    async def go() -> precopy.source.MigrationReport:
+def _migrate_guest(shm: Path, ctl: Path, mem: Path, **opts: Any) -> precopy.session.source.MigrationReport:
+    async def go() -> precopy.session.source.MigrationReport:
         gc = GuestControl(ctl)
         try:
             return await _migrate(shm, gc, mem, **opts)
@@ -343,8 +343,8 @@ def verification(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
     """Chunk tables of chunk bytes throughout; by page from the first comparison if the full copy
     saw a write; or compared by chunk first, then by page from the first round that writes any page."""
     first, later = {"chunks": (2.0, 2.0), "pages": (1e-9, 2.0), "pages-later": (2.0, 1e-9)}[request.param]
-    monkeypatch.setattr(precopy.source, "_FIRST_BY_PAGE_SHARE", first)
-    monkeypatch.setattr(precopy.source, "_BY_PAGE_SHARE", later)
+    monkeypatch.setattr(precopy.session.source, "_FIRST_BY_PAGE_SHARE", first)
+    monkeypatch.setattr(precopy.session.source, "_BY_PAGE_SHARE", later)
     if request.param != "chunks":
         # Which mode a migration ends in depends on the guest writing during
         # the full copy ("pages") or in a live round after the first
@@ -353,19 +353,19 @@ def verification(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
         # One page reported written by every scan (page 0: sent again, which
         # is always safe) makes the switch happen whatever the guest's share
         # of the CPU; its real writes are tracked as ever.
-        real_scan = precopy.source.SourceSession._tracker_scan
+        real_scan = precopy.session.source.SourceSession._tracker_scan
 
-        async def scan_with_page_0(self: precopy.source.SourceSession) -> np.ndarray:
+        async def scan_with_page_0(self: precopy.session.source.SourceSession) -> np.ndarray:
             dirty = await real_scan(self)
             assert self.mem is not None
             return page_union(self.mem.npages, dirty, np.zeros(1, dtype=dirty.dtype))
 
-        monkeypatch.setattr(precopy.source.SourceSession, "_tracker_scan", scan_with_page_0)
+        monkeypatch.setattr(precopy.session.source.SourceSession, "_tracker_scan", scan_with_page_0)
     if request.param == "pages-later":
         # ... and the switch is made by a round that rehashes what it saw written, which a
         # round far from its switchover leaves for later: on a slow (busy) machine every
         # live round of a full-speed sweep was that far, and the pause came by chunk.
-        monkeypatch.setattr(precopy.source.SourceSession, "_near_switchover", lambda self, pages: True)
+        monkeypatch.setattr(precopy.session.source.SourceSession, "_near_switchover", lambda self, pages: True)
     return str(request.param).split("-")[0]
 
 
@@ -465,7 +465,7 @@ def test_the_destination_hashes_the_last_rounds_before_the_pause_not_in_it(
     runs: the verification in the downtime rehashes only the chunks of the
     pages sent paused (the estimate counts those alone).
     """
-    from precopy.digest import ChunkTracker
+    from precopy.memory.digest import ChunkTracker
 
     mem, ctl, _ = _start_guest(procs, shm, pattern="random", npages=8192)
     time.sleep(0.2)
@@ -500,15 +500,15 @@ def test_the_destination_hashes_the_last_rounds_before_the_pause_not_in_it(
 def test_a_stale_chunk_digest_of_ours_is_rechecked_not_repaired(
         procs: Procs, shm: Path, monkeypatch: pytest.MonkeyPatch, verification: str) -> None:
     mem, ctl, _ = _start_guest(procs, shm, pattern="random", npages=4096)
-    real = precopy.source.SourceSession._track_scan
+    real = precopy.session.source.SourceSession._track_scan
 
-    async def track_scan(self: precopy.source.SourceSession, *, final: bool) -> Any:
+    async def track_scan(self: precopy.session.source.SourceSession, *, final: bool) -> Any:
         scan = await real(self, final=final)
         if final:
             scan.live[3] ^= 1  # our table says chunk 3 changed; the destination holds it right
         return scan
 
-    monkeypatch.setattr(precopy.source.SourceSession, "_track_scan", track_scan)
+    monkeypatch.setattr(precopy.session.source.SourceSession, "_track_scan", track_scan)
     rep = _migrate_guest(shm, ctl, mem, tracking="uffd-wp")
     assert rep.outcome == "committed" and rep.verify_repairs == 0
     assert rep.verification == verification
@@ -592,7 +592,7 @@ def test_sigstop_workload_uses_digests(procs: Procs, shm: Path) -> None:
     create_region(mem, "8M")
     g = procs.start(*guest("dirty", "--memory", str(mem), "--rate", "500"))
 
-    async def go() -> precopy.source.MigrationReport:
+    async def go() -> precopy.session.source.MigrationReport:
         return await _migrate(shm, SignalWorkload(g.pid), mem, tracking="auto")
 
     rep = asyncio.run(go())
@@ -633,10 +633,10 @@ def test_non_root_agent_falls_back_without_a_crash(procs: Procs, shm: Path) -> N
             os.setresuid(65534, 65534, 65534)
             ctypes.CDLL(None).prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE: its own /proc stays readable
 
-            async def go() -> precopy.source.MigrationReport:
+            async def go() -> precopy.session.source.MigrationReport:
                 gc = GuestControl(ctl)
                 try:
-                    return await precopy.source.migrate(SourceOptions(
+                    return await precopy.session.source.migrate(SourceOptions(
                         host=host, port=int(port), memory=mem, downtime_ms=1000, tracking="auto"), gc)
                 finally:
                     await gc.close()
@@ -670,18 +670,18 @@ def test_cli_tracking_option(procs: Procs, shm: Path) -> None:
 def test_source_options_reject_an_unknown_tracking(shm: Path) -> None:
     with pytest.raises(ValueError, match="tracking must be one of"):
         SourceOptions(host="h", port=1, memory=shm / "x", tracking="soft-dirty")
-    assert precopy.tracking.TRACKING_MODES == ("auto", "digest", "uffd-wp")
+    assert precopy.memory.tracking.TRACKING_MODES == ("auto", "digest", "uffd-wp")
 
 
 def test_expected_downtime_with_a_tracker_counts_its_scan_and_the_verification(shm: Path) -> None:
     """The switchover estimate uses the tracker's measured cost, not a whole-region rehash."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from precopy.policy import expected_downtime
-    from precopy.tracking import SourceChunks
+    from precopy.policy.switchover import expected_downtime
+    from precopy.memory.tracking import SourceChunks
 
     opts = SourceOptions(host="h", port=1, memory=shm / "x")
-    s = precopy.source.SourceSession(opts, SignalWorkload(os.getpid()))
+    s = precopy.session.source.SourceSession(opts, SignalWorkload(os.getpid()))
     s._rtt = 0.001
     s._last_scan_s = 0.002  # what a tracked round measured (scan + rehash of its chunks)
     base = expected_downtime(remaining_pages=100, bandwidth_bps=s.link.bytes_per_second,
@@ -706,7 +706,7 @@ def test_expected_downtime_with_a_tracker_counts_its_scan_and_the_verification(s
 
 @pytest.mark.parametrize("where", ["shm", "tmp_path"])
 def test_hole_finder_sees_punched_pages_on_tmpfs_and_on_a_disk_file(where: str, request: pytest.FixtureRequest) -> None:
-    from precopy.tracking import TMPFS_MAGIC, HoleFinder, fs_magic
+    from precopy.memory.tracking import TMPFS_MAGIC, HoleFinder, fs_magic
 
     root: Path = request.getfixturevalue(where)
     path = root / "r.mem"
@@ -731,7 +731,7 @@ def _random_source_chunks(path: Path, npages: int, cp: int, *, seed: int) -> Ite
     """A region of random pages and a SourceChunks over it, its table adopted (zeros: not hashed)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from precopy.tracking import SourceChunks
+    from precopy.memory.tracking import SourceChunks
 
     path.write_bytes(np.random.default_rng(seed).integers(0, 256, npages * PAGE_SIZE, dtype=np.uint8).tobytes())
     with ThreadPoolExecutor(2) as pool, GuestMemory.open(path) as mem:
@@ -743,7 +743,7 @@ def _random_source_chunks(path: Path, npages: int, cp: int, *, seed: int) -> Ite
 def test_source_chunks_by_page_follow_the_region_and_resend_zeroed_pages(shm: Path) -> None:
     """After the switch our table is the region's chunk table by page, kept so by rehashing the
     reported pages alone; pages that read as zeros where what was sent was not are returned."""
-    from precopy.digest import ZERO_PAGE_DIGEST, chunks_of_page_digests, page_digests
+    from precopy.memory.digest import ZERO_PAGE_DIGEST, chunks_of_page_digests, page_digests
 
     npages, cp = 1000, 32  # a short last chunk
     with _random_source_chunks(shm / "s.mem", npages, cp, seed=5) as (mem, chunks):
@@ -776,7 +776,7 @@ def test_a_page_written_sent_and_zeroed_since_is_resent_by_the_rehash(shm: Path,
     """A page the tracker found written just before its send (UffdTracker.rearm) is rehashed, not
     resent -- unless it reads as zeros now although it did not then: a hole punched after the send,
     which reading it allocated (the next hole check would not see it)."""
-    from precopy.digest import ZERO_PAGE_DIGEST, page_digests
+    from precopy.memory.digest import ZERO_PAGE_DIGEST, page_digests
 
     npages, cp = 256, 32
     with _random_source_chunks(shm / "z.mem", npages, cp, seed=7) as (mem, chunks):
@@ -800,7 +800,7 @@ def test_by_page_a_hole_read_as_zeros_then_sent_as_data_and_punched_again_is_res
     resent, because the destination is not known to hold zeros there (``held_zero``).  Before,
     the rehash compared with the zero digest read earlier and let it be: the final verification
     repaired its chunk (test_no_write_is_missed[pages-punch], 1 run in 4-7)."""
-    from precopy.digest import ZERO_PAGE_DIGEST
+    from precopy.memory.digest import ZERO_PAGE_DIGEST
 
     npages, cp = 256, 32
     with _random_source_chunks(shm / "h.mem", npages, cp, seed=11) as (mem, chunks):
@@ -832,7 +832,7 @@ def test_a_hole_at_two_scans_is_reported_where_the_destination_holds_data(shm: P
     """A page that is a hole at one scan, then written, sent as data and punched again before the
     next is a hole at both: "became a hole since the last scan" misses it, and by page the record
     says zeros (read as a hole).  Where the destination is not known to hold zeros the scan reports it."""
-    from precopy.digest import ZERO_PAGE_DIGEST
+    from precopy.memory.digest import ZERO_PAGE_DIGEST
 
     t = SelfTracked(shm / "r.mem", 64)
     try:
@@ -874,16 +874,16 @@ def test_the_first_scan_waits_for_the_full_copys_map_in(procs: Procs, shm: Path,
         self._map_in_thread = threading.Thread(target=run, daemon=True)
         self._map_in_thread.start()
 
-    real_scan = precopy.source.SourceSession._tracker_scan
+    real_scan = precopy.session.source.SourceSession._tracker_scan
 
-    async def scan(self: precopy.source.SourceSession) -> np.ndarray:
+    async def scan(self: precopy.session.source.SourceSession) -> np.ndarray:
         assert self.mem is not None
         thread = self.mem._map_in_thread
         seen.append(thread is not None and not thread.is_alive())
         return await real_scan(self)
 
     monkeypatch.setattr(GuestMemory, "start_map_in", slow_start_map_in)
-    monkeypatch.setattr(precopy.source.SourceSession, "_tracker_scan", scan)
+    monkeypatch.setattr(precopy.session.source.SourceSession, "_tracker_scan", scan)
     mem, ctl, _ = _start_guest(procs, shm, pattern="punch", npages=2048)
     rep = _migrate_guest(shm, ctl, mem, tracking="uffd-wp")
     assert rep.outcome == "committed" and rep.tracking == "uffd-wp"

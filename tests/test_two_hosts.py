@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from precopy.netns import TwoHosts, rate_bits_per_s, unavailable_reason
+from precopy.lab.netns import TwoHosts, rate_bits_per_s, unavailable_reason
 
 from .conftest import ENV, PY, ROOT, Procs, create_region, guest, proc_state, wait_for
 

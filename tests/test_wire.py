@@ -1,4 +1,4 @@
-"""Tests of the pure wire protocol (``precopy.wire``), h11 style.
+"""Tests of the pure wire protocol (``precopy.protocol.wire``), h11 style.
 
 Two connections talk back to back in memory (see ``helpers.Pair``); invalid
 input is hand-made with the frame factory.  Nothing here does I/O.
@@ -48,9 +48,9 @@ from .helpers import (
     raw_pages,
     u32,
 )
-from precopy import auth
+from precopy.protocol import auth
 from precopy.errors import AbortCode, LocalProtocolError, RemoteProtocolError
-from precopy.wire import (
+from precopy.protocol.wire import (
     HANDSHAKE_BUFFER,
     MAX_BATCH_PAGES,
     MAX_DEVICE_STATE,
@@ -1085,7 +1085,7 @@ def test_encode_frame_layout() -> None:
 def test_begin_whose_digest_table_would_not_fit_a_frame_is_rejected() -> None:
     """1 TiB in 4 KiB chunks would need a 2 GiB digest table: refused at BEGIN."""
     from precopy.errors import RemoteProtocolError as _RPE
-    from precopy.wire import MAX_PAYLOAD as _MP
+    from precopy.protocol.wire import MAX_PAYLOAD as _MP
 
     pair = Pair()
     pair.handshake()
@@ -1140,7 +1140,7 @@ def test_chunk_digests_round_trip_through_endpoints() -> None:
 
 
 def test_whole_chunks() -> None:
-    from precopy.wire import whole_chunks
+    from precopy.protocol.wire import whole_chunks
     a = np.arange
     assert whole_chunks(a(0, 64, dtype=np.uint32), 32, 100) == (0, 2)
     assert whole_chunks(a(96, 100, dtype=np.uint32), 32, 100) == (3, 4)  # the short last chunk

@@ -6,7 +6,7 @@ import msgpack
 import numpy as np
 import pytest
 
-from precopy.wire import PREFIX_SIZE, Kind
+from precopy.protocol.wire import PREFIX_SIZE, Kind
 
 from .conftest import Procs, start_dest
 from .faultproxy import S2C, Fault, FaultProxy

@@ -15,7 +15,7 @@ import pytest
 
 from .helpers import BEGIN, NCHUNKS, S, D, Pair, frame, join
 from precopy.errors import LocalProtocolError, RemoteProtocolError
-from precopy.wire import (
+from precopy.protocol.wire import (
     MAX_QUEUE,
     PREFIX_SIZE,
     DigestRequest,

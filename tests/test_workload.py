@@ -12,7 +12,7 @@ from typing import Awaitable, Callable
 import pytest
 
 from precopy.errors import GuestControlError
-from precopy.workload import GuestControl, SignalWorkload, process_state
+from precopy.workload.core import GuestControl, SignalWorkload, process_state
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 

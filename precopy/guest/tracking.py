@@ -20,7 +20,7 @@ import mmap
 import os
 from typing import Any
 
-from ..uffd import TrackingUnavailable, create_userfaultfd, uffd_api
+from precopy.memory.uffd import TrackingUnavailable, create_userfaultfd, uffd_api
 from .common import PAGE_SIZE, GuestError
 
 __all__ = ["WriteTrackingOffer"]

@@ -26,10 +26,10 @@ import ssl
 from pathlib import Path
 from typing import Any
 
-from .auth import check_private_file
-from .channel import Channel, LinkError
-from .errors import AbortCode, AuthError, PrecopyError
-from .wire import MAGIC, Kind, Role, encode_frame
+from precopy.protocol.auth import check_private_file
+from precopy.net.channel import Channel, LinkError
+from precopy.errors import AbortCode, AuthError, PrecopyError
+from precopy.protocol.wire import MAGIC, Kind, Role, encode_frame
 
 __all__ = ["server_context", "client_context", "TlsChannel", "make_channel"]
 

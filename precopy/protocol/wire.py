@@ -33,7 +33,7 @@ import msgpack
 import numpy as np
 import xxhash
 
-from .errors import AbortCode, LocalProtocolError, RemoteProtocolError
+from precopy.errors import AbortCode, LocalProtocolError, RemoteProtocolError
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -306,7 +306,7 @@ class DigestRequest:
     hashing them.
 
     With ``by_page``: each chunk's digest is derived from its pages' digests
-    (:func:`precopy.digest.chunks_of_page_digests`), not from its bytes, so
+    (:func:`precopy.memory.digest.chunks_of_page_digests`), not from its bytes, so
     that a page rewritten costs a 4 KiB hash instead of its whole chunk's.
     Once a migration asks for that, it asks for it in every later chunk
     table (the destination keeps a page table from then on); never together

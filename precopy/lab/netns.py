@@ -5,8 +5,8 @@ the source agent and the destination daemon on "two machines" linked by a
 dedicated migration link of a known rate (``tc tbf``, both directions).
 Needs root (CAP_NET_ADMIN) and the ``ip`` and ``tc`` tools.
 
-    python -m precopy.netns up   NAME [--rate 1gbit]   # prints the two addresses
-    python -m precopy.netns down NAME
+    python -m precopy.lab.netns up   NAME [--rate 1gbit]   # prints the two addresses
+    python -m precopy.lab.netns down NAME
 
 then ``ip netns exec NAME-dst precopy-dest --listen 10.x.y.2:7070 --insecure ...``
 (or with ``--auth-key-file``/TLS: a non-loopback address needs one of them) and
@@ -148,7 +148,7 @@ class TwoHosts:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m precopy.netns", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m precopy.lab.netns", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("action", choices=("up", "down"))
     ap.add_argument("name", help="prefix for the namespaces (NAME-src, NAME-dst) and veth devices")
@@ -164,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             hosts.down()
     except (RuntimeError, ValueError) as exc:
-        print(f"precopy.netns: {exc}", file=sys.stderr)
+        print(f"precopy.lab.netns: {exc}", file=sys.stderr)
         return 1
     return 0
 

@@ -12,7 +12,7 @@ Expected downtime (DESIGN "Switchover")::
 
 Switch over when that is within the budget less a margin for the
 estimate's error -- the session's, sized from the measured spread of the
-pause's parts (``margin_s``, precopy.downtime.switchover_margin), or a fixed
+pause's parts (``margin_s``, precopy.policy.downtime.switchover_margin), or a fixed
 share (``SwitchoverPolicy.headroom``, 75 % of the budget) -- as QEMU does
 with the whole budget (remaining < bandwidth x downtime-limit).
 
@@ -48,7 +48,7 @@ import math
 from dataclasses import dataclass, field
 from enum import Enum
 
-from .wire import PAGE_SIZE
+from precopy.protocol.wire import PAGE_SIZE
 
 __all__ = [
     "MAX_PAUSED_SPEEDUP",
@@ -154,7 +154,7 @@ class LinkEstimator:
     _pool_waited: float = 0.0
     #: The last pooled samples of the rate with the waits taken out (newest
     #: last, at most ``SAMPLES_KEPT``): their spread sizes the switchover's
-    #: margin for the pause's pages (precopy.downtime.switchover_margin).
+    #: margin for the pause's pages (precopy.policy.downtime.switchover_margin).
     free_samples: list[float] = field(default_factory=list)
 
     def add(self, nbytes: int, seconds: float, waited: float = 0.0) -> None:
@@ -340,7 +340,7 @@ class SwitchoverPolicy:
         the budget, the floor holds whatever the contention.  ``margin_s``:
         how far under the budget the expected downtime must fall to switch
         over (from the spread of the pause's parts,
-        precopy.downtime.switchover_margin); without it, to ``headroom`` of
+        precopy.policy.downtime.switchover_margin); without it, to ``headroom`` of
         the budget (the floor rule always uses ``headroom``).  Returns the
         decision; raises nothing.
         """

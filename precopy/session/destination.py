@@ -40,16 +40,18 @@ from typing import Any
 import numpy as np
 import xxhash
 
-from . import auth, preflight
-from .admission import Admission, Ticket, default_max_active
-from .channel import Channel, LinkError, PeerAborted, tune
-from .digest import ChunkTracker, chunk_pages_of, page_digests
-from .errors import AbortCode, AuthError, PrecopyError, RegionError, RemoteProtocolError
-from .memory import GuestMemory, clear_exception_frames, users_of
-from .tls import make_channel
-from .tracking import TMPFS_MAGIC, fs_magic
-from .workload import DestWorkload
-from .wire import (
+from precopy.protocol import auth
+
+from precopy.session import preflight
+from precopy.policy.admission import Admission, Ticket, default_max_active
+from precopy.net.channel import Channel, LinkError, PeerAborted, tune
+from precopy.memory.digest import ChunkTracker, chunk_pages_of, page_digests
+from precopy.errors import AbortCode, AuthError, PrecopyError, RegionError, RemoteProtocolError
+from precopy.memory.region import GuestMemory, clear_exception_frames, users_of
+from precopy.net.tls import make_channel
+from precopy.memory.tracking import TMPFS_MAGIC, fs_magic
+from precopy.workload.core import DestWorkload
+from precopy.protocol.wire import (
     MAX_DEVICE_STATE,
     MAX_REGION,
     PAGE_SIZE,
@@ -96,7 +98,7 @@ class DestOptions:
     host: str = "127.0.0.1"
     port: int = 7070
     auth_key: bytes | None = None
-    #: TLS for every connection (precopy.tls.server_context); None: plain TCP.
+    #: TLS for every connection (precopy.net.tls.server_context); None: plain TCP.
     tls_context: ssl.SSLContext | None = None
     on_resume: str | None = None
     keep_partial: bool = False

@@ -30,7 +30,7 @@ import platform
 
 import numpy as np
 
-from .errors import PrecopyError
+from precopy.errors import PrecopyError
 
 __all__ = [
     "TrackingUnavailable",

@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .errors import GuestControlError
+from precopy.errors import GuestControlError
 
 __all__ = ["QMPClient", "QMPError"]
 

@@ -87,7 +87,7 @@ class Guardian:
 
     def __init__(self, spec: dict[str, Any]) -> None:
         self.proc = subprocess.Popen(
-            # Run as a script, not "-m precopy.guardian": importing the
+            # Run as a script, not "-m precopy.session.guardian": importing the
             # package would load the whole engine (numpy, ...) for nothing.
             [sys.executable, str(Path(__file__).resolve())], stdin=subprocess.PIPE,
             start_new_session=True, close_fds=True,
@@ -388,13 +388,13 @@ class _Unused:
 async def _ask(outcome: dict[str, Any]) -> str:
     """``committed``, ``not-committed`` or ``unknown`` (with the reason logged)."""
     from precopy.errors import MigrationInDoubt, PrecopyError
-    from precopy.source import SourceOptions, SourceSession
+    from precopy.session.source import SourceOptions, SourceSession
 
     key = bytes.fromhex(outcome["key"]) if outcome.get("key") else None
     tls = outcome.get("tls")
     tls_context = None
     if tls is not None:
-        from precopy.tls import client_context
+        from precopy.net.tls import client_context
 
         try:
             tls_context = client_context(*(Path(tls[k]) if tls.get(k) else None
@@ -514,5 +514,5 @@ def main() -> int:
 
 if __name__ == "__main__":
     # Run as a script: import the engine from the package this file is in.
-    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+    sys.path[0] = str(Path(__file__).resolve().parents[2])
     sys.exit(main())

@@ -17,7 +17,7 @@ Chunk digests are computed over real memory on both sides, so the final
 comparison is an end-to-end check of the whole region.  Page digests are
 taken from the staged copy that goes on the wire (DESIGN invariant 1).
 
-With ``tracking="uffd-wp"`` (:mod:`precopy.tracking`) the kernel names the
+With ``tracking="uffd-wp"`` (:mod:`precopy.memory.tracking`) the kernel names the
 dirty pages instead of the chunk comparison, and the source's chunk table
 for the final verification is kept current by rehashing only the chunks of
 reported pages, so the pause rehashes only what the last scan reported.
@@ -42,12 +42,12 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import xxhash
 
-from . import auth
-from .channel import Channel, LinkError, PeerAborted, connect
-from .tls import make_channel
-from .compress import AdaptiveCompressor
-from .downtime import DowntimeCap, DowntimeCapExceeded, Margin, Part, switchover_margin
-from .digest import (
+from precopy.protocol import auth
+from precopy.net.channel import Channel, LinkError, PeerAborted, connect
+from precopy.net.tls import make_channel
+from precopy.protocol.compress import AdaptiveCompressor
+from precopy.policy.downtime import DowntimeCap, DowntimeCapExceeded, Margin, Part, switchover_margin
+from precopy.memory.digest import (
     ZERO_PAGE_DIGEST,
     StagingBuffer,
     chunk_digests,
@@ -58,8 +58,8 @@ from .digest import (
     sorted_distinct,
     region_chunk_digests,
 )
-from .guardian import ARMED, COMMIT, IDLE, Guardian
-from .errors import (
+from precopy.session.guardian import ARMED, COMMIT, IDLE, Guardian
+from precopy.errors import (
     AbortCode,
     AuthError,
     GuestControlError,
@@ -68,8 +68,8 @@ from .errors import (
     PrecopyError,
     RemoteProtocolError,
 )
-from .memory import GuestMemory, clear_exception_frames
-from .policy import (
+from precopy.memory.region import GuestMemory, clear_exception_frames
+from precopy.policy.switchover import (
     Action,
     Contention,
     DirtyRateEstimator,
@@ -78,9 +78,9 @@ from .policy import (
     check_throttle,
     expected_downtime,
 )
-from .report import MigrationReport, RoundReport
-from .tracking import TRACKING_MODES, SourceChunks, TrackingUnavailable, UffdTracker, select_tracker
-from .wire import (
+from precopy.session.report import MigrationReport, RoundReport
+from precopy.memory.tracking import TRACKING_MODES, SourceChunks, TrackingUnavailable, UffdTracker, select_tracker
+from precopy.protocol.wire import (
     MAX_BATCH_PAGES,
     MAX_PAGE_DIGEST_CHUNKS,
     MAX_PAYLOAD,
@@ -106,7 +106,7 @@ from .wire import (
     valid_name,
     whole_chunks,
 )
-from .workload import Workload
+from precopy.workload.core import Workload
 
 __all__ = ["SourceOptions", "Progress", "migrate", "SourceSession"]
 
@@ -143,7 +143,7 @@ class SourceOptions:
     on_nonconvergence: str = "abort"
     compress: str = "off"  # off | lz4 | auto
     auth_key: bytes | None = None
-    #: TLS to the destination (precopy.tls.client_context); None: plain TCP.
+    #: TLS to the destination (precopy.net.tls.client_context); None: plain TCP.
     tls_context: ssl.SSLContext | None = None
     batch_pages: int = 256
     chunk_pages: int = 32
@@ -157,7 +157,7 @@ class SourceOptions:
     dry_run: bool = False
     mode: str = "precopy"  # precopy | stop-and-copy (the baseline: pause first, copy everything paused)
     #: Start a guardian process that resumes a paused workload if this
-    #: process dies before COMMIT is sent (see precopy.guardian).
+    #: process dies before COMMIT is sent (see precopy.session.guardian).
     guardian: bool = False
     #: The files ``tls_context`` was made from ({"ca", "cert", "key"}, each a
     #: path or None), so that the guardian process can ask the destination
@@ -171,18 +171,18 @@ class SourceOptions:
     #: Auto-converge: throttle a workload whose dirty set will not shrink
     #: (``auto``) or never (``off``); percentages of its time stopped: the
     #: first throttle, the step per further trigger, the cap
-    #: (precopy.policy.SwitchoverPolicy).
+    #: (precopy.policy.switchover.SwitchoverPolicy).
     throttle: str = "auto"
     throttle_initial_pct: int = 20
     throttle_step_pct: int = 10
     throttle_max_pct: int = 99
     #: A hard cap on the pause (ms; None: none): once paused, a migration
     #: that would pass it before the commit is sent rolls back instead
-    #: (precopy.downtime).  At least ``downtime_ms``.
+    #: (precopy.policy.downtime).  At least ``downtime_ms``.
     max_downtime_ms: float | None = None
     #: How far under the budget the expected downtime must fall to switch
     #: over: ``spread`` (from the measured spread of the pause's parts,
-    #: precopy.downtime.switchover_margin) or ``fixed`` (25 % of the budget).
+    #: precopy.policy.downtime.switchover_margin) or ``fixed`` (25 % of the budget).
     headroom: str = "spread"
 
     def __post_init__(self) -> None:
@@ -363,7 +363,7 @@ def _steal_ticks() -> tuple[int, int]:
 
 
 #: Migrations of this process moving bytes now (past the destination's
-#: queue): the others are contention for each (precopy.policy.Contention).
+#: queue): the others are contention for each (precopy.policy.switchover.Contention).
 _SENDING: set[str] = set()
 
 
@@ -637,7 +637,7 @@ class SourceSession:
         self._reader = asyncio.create_task(self._read_loop())
 
         # An adapter may declare what the guest needs on the destination
-        # (precopy.preflight): checked there before any page moves.
+        # (precopy.session.preflight): checked there before any page moves.
         requirements = getattr(self.workload, "requirements", None)
         requires = dict(requirements()) if callable(requirements) else {}
         await self._send_event(Begin(

@@ -25,8 +25,8 @@ import shutil
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-from .errors import AbortCode, PrecopyError, RegionError
-from .wire import PAGE_SIZE
+from precopy.errors import AbortCode, PrecopyError, RegionError
+from precopy.protocol.wire import PAGE_SIZE
 
 __all__ = ["check_destination", "cpu_flags", "fs_type", "mem_available", "KNOWN_REQUIREMENTS"]
 

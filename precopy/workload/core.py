@@ -9,7 +9,7 @@ Two adapters:
   A guest may also offer kernel write tracking (``{"op": "track"}``, its
   userfaultfd passed with ``SCM_RIGHTS``; docs/TRACKING.md).
 
-Either may be *throttled* (auto-converge, :mod:`precopy.policy`): the
+Either may be *throttled* (auto-converge, :mod:`precopy.policy.switchover`): the
 optional ``async def throttle(fraction)`` keeps the workload stopped that
 fraction of the time (0 ends the throttle; a workload without the method is
 simply not throttled).  :class:`SignalWorkload` runs a SIGSTOP/SIGCONT duty
@@ -36,9 +36,9 @@ import weakref
 from pathlib import Path
 from typing import Callable, Protocol
 
-from .errors import GuestControlError
-from .tracking import TrackingOffer
-from .wire import MAX_DEVICE_STATE
+from precopy.errors import GuestControlError
+from precopy.memory.tracking import TrackingOffer
+from precopy.protocol.wire import MAX_DEVICE_STATE
 
 __all__ = ["Workload", "DestWorkload", "SignalWorkload", "GuestControl", "process_state"]
 
@@ -77,7 +77,7 @@ class Workload(Protocol):
 
 
 class DestWorkload(Protocol):
-    """The destination's side of a workload (e.g. :class:`~precopy.qemu.QemuDestination`).
+    """The destination's side of a workload (e.g. :class:`~precopy.workload.qemu.QemuDestination`).
 
     The destination calls ``prepare`` once the region file of a migration
     exists (it is then being received), ``check`` when COMMIT arrives, before
@@ -382,7 +382,7 @@ class SignalWorkload:
         self._signal(signal.SIGKILL)
 
     def guardian_spec(self) -> dict[str, object]:
-        """How a guardian process resumes this workload (see precopy.guardian)."""
+        """How a guardian process resumes this workload (see precopy.session.guardian)."""
         return {"kind": "pid", "pid": self.pid}
 
 
@@ -620,7 +620,7 @@ class GuestControl:
             await self._signals.throttle(0.0)  # ends with SIGCONT; raises nothing then
 
     def guardian_spec(self) -> dict[str, object]:
-        """How a guardian process resumes this guest (see precopy.guardian).
+        """How a guardian process resumes this guest (see precopy.session.guardian).
 
         ``sigcont``: the guardian continues the process serving the socket
         first -- the duty cycle may have died with the agent in a stop.

@@ -30,8 +30,8 @@ from typing import Sequence
 import numpy as np
 import xxhash
 
-from .memory import is_run
-from .wire import PAGE_SIZE
+from precopy.memory.region import is_run
+from precopy.protocol.wire import PAGE_SIZE
 
 __all__ = [
     "ZERO_PAGE_DIGEST",

@@ -1,4 +1,4 @@
-"""A thin asyncio shell around :class:`precopy.wire.Connection`.
+"""A thin asyncio shell around :class:`precopy.protocol.wire.Connection`.
 
 It owns a non-blocking TCP socket and does the only I/O of a session:
 ``sock_recv_into`` straight into the connection's buffer, ``sock_sendall``
@@ -21,8 +21,8 @@ import termios
 import time
 from typing import Any, AsyncIterator
 
-from .errors import AbortCode, PrecopyError, RemoteProtocolError
-from .wire import NEED_DATA, Abort, Connection, Event, Role
+from precopy.errors import AbortCode, PrecopyError, RemoteProtocolError
+from precopy.protocol.wire import NEED_DATA, Abort, Connection, Event, Role
 
 __all__ = ["Channel", "LinkError", "connect"]
 

@@ -10,7 +10,7 @@ device state (CPU, devices, ROM blocks: ~320 KB whatever the RAM size).
   is QMP ``stop`` then ``migrate`` to ``exec:cat > FILE``, whose bytes become
   the device-state blob; ``resume`` (rollback) is ``cont``; ``stop`` is
   ``quit``.  :meth:`QemuWorkload.guardian_spec` lets the guardian process
-  (precopy.guardian) do the same over QMP, and restore the VM's migration
+  (precopy.session.guardian) do the same over QMP, and restore the VM's migration
   settings, if the agent is killed.
 * :class:`QemuDestination` (destination, ``precopy-dest --qemu-cmd CMD``):
   when a migration begins it starts the destination QEMU with ``-incoming
@@ -39,8 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import GuestControlError
-from .qmp import QMPClient, QMPError
+from precopy.errors import GuestControlError
+from precopy.workload.qmp import QMPClient, QMPError
 
 __all__ = ["QemuWorkload", "QemuDestination", "check_dest_command"]
 
@@ -179,7 +179,7 @@ class QemuWorkload:
             await self.qmp.execute("cont")
 
     def guardian_spec(self) -> dict[str, object]:
-        """How a guardian process settles this VM (see precopy.guardian).
+        """How a guardian process settles this VM (see precopy.session.guardian).
 
         Call it after :meth:`connect`: the settings to restore are recorded there.
         """

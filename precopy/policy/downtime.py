@@ -35,7 +35,7 @@ import statistics
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from .errors import AbortCode, PrecopyError
+from precopy.errors import AbortCode, PrecopyError
 
 __all__ = ["CAP_STEPS", "DowntimeCap", "DowntimeCapExceeded", "Margin", "Part", "switchover_margin"]
 

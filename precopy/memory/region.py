@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import RegionError
-from .wire import PAGE_SIZE
+from precopy.errors import RegionError
+from precopy.protocol.wire import PAGE_SIZE
 
 __all__ = ["GuestMemory", "MADV_POPULATE_READ", "MADV_POPULATE_WRITE", "clear_exception_frames", "users_of"]
 

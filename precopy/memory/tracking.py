@@ -7,7 +7,7 @@ Two trackers answer "which pages changed since I last looked?":
   Costs a full rehash per round and, worse, one while the workload is paused.
 * **uffd-wp**: the guest hands the agent a userfaultfd; the agent registers
   the guest's mapping for async write-protect and asks the kernel with
-  ``PAGEMAP_SCAN`` (:mod:`precopy.uffd`): ~1-3 ms per GiB, no rehash.
+  ``PAGEMAP_SCAN`` (:mod:`precopy.memory.uffd`): ~1-3 ms per GiB, no rehash.
 
 With uffd-wp the digests keep their job (DESIGN invariants 1 and 2): pages
 are still hashed from the staged copy as they are sent, and the final
@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .digest import (
+from precopy.memory.digest import (
     ZERO_PAGE_DIGEST,
     chunk_digests,
     chunk_pages_of,
@@ -55,9 +55,9 @@ from .digest import (
     page_union,
     sorted_distinct,
 )
-from .errors import GuestControlError
-from .memory import GuestMemory
-from .uffd import (
+from precopy.errors import GuestControlError
+from precopy.memory.region import GuestMemory
+from precopy.memory.uffd import (
     PagemapScanner,
     TrackingUnavailable,
     probe_pagemap_scan,
@@ -65,7 +65,7 @@ from .uffd import (
     unregister,
     writeprotect,
 )
-from .wire import PAGE_SIZE
+from precopy.protocol.wire import PAGE_SIZE
 
 __all__ = [
     "TRACKING_MODES",

@@ -1,0 +1,1 @@
+"""The region and what changed in it: the shared mapping, page digests, kernel write tracking."""

@@ -1,0 +1,1 @@
+"""Sockets: the asyncio channel that carries a protocol connection, and TLS around it."""

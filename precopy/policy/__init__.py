@@ -1,0 +1,1 @@
+"""Decisions as plain code: when to switch over, the downtime cap, admission of migrations."""
