@@ -17,7 +17,7 @@ from precopy.protocol.auth import load_key
 from precopy.session.destination import DestinationServer, DestOptions
 from precopy.errors import PrecopyError
 from precopy.net.tls import server_context
-from precopy.protocol.wire import MAX_REGION
+from precopy.protocol import MAX_REGION
 from precopy.workload.qemu import QemuDestination, check_dest_command
 
 from .common import EXIT_OK, EXIT_USAGE, Parser, add_common_args, parse_hostport, run, setup_logging

@@ -307,7 +307,7 @@ class Plan:
 #: Protocol points a fault may be tied to: (name, direction, kind, meta, weight).
 #: The commit window weighs more: it is where exactly-one-owner is decided.
 def _points() -> list[tuple[str, str, Any, dict[str, Any] | None, int]]:
-    from precopy.protocol.wire import Kind
+    from precopy.protocol import Kind
 
     return [("READY", "s2c", Kind.READY, None, 1),
             ("DIGEST_TABLE", "s2c", Kind.DIGEST_TABLE, None, 1),

@@ -46,7 +46,7 @@ from precopy.guest import create_region, parse_size
 from precopy.memory.region import GuestMemory
 from precopy.memory.tracking import SourceChunks, TrackingOffer, UffdTracker
 from precopy.memory.uffd import create_userfaultfd, uffd_api
-from precopy.protocol.wire import PAGE_SIZE
+from precopy.protocol import PAGE_SIZE
 from precopy.workload.core import GuestControl
 
 PY = sys.executable

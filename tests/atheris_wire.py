@@ -20,7 +20,7 @@ import atheris
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 with atheris.instrument_imports(include=["precopy"]):
-    from precopy.protocol.wire import PAGE_SIZE, Begin, Connection, Role
+    from precopy.protocol import PAGE_SIZE, Begin, Connection, Role
 
 from tests import fuzzkit  # noqa: E402
 

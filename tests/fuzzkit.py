@@ -31,7 +31,7 @@ import xxhash
 from precopy.protocol import auth
 from precopy.net.channel import Channel
 from precopy.errors import AbortCode, RemoteProtocolError
-from precopy.protocol.wire import (
+from precopy.protocol import (
     MAX_BATCH_PAGES,
     MAX_DEVICE_STATE,
     NEED_DATA,
@@ -245,7 +245,7 @@ class Stats:
 
 def copying_dest(begin: Begin) -> Connection:
     """A DEST connection that acknowledged ``begin`` (phase COPYING)."""
-    from precopy.protocol.wire import AuthOk, HelloAck, Ready
+    from precopy.protocol import AuthOk, HelloAck, Ready
 
     dst = Connection(Role.DEST)
     for f in _frames_no_replies([Hello(PROTOCOL_VERSION, SOURCE_NONCE)]):
@@ -434,7 +434,7 @@ async def run_session(server: Any, frames: list[bytes], pieces: list[int]) -> tu
     Anything but a :class:`~precopy.errors.PrecopyError` propagates: a bug.
     """
     from precopy.errors import PrecopyError
-    from precopy.protocol.wire import Query
+    from precopy.protocol import Query
 
     chan = MemChannel(b"".join(frames), pieces)
     try:
@@ -499,7 +499,7 @@ def dest_frames(rng: random.Random, begin: Begin) -> list[bytes]:
 
 def fuzz_source_decoder(seed: int, budget_frames: int, begin: Begin) -> Stats:
     """Mutated destination traffic into SOURCE connections in every phase where it listens."""
-    from precopy.protocol.wire import Phase
+    from precopy.protocol import Phase
 
     rng = random.Random(seed)
     stats = Stats()

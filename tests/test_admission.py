@@ -19,7 +19,7 @@ import precopy.session.source
 from precopy.policy.admission import Admission, default_max_active
 from precopy.errors import MigrationAborted
 from precopy.session.source import Progress
-from precopy.protocol.wire import Begin
+from precopy.protocol import Begin
 
 from .test_engine import FakeWorkload, make_region, options, serve
 

@@ -9,7 +9,7 @@ import pytest
 
 from precopy.net.channel import Channel, LinkError
 from precopy.errors import AbortCode
-from precopy.protocol.wire import Role
+from precopy.protocol import Role
 
 from .helpers import Pair, raw_pages
 

@@ -17,7 +17,7 @@ import pytest
 import precopy.session.destination as destination
 from precopy.net.channel import LinkError
 from precopy.errors import MigrationAborted, MigrationInDoubt
-from precopy.protocol.wire import Committed
+from precopy.protocol import Committed
 
 from .test_engine import FakeWorkload, make_region, migrate, serve, settled
 

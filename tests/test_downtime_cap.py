@@ -23,7 +23,7 @@ from precopy.policy.downtime import CAP_STEPS, DowntimeCap, DowntimeCapExceeded,
 from precopy.errors import AbortCode, MigrationAborted
 from precopy.policy.switchover import Action, Decision, LinkEstimator, SwitchoverPolicy
 from precopy.session.source import SourceOptions, SourceSession
-from precopy.protocol.wire import Commit, DeviceState, DigestRequest, Pages
+from precopy.protocol import Commit, DeviceState, DigestRequest, Pages
 
 from .conftest import Procs, create_region, guest, proc_state, run_source, start_dest
 from .test_engine import FakeWorkload, make_region, options, serve, settled

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import xxhash
 
-from precopy.protocol.wire import Kind
+from precopy.protocol import Kind
 
 from .conftest import Dest, Procs, create_region, guest, proc_state, start_dest, wait_for
 from .faultproxy import S2C, Fault, FaultProxy

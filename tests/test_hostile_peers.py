@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from precopy.errors import AbortCode, MigrationAborted
-from precopy.protocol.wire import PROTOCOL_VERSION, Kind, encode_frame
+from precopy.protocol import PROTOCOL_VERSION, Kind, encode_frame
 
 from .conftest import Procs, create_region, guest, run_source, start_dest, wait_for
 from .test_engine import (

@@ -23,7 +23,7 @@ from precopy.memory.digest import (
 )
 from precopy.errors import RegionError
 from precopy.memory.region import GuestMemory
-from precopy.protocol.wire import PAGE_SIZE
+from precopy.protocol import PAGE_SIZE
 
 _h64 = xxhash.xxh3_64_intdigest
 

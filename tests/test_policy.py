@@ -18,7 +18,7 @@ from precopy.policy.switchover import (
     SwitchoverPolicy,
     expected_downtime,
 )
-from precopy.protocol.wire import PAGE_SIZE
+from precopy.protocol import PAGE_SIZE
 
 approx = pytest.approx
 

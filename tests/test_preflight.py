@@ -11,7 +11,7 @@ import pytest
 from precopy.session import preflight
 from precopy.errors import AbortCode, MigrationAborted, PrecopyError, RegionError, RemoteProtocolError
 from precopy.session.source import migrate as engine_migrate
-from precopy.protocol.wire import PAGE_SIZE, Begin, Kind, encode_frame
+from precopy.protocol import PAGE_SIZE, Begin, Kind, encode_frame
 
 from .conftest import Procs, create_region, guest, proc_state, run_source, start_dest
 from .helpers import HANDSHAKE, Pair, S, dest_copying, feed, frame, join

@@ -25,7 +25,7 @@ import precopy.session.source
 from precopy.session.destination import DestinationServer, DestOptions
 from precopy.memory.digest import StagingBuffer
 from precopy.session.source import SourceOptions
-from precopy.protocol.wire import PAGE_SIZE
+from precopy.protocol import PAGE_SIZE
 
 
 class PausableWorkload:

@@ -22,7 +22,7 @@ import pytest
 from precopy.session import guardian
 from precopy.workload.qemu import QemuWorkload
 from precopy.qemuguest.vm import backend_argv, children, command_line, guest_argv, serial_ticks
-from precopy.protocol.wire import Kind
+from precopy.protocol import Kind
 
 from .conftest import Procs, start_dest, wait_for
 from .faultproxy import S2C, Fault, FaultProxy

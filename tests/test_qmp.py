@@ -12,7 +12,7 @@ import pytest
 from precopy.errors import RemoteProtocolError
 from precopy.workload.qemu import check_dest_command
 from precopy.workload.qmp import QMPClient, QMPError
-from precopy.protocol.wire import Commit, Committed, Kind, Switchover
+from precopy.protocol import Commit, Committed, Kind, Switchover
 
 from .helpers import BEGIN, D, S, Pair, frame
 

@@ -26,7 +26,7 @@ import pytest
 
 import precopy.session.source
 from precopy.errors import MigrationAborted
-from precopy.protocol.wire import PAGE_SIZE, Connection, Kind
+from precopy.protocol import PAGE_SIZE, Connection, Kind
 
 from .faultproxy import Fault, FaultProxy
 from .test_engine import FakeWorkload, serve, settled, wait_until

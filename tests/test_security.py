@@ -19,7 +19,7 @@ from agents import dest_main
 from agents.common import EXIT_USAGE
 from precopy.errors import AbortCode, AuthError, MigrationAborted
 from precopy.net.tls import TlsConfigError, client_context, server_context
-from precopy.protocol.wire import PROTOCOL_VERSION, Auth, AuthOk, Connection, Hello, HelloAck, Role
+from precopy.protocol import PROTOCOL_VERSION, Auth, AuthOk, Connection, Hello, HelloAck, Role
 
 from .conftest import Procs, create_region, guest, run_source, start_dest
 from .test_engine import (

@@ -266,7 +266,7 @@ async def test_a_cancel_is_never_lost_while_waiting_for_the_destination(tmp_path
     import asyncio
 
     from precopy.session.source import SourceOptions, SourceSession
-    from precopy.protocol.wire import Ready
+    from precopy.protocol import Ready
 
     from .test_engine import FakeWorkload
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from precopy.memory.region import GuestMemory
-from precopy.protocol.wire import PAGE_SIZE
+from precopy.protocol import PAGE_SIZE
 
 from .test_engine import FakeWorkload, migrate, serve
 
@@ -112,7 +112,7 @@ async def test_sparse_region_stays_sparse_on_the_destination(work: Path, shm: Pa
     mm = np.memmap(path, dtype=np.uint8, mode="r+", shape=(npages, PAGE_SIZE))
     calls = [0]
     from precopy.session.source import SourceSession
-    from precopy.protocol.wire import Pages
+    from precopy.protocol import Pages
 
     orig = SourceSession._send_event
 

@@ -1085,7 +1085,7 @@ def test_encode_frame_layout() -> None:
 def test_begin_whose_digest_table_would_not_fit_a_frame_is_rejected() -> None:
     """1 TiB in 4 KiB chunks would need a 2 GiB digest table: refused at BEGIN."""
     from precopy.errors import RemoteProtocolError as _RPE
-    from precopy.protocol.wire import MAX_PAYLOAD as _MP
+    from precopy.protocol import MAX_PAYLOAD as _MP
 
     pair = Pair()
     pair.handshake()
@@ -1140,7 +1140,7 @@ def test_chunk_digests_round_trip_through_endpoints() -> None:
 
 
 def test_whole_chunks() -> None:
-    from precopy.protocol.wire import whole_chunks
+    from precopy.protocol import whole_chunks
     a = np.arange
     assert whole_chunks(a(0, 64, dtype=np.uint32), 32, 100) == (0, 2)
     assert whole_chunks(a(96, 100, dtype=np.uint32), 32, 100) == (3, 4)  # the short last chunk

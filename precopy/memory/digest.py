@@ -31,7 +31,7 @@ import numpy as np
 import xxhash
 
 from precopy.memory.region import is_run
-from precopy.protocol.wire import PAGE_SIZE
+from precopy.protocol import PAGE_SIZE
 
 __all__ = [
     "ZERO_PAGE_DIGEST",

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from precopy.errors import RegionError
-from precopy.protocol.wire import PAGE_SIZE
+from precopy.protocol import PAGE_SIZE
 
 __all__ = ["GuestMemory", "MADV_POPULATE_READ", "MADV_POPULATE_WRITE", "clear_exception_frames", "users_of"]
 

@@ -65,7 +65,7 @@ from precopy.memory.uffd import (
     unregister,
     writeprotect,
 )
-from precopy.protocol.wire import PAGE_SIZE
+from precopy.protocol import PAGE_SIZE
 
 __all__ = [
     "TRACKING_MODES",

@@ -22,7 +22,7 @@ import time
 from typing import Any, AsyncIterator
 
 from precopy.errors import AbortCode, PrecopyError, RemoteProtocolError
-from precopy.protocol.wire import NEED_DATA, Abort, Connection, Event, Role
+from precopy.protocol import NEED_DATA, Abort, Connection, Event, Role
 
 __all__ = ["Channel", "LinkError", "connect"]
 

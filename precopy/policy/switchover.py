@@ -48,7 +48,7 @@ import math
 from dataclasses import dataclass, field
 from enum import Enum
 
-from precopy.protocol.wire import PAGE_SIZE
+from precopy.protocol import PAGE_SIZE
 
 __all__ = [
     "MAX_PAUSED_SPEEDUP",

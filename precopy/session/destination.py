@@ -51,7 +51,7 @@ from precopy.memory.region import GuestMemory, clear_exception_frames, users_of
 from precopy.net.tls import make_channel
 from precopy.memory.tracking import TMPFS_MAGIC, fs_magic
 from precopy.workload.core import DestWorkload
-from precopy.protocol.wire import (
+from precopy.protocol import (
     MAX_DEVICE_STATE,
     MAX_REGION,
     PAGE_SIZE,

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 from precopy.errors import AbortCode, PrecopyError, RegionError
-from precopy.protocol.wire import PAGE_SIZE
+from precopy.protocol import PAGE_SIZE
 
 __all__ = ["check_destination", "cpu_flags", "fs_type", "mem_available", "KNOWN_REQUIREMENTS"]
 

@@ -80,7 +80,7 @@ from precopy.policy.switchover import (
 )
 from precopy.session.report import MigrationReport, RoundReport
 from precopy.memory.tracking import TRACKING_MODES, SourceChunks, TrackingUnavailable, UffdTracker, select_tracker
-from precopy.protocol.wire import (
+from precopy.protocol import (
     MAX_BATCH_PAGES,
     MAX_PAGE_DIGEST_CHUNKS,
     MAX_PAYLOAD,

@@ -38,7 +38,7 @@ from typing import Callable, Protocol
 
 from precopy.errors import GuestControlError
 from precopy.memory.tracking import TrackingOffer
-from precopy.protocol.wire import MAX_DEVICE_STATE
+from precopy.protocol import MAX_DEVICE_STATE
 
 __all__ = ["Workload", "DestWorkload", "SignalWorkload", "GuestControl", "process_state"]
 
