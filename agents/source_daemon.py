@@ -49,7 +49,7 @@ from precopy.policy.admission import Admission, default_max_active
 from precopy.errors import MigrationAborted, MigrationInDoubt, PrecopyError
 from precopy.session.source import Progress, migrate
 from precopy.workload.qemu import QemuWorkload
-from precopy.workload.core import GuestControl
+from precopy.workload.control import GuestControl
 
 from .common import EXIT_OK, EXIT_USAGE, Parser, add_common_args, parse_hostport, run, setup_logging
 from .config import ConfigError, add_config_args, config_values, effective_config, load_config, parse_with_config

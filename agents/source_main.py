@@ -21,7 +21,9 @@ from precopy.memory.region import PAGE_SIZE
 from precopy.workload.qemu import QemuWorkload
 from precopy.session.report import MigrationReport
 from precopy.session.source import SourceOptions, migrate
-from precopy.workload.core import GuestControl, SignalWorkload, Workload
+from precopy.workload.base import Workload
+from precopy.workload.control import GuestControl
+from precopy.workload.signals import SignalWorkload
 
 from .config import add_config_args, effective_config, parse_with_config
 from .common import (

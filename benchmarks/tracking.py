@@ -47,7 +47,7 @@ from precopy.memory.region import GuestMemory
 from precopy.memory.tracking import SourceChunks, TrackingOffer, UffdTracker
 from precopy.memory.uffd import create_userfaultfd, uffd_api
 from precopy.protocol import PAGE_SIZE
-from precopy.workload.core import GuestControl
+from precopy.workload.control import GuestControl
 
 PY = sys.executable
 ROOT = Path(__file__).resolve().parent.parent

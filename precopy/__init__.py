@@ -32,7 +32,9 @@ from precopy.memory.region import GuestMemory
 from precopy.session.report import MigrationReport, RoundReport
 from precopy.session.source import Progress, SourceOptions, migrate
 from precopy.net.tls import client_context, server_context
-from precopy.workload.core import GuestControl, SignalWorkload, Workload
+from precopy.workload.base import Workload
+from precopy.workload.control import GuestControl
+from precopy.workload.signals import SignalWorkload
 
 __version__ = "0.1.0"
 

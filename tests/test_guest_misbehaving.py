@@ -11,7 +11,7 @@ import pytest
 
 import precopy.session.source
 from precopy.errors import AbortCode, GuestControlError, MigrationAborted
-from precopy.workload.core import MAX_REPLY_LINE, GuestControl
+from precopy.workload.control import MAX_REPLY_LINE, GuestControl
 
 from .test_engine import make_region, options, partials, serve, settled
 

@@ -26,7 +26,9 @@ import precopy.session.source
 from precopy.errors import GuestControlError, MigrationAborted, PrecopyError
 from precopy.session.guardian import ARMED, IDLE
 from precopy.policy.switchover import Action, Decision, SwitchoverPolicy
-from precopy.workload.core import GuestControl, SignalWorkload, process_state
+from precopy.workload.base import process_state
+from precopy.workload.control import GuestControl
+from precopy.workload.signals import SignalWorkload
 
 from agents.source_main import summary
 
@@ -169,7 +171,8 @@ def test_an_agent_exiting_with_a_throttle_on_leaves_the_process_running(child: s
     exit handler continues the process (SIGKILL is the guardian's case)."""
     script = (
         "import asyncio, sys\n"
-        "from precopy.workload.core import SignalWorkload, process_state\n"
+        "from precopy.workload.base import process_state\n"
+        "from precopy.workload.signals import SignalWorkload\n"
         f"w = SignalWorkload({child.pid})\n"
         "asyncio.run(w.throttle(0.95))\n"
         "while process_state(w.pid) != 'T':\n"

@@ -39,7 +39,8 @@ from precopy.memory.region import GuestMemory
 from precopy.session.source import SourceOptions
 from precopy.memory.tracking import TrackingOffer, TrackingUnavailable, UffdTracker, check_guest_mapping
 from precopy.protocol import PAGE_SIZE
-from precopy.workload.core import GuestControl, SignalWorkload
+from precopy.workload.control import GuestControl
+from precopy.workload.signals import SignalWorkload
 
 from .conftest import ENV, PY, ROOT, Procs, create_region, guest, run_source, start_dest, wait_for
 

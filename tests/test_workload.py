@@ -12,7 +12,9 @@ from typing import Awaitable, Callable
 import pytest
 
 from precopy.errors import GuestControlError
-from precopy.workload.core import GuestControl, SignalWorkload, process_state
+from precopy.workload.base import process_state
+from precopy.workload.control import GuestControl
+from precopy.workload.signals import SignalWorkload
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 

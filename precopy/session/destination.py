@@ -50,7 +50,7 @@ from precopy.errors import AbortCode, AuthError, PrecopyError, RegionError, Remo
 from precopy.memory.region import GuestMemory, clear_exception_frames, users_of
 from precopy.net.tls import make_channel
 from precopy.memory.tracking import TMPFS_MAGIC, fs_magic
-from precopy.workload.core import DestWorkload
+from precopy.workload.base import DestWorkload
 from precopy.protocol import (
     MAX_DEVICE_STATE,
     MAX_REGION,

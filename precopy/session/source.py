@@ -106,7 +106,7 @@ from precopy.protocol import (
     valid_name,
     whole_chunks,
 )
-from precopy.workload.core import Workload
+from precopy.workload.base import Workload
 
 __all__ = ["SourceOptions", "Progress", "migrate", "SourceSession"]
 
