@@ -38,7 +38,6 @@ PENDING: set[str] = {
     "precopy/session/source.py:SourceSession._send_pages",
     "precopy/session/source.py:SourceSession._iterate",
     "precopy/session/source.py:SourceSession._switchover",
-    "precopy/workload/core.py",
     "agents/ocf.py",
     "agents/source_daemon.py:SourceDaemon.start_job",
     "agents/source_main.py:build_parser",
