@@ -226,6 +226,35 @@ def check_throttle(mode: str, initial_pct: int, step_pct: int, max_pct: int) -> 
         raise ValueError(f"throttle step must be 0..99, not {step_pct}")
 
 
+@dataclass(slots=True)
+class _Round:
+    """One call of :meth:`SwitchoverPolicy.decide`: its measurements, then (filled in by
+    ``_observe``) the targets and what the rules compare."""
+
+    rounds_done: int
+    elapsed_s: float
+    expected_s: float
+    floor_s: float | None
+    scan_s: float | None
+    dirtied_pages: int | None
+    sent_pages: int | None
+    remaining_pages: int | None
+    at_floor_scan_s: float | None
+    floor_min_s: float | None
+    margin_s: float | None
+    target: float = 0.0  # switch over at or under this expected downtime
+    floor_target: float = 0.0  # the floor is over the budget above this
+    busy: list[str] = field(default_factory=list)  # why the round was contended
+    floor_over: bool = False
+    sure: bool = False  # the floor's contention-proof part alone is over
+    excess: float = 0.0  # the expected downtime above the floor
+    prev_excess: float | None = None
+    prev_min: int | None = None  # the smallest dirty set before this round
+    forcing: bool = False
+    over_rounds: bool = False
+    over_time: bool = False
+
+
 @dataclass
 class SwitchoverPolicy:
     """The stop rule, and what to do when the dirty set will not shrink.
@@ -343,110 +372,147 @@ class SwitchoverPolicy:
         precopy.policy.downtime.switchover_margin); without it, to ``headroom`` of
         the budget (the floor rule always uses ``headroom``).  Returns the
         decision; raises nothing.
+
+        The rules, in order: within the target, switch over; a floor over
+        the budget measured under contention, wait and measure again; a
+        floor over the budget rounds in a row, abort or force; out of
+        rounds or time, abort or force; else one more round (throttled if
+        it does not converge).
         """
+        r = self._observe(_Round(
+            rounds_done=rounds_done, elapsed_s=elapsed_s, expected_s=expected_s, floor_s=floor_s,
+            scan_s=scan_s, dirtied_pages=dirtied_pages, sent_pages=sent_pages,
+            remaining_pages=remaining_pages, at_floor_scan_s=at_floor_scan_s,
+            floor_min_s=floor_min_s, margin_s=margin_s), contention)
+        if expected_s <= r.target:
+            return Decision(Action.SWITCHOVER, expected_s,
+                            f"expected downtime {expected_s * 1e3:.1f} ms within the "
+                            f"{self.downtime_s * 1e3:.0f} ms budget", self.throttle_pct)
+        waiting = self._wait_out_contention(r)
+        if waiting is not None:
+            return waiting
+        self._contended_run = 0
+        if floor_s is not None and self._floor_strikes >= self.floor_rounds:
+            return self._floor_bound(r, floor_s)
+        if r.over_rounds or r.over_time:
+            return self._out_of_bounds(r)
+        return self._one_more_round(r)
+
+    def _observe(self, r: _Round, contention: Contention | None) -> _Round:
+        """Record one round's measurements (history, contention, floor strikes, the smallest
+        dirty set) and fill in what the rules compare them with."""
         budget = self.downtime_s
         # What the expected downtime must fall to.  The floor is held against
         # the fixed share: the margin was sized for this round's pause, whose
         # pages (and their spread) a pause at the floor would not have.
-        floor_target = budget * self.headroom
-        target = budget - margin_s if margin_s is not None else floor_target
-        self.history.append(expected_s)
-        busy = (contention.reasons(self.contended_cpu_wait, self.contended_steal)
-                if contention is not None else [])
-        if busy:
+        r.floor_target = budget * self.headroom
+        r.target = budget - r.margin_s if r.margin_s is not None else r.floor_target
+        self.history.append(r.expected_s)
+        r.busy = (contention.reasons(self.contended_cpu_wait, self.contended_steal)
+                  if contention is not None else [])
+        if r.busy:
             self._contended_rounds += 1
-        floor_over = floor_s is not None and floor_s > floor_target
+        r.floor_over = r.floor_s is not None and r.floor_s > r.floor_target
         # A floor measured under contention is no floor: no strike (below).
-        sure = floor_min_s is not None and floor_min_s > floor_target
-        self._floor_strikes = self._floor_strikes + 1 if floor_over and (sure or not busy) else 0
+        r.sure = r.floor_min_s is not None and r.floor_min_s > r.floor_target
+        self._floor_strikes = self._floor_strikes + 1 if r.floor_over and (r.sure or not r.busy) else 0
         # What more rounds can shrink: the expected downtime above the floor.
-        excess = expected_s - (floor_s or 0.0)
-        prev_excess, self._prev_excess = self._prev_excess, excess
-        prev_min = self._min_remaining
-        if remaining_pages is not None:
-            self._min_remaining = remaining_pages if prev_min is None else min(prev_min, remaining_pages)
-
-        if expected_s <= target:
-            return Decision(Action.SWITCHOVER, expected_s,
-                            f"expected downtime {expected_s * 1e3:.1f} ms within the "
-                            f"{budget * 1e3:.0f} ms budget", self.throttle_pct)
-
+        r.excess = r.expected_s - (r.floor_s or 0.0)
+        r.prev_excess, self._prev_excess = self._prev_excess, r.excess
+        r.prev_min = self._min_remaining
+        if r.remaining_pages is not None:
+            self._min_remaining = (r.remaining_pages if r.prev_min is None
+                                   else min(r.prev_min, r.remaining_pages))
         # Giving up (abort) waits out contention: its rounds do not use up
         # --max-rounds.  Forcing is not giving up: every round counts, so
         # --max-rounds bounds a forced migration on a busy host too (else it
         # waited for quiet until --max-time, 600 s by default).
-        forcing = self.on_nonconvergence == "force"
-        over_rounds = rounds_done - (0 if forcing else self._contended_rounds) >= self.max_rounds
-        over_time = self.max_time_s is not None and elapsed_s >= self.max_time_s
-        if floor_over and busy and not sure and not over_time and not (forcing and over_rounds):
-            assert floor_s is not None
-            self._high = 0  # no throttle helps a floor: not a check "in a row"
-            wait = min(self.contention_wait_s * 2 ** self._contended_run, self.contention_wait_max_s)
-            self._contended_run += 1
-            return Decision(Action.CONTINUE, expected_s,
-                            f"the downtime floor ~{floor_s * 1e3:.1f} ms is over {floor_target * 1e3:.1f} ms, but "
-                            f"measured under contention ({'; '.join(busy)}): waiting {wait:.2f} s for it "
-                            f"to pass, then measuring again", self.throttle_pct, wait_s=wait)
-        self._contended_run = 0
-        if floor_s is not None and self._floor_strikes >= self.floor_rounds:
-            why = self._floor_reason(floor_s, scan_s)
-            if self.on_nonconvergence == "abort":
-                self.throttle_pct, self._high = 0, 0
-                return Decision(Action.ABORT, expected_s, why + "; aborting")
-            # Force: the budget is out of reach, so get as close to the floor
-            # as rounds and throttling can (throttling cannot lower the floor,
-            # but it shrinks what is sent above it: a sweep forced at once
-            # paused for ~0.9 s over a ~0.1 s floor), then switch over.
-            near = expected_s <= 1.25 * floor_s
-            shrinking = (remaining_pages is not None and prev_min is not None
-                         and remaining_pages < 0.9 * prev_min)
-            if near or over_rounds or over_time:
-                return Decision(Action.FORCE, expected_s, why + "; forcing switchover now", self.throttle_pct)
-            note = ""
-            # Throttle only for a pause well above the floor because of pages
-            # that take long to send -- not the estimate's noise over a few
-            # pages, nor live scans slower than the paused one will be (a
-            # 2,000 pages/s guest was throttled to 30 % for 85 ms live scans
-            # over a 54 ms floor: ~140 pages, 1 ms of it).
-            above = expected_s if at_floor_scan_s is None else at_floor_scan_s
-            if (self.throttle == "auto" and dirtied_pages is not None and sent_pages is not None
-                    and above > 1.5 * floor_s):
-                halving = (remaining_pages is not None and prev_min is not None
-                           and remaining_pages <= 0.5 * prev_min)
-                before = self.throttle_pct
-                note = self._auto_converge(dirtied_pages, sent_pages, halving)
-                if self.throttle_pct > before or (self.throttle_pct < self.throttle_max_pct and not shrinking
-                                                  and self._high):
-                    return Decision(Action.CONTINUE, expected_s,
-                                    why + f"; throttling toward the floor ({remaining_pages} pages left)" + note,
-                                    self.throttle_pct)
-            if shrinking:
-                return Decision(Action.CONTINUE, expected_s,
-                                why + f"; one more round while the dirty set shrinks "
-                                      f"({remaining_pages} pages, smallest before {prev_min})" + note,
-                                self.throttle_pct)
-            return Decision(Action.FORCE, expected_s, why + "; forcing switchover now" + note, self.throttle_pct)
+        r.forcing = self.on_nonconvergence == "force"
+        r.over_rounds = r.rounds_done - (0 if r.forcing else self._contended_rounds) >= self.max_rounds
+        r.over_time = self.max_time_s is not None and r.elapsed_s >= self.max_time_s
+        return r
 
-        if over_rounds or over_time:
-            bound = (f"{rounds_done} rounds" if over_rounds else f"{elapsed_s:.1f} s")
-            if self._contended_rounds:
-                bound += f" ({self._contended_rounds} of them contended)" if over_rounds else ""
-            throttled = f" (throttled at {self.throttle_pct} %)" if self.throttle_pct else ""
-            why = (f"did not converge after {bound}{throttled}: expected downtime "
-                   f"{expected_s * 1e3:.1f} ms > budget {budget * 1e3:.0f} ms")
-            if self.on_nonconvergence == "force":
-                return Decision(Action.FORCE, expected_s, why + "; forcing switchover", self.throttle_pct)
-            return Decision(Action.ABORT, expected_s, why + "; aborting", self.throttle_pct)
+    def _wait_out_contention(self, r: _Round) -> Decision | None:
+        """CONTINUE after a pause when the floor is over the budget only as measured under
+        contention (and rounds and time are left); None when this rule does not apply."""
+        if not (r.floor_over and r.busy and not r.sure and not r.over_time
+                and not (r.forcing and r.over_rounds)):
+            return None
+        assert r.floor_s is not None
+        self._high = 0  # no throttle helps a floor: not a check "in a row"
+        wait = min(self.contention_wait_s * 2 ** self._contended_run, self.contention_wait_max_s)
+        self._contended_run += 1
+        return Decision(Action.CONTINUE, r.expected_s,
+                        f"the downtime floor ~{r.floor_s * 1e3:.1f} ms is over {r.floor_target * 1e3:.1f} ms, "
+                        f"but measured under contention ({'; '.join(r.busy)}): waiting {wait:.2f} s for it "
+                        f"to pass, then measuring again", self.throttle_pct, wait_s=wait)
 
+    def _floor_bound(self, r: _Round, floor_s: float) -> Decision:
+        """The floor was over the budget ``floor_rounds`` in a row: abort, or force -- at once,
+        or after rounds (throttled) that bring the pause nearer the floor."""
+        expected_s, remaining_pages, prev_min = r.expected_s, r.remaining_pages, r.prev_min
+        why = self._floor_reason(floor_s, r.scan_s)
+        if self.on_nonconvergence == "abort":
+            self.throttle_pct, self._high = 0, 0
+            return Decision(Action.ABORT, expected_s, why + "; aborting")
+        # Force: the budget is out of reach, so get as close to the floor
+        # as rounds and throttling can (throttling cannot lower the floor,
+        # but it shrinks what is sent above it: a sweep forced at once
+        # paused for ~0.9 s over a ~0.1 s floor), then switch over.
+        near = expected_s <= 1.25 * floor_s
+        shrinking = (remaining_pages is not None and prev_min is not None
+                     and remaining_pages < 0.9 * prev_min)
+        if near or r.over_rounds or r.over_time:
+            return Decision(Action.FORCE, expected_s, why + "; forcing switchover now", self.throttle_pct)
         note = ""
-        if floor_over:
+        # Throttle only for a pause well above the floor because of pages
+        # that take long to send -- not the estimate's noise over a few
+        # pages, nor live scans slower than the paused one will be (a
+        # 2,000 pages/s guest was throttled to 30 % for 85 ms live scans
+        # over a 54 ms floor: ~140 pages, 1 ms of it).
+        above = expected_s if r.at_floor_scan_s is None else r.at_floor_scan_s
+        if (self.throttle == "auto" and r.dirtied_pages is not None and r.sent_pages is not None
+                and above > 1.5 * floor_s):
+            halving = (remaining_pages is not None and prev_min is not None
+                       and remaining_pages <= 0.5 * prev_min)
+            before = self.throttle_pct
+            note = self._auto_converge(r.dirtied_pages, r.sent_pages, halving)
+            if self.throttle_pct > before or (self.throttle_pct < self.throttle_max_pct and not shrinking
+                                              and self._high):
+                return Decision(Action.CONTINUE, expected_s,
+                                why + f"; throttling toward the floor ({remaining_pages} pages left)" + note,
+                                self.throttle_pct)
+        if shrinking:
+            return Decision(Action.CONTINUE, expected_s,
+                            why + f"; one more round while the dirty set shrinks "
+                                  f"({remaining_pages} pages, smallest before {prev_min})" + note,
+                            self.throttle_pct)
+        return Decision(Action.FORCE, expected_s, why + "; forcing switchover now" + note, self.throttle_pct)
+
+    def _out_of_bounds(self, r: _Round) -> Decision:
+        """Out of rounds or time without converging: abort, or force."""
+        bound = (f"{r.rounds_done} rounds" if r.over_rounds else f"{r.elapsed_s:.1f} s")
+        if self._contended_rounds:
+            bound += f" ({self._contended_rounds} of them contended)" if r.over_rounds else ""
+        throttled = f" (throttled at {self.throttle_pct} %)" if self.throttle_pct else ""
+        why = (f"did not converge after {bound}{throttled}: expected downtime "
+               f"{r.expected_s * 1e3:.1f} ms > budget {self.downtime_s * 1e3:.0f} ms")
+        if self.on_nonconvergence == "force":
+            return Decision(Action.FORCE, r.expected_s, why + "; forcing switchover", self.throttle_pct)
+        return Decision(Action.ABORT, r.expected_s, why + "; aborting", self.throttle_pct)
+
+    def _one_more_round(self, r: _Round) -> Decision:
+        """CONTINUE, the throttle stepped up when the round did not converge (auto-converge)."""
+        note = ""
+        if r.floor_over:
             self._high = 0  # no throttle can help this round: not a check "in a row"
-        elif self.throttle == "auto" and dirtied_pages is not None and sent_pages is not None:
-            soon = min(self.converge_rounds, self.max_rounds - rounds_done + self._contended_rounds)
-            note = self._auto_converge(dirtied_pages, sent_pages,
-                                       _rounds_to_reach(prev_excess, excess, target - (floor_s or 0.0)) <= soon)
-        return Decision(Action.CONTINUE, expected_s,
-                        f"expected downtime {expected_s * 1e3:.1f} ms over budget" + note, self.throttle_pct)
+        elif self.throttle == "auto" and r.dirtied_pages is not None and r.sent_pages is not None:
+            soon = min(self.converge_rounds, self.max_rounds - r.rounds_done + self._contended_rounds)
+            note = self._auto_converge(r.dirtied_pages, r.sent_pages,
+                                       _rounds_to_reach(r.prev_excess, r.excess,
+                                                        r.target - (r.floor_s or 0.0)) <= soon)
+        return Decision(Action.CONTINUE, r.expected_s,
+                        f"expected downtime {r.expected_s * 1e3:.1f} ms over budget" + note, self.throttle_pct)
 
     def _auto_converge(self, dirtied: int, sent: int, converging: bool) -> str:
         """Count a non-converging round, step the throttle up on a trigger; a note for the reason."""
