@@ -30,7 +30,8 @@ from precopy.errors import (
 )
 from precopy.memory.region import GuestMemory
 from precopy.session.report import MigrationReport, RoundReport
-from precopy.session.source import Progress, SourceOptions, migrate
+from precopy.session.options import Progress, SourceOptions
+from precopy.session.source import migrate
 from precopy.net.tls import client_context, server_context
 from precopy.workload.base import Workload
 from precopy.workload.control import GuestControl

@@ -15,10 +15,12 @@ from pathlib import Path
 
 import pytest
 
+import precopy.session.contention
 import precopy.session.source
 from precopy.policy.admission import Admission, default_max_active
 from precopy.errors import MigrationAborted
-from precopy.session.source import Progress
+from precopy.session.contention import ContentionMeter
+from precopy.session.options import Progress
 from precopy.protocol import Begin
 
 from .test_engine import FakeWorkload, make_region, options, serve
@@ -212,39 +214,28 @@ async def test_a_source_that_cannot_wait_is_served_at_once(work: Path, dest_dir:
 # What the session tells the stop rule about contention
 
 
-def test_the_session_measures_contention_over_the_round_without_its_waits(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from precopy.session.source import SourceOptions, SourceSession
-
-    region = tmp_path / "g.mem"
-    region.write_bytes(b"\0" * 8192)
+def test_the_session_measures_contention_over_the_round_without_its_waits(monkeypatch: pytest.MonkeyPatch) -> None:
     clock, waited, steal = [100.0], [1.0], [(0, 1000)]
-    monkeypatch.setattr(precopy.session.source.time, "monotonic", lambda: clock[0])
-    monkeypatch.setattr(precopy.session.source, "_cpu_wait_s", lambda: waited[0])
-    monkeypatch.setattr(precopy.session.source, "_steal_ticks", lambda: steal[0])
+    monkeypatch.setattr(precopy.session.contention.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(precopy.session.contention, "cpu_wait_s", lambda: waited[0])
+    monkeypatch.setattr(precopy.session.contention, "steal_ticks", lambda: steal[0])
     sched = [(5.0, 1.0)]  # the process's threads: run, wait
-    monkeypatch.setattr(precopy.session.source, "_process_sched", lambda: sched[0])
-    session = SourceSession(SourceOptions(host="127.0.0.1", port=1, memory=region, migration_id="me"),
-                            FakeWorkload())
-    try:
-        session._contention()  # the mark: the round starts here
-        clock[0], waited[0], steal[0] = 101.0, 1.5, (10, 1100)
-        session._dest_peers = 3
-        monkeypatch.setattr(precopy.session.source, "_SENDING", {"me", "other"})
-        c = session._contention()
-        assert (c.source_peers, c.dest_peers) == (1, 3)
-        assert c.cpu_wait_share == pytest.approx(0.5) and c.steal_share == pytest.approx(0.1)
-        # A round that slept 0.75 s of its 1 s waiting for contention to pass: the 0.1 s
-        # the sender waited was of 0.25 s awake.
-        session._contention_slept = 0.75
-        clock[0], waited[0] = 102.0, 1.6
-        c = session._contention()
-        assert c.cpu_wait_share == pytest.approx(0.4) and c.steal_share == 0.0
-        # The hashing threads starved while the loop's thread waited on the network: 0.3 s
-        # run, 0.6 s waited of their runnable time.
-        clock[0], waited[0], sched[0] = 103.0, 1.6, (5.3, 1.6)
-        c = session._contention()
-        assert c.cpu_wait_share == pytest.approx(0.6 / 0.9)
-    finally:
-        session._hash_pool.shutdown()
-        session._outer_pool.shutdown()
+    monkeypatch.setattr(precopy.session.contention, "process_sched", lambda: sched[0])
+    meter = ContentionMeter("me")
+    meter.measure(0)  # the mark: the round starts here
+    clock[0], waited[0], steal[0] = 101.0, 1.5, (10, 1100)
+    monkeypatch.setattr(precopy.session.contention, "SENDING", {"me", "other"})
+    c = meter.measure(3)  # the destination's last table said 3 others
+    assert (c.source_peers, c.dest_peers) == (1, 3)
+    assert c.cpu_wait_share == pytest.approx(0.5) and c.steal_share == pytest.approx(0.1)
+    # A round that slept 0.75 s of its 1 s waiting for contention to pass: the 0.1 s
+    # the sender waited was of 0.25 s awake.
+    meter.slept = 0.75
+    clock[0], waited[0] = 102.0, 1.6
+    c = meter.measure(3)
+    assert c.cpu_wait_share == pytest.approx(0.4) and c.steal_share == 0.0
+    # The hashing threads starved while the loop's thread waited on the network: 0.3 s
+    # run, 0.6 s waited of their runnable time.
+    clock[0], waited[0], sched[0] = 103.0, 1.6, (5.3, 1.6)
+    c = meter.measure(3)
+    assert c.cpu_wait_share == pytest.approx(0.6 / 0.9)

@@ -44,7 +44,6 @@ PENDING: set[str] = {
 
 #: Import cycles still being broken (issue 19), each as the set of its modules.
 PENDING_CYCLES: set[frozenset[str]] = {
-    frozenset({"precopy.session.guardian", "precopy.session.source"}),
     frozenset({"agents.ctl", "agents.source_daemon", "agents.source_main"}),
 }
 

@@ -177,10 +177,10 @@ async def _run_until_commit_sent(server: Any, src: Path, wl: FakeWorkload) -> tu
                                           io_timeout_s=10, outcome_retries=3), wl)
     task = asyncio.create_task(session.run())
     for _ in range(500):
-        if session.commit_sent or task.done():
+        if session.committer.sent or task.done():
             break
         await asyncio.sleep(0.01)
-    assert session.commit_sent, "the migration never reached COMMIT"
+    assert session.committer.sent, "the migration never reached COMMIT"
     return session, task
 
 

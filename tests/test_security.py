@@ -15,6 +15,7 @@ import pytest
 
 import precopy.protocol.auth as auth
 import precopy.session.source
+from precopy.session.commit import query_outcome
 from agents import dest_main
 from agents.common import EXIT_USAGE
 from precopy.errors import AbortCode, AuthError, MigrationAborted
@@ -218,7 +219,7 @@ async def test_migration_over_mutual_tls(pki: Pki, work: Path, dest_dir: Path) -
         # The outcome query reconnects over TLS as well.
         session = precopy.session.source.SourceSession(options(server, src, tls_context=cctx, auth_key=KEY,
                                                        migration_id=rep.migration_id), FakeWorkload())
-        out = await session._query_outcome()
+        out = await query_outcome(session.committer.target)
         assert out.committed and out.known
     del mm
 

@@ -483,7 +483,7 @@ async def test_a_refused_throttle_is_said_once_and_the_migration_goes_on(
     make_region(src, 256)
     script(monkeypatch, (Action.CONTINUE, 20), (Action.CONTINUE, 30), (Action.CONTINUE, 40),
            (Action.SWITCHOVER, 40))
-    caplog.set_level(logging.WARNING, logger="precopy.session.source")
+    caplog.set_level(logging.WARNING, logger="precopy.session.throttle")
     for wl in (ThrottledWorkload(refuse=True), FakeWorkload()):  # refuses / has no throttle at all
         caplog.clear()
         async with serve(dest_dir / type(wl).__name__) as server:

@@ -378,17 +378,10 @@ def _cont_peer(s: socket.socket) -> None:
                      "continue it by hand (kill -CONT %d)", pid, pid)
 
 
-class _Unused:
-    """The outcome query needs no workload."""
-
-    def describe(self) -> str:
-        return "guardian"
-
-
 async def _ask(outcome: dict[str, Any]) -> str:
     """``committed``, ``not-committed`` or ``unknown`` (with the reason logged)."""
     from precopy.errors import MigrationInDoubt, PrecopyError
-    from precopy.session.source import SourceOptions, SourceSession
+    from precopy.session.commit import OutcomeTarget, resolve_outcome
 
     key = bytes.fromhex(outcome["key"]) if outcome.get("key") else None
     tls = outcome.get("tls")
@@ -402,25 +395,20 @@ async def _ask(outcome: dict[str, Any]) -> str:
         except PrecopyError as exc:
             _log.critical("cannot set up TLS to ask the destination: %s", exc)
             return "unknown"
-    opts = SourceOptions(
-        host=str(outcome["host"]), port=int(outcome["port"]), memory="guardian",  # type: ignore[arg-type]
-        auth_key=key, tls_context=tls_context, migration_id=str(outcome["migration_id"]),
-        outcome_retries=int(outcome.get("retries", 6)),
+    target = OutcomeTarget(
+        host=str(outcome["host"]), port=int(outcome["port"]), migration_id=str(outcome["migration_id"]),
+        auth_key=key, tls_context=tls_context, retries=int(outcome.get("retries", 6)),
         connect_timeout_s=float(outcome.get("connect_timeout", 10.0)),
         io_timeout_s=float(outcome.get("io_timeout", 60.0)),
     )
-    session = SourceSession(opts, _Unused())  # type: ignore[arg-type]
     try:
-        await session._resolve_outcome(PrecopyError("the source agent died after sending COMMIT"))
+        await resolve_outcome(target, PrecopyError("the source agent died after sending COMMIT"))
     except MigrationInDoubt as exc:
         _log.critical("%s", exc)
         return "unknown"
     except PrecopyError as exc:
         _log.warning("%s", exc)
         return "not-committed"
-    finally:
-        session._hash_pool.shutdown(wait=False)
-        session._outer_pool.shutdown(wait=False)
     return "committed"
 
 

@@ -28,21 +28,16 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
-import os
-import ssl
 import logging
 import sys
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
 import xxhash
 
-from precopy.protocol import auth
 from precopy.net.channel import Channel, LinkError, PeerAborted, connect
 from precopy.net.tls import make_channel
 from precopy.protocol.compress import AdaptiveCompressor
@@ -58,11 +53,14 @@ from precopy.memory.digest import (
     sorted_distinct,
     region_chunk_digests,
 )
+from precopy.session.commit import Committer, OutcomeTarget, describe
+from precopy.session.contention import SENDING, ContentionMeter, cpu_wait_s as _cpu_wait_s
 from precopy.session.guardian import ARMED, COMMIT, IDLE, Guardian
+from precopy.session.handshake import handshake
+from precopy.session.options import Progress, SourceOptions
+from precopy.session.throttle import Throttle
 from precopy.errors import (
     AbortCode,
-    AuthError,
-    GuestControlError,
     MigrationAborted,
     MigrationInDoubt,
     PrecopyError,
@@ -71,39 +69,27 @@ from precopy.errors import (
 from precopy.memory.region import GuestMemory, clear_exception_frames
 from precopy.policy.switchover import (
     Action,
-    Contention,
     DirtyRateEstimator,
     LinkEstimator,
     SwitchoverPolicy,
-    check_throttle,
     expected_downtime,
 )
 from precopy.session.report import MigrationReport, RoundReport
-from precopy.memory.tracking import TRACKING_MODES, SourceChunks, TrackingUnavailable, UffdTracker, select_tracker
+from precopy.memory.tracking import SourceChunks, TrackingUnavailable, UffdTracker, select_tracker
 from precopy.protocol import (
     MAX_BATCH_PAGES,
     MAX_PAGE_DIGEST_CHUNKS,
     MAX_PAYLOAD,
     PAGE_SIZE,
-    PROTOCOL_VERSION,
-    Auth,
-    AuthOk,
     Begin,
-    Commit,
-    Committed,
     DeviceState,
     DigestRequest,
     DigestTable,
-    Hello,
-    HelloAck,
-    Outcome,
     Pages,
-    Query,
     Queued,
     Ready,
     Role,
     Switchover,
-    valid_name,
     whole_chunks,
 )
 from precopy.workload.base import Workload
@@ -124,124 +110,8 @@ _BY_PAGE_SHARE = 0.5
 #: page once, instead of every chunk now and every page a round later).
 _FIRST_BY_PAGE_SHARE = 0.5
 _h64 = xxhash.xxh3_64_intdigest
-HEADROOM_MODES = ("spread", "fixed")
 #: Live samples of the scan's cost and of the dirty rate kept for their spread.
 _SPREAD_SAMPLES = 8
-
-
-@dataclass
-class SourceOptions:
-    """Everything a migration needs besides the workload.  See ``precopy-source --help``."""
-
-    host: str
-    port: int
-    memory: Path
-    name: str | None = None
-    downtime_ms: float = 300.0
-    max_rounds: int = 30
-    max_time_s: float | None = 600.0
-    on_nonconvergence: str = "abort"
-    compress: str = "off"  # off | lz4 | auto
-    auth_key: bytes | None = None
-    #: TLS to the destination (precopy.net.tls.client_context); None: plain TCP.
-    tls_context: ssl.SSLContext | None = None
-    batch_pages: int = 256
-    chunk_pages: int = 32
-    on_commit: str = "keep-stopped"  # keep-stopped | kill
-    connect_timeout_s: float = 10.0
-    io_timeout_s: float = 60.0
-    migration_id: str | None = None
-    outcome_retries: int = 6
-    #: Preflight only: connect, handshake, ask the destination whether the
-    #: region fits, and stop (report outcome "preflight-ok"); nothing moves.
-    dry_run: bool = False
-    mode: str = "precopy"  # precopy | stop-and-copy (the baseline: pause first, copy everything paused)
-    #: Start a guardian process that resumes a paused workload if this
-    #: process dies before COMMIT is sent (see precopy.session.guardian).
-    guardian: bool = False
-    #: The files ``tls_context`` was made from ({"ca", "cert", "key"}, each a
-    #: path or None), so that the guardian process can ask the destination
-    #: over TLS too.  Without them a guardian cannot reach a TLS-only
-    #: destination and leaves an in-doubt workload paused.
-    tls_files: dict[str, str | None] | None = None
-    #: How dirty pages are found: ``digest`` (rehash and compare), ``uffd-wp``
-    #: (the kernel, offered by the guest; docs/TRACKING.md) or ``auto``
-    #: (uffd-wp when the guest offers it and the kernel supports it).
-    tracking: str = "auto"
-    #: Auto-converge: throttle a workload whose dirty set will not shrink
-    #: (``auto``) or never (``off``); percentages of its time stopped: the
-    #: first throttle, the step per further trigger, the cap
-    #: (precopy.policy.switchover.SwitchoverPolicy).
-    throttle: str = "auto"
-    throttle_initial_pct: int = 20
-    throttle_step_pct: int = 10
-    throttle_max_pct: int = 99
-    #: A hard cap on the pause (ms; None: none): once paused, a migration
-    #: that would pass it before the commit is sent rolls back instead
-    #: (precopy.policy.downtime).  At least ``downtime_ms``.
-    max_downtime_ms: float | None = None
-    #: How far under the budget the expected downtime must fall to switch
-    #: over: ``spread`` (from the measured spread of the pause's parts,
-    #: precopy.policy.downtime.switchover_margin) or ``fixed`` (25 % of the budget).
-    headroom: str = "spread"
-
-    def __post_init__(self) -> None:
-        self.memory = Path(self.memory)
-        if self.name is None:
-            self.name = self.memory.name
-        if not valid_name(self.name):
-            raise ValueError(f"region name {self.name!r} must be a plain file name ([A-Za-z0-9._-])")
-        if not 1 <= self.batch_pages <= MAX_BATCH_PAGES:
-            raise ValueError(f"batch_pages must be 1..{MAX_BATCH_PAGES}")
-        if self.chunk_pages < 1 or self.chunk_pages & (self.chunk_pages - 1) or self.chunk_pages > 4096:
-            raise ValueError("chunk_pages must be a power of two up to 4096")
-        if self.compress not in ("off", "lz4", "auto"):
-            raise ValueError(f"compress must be off, lz4 or auto, not {self.compress!r}")
-        if self.mode not in ("precopy", "stop-and-copy"):
-            raise ValueError(f"mode must be precopy or stop-and-copy, not {self.mode!r}")
-        if self.tracking not in TRACKING_MODES:
-            raise ValueError(f"tracking must be one of {', '.join(TRACKING_MODES)}, not {self.tracking!r}")
-        if self.tracking == "uffd-wp" and self.mode == "stop-and-copy":
-            raise ValueError("tracking uffd-wp needs mode precopy (stop-and-copy tracks nothing: it pauses first)")
-        if self.on_commit not in ("keep-stopped", "kill"):
-            raise ValueError(f"on_commit must be keep-stopped or kill, not {self.on_commit!r}")
-        check_throttle(self.throttle, self.throttle_initial_pct, self.throttle_step_pct, self.throttle_max_pct)
-        if self.headroom not in HEADROOM_MODES:
-            raise ValueError(f"headroom must be spread or fixed, not {self.headroom!r}")
-        if self.max_downtime_ms is not None:
-            if not self.max_downtime_ms > 0:
-                raise ValueError(f"max_downtime_ms must be positive, not {self.max_downtime_ms!r}")
-            if self.max_downtime_ms < self.downtime_ms:
-                raise ValueError(
-                    f"max downtime {self.max_downtime_ms:g} ms is under the downtime budget {self.downtime_ms:g} ms: "
-                    "the switchover aims under the budget and the cap is the line never to cross, so lower "
-                    "--downtime-ms to the cap or below")
-        if self.migration_id is None:
-            self.migration_id = uuid.uuid4().hex
-        if not valid_name(self.migration_id):
-            raise ValueError("migration_id must be a plain token ([A-Za-z0-9._-])")
-
-
-@dataclass
-class Progress:
-    """What a progress display shows; passed to the progress callback."""
-
-    phase: str
-    round: int
-    pages_done: int
-    pages_todo: int
-    dirty_pages: int
-    bandwidth_bps: float
-    dirty_rate_pps: float
-    expected_downtime_ms: float | None
-    elapsed_s: float
-    eta_s: float | None = None
-    #: Page bytes moved per second in this round (before compression).
-    page_rate_bps: float = 0.0
-    #: How hard the workload is throttled (percent of its time stopped; 0: not).
-    throttle_pct: int = 0
-    #: Phase "queued": the place in the destination's queue (1: next).
-    queue_position: int = 0
 
 
 def _written_fraction(changed: int, nchunks: int, chunk_pages: int) -> float:
@@ -320,53 +190,6 @@ def _whole_chunks_pay(cand: np.ndarray, nchunks: int, chunk_pages: int, link_bps
     return _written_fraction(len(cand), nchunks, chunk_pages) >= need or (fast and clustered)
 
 
-def _cpu_wait_s() -> float:
-    """Seconds the calling thread has waited for a CPU (runnable, not running); 0.0 where unknown."""
-    try:
-        with open("/proc/thread-self/schedstat", "rb") as f:
-            return int(f.read().split()[1]) / 1e9
-    except (OSError, ValueError, IndexError):
-        return 0.0
-
-
-def _process_sched() -> tuple[float, float]:
-    """Seconds this process's threads have run and waited for a CPU, summed; (0, 0) where unknown.
-
-    A migration's CPU work is mostly in its hashing and scanning threads,
-    whose waits the event loop's thread never sees.
-    """
-    run = wait = 0
-    try:
-        tasks = os.listdir("/proc/self/task")
-    except OSError:
-        return 0.0, 0.0
-    for tid in tasks:
-        try:
-            with open(f"/proc/self/task/{tid}/schedstat", "rb") as f:
-                fields = f.read().split()
-            run += int(fields[0])
-            wait += int(fields[1])
-        except (OSError, ValueError, IndexError):
-            continue  # a thread that ended meanwhile
-    return run / 1e9, wait / 1e9
-
-
-def _steal_ticks() -> tuple[int, int]:
-    """(steal, all) CPU ticks of the host so far (/proc/stat); (0, 0) where unknown."""
-    try:
-        with open("/proc/stat", "rb") as f:
-            fields = [int(x) for x in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return 0, 0
-    # user nice system idle iowait irq softirq steal [guest guest_nice: inside user]
-    return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
-
-
-#: Migrations of this process moving bytes now (past the destination's
-#: queue): the others are contention for each (precopy.policy.switchover.Contention).
-_SENDING: set[str] = set()
-
-
 def _plan(indices: np.ndarray, size: int, *, fill: int = 0,
           ordered: bool = False) -> Iterator[tuple[np.ndarray, bool]]:
     """``indices`` (ascending) in batches of at most ``size`` pages, each with
@@ -442,9 +265,12 @@ class SourceSession:
         self.chan: Channel | None = None
         self.mem: GuestMemory | None = None
         self.paused = False
-        self.commit_sent = False
-        self._committed = False
-        self._not_committed = False  # the destination said so, definitely
+        self.committer = Committer(OutcomeTarget(
+            host=opts.host, port=opts.port, migration_id=str(opts.migration_id), auth_key=opts.auth_key,
+            tls_context=opts.tls_context, connect_timeout_s=opts.connect_timeout_s,
+            io_timeout_s=opts.io_timeout_s, retries=opts.outcome_retries))
+        self.throttle = Throttle(workload, self.policy, self.report, lambda: self.paused)
+        self.contention = ContentionMeter(str(opts.migration_id))
         self._events: asyncio.Queue[Any] = asyncio.Queue()
         self._reader: asyncio.Task[None] | None = None
         self._seq = 0
@@ -468,7 +294,6 @@ class SourceSession:
         self._guardian: Guardian | None = None
         self.tracker: UffdTracker | None = None
         self.chunks: SourceChunks | None = None
-        self._throttle_pct = 0  # the throttle in effect on the workload
         self._recent_dirty: list[int] = []  # dirty pages found by the last rounds' scans
         self._pending = np.zeros(0, dtype=np.uint32)  # decided on, sent in the final pass
         self._scan_samples: list[float] = []  # the scan's cost as each live round measured it
@@ -476,9 +301,6 @@ class SourceSession:
         self._dest_table = np.zeros(0, dtype=np.uint64)  # from the last verification
         self._asked: dict[int, float] = {}  # digest requests out: seq -> when sent (round trips)
         self._dest_peers = 0  # other migrations the destination receives, as its last table said
-        #: At the last decision: (monotonic, this thread's CPU wait, steal ticks, the process's (run, wait)).
-        self._contention_mark: tuple[float, float, tuple[int, int], tuple[float, float]] = (0.0, 0.0, (0, 0), (0.0, 0.0))
-        self._contention_slept = 0.0  # of the time since then, asleep waiting for contention to pass
 
     # -- entry point ----------------------------------------------------
 
@@ -499,19 +321,18 @@ class SourceSession:
             except MigrationInDoubt:
                 raise
             except BaseException as exc:
-                if self._committed:
+                if self.committer.confirmed:
                     # Interrupted after the destination confirmed: it is done.
-                    _log.warning("interrupted after the commit was confirmed (%s)", self._describe(exc))
+                    _log.warning("interrupted after the commit was confirmed (%s)", describe(exc))
                     self.report.outcome = "committed"
                     return self.report
-                if not self.commit_sent or self._not_committed:
+                if not self.committer.in_doubt:
                     raise
                 # COMMIT is out (and we were cancelled, or broke, before the
                 # answer): the destination may own the workload now.  Never
                 # roll back blindly; ask.  "Not committed" raises, and rolls back.
-                _log.warning("interrupted after COMMIT was sent (%s): asking for the outcome",
-                             self._describe(exc))
-                await self._resolve_outcome(exc)
+                _log.warning("interrupted after COMMIT was sent (%s): asking for the outcome", describe(exc))
+                await self.committer.resolve(exc, self.chan)
                 self.paused = False
             self.report.outcome = "committed"
             return self.report
@@ -521,11 +342,11 @@ class SourceSession:
             exc.report = self.report  # type: ignore[attr-defined]
             raise
         except BaseException as exc:
-            if self.commit_sent and not self._not_committed:
+            if self.committer.in_doubt:
                 # The outcome could not be learned (e.g. a second interrupt
                 # while asking): resuming here could make two owners.
                 self.report.outcome = "in-doubt"
-                self.report.error = (f"interrupted after COMMIT was sent ({self._describe(exc)}); "
+                self.report.error = (f"interrupted after COMMIT was sent ({describe(exc)}); "
                                      "the workload is left PAUSED on the source: check the destination "
                                      f"({self.report.destination}) for migration {self.opts.migration_id}")
                 doubt = MigrationInDoubt(self.report.error, AbortCode.LINK)
@@ -536,13 +357,13 @@ class SourceSession:
             if not isinstance(exc, (PrecopyError, OSError, asyncio.CancelledError)):
                 _log.exception("internal error during migration; rolling back")
             code = await self._rollback(exc)
-            err = MigrationAborted(self._describe(exc), code)
+            err = MigrationAborted(describe(exc), code)
             err.report = self.report  # type: ignore[attr-defined]
             raise err from exc
         finally:
-            _SENDING.discard(str(self.opts.migration_id))
-            if self._throttle_pct:  # every exit path: never leave the workload throttled
-                await self._end_throttle()
+            SENDING.discard(str(self.opts.migration_id))
+            if self.throttle.pct:  # every exit path: never leave the workload throttled
+                await self.throttle.end()
             self.report.total_time_s = time.monotonic() - self._t0
             if self._reader is not None:
                 self._reader.cancel()
@@ -558,17 +379,11 @@ class SourceSession:
             if self._guardian is not None:
                 self._guardian.close()  # the workload is settled, one way or the other
 
-    @staticmethod
-    def _describe(exc: BaseException) -> str:
-        if isinstance(exc, asyncio.CancelledError):
-            return "migration cancelled"
-        return str(exc) or type(exc).__name__
-
     async def _rollback(self, exc: BaseException) -> AbortCode:
         """Undo what can be undone; returns the abort code of the failure."""
-        await self._end_throttle()  # first: the workload must run again
+        await self.throttle.end()  # first: the workload must run again
         self.report.outcome = "aborted"
-        self.report.error = self._describe(exc)
+        self.report.error = describe(exc)
         code = exc.code if isinstance(exc, PrecopyError) else AbortCode.INTERNAL
         if isinstance(exc, asyncio.CancelledError):
             code = AbortCode.CANCELLED
@@ -603,6 +418,7 @@ class SourceSession:
                             "retries": opts.outcome_retries, "connect_timeout": opts.connect_timeout_s,
                             "io_timeout": opts.io_timeout_s},
             })
+            self.throttle.guardian = self._guardian
         self.report.region_bytes = mem.size
         #: Per page, the digest of what the destination holds, where ``known``:
         #: pages sent straight from memory are known once the destination
@@ -681,47 +497,13 @@ class SourceSession:
             # QUEUED comes every couple of seconds: a shorter --io-timeout must not end the wait.
             ev = await self._expect((Ready, Queued), timeout_s=max(self.opts.io_timeout_s, 10.0))
             self.report.queued_s = time.monotonic() - t
-        _SENDING.add(str(self.opts.migration_id))
-        self._contention()  # the first round's contention counts from here
+        SENDING.add(str(self.opts.migration_id))
+        self.contention.measure(self._dest_peers)  # the first round's contention counts from here
         assert isinstance(ev, Ready)
         return ev
 
     async def _handshake(self, chan: Channel) -> None:
-        try:
-            await self._authenticate(chan)
-        except asyncio.TimeoutError:
-            raise LinkError(
-                f"{chan.peer} did not complete the handshake within {self.opts.io_timeout_s:.0f} s "
-                "(is it a precopy-dest?)", AbortCode.TIMEOUT,
-            ) from None
-
-    async def _authenticate(self, chan: Channel) -> None:
-        key = self.opts.auth_key
-        await asyncio.wait_for(chan.start(), self.opts.io_timeout_s)  # TLS, when configured
-        nonce = auth.new_nonce()
-        t = time.monotonic()
-        await chan.send(Hello(version=PROTOCOL_VERSION, nonce=nonce))
-        ack: HelloAck = await asyncio.wait_for(chan.recv(HelloAck), self.opts.io_timeout_s)
-        self._rtt = max(time.monotonic() - t, 1e-4)
-        if ack.version != PROTOCOL_VERSION:
-            raise PrecopyError(
-                f"destination speaks protocol {ack.version}, we speak {PROTOCOL_VERSION}: "
-                "upgrade one side", AbortCode.VERSION,
-            )
-        if key is not None:
-            if not ack.mac or not auth.verify(auth.dest_mac(key, nonce, ack.nonce), ack.mac):
-                raise AuthError("the destination did not prove it holds our key (wrong --auth-key-file?)")
-            mac = auth.source_mac(key, nonce, ack.nonce)
-        else:
-            if ack.mac:
-                raise AuthError("the destination requires authentication: pass --auth-key-file")
-            mac = b""
-        t = time.monotonic()
-        await chan.send(Auth(mac=mac))
-        await asyncio.wait_for(chan.recv(AuthOk), self.opts.io_timeout_s)
-        # The first exchange also pays for the destination accepting us; the
-        # round trip in every downtime estimate is the faster of the two.
-        self._rtt = max(min(self._rtt, time.monotonic() - t), 1e-4)
+        self._rtt = await handshake(chan, self.opts.auth_key, self.opts.io_timeout_s)
 
     async def _read_loop(self) -> None:
         assert self.chan is not None
@@ -1006,7 +788,7 @@ class SourceSession:
             bandwidth_bps=self.link.bytes_per_second, dirty_rate_pps=self.dirty_rate.pages_per_second,
             expected_downtime_ms=(self.policy.history[-1] * 1e3 if self.policy.history else None),
             elapsed_s=now - self._t0, eta_s=left / rate if rate else None, page_rate_bps=rate,
-            throttle_pct=self._throttle_pct, queue_position=queue_position,
+            throttle_pct=self.throttle.pct, queue_position=queue_position,
         ))
 
     async def _full_copy(self) -> None:
@@ -1521,29 +1303,6 @@ class SourceSession:
                          overhead=overhead_s * 1e3)
         return verify_s + pages_s + scan_s + overhead_s
 
-    def _contention(self) -> Contention:
-        """What competed with this migration since the last call (the round just done)."""
-        now, waited, steal, (run, pwait) = time.monotonic(), _cpu_wait_s(), _steal_ticks(), _process_sched()
-        t0, w0, s0, (run0, pwait0) = self._contention_mark
-        self._contention_mark = (now, waited, steal, (run, pwait))
-        # Time spent waiting for contention to pass (asleep, never runnable) is not the round's.
-        wall = now - t0 - self._contention_slept if t0 else 0.0
-        self._contention_slept = 0.0
-        ticks = steal[1] - s0[1]
-        # The share of the round the event loop's thread waited for a CPU, or
-        # of the time the process's threads (hashing, scanning) were runnable,
-        # the larger: a starved scan inflates the floor with the loop idle.
-        share = min(max(waited - w0, 0.0) / wall, 1.0) if wall > 0 else 0.0
-        busy_s = max(run - run0, 0.0) + max(pwait - pwait0, 0.0)
-        if t0 and busy_s >= 0.01:
-            share = max(share, max(pwait - pwait0, 0.0) / busy_s)
-        return Contention(
-            source_peers=len(_SENDING - {str(self.opts.migration_id)}),
-            dest_peers=self._dest_peers,
-            cpu_wait_share=share,
-            steal_share=(steal[0] - s0[0]) / ticks if t0 and ticks > 0 else 0.0,
-        )
-
     async def _iterate(self) -> tuple[float, np.ndarray]:
         """Iterative rounds until the policy says switch over.
 
@@ -1557,7 +1316,7 @@ class SourceSession:
             # round is then part of the round (its writes are in the scan),
             # not a gap between the decision and the pause.
             await self._settled()
-            held = await self._hold_for_scan()
+            held = await self.throttle.hold_for_scan()
             t = time.monotonic()
             if self.tracker is not None:
                 scan = await self._track_scan(final=False)
@@ -1595,7 +1354,7 @@ class SourceSession:
             self._recent_dirty = [*self._recent_dirty[-3:], len(dirty)]
             dirtied = len(dirty)
             ran_since = getattr(self.workload, "ran_since", None)
-            if self._throttle_pct and ran_since is not None and ran_since(t):
+            if self.throttle.pct and ran_since is not None and ran_since(t):
                 # A throttled workload writes in bursts: the quiet scan of a
                 # stop phase says nothing of a run that came after it began.
                 # Count what its recent runs dirtied, so as not to pause on it.
@@ -1646,7 +1405,7 @@ class SourceSession:
             _log.debug("round %d: downtime floor %s (scan %.1f ms); %d pages dirtied while %d were sent",
                        rounds_done + 1, "unknown" if floor is None else f"{floor * 1e3:.1f} ms",
                        self._floor_scan_s * 1e3, len(dirty), last.pages_sent + last.zero_pages)
-            contention = self._contention()
+            contention = self.contention.measure(self._dest_peers)
             decision = self.policy.decide(
                 rounds_done=rounds_done, elapsed_s=time.monotonic() - self._t0 - self.report.queued_s,
                 expected_s=expected, contention=contention,
@@ -1669,8 +1428,8 @@ class SourceSession:
                 decision = dataclasses.replace(decision, action=Action.CONTINUE,
                                                reason=decision.reason + "; one more tracked round first")
             if decision.action is Action.CONTINUE:
-                await self._throttle(decision.throttle_pct, release=held)
-            throttled = f", throttle {self._throttle_pct} %" if self._throttle_pct else ""
+                await self.throttle.set(decision.throttle_pct, release=held)
+            throttled = f", throttle {self.throttle.pct} %" if self.throttle.pct else ""
             _log.info("round %d: %d dirty pages, %.1f MB/s%s, %s", rounds_done + 1, len(dirty),
                       self.link.bytes_per_second / 1e6, throttled, decision.reason)
             if decision.action in (Action.SWITCHOVER, Action.FORCE):
@@ -1699,14 +1458,14 @@ class SourceSession:
                 # Contended: let it pass rather than add to it (the pages
                 # found are still sent below: a tracker has re-armed them).
                 await asyncio.sleep(decision.wait_s)
-                self._contention_slept += decision.wait_s
+                self.contention.slept += decision.wait_s
             rounds_done += 1
             rnd = RoundReport(round=rounds_done, kind="iterative", pages_scanned=self.mem.npages,
                               pages_dirty=len(todo), pages_sent=0, zero_pages=0, bytes_on_wire=0,
                               seconds=0.0, scan_seconds=scan_s,
                               detect_seconds=scan.hash_s if self.tracker is not None else scanned_s,
                               dirty_rate_pps=self.dirty_rate.pages_per_second,
-                              expected_downtime_ms=expected * 1e3, throttle_pct=self._throttle_pct)
+                              expected_downtime_ms=expected * 1e3, throttle_pct=self.throttle.pct)
             # With a tracker, scattered pages are gathered straight from
             # memory as cheaply as runs: filling gaps would only add bytes.
             await self._send_pages(todo, rnd, "iterating", fill=0 if self.tracker is not None else 1, live=True)
@@ -1721,90 +1480,6 @@ class SourceSession:
             rnd.bandwidth_bps = self.link.bytes_per_second
             self.report.rounds.append(rnd)
             self._emit("iterating", rounds_done, len(todo), len(todo), len(todo), t)
-
-    # -- throttling (auto-converge) -----------------------------------------
-
-    async def _hold_for_scan(self) -> bool:
-        """At the highest throttle there is, keep the workload stopped from the scan to the decision.
-
-        At 99 % a workload that can dirty its whole region in one 10 ms run
-        converges only on a quiet scan that stays true until the pause; a
-        run between the two (likely when a round takes about the 1 s duty
-        cycle, e.g. on a slow link) would leave the pause all to send.  A
-        held workload is paused straight from the hold, or released (the
-        next :meth:`_throttle`) to go on.  Below 99 % a hold would stop the
-        workload beyond its ``--throttle-max``.  Returns whether it is held.
-        """
-        hold = getattr(self.workload, "hold", None)
-        if hold is None or self._throttle_pct < 99:
-            return False
-        try:
-            # A workload that cannot hold (a guest throttling itself) says False.
-            return await hold() is not False
-        except GuestControlError as exc:
-            _log.warning("could not hold the throttled workload for the scan: %s", exc)
-            return False
-
-    async def _throttle(self, pct: int, *, release: bool = False) -> None:
-        """Throttle the workload to ``pct`` % of its time stopped (0: not at all).
-
-        ``release``: it is held (:meth:`_hold_for_scan`): set the throttle
-        even if unchanged, which ends the hold.  A workload without a
-        ``throttle`` method, or one that refuses or fails it (a guest
-        answering not-ok), is not throttled: that is said once and the
-        migration goes on without.  The guardian is armed while a throttle
-        is on, so a crash of this process cannot leave the workload stopped.
-        """
-        if pct == self._throttle_pct and not release:
-            return
-        throttle = getattr(self.workload, "throttle", None)
-        if throttle is None:
-            self._no_throttle(f"{self.workload.describe()} cannot be throttled")
-            return
-        if pct and self._guardian is not None:
-            self._guardian.declare(ARMED)  # before the first stop: a crash from here on resumes it
-        try:
-            await throttle(pct / 100)
-        except GuestControlError as exc:
-            self._no_throttle(str(exc))
-            if self._throttle_pct or not str(exc).startswith("guest refused"):
-                # It may be throttled now (no answer, a broken one, or an
-                # earlier throttle on): end it as any throttle is ended.
-                self._throttle_pct = max(self._throttle_pct, 1)
-                await self._end_throttle()
-            elif self._guardian is not None and not self.paused:
-                self._guardian.declare(IDLE)  # an explicit refusal changed nothing
-            return
-        self._throttle_pct = pct
-        self.report.max_throttle_pct = max(self.report.max_throttle_pct, pct)
-        if pct and self.report.throttle_method is None:
-            self.report.throttle_method = str(getattr(self.workload, "throttle_method", None) or "adapter")
-        if not pct and self._guardian is not None and not self.paused:
-            self._guardian.declare(IDLE)
-
-    def _no_throttle(self, why: str) -> None:
-        if self.policy.throttle != "off":
-            _log.warning("throttling unavailable (%s): iterating without", why)
-            self.policy.disable_throttle()
-
-    async def _end_throttle(self) -> None:
-        """End any throttle: the workload runs at full speed again.
-
-        Never raises for the workload: a failure is logged (the guardian
-        stays armed; the resume of a rollback follows).
-        """
-        if not self._throttle_pct:
-            return
-        self._throttle_pct = 0
-        throttle = getattr(self.workload, "throttle", None)
-        try:
-            if throttle is not None:
-                await throttle(0.0)
-        except GuestControlError as exc:
-            _log.error("could not end the workload's throttle: %s", exc)
-            return  # the guardian stays armed
-        if self._guardian is not None and not self.paused:
-            self._guardian.declare(IDLE)
 
     # -- switchover -----------------------------------------------------
 
@@ -1830,7 +1505,7 @@ class SourceSession:
         # pages inside the downtime) between its last stop and the pause.
         blob = await self.workload.pause()
         self.paused = True
-        self._throttle_pct = 0
+        self.throttle.pct = 0
         t = time.monotonic()
         phases["pause"] = (t - t_pause) * 1e3
         phases.update(getattr(self.workload, "phases_ms", {}))  # e.g. QEMU's stop and save
@@ -1903,28 +1578,9 @@ class SourceSession:
         self._cap_check("commit", self._overhead_s())
         if self._guardian is not None:
             self._guardian.declare(COMMIT)  # from here on a crash must ask, never resume blindly
-        self.commit_sent = True
-        await self._send_event(Commit(migration_id=str(self.opts.migration_id), checksum=_h64(blob)))
-        try:
-            done: Committed = await self._expect(Committed)
-        except PeerAborted as exc:
-            # The destination answered COMMIT with ABORT on this connection:
-            # it records the migration as aborted before it says so, and it
-            # never commits an aborted migration.  A definite "not committed".
-            self._not_committed = True
-            raise PrecopyError(f"the destination refused the commit: {exc}", exc.code) from exc
-        except PrecopyError as exc:
-            await self._resolve_outcome(exc)
-        else:
-            if done.migration_id != self.opts.migration_id:
-                raise MigrationInDoubt(
-                    f"destination confirmed migration {done.migration_id!r}, not ours; "
-                    "workload left paused", AbortCode.PROTOCOL,
-                )
+        done = await self.committer.commit(self._send_event, self._expect, _h64(blob), self.chan)
+        if done is not None:
             phases.update({f"dest_{k}": v for k, v in done.timings.items()})
-            if not done.resumed:
-                _log.error("the destination committed but could not resume the workload: see its log")
-        self._committed = True
         t6 = time.monotonic()
         phases["commit"] = (t6 - t5) * 1e3
         self.report.downtime_ms = self.report.paused_ms = (t6 - t_pause) * 1e3
@@ -2001,54 +1657,6 @@ class SourceSession:
             _log.info("verification: %d chunk digests of ours were stale (holes punched while tracked); "
                       "the destination holds them right", bad.size - still.size)
         return still
-
-    # -- outcome after a lost commit --------------------------------------
-
-    async def _resolve_outcome(self, cause: BaseException) -> None:
-        """The commit was sent but not confirmed: ask the destination what happened."""
-        _log.warning("commit not confirmed (%s); asking the destination for the outcome", cause)
-        if self.chan is not None:
-            self.chan.close()
-        delay = 0.2
-        last: BaseException = cause
-        for attempt in range(self.opts.outcome_retries):
-            try:
-                outcome = await self._query_outcome()
-            except (PrecopyError, OSError, asyncio.TimeoutError) as exc:
-                last = exc
-                _log.warning("outcome query %d failed: %s", attempt + 1, exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-                continue
-            if outcome.committed:
-                _log.info("destination confirms migration %s committed", outcome.migration_id)
-                return
-            if outcome.known:
-                # Definitely not committed: the destination will never commit it.
-                self._not_committed = True
-                raise PrecopyError(f"destination reports the migration was not committed "
-                                   f"({self._describe(cause)})",
-                                   getattr(cause, "code", AbortCode.LINK)) from cause
-            last = PrecopyError("destination has no record of this migration")
-            break
-        raise MigrationInDoubt(
-            f"migration {self.opts.migration_id}: commit sent but its outcome is unknown ({last}); "
-            "the workload is left PAUSED on the source. Check the destination "
-            f"({self.report.destination}) for the migration id, then resume or kill the workload by hand.",
-            AbortCode.LINK,
-        ) from cause
-
-    async def _query_outcome(self) -> Outcome:
-        sock = await connect(self.opts.host, self.opts.port, self.opts.connect_timeout_s)
-        chan = make_channel(sock, Role.SOURCE, self.opts.tls_context, self.opts.host)
-        chan.send_timeout_s = self.opts.io_timeout_s
-        try:
-            await self._handshake(chan)
-            await chan.send(Query(migration_id=str(self.opts.migration_id)))
-            out: Outcome = await asyncio.wait_for(chan.recv(Outcome), self.opts.io_timeout_s)
-            return out
-        finally:
-            chan.close()
 
 
 async def migrate(opts: SourceOptions, workload: Workload,

@@ -1,0 +1,131 @@
+"""What a migration is asked to do (:class:`SourceOptions`, checked when made) and what it shows (:class:`Progress`)."""
+
+from __future__ import annotations
+
+import ssl
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from precopy.memory.tracking import TRACKING_MODES
+from precopy.policy.switchover import check_throttle
+from precopy.protocol import MAX_BATCH_PAGES, valid_name
+
+__all__ = ["SourceOptions", "Progress", "HEADROOM_MODES"]
+
+HEADROOM_MODES = ("spread", "fixed")
+
+
+@dataclass
+class SourceOptions:
+    """Everything a migration needs besides the workload.  See ``precopy-source --help``."""
+
+    host: str
+    port: int
+    memory: Path
+    name: str | None = None
+    downtime_ms: float = 300.0
+    max_rounds: int = 30
+    max_time_s: float | None = 600.0
+    on_nonconvergence: str = "abort"
+    compress: str = "off"  # off | lz4 | auto
+    auth_key: bytes | None = None
+    #: TLS to the destination (precopy.net.tls.client_context); None: plain TCP.
+    tls_context: ssl.SSLContext | None = None
+    batch_pages: int = 256
+    chunk_pages: int = 32
+    on_commit: str = "keep-stopped"  # keep-stopped | kill
+    connect_timeout_s: float = 10.0
+    io_timeout_s: float = 60.0
+    migration_id: str | None = None
+    outcome_retries: int = 6
+    #: Preflight only: connect, handshake, ask the destination whether the
+    #: region fits, and stop (report outcome "preflight-ok"); nothing moves.
+    dry_run: bool = False
+    mode: str = "precopy"  # precopy | stop-and-copy (the baseline: pause first, copy everything paused)
+    #: Start a guardian process that resumes a paused workload if this
+    #: process dies before COMMIT is sent (see precopy.session.guardian).
+    guardian: bool = False
+    #: The files ``tls_context`` was made from ({"ca", "cert", "key"}, each a
+    #: path or None), so that the guardian process can ask the destination
+    #: over TLS too.  Without them a guardian cannot reach a TLS-only
+    #: destination and leaves an in-doubt workload paused.
+    tls_files: dict[str, str | None] | None = None
+    #: How dirty pages are found: ``digest`` (rehash and compare), ``uffd-wp``
+    #: (the kernel, offered by the guest; docs/TRACKING.md) or ``auto``
+    #: (uffd-wp when the guest offers it and the kernel supports it).
+    tracking: str = "auto"
+    #: Auto-converge: throttle a workload whose dirty set will not shrink
+    #: (``auto``) or never (``off``); percentages of its time stopped: the
+    #: first throttle, the step per further trigger, the cap
+    #: (precopy.policy.switchover.SwitchoverPolicy).
+    throttle: str = "auto"
+    throttle_initial_pct: int = 20
+    throttle_step_pct: int = 10
+    throttle_max_pct: int = 99
+    #: A hard cap on the pause (ms; None: none): once paused, a migration
+    #: that would pass it before the commit is sent rolls back instead
+    #: (precopy.policy.downtime).  At least ``downtime_ms``.
+    max_downtime_ms: float | None = None
+    #: How far under the budget the expected downtime must fall to switch
+    #: over: ``spread`` (from the measured spread of the pause's parts,
+    #: precopy.policy.downtime.switchover_margin) or ``fixed`` (25 % of the budget).
+    headroom: str = "spread"
+
+    def __post_init__(self) -> None:
+        self.memory = Path(self.memory)
+        if self.name is None:
+            self.name = self.memory.name
+        if not valid_name(self.name):
+            raise ValueError(f"region name {self.name!r} must be a plain file name ([A-Za-z0-9._-])")
+        if not 1 <= self.batch_pages <= MAX_BATCH_PAGES:
+            raise ValueError(f"batch_pages must be 1..{MAX_BATCH_PAGES}")
+        if self.chunk_pages < 1 or self.chunk_pages & (self.chunk_pages - 1) or self.chunk_pages > 4096:
+            raise ValueError("chunk_pages must be a power of two up to 4096")
+        if self.compress not in ("off", "lz4", "auto"):
+            raise ValueError(f"compress must be off, lz4 or auto, not {self.compress!r}")
+        if self.mode not in ("precopy", "stop-and-copy"):
+            raise ValueError(f"mode must be precopy or stop-and-copy, not {self.mode!r}")
+        if self.tracking not in TRACKING_MODES:
+            raise ValueError(f"tracking must be one of {', '.join(TRACKING_MODES)}, not {self.tracking!r}")
+        if self.tracking == "uffd-wp" and self.mode == "stop-and-copy":
+            raise ValueError("tracking uffd-wp needs mode precopy (stop-and-copy tracks nothing: it pauses first)")
+        if self.on_commit not in ("keep-stopped", "kill"):
+            raise ValueError(f"on_commit must be keep-stopped or kill, not {self.on_commit!r}")
+        check_throttle(self.throttle, self.throttle_initial_pct, self.throttle_step_pct, self.throttle_max_pct)
+        if self.headroom not in HEADROOM_MODES:
+            raise ValueError(f"headroom must be spread or fixed, not {self.headroom!r}")
+        if self.max_downtime_ms is not None:
+            if not self.max_downtime_ms > 0:
+                raise ValueError(f"max_downtime_ms must be positive, not {self.max_downtime_ms!r}")
+            if self.max_downtime_ms < self.downtime_ms:
+                raise ValueError(
+                    f"max downtime {self.max_downtime_ms:g} ms is under the downtime budget {self.downtime_ms:g} ms: "
+                    "the switchover aims under the budget and the cap is the line never to cross, so lower "
+                    "--downtime-ms to the cap or below")
+        if self.migration_id is None:
+            self.migration_id = uuid.uuid4().hex
+        if not valid_name(self.migration_id):
+            raise ValueError("migration_id must be a plain token ([A-Za-z0-9._-])")
+
+
+@dataclass
+class Progress:
+    """What a progress display shows; passed to the progress callback."""
+
+    phase: str
+    round: int
+    pages_done: int
+    pages_todo: int
+    dirty_pages: int
+    bandwidth_bps: float
+    dirty_rate_pps: float
+    expected_downtime_ms: float | None
+    elapsed_s: float
+    eta_s: float | None = None
+    #: Page bytes moved per second in this round (before compression).
+    page_rate_bps: float = 0.0
+    #: How hard the workload is throttled (percent of its time stopped; 0: not).
+    throttle_pct: int = 0
+    #: Phase "queued": the place in the destination's queue (1: next).
+    queue_position: int = 0
