@@ -6,7 +6,7 @@
 Alternates, in one process, 1 GiB idle migrations whose destination either
 prefaults its fresh region only (``MADV_POPULATE_WRITE``, the earlier
 behaviour, re-created here) or reserves each chunk with ``fallocate`` and
-then prefaults it (the current ``GuestMemory.start_prepare``).  Prints the
+then prefaults it (the current ``Preparation.start_prepare``).  Prints the
 median total time of each.
 """
 
@@ -27,22 +27,20 @@ from typing import Any
 import uvloop
 
 import precopy
-import precopy.memory.region as memory
+import precopy.memory.prepare as prepare
 from precopy.guest import create_region
 
 
-def _populate_only(self: memory.GuestMemory, *, populate: bool = True, chunk: int = 8 << 20,
+def _populate_only(self: prepare.Preparation, *, populate: bool = True, chunk: int = 8 << 20,
                    skip: Any = None) -> None:
-    anchor = ctypes.c_char.from_buffer(self._map)
-    base = ctypes.addressof(anchor)
-    del anchor
+    base = self._mapping()
     self.reserved = self.size
 
     def run() -> None:
         off = 0
         while off < self.size and not self._populate_stop.is_set():
             n = min(chunk, self.size - off)
-            memory._libc.madvise(base + off, n, memory.MADV_POPULATE_WRITE)
+            prepare._libc.madvise(base + off, n, prepare.MADV_POPULATE_WRITE)
             off += n
 
     self._populate_thread = threading.Thread(target=run, daemon=True)
@@ -68,11 +66,11 @@ async def _main(runs: int) -> None:
     try:
         src = work / "src.mem"
         create_region(src, 1 << 30, "random", 1)
-        current = memory.GuestMemory.start_prepare
+        current = prepare.Preparation.start_prepare
         times: dict[str, list[float]] = {"populate only": [], "reserve + populate": []}
         for _ in range(runs):
             for label, impl in (("populate only", _populate_only), ("reserve + populate", current)):
-                memory.GuestMemory.start_prepare = impl  # type: ignore[method-assign]
+                prepare.Preparation.start_prepare = impl  # type: ignore[method-assign]
                 dest = work / "dest"
                 shutil.rmtree(dest, ignore_errors=True)
                 server = precopy.DestinationServer(precopy.DestOptions(memory_dir=dest, port=0))
@@ -83,7 +81,7 @@ async def _main(runs: int) -> None:
                 times[label].append(report.total_time_s)
                 await server.close()
                 await serving
-        memory.GuestMemory.start_prepare = current  # type: ignore[method-assign]
+        prepare.Preparation.start_prepare = current  # type: ignore[method-assign]
         for label, values in times.items():
             print(f"{label}: median {statistics.median(values):.3f} s  "
                   f"{[round(v, 2) for v in values]}")
@@ -107,8 +105,8 @@ def _calls(size: int = 1 << 30) -> None:
             del anchor
             t = time.perf_counter()
             if reserve:
-                memory._libc.fallocate(fd, 0, 0, size)
-            memory._libc.madvise(base, size, memory.MADV_POPULATE_WRITE)
+                prepare._libc.fallocate(fd, 0, 0, size)
+            prepare._libc.madvise(base, size, prepare.MADV_POPULATE_WRITE)
             print(f"{label}: {time.perf_counter() - t:.3f} s")
             m.close()
         finally:

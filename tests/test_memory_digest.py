@@ -286,13 +286,13 @@ def test_prepare_reports_a_full_file_system_instead_of_sigbus(small_tmpfs: Path)
     # Written through the mapping (as on hugetlbfs): the thread reserves ahead.
     mem = GuestMemory.create(small_tmpfs / "big", 16 * 1024 * 1024, preallocate=False, pwrite=False)
     try:
-        mem.start_prepare(chunk=1024 * 1024)
-        mem.stop_populate(wait=True)  # joins the thread: it stops at the first failure
-        assert isinstance(mem.prepare_error, RegionError)
-        assert "free space" in str(mem.prepare_error)
-        assert mem.reserved <= 4 * 1024 * 1024
+        mem.prep.start_prepare(chunk=1024 * 1024)
+        mem.prep.stop_populate(wait=True)  # joins the thread: it stops at the first failure
+        assert isinstance(mem.prep.prepare_error, RegionError)
+        assert "free space" in str(mem.prep.prepare_error)
+        assert mem.prep.reserved <= 4 * 1024 * 1024
         with pytest.raises(RegionError):
-            mem.reserved_through(mem.npages - 1)
+            mem.prep.reserved_through(mem.npages - 1)
     finally:
         mem.close()
 
@@ -306,10 +306,10 @@ def test_create_with_preallocate_fails_cleanly_when_full(small_tmpfs: Path) -> N
 def test_prepare_reserves_everything_on_a_roomy_file_system(tmp_path: Path) -> None:
     mem = GuestMemory.create(tmp_path / "r", 4 * 1024 * 1024, preallocate=False, pwrite=False)
     try:
-        mem.start_prepare(chunk=1024 * 1024)
-        mem.stop_populate(wait=True)
-        assert mem.prepare_error is None
-        assert mem.reserved == mem.size and mem.reserved_through(mem.npages - 1)
+        mem.prep.start_prepare(chunk=1024 * 1024)
+        mem.prep.stop_populate(wait=True)
+        assert mem.prep.prepare_error is None
+        assert mem.prep.reserved == mem.size and mem.prep.reserved_through(mem.npages - 1)
     finally:
         mem.close()
 
@@ -317,15 +317,15 @@ def test_prepare_reserves_everything_on_a_roomy_file_system(tmp_path: Path) -> N
 def test_skipped_chunks_are_reserved_on_demand_or_fail_cleanly(small_tmpfs: Path) -> None:
     mem = GuestMemory.create(small_tmpfs / "sparse", 16 * 1024 * 1024, preallocate=False, pwrite=False)
     try:
-        assert not mem.reserved_through(0)  # nothing may be written before preparing
+        assert not mem.prep.reserved_through(0)  # nothing may be written before preparing
         skip = np.ones(mem.npages, dtype=bool)
         skip[:10] = False  # only the first 1 MiB chunk holds data
-        mem.start_prepare(chunk=1024 * 1024, skip=skip)
-        mem.stop_populate(wait=True)
-        assert mem.prepare_error is None and mem.reserved == mem.size
+        mem.prep.start_prepare(chunk=1024 * 1024, skip=skip)
+        mem.prep.stop_populate(wait=True)
+        assert mem.prep.prepare_error is None and mem.prep.reserved == mem.size
         used = os.statvfs(small_tmpfs)
         assert (used.f_blocks - used.f_bfree) * used.f_frsize <= 2 * 1024 * 1024
-        mem.reserve_skipped(np.array([300, 3000], dtype=np.uint32))  # fine while there is room
+        mem.prep.reserve_skipped(np.array([300, 3000], dtype=np.uint32))  # fine while there is room
         # Fill the file system, then a page in a skipped chunk cannot be had.
         with open(small_tmpfs / "filler", "wb") as f:
             try:
@@ -335,7 +335,7 @@ def test_skipped_chunks_are_reserved_on_demand_or_fail_cleanly(small_tmpfs: Path
             except OSError:
                 pass
         with pytest.raises(RegionError, match="cannot allocate page"):
-            mem.reserve_skipped(np.array([3500], dtype=np.uint32))
+            mem.prep.reserve_skipped(np.array([3500], dtype=np.uint32))
     finally:
         mem.close()
 
@@ -346,8 +346,8 @@ def test_pwrite_region_needs_no_preparation_and_a_full_file_system_is_an_error(s
     RegionError from the write (ENOSPC), never a SIGBUS."""
     mem = GuestMemory.create(small_tmpfs / "big", 16 * 1024 * 1024, preallocate=False)
     try:
-        mem.start_prepare(chunk=1024 * 1024)
-        assert mem.reserved == mem.size and mem.prepare_error is None  # nothing to wait for
+        mem.prep.start_prepare(chunk=1024 * 1024)
+        assert mem.prep.reserved == mem.size and mem.prep.prepare_error is None  # nothing to wait for
         mem.write_pages(np.arange(256, dtype=np.uint32), random_pages(256, seed=1))
         used = os.statvfs(small_tmpfs)
         assert (used.f_blocks - used.f_bfree) * used.f_frsize <= 2 * 1024 * 1024  # sparse elsewhere
@@ -509,15 +509,15 @@ def test_populate_ahead_maps_in_only_pieces_that_will_hold_data(shm: Path) -> No
     piece = 16 * PAGE_SIZE
     mem = GuestMemory.create(shm / "ahead.mem", 64 * PAGE_SIZE, preallocate=False)
     try:
-        assert not mem.populated(0, 0)  # nothing yet
+        assert not mem.prep.populated(0, 0)  # nothing yet
         data = np.ones(64, dtype=bool)
         data[20] = False  # piece 1 holds a hole of the source's
-        mem.start_populate_ahead(data, piece=piece)
-        assert mem._populate_thread is not None
-        mem._populate_thread.join()
-        assert mem.populated_upto == 64 * PAGE_SIZE and mem.populate_error is None
-        assert mem.populated(0, 15) and mem.populated(32, 63)
-        assert not mem.populated(15, 16) and not mem.populated(20, 20)
+        mem.prep.start_populate_ahead(data, piece=piece)
+        assert mem.prep._populate_thread is not None
+        mem.prep._populate_thread.join()
+        assert mem.prep.populated_upto == 64 * PAGE_SIZE and mem.prep.populate_error is None
+        assert mem.prep.populated(0, 15) and mem.prep.populated(32, 63)
+        assert not mem.prep.populated(15, 16) and not mem.prep.populated(20, 20)
         holes = mem.hole_pages()
         assert holes[16:32].all() and not holes[:16].any() and not holes[32:].any()
         mem.view[0:PAGE_SIZE] = b"\x07" * PAGE_SIZE  # writable where populated, as the receiver does

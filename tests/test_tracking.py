@@ -35,6 +35,7 @@ import precopy.memory.uffd as uffd
 from precopy.session.destination import DestinationServer, DestOptions
 from precopy.memory.digest import page_union
 from precopy.errors import GuestControlError, MigrationAborted
+from precopy.memory.prepare import Preparation
 from precopy.memory.region import GuestMemory
 from precopy.session.source import SourceOptions
 from precopy.memory.tracking import TrackingOffer, TrackingUnavailable, UffdTracker, check_guest_mapping
@@ -863,10 +864,10 @@ def test_the_first_scan_waits_for_the_full_copys_map_in(procs: Procs, shm: Path,
     no hole check sees it afterwards.  Only a comparison reading every page finds it, so the map-in
     must be done before the first scan (a map-in starved past it on a busy machine, the destination
     kept the page's old data).  Here the map-in is held back on purpose."""
-    real_start = GuestMemory.start_map_in
+    real_start = Preparation.start_map_in
     seen: list[bool] = []
 
-    def slow_start_map_in(self: GuestMemory, pages: np.ndarray) -> None:
+    def slow_start_map_in(self: Preparation, pages: np.ndarray) -> None:
         def run() -> None:
             time.sleep(0.5)  # starved: the full copy of 2048 pages is done long before
             real_start(self, pages)  # (its own thread replaces this one as the one to wait for)
@@ -879,11 +880,11 @@ def test_the_first_scan_waits_for_the_full_copys_map_in(procs: Procs, shm: Path,
 
     async def scan(self: precopy.session.source.SourceSession) -> np.ndarray:
         assert self.mem is not None
-        thread = self.mem._map_in_thread
+        thread = self.mem.prep._map_in_thread
         seen.append(thread is not None and not thread.is_alive())
         return await real_scan(self)
 
-    monkeypatch.setattr(GuestMemory, "start_map_in", slow_start_map_in)
+    monkeypatch.setattr(Preparation, "start_map_in", slow_start_map_in)
     monkeypatch.setattr(precopy.session.source.SourceSession, "_tracker_scan", scan)
     mem, ctl, _ = _start_guest(procs, shm, pattern="punch", npages=2048)
     rep = _migrate_guest(shm, ctl, mem, tracking="uffd-wp")

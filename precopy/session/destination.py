@@ -696,7 +696,7 @@ class _DestMigration:
         declared_zero = np.zeros(mem.npages, dtype=bool)
         preparing = self.existing  # an existing region has its blocks
         # A new tmpfs region is mapped in writable ahead of the receiver once
-        # data arrives (GuestMemory.start_populate_ahead): runs received
+        # data arrives (Preparation.start_populate_ahead): runs received
         # where that is done go straight into the mapping, as into an
         # existing region's pages; the rest by pwrite.
         existing = self.existing
@@ -704,7 +704,7 @@ class _DestMigration:
         if existing:
             # Its pages exist: runs of them are received straight into the
             # mapping, no second copy (pwrite from the receive buffer).
-            mem.start_map_in(written)
+            mem.prep.start_map_in(written)
         if existing or ahead:
             # (No reference to self here: the connection holds the sink, and
             # a cycle through it kept each migration's buffers until a full
@@ -714,7 +714,7 @@ class _DestMigration:
                 first, last = int(indices[0]), int(indices[-1])
                 if last - first + 1 != len(indices):
                     return None  # scattered
-                if not (written[first:last + 1].all() if existing else mem.populated(first, last)):
+                if not (written[first:last + 1].all() if existing else mem.prep.populated(first, last)):
                     return None  # into holes, or not mapped in yet (pwrite: ENOSPC, not SIGBUS)
                 return mem.view[first * PAGE_SIZE:(last + 1) * PAGE_SIZE]
 
@@ -729,16 +729,16 @@ class _DestMigration:
                     if len(ev.indices):
                         declared_zero[ev.indices] = False
                         if not preparing:
-                            mem.start_prepare(populate=self.opts.populate, skip=declared_zero.copy())
+                            mem.prep.start_prepare(populate=self.opts.populate, skip=declared_zero.copy())
                             if ahead:
-                                mem.start_populate_ahead(~declared_zero)
+                                mem.prep.start_populate_ahead(~declared_zero)
                             preparing = True
                     if len(ev.indices) or z.size:
                         top = max(int(ev.indices[-1]) if len(ev.indices) else 0, int(z[-1]) if z.size else 0)
-                        while not mem.reserved_through(top):
+                        while not mem.prep.reserved_through(top):
                             # Never write where the file system has not allocated yet.
                             await asyncio.sleep(0.001)
-                        mem.reserve_skipped(ev.indices)
+                        mem.prep.reserve_skipped(ev.indices)
                     if len(ev.indices):
                         data = page_payload(ev, chunk_pages=self.begin.chunk_pages)
                         if ev.in_place:
@@ -781,7 +781,7 @@ class _DestMigration:
                     _log.info("migration %s: source paused the workload", self.begin.migration_id)
                     # Downtime has begun: stop competing with it for CPU and
                     # memory bandwidth.  The few pages still to come fault in.
-                    mem.stop_populate(wait=False)
+                    mem.prep.stop_populate(wait=False)
                 elif isinstance(ev, DeviceState):
                     if ev.total > self.opts.max_device_state:
                         raise RemoteProtocolError(

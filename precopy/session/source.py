@@ -805,7 +805,7 @@ class SourceSession:
         # them): a fault for every few pages, on the zero-page check's first
         # read or inside sendmsg, costs more than one call per 8 MiB. Into
         # an existing region, 1 GiB: full copy 0.47 -> 0.45 s (6 runs each).
-        self.mem.start_map_in(~holes)
+        self.mem.prep.start_map_in(~holes)
         hole_idx = np.flatnonzero(holes).astype(np.uint32)
         for start in range(0, len(hole_idx), MAX_BATCH_PAGES):
             idx = hole_idx[start:start + MAX_BATCH_PAGES]
@@ -832,7 +832,7 @@ class SourceSession:
             # and no rehash reads (it was not written).  The first comparison
             # reads every page and finds it, if the map-in (a thread that a
             # busy machine may starve past the full copy) is done by then.
-            await asyncio.get_running_loop().run_in_executor(self._outer_pool, self.mem.wait_map_in)
+            await asyncio.get_running_loop().run_in_executor(self._outer_pool, self.mem.prep.wait_map_in)
         rnd.seconds = time.monotonic() - t
         rnd.bandwidth_bps = self.link.bytes_per_second
         self.report.rounds.append(rnd)
