@@ -1,7 +1,7 @@
 """A fault-injecting TCP proxy for tests (asyncpg ``_testbase/fuzzer.py`` style).
 
 It sits between ``precopy-source`` and ``precopy-dest``, forwards whole
-frames (it parses the 12-byte prefix of :mod:`precopy.protocol.wire`, and the
+frames (it parses the 12-byte prefix of :mod:`precopy.protocol.framing`, and the
 msgpack meta when a trigger needs a field), and when a :class:`Fault`'s
 trigger matches it acts:
 
@@ -49,7 +49,8 @@ from typing import Any, Callable
 
 import msgpack
 
-from precopy.protocol.wire import PREFIX, PREFIX_SIZE, Kind
+from precopy.protocol import Kind
+from precopy.protocol.limits import PREFIX, PREFIX_SIZE
 
 __all__ = ["Fault", "FaultProxy", "C2S", "S2C"]
 

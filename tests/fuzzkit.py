@@ -7,7 +7,7 @@ integers in the length fields, cuts, splices, duplicated and dropped frames)
 seeded from valid transcripts.
 
 * :func:`fuzz_decoder` feeds mutated frame sequences to a lone DEST
-  :class:`~precopy.protocol.wire.Connection` in a given phase and checks what comes
+  :class:`~precopy.protocol.connection.Connection` in a given phase and checks what comes
   out: only :class:`RemoteProtocolError` may escape, every decoded batch
   lies inside the region and inflates to exactly its declared size.
 * :class:`MemChannel` is the real :class:`~precopy.net.channel.Channel` with its
@@ -138,11 +138,11 @@ def transcript(rng: random.Random, begin: Begin, *, key: bytes | None) -> list[b
 def _frames_no_replies(evs: list[Any]) -> list[bytes]:
     # encode_frame directly: the source's own machine would want the
     # destination's replies (READY, DIGEST_TABLE) in between.
-    from precopy.protocol.wire import _encode_event
+    from precopy.protocol.codec import encode_event
 
     out = []
     for ev in evs:
-        kind, meta, payload = _encode_event(ev)
+        kind, meta, payload = encode_event(ev)
         out.append(join(encode_frame(kind, meta, payload)))
     return out
 
@@ -480,7 +480,8 @@ def check_after_session(server: Any, outcome: str, chan: MemChannel, begin_name_
 
 def dest_frames(rng: random.Random, begin: Begin) -> list[bytes]:
     """Frames a destination sends, valid in some source phase."""
-    from precopy.protocol.wire import AuthOk, Committed, HelloAck, Outcome, Ready, _encode_event
+    from precopy.protocol import AuthOk, Committed, HelloAck, Outcome, Ready
+    from precopy.protocol.codec import encode_event
 
     nchunks = -(-begin.npages // begin.chunk_pages)
     evs: list[Any] = [
@@ -492,7 +493,7 @@ def dest_frames(rng: random.Random, begin: Begin) -> list[bytes]:
     ]
     out = []
     for ev in evs:
-        kind, meta, payload = _encode_event(ev)
+        kind, meta, payload = encode_event(ev)
         out.append(join(encode_frame(kind, meta, payload)))
     return out
 

@@ -1,6 +1,6 @@
 """Shared helpers for the pure wire-protocol tests.
 
-Two :class:`~precopy.protocol.wire.Connection` endpoints wired back to back in
+Two :class:`~precopy.protocol.connection.Connection` endpoints wired back to back in
 memory (h11/h2 style), a frame factory for hand-made and invalid frames,
 and event builders.  No sockets, no threads.
 
@@ -20,17 +20,16 @@ import msgpack
 import numpy as np
 import xxhash
 
-from precopy.protocol.wire import (
+from precopy.protocol import (
     NEED_DATA,
     PAGE_SIZE,
-    PREFIX,
     PROTOCOL_VERSION,
     Auth,
     AuthOk,
     Begin,
     Connection,
-    DigestTable,
     DeviceState,
+    DigestTable,
     Event,
     Hello,
     HelloAck,
@@ -39,6 +38,7 @@ from precopy.protocol.wire import (
     Role,
     encode_frame,
 )
+from precopy.protocol.limits import PREFIX
 
 S, D = Role.SOURCE, Role.DEST
 

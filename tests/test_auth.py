@@ -11,7 +11,8 @@ import pytest
 
 from precopy.protocol import auth
 from precopy.errors import AbortCode, AuthError
-from precopy.protocol.wire import NONCE_SIZE, PROTOCOL_VERSION
+from precopy.protocol import PROTOCOL_VERSION
+from precopy.protocol.limits import NONCE_SIZE
 
 KEY = b"0123456789abcdef0123456789abcdef"
 NS = bytes(range(32))          # source nonce

@@ -2,7 +2,7 @@
 
 The workload is a fake that records calls; the test writes the region
 through its own ``np.memmap`` (``MAP_SHARED``), so the source sees every
-write.  Raw peers speak the protocol with :class:`precopy.protocol.wire.Connection`
+write.  Raw peers speak the protocol with :class:`precopy.protocol.connection.Connection`
 over asyncio streams to poke the server with hand-made or invalid frames.
 """
 
@@ -29,11 +29,10 @@ from precopy.memory.digest import StagingBuffer
 from precopy.errors import AbortCode, GuestControlError, MigrationAborted
 from precopy.session.report import MigrationReport
 from precopy.session.source import SourceOptions
-from precopy.protocol.wire import (
+from precopy.protocol import (
     MAX_META,
     NEED_DATA,
     PAGE_SIZE,
-    PREFIX,
     PROTOCOL_VERSION,
     Abort,
     Auth,
@@ -53,6 +52,7 @@ from precopy.protocol.wire import (
     Role,
     encode_frame,
 )
+from precopy.protocol.limits import PREFIX
 
 MiB = 1024 * 1024
 _h64 = xxhash.xxh3_64_intdigest
@@ -174,7 +174,7 @@ def new_id() -> str:
 
 
 class RawClient:
-    """A hand-driven source: wire.Connection over an asyncio stream."""
+    """A hand-driven source: a protocol Connection over an asyncio stream."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader, self.writer = reader, writer
@@ -942,7 +942,7 @@ async def test_runs_are_received_straight_into_an_existing_region(work: Path, sh
     assert target.read_bytes() == src.read_bytes()
     # Every page outside the hole went in place but for batches read whole into
     # the receive buffer right after the hole's (declined) ones: reads are not
-    # limited to the frame again until the sink takes a payload (wire.Connection).
+    # limited to the frame again until the sink takes a payload (protocol.Connection).
     in_place = server.results[0].pages_in_place
     assert npages - 1024 - 4 * 256 <= in_place <= npages - 1024
 

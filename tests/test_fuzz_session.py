@@ -31,14 +31,12 @@ from hypothesis import strategies as st
 import precopy.protocol.auth
 from precopy.session.destination import DestinationServer, DestOptions
 from precopy.errors import RemoteProtocolError
-from precopy.protocol.wire import (
-    HANDSHAKE_BUFFER,
+from precopy.protocol import (
     MAX_BATCH_PAGES,
     MAX_DEVICE_STATE,
     MAX_META,
     MAX_PAYLOAD,
     PAGE_SIZE,
-    PREFIX,
     PROTOCOL_VERSION,
     Begin,
     Connection,
@@ -47,6 +45,7 @@ from precopy.protocol.wire import (
     Role,
     encode_frame,
 )
+from precopy.protocol.limits import HANDSHAKE_BUFFER, PREFIX
 
 from . import fuzzkit
 from .fuzzkit import KEY, check_after_session, fuzz_decoder, run_session, transcript

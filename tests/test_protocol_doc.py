@@ -1,11 +1,12 @@
-"""docs/PROTOCOL.md stays true to precopy/protocol/wire.py."""
+"""docs/PROTOCOL.md stays true to the protocol code (precopy/protocol/: limits, messages, phases)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from precopy.errors import AbortCode
-from precopy.protocol.wire import MAX_META, MAX_PAYLOAD, TRANSITIONS, Kind
+from precopy.protocol import MAX_META, MAX_PAYLOAD, Kind
+from precopy.protocol.phases import TRANSITIONS
 
 DOC = (Path(__file__).resolve().parent.parent / "docs" / "PROTOCOL.md").read_text()
 

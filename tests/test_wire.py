@@ -1,4 +1,4 @@
-"""Tests of the pure wire protocol (``precopy.protocol.wire``), h11 style.
+"""Tests of the pure wire protocol (``precopy.protocol``), h11 style.
 
 Two connections talk back to back in memory (see ``helpers.Pair``); invalid
 input is hand-made with the frame factory.  Nothing here does I/O.
@@ -50,15 +50,13 @@ from .helpers import (
 )
 from precopy.protocol import auth
 from precopy.errors import AbortCode, LocalProtocolError, RemoteProtocolError
-from precopy.protocol.wire import (
-    HANDSHAKE_BUFFER,
+from precopy.protocol import (
     MAX_BATCH_PAGES,
     MAX_DEVICE_STATE,
     MAX_META,
     MAX_PAYLOAD,
     NEED_DATA,
     PAGE_SIZE,
-    PREFIX_SIZE,
     PROTOCOL_VERSION,
     Abort,
     Auth,
@@ -84,6 +82,7 @@ from precopy.protocol.wire import (
     encode_frame,
     page_payload,
 )
+from precopy.protocol.limits import HANDSHAKE_BUFFER, PREFIX_SIZE
 
 KEY = b"k" * 32
 

@@ -6,7 +6,8 @@ import msgpack
 import numpy as np
 import pytest
 
-from precopy.protocol.wire import PREFIX_SIZE, Kind
+from precopy.protocol import Kind
+from precopy.protocol.limits import PREFIX_SIZE
 
 from .conftest import Procs, start_dest
 from .faultproxy import S2C, Fault, FaultProxy

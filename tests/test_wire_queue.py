@@ -15,16 +15,8 @@ import pytest
 
 from .helpers import BEGIN, NCHUNKS, S, D, Pair, frame, join
 from precopy.errors import LocalProtocolError, RemoteProtocolError
-from precopy.protocol.wire import (
-    MAX_QUEUE,
-    PREFIX_SIZE,
-    DigestRequest,
-    DigestTable,
-    Kind,
-    Phase,
-    Queued,
-    Ready,
-)
+from precopy.protocol import DigestRequest, DigestTable, Kind, Phase, Queued, Ready
+from precopy.protocol.limits import MAX_QUEUE, PREFIX_SIZE
 
 WAITING = dataclasses.replace(BEGIN, wait=True)
 

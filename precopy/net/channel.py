@@ -1,4 +1,4 @@
-"""A thin asyncio shell around :class:`precopy.protocol.wire.Connection`.
+"""A thin asyncio shell around :class:`precopy.protocol.connection.Connection`.
 
 It owns a non-blocking TCP socket and does the only I/O of a session:
 ``sock_recv_into`` straight into the connection's buffer, ``sock_sendall``

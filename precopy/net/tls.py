@@ -29,7 +29,8 @@ from typing import Any
 from precopy.protocol.auth import check_private_file
 from precopy.net.channel import Channel, LinkError
 from precopy.errors import AbortCode, AuthError, PrecopyError
-from precopy.protocol.wire import MAGIC, Kind, Role, encode_frame
+from precopy.protocol import Kind, Role, encode_frame
+from precopy.protocol.limits import MAGIC
 
 __all__ = ["server_context", "client_context", "TlsChannel", "make_channel"]
 

@@ -14,7 +14,7 @@ import stat
 from pathlib import Path
 
 from precopy.errors import AuthError
-from precopy.protocol.wire import NONCE_SIZE, PROTOCOL_VERSION
+from precopy.protocol.limits import NONCE_SIZE, PROTOCOL_VERSION
 
 __all__ = ["new_nonce", "dest_mac", "source_mac", "verify", "load_key", "check_private_file"]
 

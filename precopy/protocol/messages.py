@@ -1,0 +1,269 @@
+"""The protocol's vocabulary: message kinds, the two roles, and one event dataclass per kind.
+
+Events are what a :class:`~precopy.protocol.connection.Connection` hands
+out and takes in; :mod:`precopy.protocol.codec` turns them into frame
+fields and back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum, IntEnum
+from typing import Any, Final, Union
+
+import numpy as np
+
+from precopy.protocol.limits import PAGE_SIZE
+
+__all__ = [
+    "Kind", "Role", "Event", "KIND_OF",
+    "Hello", "HelloAck", "Auth", "AuthOk", "Begin", "Ready", "Queued", "Pages", "DigestRequest",
+    "DigestTable", "Switchover", "DeviceState", "Commit", "Committed", "Query", "Outcome", "Abort",
+]
+
+
+class Kind(IntEnum):
+    """Message kinds, the third byte of every frame."""
+
+    HELLO = 1
+    HELLO_ACK = 2
+    AUTH = 3
+    AUTH_OK = 4
+    BEGIN = 5
+    READY = 6
+    PAGES = 7
+    DIGEST_REQUEST = 8
+    DIGEST_TABLE = 9
+    SWITCHOVER = 10
+    DEVICE_STATE = 11
+    COMMIT = 12
+    COMMITTED = 13
+    QUERY = 14
+    OUTCOME = 15
+    ABORT = 16
+    QUEUED = 17
+
+
+class Role(Enum):
+    """The side of a conversation: the source sends the region, the destination receives it."""
+
+    SOURCE = "source"
+    DEST = "dest"
+
+    @property
+    def peer(self) -> Role:
+        return Role.DEST if self is Role.SOURCE else Role.SOURCE
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    version: int
+    nonce: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class HelloAck:
+    version: int
+    nonce: bytes
+    mac: bytes  # proves the destination holds the key (empty without a key)
+
+
+@dataclass(frozen=True, slots=True)
+class Auth:
+    mac: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class AuthOk:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Begin:
+    migration_id: str
+    name: str
+    size: int
+    page_size: int = PAGE_SIZE
+    chunk_pages: int = 32
+    #: Preflight only: the destination runs its checks, answers READY (all
+    #: fit) or ABORT (what did not), and no page moves.
+    dry_run: bool = False
+    #: Guest requirements the source's workload adapter declares, checked by
+    #: the destination before READY: ``{"cpu_flags": [...], "executables": [...]}``.
+    requires: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    #: The source can wait in the destination's queue: QUEUED frames may
+    #: come before READY (never to a BEGIN without it, nor to a dry run).
+    wait: bool = False
+
+    @property
+    def npages(self) -> int:
+        return self.size // self.page_size
+
+
+@dataclass(frozen=True, slots=True)
+class Ready:
+    """The destination accepts the BEGIN.
+
+    ``existing``: it receives into a region file it already held under the
+    region's name (a repeat migration, a pre-provisioned host): its pages
+    hold old contents, not zeros, and its first digest table says which.
+    """
+
+    existing: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Queued:
+    """The destination holds the BEGIN in its queue: ``position`` migrations
+    wait ahead of and including this one (1: next); ``active`` move bytes
+    there now, at most ``limit`` at once.  Sent when the migration enters
+    the queue, when its position changes and every few seconds meanwhile
+    (a keep-alive: the source's timeouts restart on each); READY follows
+    once it may move bytes."""
+
+    position: int
+    active: int
+    limit: int
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Pages:
+    """A batch of pages.
+
+    ``indices`` are the pages whose bytes are in the payload (in order);
+    ``zeros`` are pages that are all zero and carry no bytes.  ``payload`` is
+    raw pages, or one lz4 block of them when ``compressed``; ``checksum`` is
+    xxh3_64 of the raw page bytes.  A batch whose data pages are whole
+    digest chunks (one run starting on a chunk boundary; see
+    :func:`~precopy.protocol.codec.whole_chunks`) may carry ``chunk_digests`` instead: xxh3_64 of
+    each chunk's raw bytes, which the receiver checks and keeps as its chunk
+    table (one pass over the bytes for both); ``checksum`` is then 0.  A raw
+    batch sent straight from the workload's memory carries neither
+    (``checksum`` None): its sender never saw the bytes the kernel copied,
+    and the destination's digests of what it received become the source's
+    record of them (a DIGEST_REQUEST with ``pages_of``), checked like every
+    page by the final verification.  On receive, ``payload`` is a view into
+    the connection's buffer, valid until the next receive call -- or, with
+    ``in_place``, the view a :attr:`~precopy.protocol.connection.Connection.payload_sink` gave, into
+    which the payload was received directly (already where it belongs).
+    """
+
+    indices: np.ndarray
+    zeros: np.ndarray
+    payload: Any  # bytes-like
+    compressed: bool = False
+    checksum: int | None = 0
+    chunk_digests: np.ndarray | None = None
+    in_place: bool = False
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class DigestRequest:
+    """Ask the destination for the digests of every chunk it holds.
+
+    With ``pages_of`` (uint32 chunk numbers, strictly increasing): for the
+    digest of every page of those chunks instead, in order -- what the
+    destination holds, as the source's record of pages it sent without
+    hashing them.
+
+    With ``by_page``: each chunk's digest is derived from its pages' digests
+    (:func:`precopy.memory.digest.chunks_of_page_digests`), not from its bytes, so
+    that a page rewritten costs a 4 KiB hash instead of its whole chunk's.
+    Once a migration asks for that, it asks for it in every later chunk
+    table (the destination keeps a page table from then on); never together
+    with ``pages_of``.
+    """
+
+    seq: int
+    final: bool = False
+    pages_of: np.ndarray | None = None
+    by_page: bool = False
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class DigestTable:
+    """xxh3_64 of every chunk of the destination region (or of the pages asked
+    for with ``pages_of``), uint64 little endian."""
+
+    seq: int
+    digests: np.ndarray
+    #: Optional: other migrations moving bytes into the destination now
+    #: (contention the source's stop rule takes into account); None: not said.
+    others: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Switchover:
+    """The source has paused the workload; downtime has begun."""
+
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceState:
+    """One piece of the device-state blob: bytes [offset, offset+len) of total."""
+
+    offset: int
+    total: int
+    data: Any  # bytes-like
+
+
+@dataclass(frozen=True, slots=True)
+class Commit:
+    migration_id: str
+    checksum: int  # xxh3_64 of the device-state blob
+
+
+@dataclass(frozen=True, slots=True)
+class Committed:
+    migration_id: str
+    resumed: bool
+    #: Optional: the destination's resume steps, name -> milliseconds.
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    migration_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    migration_id: str
+    committed: bool
+    known: bool  # False: the destination has no record and no live migration
+
+
+@dataclass(frozen=True, slots=True)
+class Abort:
+    code: int
+    reason: str
+
+
+Event = Union[
+    Hello, HelloAck, Auth, AuthOk, Begin, Ready, Pages, DigestRequest,
+    DigestTable, Switchover, DeviceState, Commit, Committed, Query, Outcome, Abort, Queued,
+]
+
+
+#: The kind of each event class.
+KIND_OF: Final[dict[type, Kind]] = {
+    Hello: Kind.HELLO,
+    HelloAck: Kind.HELLO_ACK,
+    Auth: Kind.AUTH,
+    AuthOk: Kind.AUTH_OK,
+    Begin: Kind.BEGIN,
+    Ready: Kind.READY,
+    Pages: Kind.PAGES,
+    DigestRequest: Kind.DIGEST_REQUEST,
+    DigestTable: Kind.DIGEST_TABLE,
+    Switchover: Kind.SWITCHOVER,
+    DeviceState: Kind.DEVICE_STATE,
+    Commit: Kind.COMMIT,
+    Committed: Kind.COMMITTED,
+    Query: Kind.QUERY,
+    Outcome: Kind.OUTCOME,
+    Abort: Kind.ABORT,
+    Queued: Kind.QUEUED,
+}
+

@@ -1,0 +1,127 @@
+"""The phase machine of a conversation: everything that decides which frame may come when lives here.
+
+The model is h11's ``_state.py``: as much as possible is in one table,
+:data:`TRANSITIONS` -- (phase, sender, kind) -> next phase -- which both
+ends read, for what they send and for what they receive, so that no rule
+applies to one side and not the other.  The rules that do not fit a table
+are here too, as code next to it:
+
+* ABORT is allowed from either side in any phase but the terminal ones
+  (:data:`TERMINAL`) and always leads to ``ABORTED``;
+* QUEUED (the table's ``awaiting ready`` loop) answers only a BEGIN that
+  offered to wait and is not a dry run;
+* a migration's chunk tables stay *by page* once one was asked for that way
+  (:func:`check_by_page`).
+
+Within a phase, the order of frames that answer one another (a DIGEST_TABLE
+per DIGEST_REQUEST, of the size asked for; DEVICE_STATE pieces one after
+the other) is counted by the :class:`~precopy.protocol.connection.Connection`
+and checked where those frames are decoded (:mod:`precopy.protocol.codec`).
+docs/PROTOCOL.md prints this table; tests/test_protocol_doc.py checks that
+it does, and tests/test_phase_table.py that a connection obeys it.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Final
+
+import numpy as np
+
+from precopy.errors import LocalProtocolError, RemoteProtocolError
+from precopy.protocol.messages import Begin, Kind, Role
+
+__all__ = ["Phase", "TRANSITIONS", "TERMINAL", "HANDSHAKE", "allowed", "next_phase", "check_by_page"]
+
+
+class Phase(Enum):
+    HELLO = "hello"
+    HELLO_ACK = "awaiting hello-ack"
+    AUTH = "awaiting auth"
+    AUTH_OK = "awaiting auth-ok"
+    AUTHENTICATED = "authenticated"
+    BEGIN_SENT = "awaiting ready"
+    COPYING = "copying"
+    PAUSED = "paused"
+    COMMIT_SENT = "awaiting committed"
+    QUERY_SENT = "awaiting outcome"
+    DONE = "done"
+    ABORTED = "aborted"
+
+
+S, D = Role.SOURCE, Role.DEST
+
+#: Everything that affects the state machine lives here:
+#: (phase, sender, kind) -> next phase.  ABORT is allowed from any live phase.
+TRANSITIONS: Final[dict[tuple[Phase, Role, Kind], Phase]] = {
+    (Phase.HELLO, S, Kind.HELLO): Phase.HELLO_ACK,
+    (Phase.HELLO_ACK, D, Kind.HELLO_ACK): Phase.AUTH,
+    (Phase.AUTH, S, Kind.AUTH): Phase.AUTH_OK,
+    (Phase.AUTH_OK, D, Kind.AUTH_OK): Phase.AUTHENTICATED,
+    (Phase.AUTHENTICATED, S, Kind.BEGIN): Phase.BEGIN_SENT,
+    (Phase.AUTHENTICATED, S, Kind.QUERY): Phase.QUERY_SENT,
+    (Phase.QUERY_SENT, D, Kind.OUTCOME): Phase.DONE,
+    (Phase.BEGIN_SENT, D, Kind.READY): Phase.COPYING,
+    (Phase.BEGIN_SENT, D, Kind.QUEUED): Phase.BEGIN_SENT,
+    (Phase.COPYING, S, Kind.PAGES): Phase.COPYING,
+    (Phase.COPYING, S, Kind.DIGEST_REQUEST): Phase.COPYING,
+    (Phase.COPYING, D, Kind.DIGEST_TABLE): Phase.COPYING,
+    (Phase.COPYING, S, Kind.SWITCHOVER): Phase.PAUSED,
+    (Phase.PAUSED, S, Kind.PAGES): Phase.PAUSED,
+    (Phase.PAUSED, S, Kind.DIGEST_REQUEST): Phase.PAUSED,
+    (Phase.PAUSED, D, Kind.DIGEST_TABLE): Phase.PAUSED,
+    (Phase.PAUSED, S, Kind.DEVICE_STATE): Phase.PAUSED,
+    (Phase.PAUSED, S, Kind.COMMIT): Phase.COMMIT_SENT,
+    (Phase.COMMIT_SENT, D, Kind.COMMITTED): Phase.DONE,
+}
+#: Phases after which nothing more may be sent, not even ABORT.
+TERMINAL: Final = frozenset({Phase.DONE, Phase.ABORTED})
+#: Phases before both sides are authenticated: the receive buffer stays small.
+HANDSHAKE: Final = frozenset({Phase.HELLO, Phase.HELLO_ACK, Phase.AUTH, Phase.AUTH_OK})
+
+
+def allowed(phase: Phase, sender: Role) -> frozenset[Kind]:
+    """The kinds ``sender`` may send in ``phase`` (ABORT included where it may).
+
+    QUEUED is listed where the table has it; it also needs a BEGIN that
+    offered to wait (see :func:`next_phase`).
+    """
+    kinds = {kind for (ph, who, kind) in TRANSITIONS if ph is phase and who is sender}
+    if phase not in TERMINAL:
+        kinds.add(Kind.ABORT)
+    return frozenset(kinds)
+
+
+def next_phase(phase: Phase, sender: Role, kind: Kind, begin: Begin | None, *, local: bool) -> Phase:
+    """The phase after ``kind`` from ``sender`` in ``phase``; raises if it is not allowed.
+
+    ``begin`` is the conversation's BEGIN (None before it); ``local``: we
+    are the sender, and a refusal is a :class:`LocalProtocolError` (the
+    caller's mistake), else a :class:`RemoteProtocolError` (the peer's).
+    """
+    if kind is Kind.ABORT and phase not in TERMINAL:
+        return Phase.ABORTED
+    nxt = TRANSITIONS.get((phase, sender, kind))
+    err = LocalProtocolError if local else RemoteProtocolError
+    if kind is Kind.QUEUED and nxt is not None and (begin is None or not begin.wait or begin.dry_run):
+        raise err(f"QUEUED from the {sender.value} answers a BEGIN that did not offer to wait "
+                  "(no 'wait', or a dry run)")
+    if nxt is None:
+        who = "we" if local else "the peer"
+        raise err(f"{kind.name} from the {sender.value} ({who}) is not allowed in phase '{phase.value}'")
+    return nxt
+
+
+def check_by_page(by_page: bool, pages_of: np.ndarray | None, asked_by_page: bool) -> None:
+    """A DIGEST_REQUEST's ``bp``: never with ``pages_of``, and once asked for, asked for from then on.
+
+    ``asked_by_page``: an earlier request of this migration asked for a
+    chunk table by page.  Raises :class:`RemoteProtocolError` (a sender
+    turns it into a :class:`LocalProtocolError`).
+    """
+    if by_page and pages_of is not None:
+        raise RemoteProtocolError("DIGEST_REQUEST asks for page digests ('p') and a chunk table by page "
+                                  "('bp') at once")
+    if pages_of is None and asked_by_page and not by_page:
+        raise RemoteProtocolError("DIGEST_REQUEST for a chunk table of chunk bytes after one by page "
+                                  "('bp'): a migration's chunk tables stay by page once they are")
