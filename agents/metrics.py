@@ -1,128 +1,166 @@
-"""Prometheus metrics over HTTP (``--metrics HOST:PORT``), no dependency.
+"""Prometheus metrics over HTTP (``--metrics HOST:PORT``), with ``prometheus-client``.
 
-The text exposition format (version 0.0.4) is written by hand: ``# HELP``,
-``# TYPE``, then ``name{label="value"} number`` lines; histograms as
-cumulative ``_bucket{le=...}`` lines plus ``_sum`` and ``_count``.  Values
-are computed at each scrape from the daemon's records, so there is no
-second source of truth to keep in step.  Only ``GET /metrics`` is served.
+The daemon's families are computed at each scrape from its records (a
+custom collector), so there is no second source of truth to keep in step.
+The registry also holds prometheus-client's standard collectors: the
+process (``process_resident_memory_bytes``, ``process_open_fds``,
+``process_cpu_seconds_total``, ...), the platform (``python_info``) and the
+garbage collector (``python_gc_*``).  prometheus-client's threaded WSGI
+server answers; only ``GET /metrics`` is served (other paths 404, other
+methods 405).  The records belong to the daemon's event loop, so a scrape,
+on the server's thread, has the loop build the families.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import math
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping
+import socket
+import threading
+from typing import Any, Callable, Iterable, Iterator, Mapping
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-__all__ = ["Family", "MetricsServer", "counter", "gauge", "histogram", "render", "DOWNTIME_BUCKETS_S",
+from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.exposition import ThreadingWSGIServer, make_wsgi_app
+
+__all__ = ["Family", "MetricsServer", "counter", "gauge", "histogram", "DOWNTIME_BUCKETS_S",
            "dest_metrics", "source_metrics"]
 
 _log = logging.getLogger("precopy.metrics")
 
 #: Downtime histogram buckets, seconds.
 DOWNTIME_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+#: How long a scrape waits for the event loop to build the families.
+COLLECT_TIMEOUT_S = 5.0
 
-
-@dataclass
-class Family:
-    name: str
-    type: str  # counter | gauge | histogram
-    help: str
-    samples: list[tuple[str, Mapping[str, str], float]] = field(default_factory=list)
-
-
-def _esc(v: str) -> str:
-    return v.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _num(v: float) -> str:
-    if math.isinf(v):
-        return "+Inf" if v > 0 else "-Inf"
-    if float(v).is_integer():
-        return str(int(v))
-    return repr(float(v))
-
-
-def render(families: Iterable[Family]) -> str:
-    """The exposition text of ``families``."""
-    lines: list[str] = []
-    for f in families:
-        lines.append(f"# HELP {f.name} {f.help}")
-        lines.append(f"# TYPE {f.name} {f.type}")
-        for suffix, labels, value in f.samples:
-            lab = ",".join(f'{k}="{_esc(v)}"' for k, v in labels.items())
-            lines.append(f"{f.name}{suffix}{{{lab}}} {_num(value)}" if lab else f"{f.name}{suffix} {_num(value)}")
-    return "\n".join(lines) + "\n"
+#: A metric family (prometheus-client's).
+Family = Metric
 
 
 def counter(name: str, help: str, values: Mapping[tuple[tuple[str, str], ...], float] | float) -> Family:
     """A counter; ``values`` is a number or {((label, value), ...): number}."""
-    f = Family(name, "counter", help)
     if isinstance(values, (int, float)):
-        f.samples.append(("", {}, float(values)))
-    else:
-        for labels, v in values.items():
-            f.samples.append(("", dict(labels), float(v)))
+        return CounterMetricFamily(name, help, value=float(values))
+    names = [k for k, _ in next(iter(values), ())]
+    f = CounterMetricFamily(name, help, labels=names)
+    for labels, v in values.items():
+        f.add_metric([value for _, value in labels], float(v))
     return f
 
 
 def gauge(name: str, help: str, value: float) -> Family:
-    return Family(name, "gauge", help, [("", {}, float(value))])
+    return GaugeMetricFamily(name, help, value=float(value))
 
 
 def histogram(name: str, help: str, observations: Iterable[float],
               buckets: tuple[float, ...] = DOWNTIME_BUCKETS_S) -> Family:
     obs = list(observations)
-    f = Family(name, "histogram", help)
-    for b in (*buckets, math.inf):
-        f.samples.append(("_bucket", {"le": _num(b) if math.isinf(b) else repr(float(b))},
-                          float(sum(1 for o in obs if o <= b))))
-    f.samples.append(("_sum", {}, float(sum(obs))))
-    f.samples.append(("_count", {}, float(len(obs))))
-    return f
+    return HistogramMetricFamily(
+        name, help, sum_value=float(sum(obs)),
+        buckets=[("+Inf" if math.isinf(b) else repr(float(b)), float(sum(1 for o in obs if o <= b)))
+                 for b in (*buckets, math.inf)])
+
+
+class _LoopCollector:
+    """Families built on the daemon's event loop, asked for from the server's thread."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, collect: Callable[[], list[Family]]) -> None:
+        self.loop, self._collect = loop, collect
+        self._loop_thread = threading.get_ident()
+
+    def collect(self) -> Iterator[Family]:
+        if threading.get_ident() == self._loop_thread:
+            yield from self._collect()
+            return
+        done: concurrent.futures.Future[list[Family]] = concurrent.futures.Future()
+
+        def build() -> None:
+            try:
+                done.set_result(self._collect())
+            except BaseException as exc:  # noqa: BLE001 -- handed to the scrape, which answers 500
+                done.set_exception(exc)
+        try:
+            self.loop.call_soon_threadsafe(build)
+        except RuntimeError as exc:  # the loop is closed: the daemon is shutting down
+            raise _Unavailable("the daemon is shutting down") from exc
+        try:
+            yield from done.result(COLLECT_TIMEOUT_S)
+        except concurrent.futures.TimeoutError:
+            raise _Unavailable(f"the daemon's event loop did not answer within {COLLECT_TIMEOUT_S} s "
+                               "(it is blocked: see its log)") from None
+
+
+class _Unavailable(Exception):
+    """A scrape that cannot be answered now (503)."""
+
+
+class _Handler(WSGIRequestHandler):
+    #: A client that sends no request within this many seconds is dropped.
+    timeout = 5.0
+
+    def log_message(self, format: str, *args: Any) -> None:
+        _log.debug("metrics request from %s: " + format, self.address_string(), *args)
+
+
+def _app(registry: CollectorRegistry) -> Callable[..., list[bytes]]:
+    metrics = make_wsgi_app(registry)
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        if environ["REQUEST_METHOD"] != "GET":
+            status, body = "405 Method Not Allowed", b"only GET\n"
+        elif environ.get("PATH_INFO") != "/metrics":
+            status, body = "404 Not Found", b"try /metrics\n"
+        else:
+            try:
+                return metrics(environ, start_response)  # type: ignore[no-any-return]
+            except _Unavailable as exc:
+                _log.warning("metrics scrape not answered: %s", exc)
+                status, body = "503 Service Unavailable", f"{exc}\n".encode()
+        start_response(status, [("Content-Type", "text/plain; charset=utf-8")])
+        return [body]
+    return app
 
 
 class MetricsServer:
-    """A minimal HTTP/1.0 server answering ``GET /metrics`` with ``collect()``."""
+    """prometheus-client's threaded HTTP server answering ``GET /metrics`` with ``collect()``
+    (run on the event loop) and the process, platform and GC collectors."""
 
     def __init__(self, host: str, port: int, collect: Callable[[], list[Family]]) -> None:
         self.host, self.port, self.collect = host, port, collect
-        self._server: asyncio.AbstractServer | None = None
+        self._httpd: ThreadingWSGIServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def _bind(self, registry: CollectorRegistry) -> ThreadingWSGIServer:
+        family = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM,
+                                    flags=socket.AI_PASSIVE)[0][0]
+        server_class = type("MetricsHTTPServer", (ThreadingWSGIServer,), {"address_family": family})
+        return make_server(self.host, self.port, _app(registry), server_class,
+                           handler_class=_Handler)
 
     async def start(self) -> None:
+        registry = CollectorRegistry()
+        registry.register(_LoopCollector(asyncio.get_running_loop(), self.collect))
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+        GCCollector(registry=registry)
         try:
-            self._server = await asyncio.start_server(self._handle, self.host, self.port, limit=8192)
+            self._httpd = await asyncio.to_thread(self._bind, registry)
         except OSError as exc:
             raise OSError(exc.errno, f"cannot serve metrics on {self.host}:{self.port}: {exc.strerror}") from exc
-        self.port = self._server.sockets[0].getsockname()[1]
+        self.port = self._httpd.server_port
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.1},
+                                        name="precopy-metrics", daemon=True)
+        self._thread.start()
         _log.info("metrics on http://%s:%d/metrics", self.host, self.port)
 
     async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5.0)
-            method, _, rest = head.split(b"\r\n", 1)[0].decode("latin-1").partition(" ")
-            path = rest.split(" ", 1)[0]
-            if method != "GET":
-                status, body, ctype = "405 Method Not Allowed", "only GET\n", "text/plain"
-            elif path.split("?", 1)[0] != "/metrics":
-                status, body, ctype = "404 Not Found", "try /metrics\n", "text/plain"
-            else:
-                status, body, ctype = "200 OK", render(self.collect()), "text/plain; version=0.0.4; charset=utf-8"
-            data = body.encode()
-            writer.write(f"HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(data)}\r\n"
-                         "Connection: close\r\n\r\n".encode() + data)
-            await writer.drain()
-        except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
-                ConnectionError) as exc:
-            _log.debug("metrics request dropped: %s", type(exc).__name__)
-        finally:
-            writer.close()
+        if self._httpd is not None:
+            await asyncio.to_thread(self._httpd.shutdown)
+            self._httpd.server_close()
+            self._httpd = None
 
 
 def _by_outcome(outcomes: Iterable[str]) -> dict[tuple[tuple[str, str], ...], float]:

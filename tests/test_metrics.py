@@ -195,3 +195,36 @@ async def test_only_get_metrics_is_served_and_a_taken_port_says_so() -> None:
             await taken.start()
     finally:
         await server.close()
+
+
+async def test_the_process_collector_rides_along() -> None:
+    families, samples = parse(await scrape(lambda: source_metrics([])))
+    assert {k: v[0] for k, v in families.items() if k.startswith("process_")} == {
+        "process_virtual_memory_bytes": "gauge", "process_resident_memory_bytes": "gauge",
+        "process_start_time_seconds": "gauge", "process_cpu_seconds_total": "counter",
+        "process_open_fds": "gauge", "process_max_fds": "gauge"}
+    assert samples["process_resident_memory_bytes"] > 1 << 20 and samples["process_open_fds"] >= 3
+    assert "python_gc_collections_total" in families and "python_info" in families
+    assert {k.split("_")[0] for k in families} == {"precopy", "process", "python"}
+
+
+async def test_a_blocked_event_loop_gets_a_503_not_a_hung_scrape(monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    monkeypatch.setattr("agents.metrics.COLLECT_TIMEOUT_S", 0.05)
+    server = MetricsServer("127.0.0.1", 0, lambda: source_metrics([]))
+    await server.start()
+    got: list[Any] = []
+
+    def get() -> None:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=30)
+        except urllib.error.HTTPError as exc:
+            got.append((exc.code, exc.read().decode()))
+    try:
+        t = threading.Thread(target=get)
+        t.start()
+        t.join(60)  # on the event loop: it is blocked until the scrape has its answer
+        assert got and got[0][0] == 503 and "event loop did not answer" in got[0][1], got
+    finally:
+        await server.close()
