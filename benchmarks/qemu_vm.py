@@ -2,6 +2,7 @@
 
     .venv/bin/python -m benchmarks.qemu_vm [--sizes 256M,1G] [--runs 3] [--budget-ms 300]
                                            [--rate 5000] [--hot 16384]
+                                           [--tools precopy,qemu] [--baseline REV]
 
 The guest is precopy's test kernel (precopy/qemuguest) under TCG, rewriting
 ``--rate`` pages/s of a ``--hot``-page working set and verifying its RAM.
@@ -17,6 +18,11 @@ For each size and run:
   max-bandwidth unlimited, ``migrate tcp:...``.  Downtime is QEMU's own
   figure (source stop until the end of the stream on the source; it does not
   include the destination's load).
+
+``--baseline REV`` runs precopy a second time in each run, from a ``git
+archive`` of revision REV (its own agents and engine), alternating with this
+checkout: two versions compared in one session under the same load (rows
+carry ``tree``).
 
 Prints a markdown table; JSON lines go to benchmarks/out/qemu_vm.jsonl.
 """
@@ -42,7 +48,7 @@ from agents.common import stop_process
 from precopy.guest import parse_size
 from precopy.qemuguest import build
 from precopy.qemuguest.vm import backend_argv, children, command_line, guest_argv, serial_ticks
-from precopy.workload.qmp import QMPClient
+from precopy.workload.qmp import QemuMonitor
 
 PY = sys.executable
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,7 +64,7 @@ def _wait(pred, what: str, timeout: float = 60) -> None:  # type: ignore[no-unty
 
 def _qmp(path: Path, *cmds: tuple[str, dict[str, Any] | None]) -> list[Any]:
     async def run() -> list[Any]:
-        c = QMPClient(path, timeout_s=30)
+        c = QemuMonitor(path, timeout_s=30)
         await c.connect(wait_s=30)
         try:
             return [await c.execute(cmd, args) for cmd, args in cmds]
@@ -75,7 +81,9 @@ def _boot(argv: list[str], serial: Path, log: Path) -> subprocess.Popen[bytes]:
     return p
 
 
-def run_precopy(work: Path, kernel: Path, mib: int, a: argparse.Namespace, tag: str) -> dict[str, Any]:
+def run_precopy(work: Path, kernel: Path, mib: int, a: argparse.Namespace, tag: str,
+                tree: Path = ROOT) -> dict[str, Any]:
+    """One precopy migration of a VM, with precopy-source and precopy-dest run from ``tree``."""
     ram, dest_dir = Path(f"/dev/shm/qemu-bench-{tag}.ram"), Path(f"/dev/shm/qemu-bench-{tag}-dest")
     gargs = guest_argv(kernel, mib, rate=a.rate, hot=a.hot)
     src_qmp, dst_qmp = work / f"{tag}-src.qmp", work / f"{tag}-dst.qmp"
@@ -90,14 +98,14 @@ def run_precopy(work: Path, kernel: Path, mib: int, a: argparse.Namespace, tag: 
         ready = work / f"{tag}.addr"
         dest = subprocess.Popen([PY, "-m", "agents.dest_main", "--listen", "127.0.0.1:0", "--memory-dir",
                                  str(dest_dir), "--state-dir", str(work / f"{tag}-state"), "--ready-file",
-                                 str(ready), "--log-level", "error", "--qemu-cmd", qemu_cmd], cwd=ROOT,
+                                 str(ready), "--log-level", "error", "--qemu-cmd", qemu_cmd], cwd=tree,
                                 stdout=subprocess.DEVNULL)
         _wait(lambda: ready.exists() and ready.read_text().endswith("\n"), "precopy-dest")
         report = work / f"{tag}.json"
         rc = subprocess.call([PY, "-m", "agents.source_main", "--to", ready.read_text().strip(), "--memory",
                               str(ram), "--qmp", str(src_qmp), "--downtime-ms", str(a.budget_ms), "--report",
                               str(report), "--log-level", "warning", "--progress", "off",
-                              "--on-nonconvergence", "force"], cwd=ROOT, stdout=subprocess.DEVNULL)
+                              "--on-nonconvergence", "force"], cwd=tree, stdout=subprocess.DEVNULL)
         rep = json.loads(report.read_text())
         dst_serial = work / f"{tag}-dst.serial"
         _wait(lambda: len(serial_ticks(dst_serial)) >= 2, "the guest to run on the destination")
@@ -137,7 +145,7 @@ def run_qemu(work: Path, kernel: Path, mib: int, a: argparse.Namespace, tag: str
              ("migrate", {"uri": f"tcp:127.0.0.1:{port}"}))
 
         async def poll() -> dict[str, Any]:
-            c = QMPClient(src_qmp, timeout_s=30)
+            c = QemuMonitor(src_qmp, timeout_s=30)
             await c.connect()
             try:
                 deadline = time.monotonic() + a.max_time
@@ -170,6 +178,16 @@ def run_qemu(work: Path, kernel: Path, mib: int, a: argparse.Namespace, tag: str
         stop_process(src)
 
 
+def checkout(rev: str, into: Path) -> Path:
+    """The files of revision ``rev`` of this repository, in ``into``."""
+    into.mkdir()
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev], capture_output=True)
+    if archive.returncode != 0:
+        raise SystemExit(f"git archive {rev}: {archive.stderr.decode().strip()}")
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
+    return into
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="256M,1G")
@@ -178,6 +196,8 @@ def main() -> int:
     ap.add_argument("--rate", type=int, default=5000, help="pages/s the guest rewrites (default 5000)")
     ap.add_argument("--hot", type=int, default=16384, help="pages in the guest's working set (default 16384)")
     ap.add_argument("--max-time", type=float, default=120.0, help="give up on QEMU converging after this")
+    ap.add_argument("--tools", default="precopy,qemu", help="which migrations to run (default precopy,qemu)")
+    ap.add_argument("--baseline", metavar="REV", help="also run precopy from git revision REV, alternating")
     a = ap.parse_args()
     if shutil.which("qemu-system-x86_64") is None:
         print("qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)", file=sys.stderr)
@@ -188,12 +208,24 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="qemu-bench-") as tmp:
         work = Path(tmp)
         kernel = build(work / "guest.elf")
+        trees = [("HEAD", ROOT)]
+        if a.baseline:
+            trees.append((a.baseline, checkout(a.baseline, work / "baseline")))
+        tools = a.tools.split(",")
         for size in a.sizes.split(","):
             mib = parse_size(size) >> 20
             for i in range(a.runs):
-                for tool, fn in (("precopy", run_precopy), ("qemu", run_qemu)):
-                    row = fn(work, kernel, mib, a, f"{tool}-{mib}-{i}")
+                todo: list[tuple[str, str, Any]] = []
+                if "precopy" in tools:  # alternate which tree goes first
+                    todo += [("precopy", name, lambda w, k, m, a_, t, tree=tree: run_precopy(w, k, m, a_, t, tree))
+                             for name, tree in (trees if i % 2 == 0 else trees[::-1])]
+                if "qemu" in tools:
+                    todo.append(("qemu", "", run_qemu))
+                for tool, tree_name, fn in todo:
+                    row = fn(work, kernel, mib, a, f"{tool}-{mib}-{i}-{len(rows)}")
                     row.update(run=i, budget_ms=a.budget_ms, rate=a.rate, hot=a.hot)
+                    if tree_name:
+                        row["tree"] = tree_name
                     print(json.dumps(row), flush=True)
                     rows.append(row)
     with open(out / "qemu_vm.jsonl", "a") as f:
@@ -206,22 +238,30 @@ def main() -> int:
 
     print(f"\nguest rewrites {a.rate} pages/s of a {a.hot}-page working set; budget {a.budget_ms:.0f} ms; "
           f"medians of {a.runs} runs\n")
+    variants = sorted({(r["tool"], r.get("tree", "")) for r in rows}, key=lambda v: (v[0] != "precopy", v[1]))
     print("| VM RAM | tool | downtime ms | total s | MB on the wire | rounds | completed |")
     print("|---|---|---|---|---|---|---|")
     for size in a.sizes.split(","):
         mib = parse_size(size) >> 20
-        for tool in ("precopy", "qemu"):
-            rs = [r for r in rows if r["mib"] == mib and r["tool"] == tool]
+        for tool, tree_name in variants:
+            rs = [r for r in rows if r["mib"] == mib and r["tool"] == tool and r.get("tree", "") == tree_name]
             ok = sum(1 for r in rs if r.get("exit_code") == 0 or r.get("status") == "completed")
-            print(f"| {size} | {tool} | {med(rs, 'downtime_ms'):.1f} | {med(rs, 'total_s'):.2f} | "
+            label = f"{tool} ({tree_name})" if a.baseline and tree_name else tool
+            print(f"| {size} | {label} | {med(rs, 'downtime_ms'):.1f} | {med(rs, 'total_s'):.2f} | "
                   f"{med(rs, 'mb_on_wire'):.0f} | {med(rs, 'rounds'):.0f} | {ok}/{len(rs)} |")
     print("\nprecopy downtime split (median ms):")
-    keys = [k for k in rows[0].get("phases_ms", {})] if rows else []
+    pre = [r for r in rows if r["tool"] == "precopy" and "phases_ms" in r]
+    keys = list(pre[0]["phases_ms"]) if pre else []
     for size in a.sizes.split(","):
         mib = parse_size(size) >> 20
-        rs = [r for r in rows if r["mib"] == mib and r["tool"] == "precopy"]
-        split = {k: statistics.median(r["phases_ms"][k] for r in rs if k in r["phases_ms"]) for k in keys}
-        print(f"  {size}: " + ", ".join(f"{k} {v:.1f}" for k, v in split.items()))
+        for tool, tree_name in variants:
+            rs = [r for r in pre if r["mib"] == mib and r.get("tree", "") == tree_name]
+            if tool != "precopy" or not rs:
+                continue
+            split = {k: statistics.median(r["phases_ms"][k] for r in rs if k in r["phases_ms"])
+                     for k in keys if any(k in r["phases_ms"] for r in rs)}
+            label = f" ({tree_name})" if a.baseline else ""
+            print(f"  {size}{label}: " + ", ".join(f"{k} {v:.1f}" for k, v in split.items()))
     return 0
 
 

@@ -23,7 +23,7 @@ from precopy.errors import MigrationAborted
 from precopy.workload.qemu import QemuDestination, QemuWorkload
 from precopy.qemuguest import BuildError, build
 from precopy.qemuguest.vm import backend_argv, children, command_line, compare_ram, guest_argv, serial_ticks
-from precopy.workload.qmp import QMPClient
+from precopy.workload.qmp import QemuMonitor
 from precopy.session.source import SourceOptions, migrate
 
 from .conftest import Procs, run_source, start_dest, wait_for
@@ -78,7 +78,7 @@ def start_vm(vms: list[subprocess.Popen[bytes]], kernel: Path, ram: Path, d: Pat
 
 def qmp(path: Path, command: str, arguments: dict | None = None):  # type: ignore[no-untyped-def,type-arg]
     async def run():  # type: ignore[no-untyped-def]
-        c = QMPClient(path, timeout_s=10)
+        c = QemuMonitor(path, timeout_s=10)
         await c.connect()
         try:
             return await c.execute(command, arguments)
@@ -157,7 +157,7 @@ def test_rollback_before_commit_resumes_the_source_vm(shm: Path, kernel: Path,
                                                max_device_state=1000))  # QEMU's is ~320 KB: refused
         await server.start()
         serving = asyncio.create_task(server.serve_forever())
-        c = QMPClient(src.qmp)
+        c = QemuMonitor(src.qmp)
         await c.connect()
         bandwidth_before = (await c.execute("query-migrate-parameters"))["max-bandwidth"]
         await c.close()
@@ -175,7 +175,7 @@ def test_rollback_before_commit_resumes_the_source_vm(shm: Path, kernel: Path,
             await asyncio.gather(serving, return_exceptions=True)
         # The VM's own migration settings are back: a later ordinary
         # migration of it must not skip its (shared) RAM.
-        c = QMPClient(src.qmp)
+        c = QemuMonitor(src.qmp)
         await c.connect()
         caps = {x["capability"]: x["state"] for x in await c.execute("query-migrate-capabilities")}
         assert caps["x-ignore-shared"] is False

@@ -1,4 +1,6 @@
-"""The QMP client against a scripted QMP server; COMMITTED's timings on the wire."""
+"""precopy's QMP connection (qemu.qmp inside) against a scripted QMP server: what
+precopy adds -- timeouts, and errors that say what failed and what to do; COMMITTED's
+timings on the wire."""
 
 from __future__ import annotations
 
@@ -9,26 +11,38 @@ from typing import Any, Callable
 
 import pytest
 
-from precopy.errors import RemoteProtocolError
+from precopy.errors import GuestControlError, RemoteProtocolError
 from precopy.workload.qemu import check_dest_command
-from precopy.workload.qmp import QMPClient, QMPError
+from precopy.workload.qmp import MAX_LINE, QemuMonitor, QMPError
 from precopy.protocol import Commit, Committed, Kind, Switchover
 
 from .helpers import BEGIN, D, S, Pair, frame
 
-GREETING = {"QMP": {"version": {"qemu": {"major": 7, "minor": 2, "micro": 0}}, "capabilities": []}}
+GREETING = {"QMP": {"version": {"qemu": {"major": 7, "minor": 2, "micro": 0}, "package": ""},
+                    "capabilities": []}}
 
 Handler = Callable[[dict[str, Any]], list[bytes]]
 
 
 async def serve(path: Path, handler: Handler, greeting: bytes | None = None) -> asyncio.AbstractServer:
-    """A QMP server: greets, then answers every request line with handler(request)."""
+    """A QMP server: greets, then answers every request with handler(request).
+
+    Requests are a stream of JSON objects, as QEMU reads them (qemu.qmp ends
+    them with no newline)."""
     async def conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(greeting if greeting is not None else json.dumps(GREETING).encode() + b"\n")
-        while line := await reader.readline():
-            for out in handler(json.loads(line)):
-                writer.write(out)
-            await writer.drain()
+        buf, decoder = "", json.JSONDecoder()
+        while data := await reader.read(65536):
+            buf += data.decode()
+            while buf.strip():
+                try:
+                    req, end = decoder.raw_decode(buf.lstrip())
+                except ValueError:
+                    break  # the rest of the object has not arrived yet
+                buf = buf.lstrip()[end:]
+                for out in handler(req):
+                    writer.write(out)
+                await writer.drain()
         writer.close()
     return await asyncio.start_unix_server(conn, str(path))
 
@@ -52,16 +66,17 @@ async def test_commands_replies_and_interleaved_events(tmp_path: Path) -> None:
         return [ok(req)]
 
     server = await serve(tmp_path / "q.sock", handler)
-    c = QMPClient(tmp_path / "q.sock", timeout_s=5)
+    c = QemuMonitor(tmp_path / "q.sock", timeout_s=5)
     await c.connect()
-    assert c.greeting == GREETING
+    assert c.connected and c.greeting == GREETING
     assert await c.execute("query-status") == {"status": "paused", "running": False}
     await c.execute("migrate", {"uri": "exec:cat > /x"})
-    assert [e["event"] for e in c.events] == ["STOP"]
     assert [r["execute"] for r in sent] == ["qmp_capabilities", "query-status", "migrate"]
     assert sent[2]["arguments"] == {"uri": "exec:cat > /x"}
-    assert len({r["id"] for r in sent}) == 3
+    assert sent[1]["id"] != sent[2]["id"]
     await c.close()
+    assert not c.connected
+    await c.close()  # twice is harmless
     server.close()
 
 
@@ -73,27 +88,32 @@ async def test_error_reply_names_the_command_and_qemus_reason(tmp_path: Path) ->
         return [ok(req)]
 
     server = await serve(tmp_path / "q.sock", handler)
-    c = QMPClient(tmp_path / "q.sock", timeout_s=5)
+    c = QemuMonitor(tmp_path / "q.sock", timeout_s=5)
     await c.connect()
-    with pytest.raises(QMPError, match="refused 'cont': GenericError: migration in progress"):
+    with pytest.raises(QMPError, match="refused 'cont': GenericError: migration in progress") as info:
         await c.execute("cont")
+    assert isinstance(info.value, GuestControlError)
+    assert await c.execute("query-status") == {}  # the connection goes on
     await c.close()
     server.close()
 
 
 @pytest.mark.parametrize("reply, match", [
-    (b"not json\n", "not JSON"),
-    (b"[1, 2]\n", "JSON list, not an object"),
-    (b'{"return": {}, "id": "someone-else"}\n', "answered another request"),
-    (b'{"id": "precopy-2"}\n', "without 'return'"),
-    (b"", "sent nothing for"),  # no answer at all: the timeout
+    (lambda req: b"not json\n", "not QMP.*a line that is not JSON: b'not json"),
+    (lambda req: b"[1, 2]\n", "not QMP.*a JSON list, not an object"),
+    (lambda req: json.dumps({"id": req["id"]}).encode() + b"\n", "neither 'return' nor"),
+    (lambda req: b"x" * (MAX_LINE + 10) + b"\n", "a line longer than"),
+    # A reply to another request is dropped (as QMP says): then nothing came.
+    (lambda req: b'{"return": {}, "id": "someone-else"}\n', "sent nothing for 0.5 s .* 'query-status'"),
+    (lambda req: b"", "sent nothing for 0.5 s .* 'query-status'"),  # no answer at all: the timeout
 ])
-async def test_bad_or_missing_replies_are_qmp_errors(tmp_path: Path, reply: bytes, match: str) -> None:
+async def test_bad_or_missing_replies_are_qmp_errors(tmp_path: Path, reply: Callable[[Any], bytes],
+                                                     match: str) -> None:
     def handler(req: dict[str, Any]) -> list[bytes]:
-        return [ok(req)] if req["execute"] == "qmp_capabilities" else [reply]
+        return [ok(req)] if req["execute"] == "qmp_capabilities" else [reply(req)]
 
     server = await serve(tmp_path / "q.sock", handler)
-    c = QMPClient(tmp_path / "q.sock", timeout_s=0.5)
+    c = QemuMonitor(tmp_path / "q.sock", timeout_s=0.5)
     await c.connect()
     with pytest.raises(QMPError, match=match):
         await c.execute("query-status")
@@ -106,17 +126,54 @@ async def test_peer_closing_and_wrong_greeting_and_no_socket(tmp_path: Path) -> 
         raise ConnectionResetError  # the server task ends: the connection closes
 
     server = await serve(tmp_path / "q.sock", closing)
-    with pytest.raises(QMPError, match="closed its QMP socket"):
-        await QMPClient(tmp_path / "q.sock", timeout_s=2).connect()
+    with pytest.raises(QMPError, match="closed its QMP socket .* the greeting .*did QEMU exit"):
+        await QemuMonitor(tmp_path / "q.sock", timeout_s=2).connect()
+    server.close()
+
+    def closing_later(req: dict[str, Any]) -> list[bytes]:
+        if req["execute"] == "query-status":
+            raise ConnectionResetError
+        return [ok(req)]
+
+    server = await serve(tmp_path / "l.sock", closing_later)
+    c = QemuMonitor(tmp_path / "l.sock", timeout_s=2)
+    await c.connect()
+    with pytest.raises(QMPError, match="closed its QMP socket .* the answer to 'query-status'"):
+        await c.execute("query-status")
+    assert not c.connected
+    with pytest.raises(QMPError, match="'cont': not connected to"):
+        await c.execute("cont")
     server.close()
 
     server = await serve(tmp_path / "h.sock", lambda r: [ok(r)], greeting=b'{"hello": 1}\n')
     with pytest.raises(QMPError, match="not a QMP socket"):
-        await QMPClient(tmp_path / "h.sock", timeout_s=2).connect()
+        await QemuMonitor(tmp_path / "h.sock", timeout_s=2).connect()
+    server.close()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # never greets: as QEMU with another client connected
+    server = await asyncio.start_unix_server(silent, str(tmp_path / "s.sock"))
+    with pytest.raises(QMPError, match="did not greet .* within 0.3 s .*another one connected"):
+        await QemuMonitor(tmp_path / "s.sock", timeout_s=0.3).connect()
     server.close()
 
     with pytest.raises(QMPError, match="is QEMU running with -qmp"):
-        await QMPClient(tmp_path / "none.sock", timeout_s=2).connect(wait_s=0.05)
+        await QemuMonitor(tmp_path / "none.sock", timeout_s=2).connect(wait_s=0.05)
+
+
+async def test_connect_waits_for_a_qemu_that_is_starting(tmp_path: Path) -> None:
+    path = tmp_path / "late.sock"
+
+    async def start_late() -> asyncio.AbstractServer:
+        await asyncio.sleep(0.2)
+        return await serve(path, lambda r: [ok(r)])
+
+    late = asyncio.create_task(start_late())
+    c = QemuMonitor(path, timeout_s=30)
+    await c.connect(wait_s=30)
+    assert await c.execute("query-status") == {}
+    await c.close()
+    (await late).close()
 
 
 def test_dest_command_must_name_memory_qmp_and_incoming_defer() -> None:

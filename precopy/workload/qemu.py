@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from precopy.errors import GuestControlError
-from precopy.workload.qmp import QMPClient, QMPError
+from precopy.workload.qmp import QemuMonitor, QMPError
 
 __all__ = ["QemuWorkload", "QemuDestination", "check_dest_command"]
 
@@ -55,7 +55,7 @@ def _ms(t0: float, t1: float) -> float:
     return round((t1 - t0) * 1e3, 3)
 
 
-async def _wait_migration(qmp: QMPClient, what: str, timeout_s: float) -> None:
+async def _wait_migration(qmp: QemuMonitor, what: str, timeout_s: float) -> None:
     """Poll ``query-migrate`` until ``completed``; raise on failed/cancelled/timeout."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
@@ -77,7 +77,7 @@ class QemuWorkload:
     def __init__(self, qmp_path: str | os.PathLike[str], *, memory: Path | None = None,
                  timeout_s: float = 10.0, state_dir: Path | None = None,
                  switchover_cost_s: float = 0.03) -> None:
-        self.qmp = QMPClient(qmp_path, timeout_s=timeout_s)
+        self.qmp = QemuMonitor(qmp_path, timeout_s=timeout_s)
         self.memory = memory
         self.timeout_s = timeout_s
         self.state_dir = state_dir or (Path("/dev/shm") if Path("/dev/shm").is_dir() else None)
@@ -229,7 +229,7 @@ def check_dest_command(command: str) -> list[str]:
 @dataclass
 class _DestVM:
     proc: asyncio.subprocess.Process
-    qmp: QMPClient
+    qmp: QemuMonitor
     sock_dir: Path | None
     ready: asyncio.Task[None] | None = None
     timings: dict[str, float] = field(default_factory=dict)
@@ -269,7 +269,7 @@ class QemuDestination:
             os.rmdir(sock_dir)
             raise GuestControlError(f"cannot start the destination QEMU {argv[0]!r}: {exc}") from exc
         _log.info("migration %s: started destination QEMU (pid %d) on %s", migration_id, proc.pid, region)
-        vm = _DestVM(proc, QMPClient(qmp_path, timeout_s=self.timeout_s), sock_dir)
+        vm = _DestVM(proc, QemuMonitor(qmp_path, timeout_s=self.timeout_s), sock_dir)
         vm.ready = asyncio.create_task(self._attach(vm))
         self._vms[migration_id] = vm
 

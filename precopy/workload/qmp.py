@@ -1,28 +1,38 @@
-"""A small QMP client on asyncio (QEMU Machine Protocol).
+"""precopy's QMP connection: QEMU's own ``qemu.qmp`` library, with timeouts and precopy's errors.
 
-QMP is JSON objects, one per line, over a Unix stream socket.  QEMU greets
-with ``{"QMP": {...}}``; the client answers ``qmp_capabilities`` and may
-then ``execute`` commands.  Replies carry the request's ``id``; events
-(``{"event": ...}``) may arrive at any time, before or between replies, and
-are kept in :attr:`QMPClient.events`.
+``qemu.qmp`` (PyPI ``qemu.qmp``, QEMU's asyncio QMP library) speaks the
+protocol: the greeting, ``qmp_capabilities``, request ids, events.  What is
+ours is what precopy needs around it: every wait has a timeout; a socket
+that cannot be reached (retried while a QEMU starts), a peer that closes or
+sends what is not QMP, and an ``error`` reply raise :class:`QMPError` (a
+:class:`~precopy.errors.GuestControlError`) that names the socket, the
+command, what QEMU said and what to do.
 
-Every wait has a timeout.  A socket that cannot be reached, a peer that
-closes, a line that is not a JSON object, or an ``error`` reply raise
-:class:`QMPError` with the command and what QEMU said.
+Every failure reaches the caller as one :class:`QMPError`, so the library's
+own log lines (an ERROR line per refused connect while a QEMU starts, for
+one) are muted unless the ``qemu.qmp`` logger's level was set by whoever
+configured logging.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
+from qemu import qmp
+from qemu.qmp.error import ProtocolError
+
 from precopy.errors import GuestControlError
 
-__all__ = ["QMPClient", "QMPError"]
+__all__ = ["QemuMonitor", "QMPError"]
+
+_log = logging.getLogger(__name__)
+if logging.getLogger("qemu.qmp").level == logging.NOTSET:
+    logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
 
 #: A QMP line longer than this is refused (replies we use are small).
 MAX_LINE = 1 << 20
@@ -32,22 +42,18 @@ class QMPError(GuestControlError):
     """QMP failed: unreachable, closed, malformed, timed out, or an error reply."""
 
 
-class QMPClient:
-    """One QMP connection; commands run one at a time."""
+class QemuMonitor:
+    """One QMP connection (a ``qemu.qmp.QMPClient``) to the socket at ``path``."""
 
     def __init__(self, path: str | os.PathLike[str], *, timeout_s: float = 10.0) -> None:
         self.path = Path(path)
         self.timeout_s = timeout_s
-        self.events: collections.deque[dict[str, Any]] = collections.deque(maxlen=256)
         self.greeting: dict[str, Any] = {}
-        self._reader: asyncio.StreamReader | None = None
-        self._writer: asyncio.StreamWriter | None = None
-        self._lock = asyncio.Lock()
-        self._next_id = 0
+        self._client: qmp.QMPClient | None = None
 
     @property
     def connected(self) -> bool:
-        return self._writer is not None
+        return self._client is not None
 
     async def connect(self, *, wait_s: float = 0.0) -> None:
         """Connect, read the greeting, negotiate capabilities.
@@ -57,47 +63,32 @@ class QMPClient:
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_s
+        client = qmp.QMPClient(readbuflen=MAX_LINE)
         while True:
             try:
-                self._reader, self._writer = await asyncio.wait_for(
-                    asyncio.open_unix_connection(str(self.path), limit=MAX_LINE), self.timeout_s
-                )
+                async with asyncio.timeout(self.timeout_s):
+                    await client.connect(str(self.path))
                 break
-            except (FileNotFoundError, ConnectionRefusedError) as exc:
-                if loop.time() >= deadline:
-                    raise QMPError(f"cannot connect to QMP socket {self.path}: {exc.strerror} "
+            except TimeoutError:
+                raise QMPError(f"QEMU ({self.path}) did not greet and negotiate within {self.timeout_s} s "
+                               "(QEMU serves one client per -qmp socket: is another one connected?)") from None
+            except qmp.ConnectError as exc:
+                cause = exc.exc
+                if isinstance(cause, (FileNotFoundError, ConnectionRefusedError)):
+                    if loop.time() < deadline:
+                        await asyncio.sleep(0.01)
+                        continue
+                    raise QMPError(f"cannot connect to QMP socket {self.path}: {cause.strerror} "
                                    "(is QEMU running with -qmp unix:PATH,server=on,wait=off?)") from exc
-                await asyncio.sleep(0.01)
-            except (OSError, asyncio.TimeoutError) as exc:
-                raise QMPError(f"cannot connect to QMP socket {self.path}: {exc or 'timed out'}") from exc
-        greeting = await self._read_message("the greeting")
-        if "QMP" not in greeting:
-            await self.close()
-            raise QMPError(f"{self.path} is not a QMP socket: it greeted with {str(greeting)[:200]}")
-        self.greeting = greeting
-        await self.execute("qmp_capabilities")
-
-    async def _read_message(self, what: str) -> dict[str, Any]:
-        assert self._reader is not None
-        try:
-            line = await asyncio.wait_for(self._reader.readline(), self.timeout_s)
-        except asyncio.TimeoutError:
-            raise QMPError(f"QEMU ({self.path}) sent nothing for {self.timeout_s} s while we waited "
-                           f"for {what}") from None
-        except ValueError as exc:  # a line longer than MAX_LINE
-            raise QMPError(f"QEMU ({self.path}) sent an over-long line while we waited for {what}") from exc
-        except OSError as exc:
-            raise QMPError(f"QMP socket {self.path} failed while we waited for {what}: {exc}") from exc
-        if not line:
-            raise QMPError(f"QEMU closed its QMP socket {self.path} while we waited for {what} "
-                           "(did QEMU exit? see its stderr)")
-        try:
-            msg = json.loads(line)
-        except ValueError:
-            raise QMPError(f"QEMU ({self.path}) sent a line that is not JSON: {line[:200]!r}") from None
-        if not isinstance(msg, dict):
-            raise QMPError(f"QEMU ({self.path}) sent a JSON {type(msg).__name__}, not an object")
-        return msg
+                if isinstance(cause, qmp.qmp_client.GreetingError):
+                    raise QMPError(f"{self.path} is not a QMP socket: its greeting was not QMP's "
+                                   f"({_cause(cause)})") from exc
+                if isinstance(cause, qmp.qmp_client.NegotiationError):
+                    raise QMPError(f"QEMU ({self.path}) refused qmp_capabilities: {_cause(cause)}") from exc
+                raise QMPError(_lost(self.path, cause, "the greeting")) from exc
+        greeting = client.greeting
+        self.greeting = dict(greeting._asdict()) if greeting is not None else {}
+        self._client = client
 
     async def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
         """Run one command; return its ``return`` value.
@@ -105,39 +96,59 @@ class QMPClient:
         Raises :class:`QMPError` on an ``error`` reply (with QEMU's class and
         description), on timeout, or when the connection fails.
         """
-        if self._writer is None:
+        client = self._client
+        if client is None:
             raise QMPError(f"QMP {command!r}: not connected to {self.path}")
-        async with self._lock:
-            self._next_id += 1
-            cid = f"precopy-{self._next_id}"
-            req: dict[str, Any] = {"execute": command, "id": cid}
-            if arguments:
-                req["arguments"] = arguments
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                return await client.execute(command, arguments)
+        except TimeoutError:
+            raise QMPError(f"QEMU ({self.path}) sent nothing for {self.timeout_s} s while we waited for "
+                           f"the answer to {command!r}") from None
+        except qmp.ExecuteError as exc:
+            raise QMPError(f"QEMU refused {command!r}: {exc.error_class}: {exc.error.error.desc}") from exc
+        except qmp.qmp_client.BadReplyError as exc:
+            raise QMPError(f"QMP {command!r}: QEMU's reply has neither 'return' nor a well-formed "
+                           f"'error': {str(exc.msg)[:200]}") from exc
+        except (qmp.ExecInterruptedError, qmp.StateError) as exc:
+            # The connection ended under us: disconnect() says why.
+            cause: BaseException = exc
             try:
-                self._writer.write(json.dumps(req).encode() + b"\n")
-                await asyncio.wait_for(self._writer.drain(), self.timeout_s)
-            except (OSError, asyncio.TimeoutError) as exc:
-                raise QMPError(f"QMP {command!r}: cannot write to {self.path}: {exc or 'timed out'}") from exc
-            while True:
-                msg = await self._read_message(f"the answer to {command!r}")
-                if "event" in msg:
-                    self.events.append(msg)
-                    continue
-                if msg.get("id") != cid:
-                    raise QMPError(f"QMP {command!r}: QEMU answered another request: {str(msg)[:200]}")
-                if "error" in msg:
-                    err = msg["error"] if isinstance(msg["error"], dict) else {}
-                    raise QMPError(f"QEMU refused {command!r}: {err.get('class', '?')}: "
-                                   f"{err.get('desc', msg['error'])}")
-                if "return" not in msg:
-                    raise QMPError(f"QMP {command!r}: reply without 'return': {str(msg)[:200]}")
-                return msg["return"]
+                await self.close(quiet=False)
+            except Exception as dc:  # noqa: BLE001 -- the reader's or writer's error, reported below
+                cause = dc
+            raise QMPError(_lost(self.path, cause, f"the answer to {command!r}")) from exc
 
-    async def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            try:
-                await self._writer.wait_closed()
-            except OSError:
-                pass  # QEMU may already have exited (after "quit")
-            self._writer = self._reader = None
+    async def close(self, *, quiet: bool = True) -> None:
+        """Disconnect.  ``quiet``: an error that ended the connection (QEMU
+        quit, for one) is logged at debug level, not raised."""
+        client, self._client = self._client, None
+        if client is None or client.runstate == qmp.Runstate.IDLE:
+            return
+        try:
+            await client.disconnect()
+        except (EOFError, OSError, ValueError, qmp.QMPError) as exc:
+            if not quiet:
+                raise
+            _log.debug("QMP %s: the connection had ended: %s", self.path, _cause(exc))
+
+
+def _cause(exc: BaseException) -> str:
+    """The innermost reason of a ``qemu.qmp`` error, on one line."""
+    while isinstance(exc, qmp.QMPError) and isinstance(getattr(exc, "exc", None), BaseException):
+        exc = exc.exc  # type: ignore[attr-defined]
+    if isinstance(exc, qmp.message.DeserializationError):
+        return f"a line that is not JSON: {exc.raw[:200]!r}"
+    if isinstance(exc, qmp.message.UnexpectedTypeError):
+        return f"a JSON {type(exc.value).__name__}, not an object: {json.dumps(exc.value)[:200]}"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def _lost(path: Path, exc: BaseException, what: str) -> str:
+    if isinstance(exc, EOFError):
+        return f"QEMU closed its QMP socket {path} while we waited for {what} (did QEMU exit? see its stderr)"
+    if isinstance(exc, ProtocolError):
+        return f"QEMU ({path}) sent what is not QMP while we waited for {what}: {_cause(exc)}"
+    if isinstance(exc, ValueError):  # the StreamReader's line limit
+        return f"QEMU ({path}) sent a line longer than {MAX_LINE} bytes while we waited for {what}"
+    return f"the QMP connection to {path} failed while we waited for {what}: {_cause(exc)}"
