@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from pathlib import Path
 
 from precopy.errors import AbortCode
-from precopy.protocol import MAX_META, MAX_PAYLOAD, Kind
+from precopy.protocol import MAX_META, MAX_PAYLOAD, PROTOCOL_VERSION, Kind
+from precopy.protocol import auth
 from precopy.protocol.phases import TRANSITIONS
 
 DOC = (Path(__file__).resolve().parent.parent / "docs" / "PROTOCOL.md").read_text()
@@ -30,3 +33,14 @@ def test_every_kind_and_abort_code_is_documented() -> None:
 def test_limits_match() -> None:
     assert f"meta_len     (<= {MAX_META:,}" in DOC
     assert f"payload_len  (<= {MAX_PAYLOAD:,}" in DOC
+
+
+def test_the_documented_macs_are_the_ones_computed() -> None:
+    """The key handshake's MAC formulas, as docs/PROTOCOL.md writes them, give auth's MACs."""
+    assert f"# The precopy wire protocol (version {PROTOCOL_VERSION})" in DOC
+    key, ns, nd = b"k" * 32, bytes(range(32)), bytes(range(32, 64))
+    label = f"precopy/{PROTOCOL_VERSION}".encode()
+    assert f'HMAC-SHA256(key, "{label.decode()}/dest/" +\nsource_nonce + dest_nonce)' in DOC
+    assert f'HMAC-SHA256(key, "{label.decode()}/source/"\n+ dest_nonce + source_nonce)' in DOC
+    assert auth.dest_mac(key, ns, nd) == hmac.new(key, label + b"/dest/" + ns + nd, hashlib.sha256).digest()
+    assert auth.source_mac(key, ns, nd) == hmac.new(key, label + b"/source/" + nd + ns, hashlib.sha256).digest()

@@ -23,6 +23,7 @@ from typing import Any, AsyncIterator
 
 from precopy.errors import AbortCode, PrecopyError, RemoteProtocolError
 from precopy.protocol import NEED_DATA, Abort, Connection, Event, Role
+from precopy.protocol.phases import TERMINAL
 
 __all__ = ["Channel", "LinkError", "connect"]
 
@@ -267,7 +268,7 @@ class Channel:
 
     async def abort(self, code: AbortCode, reason: str) -> None:
         """Tell the peer why we are giving up (best effort) and close."""
-        if not self.closed and not self.settled and self.conn.phase.value not in ("done", "aborted"):
+        if not self.closed and not self.settled and self.conn.phase not in TERMINAL:
             try:
                 await asyncio.wait_for(self.send(Abort(int(code), reason[:4000])), 1.0)
             except (PrecopyError, asyncio.TimeoutError) as exc:

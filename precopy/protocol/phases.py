@@ -35,6 +35,8 @@ __all__ = ["Phase", "TRANSITIONS", "TERMINAL", "HANDSHAKE", "allowed", "next_pha
 
 
 class Phase(Enum):
+    """Where a conversation stands; both ends track the same one (its value is what errors and docs say)."""
+
     HELLO = "hello"
     HELLO_ACK = "awaiting hello-ack"
     AUTH = "awaiting auth"
