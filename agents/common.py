@@ -16,11 +16,14 @@ import time
 from typing import Any, Coroutine, TypeVar
 
 __all__ = [
-    "EXIT_OK", "EXIT_FAILURE", "EXIT_USAGE", "EXIT_ABORTED", "EXIT_IN_DOUBT",
+    "DEFAULT_CONTROL", "EXIT_OK", "EXIT_FAILURE", "EXIT_USAGE", "EXIT_ABORTED", "EXIT_IN_DOUBT",
     "parse_hostport", "setup_logging", "run", "add_common_args", "Parser", "usage_error",
 ]
 
 T = TypeVar("T")
+
+#: The source daemon's control socket (``precopy-source serve --control``; ``ctl --control``).
+DEFAULT_CONTROL = "/run/precopy/source.sock"
 
 EXIT_OK = 0
 EXIT_FAILURE = 1

@@ -29,8 +29,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Iterator
 
-from .common import EXIT_ABORTED, EXIT_FAILURE, EXIT_IN_DOUBT, EXIT_OK, Parser, ProgressLine
-from .source_daemon import DEFAULT_CONTROL
+from .common import DEFAULT_CONTROL, EXIT_ABORTED, EXIT_FAILURE, EXIT_IN_DOUBT, EXIT_OK, Parser, ProgressLine
+from .summary import summary
 
 __all__ = ["main", "request", "build_parser"]
 
@@ -98,8 +98,6 @@ def _one(control: Path, req: dict[str, Any]) -> dict[str, Any]:
 def _report_summary(report: dict[str, Any] | None, job: dict[str, Any]) -> str:
     """The one-shot command's summary of a finished job (or what is known of it)."""
     from precopy.session.report import MigrationReport
-
-    from .source_main import summary
 
     data = dict(report or {"migration_id": job.get("id", "?"), "outcome": job.get("state", "?")})
     try:

@@ -41,25 +41,29 @@ import os
 import signal
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, Callable, NoReturn
 
-from precopy.policy.admission import Admission, default_max_active
+from precopy.policy.admission import Admission, Ticket, default_max_active
 from precopy.errors import MigrationAborted, MigrationInDoubt, PrecopyError
-from precopy.session.source import Progress, migrate
+from precopy.session.options import Progress, SourceOptions
+from precopy.session.source import migrate
 from precopy.workload.qemu import QemuWorkload
+from precopy.workload.base import Workload
 from precopy.workload.control import GuestControl
 
-from .common import EXIT_OK, EXIT_USAGE, Parser, add_common_args, parse_hostport, run, setup_logging
+from .common import DEFAULT_CONTROL, EXIT_OK, EXIT_USAGE, Parser, add_common_args, parse_hostport, run, setup_logging
 from .config import ConfigError, add_config_args, config_values, effective_config, load_config, parse_with_config
 from .metrics import MetricsServer, source_metrics
+from .source_args import build_parser as build_start_parser
+from .source_args import make_migration
 
 __all__ = ["SourceDaemon", "build_parser", "main", "DEFAULT_CONTROL"]
 
 _log = logging.getLogger("precopy-source")
 
-DEFAULT_CONTROL = "/run/precopy/source.sock"
 #: A request line longer than this is refused (the connection is closed).
 MAX_REQUEST = 1 << 20
 #: Jobs kept in memory; older ones stay listed from their report files.
@@ -106,9 +110,7 @@ class _ParseError(Exception):
 
 def _raising_parser() -> argparse.ArgumentParser:
     """The one-shot parser, reporting errors as exceptions instead of exiting."""
-    from .source_main import build_parser
-
-    p = build_parser()
+    p = build_start_parser()
 
     def error(message: str) -> NoReturn:
         raise _ParseError(message)
@@ -276,8 +278,25 @@ class SourceDaemon:
 
     def start_job(self, req: dict[str, Any]) -> Job:
         """Validate a start request and launch the migration.  Raises RequestError."""
-        from .source_main import make_migration
+        args = self._start_args(req)
+        try:
+            opts, workload = make_migration(args)
+        except (PrecopyError, ValueError) as exc:
+            raise RequestError(str(exc)) from None
+        shown = {k: v for k, v in _plain(vars(args)).items() if k not in ("config", "config_values", "help", "check_config")}
+        job = Job(id=str(opts.migration_id), options=shown)
+        self.jobs[job.id] = job
+        while len(self.jobs) > MAX_JOBS:
+            oldest = next(iter(self.jobs))
+            if self.jobs[oldest].state == "running":
+                break
+            del self.jobs[oldest]
+        job.task = asyncio.create_task(self._supervise(job, opts, workload, args.report))
+        _log.info("migration %s started: %s -> %s", job.id, args.memory, shown.get("to"))
+        return job
 
+    def _start_args(self, req: dict[str, Any]) -> argparse.Namespace:
+        """A start request's options, parsed and checked as the one-shot command's.  Raises RequestError."""
         parser = _raising_parser()
         try:
             values = config_values(parser, self.defaults)
@@ -302,27 +321,17 @@ class SourceDaemon:
                 raise RequestError(f"--{name.replace('_', '-')} {value} is a relative path: give an absolute one "
                                    f"(the daemon runs in {os.getcwd()}, not where the request came from)")
         if args.migration_id is None:
-            import uuid
-
             args.migration_id = uuid.uuid4().hex
         if args.migration_id in self.jobs:
             raise RequestError(f"migration id {args.migration_id} was already used here")
         for other in self.jobs.values():
             if other.state in ("queued", "running") and other.options.get("memory") == str(args.memory):
                 raise RequestError(f"{args.memory} is already being migrated (migration {other.id})")
-        try:
-            opts, workload = make_migration(args)
-        except (PrecopyError, ValueError) as exc:
-            raise RequestError(str(exc)) from None
-        shown = {k: v for k, v in _plain(vars(args)).items() if k not in ("config", "config_values", "help", "check_config")}
-        job = Job(id=str(opts.migration_id), options=shown)
-        self.jobs[job.id] = job
-        while len(self.jobs) > MAX_JOBS:
-            oldest = next(iter(self.jobs))
-            if self.jobs[oldest].state == "running":
-                break
-            del self.jobs[oldest]
+        return args
 
+    @staticmethod
+    def _progress_to(job: Job) -> Callable[[Progress], None]:
+        """The engine's progress callback for ``job``: kept, and passed to its watchers (at most 10/s)."""
         last = [0.0]
 
         def progress(p: Progress) -> None:
@@ -336,67 +345,71 @@ class SourceDaemon:
                 if not q.full():
                     q.put_nowait(job.progress)
 
-        async def run_job() -> None:
-            # A QEMU VM's QMP socket is opened before the migration, as by the
-            # one-shot command; a guest's control socket is probed on a dry run.
-            if isinstance(workload, QemuWorkload) or (opts.dry_run and isinstance(workload, GuestControl)):
-                try:
-                    await workload.connect()
-                except PrecopyError as exc:
-                    await workload.close()
-                    job.state, job.report = "aborted", {"migration_id": job.id, "outcome": "aborted",
-                                                        "error": f"cannot reach the workload: {exc}"}
-                    return
-            ticket = None if opts.dry_run else self.admission.join(job.id)  # a dry run moves nothing
-            t_queue = time.monotonic()
-            waited = 0.0
-            try:
-                while ticket is not None and not await self.admission.wait(ticket):
-                    job.state, job.queue_position = "queued", self.admission.position(ticket)
-                    queued = {"phase": "queued", "queued_at": "source", "queue_position": job.queue_position}
-                    for q in job.watchers:
-                        if not q.full():
-                            q.put_nowait(queued)
-                waited = time.monotonic() - t_queue
-                if job.state == "queued":
-                    _log.info("migration %s: its turn after %.1f s queued (--max-active %d)", job.id,
-                              waited, self.admission.limit)
-                job.state, job.queue_position = "running", 0
-                rep = await migrate(opts, workload, progress)
-                _log.info("migration %s: %s", job.id, rep.outcome)
-            except MigrationAborted as exc:
-                rep = exc.report  # type: ignore[attr-defined]
-                _log.error("migration %s aborted, the workload keeps running on the source: %s", job.id, exc)
-            except MigrationInDoubt as exc:
-                rep = exc.report  # type: ignore[attr-defined]
-                _log.critical("migration %s: %s", job.id, exc)
-            finally:
-                if ticket is not None:
-                    self.admission.leave(ticket)
-                if isinstance(workload, (GuestControl, QemuWorkload)):
-                    await workload.close()
-            job.state = rep.outcome
-            job.report = json.loads(rep.to_json())
-            # The last progress said where the migration was; now it says how it ended.
-            job.progress = {**(job.progress or {}), "phase": rep.outcome,
-                            "round": rep.rounds[-1].round if rep.rounds else 0, "eta_s": None,
-                            "expected_downtime_ms": rep.expected_downtime_ms, "downtime_ms": rep.downtime_ms,
-                            "elapsed_s": round(rep.total_time_s, 4)}
-            job.report["source_queued_s"] = round(waited, 3)  # before the engine's total_time_s began
+        return progress
 
-        async def supervise() -> None:
-            try:
-                await run_job()
-            except Exception as exc:  # a bug must not take the daemon down; the job says why
-                _log.exception("migration %s: internal error", job.id)
-                job.state = "aborted"
-                job.report = {"migration_id": job.id, "outcome": "aborted", "error": f"internal error: {exc}"}
-            finally:
-                self._finish(job, args.report)
+    async def _supervise(self, job: Job, opts: SourceOptions, workload: Workload, report_file: Path | None) -> None:
+        try:
+            await self._run_job(job, opts, workload)
+        except Exception as exc:  # a bug must not take the daemon down; the job says why
+            _log.exception("migration %s: internal error", job.id)
+            job.state = "aborted"
+            job.report = {"migration_id": job.id, "outcome": "aborted", "error": f"internal error: {exc}"}
+        finally:
+            self._finish(job, report_file)
 
-        job.task = asyncio.create_task(supervise())
-        _log.info("migration %s started: %s -> %s", job.id, args.memory, shown.get("to"))
-        return job
+    async def _run_job(self, job: Job, opts: SourceOptions, workload: Workload) -> None:
+        # A QEMU VM's QMP socket is opened before the migration, as by the
+        # one-shot command; a guest's control socket is probed on a dry run.
+        if isinstance(workload, QemuWorkload) or (opts.dry_run and isinstance(workload, GuestControl)):
+            try:
+                await workload.connect()
+            except PrecopyError as exc:
+                await workload.close()
+                job.state, job.report = "aborted", {"migration_id": job.id, "outcome": "aborted",
+                                                    "error": f"cannot reach the workload: {exc}"}
+                return
+        ticket = None if opts.dry_run else self.admission.join(job.id)  # a dry run moves nothing
+        waited = 0.0
+        try:
+            if ticket is not None:
+                waited = await self._wait_turn(job, ticket)
+            job.state, job.queue_position = "running", 0
+            rep = await migrate(opts, workload, self._progress_to(job))
+            _log.info("migration %s: %s", job.id, rep.outcome)
+        except MigrationAborted as exc:
+            rep = exc.report  # type: ignore[attr-defined]
+            _log.error("migration %s aborted, the workload keeps running on the source: %s", job.id, exc)
+        except MigrationInDoubt as exc:
+            rep = exc.report  # type: ignore[attr-defined]
+            _log.critical("migration %s: %s", job.id, exc)
+        finally:
+            if ticket is not None:
+                self.admission.leave(ticket)
+            if isinstance(workload, (GuestControl, QemuWorkload)):
+                await workload.close()
+        job.state = rep.outcome
+        job.report = json.loads(rep.to_json())
+        # The last progress said where the migration was; now it says how it ended.
+        job.progress = {**(job.progress or {}), "phase": rep.outcome,
+                        "round": rep.rounds[-1].round if rep.rounds else 0, "eta_s": None,
+                        "expected_downtime_ms": rep.expected_downtime_ms, "downtime_ms": rep.downtime_ms,
+                        "elapsed_s": round(rep.total_time_s, 4)}
+        job.report["source_queued_s"] = round(waited, 3)  # before the engine's total_time_s began
+
+    async def _wait_turn(self, job: Job, ticket: Ticket) -> float:
+        """Wait (state "queued") until --max-active lets the job move bytes; the seconds waited."""
+        t_queue = time.monotonic()
+        while not await self.admission.wait(ticket):
+            job.state, job.queue_position = "queued", self.admission.position(ticket)
+            queued = {"phase": "queued", "queued_at": "source", "queue_position": job.queue_position}
+            for q in job.watchers:
+                if not q.full():
+                    q.put_nowait(queued)
+        waited = time.monotonic() - t_queue
+        if job.state == "queued":
+            _log.info("migration %s: its turn after %.1f s queued (--max-active %d)", job.id,
+                      waited, self.admission.limit)
+        return waited
 
     def _finish(self, job: Job, report_file: Path | None) -> None:
         if job.state in ("queued", "running"):  # cancelled before the engine produced a report

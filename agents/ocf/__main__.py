@@ -1,0 +1,7 @@
+"""python -m agents.ocf: precopy-ocf."""
+
+import sys
+
+from . import main
+
+sys.exit(main())
