@@ -3,7 +3,7 @@
     python -m benchmarks.scan_floor [--size-mib 1024] [--runs 5]
 
 A live digest scan of a fast writer's region goes page by page
-(``SourceSession._page_scan``: most chunks changed since the last scan, so a
+(``DigestScanner.page_scan``: most chunks changed since the last scan, so a
 chunk pass would only add a pass).  This measures, on a region of random
 bytes in /dev/shm and with nothing else running, the three ways of reading
 it: xxh3 in 64 MiB buffers (the yardstick of the issue's scan target), xxh3

@@ -30,7 +30,6 @@ PENDING: set[str] = {
     "precopy/session/destination.py:_DestMigration._receive",
     "precopy/session/source.py",
     "precopy/session/source.py:SourceSession",
-    "precopy/session/source.py:SourceSession._send_pages",
     "precopy/session/source.py:SourceSession._iterate",
     "precopy/session/source.py:SourceSession._switchover",
 }

@@ -22,6 +22,7 @@ from agents.source_main import summary
 from precopy.policy.downtime import CAP_STEPS, DowntimeCap, DowntimeCapExceeded, Part, switchover_margin
 from precopy.errors import AbortCode, MigrationAborted
 from precopy.policy.switchover import Action, Decision, LinkEstimator, SwitchoverPolicy
+from precopy.session.exchange import Exchange
 from precopy.session.source import SourceOptions, SourceSession
 from precopy.protocol import Commit, DeviceState, DigestRequest, Pages
 
@@ -104,21 +105,22 @@ async def capped_migration(work: Path, dest_dir: Path, monkeypatch: pytest.Monke
         if slow == "pause":
             clock.t += 0.150
 
-    real_send = SourceSession._send_event
+    real_send = Exchange.send
+    jumped = [False]
 
-    async def send_event(self: SourceSession, ev: Any) -> int:
+    async def send_event(self: Exchange, ev: Any) -> int:
         n = await real_send(self, ev)
-        if self.paused and (
-                slow == "first_final_batch" and isinstance(ev, Pages) and not getattr(self, "_jumped", False)
+        if session.paused and (
+                slow == "first_final_batch" and isinstance(ev, Pages) and not jumped[0]
                 or slow == "device_state" and isinstance(ev, Pages)
                 or slow == "verify" and isinstance(ev, DeviceState)
                 or slow == "commit" and isinstance(ev, DigestRequest) and ev.final
                 or slow == "after_commit" and isinstance(ev, Commit)):
-            self._jumped = True  # type: ignore[attr-defined]
+            jumped[0] = True
             clock.t += 0.150
         return n
 
-    monkeypatch.setattr(SourceSession, "_send_event", send_event)
+    monkeypatch.setattr(Exchange, "send", send_event)
     wl = FakeWorkload(on_pause=on_pause)
     kw.setdefault("downtime_ms", 100)
     async with serve(dest_dir) as server:

@@ -23,6 +23,8 @@ import pytest
 import uvloop
 import xxhash
 
+import precopy.session.scanner
+import precopy.session.sender
 import precopy.session.source
 from precopy.session.destination import DestinationServer, DestOptions
 from precopy.memory.digest import StagingBuffer
@@ -1003,7 +1005,7 @@ async def test_dense_dirty_sets_go_as_whole_chunks_and_stay_exact(work: Path, sh
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """When most chunks differ, a scan sends them whole (no per-page pass); with
     every scan forced to, what commits still equals the paused source."""
-    monkeypatch.setattr(precopy.session.source, "_written_fraction", lambda *a: 1.0)
+    monkeypatch.setattr(precopy.session.scanner, "written_fraction", lambda *a: 1.0)
     npages = 2048
     src = work / "vm.mem"
     mm = make_region(src, npages, seed=4)
@@ -1035,7 +1037,7 @@ async def test_dense_dirty_sets_go_as_whole_chunks_and_stay_exact(work: Path, sh
 def test_whether_changed_chunks_go_whole(cand: np.ndarray, seen: float, link_bps: float, whole: bool) -> None:
     """Whole chunks when most of each was written, by the spread of the changed
     chunks or, when every chunk changed, by what the last page pass saw."""
-    assert precopy.session.source._whole_chunks_pay(cand, 2048, 32, link_bps, seen) is whole
+    assert precopy.session.scanner.whole_chunks_pay(cand, 2048, 32, link_bps, seen) is whole
 
 
 async def test_a_writer_touching_every_chunk_is_scanned_page_by_page(
@@ -1047,7 +1049,7 @@ async def test_a_writer_touching_every_chunk_is_scanned_page_by_page(
     npages = 4096
     src = work / "vm.mem"
     mm = make_region(src, npages, seed=6)
-    real = precopy.session.source.SourceSession._page_scan
+    real = precopy.session.scanner.DigestScanner.page_scan
     page_scans: list[int] = []
 
     async def page_scan(self: Any) -> Any:
@@ -1055,7 +1057,7 @@ async def test_a_writer_touching_every_chunk_is_scanned_page_by_page(
         page_scans.append(len(scan.dirty))
         return scan
 
-    monkeypatch.setattr(precopy.session.source.SourceSession, "_page_scan", page_scan)
+    monkeypatch.setattr(precopy.session.scanner.DigestScanner, "page_scan", page_scan)
     stop = asyncio.Event()
 
     async def scribble() -> None:
@@ -1090,7 +1092,7 @@ def test_a_scan_estimates_how_much_of_its_changed_chunks_was_written(changed: in
     """Evenly spread writes are the sparsest way to change that many chunks: 87 %
     of 2,048 chunks of 32 pages changed means at least ~7 % of their pages were
     written -- sending them whole would send ~14 times what was written."""
-    got = precopy.session.source._written_fraction(changed, 2048, 32)
+    got = precopy.session.scanner.written_fraction(changed, 2048, 32)
     assert got == pytest.approx(least, abs=0.01)
 
 
@@ -1108,16 +1110,16 @@ async def test_scattered_writes_over_many_chunks_are_not_sent_whole(
     npages = 2048
     src = work / "vm.mem"
     mm = make_region(src, npages, seed=5)
-    monkeypatch.setattr(precopy.session.source, "_PAGE_HASH_BPS", hash_bps)
+    monkeypatch.setattr(precopy.session.scanner, "_PAGE_HASH_BPS", hash_bps)
     sent: list[int] = []
-    real = precopy.session.source.SourceSession._send_pages
+    real = precopy.session.sender.PageSender.send
 
     async def send_pages(self: Any, indices: np.ndarray, rnd: Any, phase: str, **kw: Any) -> None:
         if phase != "full copy":
             sent.append(len(indices))
         await real(self, indices, rnd, phase, **kw)
 
-    monkeypatch.setattr(precopy.session.source.SourceSession, "_send_pages", send_pages)
+    monkeypatch.setattr(precopy.session.sender.PageSender, "send", send_pages)
 
     async def scribble() -> None:
         mm.reshape(npages, 4096)[::every, :8] ^= 0xFF
@@ -1139,7 +1141,7 @@ def test_send_plan_covers_every_page_once_and_ordered_batches_span_only_their_ow
     dense[rng.integers(0, npages - 300):][:300] = True  # a long run, cut into batches
     indices = np.flatnonzero(dense).astype(np.uint32)
     for ordered in (False, True):
-        batches = list(precopy.session.source._plan(indices, 64, fill=fill, ordered=ordered))
+        batches = list(precopy.session.sender.plan(indices, 64, fill=fill, ordered=ordered))
         pages = np.concatenate([b for b, _ in batches])
         assert all(len(b) <= 64 for b, _ in batches)
         assert len(pages) == len(np.unique(pages))

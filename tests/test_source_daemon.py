@@ -274,9 +274,9 @@ async def test_a_cancel_is_never_lost_while_waiting_for_the_destination(tmp_path
     region.write_bytes(b"\0" * 8192)
     session = SourceSession(SourceOptions(host="127.0.0.1", port=1, memory=region), FakeWorkload())
     try:
-        waiting = asyncio.create_task(session._expect(Ready))
+        waiting = asyncio.create_task(session.exchange.expect(Ready))
         await asyncio.sleep(0.01)  # it waits for the destination's answer
-        session._events.put_nowait(Ready())  # the answer arrives ...
+        session.exchange._events.put_nowait(Ready())  # the answer arrives ...
         waiting.cancel()  # ... as the cancel does
         with pytest.raises(asyncio.CancelledError):
             await waiting

@@ -111,12 +111,12 @@ async def test_sparse_region_stays_sparse_on_the_destination(work: Path, shm: Pa
     _sparse(path, npages, data_pages)
     mm = np.memmap(path, dtype=np.uint8, mode="r+", shape=(npages, PAGE_SIZE))
     calls = [0]
-    from precopy.session.source import SourceSession
     from precopy.protocol import Pages
+    from precopy.session.exchange import Exchange
 
-    orig = SourceSession._send_event
+    orig = Exchange.send
 
-    async def send_event(self: SourceSession, ev: object) -> int:
+    async def send_event(self: Exchange, ev: object) -> int:
         # After the holes were sent, the workload writes into one: that
         # page must be reserved on demand on the destination.
         if isinstance(ev, Pages) and len(ev.indices):
@@ -126,7 +126,7 @@ async def test_sparse_region_stays_sparse_on_the_destination(work: Path, shm: Pa
         return await orig(self, ev)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(SourceSession, "_send_event", send_event)
+        mp.setattr(Exchange, "send", send_event)
         async with serve(shm / "dest") as server:
             report = await migrate(server, path, FakeWorkload())
     assert report.outcome == "committed"

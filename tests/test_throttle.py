@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 import precopy.session.source
+from precopy.session.sender import PageSender
 from precopy.errors import GuestControlError, MigrationAborted, PrecopyError
 from precopy.session.guardian import ARMED, IDLE
 from precopy.policy.switchover import Action, Decision, SwitchoverPolicy
@@ -458,7 +459,7 @@ async def test_a_failure_while_throttled_ends_the_throttle_and_rolls_back(
     make_region(src, 256)
     script(monkeypatch, (Action.CONTINUE, 40))
     sends = 0
-    real = precopy.session.source.SourceSession._send_pages
+    real = PageSender.send
 
     async def send_pages(self: Any, indices: np.ndarray, rnd: Any, phase: str, **kw: Any) -> None:
         nonlocal sends
@@ -468,7 +469,7 @@ async def test_a_failure_while_throttled_ends_the_throttle_and_rolls_back(
                 raise PrecopyError("injected failure in round 3")
         await real(self, indices, rnd, phase, **kw)
 
-    monkeypatch.setattr(precopy.session.source.SourceSession, "_send_pages", send_pages)
+    monkeypatch.setattr(PageSender, "send", send_pages)
     wl = ThrottledWorkload()
     async with serve(dest_dir) as server:
         with pytest.raises(MigrationAborted, match="injected") as err:

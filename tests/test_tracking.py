@@ -30,6 +30,8 @@ import numpy as np
 import pytest
 
 import precopy.session.source
+import precopy.session.tracked
+from precopy.session.tracked import TrackedScanner
 import precopy.memory.tracking
 import precopy.memory.uffd as uffd
 from precopy.session.destination import DestinationServer, DestOptions
@@ -345,8 +347,8 @@ def verification(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
     """Chunk tables of chunk bytes throughout; by page from the first comparison if the full copy
     saw a write; or compared by chunk first, then by page from the first round that writes any page."""
     first, later = {"chunks": (2.0, 2.0), "pages": (1e-9, 2.0), "pages-later": (2.0, 1e-9)}[request.param]
-    monkeypatch.setattr(precopy.session.source, "_FIRST_BY_PAGE_SHARE", first)
-    monkeypatch.setattr(precopy.session.source, "_BY_PAGE_SHARE", later)
+    monkeypatch.setattr(precopy.session.tracked, "_FIRST_BY_PAGE_SHARE", first)
+    monkeypatch.setattr(precopy.session.tracked, "_BY_PAGE_SHARE", later)
     if request.param != "chunks":
         # Which mode a migration ends in depends on the guest writing during
         # the full copy ("pages") or in a live round after the first
@@ -355,14 +357,13 @@ def verification(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
         # One page reported written by every scan (page 0: sent again, which
         # is always safe) makes the switch happen whatever the guest's share
         # of the CPU; its real writes are tracked as ever.
-        real_scan = precopy.session.source.SourceSession._tracker_scan
+        real_scan = TrackedScanner.tracker_scan
 
-        async def scan_with_page_0(self: precopy.session.source.SourceSession) -> np.ndarray:
+        async def scan_with_page_0(self: TrackedScanner) -> np.ndarray:
             dirty = await real_scan(self)
-            assert self.mem is not None
             return page_union(self.mem.npages, dirty, np.zeros(1, dtype=dirty.dtype))
 
-        monkeypatch.setattr(precopy.session.source.SourceSession, "_tracker_scan", scan_with_page_0)
+        monkeypatch.setattr(TrackedScanner, "tracker_scan", scan_with_page_0)
     if request.param == "pages-later":
         # ... and the switch is made by a round that rehashes what it saw written, which a
         # round far from its switchover leaves for later: on a slow (busy) machine every
@@ -502,15 +503,15 @@ def test_the_destination_hashes_the_last_rounds_before_the_pause_not_in_it(
 def test_a_stale_chunk_digest_of_ours_is_rechecked_not_repaired(
         procs: Procs, shm: Path, monkeypatch: pytest.MonkeyPatch, verification: str) -> None:
     mem, ctl, _ = _start_guest(procs, shm, pattern="random", npages=4096)
-    real = precopy.session.source.SourceSession._track_scan
+    real = TrackedScanner.scan
 
-    async def track_scan(self: precopy.session.source.SourceSession, *, final: bool) -> Any:
-        scan = await real(self, final=final)
+    async def track_scan(self: TrackedScanner, *, final: bool, **kw: Any) -> Any:
+        scan = await real(self, final=final, **kw)
         if final:
             scan.live[3] ^= 1  # our table says chunk 3 changed; the destination holds it right
         return scan
 
-    monkeypatch.setattr(precopy.session.source.SourceSession, "_track_scan", track_scan)
+    monkeypatch.setattr(TrackedScanner, "scan", track_scan)
     rep = _migrate_guest(shm, ctl, mem, tracking="uffd-wp")
     assert rep.outcome == "committed" and rep.verify_repairs == 0
     assert rep.verification == verification
@@ -684,7 +685,7 @@ def test_expected_downtime_with_a_tracker_counts_its_scan_and_the_verification(s
 
     opts = SourceOptions(host="h", port=1, memory=shm / "x")
     s = precopy.session.source.SourceSession(opts, SignalWorkload(os.getpid()))
-    s._rtt = 0.001
+    s.exchange.rtt = 0.001
     s._last_scan_s = 0.002  # what a tracked round measured (scan + rehash of its chunks)
     base = expected_downtime(remaining_pages=100, bandwidth_bps=s.link.bytes_per_second,
                              final_scan_s=0.002, overhead_s=0.002 + 2 * 0.001)
@@ -876,16 +877,15 @@ def test_the_first_scan_waits_for_the_full_copys_map_in(procs: Procs, shm: Path,
         self._map_in_thread = threading.Thread(target=run, daemon=True)
         self._map_in_thread.start()
 
-    real_scan = precopy.session.source.SourceSession._tracker_scan
+    real_scan = TrackedScanner.tracker_scan
 
-    async def scan(self: precopy.session.source.SourceSession) -> np.ndarray:
-        assert self.mem is not None
+    async def scan(self: TrackedScanner) -> np.ndarray:
         thread = self.mem.prep._map_in_thread
         seen.append(thread is not None and not thread.is_alive())
         return await real_scan(self)
 
     monkeypatch.setattr(Preparation, "start_map_in", slow_start_map_in)
-    monkeypatch.setattr(precopy.session.source.SourceSession, "_tracker_scan", scan)
+    monkeypatch.setattr(TrackedScanner, "tracker_scan", scan)
     mem, ctl, _ = _start_guest(procs, shm, pattern="punch", npages=2048)
     rep = _migrate_guest(shm, ctl, mem, tracking="uffd-wp")
     assert rep.outcome == "committed" and rep.tracking == "uffd-wp"

@@ -3,7 +3,7 @@
 Two trackers answer "which pages changed since I last looked?":
 
 * **digest** (always available): hash every chunk of the live region and
-  compare with the destination's chunk table (``SourceSession._scan``).
+  compare with the destination's chunk table (``precopy.session.scanner.DigestScanner``).
   Costs a full rehash per round and, worse, one while the workload is paused.
 * **uffd-wp**: the guest hands the agent a userfaultfd; the agent registers
   the guest's mapping for async write-protect and asks the kernel with
@@ -108,7 +108,7 @@ def maybe_data_held(sent: np.ndarray, held_zero: np.ndarray | None, pages: np.nd
 
     ``sent``: the source's record (digests; the zero page's digest means
     zeros); ``held_zero``: where the destination is known to hold zeros
-    (``SourceSession.held_zero``), which is what counts once the record
+    (``PageRecord.held_zero``, precopy.session.record), which is what counts once the record
     holds what the region read as last (chunk tables by page): a page read
     as a hole, then written and sent as data, keeps a zero digest there.
     A page is taken for zeros only where both say so.

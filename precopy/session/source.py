@@ -21,40 +21,36 @@ With ``tracking="uffd-wp"`` (:mod:`precopy.memory.tracking`) the kernel names th
 dirty pages instead of the chunk comparison, and the source's chunk table
 for the final verification is kept current by rehashing only the chunks of
 reported pages, so the pause rehashes only what the last scan reported.
+
+The work of each phase lives in an object of its own, which tests drive
+without sockets: the page sender (:mod:`precopy.session.sender`), the dirty
+scanner (:mod:`precopy.session.scanner` for digests,
+:mod:`precopy.session.tracked` for kernel tracking, behind one interface),
+the record of what the destination holds (:mod:`precopy.session.record`)
+and the exchange of events with the destination
+(:mod:`precopy.session.exchange`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
 import logging
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Callable
 
 import numpy as np
 import xxhash
 
-from precopy.net.channel import Channel, LinkError, PeerAborted, connect
+from precopy.net.channel import Channel, PeerAborted, connect
 from precopy.net.tls import make_channel
 from precopy.protocol.compress import AdaptiveCompressor
 from precopy.policy.downtime import DowntimeCap, DowntimeCapExceeded, Margin, Part, switchover_margin
-from precopy.memory.digest import (
-    ZERO_PAGE_DIGEST,
-    StagingBuffer,
-    chunk_digests,
-    chunk_pages_of,
-    page_difference,
-    page_digests,
-    page_union,
-    sorted_distinct,
-    region_chunk_digests,
-)
+from precopy.memory.digest import page_union
 from precopy.session.commit import Committer, OutcomeTarget, describe
-from precopy.session.contention import SENDING, ContentionMeter, cpu_wait_s as _cpu_wait_s
+from precopy.session.contention import SENDING, ContentionMeter
 from precopy.session.guardian import ARMED, COMMIT, IDLE, Guardian
 from precopy.session.handshake import handshake
 from precopy.session.options import Progress, SourceOptions
@@ -64,7 +60,6 @@ from precopy.errors import (
     MigrationAborted,
     MigrationInDoubt,
     PrecopyError,
-    RemoteProtocolError,
 )
 from precopy.memory.region import GuestMemory, clear_exception_frames
 from precopy.policy.switchover import (
@@ -75,165 +70,32 @@ from precopy.policy.switchover import (
     expected_downtime,
 )
 from precopy.session.report import MigrationReport, RoundReport
-from precopy.memory.tracking import SourceChunks, TrackingUnavailable, UffdTracker, select_tracker
+from precopy.memory.tracking import SourceChunks, TrackingUnavailable, UffdTracker
 from precopy.protocol import (
-    MAX_BATCH_PAGES,
-    MAX_PAGE_DIGEST_CHUNKS,
     MAX_PAYLOAD,
     PAGE_SIZE,
     Begin,
     DeviceState,
-    DigestRequest,
-    DigestTable,
-    Pages,
     Queued,
     Ready,
     Role,
     Switchover,
-    whole_chunks,
 )
 from precopy.workload.base import Workload
+from precopy.session.exchange import Exchange
+from precopy.session.record import PageRecord
+from precopy.session.scanner import DigestScanner, DirtyScanner
+from precopy.session.sender import PageSender
+from precopy.session.tracked import TrackedScanner, choose_tracker
 
 __all__ = ["SourceOptions", "Progress", "migrate", "SourceSession"]
 
 _log = logging.getLogger(__name__)
 #: With a tracker, a dirty set this small is sent paused rather than chased.
 _TRACKED_SHRINK_PAGES = 64
-#: With a tracker, chunk tables go by page (SourceChunks.to_pages) once a
-#: rehash that is not deferred would hash this share of all chunks: a
-#: writer scattered that widely pays a whole-region chunk hash a round on
-#: each side, where by page it pays 4 KiB a page written (one page pass on
-#: each side to switch, ~100-160 ms per GiB here, repaid in a few rounds).
-_BY_PAGE_SHARE = 0.5
-#: ... and from the first round's digest comparison when the full copy's
-#: writes already cover this share of the chunks (both sides hash every
-#: page once, instead of every chunk now and every page a round later).
-_FIRST_BY_PAGE_SHARE = 0.5
 _h64 = xxhash.xxh3_64_intdigest
 #: Live samples of the scan's cost and of the dirty rate kept for their spread.
 _SPREAD_SAMPLES = 8
-
-
-def _written_fraction(changed: int, nchunks: int, chunk_pages: int) -> float:
-    """The least fraction of a changed chunk's pages that were written.
-
-    With ``changed`` of ``nchunks`` chunks differing, writes spread evenly
-    over the pages (the sparsest way to change that many chunks) wrote a
-    page with probability p where 1 - (1 - p) ** chunk_pages is the changed
-    fraction; a changed chunk then holds p / changed-fraction written pages.
-    Clustered writers (a sweep) write more of each.  2,000 random pages/s
-    changed 87 % of a 256 MiB region's chunks in a 1 Gbit/s round: 7 % of
-    their pages; sent whole, each round was ten times what was written.
-    """
-    if nchunks <= 0 or changed <= 0:
-        return 0.0
-    c = min(changed / nchunks, 1.0)
-    if c >= 1.0:
-        return 1.0  # any fraction from 1 / chunk_pages up: cannot tell
-    p: float = 1.0 - (1.0 - c) ** (1.0 / chunk_pages)
-    return p / c
-
-
-@dataclass(frozen=True, slots=True, eq=False)
-class _Scan:
-    """What one comparison of our chunks with the destination's found."""
-
-    dirty: np.ndarray  # pages whose content differs from what we last sent
-    odd: np.ndarray  # pages of chunks that differ although no page digest does
-    live: np.ndarray  # our chunk digests
-    dest_table: np.ndarray  # the destination's chunk digests
-    hash_s: float  # hashing our chunks
-    page_hash_s: float  # hashing the pages of the chunks that differ
-    whole: bool = False  # ``dirty`` is every page of the chunks that differ (a dense set)
-    by_page: bool = False  # every page compared with its record, no chunk pass (_page_scan)
-
-
-#: A scan sends the changed chunks whole when at least this fraction of
-#: their pages were written, at the least (see _written_fraction) ...
-_DENSE = 0.5
-#: ... and, on a link slower than hashing pages, the bytes that sends for
-#: nothing cost more than finding the pages: the fraction must then be over
-#: 1 - link rate / this (bytes/s: hashing pages one by one, both sides).
-_PAGE_HASH_BPS = 8e9
-#: Runs at least this long are sent straight from memory (see _plan).
-_DIRECT_RUN = 16
-
-
-def _whole_need(link_bps: float) -> float:
-    """The least fraction of a changed chunk's pages that must be written to send it whole."""
-    return max(_DENSE, 1.0 - link_bps / _PAGE_HASH_BPS)
-
-
-def _whole_chunks_pay(cand: np.ndarray, nchunks: int, chunk_pages: int, link_bps: float,
-                      written_seen: float) -> bool:
-    """Whether the changed chunks ``cand`` (ascending, of ``nchunks``) go whole.
-
-    Sending a changed chunk whole spares hashing its pages one by one
-    (GIL-bound, and the destination the same for pages without a record)
-    but sends its clean pages too: it pays when most of each was written
-    (see _written_fraction and _whole_need), or when the changed chunks lie
-    in a few long runs where even writes would leave many (a sweep writes
-    through them) and the link outruns page hashing by far.  Every chunk
-    changed says nothing about how much of each -- a sweep writes them
-    through, 200,000 random pages/s a third -- so ``written_seen``, the
-    fraction of changed chunks' pages the last page pass found written,
-    decides (sent whole on a guess, a uniform writer's rounds were four
-    times what it wrote).
-    """
-    need = _whole_need(link_bps)
-    c = len(cand) / nchunks if nchunks else 0.0
-    if c >= 1.0:
-        return written_seen >= need
-    fast = need <= 0.9  # the link outruns hashing pages by far
-    runs = 1 + int(np.count_nonzero(np.diff(cand) > 1))
-    clustered = len(cand) >= 16 and runs <= max(2.0, 0.25 * len(cand) * (1.0 - c))
-    return _written_fraction(len(cand), nchunks, chunk_pages) >= need or (fast and clustered)
-
-
-def _plan(indices: np.ndarray, size: int, *, fill: int = 0,
-          ordered: bool = False) -> Iterator[tuple[np.ndarray, bool]]:
-    """``indices`` (ascending) in batches of at most ``size`` pages, each with
-    whether it is one run to send straight from memory.
-
-    Runs of at least ``_DIRECT_RUN`` pages -- after filling gaps of up to
-    ``fill`` pages between pages of ``indices``, which are then sent too
-    (a dense dirty set is mostly runs cut by a clean page here and there) --
-    become their own batches; the rest is gathered into staged batches.
-
-    ``ordered``: batches come in ascending order and no batch's span
-    (first to last page) holds a page of another (scattered pages between
-    two runs are batched apart), as :meth:`UffdTracker.rearm` needs;
-    otherwise the scattered batches come first.
-    """
-    n = len(indices)
-    if not n:
-        return
-    idx64 = indices.astype(np.int64)
-    starts = np.flatnonzero(np.diff(idx64, prepend=-(fill + 2)) > fill + 1)
-    ends = np.append(starts[1:], n)
-    spans = idx64[ends - 1] - idx64[starts] + 1
-    direct = spans >= _DIRECT_RUN
-
-    def runs(a: int, b: int) -> Iterator[tuple[np.ndarray, bool]]:
-        for lo in range(a, b + 1, size):
-            yield np.arange(lo, min(lo + size, b + 1), dtype=np.uint32), True
-
-    if ordered:
-        pos = 0
-        for s, e in zip(starts[direct].tolist(), ends[direct].tolist()):
-            for lo in range(pos, s, size):
-                yield indices[lo:min(lo + size, s)], False
-            yield from runs(int(idx64[s]), int(idx64[e - 1]))
-            pos = e
-        for lo in range(pos, n, size):
-            yield indices[lo:lo + size], False
-        return
-    if not direct.all():
-        rest = indices[~np.repeat(direct, ends - starts)]
-        for lo in range(0, len(rest), size):
-            yield rest[lo:lo + size], False
-    for a, b in zip(idx64[starts[direct]].tolist(), idx64[ends[direct] - 1].tolist()):
-        yield from runs(a, b)
 
 
 class SourceSession:
@@ -271,22 +133,21 @@ class SourceSession:
             io_timeout_s=opts.io_timeout_s, retries=opts.outcome_retries))
         self.throttle = Throttle(workload, self.policy, self.report, lambda: self.paused)
         self.contention = ContentionMeter(str(opts.migration_id))
-        self._events: asyncio.Queue[Any] = asyncio.Queue()
+        #: Events to and from the destination (the round trip and its peers learned on the way).
+        self.exchange = Exchange(opts.io_timeout_s)
         self._reader: asyncio.Task[None] | None = None
-        self._seq = 0
+        #: What the destination holds, page by page; the page sender; the
+        #: dirty scanner (digests or kernel tracking): made in _migrate.
+        self.record: PageRecord
+        self.sender: PageSender
+        self.scanner: DirtyScanner
         self._t0 = 0.0
-        self._rtt = 0.001
         self._last_scan_s = 0.0
         self._prev_scan_s = 0.0
         self._prev_detect_s = 0.0  # the CPU time of the tracker's detection in the scan before
-        self._detect_cpu_s = 0.0  # of the tracker's last scan
-        self._scan_detect_cpu_s = 0.0  # of the last round's detection (_track_scan)
         self._settle_seq: int | None = None  # a table asked for by _settle, not yet answered
         self._unsettled = 0  # pages sent since the destination last hashed what it holds (tracked)
         self._closing_in = False  # see _near_switchover
-        self._dense = False  # the last digest scan found most chunks changed: scan by page (_page_scan)
-        self._written_seen = 0.0  # of the pages of changed chunks, the fraction the last page pass found dirty
-        self._page_s = 0.0  # hashing one page, as measured in the last scan that hashed pages
         self._floor_scan_s = float("inf")  # the fastest scan of the whole region so far
         self._chunk_hash_s = 0.0  # rehashing for one scattered page: its chunk, or (by page) itself
         self._hash_pool = ThreadPoolExecutor(2, thread_name_prefix="precopy-hash")
@@ -299,8 +160,6 @@ class SourceSession:
         self._scan_samples: list[float] = []  # the scan's cost as each live round measured it
         self._dirty_samples: list[float] = []  # the dirty rate (pages/s) each live round measured
         self._dest_table = np.zeros(0, dtype=np.uint64)  # from the last verification
-        self._asked: dict[int, float] = {}  # digest requests out: seq -> when sent (round trips)
-        self._dest_peers = 0  # other migrations the destination receives, as its last table said
 
     # -- entry point ----------------------------------------------------
 
@@ -420,21 +279,7 @@ class SourceSession:
             })
             self.throttle.guardian = self._guardian
         self.report.region_bytes = mem.size
-        #: Per page, the digest of what the destination holds, where ``known``:
-        #: pages sent straight from memory are known once the destination
-        #: has hashed them for a scan that needed them (see _scan).
-        self.sent = np.zeros(mem.npages, dtype=np.uint64)
-        self.known = np.zeros(mem.npages, dtype=bool)
-        #: Per page, whether the destination is known to hold zeros there (a
-        #: zero page was the last thing sent, or its digest says so).  Not
-        #: the same as ``sent == ZERO_PAGE_DIGEST`` once chunk tables go by
-        #: page: ``sent`` then holds what the region read as last (a hole
-        #: read as zeros, then written and sent as data, still has the zero
-        #: digest there).  The hole and zero checks of a tracker (a hole
-        #: punched turns a page to zeros unreported) resend a page that
-        #: reads as zeros where this is False.
-        self.held_zero = np.zeros(mem.npages, dtype=bool)
-        self.staging = StagingBuffer(opts.batch_pages)
+        self.record = PageRecord.empty(mem.npages)
         # Chunks of 128 KiB by default: big enough for xxh3 to run at memory
         # speed with the GIL released, small enough that few clean pages are
         # rehashed inside a chunk that changed.  Larger for huge regions, so
@@ -442,7 +287,6 @@ class SourceSession:
         self.chunk_pages = opts.chunk_pages
         while -(-mem.npages // self.chunk_pages) * 8 > MAX_PAYLOAD:
             self.chunk_pages *= 2
-        self.chunk_bytes = self.chunk_pages * PAGE_SIZE
         await self._choose_tracking()
 
         sock = await connect(opts.host, opts.port, opts.connect_timeout_s, retry_refused=True)
@@ -450,13 +294,14 @@ class SourceSession:
         self.chan.send_timeout_s = opts.io_timeout_s
         self.report.source = "%s:%d" % sock.getsockname()[:2]
         await self._handshake(self.chan)
-        self._reader = asyncio.create_task(self._read_loop())
+        self.exchange.chan = self.chan
+        self._reader = asyncio.create_task(self.exchange.read_loop())
 
         # An adapter may declare what the guest needs on the destination
         # (precopy.session.preflight): checked there before any page moves.
         requirements = getattr(self.workload, "requirements", None)
         requires = dict(requirements()) if callable(requirements) else {}
-        await self._send_event(Begin(
+        await self.exchange.send(Begin(
             migration_id=str(opts.migration_id), name=str(opts.name), size=mem.size,
             chunk_pages=self.chunk_pages, dry_run=opts.dry_run, requires=requires, wait=not opts.dry_run,
         ))
@@ -469,13 +314,14 @@ class SourceSession:
         _log.info("migration %s: %s (%d MiB) -> %s", opts.migration_id, opts.memory,
                   mem.size >> 20, self.report.destination)
 
+        await self._arm_tracking()  # (stop-and-copy has no tracker to arm)
+        self._make_sender_and_scanner()
         if opts.mode == "stop-and-copy":
             # The baseline (Quick Migration, CRIU): pause first, then the
             # final pass finds every page that differs from the (empty)
             # destination and sends it while the workload is stopped.
             await self._switchover(self._expected(mem.npages), None)
             return
-        await self._arm_tracking()
         await self._full_copy()
         expected, dest_table = await self._iterate()
         await self._switchover(expected, dest_table)
@@ -488,293 +334,22 @@ class SourceSession:
         workload runs on untouched).
         """
         t = time.monotonic()
-        ev = await self._expect((Ready, Queued))
+        ev = await self.exchange.expect((Ready, Queued))
         if isinstance(ev, Queued):
             _log.info("migration %s: queued at the destination, position %d (%d of %d moving bytes there)",
                       self.opts.migration_id, ev.position, ev.active, ev.limit)
         while isinstance(ev, Queued):
             self._emit("queued", 0, 0, 0, 0, t, queue_position=ev.position)
             # QUEUED comes every couple of seconds: a shorter --io-timeout must not end the wait.
-            ev = await self._expect((Ready, Queued), timeout_s=max(self.opts.io_timeout_s, 10.0))
+            ev = await self.exchange.expect((Ready, Queued), timeout_s=max(self.opts.io_timeout_s, 10.0))
             self.report.queued_s = time.monotonic() - t
         SENDING.add(str(self.opts.migration_id))
-        self.contention.measure(self._dest_peers)  # the first round's contention counts from here
+        self.contention.measure(self.exchange.dest_peers)  # the first round's contention counts from here
         assert isinstance(ev, Ready)
         return ev
 
     async def _handshake(self, chan: Channel) -> None:
-        self._rtt = await handshake(chan, self.opts.auth_key, self.opts.io_timeout_s)
-
-    async def _read_loop(self) -> None:
-        assert self.chan is not None
-        try:
-            async for ev in self.chan.events():
-                if isinstance(ev, DigestTable):
-                    ev = DigestTable(seq=ev.seq, digests=ev.digests.copy(), others=ev.others)
-                await self._events.put(ev)
-            await self._events.put(LinkError(f"{self.chan.peer} closed the connection"))
-        except (PrecopyError, OSError) as exc:
-            await self._events.put(exc)
-
-    async def _expect(self, typ: type | tuple[type, ...], timeout_s: float | None = None) -> Any:
-        # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a
-        # cancellation that arrives as the awaited item completes, and this
-        # runs every round, so a cancel (SIGINT, the daemon's cancel) could be
-        # lost and the migration go on.
-        timeout_s = self.opts.io_timeout_s if timeout_s is None else timeout_s
-        name = typ.__name__ if isinstance(typ, type) else " or ".join(t.__name__ for t in typ)
-        try:
-            async with asyncio.timeout(timeout_s):
-                ev = await self._events.get()
-        except TimeoutError:
-            raise LinkError(
-                f"no answer from the destination within {timeout_s:.0f} s "
-                f"(waiting for {name})", AbortCode.TIMEOUT,
-            ) from None
-        if isinstance(ev, BaseException):
-            raise ev
-        if not isinstance(ev, typ):
-            raise RemoteProtocolError(f"expected {name} from the destination, got {type(ev).__name__}")
-        return ev
-
-    async def _expect_table(self, seq: int) -> DigestTable:
-        """The next DIGEST_TABLE, which must answer request ``seq``."""
-        table: DigestTable = await self._expect(DigestTable)
-        if table.seq != seq:
-            raise RemoteProtocolError(f"digest table {table.seq} answers request {seq}")
-        asked = self._asked.pop(seq, None)
-        if asked is not None:
-            # An exchange is a round trip and then some: the round trip in
-            # every estimate is the fastest seen.  The handshake's alone was
-            # taken while many migrations started at once (eight on two
-            # cores: ~0.1 s, a "floor" of ~350 ms for one of ~20 alone).
-            self._rtt = max(min(self._rtt, time.monotonic() - asked), 1e-4)
-        if table.others is not None:
-            self._dest_peers = table.others
-        return table
-
-    def _check_peer(self) -> None:
-        """Raise what the reader saw (an ABORT, a closed link) without waiting."""
-        if not self._events.empty():
-            ev = self._events.get_nowait()
-            if isinstance(ev, BaseException):
-                raise ev
-            raise RemoteProtocolError(f"unexpected {type(ev).__name__} from the destination")
-
-    async def _send_event(self, ev: Any) -> int:
-        assert self.chan is not None
-        if isinstance(ev, DigestRequest):
-            self._asked[ev.seq] = time.monotonic()
-        try:
-            return await self.chan.send(ev)
-        except LinkError:
-            # The peer may have said why before closing: prefer its reason.
-            await asyncio.sleep(0.05)
-            self._check_peer()
-            raise
-
-    # -- sending pages --------------------------------------------------
-
-    async def _send_pages(self, indices: np.ndarray, rnd: RoundReport, phase: str, *,
-                          fill: int = 0, live: bool = False,
-                          before_batch: Callable[[int], None] | None = None) -> None:
-        """Send ``indices`` in batches; record digests of what was sent.
-
-        A run of pages (``_DIRECT_RUN`` or more, see :func:`_plan`; ``fill``
-        lets it bridge gaps of that many pages, sent too) that is not to be
-        compressed is sent straight from the mapping -- no copy, no hashing:
-        the kernel copies the pages into the socket, and the record of what
-        it copied comes from the destination, which hashes what it received
-        when a later scan needs it (:meth:`_scan`).  That is safe whatever
-        the workload writes meanwhile: a page changed during the send differs
-        at the next scan from what the destination holds, and is sent again.
-        It is most of a full copy, and of a dense dirty set.  The other
-        pages are staged (copied into the staging buffer), hashed per page
-        from that copy (the record, DESIGN invariant 1), checked for zero
-        pages, maybe compressed, and sent from the copy.
-
-        ``live`` (the workload runs): with a kernel tracker, each batch's
-        pages are re-protected just before they are read
-        (:meth:`UffdTracker.rearm`), so that only writes after their send
-        make them dirty again.
-
-        ``before_batch(pages_left)`` is called before each batch (the
-        downtime cap's check: it may raise).
-        """
-        assert self.mem is not None and self.chan is not None
-        batch = self.opts.batch_pages
-        rearm = self.tracker.rearm if live and self.tracker is not None else None
-        t_start = time.monotonic()
-        last_progress = last_sample = t_start
-        # The link's rate is what it delivered: bytes written minus those
-        # still queued in the socket (a round's first writes only fill the
-        # send buffer; counting them would overstate the rate).
-        unsent = self.chan.unsent_bytes
-        sampled = self.report.bytes_on_wire - unsent()
-        # Time this thread waited for a CPU: what a pause would give back
-        # (LinkEstimator.paused_bytes_per_second).
-        waited = _cpu_wait_s()
-        # Re-protecting each batch (below) is work only a live round does:
-        # like the waits, the pause gives its time back -- where we were the
-        # slower end: time spent waiting for room in the socket (the
-        # receiver slower) is not ours to speed up (a throttled sweep, whose
-        # pause went at 1.1-1.2x the live rate, was taken at up to 2x).
-        rearm_s = 0.0
-        blocked = blocked_start = self.chan.send_blocked_s
-        waited_start = waited
-
-        def given_back(w: float, b: float) -> float:
-            """Seconds of the sample since the last one that a pause would not spend."""
-            return w - waited + max(0.0, rearm_s - (b - blocked))
-
-        done = 0
-        for idx, run in _plan(indices, batch, fill=fill, ordered=rearm is not None):
-            if before_batch is not None:
-                before_batch(len(indices) - done)
-            tried = self.compressor.want()
-            t_batch = time.monotonic()
-            if rearm is not None:
-                try:
-                    rearm(idx)
-                    rearm_s += time.monotonic() - t_batch
-                except TrackingUnavailable as exc:
-                    raise PrecopyError(f"kernel write tracking failed mid-migration: {exc}",
-                                       AbortCode.GUEST) from exc
-            if not run and not tried and self.tracker is not None:
-                n, data_pages, zero_pages = await self._send_gathered(idx)
-            elif run and not tried and not self._has_zero_page(idx):
-                first = int(idx[0]) * PAGE_SIZE
-                raw = self.mem.view[first:first + len(idx) * PAGE_SIZE]
-                n = await self._send_event(Pages(indices=idx, zeros=idx[:0], payload=raw, checksum=None))
-                if not self._by_page:
-                    # No record until the destination gives one; never the zero
-                    # page's (the tracker's hole check trusts a zero record).
-                    self.sent[idx] = 0
-                    self.known[idx] = False
-                self.held_zero[idx] = False
-                data_pages, zero_pages = len(idx), 0
-            else:
-                n, data_pages, zero_pages = await self._send_staged(idx, tried)
-            now = time.monotonic()
-            self.compressor.record(tried, data_pages * PAGE_SIZE, now - t_batch)
-            done += len(idx)
-            rnd.pages_sent += data_pages
-            rnd.zero_pages += zero_pages
-            rnd.bytes_on_wire += n
-            self.report.bytes_on_wire += n
-            self.report.pages_sent += data_pages
-            self.report.zero_pages += zero_pages
-            self._check_peer()
-            if now - last_sample > 0.05:
-                delivered = self.report.bytes_on_wire - unsent()
-                w, b = _cpu_wait_s(), self.chan.send_blocked_s
-                self.link.add(delivered - sampled, now - last_sample, given_back(w, b))
-                sampled, last_sample, waited, rearm_s, blocked = delivered, now, w, 0.0, b
-            if self.progress is not None and now - last_progress > 0.2:
-                last_progress = now
-                self._emit(phase, rnd.round, done, len(indices), rnd.pages_dirty, t_start)
-        end = time.monotonic()
-        rnd.send_seconds += end - t_start
-        w = _cpu_wait_s()
-        self.link.add(self.report.bytes_on_wire - unsent() - sampled, end - last_sample,
-                      given_back(w, self.chan.send_blocked_s))
-        rnd.send_cpu_wait_seconds += w - waited_start
-        rnd.send_blocked_seconds += self.chan.send_blocked_s - blocked_start
-
-    @property
-    def _by_page(self) -> bool:
-        """Chunk tables by page: the record holds every page's digest as last read (the scan hashed them)."""
-        return self.chunks is not None and self.chunks.by_page
-
-    def _has_zero_page(self, run: np.ndarray) -> bool:
-        """Whether a run of pages holds an all-zero page (sent as a number, not 4 KiB).
-
-        Looks at each page's first 8 bytes, then reads in full only those
-        that start with zeros: a page of data is rejected after one cache
-        line, which the send then reads anyway.
-        """
-        assert self.mem is not None
-        lo, hi = int(run[0]), int(run[-1]) + 1
-        heads = self.mem.words[lo * (PAGE_SIZE // 8):hi * (PAGE_SIZE // 8):PAGE_SIZE // 8]
-        maybe = np.flatnonzero(heads == 0)
-        return bool(maybe.size) and not bool(self.mem.pages[lo + maybe].any(axis=1).all())
-
-    async def _send_gathered(self, idx: np.ndarray) -> tuple[int, int, int]:
-        """Send scattered pages straight from memory, gathered by ``sendmsg``.
-
-        With a kernel tracker the record of what was sent is not needed to
-        find what changes (the kernel says; the final verification compares
-        chunk tables of real memory), so scattered pages skip the staging
-        copy and their hashing as runs do: the kernel copies them from the
-        mapping into the socket, a buffer per run of pages.  Zero pages are
-        found from their first 8 bytes (then read in full) and sent as
-        numbers.  Returns (bytes written, data pages, zero pages).
-        """
-        assert self.mem is not None
-        pos = idx.astype(np.int64)
-        zero = np.zeros(len(idx), dtype=bool)
-        maybe = np.flatnonzero(self.mem.words[pos * (PAGE_SIZE // 8)] == 0)
-        if maybe.size:
-            zero[maybe] = ~self.mem.pages[pos[maybe]].any(axis=1)
-        data_idx, zero_idx = idx[~zero], idx[zero]
-        d = pos[~zero]
-        starts = np.flatnonzero(np.diff(d, prepend=-2) != 1)
-        ends = np.append(starts[1:], len(d)) - 1
-        view = self.mem.view
-        bufs = ([view[a * PAGE_SIZE:(b + 1) * PAGE_SIZE] for a, b in zip(d[starts].tolist(), d[ends].tolist())]
-                if len(d) else [])
-        n = await self._send_event(Pages(indices=data_idx, zeros=zero_idx, payload=bufs, checksum=None))
-        if not self._by_page:
-            self.sent[data_idx] = 0  # no record: see _send_pages
-            self.known[data_idx] = False
-        self.sent[zero_idx] = ZERO_PAGE_DIGEST
-        self.known[zero_idx] = True
-        self.held_zero[data_idx] = False
-        self.held_zero[zero_idx] = True
-        return n, len(data_idx), len(zero_idx)
-
-    async def _send_staged(self, idx: np.ndarray, compress: bool) -> tuple[int, int, int]:
-        """Stage, hash, check for zeros, maybe compress, send one batch.
-
-        Returns (bytes written, data pages, zero pages).
-        """
-        assert self.mem is not None
-        staged = self.staging.load(self.mem.pages, idx)
-        dig = self.staging.digests()
-        zero = dig == ZERO_PAGE_DIGEST
-        if zero.any():
-            zero &= ~staged.any(axis=1)  # never trust a 64-bit digest for zero
-        if zero.all():
-            data_idx, zero_idx = idx[:0], idx
-            raw = memoryview(b"")
-        elif zero.any():
-            keep = ~zero
-            data_idx, zero_idx = idx[keep], idx[zero]
-            raw = np.ascontiguousarray(staged[keep]).data.cast("B")
-        else:
-            data_idx, zero_idx = idx, idx[:0]
-            raw = self.staging.view()
-        # Whole chunks carry their chunk digests as the checksum: the
-        # destination checks them and keeps them as its chunk table, one
-        # pass over the bytes for both.
-        cd = None
-        checksum = 0
-        if whole_chunks(data_idx, self.chunk_pages, self.mem.npages) is not None:
-            cd = chunk_digests(raw, self.chunk_bytes)
-        else:
-            checksum = _h64(raw)
-        payload: Any = raw
-        compressed = False
-        if compress and raw.nbytes:
-            packed = self.compressor.compress(raw)
-            if packed is not None and len(packed) <= MAX_PAYLOAD:
-                payload, compressed = packed, True
-        n = await self._send_event(Pages(indices=data_idx, zeros=zero_idx, payload=payload,
-                                         compressed=compressed, checksum=checksum, chunk_digests=cd))
-        self.sent[idx] = dig
-        self.known[idx] = True
-        self.held_zero[idx] = zero
-        return n, len(data_idx), len(zero_idx)
+        self.exchange.rtt = await handshake(chan, self.opts.auth_key, self.opts.io_timeout_s)
 
     def _emit(self, phase: str, rnd: int, done: int, todo: int, dirty: int, t_start: float,
               queue_position: int = 0) -> None:
@@ -791,101 +366,16 @@ class SourceSession:
             throttle_pct=self.throttle.pct, queue_position=queue_position,
         ))
 
-    async def _full_copy(self) -> None:
-        assert self.mem is not None
-        t = time.monotonic()
-        rnd = RoundReport(round=0, kind="full", pages_scanned=self.mem.npages,
-                          pages_dirty=self.mem.npages, pages_sent=0, zero_pages=0,
-                          bytes_on_wire=0, seconds=0.0)
-        # Pages in holes of the file were never written: send them as zero
-        # pages without reading (reading would allocate them on tmpfs).
-        holes = self.mem.hole_pages()
-        # Map the region's pages into our page tables ahead of the sends, in
-        # a thread (MADV_POPULATE_READ, never the holes: that would allocate
-        # them): a fault for every few pages, on the zero-page check's first
-        # read or inside sendmsg, costs more than one call per 8 MiB. Into
-        # an existing region, 1 GiB: full copy 0.47 -> 0.45 s (6 runs each).
-        self.mem.prep.start_map_in(~holes)
-        hole_idx = np.flatnonzero(holes).astype(np.uint32)
-        for start in range(0, len(hole_idx), MAX_BATCH_PAGES):
-            idx = hole_idx[start:start + MAX_BATCH_PAGES]
-            n = await self._send_event(Pages(indices=idx[:0], zeros=idx, payload=b"", checksum=_h64(b"")))
-            self.sent[idx] = ZERO_PAGE_DIGEST
-            self.known[idx] = True
-            self.held_zero[idx] = True
-            rnd.zero_pages += len(idx)
-            rnd.bytes_on_wire += n
-            self.report.bytes_on_wire += n
-            self.report.zero_pages += len(idx)
-        data = np.flatnonzero(~holes).astype(np.uint32)
-        if self.report.dest_region == "existing":
-            same = await self._held_already(holes)
-            if same is not None:
-                self.sent[same] = 0  # no record of their own (see _held_already)
-                rnd.pages_dirty -= int(same[data].sum())
-                data = data[~same[data]]
-                self.report.pages_already_there = self.mem.npages - rnd.pages_dirty
-        await self._send_pages(data, rnd, "full copy", live=True)
-        if self.tracker is not None:
-            # Mapping a page in reads it: one sent, then punched, then mapped
-            # in is allocated again as zeros, a hole no scan's hole check sees
-            # and no rehash reads (it was not written).  The first comparison
-            # reads every page and finds it, if the map-in (a thread that a
-            # busy machine may starve past the full copy) is done by then.
-            await asyncio.get_running_loop().run_in_executor(self._outer_pool, self.mem.prep.wait_map_in)
-        rnd.seconds = time.monotonic() - t
-        rnd.bandwidth_bps = self.link.bytes_per_second
-        self.report.rounds.append(rnd)
-        self._last_scan_t = t
-        self._emit("full copy", 0, self.mem.npages, self.mem.npages, 0, t)  # shown even when it was quick
+    # -- the page sender and the dirty scanner ------------------------------
 
-    async def _held_already(self, holes: np.ndarray) -> np.ndarray | None:
-        """Pages the destination's existing region already holds, as a per-page mask.
-
-        A repeat migration finds most of the region there: only the chunks
-        that differ need to move.  A sample of 64 chunks' page digests is
-        asked for first; unless a quarter of its pages match, the region is
-        taken for stale (a pre-provisioned file) and None returned at once,
-        without hashing it here or there.  The pages skipped keep no record
-        of their own (``known`` stays False): a later scan that finds their
-        chunk changed asks the destination what it holds, as for pages sent
-        straight from memory.
-        """
-        assert self.mem is not None
-        cp, npages = self.chunk_pages, self.mem.npages
-        nchunks = -(-npages // cp)
-        sample = np.sort(np.random.default_rng().choice(nchunks, min(64, nchunks), replace=False)).astype(np.uint32)
-        self._seq += 1
-        await self._send_event(DigestRequest(seq=self._seq, pages_of=sample))
-        pages = chunk_pages_of(sample, cp, npages)
-        loop = asyncio.get_running_loop()
-        live = await loop.run_in_executor(self._outer_pool, page_digests, self.mem.pages, pages)
-        held = await self._expect_table(self._seq)
-        match = float((live == held.digests).mean())
-        if match < 0.25:
-            _log.info("the destination's existing region is stale (%.0f %% of a sample matches): "
-                      "sending every page", 100 * match)
-            return None
-        live, dest_table, _ = await self._chunk_tables(False, None)
-        same = np.ones(npages, dtype=bool)
-        cand = np.flatnonzero(live != dest_table)
-        same[chunk_pages_of(cand, cp, npages)] = False
-        same &= ~holes  # holes go as zero pages anyway
-        _log.info("the destination already holds %d of %d pages (a repeat migration): sending the rest",
-                  int(same.sum()), npages)
-        return same
-
-    # -- kernel write tracking ---------------------------------------------
+    @property
+    def _by_page(self) -> bool:
+        """Chunk tables by page: the record holds every page's digest as last read (the scan hashed them)."""
+        return self.chunks is not None and self.chunks.by_page
 
     async def _choose_tracking(self) -> None:
         assert self.mem is not None
-        if self.opts.mode == "stop-and-copy":
-            self._set_tracking("stop-and-copy pauses first and compares every page: nothing to track")
-            return
-        try:
-            self.tracker, reason = await select_tracker(self.opts.tracking, self.workload, self.mem)
-        except TrackingUnavailable as exc:
-            raise PrecopyError(str(exc), AbortCode.GUEST) from exc
+        self.tracker, reason = await choose_tracker(self.opts.tracking, self.opts.mode, self.workload, self.mem)
         self._set_tracking(reason)
 
     def _set_tracking(self, reason: str) -> None:
@@ -900,288 +390,54 @@ class SourceSession:
 
     async def _arm_tracking(self) -> None:
         """Arm the kernel tracker before the first page is read; digests if that fails."""
-        if self.tracker is None:
-            return
         assert self.mem is not None
-        try:
-            arm_s = await asyncio.get_running_loop().run_in_executor(self._outer_pool, self.tracker.arm)
-        except (TrackingUnavailable, OSError) as exc:
-            self.tracker.close()
-            self.tracker = None
-            if self.opts.tracking == "uffd-wp":
-                raise PrecopyError(f"--tracking uffd-wp: arming failed: {exc}", AbortCode.GUEST) from exc
-            self._set_tracking(f"arming kernel write tracking failed ({exc}); using digests")
-            return
-        self.chunks = SourceChunks(self.mem, self.chunk_pages, self._hash_pool)
-        _log.debug("write tracking armed in %.1f ms", arm_s * 1e3)
-
-    async def _track_scan(self, *, final: bool) -> _Scan:
-        """Ask the kernel which pages were written; keep our chunk table current.
-
-        Live: the chunks of reported pages are rehashed now, so that paused,
-        only the last scan's chunks are.  The first scan also runs the digest
-        comparison with the destination once: it checks the tracker over the
-        full copy and gives the starting chunk table.
-        Returns ``dirty`` (with the final pass, also the pages decided on
-        before the pause), ``live`` (our chunk table; current when paused),
-        ``hash_s`` (detection) and ``page_hash_s`` (rehashing the reported
-        pages' chunks, estimated for the first scan).
-        """
-        assert self.tracker is not None and self.chunks is not None and self.mem is not None
-        loop = asyncio.get_running_loop()
-        t = time.monotonic()
-        dirty = await self._tracker_scan()
-        detect_s = time.monotonic() - t
-        self._scan_detect_cpu_s = self._detect_cpu_s
-        # Pages re-protected just before their send (UffdTracker.rearm) went
-        # with their writes, but their chunks' digests must follow them.
-        written = page_union(self.mem.npages, dirty, self.tracker.take_rewritten())
-        if self.chunks.table is None:
-            if len(self.chunks.chunks_of(dirty)) >= _FIRST_BY_PAGE_SHARE * len(self.chunks.stale):
-                # Written all over during the full copy: compare by page at
-                # once (see _first_compare_by_page) rather than hash every
-                # chunk now and switch to pages a round or two later.
-                found, late, extra = await self._first_compare_by_page(dirty)
-                dirty = page_union(self.mem.npages, dirty, late, extra)
+        if self.tracker is not None:
+            try:
+                arm_s = await asyncio.get_running_loop().run_in_executor(self._outer_pool, self.tracker.arm)
+            except (TrackingUnavailable, OSError) as exc:
+                self.tracker.close()
+                self.tracker = None
+                if self.opts.tracking == "uffd-wp":
+                    raise PrecopyError(f"--tracking uffd-wp: arming failed: {exc}", AbortCode.GUEST) from exc
+                self._set_tracking(f"arming kernel write tracking failed ({exc}); using digests")
             else:
-                digest = await self._scan(final=False)
-                # What was written while we hashed is reported now: not taken
-                # for writes the kernel missed (sent twice), and its chunks are
-                # left stale until a rehash that is not deferred.
-                late = await self._tracker_scan()
-                self.chunks.adopt(digest.live, digest.hash_s)
-                self.chunks.rehash(late, self.sent, defer=True, held_zero=self.held_zero)
-                # Whole chunks (a dense set) compared no page: every page of
-                # a chunk that differs goes, reported or not (one page
-                # reported there says nothing of the others).
-                found = page_union(self.mem.npages, digest.dirty, digest.odd)
-                dirty = page_union(self.mem.npages, dirty, late)
-            missed = page_difference(self.mem.npages, found, dirty)
-            if missed.size:
-                _log.info("first scan: %d pages differ from the destination (or share a chunk that does) "
-                          "beyond the %d the kernel reported (holes punched, or writes the kernel did "
-                          "not see): sending them too", missed.size, dirty.size)
-                dirty = page_union(self.mem.npages, dirty, missed)
-            rehash_s = self.chunks.estimate(len(dirty))
-        else:
-            # Far from a switchover (a fast writer), the chunks it dirtied
-            # now would be dirtied again before the pause: their rehash waits.
-            defer = not final and not self._near_switchover(len(dirty))
-            spread = 0 if defer or final or self.chunks.by_page else self.chunks.would_rehash(written)
-            if spread and spread >= _BY_PAGE_SHARE * len(self.chunks.table):
-                # The switch hashes every page (what was written included).
-                holes = self.mem.hole_pages(max_extents=4096)
-                rehash_s, extra = await loop.run_in_executor(self._outer_pool, functools.partial(
-                    self.chunks.to_pages, dirty, self.sent, self.known, holes, held_zero=self.held_zero))
-                self.report.verification = "pages"
-                _log.info("chunk tables by page from now on: %d pages written over %d of %d chunks "
-                          "(switching took %.1f ms)", len(dirty), spread, len(self.chunks.table), rehash_s * 1e3)
-            else:
-                rehash_s, extra = await loop.run_in_executor(
-                    self._outer_pool, functools.partial(self.chunks.rehash, written, self.sent, defer=defer,
-                                                        sending=dirty, held_zero=self.held_zero))
-            if extra.size:
-                _log.info("%d unreported pages read as zeros although what was sent was not "
-                          "(holes punched): sending them too", extra.size)
-                dirty = page_union(self.mem.npages, dirty, extra)
-        assert self.chunks.table is not None
-        if final:
-            dirty = page_union(self.mem.npages, self._pending, dirty)
-        empty = np.zeros(0, dtype=np.uint32)
-        return _Scan(dirty, empty, self.chunks.table, np.zeros(0, dtype=np.uint64), detect_s, rehash_s)
+                self.chunks = SourceChunks(self.mem, self.chunk_pages, self._hash_pool)
+                _log.debug("write tracking armed in %.1f ms", arm_s * 1e3)
 
-    async def _first_compare_by_page(self, dirty: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The first digest comparison, by page: both sides switch to chunk tables by page.
-
-        ``dirty``: what the tracker reported after the full copy.  Both
-        sides hash every page (the destination when it gets the request, we
-        meanwhile, into our record: :meth:`SourceChunks.to_pages`); chunks
-        whose digests differ have their pages' digests asked for and
-        compared with ours.  Returns the pages found different, those the
-        tracker reported written while we hashed (rehashed already), and the
-        pages that read as zeros although what was sent there was not.
-        """
-        assert self.mem is not None and self.chunks is not None
-        loop = asyncio.get_running_loop()
-        self._seq += 1
-        seq = self._seq
-        await self._send_event(DigestRequest(seq=seq, by_page=True))
-        holes = self.mem.hole_pages(max_extents=4096)
-        hash_s, extra = await loop.run_in_executor(self._outer_pool, functools.partial(
-            self.chunks.to_pages, dirty, self.sent, self.known, holes, held_zero=self.held_zero))
-        self.report.verification = "pages"
-        _log.info("chunk tables by page from the first round: %d pages written during the full copy "
-                  "(hashing every page took %.1f ms)", len(dirty), hash_s * 1e3)
-        assert self.chunks.table is not None
-        dest_table = (await self._expect_table(seq)).digests
-        cand = np.flatnonzero(self.chunks.table != dest_table).astype(np.uint32)
-        parts = []
-        for piece_seq, piece in await self._ask_page_digests(cand, False):
-            held = await self._expect_table(piece_seq)
-            got = chunk_pages_of(piece, self.chunk_pages, self.mem.npages)
-            parts.append(got[held.digests != self.sent[got]])
-        found = np.concatenate(parts) if parts else cand[:0]
-        late = await self._tracker_scan()
-        await loop.run_in_executor(self._outer_pool, functools.partial(
-            self.chunks.rehash, late, self.sent, held_zero=self.held_zero))
-        return found.astype(np.uint32), late, extra
-
-    def _timed_tracker_scan(self) -> tuple[np.ndarray, float]:
-        """The tracker's scan, and the CPU time it took (what it costs paused: see _iterate)."""
-        assert self.tracker is not None
-        t = time.thread_time()
-        dirty = self.tracker.scan(self.sent, held_zero=self.held_zero)
-        return dirty, time.thread_time() - t
-
-    async def _tracker_scan(self) -> np.ndarray:
-        assert self.tracker is not None
-        try:
-            dirty, self._detect_cpu_s = await asyncio.get_running_loop().run_in_executor(
-                self._outer_pool, self._timed_tracker_scan)
-            return dirty
-        except TrackingUnavailable as exc:
-            raise PrecopyError(f"kernel write tracking failed mid-migration: {exc}", AbortCode.GUEST) from exc
-
-    # -- scanning -------------------------------------------------------
-
-    async def _chunk_tables(self, final: bool, dest_table: np.ndarray | None
-                            ) -> tuple[np.ndarray, np.ndarray, float]:
-        """Our live chunk digests and the destination's (asked for unless given), and our hashing time."""
+    def _make_sender_and_scanner(self) -> None:
+        """The page sender and the dirty scanner (the kernel's, once armed; digests otherwise)."""
         assert self.mem is not None
-        if dest_table is None:
-            self._seq += 1
-            await self._send_event(DigestRequest(seq=self._seq, final=final))
-        loop = asyncio.get_running_loop()
+        self.sender = PageSender(
+            self.exchange, self.mem, self.record, batch_pages=self.opts.batch_pages,
+            chunk_pages=self.chunk_pages, compressor=self.compressor, link=self.link, report=self.report,
+            tracker=self.tracker, chunks=self.chunks, progress=self._emit if self.progress is not None else None)
+        digests = DigestScanner(self.exchange, self.mem, self.record, self.chunk_pages, link=self.link,
+                                pool=self._outer_pool, hash_pool=self._hash_pool)
+        self.scanner = digests
+        if self.tracker is not None and self.chunks is not None:
+            self.scanner = TrackedScanner(digests, self.tracker, self.chunks, report=self.report,
+                                          near_switchover=lambda pages: self._near_switchover(pages))
+
+    async def _full_copy(self) -> None:
+        assert self.mem is not None
         t = time.monotonic()
-        # A bounded hole walk: a pathologically fragmented file costs at most
-        # a few ms here (the rest is read, which allocates it once).
-        holes = self.mem.hole_pages(max_extents=4096)
-        live = await loop.run_in_executor(
-            self._outer_pool, region_chunk_digests, self.mem.view, self.chunk_pages, holes,
-            self._hash_pool,
-        )
-        hash_s = time.monotonic() - t
-        if dest_table is None:
-            table = await self._expect_table(self._seq)
-            dest_table = table.digests
-        return live, dest_table, hash_s
-
-    async def _scan(self, *, final: bool, dest_table: np.ndarray | None = None) -> _Scan:
-        """Compare our live chunks with the destination's.
-
-        ``dest_table``: the destination's chunk digests when they are known
-        to be current (nothing sent since they were taken); otherwise they
-        are requested, in parallel with hashing our own chunks.
-        """
-        assert self.mem is not None
-        live, dest_table, hash_s = await self._chunk_tables(final, dest_table)
-        loop = asyncio.get_running_loop()
-        empty = np.zeros(0, dtype=np.uint32)
-        cand = np.flatnonzero(live != dest_table)
-        self._dense = False
-        if not cand.size:
-            return _Scan(empty, empty, live, dest_table, hash_s, 0.0)
-        t = time.monotonic()
-        cp = self.chunk_pages
-        pages = chunk_pages_of(cand, cp, self.mem.npages)
-        whole = _whole_chunks_pay(cand, len(live), cp, self.link.bytes_per_second, self._written_seen)
-        if whole:
-            # Most of every changed chunk was written: finding the pages
-            # inside them would hash them one by one (GIL-bound, and the
-            # destination the same for pages without a record) to spare
-            # fewer than the link can carry meanwhile; the chunks go whole,
-            # as runs straight from memory.
-            return _Scan(pages, empty, live, dest_table, hash_s, time.monotonic() - t, whole=True)
-        asked = await self._ask_page_digests(sorted_distinct(pages[~self.known[pages]] // cp), final)
-        t_pages = time.monotonic()
-        now = await loop.run_in_executor(self._outer_pool, page_digests, self.mem.pages, pages)
-        if pages.size >= 1024:
-            self._page_s = (time.monotonic() - t_pages) / pages.size
-        await self._take_page_digests(asked)
-        dirty = pages[now != self.sent[pages]]
-        # Chunks that differ on the destination but where no page differs
-        # from what we sent: our record and the destination disagree.
-        dirty_chunks = sorted_distinct(dirty // cp) if dirty.size else dirty
-        self._written_seen = dirty.size / pages.size
-        # Most chunks changed and a page pass was worth it: the next live
-        # scan goes by page straight away (_page_scan).
-        self._dense = not final and cand.size >= _DENSE * len(live)
-        odd = page_difference(len(live), cand, dirty_chunks)
-        odd_pages = empty
-        if odd.size:
-            spread = (odd[:, None] * cp + np.arange(cp)).ravel()
-            odd_pages = spread[spread < self.mem.npages].astype(np.uint32)
-        return _Scan(dirty, odd_pages, live, dest_table, hash_s, time.monotonic() - t)
-
-    async def _ask_page_digests(self, chunks: np.ndarray, final: bool) -> list[tuple[int, np.ndarray]]:
-        """Ask the destination for the digest of every page of ``chunks`` (ascending).
-
-        Pages sent straight from memory have no record yet: the destination
-        hashes what it holds of their chunks while we hash ours, and its
-        digests become the record (what it received is exactly what was
-        sent).  Returns the requests, for :meth:`_take_page_digests`.
-        """
-        chunks = np.asarray(chunks, dtype=np.uint32)
-        asked = []
-        limit = min(MAX_PAGE_DIGEST_CHUNKS, MAX_PAYLOAD // 8 // self.chunk_pages)
-        for lo in range(0, len(chunks), limit):
-            self._seq += 1
-            piece = chunks[lo:lo + limit]
-            await self._send_event(DigestRequest(seq=self._seq, final=final, pages_of=piece))
-            asked.append((self._seq, piece))
-        return asked
-
-    async def _take_page_digests(self, asked: list[tuple[int, np.ndarray]]) -> None:
-        """Receive the answers to :meth:`_ask_page_digests` into the record."""
-        assert self.mem is not None
-        for seq, piece in asked:
-            held = await self._expect_table(seq)
-            got = chunk_pages_of(piece, self.chunk_pages, self.mem.npages)
-            self.sent[got] = held.digests
-            self.known[got] = True
-            self.held_zero[got] = held.digests == ZERO_PAGE_DIGEST
-
-    async def _page_scan(self) -> _Scan:
-        """A live digest scan of a fast writer's region, page by page, with no chunk pass.
-
-        When the last scan found most chunks changed, hashing every chunk
-        first only adds a pass over the region (~60-80 ms per GiB here) to
-        the page pass that follows over nearly all of it anyway.  Every
-        page's digest is compared with the record of what was sent; pages
-        without a record (sent straight from memory) get the destination's
-        digests of their chunks first, as in :meth:`_scan`.  Holes of the
-        file are not read (that would allocate them) and count as zero
-        pages.  The destination's chunk table is asked for all the same:
-        hashing what changed there meanwhile (while we hash pages) keeps it
-        out of the pause, and the final scan, if this one decides it, has
-        it at hand.  Sets whether the next scan goes by page
-        too (most chunks still hold a dirty page, and not most of their
-        pages: else whole chunks are cheaper, which :meth:`_scan` decides).
-        """
-        assert self.mem is not None
-        loop = asyncio.get_running_loop()
-        cp, npages = self.chunk_pages, self.mem.npages
-        t = time.monotonic()
-        holes = self.mem.hole_pages(max_extents=4096)
-        data = np.flatnonzero(~holes).astype(np.uint32)
-        self._seq += 1
-        table_seq = self._seq
-        await self._send_event(DigestRequest(seq=table_seq))
-        asked = await self._ask_page_digests(sorted_distinct(np.flatnonzero(~self.known) // cp), False)
-        now = np.full(npages, ZERO_PAGE_DIGEST, dtype=np.uint64)
-        now[data] = await loop.run_in_executor(self._outer_pool, page_digests, self.mem.pages, data)
-        if data.size >= 1024:
-            self._page_s = (time.monotonic() - t) / data.size
-        table = await self._expect_table(table_seq)
-        await self._take_page_digests(asked)
-        dirty = np.flatnonzero(now != self.sent).astype(np.uint32)
-        nchunks = -(-npages // cp)
-        touched = sorted_distinct(dirty // cp).size if dirty.size else 0
-        self._written_seen = dirty.size / max(1, min(npages, touched * cp))
-        self._dense = touched >= _DENSE * nchunks and self._written_seen < _whole_need(self.link.bytes_per_second)
-        empty = np.zeros(0, dtype=np.uint32)
-        return _Scan(dirty, empty, np.zeros(0, dtype=np.uint64), table.digests, 0.0, time.monotonic() - t,
-                     by_page=True)
+        rnd = RoundReport(round=0, kind="full", pages_scanned=self.mem.npages,
+                          pages_dirty=self.mem.npages, pages_sent=0, zero_pages=0,
+                          bytes_on_wire=0, seconds=0.0)
+        existing = self.report.dest_region == "existing"
+        await self.sender.send_all(rnd, self.scanner.held_already if existing else None)
+        if self.tracker is not None:
+            # Mapping a page in reads it: one sent, then punched, then mapped
+            # in is allocated again as zeros, a hole no scan's hole check sees
+            # and no rehash reads (it was not written).  The first comparison
+            # reads every page and finds it, if the map-in (a thread that a
+            # busy machine may starve past the full copy) is done by then.
+            await asyncio.get_running_loop().run_in_executor(self._outer_pool, self.mem.prep.wait_map_in)
+        rnd.seconds = time.monotonic() - t
+        rnd.bandwidth_bps = self.link.bytes_per_second
+        self.report.rounds.append(rnd)
+        self._last_scan_t = t
+        self._emit("full copy", 0, self.mem.npages, self.mem.npages, 0, t)  # shown even when it was quick
 
     def _near_switchover(self, pages: int) -> bool:
         """Whether a tracked migration is closing in on its switchover.
@@ -1209,7 +465,7 @@ class SourceSession:
         """The pause's fixed costs: pausing, round trips, the commit and the resume."""
         # A workload may declare what pausing and resuming it costs (a VMM's
         # device-state save and load).
-        return 0.002 + 2 * self._rtt + float(getattr(self.workload, "switchover_cost_s", 0.0))
+        return 0.002 + 2 * self.exchange.rtt + float(getattr(self.workload, "switchover_cost_s", 0.0))
 
     def _rest_s(self, pages_left: int, device_state_bytes: int = 0) -> float:
         """What a pause is expected to take from here until the commit is confirmed, with
@@ -1244,8 +500,8 @@ class SourceSession:
             # Of those pages, the ones dirtied until the pause go with the dirty rate.
             "dirtied": Part(later_s, self.dirty_rate.pages_per_second, self._dirty_samples),
             # Round trips and fixed costs: no live samples (the handshake's two).
-            "verify": Part(split["verify"] / 1e3, self._rtt),
-            "overhead": Part(split["overhead"] / 1e3, self._rtt),
+            "verify": Part(split["verify"] / 1e3, self.exchange.rtt),
+            "overhead": Part(split["overhead"] / 1e3, self.exchange.rtt),
         }
         whole = {
             # The pause may send no faster than the live rounds did ...
@@ -1288,7 +544,7 @@ class SourceSession:
             # ~0.2 us a chunk: counting a page hash a page here put 9-10 ms
             # of a 200,000 pages/s guest's pause in verify, which took 2.
             stale = 0 if self._by_page else min(remaining_pages + self._unsettled, nchunks)
-            verify_s = (self._rtt + nchunks * 8 / max(self.link.paused_bytes_per_second, 1.0)
+            verify_s = (self.exchange.rtt + nchunks * 8 / max(self.link.paused_bytes_per_second, 1.0)
                         + stale * self._chunk_hash_s)
         scan_s = self._last_scan_s if final_scan_s is None else final_scan_s
         overhead_s = self._overhead_s()
@@ -1318,12 +574,7 @@ class SourceSession:
             await self._settled()
             held = await self.throttle.hold_for_scan()
             t = time.monotonic()
-            if self.tracker is not None:
-                scan = await self._track_scan(final=False)
-            elif self._dense:
-                scan = await self._page_scan()
-            else:
-                scan = await self._scan(final=False)
+            scan = await self.scanner.scan(final=False)
             dirty, odd, dest_table = scan.dirty, scan.odd, scan.dest_table
             scan_s = time.monotonic() - t
             # The final scan costs the local chunk hash plus per-page hashing
@@ -1336,7 +587,7 @@ class SourceSession:
                 # The final scan hashes chunks, then the pages of those that
                 # differ: what a scan by page would find dirty, at the least.
                 chunk_pass = self._floor_scan_s if self._floor_scan_s != float("inf") else est
-                est = chunk_pass + self._page_s * min(self.mem.npages, self.chunk_pages * len(dirty))
+                est = chunk_pass + self.scanner.page_s * min(self.mem.npages, self.chunk_pages * len(dirty))
             else:
                 self._chunk_hash_s = (self.chunks.scattered_page_s if self.chunks is not None
                                       else scan.hash_s / nchunks)
@@ -1362,8 +613,8 @@ class SourceSession:
                 later = max(later, stale)
                 dirtied = min(self.mem.npages, dirtied + stale)
             if self.tracker is not None:  # the detection's CPU time drives the paused scan
-                scan_sample = self._scan_detect_cpu_s
-                scan_estimate = max(self._scan_detect_cpu_s, self._prev_detect_s)
+                scan_sample = self.scanner.detect_cpu_s
+                scan_estimate = max(self.scanner.detect_cpu_s, self._prev_detect_s)
             else:
                 scan_sample, scan_estimate = scanned_s, self._last_scan_s
             self._scan_samples = [*self._scan_samples[-(_SPREAD_SAMPLES - 1):], scan_sample]
@@ -1378,9 +629,9 @@ class SourceSession:
                 # workload and the destination held, which a pause gives
                 # back -- 4.6-9.5 ms live for pauses that scanned in 1.7-2.8
                 # (2,000 pages/s, measured ÷ expected 0.47-0.74).
-                detect_s = max(self._scan_detect_cpu_s, self._prev_detect_s)
+                detect_s = max(self.scanner.detect_cpu_s, self._prev_detect_s)
                 final_scan_s = detect_s + self.chunks.estimate(later)
-                self._prev_detect_s = self._scan_detect_cpu_s
+                self._prev_detect_s = self.scanner.detect_cpu_s
             split: dict[str, float] = {}
             expected = self._expected(len(todo) + later, final_scan_s=final_scan_s, split=split)
             margin = self._margin(split, later, scan_estimate)
@@ -1405,7 +656,7 @@ class SourceSession:
             _log.debug("round %d: downtime floor %s (scan %.1f ms); %d pages dirtied while %d were sent",
                        rounds_done + 1, "unknown" if floor is None else f"{floor * 1e3:.1f} ms",
                        self._floor_scan_s * 1e3, len(dirty), last.pages_sent + last.zero_pages)
-            contention = self.contention.measure(self._dest_peers)
+            contention = self.contention.measure(self.exchange.dest_peers)
             decision = self.policy.decide(
                 rounds_done=rounds_done, elapsed_s=time.monotonic() - self._t0 - self.report.queued_s,
                 expected_s=expected, contention=contention,
@@ -1468,7 +719,7 @@ class SourceSession:
                               expected_downtime_ms=expected * 1e3, throttle_pct=self.throttle.pct)
             # With a tracker, scattered pages are gathered straight from
             # memory as cheaply as runs: filling gaps would only add bytes.
-            await self._send_pages(todo, rnd, "iterating", fill=0 if self.tracker is not None else 1, live=True)
+            await self.sender.send(todo, rnd, "iterating", fill=0 if self.tracker is not None else 1, live=True)
             if self.tracker is not None and len(todo):
                 if self._near_switchover(len(todo)):
                     await self._settle()
@@ -1509,7 +760,7 @@ class SourceSession:
         t = time.monotonic()
         phases["pause"] = (t - t_pause) * 1e3
         phases.update(getattr(self.workload, "phases_ms", {}))  # e.g. QEMU's stop and save
-        await self._send_event(Switchover())
+        await self.exchange.send(Switchover())
 
         rnd = RoundReport(round=len(self.report.rounds), kind="final", pages_scanned=self.mem.npages,
                           pages_dirty=0, pages_sent=0, zero_pages=0, bytes_on_wire=0, seconds=0.0)
@@ -1518,10 +769,7 @@ class SourceSession:
         # follow must stay within it; else roll back.  The last check is right
         # before COMMIT: after it, the commit stands whatever the time.
         self._cap_check("final_scan", expected_s)
-        if self.tracker is not None:
-            final = await self._track_scan(final=True)
-        else:
-            final = await self._scan(final=True, dest_table=dest_table)
+        final = await self.scanner.scan(final=True, dest_table=dest_table, pending=self._pending)
         dirty, odd, frozen = final.dirty, final.odd, final.live
         t2 = time.monotonic()
         phases["final_scan"] = (t2 - t) * 1e3
@@ -1534,7 +782,7 @@ class SourceSession:
             self.report.verify_repairs += len(odd)
         todo = page_union(self.mem.npages, dirty, odd)
         if todo.size:
-            await self._send_pages(todo, rnd, "switchover",
+            await self.sender.send(todo, rnd, "switchover",
                                    before_batch=lambda left: self._cap_check("final_pages",
                                                                              self._rest_s(left, len(blob))))
         t3 = time.monotonic()
@@ -1545,7 +793,7 @@ class SourceSession:
         view = memoryview(blob)
         for off in range(0, max(len(blob), 1), MAX_PAYLOAD):
             piece = view[off:off + MAX_PAYLOAD]
-            rnd.bytes_on_wire += await self._send_event(DeviceState(offset=off, total=len(blob), data=piece))
+            rnd.bytes_on_wire += await self.exchange.send(DeviceState(offset=off, total=len(blob), data=piece))
         t4 = time.monotonic()
         phases["device_state"] = (t4 - t3) * 1e3
 
@@ -1565,7 +813,7 @@ class SourceSession:
                 pages = (bad[:, None] * cp + np.arange(cp)).ravel()
                 pages = pages[pages < self.mem.npages].astype(np.uint32)
                 self.report.verify_repairs += len(pages)
-                await self._send_pages(pages, rnd, "repair",
+                await self.sender.send(pages, rnd, "repair",
                                        before_batch=lambda left: self._cap_check("verify", self._rest_s(left)))
             else:
                 raise PrecopyError("destination memory still differs after 3 repairs",
@@ -1578,7 +826,7 @@ class SourceSession:
         self._cap_check("commit", self._overhead_s())
         if self._guardian is not None:
             self._guardian.declare(COMMIT)  # from here on a crash must ask, never resume blindly
-        done = await self.committer.commit(self._send_event, self._expect, _h64(blob), self.chan)
+        done = await self.committer.commit(self.exchange.send, self.exchange.expect, _h64(blob), self.chan)
         if done is not None:
             phases.update({f"dest_{k}": v for k, v in done.timings.items()})
         t6 = time.monotonic()
@@ -1617,25 +865,22 @@ class SourceSession:
         the decision let a throttled workload write ~2,000 pages more, at
         200,000 pages/s, than the estimate had counted).
         """
-        self._seq += 1
-        self._settle_seq = self._seq
+        self._settle_seq = await self.exchange.request(by_page=self._by_page)
         self._unsettled = 0
-        await self._send_event(DigestRequest(seq=self._seq, by_page=self._by_page))
 
     async def _settled(self) -> None:
         """Wait for the answer to :meth:`_settle`, if one is due (its table itself is not needed)."""
         if self._settle_seq is None:
             return
         t = time.monotonic()
-        await self._expect_table(self._settle_seq)
+        await self.exchange.expect_table(self._settle_seq)
         self._settle_seq = None
         _log.debug("destination settled %.1f ms after the scan", (time.monotonic() - t) * 1e3)
 
     async def _verify(self, frozen: np.ndarray) -> np.ndarray:
-        self._seq += 1
-        await self._send_event(DigestRequest(seq=self._seq, final=True, by_page=self._by_page))
+        seq = await self.exchange.request(final=True, by_page=self._by_page)
         t = time.monotonic()
-        table = await self._expect_table(self._seq)
+        table = await self.exchange.expect_table(seq)
         self._dest_table = table.digests
         bad = np.flatnonzero(frozen != table.digests)
         _log.debug("verification: the destination's table in %.1f ms, %d chunks differ",
@@ -1651,7 +896,7 @@ class SourceSession:
         """
         assert self.mem is not None and self.chunks is not None
         frozen[bad] = await asyncio.get_running_loop().run_in_executor(
-            self._outer_pool, self.chunks.recompute, bad, self.sent)
+            self._outer_pool, self.chunks.recompute, bad, self.record.sent)
         still: np.ndarray = bad[frozen[bad] != self._dest_table[bad]]
         if still.size < bad.size:
             _log.info("verification: %d chunk digests of ours were stale (holes punched while tracked); "
