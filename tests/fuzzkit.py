@@ -13,7 +13,7 @@ seeded from valid transcripts.
 * :class:`MemChannel` is the real :class:`~precopy.net.channel.Channel` with its
   two socket calls replaced by an in-memory script, so the destination
   server's own handshake and migration code (``_handshake``,
-  ``_migrate``, ``_DestMigration``) run unmodified on mutated transcripts.
+  ``_migrate``, the ``Receiver``) run unmodified on mutated transcripts.
 """
 
 from __future__ import annotations

@@ -18,6 +18,8 @@ import precopy.session.destination as destination
 from precopy.net.channel import LinkError
 from precopy.errors import MigrationAborted, MigrationInDoubt
 from precopy.protocol import Committed
+from precopy.session.journal import Journal, MigrationRecord
+from precopy.session.receiver import Receiver
 
 from .test_engine import FakeWorkload, make_region, migrate, serve, settled
 
@@ -30,7 +32,7 @@ def _before_committed(monkeypatch: pytest.MonkeyPatch,
                       hook: Callable[[Any], Awaitable[None]]) -> None:
     """Let the destination commit for real, but run ``hook(migration)`` just
     before it sends COMMITTED (to cut the link or delay the confirmation)."""
-    orig = destination._DestMigration._commit
+    orig = Receiver._commit
 
     async def commit(self: Any, ev: Any) -> None:
         real_send = self.chan.send
@@ -43,7 +45,7 @@ def _before_committed(monkeypatch: pytest.MonkeyPatch,
         self.chan.send = send
         await orig(self, ev)
 
-    monkeypatch.setattr(destination._DestMigration, "_commit", commit)
+    monkeypatch.setattr(Receiver, "_commit", commit)
 
 
 async def test_commit_persisted_but_confirmation_lost(work: Path, dest_dir: Path,
@@ -75,7 +77,7 @@ async def test_link_cut_before_commit_persisted_rolls_back(work: Path, dest_dir:
         _cut(self.chan)
         raise LinkError("test: destination failed before persisting the commit")
 
-    monkeypatch.setattr(destination._DestMigration, "_commit", cut_instead)
+    monkeypatch.setattr(Receiver, "_commit", cut_instead)
     src = work / "vm.mem"
     mm = make_region(src, 256)
     wl = FakeWorkload()
@@ -98,10 +100,10 @@ async def test_destination_gone_after_commit_sent_is_in_doubt(work: Path, dest_d
     async def vanish(self: Any, ev: Any) -> None:
         _cut(self.chan)
         # The whole daemon goes away: no one will answer the outcome query.
-        self.server._sock.close()
+        servers[0]._sock.close()
         raise asyncio.CancelledError()
 
-    monkeypatch.setattr(destination._DestMigration, "_commit", vanish)
+    monkeypatch.setattr(Receiver, "_commit", vanish)
     src = work / "vm.mem"
     mm = make_region(src, 64)
     wl = FakeWorkload()
@@ -118,7 +120,7 @@ async def test_destination_gone_after_commit_sent_is_in_doubt(work: Path, dest_d
 async def test_journal_failure_at_commit_rolls_back(work: Path, dest_dir: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """The commit cannot be made durable: not committed, region not in place, source resumes."""
-    orig = destination._Journal.write
+    orig = Journal.write
 
     def failing(self: Any, rec: Any) -> None:
         fields = rec if isinstance(rec, dict) else rec.__dict__
@@ -128,7 +130,7 @@ async def test_journal_failure_at_commit_rolls_back(work: Path, dest_dir: Path,
             raise RegionError("cannot write the journal in test: No space left on device")
         orig(self, rec)
 
-    monkeypatch.setattr(destination._Journal, "write", failing)
+    monkeypatch.setattr(Journal, "write", failing)
     src = work / "vm.mem"
     mm = make_region(src, 64)
     wl = FakeWorkload()
@@ -145,10 +147,10 @@ async def test_journal_failure_at_commit_rolls_back(work: Path, dest_dir: Path,
 
 async def test_restart_completes_a_committed_migration_and_aborts_running_ones(dest_dir: Path) -> None:
     """Write-ahead recovery: committed-but-not-renamed is finished, 'running' becomes 'aborted'."""
-    from precopy.session.destination import DestinationServer, DestOptions, MigrationRecord, _Journal
+    from precopy.session.destination import DestinationServer, DestOptions
 
     dest_dir.mkdir(parents=True)
-    journal = _Journal(dest_dir)
+    journal = Journal(dest_dir)
     partial = dest_dir / ".vm.mem.m-committed.partial"
     partial.write_bytes(b"x" * 4096)
     done = MigrationRecord("m-committed", "vm.mem", 4096, "peer", outcome="committed",
@@ -214,7 +216,7 @@ async def test_interrupt_after_commit_sent_rolls_back_when_not_committed(
     async def stuck_commit(self: Any, ev: Any) -> None:
         await asyncio.sleep(60)
 
-    monkeypatch.setattr(destination._DestMigration, "_commit", stuck_commit)
+    monkeypatch.setattr(Receiver, "_commit", stuck_commit)
     src = work / "vm.mem"
     mm = make_region(src, 64)
     wl = FakeWorkload()
@@ -240,7 +242,7 @@ async def test_second_interrupt_while_asking_leaves_the_workload_paused(
     async def slow_answer(self: Any, chan: Any, q: Any) -> None:
         await asyncio.sleep(60)
 
-    monkeypatch.setattr(destination._DestMigration, "_commit", stuck_commit)
+    monkeypatch.setattr(Receiver, "_commit", stuck_commit)
     monkeypatch.setattr(destination.DestinationServer, "_answer_query", slow_answer)
     src = work / "vm.mem"
     mm = make_region(src, 64)

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 import precopy.session.destination as destination
+from precopy.session.receiver import Receiver
 from precopy.errors import MigrationAborted
 
 from .test_engine import FakeWorkload, make_region, migrate, serve, settled
@@ -44,11 +45,13 @@ async def test_abort_in_answer_to_commit_is_definite(work: Path, dest_dir: Path,
     """The destination answers COMMIT with ABORT (here: it is shutting down before it
     committed): that is a definite 'not committed'; the source resumes without asking."""
 
+    servers: list[Any] = []
+
     async def shut_down_instead(self: Any, ev: Any) -> None:
-        asyncio.get_running_loop().call_soon(lambda: [t.cancel() for t in self.server._tasks])
+        asyncio.get_running_loop().call_soon(lambda: [t.cancel() for t in servers[0]._tasks])
         await asyncio.sleep(10)
 
-    monkeypatch.setattr(destination._DestMigration, "_commit", shut_down_instead)
+    monkeypatch.setattr(Receiver, "_commit", shut_down_instead)
     asked: list[Any] = []
     orig_answer = destination.DestinationServer._answer_query
 
@@ -61,6 +64,7 @@ async def test_abort_in_answer_to_commit_is_definite(work: Path, dest_dir: Path,
     mm = make_region(src, 64)
     wl = FakeWorkload()
     async with serve(dest_dir) as server:
+        servers.append(server)
         with pytest.raises(MigrationAborted, match="refused the commit"):
             await migrate(server, src, wl)
         await settled(server)

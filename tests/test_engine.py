@@ -319,7 +319,8 @@ async def test_a_destination_keeps_nothing_of_a_finished_migration(work: Path, d
     (a sink closure over the migration did: ~5 MiB a migration on a long-running destination)."""
     import gc
 
-    from precopy.session.destination import _DestMigration
+    from precopy.session.receiver import Receiver
+    from precopy.session.region_writer import RegionWriter
 
     src = work / "c.mem"
     mm = make_region(src, 256)
@@ -331,7 +332,7 @@ async def test_a_destination_keeps_nothing_of_a_finished_migration(work: Path, d
                 rep = await migrate(server, src, FakeWorkload())
                 assert rep.outcome == "committed"
                 await settled(server)
-            alive = [o for o in gc.get_objects() if isinstance(o, _DestMigration)]
+            alive = [o for o in gc.get_objects() if isinstance(o, (Receiver, RegionWriter))]
             assert alive == []
     finally:
         gc.enable()

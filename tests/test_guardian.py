@@ -92,7 +92,7 @@ async def test_guardian_asks_a_tls_destination(sleeper: Any, tmp_path: Path, des
     ask, and leaves the workload paused (in doubt) rather than guess."""
     import asyncio
 
-    from precopy.session.destination import MigrationRecord, _Journal
+    from precopy.session.journal import Journal, MigrationRecord
     from precopy.net.tls import server_context
 
     from .test_engine import serve
@@ -101,7 +101,7 @@ async def test_guardian_asks_a_tls_destination(sleeper: Any, tmp_path: Path, des
     pki = make_pki(tmp_path / "pki")
     key = b"k" * 32
     dest_dir.mkdir(parents=True)
-    _Journal(dest_dir).write(MigrationRecord("m-g", "vm.mem", 4096, "peer", outcome="committed",
+    Journal(dest_dir).write(MigrationRecord("m-g", "vm.mem", 4096, "peer", outcome="committed",
                                              memory=str(dest_dir / "vm.mem")))
     sctx = server_context(pki.server_cert, pki.server_key, pki.ca)
     async with serve(dest_dir, tls_context=sctx, auth_key=key) as server:

@@ -1,0 +1,124 @@
+"""The destination's region writer: received pages into the region, never where no block is.
+
+A :class:`RegionWriter` writes one migration's PAGES into its region and
+keeps the region's chunk digests current (:class:`ChunkTracker`).  The
+source sends the holes of its region first, as zero pages: a fresh region
+is prepared (:class:`~precopy.memory.prepare.Preparation`) when the first
+data arrives, skipping them, and no page is written before the file system
+has reserved its block (on tmpfs or hugetlbfs that write would be a SIGBUS).
+Runs of pages whose memory is mapped in already -- an existing region's
+pages, or a fresh tmpfs region's pieces populated ahead -- are received
+straight into the mapping (:meth:`RegionWriter.sink`); the rest go in with
+``pwrite``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Callable
+
+import numpy as np
+
+from precopy.memory.digest import ChunkTracker
+from precopy.memory.region import GuestMemory
+from precopy.memory.tracking import TMPFS_MAGIC, fs_magic
+from precopy.protocol import PAGE_SIZE, Pages, page_payload
+from precopy.session.journal import MigrationRecord
+
+__all__ = ["RegionWriter"]
+
+
+class RegionWriter:
+    """Writes one migration's pages into its region (see the module docstring).
+
+    ``existing``: the region file held data before (its pages exist, its
+    holes are zeros); ``populate``: prefault a fresh region (--no-populate
+    turns it off); ``rec`` counts the pages received in place.
+    """
+
+    def __init__(self, mem: GuestMemory, tracker: ChunkTracker, rec: MigrationRecord, *, existing: bool,
+                 populate: bool, chunk_pages: int) -> None:
+        self.mem = mem
+        self.tracker = tracker
+        self.rec = rec
+        self.existing = existing
+        self.populate = populate
+        self.chunk_pages = chunk_pages
+        # Pages that may hold something other than zeros, all with a block:
+        # none in a fresh file; in an existing region, all but its holes.
+        self.written = ~mem.hole_pages() if existing else np.zeros(mem.npages, dtype=bool)
+        # The source sends the holes of its region first, as zero pages: the
+        # region is prepared when the first data arrives, skipping them.
+        self.declared_zero = np.zeros(mem.npages, dtype=bool)
+        self.preparing = existing  # an existing region has its blocks
+        # A new tmpfs region is mapped in writable ahead of the receiver once
+        # data arrives (Preparation.start_populate_ahead): runs received
+        # where that is done go straight into the mapping, as into an
+        # existing region's pages; the rest by pwrite.
+        self.ahead = not existing and populate and fs_magic(mem.path) == TMPFS_MAGIC
+        if existing:
+            # Its pages exist: runs of them are received straight into the
+            # mapping, no second copy (pwrite from the receive buffer).
+            mem.prep.start_map_in(self.written)
+
+    def sink(self) -> Callable[[np.ndarray], memoryview | None] | None:
+        """Where a PAGES payload may be received in place (the connection's ``payload_sink``):
+        the region's own memory for a run of pages mapped in, None elsewhere.  None when
+        nothing is received in place (a fresh region not populated ahead)."""
+        if not (self.existing or self.ahead):
+            return None
+        # (No reference to self here: the connection holds the sink, and
+        # a cycle through it kept each migration's buffers until a full
+        # garbage collection, ~5 MiB a migration.)
+        mem, written, existing = self.mem, self.written, self.existing
+
+        def sink(indices: np.ndarray) -> memoryview | None:
+            first, last = int(indices[0]), int(indices[-1])
+            if last - first + 1 != len(indices):
+                return None  # scattered
+            if not (written[first:last + 1].all() if existing else mem.prep.populated(first, last)):
+                return None  # into holes, or not mapped in yet (pwrite: ENOSPC, not SIGBUS)
+            return mem.view[first * PAGE_SIZE:(last + 1) * PAGE_SIZE]
+
+        return sink
+
+    async def write(self, ev: Pages) -> None:
+        """Write one PAGES event into the region and its digests.
+
+        Raises :class:`RegionError` when the file system cannot hold the
+        pages (full).
+        """
+        mem, tracker, written, declared_zero = self.mem, self.tracker, self.written, self.declared_zero
+        # Pages never written are still zero in the fresh file.
+        z = ev.zeros[written[ev.zeros]] if len(ev.zeros) else ev.zeros
+        if len(ev.zeros):
+            declared_zero[ev.zeros] = True
+        if len(ev.indices):
+            declared_zero[ev.indices] = False
+            if not self.preparing:
+                mem.prep.start_prepare(populate=self.populate, skip=declared_zero.copy())
+                if self.ahead:
+                    mem.prep.start_populate_ahead(~declared_zero)
+                self.preparing = True
+        if len(ev.indices) or z.size:
+            top = max(int(ev.indices[-1]) if len(ev.indices) else 0, int(z[-1]) if z.size else 0)
+            while not mem.prep.reserved_through(top):
+                # Never write where the file system has not allocated yet.
+                await asyncio.sleep(0.001)
+            mem.prep.reserve_skipped(ev.indices)
+        if len(ev.indices):
+            data = page_payload(ev, chunk_pages=self.chunk_pages)
+            if ev.in_place:
+                self.rec.pages_in_place += len(ev.indices)
+            else:
+                mem.write_pages(ev.indices, data, allocated=written[ev.indices])
+            written[ev.indices] = True
+            tracker.received(ev.indices, data, ev.chunk_digests)
+        if z.size:
+            mem.zero(z)
+            tracker.zeroed_pages(z)
+
+    def stop_populating(self) -> None:
+        """Downtime has begun: stop competing with it for CPU and memory bandwidth (the few
+        pages still to come fault in)."""
+        self.mem.prep.stop_populate(wait=False)
