@@ -29,6 +29,7 @@ from typing import Any, Iterator
 import numpy as np
 import pytest
 
+import precopy.session.rounds
 import precopy.session.source
 import precopy.session.tracked
 from precopy.session.tracked import TrackedScanner
@@ -368,7 +369,7 @@ def verification(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
         # ... and the switch is made by a round that rehashes what it saw written, which a
         # round far from its switchover leaves for later: on a slow (busy) machine every
         # live round of a full-speed sweep was that far, and the pause came by chunk.
-        monkeypatch.setattr(precopy.session.source.SourceSession, "_near_switchover", lambda self, pages: True)
+        monkeypatch.setattr(precopy.session.rounds.Rounds, "near_switchover", lambda self, pages: True)
     return str(request.param).split("-")[0]
 
 
@@ -685,26 +686,27 @@ def test_expected_downtime_with_a_tracker_counts_its_scan_and_the_verification(s
 
     opts = SourceOptions(host="h", port=1, memory=shm / "x")
     s = precopy.session.source.SourceSession(opts, SignalWorkload(os.getpid()))
+    m = s.model
     s.exchange.rtt = 0.001
-    s._last_scan_s = 0.002  # what a tracked round measured (scan + rehash of its chunks)
+    m.last_scan_s = 0.002  # what a tracked round measured (scan + rehash of its chunks)
     base = expected_downtime(remaining_pages=100, bandwidth_bps=s.link.bytes_per_second,
                              final_scan_s=0.002, overhead_s=0.002 + 2 * 0.001)
     mem = type("M", (), {"npages": 8192 * 32})()
-    s.mem = mem  # type: ignore[assignment]
-    s.chunk_pages = 32
+    m.region(mem.npages, 32, None)
     verify = 0.001 + 8192 * 8 / s.link.bytes_per_second
-    assert s._expected(0) == pytest.approx(base - 100 * PAGE_SIZE / s.link.bytes_per_second)  # digests: no pages, no verification
-    assert s._expected(100) == pytest.approx(base + verify)  # pages sent paused are verified
-    s._chunk_hash_s = 1e-5  # and the destination rehashes their chunks first
-    assert s._expected(100) == pytest.approx(base + verify + 100 * 1e-5)
-    s._chunk_hash_s = 0.0
-    s.chunks = SourceChunks(mem, 32, ThreadPoolExecutor(1))  # type: ignore[arg-type]
-    s.chunks.adopt(np.zeros(8192, dtype=np.uint64), 0.05)
-    assert s._expected(100) == pytest.approx(base + verify)
-    s._chunk_hash_s = 1e-5  # the last round's chunks are settled before the pause: not counted
-    assert s._expected(100) == pytest.approx(base + verify + 100 * 1e-5)
-    s._chunk_hash_s = 0.0
-    assert s._expected(100) < 0.015  # a 1 GiB region's estimate is not a 60-110 ms rehash
+    assert m.expected(0) == pytest.approx(base - 100 * PAGE_SIZE / s.link.bytes_per_second)  # digests: no pages, no verification
+    assert m.expected(100) == pytest.approx(base + verify)  # pages sent paused are verified
+    m.chunk_hash_s = 1e-5  # and the destination rehashes their chunks first
+    assert m.expected(100) == pytest.approx(base + verify + 100 * 1e-5)
+    m.chunk_hash_s = 0.0
+    chunks = SourceChunks(mem, 32, ThreadPoolExecutor(1))  # type: ignore[arg-type]
+    m.region(mem.npages, 32, chunks)
+    chunks.adopt(np.zeros(8192, dtype=np.uint64), 0.05)
+    assert m.expected(100) == pytest.approx(base + verify)
+    m.chunk_hash_s = 1e-5  # the last round's chunks are settled before the pause: not counted
+    assert m.expected(100) == pytest.approx(base + verify + 100 * 1e-5)
+    m.chunk_hash_s = 0.0
+    assert m.expected(100) < 0.015  # a 1 GiB region's estimate is not a 60-110 ms rehash
 
 
 @pytest.mark.parametrize("where", ["shm", "tmp_path"])
