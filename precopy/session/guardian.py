@@ -22,7 +22,7 @@ pipe ends (the agent died) in that state:
 ``commit``   (written *before* COMMIT is sent) -- the destination may own
              the workload now.  The guardian never resumes blindly: it asks
              the destination for the outcome by migration id (the same
-             bounded retries as the agent, :meth:`SourceSession._resolve_outcome`).
+             bounded retries as the agent: :func:`precopy.session.commit.resolve_outcome`).
              "Committed": the workload stays paused (or is stopped under
              ``--on-commit kill``); definitely "not committed": it resumes
              it; no answer: it stays paused and the guardian says, loudly,
