@@ -80,6 +80,27 @@ async def test_commands_replies_and_interleaved_events(tmp_path: Path) -> None:
     server.close()
 
 
+async def test_events_heard_inside_a_listen_block(tmp_path: Path) -> None:
+    def handler(req: dict[str, Any]) -> list[bytes]:
+        if req["execute"] == "migrate-incoming":  # the reply, then what the migration does
+            return [ok(req), event("MIGRATION"), event("RESUME")]
+        return [ok(req)]
+
+    server = await serve(tmp_path / "q.sock", handler)
+    c = QemuMonitor(tmp_path / "q.sock", timeout_s=5)
+    await c.connect()
+    with c.listen("MIGRATION") as events:
+        await c.execute("migrate-incoming", {"uri": "exec:cat /x"})
+        got = await events.next(30)
+        assert got is not None and got["event"] == "MIGRATION"
+        assert await events.next(0.05) is None  # RESUME is not listened to; nothing else came
+    await c.close()
+    with pytest.raises(QMPError, match="not connected"):
+        with c.listen("MIGRATION"):
+            pass
+    server.close()
+
+
 async def test_error_reply_names_the_command_and_qemus_reason(tmp_path: Path) -> None:
     def handler(req: dict[str, Any]) -> list[bytes]:
         if req["execute"] == "cont":

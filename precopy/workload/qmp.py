@@ -17,18 +17,19 @@ configured logging.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from qemu import qmp
 from qemu.qmp.error import ProtocolError
 
 from precopy.errors import GuestControlError
 
-__all__ = ["QemuMonitor", "QMPError"]
+__all__ = ["Events", "QemuMonitor", "QMPError"]
 
 _log = logging.getLogger(__name__)
 if logging.getLogger("qemu.qmp").level == logging.NOTSET:
@@ -119,6 +120,14 @@ class QemuMonitor:
                 cause = dc
             raise QMPError(_lost(self.path, cause, f"the answer to {command!r}")) from exc
 
+    @contextlib.contextmanager
+    def listen(self, *names: str) -> Iterator[Events]:
+        """QEMU's events named ``names`` that arrive inside the block."""
+        if self._client is None:
+            raise QMPError(f"QMP events {names}: not connected to {self.path}")
+        with self._client.listener(names) as listener:
+            yield Events(listener)
+
     async def close(self, *, quiet: bool = True) -> None:
         """Disconnect.  ``quiet``: an error that ended the connection (QEMU
         quit, for one) is logged at debug level, not raised."""
@@ -131,6 +140,22 @@ class QemuMonitor:
             if not quiet:
                 raise
             _log.debug("QMP %s: the connection had ended: %s", self.path, _cause(exc))
+
+
+class Events:
+    """The events a :meth:`QemuMonitor.listen` block hears."""
+
+    def __init__(self, listener: qmp.EventListener) -> None:
+        self._listener = listener
+
+    async def next(self, timeout_s: float) -> dict[str, Any] | None:
+        """The next event, or None if none came within ``timeout_s`` (a
+        connection that ended brings none: ask QEMU to find out)."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                return dict(await self._listener.get())
+        except TimeoutError:
+            return None
 
 
 def _cause(exc: BaseException) -> str:
