@@ -46,6 +46,7 @@ class MemoryDestination:
         self.chunk_pages = chunk_pages
         self.sent: list[Any] = []
         self.page_bytes = 0  # what the PAGES events cost on the "wire"
+        self.stuck = False  # nothing leaves the "socket": all that was written stays queued
         self.send_blocked_s = 0.0
         self._out: asyncio.Queue[Any] = asyncio.Queue()
 
@@ -83,7 +84,7 @@ class MemoryDestination:
             yield ev
 
     def unsent_bytes(self) -> int:
-        return 0
+        return self.page_bytes if self.stuck else 0
 
 
 @dataclasses.dataclass
@@ -180,6 +181,32 @@ async def test_compressed_batches_arrive_whole(source: Source) -> None:
     await source.sender.send(idx, source.round(), "iterating")
     assert any(isinstance(ev, Pages) and ev.compressed for ev in source.dest.sent)
     assert np.array_equal(source.dest.pages[idx], source.mem.pages[idx])
+
+
+async def test_the_link_rate_counts_only_what_left_the_socket(source: Source) -> None:
+    idx = np.arange(NPAGES, dtype=np.uint32)
+    link = source.sender.link
+    source.dest.stuck = True
+    await source.sender.send(idx, source.round(), "full copy")
+    assert link.bytes_per_second == link.initial_bps and not link.free_samples  # filling a buffer is no rate
+    source.dest.stuck = False
+    await source.sender.send(idx, source.round(), "iterating")
+    assert link.bytes_per_second != link.initial_bps and link.free_samples
+
+
+async def test_the_check_before_each_batch_can_stop_the_send(source: Source) -> None:
+    left: list[int] = []
+
+    def before_batch(pages_left: int) -> None:
+        left.append(pages_left)
+        if len(left) == 3:
+            raise RuntimeError("the cap would be passed")
+
+    idx = np.arange(0, 6 * 64, dtype=np.uint32)  # six batches of 64
+    with pytest.raises(RuntimeError, match="cap"):
+        await source.sender.send(idx, source.round(), "switchover", before_batch=before_batch)
+    assert left == [384, 320, 256]
+    assert sum(len(ev.indices) + len(ev.zeros) for ev in source.dest.sent) == 128
 
 
 def test_a_run_with_a_zero_page_is_found(source: Source) -> None:
