@@ -29,7 +29,16 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Iterator
 
-from .common import DEFAULT_CONTROL, EXIT_ABORTED, EXIT_FAILURE, EXIT_IN_DOUBT, EXIT_OK, Parser, ProgressLine
+from .common import (
+    DEFAULT_CONTROL,
+    EXIT_ABORTED,
+    EXIT_FAILURE,
+    EXIT_IN_DOUBT,
+    EXIT_OK,
+    Parser,
+    ProgressLine,
+    add_version_arg,
+)
 from .summary import summary
 
 __all__ = ["main", "request", "build_parser"]
@@ -205,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="progress line while watching (default auto: on a terminal)")
     p.add_argument("--wait", type=float, default=5.0, metavar="SECONDS",
                    help="how long to wait for a daemon that is starting (no socket yet) (default 5)")
+    add_version_arg(p)
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     st = sub.add_parser("start", help="start a migration; the options after -- are precopy-source's",
                         description="Start a migration. Everything after -- is passed as precopy-source "

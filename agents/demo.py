@@ -63,7 +63,7 @@ def main() -> int:
                 f"print(region_digest(sys.argv[1]))' \"$PRECOPY_MEMORY\" > {dest_digest} && "
                 f"exec {PY} -m precopy.guest dirty --memory \"$PRECOPY_MEMORY\" --rate {args.rate} "
                 f"--duration 1 --control {dest_ctl} --stats-out {stats}")
-        dest = subprocess.Popen([PY, "-m", "agents.dest_main", "--listen", "127.0.0.1:0",
+        dest = subprocess.Popen([PY, "-m", "precopy_agents.dest_main", "--listen", "127.0.0.1:0",
                                  "--memory-dir", str(dest_dir), "--ready-file", str(ready),
                                  "--on-resume", hook, "--log-level", "warning"])
         procs.append(dest)
@@ -79,7 +79,7 @@ def main() -> int:
         time.sleep(0.5)
 
         print(f"== migrating live to {addr} with a {args.downtime_ms:.0f} ms downtime budget")
-        rc = subprocess.call([PY, "-m", "agents.source_main", "--to", addr, "--memory", str(src_mem),
+        rc = subprocess.call([PY, "-m", "precopy_agents.source_main", "--to", addr, "--memory", str(src_mem),
                               "--guest-control", str(ctl), "--downtime-ms", str(args.downtime_ms),
                               "--report", str(report), "--progress", "on", "--log-level", "warning"])
         if rc != 0:

@@ -60,7 +60,7 @@ def _start_dest(work: Path, extra: list[str]) -> tuple[subprocess.Popen[bytes], 
     ready = work / "dest.addr"
     memdir = work / "dest"
     log = open(work / "dest.log", "ab")
-    p = subprocess.Popen([PY, "-m", "agents.dest_main", "--listen", "127.0.0.1:0", "--memory-dir", str(memdir),
+    p = subprocess.Popen([PY, "-m", "precopy_agents.dest_main", "--listen", "127.0.0.1:0", "--memory-dir", str(memdir),
                           "--ready-file", str(ready), "--log-format", "json", *extra],
                          env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log)
     deadline = time.monotonic() + 60
@@ -104,7 +104,7 @@ def drain(work: Path, n: int, *, dest_addr: str, dest_dir: Path, size_mib: int, 
         t = time.monotonic()
         for r, g in zip(regions, guests):
             sources.append(subprocess.Popen(
-                [PY, "-m", "agents.source_main", "--to", dest_addr, "--memory", str(r), "--pid", str(g.pid),
+                [PY, "-m", "precopy_agents.source_main", "--to", dest_addr, "--memory", str(r), "--pid", str(g.pid),
                  "--downtime-ms", str(downtime_ms), "--report", str(r.with_suffix(".json")),
                  "--log-format", "json", "--progress", "off"],
                 env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(r.with_suffix(".log"), "wb")))

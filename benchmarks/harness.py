@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from agents.common import stop_process
+from precopy_agents.common import stop_process
 from precopy.guest import create_region, parse_size
 from precopy.lab.netns import TwoHosts, rate_bits_per_s, unavailable_reason
 
@@ -266,7 +266,7 @@ class Bench:
         ddir = self.work / f"dest-{link.name}"
         ready = self.work / f"dest-{link.name}.addr"
         log = open(self.work / f"dest-{link.name}.log", "wb")
-        proc = subprocess.Popen([*link.dst_prefix, PY, "-m", "agents.dest_main", "--listen", f"{link.host}:0",
+        proc = subprocess.Popen([*link.dst_prefix, PY, "-m", "precopy_agents.dest_main", "--listen", f"{link.host}:0",
                                  "--memory-dir", str(ddir), "--ready-file", str(ready), "--log-level", "warning",
                                  # a private veth pair between two namespaces: no key needed
                                  "--insecure", *self.dest_args],
@@ -355,7 +355,7 @@ class Bench:
                 while not ctl.exists() and time.monotonic() < deadline:
                     time.sleep(0.02)
             who = ["--guest-control", str(ctl)] if sc.control == "control" else ["--pid", str(guest.pid)]
-            argv = [*link.src_prefix, PY, "-m", "agents.source_main", "--to", addr, "--memory", str(region),
+            argv = [*link.src_prefix, PY, "-m", "precopy_agents.source_main", "--to", addr, "--memory", str(region),
                     *who, "--name", "bench", "--downtime-ms", f"{sc.budget_ms:g}",
                     "--compress", sc.compress, "--mode", sc.mode, "--max-time", f"{max_time:g}",
                     "--on-nonconvergence", sc.on_nonconvergence, "--report", str(report), "--progress", "off",

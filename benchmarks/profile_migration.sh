@@ -45,7 +45,7 @@ CTL=()
 [ "$CONTROL" = 1 ] && CTL=(--control "$W/guest.sock")
 # shellcheck disable=SC2086
 $PY -m precopy.guest dirty --memory "$W/src.mem" $GUEST "${CTL[@]}" & PIDS+=($!); G=$!
-$PY -m agents.dest_main --listen 127.0.0.1:0 --memory-dir "$W/dest" --ready-file "$W/ready" \
+$PY -m precopy_agents.dest_main --listen 127.0.0.1:0 --memory-dir "$W/dest" --ready-file "$W/ready" \
     --log-level warning --insecure ${DESTARGS:-} & PIDS+=($!); D=$!
 for _ in $(seq 100); do [ -s "$W/ready" ] && break; sleep 0.1; done
 sleep 0.7
@@ -59,7 +59,7 @@ D0=$(cpu "$D")
 G0=$(cpu "$G")
 PD=""; PS=""
 [ "$NOSPY" = 1 ] || { $SPY record -r 1000 -f raw -o "$OUT/dest-$MODE.txt" --pid "$D" >/dev/null 2>&1 & PD=$!; }
-/usr/bin/time -f "source CPU: %U s user + %S s system, wall %e s" -o "$W/time" $PY -m agents.source_main --to "$(cat "$W/ready")" --memory "$W/src.mem" "${WHO[@]}" --name bench \
+/usr/bin/time -f "source CPU: %U s user + %S s system, wall %e s" -o "$W/time" $PY -m precopy_agents.source_main --to "$(cat "$W/ready")" --memory "$W/src.mem" "${WHO[@]}" --name bench \
     --downtime-ms 50 --compress off --on-nonconvergence force --report "$OUT/report-$MODE.json" \
     --progress off --log-level warning ${SRCARGS:-} & S=$!
 [ "$NOSPY" = 1 ] || { $SPY record -s -r 1000 -f raw -o "$OUT/src-$MODE.txt" --pid "$S" >/dev/null 2>&1 & PS=$!; }
@@ -67,7 +67,7 @@ wait "$S" || true
 echo "destination CPU: $(awk -v a="$D0" -v b="$(cpu "$D")" 'BEGIN{printf "%.2f", b - a}') s (user + system)"
 cat "$W/time"
 echo "guest CPU: $(awk -v a="$G0" -v b="$(cpu "$G")" 'BEGIN{printf "%.2f", b - a}') s over the migration (a writer's share of the 2 cores)"
-/usr/bin/time -f "  of which starting the interpreter and imports: %U s user + %S s system" $PY -c "import agents.source_main"
+/usr/bin/time -f "  of which starting the interpreter and imports: %U s user + %S s system" $PY -c "import precopy_agents.source_main"
 $PY -c "import json,sys; r=json.load(open(sys.argv[1])); print('migration', round(r['total_time_s'], 3), 's;', ', '.join(f\"{x['kind']} {x['seconds']:.3f} s\" for x in r['rounds']))" "$OUT/report-$MODE.json"
 if [ "$NOSPY" = 1 ]; then
     # The yardstick beside it: the same bytes raw (benchmarks/limits.py), and the CPU both ends used.

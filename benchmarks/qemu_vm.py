@@ -44,7 +44,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agents.common import stop_process
+from precopy_agents.common import stop_process
 from precopy.guest import parse_size
 from precopy.qemuguest import build
 from precopy.qemuguest.vm import backend_argv, children, command_line, guest_argv, serial_ticks
@@ -96,13 +96,13 @@ def run_precopy(work: Path, kernel: Path, mib: int, a: argparse.Namespace, tag: 
                                  "-serial", f"file:{work}/{tag}-dst.serial", "-qmp", "unix:{qmp},server=on,wait=off",
                                  "-qmp", f"unix:{dst_qmp},server=on,wait=off", "-incoming", "defer"])
         ready = work / f"{tag}.addr"
-        dest = subprocess.Popen([PY, "-m", "agents.dest_main", "--listen", "127.0.0.1:0", "--memory-dir",
+        dest = subprocess.Popen([PY, "-m", "precopy_agents.dest_main", "--listen", "127.0.0.1:0", "--memory-dir",
                                  str(dest_dir), "--state-dir", str(work / f"{tag}-state"), "--ready-file",
                                  str(ready), "--log-level", "error", "--qemu-cmd", qemu_cmd], cwd=tree,
                                 stdout=subprocess.DEVNULL)
         _wait(lambda: ready.exists() and ready.read_text().endswith("\n"), "precopy-dest")
         report = work / f"{tag}.json"
-        rc = subprocess.call([PY, "-m", "agents.source_main", "--to", ready.read_text().strip(), "--memory",
+        rc = subprocess.call([PY, "-m", "precopy_agents.source_main", "--to", ready.read_text().strip(), "--memory",
                               str(ram), "--qmp", str(src_qmp), "--downtime-ms", str(a.budget_ms), "--report",
                               str(report), "--log-level", "warning", "--progress", "off",
                               "--on-nonconvergence", "force"], cwd=tree, stdout=subprocess.DEVNULL)

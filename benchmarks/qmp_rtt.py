@@ -27,7 +27,7 @@ import types
 from pathlib import Path
 from typing import Any, Callable
 
-from agents.common import stop_process
+from precopy_agents.common import stop_process
 from precopy.workload.qmp import QemuMonitor
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -412,7 +412,7 @@ class Soak:
         log = open(self.work / "logs" / f"dest-{side.name}.log", "ab")
         hook = f"exec {PY} -m benchmarks.soak hook --work {self.work} --side {side.name}"
         p = subprocess.Popen(
-            ["ip", "netns", "exec", side.ns, PY, "-m", "agents.dest_main", "--listen", f"{side.ip}:{PORT}",
+            ["ip", "netns", "exec", side.ns, PY, "-m", "precopy_agents.dest_main", "--listen", f"{side.ip}:{PORT}",
              "--memory-dir", str(side.memdir), "--state-dir", str(side.statedir),
              "--auth-key-file", str(self.work / "key"), "--on-resume", hook, "--ready-file", str(ready),
              "--idle-timeout", str(IDLE_TIMEOUT_S), "--handshake-timeout", "5", "--log-format", "json"],
@@ -546,7 +546,7 @@ class Soak:
             to = proxy.addr
         report = self.work / "reports" / f"{mid}.json"
         alog = self.work / "logs" / f"source-{mid}.log"
-        argv = ["ip", "netns", "exec", src.ns, PY, "-m", "agents.source_main", "--to", to,
+        argv = ["ip", "netns", "exec", src.ns, PY, "-m", "precopy_agents.source_main", "--to", to,
                 "--memory", str(src.memdir / g.name), "--guest-control", str(self.work / "sock" / f"{g.name}.{src.name}.sock"),
                 "--auth-key-file", str(self.work / "key"), "--migration-id", mid, "--report", str(report),
                 "--io-timeout", str(IO_TIMEOUT_S), "--connect-timeout", str(CONNECT_TIMEOUT_S),

@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from agents.common import stop_process
+from precopy_agents.common import stop_process
 from precopy.guest import create_region, parse_size
 
 PY = sys.executable
@@ -62,7 +62,7 @@ def main() -> int:
         for mode, (dest_args, _) in modes.items():
             ready = work / f"{mode}.addr"
             procs.append(subprocess.Popen(
-                [PY, "-m", "agents.dest_main", "--listen", "127.0.0.1:0", "--memory-dir",
+                [PY, "-m", "precopy_agents.dest_main", "--listen", "127.0.0.1:0", "--memory-dir",
                  str(work / f"dest-{mode}"), "--ready-file", str(ready), "--log-level", "warning",
                  *dest_args], cwd=ROOT))
             _wait(ready)
@@ -79,7 +79,7 @@ def main() -> int:
                 for mode, (_, src_args) in modes.items():
                     report = work / f"r-{mode}-{run}.json"
                     rc = subprocess.call(
-                        [PY, "-m", "agents.source_main", "--to", addrs[mode], "--memory", str(region),
+                        [PY, "-m", "precopy_agents.source_main", "--to", addrs[mode], "--memory", str(region),
                          "--pid", str(guest.pid), "--compress", "off", "--on-commit", "keep-stopped",
                          "--report", str(report), "--log-level", "warning", "--progress", "off",
                          "--name", f"bench-{run}", *src_args], cwd=ROOT, stdout=subprocess.DEVNULL)

@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from agents.common import stop_process
+from precopy_agents.common import stop_process
 from precopy.memory.digest import page_digests, region_chunk_digests
 from precopy.guest import create_region, parse_size
 from precopy.memory.region import GuestMemory
@@ -73,7 +73,7 @@ def migrate_once(work: Path, region: Path, addr: str, dest_dir: Path, tracking: 
         _wait(ctl)
         time.sleep(0.5)
         report = work / f"report-{tag}.json"
-        rc = subprocess.call([PY, "-m", "agents.source_main", "--to", addr, "--memory", str(region),
+        rc = subprocess.call([PY, "-m", "precopy_agents.source_main", "--to", addr, "--memory", str(region),
                               "--guest-control", str(ctl), "--downtime-ms", "50", "--tracking", tracking,
                               "--on-nonconvergence", "force",
                               "--report", str(report), "--log-level", "warning", "--progress", "off",
@@ -90,7 +90,7 @@ def migrate_once(work: Path, region: Path, addr: str, dest_dir: Path, tracking: 
 def downtime(work: Path, region: Path, runs: int) -> dict[str, list[dict[str, Any]]]:
     dest_dir = work / "dest"
     ready = work / "addr"
-    dest = subprocess.Popen([PY, "-m", "agents.dest_main", "--listen", "127.0.0.1:0", "--memory-dir",
+    dest = subprocess.Popen([PY, "-m", "precopy_agents.dest_main", "--listen", "127.0.0.1:0", "--memory-dir",
                              str(dest_dir), "--ready-file", str(ready), "--log-level", "warning"],
                             cwd=ROOT, stdout=subprocess.DEVNULL)
     try:

@@ -15,6 +15,7 @@ and on the other machine a :class:`DestinationServer`.  TLS: pass
 
 from __future__ import annotations
 
+from precopy._version import __version__ as __version__
 from precopy.session.destination import DestinationServer, DestOptions
 from precopy.errors import (
     AbortCode,
@@ -36,8 +37,6 @@ from precopy.net.tls import client_context, server_context
 from precopy.workload.base import Workload
 from precopy.workload.control import GuestControl
 from precopy.workload.signals import SignalWorkload
-
-__version__ = "0.1.0"
 
 __all__ = [
     "AbortCode",

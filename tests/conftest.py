@@ -124,7 +124,7 @@ def start_dest(procs: Procs, work: Path, *extra: str, loop: str = "uvloop") -> D
     memdir = work / "dest"
     ready = work / f"dest-{time.monotonic_ns()}.addr"
     log = work / "dest.log"
-    p = procs.start("-m", "agents.dest_main", "--listen", "127.0.0.1:0", "--memory-dir", str(memdir),
+    p = procs.start("-m", "precopy_agents.dest_main", "--listen", "127.0.0.1:0", "--memory-dir", str(memdir),
                     "--ready-file", str(ready), "--event-loop", loop, "--log-format", "json",
                     "--log-level", "debug", *extra,
                     stdout=subprocess.DEVNULL, stderr=open(log, "wb"))
@@ -136,7 +136,7 @@ def start_dest(procs: Procs, work: Path, *extra: str, loop: str = "uvloop") -> D
 
 def run_source(work: Path, *args: str, timeout: float = 120) -> tuple[int, dict | None, str]:  # type: ignore[type-arg]
     report = work / f"report-{time.monotonic_ns()}.json"
-    r = subprocess.run([PY, "-m", "agents.source_main", *args, "--report", str(report),
+    r = subprocess.run([PY, "-m", "precopy_agents.source_main", *args, "--report", str(report),
                         "--log-format", "json", "--progress", "off"],
                        env=ENV, cwd=ROOT, capture_output=True, timeout=timeout)
     rep = json.loads(report.read_text()) if report.exists() else None

@@ -11,8 +11,8 @@ from typing import Any, Iterator
 
 import pytest
 
-import agents.source_main as source_main
-from agents.common import EXIT_ABORTED, EXIT_IN_DOUBT, EXIT_OK, EXIT_USAGE, parse_hostport
+import precopy_agents.source_main as source_main
+from precopy_agents.common import EXIT_ABORTED, EXIT_IN_DOUBT, EXIT_OK, EXIT_USAGE, parse_hostport
 from precopy.errors import AbortCode, MigrationAborted, MigrationInDoubt
 from precopy.session.report import MigrationReport
 
@@ -116,7 +116,7 @@ def test_parse_hostport() -> None:
 
 
 def test_dest_help_mentions_the_hook_environment() -> None:
-    out = subprocess.run([sys.executable, "-m", "agents.dest_main", "--help"], capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "precopy_agents.dest_main", "--help"], capture_output=True,
                          text=True, cwd=Path(__file__).resolve().parent.parent,
                          env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent)))
     assert out.returncode == 0
@@ -127,7 +127,7 @@ def test_dest_help_mentions_the_hook_environment() -> None:
 _LARGE_FREES = """
 import sys
 import numpy as np
-from agents.common import return_large_frees
+from precopy_agents.common import return_large_frees
 if sys.argv[1] == "fixed":
     assert return_large_frees()
 def rss():

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from agents import ctl, dest_main, source_daemon, source_main
-from agents.config import ConfigError, config_values, parse_with_config
+from precopy_agents import ctl, dest_main, source_daemon, source_main
+from precopy_agents.config import ConfigError, config_values, parse_with_config
 
 from .conftest import ENV, PY, ROOT, Procs, create_region, guest, run_source, start_dest
 
@@ -106,24 +106,24 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
 
 def test_check_config_dest(tmp_path: Path) -> None:
     good = _toml(tmp_path, f'listen = "127.0.0.1:7070"\nmemory-dir = "{tmp_path}/in"\nidle-timeout = 30\n')
-    r = _run("-m", "agents.dest_main", "--config", str(good), "--check-config")
+    r = _run("-m", "precopy_agents.dest_main", "--config", str(good), "--check-config")
     assert r.returncode == 0, r.stderr
     assert 'listen = "127.0.0.1:7070"' in r.stdout and "idle-timeout = 30.0" in r.stdout
     assert "configuration OK" in r.stderr
     bad = tmp_path / "bad.toml"
     bad.write_text('listen = "127.0.0.1:7070"\nmemory-dir = "/x"\nidle-timeout = "soon"\n')
-    r = _run("-m", "agents.dest_main", "--config", str(bad), "--check-config")
+    r = _run("-m", "precopy_agents.dest_main", "--config", str(bad), "--check-config")
     assert r.returncode == 2 and "key 'idle-timeout'" in r.stderr
     bad.write_text('listen = "127.0.0.1:7070"\nmemory-dir = "/proc/no/such"\n')
-    r = _run("-m", "agents.dest_main", "--config", str(bad), "--check-config")
+    r = _run("-m", "precopy_agents.dest_main", "--config", str(bad), "--check-config")
     assert r.returncode == 2 and "key 'memory-dir'" in r.stderr
     bad.write_text(f'listen = "127.0.0.1:7070"\nmemory-dir = "{tmp_path}"\nauth-key-file = "/no/key"\n')
-    r = _run("-m", "agents.dest_main", "--config", str(bad), "--check-config")
+    r = _run("-m", "precopy_agents.dest_main", "--config", str(bad), "--check-config")
     assert r.returncode == 2 and "key 'auth-key-file'" in r.stderr
     bad.write_text("listen = \n")
-    r = _run("-m", "agents.dest_main", "--config", str(bad), "--check-config")
+    r = _run("-m", "precopy_agents.dest_main", "--config", str(bad), "--check-config")
     assert r.returncode == 2 and "not valid TOML" in r.stderr
-    r = _run("-m", "agents.dest_main", "--memory-dir", "/x", "--check-config")
+    r = _run("-m", "precopy_agents.dest_main", "--memory-dir", "/x", "--check-config")
     assert r.returncode == 2 and "--listen" in r.stderr
 
 
@@ -131,15 +131,15 @@ def test_check_config_source_and_serve(tmp_path: Path) -> None:
     region = tmp_path / "g.mem"
     region.write_bytes(b"\0" * 8192)
     conf = _toml(tmp_path, f'to = "127.0.0.1:1"\nmemory = "{region}"\npid = {__import__("os").getpid()}\n')
-    r = _run("-m", "agents.source_main", "--config", str(conf), "--check-config")
+    r = _run("-m", "precopy_agents.source_main", "--config", str(conf), "--check-config")
     assert r.returncode == 0, r.stderr
     serve = tmp_path / "serve.toml"
     serve.write_text(f'control = "{tmp_path}/c.sock"\n[migration]\ndowntime-ms = 50\n')
-    r = _run("-m", "agents.source_main", "serve", "--config", str(serve), "--check-config")
+    r = _run("-m", "precopy_agents.source_main", "serve", "--config", str(serve), "--check-config")
     assert r.returncode == 0, r.stderr
     assert "downtime-ms = 50" in r.stdout
     serve.write_text('[migration]\ndowntime-ms = "x"\n')
-    r = _run("-m", "agents.source_main", "serve", "--config", str(serve), "--check-config")
+    r = _run("-m", "precopy_agents.source_main", "serve", "--config", str(serve), "--check-config")
     assert r.returncode == 2 and "key 'downtime-ms'" in r.stderr
 
 
@@ -179,8 +179,8 @@ def test_every_option_explains_its_default() -> None:
 
 
 def test_help_of_every_command_runs() -> None:
-    for argv in (["-m", "agents.source_main", "--help"], ["-m", "agents.dest_main", "--help"],
-                 ["-m", "agents.source_main", "serve", "--help"], ["-m", "agents.source_main", "ctl", "--help"],
-                 ["-m", "agents.source_main", "ctl", "start", "--help"]):
+    for argv in (["-m", "precopy_agents.source_main", "--help"], ["-m", "precopy_agents.dest_main", "--help"],
+                 ["-m", "precopy_agents.source_main", "serve", "--help"], ["-m", "precopy_agents.source_main", "ctl", "--help"],
+                 ["-m", "precopy_agents.source_main", "ctl", "start", "--help"]):
         r = _run(*argv)
         assert r.returncode == 0 and "usage:" in r.stdout, (argv, r.stderr)

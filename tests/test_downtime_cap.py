@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import precopy.session.source
-from agents.source_main import summary
+from precopy_agents.source_main import summary
 from precopy.policy.downtime import CAP_STEPS, DowntimeCap, DowntimeCapExceeded, Part, switchover_margin
 from precopy.errors import AbortCode, MigrationAborted
 from precopy.policy.switchover import Action, Decision, LinkEstimator, SwitchoverPolicy

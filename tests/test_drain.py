@@ -33,7 +33,7 @@ SWEEP_RATE = 20000
 def _one_shot(procs: Procs, work: Path, to: str, region: Path, pid: int) -> tuple[subprocess.Popen[bytes], Path, Path]:
     report = work / f"{region.stem}.report.json"
     log = work / f"{region.stem}.log"
-    p = procs.start("-m", "agents.source_main", "--to", to, "--memory", str(region), "--pid", str(pid),
+    p = procs.start("-m", "precopy_agents.source_main", "--to", to, "--memory", str(region), "--pid", str(pid),
                     "--report", str(report), "--log-format", "json", "--progress", "off",
                     stdout=subprocess.DEVNULL, stderr=open(log, "wb"))
     return p, report, log

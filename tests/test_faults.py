@@ -73,7 +73,7 @@ class Setup:
     def start_source(self, addr: str, *extra: str) -> subprocess.Popen[bytes]:
         who = ["--pid", str(self.guest.pid)] if self.mode == "pid" else ["--guest-control", str(self.ctl)]
         self.source = self.procs.start(
-            "-m", "agents.source_main", "--to", addr, "--memory", str(self.src), *who,
+            "-m", "precopy_agents.source_main", "--to", addr, "--memory", str(self.src), *who,
             "--downtime-ms", "2000", "--compress", "off", "--report", str(self.report),
             "--log-format", "json", "--progress", "off", "--connect-timeout", "2", "--io-timeout", "5",
             *extra, stdout=subprocess.DEVNULL, stderr=open(self.source_log, "wb"),

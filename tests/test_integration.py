@@ -220,7 +220,7 @@ def test_sigterm_cancels_and_rolls_back(procs: Procs, shm: Path) -> None:
     # region each round, which takes far longer than the budget on a 50 MB/s link, while
     # the downtime floor stays under it (a budget under the floor would abort at once).
     with FaultProxy(("127.0.0.1", int(dest.addr.rsplit(":", 1)[1])), rate_bps=50e6) as proxy:
-        s = procs.start("-m", "agents.source_main", "--to", proxy.addr, "--memory", str(src), "--pid",
+        s = procs.start("-m", "precopy_agents.source_main", "--to", proxy.addr, "--memory", str(src), "--pid",
                         str(g.pid), "--downtime-ms", "100", "--throttle", "off", "--max-rounds", "100000",
                         "--report", str(report), "--progress", "off",
                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

@@ -42,7 +42,7 @@ def test_eight_concurrent_64_mib_migrations_with_dirtying_guests(procs: Procs, s
     runs = []
     for src, report, who in sources:
         runs.append(subprocess.Popen(
-            [PY, "-m", "agents.source_main", "--to", dest.addr, "--memory", str(src), *who,
+            [PY, "-m", "precopy_agents.source_main", "--to", dest.addr, "--memory", str(src), *who,
              "--report", str(report), "--log-format", "json", "--progress", "off",
              "--downtime-ms", "3000", "--on-nonconvergence", "force", "--max-time", "300"],
             env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))

@@ -15,7 +15,7 @@ from typing import Iterator
 
 import pytest
 
-from agents.common import ProgressLine, setup_logging
+from precopy_agents.common import ProgressLine, setup_logging
 
 from .conftest import ENV, PY, ROOT, Procs, create_region, guest, start_dest
 
@@ -89,7 +89,7 @@ def test_progress_line_shows_a_throttle_only_when_there_is_one() -> None:
 
 
 def test_summary_shows_a_throttle_only_when_there_was_one() -> None:
-    from agents.source_main import summary
+    from precopy_agents.source_main import summary
     from precopy.session.report import MigrationReport, RoundReport
 
     rep = MigrationReport(migration_id="m", outcome="committed", rounds=[
@@ -128,7 +128,7 @@ def test_source_shows_progress_while_migrating(procs: Procs, work: Path) -> None
     create_region(region, "32M")
     g = procs.start(*guest("dirty", "--memory", str(region), "--rate", "500"))
     dest = start_dest(procs, work)
-    r = subprocess.run([PY, "-m", "agents.source_main", "--to", dest.addr, "--memory", str(region),
+    r = subprocess.run([PY, "-m", "precopy_agents.source_main", "--to", dest.addr, "--memory", str(region),
                         "--pid", str(g.pid), "--progress", "on", "--log-format", "text"],
                        env=ENV, cwd=ROOT, capture_output=True, timeout=120)
     err = r.stderr.decode()

@@ -1,6 +1,6 @@
 """The daemons' Prometheus exposition: names, labels, types, HELP and values, pinned.
 
-Scraped over HTTP from :class:`agents.metrics.MetricsServer`, as Prometheus does.
+Scraped over HTTP from :class:`precopy_agents.metrics.MetricsServer`, as Prometheus does.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import pytest
 
-from agents.metrics import MetricsServer, dest_metrics, source_metrics
+from precopy_agents.metrics import MetricsServer, dest_metrics, source_metrics
 
 #: The buckets of both downtime histograms, as their ``le`` labels read.
 LE = ("0.01", "0.025", "0.05", "0.1", "0.25", "0.5", "1.0", "2.5", "5.0", "10.0", "+Inf")
@@ -211,7 +211,7 @@ async def test_the_process_collector_rides_along() -> None:
 async def test_a_blocked_event_loop_gets_a_503_not_a_hung_scrape(monkeypatch: pytest.MonkeyPatch) -> None:
     import threading
 
-    monkeypatch.setattr("agents.metrics.COLLECT_TIMEOUT_S", 0.05)
+    monkeypatch.setattr("precopy_agents.metrics.COLLECT_TIMEOUT_S", 0.05)
     server = MetricsServer("127.0.0.1", 0, lambda: source_metrics([]))
     await server.start()
     got: list[Any] = []

@@ -17,7 +17,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from agents import ocf
+from precopy_agents import ocf
 
 from .conftest import wait_for
 

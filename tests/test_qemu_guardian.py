@@ -50,7 +50,7 @@ def dest_command(kernel: Path, serial: Path, monitor: Path) -> str:  # noqa: F81
 
 def start_source(procs: Procs, shm: Path, proxy: FaultProxy, ram: Path, monitor: Path,
                  log: Path) -> subprocess.Popen[bytes]:
-    return procs.start("-m", "agents.source_main", "--to", proxy.addr, "--memory", str(ram),
+    return procs.start("-m", "precopy_agents.source_main", "--to", proxy.addr, "--memory", str(ram),
                        "--qmp", str(monitor), "--downtime-ms", "300", "--on-nonconvergence", "force",
                        "--migration-id", "m-qemu-kill", "--log-format", "json", "--progress", "off",
                        "--connect-timeout", "2", "--io-timeout", "5",

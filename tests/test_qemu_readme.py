@@ -46,8 +46,8 @@ def test_readme_qemu_walkthrough(tmp_path: Path, shm: Path) -> None:
         for a, b in [("7070", str(port)), ("/tmp/", f"{tmp_path}/"), ("/dev/shm/vm.ram", f"{shm}/vm.ram"),
                      ("/dev/shm/precopy-in", f"{shm}/in")]:
             line = line.replace(a, b)
-        line = re.sub(r"^precopy-dest ", f"{PY} -m agents.dest_main ", line)
-        line = re.sub(r"^precopy-source ", f"{PY} -m agents.source_main ", line)
+        line = re.sub(r"^precopy-dest ", f"{PY} -m precopy_agents.dest_main ", line)
+        line = re.sub(r"^precopy-source ", f"{PY} -m precopy_agents.source_main ", line)
         line = re.sub(r"^python -m ", f"{PY} -m ", line)
         lines.append(line)
         if line.rstrip().endswith("&"):  # a background process: note its PID to stop it

@@ -151,29 +151,29 @@ def test_readme_quotes_the_messages_the_programs_print(tmp_path: Path) -> None:
     quoted, path = m.group(1), m.group(2)
     conf = tmp_path / "dest.toml"
     conf.write_text('idle-timeout = "two minutes"\n')
-    r = subprocess.run([PY, "-m", "agents.dest_main", "--config", str(conf), "--check-config"], env=ENV, cwd=ROOT,
+    r = subprocess.run([PY, "-m", "precopy_agents.dest_main", "--config", str(conf), "--check-config"], env=ENV, cwd=ROOT,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr == quoted.replace(path, str(conf)) + "\n", r.stderr
     # A region whose size is not a multiple of 4 KiB: a usage error, one line, nothing started.
     odd = tmp_path / "odd.mem"
     odd.write_bytes(b"\0" * 5000)
-    r = subprocess.run([PY, "-m", "agents.source_main", "--to", "127.0.0.1:9", "--memory", str(odd), "--pid", "1"],
+    r = subprocess.run([PY, "-m", "precopy_agents.source_main", "--to", "127.0.0.1:9", "--memory", str(odd), "--pid", "1"],
                        env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and r.stdout == "", r.stdout
     assert r.stderr.count("\n") == 1 and "is 5000 bytes: it must be a non-empty multiple of 4096" in r.stderr
     # A bad value: one line; an unknown flag: the usage block too.
-    r = subprocess.run([PY, "-m", "agents.dest_main", "--listen", "nowhere", "--memory-dir", str(tmp_path)],
+    r = subprocess.run([PY, "-m", "precopy_agents.dest_main", "--listen", "nowhere", "--memory-dir", str(tmp_path)],
                        env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "is not HOST:PORT" in r.stderr, r.stderr
-    r = subprocess.run([PY, "-m", "agents.dest_main", "--listen", "127.0.0.1:0", "--memory-dir", str(tmp_path),
+    r = subprocess.run([PY, "-m", "precopy_agents.dest_main", "--listen", "127.0.0.1:0", "--memory-dir", str(tmp_path),
                         "--no-such-flag"], env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and r.stderr.startswith("usage: precopy-dest") and "--no-such-flag" in r.stderr
 
 
 @pytest.mark.parametrize("unit, config, module", [
-    ("precopy-dest.service", "dest.toml", ["-m", "agents.dest_main"]),
-    ("precopy-source.service", "source.toml", ["-m", "agents.source_main", "serve"]),
+    ("precopy-dest.service", "dest.toml", ["-m", "precopy_agents.dest_main"]),
+    ("precopy-source.service", "source.toml", ["-m", "precopy_agents.source_main", "serve"]),
 ])
 def test_service_files_and_example_configs_check(tmp_path: Path, unit: str, config: str, module: list[str]) -> None:
     """Each unit's ExecStart passes --check-config with the example config (paths moved under tmp)."""

@@ -16,8 +16,8 @@ import pytest
 import precopy.protocol.auth as auth
 import precopy.session.source
 from precopy.session.commit import query_outcome
-from agents import dest_main
-from agents.common import EXIT_USAGE
+from precopy_agents import dest_main
+from precopy_agents.common import EXIT_USAGE
 from precopy.errors import AbortCode, AuthError, MigrationAborted
 from precopy.net.tls import TlsConfigError, client_context, server_context
 from precopy.protocol import PROTOCOL_VERSION, Auth, AuthOk, Connection, Hello, HelloAck, Role
@@ -85,7 +85,7 @@ def test_loose_key_file_is_a_usage_error_for_both_agents(tmp_path: Path,
                          "--auth-key-file", str(p)])
     assert rc == EXIT_USAGE
     assert "chmod 600" in capsys.readouterr().err
-    from agents import source_main
+    from precopy_agents import source_main
 
     region = tmp_path / "r"
     region.write_bytes(bytes(4096))

@@ -22,7 +22,7 @@ class Daemon:
         self.control = work / f"ctl-{time.monotonic_ns()}.sock"
         self.log = work / f"serve-{time.monotonic_ns()}.log"
         self.report_dir = work / "reports"
-        self.proc = procs.start("-m", "agents.source_main", "serve", "--control", str(self.control),
+        self.proc = procs.start("-m", "precopy_agents.source_main", "serve", "--control", str(self.control),
                                 "--report-dir", str(self.report_dir), "--metrics", "127.0.0.1:0",
                                 "--log-format", "json", *extra,
                                 stdout=subprocess.DEVNULL, stderr=open(self.log, "wb"))
@@ -44,7 +44,7 @@ class Daemon:
 
     def ctl(self, *args: str, timeout: float = 120, as_json: bool = True) -> subprocess.CompletedProcess[str]:
         """ctl as a script runs it (--json), or as a person (as_json=False)."""
-        return subprocess.run([PY, "-m", "agents.source_main", "ctl", "--control", str(self.control),
+        return subprocess.run([PY, "-m", "precopy_agents.source_main", "ctl", "--control", str(self.control),
                                *(["--json"] if as_json else []), *args],
                               env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
@@ -208,7 +208,7 @@ def test_bad_requests_are_answered_and_the_daemon_lives_on(setup: tuple[Daemon, 
     assert d.proc.poll() is None
     assert d.request({"op": "list"}) == {"ok": True, "jobs": []}
     assert d.control.stat().st_mode & 0o777 == 0o600  # only its owner may drive migrations
-    r = subprocess.run([PY, "-m", "agents.source_main", "ctl", "--wait", "0.3", "--control", str(d.control) + ".nope", "list"],
+    r = subprocess.run([PY, "-m", "precopy_agents.source_main", "ctl", "--wait", "0.3", "--control", str(d.control) + ".nope", "list"],
                        env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=30)
     assert r.returncode == 1 and "cannot reach the source daemon" in r.stderr
 

@@ -32,7 +32,7 @@ from precopy.workload.base import process_state
 from precopy.workload.control import GuestControl
 from precopy.workload.signals import SignalWorkload
 
-from agents.source_main import summary
+from precopy_agents.source_main import summary
 
 from .conftest import ENV, PY, ROOT, wait_for
 from .test_engine import FakeWorkload, make_region, options, serve

@@ -168,7 +168,7 @@ class Throttled:
         self.report = shm / "report.json"
         self.log = shm / "source.log"
         self.source = procs.start(
-            "-m", "agents.source_main", "--to", self.proxy.addr, "--memory", str(self.src), *who,
+            "-m", "precopy_agents.source_main", "--to", self.proxy.addr, "--memory", str(self.src), *who,
             "--downtime-ms", "100", "--throttle-initial", "90", "--throttle-max", "90", "--max-rounds", "100000",
             "--max-time", "0", "--report", str(self.report), "--log-format", "json", "--progress", "off",
             stdout=subprocess.DEVNULL, stderr=open(self.log, "wb"))

@@ -660,7 +660,7 @@ def test_non_root_agent_falls_back_without_a_crash(procs: Procs, shm: Path) -> N
 
 
 def test_cli_tracking_option(procs: Procs, shm: Path) -> None:
-    r = subprocess.run([PY, "-m", "agents.source_main", "--help"], env=ENV, cwd=ROOT, capture_output=True)
+    r = subprocess.run([PY, "-m", "precopy_agents.source_main", "--help"], env=ENV, cwd=ROOT, capture_output=True)
     assert b"--tracking {auto,digest,uffd-wp}" in r.stdout
     mem, ctl, _ = _start_guest(procs, shm, "--no-tracking", npages=1024)
     dest = start_dest(procs, shm)

@@ -75,7 +75,7 @@ def test_migration_between_two_namespaces_over_a_shaped_link(procs: Procs, work:
         release = f"ip netns exec {hosts.src_ns} ip addr del {SERVICE}/24 dev {src_dev}"
         hook = f"{SCRIPT} {SERVICE}/24 {dst_dev} '{release}' 2>> {work}/hook.log"
         dest = subprocess.Popen(
-            [*hosts.exec_prefix(hosts.dst_ns), PY, "-m", "agents.dest_main", "--listen", f"{hosts.dst_ip}:0",
+            [*hosts.exec_prefix(hosts.dst_ns), PY, "-m", "precopy_agents.dest_main", "--listen", f"{hosts.dst_ip}:0",
              "--memory-dir", str(shm / "dest"), "--ready-file", str(ready), "--auth-key-file", str(key),
              "--on-resume", hook, "--log-format", "json"],
             env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(log, "wb"))
@@ -89,7 +89,7 @@ def test_migration_between_two_namespaces_over_a_shaped_link(procs: Procs, work:
         report = work / "report.json"
         t = time.monotonic()
         r = subprocess.run(
-            [*hosts.exec_prefix(hosts.src_ns), PY, "-m", "agents.source_main", "--to", addr,
+            [*hosts.exec_prefix(hosts.src_ns), PY, "-m", "precopy_agents.source_main", "--to", addr,
              "--memory", str(region), "--pid", str(g.pid), "--auth-key-file", str(key),
              "--report", str(report), "--progress", "off", "--log-format", "json"],
             env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -4,6 +4,7 @@
     precopy-ocf resume                     # precopy-dest's --on-resume hook on every node
     precopy-ocf resolve RESOURCE committed|aborted   # settle a migration in doubt (source node)
     precopy-ocf ACTION                     # what Pacemaker runs, through the installed file
+    precopy-ocf --version
 
 One resource is one workload: a process mapping a region file (``memory``)
 that can be started on a region, as precopy-dest's ``--on-resume`` starts a
@@ -105,18 +106,16 @@ __all__ = ["main", "Params", "dest_address", "meta_data", "OCF_SUCCESS", "OCF_ER
 
 
 def install(ocf_root: Path) -> Path:
-    """Write OCF_ROOT/resource.d/precopy/workload, which runs this module with this interpreter."""
+    """Write OCF_ROOT/resource.d/precopy/workload, which runs this package (precopy_agents.ocf) with this interpreter."""
     d = ocf_root / "resource.d" / PROVIDER
     d.mkdir(parents=True, exist_ok=True)
     path = d / TYPE
-    src = Path(__file__).resolve().parents[2]  # the directory that holds agents/
     # meta-data is answered by the shell: Pacemaker's controller asks for it as
     # user hacluster, who may not be allowed to run this Python.
     text = ("#!/bin/sh\n# ocf:precopy:workload -- written by 'precopy-ocf install'\n"
             'if [ "$1" = meta-data ]; then\ncat <<\'PRECOPY_META_DATA\'\n'
             f"{meta_data()}PRECOPY_META_DATA\nexit 0\nfi\n"
-            f"PYTHONPATH={shlex.quote(str(src))}${{PYTHONPATH:+:$PYTHONPATH}} "
-            f"exec {shlex.quote(sys.executable)} -m agents.ocf \"$@\"\n")
+            f"exec {shlex.quote(sys.executable)} -m precopy_agents.ocf \"$@\"\n")
     tmp = path.with_name(f".{TYPE}.tmp")
     tmp.write_text(text)
     os.chmod(tmp, 0o755)
@@ -138,6 +137,11 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as exc:
             print(f"precopy-ocf install: cannot write under {args.ocf_root}: {exc.strerror}", file=sys.stderr)
             return 1
+        return 0
+    if argv[:1] == ["--version"]:
+        from precopy._version import __version__
+
+        print(f"precopy-ocf {__version__}")
         return 0
     if argv[:1] == ["resume"]:
         return resume_hook()

@@ -1,4 +1,4 @@
-"""python -m agents.ocf: precopy-ocf."""
+"""python -m precopy_agents.ocf: precopy-ocf."""
 
 import sys
 

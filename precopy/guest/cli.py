@@ -6,6 +6,8 @@ import argparse
 import sys
 from typing import Any
 
+from precopy._version import __version__
+
 from .common import GuestError
 from .det import run_det
 from .dirty import DIRTY_CONTENTS, DIRTY_PATTERNS, run_dirty
@@ -154,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="precopy-guest",
         description="Demo guest workloads that map and modify a shared memory region.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_create_parser(subparsers)
     _add_dirty_parser(subparsers)

@@ -420,7 +420,7 @@ class PrecopyCluster(Cluster):
                  source_args: Sequence[str] = ()) -> None:
         import sys
 
-        from agents.ocf import install
+        from precopy_agents.ocf import install
 
         super().__init__(name, nodes, workdir, keep)
         self.python = python or sys.executable
@@ -446,7 +446,7 @@ class PrecopyCluster(Cluster):
             for n in self.nodes:
                 self.start_dest(n)
                 self.source[n.name] = n.spawn(
-                    self.python, "-m", "agents.source_main", "serve", "--control", "/run/precopy/source.sock",
+                    self.python, "-m", "precopy_agents.source_main", "serve", "--control", "/run/precopy/source.sock",
                     "--report-dir", "/run/precopy/reports", "--log-level", "info", *self.source_args,
                     log=n.root / "precopy-source.log")
             for n in self.nodes:
@@ -459,9 +459,9 @@ class PrecopyCluster(Cluster):
     def start_dest(self, n: Node) -> subprocess.Popen[bytes]:
         ready = n.root / "dest.ready"
         ready.unlink(missing_ok=True)
-        p = n.spawn(self.python, "-m", "agents.dest_main", "--listen", f"{n.ip}:{self.PORT}",
+        p = n.spawn(self.python, "-m", "precopy_agents.dest_main", "--listen", f"{n.ip}:{self.PORT}",
                     "--memory-dir", self.MEMORY_DIR, "--auth-key-file", str(self.key),
-                    "--on-resume", f"exec {self.python} -m agents.ocf resume",
+                    "--on-resume", f"exec {self.python} -m precopy_agents.ocf resume",
                     "--ready-file", str(ready), "--log-level", "info", *self.dest_args,
                     log=n.root / "precopy-dest.log")
         self.dest[n.name] = p

@@ -6,6 +6,8 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from precopy._version import __version__
+
 __all__ = ["RoundReport", "MigrationReport"]
 
 
@@ -101,6 +103,11 @@ class MigrationReport:
     on_commit: str = "keep-stopped"
     error: str | None = None
     reason: str | None = None
+    #: The precopy version of the source that wrote this report, and the
+    #: destination's as its HELLO_ACK said (None: it did not say -- a
+    #: destination from before versions were announced).
+    precopy_version: str | None = __version__
+    dest_version: str | None = None
     phases_ms: dict[str, float] = field(default_factory=dict)
     #: The parts of ``expected_downtime_ms``, to hold against ``phases_ms``:
     #: final_scan, final_pages (pages and device state, at the rate expected
@@ -125,6 +132,7 @@ class MigrationReport:
         known = {f.name for f in fields(cls)}
         round_fields = {f.name for f in fields(RoundReport)}
         values = {k: v for k, v in data.items() if k in known}
+        values.setdefault("precopy_version", None)  # a report from before versions were recorded
         values["rounds"] = [RoundReport(**{k: v for k, v in r.items() if k in round_fields})
                             for r in data.get("rounds") or [] if isinstance(r, dict)]
         return cls(**values)
