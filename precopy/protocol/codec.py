@@ -27,6 +27,7 @@ from precopy.protocol.limits import (
     MAX_QUEUE,
     MAX_REGION,
     MAX_REQUIREMENTS,
+    MAX_SOFTWARE,
     MAX_TIMINGS,
     NONCE_SIZE,
     PAGE_SIZE,
@@ -103,6 +104,8 @@ def encode_event(ev: Event) -> tuple[Kind, dict[str, Any], Any]:
         meta["requires"] = {k: list(v) for k, v in ev.requires.items()}
         if not ev.wait:
             del meta["wait"]  # as a source before queues: nothing new on the wire
+    elif isinstance(ev, (Hello, HelloAck)) and ev.software is None:
+        del meta["software"]  # as a peer before versions were announced
     return kind, meta, b""
 
 
@@ -376,10 +379,21 @@ def decode_event(kind: Kind, meta: dict[Any, Any]) -> Event:
     return decoder(meta)
 
 
+def _software(meta: dict[Any, Any], kind: Kind) -> str | None:
+    """HELLO's and HELLO_ACK's optional ``software``: the sender's precopy version, printable."""
+    if "software" not in meta:
+        return None
+    value = _str_field(meta, "software", kind, MAX_SOFTWARE)
+    if not value or not value.isprintable():
+        raise RemoteProtocolError(f"{kind.name} field 'software' must be 1-{MAX_SOFTWARE} printable characters")
+    return value
+
+
 def _decode_hello(meta: dict[Any, Any]) -> Event:
     return Hello(
         version=_int_field(meta, "version", Kind.HELLO, 0, 1 << 16),
         nonce=_bytes_field(meta, "nonce", Kind.HELLO, exact=NONCE_SIZE),
+        software=_software(meta, Kind.HELLO),
     )
 
 
@@ -389,6 +403,7 @@ def _decode_hello_ack(meta: dict[Any, Any]) -> Event:
         version=_int_field(meta, "version", kind, 0, 1 << 16),
         nonce=_bytes_field(meta, "nonce", kind, exact=NONCE_SIZE),
         mac=_bytes_field(meta, "mac", kind, limit=MAC_SIZE),
+        software=_software(meta, kind),
     )
 
 

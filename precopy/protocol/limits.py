@@ -33,6 +33,8 @@ MAX_REQUIREMENTS: Final = 16
 MAX_NAME: Final = 128
 NONCE_SIZE: Final = 32
 MAC_SIZE: Final = 32
+#: Longest precopy version HELLO and HELLO_ACK may announce (``software``).
+MAX_SOFTWARE: Final = 64
 #: Most migrations a QUEUED frame may count (positions, active, limit).
 MAX_QUEUE: Final = 1 << 16
 #: Most resume steps a COMMITTED frame's ``timings`` may name.

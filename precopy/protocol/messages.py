@@ -59,6 +59,9 @@ class Role(Enum):
 class Hello:
     version: int
     nonce: bytes
+    #: The source's precopy version ("0.1.0"), named when the protocol
+    #: versions differ; None: not sent (a peer from before it was).
+    software: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +69,8 @@ class HelloAck:
     version: int
     nonce: bytes
     mac: bytes  # proves the destination holds the key (empty without a key)
+    #: The destination's precopy version, as in :class:`Hello`.
+    software: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

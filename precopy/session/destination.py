@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from precopy._version import __version__
 from precopy.errors import AbortCode, AuthError, PrecopyError, RegionError, RemoteProtocolError
 from precopy.memory.region import users_of
 from precopy.net.channel import Channel, LinkError, PeerAborted, tune
@@ -48,6 +49,7 @@ from precopy.protocol import (
 )
 from precopy.session import preflight
 from precopy.session.dest_options import DestOptions
+from precopy.session.handshake import version_mismatch
 from precopy.session.journal import DEVICE_STATE_SUFFIX, Journal, MigrationRecord
 from precopy.session.receiver import Receiver
 
@@ -216,12 +218,10 @@ class DestinationServer:
         await chan.start()  # TLS, when configured
         hello: Hello = await chan.recv(Hello)
         if hello.version != PROTOCOL_VERSION:
-            raise PrecopyError(
-                f"peer speaks protocol {hello.version}, we speak {PROTOCOL_VERSION}", AbortCode.VERSION
-            )
+            raise PrecopyError(version_mismatch("source", hello.version, hello.software), AbortCode.VERSION)
         nonce = auth.new_nonce()
         mac = auth.dest_mac(key, hello.nonce, nonce) if key is not None else b""
-        await chan.send(HelloAck(version=PROTOCOL_VERSION, nonce=nonce, mac=mac))
+        await chan.send(HelloAck(version=PROTOCOL_VERSION, nonce=nonce, mac=mac, software=__version__))
         au: Auth = await chan.recv(Auth)
         if key is not None and not auth.verify(auth.source_mac(key, hello.nonce, nonce), au.mac):
             raise AuthError(f"peer {chan.peer} failed authentication (wrong or missing key)")

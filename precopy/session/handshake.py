@@ -8,16 +8,32 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import NamedTuple
 
+from precopy._version import __version__
 from precopy.errors import AbortCode, AuthError, PrecopyError
 from precopy.net.channel import Channel, LinkError
 from precopy.protocol import PROTOCOL_VERSION, Auth, AuthOk, Hello, HelloAck, auth
 
-__all__ = ["handshake"]
+__all__ = ["Greeting", "handshake", "version_mismatch"]
 
 
-async def handshake(chan: Channel, key: bytes | None, io_timeout_s: float) -> float:
-    """Start ``chan`` (TLS, when configured) and authenticate; returns the round trip (s).
+class Greeting(NamedTuple):
+    """What the handshake learned of the destination."""
+
+    rtt_s: float  #: the round trip (s)
+    dest_version: str | None  #: its precopy version (None: it did not say)
+
+
+def version_mismatch(peer: str, peer_protocol: int, peer_software: str | None) -> str:
+    """The error for a peer of another protocol version: both sides' versions and what to do."""
+    theirs = f"precopy {peer_software}" if peer_software else "a precopy from before versions were announced"
+    return (f"the {peer} runs {theirs} (protocol {peer_protocol}); this side runs precopy {__version__} "
+            f"(protocol {PROTOCOL_VERSION}): install the same precopy version on both hosts")
+
+
+async def handshake(chan: Channel, key: bytes | None, io_timeout_s: float) -> Greeting:
+    """Start ``chan`` (TLS, when configured) and authenticate; the round trip and the destination's version.
 
     Raises :class:`LinkError` (code TIMEOUT) when the peer does not finish
     within ``io_timeout_s`` a step, :class:`AuthError` on a key mismatch
@@ -32,18 +48,15 @@ async def handshake(chan: Channel, key: bytes | None, io_timeout_s: float) -> fl
         ) from None
 
 
-async def _authenticate(chan: Channel, key: bytes | None, io_timeout_s: float) -> float:
+async def _authenticate(chan: Channel, key: bytes | None, io_timeout_s: float) -> Greeting:
     await asyncio.wait_for(chan.start(), io_timeout_s)  # TLS, when configured
     nonce = auth.new_nonce()
     t = time.monotonic()
-    await chan.send(Hello(version=PROTOCOL_VERSION, nonce=nonce))
+    await chan.send(Hello(version=PROTOCOL_VERSION, nonce=nonce, software=__version__))
     ack: HelloAck = await asyncio.wait_for(chan.recv(HelloAck), io_timeout_s)
     rtt = max(time.monotonic() - t, 1e-4)
     if ack.version != PROTOCOL_VERSION:
-        raise PrecopyError(
-            f"destination speaks protocol {ack.version}, we speak {PROTOCOL_VERSION}: "
-            "upgrade one side", AbortCode.VERSION,
-        )
+        raise PrecopyError(version_mismatch("destination", ack.version, ack.software), AbortCode.VERSION)
     if key is not None:
         if not ack.mac or not auth.verify(auth.dest_mac(key, nonce, ack.nonce), ack.mac):
             raise AuthError("the destination did not prove it holds our key (wrong --auth-key-file?)")
@@ -57,4 +70,4 @@ async def _authenticate(chan: Channel, key: bytes | None, io_timeout_s: float) -
     await asyncio.wait_for(chan.recv(AuthOk), io_timeout_s)
     # The first exchange also pays for the destination accepting us; the
     # round trip in every downtime estimate is the faster of the two.
-    return max(min(rtt, time.monotonic() - t), 1e-4)
+    return Greeting(max(min(rtt, time.monotonic() - t), 1e-4), ack.software)

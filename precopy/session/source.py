@@ -331,7 +331,8 @@ class SourceSession:
         return ev
 
     async def _handshake(self, chan: Channel) -> None:
-        self.exchange.rtt = await handshake(chan, self.opts.auth_key, self.opts.io_timeout_s)
+        greeting = await handshake(chan, self.opts.auth_key, self.opts.io_timeout_s)
+        self.exchange.rtt, self.report.dest_version = greeting.rtt_s, greeting.dest_version
 
     def _emit(self, phase: str, rnd: int, done: int, todo: int, dirty: int, t_start: float,
               queue_position: int = 0) -> None:
