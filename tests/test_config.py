@@ -171,7 +171,7 @@ def test_every_option_explains_its_default() -> None:
         for a in p._actions:
             if isinstance(a, (argparse._HelpAction, argparse._SubParsersAction)):
                 continue
-            if isinstance(a, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            if isinstance(a, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse._VersionAction)):
                 assert a.help, f"{p.prog} {a.option_strings}: no help"
                 continue
             text = (a.help or "").lower()
