@@ -3,29 +3,38 @@
 The committer's lost-reply handling and outcome resolution with a fake
 exchange and a fake outcome query; the downtime model with made-up
 measurements; the throttle with a fake workload and guardian; the report
-builder.  The sessions over loopback (tests/test_engine.py and the fault
+builder; the rounds with a scripted policy and fake scanner and sender;
+the switchover's steps with fake tables.  The sessions over loopback (tests/test_engine.py and the fault
 tests) cover the same pieces wired together.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
+import numpy as np
 import pytest
+import xxhash
 
 import precopy.session.commit as commit
 from precopy.errors import AbortCode, GuestControlError, MigrationInDoubt, PrecopyError
 from precopy.net.channel import LinkError, PeerAborted
-from precopy.policy.downtime import DowntimeCap
-from precopy.policy.switchover import DirtyRateEstimator, LinkEstimator, SwitchoverPolicy
-from precopy.protocol import PAGE_SIZE, Commit, Committed, Outcome
+from precopy.policy.downtime import DowntimeCap, DowntimeCapExceeded
+from precopy.policy.switchover import Action, Decision, DirtyRateEstimator, LinkEstimator, SwitchoverPolicy
+from precopy.protocol import PAGE_SIZE, Commit, Committed, DeviceState, DigestTable, Outcome
+from precopy.protocol import Switchover as SwitchoverEvent
 from precopy.protocol.compress import AdaptiveCompressor
 from precopy.session.commit import Committer, NotCommitted, OutcomeTarget, resolve_outcome
+from precopy.session.contention import ContentionMeter
 from precopy.session.estimate import DowntimeModel
-from precopy.session.guardian import ARMED, IDLE
-from precopy.session.report import MigrationReport
+from precopy.session.guardian import ARMED, COMMIT, IDLE
+from precopy.session.report import MigrationReport, RoundReport
 from precopy.session.reporting import in_doubt, record_commit
+from precopy.session.rounds import Rounds
+from precopy.session.scanner import Scan
+from precopy.session.switchover import Switchover
 from precopy.session.throttle import Throttle
 
 TARGET = OutcomeTarget(host="dest.example", port=7070, migration_id="m1", retries=3)
@@ -278,3 +287,242 @@ def test_in_doubt_says_where_to_look() -> None:
     err = in_doubt(report, asyncio.CancelledError(), "m1")
     assert report.outcome == "in-doubt" and err.code is AbortCode.LINK
     assert str(err) == report.error and "migration cancelled" in str(err) and "(d:1)" in str(err)
+
+
+# --------------------------------------------------------------------------
+# The rounds and the switchover, with a scripted policy and fake parts
+
+
+NPAGES, CHUNK = 256, 32
+
+
+class ScriptedPolicy(SwitchoverPolicy):
+    """Decides from ``steps`` (action, throttle %, wait s) in turn; records what it was asked."""
+
+    def __init__(self, *steps: tuple[Action, int, float]) -> None:
+        super().__init__(downtime_s=0.1, max_rounds=10)
+        self.steps = list(steps)
+        self.asked: list[dict[str, Any]] = []
+
+    def decide(self, **kw: Any) -> Decision:  # type: ignore[override]
+        self.asked.append(kw)
+        action, pct, wait = self.steps.pop(0)
+        return Decision(action, kw["expected_s"], f"scripted {action.value}", pct, wait)
+
+
+class FakeScanner:
+    """Each scan finds the next of ``found`` (dirty pages, odd pages); a live scan's table is its number."""
+
+    name = "digest"
+    page_s = 0.0
+    detect_cpu_s = 0.0
+
+    def __init__(self, *found: tuple[list[int], list[int]]) -> None:
+        self.found = list(found)
+        self.scans: list[dict[str, Any]] = []
+
+    async def scan(self, *, final: bool, dest_table: np.ndarray | None = None,
+                   pending: np.ndarray | None = None) -> Scan:
+        self.scans.append({"final": final, "dest_table": dest_table, "pending": pending})
+        dirty, odd = self.found.pop(0)
+        n = len(self.scans)
+        table = np.full(NPAGES // CHUNK, n, dtype=np.uint64)
+        return Scan(np.array(dirty, dtype=np.uint32), np.array(odd, dtype=np.uint32), table, table,
+                    0.001, 0.0)
+
+
+class FakeSender:
+    def __init__(self) -> None:
+        self.sends: list[tuple[str, list[int], dict[str, Any]]] = []
+
+    async def send(self, indices: np.ndarray, rnd: RoundReport, phase: str, **kw: Any) -> None:
+        self.sends.append((phase, indices.tolist(), kw))
+        rnd.pages_sent += len(indices)
+        before = kw.get("before_batch")
+        if before is not None:
+            before(len(indices))
+
+
+class FakeTables:
+    """The exchange's digest requests: each answered with the next of ``tables`` (or ``frozen``)."""
+
+    dest_peers = 0
+    chan = None
+
+    def __init__(self, *tables: np.ndarray, committed: Any = None) -> None:
+        self.tables = list(tables)
+        self.committed = committed
+        self.sent: list[Any] = []
+        self.seq = 0
+
+    async def send(self, ev: Any) -> int:
+        self.sent.append(ev)
+        return 100
+
+    async def request(self, **fields: Any) -> int:
+        self.seq += 1
+        self.sent.append(("request", fields))
+        return self.seq
+
+    async def expect_table(self, seq: int) -> DigestTable:
+        return DigestTable(seq=seq, digests=self.tables.pop(0))
+
+    async def expect(self, typ: type) -> Any:
+        assert isinstance(self.committed, typ)
+        return self.committed
+
+
+class PauseWorkload:
+    def __init__(self, blob: bytes = b"device") -> None:
+        self.blob = blob
+        self.calls: list[str] = []
+        self.phases_ms = {"stop": 0.5}
+
+    def describe(self) -> str:
+        return "fake"
+
+    async def pause(self) -> bytes:
+        self.calls.append("pause")
+        return self.blob
+
+    async def throttle(self, fraction: float) -> None:
+        self.calls.append(f"throttle {fraction:g}")
+
+
+def _rounds(policy: SwitchoverPolicy, scanner: FakeScanner, sender: FakeSender, exchange: FakeTables,
+            wl: PauseWorkload, cap: DowntimeCap | None = None) -> Rounds:
+    report = MigrationReport(migration_id="m1")
+    report.rounds.append(RoundReport(round=0, kind="full", pages_scanned=NPAGES, pages_dirty=NPAGES,
+                                     pages_sent=NPAGES, zero_pages=0, bytes_on_wire=NPAGES * PAGE_SIZE, seconds=1.0))
+    link, dirty_rate = LinkEstimator(), DirtyRateEstimator()
+    model = DowntimeModel(policy, link, dirty_rate, AdaptiveCompressor("off"), lambda: 0.001,
+                          budget_s=0.1, headroom="spread")
+    model.region(NPAGES, CHUNK, None)
+    throttle = Throttle(wl, policy, report, lambda: False)  # type: ignore[arg-type]
+    return Rounds(workload=wl, policy=policy, model=model, throttle=throttle,  # type: ignore[arg-type]
+                  contention=ContentionMeter("m1"), report=report, link=link, dirty_rate=dirty_rate,
+                  exchange=exchange, scanner=scanner, sender=sender, npages=NPAGES,  # type: ignore[arg-type]
+                  chunk_pages=CHUNK, chunks=None, cap=cap, headroom="spread", t0=time.monotonic(),
+                  emit=lambda *a: None)
+
+
+async def test_rounds_send_what_each_scan_finds_until_the_policy_switches_over() -> None:
+    policy = ScriptedPolicy((Action.CONTINUE, 20, 0.0), (Action.CONTINUE, 30, 0.0), (Action.SWITCHOVER, 0, 0.0))
+    scanner = FakeScanner(([1, 2, 3], []), ([7], [40, 41]), ([9], []))
+    sender, wl = FakeSender(), PauseWorkload()
+    rounds = _rounds(policy, scanner, sender, FakeTables(), wl)
+    expected, dest_table = await rounds.run()
+    # Two rounds sent live (digests: gaps of one page filled), throttled first; the third decided.
+    assert [(p, pages, kw["fill"], kw["live"]) for p, pages, kw in sender.sends] == [
+        ("iterating", [1, 2, 3], 1, True), ("iterating", [7, 40, 41], 1, True)]
+    assert wl.calls == ["throttle 0.2", "throttle 0.3"]
+    assert [s["final"] for s in scanner.scans] == [False, False, False]
+    assert rounds.pending.tolist() == [9] and dest_table.tolist() == [3] * (NPAGES // CHUNK)
+    rep = rounds.report
+    assert [(r.kind, r.pages_dirty, r.throttle_pct) for r in rep.rounds] == [
+        ("full", NPAGES, 0), ("iterative", 3, 20), ("iterative", 3, 30)]
+    # The policy heard what each round found and what the round before sent.
+    assert [(a["rounds_done"], a["remaining_pages"], a["sent_pages"]) for a in policy.asked] == [
+        (0, 3, NPAGES), (1, 3, 3), (2, 1, 3)]
+    assert expected == pytest.approx(policy.asked[-1]["expected_s"])
+    assert rep.expected_phases_ms and rep.switchover_margin_ms is not None and rep.margin_basis
+
+
+async def test_rounds_abort_and_a_forced_switchover_past_the_cap_never_pause() -> None:
+    for action, cap in ((Action.ABORT, None), (Action.FORCE, DowntimeCap(1e-6, time.monotonic))):
+        policy = ScriptedPolicy((action, 0, 0.0))
+        wl, sender = PauseWorkload(), FakeSender()
+        rounds = _rounds(policy, FakeScanner(([1], [])), sender, FakeTables(), wl, cap)
+        with pytest.raises(PrecopyError, match="scripted") as err:
+            await rounds.run()
+        assert err.value.code is AbortCode.NOT_CONVERGED
+        assert rounds.report.reason == f"scripted {action.value}" and not rounds.report.forced
+        assert sender.sends == [] and wl.calls == []
+
+
+async def test_a_contended_round_waits_and_the_wait_is_not_the_next_rounds() -> None:
+    policy = ScriptedPolicy((Action.CONTINUE, 0, 0.01), (Action.SWITCHOVER, 0, 0.0))
+    rounds = _rounds(policy, FakeScanner(([1], []), ([], [])), FakeSender(), FakeTables(), PauseWorkload())
+    await rounds.run()
+    assert rounds.contention.slept == 0.0  # counted off by the next round's measure
+
+
+def test_near_switchover_stays_true_once_close() -> None:
+    rounds = _rounds(ScriptedPolicy(), FakeScanner(), FakeSender(), FakeTables(), PauseWorkload())
+    rounds.link.add(10_000_000, 1.0)  # 10 MB/s: 0.2 s (twice the budget) is ~488 pages
+    assert not rounds.near_switchover(10_000)
+    assert rounds.near_switchover(400)
+    assert rounds.near_switchover(10_000)
+
+
+def _switchover(scanner: FakeScanner, exchange: FakeTables, wl: PauseWorkload,
+                cap: DowntimeCap | None = None) -> tuple[Switchover, FakeSender, FakeGuardian]:
+    report = MigrationReport(migration_id="m1")
+    policy = SwitchoverPolicy(downtime_s=0.1)
+    model = DowntimeModel(policy, LinkEstimator(), DirtyRateEstimator(), AdaptiveCompressor("off"),
+                          lambda: 0.001, budget_s=0.1, headroom="spread")
+    model.region(NPAGES, CHUNK, None)
+    guardian, sender = FakeGuardian(), FakeSender()
+    throttle = Throttle(wl, policy, report, lambda: True)  # type: ignore[arg-type]
+    throttle.pct = 30
+    sw = Switchover(workload=wl, guardian=guardian, throttle=throttle, exchange=exchange,  # type: ignore[arg-type]
+                    scanner=scanner, sender=sender, record=None, model=model,  # type: ignore[arg-type]
+                    committer=Committer(TARGET), report=report, cap=cap, npages=NPAGES, chunk_pages=CHUNK,
+                    chunks=None, pool=None)  # type: ignore[arg-type]
+    return sw, sender, guardian
+
+
+async def test_switchover_steps_in_order_with_a_repair() -> None:
+    nchunks = NPAGES // CHUNK
+    frozen = np.full(nchunks, 1, dtype=np.uint64)  # the final scan's table (FakeScanner: its first)
+    off = frozen.copy()
+    off[2] = 99  # the destination holds chunk 2 differently at first
+    exchange = FakeTables(off, frozen.copy(), committed=Committed("m1", resumed=True, timings={"resume": 2.0}))
+    wl = PauseWorkload(b"x" * 10)
+    sw, sender, guardian = _switchover(FakeScanner(([5, 6], [200])), exchange, wl)
+    blob = await sw.pause()
+    assert blob == wl.blob and wl.calls == ["pause"] and guardian.states == [ARMED]
+    assert sw.throttle.pct == 0  # the pause ended the throttle itself
+    rnd, table, sent = await sw.final_pass(0.05, None, np.array([9], dtype=np.uint32), len(blob))
+    assert isinstance(exchange.sent[0], SwitchoverEvent)
+    assert sent.tolist() == [5, 6, 200] and table.tolist() == frozen.tolist()
+    assert sw.report.verify_repairs == 1  # the odd page
+    await sw.send_device_state(blob, rnd)
+    device = [ev for ev in exchange.sent if isinstance(ev, DeviceState)]
+    assert len(device) == 1 and bytes(device[0].data) == blob and sw.report.device_state_bytes == 10
+    await sw.verify(table, sent, rnd)
+    assert [p for p, _, _ in sender.sends] == ["switchover", "repair"]
+    assert sender.sends[1][1] == list(range(2 * CHUNK, 3 * CHUNK))
+    assert sw.report.verify_repairs == 1 + CHUNK and sw.report.rounds == [rnd] and rnd.kind == "final"
+    t_commit = await sw.commit(blob)
+    assert guardian.states == [ARMED, COMMIT] and sw.committer.confirmed
+    commit_ev = exchange.sent[-1]
+    assert isinstance(commit_ev, Commit) and commit_ev.checksum == xxhash.xxh3_64_intdigest(blob)
+    assert list(sw.phases) == ["pause", "stop", "final_scan", "final_pages", "device_state", "verify",
+                               "dest_resume", "commit"]
+    assert t_commit >= sw.t_pause
+
+
+async def test_switchover_verification_gives_up_after_three_repairs() -> None:
+    nchunks = NPAGES // CHUNK
+    wrong = np.full(nchunks, 7, dtype=np.uint64)
+    exchange = FakeTables(wrong, wrong, wrong)
+    sw, sender, _ = _switchover(FakeScanner(([1], [])), exchange, PauseWorkload())
+    blob = await sw.pause()
+    rnd, table, sent = await sw.final_pass(0.05, None, np.zeros(0, dtype=np.uint32), len(blob))
+    with pytest.raises(PrecopyError, match="still differs after 3 repairs") as err:
+        await sw.verify(table, sent, rnd)
+    assert err.value.code is AbortCode.VERIFY_FAILED
+    assert [p for p, _, _ in sender.sends] == ["switchover", "repair", "repair", "repair"]
+
+
+async def test_the_cap_stops_the_switchover_before_the_final_scan() -> None:
+    clock = [0.0]
+    cap = DowntimeCap(0.01, lambda: clock[0])
+    scanner = FakeScanner(([1], []))
+    sw, sender, _ = _switchover(scanner, FakeTables(), PauseWorkload(), cap)
+    await sw.pause()
+    clock[0] = 0.02  # the pause alone took longer than the cap
+    with pytest.raises(DowntimeCapExceeded):
+        await sw.final_pass(0.001, None, np.zeros(0, dtype=np.uint32), 0)
+    assert sw.report.cap_hit == "final_scan" and scanner.scans == [] and sender.sends == []
