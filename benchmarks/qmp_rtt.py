@@ -1,7 +1,7 @@
 """QMP round trips: precopy's QMP connection (qemu.qmp inside) vs an older revision's client.
 
     .venv/bin/python -m benchmarks.qmp_rtt [--baseline REV] [--rounds 7] [--calls 300]
-                                           [--event-loop uvloop|asyncio]
+                                           [--event-loop uvloop|asyncio] [--busy-thread]
 
 One QEMU (``-machine none``, nothing to emulate) serves QMP on a Unix
 socket.  Each round connects each client in turn (interleaved, so both see
@@ -11,6 +11,12 @@ after the other, and records their median.  The baseline client is the
 show``; the hand-written client before issue 27).  Prints each client's
 median over the rounds of its per-round median, in microseconds, and the
 difference: what each QMP command inside the downtime costs more or less.
+
+``--busy-thread`` runs a pure-Python loop in a second thread meanwhile, as
+a daemon's worker thread holding the GIL: a loop turn that gives the GIL
+away may then wait for the switch interval (5 ms) to get it back, so a
+client that needs more loop turns per command is hit more often.  Also
+prints each client's mean and how many rounds had a median over 1 ms.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import types
 from pathlib import Path
@@ -67,6 +74,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--calls", type=int, default=300)
     ap.add_argument("--event-loop", default="uvloop", choices=["uvloop", "asyncio"])
+    ap.add_argument("--busy-thread", action="store_true", help="a GIL-holding Python thread runs meanwhile")
     a = ap.parse_args()
     if shutil.which("qemu-system-x86_64") is None:
         print("qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)", file=sys.stderr)
@@ -77,6 +85,15 @@ def main() -> int:
         sock = Path(tmp) / "qmp.sock"
         qemu = subprocess.Popen(["qemu-system-x86_64", "-machine", "none", "-nodefaults", "-display", "none",
                                  "-qmp", f"unix:{sock},server=on,wait=off"], stdin=subprocess.DEVNULL)
+        spinning = threading.Event()
+
+        def spin() -> None:
+            n = 0
+            while not spinning.is_set():
+                n += 1
+        busy = threading.Thread(target=spin, daemon=True)
+        if a.busy_thread:
+            busy.start()
         try:
             async def rounds() -> None:
                 for r in range(a.rounds):
@@ -89,13 +106,17 @@ def main() -> int:
             else:
                 asyncio.run(rounds())
         finally:
+            spinning.set()
+            if busy.is_alive():
+                busy.join()
             stop_process(qemu)
-    print(f"query-status round trip, {a.event_loop}, median per call (us) over {a.calls} calls; "
-          f"{a.rounds} interleaved rounds\n")
-    print("| client | median of rounds (us) | rounds (us) |")
-    print("|---|---|---|")
+    print(f"query-status round trip, {a.event_loop}{', a busy thread' if a.busy_thread else ''}, "
+          f"median per call (us) over {a.calls} calls; {a.rounds} interleaved rounds\n")
+    print("| client | median of rounds (us) | mean of rounds (us) | rounds over 1 ms | rounds (us) |")
+    print("|---|---|---|---|---|")
     for name, vals in results.items():
-        print(f"| {name} | {statistics.median(vals):.0f} | {', '.join(f'{v:.0f}' for v in vals)} |")
+        print(f"| {name} | {statistics.median(vals):.0f} | {statistics.mean(vals):.0f} | "
+              f"{sum(v > 1000 for v in vals)}/{len(vals)} | {', '.join(f'{v:.0f}' for v in vals)} |")
     base, new = (statistics.median(v) for v in results.values())
     print(f"\nqemu.qmp minus hand-written: {new - base:+.0f} us per command")
     return 0
