@@ -81,6 +81,12 @@ def _boot(argv: list[str], serial: Path, log: Path) -> subprocess.Popen[bytes]:
     return p
 
 
+def _agents(tree: Path) -> str:
+    """The daemons' package to run from ``tree``: a checkout of another revision runs its own
+    ``agents/`` folder (its cwd comes first on sys.path), never the installed precopy_agents."""
+    return "precopy_agents" if tree == ROOT else "agents"
+
+
 def run_precopy(work: Path, kernel: Path, mib: int, a: argparse.Namespace, tag: str,
                 tree: Path = ROOT) -> dict[str, Any]:
     """One precopy migration of a VM, with precopy-source and precopy-dest run from ``tree``."""
@@ -96,13 +102,13 @@ def run_precopy(work: Path, kernel: Path, mib: int, a: argparse.Namespace, tag: 
                                  "-serial", f"file:{work}/{tag}-dst.serial", "-qmp", "unix:{qmp},server=on,wait=off",
                                  "-qmp", f"unix:{dst_qmp},server=on,wait=off", "-incoming", "defer"])
         ready = work / f"{tag}.addr"
-        dest = subprocess.Popen([PY, "-m", "precopy_agents.dest_main", "--listen", "127.0.0.1:0", "--memory-dir",
+        dest = subprocess.Popen([PY, "-m", f"{_agents(tree)}.dest_main", "--listen", "127.0.0.1:0", "--memory-dir",
                                  str(dest_dir), "--state-dir", str(work / f"{tag}-state"), "--ready-file",
                                  str(ready), "--log-level", "error", "--qemu-cmd", qemu_cmd], cwd=tree,
                                 stdout=subprocess.DEVNULL)
         _wait(lambda: ready.exists() and ready.read_text().endswith("\n"), "precopy-dest")
         report = work / f"{tag}.json"
-        rc = subprocess.call([PY, "-m", "precopy_agents.source_main", "--to", ready.read_text().strip(), "--memory",
+        rc = subprocess.call([PY, "-m", f"{_agents(tree)}.source_main", "--to", ready.read_text().strip(), "--memory",
                               str(ram), "--qmp", str(src_qmp), "--downtime-ms", str(a.budget_ms), "--report",
                               str(report), "--log-level", "warning", "--progress", "off",
                               "--on-nonconvergence", "force"], cwd=tree, stdout=subprocess.DEVNULL)
