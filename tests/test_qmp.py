@@ -236,3 +236,19 @@ def test_committed_rejects_bad_timings(timings: Any) -> None:
                                               "timings": timings}))
     with pytest.raises(RemoteProtocolError, match="COMMITTED"):
         p.src.next_event()
+
+
+async def test_a_destination_qemu_that_exited_is_named_though_its_attach_gave_up_first(tmp_path: Path) -> None:
+    """A migration slower than the attach's patience: by the commit the attach has failed
+    (socket missing) and QEMU has long exited; the error names the exit, not the socket."""
+    from precopy.workload.qemu import QemuDestination
+
+    dest = QemuDestination("sh -c 'exit 7' qemu {memory} {qmp} -incoming defer", timeout_s=0.2)
+    await dest.prepare("m1", "vm", tmp_path / "vm.ram", 1 << 20)
+    vm = dest._vms["m1"]
+    await vm.proc.wait()
+    with pytest.raises(QMPError):
+        assert vm.ready is not None
+        await vm.ready  # the attach gave up: no socket
+    with pytest.raises(GuestControlError, match="exited with status 7"):
+        await dest.check("m1")

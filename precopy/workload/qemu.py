@@ -295,14 +295,15 @@ class QemuDestination:
         done, _ = await asyncio.wait({vm.ready, waiter}, timeout=self.timeout_s,
                                      return_when=asyncio.FIRST_COMPLETED)
         waiter.cancel()
-        if vm.ready in done:
-            vm.ready.result()  # raises QMPError if attaching failed
-            if vm.proc.returncode is None:
-                return
+        # A QEMU that exited says more than the socket it never opened: on a slow
+        # migration the attach gives up (socket missing) long before this is asked.
         if vm.proc.returncode is not None:
             vm.ready.cancel()
             raise GuestControlError(f"the destination QEMU for {migration_id} exited with status "
                                     f"{vm.proc.returncode} (see its messages above)")
+        if vm.ready in done:
+            vm.ready.result()  # raises QMPError if attaching failed
+            return
         raise GuestControlError(f"the destination QEMU for {migration_id} did not open its QMP "
                                 f"socket within {self.timeout_s} s")
 
