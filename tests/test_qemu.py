@@ -131,6 +131,7 @@ def test_live_migration_of_a_qemu_vm(procs: Procs, shm: Path, kernel: Path,
         assert cmp.pages_older == 0 and cmp.differing_same_version == 0, cmp
         assert cmp.low_mib_equal, cmp
         assert cmp.source_inconsistent <= 1, cmp  # a page the source was rewriting at the pause
+        assert cmp.dest_in_flight <= 1, cmp  # ... and one the destination was rewriting at the stop
         assert cmp.pages_same_version > 50_000, cmp  # nearly all: most pages are never rewritten
         assert not list(dest.memory_dir.glob(".*.partial"))
         journal = json.loads(next((shm / "state" / ".precopy" / "journal").glob("*.json")).read_text())

@@ -81,9 +81,11 @@ class RamComparison:
     pages_same_version: int   # data pages the destination has not rewritten since the switchover
     pages_newer: int          # data pages the destination guest rewrote after resuming
     pages_older: int          # must be 0: the destination holds an older page than the source had
-    differing_same_version: int  # must be 0: same version, different bytes
+    differing_same_version: int  # must be 0: same version, different bytes (in-flight pages aside)
     low_mib_equal: bool       # the first MiB (BIOS data, real-mode area) is identical
     source_inconsistent: int  # source pages whose bytes do not match their version (<= 1: in flight)
+    dest_in_flight: int = 0   # same version, but the destination's bytes are the next version's: the
+    #                           resumed guest was stopped between a page's data and its version (<= 1)
 
 
 def compare_ram(source: Path, dest: Path, mem_bytes: int) -> RamComparison:
@@ -109,13 +111,23 @@ def compare_ram(source: Path, dest: Path, mem_bytes: int) -> RamComparison:
     older = int(np.count_nonzero(dv[pages] < sv[pages]))
     s2 = src[:npages * PAGE].reshape(npages, PAGE)
     d2 = dst[:npages * PAGE].reshape(npages, PAGE)
-    differing = 0
+    differing = in_flight = 0
     for start in range(0, len(same), 4096):
         idx = same[start:start + 4096]
-        differing += int(np.count_nonzero((s2[idx] != d2[idx]).any(axis=1)))
+        for p in idx[(s2[idx] != d2[idx]).any(axis=1)]:
+            # The guest writes a page's data, then its version: stopped in between (or in
+            # the middle of the page), the destination holds the next version's words
+            # under the old number, in front of the old version's.
+            have = d2[p].view("<u4")
+            new_words = have == np.frombuffer(expected_page(int(p), int(dv[p]) + 1), "<u4")
+            old_words = have == np.frombuffer(expected_page(int(p), int(dv[p])), "<u4")
+            if new_words.any() and (new_words | old_words).all():
+                in_flight += 1
+            else:
+                differing += 1
     inconsistent = 0
     for p in pages:
         if bytes(s2[p]) != expected_page(int(p), int(sv[p])):
             inconsistent += 1
     return RamComparison(len(same), newer, older, differing,
-                         bool(np.array_equal(src[:1 << 20], dst[:1 << 20])), inconsistent)
+                         bool(np.array_equal(src[:1 << 20], dst[:1 << 20])), inconsistent, in_flight)
