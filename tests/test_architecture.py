@@ -11,6 +11,7 @@ also the ones inside functions: a lazy import is still a dependency.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import precopy
@@ -163,3 +164,17 @@ def test_public_api_is_pinned() -> None:
     assert sorted(precopy.__all__) == sorted(PUBLIC_API)
     for name in PUBLIC_API:
         assert getattr(precopy, name) is not None, name
+
+
+def test_the_docs_name_places_that_exist() -> None:
+    """Every module path README.md and docs/*.md name (``precopy/...py``, ``session/x.py``, ...) exists."""
+    missing = []
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for path in sorted(set(re.findall(r"(?<![\w/.-])((?:precopy|agents|[a-z_]+)/[\w/]*\.py)\b", doc.read_text()))):
+            if path.startswith(("tests/", "benchmarks/", "contrib/", "tmp/")):
+                candidates = [ROOT / path]
+            else:
+                candidates = [ROOT / path, ROOT / "precopy" / path, ROOT / "agents" / path]
+            if not any(c.exists() for c in candidates):
+                missing.append(f"{doc.name}: {path}")
+    assert not missing, f"the docs name modules that do not exist (moved?): {missing}"
