@@ -30,6 +30,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -960,6 +961,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--source-arg", action="append", default=[], metavar="ARG",
                     help="pass ARG to every precopy-source (repeatable; e.g. --source-arg=--batch-pages=512)")
     args = ap.parse_args(argv)
+    # A SIGTERM (a runner's timeout, kill PID) unwinds like Ctrl-C: each run's
+    # `finally` stops its guest and agent, the daemons stop, the work dir goes.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     if args.runs < 1:
         ap.error("--runs must be at least 1")
     out = args.out or ROOT / "benchmarks" / "out" / args.matrix
