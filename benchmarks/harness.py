@@ -29,6 +29,7 @@ import math
 import os
 import platform
 import re
+import resource
 import shutil
 import signal
 import statistics
@@ -349,6 +350,7 @@ class Bench:
             # more each (as QEMU does): give it the time to get there.
             max_time = max(max_time, 60.0)
         src = None
+        cpu: dict[str, float] = {}
         try:
             time.sleep(0.7)  # the guest maps its region and starts writing
             if sc.control == "control":
@@ -362,10 +364,17 @@ class Bench:
                     "--on-nonconvergence", sc.on_nonconvergence, "--report", str(report), "--progress", "off",
                     "--log-level", "warning", *self.source_args]
             t = time.monotonic()
+            # CPU seconds: the source's (and of the children it waited for, its
+            # guardian) from this process's reaped-children usage, the daemon's
+            # and the guest's from /proc (all their threads).
+            c0, d0, g0 = children_cpu_s(), proc_cpu_s(dest.pid), proc_cpu_s(guest.pid)
             src = subprocess.Popen(argv, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL)
             with RssSampler({"source": src.pid, "dest": dest.pid}) as rss:
                 rc = src.wait(max_time * 3 + 60)
             wall = time.monotonic() - t
+            cpu["source"] = children_cpu_s() - c0
+            time.sleep(0.2)  # the daemon ends the migration (closes the region, the journal) after the reply
+            cpu["dest"], cpu["guest"] = proc_cpu_s(dest.pid) - d0, proc_cpu_s(guest.pid) - g0
         finally:
             if src is not None and src.poll() is None:
                 stop_process(src)
@@ -378,10 +387,26 @@ class Bench:
         return {
             "scenario": asdict(sc), "key": sc.key, "run": run, "when": time.time(), "exit_code": rc,
             "wall_s": wall, "report": rep, "yardsticks": yard,
-            "peak_rss_bytes": rss.peak, "region_bytes": sc.bytes,
+            "peak_rss_bytes": rss.peak, "region_bytes": sc.bytes, "cpu_s": cpu,
             "guest": {"pages_written": gst.get("pages_written"), "seconds": gst.get("seconds"),
                       "achieved_pps": achieved, "nominal_pps": NOMINAL_RATE[sc.workload]},
         }
+
+
+def proc_cpu_s(pid: int) -> float:
+    """User + system CPU seconds a running process has used, all its threads (``/proc/PID/stat``)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def children_cpu_s() -> float:
+    """User + system CPU seconds of this process's children that have been waited for."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
 
 
 def _env() -> dict[str, str]:

@@ -81,14 +81,16 @@ print(time.perf_counter() - t, os.times().user + os.times().system - cpu0, flush
 
 
 def raw_copy(region: Path, fresh: bool, *, host: str = "127.0.0.1", recv_prefix: Sequence[str] = (),
-             send_prefix: Sequence[str] = (), into: str | None = None, cpu: list[float] | None = None) -> float:
+             send_prefix: Sequence[str] = (), into: str | None = None, cpu: list[float] | None = None,
+             cpu_sides: list[tuple[float, float]] | None = None) -> float:
     """Seconds to move the region's bytes from one process to another over TCP.
 
     Into a fresh file (``fresh``), a reused buffer, or ``into="existing"``:
     an existing region file, mapped in.  The receiver listens on ``host``;
     ``recv_prefix``/``send_prefix`` put the two processes elsewhere (``ip
     netns exec NS``) to measure a shaped link.  ``cpu``, a list, gets the
-    CPU seconds (user + system) both processes spent on the copy appended.
+    CPU seconds (user + system) both processes spent on the copy appended;
+    ``cpu_sides`` the pair (sender, receiver).
     """
     size = region.stat().st_size
     target = str(region.parent / f".rawcopy-{os.getpid()}")
@@ -101,9 +103,13 @@ def raw_copy(region: Path, fresh: bool, *, host: str = "127.0.0.1", recv_prefix:
         out = subprocess.run([*send_prefix, sys.executable, "-c", _SENDER, str(region), host, str(port)],
                              capture_output=True, text=True, check=True, timeout=600)
         elapsed, send_cpu = (float(x) for x in out.stdout.split())
-        if cpu is not None:
+        if cpu is not None or cpu_sides is not None:
             p.wait(30)
-            cpu.append(send_cpu + float(p.stdout.readline()))
+            recv_cpu = float(p.stdout.readline())
+            if cpu is not None:
+                cpu.append(send_cpu + recv_cpu)
+            if cpu_sides is not None:
+                cpu_sides.append((send_cpu, recv_cpu))
         return elapsed
     finally:
         try:
