@@ -11,7 +11,7 @@ import argparse
 from pathlib import Path
 
 from precopy.errors import PrecopyError
-from precopy.memory.region import PAGE_SIZE
+from precopy.protocol import PAGE_SIZE
 from precopy.net.tls import client_context
 from precopy.protocol.auth import load_key
 from precopy.session.options import SourceOptions

@@ -60,9 +60,10 @@ class DetState:
 
     def to_blob(self) -> bytes:
         """Serialise as msgpack ``{"step", "rng", "seed"}``."""
-        return msgpack.packb(
+        blob: bytes = msgpack.packb(
             {"step": self.step, "rng": self.rng.state, "seed": self.seed & U64_MASK}
         )
+        return blob
 
     @classmethod
     def from_blob(cls, blob: bytes, source: str) -> DetState:

@@ -97,7 +97,8 @@ class PageWriter:
         if self._text is None:
             return self._rng.integers(0, 256, total, dtype=np.uint8)
         sources = self._rng.integers(0, len(self._text) - _MAX_WRITE_BYTES, len(lengths))
-        return self._text[_flat_indices(sources, lengths)]
+        data: np.ndarray = self._text[_flat_indices(sources, lengths)]
+        return data
 
 
 class DirtyDeviceState:

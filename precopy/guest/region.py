@@ -169,9 +169,12 @@ def create_region(
         if content == "zero":
             handle.truncate(size)
             return
-        chunks = _random_chunks(size, seed) if content == "random" else _half_text_chunks(size, seed)
-        for chunk in chunks:
-            handle.write(chunk)
+        if content == "random":
+            for chunk in _random_chunks(size, seed):
+                handle.write(chunk)
+        else:
+            for text in _half_text_chunks(size, seed):
+                handle.write(text.data)
 
 
 def _digest_chunks(chunks: Iterator[Any]) -> str:
