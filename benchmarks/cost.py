@@ -86,11 +86,12 @@ def _rng(xs: Sequence[float], digits: int = 2) -> str:
     return f"{_med(xs):.{digits}f} ({min(xs):.{digits}f}–{max(xs):.{digits}f})"
 
 
-def measure(names: Sequence[str], size: str, runs: int, log: Any) -> dict[str, Any]:
+def measure(names: Sequence[str], size: str, runs: int, log: Any, *,
+            source_args: Sequence[str] = (), dest_args: Sequence[str] = ()) -> dict[str, Any]:
     """Run ``runs`` interleaved rounds; return every figure (the JSON)."""
     nbytes = parse_size(size)
     work = Path(tempfile.mkdtemp(prefix="precopy-cost.", dir="/dev/shm"))
-    bench = Bench(work, work, runs, log, yardsticks=False)
+    bench = Bench(work, work, runs, log, yardsticks=False, source_args=source_args, dest_args=dest_args)
     migrations: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
     raw: dict[str, list[dict[str, float]]] = {k: [] for k in RAW}
     startup: list[float] = []
@@ -253,6 +254,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help=f"comma-separated, of {', '.join(SCENARIOS)} (default: all)")
     ap.add_argument("--json", type=Path, default=None, metavar="FILE",
                     help="also write every figure (each run, the medians, the projection) as JSON")
+    ap.add_argument("--source-arg", action="append", default=[], metavar="ARG",
+                    help="pass ARG to every precopy-source (repeatable; A/B, e.g. --source-arg=--batch-pages=1024)")
+    ap.add_argument("--dest-arg", action="append", default=[], metavar="ARG",
+                    help="pass ARG to every precopy-dest (repeatable)")
     ap.add_argument("--from-json", type=Path, default=None, metavar="FILE",
                     help="do not run anything: rebuild the report from an earlier --json file")
     args = ap.parse_args(argv)
@@ -271,7 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         data = json.loads(args.from_json.read_text())
     else:
         try:
-            data = measure(names, args.size, args.runs, log)
+            data = measure(names, args.size, args.runs, log, source_args=args.source_arg, dest_args=args.dest_arg)
         except RuntimeError as exc:
             print(f"cost: {exc}", file=sys.stderr)
             return 1

@@ -14,7 +14,9 @@
 # (wall time vs CPU time of a 2-core machine shared by both agents).
 # GUEST="--rate 200000 --hot-fraction 1" sets the guest's writes (default
 # idle); CONTROL=1 drives it through its guest-control socket (kernel write
-# tracking, uffd-wp) instead of --pid; SRCARGS and DESTARGS add agent options.
+# tracking, uffd-wp) instead of --pid; SRCARGS and DESTARGS add agent options;
+# SPYARGS py-spy's (SPYARGS=--native: C frames too, e.g. what the event loop's
+# own time is). The summary leaves out waiting threads (pyspy_summary.py --skip-idle).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODE=${1:-existing}
@@ -58,11 +60,11 @@ cpu() { awk '{printf "%.2f", ($14 + $15) / 100}' "/proc/$1/stat"; }
 D0=$(cpu "$D")
 G0=$(cpu "$G")
 PD=""; PS=""
-[ "$NOSPY" = 1 ] || { $SPY record -r 1000 -f raw -o "$OUT/dest-$MODE.txt" --pid "$D" >/dev/null 2>&1 & PD=$!; }
+[ "$NOSPY" = 1 ] || { $SPY record -r 1000 ${SPYARGS:-} -f raw -o "$OUT/dest-$MODE.txt" --pid "$D" >/dev/null 2>&1 & PD=$!; }
 /usr/bin/time -f "source CPU: %U s user + %S s system, wall %e s" -o "$W/time" $PY -m precopy_agents.source_main --to "$(cat "$W/ready")" --memory "$W/src.mem" "${WHO[@]}" --name bench \
     --downtime-ms 50 --compress off --on-nonconvergence force --report "$OUT/report-$MODE.json" \
     --progress off --log-level warning ${SRCARGS:-} & S=$!
-[ "$NOSPY" = 1 ] || { $SPY record -s -r 1000 -f raw -o "$OUT/src-$MODE.txt" --pid "$S" >/dev/null 2>&1 & PS=$!; }
+[ "$NOSPY" = 1 ] || { $SPY record -s -r 1000 ${SPYARGS:-} -f raw -o "$OUT/src-$MODE.txt" --pid "$S" >/dev/null 2>&1 & PS=$!; }
 wait "$S" || true
 echo "destination CPU: $(awk -v a="$D0" -v b="$(cpu "$D")" 'BEGIN{printf "%.2f", b - a}') s (user + system)"
 cat "$W/time"
@@ -85,5 +87,5 @@ else
     sleep 0.5
     kill -INT "$PD" 2>/dev/null || true
     wait "$PS" "$PD" 2>/dev/null || true
-    $PY benchmarks/pyspy_summary.py "$OUT/dest-$MODE.txt" "$OUT/src-$MODE.txt"
+    $PY benchmarks/pyspy_summary.py --skip-idle "$OUT/dest-$MODE.txt" "$OUT/src-$MODE.txt"
 fi

@@ -78,3 +78,18 @@ def test_tiny_cost_run_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[
     with pytest.raises(SystemExit):
         cost.main(["--scenarios", "nonesuch"])
     assert not list(Path("/dev/shm").glob(f"precopy-cost.*{tmp_path.name}*"))
+
+
+def test_pyspy_summary_leaves_waiting_threads_out_when_asked(tmp_path: Path):
+    from benchmarks import pyspy_summary
+
+    raw = tmp_path / "raw.txt"
+    raw.write_text("main (a.py:1);send (b.py:2) 30\n"
+                   "Thread.run (threading.py:982);_worker (concurrent/futures/thread.py:81) 50\n"
+                   "Thread.run (threading.py:982);Event.wait (threading.py:629);Condition.wait (threading.py:331) 20\n"
+                   "main (a.py:1);hash (c.py:3) 10\n")
+    everything = pyspy_summary.summarise(str(raw), 5)
+    assert everything.startswith(f"{raw}: 110 samples\n") and "_worker" in everything
+    work = pyspy_summary.summarise(str(raw), 5, skip_idle=True)
+    assert work.startswith(f"{raw}: 40 samples (70 more of waiting threads left out)\n"), work
+    assert "    30  75.0%  send (b.py:2)" in work and "_worker" not in work and "Condition.wait" not in work
