@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-import math
 import socket
 import threading
 from typing import Any, Callable, Iterable, Iterator, Mapping
@@ -26,13 +25,13 @@ from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector,
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import ThreadingWSGIServer, make_wsgi_app
 
-__all__ = ["Family", "MetricsServer", "counter", "gauge", "histogram", "DOWNTIME_BUCKETS_S",
+from precopy.session.tally import DOWNTIME_BUCKETS_S, Tally
+
+__all__ = ["Family", "MetricsServer", "counter", "gauge", "tally_histogram", "tally_report", "DOWNTIME_BUCKETS_S",
            "dest_metrics", "source_metrics"]
 
 _log = logging.getLogger("precopy.metrics")
 
-#: Downtime histogram buckets, seconds.
-DOWNTIME_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 #: How long a scrape waits for the event loop to build the families.
 COLLECT_TIMEOUT_S = 5.0
 
@@ -55,13 +54,15 @@ def gauge(name: str, help: str, value: float) -> Family:
     return GaugeMetricFamily(name, help, value=float(value))
 
 
-def histogram(name: str, help: str, observations: Iterable[float],
-              buckets: tuple[float, ...] = DOWNTIME_BUCKETS_S) -> Family:
-    obs = list(observations)
-    return HistogramMetricFamily(
-        name, help, sum_value=float(sum(obs)),
-        buckets=[("+Inf" if math.isinf(b) else repr(float(b)), float(sum(1 for o in obs if o <= b)))
-                 for b in (*buckets, math.inf)])
+def tally_histogram(name: str, help: str, tally: Tally) -> Family:
+    """The downtime histogram of a :class:`Tally` (its cumulative bucket counts)."""
+    bounds = [*(repr(float(b)) for b in tally.buckets), "+Inf"]
+    return HistogramMetricFamily(name, help, sum_value=tally.downtime_sum_s,
+                                 buckets=[(b, float(n)) for b, n in zip(bounds, tally.downtime_counts)])
+
+
+def _outcomes(tally: Tally) -> dict[tuple[tuple[str, str], ...], float]:
+    return {(("outcome", o),): float(n) for o, n in tally.by_outcome.items()}
 
 
 class _LoopCollector:
@@ -163,37 +164,24 @@ class MetricsServer:
             self._httpd = None
 
 
-def _by_outcome(outcomes: Iterable[str]) -> dict[tuple[tuple[str, str], ...], float]:
-    out: dict[tuple[tuple[str, str], ...], float] = {
-        (("outcome", o),): 0.0 for o in ("committed", "aborted", "in-doubt")
-    }
-    for o in outcomes:
-        out[(("outcome", o),)] = out.get((("outcome", o),), 0.0) + 1
-    return out
-
-
 def dest_metrics(server: Any) -> list[Family]:
-    """Families of a :class:`precopy.DestinationServer` (its ``results`` since start)."""
-    recs = list(server.results)
-    done = [r for r in recs if r.outcome != "running"]
+    """Families of a :class:`precopy.DestinationServer`: its ``tally`` of finished migrations since
+    start, and what it serves now."""
+    tally: Tally = server.tally
     return [
-        counter("precopy_dest_migrations_total", "Migrations received, by outcome.",
-                _by_outcome(r.outcome for r in done)),
-        gauge("precopy_dest_migrations_in_flight", "Migrations being received now.",
-              sum(1 for r in recs if r.outcome == "running")),
+        counter("precopy_dest_migrations_total", "Migrations received, by outcome.", _outcomes(tally)),
+        gauge("precopy_dest_migrations_in_flight", "Migrations being received now.", server.in_flight),
         gauge("precopy_dest_migrations_active", "Migrations moving bytes now (at most --max-active).",
               server.admission.active),
         gauge("precopy_dest_migrations_queued", "Migrations accepted and waiting for a slot (--max-active).",
               server.admission.queued),
         gauge("precopy_dest_max_active", "Migrations allowed to move bytes at once (--max-active).",
               server.admission.limit),
-        counter("precopy_dest_received_bytes_total", "Bytes received by finished migrations.",
-                sum(r.bytes_received for r in done)),
+        counter("precopy_dest_received_bytes_total", "Bytes received by finished migrations.", tally.bytes),
         counter("precopy_dest_rounds_total", "Iterative rounds (digest requests) of finished migrations.",
-                sum(r.rounds for r in done)),
-        histogram("precopy_dest_downtime_seconds",
-                  "Downtime of committed migrations as seen here (SWITCHOVER to resume).",
-                  [r.downtime_ms / 1e3 for r in done if r.downtime_ms is not None]),
+                tally.rounds),
+        tally_histogram("precopy_dest_downtime_seconds",
+                        "Downtime of committed migrations as seen here (SWITCHOVER to resume).", tally),
     ]
 
 
@@ -203,14 +191,14 @@ def _dest_queued(job: Any) -> bool:
     return isinstance(progress, dict) and progress.get("phase") == "queued"
 
 
-def source_metrics(jobs: Iterable[Any], max_active: int | None = None) -> list[Family]:
-    """Families of the source daemon's jobs (each with ``state`` and ``report`` dict or None)."""
+def source_metrics(jobs: Iterable[Any], max_active: int | None = None, tally: Tally | None = None) -> list[Family]:
+    """Families of the source daemon: its ``tally`` of finished migrations and its jobs now (each
+    with ``state`` and ``progress``)."""
     jobs = list(jobs)
-    done = [j for j in jobs if j.state not in ("queued", "running") and j.report is not None]
-    reps = [j.report for j in done]
+    tally = tally if tally is not None else Tally()
     return [
         counter("precopy_source_migrations_total", "Migrations started by this daemon, by outcome.",
-                _by_outcome(j.state for j in done)),
+                _outcomes(tally)),
         gauge("precopy_source_migrations_in_flight", "Migrations running now.",
               sum(1 for j in jobs if j.state == "running")),
         gauge("precopy_source_migrations_active", "Migrations moving bytes now (running, not queued at "
@@ -218,15 +206,22 @@ def source_metrics(jobs: Iterable[Any], max_active: int | None = None) -> list[F
         gauge("precopy_source_migrations_queued", "Migrations waiting: in this daemon's queue "
               "(--max-active) or the destination's.",
               sum(1 for j in jobs if j.state == "queued" or (j.state == "running" and _dest_queued(j)))),
-        counter("precopy_source_bytes_on_wire_total", "Bytes sent by finished migrations.",
-                sum(int(r.get("bytes_on_wire") or 0) for r in reps)),
-        counter("precopy_source_pages_sent_total", "Pages sent by finished migrations.",
-                sum(int(r.get("pages_sent") or 0) for r in reps)),
+        counter("precopy_source_bytes_on_wire_total", "Bytes sent by finished migrations.", tally.bytes),
+        counter("precopy_source_pages_sent_total", "Pages sent by finished migrations.", tally.pages),
         counter("precopy_source_rounds_total", "Rounds (full, iterative, final) of finished migrations.",
-                sum(len(r.get("rounds") or []) for r in reps)),
+                tally.rounds),
         *([gauge("precopy_source_max_active", "Migrations allowed to move bytes at once (--max-active).",
                  max_active)] if max_active is not None else []),
-        histogram("precopy_source_downtime_seconds", "Measured downtime of committed migrations.",
-                  [float(r["downtime_ms"]) / 1e3 for r in reps
-                   if r.get("outcome") == "committed" and r.get("downtime_ms") is not None]),
+        tally_histogram("precopy_source_downtime_seconds", "Measured downtime of committed migrations.", tally),
     ]
+
+
+def tally_report(tally: Tally, outcome: str, report: dict[str, Any] | None) -> None:
+    """Count a source migration that ended with ``report`` (one without a report is not counted)."""
+    if report is None:
+        return
+    rep = report
+    downtime = rep.get("downtime_ms") if outcome == "committed" else None
+    tally.add(outcome, bytes=int(rep.get("bytes_on_wire") or 0), pages=int(rep.get("pages_sent") or 0),
+              rounds=len(rep.get("rounds") or []),
+              downtime_s=None if downtime is None else float(downtime) / 1e3)

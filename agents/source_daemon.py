@@ -50,13 +50,14 @@ from precopy.policy.admission import Admission, Ticket, default_max_active
 from precopy.errors import MigrationAborted, MigrationInDoubt, PrecopyError
 from precopy.session.options import Progress, SourceOptions
 from precopy.session.source import migrate
+from precopy.session.tally import RECENT_KEPT, Tally
 from precopy.workload.qemu import QemuWorkload
 from precopy.workload.base import Workload
 from precopy.workload.control import GuestControl
 
 from .common import DEFAULT_CONTROL, EXIT_OK, EXIT_USAGE, Parser, add_common_args, parse_hostport, run, setup_logging
 from .config import ConfigError, add_config_args, config_values, effective_config, load_config, parse_with_config
-from .metrics import MetricsServer, source_metrics
+from .metrics import MetricsServer, source_metrics, tally_report
 from .source_args import build_parser as build_start_parser
 from .source_args import make_migration
 
@@ -66,8 +67,8 @@ _log = logging.getLogger("precopy-source")
 
 #: A request line longer than this is refused (the connection is closed).
 MAX_REQUEST = 1 << 20
-#: Jobs kept in memory; older ones stay listed from their report files.
-MAX_JOBS = 1000
+#: Jobs kept in memory; older ones stay in their report files (--report-dir).
+MAX_JOBS = RECENT_KEPT
 
 
 class RequestError(Exception):
@@ -134,6 +135,8 @@ class SourceDaemon:
         #: Migrations that move bytes at once; the others are "queued", in order.
         self.admission = Admission(default_max_active() if max_active is None else max_active)
         self.jobs: dict[str, Job] = {}
+        #: Totals over every finished migration (the metrics' counters), past reports included.
+        self.tally = Tally()
         self._server: asyncio.AbstractServer | None = None
         self._conns: set[asyncio.Task[Any]] = set()
 
@@ -172,6 +175,7 @@ class SourceDaemon:
                 _log.error("ignoring unreadable report %s: %s", path, exc)
                 continue
             self.jobs[job.id] = job
+            tally_report(self.tally, job.state, rep)
 
     async def close(self) -> None:
         """Stop serving; cancel running migrations (they roll back) and wait for them."""
@@ -418,6 +422,7 @@ class SourceDaemon:
         if job.progress is not None and job.progress.get("phase") != job.state:
             job.progress = {**job.progress, "phase": job.state, "eta_s": None}
         assert job.report is not None
+        tally_report(self.tally, job.state, job.report)
         job.report.setdefault("options", job.options)
         job.report.setdefault("started", job.started)
         text = json.dumps(job.report, indent=1) + "\n"
@@ -478,7 +483,8 @@ async def _serve(daemon: SourceDaemon, metrics: tuple[str, int] | None) -> int:
     metrics_server = None
     if metrics is not None:
         metrics_server = MetricsServer(metrics[0], metrics[1], lambda: source_metrics(daemon.jobs.values(),
-                                                                                   daemon.admission.limit))
+                                                                                   daemon.admission.limit,
+                                                                                   daemon.tally))
         try:
             await metrics_server.start()
         except OSError as exc:

@@ -15,7 +15,8 @@ from typing import Any, Callable
 
 import pytest
 
-from precopy_agents.metrics import MetricsServer, dest_metrics, source_metrics
+from precopy.session.tally import Tally
+from precopy_agents.metrics import MetricsServer, dest_metrics, source_metrics, tally_report
 
 #: The buckets of both downtime histograms, as their ``le`` labels read.
 LE = ("0.01", "0.025", "0.05", "0.1", "0.25", "0.5", "1.0", "2.5", "5.0", "10.0", "+Inf")
@@ -105,9 +106,13 @@ def dest_server() -> SimpleNamespace:
         rec(outcome="committed", bytes_received=500, rounds=2, downtime_ms=300.0),
         rec(outcome="aborted", bytes_received=7, rounds=1, downtime_ms=None),
         rec(outcome="in-doubt", bytes_received=9, rounds=4, downtime_ms=20000.0),
-        rec(outcome="running", bytes_received=123456, rounds=9, downtime_ms=None),
     ]
-    return SimpleNamespace(results=results, admission=SimpleNamespace(active=1, queued=2, limit=4))
+    tally = Tally()
+    for r in results:  # as DestinationServer counts each migration that ends
+        tally.add(r.outcome, bytes=r.bytes_received, rounds=r.rounds,
+                  downtime_s=None if r.downtime_ms is None else r.downtime_ms / 1e3)
+    # One more is running (not counted yet).
+    return SimpleNamespace(tally=tally, in_flight=1, admission=SimpleNamespace(active=1, queued=2, limit=4))
 
 
 async def test_the_destinations_exposition() -> None:
@@ -146,7 +151,12 @@ def source_jobs() -> list[SimpleNamespace]:
 
 
 async def test_the_sources_exposition() -> None:
-    families, samples = ours(*parse(await scrape(lambda: source_metrics(source_jobs(), 2))), "precopy_")
+    jobs = source_jobs()
+    tally = Tally()
+    for j in jobs:  # as the daemon counts each job that ends
+        if j.state not in ("queued", "running"):
+            tally_report(tally, j.state, j.report)
+    families, samples = ours(*parse(await scrape(lambda: source_metrics(jobs, 2, tally))), "precopy_")
     assert families == SOURCE_FAMILIES
     assert samples == {
         'precopy_source_migrations_total{outcome="committed"}': 2,

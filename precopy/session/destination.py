@@ -23,6 +23,7 @@ import os
 import socket
 import stat
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,11 @@ from precopy.protocol import (
 from precopy.session import preflight
 from precopy.session.dest_options import DestOptions
 from precopy.session.handshake import version_mismatch
-from precopy.session.journal import DEVICE_STATE_SUFFIX, Journal, MigrationRecord
+from precopy.session.journal import DEVICE_STATE_SUFFIX, KEEP_DAYS, Journal, MigrationRecord
+from precopy.session.tally import RECENT_KEPT, Tally
+
+#: Journal records are kept at least this long (and the newest RECENT_KEPT whatever their age).
+JOURNAL_MIN_AGE_S = KEEP_DAYS * 86400.0
 from precopy.session.receiver import Receiver
 
 __all__ = ["DestOptions", "DestinationServer"]
@@ -79,7 +84,11 @@ class DestinationServer:
 
     def __init__(self, opts: DestOptions) -> None:
         self.opts = opts
-        self.results: list[MigrationRecord] = []
+        #: The newest migrations (running ones and the last RECENT_KEPT finished).
+        self.results: deque[MigrationRecord] = deque(maxlen=RECENT_KEPT)
+        #: Totals over every migration finished since start (the metrics' counters).
+        self.tally = Tally()
+        self._journal_added = 0
         self._active: dict[str, tuple[MigrationRecord, asyncio.Task[Any]]] = {}
         self._names: set[str] = set()
         assert opts.max_active is not None
@@ -106,6 +115,7 @@ class DestinationServer:
             raise RegionError(f"cannot use {exc.filename}: {exc.strerror}") from exc
         self.journal = Journal(self.opts.state_dir)
         self.journal.recover(self.opts.memory_dir, keep_partial=self.opts.keep_partial)
+        self.journal.prune(RECENT_KEPT, JOURNAL_MIN_AGE_S)
         loop = asyncio.get_running_loop()
         infos = await loop.getaddrinfo(self.opts.host, self.opts.port, type=socket.SOCK_STREAM,
                                        flags=socket.AI_PASSIVE)
@@ -342,9 +352,24 @@ class DestinationServer:
         finally:
             rec.seconds = time.monotonic() - t0
             rec.bytes_received = chan.bytes_received
+            self._finished(rec)
             del self._active[begin.migration_id]
             self._names.discard(begin.name)
             self.admission.leave(ticket)
+
+    def _finished(self, rec: MigrationRecord) -> None:
+        """Count a migration that ended; prune the journal now and then (:meth:`Journal.prune`)."""
+        self.tally.add(rec.outcome, bytes=rec.bytes_received, rounds=rec.rounds,
+                       downtime_s=None if rec.downtime_ms is None else rec.downtime_ms / 1e3)
+        self._journal_added += 1
+        if self._journal_added >= RECENT_KEPT // 10 and self.journal is not None:
+            self._journal_added = 0
+            self.journal.prune(RECENT_KEPT, JOURNAL_MIN_AGE_S)
+
+    @property
+    def in_flight(self) -> int:
+        """Migrations being received now (admitted, not finished)."""
+        return len(self._active)
 
     async def _queue(self, chan: Channel, begin: Begin, ticket: Ticket) -> None:
         """Hold a BEGIN that offered to wait until a slot is free, telling the source where it stands.

@@ -24,12 +24,15 @@ from typing import Any
 
 from precopy.errors import RegionError
 
-__all__ = ["DEVICE_STATE_SUFFIX", "Journal", "MigrationRecord"]
+__all__ = ["DEVICE_STATE_SUFFIX", "KEEP_DAYS", "Journal", "MigrationRecord"]
 
 _log = logging.getLogger(__name__)
 
 #: ``<state-dir>/<name>.device-state`` holds a committed region's device state.
 DEVICE_STATE_SUFFIX = ".device-state"
+#: A finished migration's record is kept at least this long (an in-doubt end is
+#: settled from it: "no record" must mean "never committed" -- docs/FAILURES.md).
+KEEP_DAYS = 7
 
 
 @dataclass
@@ -112,6 +115,43 @@ class Journal:
             if rec is not None:
                 out.append(rec)
         return out
+
+    def prune(self, keep: int, min_age_s: float = KEEP_DAYS * 86400.0) -> int:
+        """Remove the records of finished migrations beyond the newest ``keep`` and older than
+        ``min_age_s``; returns how many.
+
+        A record still "running", or committed with its region still under
+        the partial name (:meth:`recover` has work to do), is never removed.
+        Outcome queries and in-doubt ends are answered from records at least
+        ``min_age_s`` old (docs/FAILURES.md).
+        """
+        cutoff = time.time() - min_age_s
+        try:
+            paths = sorted(self.dir.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+        except FileNotFoundError:  # a record replaced while listing: next time
+            return 0
+        removed = 0
+        for path in paths[keep:]:
+            try:
+                if path.stat().st_mtime > cutoff:
+                    continue
+            except FileNotFoundError:
+                continue
+            rec = self.read(path.stem)
+            if rec is None or rec.get("outcome") == "running":
+                continue
+            if rec.get("outcome") == "committed" and rec.get("partial") and Path(str(rec["partial"])).exists():
+                continue
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as exc:
+                _log.error("journal: cannot remove the old record %s: %s", path, exc.strerror)
+                return removed
+            removed += 1
+        if removed:
+            _log.info("journal: removed the records of %d migrations beyond the newest %d and older than "
+                      "%.0f s", removed, keep, min_age_s)
+        return removed
 
     def read(self, migration_id: str) -> dict[str, Any] | None:
         try:
