@@ -36,6 +36,8 @@ from precopy.protocol import (
     Event,
     Hello,
     HelloAck,
+    Join,
+    Joined,
     Kind,
     Outcome,
     Pages,
@@ -45,6 +47,7 @@ from precopy.protocol import (
     Ready,
     Role,
     Switchover,
+    Sync,
     encode_frame,
 )
 from precopy.protocol.codec import encode_event
@@ -52,7 +55,8 @@ from precopy.protocol.limits import PREFIX_SIZE
 from precopy.protocol.phases import HANDSHAKE, TERMINAL, TRANSITIONS, allowed, next_phase
 
 NPAGES, CHUNK_PAGES = 64, 8
-BEGIN = Begin(migration_id="m1", name="region", size=NPAGES * PAGE_SIZE, chunk_pages=CHUNK_PAGES, wait=True)
+BEGIN = Begin(migration_id="m1", name="region", size=NPAGES * PAGE_SIZE, chunk_pages=CHUNK_PAGES, wait=True,
+              streams=2)
 DOC = (Path(__file__).resolve().parent.parent / "docs" / "PROTOCOL.md").read_text()
 
 
@@ -64,7 +68,7 @@ def sample(kind: Kind) -> Event:
         Kind.AUTH: Auth(mac=b""),
         Kind.AUTH_OK: AuthOk(),
         Kind.BEGIN: BEGIN,
-        Kind.READY: Ready(),
+        Kind.READY: Ready(streams=2),
         Kind.QUEUED: Queued(position=1, active=0, limit=1),
         Kind.PAGES: Pages(indices=np.array([3], dtype=np.uint32), zeros=np.array([5], dtype=np.uint32),
                           payload=bytes(PAGE_SIZE)),
@@ -77,6 +81,9 @@ def sample(kind: Kind) -> Event:
         Kind.QUERY: Query(migration_id="m1"),
         Kind.OUTCOME: Outcome(migration_id="m1", committed=True, known=True),
         Kind.ABORT: Abort(code=1, reason="test"),
+        Kind.JOIN: Join(migration_id="m1", stream=1, size=NPAGES * PAGE_SIZE, chunk_pages=CHUNK_PAGES),
+        Kind.JOINED: Joined(),
+        Kind.SYNC: Sync(counts=(0,)),
     }[kind]
 
 

@@ -27,12 +27,15 @@ from precopy.protocol import (
     Event,
     Hello,
     HelloAck,
+    Join,
+    Joined,
     Outcome,
     Pages,
     Query,
     Queued,
     Ready,
     Switchover,
+    Sync,
     encode_frame,
 )
 from precopy.protocol.codec import encode_event
@@ -66,6 +69,12 @@ EVENTS: dict[str, Event] = {
     "QUERY": Query(migration_id="mig-1"),
     "OUTCOME": Outcome(migration_id="mig-1", committed=False, known=True),
     "ABORT": Abort(code=8, reason="did not converge"),
+    # Issue 21 (streams): new optional fields and kinds; the frames above are unchanged.
+    "BEGIN_STREAMS": Begin(migration_id="mig-1", name="guest", size=64 * 4096, chunk_pages=8, streams=4),
+    "READY_STREAMS": Ready(streams=3),
+    "JOIN": Join(migration_id="mig-1", stream=2, size=64 * 4096, chunk_pages=8),
+    "JOINED": Joined(),
+    "SYNC": Sync(counts=(7, 0, 300)),
 }
 
 #: name -> (prefix and header in hex, SHA-256 of the payload or "").
@@ -107,6 +116,23 @@ GOLDEN: dict[str, tuple[str, str]] = {
         "504306000b0000000000000081a86578697374696e67c3",
         "",
     ),
+    "BEGIN_STREAMS": (
+        "504305005f0000000000000088ac6d6967726174696f6e5f6964a56d69672d31a46e616d65a56775657374a473697a65"
+        "ce00040000a9706167655f73697a65cd1000ab6368756e6b5f706167657308a76472795f72756ec2a872657175697265"
+        "7380a773747265616d7304",
+        "",
+    ),
+    "READY_STREAMS": (
+        "50430600140000000000000082a86578697374696e67c2a773747265616d7303",
+        "",
+    ),
+    "JOIN": (
+        "50431200330000000000000084ac6d6967726174696f6e5f6964a56d69672d31a673747265616d02a473697a65ce0004"
+        "0000ab6368756e6b5f706167657308",
+        "",
+    ),
+    "JOINED": ("50431300010000000000000080", ""),
+    "SYNC": ("50431400090000000000000081a16e930700cd012c", ""),
     "QUEUED": (
         "504311001a0000000000000083a8706f736974696f6e02a661637469766501a56c696d697404",
         "",

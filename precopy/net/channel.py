@@ -62,8 +62,11 @@ def tune(sock: socket.socket) -> None:
             _log.debug("cannot set socket buffer: %s", exc)
 
 
-async def connect(host: str, port: int, timeout_s: float, *, retry_refused: bool = False) -> socket.socket:
+async def connect(host: str, port: int, timeout_s: float, *, retry_refused: bool = False,
+                  bind: str | None = None) -> socket.socket:
     """Open a tuned TCP connection or raise :class:`LinkError`.
+
+    ``bind``: the local address to connect from (a NIC of several; port chosen by the kernel).
 
     ``retry_refused``: a refused connection (nothing listens yet: a
     destination daemon that is starting) is tried again every 0.2 s until
@@ -82,6 +85,8 @@ async def connect(host: str, port: int, timeout_s: float, *, retry_refused: bool
             sock = socket.socket(family, type_, proto)
             tune(sock)
             try:
+                if bind is not None:
+                    sock.bind((bind, 0))
                 await asyncio.wait_for(loop.sock_connect(sock, addr), max(0.01, deadline - loop.time()))
                 return sock
             except (OSError, asyncio.TimeoutError) as exc:

@@ -29,6 +29,7 @@ from precopy.protocol.limits import (
     MAX_PAYLOAD,
     MAX_REGION,
     MAX_REQUIREMENTS,
+    MAX_STREAMS,
     PAGE_SIZE,
     PROTOCOL_VERSION,
 )
@@ -45,6 +46,8 @@ from precopy.protocol.messages import (
     Event,
     Hello,
     HelloAck,
+    Join,
+    Joined,
     Kind,
     Outcome,
     Pages,
@@ -53,6 +56,7 @@ from precopy.protocol.messages import (
     Ready,
     Role,
     Switchover,
+    Sync,
 )
 from precopy.protocol.phases import Phase
 
@@ -64,6 +68,7 @@ __all__ = [
     "MAX_PAYLOAD",
     "MAX_REGION",
     "MAX_REQUIREMENTS",
+    "MAX_STREAMS",
     "NEED_DATA",
     "PAGE_SIZE",
     "PROTOCOL_VERSION",
@@ -80,6 +85,8 @@ __all__ = [
     "Event",
     "Hello",
     "HelloAck",
+    "Join",
+    "Joined",
     "Kind",
     "Outcome",
     "Pages",
@@ -89,6 +96,7 @@ __all__ = [
     "Ready",
     "Role",
     "Switchover",
+    "Sync",
     "encode_frame",
     "page_digest_limit",
     "page_payload",

@@ -28,6 +28,7 @@ from precopy.protocol.limits import (
     MAX_REGION,
     MAX_REQUIREMENTS,
     MAX_SOFTWARE,
+    MAX_STREAMS,
     MAX_TIMINGS,
     NONCE_SIZE,
     PAGE_SIZE,
@@ -46,6 +47,8 @@ from precopy.protocol.messages import (
     Event,
     Hello,
     HelloAck,
+    Join,
+    Joined,
     Kind,
     Outcome,
     Pages,
@@ -53,6 +56,7 @@ from precopy.protocol.messages import (
     Queued,
     Ready,
     Switchover,
+    Sync,
 )
 
 __all__ = [
@@ -98,12 +102,18 @@ def encode_event(ev: Event) -> tuple[Kind, dict[str, Any], Any]:
         return Kind.DIGEST_REQUEST, req, b""
     if isinstance(ev, DeviceState):
         return Kind.DEVICE_STATE, {"o": ev.offset, "t": ev.total}, ev.data
+    if isinstance(ev, Sync):
+        return Kind.SYNC, {"n": [int(c) for c in ev.counts]}, b""
     kind = KIND_OF[type(ev)]
     meta = {name: getattr(ev, name) for name in ev.__dataclass_fields__}
     if isinstance(ev, Begin):
         meta["requires"] = {k: list(v) for k, v in ev.requires.items()}
         if not ev.wait:
             del meta["wait"]  # as a source before queues: nothing new on the wire
+        if ev.streams == 1:
+            del meta["streams"]  # as a source before streams
+    elif isinstance(ev, Ready) and ev.streams == 1:
+        del meta["streams"]  # as a destination before streams
     elif isinstance(ev, (Hello, HelloAck)) and ev.software is None:
         del meta["software"]  # as a peer before versions were announced
     return kind, meta, b""
@@ -410,16 +420,7 @@ def _decode_hello_ack(meta: dict[Any, Any]) -> Event:
 def _decode_begin(meta: dict[Any, Any]) -> Event:
     kind = Kind.BEGIN
     page_size = _int_field(meta, "page_size", kind, PAGE_SIZE, PAGE_SIZE)
-    size = _int_field(meta, "size", kind, page_size, MAX_REGION)
-    if size % page_size:
-        raise RemoteProtocolError(f"BEGIN size {size} is not a multiple of {page_size}")
-    chunk = _int_field(meta, "chunk_pages", kind, 1, 4096)
-    if chunk & (chunk - 1):
-        raise RemoteProtocolError(f"BEGIN chunk_pages {chunk} is not a power of two")
-    if -(-size // (page_size * chunk)) * 8 > MAX_PAYLOAD:
-        raise RemoteProtocolError(
-            f"BEGIN chunk_pages {chunk} makes a digest table larger than one frame"
-        )
+    size, chunk = _geometry(meta, kind)
     name = _str_field(meta, "name", kind, MAX_NAME)
     if not valid_name(name):
         raise RemoteProtocolError(
@@ -431,18 +432,49 @@ def _decode_begin(meta: dict[Any, Any]) -> Event:
     wait = meta.get("wait", False)
     if not isinstance(wait, bool):
         raise RemoteProtocolError("BEGIN field 'wait' must be a boolean")
+    streams = _int_field(meta, "streams", kind, 1, MAX_STREAMS) if "streams" in meta else 1
     ev = Begin(
         migration_id=_str_field(meta, "migration_id", kind, 64),
         name=name, size=size, page_size=page_size, chunk_pages=chunk,
-        dry_run=dry_run, requires=requires_field(meta.get("requires", {})), wait=wait,
+        dry_run=dry_run, requires=requires_field(meta.get("requires", {})), wait=wait, streams=streams,
     )
     if not ev.migration_id or not valid_name(ev.migration_id):
         raise RemoteProtocolError("BEGIN migration_id must be a plain token")
     return ev
 
 
+def _geometry(meta: dict[Any, Any], kind: Kind) -> tuple[int, int]:
+    """BEGIN's (and JOIN's) ``size`` and ``chunk_pages``, checked."""
+    size = _int_field(meta, "size", kind, PAGE_SIZE, MAX_REGION)
+    if size % PAGE_SIZE:
+        raise RemoteProtocolError(f"{kind.name} size {size} is not a multiple of {PAGE_SIZE}")
+    chunk = _int_field(meta, "chunk_pages", kind, 1, 4096)
+    if chunk & (chunk - 1):
+        raise RemoteProtocolError(f"{kind.name} chunk_pages {chunk} is not a power of two")
+    if -(-size // (PAGE_SIZE * chunk)) * 8 > MAX_PAYLOAD:
+        raise RemoteProtocolError(
+            f"{kind.name} chunk_pages {chunk} makes a digest table larger than one frame"
+        )
+    return size, chunk
+
+
 def _decode_ready(meta: dict[Any, Any]) -> Event:
-    return Ready(existing=bool(_field(meta, "existing", bool, Kind.READY)) if "existing" in meta else False)
+    return Ready(existing=bool(_field(meta, "existing", bool, Kind.READY)) if "existing" in meta else False,
+                 streams=_int_field(meta, "streams", Kind.READY, 1, MAX_STREAMS) if "streams" in meta else 1)
+
+
+def _decode_join(meta: dict[Any, Any]) -> Event:
+    size, chunk = _geometry(meta, Kind.JOIN)
+    return Join(migration_id=_id_field(meta, Kind.JOIN),
+                stream=_int_field(meta, "stream", Kind.JOIN, 1, MAX_STREAMS - 1), size=size, chunk_pages=chunk)
+
+
+def _decode_sync(meta: dict[Any, Any]) -> Event:
+    counts = _field(meta, "n", list, Kind.SYNC)
+    if not 0 < len(counts) < MAX_STREAMS or not all(
+            isinstance(c, int) and not isinstance(c, bool) and 0 <= c < 1 << 62 for c in counts):
+        raise RemoteProtocolError(f"SYNC field 'n' must be a list of 1-{MAX_STREAMS - 1} counts")
+    return Sync(counts=tuple(counts))
 
 
 def _decode_commit(meta: dict[Any, Any]) -> Event:
@@ -499,4 +531,7 @@ _DECODERS: Final[dict[Kind, Callable[[dict[Any, Any]], Event]]] = {
     Kind.OUTCOME: _decode_outcome,
     Kind.ABORT: _decode_abort,
     Kind.QUEUED: _decode_queued,
+    Kind.JOIN: _decode_join,
+    Kind.JOINED: lambda meta: Joined(),
+    Kind.SYNC: _decode_sync,
 }

@@ -46,8 +46,8 @@ from precopy.protocol.limits import (
     PREFIX,
     PREFIX_SIZE,
 )
-from precopy.protocol.messages import Begin, DeviceState, DigestRequest, Event, Kind, Pages, Role
-from precopy.protocol.phases import HANDSHAKE, Phase, check_by_page, next_phase
+from precopy.protocol.messages import Begin, DeviceState, DigestRequest, Event, Join, Kind, Pages, Ready, Role, Sync
+from precopy.protocol.phases import HANDSHAKE, Phase, check_by_page, check_ready_streams, check_sync, next_phase
 
 __all__ = ["NEED_DATA", "Connection"]
 
@@ -95,7 +95,12 @@ class Connection:
     #: (buffer to region) is gone.
     payload_sink: Callable[[np.ndarray], memoryview | None] | None = None
     phase: Phase = Phase.HELLO
+    #: The conversation's BEGIN (on an extra stream: its JOIN's geometry, :meth:`Join.as_begin`).
     begin: Begin | None = None
+    #: Connections READY took for this migration (1: this one alone).
+    streams: int = 1
+    #: The counts of the last SYNC (none yet: empty).
+    synced: tuple[int, ...] = ()
     _buf: bytearray = field(init=False, repr=False)
     _start: int = field(default=0, init=False, repr=False)
     _end: int = field(default=0, init=False, repr=False)
@@ -351,9 +356,21 @@ class Connection:
             self._device_received += len(payload)
             return piece
         ev = decode_event(kind, meta)
+        self._note(ev)
+        return ev
+
+    def _note(self, ev: Event) -> None:
+        """What a BEGIN, JOIN, READY or SYNC (sent or received, checked) tells the conversation."""
         if isinstance(ev, Begin):
             self.begin = ev
-        return ev
+        elif isinstance(ev, Join):
+            self.begin = ev.as_begin()
+        elif isinstance(ev, Ready):
+            check_ready_streams(ev.streams, self.begin)
+            self.streams = ev.streams
+        elif isinstance(ev, Sync):
+            check_sync(ev.counts, self.streams, self.synced)
+            self.synced = ev.counts
 
     # -- sending --------------------------------------------------------
 
@@ -363,8 +380,8 @@ class Connection:
         # Check everything first: a refused send must leave no trace.
         self._check_send(kind, event, meta, payload)
         self._advance(self.role, kind, local=True)  # raises before changing the phase
-        if isinstance(event, Begin):
-            self.begin = event
+        if isinstance(event, (Begin, Join, Ready, Sync)):
+            self._note(event)  # (checked in _check_send)
         elif isinstance(event, DigestRequest):
             assert self.begin is not None  # guaranteed by the phase table
             self._by_page |= event.by_page
@@ -406,11 +423,17 @@ class Connection:
         if isinstance(event, DeviceState):
             if event.offset != self._device_sent or event.total > MAX_DEVICE_STATE:
                 raise LocalProtocolError("DEVICE_STATE pieces must be sent in order, within the limit")
-        if kind is Kind.BEGIN:
-            try:
+        try:
+            if kind is Kind.BEGIN:
                 requires_field(meta["requires"])
-            except RemoteProtocolError as exc:
-                raise LocalProtocolError(str(exc)) from None
+            elif isinstance(event, (Ready, Sync)):
+                next_phase(self.phase, self.role, kind, self.begin, local=True)  # the phase's refusal first
+                if isinstance(event, Ready):
+                    check_ready_streams(event.streams, self.begin)
+                else:
+                    check_sync(event.counts, self.streams, self.synced)
+        except RemoteProtocolError as exc:
+            raise LocalProtocolError(str(exc)) from None
 
     def _advance(self, sender: Role, kind: Kind, *, local: bool) -> None:
         """Move to the phase after ``kind`` from ``sender`` (the table's; raises if not allowed)."""

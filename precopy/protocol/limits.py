@@ -39,6 +39,8 @@ MAX_SOFTWARE: Final = 64
 MAX_QUEUE: Final = 1 << 16
 #: Most resume steps a COMMITTED frame's ``timings`` may name.
 MAX_TIMINGS: Final = 16
+#: Most connections one migration may use (BEGIN/READY ``streams``).
+MAX_STREAMS: Final = 64
 #: Chunks one DIGEST_REQUEST may ask page digests of (their numbers fill at
 #: most 32 KiB of the header; the answer is also bounded by MAX_PAYLOAD).
 MAX_PAGE_DIGEST_CHUNKS: Final = 8192

@@ -19,6 +19,7 @@ __all__ = [
     "Kind", "Role", "Event", "KIND_OF",
     "Hello", "HelloAck", "Auth", "AuthOk", "Begin", "Ready", "Queued", "Pages", "DigestRequest",
     "DigestTable", "Switchover", "DeviceState", "Commit", "Committed", "Query", "Outcome", "Abort",
+    "Join", "Joined", "Sync",
 ]
 
 
@@ -42,6 +43,9 @@ class Kind(IntEnum):
     OUTCOME = 15
     ABORT = 16
     QUEUED = 17
+    JOIN = 18
+    JOINED = 19
+    SYNC = 20
 
 
 class Role(Enum):
@@ -99,6 +103,9 @@ class Begin:
     #: The source can wait in the destination's queue: QUEUED frames may
     #: come before READY (never to a BEGIN without it, nor to a dry run).
     wait: bool = False
+    #: TCP connections the source would like to use for this migration's
+    #: pages (1: this one alone); READY says how many the destination takes.
+    streams: int = 1
 
     @property
     def npages(self) -> int:
@@ -115,6 +122,9 @@ class Ready:
     """
 
     existing: bool = False
+    #: Connections the destination takes for this migration's pages, at
+    #: most BEGIN's ``streams`` (1: this one alone); the others JOIN.
+    streams: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,9 +255,46 @@ class Abort:
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class Join:
+    """An extra stream of a migration: sent on a new, authenticated connection
+    instead of BEGIN.  ``stream`` is its index (1 .. READY's ``streams`` - 1);
+    ``size`` and ``chunk_pages`` repeat the migration's BEGIN (the
+    destination checks them), so that each end checks this stream's PAGES
+    against the region without the other connection."""
+
+    migration_id: str
+    stream: int
+    size: int
+    chunk_pages: int
+
+    def as_begin(self) -> Begin:
+        """The region's geometry as a BEGIN, for checking PAGES (name and the rest are not this stream's)."""
+        return Begin(migration_id=self.migration_id, name="stream", size=self.size, chunk_pages=self.chunk_pages)
+
+
+@dataclass(frozen=True, slots=True)
+class Joined:
+    """The destination took the stream: PAGES may follow on it."""
+
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Sync:
+    """A fence, on a migration's first connection: ``counts[i]`` is how many
+    PAGES frames the source has sent so far on stream ``i + 1``.  The
+    destination handles what follows (a DIGEST_REQUEST, COMMIT) only once it
+    has written those pages: a digest table covers every page sent before it
+    on any stream."""
+
+    counts: tuple[int, ...]
+
+
 Event = Union[
     Hello, HelloAck, Auth, AuthOk, Begin, Ready, Pages, DigestRequest,
     DigestTable, Switchover, DeviceState, Commit, Committed, Query, Outcome, Abort, Queued,
+    Join, Joined, Sync,
 ]
 
 
@@ -270,5 +317,8 @@ KIND_OF: Final[dict[type, Kind]] = {
     Outcome: Kind.OUTCOME,
     Abort: Kind.ABORT,
     Queued: Kind.QUEUED,
+    Join: Kind.JOIN,
+    Joined: Kind.JOINED,
+    Sync: Kind.SYNC,
 }
 

@@ -11,7 +11,10 @@ are here too, as code next to it:
 * QUEUED (the table's ``awaiting ready`` loop) answers only a BEGIN that
   offered to wait and is not a dry run;
 * a migration's chunk tables stay *by page* once one was asked for that way
-  (:func:`check_by_page`).
+  (:func:`check_by_page`);
+* READY takes at most the streams BEGIN asked for, and SYNC is sent only
+  where READY took more than one, with a count for each extra stream that
+  never goes down (:func:`check_ready_streams`, :func:`check_sync`).
 
 Within a phase, the order of frames that answer one another (a DIGEST_TABLE
 per DIGEST_REQUEST, of the size asked for; DEVICE_STATE pieces one after
@@ -31,7 +34,8 @@ import numpy as np
 from precopy.errors import LocalProtocolError, RemoteProtocolError
 from precopy.protocol.messages import Begin, Kind, Role
 
-__all__ = ["Phase", "TRANSITIONS", "TERMINAL", "HANDSHAKE", "allowed", "next_phase", "check_by_page"]
+__all__ = ["Phase", "TRANSITIONS", "TERMINAL", "HANDSHAKE", "allowed", "next_phase", "check_by_page",
+           "check_ready_streams", "check_sync"]
 
 
 class Phase(Enum):
@@ -47,6 +51,8 @@ class Phase(Enum):
     PAUSED = "paused"
     COMMIT_SENT = "awaiting committed"
     QUERY_SENT = "awaiting outcome"
+    JOIN_SENT = "awaiting joined"
+    STREAMING = "streaming"
     DONE = "done"
     ABORTED = "aborted"
 
@@ -63,12 +69,17 @@ TRANSITIONS: Final[dict[tuple[Phase, Role, Kind], Phase]] = {
     (Phase.AUTHENTICATED, S, Kind.BEGIN): Phase.BEGIN_SENT,
     (Phase.AUTHENTICATED, S, Kind.QUERY): Phase.QUERY_SENT,
     (Phase.QUERY_SENT, D, Kind.OUTCOME): Phase.DONE,
+    (Phase.AUTHENTICATED, S, Kind.JOIN): Phase.JOIN_SENT,
+    (Phase.JOIN_SENT, D, Kind.JOINED): Phase.STREAMING,
+    (Phase.STREAMING, S, Kind.PAGES): Phase.STREAMING,
     (Phase.BEGIN_SENT, D, Kind.READY): Phase.COPYING,
     (Phase.BEGIN_SENT, D, Kind.QUEUED): Phase.BEGIN_SENT,
     (Phase.COPYING, S, Kind.PAGES): Phase.COPYING,
     (Phase.COPYING, S, Kind.DIGEST_REQUEST): Phase.COPYING,
     (Phase.COPYING, D, Kind.DIGEST_TABLE): Phase.COPYING,
     (Phase.COPYING, S, Kind.SWITCHOVER): Phase.PAUSED,
+    (Phase.COPYING, S, Kind.SYNC): Phase.COPYING,
+    (Phase.PAUSED, S, Kind.SYNC): Phase.PAUSED,
     (Phase.PAUSED, S, Kind.PAGES): Phase.PAUSED,
     (Phase.PAUSED, S, Kind.DIGEST_REQUEST): Phase.PAUSED,
     (Phase.PAUSED, D, Kind.DIGEST_TABLE): Phase.PAUSED,
@@ -127,3 +138,24 @@ def check_by_page(by_page: bool, pages_of: np.ndarray | None, asked_by_page: boo
     if pages_of is None and asked_by_page and not by_page:
         raise RemoteProtocolError("DIGEST_REQUEST for a chunk table of chunk bytes after one by page "
                                   "('bp'): a migration's chunk tables stay by page once they are")
+
+
+def check_ready_streams(streams: int, begin: Begin | None) -> None:
+    """READY's ``streams``: at most what the BEGIN asked for.  Raises :class:`RemoteProtocolError`."""
+    asked = begin.streams if begin is not None else 1
+    if streams > asked:
+        raise RemoteProtocolError(f"READY takes {streams} streams for a BEGIN that asked for {asked}")
+
+
+def check_sync(counts: tuple[int, ...], streams: int, last: tuple[int, ...]) -> None:
+    """A SYNC's counts: one per extra stream READY took, none lower than the last SYNC's.
+
+    Raises :class:`RemoteProtocolError` (a sender turns it into a
+    :class:`LocalProtocolError`).
+    """
+    if streams < 2:
+        raise RemoteProtocolError("SYNC in a migration of one stream (READY took no more)")
+    if len(counts) != streams - 1:
+        raise RemoteProtocolError(f"SYNC counts {len(counts)} streams; the migration has {streams - 1} extra")
+    if last and any(c < p for c, p in zip(counts, last)):
+        raise RemoteProtocolError(f"SYNC counts {list(counts)} go below the last SYNC's {list(last)}")

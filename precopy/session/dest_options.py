@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from precopy.policy.admission import default_max_active
-from precopy.protocol import MAX_DEVICE_STATE, MAX_REGION
+from precopy.protocol import MAX_DEVICE_STATE, MAX_REGION, MAX_STREAMS
 from precopy.workload.base import DestWorkload
 
 __all__ = ["DestOptions"]
@@ -41,6 +41,9 @@ class DestOptions:
     #: Connections still in the handshake at once; more are closed unread.
     max_connections: int = 64
     idle_timeout_s: float = 120.0
+    #: Connections one migration may use for its pages (the source asks for
+    #: --streams; READY takes at most this many).  1: one connection each.
+    max_streams: int = 8
     populate: bool = True
     #: Receive into a region file already under the migration's name (a
     #: repeat migration, a pre-provisioned host) when it has the right size
@@ -56,5 +59,7 @@ class DestOptions:
         self.state_dir = Path(self.state_dir) if self.state_dir is not None else self.memory_dir
         if self.max_active is None:
             self.max_active = default_max_active()
+        if not 1 <= self.max_streams <= MAX_STREAMS:
+            raise ValueError(f"max_streams must be 1..{MAX_STREAMS}, not {self.max_streams}")
         if self.max_active < 1:
             raise ValueError(f"max_active must be at least 1, not {self.max_active}")

@@ -41,6 +41,7 @@ from precopy.protocol import (
     Begin,
     Hello,
     HelloAck,
+    Join,
     Outcome,
     Query,
     Queued,
@@ -50,6 +51,7 @@ from precopy.protocol import (
 )
 from precopy.session import preflight
 from precopy.session.dest_options import DestOptions
+from precopy.session.dest_streams import StreamRegistry
 from precopy.session.handshake import version_mismatch
 from precopy.session.journal import DEVICE_STATE_SUFFIX, KEEP_DAYS, Journal, MigrationRecord
 from precopy.session.tally import RECENT_KEPT, Tally
@@ -105,6 +107,8 @@ class DestinationServer:
         self._outer_pool = ThreadPoolExecutor(2, thread_name_prefix="precopy-dwork")
         self.journal: Journal | None = None
         self.port = opts.port
+        #: Migrations receiving over several streams, where a JOIN finds its own.
+        self.streams = StreamRegistry(opts.max_streams, opts.idle_timeout_s)
 
     async def start(self) -> None:
         assert self.opts.state_dir is not None
@@ -203,6 +207,8 @@ class DestinationServer:
                 self._handshaking -= 1
             if isinstance(ev, Query):
                 await self._answer_query(chan, ev)
+            elif isinstance(ev, Join):
+                await self.streams.join(chan, ev)
             else:
                 await self._migrate(chan, ev)
         except asyncio.TimeoutError:
@@ -223,7 +229,7 @@ class DestinationServer:
         finally:
             chan.close()
 
-    async def _handshake(self, chan: Channel) -> Begin | Query:
+    async def _handshake(self, chan: Channel) -> Begin | Query | Join:
         key = self.opts.auth_key
         await chan.start()  # TLS, when configured
         hello: Hello = await chan.recv(Hello)
@@ -236,7 +242,7 @@ class DestinationServer:
         if key is not None and not auth.verify(auth.source_mac(key, hello.nonce, nonce), au.mac):
             raise AuthError(f"peer {chan.peer} failed authentication (wrong or missing key)")
         await chan.send(AuthOk())
-        ev = await chan.recv(Begin, Query)
+        ev = await chan.recv(Begin, Query, Join)
         return ev  # type: ignore[no-any-return]
 
     async def _answer_query(self, chan: Channel, q: Query) -> None:
@@ -337,7 +343,7 @@ class DestinationServer:
         try:
             await Receiver(chan, begin, rec, existing, opts=self.opts, journal=self.journal,
                            admission=self.admission, hash_pool=self._hash_pool, outer_pool=self._outer_pool,
-                           run_hook=self.run_hook).run()
+                           run_hook=self.run_hook, streams=self.streams).run()
         except BaseException as exc:
             if rec.outcome != "committed":
                 rec.outcome = "aborted"

@@ -35,6 +35,10 @@ class Exchange:
         self.dest_peers = 0
         #: The number of the last digest request.
         self.seq = 0
+        #: The migration's extra connections (precopy.session.streams.Streams, opened
+        #: after READY): PAGES go by stripe, a SYNC before each digest request and COMMIT;
+        #: None: one connection.
+        self.streams: Any = None
         self._events: asyncio.Queue[Any] = asyncio.Queue()
         self._asked: dict[int, float] = {}  # digest requests out: seq -> when sent (round trips)
 
@@ -107,6 +111,8 @@ class Exchange:
         if isinstance(ev, DigestRequest):
             self._asked[ev.seq] = time.monotonic()
         try:
+            if self.streams is not None:
+                return int(await self.streams.send(ev, self.chan.send))
             return await self.chan.send(ev)
         except LinkError:
             # The peer may have said why before closing: prefer its reason.
@@ -124,10 +130,10 @@ class Exchange:
     def unsent_bytes(self) -> int:
         """Bytes written but still queued in the socket."""
         assert self.chan is not None
-        return self.chan.unsent_bytes()
+        return self.chan.unsent_bytes() + (self.streams.unsent_bytes() if self.streams is not None else 0)
 
     @property
     def send_blocked_s(self) -> float:
         """Seconds the sends so far waited for room in the socket."""
         assert self.chan is not None
-        return float(self.chan.send_blocked_s)
+        return float(self.chan.send_blocked_s) + (self.streams.send_blocked_s if self.streams is not None else 0.0)

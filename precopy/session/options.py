@@ -4,16 +4,29 @@ from __future__ import annotations
 
 import ssl
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from precopy.memory.tracking import TRACKING_MODES
 from precopy.policy.switchover import check_throttle
-from precopy.protocol import MAX_BATCH_PAGES, valid_name
+from precopy.protocol import MAX_BATCH_PAGES, MAX_STREAMS, valid_name
 
-__all__ = ["SourceOptions", "Progress", "HEADROOM_MODES"]
+__all__ = ["SourceOptions", "Progress", "HEADROOM_MODES", "default_streams"]
 
 HEADROOM_MODES = ("spread", "fixed")
+
+
+def default_streams(addresses: int) -> int:
+    """``--streams`` when not given: one per destination address (``--to`` and each ``--stream-to``).
+
+    Every stream of a migration runs in the session's one event loop
+    (precopy.session.streams): more connections over one path add no core,
+    and on loopback or a link faster than one core's copy (~1 GB/s) the
+    copy is bound by CPU, not by a connection -- measured, benchmarks/RESULTS.md
+    "Issue 21: streams".  They pay off where each link or NIC is the
+    limit: one stream per link.
+    """
+    return max(1, addresses)
 
 
 @dataclass
@@ -71,6 +84,14 @@ class SourceOptions:
     #: over: ``spread`` (from the measured spread of the pause's parts,
     #: precopy.policy.downtime.switchover_margin) or ``fixed`` (25 % of the budget).
     headroom: str = "spread"
+    #: TCP connections for the pages (precopy.session.streams; docs/PROTOCOL.md
+    #: "Streams"); None: one per destination address (default_streams).
+    streams: int | None = None
+    #: More destination addresses (host, port): stream k goes to the
+    #: (k mod count)-th of [(host, port), *stream_to] -- one per link or NIC.
+    stream_to: list[tuple[str, int]] = field(default_factory=list)
+    #: Local addresses to connect from: stream k from the (k mod count)-th (empty: the kernel's choice).
+    bind: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.memory = Path(self.memory)
@@ -103,6 +124,10 @@ class SourceOptions:
                     f"max downtime {self.max_downtime_ms:g} ms is under the downtime budget {self.downtime_ms:g} ms: "
                     "the switchover aims under the budget and the cap is the line never to cross, so lower "
                     "--downtime-ms to the cap or below")
+        if self.streams is None:
+            self.streams = default_streams(1 + len(self.stream_to))
+        if not 1 <= self.streams <= MAX_STREAMS:
+            raise ValueError(f"streams must be 1..{MAX_STREAMS}, not {self.streams}")
         if self.migration_id is None:
             self.migration_id = uuid.uuid4().hex
         if not valid_name(self.migration_id):

@@ -23,6 +23,7 @@ region file under its final name is always complete.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import sys
@@ -49,8 +50,10 @@ from precopy.protocol import (
     Pages,
     Ready,
     Switchover,
+    Sync,
 )
 from precopy.session.dest_options import DestOptions
+from precopy.session.dest_streams import StreamHub, StreamRegistry
 from precopy.session.journal import DEVICE_STATE_SUFFIX, Journal, MigrationRecord
 from precopy.session.region_writer import RegionWriter
 
@@ -73,7 +76,7 @@ class Receiver:
 
     def __init__(self, chan: Channel, begin: Begin, rec: MigrationRecord, existing: bool = False, *,
                  opts: DestOptions, journal: Journal, admission: Admission, hash_pool: ThreadPoolExecutor,
-                 outer_pool: ThreadPoolExecutor, run_hook: RunHook) -> None:
+                 outer_pool: ThreadPoolExecutor, run_hook: RunHook, streams: StreamRegistry | None = None) -> None:
         #: Receive into the region file already under the final name (see
         #: DestinationServer._reusable): renamed to the partial name first.
         self.existing = existing
@@ -93,6 +96,9 @@ class Receiver:
         self.device = bytearray()
         self.device_total: int | None = None
         self.t_switchover: float | None = None
+        self.registry = streams
+        #: The migration's extra streams (None: one connection).
+        self.hub: StreamHub | None = None
 
     def _others(self) -> int:
         """Other migrations moving bytes here now (told to the source: contention)."""
@@ -128,11 +134,14 @@ class Receiver:
                 await self.opts.workload.prepare(self.begin.migration_id, self.begin.name, self.partial,
                                                  self.begin.size)
             self.journal.write(self.rec)
-            await self.chan.send(Ready(existing=self.existing))
+            self.hub = self.registry.open(self.begin) if self.registry is not None else None
+            await self.chan.send(Ready(existing=self.existing, streams=self.hub.streams if self.hub else 1))
             _log.info("migration %s from %s: receiving %s (%d MiB)", self.begin.migration_id,
                       self.chan.peer, self.begin.name, self.begin.size >> 20)
             committed = await self._receive(mem, tracker)
         finally:
+            if self.hub is not None and self.registry is not None:
+                await asyncio.shield(self.registry.drop(self.hub))  # before the region goes
             if tracker is not None:
                 tracker.close()
             clear_exception_frames(sys.exc_info()[1])  # their views of the region: see there
@@ -152,14 +161,22 @@ class Receiver:
         sink = writer.sink()
         if sink is not None:
             self.chan.conn.payload_sink = sink
+        hub = self.hub
+        if hub is not None:
+            hub.start(writer.write, sink)
         try:
             async for ev in self.chan.events(self.opts.idle_timeout_s):
                 if isinstance(ev, Pages):
                     await writer.write(ev)
-                elif isinstance(ev, DigestRequest) and ev.pages_of is not None:
-                    await self._answer_pages_of(ev, mem, tracker)
+                elif isinstance(ev, Sync):
+                    assert hub is not None  # a SYNC needs READY's streams: the connection checked
+                    await hub.synced(ev.counts)
                 elif isinstance(ev, DigestRequest):
-                    await self._answer_digests(ev, tracker, writer.written)
+                    async with hub.quiet() if hub is not None else contextlib.nullcontext():
+                        if ev.pages_of is not None:
+                            await self._answer_pages_of(ev, mem, tracker)
+                        else:
+                            await self._answer_digests(ev, tracker, writer.written)
                 elif isinstance(ev, Switchover):
                     self.t_switchover = time.monotonic()
                     _log.info("migration %s: source paused the workload", self.begin.migration_id)
@@ -169,11 +186,18 @@ class Receiver:
                 elif isinstance(ev, Commit):
                     _log.debug("migration %s: %d pages received straight into the region", self.begin.migration_id,
                                self.rec.pages_in_place)
+                    if hub is not None:
+                        await hub.close()  # all synced: nothing more is written
                     await self._commit(ev)
                     return True
                 else:
                     raise RemoteProtocolError(f"unexpected {type(ev).__name__} during a migration")
             raise LinkError(f"{self.chan.peer} closed the connection mid-migration")
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if hub is not None and hub.error is not None and task is not None and task.uncancel() == 0:
+                raise hub.error from None  # an extra stream failed: the migration ends with its error
+            raise
         finally:
             self.chan.conn.release_sink()  # it holds the region: not past the migration
 

@@ -96,6 +96,11 @@ class MigrationReport:
     #: Pages not sent in the full copy because that existing region already
     #: held them (a repeat migration).
     pages_already_there: int = 0
+    #: TCP connections that carried the pages (--streams; the destination
+    #: may take fewer than asked), and the bytes each carried (the first
+    #: connection's include everything that is not a page).
+    streams: int = 1
+    stream_bytes: list[int] = field(default_factory=list)
     bandwidth_bps: float = 0.0
     #: What became of the source's copy after a commit: "keep-stopped" (left
     #: paused, never resumed by precopy: the operator ends it once the

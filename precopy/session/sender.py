@@ -27,6 +27,7 @@ from precopy.session.contention import cpu_wait_s
 from precopy.session.exchange import Exchange
 from precopy.session.record import PageRecord
 from precopy.session.report import MigrationReport, RoundReport
+from precopy.session.streams import split_at_stripes
 
 __all__ = ["PageSender", "plan"]
 
@@ -153,6 +154,9 @@ class PageSender:
         self.chunks = chunks
         self.progress = progress
         self.staging = StagingBuffer(batch_pages)
+        #: Pages per stripe with several streams (batches are cut where the
+        #: stripe changes: precopy.session.streams); 0: one stream.
+        self.stripe = 0
 
     @property
     def by_page(self) -> bool:
@@ -189,7 +193,8 @@ class PageSender:
         meter = _LinkMeter(self.exchange, self.report, self.link)
         last_progress = meter.t_start
         done = 0
-        for idx, run in plan(indices, self.batch_pages, fill=fill, ordered=rearm is not None):
+        for idx, run in split_at_stripes(plan(indices, self.batch_pages, fill=fill, ordered=rearm is not None),
+                                         self.stripe):
             if before_batch is not None:
                 before_batch(len(indices) - done)
             tried = self.compressor.want()

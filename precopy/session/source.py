@@ -74,6 +74,7 @@ from precopy.session.reporting import in_doubt, new_report, record_aborted, reco
 from precopy.session.rounds import Rounds
 from precopy.session.scanner import DigestScanner, DirtyScanner
 from precopy.session.sender import PageSender
+from precopy.session.streams import open_streams
 from precopy.session.switchover import Switchover
 from precopy.session.throttle import Throttle
 from precopy.session.tracked import TrackedScanner, choose_tracker
@@ -199,6 +200,8 @@ class SourceSession:
                 self._reader.cancel()
             if self.chan is not None:
                 self.chan.close()
+            if self.exchange.streams is not None:  # the extra connections
+                self.exchange.streams.close(self.report, self.chan)
             if self.tracker is not None:
                 self.tracker.close()
             if self.mem is not None:
@@ -289,7 +292,8 @@ class SourceSession:
     async def _connect(self, mem: GuestMemory) -> None:
         """Connect, authenticate, start the reader, BEGIN; wait for READY."""
         opts = self.opts
-        sock = await connect(opts.host, opts.port, opts.connect_timeout_s, retry_refused=True)
+        sock = await connect(opts.host, opts.port, opts.connect_timeout_s, retry_refused=True,
+                             bind=next(iter(opts.bind), None))  # --bind: stream 0's too
         self.chan = make_channel(sock, Role.SOURCE, opts.tls_context, opts.host)
         self.chan.send_timeout_s = opts.io_timeout_s
         self.report.source = "%s:%d" % sock.getsockname()[:2]
@@ -304,9 +308,13 @@ class SourceSession:
         await self.exchange.send(Begin(
             migration_id=str(opts.migration_id), name=str(opts.name), size=mem.size,
             chunk_pages=self.chunk_pages, dry_run=opts.dry_run, requires=requires, wait=not opts.dry_run,
+            streams=1 if opts.dry_run else int(opts.streams or 1),
         ))
         ready = await self._wait_ready()
         self.report.dest_region = "existing" if ready.existing else "new"
+        if ready.streams > 1:
+            self.exchange.streams = await open_streams(opts, ready.streams, mem.size, self.chunk_pages)
+        self.report.streams = ready.streams
 
     async def _wait_ready(self) -> Ready:
         """READY, after any time in the destination's queue (QUEUED: position, keep-alive).
@@ -389,6 +397,7 @@ class SourceSession:
             self.exchange, self.mem, self.record, batch_pages=self.opts.batch_pages,
             chunk_pages=self.chunk_pages, compressor=self.compressor, link=self.link, report=self.report,
             tracker=self.tracker, chunks=self.chunks, progress=self._emit if self.progress is not None else None)
+        self.sender.stripe = self.exchange.streams.stripe if self.exchange.streams is not None else 0
         digests = DigestScanner(self.exchange, self.mem, self.record, self.chunk_pages, link=self.link,
                                 pool=self._outer_pool, hash_pool=self._hash_pool)
         self.scanner = digests

@@ -1,0 +1,121 @@
+"""--streams N (issue 21): one migration's pages over several TCP connections.
+
+Loopback migrations in one event loop (source session and destination
+server), byte-exact with a workload writing meanwhile; a destination that
+takes fewer streams than asked; a data stream cut mid-migration rolls back
+(workload running, nothing left on the destination); a JOIN that fits no
+migration is refused.  The protocol's frames themselves: tests/test_streams_protocol.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+
+from precopy.errors import MigrationAborted
+from precopy.net.channel import Channel, PeerAborted, connect
+from precopy.protocol import Join, Role
+from precopy.session.handshake import handshake
+from precopy.session.streams import Streams
+from tests.test_engine import FakeWorkload, LiveWriter, make_region, migrate, partials, serve, settled
+
+
+@pytest.mark.parametrize("streams", [2, 4])
+async def test_a_live_migration_over_several_streams_is_byte_exact(shm: Path, streams: int) -> None:
+    src = shm / "vm.mem"
+    mm = make_region(src, 4096 + 77)  # 16 MiB and a bit: four stripes and a short one
+    blob = os.urandom(500)
+    async with serve(shm / "dest") as server:
+        writer = LiveWriter(mm, pages_per_tick=16)
+        snapshot: dict[str, bytes] = {}
+
+        async def freeze() -> None:
+            await writer.stop()
+            snapshot["mem"] = src.read_bytes()
+
+        wl = FakeWorkload(blob, on_pause=freeze)
+        rep = await migrate(server, src, wl, streams=streams)
+        assert rep.outcome == "committed" and rep.streams == streams
+        assert writer.writes > 0
+        assert (shm / "dest" / "vm.mem").read_bytes() == snapshot["mem"] == src.read_bytes()
+        assert (shm / "dest" / "vm.mem.device-state").read_bytes() == blob
+        assert rep.verify_repairs == 0
+        # Every stream carried pages (each holds a stripe of the full copy).
+        assert len(rep.stream_bytes) == streams and min(rep.stream_bytes) > 2 << 20
+        await settled(server)
+        assert [r.outcome for r in server.results] == ["committed"]
+        assert not partials(shm / "dest")
+    del mm
+
+
+async def test_the_destination_takes_no_more_streams_than_its_limit(shm: Path) -> None:
+    src = shm / "vm.mem"
+    mm = make_region(src, 2048)
+    async with serve(shm / "dest", max_streams=2) as server:
+        rep = await migrate(server, src, FakeWorkload(), streams=4)
+        assert rep.outcome == "committed" and rep.streams == 2
+        assert (shm / "dest" / "vm.mem").read_bytes() == src.read_bytes()
+    async with serve(shm / "dest1", max_streams=1) as server:
+        rep = await migrate(server, src, FakeWorkload(), streams=3)
+        assert rep.outcome == "committed" and rep.streams == 1 and rep.stream_bytes == []
+        assert (shm / "dest1" / "vm.mem").read_bytes() == src.read_bytes()
+    del mm
+
+
+async def test_a_cut_data_stream_rolls_back_with_the_workload_running(shm: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stream 2 of 3 is cut (its socket shut down) in the middle of the full copy: the migration aborts
+    before any commit, the workload is never left paused, the source region is untouched, and the
+    destination keeps no file of it."""
+    src = shm / "vm.mem"
+    mm = make_region(src, 8192)  # 32 MiB
+    before = src.read_bytes()
+    sends = {"n": 0}
+    real = Streams.send
+
+    async def cutting_send(self: Streams, ev: object, send0: object) -> int:
+        sends["n"] += 1
+        if sends["n"] == 20:
+            self.chans[1].sock.shutdown(2)  # socket.SHUT_RDWR: the link to stream 2 is cut
+        return await real(self, ev, send0)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Streams, "send", cutting_send)
+    async with serve(shm / "dest") as server:
+        wl = FakeWorkload()
+        with pytest.raises(MigrationAborted) as info:
+            await migrate(server, src, wl, streams=3)
+        assert info.value.report.outcome == "aborted"  # type: ignore[attr-defined]
+        assert "stream 2" in info.value.report.error  # type: ignore[attr-defined]
+        assert "pause" not in wl.calls or wl.calls[-1] == "resume"
+        await settled(server)
+        assert [r.outcome for r in server.results] == ["aborted"]
+        assert not partials(shm / "dest") and not (shm / "dest" / "vm.mem").exists()
+    assert src.read_bytes() == before
+    del mm
+
+
+async def test_a_join_that_fits_no_migration_is_refused(shm: Path) -> None:
+    async with serve(shm / "dest") as server:
+        sock = await connect("127.0.0.1", server.port, 5.0)
+        chan = Channel(sock, Role.SOURCE)
+        try:
+            await handshake(chan, None, 5.0)
+            await chan.send(Join(migration_id="nobody", stream=1, size=1 << 20, chunk_pages=32))
+            with pytest.raises(PeerAborted, match="no migration nobody is receiving"):
+                await asyncio.wait_for(chan.recv(), 5.0)
+        finally:
+            chan.close()
+        assert server.results == []
+
+
+async def test_a_source_without_streams_talks_to_this_destination_as_before(shm: Path) -> None:
+    """streams=1 sends no 'streams' field and opens no other connection (the frames pinned in test_wire_bytes)."""
+    src = shm / "vm.mem"
+    mm = make_region(src, 512)
+    async with serve(shm / "dest") as server:
+        rep = await migrate(server, src, FakeWorkload(), streams=1)
+        assert rep.outcome == "committed" and rep.streams == 1
+        assert (shm / "dest" / "vm.mem").read_bytes() == src.read_bytes()
+    del mm
