@@ -107,7 +107,7 @@ async def test_a_join_that_fits_no_migration_is_refused(shm: Path) -> None:
                 await asyncio.wait_for(chan.recv(), 5.0)
         finally:
             chan.close()
-        assert server.results == []
+        assert list(server.results) == []
 
 
 async def test_a_source_without_streams_talks_to_this_destination_as_before(shm: Path) -> None:
