@@ -1,10 +1,10 @@
-# precopy: make demo | make test | make bench | make bench-full | make soak
+# precopy: make demo | make test | make bench | make bench-full | make soak | make criu
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: venv demo test test-fast bench bench-full soak lint clean
+.PHONY: venv demo test test-fast bench bench-full soak lint clean criu
 
 $(STAMP): pyproject.toml setup.py
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "precopy needs Python >= 3.11")'
@@ -22,6 +22,11 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow"
+
+# CRIU >= 4.2 for precopy-source --criu (root): the system's if new enough, else Debian's package
+# unpacked into a private root, /var/lib/precopy/criu (python -m precopy.lab.criu_root --help).
+criu: $(STAMP)
+	$(BIN)/python -m precopy.lab.criu_root install
 
 lint: $(STAMP)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check mypy ruff

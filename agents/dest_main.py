@@ -19,6 +19,8 @@ from precopy.errors import PrecopyError
 from precopy.net.tls import server_context
 from precopy.protocol import MAX_REGION
 from precopy.workload.qemu import QemuDestination, check_dest_command
+from precopy.workload.criu import find_criu
+from precopy.workload.criu_dest import CriuDestination
 
 from .common import EXIT_OK, EXIT_USAGE, Parser, add_common_args, parse_hostport, run, setup_logging
 from .config import add_config_args, effective_config, parse_with_config
@@ -64,6 +66,20 @@ def exposure_refusal(host: str, has_key: bool, has_tls: bool, insecure: bool) ->
     )
 
 
+def _add_criu_args(p: argparse.ArgumentParser) -> None:
+    """--criu and --criu-bin: restore processes checkpointed by CRIU."""
+    p.add_argument("--criu", action="store_true",
+                   help="restore processes checkpointed by CRIU (precopy-source --criu): at COMMIT, before "
+                        "committing, the received region is linked at the path it had on the source (on the "
+                        "file system of --memory-dir) and the process restored, stopped; after the commit it "
+                        "is continued. A failed restore is not committed (the source resumes its process). "
+                        "Needs CRIU >= 4.2, the same executable at the same path as the source's ('make criu') "
+                        "(default: off)")
+    p.add_argument("--criu-bin", metavar="PATH",
+                   help="the CRIU executable (default: $PRECOPY_CRIU, criu on PATH, or "
+                        "/var/lib/precopy/criu/criu from 'make criu')")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(
         prog="precopy-dest",
@@ -88,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "received (its memory-backend-file mem-path, share=on) and {qmp} by a QMP socket "
                         "path; it must contain '-incoming defer'. After the commit the VM loads its device "
                         "state and runs. Also: {size} bytes, {name}, {migration_id} (default: none)")
+    _add_criu_args(p)
     p.add_argument("--auth-key-file", type=Path, metavar="FILE",
                    help="pre-shared key; without it any peer that reaches the port may migrate in "
                         "(default: none)")
@@ -172,7 +189,7 @@ async def _serve(opts: DestOptions, ready_file: Path | None, qemu_cmd: str | Non
         await metrics_server.close()
     serving.cancel()
     await asyncio.gather(serving, return_exceptions=True)
-    if isinstance(opts.workload, QemuDestination):
+    if isinstance(opts.workload, (QemuDestination, CriuDestination)):
         await opts.workload.close()
     return EXIT_OK
 
@@ -243,6 +260,14 @@ def main(argv: list[str] | None = None) -> int:
                        max_migrations=args.max_migrations, max_connections=args.max_connections,
                        max_active=args.max_active,
                        max_region=args.max_region)
+    if args.criu:
+        try:
+            if args.qemu_cmd:
+                raise PrecopyError("--criu and --qemu-cmd exclude each other")
+            opts.workload = CriuDestination(find_criu(args.criu_bin))
+        except PrecopyError as exc:
+            print(f"precopy-dest: error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
     if args.check_config:
         return check_config(args, opts)
     try:

@@ -18,6 +18,7 @@ from precopy.session.options import SourceOptions
 from precopy.workload.base import Workload
 from precopy.workload.control import GuestControl
 from precopy.workload.signals import SignalWorkload
+from precopy.workload.criu_source import criu_workload
 from precopy.workload.qemu import QemuWorkload
 
 from .common import Parser, add_common_args, parse_hostport
@@ -62,6 +63,14 @@ def _add_workload_args(p: argparse.ArgumentParser) -> None:
                      help="a QEMU VM's QMP socket: its RAM (memory-backend-file,share=on) is --memory, "
                           "its device state is saved with x-ignore-shared at the switchover (default: none)")
     p.add_argument("--name", help="region name on the destination (default: basename of --memory)")
+    p.add_argument("--criu", action="store_true",
+                   help="with --pid: checkpoint the process with CRIU (>= 4.2) at the switchover and restore it "
+                        "on the destination (precopy-dest --criu): its threads, registers, files and sockets "
+                        "move, not only its memory; the process must be started by 'precopy-guest run' "
+                        "(see README, 'Any process, with CRIU') (default: off)")
+    p.add_argument("--criu-bin", metavar="PATH",
+                   help="the CRIU executable, the same path on both hosts (default: $PRECOPY_CRIU, criu on PATH, "
+                        "or /var/lib/precopy/criu/criu from 'make criu')")
 
 
 def _add_policy_args(p: argparse.ArgumentParser) -> None:
@@ -193,7 +202,11 @@ def make_migration(args: argparse.Namespace) -> tuple[SourceOptions, Workload]:
         raise PrecopyError(f"memory region {args.memory} is {size} bytes: it must be a non-empty multiple "
                            f"of {PAGE_SIZE}: is --memory the file the workload maps?")
     workload: Workload
-    if args.pid is not None:
+    if getattr(args, "criu", False):
+        if args.pid is None:
+            raise PrecopyError("--criu needs --pid (the process to checkpoint)")
+        workload = criu_workload(args.pid, args.memory, args.criu_bin)
+    elif args.pid is not None:
         workload = SignalWorkload(args.pid)
     elif args.qmp is not None:
         workload = QemuWorkload(args.qmp, memory=args.memory, timeout_s=max(args.guest_timeout, 10.0))

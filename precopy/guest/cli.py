@@ -10,6 +10,7 @@ from precopy._version import __version__
 
 from .common import GuestError
 from .det import run_det
+from .launch import add_run_parser
 from .dirty import DIRTY_CONTENTS, DIRTY_PATTERNS, run_dirty
 from .region import CREATE_CONTENTS, parse_size, run_create
 
@@ -154,13 +155,15 @@ def build_parser() -> argparse.ArgumentParser:
     """Build the ``precopy-guest`` argument parser."""
     parser = argparse.ArgumentParser(
         prog="precopy-guest",
-        description="Demo guest workloads that map and modify a shared memory region.",
+        description="Demo guest workloads that map and modify a shared memory region, and the launcher "
+                    "of any program to be moved with CRIU (run).",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_create_parser(subparsers)
     _add_dirty_parser(subparsers)
     _add_det_parser(subparsers)
+    add_run_parser(subparsers)
     return parser
 
 

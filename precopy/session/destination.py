@@ -26,7 +26,7 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 from precopy._version import __version__
 from precopy.errors import AbortCode, AuthError, PrecopyError, RegionError, RemoteProtocolError
@@ -257,6 +257,11 @@ class DestinationServer:
         rec = self.journal.read(q.migration_id)
         committed = rec is not None and rec.get("outcome") == "committed"
         await chan.send(Outcome(migration_id=q.migration_id, committed=committed, known=rec is not None))
+
+    def _extra_checks(self) -> dict[str, Callable[[Sequence[str]], str]]:
+        """Guest requirements the workload adapter checks itself (e.g. CRIU's: the same CRIU here)."""
+        checks = getattr(self.opts.workload, "requirement_checks", None)
+        return dict(checks()) if checks is not None else {}
     async def _migrate(self, chan: Channel, begin: Begin) -> None:
         """Serve one BEGIN: refuse it, answer a dry run, or admit it (after a wait in the
         queue, if it offers to wait) and receive the region."""
@@ -264,7 +269,7 @@ class DestinationServer:
         existing = self._reusable(begin)
         passed = preflight.check_destination(size=begin.size, page_size=begin.page_size,
                                              memory_dir=self.opts.memory_dir, requires=begin.requires,
-                                             have=begin.size if existing else 0)
+                                             have=begin.size if existing else 0, extra=self._extra_checks())
         if begin.dry_run:
             _log.info("dry run %s from %s: %s fits (%s)", begin.migration_id, chan.peer, begin.name,
                       "; ".join(passed))
@@ -317,7 +322,7 @@ class DestinationServer:
                 existing = self._reusable(begin)
                 preflight.check_destination(size=begin.size, page_size=begin.page_size,
                                             memory_dir=self.opts.memory_dir, requires=begin.requires,
-                                            have=begin.size if existing else 0)
+                                            have=begin.size if existing else 0, extra=self._extra_checks())
             except BaseException:
                 self.admission.leave(ticket)
                 self._names.discard(begin.name)

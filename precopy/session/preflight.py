@@ -13,6 +13,10 @@ travel in BEGIN's ``requires``.  Known names:
   and needs here too: the processor compatibility check of hypervisors.
 * ``executables`` — programs the on-resume step needs on the daemon's PATH
   (e.g. ``qemu-system-x86_64``).
+* ``criu`` — ``[path, version]`` of the CRIU that dumps the process: the
+  destination must restore with the same executable at the same path
+  (checked by the adapter, :class:`~precopy.workload.criu_dest.CriuDestination`,
+  passed in as ``extra``; a destination without ``--criu`` says so).
 
 An unknown name fails: a destination must not say "fits" to what it cannot
 check.
@@ -94,11 +98,15 @@ def check_destination(
     cpu_flags_fn: Callable[[], frozenset[str]] = cpu_flags,
     which: Callable[[str], str | None] = shutil.which,
     have: int = 0,
+    extra: Mapping[str, Callable[[Sequence[str]], str]] | None = None,
 ) -> list[str]:
     """Check that a region of ``size`` bytes fits under ``memory_dir``.
 
     ``have``: bytes of it the destination already holds (an existing region
     file it will receive into), which need no new space or memory.
+    ``extra``: checks of further requirement names that the daemon's
+    workload adapter makes itself (e.g. ``criu``: the same CRIU, at the same
+    path); each returns what passed or raises :class:`PrecopyError` (GUEST).
 
     Returns the list of checks that passed (for logs and dry-run answers).
     Raises :class:`RegionError` (space, memory, page size) or
@@ -137,6 +145,15 @@ def check_destination(
             )
         if avail is not None:
             passed.append(f"available memory {_mib(avail)} >= {_mib(need)}")
+    passed += _check_requirements(requires, cpu_flags_fn, which, extra)
+    return passed
+
+
+def _check_requirements(requires: Mapping[str, Sequence[str]], cpu_flags_fn: Callable[[], frozenset[str]],
+                        which: Callable[[str], str | None],
+                        extra: Mapping[str, Callable[[Sequence[str]], str]] | None) -> list[str]:
+    """The guest requirements of a BEGIN (see :func:`check_destination`); returns what passed."""
+    passed: list[str] = []
     for name, values in requires.items():
         if name == "cpu_flags":
             flags = cpu_flags_fn()
@@ -155,10 +172,16 @@ def check_destination(
                     AbortCode.GUEST,
                 )
             passed.append(f"executables: {', '.join(values)}")
+        elif extra and name in extra:
+            passed.append(extra[name](values))
+        elif name == "criu":
+            raise PrecopyError("preflight: the workload is checkpointed with CRIU and this destination "
+                               "restores none: start precopy-dest with --criu (CRIU >= 4.2: 'make criu')",
+                               AbortCode.GUEST)
         else:
             raise PrecopyError(
                 f"preflight: guest requirement {name!r} is unknown to this destination "
-                f"(known: {', '.join(KNOWN_REQUIREMENTS)}); upgrade precopy-dest",
+                f"(known: {', '.join(KNOWN_REQUIREMENTS + tuple(extra or ()))}); upgrade precopy-dest",
                 AbortCode.GUEST,
             )
     return passed

@@ -252,6 +252,9 @@ class Receiver:
         if xxhash.xxh3_64_intdigest(self.device) != ev.checksum:
             raise RemoteProtocolError("device state checksum mismatch")
         if self.opts.workload is not None:
+            accept = getattr(self.opts.workload, "accept", None)
+            if accept is not None:  # e.g. CRIU: restored (stopped) from the device state before the commit
+                await accept(self.begin.migration_id, self.partial, self.device)
             await self.opts.workload.check(self.begin.migration_id)  # last chance to say no
         self.journal.commit(self.rec, self.device, self.device_state_path, self.partial, self.final)
         self.chan.settled = True  # an ABORT from here on would tell the source to resume

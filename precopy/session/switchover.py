@@ -142,6 +142,20 @@ class Switchover:
         self._lap("final_pages")
         return rnd, final.live, todo
 
+    async def late_device_state(self, blob: bytes) -> bytes:
+        """A device state the workload finishes beside the final pass (CRIU's dump): wait for it.
+
+        Returns ``blob`` unchanged for a workload without ``device_state()``.
+        """
+        finish = getattr(self.workload, "device_state", None)
+        if finish is None:
+            return blob
+        self.cap_check("device_state", self.model.rest_s(0))
+        blob = await finish()
+        self._lap("device_state_wait")
+        self.phases.update(getattr(self.workload, "phases_ms", {}))  # e.g. CRIU's dump
+        return bytes(blob)
+
     async def send_device_state(self, blob: bytes, rnd: RoundReport) -> None:
         """The workload's device state, in frames of at most MAX_PAYLOAD (one, empty, if none)."""
         self.cap_check("device_state", self.model.rest_s(0, len(blob)))

@@ -1,0 +1,175 @@
+"""Migrate any process with CRIU: the source side (``precopy-source --pid PID --criu``).
+
+The process is paused, throttled and resumed with signals exactly as
+:class:`~precopy.workload.signals.SignalWorkload` does, while precopy
+pre-copies its region.  At the pause, :class:`CriuWorkload` starts
+``criu dump --leave-stopped`` of the stopped process; the dump runs beside
+the final pass (it never touches the region: CRIU records that mapping by
+path and size) and its images become the device-state blob
+(:mod:`precopy.workload.criu_images`).  Rollback is SIGCONT of the very
+process, still there and stopped; after a commit it stays stopped (or is
+killed with ``--on-commit kill``).
+
+What the process must be (checked by :meth:`CriuWorkload.preflight`): the
+init of its own PID namespace and a session leader (``precopy-guest run``
+starts it so), mapping the region ``MAP_SHARED`` from a linked file (on
+tmpfs: a region on disk would be flushed, not moved), its fds opened in its
+own mount namespace.  CRIU runs inside the process's mount and network
+namespaces (``nsenter``), so those are not dumped: they are the hosts'.
+Established TCP connections are closed (``--tcp-close``): clients reconnect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import stat
+import tempfile
+import time
+from pathlib import Path
+
+from precopy.errors import GuestControlError
+from precopy.workload.criu import CriuTool, find_criu, process_facts
+from precopy.workload.criu_images import pack_images
+from precopy.workload.signals import SignalWorkload
+
+__all__ = ["CriuWorkload", "DUMP_ARGS", "criu_workload"]
+
+_log = logging.getLogger(__name__)
+
+#: The dump: leave the process stopped (rollback is SIGCONT), close its
+#: established TCP connections on restore rather than freeze them.
+DUMP_ARGS = ("--leave-stopped", "--tcp-close")
+#: CRIU's fixed cost (seizing, kernel-feature probe, restore's forks) and
+#: its cost per MiB of private memory dumped and restored (../shared/CRIU.md).
+_FIXED_S = 0.10
+_PER_MIB_S = 0.0008
+
+
+class CriuWorkload(SignalWorkload):
+    """A process checkpointed by CRIU at the switchover (see the module docstring)."""
+
+    throttle_method = "sigstop"
+
+    def __init__(self, pid: int, memory: Path, criu: CriuTool, *, work_dir: Path | None = None,
+                 dump_timeout_s: float = 60.0, stop_timeout_s: float = 2.0) -> None:
+        super().__init__(pid, stop_timeout_s=stop_timeout_s)
+        self.memory = Path(os.path.abspath(memory))
+        self.criu = criu
+        self.work_dir = work_dir
+        self.dump_timeout_s = dump_timeout_s
+        self.phases_ms: dict[str, float] = {}
+        self._dump: asyncio.Task[bytes] | None = None
+        self._images: Path | None = None
+        facts = process_facts(pid, self.memory)
+        #: Expected dump + restore time, for the downtime estimate.
+        self.switchover_cost_s = _FIXED_S + _PER_MIB_S * facts.private_kib / 1024
+
+    def describe(self) -> str:
+        return f"pid {self.pid} (SIGSTOP/SIGCONT, CRIU {self.criu.version_text})"
+
+    def preflight(self) -> list[str]:
+        """Check the process and CRIU before anything moves; returns what passed.
+
+        Raises :class:`GuestControlError` saying what to change.
+        """
+        facts = process_facts(self.pid, self.memory)
+        if facts.pid_in_ns != 1 or not facts.session_leader:
+            raise GuestControlError(
+                f"process {self.pid} is not the init of its own PID namespace and a session leader: "
+                "CRIU could not restore it on another host; start it with 'precopy-guest run --memory "
+                f"{self.memory} -- CMD' (unshare --pid --fork setsid)")
+        if not facts.region_mapped_shared:
+            raise GuestControlError(f"process {self.pid} does not map {self.memory} shared: CRIU would dump "
+                                    "the region in full (or it is not the region of this process)")
+        st = os.stat(self.memory)
+        if st.st_nlink < 1:
+            raise GuestControlError(f"{self.memory} is unlinked: CRIU would dump it in full")
+        passed = [f"pid {self.pid}: PID-namespace init, session leader, maps {self.memory} shared",
+                  f"CRIU {self.criu.version_text} at {self.criu.path}", self.criu.check()]
+        return passed
+
+    def requirements(self) -> dict[str, list[str]]:
+        """Checked by the destination's preflight: the same CRIU, at the same path."""
+        return {"criu": [self.criu.path, self.criu.version_text]}
+
+    def _nsenter(self) -> list[str]:
+        nsenter = shutil.which("nsenter")
+        if nsenter is None:
+            raise GuestControlError("nsenter is not installed (Debian: util-linux)")
+        return [nsenter, "-t", str(self.pid), "-m", "-n", "--"]
+
+    async def pause(self) -> bytes:
+        """SIGSTOP (ending any throttle), then start the dump beside the final pass; returns b"".
+
+        The images come from :meth:`device_state`.
+        """
+        blob = await super().pause()
+        self.phases_ms = {}
+        self._dump = asyncio.ensure_future(self._dump_images())
+        return blob
+
+    async def device_state(self) -> bytes:
+        """Wait for the dump started at the pause; returns the images as one blob.
+
+        Raises :class:`GuestControlError` when the dump failed (the process is
+        still there, stopped: rollback resumes it).
+        """
+        if self._dump is None:
+            raise GuestControlError("no CRIU dump was started (the workload was not paused)")
+        return await asyncio.shield(self._dump)
+
+    async def _dump_images(self) -> bytes:
+        images = Path(tempfile.mkdtemp(prefix=f"precopy-criu-{self.pid}-", dir=self.work_dir))
+        self._images = images
+        log = images / "dump.log"
+        # CRIU runs in the process's mount namespace: it reaches our
+        # directory through our root, whatever that namespace mounts.
+        seen_from_there = f"/proc/{os.getpid()}/root{images}"
+        try:
+            took = await self.criu.run(
+                ["dump", "-t", str(self.pid), "-D", seen_from_there, *DUMP_ARGS, "-o", "dump.log", "-v2"],
+                timeout_s=self.dump_timeout_s, log=log, prefix=self._nsenter())
+            self.phases_ms["criu_dump"] = round(took * 1e3, 3)
+            t = time.monotonic()
+            st = os.stat(self.memory)
+            blob = pack_images(images, region=str(self.memory), size=st.st_size, mode=stat.S_IMODE(st.st_mode),
+                               pid=self.pid, criu=self.criu.version_text)
+            self.phases_ms["criu_pack"] = round((time.monotonic() - t) * 1e3, 3)
+            _log.info("criu dump of pid %d: %.1f ms, images %.1f MiB", self.pid, took * 1e3, len(blob) / 2**20)
+            return blob
+        finally:
+            shutil.rmtree(images, ignore_errors=True)
+
+    async def _settle_dump(self) -> None:
+        """Wait for a dump still running (never cut short: its parasite would stay in the process)."""
+        dump, self._dump = self._dump, None
+        if dump is not None and not dump.done():
+            _log.info("waiting for the CRIU dump of pid %d to end before resuming it", self.pid)
+        if dump is not None:
+            try:
+                await asyncio.shield(dump)
+            except (GuestControlError, OSError) as exc:
+                _log.warning("CRIU dump of pid %d failed: %s", self.pid, exc)
+
+    async def resume(self) -> None:
+        """Rollback: let the dump end, then SIGCONT (the dump leaves the process stopped)."""
+        await self._settle_dump()
+        await super().resume()
+
+    async def stop(self) -> None:
+        await self._settle_dump()
+        await super().stop()
+
+
+def criu_workload(pid: int, memory: Path, criu_bin: str | None = None) -> CriuWorkload:
+    """The CRIU workload for ``precopy-source --pid PID --criu``, preflighted.
+
+    Raises :class:`GuestControlError` saying what to install or change.
+    """
+    workload = CriuWorkload(pid, memory, find_criu(criu_bin))
+    for line in workload.preflight():
+        _log.info("criu preflight: %s", line)
+    return workload
