@@ -465,8 +465,7 @@ class SourceSession:
         blob = await sw.pause()
         self.paused, self._t_pause = True, sw.t_pause
         rnd, frozen, sent = await sw.final_pass(expected_s, dest_table, pending, len(blob))
-        blob = await sw.late_device_state(blob)
-        await sw.send_device_state(blob, rnd)
+        blob = await sw.send_device_state(blob, rnd)
         await sw.verify(frozen, sent, rnd)
         t_commit = await sw.commit(blob)
         # stop-and-copy pauses before anything is measured: no estimate decided it

@@ -156,8 +156,13 @@ class Switchover:
         self.phases.update(getattr(self.workload, "phases_ms", {}))  # e.g. CRIU's dump
         return bytes(blob)
 
-    async def send_device_state(self, blob: bytes, rnd: RoundReport) -> None:
-        """The workload's device state, in frames of at most MAX_PAYLOAD (one, empty, if none)."""
+    async def send_device_state(self, blob: bytes, rnd: RoundReport) -> bytes:
+        """The workload's device state, in frames of at most MAX_PAYLOAD (one, empty, if none).
+
+        Returns what was sent: ``blob``, or the one the workload finished
+        beside the final pass (:meth:`late_device_state`).
+        """
+        blob = await self.late_device_state(blob)
         self.cap_check("device_state", self.model.rest_s(0, len(blob)))
         self.report.device_state_bytes = len(blob)
         view = memoryview(blob)
@@ -165,6 +170,7 @@ class Switchover:
             piece = view[off:off + MAX_PAYLOAD]
             rnd.bytes_on_wire += await self.exchange.send(DeviceState(offset=off, total=len(blob), data=piece))
         self._lap("device_state")
+        return blob
 
     async def verify(self, frozen: np.ndarray, sent: np.ndarray, rnd: RoundReport) -> None:
         """The destination's chunk table must equal our ``frozen`` one; chunks that differ are repaired.
