@@ -159,9 +159,11 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] | Non
     # line set: argparse only fills defaults for attributes that are missing.
     # (--help and --version store nothing: their default is SUPPRESS.)
     stored = [a for a in parser._actions if a.dest != argparse.SUPPRESS and a.default != argparse.SUPPRESS]
-    ns = argparse.Namespace(**{a.dest: _UNSET for a in stored})
+    # (A repeatable option appends to what is there: its marker is None, from which argparse starts a list.)
+    appends = {a.dest for a in stored if isinstance(a, argparse._AppendAction)}
+    ns = argparse.Namespace(**{a.dest: None if a.dest in appends else _UNSET for a in stored})
     args = parser.parse_args(argv, namespace=ns)
-    given = {d for d, v in vars(args).items() if v is not _UNSET}
+    given = {d for d, v in vars(args).items() if v is not _UNSET and not (d in appends and v is None)}
     for g in groups:
         members = [a.dest for a in g._group_actions]
         if any(d in given for d in members):

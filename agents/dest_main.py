@@ -17,7 +17,7 @@ from precopy.protocol.auth import load_key
 from precopy.session.destination import DestinationServer, DestOptions
 from precopy.errors import PrecopyError
 from precopy.net.tls import server_context
-from precopy.protocol import MAX_REGION
+from precopy.protocol import MAX_REGION, MAX_STREAMS
 from precopy.workload.qemu import QemuDestination, check_dest_command
 from precopy.workload.criu import find_criu
 from precopy.workload.criu_dest import CriuDestination
@@ -134,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"here {default_max_active()})")
     p.add_argument("--max-region", type=parse_size, default=MAX_REGION, metavar="SIZE",
                    help="largest region accepted, e.g. 64G (default 1T)")
+    p.add_argument("--max-streams", type=int, default=8, metavar="N",
+                   help="connections one migration may use for its pages (a source's --streams); a source "
+                        "asking for more gets this many, 1 turns extra streams off (default 8)")
     p.add_argument("--max-connections", type=int, default=64, metavar="N",
                    help="connections still in the handshake at once; more are closed at once "
                         "(default 64)")
@@ -237,9 +240,12 @@ def main(argv: list[str] | None = None) -> int:
             raise PrecopyError(refusal)
         for flag, value in (("--max-migrations", args.max_migrations),
                             ("--max-connections", args.max_connections),
+                            ("--max-streams", args.max_streams),
                             ("--max-active", 1 if args.max_active is None else args.max_active)):
             if value < 1:
                 raise PrecopyError(f"{flag} must be at least 1")
+        if args.max_streams > MAX_STREAMS:
+            raise PrecopyError(f"--max-streams must be at most {MAX_STREAMS}")
         if not args.handshake_timeout > 0:
             raise PrecopyError("--handshake-timeout must be positive")
     except PrecopyError as exc:
@@ -258,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
                        reuse_regions=not args.no_reuse_regions,
                        tls_context=tls_context, handshake_timeout_s=args.handshake_timeout,
                        max_migrations=args.max_migrations, max_connections=args.max_connections,
-                       max_active=args.max_active,
+                       max_active=args.max_active, max_streams=args.max_streams,
                        max_region=args.max_region)
     if args.criu:
         try:

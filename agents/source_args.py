@@ -129,6 +129,23 @@ def _add_transfer_args(p: argparse.ArgumentParser) -> None:
                    help="pre-shared key (same file as precopy-dest's); both sides prove they hold it (default: none)")
     p.add_argument("--on-commit", choices=["keep-stopped", "kill"], default="keep-stopped",
                    help="after commit, leave the source workload stopped or kill it (default keep-stopped)")
+    _add_stream_args(p)
+
+
+def _add_stream_args(p: argparse.ArgumentParser) -> None:
+    """Several TCP connections for the pages (docs/PROTOCOL.md "Streams")."""
+    p.add_argument("--streams", type=int, default=None, metavar="N",
+                   help="TCP connections for the pages, each authenticated on its own; the region is cut in "
+                        "4 MiB stripes dealt round robin over them; digest tables, switchover and commit stay on "
+                        "the first; the destination may take fewer (its --max-streams). All run in one event "
+                        "loop: they add links, not cores (default: one per destination address, i.e. 1 + the "
+                        "number of --stream-to)")
+    p.add_argument("--stream-to", type=parse_hostport, action="append", default=[], metavar="HOST:PORT",
+                   help="another address of the destination (another NIC; repeatable): stream k goes to the "
+                        "(k mod n)-th of --to and these (default: none, every stream to --to)")
+    p.add_argument("--bind", action="append", default=[], metavar="ADDR",
+                   help="local address to connect from (repeatable): stream k from the (k mod n)-th; pair it "
+                        "with --stream-to to spread the streams over NICs (default: the kernel's choice)")
 
 
 def _add_tls_args(p: argparse.ArgumentParser) -> None:
@@ -193,6 +210,7 @@ def make_migration(args: argparse.Namespace) -> tuple[SourceOptions, Workload]:
         tracking=args.tracking, throttle=args.throttle, throttle_initial_pct=args.throttle_initial,
         throttle_step_pct=args.throttle_step, throttle_max_pct=args.throttle_max,
         max_downtime_ms=args.max_downtime_ms, headroom=args.headroom,
+        streams=args.streams, stream_to=list(args.stream_to), bind=list(args.bind),
     )
     if not args.memory.exists():
         raise PrecopyError(f"memory region {args.memory} does not exist")
