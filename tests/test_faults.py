@@ -167,6 +167,34 @@ def test_proxy_cut_before_commit_rolls_back(procs: Procs, shm: Path, phase: str)
     s.assert_no_partial()
 
 
+#: A fault on the second of two streams (--streams 2: the proxy's connection 1 carries pages only).
+DATA_STREAM_FAULTS = {
+    "cut-mid-frame": Fault(action="cut", kind=Kind.PAGES, nth=3, conn=1, keep=7),
+    "reset": Fault(action="reset", kind=Kind.PAGES, nth=3, conn=1),
+    "stall": Fault(action="stall", kind=Kind.PAGES, nth=3, conn=1),
+    # The full copy puts 8 batches on stream 1 (two 4 MiB stripes of the 16 MiB region): the 9th
+    # comes after it -- in the pause, as the 2 s budget switches over at once.
+    "cut-after-the-full-copy": Fault(action="cut", kind=Kind.PAGES, nth=9, conn=1, keep=40),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DATA_STREAM_FAULTS))
+def test_a_fault_on_a_data_stream_rolls_back(procs: Procs, shm: Path, case: str) -> None:
+    """Issue 21: a cut, reset or stalled extra stream aborts the whole migration before the commit."""
+    s = Setup(procs, shm)
+    fault = DATA_STREAM_FAULTS[case]
+    fault.fired.clear()
+    fault.seen = 0
+    rc, rep, log = s.migrate_through(fault, "--streams", "2")
+    assert fault.fired.is_set(), f"the {case} fault never triggered: {log}"
+    assert rc == 3, s.diag()
+    assert rep is not None and rep["outcome"] == "aborted" and rep["streams"] == 2
+    if case == "cut-after-the-full-copy":
+        assert rep["rounds"][0]["kind"] == "full" and rep["rounds"][0]["pages_sent"] == 4096
+    s.assert_runs_on_source()
+    s.assert_no_partial()
+
+
 def test_proxy_cut_after_commit_sent_before_delivery(procs: Procs, shm: Path) -> None:
     """COMMIT never reaches the destination: the source asks (through the proxy), learns 'not committed'."""
     s = Setup(procs, shm)
