@@ -468,15 +468,25 @@ def test_stale_socket_file_is_replaced(region: Path, tmp_path: Path, spawn: Spaw
 
 
 def _cpu_seconds(pid: int, window: float) -> float:
-    """CPU time ``pid`` used during the next ``window`` seconds (a resting loop uses none)."""
-    def ticks() -> int:
-        data = Path(f"/proc/{pid}/stat").read_bytes()
-        fields = data[data.rindex(b")") + 2:].split()
-        return int(fields[11]) + int(fields[12])  # utime + stime
+    """How much CPU ``pid`` wanted during the next ``window`` seconds: the time its threads ran plus
+    the time they waited on a run queue for a CPU (``/proc/PID/task/*/schedstat``), in seconds.
 
-    start = ticks()
+    A loop that rests wants little; one that is only starved on a busy machine still wants the
+    whole window, so comparing the two holds whatever else runs (CPU time alone would not).
+    """
+    def wanted() -> int:
+        total = 0
+        for stat in Path(f"/proc/{pid}/task").glob("*/schedstat"):
+            try:
+                run_ns, wait_ns, _ = stat.read_text().split()
+            except (FileNotFoundError, ProcessLookupError):  # a thread that just ended
+                continue
+            total += int(run_ns) + int(wait_ns)
+        return total
+
+    start = wanted()
     time.sleep(window)
-    return (ticks() - start) / os.sysconf("SC_CLK_TCK")
+    return (wanted() - start) / 1e9
 
 
 def _throttle(control: Control, pct: object) -> dict[str, Any]:
