@@ -23,7 +23,6 @@ import os
 import socket
 import stat
 import time
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -86,8 +85,8 @@ class DestinationServer:
 
     def __init__(self, opts: DestOptions) -> None:
         self.opts = opts
-        #: The newest migrations (running ones and the last RECENT_KEPT finished).
-        self.results: deque[MigrationRecord] = deque(maxlen=RECENT_KEPT)
+        #: The newest migrations, oldest first: every running one and at most RECENT_KEPT in all.
+        self.results: list[MigrationRecord] = []
         #: Totals over every migration finished since start (the metrics' counters).
         self.tally = Tally()
         self._journal_added = 0
@@ -344,6 +343,10 @@ class DestinationServer:
         self._active[begin.migration_id] = (rec, task)
         self._names.add(begin.name)
         self.results.append(rec)
+        if len(self.results) > RECENT_KEPT:  # drop the oldest finished one
+            old = next((r for r in self.results if r.outcome != "running"), None)
+            if old is not None:
+                self.results.remove(old)
         t0 = time.monotonic()
         try:
             await Receiver(chan, begin, rec, existing, opts=self.opts, journal=self.journal,
