@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -150,3 +151,15 @@ def guest(*args: str) -> list[str]:
 def create_region(path: Path, size: str, content: str = "random", seed: int = 0) -> None:
     subprocess.run([PY, "-m", "precopy.guest", "create", "--memory", str(path), "--size", size,
                     "--content", content, "--seed", str(seed)], env=ENV, cwd=ROOT, check=True)
+
+
+@pytest.fixture(autouse=True)
+def _root_logging_restored() -> Iterator[None]:
+    """A test that runs an agent's main() in-process gets its setup_logging() handler, on the
+    stream pytest captured for that test; left in place, every later test's log lines would hit
+    the closed stream ("--- Logging error --- ValueError: I/O operation on closed file")."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
