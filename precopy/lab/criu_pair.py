@@ -51,10 +51,13 @@ def unavailable() -> str | None:
 class CriuPair:
     """See the module docstring.  A context manager; everything it made goes in :meth:`down`."""
 
-    def __init__(self, name: str, *, cache_mib: int = 64, dest_shm_mib: int | None = None) -> None:
+    def __init__(self, name: str, *, cache_mib: int = 64, dest_shm_mib: int | None = None,
+                 run_tmpfs: bool = True) -> None:
         self.hosts = TwoHosts(name, rate=None)
         self.name = name
         self.cache_mib = cache_mib
+        #: Give each host a tmpfs /run (as systemd hosts have): CRIU keeps its kernel probe there.
+        self.run_mount = "mount -t tmpfs -o size=16m precopy-run /run && " if run_tmpfs else ""
         self.dest_shm_mib = dest_shm_mib or 3 * cache_mib + 256
         self.region = Path(f"/dev/shm/{name}.cache")
         self.tmp = Path(tempfile.mkdtemp(prefix=f"precopy-{name}-"))
@@ -80,7 +83,7 @@ class CriuPair:
 
     def _start_dest(self) -> None:
         ready = self.tmp / "dest.ready"
-        script = (f"mount -t tmpfs -o size={self.dest_shm_mib}m precopy-{self.name} /dev/shm && "
+        script = (f"{self.run_mount}mount -t tmpfs -o size={self.dest_shm_mib}m precopy-{self.name} /dev/shm && "
                   "mkdir -p /dev/shm/precopy-in && exec " + " ".join(self._py(
                       "precopy_agents.dest_main", "--listen", f"{self.hosts.dst_ip}:0", "--memory-dir",
                       "/dev/shm/precopy-in", "--criu", "--insecure", "--ready-file", str(ready),
@@ -98,10 +101,10 @@ class CriuPair:
 
     def _start_memcached(self, extra: tuple[str, ...]) -> None:
         self.region.unlink(missing_ok=True)
-        cmd = ["ip", "netns", "exec", self.hosts.src_ns, *self._py(
-            "precopy.guest", "run", "--memory", str(self.region), "--wait", "60", "--",
-            shutil.which("memcached") or "memcached", "-u", "root", "-l", "0.0.0.0", "-m", str(self.cache_mib),
-            "-e", str(self.region), *extra)]
+        launch = self._py("precopy.guest", "run", "--memory", str(self.region), "--wait", "60", "--",
+                          shutil.which("memcached") or "memcached", "-u", "root", "-l", "0.0.0.0", "-m",
+                          str(self.cache_mib), "-e", str(self.region), *extra)
+        cmd = ["ip", "netns", "exec", self.hosts.src_ns, "sh", "-c", self.run_mount + 'exec "$@"', "sh", *launch]
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         if out.returncode != 0:
             raise RuntimeError(f"precopy-guest run failed: {out.stderr.strip()}")

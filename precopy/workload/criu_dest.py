@@ -41,8 +41,9 @@ __all__ = ["CriuDestination", "RESTORE_ARGS"]
 
 _log = logging.getLogger(__name__)
 
-#: Detached (the restored root is re-parented), connections restored closed.
-RESTORE_ARGS = ("--restore-detached", "--tcp-close")
+#: Detached (the restored root is re-parented), left stopped whatever state it
+#: was dumped in (it must not run before the commit), connections restored closed.
+RESTORE_ARGS = ("--restore-detached", "--leave-stopped", "--tcp-close")
 
 
 def _ms(t0: float, t1: float) -> float:
@@ -140,8 +141,11 @@ class CriuDestination:
         r = self._live.get(migration_id)
         if r is None or r.pid is None:
             raise GuestControlError(f"no process was restored for migration {migration_id}")
-        if process_state(r.pid) not in ("T", "t"):
-            raise GuestControlError(f"the restored process {r.pid} is not stopped")
+        deadline = time.monotonic() + 2.0
+        while (state := process_state(r.pid)) not in ("T", "t"):
+            if time.monotonic() > deadline:
+                raise GuestControlError(f"the restored process {r.pid} is not stopped (state {state})")
+            await asyncio.sleep(0.001)
 
     async def resume(self, migration_id: str, memory: Path, device_state: Path) -> dict[str, float]:
         """Committed: SIGCONT the restored process; returns the CRIU timings (ms)."""
@@ -149,12 +153,12 @@ class CriuDestination:
         if r is None or r.pid is None:
             raise GuestControlError(f"no process was restored for migration {migration_id}")
         t = time.monotonic()
+        # The images go in a thread: no part of the downtime.
+        asyncio.get_running_loop().run_in_executor(None, shutil.rmtree, r.images, True)
         try:
             os.kill(r.pid, signal.SIGCONT)
         except ProcessLookupError:
             raise GuestControlError(f"the restored process {r.pid} is gone") from None
-        finally:
-            shutil.rmtree(r.images, ignore_errors=True)
         timings = dict(r.timings or {})
         timings["criu_continue"] = _ms(t, time.monotonic())
         _log.info("migration %s: process %d runs here", migration_id, r.pid)

@@ -44,7 +44,7 @@ _log = logging.getLogger(__name__)
 DUMP_ARGS = ("--leave-stopped", "--tcp-close")
 #: CRIU's fixed cost (seizing, kernel-feature probe, restore's forks) and
 #: its cost per MiB of private memory dumped and restored (../shared/CRIU.md).
-_FIXED_S = 0.10
+_FIXED_S = 0.05
 _PER_MIB_S = 0.0008
 
 
@@ -88,7 +88,8 @@ class CriuWorkload(SignalWorkload):
         if st.st_nlink < 1:
             raise GuestControlError(f"{self.memory} is unlinked: CRIU would dump it in full")
         passed = [f"pid {self.pid}: PID-namespace init, session leader, maps {self.memory} shared",
-                  f"CRIU {self.criu.version_text} at {self.criu.path}", self.criu.check()]
+                  f"CRIU {self.criu.version_text} at {self.criu.path}",
+                  self.criu.check(self._nsenter()) + " (in the process's namespaces)"]
         return passed
 
     def requirements(self) -> dict[str, list[str]]:
