@@ -66,6 +66,16 @@ def exposure_refusal(host: str, has_key: bool, has_tls: bool, insecure: bool) ->
     )
 
 
+def _add_postcopy_args(p: argparse.ArgumentParser) -> None:
+    """Post-copy's timeouts (docs/FAILURES.md "Post-copy")."""
+    p.add_argument("--postcopy-guest-timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="post-copy: abort (the source resumes its copy) when the --on-resume guest has not "
+                        "offered its userfaultfd within this long (default 60)")
+    p.add_argument("--postcopy-resume-timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="post-copy: how long a broken page stream waits for its source to resume it before "
+                        "the migration is recorded broken (default 600; docs/FAILURES.md)")
+
+
 def _add_criu_args(p: argparse.ArgumentParser) -> None:
     """--criu and --criu-bin: restore processes checkpointed by CRIU."""
     p.add_argument("--criu", action="store_true",
@@ -105,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "path; it must contain '-incoming defer'. After the commit the VM loads its device "
                         "state and runs. Also: {size} bytes, {name}, {migration_id} (default: none)")
     _add_criu_args(p)
+    _add_postcopy_args(p)
     p.add_argument("--auth-key-file", type=Path, metavar="FILE",
                    help="pre-shared key; without it any peer that reaches the port may migrate in "
                         "(default: none)")
@@ -261,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     opts = DestOptions(memory_dir=args.memory_dir, state_dir=args.state_dir, host=host, port=port, auth_key=key,
                        on_resume=args.on_resume, keep_partial=args.keep_partial,
                        idle_timeout_s=args.idle_timeout, populate=not args.no_populate,
+                       postcopy_guest_timeout_s=args.postcopy_guest_timeout,
+                       postcopy_resume_timeout_s=args.postcopy_resume_timeout,
                        reuse_regions=not args.no_reuse_regions,
                        tls_context=tls_context, handshake_timeout_s=args.handshake_timeout,
                        max_migrations=args.max_migrations, max_connections=args.max_connections,

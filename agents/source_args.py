@@ -93,8 +93,15 @@ def _add_policy_args(p: argparse.ArgumentParser) -> None:
                         "under contention count only with --on-nonconvergence force)")
     p.add_argument("--max-time", type=float, default=600.0, metavar="SECONDS",
                    help="time before giving up on convergence (default 600; 0 = unbounded)")
-    p.add_argument("--on-nonconvergence", choices=["abort", "force"], default="abort",
-                   help="abort: roll back, exit 3; force: switch over anyway (default abort)")
+    p.add_argument("--on-nonconvergence", choices=["abort", "force", "postcopy"], default="abort",
+                   help="abort: roll back, exit 3; force: switch over anyway; postcopy: switch over to "
+                        "post-copy (see --postcopy) (default abort)")
+    p.add_argument("--postcopy", choices=["off", "auto", "now"], default="off",
+                   help="post-copy: run the workload on the destination at once and fetch the pages it "
+                        "lacks on demand (the destination's --on-resume guest must take part: "
+                        "docs/TRACKING.md). auto: when pre-copy would throttle, abort or force instead; "
+                        "now: right after the full copy; off: never (default: from post-copy's switchover "
+                        "on there is no rollback: docs/FAILURES.md)")
 
 
 def _add_throttle_args(p: argparse.ArgumentParser) -> None:
@@ -209,7 +216,7 @@ def make_migration(args: argparse.Namespace) -> tuple[SourceOptions, Workload]:
                    (("ca", args.tls_ca), ("cert", args.tls_cert), ("key", args.tls_key))},
         tracking=args.tracking, throttle=args.throttle, throttle_initial_pct=args.throttle_initial,
         throttle_step_pct=args.throttle_step, throttle_max_pct=args.throttle_max,
-        max_downtime_ms=args.max_downtime_ms, headroom=args.headroom,
+        max_downtime_ms=args.max_downtime_ms, headroom=args.headroom, postcopy=args.postcopy,
         streams=args.streams, stream_to=list(args.stream_to), bind=list(args.bind),
     )
     if not args.memory.exists():

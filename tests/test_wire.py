@@ -503,7 +503,7 @@ INVALID: dict[str, tuple[Callable[[], Connection], bytes, str]] = {
     "bad-magic": (fresh, raw_frame(Kind.HELLO, magic=b"HT"), "magic"),
     "http-request": (fresh, b"GET / HTTP/1.1\r\n\r\n", "magic"),
     "unknown-kind-0": (fresh, raw_frame(0), "unknown message kind 0"),
-    "unknown-kind-21": (dest_copying, raw_frame(21), "unknown message kind 21"),
+    "unknown-kind-26": (dest_copying, raw_frame(26), "unknown message kind 26"),
     "unknown-kind-255": (dest_copying, raw_frame(255), "unknown message kind 255"),
     "nonzero-flags": (dest_copying, raw_frame(Kind.SWITCHOVER, flags=1), "flags"),
     "meta-too-long": (dest_copying, raw_frame(Kind.PAGES, b"", meta_len=MAX_META + 1)[:PREFIX_SIZE],

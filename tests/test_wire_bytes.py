@@ -21,6 +21,7 @@ from precopy.protocol import (
     Begin,
     Commit,
     Committed,
+    Complete,
     DeviceState,
     DigestRequest,
     DigestTable,
@@ -29,11 +30,15 @@ from precopy.protocol import (
     HelloAck,
     Join,
     Joined,
+    Missing,
     Outcome,
     Pages,
+    Postcopy,
     Query,
     Queued,
     Ready,
+    Request,
+    Resume,
     Switchover,
     Sync,
     encode_frame,
@@ -75,6 +80,14 @@ EVENTS: dict[str, Event] = {
     "JOIN": Join(migration_id="mig-1", stream=2, size=64 * 4096, chunk_pages=8),
     "JOINED": Joined(),
     "SYNC": Sync(counts=(7, 0, 300)),
+    # Post-copy (issue 22): new kinds and HELLO's optional caps, pinned as they were first sent.
+    "HELLO_CAPS": Hello(3, bytes(range(32)), caps=("postcopy",)),
+    "HELLO_ACK_CAPS": HelloAck(3, bytes(range(32, 64)), b"m" * 32, caps=("postcopy",)),
+    "MISSING": Missing(offset=0, total=8, data=bytes([0x81, 0, 0, 0, 0, 0, 0, 0x80])),
+    "POSTCOPY": Postcopy(migration_id="mig-1", checksum=2**64 - 1),
+    "REQUEST": Request(indices=u32(3, 9)),
+    "COMPLETE": Complete(migration_id="mig-1", pages=12),
+    "RESUME": Resume(begin=Begin(migration_id="mig-1", name="guest", size=64 * 4096, chunk_pages=8)),
 }
 
 #: name -> (prefix and header in hex, SHA-256 of the payload or "").
@@ -193,6 +206,39 @@ GOLDEN: dict[str, tuple[str, str]] = {
     "ABORT": (
         "504310001f0000000000000082a4636f646508a6726561736f6eb0646964206e6f7420636f6e7665"
         "726765",
+        "",
+    ),
+    "HELLO_CAPS": (
+        "50430100410000000000000083a776657273696f6e03a56e6f6e6365c42000010203040506070809"
+        "0a0b0c0d0e0f101112131415161718191a1b1c1d1e1fa46361707391a8706f7374636f7079",
+        "",
+    ),
+    "HELLO_ACK_CAPS": (
+        "50430200670000000000000084a776657273696f6e03a56e6f6e6365c42020212223242526272829"
+        "2a2b2c2d2e2f303132333435363738393a3b3c3d3e3fa36d6163c4206d6d6d6d6d6d6d6d6d6d6d6d"
+        "6d6d6d6d6d6d6d6d6d6d6d6d6d6d6d6d6d6d6d6da46361707391a8706f7374636f7079",
+        "",
+    ),
+    "MISSING": (
+        "50431500070000000800000082a16f00a17408",
+        "84961d14a797dc8ce78ba6eeeb860352c71433908e0ea80649af006106f84581",
+    ),
+    "POSTCOPY": (
+        "50431600260000000000000082ac6d6967726174696f6e5f6964a56d69672d31a8636865636b7375"
+        "6dcfffffffffffffffff",
+        "",
+    ),
+    "REQUEST": (
+        "504317000d0000000000000081a169c4080300000009000000",
+        "",
+    ),
+    "COMPLETE": (
+        "504318001b0000000000000082ac6d6967726174696f6e5f6964a56d69672d31a570616765730c",
+        "",
+    ),
+    "RESUME": (
+        "50431900430000000000000085ac6d6967726174696f6e5f6964a56d69672d31a46e616d65a56775"
+        "657374a473697a65ce00040000a9706167655f73697a65cd1000ab6368756e6b5f706167657308",
         "",
     ),
 }

@@ -114,6 +114,11 @@ def _add_dirty_parser(subparsers: Any) -> None:
         "--duration", type=_positive_float, default=None,
         help="seconds to run (default: until stopped)",
     )
+    parser.add_argument(
+        "--postcopy", action="store_true",
+        help="resumed by a post-copy migration: start held, offer the destination agent a userfaultfd "
+             "for the missing pages (the 'postcopy' op; docs/TRACKING.md) and run on 'resume'",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--device-state-size", type=_size_arg, default=0,
@@ -141,6 +146,11 @@ def _add_det_parser(subparsers: Any) -> None:
         "--no-throttle", action="store_true",
         help="do not offer the optional 'throttle' op (answer it not-ok, as a guest without it "
              "would: the agent then throttles with SIGSTOP/SIGCONT)",
+    )
+    parser.add_argument(
+        "--postcopy", action="store_true",
+        help="resumed by a post-copy migration: start held, offer the destination agent a userfaultfd "
+             "for the missing pages (the 'postcopy' op; docs/TRACKING.md) and run on 'resume'",
     )
     parser.add_argument("--seed", type=int, default=1, help="RNG seed for a fresh start")
     parser.add_argument(

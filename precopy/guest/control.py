@@ -9,6 +9,10 @@ one per line.  A ``pause`` reply is a JSON line ``{"ok": true,
 guest's userfaultfd as ``SCM_RIGHTS`` (see :mod:`precopy.guest.tracking` and
 docs/TRACKING.md); a guest that does not offer it answers ``{"ok": false}``.
 
+``{"op": "postcopy"}`` offers the destination agent of a post-copy
+migration the guest's userfaultfd for its missing pages, with the same
+reply line and ``SCM_RIGHTS`` (see :mod:`precopy.guest.postcopy`).
+
 ``{"op": "throttle", "pct": N}`` (optional for a guest) makes the work loop
 rest N % of the time (0 ends it) -> ``{"ok": true}``.  A throttle ends with
 ``resume``, and when the connection that set it closes: an agent that dies
@@ -61,11 +65,19 @@ class GateController:
     """
 
     def __init__(self, gate: WorkGate, device_state: Callable[[bool], bytes],
-                 tracking: _Offer | None = None, throttling: bool = True) -> None:
+                 tracking: _Offer | None = None, throttling: bool = True,
+                 postcopy: _Offer | None = None) -> None:
         self._gate = gate
         self._device_state = device_state
         self._tracking = tracking
         self._throttling = throttling
+        self._postcopy = postcopy
+
+    def postcopy(self) -> tuple[dict[str, Any], int]:
+        """Offer post-copy's userfaultfd: reply fields and a copy of the fd (see :mod:`.postcopy`)."""
+        if self._postcopy is None:
+            raise GuestError("this guest was not started for post-copy (--postcopy)")
+        return self._postcopy()
 
     def track(self) -> tuple[dict[str, Any], int]:
         """Offer write tracking: reply fields and a userfaultfd (see :mod:`.tracking`)."""
@@ -248,8 +260,8 @@ class ControlServer:
             del buffer[: newline + 1]
             if not line:
                 continue
-            if _op_of(line) == "track":
-                self._send_tracking(conn)
+            if _op_of(line) in ("track", "postcopy"):
+                self._send_fd(conn, str(_op_of(line)))
                 continue
             reply, payload, stop_after = self._dispatch(line)
             self._send(conn, reply, payload)
@@ -257,16 +269,17 @@ class ControlServer:
                 self._handler.stop()
                 return
 
-    def _send_tracking(self, conn: socket.socket) -> None:
-        """Answer ``track``: the reply line with the userfaultfd attached (SCM_RIGHTS)."""
-        track = getattr(self._handler, "track", None)
-        if track is None:
-            self._send(conn, *_error_reply("this guest does not offer write tracking")[:2])
+    def _send_fd(self, conn: socket.socket, op: str) -> None:
+        """Answer ``track`` or ``postcopy``: the reply line with a userfaultfd attached (SCM_RIGHTS)."""
+        what = "write tracking" if op == "track" else "post-copy"
+        offer = getattr(self._handler, op, None)
+        if offer is None:
+            self._send(conn, *_error_reply(f"this guest does not offer {what}")[:2])
             return
         try:
-            fields, fd = track()
+            fields, fd = offer()
         except GuestError as exc:
-            self._send(conn, *_error_reply(f"write tracking unavailable: {exc}")[:2])
+            self._send(conn, *_error_reply(f"{what} unavailable: {exc}")[:2])
             return
         try:
             conn.settimeout(_SEND_TIMEOUT_S)
@@ -276,7 +289,7 @@ class ControlServer:
                 conn.sendall(data[sent:])
             conn.settimeout(POLL_S)
         finally:
-            os.close(fd)  # tracking ends when the agent closes its copy
+            os.close(fd)  # tracking ends when the agent closes its copy; a post-copy guest keeps one
 
     def _send(self, conn: socket.socket, reply: dict[str, Any], payload: bytes) -> None:
         """Send a JSON reply line followed by ``payload``."""
@@ -311,7 +324,7 @@ class ControlServer:
             return {"ok": True}, b"", True
         if op == "throttle":
             return self._throttle(request.get("pct"))
-        return _error_reply(f"unknown op {op!r}; expected one of: pause, resume, stop, track, throttle")
+        return _error_reply(f"unknown op {op!r}; expected one of: pause, resume, stop, track, throttle, postcopy")
 
     def _throttle(self, pct: object) -> tuple[dict[str, Any], bytes, bool]:
         throttle = getattr(self._handler, "throttle", None)

@@ -23,6 +23,7 @@ from .common import PAGE_SIZE, U64_MASK, GuestError, write_file_atomic
 from .control import GateController, control_server
 from .gate import WorkGate, install_stop_signals
 from .region import MappedRegion, buffer_digest
+from .postcopy import postcopy_offer
 from .tracking import WriteTrackingOffer
 
 __all__ = ["DetState", "SplitMix64", "det_step", "run_det"]
@@ -139,8 +140,9 @@ def run_det(args: argparse.Namespace) -> int:
     install_stop_signals(gate)
     with MappedRegion(args.memory) as region:
         offer = None if args.no_tracking else WriteTrackingOffer(region.mm)
+        missing = postcopy_offer(args, region.mm, gate)
         controller = GateController(gate, lambda _newly: state.to_blob(), offer,
-                                    throttling=not args.no_throttle)
+                                    throttling=not args.no_throttle, postcopy=missing)
         with control_server(args.control, controller):
             completed = _run_det_steps(region, state, args.steps, gate, args.step_sleep_us / 1e6)
             gate.finish()

@@ -13,6 +13,7 @@ from .common import PAGE_SIZE, GuestError, seeded_rng, write_file_atomic
 from .control import GateController, control_server
 from .gate import WorkGate, install_stop_signals
 from .region import MappedRegion, text_pool
+from .postcopy import postcopy_offer
 from .tracking import WriteTrackingOffer
 
 __all__ = [
@@ -226,7 +227,9 @@ def run_dirty(args: argparse.Namespace) -> int:
     with MappedRegion(args.memory) as region:
         memory = region.bytes_array()
         offer = None if args.no_tracking else WriteTrackingOffer(region.mm)
-        controller = GateController(gate, device.snapshot, offer, throttling=not args.no_throttle)
+        missing = postcopy_offer(args, region.mm, gate)
+        controller = GateController(gate, device.snapshot, offer, throttling=not args.no_throttle,
+                                    postcopy=missing)
         with control_server(args.control, controller):
             if args.pattern == "sweep" and args.sweep_rate:
                 written = _paced_loop(SweepWriter(memory), args.sweep_rate, gate, deadline)

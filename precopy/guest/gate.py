@@ -46,6 +46,12 @@ class WorkGate:
         self._throttle_changes = 0
         self._run_start = time.monotonic()
 
+    def hold(self) -> None:
+        """Start paused: the loop waits at its first checkpoint until :meth:`resume` (a post-copy
+        guest, which must touch nothing before its agent is ready)."""
+        with self._cond:
+            self._pause_wanted = True
+
     # -- main-loop side -----------------------------------------------------
 
     def checkpoint(self) -> bool:

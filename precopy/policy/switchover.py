@@ -71,6 +71,9 @@ class Action(Enum):
     SWITCHOVER = "switchover"
     FORCE = "force"  # switch over although the budget will be exceeded
     ABORT = "abort"  # give up: roll back, the workload keeps running on the source
+    #: Switch over to post-copy: run the workload on the destination at once and
+    #: fetch the pages it lacks on demand (precopy.policy.postcopy decides it).
+    POSTCOPY = "postcopy"
 
 
 @dataclass(frozen=True, slots=True)
@@ -324,8 +327,10 @@ class SwitchoverPolicy:
     _contended_run: int = field(default=0, init=False, repr=False)  # contended floor waits in a row
 
     def __post_init__(self) -> None:
-        if self.on_nonconvergence not in ("abort", "force"):
-            raise ValueError(f"on_nonconvergence must be 'abort' or 'force', not {self.on_nonconvergence!r}")
+        # "postcopy" decides as "abort" here; precopy.policy.postcopy turns the ABORT into POSTCOPY.
+        if self.on_nonconvergence not in ("abort", "force", "postcopy"):
+            raise ValueError(f"on_nonconvergence must be 'abort', 'force' or 'postcopy', "
+                             f"not {self.on_nonconvergence!r}")
         if self.downtime_s <= 0:
             raise ValueError("downtime budget must be positive")
         if self.max_rounds < 0:

@@ -58,6 +58,7 @@ from precopy.protocol.messages import (
     Switchover,
     Sync,
 )
+from precopy.protocol.messages import POSTCOPY_CAP, Complete, Missing, Postcopy, Request, Resume
 from precopy.protocol.phases import Phase
 
 __all__ = [
@@ -103,4 +104,10 @@ __all__ = [
     "payload_nbytes",
     "valid_name",
     "whole_chunks",
+    "POSTCOPY_CAP",
+    "Complete",
+    "Missing",
+    "Postcopy",
+    "Request",
+    "Resume",
 ]

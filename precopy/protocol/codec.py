@@ -19,6 +19,7 @@ from precopy.errors import RemoteProtocolError
 from precopy.protocol.limits import (
     MAC_SIZE,
     MAX_BATCH_PAGES,
+    MAX_CAPS,
     MAX_DEVICE_STATE,
     MAX_META,
     MAX_NAME,
@@ -41,6 +42,7 @@ from precopy.protocol.messages import (
     Begin,
     Commit,
     Committed,
+    Complete,
     DeviceState,
     DigestRequest,
     DigestTable,
@@ -50,11 +52,14 @@ from precopy.protocol.messages import (
     Join,
     Joined,
     Kind,
+    Missing,
     Outcome,
     Pages,
     Query,
     Queued,
     Ready,
+    Request,
+    Resume,
     Switchover,
     Sync,
 )
@@ -62,7 +67,7 @@ from precopy.protocol.messages import (
 __all__ = [
     "encode_event", "decode_event", "decode_pages", "decode_digest_request", "decode_digest_table",
     "decode_device_state", "requires_field", "chunk_list", "table_size", "whole_chunks",
-    "page_digest_limit", "valid_name", "u32",
+    "page_digest_limit", "valid_name", "u32", 
 ]
 
 
@@ -104,6 +109,15 @@ def encode_event(ev: Event) -> tuple[Kind, dict[str, Any], Any]:
         return Kind.DEVICE_STATE, {"o": ev.offset, "t": ev.total}, ev.data
     if isinstance(ev, Sync):
         return Kind.SYNC, {"n": [int(c) for c in ev.counts]}, b""
+    if isinstance(ev, Missing):
+        return Kind.MISSING, {"o": ev.offset, "t": ev.total}, ev.data
+    if isinstance(ev, Request):
+        return Kind.REQUEST, {"i": u32(ev.indices)}, b""
+    if isinstance(ev, Resume):
+        b = ev.begin
+        fields = {"migration_id": b.migration_id, "name": b.name, "size": b.size, "page_size": b.page_size,
+                  "chunk_pages": b.chunk_pages, **({"streams": b.streams} if b.streams != 1 else {})}
+        return Kind.RESUME, fields, b""
     kind = KIND_OF[type(ev)]
     meta = {name: getattr(ev, name) for name in ev.__dataclass_fields__}
     if isinstance(ev, Begin):
@@ -114,8 +128,15 @@ def encode_event(ev: Event) -> tuple[Kind, dict[str, Any], Any]:
             del meta["streams"]  # as a source before streams
     elif isinstance(ev, Ready) and ev.streams == 1:
         del meta["streams"]  # as a destination before streams
-    elif isinstance(ev, (Hello, HelloAck)) and ev.software is None:
-        del meta["software"]  # as a peer before versions were announced
+    elif isinstance(ev, Complete) and not ev.stats:
+        del meta["stats"]
+    elif isinstance(ev, (Hello, HelloAck)):
+        if ev.software is None:
+            del meta["software"]  # as a peer before versions were announced
+        if ev.caps is None:
+            del meta["caps"]  # as a peer before capabilities: nothing new on the wire
+        else:
+            meta["caps"] = list(ev.caps)
     return kind, meta, b""
 
 
@@ -137,15 +158,16 @@ def _field(meta: dict[Any, Any], key: str, typ: type | tuple[type, ...], kind: K
     return value
 
 
-def _timings(value: Any) -> dict[str, float]:
-    """COMMITTED's optional ``timings``: at most 16 names (<= 32 chars) -> finite ms >= 0."""
+def _timings(value: Any, what: str = "COMMITTED field 'timings'", hi: float = 1e9) -> dict[str, float]:
+    """COMMITTED's optional ``timings`` (COMPLETE's ``stats``): at most 16 names (<= 32 chars) ->
+    finite numbers in [0, ``hi``)."""
     if not isinstance(value, dict) or len(value) > MAX_TIMINGS:
-        raise RemoteProtocolError(f"COMMITTED field 'timings' must be a map of at most {MAX_TIMINGS} entries")
+        raise RemoteProtocolError(f"{what} must be a map of at most {MAX_TIMINGS} entries")
     out = {}
     for k, v in value.items():
         if (not isinstance(k, str) or not 0 < len(k) <= 32 or isinstance(v, bool)
-                or not isinstance(v, (int, float)) or not 0 <= v < 1e9):
-            raise RemoteProtocolError(f"COMMITTED timing {str(k)[:40]!r}: {str(v)[:40]} is not a duration in ms")
+                or not isinstance(v, (int, float)) or not 0 <= v < hi):
+            raise RemoteProtocolError(f"{what}: {str(k)[:40]!r}: {str(v)[:40]} is not a number >= 0")
         out[k] = float(v)
     return out
 
@@ -399,11 +421,24 @@ def _software(meta: dict[Any, Any], kind: Kind) -> str | None:
     return value
 
 
+def _caps(meta: dict[Any, Any], kind: Kind) -> tuple[str, ...] | None:
+    """HELLO's and HELLO_ACK's optional ``caps``: <= 16 names of 1-32 printable characters (unknown ones too)."""
+    if "caps" not in meta:
+        return None
+    value = meta["caps"]
+    if (not isinstance(value, (list, tuple)) or len(value) > MAX_CAPS
+            or not all(isinstance(c, str) and 0 < len(c) <= 32 and c.isprintable() for c in value)):
+        raise RemoteProtocolError(f"{kind.name} field 'caps' must be a list of at most {MAX_CAPS} "
+                                  "names of 1-32 printable characters")
+    return tuple(value)
+
+
 def _decode_hello(meta: dict[Any, Any]) -> Event:
     return Hello(
         version=_int_field(meta, "version", Kind.HELLO, 0, 1 << 16),
         nonce=_bytes_field(meta, "nonce", Kind.HELLO, exact=NONCE_SIZE),
         software=_software(meta, Kind.HELLO),
+        caps=_caps(meta, Kind.HELLO),
     )
 
 
@@ -414,6 +449,7 @@ def _decode_hello_ack(meta: dict[Any, Any]) -> Event:
         nonce=_bytes_field(meta, "nonce", kind, exact=NONCE_SIZE),
         mac=_bytes_field(meta, "mac", kind, limit=MAC_SIZE),
         software=_software(meta, kind),
+        caps=_caps(meta, kind),
     )
 
 

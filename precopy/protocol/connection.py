@@ -46,8 +46,12 @@ from precopy.protocol.limits import (
     PREFIX,
     PREFIX_SIZE,
 )
-from precopy.protocol.messages import Begin, DeviceState, DigestRequest, Event, Join, Kind, Pages, Ready, Role, Sync
+from precopy.protocol.messages import (
+    Begin, DeviceState, DigestRequest, Event, Join, Kind, Missing, Pages, Ready, Resume, Role, Sync,
+)
 from precopy.protocol.phases import HANDSHAKE, Phase, check_by_page, check_ready_streams, check_sync, next_phase
+from precopy.protocol.postcopy_codec import DECODERS as POSTCOPY_DECODERS
+from precopy.protocol.postcopy_codec import decode_missing, decode_request
 
 __all__ = ["NEED_DATA", "Connection"]
 
@@ -110,6 +114,9 @@ class Connection:
     _by_page: bool = field(default=False, init=False, repr=False)
     _device_received: int = field(default=0, init=False, repr=False)
     _device_sent: int = field(default=0, init=False, repr=False)
+    #: MISSING bitmap bytes received and sent (post-copy: pieces in order, as DEVICE_STATE's).
+    _missing_received: int = field(default=0, init=False, repr=False)
+    _missing_sent: int = field(default=0, init=False, repr=False)
     _eof: bool = field(default=False, init=False, repr=False)
     #: The payload in progress into a sink's view: (view, bytes in, the batch).
     _direct: tuple[memoryview, int, Pages] | None = field(default=None, init=False, repr=False)
@@ -355,7 +362,15 @@ class Connection:
             piece = decode_device_state(meta, payload, self._device_received)
             self._device_received += len(payload)
             return piece
-        ev = decode_event(kind, meta)
+        if kind is Kind.MISSING:
+            assert self.begin is not None  # BEGIN or RESUME came first: the phase table
+            bits = decode_missing(meta, payload, self._missing_received, self.begin)
+            self._missing_received += len(payload)
+            return bits
+        if kind is Kind.REQUEST:
+            assert self.begin is not None
+            return decode_request(meta, self.begin)
+        ev = POSTCOPY_DECODERS[kind](meta) if kind in POSTCOPY_DECODERS else decode_event(kind, meta)
         self._note(ev)
         return ev
 
@@ -365,6 +380,8 @@ class Connection:
             self.begin = ev
         elif isinstance(ev, Join):
             self.begin = ev.as_begin()
+        elif isinstance(ev, Resume):
+            self.begin = ev.begin
         elif isinstance(ev, Ready):
             check_ready_streams(ev.streams, self.begin)
             self.streams = ev.streams
@@ -380,8 +397,10 @@ class Connection:
         # Check everything first: a refused send must leave no trace.
         self._check_send(kind, event, meta, payload)
         self._advance(self.role, kind, local=True)  # raises before changing the phase
-        if isinstance(event, (Begin, Join, Ready, Sync)):
+        if isinstance(event, (Begin, Join, Ready, Sync, Resume)):
             self._note(event)  # (checked in _check_send)
+        elif isinstance(event, Missing):
+            self._missing_sent += memoryview(event.data).nbytes
         elif isinstance(event, DigestRequest):
             assert self.begin is not None  # guaranteed by the phase table
             self._by_page |= event.by_page
@@ -423,6 +442,11 @@ class Connection:
         if isinstance(event, DeviceState):
             if event.offset != self._device_sent or event.total > MAX_DEVICE_STATE:
                 raise LocalProtocolError("DEVICE_STATE pieces must be sent in order, within the limit")
+        if isinstance(event, Missing) and self.begin is not None:
+            try:
+                decode_missing(meta, memoryview(payload).cast("B"), self._missing_sent, self.begin)
+            except RemoteProtocolError as exc:
+                raise LocalProtocolError(str(exc)) from None
         try:
             if kind is Kind.BEGIN:
                 requires_field(meta["requires"])

@@ -25,7 +25,7 @@ from precopy.protocol.messages import Kind, Pages
 __all__ = ["PAYLOAD_KINDS", "encode_frame", "payload_nbytes", "read_prefix", "decode_meta", "page_payload"]
 
 #: The only kinds whose frames carry a payload.
-PAYLOAD_KINDS: Final = frozenset({Kind.PAGES, Kind.DIGEST_TABLE, Kind.DEVICE_STATE})
+PAYLOAD_KINDS: Final = frozenset({Kind.PAGES, Kind.DIGEST_TABLE, Kind.DEVICE_STATE, Kind.MISSING})
 
 
 def encode_frame(kind: int, meta: dict[str, Any] | None = None, payload: Any = b"") -> list[Any]:

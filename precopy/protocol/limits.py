@@ -37,6 +37,10 @@ MAC_SIZE: Final = 32
 MAX_SOFTWARE: Final = 64
 #: Most migrations a QUEUED frame may count (positions, active, limit).
 MAX_QUEUE: Final = 1 << 16
+#: Most capabilities a HELLO or HELLO_ACK may name (``caps``), each at most 32 characters.
+MAX_CAPS: Final = 16
+#: Most pages one post-copy REQUEST may name.
+MAX_REQUEST_PAGES: Final = 1024
 #: Most resume steps a COMMITTED frame's ``timings`` may name.
 MAX_TIMINGS: Final = 16
 #: Most connections one migration may use (BEGIN/READY ``streams``).

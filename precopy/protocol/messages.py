@@ -20,7 +20,11 @@ __all__ = [
     "Hello", "HelloAck", "Auth", "AuthOk", "Begin", "Ready", "Queued", "Pages", "DigestRequest",
     "DigestTable", "Switchover", "DeviceState", "Commit", "Committed", "Query", "Outcome", "Abort",
     "Join", "Joined", "Sync",
+    "Missing", "Postcopy", "Request", "Complete", "Resume", "POSTCOPY_CAP",
 ]
+
+#: The capability a HELLO (and its HELLO_ACK) names to offer post-copy (docs/PROTOCOL.md).
+POSTCOPY_CAP: Final = "postcopy"
 
 
 class Kind(IntEnum):
@@ -46,6 +50,12 @@ class Kind(IntEnum):
     JOIN = 18
     JOINED = 19
     SYNC = 20
+    # Post-copy (negotiated: HELLO and HELLO_ACK ``caps`` name "postcopy").
+    MISSING = 21
+    POSTCOPY = 22
+    REQUEST = 23
+    COMPLETE = 24
+    RESUME = 25
 
 
 class Role(Enum):
@@ -66,6 +76,8 @@ class Hello:
     #: The source's precopy version ("0.1.0"), named when the protocol
     #: versions differ; None: not sent (a peer from before it was).
     software: str | None = None
+    #: Optional capabilities offered (e.g. ``("postcopy",)``); None: not sent.
+    caps: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +87,9 @@ class HelloAck:
     mac: bytes  # proves the destination holds the key (empty without a key)
     #: The destination's precopy version, as in :class:`Hello`.
     software: str | None = None
+    #: The capabilities of the HELLO's it offers too; None: not sent (only
+    #: answers a HELLO that named some).
+    caps: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -291,10 +306,60 @@ class Sync:
     counts: tuple[int, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class Missing:
+    """One piece of the bitmap of pages the destination does not hold correctly (bit ``p`` of byte
+    ``p // 8``, least significant first): bytes [offset, offset+len) of total, which is the
+    region's pages / 8 rounded up.  The source sends it before POSTCOPY; the destination sends
+    it (what it still lacks) in answer to RESUME."""
+
+    offset: int
+    total: int
+    data: Any  # bytes-like
+
+
+@dataclass(frozen=True, slots=True)
+class Postcopy:
+    """Commit to post-copy: the destination resumes the workload with the missing pages absent
+    (``checksum``: xxh3_64 of the device state, as COMMIT's); COMMITTED answers once it runs."""
+
+    migration_id: str
+    checksum: int
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Request:
+    """Pages the resumed workload faulted on, wanted before anything else (uint32, increasing)."""
+
+    indices: np.ndarray
+
+
+@dataclass(frozen=True, slots=True)
+class Complete:
+    """The destination placed every missing page (``pages`` of them): the source's copy may go.
+
+    ``stats``: optional, how it went there, name -> number (faults, their
+    latency in microseconds), as COMMITTED's ``timings``."""
+
+    migration_id: str
+    pages: int
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Resume:
+    """A new connection takes up a broken post-copy page stream (``begin``: the migration's
+    BEGIN fields, for the page numbers' bounds); the destination answers with the bitmap of the
+    pages it still lacks (MISSING) and READY."""
+
+    begin: Begin
+
+
 Event = Union[
     Hello, HelloAck, Auth, AuthOk, Begin, Ready, Pages, DigestRequest,
     DigestTable, Switchover, DeviceState, Commit, Committed, Query, Outcome, Abort, Queued,
     Join, Joined, Sync,
+    Missing, Postcopy, Request, Complete, Resume,
 ]
 
 
@@ -320,5 +385,10 @@ KIND_OF: Final[dict[type, Kind]] = {
     Join: Kind.JOIN,
     Joined: Kind.JOINED,
     Sync: Kind.SYNC,
+    Missing: Kind.MISSING,
+    Postcopy: Kind.POSTCOPY,
+    Request: Kind.REQUEST,
+    Complete: Kind.COMPLETE,
+    Resume: Kind.RESUME,
 }
 

@@ -53,6 +53,9 @@ class Phase(Enum):
     QUERY_SENT = "awaiting outcome"
     JOIN_SENT = "awaiting joined"
     STREAMING = "streaming"
+    POSTCOPY_SENT = "awaiting post-copy"
+    POSTCOPY = "post-copy"
+    RESUME_SENT = "awaiting resume"
     DONE = "done"
     ABORTED = "aborted"
 
@@ -86,6 +89,16 @@ TRANSITIONS: Final[dict[tuple[Phase, Role, Kind], Phase]] = {
     (Phase.PAUSED, S, Kind.DEVICE_STATE): Phase.PAUSED,
     (Phase.PAUSED, S, Kind.COMMIT): Phase.COMMIT_SENT,
     (Phase.COMMIT_SENT, D, Kind.COMMITTED): Phase.DONE,
+    # Post-copy (only between peers whose HELLO and HELLO_ACK named "postcopy").
+    (Phase.PAUSED, S, Kind.MISSING): Phase.PAUSED,
+    (Phase.PAUSED, S, Kind.POSTCOPY): Phase.POSTCOPY_SENT,
+    (Phase.POSTCOPY_SENT, D, Kind.COMMITTED): Phase.POSTCOPY,
+    (Phase.POSTCOPY, S, Kind.PAGES): Phase.POSTCOPY,
+    (Phase.POSTCOPY, D, Kind.REQUEST): Phase.POSTCOPY,
+    (Phase.POSTCOPY, D, Kind.COMPLETE): Phase.DONE,
+    (Phase.AUTHENTICATED, S, Kind.RESUME): Phase.RESUME_SENT,
+    (Phase.RESUME_SENT, D, Kind.MISSING): Phase.RESUME_SENT,
+    (Phase.RESUME_SENT, D, Kind.READY): Phase.POSTCOPY,
 }
 #: Phases after which nothing more may be sent, not even ABORT.
 TERMINAL: Final = frozenset({Phase.DONE, Phase.ABORTED})

@@ -128,6 +128,14 @@ class Committer:
         self.sent = False
         self.confirmed = False
         self.not_committed = False
+        #: What was sent is POSTCOPY (precopy.session.postcopy_source): confirmed only once the
+        #: destination holds every page.
+        self.postcopy = False
+
+    @property
+    def postcopy_unfinished(self) -> bool:
+        """POSTCOPY is out, not refused, and the destination does not hold every page yet."""
+        return self.postcopy and not self.confirmed and not self.not_committed
 
     @property
     def in_doubt(self) -> bool:
@@ -168,8 +176,18 @@ class Committer:
         self.confirmed = True
         return done
 
-    async def resolve(self, cause: BaseException, chan: Channel | None = None) -> None:
-        """:func:`resolve_outcome`, remembering a definite "not committed"."""
+    async def resolve(self, cause: BaseException, chan: Channel | None = None, *, postcopy_answer: bool = False) -> None:
+        """:func:`resolve_outcome`, remembering a definite "not committed".
+
+        Once POSTCOPY is out "committed" is not the end (the destination may
+        lack pages only the paused copy holds): an interruption then raises
+        :class:`MigrationInDoubt` (the guardian takes the page stream up);
+        ``postcopy_answer``: the caller is post-copy itself, asking about its lost COMMITTED.
+        """
+        if self.postcopy_unfinished and not postcopy_answer:
+            raise MigrationInDoubt(
+                f"interrupted during post-copy ({describe(cause)}); the workload is left PAUSED here: it "
+                "holds pages the destination lacks, which the guardian serves (docs/FAILURES.md)", AbortCode.LINK)
         try:
             await resolve_outcome(self.target, cause, chan)
         except NotCommitted:

@@ -50,6 +50,13 @@ class DestOptions:
     #: and no process maps or holds it: no first touch of fresh memory and,
     #: on tmpfs, no second copy's worth of space.
     reuse_regions: bool = True
+    #: Post-copy: how long the guest the on-resume hook starts may take to offer
+    #: its userfaultfd (op "postcopy" on PRECOPY_POSTCOPY_CONTROL) before the
+    #: migration is aborted (the source then resumes its workload).
+    postcopy_guest_timeout_s: float = 60.0
+    #: Post-copy: how long a broken page stream waits for the source to come
+    #: back (RESUME) before the migration is declared broken (docs/FAILURES.md).
+    postcopy_resume_timeout_s: float = 600.0
     #: Started when a migration begins, resumed after its commit (before
     #: COMMITTED), discarded when it ends without one (e.g. a QEMU VM).
     workload: DestWorkload | None = None

@@ -45,6 +45,7 @@ from precopy.protocol import (
     Query,
     Queued,
     Ready,
+    Resume,
     Role,
     auth,
 )
@@ -53,6 +54,7 @@ from precopy.session.dest_options import DestOptions
 from precopy.session.dest_streams import StreamRegistry
 from precopy.session.handshake import version_mismatch
 from precopy.session.journal import DEVICE_STATE_SUFFIX, KEEP_DAYS, Journal, MigrationRecord
+from precopy.session.postcopy_dest import dest_caps, resume_postcopy
 from precopy.session.tally import RECENT_KEPT, Tally
 
 #: Journal records are kept at least this long (and the newest RECENT_KEPT whatever their age).
@@ -208,6 +210,8 @@ class DestinationServer:
                 await self._answer_query(chan, ev)
             elif isinstance(ev, Join):
                 await self.streams.join(chan, ev)
+            elif isinstance(ev, Resume):
+                await resume_postcopy(chan, ev, self.opts)
             else:
                 await self._migrate(chan, ev)
         except asyncio.TimeoutError:
@@ -228,7 +232,7 @@ class DestinationServer:
         finally:
             chan.close()
 
-    async def _handshake(self, chan: Channel) -> Begin | Query | Join:
+    async def _handshake(self, chan: Channel) -> Begin | Query | Join | Resume:
         key = self.opts.auth_key
         await chan.start()  # TLS, when configured
         hello: Hello = await chan.recv(Hello)
@@ -236,17 +240,16 @@ class DestinationServer:
             raise PrecopyError(version_mismatch("source", hello.version, hello.software), AbortCode.VERSION)
         nonce = auth.new_nonce()
         mac = auth.dest_mac(key, hello.nonce, nonce) if key is not None else b""
-        await chan.send(HelloAck(version=PROTOCOL_VERSION, nonce=nonce, mac=mac, software=__version__))
+        await chan.send(HelloAck(PROTOCOL_VERSION, nonce, mac, __version__, dest_caps(self.opts, hello.caps)))
         au: Auth = await chan.recv(Auth)
         if key is not None and not auth.verify(auth.source_mac(key, hello.nonce, nonce), au.mac):
             raise AuthError(f"peer {chan.peer} failed authentication (wrong or missing key)")
         await chan.send(AuthOk())
-        ev = await chan.recv(Begin, Query, Join)
-        return ev  # type: ignore[no-any-return]
+        return await chan.recv(Begin, Query, Join, Resume)  # type: ignore[no-any-return]
 
     async def _answer_query(self, chan: Channel, q: Query) -> None:
         active = self._active.get(q.migration_id)
-        if active is not None:
+        if active is not None and active[0].postcopy is None:  # (post-copy: it runs here, never stopped)
             # The source lost the link and asks: this migration must never
             # commit from here on; stop it, then answer from the journal.
             _log.warning("source asks about live migration %s: aborting it", q.migration_id)
@@ -458,6 +461,8 @@ class DestinationServer:
             return
         env = dict(os.environ, PRECOPY_MEMORY=str(memory), PRECOPY_DEVICE_STATE=str(device_state),
                    PRECOPY_MIGRATION_ID=rec.migration_id)
+        if rec.postcopy_control:  # post-copy: where the resumed guest must listen (docs/TRACKING.md)
+            env["PRECOPY_POSTCOPY_CONTROL"] = rec.postcopy_control
         try:
             proc = await asyncio.create_subprocess_exec("/bin/sh", "-c", cmd, env=env)
         except OSError as exc:

@@ -31,6 +31,8 @@ class Exchange:
         self.io_timeout_s = io_timeout_s
         #: The fastest round trip seen (s): the handshake's, then digest exchanges'.
         self.rtt = 0.001
+        #: The capabilities the destination serves of those offered (HELLO_ACK ``caps``).
+        self.caps: tuple[str, ...] = ()
         #: Other migrations the destination receives, as its last table said.
         self.dest_peers = 0
         #: The number of the last digest request.

@@ -27,6 +27,16 @@ pipe ends (the agent died) in that state:
              ``--on-commit kill``); definitely "not committed": it resumes
              it; no answer: it stays paused and the guardian says, loudly,
              that the migration is in doubt.
+``postcopy`` (written *before* POSTCOPY is sent) -- the workload may run
+             on the destination with pages that only the paused copy here
+             holds.  The guardian never resumes it: it takes the page stream
+             up itself (RESUME on a new connection, the same retries as the
+             agent: :func:`precopy.session.postcopy_stream.finish_stream`,
+             from the region named in the spec's ``region``) and, once the
+             destination has every page, settles the workload as after a
+             commit; if the destination says it never resumed the workload
+             (a definite "not committed") it resumes it here; if neither can
+             be learned, the workload stays paused, loudly, exit 4.
 ``done``     the agent is exiting normally and has settled the workload
              itself (including "in doubt", exit 4): the guardian exits
              without touching it.
@@ -68,7 +78,7 @@ __all__ = ["Guardian", "main"]
 
 _log = logging.getLogger("precopy-guardian")
 
-IDLE, ARMED, COMMIT, DONE = "idle", "armed", "commit", "done"
+IDLE, ARMED, COMMIT, DONE, POSTCOPY = "idle", "armed", "commit", "done", "postcopy"
 
 
 class Guardian:
@@ -106,15 +116,31 @@ class Guardian:
                        "a paused workload paused", exc)
 
     def declare(self, state: str) -> None:
-        """Declare ``idle``, ``armed`` or ``commit`` (before the step it covers)."""
+        """Declare ``idle``, ``armed`` or ``commit`` (before the step it covers; ``postcopy``: :meth:`postcopy`)."""
         if state not in (IDLE, ARMED, COMMIT):
             raise ValueError(f"unknown guardian state {state!r}")
         if state != self.state:
             self.state = state
             self._write(state)
 
-    def close(self) -> None:
-        """The agent settled the workload itself: let the guardian go."""
+    def postcopy(self, region: dict[str, Any]) -> None:
+        """Declare ``postcopy`` (before POSTCOPY is sent), with the region the guardian would serve
+        the pages from: ``{"memory": path, "name": ..., "size": bytes}``."""
+        self.state = POSTCOPY
+        self._write(f"{POSTCOPY} {json.dumps(region)}")
+
+    def close(self, *, detach: bool = False) -> None:
+        """The agent settled the workload itself: let the guardian go.
+
+        ``detach``: it did not (post-copy unfinished): the guardian settles it
+        as if this agent had died, and is not waited for.
+        """
+        if detach:
+            try:
+                self._pipe.close()
+            except OSError:
+                pass
+            return
         self._write(DONE)
         try:
             self._pipe.close()
@@ -378,10 +404,10 @@ def _cont_peer(s: socket.socket) -> None:
                      "continue it by hand (kill -CONT %d)", pid, pid)
 
 
-async def _ask(outcome: dict[str, Any]) -> str:
-    """``committed``, ``not-committed`` or ``unknown`` (with the reason logged)."""
-    from precopy.errors import MigrationInDoubt, PrecopyError
-    from precopy.session.commit import OutcomeTarget, resolve_outcome
+def _target(outcome: dict[str, Any]) -> Any:
+    """The OutcomeTarget of the spec's ``outcome`` (None, logged, when its TLS cannot be set up)."""
+    from precopy.errors import PrecopyError
+    from precopy.session.commit import OutcomeTarget
 
     key = bytes.fromhex(outcome["key"]) if outcome.get("key") else None
     tls = outcome.get("tls")
@@ -394,13 +420,23 @@ async def _ask(outcome: dict[str, Any]) -> str:
                                            for k in ("ca", "cert", "key")))
         except PrecopyError as exc:
             _log.critical("cannot set up TLS to ask the destination: %s", exc)
-            return "unknown"
-    target = OutcomeTarget(
+            return None
+    return OutcomeTarget(
         host=str(outcome["host"]), port=int(outcome["port"]), migration_id=str(outcome["migration_id"]),
         auth_key=key, tls_context=tls_context, retries=int(outcome.get("retries", 6)),
         connect_timeout_s=float(outcome.get("connect_timeout", 10.0)),
         io_timeout_s=float(outcome.get("io_timeout", 60.0)),
     )
+
+
+async def _ask(outcome: dict[str, Any]) -> str:
+    """``committed``, ``not-committed`` or ``unknown`` (with the reason logged)."""
+    from precopy.errors import MigrationInDoubt, PrecopyError
+    from precopy.session.commit import resolve_outcome
+
+    target = _target(outcome)
+    if target is None:
+        return "unknown"
     try:
         await resolve_outcome(target, PrecopyError("the source agent died after sending COMMIT"))
     except MigrationInDoubt as exc:
@@ -440,13 +476,23 @@ def _on_agent_death(state: str, spec: dict[str, Any]) -> int:
         _log.error("the source agent died before sending COMMIT: resuming the workload (%s) "
                    "on the source", what)
         return _resume_or_say(workload, what)
+    if state == POSTCOPY:
+        import asyncio
+
+        from precopy.session.postcopy_stream import finish_stream
+
+        target = _target(spec["outcome"])
+        answer = asyncio.run(finish_stream(target, spec.get("region", {}))) if target is not None else "unknown"
+        state = COMMIT  # settled as a commit: the outcome is known now, or in doubt
+        if answer != "unknown":
+            spec = {**spec, "known": answer}
     if state == COMMIT:
         mid = spec.get("outcome", {}).get("migration_id")
         _log.warning("the source agent died after sending COMMIT for migration %s: asking the "
                      "destination for the outcome", mid)
         import asyncio
 
-        answer = asyncio.run(_ask(spec["outcome"]))
+        answer = spec["known"] if "known" in spec else asyncio.run(_ask(spec["outcome"]))
         if answer == "not-committed":
             _log.error("migration %s was not committed: resuming the workload (%s) on the source",
                        mid, what)
@@ -495,6 +541,12 @@ def main() -> int:
             return 0
         if line in (IDLE, ARMED, COMMIT):
             state = line
+        elif line.startswith(POSTCOPY + " "):
+            state = POSTCOPY
+            try:
+                spec["region"] = json.loads(line[len(POSTCOPY) + 1:])
+            except ValueError:
+                _log.error("bad post-copy region from the agent: %r", line[:200])
         else:
             _log.error("ignoring unknown state %r from the agent", line)
     return _on_agent_death(state, spec)

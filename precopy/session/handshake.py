@@ -23,6 +23,8 @@ class Greeting(NamedTuple):
 
     rtt_s: float  #: the round trip (s)
     dest_version: str | None  #: its precopy version (None: it did not say)
+    #: The capabilities it serves of those offered (HELLO_ACK ``caps``; () if none or not said).
+    caps: tuple[str, ...] = ()
 
 
 def version_mismatch(peer: str, peer_protocol: int, peer_software: str | None) -> str:
@@ -32,15 +34,17 @@ def version_mismatch(peer: str, peer_protocol: int, peer_software: str | None) -
             f"(protocol {PROTOCOL_VERSION}): install the same precopy version on both hosts")
 
 
-async def handshake(chan: Channel, key: bytes | None, io_timeout_s: float) -> Greeting:
+async def handshake(chan: Channel, key: bytes | None, io_timeout_s: float,
+                    caps: tuple[str, ...] | None = None) -> Greeting:
     """Start ``chan`` (TLS, when configured) and authenticate; the round trip and the destination's version.
 
     Raises :class:`LinkError` (code TIMEOUT) when the peer does not finish
     within ``io_timeout_s`` a step, :class:`AuthError` on a key mismatch
     and :class:`PrecopyError` (code VERSION) on another protocol version.
+    ``caps``: capabilities to offer in HELLO (None: none, the HELLO as before).
     """
     try:
-        return await _authenticate(chan, key, io_timeout_s)
+        return await _authenticate(chan, key, io_timeout_s, caps)
     except asyncio.TimeoutError:
         raise LinkError(
             f"{chan.peer} did not complete the handshake within {io_timeout_s:.0f} s "
@@ -48,11 +52,12 @@ async def handshake(chan: Channel, key: bytes | None, io_timeout_s: float) -> Gr
         ) from None
 
 
-async def _authenticate(chan: Channel, key: bytes | None, io_timeout_s: float) -> Greeting:
+async def _authenticate(chan: Channel, key: bytes | None, io_timeout_s: float,
+                        caps: tuple[str, ...] | None) -> Greeting:
     await asyncio.wait_for(chan.start(), io_timeout_s)  # TLS, when configured
     nonce = auth.new_nonce()
     t = time.monotonic()
-    await chan.send(Hello(version=PROTOCOL_VERSION, nonce=nonce, software=__version__))
+    await chan.send(Hello(version=PROTOCOL_VERSION, nonce=nonce, software=__version__, caps=caps))
     ack: HelloAck = await asyncio.wait_for(chan.recv(HelloAck), io_timeout_s)
     rtt = max(time.monotonic() - t, 1e-4)
     if ack.version != PROTOCOL_VERSION:
@@ -70,4 +75,5 @@ async def _authenticate(chan: Channel, key: bytes | None, io_timeout_s: float) -
     await asyncio.wait_for(chan.recv(AuthOk), io_timeout_s)
     # The first exchange also pays for the destination accepting us; the
     # round trip in every downtime estimate is the faster of the two.
-    return Greeting(max(min(rtt, time.monotonic() - t), 1e-4), ack.software)
+    served = tuple(c for c in (ack.caps or ()) if caps and c in caps)
+    return Greeting(max(min(rtt, time.monotonic() - t), 1e-4), ack.software, served)

@@ -63,6 +63,12 @@ class MigrationRecord:
     pages_in_place: int = 0
     #: Waiting in the queue for a slot (--max-active) before READY.
     queued_s: float = 0.0
+    #: Post-copy (None: a pre-copy migration): "running" (pages still on the
+    #: source), "complete" (every page placed), "broken" (given up: see docs/FAILURES.md).
+    postcopy: str | None = None
+    #: Post-copy: the control socket the resumed guest listens on (the on-resume
+    #: hook's PRECOPY_POSTCOPY_CONTROL).
+    postcopy_control: str | None = None
 
 
 class Journal:

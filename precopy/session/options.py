@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from precopy.memory.tracking import TRACKING_MODES
+from precopy.policy.postcopy import check_postcopy
 from precopy.policy.switchover import check_throttle
 from precopy.protocol import MAX_BATCH_PAGES, MAX_STREAMS, valid_name
 
@@ -92,6 +93,9 @@ class SourceOptions:
     stream_to: list[tuple[str, int]] = field(default_factory=list)
     #: Local addresses to connect from: stream k from the (k mod count)-th (empty: the kernel's choice).
     bind: list[str] = field(default_factory=list)
+    #: Post-copy (precopy.policy.postcopy): ``off``, ``auto`` (instead of
+    #: throttling, aborting or forcing) or ``now`` (after the full copy).
+    postcopy: str = "off"
 
     def __post_init__(self) -> None:
         self.memory = Path(self.memory)
@@ -114,6 +118,7 @@ class SourceOptions:
         if self.on_commit not in ("keep-stopped", "kill"):
             raise ValueError(f"on_commit must be keep-stopped or kill, not {self.on_commit!r}")
         check_throttle(self.throttle, self.throttle_initial_pct, self.throttle_step_pct, self.throttle_max_pct)
+        check_postcopy(self.postcopy, self.on_nonconvergence, self.mode)
         if self.headroom not in HEADROOM_MODES:
             raise ValueError(f"headroom must be spread or fixed, not {self.headroom!r}")
         if self.max_downtime_ms is not None:

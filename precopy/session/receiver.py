@@ -35,7 +35,7 @@ from typing import Awaitable, Callable
 import numpy as np
 import xxhash
 
-from precopy.errors import PrecopyError, RegionError, RemoteProtocolError
+from precopy.errors import AbortCode, PrecopyError, RegionError, RemoteProtocolError
 from precopy.memory.digest import ChunkTracker, chunk_pages_of, page_digests
 from precopy.memory.region import GuestMemory, clear_exception_frames
 from precopy.net.channel import Channel, LinkError
@@ -47,7 +47,9 @@ from precopy.protocol import (
     DeviceState,
     DigestRequest,
     DigestTable,
+    Missing,
     Pages,
+    Postcopy,
     Ready,
     Switchover,
     Sync,
@@ -55,6 +57,7 @@ from precopy.protocol import (
 from precopy.session.dest_options import DestOptions
 from precopy.session.dest_streams import StreamHub, StreamRegistry
 from precopy.session.journal import DEVICE_STATE_SUFFIX, Journal, MigrationRecord
+from precopy.session.postcopy_dest import PostcopyDest
 from precopy.session.region_writer import RegionWriter
 
 __all__ = ["Receiver"]
@@ -99,6 +102,7 @@ class Receiver:
         self.registry = streams
         #: The migration's extra streams (None: one connection).
         self.hub: StreamHub | None = None
+        self.missing = bytearray()  # post-copy: the MISSING bitmap, as it comes
 
     def _others(self) -> int:
         """Other migrations moving bytes here now (told to the source: contention)."""
@@ -183,6 +187,11 @@ class Receiver:
                     writer.stop_populating()
                 elif isinstance(ev, DeviceState):
                     self._device_state(ev)
+                elif isinstance(ev, Missing):
+                    self.missing += ev.data
+                elif isinstance(ev, Postcopy):
+                    await self._postcopy(ev, mem, tracker)
+                    return True
                 elif isinstance(ev, Commit):
                     _log.debug("migration %s: %d pages received straight into the region", self.begin.migration_id,
                                self.rec.pages_in_place)
@@ -243,14 +252,42 @@ class Receiver:
         self.device_total = ev.total
         self.device += ev.data
 
-    async def _commit(self, ev: Commit) -> None:
+    def _check_device(self, ev: Commit | Postcopy) -> None:
+        """The commit (or post-copy's) names this migration and the device state is whole and intact."""
         if ev.migration_id != self.begin.migration_id:
-            raise RemoteProtocolError(f"COMMIT names migration {ev.migration_id!r}")
+            raise RemoteProtocolError(f"{type(ev).__name__.upper()} names migration {ev.migration_id!r}")
         total = self.device_total or 0
         if len(self.device) != total:
             raise RemoteProtocolError(f"device state incomplete: {len(self.device)} of {total} bytes")
         if xxhash.xxh3_64_intdigest(self.device) != ev.checksum:
             raise RemoteProtocolError("device state checksum mismatch")
+
+    async def _postcopy(self, ev: Postcopy, mem: GuestMemory, tracker: ChunkTracker) -> None:
+        """Post-copy (:mod:`precopy.session.postcopy_dest`): the workload resumes here with pages missing."""
+        self._check_device(ev)
+        if len(self.missing) != -(-self.begin.npages // 8):
+            raise RemoteProtocolError(f"POSTCOPY after {len(self.missing)} bytes of the MISSING bitmap")
+        if self.opts.workload is not None or not self.opts.on_resume:
+            raise PrecopyError("post-copy needs a guest the --on-resume hook starts (docs/TRACKING.md)",
+                               AbortCode.GUEST)
+        # Nothing may touch the region through our mapping from here on:
+        # a read of a hole would allocate it, and the guest would find zeros.
+        self.chan.conn.release_sink()
+        tracker.close()
+        mem.prep.close()
+        pc = PostcopyDest(self, self.missing)
+        try:
+            timings = await pc.start(self.partial)
+        except BaseException as exc:
+            await asyncio.shield(pc.take_back(exc))
+            raise
+        self.chan.settled = True  # the workload runs here: nothing is rolled back any more
+        if self.t_switchover is not None:
+            self.rec.downtime_ms = (time.monotonic() - self.t_switchover) * 1e3
+        await pc.serve(self.chan, timings)
+
+    async def _commit(self, ev: Commit) -> None:
+        self._check_device(ev)
         if self.opts.workload is not None:
             accept = getattr(self.opts.workload, "accept", None)
             if accept is not None:  # e.g. CRIU: restored (stopped) from the device state before the commit

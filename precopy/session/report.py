@@ -127,6 +127,13 @@ class MigrationReport:
     #: "spread" (from the parts' measured spread), or "fixed" (the budget's
     #: fixed share: --headroom fixed, or too few samples yet).
     margin_basis: str | None = None
+    #: Post-copy (None: none): ``switchover_ms`` (pause to the workload running
+    #: on the destination), ``pages_missing`` (left for post-copy),
+    #: ``pages_faulted`` (fetched because the workload touched them),
+    #: ``pages_pushed`` (sent in order), ``fault_p50_us``/``fault_p99_us``/
+    #: ``fault_max_us`` (fault to page placed, on the destination),
+    #: ``last_page_s`` (pause to COMPLETE: every page in place), ``reconnects``.
+    postcopy: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -23,6 +23,7 @@ from precopy.errors import AbortCode, PrecopyError
 from precopy.memory.digest import page_union
 from precopy.memory.tracking import SourceChunks
 from precopy.policy.downtime import DowntimeCap, Margin
+from precopy.policy.postcopy import apply_postcopy
 from precopy.policy.switchover import Action, Decision, DirtyRateEstimator, LinkEstimator, SwitchoverPolicy
 from precopy.protocol import PAGE_SIZE
 from precopy.session.contention import ContentionMeter
@@ -74,7 +75,8 @@ class Rounds:
                  link: LinkEstimator, dirty_rate: DirtyRateEstimator, exchange: Exchange,
                  scanner: DirtyScanner, sender: PageSender, npages: int, chunk_pages: int,
                  chunks: SourceChunks | None, cap: DowntimeCap | None, headroom: str, t0: float,
-                 emit: Callable[[str, int, int, int, int, float], None]) -> None:
+                 emit: Callable[[str, int, int, int, int, float], None],
+                 postcopy: tuple[str, str] = ("off", "abort")) -> None:
         self.workload = workload
         self.policy = policy
         self.model = model
@@ -95,6 +97,10 @@ class Rounds:
         self.emit = emit
         self.last_scan_t = t0  # when the last scan (or the full copy) began: the dirty rate's interval
         self.pending = np.zeros(0, dtype=np.uint32)
+        #: (--postcopy, --on-nonconvergence) where the destination serves post-copy;
+        #: ``postcopy_chosen`` once the rounds end in it (precopy.policy.postcopy).
+        self.postcopy = postcopy
+        self.postcopy_chosen = False
         self._recent_dirty: list[int] = []  # dirty pages found by the last rounds' scans
         self._closing_in = False  # see near_switchover
         self._settle_seq: int | None = None  # a table asked for by settle, not yet answered
@@ -244,7 +250,8 @@ class Rounds:
             # The first round's set spans the full copy: never pause on it.
             decision = dataclasses.replace(decision, action=Action.CONTINUE,
                                            reason=decision.reason + "; one more tracked round first")
-        return decision
+        return apply_postcopy(decision, mode=self.postcopy[0], on_nonconvergence=self.postcopy[1],
+                              throttle_before=self.throttle.pct)
 
     async def _act(self, decision: Decision, rnd: _Round, held: bool, rounds_done: int) -> bool:
         """Carry out the decision: True to switch over now; raises to abort; else go on."""
@@ -256,7 +263,10 @@ class Rounds:
         if decision.action in (Action.SWITCHOVER, Action.FORCE):
             assert rnd.margin is not None
             record_margin(self.report, rnd.split, rnd.margin)
-        if decision.action is Action.SWITCHOVER:
+        if decision.action in (Action.SWITCHOVER, Action.POSTCOPY):
+            self.postcopy_chosen = decision.action is Action.POSTCOPY
+            if self.postcopy_chosen:
+                self.report.reason = decision.reason
             self.pending = rnd.todo
             return True
         if decision.action is Action.FORCE and self.cap is not None and rnd.expected > self.cap.cap_s:

@@ -68,6 +68,7 @@ from precopy.session.exchange import Exchange
 from precopy.session.guardian import IDLE, Guardian
 from precopy.session.handshake import handshake
 from precopy.session.options import Progress, SourceOptions
+from precopy.session.postcopy_source import offered_caps, postcopy_modes, switch_over
 from precopy.session.record import PageRecord
 from precopy.session.report import MigrationReport, RoundReport
 from precopy.session.reporting import in_doubt, new_report, record_aborted, record_commit
@@ -210,7 +211,7 @@ class SourceSession:
             self._hash_pool.shutdown(wait=False)
             self._outer_pool.shutdown(wait=False)
             if self._guardian is not None:
-                self._guardian.close()  # the workload is settled, one way or the other
+                self._guardian.close(detach=self.committer.postcopy_unfinished)  # settled (or: post-copy's guardian)
 
     async def _rollback(self, exc: BaseException) -> AbortCode:
         """Undo what can be undone; returns the abort code of the failure."""
@@ -260,7 +261,7 @@ class SourceSession:
         self.rounds = self._make_rounds()
         await self._full_copy()
         expected, dest_table = await self.rounds.run()
-        await self._switchover(expected, dest_table, self.rounds.pending)
+        await switch_over(self, expected, dest_table)  # pre-copy's, or post-copy's (postcopy_source)
 
     def _open(self) -> GuestMemory:
         """Map the region (read-only), start the guardian, size the chunks; returns the region."""
@@ -339,8 +340,8 @@ class SourceSession:
         return ev
 
     async def _handshake(self, chan: Channel) -> None:
-        greeting = await handshake(chan, self.opts.auth_key, self.opts.io_timeout_s)
-        self.exchange.rtt, self.report.dest_version = greeting.rtt_s, greeting.dest_version
+        greeting = await handshake(chan, self.opts.auth_key, self.opts.io_timeout_s, caps=offered_caps(self.opts))
+        self.exchange.rtt, self.exchange.caps, self.report.dest_version = greeting.rtt_s, greeting.caps, greeting.dest_version
 
     def _emit(self, phase: str, rnd: int, done: int, todo: int, dirty: int, t_start: float,
               queue_position: int = 0) -> None:
@@ -440,7 +441,7 @@ class SourceSession:
             contention=self.contention, report=self.report, link=self.link, dirty_rate=self.dirty_rate,
             exchange=self.exchange, scanner=self.scanner, sender=self.sender, npages=self.mem.npages,
             chunk_pages=self.chunk_pages, chunks=self.chunks, cap=self._cap, headroom=self.opts.headroom,
-            t0=self._t0, emit=self._emit)
+            t0=self._t0, emit=self._emit, postcopy=postcopy_modes(self.opts, self.exchange.caps))
 
     # -- switchover -----------------------------------------------------
 

@@ -309,7 +309,16 @@ class GuestControl:
             except GuestControlError as exc:
                 _log.debug("reconnecting after 'track': %s (retried at the pause)", exc)
 
-    def _offer_tracking(self) -> TrackingOffer:
+    async def offer_postcopy(self) -> TrackingOffer:
+        """Ask a guest resumed for post-copy for its userfaultfd (``{"op": "postcopy"}``, docs/TRACKING.md).
+
+        On a connection of its own, as :meth:`offer_tracking`.  Raises
+        :class:`GuestControlError` saying why.
+        """
+        await self.close()
+        return await asyncio.to_thread(self._offer_tracking, "postcopy")
+
+    def _offer_tracking(self, op: str = "track") -> TrackingOffer:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         fds: list[int] = []
         try:
@@ -317,32 +326,32 @@ class GuestControl:
             try:
                 sock.connect(str(self.path))
                 pid, _, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
-                sock.sendall(b'{"op": "track"}\n')
+                sock.sendall(json.dumps({"op": op}).encode() + b"\n")
                 line = b""
                 while not line.endswith(b"\n"):
                     if len(line) > 1 << 16:
-                        raise GuestControlError("guest answered 'track' with a line over 64 KiB")
+                        raise GuestControlError(f"guest answered {op!r} with a line over 64 KiB")
                     data, got, _, _ = socket.recv_fds(sock, 4096, 4, socket.MSG_CMSG_CLOEXEC)
                     fds.extend(got)
                     if not data:
-                        raise GuestControlError("guest closed the control socket during 'track'")
+                        raise GuestControlError(f"guest closed the control socket during {op!r}")
                     line += data
             except TimeoutError:
-                raise GuestControlError(f"guest did not answer 'track' within {self.timeout_s} s") from None
+                raise GuestControlError(f"guest did not answer {op!r} within {self.timeout_s} s") from None
             except OSError as exc:
-                raise GuestControlError(f"guest-control 'track' failed: {exc}") from exc
+                raise GuestControlError(f"guest-control {op!r} failed: {exc}") from exc
             try:
                 reply = json.loads(line)
             except ValueError:
-                raise GuestControlError(f"guest answered 'track' with invalid JSON: {line[:200]!r}") from None
+                raise GuestControlError(f"guest answered {op!r} with invalid JSON: {line[:200]!r}") from None
             if not isinstance(reply, dict) or reply.get("ok") is not True:
                 why = reply.get("error") if isinstance(reply, dict) else None
-                raise GuestControlError(f"guest does not offer write tracking: {why or reply!r}"[:500])
+                raise GuestControlError(f"guest does not offer {'write tracking' if op == 'track' else op}: {why or reply!r}"[:500])
             start, length = reply.get("start"), reply.get("length")
             if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (start, length)):
-                raise GuestControlError(f"guest's 'track' reply lacks a positive start and length: {reply!r}"[:500])
+                raise GuestControlError(f"guest's {op!r} reply lacks a positive start and length: {reply!r}"[:500])
             if len(fds) != 1:
-                raise GuestControlError(f"guest's 'track' reply carried {len(fds)} file descriptors, expected 1")
+                raise GuestControlError(f"guest's {op!r} reply carried {len(fds)} file descriptors, expected 1")
             assert isinstance(start, int) and isinstance(length, int)
             offer = TrackingOffer(fd=fds.pop(), pid=pid, start=start, length=length)
             return offer

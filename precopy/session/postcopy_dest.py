@@ -1,0 +1,375 @@
+"""The destination's post-copy: from POSTCOPY to COMPLETE (docs/PROTOCOL.md, docs/FAILURES.md).
+
+On POSTCOPY the :class:`~precopy.session.receiver.Receiver` hands over to
+:class:`PostcopyDest`, which:
+
+1. stops everything that touches the region through the agent's own
+   mapping (the chunk tracker, the prefault threads: a read of a hole
+   would allocate it, and the guest would read zeros there), and punches
+   the missing pages out of the region file;
+2. commits as for pre-copy (device state, journal, rename), the record
+   saying ``postcopy: running``, and runs the on-resume hook with
+   ``PRECOPY_POSTCOPY_CONTROL``: the guest it starts listens there, held;
+3. takes the guest's userfaultfd (op ``postcopy``) and registers the
+   region's range in MISSING mode; answers COMMITTED and resumes the guest
+   (op ``resume``, its faults served from then on): the workload runs here;
+4. serves the page stream (:class:`~precopy.session.postcopy_pages.PagePlacer`):
+   faults become REQUESTs, PAGES are placed; when none is missing it sends
+   COMPLETE, unregisters the range and records ``postcopy: complete``.
+
+A failure in steps 1-3 (no guest within ``postcopy_guest_timeout_s``) ends
+the migration before the guest ran: ABORT, the source resumes its own
+copy, the damaged region and its record are taken back.  From step 4 on
+the workload runs here and nothing is rolled back: a broken link waits
+(``postcopy_resume_timeout_s``) for the source to come back with RESUME on
+a new connection (:meth:`PostcopyDest.take_over`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Protocol
+
+import numpy as np
+
+from precopy.errors import AbortCode, GuestControlError, PrecopyError, RemoteProtocolError
+from precopy.memory.uffd import TrackingUnavailable
+from precopy.memory.uffd_missing import FAULT_MSG_SIZE, punch_pages, read_faults, register_missing, unregister_missing
+from precopy.net.channel import Channel, LinkError, PeerAborted
+from precopy.protocol import MAX_BATCH_PAGES, PAGE_SIZE, Committed, Complete, Missing, Pages, Ready, Request, page_payload
+from precopy.protocol.postcopy_codec import bitmap_of, pages_of_bitmap
+from precopy.session.postcopy_pages import PagePlacer
+from precopy.protocol import POSTCOPY_CAP, Begin, Resume
+from precopy.session.dest_options import DestOptions
+from precopy.session.journal import Journal, MigrationRecord
+
+from precopy.workload.control import GuestControl
+
+__all__ = ["PostcopyDest", "LIVE", "dest_caps", "resume_postcopy"]
+
+_log = logging.getLogger(__name__)
+
+#: Post-copy migrations whose page stream is live or waits for RESUME, by migration id.
+LIVE: dict[str, PostcopyDest] = {}
+
+
+def control_path(state_dir: Path, migration_id: str) -> Path:
+    """Where the resumed guest must listen: the state dir, or /tmp when that path is too long for a socket."""
+    path = state_dir / f".pc-{migration_id}.sock"
+    if len(os.fsencode(path)) > 100:
+        path = Path(tempfile.gettempdir()) / f"precopy-pc-{migration_id[:40]}.sock"
+    return path
+
+
+def dest_caps(opts: DestOptions, offered: tuple[str, ...] | None) -> tuple[str, ...] | None:
+    """HELLO_ACK's ``caps``: None to a HELLO without (as before), else what of it is served here.
+
+    Post-copy needs a guest the --on-resume hook starts (no workload adapter).
+    """
+    if offered is None:
+        return None
+    serves = bool(opts.on_resume) and opts.workload is None
+    return tuple(c for c in offered if c == POSTCOPY_CAP and serves)
+
+
+async def resume_postcopy(chan: Channel, ev: Resume, opts: DestOptions) -> None:
+    """A source takes a broken post-copy page stream up on ``chan`` (docs/FAILURES.md)."""
+    live = LIVE.get(ev.begin.migration_id)
+    if live is None or live.begin.size != ev.begin.size or live.begin.name != ev.begin.name:
+        raise PrecopyError(f"no post-copy of migration {ev.begin.migration_id} waits here to be resumed",
+                           AbortCode.REGION)
+    chan.send_timeout_s = opts.idle_timeout_s
+    await live.take_over(chan)
+
+
+class Receiving(Protocol):
+    """What post-copy needs of the :class:`~precopy.session.receiver.Receiver` that hands over to it."""
+
+    begin: Begin
+    rec: MigrationRecord
+    opts: DestOptions
+    journal: Journal
+    device: bytearray
+    device_state_path: Path
+    partial: Path
+    final: Path
+    run_hook: Callable[[MigrationRecord, Path, Path], Awaitable[None]]
+
+
+class PostcopyDest:
+    """One post-copy migration on the destination (see the module docstring)."""
+
+    def __init__(self, recv: Receiving, bitmap: bytes | bytearray) -> None:
+        self.recv = recv
+        self.begin = recv.begin
+        self.missing = pages_of_bitmap(bitmap, self.begin.npages)
+        self.placer: PagePlacer | None = None
+        self.region_fd = -1
+        self._guest: GuestControl | None = None
+        self._uffd = -1
+        self._range: tuple[int, int] = (0, 0)
+        self._out: asyncio.Queue[Any] = asyncio.Queue()
+        self._next_chan: asyncio.Future[Channel] | None = None
+        self.t_commit = 0.0
+        self._chan: Channel | None = None  # the connection the stream is served on now
+        self._resumer: asyncio.Task[None] | None = None
+
+    # -- steps 1-3: from POSTCOPY to the guest running here ----------------
+
+    async def start(self, region: Path) -> dict[str, float]:
+        """Punch, commit, resume the guest; returns the resume timings (ms) for COMMITTED.
+
+        Raises :class:`PrecopyError` before the guest runs (the migration is then
+        taken back: see :meth:`take_back`).
+        """
+        recv, rec = self.recv, self.recv.rec
+        t0 = time.monotonic()
+        self.region_fd = os.open(region, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            runs = punch_pages(self.region_fd, self.missing)
+        except OSError as exc:
+            raise PrecopyError(f"post-copy: {exc} (it needs a tmpfs, memfd or hugetlbfs region)",
+                               AbortCode.REGION) from exc
+        t1 = time.monotonic()
+        _log.info("migration %s: post-copy with %d pages missing (%d runs punched in %.1f ms)",
+                  self.begin.migration_id, len(self.missing), runs, (t1 - t0) * 1e3)
+        assert recv.opts.state_dir is not None
+        ctl = control_path(recv.opts.state_dir, self.begin.migration_id)
+        ctl.unlink(missing_ok=True)
+        rec.postcopy, rec.postcopy_control = "running", str(ctl)
+        recv.journal.commit(rec, recv.device, recv.device_state_path, recv.partial, recv.final)
+        self.t_commit = time.monotonic()
+        await recv.run_hook(rec, recv.final, recv.device_state_path)
+        await self._take_guest(ctl)
+        t2 = time.monotonic()
+        return {"postcopy_punch": (t1 - t0) * 1e3, "postcopy_guest": (t2 - self.t_commit) * 1e3}
+
+    async def _take_guest(self, ctl: Path) -> None:
+        """Wait for the guest's control socket; take its userfaultfd; register; resume it."""
+        timeout = self.recv.opts.postcopy_guest_timeout_s
+        deadline = time.monotonic() + timeout
+        while not ctl.exists():
+            if time.monotonic() > deadline:
+                raise PrecopyError(f"post-copy: no guest listened on {ctl} within {timeout:g} s (does the "
+                                   "--on-resume hook start it with --control \"$PRECOPY_POSTCOPY_CONTROL\" "
+                                   "--postcopy?)", AbortCode.GUEST)
+            await asyncio.sleep(0.002)
+        self._guest = GuestControl(ctl, timeout_s=max(5.0, deadline - time.monotonic()))
+        try:
+            offer = await self._guest.offer_postcopy()
+        except GuestControlError as exc:
+            raise PrecopyError(f"post-copy: the guest on {ctl} did not hand over its userfaultfd: {exc}",
+                               AbortCode.GUEST) from exc
+        self._uffd = offer.fd
+        if offer.length != self.begin.size or offer.start % PAGE_SIZE:
+            raise PrecopyError(f"post-copy: the guest offers {offer.length} bytes at {offer.start:#x} for a region "
+                               f"of {self.begin.size}", AbortCode.GUEST)
+        try:
+            register_missing(offer.fd, offer.start, offer.length)
+        except TrackingUnavailable as exc:
+            raise PrecopyError(f"post-copy: {exc}", AbortCode.GUEST) from exc
+        self._range = (offer.start, offer.length)
+        os.set_blocking(offer.fd, False)
+        self.placer = PagePlacer(offer.fd, offer.start, self.begin.npages, self.missing, self.region_fd)
+
+    async def _resume_guest(self) -> None:
+        """``resume`` the held guest.  Faults are served meanwhile: its reply may wait on one (a
+        Python guest's control thread needs the interpreter lock its work loop holds in a fault)."""
+        assert self._guest is not None
+        try:
+            await self._guest.resume()
+        except GuestControlError as exc:
+            _log.critical("migration %s: the guest would not resume after the post-copy commit: %s; resume it "
+                          "by hand (its control socket: %s)", self.begin.migration_id, exc, self._guest.path)
+        finally:
+            await self._guest.close()
+
+    async def take_back(self, why: BaseException) -> None:
+        """Before the guest ran: stop it if it is there, and undo the commit (journal, files)."""
+        recv, rec = self.recv, self.recv.rec
+        if self._guest is not None:
+            try:
+                await self._guest._request("stop")
+            except GuestControlError as exc:
+                _log.warning("post-copy: stopping the held guest: %s", exc)
+            await self._guest.close()
+        rec.outcome, rec.postcopy, rec.error = "aborted", None, f"post-copy did not start: {why}"
+        for path in (recv.final, recv.device_state_path):
+            path.unlink(missing_ok=True)
+        recv.journal.write(rec)
+        self.close()
+
+    # -- step 4: the page stream -------------------------------------------
+
+    async def serve(self, chan: Channel, timings: dict[str, float]) -> None:
+        """COMMITTED, then the page stream until every page is placed (across reconnections)."""
+        assert self.placer is not None
+        mid = self.begin.migration_id
+        LIVE[mid] = self
+        loop = asyncio.get_running_loop()
+        buf = bytearray(FAULT_MSG_SIZE * 64)
+        loop.add_reader(self._uffd, self._on_fault, buf)
+        self._chan = chan
+        first = True
+        try:
+            _log.info("migration %s: the workload runs here; %d pages to come", mid, self.placer.left)
+            while self.placer.left:
+                try:
+                    if first:
+                        first = False
+                        await chan.send(Committed(migration_id=mid, resumed=True, timings=timings))
+                        self._resumer = asyncio.create_task(self._resume_guest())
+                    await self._stream(chan)
+                except (LinkError, PeerAborted, OSError, RemoteProtocolError) as exc:
+                    if not self.placer.left:
+                        break
+                    _log.warning("migration %s: post-copy link lost with %d pages missing (%s): the guest "
+                                 "waits on its faults; waiting for the source to resume", mid, self.placer.left, exc)
+                    chan.close()
+                    self._release_handler()
+                    self._chan = None
+                    chan = await self._wait_resume()
+                    self._chan = chan
+            await chan.send(Complete(migration_id=mid, pages=len(self.missing), stats=self.placer.stats()))
+            self._finish()
+            if self._resumer is not None:
+                await self._resumer
+        finally:
+            loop.remove_reader(self._uffd)
+            LIVE.pop(mid, None)
+            if self._resumer is not None:
+                self._resumer.cancel()
+            self.close()
+
+    async def _stream(self, chan: Channel) -> None:
+        """Requests out, pages in, until none is missing; raises when the link fails."""
+        assert self.placer is not None
+        sender = asyncio.create_task(self._send_requests(chan))
+        try:
+            events = chan.events(self.recv.opts.idle_timeout_s)
+            while self.placer.left:
+                ev = await anext(events, None)
+                if ev is None:
+                    raise LinkError(f"{chan.peer} closed the connection during post-copy")
+                if not isinstance(ev, Pages):
+                    raise RemoteProtocolError(f"unexpected {type(ev).__name__} during post-copy")
+                if ev.checksum is None and ev.chunk_digests is None:
+                    raise RemoteProtocolError("post-copy PAGES without a checksum: nothing would check them")
+                data = page_payload(ev, chunk_pages=self.begin.chunk_pages) if len(ev.indices) else None
+                self.placer.place(ev.indices, data, ev.zeros)
+            if sender.done():
+                sender.result()
+        finally:
+            sender.cancel()
+
+    def _on_fault(self, buf: bytearray) -> None:
+        assert self.placer is not None
+        try:
+            addrs = read_faults(self._uffd, buf)
+        except OSError as exc:
+            _log.error("post-copy: reading the guest's faults failed: %s", exc)
+            asyncio.get_running_loop().remove_reader(self._uffd)
+            return
+        ask = self.placer.faulted(addrs, time.monotonic())
+        if ask:
+            self._out.put_nowait(np.array(sorted(ask), dtype=np.uint32))
+
+    async def _send_requests(self, chan: Channel) -> None:
+        """REQUEST frames for the pages faulted on (coalesced: what is queued goes in one frame)."""
+        assert self.placer is not None
+        while True:
+            pages = [await self._out.get()]
+            while not self._out.empty():
+                pages.append(self._out.get_nowait())
+            want = np.unique(np.concatenate(pages))
+            want = want[self.placer.need[want]]
+            for i in range(0, len(want), MAX_BATCH_PAGES):
+                await chan.send(Request(indices=want[i:i + MAX_BATCH_PAGES]))
+
+    async def _wait_resume(self) -> Channel:
+        """The channel of the source's RESUME (:meth:`take_over`), or raise after the timeout."""
+        timeout = self.recv.opts.postcopy_resume_timeout_s
+        self._next_chan = asyncio.get_running_loop().create_future()
+        try:
+            async with asyncio.timeout(timeout):
+                return await self._next_chan
+        except TimeoutError:
+            self._broken(f"the source did not come back within {timeout:g} s")
+            raise PrecopyError(f"post-copy of {self.begin.migration_id} broken: the source did not resume "
+                               f"within {timeout:g} s; {self.placer.left if self.placer else '?'} pages are "
+                               "missing and the guest waits on them (docs/FAILURES.md)", AbortCode.LINK) from None
+        finally:
+            self._next_chan = None
+
+    async def take_over(self, chan: Channel) -> None:
+        """A RESUME came on ``chan``: tell the source what is still missing, READY, and serve on it."""
+        assert self.placer is not None
+        if self._next_chan is None and self._chan is not None:
+            # The source came back: the link it left is dead to it, whatever this side saw (a stall).
+            _log.warning("post-copy of %s: the source resumes on a new connection; dropping %s",
+                         self.begin.migration_id, self._chan.peer)
+            self._chan.close()
+            for _ in range(500):
+                if self._next_chan is not None:
+                    break
+                await asyncio.sleep(0.01)
+        if self._next_chan is None or self._next_chan.done():
+            raise PrecopyError(f"post-copy of {self.begin.migration_id} is being served on another connection",
+                               AbortCode.BUSY)
+        # Asked for but not here: asked again on this connection.
+        again = self.placer.outstanding()
+        if again.size:
+            self._out.put_nowait(again)
+        bits = bitmap_of(np.flatnonzero(self.placer.need), self.begin.npages)
+        for off in range(0, len(bits), MAX_BATCH_PAGES * PAGE_SIZE):
+            await chan.send(Missing(offset=off, total=len(bits), data=bits[off:off + MAX_BATCH_PAGES * PAGE_SIZE]))
+        await chan.send(Ready())
+        _log.info("migration %s: post-copy resumed from %s, %d pages missing", self.begin.migration_id,
+                  chan.peer, self.placer.left)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._served: asyncio.Future[None] | None = done
+        self._next_chan.set_result(chan)
+        await done  # the session's task serves it; this connection's handler waits
+
+    def _finish(self) -> None:
+        rec = self.recv.rec
+        start, length = self._range
+        try:
+            unregister_missing(self._uffd, start, length)
+        except TrackingUnavailable as exc:
+            _log.debug("unregistering the guest's range: %s", exc)
+        rec.postcopy = "complete"
+        self.recv.journal.write(rec)
+        assert self.placer is not None
+        _log.info("migration %s: post-copy complete (%d faults, %d pages pushed, %.1f s after the commit)",
+                  self.begin.migration_id, self.placer.faults, self.placer.pushed, time.monotonic() - self.t_commit)
+
+    def _broken(self, why: str) -> None:
+        rec = self.recv.rec
+        rec.postcopy, rec.error = "broken", why
+        try:
+            self.recv.journal.write(rec)
+        except PrecopyError as exc:
+            _log.error("cannot record that post-copy of %s is broken: %s", rec.migration_id, exc)
+        _log.critical("migration %s: post-copy BROKEN (%s): the guest runs with %d pages missing and waits "
+                      "on any it touches; the source holds them (its workload stays paused)", rec.migration_id,
+                      why, self.placer.left if self.placer else -1)
+
+    def _release_handler(self) -> None:
+        """The connection a RESUME came on is done with: its handler may return."""
+        served = getattr(self, "_served", None)
+        if served is not None and not served.done():
+            served.set_result(None)
+        self._served = None
+
+    def close(self) -> None:
+        self._release_handler()
+        for fd in (self._uffd, self.region_fd):
+            if fd >= 0:
+                os.close(fd)
+        self._uffd = self.region_fd = -1

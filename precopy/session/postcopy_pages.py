@@ -1,0 +1,194 @@
+"""The destination's post-copy page placement: which pages are still missing, faults, ``UFFDIO_COPY``.
+
+A :class:`PagePlacer` holds the resumed guest's userfaultfd and the set of
+pages it still lacks.  Fault addresses the kernel reports become pages to
+request from the source (:meth:`PagePlacer.faulted`); pages that arrive are
+placed with ``UFFDIO_COPY`` (:meth:`PagePlacer.place`), which installs a
+page only where the region holds none, so a page arrives once and a page
+the guest wrote is never overwritten.  A fault on a page that is not
+missing is a hole the source sent as zeros (or never wrote): it is filled
+with zeros here, no round trip.  If the guest exits before every page is
+placed, the rest go into the region file where it still has holes.
+
+No I/O with the source and no event loop here: the session
+(:mod:`precopy.session.postcopy_dest`) feeds it.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import time
+
+import numpy as np
+
+from precopy.memory.uffd_missing import copy_pages, page_runs
+from precopy.protocol import MAX_BATCH_PAGES, PAGE_SIZE
+
+__all__ = ["PagePlacer", "latency_stats"]
+
+_log = logging.getLogger(__name__)
+_ZERO = np.zeros(MAX_BATCH_PAGES * PAGE_SIZE, dtype=np.uint8)
+
+
+def latency_stats(seconds: list[float]) -> dict[str, float]:
+    """p50, p99 and max of fault latencies, in microseconds (empty: none)."""
+    if not seconds:
+        return {}
+    a = np.asarray(seconds) * 1e6
+    return {"fault_p50_us": float(np.percentile(a, 50)), "fault_p99_us": float(np.percentile(a, 99)),
+            "fault_max_us": float(a.max())}
+
+
+class PagePlacer:
+    """Places the missing pages of one post-copy migration into its resumed guest.
+
+    ``uffd``: the guest's userfaultfd (registered in MISSING mode over
+    ``start``..``start + npages`` pages); ``missing``: the pages the
+    destination does not hold (punched out of ``region_fd``'s file).
+    """
+
+    def __init__(self, uffd: int, start: int, npages: int, missing: np.ndarray, region_fd: int) -> None:
+        self.uffd = uffd
+        self.start = start
+        self.npages = npages
+        self.region_fd = region_fd
+        self.need = np.zeros(npages, dtype=bool)
+        self.need[missing] = True
+        self.left = int(self.need.sum())
+        self.requested = np.zeros(npages, dtype=bool)
+        self._fault_t: dict[int, float] = {}
+        self.latencies: list[float] = []
+        self.faults = 0  # faults on missing pages (remote)
+        self.zero_faults = 0  # faults on holes that are zeros (local)
+        self.duplicates = 0  # pages that came although placed already (never written twice)
+        self.present = 0  # pages UFFDIO_COPY found present (EEXIST: not overwritten)
+        self.pushed = 0  # pages placed before the guest asked for them
+        self.guest_gone = False  # the guest exited: pages go into the file's holes
+
+    def faulted(self, addresses: list[int], now: float) -> list[int]:
+        """Take the guest's fault addresses; returns the pages to request (missing, not asked yet).
+
+        A fault on a page that is not missing is filled with zeros here.
+        """
+        ask = []
+        for addr in addresses:
+            page = (addr - self.start) // PAGE_SIZE
+            if not 0 <= page < self.npages:
+                _log.warning("post-copy: a fault at %#x, outside the region: ignored", addr)
+                continue
+            if self.need[page]:
+                if not self.requested[page]:
+                    self.requested[page] = True
+                    self.faults += 1
+                    self._fault_t[page] = now
+                    ask.append(page)
+            else:
+                # A hole that holds zeros (sent as such, or never written); or
+                # a page placed since the fault was read (EEXIST: nothing done).
+                placed, _ = self._copy(page, _ZERO.ctypes.data, 1)
+                self.zero_faults += placed
+        return ask
+
+    def place(self, indices: np.ndarray, data: memoryview | None, zeros: np.ndarray) -> int:
+        """Place a batch: ``indices`` with ``data`` (their raw bytes, in order), ``zeros`` as zero pages.
+
+        Pages not missing any more are skipped (counted in ``duplicates``).
+        Returns the pages placed.  Raises :class:`OSError` when the kernel
+        refuses for another reason than a present page.
+        """
+        placed = 0
+        if len(indices):
+            assert data is not None
+            src = np.frombuffer(data, dtype=np.uint8)
+            placed += self._place_runs(np.asarray(indices), src.ctypes.data, src)
+        if len(zeros):
+            placed += self._place_runs(np.asarray(zeros), _ZERO.ctypes.data, None)
+        return placed
+
+    def _place_runs(self, pages: np.ndarray, base: int, keep: np.ndarray | None) -> int:
+        """Place each run of ``pages`` that is still needed; ``base`` + i pages is page i's bytes
+        (for zeros, ``base`` is a zero buffer and every page reads from its start)."""
+        wanted = self.need[pages]
+        self.duplicates += int((~wanted).sum())
+        offsets = np.flatnonzero(wanted)
+        if not offsets.size:
+            return 0
+        now = time.monotonic()
+        placed = 0
+        for first_off, count in page_runs(offsets):
+            first = int(pages[first_off])
+            if first + count - 1 != int(pages[first_off + count - 1]):
+                # Consecutive in the batch, not in the region: one by one.
+                for k in range(count):
+                    placed += self._place_one(int(pages[first_off + k]), base, first_off + k, keep, now)
+                continue
+            src = base + (first_off * PAGE_SIZE if keep is not None else 0)
+            n = count if keep is not None else min(count, MAX_BATCH_PAGES)
+            done = 0
+            while done < count:
+                step = min(n, count - done)
+                got, _ = self._copy(first + done, src + (done * PAGE_SIZE if keep is not None else 0), step)
+                placed += got
+                done += step
+            self._mark(np.arange(first, first + count), now)
+        return placed
+
+    def _place_one(self, page: int, base: int, off: int, keep: np.ndarray | None, now: float) -> int:
+        got, _ = self._copy(page, base + (off * PAGE_SIZE if keep is not None else 0), 1)
+        self._mark(np.array([page]), now)
+        return got
+
+    def _mark(self, pages: np.ndarray, now: float) -> None:
+        self.need[pages] = False
+        self.left -= len(pages)
+        asked = pages[self.requested[pages]]
+        self.pushed += len(pages) - len(asked)
+        for p in asked.tolist():
+            t = self._fault_t.pop(p, None)
+            if t is not None:
+                self.latencies.append(now - t)
+
+    def outstanding(self) -> np.ndarray:
+        """Pages the guest faulted on that have not arrived (uint32): to ask again on a new link."""
+        return np.array(sorted(p for p in self._fault_t if self.need[p]), dtype=np.uint32)
+
+    def _copy(self, page: int, src: int, n: int) -> tuple[int, int]:
+        """``UFFDIO_COPY`` of ``n`` pages at ``page``; into the file's holes once the guest is gone."""
+        if not self.guest_gone:
+            try:
+                placed, present = copy_pages(self.uffd, self.start + page * PAGE_SIZE, src, n)
+                self.present += len(present)
+                return placed, len(present)
+            except OSError as exc:
+                if exc.errno != errno.ESRCH:
+                    raise
+                _log.warning("post-copy: the guest exited with %d pages still missing: they go into the "
+                             "region file", self.left)
+                self.guest_gone = True
+        return self._write_holes(page, src, n), 0
+
+    def _write_holes(self, page: int, src: int, n: int) -> int:
+        """Write pages into the region file where it has holes (nothing the guest wrote is touched)."""
+        import ctypes
+
+        written = 0
+        for k in range(n):
+            off = (page + k) * PAGE_SIZE
+            try:
+                data_at = os.lseek(self.region_fd, off, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno != errno.ENXIO:  # ENXIO: no data from here on: a hole
+                    raise
+                data_at = -1
+            if data_at == off:
+                continue  # present: the guest's (or placed) -- never overwritten
+            os.pwrite(self.region_fd, ctypes.string_at(src + k * PAGE_SIZE, PAGE_SIZE), off)
+            written += 1
+        return written
+
+    def stats(self) -> dict[str, float]:
+        """What COMPLETE tells the source (its report's ``postcopy`` section)."""
+        return {"faults": self.faults, "zero_faults": self.zero_faults, "duplicates": self.duplicates,
+                "present": self.present, **latency_stats(self.latencies)}

@@ -1,0 +1,222 @@
+"""The source's post-copy page stream: requested pages first, the rest in order, until COMPLETE.
+
+:class:`PageStream` sends, from the paused region, every page the
+destination still lacks: pages the resumed workload faulted on (REQUEST)
+before anything else, the others pushed in ascending order, each page
+once.  :func:`resume_stream` takes a broken stream up on a new connection
+(RESUME: the destination answers with what it still lacks).  Neither needs
+the session: the guardian (:mod:`precopy.session.guardian`) serves the
+stream with them when the source agent died during post-copy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+import xxhash
+
+from precopy.errors import MigrationInDoubt, PrecopyError, RemoteProtocolError
+from precopy.memory.region import GuestMemory
+from precopy.net.channel import PeerAborted, connect
+from precopy.net.tls import make_channel
+from precopy.protocol import PAGE_SIZE, POSTCOPY_CAP, Begin, Complete, Missing, Pages, Ready, Request, Resume, Role
+from precopy.protocol.postcopy_codec import pages_of_bitmap
+from precopy.session.commit import OutcomeTarget, resolve_outcome
+from precopy.session.exchange import Exchange
+from precopy.session.handshake import handshake
+
+__all__ = ["PageStream", "StreamStats", "resume_stream", "finish_stream", "PUSH_PAGES", "MAX_UNSENT"]
+
+_log = logging.getLogger(__name__)
+#: Pages in a pushed batch: small, so that a requested page waits behind little.
+PUSH_PAGES = 64
+#: Bytes the socket may hold unsent before the next push waits: what a
+#: requested page queues behind (256 KiB: ~0.1 ms at loopback speed).
+MAX_UNSENT = 256 * 1024
+
+
+@dataclass
+class StreamStats:
+    """What the source sent in post-copy."""
+
+    pushed: int = 0  # pages sent in order
+    requested: int = 0  # pages sent because the destination asked
+    bytes_on_wire: int = 0
+    reconnects: int = 0
+    complete: Complete | None = None
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+class PageStream:
+    """Sends the pages ``need`` (a per-page mask: still wanted) of ``mem`` over ``exchange``."""
+
+    def __init__(self, mem: GuestMemory, need: np.ndarray, stats: StreamStats) -> None:
+        self.mem = mem
+        self.need = need
+        self.stats = stats
+        self._order = np.flatnonzero(need).astype(np.uint32)
+        self._pos = 0
+        self._asked: deque[np.ndarray] = deque()
+        self._wake = asyncio.Event()
+
+    def restart(self, need: np.ndarray) -> None:
+        """A new link: the destination says what it still lacks (pages in flight were lost)."""
+        self.need = need
+        self._order = np.flatnonzero(need).astype(np.uint32)
+        self._pos = 0
+        self._asked.clear()
+
+    async def run(self, exchange: Exchange, io_timeout_s: float) -> Complete:
+        """Serve until COMPLETE; raises what the link raises (the caller may resume the stream)."""
+        reader = asyncio.create_task(self._read(exchange))
+        try:
+            while True:
+                batch = self._next()
+                if batch is None:
+                    break
+                await self._send(exchange, batch)
+                if reader.done():
+                    break
+                while exchange.unsent_bytes() > MAX_UNSENT and not self._asked and not reader.done():
+                    await asyncio.sleep(0.0002)
+            # Everything is out: COMPLETE (or another request: lost pages are asked again).
+            async with asyncio.timeout(io_timeout_s):
+                while not reader.done():
+                    await self._wake.wait()
+                    self._wake.clear()
+                    batch = self._next()
+                    if batch is not None:
+                        await self._send(exchange, batch)
+            return reader.result()
+        finally:
+            reader.cancel()
+
+    async def _read(self, exchange: Exchange) -> Complete:
+        while True:
+            ev = await exchange.expect((Request, Complete), timeout_s=1e9)
+            if isinstance(ev, Complete):
+                self.stats.complete = ev
+                self._wake.set()
+                return ev
+            self._asked.append(ev.indices.copy())
+            self._wake.set()
+
+    def _next(self) -> tuple[np.ndarray, bool] | None:
+        """The next batch: what was asked for and is still wanted, else the next pages in order."""
+        while self._asked:
+            want = self._asked.popleft()
+            want = want[self.need[want]]
+            if want.size:
+                return want[:1024], True
+        order, need = self._order, self.need
+        while self._pos < len(order) and not need[order[self._pos]]:
+            self._pos += 1
+        if self._pos >= len(order):
+            return None
+        end = self._pos
+        picked: list[int] = []
+        while end < len(order) and len(picked) < PUSH_PAGES:
+            if need[order[end]]:
+                picked.append(order[end])
+            end += 1
+        self._pos = end
+        return np.array(picked, dtype=np.uint32), False
+
+    async def _send(self, exchange: Exchange, batch: tuple[np.ndarray, bool]) -> None:
+        idx, asked = batch
+        self.need[idx] = False
+        data = self.mem.gather(idx).reshape(len(idx), PAGE_SIZE)
+        nonzero = data.any(axis=1)
+        payload = np.ascontiguousarray(data[nonzero])
+        ev = Pages(indices=idx[nonzero], zeros=idx[~nonzero], payload=payload.data,
+                   checksum=xxhash.xxh3_64_intdigest(payload.data))
+        self.stats.bytes_on_wire += await exchange.send(ev)
+        if asked:
+            self.stats.requested += len(idx)
+        else:
+            self.stats.pushed += len(idx)
+
+
+async def resume_stream(target: OutcomeTarget, begin: Begin) -> tuple[Exchange, asyncio.Task[None], np.ndarray]:
+    """Take a broken post-copy stream up on a new connection: handshake, RESUME, MISSING, READY.
+
+    Returns the exchange (its reader task running) and the per-page mask of
+    what the destination still lacks.  Raises what connecting and the
+    handshake raise (:class:`PrecopyError`, ``OSError``, ``TimeoutError``).
+    """
+    sock = await connect(target.host, target.port, target.connect_timeout_s)
+    chan = make_channel(sock, Role.SOURCE, target.tls_context, target.host)
+    chan.send_timeout_s = target.io_timeout_s
+    try:
+        greeting = await handshake(chan, target.auth_key, target.io_timeout_s, caps=(POSTCOPY_CAP,))
+        if POSTCOPY_CAP not in greeting.caps:
+            raise PrecopyError("the destination no longer offers post-copy (restarted without --on-resume?)")
+        exchange = Exchange(target.io_timeout_s)
+        exchange.chan = chan
+        reader = asyncio.create_task(exchange.read_loop())
+        await exchange.send(Resume(begin=begin))
+        bits = bytearray()
+        while True:
+            ev = await exchange.expect((Missing, Ready))
+            if isinstance(ev, Ready):
+                break
+            bits += ev.data
+        if len(bits) != -(-begin.npages // 8):
+            raise RemoteProtocolError(f"READY after {len(bits)} bytes of the MISSING bitmap")
+        need = np.zeros(begin.npages, dtype=bool)
+        need[pages_of_bitmap(bits, begin.npages)] = True
+        return exchange, reader, need
+    except BaseException:
+        chan.close()
+        raise
+
+
+async def finish_stream(target: OutcomeTarget, region: dict[str, object]) -> str:
+    """The guardian's post-copy: serve the pages the destination still lacks from the paused region.
+
+    ``region``: ``{"memory": path, "name": ..., "size": bytes}``.  Returns
+    ``committed`` (every page is there, or the destination committed and
+    has no stream waiting), ``not-committed`` (it never resumed the
+    workload: resume it here) or ``unknown``.
+    """
+    begin = Begin(migration_id=target.migration_id, name=str(region["name"]), size=int(str(region["size"])))
+    mem = GuestMemory.open(str(region["memory"]), writable=False)
+    stats = StreamStats()
+    delay = 0.2
+    try:
+        for attempt in range(max(target.retries, 1)):
+            try:
+                exchange, reader, need = await resume_stream(target, begin)
+            except PeerAborted as exc:
+                _log.warning("the destination has no post-copy stream to resume (%s): asking for the outcome", exc)
+                try:
+                    await resolve_outcome(target, exc)
+                except MigrationInDoubt as doubt:
+                    _log.critical("%s", doubt)
+                    return "unknown"
+                except PrecopyError:
+                    return "not-committed"
+                return "committed"
+            except (PrecopyError, OSError, TimeoutError) as exc:
+                _log.warning("post-copy: resume attempt %d failed: %s", attempt + 1, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            try:
+                _log.warning("the source agent died during post-copy: serving the %d missing pages", int(need.sum()))
+                await PageStream(mem, need, stats).run(exchange, target.io_timeout_s)
+                _log.info("post-copy complete: %d pages pushed, %d requested", stats.pushed, stats.requested)
+                return "committed"
+            except (PrecopyError, OSError, TimeoutError) as exc:
+                _log.warning("post-copy: the page stream broke again: %s", exc)
+            finally:
+                reader.cancel()
+                if exchange.chan is not None:
+                    exchange.chan.close()
+        return "unknown"
+    finally:
+        mem.close()

@@ -1,0 +1,188 @@
+"""The destination's page placement (precopy.session.postcopy_pages) against a real guest process:
+a child maps a tmpfs region, offers its userfaultfd as a post-copy guest does, and touches pages;
+this process registers the range, reads its faults and places pages with UFFDIO_COPY.  No sockets to
+the source, no timing assertions."""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import select
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from precopy.memory.uffd import TrackingUnavailable, create_userfaultfd, uffd_api
+from precopy.memory.uffd_missing import FAULT_MSG_SIZE, page_runs, punch_pages, read_faults, register_missing
+from precopy.protocol import PAGE_SIZE
+from precopy.session.postcopy_pages import PagePlacer, latency_stats
+
+NPAGES = 16
+
+
+class Guest:
+    """A child process mapping ``path``: it reads the first byte of the pages it is told to."""
+
+    def __init__(self, path: Path) -> None:
+        self.sock, child = socket.socketpair()
+        self.pid = os.fork()
+        if self.pid == 0:  # pragma: no cover - the child
+            self.sock.close()
+            try:
+                fd = os.open(path, os.O_RDWR)
+                mm = mmap.mmap(fd, NPAGES * PAGE_SIZE)
+                start = ctypes.addressof(ctypes.c_char.from_buffer(mm))
+                uffd = create_userfaultfd()
+                uffd_api(uffd, 0)
+                socket.send_fds(child, [str(start).encode()], [uffd])
+                arr = np.frombuffer(mm, dtype=np.uint8)
+                while True:
+                    cmd = child.recv(64)
+                    if not cmd:
+                        break
+                    op, page = cmd.split()
+                    if op == b"r":
+                        child.send(bytes([int(arr[int(page) * PAGE_SIZE])]))
+                    else:  # write
+                        arr[int(page) * PAGE_SIZE] = 0xEE
+                        child.send(b"k")
+            finally:
+                os._exit(0)
+        child.close()
+        msg, fds, _, _ = socket.recv_fds(self.sock, 64, 1)
+        self.start, self.uffd = int(msg), fds[0]
+
+    def ask(self, op: str, page: int) -> None:
+        self.sock.send(f"{op} {page}".encode())
+
+    def answer(self) -> bytes:
+        return self.sock.recv(1)
+
+    def stop(self) -> None:
+        self.sock.close()
+        os.waitpid(self.pid, 0)
+
+    def close(self) -> None:
+        self.stop()
+        os.close(self.uffd)
+
+
+@pytest.fixture
+def region(tmp_path: Path) -> Iterator[Path]:
+    base = Path("/dev/shm") if Path("/dev/shm").is_dir() else tmp_path
+    path = base / f"pc-pages-{os.getpid()}.mem"
+    with open(path, "wb") as f:
+        f.write(bytes([7]) * NPAGES * PAGE_SIZE)
+    yield path
+    path.unlink(missing_ok=True)
+
+
+def setup(region: Path, missing: list[int]) -> tuple[Guest, PagePlacer, int]:
+    try:
+        guest = Guest(region)
+    except TrackingUnavailable as exc:  # pragma: no cover
+        pytest.skip(f"no userfaultfd here: {exc}")
+    fd = os.open(region, os.O_RDWR)
+    punch_pages(fd, np.array(missing, dtype=np.uint32))
+    register_missing(guest.uffd, guest.start, NPAGES * PAGE_SIZE)
+    os.set_blocking(guest.uffd, False)
+    return guest, PagePlacer(guest.uffd, guest.start, NPAGES, np.array(missing, dtype=np.uint32), fd), fd
+
+
+def wait_faults(placer: PagePlacer, guest: Guest) -> list[int]:
+    """The pages to ask for, once the guest's next fault came (generous timeout: not about time)."""
+    buf = bytearray(FAULT_MSG_SIZE * 8)
+    while True:
+        assert select.select([guest.uffd], [], [], 60)[0], "the guest never faulted"
+        addrs = read_faults(guest.uffd, buf)
+        if addrs:
+            return placer.faulted(addrs, 0.0)
+
+
+def page(value: int) -> np.ndarray:
+    return np.full(PAGE_SIZE, value, dtype=np.uint8)
+
+
+def test_a_fault_is_asked_for_once_and_resolved_by_the_page(region: Path) -> None:
+    guest, placer, fd = setup(region, [3, 4, 9])
+    try:
+        guest.ask("r", 4)
+        assert wait_faults(placer, guest) == [4]
+        assert placer.faults == 1 and placer.requested[4]
+        # Pushed pages 3 and 4 arrive as one batch (a run): the guest's read gets page 4's bytes.
+        placed = placer.place(np.array([3, 4], dtype=np.uint32), memoryview(np.concatenate([page(0x33), page(0x44)])),
+                              np.zeros(0, dtype=np.uint32))
+        assert placed == 2 and guest.answer() == b"\x44"
+        assert placer.left == 1 and len(placer.latencies) == 1 and placer.pushed == 1
+        # A page not missing that the guest touches is not asked for: its bytes are the file's.
+        guest.ask("r", 5)
+        assert guest.answer() == b"\x07"
+    finally:
+        guest.close()
+        os.close(fd)
+
+
+def test_a_page_the_guest_wrote_is_never_overwritten(region: Path) -> None:
+    guest, placer, fd = setup(region, [2, 6])
+    try:
+        placer.place(np.array([2], dtype=np.uint32), memoryview(page(0x22)), np.zeros(0, dtype=np.uint32))
+        guest.ask("w", 2)
+        assert guest.answer() == b"k"
+        # The same page again (a source bug, or a resent batch): skipped, not written over the guest's write.
+        placer.place(np.array([2, 6], dtype=np.uint32), memoryview(np.concatenate([page(0x99), page(0x66)])),
+                     np.zeros(0, dtype=np.uint32))
+        assert placer.duplicates == 1 and placer.left == 0
+        guest.ask("r", 2)
+        assert guest.answer() == b"\xee"
+        guest.ask("r", 6)
+        assert guest.answer() == b"\x66"
+        # UFFDIO_COPY itself refuses a present page: EEXIST, counted, nothing written.
+        placer.need[2] = True
+        placer.left += 1
+        placer.place(np.array([2], dtype=np.uint32), memoryview(page(0x55)), np.zeros(0, dtype=np.uint32))
+        assert placer.present == 1
+        guest.ask("r", 2)
+        assert guest.answer() == b"\xee"
+    finally:
+        guest.close()
+        os.close(fd)
+
+
+def test_zero_pages_and_holes(region: Path) -> None:
+    guest, placer, fd = setup(region, [1, 8])
+    try:
+        placer.place(np.zeros(0, dtype=np.uint32), None, np.array([8], dtype=np.uint32))
+        guest.ask("r", 8)
+        assert guest.answer() == b"\x00"
+        # A hole that is not missing (zeros the source sent long ago, or never wrote): filled here.
+        punch_pages(fd, np.array([12], dtype=np.uint32))
+        guest.ask("r", 12)
+        assert wait_faults(placer, guest) == [] and placer.zero_faults == 1
+        assert guest.answer() == b"\x00"
+    finally:
+        guest.close()
+        os.close(fd)
+
+
+def test_after_the_guest_exits_pages_go_into_the_file_s_holes(region: Path) -> None:
+    guest, placer, fd = setup(region, [0, 10])
+    guest.stop()  # it exited: its address space is gone (our copy of its fd stays)
+    placed = placer.place(np.array([0, 10], dtype=np.uint32), memoryview(np.concatenate([page(0xA0), page(0xAA)])),
+                          np.zeros(0, dtype=np.uint32))
+    assert placer.guest_gone and placed == 2 and placer.left == 0
+    data = region.read_bytes()
+    assert data[0] == 0xA0 and data[10 * PAGE_SIZE] == 0xAA and data[PAGE_SIZE] == 7
+    os.close(fd)
+    os.close(guest.uffd)
+
+
+def test_helpers() -> None:
+    assert page_runs(np.array([1, 2, 3, 7, 9, 10], dtype=np.uint32)) == [(1, 3), (7, 1), (9, 2)]
+    assert page_runs(np.zeros(0, dtype=np.uint32)) == []
+    stats = latency_stats([0.001, 0.002, 0.003])
+    assert stats["fault_p50_us"] == pytest.approx(2000) and stats["fault_max_us"] == pytest.approx(3000)
+    assert latency_stats([]) == {}
