@@ -29,7 +29,7 @@ from pathlib import Path
 from precopy.errors import GuestControlError
 
 __all__ = ["CriuTool", "find_criu", "parse_version", "MIN_CRIU", "DEFAULT_CRIU", "INSTALL_HINT",
-           "process_facts", "ProcessFacts"]
+           "process_facts", "ProcessFacts", "ram_dir"]
 
 #: The oldest CRIU that dumps this kernel's processes (see the module docstring).
 MIN_CRIU = (4, 2)
@@ -121,6 +121,12 @@ class CriuTool:
             raise GuestControlError(f"criu {args[0]} failed (exit {proc.returncode}): "
                                     f"{_tail(log) or out.decode(errors='replace').strip()[-600:]}")
         return time.monotonic() - t
+
+
+def ram_dir() -> Path | None:
+    """``/dev/shm`` where it can be written (the images then never touch a disk), else None (the default temp dir)."""
+    shm = Path("/dev/shm")
+    return shm if shm.is_dir() and os.access(shm, os.W_OK) else None
 
 
 def _tail(log: Path | None) -> str:

@@ -34,7 +34,7 @@ from typing import Callable, Sequence
 
 from precopy.errors import AbortCode, GuestControlError, PrecopyError
 from precopy.workload.base import process_state
-from precopy.workload.criu import CriuTool
+from precopy.workload.criu import CriuTool, ram_dir
 from precopy.workload.criu_images import unpack_images
 
 __all__ = ["CriuDestination", "RESTORE_ARGS"]
@@ -65,7 +65,7 @@ class CriuDestination:
 
     def __init__(self, criu: CriuTool, *, work_dir: Path | None = None, restore_timeout_s: float = 60.0) -> None:
         self.criu = criu
-        self.work_dir = work_dir
+        self.work_dir = work_dir or ram_dir()  # the images, unpacked: RAM unless told otherwise
         self.restore_timeout_s = restore_timeout_s
         self._check_line = criu.check()  # fails the daemon's start, not a migration
         self._live: dict[str, _Restored] = {}
@@ -153,12 +153,13 @@ class CriuDestination:
         if r is None or r.pid is None:
             raise GuestControlError(f"no process was restored for migration {migration_id}")
         t = time.monotonic()
-        # The images go in a thread: no part of the downtime.
-        asyncio.get_running_loop().run_in_executor(None, shutil.rmtree, r.images, True)
         try:
             os.kill(r.pid, signal.SIGCONT)
         except ProcessLookupError:
             raise GuestControlError(f"the restored process {r.pid} is gone") from None
+        finally:
+            # The images go in a thread: no part of the downtime.
+            asyncio.get_running_loop().run_in_executor(None, shutil.rmtree, r.images, True)
         timings = dict(r.timings or {})
         timings["criu_continue"] = _ms(t, time.monotonic())
         _log.info("migration %s: process %d runs here", migration_id, r.pid)

@@ -31,7 +31,10 @@ import time
 from pathlib import Path
 
 from precopy.errors import GuestControlError
-from precopy.workload.criu import CriuTool, find_criu, process_facts
+from precopy.memory.tracking import TrackingOffer, TrackingUnavailable
+from precopy.memory.uffd import uffd_api, unregister
+from precopy.workload.criu import CriuTool, find_criu, process_facts, ram_dir
+from precopy.workload.inject import take_userfaultfd
 from precopy.workload.criu_images import pack_images
 from precopy.workload.signals import SignalWorkload
 
@@ -58,10 +61,12 @@ class CriuWorkload(SignalWorkload):
         super().__init__(pid, stop_timeout_s=stop_timeout_s)
         self.memory = Path(os.path.abspath(memory))
         self.criu = criu
-        self.work_dir = work_dir
+        #: Where the images are written and read back: RAM (/dev/shm) unless told otherwise.
+        self.work_dir = work_dir or ram_dir()
         self.dump_timeout_s = dump_timeout_s
         self.phases_ms: dict[str, float] = {}
         self._dump: asyncio.Task[bytes] | None = None
+        self._uffd: tuple[int, int, int] | None = None  # our own copy of the tracking fd, the range
         self._images: Path | None = None
         facts = process_facts(pid, self.memory)
         #: Expected dump + restore time, for the downtime estimate.
@@ -102,24 +107,59 @@ class CriuWorkload(SignalWorkload):
             raise GuestControlError("nsenter is not installed (Debian: util-linux)")
         return [nsenter, "-t", str(self.pid), "-m", "-n", "--"]
 
-    async def pause(self) -> bytes:
-        """SIGSTOP (ending any throttle), then start the dump beside the final pass; returns b"".
+    async def offer_tracking(self) -> TrackingOffer:
+        """Kernel write tracking of the region: a userfaultfd made inside the process (ptrace, x86-64).
 
-        The images come from :meth:`device_state`.
+        Raises :class:`GuestControlError` or :class:`TrackingUnavailable`
+        (the migration then finds dirty pages by digests).
+        """
+        facts_start, length = _mapping_of(self.pid, self.memory)
+        ours = await asyncio.to_thread(take_userfaultfd, self.pid)
+        try:
+            uffd_api(ours)
+            self._uffd = (os.dup(ours), facts_start, length)
+        except BaseException:
+            os.close(ours)
+            raise
+        return TrackingOffer(fd=ours, pid=self.pid, start=facts_start, length=length)
+
+    def _end_tracking(self) -> None:
+        """Unregister the region from the userfaultfd made in the process: CRIU must see a plain mapping."""
+        held, self._uffd = self._uffd, None
+        if held is None:
+            return
+        fd, start, length = held
+        try:
+            unregister(fd, start, length)
+        except TrackingUnavailable as exc:
+            _log.debug("unregistering pid %d's region: %s", self.pid, exc)
+        finally:
+            os.close(fd)
+
+    async def pause(self) -> bytes:
+        """SIGSTOP (ending any throttle); returns b"" (the images come from :meth:`device_state`).
+
+        Without kernel write tracking the dump starts now, beside the final
+        pass (a rehash of the whole region); with it, after the final pass
+        (which takes milliseconds), once the region is no longer tracked.
         """
         blob = await super().pause()
         self.phases_ms = {}
-        self._dump = asyncio.ensure_future(self._dump_images())
+        if self._uffd is None:
+            self._dump = asyncio.ensure_future(self._dump_images())
         return blob
 
     async def device_state(self) -> bytes:
-        """Wait for the dump started at the pause; returns the images as one blob.
+        """Wait for the dump (started at the pause, or now); returns the images as one blob.
 
         Raises :class:`GuestControlError` when the dump failed (the process is
         still there, stopped: rollback resumes it).
         """
         if self._dump is None:
-            raise GuestControlError("no CRIU dump was started (the workload was not paused)")
+            t = time.monotonic()
+            self._end_tracking()
+            self.phases_ms["untrack"] = round((time.monotonic() - t) * 1e3, 3)
+            self._dump = asyncio.ensure_future(self._dump_images())
         return await asyncio.shield(self._dump)
 
     async def _dump_images(self) -> bytes:
@@ -158,11 +198,27 @@ class CriuWorkload(SignalWorkload):
     async def resume(self) -> None:
         """Rollback: let the dump end, then SIGCONT (the dump leaves the process stopped)."""
         await self._settle_dump()
+        self._end_tracking()
         await super().resume()
 
     async def stop(self) -> None:
         await self._settle_dump()
+        self._end_tracking()
         await super().stop()
+
+
+def _mapping_of(pid: int, region: Path) -> tuple[int, int]:
+    """Start and length of ``pid``'s shared mapping of ``region`` (whole, from offset 0)."""
+    st = os.stat(region)
+    want = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}"
+    with open(f"/proc/{pid}/maps") as f:
+        for line in f:
+            p = line.split()
+            if len(p) >= 5 and p[1][3] == "s" and p[3] == want and int(p[4]) == st.st_ino and int(p[2], 16) == 0:
+                lo, hi = (int(x, 16) for x in p[0].split("-"))
+                if hi - lo == st.st_size:
+                    return lo, hi - lo
+    raise TrackingUnavailable(f"process {pid} does not map all of {region} shared from offset 0")
 
 
 def criu_workload(pid: int, memory: Path, criu_bin: str | None = None) -> CriuWorkload:
