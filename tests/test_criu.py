@@ -233,3 +233,56 @@ def test_a_failed_restore_is_not_committed_and_the_source_resumes() -> None:
         assert not pair.restored_pids(), "a restored process was left on the destination"
         got = _in_ns(pair.hosts.src_ns, lambda: _read_all([f"k{i}" for i in range(0, KEYS, 97)]))
         assert all(got.get(f"k{i}") == value_of("k", i, 32) for i in range(0, KEYS, 97))
+
+
+@pytest.mark.skipif(not ROOT or os.uname().machine != "x86_64", reason="ptrace of another process: root, x86-64")
+def test_a_userfaultfd_made_inside_a_process_tracks_its_writes(tmp_path: Path) -> None:
+    """inject.take_userfaultfd: the process keeps no new fd, runs on, and its writes are reported."""
+    import subprocess
+    import sys
+    import time
+
+    from precopy.memory.uffd import PagemapScanner, register_wp, uffd_api, unregister, writeprotect
+    from precopy.workload.criu_source import _mapping_of
+    from precopy.workload.inject import take_userfaultfd
+
+    region = Path("/dev/shm") / f"precopy-criu-inject-{os.getpid()}"
+    region.write_bytes(b"\0" * (64 * 4096))
+    code = ("import mmap, os, sys, time\n"
+            "f = open(sys.argv[1], 'r+b'); m = mmap.mmap(f.fileno(), 0, mmap.MAP_SHARED)\n"
+            "print('ready', flush=True); i = 0\n"
+            "while True:\n"
+            "    line = sys.stdin.readline()\n"  # blocks in read(): the injection interrupts it
+            "    if not line: break\n"
+            "    m[int(line) * 4096] = 1; i += 1; print(i, flush=True)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(region)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(0.1)  # in its read()
+        fds_before = sorted(os.listdir(f"/proc/{proc.pid}/fd"))
+        fd = take_userfaultfd(proc.pid)
+        try:
+            assert os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[userfaultfd]"
+            assert sorted(os.listdir(f"/proc/{proc.pid}/fd")) == fds_before
+            uffd_api(fd)
+            start, length = _mapping_of(proc.pid, region)
+            register_wp(fd, start, length)
+            writeprotect(fd, start, length)
+            scanner = PagemapScanner(proc.pid, start, length)
+            scanner.scan()
+            for page in (3, 17, 40):
+                proc.stdin.write(f"{page}\n")
+                proc.stdin.flush()
+                assert proc.stdout.readline().strip()  # it ran on, out of the interrupted read()
+            assert sorted(int(p) for p in scanner.scan()) == [3, 17, 40]
+            scanner.close()
+            unregister(fd, start, length)
+        finally:
+            os.close(fd)
+        assert proc.poll() is None
+    finally:
+        proc.kill()
+        proc.wait()
+        region.unlink(missing_ok=True)
