@@ -172,7 +172,9 @@ def _add_tls_args(p: argparse.ArgumentParser) -> None:
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     """The report, batching, timeouts, the migration id, progress and the dry run."""
     p.add_argument("--report", type=Path, metavar="FILE", help="write the JSON report here (default: none)")
-    p.add_argument("--batch-pages", type=int, default=256, help="pages per batch (default 256)")
+    p.add_argument("--batch-pages", type=int, default=256,
+                   help="pages per batch (default 256; while the workload runs, runs of pages sent "
+                   "straight from memory go in batches of up to 1024, the protocol's largest)")
     p.add_argument("--connect-timeout", type=float, default=10.0, metavar="SECONDS",
                    help="how long to try to reach the destination, also while it refuses connections "
                         "(a daemon that is starting) (default 10)")

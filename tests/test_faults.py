@@ -172,9 +172,9 @@ DATA_STREAM_FAULTS = {
     "cut-mid-frame": Fault(action="cut", kind=Kind.PAGES, nth=3, conn=1, keep=7),
     "reset": Fault(action="reset", kind=Kind.PAGES, nth=3, conn=1),
     "stall": Fault(action="stall", kind=Kind.PAGES, nth=3, conn=1),
-    # The full copy puts 8 batches on stream 1 (two 4 MiB stripes of the 16 MiB region): the 9th
-    # comes after it -- in the pause, as the 2 s budget switches over at once.
-    "cut-after-the-full-copy": Fault(action="cut", kind=Kind.PAGES, nth=9, conn=1, keep=40),
+    # The full copy puts 2 batches on stream 1 (two 4 MiB stripes of the 16 MiB region, a run
+    # in 4 MiB frames): the 3rd comes after it -- in the pause, as the 2 s budget switches over at once.
+    "cut-after-the-full-copy": Fault(action="cut", kind=Kind.PAGES, nth=3, conn=1, keep=40),
 }
 
 

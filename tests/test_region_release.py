@@ -31,7 +31,7 @@ from precopy.protocol import PAGE_SIZE, Connection, Kind
 from .faultproxy import Fault, FaultProxy
 from .test_engine import FakeWorkload, serve, settled, wait_until
 
-NPAGES = 2048  # 8 MiB: several 1 MiB PAGES frames
+NPAGES = 4096  # 16 MiB: several PAGES frames (a run goes in 4 MiB frames)
 
 
 def _region(path: Path, seed: int) -> None:

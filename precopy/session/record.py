@@ -38,12 +38,15 @@ class PageRecord:
         """Nothing sent yet, nothing known."""
         return cls(np.zeros(npages, dtype=np.uint64), np.zeros(npages, dtype=bool), np.zeros(npages, dtype=bool))
 
-    def sent_unhashed(self, idx: np.ndarray, *, by_page: bool) -> None:
-        """``idx`` went as data straight from memory: no record until the destination gives one.
+    def sent_unhashed(self, idx: np.ndarray | slice, *, by_page: bool) -> None:
+        """``idx`` (page numbers, or a slice for a run) went as data straight from memory:
+        no record until the destination gives one.
 
         Never the zero page's digest (a tracker's hole check trusts a zero
         record).  ``by_page``: chunk tables go by page, and ``sent`` holds
         every page's digest as last read (the scan hashed them): kept.
+        A run's slice is three stores of a range instead of three gathers
+        of its page numbers (~7 % of the source's samples at 256 pages).
         """
         if not by_page:
             self.sent[idx] = 0
