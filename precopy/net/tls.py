@@ -192,12 +192,15 @@ class TlsChannel(Channel):
         self._in.write(data)
         return True
 
-    async def _write_all(self, bufs: list[Any]) -> int:
-        n = 0
-        for b in bufs:
-            await self._write(b)
-            n += memoryview(b).nbytes
-        return n
+    def _send_now(self, views: list[memoryview]) -> list[memoryview]:
+        return views  # every byte is encrypted first: _write_all
+
+    def _recv_now(self, buf: memoryview) -> int | None:
+        return None  # records are decrypted by _read_into
+
+    async def _write_all(self, views: list[memoryview]) -> None:
+        for v in views:
+            await self._write(v)
 
     async def _write(self, data: Any) -> None:
         view = memoryview(data).cast("B")
