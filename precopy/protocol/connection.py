@@ -98,6 +98,10 @@ class Connection:
     #: receiving into a region that has its pages sets it: the second copy
     #: (buffer to region) is gone.
     payload_sink: Callable[[np.ndarray], memoryview | None] | None = None
+    #: Called with the bytes of a payload in so far each time more of it
+    #: arrives into a sink's view: a destination hashes the chunks that
+    #: are complete while they are still in the CPU cache.
+    payload_progress: Callable[[int], None] | None = None
     phase: Phase = Phase.HELLO
     #: The conversation's BEGIN (on an extra stream: its JOIN's geometry, :meth:`Join.as_begin`).
     begin: Begin | None = None
@@ -202,6 +206,8 @@ class Connection:
             if nbytes < 0 or done + nbytes > view.nbytes:
                 raise LocalProtocolError(f"buffer_updated({nbytes}) beyond the payload")
             self._direct = (view, done + nbytes, ev)
+            if self.payload_progress is not None:
+                self.payload_progress(done + nbytes)
             return
         if nbytes < 0 or self._end + nbytes > len(self._buf):
             raise LocalProtocolError(f"buffer_updated({nbytes}) beyond the buffer")
@@ -248,7 +254,8 @@ class Connection:
         self._closed = True
 
     def release_sink(self) -> None:
-        """Stop offering payloads to :attr:`payload_sink` and drop any view it gave.
+        """Stop offering payloads to :attr:`payload_sink` (and progress to
+        :attr:`payload_progress`) and drop any view it gave.
 
         For the end of a receive (the sink's memory is about to go away): a
         payload still arriving into a sink's view is abandoned, and from then
@@ -256,7 +263,7 @@ class Connection:
         that frame would be read as the next one.  Without a payload in
         progress the connection goes on as without a sink.
         """
-        self.payload_sink = None
+        self.payload_sink = self.payload_progress = None
         if self._direct is not None:
             self._direct = None
             self._abandoned = True
@@ -331,6 +338,8 @@ class Connection:
             target[:have] = memoryview(self._buf)[pstart:self._end]
         self._start = self._end
         self._direct = (target, have, dataclasses.replace(ev, payload=target, in_place=True))
+        if have and self.payload_progress is not None:
+            self.payload_progress(have)
         return NEED_DATA
 
     def _need_data(self) -> _NeedData:

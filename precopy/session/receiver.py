@@ -163,8 +163,9 @@ class Receiver:
         writer = RegionWriter(mem, tracker, self.rec, existing=self.existing, populate=self.opts.populate,
                               chunk_pages=self.begin.chunk_pages)
         sink = writer.sink()
-        if sink is not None:
-            self.chan.conn.payload_sink = sink
+        hashing = writer.hashing_sink()  # this stream's: hashes chunks as they land
+        if hashing is not None:
+            self.chan.conn.payload_sink, self.chan.conn.payload_progress = hashing
         hub = self.hub
         if hub is not None:
             hub.start(writer.write, sink)
@@ -209,6 +210,7 @@ class Receiver:
             raise
         finally:
             self.chan.conn.release_sink()  # it holds the region: not past the migration
+            writer.release()
 
     async def _answer_pages_of(self, ev: DigestRequest, mem: GuestMemory, tracker: ChunkTracker) -> None:
         """The source's record of pages it sent without hashing them: their digests, by page."""
