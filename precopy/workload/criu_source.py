@@ -6,7 +6,11 @@ pre-copies its region.  At the pause, :class:`CriuWorkload` starts
 ``criu dump --leave-stopped`` of the stopped process; the dump runs beside
 the final pass (it never touches the region: CRIU records that mapping by
 path and size) and its images become the device-state blob
-(:mod:`precopy.workload.criu_images`).  Rollback is SIGCONT of the very
+(:mod:`precopy.workload.criu_images`).  The process offers no kernel write
+tracking of its own, so :meth:`CriuWorkload.offer_tracking` makes a
+userfaultfd inside it (:mod:`precopy.workload.inject`): the final pass then
+reads the written pages from the kernel (milliseconds) instead of rehashing
+the region; where that fails, digests.  Rollback is SIGCONT of the very
 process, still there and stopped; after a commit it stays stopped (or is
 killed with ``--on-commit kill``).
 
@@ -32,7 +36,7 @@ from pathlib import Path
 
 from precopy.errors import GuestControlError
 from precopy.memory.tracking import TrackingOffer, TrackingUnavailable
-from precopy.memory.uffd import uffd_api, unregister
+from precopy.memory.uffd import uffd_api
 from precopy.workload.criu import CriuTool, find_criu, process_facts, ram_dir
 from precopy.workload.inject import take_userfaultfd
 from precopy.workload.criu_images import pack_images
@@ -66,7 +70,6 @@ class CriuWorkload(SignalWorkload):
         self.dump_timeout_s = dump_timeout_s
         self.phases_ms: dict[str, float] = {}
         self._dump: asyncio.Task[bytes] | None = None
-        self._uffd: tuple[int, int, int] | None = None  # our own copy of the tracking fd, the range
         self._images: Path | None = None
         facts = process_facts(pid, self.memory)
         #: Expected dump + restore time, for the downtime estimate.
@@ -110,56 +113,39 @@ class CriuWorkload(SignalWorkload):
     async def offer_tracking(self) -> TrackingOffer:
         """Kernel write tracking of the region: a userfaultfd made inside the process (ptrace, x86-64).
 
-        Raises :class:`GuestControlError` or :class:`TrackingUnavailable`
-        (the migration then finds dirty pages by digests).
+        The tracker keeps it registered through the dump: CRIU dumps such a
+        mapping as a plain one (checked: the restored mapping carries no
+        userfaultfd flags).  Raises :class:`GuestControlError` or
+        :class:`TrackingUnavailable` (the migration then finds dirty pages
+        by digests).
         """
-        facts_start, length = _mapping_of(self.pid, self.memory)
+        start, length = _mapping_of(self.pid, self.memory)
         ours = await asyncio.to_thread(take_userfaultfd, self.pid)
         try:
             uffd_api(ours)
-            self._uffd = (os.dup(ours), facts_start, length)
         except BaseException:
             os.close(ours)
             raise
-        return TrackingOffer(fd=ours, pid=self.pid, start=facts_start, length=length)
-
-    def _end_tracking(self) -> None:
-        """Unregister the region from the userfaultfd made in the process: CRIU must see a plain mapping."""
-        held, self._uffd = self._uffd, None
-        if held is None:
-            return
-        fd, start, length = held
-        try:
-            unregister(fd, start, length)
-        except TrackingUnavailable as exc:
-            _log.debug("unregistering pid %d's region: %s", self.pid, exc)
-        finally:
-            os.close(fd)
+        return TrackingOffer(fd=ours, pid=self.pid, start=start, length=length)
 
     async def pause(self) -> bytes:
-        """SIGSTOP (ending any throttle); returns b"" (the images come from :meth:`device_state`).
+        """SIGSTOP (ending any throttle), then start the dump beside the final pass; returns b"".
 
-        Without kernel write tracking the dump starts now, beside the final
-        pass (a rehash of the whole region); with it, after the final pass
-        (which takes milliseconds), once the region is no longer tracked.
+        The images come from :meth:`device_state`.
         """
         blob = await super().pause()
         self.phases_ms = {}
-        if self._uffd is None:
-            self._dump = asyncio.ensure_future(self._dump_images())
+        self._dump = asyncio.ensure_future(self._dump_images())
         return blob
 
     async def device_state(self) -> bytes:
-        """Wait for the dump (started at the pause, or now); returns the images as one blob.
+        """Wait for the dump started at the pause; returns the images as one blob.
 
         Raises :class:`GuestControlError` when the dump failed (the process is
         still there, stopped: rollback resumes it).
         """
         if self._dump is None:
-            t = time.monotonic()
-            self._end_tracking()
-            self.phases_ms["untrack"] = round((time.monotonic() - t) * 1e3, 3)
-            self._dump = asyncio.ensure_future(self._dump_images())
+            raise GuestControlError("no CRIU dump was started (the workload was not paused)")
         return await asyncio.shield(self._dump)
 
     async def _dump_images(self) -> bytes:
@@ -198,12 +184,10 @@ class CriuWorkload(SignalWorkload):
     async def resume(self) -> None:
         """Rollback: let the dump end, then SIGCONT (the dump leaves the process stopped)."""
         await self._settle_dump()
-        self._end_tracking()
         await super().resume()
 
     async def stop(self) -> None:
         await self._settle_dump()
-        self._end_tracking()
         await super().stop()
 
 
