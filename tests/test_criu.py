@@ -286,3 +286,67 @@ def test_a_userfaultfd_made_inside_a_process_tracks_its_writes(tmp_path: Path) -
         proc.kill()
         proc.wait()
         region.unlink(missing_ok=True)
+
+
+class _FakeCriu:
+    """A CriuTool stand-in: no CRIU needed."""
+
+    path = "/opt/criu/criu"
+    version = (4, 2, 1)
+    version_text = "4.2.1"
+
+    def check(self, prefix: list[str] | None = None) -> str:
+        return "criu check: Looks good"
+
+
+def test_the_destination_wants_the_same_criu_at_the_same_path() -> None:
+    from precopy.workload.criu_dest import CriuDestination
+
+    dest = CriuDestination(_FakeCriu())  # type: ignore[arg-type]
+    check = dest.requirement_checks()["criu"]
+    assert "4.2.1" in check(["/opt/criu/criu", "4.2.1"])
+    for other in (["/usr/sbin/criu", "4.2.1"], ["/opt/criu/criu", "4.3"]):
+        with pytest.raises(PrecopyError, match="install the same CRIU at the same path"):
+            check(other)
+    with pytest.raises(PrecopyError, match="path and a version"):
+        check(["/opt/criu/criu"])
+
+
+def test_the_source_refuses_a_process_criu_could_not_restore(tmp_path: Path) -> None:
+    """Not a PID-namespace init: the preflight says to start it with precopy-guest run."""
+    import subprocess
+    import sys
+
+    from precopy.workload.criu_source import CriuWorkload
+
+    region = tmp_path / "r"
+    region.write_bytes(b"\0" * 4096)
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        wl = CriuWorkload(proc.pid, region, _FakeCriu())  # type: ignore[arg-type]
+        with pytest.raises(GuestControlError, match="precopy-guest run"):
+            wl.preflight()
+        assert wl.requirements() == {"criu": ["/opt/criu/criu", "4.2.1"]}
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_no_usable_criu_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    from precopy.workload.criu import find_criu
+
+    monkeypatch.setenv("PRECOPY_CRIU", "/bin/false")
+    with pytest.raises(GuestControlError, match="make criu"):
+        find_criu()
+    with pytest.raises(GuestControlError, match="make criu"):
+        find_criu("/nonexistent/criu")
+
+
+def test_precopy_source_criu_needs_pid(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from precopy_agents.source_main import main
+
+    region = tmp_path / "r"
+    region.write_bytes(b"\0" * 4096)
+    sock = tmp_path / "guest.sock"
+    assert main(["--to", "127.0.0.1:1", "--memory", str(region), "--guest-control", str(sock), "--criu"]) == 2
+    assert "--criu needs --pid" in capsys.readouterr().err
