@@ -211,7 +211,7 @@ class DestinationServer:
             elif isinstance(ev, Join):
                 await self.streams.join(chan, ev)
             elif isinstance(ev, Resume):
-                await resume_postcopy(chan, ev, self.opts)
+                await resume_postcopy(chan, ev, self.opts, self.journal)
             else:
                 await self._migrate(chan, ev)
         except asyncio.TimeoutError:

@@ -77,13 +77,26 @@ def dest_caps(opts: DestOptions, offered: tuple[str, ...] | None) -> tuple[str, 
     return tuple(c for c in offered if c == POSTCOPY_CAP and serves)
 
 
-async def resume_postcopy(chan: Channel, ev: Resume, opts: DestOptions) -> None:
-    """A source takes a broken post-copy page stream up on ``chan`` (docs/FAILURES.md)."""
-    live = LIVE.get(ev.begin.migration_id)
-    if live is None or live.begin.size != ev.begin.size or live.begin.name != ev.begin.name:
-        raise PrecopyError(f"no post-copy of migration {ev.begin.migration_id} waits here to be resumed",
-                           AbortCode.REGION)
+async def resume_postcopy(chan: Channel, ev: Resume, opts: DestOptions, journal: Journal | None) -> None:
+    """A source takes a broken post-copy page stream up on ``chan`` (docs/FAILURES.md).
+
+    A post-copy finished here already (its COMPLETE lost with the link) is
+    answered from the journal: nothing missing, READY, COMPLETE.
+    """
+    mid = ev.begin.migration_id
+    live = LIVE.get(mid)
     chan.send_timeout_s = opts.idle_timeout_s
+    if live is None:
+        rec = journal.read(mid) if journal is not None else None
+        if rec is not None and rec.get("postcopy") == "complete" and rec.get("size") == ev.begin.size:
+            bits = bytes(-(-ev.begin.npages // 8))
+            for off in range(0, len(bits), MAX_BATCH_PAGES * PAGE_SIZE):
+                await chan.send(Missing(offset=off, total=len(bits), data=bits[off:off + MAX_BATCH_PAGES * PAGE_SIZE]))
+            await chan.send(Ready())
+            await chan.send(Complete(migration_id=mid, pages=0))
+            return
+    if live is None or live.begin.size != ev.begin.size or live.begin.name != ev.begin.name:
+        raise PrecopyError(f"no post-copy of migration {mid} waits here to be resumed", AbortCode.REGION)
     await live.take_over(chan)
 
 
@@ -118,6 +131,8 @@ class PostcopyDest:
         self.t_commit = 0.0
         self._chan: Channel | None = None  # the connection the stream is served on now
         self._resumer: asyncio.Task[None] | None = None
+        self._streaming: asyncio.Future[None] | None = None  # the stream on ``_chan``
+        self._preempted = False  # it was cancelled for a RESUME on a new connection
 
     # -- steps 1-3: from POSTCOPY to the guest running here ----------------
 
@@ -224,17 +239,25 @@ class PostcopyDest:
                         first = False
                         await chan.send(Committed(migration_id=mid, resumed=True, timings=timings))
                         self._resumer = asyncio.create_task(self._resume_guest())
-                    await self._stream(chan)
+                    self._streaming = asyncio.ensure_future(self._stream(chan))
+                    await self._streaming
+                    continue
+                except asyncio.CancelledError:
+                    if not self._preempted:
+                        raise
+                    why = "the source resumed on a new connection"
                 except (LinkError, PeerAborted, OSError, RemoteProtocolError) as exc:
                     if not self.placer.left:
                         break
-                    _log.warning("migration %s: post-copy link lost with %d pages missing (%s): the guest "
-                                 "waits on its faults; waiting for the source to resume", mid, self.placer.left, exc)
-                    chan.close()
-                    self._release_handler()
-                    self._chan = None
-                    chan = await self._wait_resume()
-                    self._chan = chan
+                    why = str(exc)
+                self._preempted = False
+                _log.warning("migration %s: post-copy link lost with %d pages missing (%s): the guest waits on "
+                             "its faults; waiting for the source to resume", mid, self.placer.left, why)
+                chan.close()
+                self._release_handler()
+                self._chan = None
+                chan = await self._wait_resume()
+                self._chan = chan
             await chan.send(Complete(migration_id=mid, pages=len(self.missing), stats=self.placer.stats()))
             self._finish()
             if self._resumer is not None:
@@ -309,11 +332,12 @@ class PostcopyDest:
     async def take_over(self, chan: Channel) -> None:
         """A RESUME came on ``chan``: tell the source what is still missing, READY, and serve on it."""
         assert self.placer is not None
-        if self._next_chan is None and self._chan is not None:
+        if self._next_chan is None and self._streaming is not None and not self._streaming.done():
             # The source came back: the link it left is dead to it, whatever this side saw (a stall).
             _log.warning("post-copy of %s: the source resumes on a new connection; dropping %s",
-                         self.begin.migration_id, self._chan.peer)
-            self._chan.close()
+                         self.begin.migration_id, self._chan.peer if self._chan is not None else "?")
+            self._preempted = True
+            self._streaming.cancel()
             for _ in range(500):
                 if self._next_chan is not None:
                     break

@@ -96,14 +96,16 @@ class PageStream:
             reader.cancel()
 
     async def _read(self, exchange: Exchange) -> Complete:
-        while True:
-            ev = await exchange.expect((Request, Complete), timeout_s=1e9)
-            if isinstance(ev, Complete):
-                self.stats.complete = ev
+        try:
+            while True:
+                ev = await exchange.expect((Request, Complete), timeout_s=1e9)
+                if isinstance(ev, Complete):
+                    self.stats.complete = ev
+                    return ev
+                self._asked.append(ev.indices.copy())
                 self._wake.set()
-                return ev
-            self._asked.append(ev.indices.copy())
-            self._wake.set()
+        finally:
+            self._wake.set()  # done, or the link failed: the sender looks
 
     def _next(self) -> tuple[np.ndarray, bool] | None:
         """The next batch: what was asked for and is still wanted, else the next pages in order."""
