@@ -50,8 +50,7 @@ from precopy.protocol.messages import (
     Begin, DeviceState, DigestRequest, Event, Join, Kind, Missing, Pages, Ready, Resume, Role, Sync,
 )
 from precopy.protocol.phases import HANDSHAKE, Phase, check_by_page, check_ready_streams, check_sync, next_phase
-from precopy.protocol.postcopy_codec import DECODERS as POSTCOPY_DECODERS
-from precopy.protocol.postcopy_codec import decode_missing, decode_request
+from precopy.protocol.postcopy_codec import POSTCOPY_KINDS, check_missing_send, decode_postcopy_frame
 
 __all__ = ["NEED_DATA", "Connection"]
 
@@ -371,15 +370,10 @@ class Connection:
             piece = decode_device_state(meta, payload, self._device_received)
             self._device_received += len(payload)
             return piece
-        if kind is Kind.MISSING:
-            assert self.begin is not None  # BEGIN or RESUME came first: the phase table
-            bits = decode_missing(meta, payload, self._missing_received, self.begin)
-            self._missing_received += len(payload)
-            return bits
-        if kind is Kind.REQUEST:
-            assert self.begin is not None
-            return decode_request(meta, self.begin)
-        ev = POSTCOPY_DECODERS[kind](meta) if kind in POSTCOPY_DECODERS else decode_event(kind, meta)
+        if kind in POSTCOPY_KINDS:  # (their MISSING bytes counted, as DEVICE_STATE's)
+            ev, self._missing_received = decode_postcopy_frame(kind, meta, payload, self.begin, self._missing_received)
+        else:
+            ev = decode_event(kind, meta)
         self._note(ev)
         return ev
 
@@ -451,11 +445,8 @@ class Connection:
         if isinstance(event, DeviceState):
             if event.offset != self._device_sent or event.total > MAX_DEVICE_STATE:
                 raise LocalProtocolError("DEVICE_STATE pieces must be sent in order, within the limit")
-        if isinstance(event, Missing) and self.begin is not None:
-            try:
-                decode_missing(meta, memoryview(payload).cast("B"), self._missing_sent, self.begin)
-            except RemoteProtocolError as exc:
-                raise LocalProtocolError(str(exc)) from None
+        if isinstance(event, Missing):
+            check_missing_send(meta, payload, self._missing_sent, self.begin)
         try:
             if kind is Kind.BEGIN:
                 requires_field(meta["requires"])

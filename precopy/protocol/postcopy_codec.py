@@ -12,13 +12,14 @@ from typing import Any, Callable, Final
 
 import numpy as np
 
-from precopy.errors import RemoteProtocolError
+from precopy.errors import LocalProtocolError, RemoteProtocolError
 from precopy.protocol.codec import _decode_begin, _id_field, _int_field, _timings
 from precopy.protocol.limits import MAX_META, MAX_REGION, MAX_REQUEST_PAGES, PAGE_SIZE
 from precopy.protocol.messages import Begin, Complete, Event, Kind, Missing, Postcopy, Request, Resume
 
 __all__ = ["decode_request", "decode_missing", "missing_bytes", "bitmap_of", "pages_of_bitmap", "DECODERS",
-           "decode_postcopy", "decode_complete", "decode_resume"]
+           "decode_postcopy", "decode_complete", "decode_resume", "POSTCOPY_KINDS", "decode_postcopy_frame",
+           "check_missing_send"]
 
 
 def _int(meta: dict[Any, Any], key: str, kind: Kind, lo: int, hi: int) -> int:
@@ -118,3 +119,29 @@ DECODERS: Final[dict[Kind, Callable[[dict[Any, Any]], Event]]] = {
     Kind.COMPLETE: decode_complete,
     Kind.RESUME: decode_resume,
 }
+
+#: Every post-copy kind: the connection decodes them with :func:`decode_postcopy_frame`.
+POSTCOPY_KINDS: Final = frozenset({*DECODERS, Kind.MISSING, Kind.REQUEST})
+
+
+def decode_postcopy_frame(kind: Kind, meta: dict[Any, Any], payload: memoryview, begin: Begin | None,
+                          missing_in: int) -> tuple[Event, int]:
+    """A post-copy frame's event, and the MISSING bitmap bytes received with it (``missing_in``
+    before).  REQUEST and MISSING need the conversation's BEGIN (or RESUME): the phase table
+    puts one first."""
+    if kind in DECODERS:
+        return DECODERS[kind](meta), missing_in
+    assert begin is not None
+    if kind is Kind.MISSING:
+        return decode_missing(meta, payload, missing_in, begin), missing_in + len(payload)
+    return decode_request(meta, begin), missing_in
+
+
+def check_missing_send(meta: dict[str, Any], payload: Any, sent: int, begin: Begin | None) -> None:
+    """Raise :class:`LocalProtocolError` unless this MISSING piece may go out after ``sent`` bytes."""
+    if begin is None:
+        return  # the phase table refuses it
+    try:
+        decode_missing(meta, memoryview(payload).cast("B"), sent, begin)
+    except RemoteProtocolError as exc:
+        raise LocalProtocolError(str(exc)) from None
