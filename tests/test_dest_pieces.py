@@ -16,9 +16,12 @@ import xxhash
 from precopy.errors import RegionError
 from precopy.memory.digest import ChunkTracker
 from precopy.memory.region import GuestMemory
-from precopy.protocol import PAGE_SIZE, Pages
+from precopy.protocol import NEED_DATA, PAGE_SIZE, Pages
 from precopy.session.journal import Journal, MigrationRecord
 from precopy.session.region_writer import RegionWriter
+
+from .helpers import BEGIN, Pair, join
+from .helpers import NPAGES as N
 
 CHUNK_PAGES = 16
 NPAGES = 64
@@ -95,3 +98,57 @@ def test_a_commit_whose_rename_fails_is_taken_back(shm: Path) -> None:
         journal.commit(rec, b"blob", shm / "r.device-state", shm / ".missing.partial", shm / "r")
     entry = journal.read("m1")
     assert rec.outcome == "aborted" and entry is not None and entry["outcome"] == "aborted"
+
+
+@pytest.mark.parametrize("read", [4096, 100_000, 1 << 22])
+async def test_runs_received_in_place_are_hashed_as_they_land_into_the_regions_digests(
+        shm: Path, read: int) -> None:
+    """Into an existing region, runs go straight into its mapping and each chunk is hashed as
+    its bytes arrive (RegionWriter.hashing_sink): whatever the read sizes, the chunk table
+    is the region's, and runs that cover no whole chunk, or start mid-chunk, are too."""
+    path = shm / "r.mem"
+    path.write_bytes(np.random.default_rng(7).integers(0, 256, N * PAGE_SIZE, dtype=np.uint8).tobytes())
+    mem = GuestMemory.open(path)
+    pool = ThreadPoolExecutor(1)
+    cp = BEGIN.chunk_pages
+    tracker = ChunkTracker.unread(mem.view, cp, pool)
+    rec = MigrationRecord("m1", "r", mem.size, "peer")
+    try:
+        writer = RegionWriter(mem, tracker, rec, existing=True, populate=False, chunk_pages=cp)
+        hashing = writer.hashing_sink()
+        assert hashing is not None
+        pair = Pair()
+        pair.start()
+        pair.dst.payload_sink, pair.dst.payload_progress = hashing
+        rng = np.random.default_rng(8)
+        runs = [(0, 1024), (1024 + 3, 1024 + 3 + 5 * cp), (3000 % N, 3000 % N + cp - 1), (N - 2 * cp - 7, N)]
+        want = bytearray(path.read_bytes())
+        data = b""
+        for lo, hi in runs:
+            payload = rng.integers(0, 256, (hi - lo) * PAGE_SIZE, dtype=np.uint8).tobytes()
+            want[lo * PAGE_SIZE:hi * PAGE_SIZE] = payload
+            data += join(pair.src.send(Pages(indices=np.arange(lo, hi, dtype=np.uint32),
+                                             zeros=np.zeros(0, dtype=np.uint32), payload=payload, checksum=None)))
+        pos = 0
+        while pos < len(data):
+            buf = pair.dst.get_buffer()
+            n = min(len(buf), read, len(data) - pos)
+            buf[:n] = data[pos:pos + n]
+            buf.release()
+            pair.dst.buffer_updated(n)
+            pos += n
+            while (ev := pair.dst.next_event()) is not NEED_DATA:
+                assert isinstance(ev, Pages) and ev.in_place
+                await writer.write(ev)
+        pair.dst.release_sink()
+        writer.release()
+        assert rec.pages_in_place == sum(hi - lo for lo, hi in runs)
+        got = path.read_bytes()
+        assert got == bytes(want)
+        step = cp * PAGE_SIZE
+        assert [int(d) for d in tracker.table()] == [xxhash.xxh3_64_intdigest(got[o:o + step])
+                                                      for o in range(0, len(got), step)]
+    finally:
+        tracker.close()
+        mem.close()
+        pool.shutdown()

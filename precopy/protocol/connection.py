@@ -55,6 +55,24 @@ from precopy.protocol.postcopy_codec import POSTCOPY_KINDS, check_missing_send, 
 __all__ = ["NEED_DATA", "Connection"]
 
 
+#: Largest read into a sink's view while :attr:`Connection.payload_progress` hashes what
+#: lands: one read of a whole 4 MiB payload left its first chunks to be read back from
+#: memory (the destination's hashing then cost 0.8x its copy; 0.3x in 256 KiB pieces).
+_PROGRESS_READ: Final = 256 * 1024
+
+
+def _wanted(buf: bytearray, start: int, end: int) -> int:
+    """Bytes that complete the header, or else the frame, whose bytes so far are ``buf[start:end]``."""
+    avail = end - start
+    if avail < PREFIX_SIZE:
+        return PREFIX_SIZE - avail
+    _, _, _, meta_len, payload_len = PREFIX.unpack_from(buf, start)
+    head = PREFIX_SIZE + min(int(meta_len), MAX_META)
+    if avail < head:
+        return head - avail
+    return max(0, head + min(int(payload_len), MAX_PAYLOAD) - avail)
+
+
 class _NeedData:
     def __repr__(self) -> str:
         return "NEED_DATA"
@@ -170,10 +188,12 @@ class Connection:
             raise LocalProtocolError("the connection is closed: it receives nothing more")
         if self._direct is not None and self._direct[1] < self._direct[0].nbytes:
             view, done, _ = self._direct
-            return view[done:]
+            # With progress, in pieces the CPU cache holds (see _PROGRESS_READ).
+            return view[done:done + _PROGRESS_READ] if self.payload_progress is not None else view[done:]
         if len(self._buf) < self.buffer_size and self.phase not in HANDSHAKE and self.role is Role.DEST:
             self._grow()
-        need = self._wanted() if self.payload_sink is not None and not self._sink_declines else 0
+        sinking = self.payload_sink is not None and not self._sink_declines
+        need = _wanted(self._buf, self._start, self._end) if sinking else 0
         free = len(self._buf) - self._end
         if free < max(min_free, need) or self._start == self._end:
             n = self._end - self._start
@@ -187,17 +207,6 @@ class Connection:
                 self._grow(self._end + need)
             return memoryview(self._buf)[self._end:self._end + need]
         return memoryview(self._buf)[self._end:]
-
-    def _wanted(self) -> int:
-        """Bytes that complete the header, or else the frame, in progress (with a sink)."""
-        avail = self._end - self._start
-        if avail < PREFIX_SIZE:
-            return PREFIX_SIZE - avail
-        _, _, _, meta_len, payload_len = PREFIX.unpack_from(self._buf, self._start)
-        head = PREFIX_SIZE + min(int(meta_len), MAX_META)
-        if avail < head:
-            return head - avail
-        return max(0, head + min(int(payload_len), MAX_PAYLOAD) - avail)
 
     def buffer_updated(self, nbytes: int) -> None:
         if self._direct is not None and self._direct[1] < self._direct[0].nbytes:
