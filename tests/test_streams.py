@@ -4,13 +4,15 @@ Loopback migrations in one event loop (source session and destination
 server), byte-exact with a workload writing meanwhile; a destination that
 takes fewer streams than asked; a data stream cut mid-migration rolls back
 (workload running, nothing left on the destination); a JOIN that fits no
-migration is refused.  The protocol's frames themselves: tests/test_streams_protocol.py.
+migration is refused; kernel write tracking (whose rounds do not wait for a
+table between them) misses no write over three streams.  The protocol's frames themselves: tests/test_streams_protocol.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +22,10 @@ from precopy.net.channel import Channel, PeerAborted, connect
 from precopy.protocol import Join, Role
 from precopy.session.handshake import handshake
 from precopy.session.streams import Streams
+from tests.conftest import Procs
 from tests.test_engine import FakeWorkload, LiveWriter, make_region, migrate, partials, serve, settled
+from tests.test_tracking import _migrate_guest, _start_guest, needs_uffd
+from tests.test_tracking import verification  # noqa: F401 (a fixture)
 
 
 @pytest.mark.parametrize("streams", [2, 4])
@@ -119,3 +124,59 @@ async def test_a_source_without_streams_talks_to_this_destination_as_before(shm:
         assert rep.outcome == "committed" and rep.streams == 1
         assert (shm / "dest" / "vm.mem").read_bytes() == src.read_bytes()
     del mm
+
+
+@needs_uffd
+@pytest.mark.parametrize("pattern", ["sweep", "random"])
+def test_kernel_write_tracking_over_three_streams_misses_no_write(
+        procs: Procs, shm: Path, pattern: str, verification: str) -> None:  # noqa: F811 (the fixture)
+    """uffd-wp rounds send the next round's pages without waiting for a table: a page's sends must
+    stay on one stream (its stripe's), and every table must follow its SYNC -- chunk tables of chunk
+    bytes, by page from the first comparison, and by page from a later round."""
+    mem, ctl, g = _start_guest(procs, shm, pattern=pattern, npages=12288)  # 48 MiB: 12 stripes
+    time.sleep(0.2)
+    rep = _migrate_guest(shm, ctl, mem, tracking="uffd-wp", streams=3)
+    assert rep.outcome == "committed" and rep.tracking == "uffd-wp" and rep.streams == 3, rep.tracking_reason
+    assert rep.verification == verification
+    assert (shm / "dest" / "g.mem").read_bytes() == mem.read_bytes()
+    assert rep.verify_repairs == 0
+    assert g.poll() is None
+
+
+async def test_each_stream_runs_its_own_mutual_tls_session_and_key_handshake(shm: Path, tmp_path: Path) -> None:
+    from precopy.net.tls import client_context, server_context
+    from tests.tlscerts import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    key = b"streams-test-key-of-32-bytes-ok!"
+    src = shm / "vm.mem"
+    mm = make_region(src, 3000)
+    sctx = server_context(pki.server_cert, pki.server_key, pki.ca)
+    async with serve(shm / "dest", tls_context=sctx, auth_key=key) as server:
+        rep = await migrate(server, src, FakeWorkload(b"dev"), streams=3, auth_key=key,
+                            tls_context=client_context(pki.ca, pki.client_cert, pki.client_key))
+        assert rep.outcome == "committed" and rep.streams == 3 and min(rep.stream_bytes) > 0
+        assert (shm / "dest" / "vm.mem").read_bytes() == src.read_bytes()
+        # A client without a certificate cannot even reach the JOIN.
+        with pytest.raises(MigrationAborted):
+            await migrate(server, src, FakeWorkload(), streams=2, auth_key=key,
+                          tls_context=client_context(pki.ca), migration_id="no-cert")
+    del mm
+
+
+def test_the_options_reach_the_session_from_the_command_line(shm: Path) -> None:
+    from agents.source_args import build_parser, make_migration
+
+    region = shm / "r.mem"
+    region.write_bytes(bytes(8192))
+    args = build_parser().parse_args(["--to", "10.0.0.2:7070", "--memory", str(region), "--pid", str(os.getpid()),
+                                      "--streams", "3", "--stream-to", "10.1.0.2:7071", "--bind", "10.0.0.1",
+                                      "--bind", "10.1.0.1"])
+    opts, _ = make_migration(args)
+    assert (opts.streams, opts.stream_to, opts.bind) == (3, [("10.1.0.2", 7071)], ["10.0.0.1", "10.1.0.1"])
+    args = build_parser().parse_args(["--to", "h:1", "--memory", str(region), "--pid", str(os.getpid()),
+                                      "--stream-to", "h2:1", "--stream-to", "h3:1"])
+    assert make_migration(args)[0].streams == 3  # the default: one per destination address
+    with pytest.raises(ValueError, match="streams must be 1..64"):
+        make_migration(build_parser().parse_args(["--to", "h:1", "--memory", str(region),
+                                                  "--pid", str(os.getpid()), "--streams", "0"]))
