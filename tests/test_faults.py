@@ -169,12 +169,12 @@ def test_proxy_cut_before_commit_rolls_back(procs: Procs, shm: Path, phase: str)
 
 #: A fault on the second of two streams (--streams 2: the proxy's connection 1 carries pages only).
 DATA_STREAM_FAULTS = {
-    "cut-mid-frame": Fault(action="cut", kind=Kind.PAGES, nth=3, conn=1, keep=7),
-    "reset": Fault(action="reset", kind=Kind.PAGES, nth=3, conn=1),
-    "stall": Fault(action="stall", kind=Kind.PAGES, nth=3, conn=1),
-    # The full copy puts 2 batches on stream 1 (two 4 MiB stripes of the 16 MiB region, a run
-    # in 4 MiB frames): the 3rd comes after it -- in the pause, as the 2 s budget switches over at once.
-    "cut-after-the-full-copy": Fault(action="cut", kind=Kind.PAGES, nth=3, conn=1, keep=40),
+    "cut-mid-frame": Fault(action="cut", kind=Kind.PAGES, nth=2, conn=1, keep=7),
+    "reset": Fault(action="reset", kind=Kind.PAGES, nth=2, conn=1),
+    "stall": Fault(action="stall", kind=Kind.PAGES, nth=2, conn=1),
+    # Stream 1 carries two 4 MiB stripes of the 16 MiB region in the full copy: the first frame
+    # after 8 MiB on it comes after the full copy -- in the pause, as the 2 s budget switches over at once.
+    "cut-after-the-full-copy": Fault(action="cut", after_bytes=8 << 20, conn=1, keep=40),
 }
 
 
