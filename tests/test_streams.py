@@ -165,7 +165,7 @@ async def test_each_stream_runs_its_own_mutual_tls_session_and_key_handshake(shm
 
 
 def test_the_options_reach_the_session_from_the_command_line(shm: Path) -> None:
-    from agents.source_args import build_parser, make_migration
+    from precopy_agents.source_args import build_parser, make_migration
 
     region = shm / "r.mem"
     region.write_bytes(bytes(8192))
