@@ -253,6 +253,9 @@ class Receiver:
             raise RemoteProtocolError("DEVICE_STATE pieces disagree on the total size")
         self.device_total = ev.total
         self.device += ev.data
+        complete = getattr(self.opts.workload, "device_state_complete", None)
+        if complete is not None and len(self.device) == ev.total:  # e.g. CRIU restores from here on
+            complete(self.begin.migration_id, self.partial, self.device)
 
     def _check_device(self, ev: Commit | Postcopy) -> None:
         """The commit (or post-copy's) names this migration and the device state is whole and intact."""

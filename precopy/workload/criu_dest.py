@@ -1,7 +1,9 @@
 """Migrate any process with CRIU: the destination side (``precopy-dest --criu``).
 
-When COMMIT arrives (the region received and verified, the images
-complete), :meth:`CriuDestination.accept` -- before anything is committed:
+As soon as the images are complete (:meth:`CriuDestination.device_state_complete`,
+beside the source's verification), and at the latest at COMMIT
+(:meth:`CriuDestination.accept`, which waits for it) -- before anything is
+committed:
 
 1. unpacks the images (:mod:`precopy.workload.criu_images`, checked whole),
 2. puts the received region at the path it had on the source (a hard link
@@ -58,6 +60,7 @@ class _Restored:
     inode: tuple[int, int] | None = None
     pid: int | None = None
     timings: dict[str, float] | None = None
+    task: asyncio.Future[None] | None = None  # the restore, once started
 
 
 class CriuDestination:
@@ -89,11 +92,34 @@ class CriuDestination:
         images = Path(tempfile.mkdtemp(prefix=f"precopy-criu-{migration_id}-", dir=self.work_dir))
         self._live[migration_id] = _Restored(images=images, final=region.parent / name)
 
+    def device_state_complete(self, migration_id: str, region: Path, blob: bytes | bytearray) -> None:
+        """All the images are here: start the restore now, beside the source's verification.
+
+        (The restored process maps the region being received: pages a repair
+        still writes land in the very pages it will see.)  Its outcome is
+        :meth:`accept`'s, at COMMIT.
+        """
+        r = self._live.get(migration_id)
+        if r is not None and r.task is None:
+            r.task = asyncio.ensure_future(self._restore(r, migration_id, region, blob))
+
     async def accept(self, migration_id: str, region: Path, blob: bytes | bytearray) -> None:
-        """Unpack, place the region, restore the process stopped; raises :class:`GuestControlError`."""
+        """At COMMIT: the restore (started when the images were complete, or now) must have worked.
+
+        Raises :class:`GuestControlError` (the migration is then not committed).
+        """
         r = self._live.get(migration_id)
         if r is None:
             raise GuestControlError(f"migration {migration_id} was not prepared for CRIU")
+        if r.task is None:
+            r.task = asyncio.ensure_future(self._restore(r, migration_id, region, blob))
+        t = time.monotonic()
+        await asyncio.shield(r.task)
+        if r.timings is not None:
+            r.timings["criu_wait"] = _ms(t, time.monotonic())
+
+    async def _restore(self, r: _Restored, migration_id: str, region: Path, blob: bytes | bytearray) -> None:
+        """Unpack, place the region, restore the process stopped; raises :class:`GuestControlError`."""
         t0 = time.monotonic()
         images = unpack_images(blob, r.images / "img")
         size = os.stat(region).st_size
@@ -170,6 +196,8 @@ class CriuDestination:
         r = self._live.pop(migration_id, None)
         if r is None:
             return
+        if r.task is not None:  # a restore under way ends first: what it restores is killed below
+            await asyncio.gather(r.task, return_exceptions=True)
         if r.pid is not None:
             try:
                 os.kill(r.pid, signal.SIGKILL)
