@@ -31,7 +31,8 @@ from precopy.lab.memcached import Memcache, Writer, value_of
 from precopy.lab.netns import enter_in_thread
 
 SPLIT = ("pause", "final_scan", "final_pages", "device_state_wait", "device_state", "verify", "commit")
-CRIU = ("criu_dump", "criu_pack", "dest_criu_unpack", "dest_criu_restore", "dest_criu_continue")
+CRIU = ("criu_dump", "criu_pack", "dest_criu_unpack", "dest_criu_restore", "dest_criu_wait",
+        "dest_criu_continue")
 
 
 def _in_ns(ns: str, fn: Any) -> Any:
