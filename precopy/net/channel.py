@@ -138,6 +138,11 @@ class Channel:
         #: socket is registered with the loop for that (see _read_into).
         self._waiter: asyncio.Future[None] | None = None
         self._watching = False
+        # A channel that reads or writes its own way (a subclass's _read_into
+        # or _write_all: TLS, a test's in-memory channel) does all of it there.
+        cls = type(self)
+        self._own_reads = cls._read_into is not Channel._read_into
+        self._own_writes = cls._write_all is not Channel._write_all
 
     def unsent_bytes(self) -> int:
         """Bytes written but still in the kernel's send queue (not yet acknowledged).
@@ -200,6 +205,8 @@ class Channel:
         buffers a call): a syscall less per batch, and the kernel gets the
         frame at once.
         """
+        if self._own_writes:
+            return views
         for lo in range(0, len(views), _IOV_MAX):
             group = views[lo:lo + _IOV_MAX]
             try:
@@ -223,6 +230,8 @@ class Channel:
     def _recv_now(self, buf: memoryview) -> int | None:
         """Read what the socket holds now into ``buf``; None when it holds nothing (a TLS
         channel always says None: its records are read by :meth:`_read_into`)."""
+        if self._own_reads:
+            return None
         try:
             return self.sock.recv_into(buf)
         except (BlockingIOError, InterruptedError):
