@@ -17,6 +17,10 @@
 # tracking, uffd-wp) instead of --pid; SRCARGS and DESTARGS add agent options;
 # SPYARGS py-spy's (SPYARGS=--native: C frames too, e.g. what the event loop's
 # own time is). The summary leaves out waiting threads (pyspy_summary.py --skip-idle).
+# PERF=1: Linux perf instead of py-spy (both agents from the source's start,
+# kernel and native code: the copies, the hashing, page tables; needs perf,
+# Debian's linux-perf); writes OUTDIR/perf-{dest,src}-MODE.data and prints
+# each agent's top symbols.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODE=${1:-existing}
@@ -24,6 +28,11 @@ OUT=${2:-benchmarks/out/profile}
 PY=.venv/bin/python
 SPY=.venv/bin/py-spy
 NOSPY=${NOSPY:-0}
+PERF=${PERF:-0}
+if [ "$PERF" = 1 ]; then
+    NOSPY=1
+    command -v perf >/dev/null || { echo "perf missing: apt-get install linux-perf" >&2; exit 2; }
+fi
 [ "$NOSPY" = 1 ] || [ -x "$SPY" ] || { echo "py-spy missing: .venv/bin/pip install py-spy" >&2; exit 2; }
 mkdir -p "$OUT"
 W=$(mktemp -d /dev/shm/precopy-profile.XXXXXX)
@@ -61,17 +70,27 @@ D0=$(cpu "$D")
 G0=$(cpu "$G")
 PD=""; PS=""
 [ "$NOSPY" = 1 ] || { $SPY record -r 1000 ${SPYARGS:-} -f raw -o "$OUT/dest-$MODE.txt" --pid "$D" >/dev/null 2>&1 & PD=$!; }
+[ "$PERF" = 1 ] && { perf record -q -g -o "$OUT/perf-dest-$MODE.data" -p "$D" >/dev/null 2>&1 & PD=$!; }
 /usr/bin/time -f "source CPU: %U s user + %S s system, wall %e s" -o "$W/time" $PY -m precopy_agents.source_main --to "$(cat "$W/ready")" --memory "$W/src.mem" "${WHO[@]}" --name bench \
     --downtime-ms 50 --compress off --on-nonconvergence force --report "$OUT/report-$MODE.json" \
     --progress off --log-level warning ${SRCARGS:-} & S=$!
 [ "$NOSPY" = 1 ] || { $SPY record -s -r 1000 ${SPYARGS:-} -f raw -o "$OUT/src-$MODE.txt" --pid "$S" >/dev/null 2>&1 & PS=$!; }
+[ "$PERF" = 1 ] && { perf record -q -g -o "$OUT/perf-src-$MODE.data" -p "$S" >/dev/null 2>&1 & PS=$!; }
 wait "$S" || true
 echo "destination CPU: $(awk -v a="$D0" -v b="$(cpu "$D")" 'BEGIN{printf "%.2f", b - a}') s (user + system)"
 cat "$W/time"
 echo "guest CPU: $(awk -v a="$G0" -v b="$(cpu "$G")" 'BEGIN{printf "%.2f", b - a}') s over the migration (a writer's share of the 2 cores)"
 /usr/bin/time -f "  of which starting the interpreter and imports: %U s user + %S s system" $PY -c "import precopy_agents.source_main"
 $PY -c "import json,sys; r=json.load(open(sys.argv[1])); print('migration', round(r['total_time_s'], 3), 's;', ', '.join(f\"{x['kind']} {x['seconds']:.3f} s\" for x in r['rounds']))" "$OUT/report-$MODE.json"
-if [ "$NOSPY" = 1 ]; then
+if [ "$PERF" = 1 ]; then
+    kill -INT "$PD" 2>/dev/null || true
+    wait "$PS" "$PD" 2>/dev/null || true
+    for side in src dest; do
+        echo "== $side: top symbols (perf, self) =="
+        perf report -i "$OUT/perf-$side-$MODE.data" --no-children --sort dso,symbol --stdio -g none 2>/dev/null \
+            | grep -v '^#' | grep '%' | head -25
+    done
+elif [ "$NOSPY" = 1 ]; then
     # The yardstick beside it: the same bytes raw (benchmarks/limits.py), and the CPU both ends used.
     $PY - "$W/src.mem" "$MODE" <<'PYEOF'
 import sys
