@@ -33,10 +33,10 @@ __all__ = ["PageStream", "StreamStats", "resume_stream", "finish_stream", "PUSH_
 
 _log = logging.getLogger(__name__)
 #: Pages in a pushed batch: small, so that a requested page waits behind little.
-PUSH_PAGES = 64
+PUSH_PAGES = 128
 #: Bytes the socket may hold unsent before the next push waits: what a
-#: requested page queues behind (256 KiB: ~0.1 ms at loopback speed).
-MAX_UNSENT = 256 * 1024
+#: requested page queues behind (1 MiB: ~0.5 ms at loopback speed).
+MAX_UNSENT = 1024 * 1024
 
 
 @dataclass

@@ -1,0 +1,204 @@
+"""Post-copy (issue 22): a full-speed sweep that pre-copy cannot converge, moved by post-copy.
+
+    python -m benchmarks.postcopy [--size-mib 1024] [--runs 3] [--postcopy auto] [--results]
+
+Per run, interleaved, each on a fresh destination daemon over loopback:
+
+* ``idle``: the same region with an idle guest, plain pre-copy: the yardstick
+  for "time until the last page";
+* ``sweep``: a full-speed sweep guest (every page's first byte, round and
+  round: never converges), ``--postcopy auto``; the destination's
+  ``--on-resume`` hook starts the same sweep guest with ``--postcopy``.
+  Once COMPLETE came, the destination's guest is paused and its region held
+  against the source's (paused at the switchover, ``--on-commit
+  keep-stopped``): every byte but the first of every page must be the
+  source's, and the first bytes must read as the destination's sweep over
+  the source's -- each page incremented the same number of times, one more
+  for those before where it stands (no page lost, none overwritten after
+  the guest wrote it).
+
+Reports per run: pause to running on the destination (``switchover_ms``: the
+source's pause until COMMITTED), time until the last page (start to
+COMPLETE, against the idle migration's total), the throttle, pages faulted
+and pushed, the fault latency on the destination (p50/p99/max).  Ratios
+are taken within a run; absolute times need a quiet machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+PAGE = 4096
+
+
+def _env() -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=str(ROOT))
+
+
+def _wait(pred: Any, timeout: float, what: str) -> None:
+    end = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > end:
+            raise RuntimeError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+class Run:
+    """One migration: a region, a source guest, a destination daemon, the source agent."""
+
+    def __init__(self, work: Path, size_mib: int, guest_args: list[str], hook: str | None) -> None:
+        self.work = work
+        work.mkdir(parents=True)
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.src = work / "vm.mem"
+        subprocess.run([PY, "-m", "precopy.guest", "create", "--memory", str(self.src), "--size",
+                        f"{size_mib}M", "--content", "random"], env=_env(), check=True)
+        self.ctl = work / "g.sock"
+        self.guest = self._start([PY, "-m", "precopy.guest", "dirty", "--memory", str(self.src), "--control",
+                                  str(self.ctl), *guest_args])
+        _wait(self.ctl.exists, 30, "the source guest")
+        ready = work / "dest.addr"
+        dest = [PY, "-m", "precopy_agents.dest_main", "--listen", "127.0.0.1:0", "--memory-dir",
+                str(work / "dest"), "--ready-file", str(ready), "--log-level", "warning"]
+        self.dest = self._start(dest + (["--on-resume", hook] if hook else []),
+                                stderr=open(work / "dest.log", "wb"))
+        _wait(lambda: ready.exists() and ready.read_text().endswith("\n"), 30, "precopy-dest")
+        self.addr = ready.read_text().strip()
+
+    def _start(self, argv: list[str], **kw: Any) -> subprocess.Popen[bytes]:
+        p = subprocess.Popen(argv, env=_env(), cwd=ROOT, **kw)
+        self.procs.append(p)
+        return p
+
+    def migrate(self, *extra: str) -> dict[str, Any]:
+        report = self.work / "report.json"
+        r = subprocess.run([PY, "-m", "precopy_agents.source_main", "--to", self.addr, "--memory", str(self.src),
+                            "--guest-control", str(self.ctl), "--report", str(report), "--progress", "off",
+                            "--log-level", "warning", *extra], env=_env(), cwd=ROOT, capture_output=True,
+                           timeout=600)
+        if r.returncode != 0:
+            raise RuntimeError(f"precopy-source exited {r.returncode}: {r.stderr.decode()[-2000:]}")
+        rep: dict[str, Any] = json.loads(report.read_text())
+        return rep
+
+    def close(self) -> None:
+        for p in reversed(self.procs):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        shutil.rmtree(self.work, ignore_errors=True)
+
+
+def check_sweep(src: Path, dest: Path) -> dict[str, Any]:
+    """The destination's region held against the source's (see the module docstring)."""
+    a = np.memmap(src, dtype=np.uint8, mode="r").reshape(-1, PAGE)
+    b = np.memmap(dest, dtype=np.uint8, mode="r").reshape(-1, PAGE)
+    rest_ok = True
+    for lo in range(0, len(a), 16384):  # 64 MiB at a time
+        if not np.array_equal(a[lo:lo + 16384, 1:], b[lo:lo + 16384, 1:]):
+            rest_ok = False
+            break
+    d = (b[:, 0].astype(np.int16) - a[:, 0].astype(np.int16)) % 256
+    steps = np.flatnonzero(np.diff(d) != 0)
+    sweep_ok = bool(d.max() - d.min() <= 1 and len(steps) <= 1 and (not len(steps) or d[0] == d[-1] + 1))
+    return {"rest_exact": rest_ok, "sweep_ok": sweep_ok, "sweeps": int(d.min()),
+            "at_page": int(steps[0] + 1) if len(steps) else 0}
+
+
+async def _pause(path: str) -> None:
+    from precopy.workload.control import GuestControl
+
+    g = GuestControl(path, timeout_s=30)
+    await g.pause()
+    await g.close()
+
+
+def one(work: Path, size_mib: int, mode: str) -> dict[str, Any]:
+    idle = Run(work / "idle", size_mib, ["--rate", "0"], None)
+    try:
+        t_idle = idle.migrate()["total_time_s"]
+    finally:
+        idle.close()
+    ctlfile, pidfile = work / "sweep-ctl", work / "sweep-pid"
+    hook = (f"echo $$ > {pidfile}; echo \"$PRECOPY_POSTCOPY_CONTROL\" > {ctlfile}; exec {PY} -m precopy.guest dirty --memory "
+            f"\"$PRECOPY_MEMORY\" --pattern sweep --control \"$PRECOPY_POSTCOPY_CONTROL\" --postcopy")
+    sweep = Run(work / "sweep", size_mib, ["--pattern", "sweep"], hook)
+    try:
+        rep = sweep.migrate("--postcopy", mode)
+        pc = rep["postcopy"] or {}
+        _wait(lambda: ctlfile.exists() and ctlfile.read_text().endswith("\n"), 30, "the destination guest's control path")
+        asyncio.run(_pause(ctlfile.read_text().strip()))
+        check = check_sweep(sweep.src, sweep.work / "dest" / "vm.mem")
+    finally:
+        if pidfile.exists():  # the destination's guest: started by its daemon's hook, not by us
+            try:
+                os.kill(int(pidfile.read_text()), 9)
+            except (ProcessLookupError, ValueError):
+                pass
+        sweep.close()
+    return {"idle_total_s": t_idle, "total_s": rep["total_time_s"], "switchover_ms": pc.get("switchover_ms"),
+            "last_page_s": pc.get("last_page_s"), "max_throttle_pct": rep["max_throttle_pct"],
+            "rounds": len(rep["rounds"]), "pages_missing": pc.get("pages_missing"),
+            "faulted": pc.get("pages_faulted"), "requested": pc.get("pages_requested"),
+            "pushed": pc.get("pages_pushed"), "fault_p50_us": pc.get("fault_p50_us"),
+            "fault_p99_us": pc.get("fault_p99_us"), "fault_max_us": pc.get("fault_max_us"),
+            "phases_ms": rep["phases_ms"], **check}
+
+
+def table(rows: list[dict[str, Any]], size_mib: int, mode: str, command: str) -> str:
+    def med(key: str) -> float:
+        return statistics.median(float(r[key]) for r in rows if r[key] is not None)
+
+    lines = [f"`{command}` -- {len(rows)} runs, {size_mib} MiB, full-speed sweep, `--postcopy {mode}`, loopback", "",
+             "| run | pause to running (ms) | total (s) | idle total (s) | ratio (<= 1.5) | throttle % | missing | "
+             "faulted | pushed | fault p50 / p99 / max (us) | bytes exact | sweep invariant |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for i, r in enumerate(rows):
+        lines.append(
+            f"| {i + 1} | {r['switchover_ms']:.1f} | {r['total_s']:.2f} | {r['idle_total_s']:.2f} | "
+            f"{r['total_s'] / r['idle_total_s']:.2f} | {r['max_throttle_pct']} | {r['pages_missing']} | "
+            f"{r['faulted']} | {r['pushed']} | {r['fault_p50_us'] or 0:.0f} / {r['fault_p99_us'] or 0:.0f} / "
+            f"{r['fault_max_us'] or 0:.0f} | {r['rest_exact']} | {r['sweep_ok']} ({r['sweeps']} sweeps) |")
+    ratios = [r["total_s"] / r["idle_total_s"] for r in rows]
+    lines += ["", f"Medians: pause to running {med('switchover_ms'):.1f} ms (target <= 10), time until the last "
+              f"page / idle migration {statistics.median(ratios):.2f} (target <= 1.5), fault p50 "
+              f"{med('fault_p50_us'):.0f} us (<= 200), p99 {med('fault_p99_us'):.0f} us (<= 2,000)."]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size-mib", type=int, default=1024)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--postcopy", default="auto", choices=["auto", "now"])
+    ap.add_argument("--work", type=Path, default=Path("/dev/shm") / f"precopy-bench-pc-{os.getpid()}")
+    args = ap.parse_args()
+    command = "python -m benchmarks.postcopy " + " ".join(sys.argv[1:])
+    rows = []
+    try:
+        for i in range(args.runs):
+            row = one(args.work / f"run{i}", args.size_mib, args.postcopy)
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    finally:
+        shutil.rmtree(args.work, ignore_errors=True)
+    print(table(rows, args.size_mib, args.postcopy, command))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
