@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -54,6 +55,8 @@ __all__ = ["PostcopyDest", "LIVE", "dest_caps", "resume_postcopy"]
 
 _log = logging.getLogger(__name__)
 
+#: The post-copy stream's socket receive buffer (bytes; see small_window).
+RECEIVE_WINDOW = 256 * 1024
 #: Post-copy migrations whose page stream is live or waits for RESUME, by migration id.
 LIVE: dict[str, PostcopyDest] = {}
 
@@ -98,6 +101,16 @@ async def resume_postcopy(chan: Channel, ev: Resume, opts: DestOptions, journal:
     if live is None or live.begin.size != ev.begin.size or live.begin.name != ev.begin.name:
         raise PrecopyError(f"no post-copy of migration {mid} waits here to be resumed", AbortCode.REGION)
     await live.take_over(chan)
+
+
+def small_window(chan: Channel) -> None:
+    """Keep little of the page stream in flight: a requested page cannot overtake what is
+    (the source paces its pushes by what its socket holds unsent; a small receive window makes
+    that what is in flight)."""
+    try:
+        chan.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_WINDOW)
+    except OSError as exc:
+        _log.debug("post-copy: cannot shrink the receive window: %s", exc)
 
 
 class Receiving(Protocol):
@@ -230,6 +243,7 @@ class PostcopyDest:
         buf = bytearray(FAULT_MSG_SIZE * 64)
         loop.add_reader(self._uffd, self._on_fault, buf)
         self._chan = chan
+        small_window(chan)
         first = True
         try:
             _log.info("migration %s: the workload runs here; %d pages to come", mid, self.placer.left)
@@ -258,6 +272,7 @@ class PostcopyDest:
                 self._chan = None
                 chan = await self._wait_resume()
                 self._chan = chan
+                small_window(chan)
             await chan.send(Complete(migration_id=mid, pages=len(self.missing), stats=self.placer.stats()))
             self._finish()
             if self._resumer is not None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -37,6 +38,9 @@ PUSH_PAGES = 128
 #: Bytes the socket may hold unsent before the next push waits: what a
 #: requested page queues behind (1 MiB: ~0.5 ms at loopback speed).
 MAX_UNSENT = 1024 * 1024
+#: While the workload faults (a REQUEST in the last URGENT_S), pushes are smaller and
+#: less is let queue: its next fault waits behind less (throughput matters less then).
+URGENT_S, URGENT_PAGES, URGENT_UNSENT = 0.05, 16, 128 * 1024
 
 
 @dataclass
@@ -62,6 +66,7 @@ class PageStream:
         self._pos = 0
         self._asked: deque[np.ndarray] = deque()
         self._wake = asyncio.Event()
+        self._urgent_until = 0.0  # requests came lately: push small (URGENT_S)
 
     def restart(self, need: np.ndarray) -> None:
         """A new link: the destination says what it still lacks (pages in flight were lost)."""
@@ -81,7 +86,8 @@ class PageStream:
                 await self._send(exchange, batch)
                 if reader.done():
                     break
-                while exchange.unsent_bytes() > MAX_UNSENT and not self._asked and not reader.done():
+                while (exchange.unsent_bytes() > (URGENT_UNSENT if self._urgent() else MAX_UNSENT)
+                       and not self._asked and not reader.done()):
                     await asyncio.sleep(0.0002)
             # Everything is out: COMPLETE (or another request: lost pages are asked again).
             async with asyncio.timeout(io_timeout_s):
@@ -103,6 +109,7 @@ class PageStream:
                     self.stats.complete = ev
                     return ev
                 self._asked.append(ev.indices.copy())
+                self._urgent_until = time.monotonic() + URGENT_S
                 self._wake.set()
         finally:
             self._wake.set()  # done, or the link failed: the sender looks
@@ -121,12 +128,16 @@ class PageStream:
             return None
         end = self._pos
         picked: list[int] = []
-        while end < len(order) and len(picked) < PUSH_PAGES:
+        most = URGENT_PAGES if self._urgent() else PUSH_PAGES
+        while end < len(order) and len(picked) < most:
             if need[order[end]]:
                 picked.append(order[end])
             end += 1
         self._pos = end
         return np.array(picked, dtype=np.uint32), False
+
+    def _urgent(self) -> bool:
+        return time.monotonic() < self._urgent_until
 
     async def _send(self, exchange: Exchange, batch: tuple[np.ndarray, bool]) -> None:
         idx, asked = batch
