@@ -180,3 +180,22 @@ def test_the_options_reach_the_session_from_the_command_line(shm: Path) -> None:
     with pytest.raises(ValueError, match="streams must be 1..64"):
         make_migration(build_parser().parse_args(["--to", "h:1", "--memory", str(region),
                                                   "--pid", str(os.getpid()), "--streams", "0"]))
+
+
+async def test_into_an_existing_region_every_stream_receives_in_place(shm: Path) -> None:
+    """A repeat migration receives into the region the destination holds: each stream's runs go straight
+    into it, their chunks hashed as they land (each connection its own hasher), byte-exact."""
+    src = shm / "vm.mem"
+    mm = make_region(src, 6144)  # 24 MiB: six stripes, two on each of three streams
+    async with serve(shm / "dest") as server:
+        assert (await migrate(server, src, FakeWorkload(), streams=3)).outcome == "committed"
+        await settled(server)
+        mm[1024:5120] = 7  # 16 MiB change: runs on every stream (stripes 1-4)
+        mm.flush()
+        rep = await migrate(server, src, FakeWorkload(), streams=3)
+        assert rep.outcome == "committed" and rep.dest_region == "existing" and rep.streams == 3
+        assert (shm / "dest" / "vm.mem").read_bytes() == src.read_bytes()
+        assert rep.verify_repairs == 0
+        await settled(server)
+        assert server.results[-1].reused_region and server.results[-1].pages_in_place > 0
+    del mm

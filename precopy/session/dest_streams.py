@@ -37,6 +37,8 @@ _log = logging.getLogger(__name__)
 
 #: What writes one PAGES event into the region (RegionWriter.write).
 WriteFn = Callable[[Pages], Any]
+#: A connection's own payload sink and progress callback (RegionWriter.hashing_sink), or None.
+SinksFn = Callable[[], "tuple[Callable[[np.ndarray], memoryview | None], Callable[[int], None]] | None"]
 
 
 class StreamHub:
@@ -55,7 +57,7 @@ class StreamHub:
         self.error: PrecopyError | None = None
         self.closed = False
         self._write: WriteFn | None = None
-        self._sink: Callable[[np.ndarray], memoryview | None] | None = None
+        self._sinks: SinksFn | None = None
         self._started = asyncio.Event()
         self._changed = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -64,9 +66,14 @@ class StreamHub:
         self._resume = asyncio.Event()
         self._resume.set()
 
-    def start(self, write: WriteFn, sink: Callable[[np.ndarray], memoryview | None] | None) -> None:
-        """The region writer is ready: extra streams may write (those joined already waited for it)."""
-        self._write, self._sink = write, sink
+    def start(self, write: WriteFn, sinks: SinksFn) -> None:
+        """The region writer is ready: extra streams may write (those joined already waited for it).
+
+        ``sinks()`` gives each stream its own payload sink and progress
+        callback (payloads received straight into the region, their chunks
+        hashed as they land), or None where nothing is received in place.
+        """
+        self._write, self._sinks = write, sinks
         self._started.set()
 
     def check_join(self, join: Join) -> None:
@@ -99,8 +106,9 @@ class StreamHub:
             await chan.send(Joined())
             _log.info("migration %s: stream %d joined from %s", join.migration_id, index, chan.peer)
             await self._started.wait()
-            if self._sink is not None:
-                chan.conn.payload_sink = self._sink
+            hashing = self._sinks() if self._sinks is not None else None
+            if hashing is not None:
+                chan.conn.payload_sink, chan.conn.payload_progress = hashing
             await self._pump(chan, index)
         except asyncio.CancelledError:
             if self.closed:

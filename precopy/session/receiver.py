@@ -162,13 +162,12 @@ class Receiver:
         """Serve the migration's events until COMMIT (True, committed) or the end of the link."""
         writer = RegionWriter(mem, tracker, self.rec, existing=self.existing, populate=self.opts.populate,
                               chunk_pages=self.begin.chunk_pages)
-        sink = writer.sink()
         hashing = writer.hashing_sink()  # this stream's: hashes chunks as they land
         if hashing is not None:
             self.chan.conn.payload_sink, self.chan.conn.payload_progress = hashing
         hub = self.hub
         if hub is not None:
-            hub.start(writer.write, sink)
+            hub.start(writer.write, writer.hashing_sink)  # each extra stream its own
         try:
             async for ev in self.chan.events(self.opts.idle_timeout_s):
                 if isinstance(ev, Pages):
