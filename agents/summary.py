@@ -35,6 +35,8 @@ def summary(rep: MigrationReport) -> str:
         f"  on the wire {human_bytes(rep.bytes_on_wire)} ({rep.bytes_on_wire / secs / 1e6:.0f} MB/s average),"
         f" {rep.pages_sent} pages sent, {rep.zero_pages} zero pages",
     ]
+    if rep.streams > 1:
+        lines.append(f"  streams     {rep.streams}, carrying " + ", ".join(human_bytes(b) for b in rep.stream_bytes))
     if rep.downtime_ms is not None:
         expected = ("" if rep.expected_downtime_ms is None
                     else f"expected {rep.expected_downtime_ms:.1f} ms, ")

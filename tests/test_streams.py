@@ -199,3 +199,17 @@ async def test_into_an_existing_region_every_stream_receives_in_place(shm: Path)
         await settled(server)
         assert server.results[-1].reused_region and server.results[-1].pages_in_place > 0
     del mm
+
+
+def test_the_summary_names_the_streams_and_what_each_carried() -> None:
+    from precopy.session.report import MigrationReport, RoundReport
+    from precopy_agents.summary import summary
+
+    rnd = RoundReport(round=0, kind="full", pages_scanned=1, pages_dirty=1, pages_sent=1, zero_pages=0,
+                      bytes_on_wire=4096, seconds=0.1)
+    rep = MigrationReport(migration_id="m", outcome="committed", rounds=[rnd], bytes_on_wire=3 << 20,
+                          streams=2, stream_bytes=[2 << 20, 1 << 20])
+    line = [x for x in summary(rep).splitlines() if x.startswith("  streams")]
+    assert line == ["  streams     2, carrying 2.0 MiB, 1.0 MiB"], summary(rep)
+    assert not [x for x in summary(MigrationReport(migration_id="m", outcome="committed", rounds=[rnd]))
+                .splitlines() if x.startswith("  streams")]
