@@ -17,10 +17,10 @@
 # tracking, uffd-wp) instead of --pid; SRCARGS and DESTARGS add agent options;
 # SPYARGS py-spy's (SPYARGS=--native: C frames too, e.g. what the event loop's
 # own time is). The summary leaves out waiting threads (pyspy_summary.py --skip-idle).
-# PERF=1: Linux perf instead of py-spy (both agents from the source's start,
-# kernel and native code: the copies, the hashing, page tables; needs perf,
-# Debian's linux-perf); writes OUTDIR/perf-{dest,src}-MODE.data and prints
-# each agent's top symbols.
+# PERF=1: Linux perf instead of py-spy (both agents, kernel and native code:
+# the copies, the hashing, page tables; the source's figures then include
+# perf's own CPU; needs perf, Debian's linux-perf); writes
+# OUTDIR/perf-{dest,src}-MODE.data and prints each agent's top symbols.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODE=${1:-existing}
@@ -71,11 +71,12 @@ G0=$(cpu "$G")
 PD=""; PS=""
 [ "$NOSPY" = 1 ] || { $SPY record -r 1000 ${SPYARGS:-} -f raw -o "$OUT/dest-$MODE.txt" --pid "$D" >/dev/null 2>&1 & PD=$!; }
 [ "$PERF" = 1 ] && { perf record -q -g -o "$OUT/perf-dest-$MODE.data" -p "$D" >/dev/null 2>&1 & PD=$!; }
-/usr/bin/time -f "source CPU: %U s user + %S s system, wall %e s" -o "$W/time" $PY -m precopy_agents.source_main --to "$(cat "$W/ready")" --memory "$W/src.mem" "${WHO[@]}" --name bench \
+PRE=()
+[ "$PERF" = 1 ] && PRE=(perf record -q -g -o "$OUT/perf-src-$MODE.data" --)
+/usr/bin/time -f "source CPU: %U s user + %S s system, wall %e s" -o "$W/time" "${PRE[@]}" $PY -m precopy_agents.source_main --to "$(cat "$W/ready")" --memory "$W/src.mem" "${WHO[@]}" --name bench \
     --downtime-ms 50 --compress off --on-nonconvergence force --report "$OUT/report-$MODE.json" \
     --progress off --log-level warning ${SRCARGS:-} & S=$!
 [ "$NOSPY" = 1 ] || { $SPY record -s -r 1000 ${SPYARGS:-} -f raw -o "$OUT/src-$MODE.txt" --pid "$S" >/dev/null 2>&1 & PS=$!; }
-[ "$PERF" = 1 ] && { perf record -q -g -o "$OUT/perf-src-$MODE.data" -p "$S" >/dev/null 2>&1 & PS=$!; }
 wait "$S" || true
 echo "destination CPU: $(awk -v a="$D0" -v b="$(cpu "$D")" 'BEGIN{printf "%.2f", b - a}') s (user + system)"
 cat "$W/time"
@@ -88,7 +89,7 @@ if [ "$PERF" = 1 ]; then
     for side in src dest; do
         echo "== $side: top symbols (perf, self) =="
         perf report -i "$OUT/perf-$side-$MODE.data" --no-children --sort dso,symbol --stdio -g none 2>/dev/null \
-            | grep -v '^#' | grep '%' | head -25
+            | grep -v '^#' | grep '%' | head -25 || true
     done
 elif [ "$NOSPY" = 1 ]; then
     # The yardstick beside it: the same bytes raw (benchmarks/limits.py), and the CPU both ends used.
