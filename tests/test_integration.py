@@ -48,9 +48,11 @@ def test_guest_control_device_state_and_hook(procs: Procs, shm: Path) -> None:
     src = shm / "vm.mem"
     create_region(src, "16M", content="half-text")
     env_out = shm / "hook-env.json"
-    hook = ("python3 -c 'import json,os; json.dump({k: os.environ.get(k) for k in "
-            "(\"PRECOPY_MEMORY\", \"PRECOPY_DEVICE_STATE\", \"PRECOPY_MIGRATION_ID\")}, "
-            f"open(\"{env_out}\", \"w\"))'")
+    # Written under another name and renamed: the file exists only once it is whole.
+    tmp = f"{env_out}.tmp"
+    hook = (f"python3 -c 'import json,os; f=open(\"{tmp}\", \"w\"); json.dump({{k: os.environ.get(k) for k in "
+            "(\"PRECOPY_MEMORY\", \"PRECOPY_DEVICE_STATE\", \"PRECOPY_MIGRATION_ID\")}, f); f.close(); "
+            f"os.replace(\"{tmp}\", \"{env_out}\")'")
     dest = start_dest(procs, shm, "--on-resume", hook)
     ctl, blob_out = shm / "g.sock", shm / "blob.bin"
     g = procs.start(*guest("dirty", "--memory", str(src), "--rate", "3000", "--control", str(ctl),
