@@ -33,6 +33,22 @@ def test_apply_postcopy(mode: str, nonconv: str, decision: Decision, before: int
         assert got is decision
 
 
+@pytest.mark.parametrize(("mode", "nonconv", "converging", "want"), [
+    ("auto", "abort", False, Action.POSTCOPY),  # a round that dirtied more than half of what was sent
+    ("auto", "abort", True, Action.CONTINUE),
+    ("auto", "abort", None, Action.CONTINUE),  # not known (nothing sent before)
+    ("off", "postcopy", False, Action.CONTINUE),  # --on-nonconvergence postcopy only replaces the abort
+    ("off", "abort", False, Action.CONTINUE),
+])
+def test_auto_stops_pre_copy_at_the_first_round_that_does_not_converge(mode: str, nonconv: str,
+                                                                        converging: bool | None, want: Action) -> None:
+    got = apply_postcopy(d(Action.CONTINUE), mode=mode, on_nonconvergence=nonconv, throttle_before=0,
+                         converging=converging)
+    assert got.action is want
+    if want is Action.POSTCOPY:
+        assert "not converging" in got.reason
+
+
 def test_settings() -> None:
     check_postcopy("auto", "abort")
     with pytest.raises(ValueError, match="one of off, auto, now"):

@@ -6,9 +6,11 @@
   switchover the workload runs on the destination while pages are still
   on the source, so a lost source loses the workload.  An operator opts in.
 * ``auto``: pre-copy as usual while it converges; post-copy from the first
-  round where pre-copy would otherwise *give in* -- throttle the workload
-  (auto-converge), abort, or force a long pause.  The workload is never
-  throttled.
+  round that does not (over the budget, and it dirtied more than it could
+  hope to catch up with: more than half of what the round before sent --
+  auto-converge's trigger, taken at once instead of twice in a row), or
+  where pre-copy would otherwise *give in* -- throttle the workload, abort,
+  or force a long pause.  The workload is never throttled.
 * ``now``: post-copy right after the full copy and the first scan.
 
 ``--on-nonconvergence postcopy`` is narrower than ``auto``: pre-copy runs as
@@ -41,12 +43,16 @@ def postcopy_wanted(mode: str, on_nonconvergence: str) -> bool:
     return mode != "off" or on_nonconvergence == "postcopy"
 
 
-def apply_postcopy(decision: Decision, *, mode: str, on_nonconvergence: str, throttle_before: int) -> Decision:
+def apply_postcopy(decision: Decision, *, mode: str, on_nonconvergence: str, throttle_before: int,
+                   converging: bool | None = None) -> Decision:
     """The policy's ``decision`` after one round, with post-copy taking the place it may take.
 
     ``throttle_before``: the throttle (percent) before this decision; a
     CONTINUE that raises it is auto-converge stepping in, which ``auto``
-    replaces.  Returns ``decision`` itself when post-copy does not apply.
+    replaces.  ``converging``: whether the round dirtied at most half of
+    what the previous one sent (None: not known); a CONTINUE on a round
+    that did not is where ``auto`` stops pre-copy.  Returns ``decision``
+    itself when post-copy does not apply.
     """
     act = decision.action
     if mode == "now":
@@ -55,6 +61,8 @@ def apply_postcopy(decision: Decision, *, mode: str, on_nonconvergence: str, thr
         why = "pre-copy will not converge"
     elif mode == "auto" and act is Action.CONTINUE and decision.throttle_pct > throttle_before:
         why = "pre-copy would throttle the workload to converge"
+    elif mode == "auto" and act is Action.CONTINUE and converging is False:
+        why = "the round dirtied more than half of what the last one sent: pre-copy is not converging"
     else:
         return decision
     return dataclasses.replace(decision, action=Action.POSTCOPY, throttle_pct=0,

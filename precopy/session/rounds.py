@@ -250,8 +250,10 @@ class Rounds:
             # The first round's set spans the full copy: never pause on it.
             decision = dataclasses.replace(decision, action=Action.CONTINUE,
                                            reason=decision.reason + "; one more tracked round first")
+        sent = last.pages_sent + last.zero_pages
         return apply_postcopy(decision, mode=self.postcopy[0], on_nonconvergence=self.postcopy[1],
-                              throttle_before=self.throttle.pct)
+                              throttle_before=self.throttle.pct,
+                              converging=rnd.dirtied <= self.policy.throttle_threshold * sent if sent else None)
 
     async def _act(self, decision: Decision, rnd: _Round, held: bool, rounds_done: int) -> bool:
         """Carry out the decision: True to switch over now; raises to abort; else go on."""
