@@ -199,6 +199,8 @@ def test_memcached_moves_with_its_keys_and_clients_write_on() -> None:
         phases = rep["phases_ms"]
         for step in ("criu_dump", "device_state", "dest_criu_restore"):
             assert step in phases, phases
+        steps = list(phases)  # in the order they ran: the verification ran beside the dump, before the images
+        assert steps.index("final_pages") < steps.index("verify") < steps.index("device_state_wait"), steps
         assert len(writer.acked) >= len(before) + 50, (len(before), len(writer.acked), writer.errors)
         assert pair.restored_pids(), "no memcached runs in the destination's namespace"
         assert process_state(pair.restored_pids()[0]) != "T"
@@ -231,6 +233,9 @@ def test_a_failed_restore_is_not_committed_and_the_source_resumes() -> None:
         assert rep["outcome"] == "aborted"
         assert pair.pid is not None and process_state(pair.pid) != "T", "the source memcached was not resumed"
         assert not pair.restored_pids(), "a restored process was left on the destination"
+        assert pair.dest_pid is not None  # the images' file written ahead of the commit went with it
+        state = Path(f"/proc/{pair.dest_pid}/root/dev/shm/precopy-in")
+        assert state.is_dir() and not [p.name for p in state.iterdir() if p.name.endswith(".tmp")]
         got = _in_ns(pair.hosts.src_ns, lambda: _read_all([f"k{i}" for i in range(0, KEYS, 97)]))
         assert all(got.get(f"k{i}") == value_of("k", i, 32) for i in range(0, KEYS, 97))
 

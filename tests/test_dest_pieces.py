@@ -91,6 +91,20 @@ def test_the_journal_commits_write_ahead_and_recovers_what_a_stop_left(shm: Path
     assert sorted(json.loads(p.read_text())["migration_id"] for p in journal.dir.glob("*.json")) == ["m1", "m2"]
 
 
+def test_a_device_state_written_ahead_is_what_the_commit_names(shm: Path) -> None:
+    """Journal.stage (beside a CRIU restore): the commit then only renames it, writing nothing again."""
+    journal = Journal(shm / "state")
+    partial, final, device = shm / ".r.partial", shm / "r", shm / "r.device-state"
+    partial.write_bytes(b"region")
+    rec = MigrationRecord("m1", "r", 6, "peer")
+    journal.write(rec)
+    Journal.stage(bytearray(b"staged images"), device)
+    assert Journal.staged_path(device).read_bytes() == b"staged images" and not device.exists()
+    journal.commit(rec, b"not written again", device, partial, final, staged=True)
+    assert (rec.outcome, device.read_bytes()) == ("committed", b"staged images")
+    assert not Journal.staged_path(device).exists()
+
+
 def test_a_commit_whose_rename_fails_is_taken_back(shm: Path) -> None:
     journal = Journal(shm / "state")
     rec = MigrationRecord("m1", "r", 6, "peer")

@@ -110,6 +110,11 @@ class CriuPair:
             raise RuntimeError(f"precopy-guest run failed: {out.stderr.strip()}")
         self.pid = int(out.stdout.split()[-1])
 
+    @property
+    def dest_pid(self) -> int | None:
+        """precopy-dest's PID (``ip netns exec`` and ``sh -c`` exec it: the very process started)."""
+        return self._dest.pid if self._dest is not None and self._dest.poll() is None else None
+
     def dest_log(self) -> str:
         try:
             return (self.tmp / "dest.log").read_text(errors="replace")

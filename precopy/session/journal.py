@@ -169,11 +169,26 @@ class Journal:
             return None
         return data if isinstance(data, dict) else None
 
+    @staticmethod
+    def staged_path(device_state_path: Path) -> Path:
+        """Where :meth:`stage` writes the device state before :meth:`commit` gives it its name."""
+        return device_state_path.with_name(f".{device_state_path.name}.tmp")
+
+    @staticmethod
+    def stage(device: bytes | bytearray, device_state_path: Path) -> None:
+        """Write the device state ahead of the commit (step 2 of it, off the pause's path).
+
+        :meth:`commit` with ``staged=True`` then only renames it.  Raises OSError.
+        """
+        with open(Journal.staged_path(device_state_path), "wb") as f:
+            f.write(device)
+
     def commit(self, rec: MigrationRecord, device: bytes | bytearray, device_state_path: Path,
-               partial: Path, final: Path) -> None:
+               partial: Path, final: Path, *, staged: bool = False) -> None:
         """Commit a received region, write-ahead: steps 2-4 of the destination's commit.
 
-        Writes the device state to ``device_state_path``, then the commit
+        Writes the device state to ``device_state_path`` (or names the one
+        :meth:`stage` wrote: ``staged``), then the commit
         record (naming both files) durably, then renames ``partial`` to
         ``final``; ``rec`` then says committed.  The record is durable
         before the region takes its final name, and both before the workload
@@ -183,8 +198,9 @@ class Journal:
         journal say aborted), so the source is never told "committed".
         """
         try:
-            tmp = device_state_path.with_name(f".{device_state_path.name}.tmp")
-            tmp.write_bytes(device)
+            tmp = self.staged_path(device_state_path)
+            if not staged:  # (staged: :meth:`stage` wrote these very bytes already)
+                tmp.write_bytes(device)
             os.replace(tmp, device_state_path)
         except OSError as exc:
             raise RegionError(f"cannot write the device state {device_state_path}: {exc}") from exc

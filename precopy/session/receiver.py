@@ -98,6 +98,7 @@ class Receiver:
         self.device_state_path = self.opts.state_dir / f"{begin.name}{DEVICE_STATE_SUFFIX}"
         self.device = bytearray()
         self.device_total: int | None = None
+        self._staging: asyncio.Future[None] | None = None  # the device state's file, written once complete
         self.t_switchover: float | None = None
         self.registry = streams
         #: The migration's extra streams (None: one connection).
@@ -153,6 +154,9 @@ class Receiver:
             if not committed and self.opts.workload is not None:
                 await asyncio.shield(self.opts.workload.discard(self.begin.migration_id))
             if not committed:
+                if self._staging is not None:  # the device state's file written ahead goes too
+                    await asyncio.shield(self._staged())
+                    self.journal.staged_path(self.device_state_path).unlink(missing_ok=True)
                 if self.opts.keep_partial:
                     _log.warning("kept partial region %s (--keep-partial)", self.partial)
                 else:
@@ -250,11 +254,34 @@ class Receiver:
             )
         if self.device_total is not None and ev.total != self.device_total:
             raise RemoteProtocolError("DEVICE_STATE pieces disagree on the total size")
+        if len(self.device) + len(ev.data) > ev.total:
+            raise RemoteProtocolError(f"DEVICE_STATE pieces exceed their total of {ev.total} bytes")
         self.device_total = ev.total
         self.device += ev.data
+        if len(self.device) != ev.total or self._staging is not None:
+            return
         complete = getattr(self.opts.workload, "device_state_complete", None)
-        if complete is not None and len(self.device) == ev.total:  # e.g. CRIU restores from here on
-            complete(self.begin.migration_id, self.partial, self.device)
+        if complete is None:
+            return
+        # E.g. CRIU restores from here on; and (no post-copy with such a
+        # workload) the state's file is written meanwhile, in a thread: the
+        # commit then only renames it.
+        complete(self.begin.migration_id, self.partial, self.device)
+        self._staging = asyncio.get_running_loop().run_in_executor(
+            None, self.journal.stage, self.device, self.device_state_path)
+
+    async def _staged(self) -> bool:
+        """Whether the device state's file was written ahead (:meth:`Journal.stage`) and may be used."""
+        staging, self._staging = self._staging, None
+        if staging is None:
+            return False
+        try:
+            await staging
+        except OSError as exc:
+            _log.warning("migration %s: the device state could not be written ahead (%s); writing it at "
+                         "the commit", self.begin.migration_id, exc)
+            return False
+        return True
 
     def _check_device(self, ev: Commit | Postcopy) -> None:
         """The commit (or post-copy's) names this migration and the device state is whole and intact."""
@@ -297,7 +324,8 @@ class Receiver:
             if accept is not None:  # e.g. CRIU: restored (stopped) from the device state before the commit
                 await accept(self.begin.migration_id, self.partial, self.device)
             await self.opts.workload.check(self.begin.migration_id)  # last chance to say no
-        self.journal.commit(self.rec, self.device, self.device_state_path, self.partial, self.final)
+        self.journal.commit(self.rec, self.device, self.device_state_path, self.partial, self.final,
+                            staged=await self._staged())
         self.chan.settled = True  # an ABORT from here on would tell the source to resume
         # Not even a cancellation (the daemon shutting down) may stop the
         # workload from resuming now, nor its source from being told: a

@@ -466,8 +466,7 @@ class SourceSession:
         blob = await sw.pause()
         self.paused, self._t_pause = True, sw.t_pause
         rnd, frozen, sent = await sw.final_pass(expected_s, dest_table, pending, len(blob))
-        blob = await sw.send_device_state(blob, rnd)
-        await sw.verify(frozen, sent, rnd)
+        blob = await sw.state_and_verify(blob, frozen, sent, rnd)
         t_commit = await sw.commit(blob)
         # stop-and-copy pauses before anything is measured: no estimate decided it
         record_commit(self.report, paused_s=t_commit - sw.t_pause, phases_ms=sw.phases,

@@ -142,6 +142,22 @@ class Switchover:
         self._lap("final_pages")
         return rnd, final.live, todo
 
+    async def state_and_verify(self, blob: bytes, frozen: np.ndarray, sent: np.ndarray, rnd: RoundReport) -> bytes:
+        """The device state (:meth:`send_device_state`) and the verification (:meth:`verify`); returns the state.
+
+        A state the workload finishes beside the final pass (CRIU's dump) is
+        sent after the verification, which then runs beside it too: the
+        region is frozen and its final pass done, it does not depend on
+        that state (and the destination, which restores as soon as the state
+        is complete, then restores beside nothing of ours).
+        """
+        if getattr(self.workload, "device_state", None) is None:
+            blob = await self.send_device_state(blob, rnd)
+            await self.verify(frozen, sent, rnd)
+            return blob
+        await self.verify(frozen, sent, rnd)
+        return await self.send_device_state(blob, rnd)
+
     async def late_device_state(self, blob: bytes) -> bytes:
         """A device state the workload finishes beside the final pass (CRIU's dump): wait for it.
 
@@ -154,7 +170,7 @@ class Switchover:
         blob = await finish()
         self._lap("device_state_wait")
         self.phases.update(getattr(self.workload, "phases_ms", {}))  # e.g. CRIU's dump
-        return bytes(blob)
+        return blob if isinstance(blob, (bytes, bytearray)) else bytes(blob)  # (no copy of the images)
 
     async def send_device_state(self, blob: bytes, rnd: RoundReport) -> bytes:
         """The workload's device state, in frames of at most MAX_PAYLOAD (one, empty, if none).

@@ -53,20 +53,33 @@ class ImageSet:
 
 
 def pack_images(images_dir: Path, *, region: str, size: int, mode: int, pid: int, criu: str,
-                limit: int = MAX_DEVICE_STATE) -> bytes:
-    """Read every image file of ``images_dir`` into one blob.
+                limit: int = MAX_DEVICE_STATE) -> bytearray:
+    """Read every image file of ``images_dir`` into one blob (each file read once, straight into place).
 
-    Raises :class:`GuestControlError` when the images would not fit ``limit``.
+    Raises :class:`GuestControlError` when the images would not fit ``limit``
+    (checked before a byte is read) or a file changes size while read.
     """
     names = sorted(n for n in os.listdir(images_dir) if n not in _SKIP)
-    datas = [(images_dir / n).read_bytes() for n in names]
+    sizes = [os.stat(images_dir / n).st_size for n in names]
     header = msgpack.packb({"v": 1, "region": region, "size": size, "mode": mode, "pid": pid, "criu": criu,
-                            "files": [[n, len(d)] for n, d in zip(names, datas)]})
-    total = len(MAGIC) + _LEN.size + len(header) + sum(map(len, datas))
+                            "files": [[n, k] for n, k in zip(names, sizes)]})
+    off = len(MAGIC) + _LEN.size + len(header)
+    total = off + sum(sizes)
     if total > limit:
         raise GuestControlError(f"the CRIU images are {total >> 20} MiB, over the device-state limit of "
                                 f"{limit >> 20} MiB: the process holds too much private memory to move this way")
-    return b"".join([MAGIC, _LEN.pack(len(header)), header, *datas])
+    blob = bytearray(total)
+    blob[:off] = MAGIC + _LEN.pack(len(header)) + header
+    view = memoryview(blob)
+    for name, k in zip(names, sizes):
+        with open(images_dir / name, "rb", buffering=0) as f:
+            got = 0
+            while got < k and (n := f.readinto(view[off + got:off + k])):
+                got += n
+            if got != k or f.read(1):
+                raise GuestControlError(f"CRIU image {name} changed size while it was read")
+        off += k
+    return blob
 
 
 def _header(blob: memoryview) -> tuple[ImageSet, int]:

@@ -69,7 +69,7 @@ class CriuWorkload(SignalWorkload):
         self.work_dir = work_dir or ram_dir()
         self.dump_timeout_s = dump_timeout_s
         self.phases_ms: dict[str, float] = {}
-        self._dump: asyncio.Task[bytes] | None = None
+        self._dump: asyncio.Task[bytearray] | None = None
         self._images: Path | None = None
         facts = process_facts(pid, self.memory)
         #: Expected dump + restore time, for the downtime estimate.
@@ -138,7 +138,7 @@ class CriuWorkload(SignalWorkload):
         self._dump = asyncio.ensure_future(self._dump_images())
         return blob
 
-    async def device_state(self) -> bytes:
+    async def device_state(self) -> bytearray:
         """Wait for the dump started at the pause; returns the images as one blob.
 
         Raises :class:`GuestControlError` when the dump failed (the process is
@@ -148,7 +148,7 @@ class CriuWorkload(SignalWorkload):
             raise GuestControlError("no CRIU dump was started (the workload was not paused)")
         return await asyncio.shield(self._dump)
 
-    async def _dump_images(self) -> bytes:
+    async def _dump_images(self) -> bytearray:
         images = Path(tempfile.mkdtemp(prefix=f"precopy-criu-{self.pid}-", dir=self.work_dir))
         self._images = images
         log = images / "dump.log"
@@ -162,8 +162,10 @@ class CriuWorkload(SignalWorkload):
             self.phases_ms["criu_dump"] = round(took * 1e3, 3)
             t = time.monotonic()
             st = os.stat(self.memory)
-            blob = pack_images(images, region=str(self.memory), size=st.st_size, mode=stat.S_IMODE(st.st_mode),
-                               pid=self.pid, criu=self.criu.version_text)
+            # In a thread: the event loop serves the final pass and the verification meanwhile.
+            blob = await asyncio.to_thread(pack_images, images, region=str(self.memory), size=st.st_size,
+                                           mode=stat.S_IMODE(st.st_mode), pid=self.pid,
+                                           criu=self.criu.version_text)
             self.phases_ms["criu_pack"] = round((time.monotonic() - t) * 1e3, 3)
             _log.info("criu dump of pid %d: %.1f ms, images %.1f MiB", self.pid, took * 1e3, len(blob) / 2**20)
             return blob
