@@ -1,7 +1,7 @@
 """Migrate any process with CRIU: the destination side (``precopy-dest --criu``).
 
-As soon as the images are complete (:meth:`CriuDestination.device_state_complete`,
-beside the source's verification), and at the latest at COMMIT
+As soon as the images are complete (:meth:`CriuDestination.device_state_complete`;
+the source verified the region beside its dump, before sending them), and at the latest at COMMIT
 (:meth:`CriuDestination.accept`, which waits for it) -- before anything is
 committed:
 
@@ -93,7 +93,7 @@ class CriuDestination:
         self._live[migration_id] = _Restored(images=images, final=region.parent / name)
 
     def device_state_complete(self, migration_id: str, region: Path, blob: bytes | bytearray) -> None:
-        """All the images are here: start the restore now, beside the source's verification.
+        """All the images are here: start the restore now, while COMMIT is on its way.
 
         (The restored process maps the region being received: pages a repair
         still writes land in the very pages it will see.)  Its outcome is

@@ -4,8 +4,8 @@ The process is paused, throttled and resumed with signals exactly as
 :class:`~precopy.workload.signals.SignalWorkload` does, while precopy
 pre-copies its region.  At the pause, :class:`CriuWorkload` starts
 ``criu dump --leave-stopped`` of the stopped process; the dump runs beside
-the final pass (it never touches the region: CRIU records that mapping by
-path and size) and its images become the device-state blob
+the final pass and the verification (it never touches the region: CRIU
+records that mapping by path and size) and its images become the device-state blob
 (:mod:`precopy.workload.criu_images`).  The process offers no kernel write
 tracking of its own, so :meth:`CriuWorkload.offer_tracking` makes a
 userfaultfd inside it (:mod:`precopy.workload.inject`): the final pass then
