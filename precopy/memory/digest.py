@@ -306,6 +306,7 @@ class ChunkTracker:
         self._executor = executor
         self._lock = threading.Lock()  # one refresher at a time
         self._wake = threading.Event()
+        self._stop = threading.Event()  # close() ends the quiet wait at once
         self._closed = False
         self._last_mark = 0.0
         self._thread = threading.Thread(target=self._run, name="precopy-chunks", daemon=True)
@@ -343,6 +344,7 @@ class ChunkTracker:
         self._executor = executor
         self._lock = threading.Lock()
         self._wake = threading.Event()
+        self._stop = threading.Event()  # close() ends the quiet wait at once
         self._closed = False
         self._last_mark = 0.0
         self._thread = threading.Thread(target=self._run, name="precopy-chunks", daemon=True)
@@ -460,7 +462,7 @@ class ChunkTracker:
             self._wake.wait(0.05)
             # Only in a pause of the stream (see _QUIET_S).
             while not self._closed and (left := self._last_mark + _QUIET_S - time.monotonic()) > 0:
-                time.sleep(left)
+                self._stop.wait(left)
             self._wake.clear()
             if self._closed:
                 return
@@ -468,5 +470,6 @@ class ChunkTracker:
 
     def close(self) -> None:
         self._closed = True
+        self._stop.set()
         self._wake.set()
         self._thread.join()
