@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 import subprocess
@@ -130,14 +131,19 @@ def test_cancel_rolls_back_and_the_result_is_kept(procs: Procs, work: Path, requ
     # region (16 MiB) each round, far more than a 5 MB/s link sends within the budget. The
     # budget stays far above the downtime floor (a final scan of 16 MiB): on a busy machine
     # that scan took ~300 ms, and a floor over the budget aborts before the cancel.
+    # It never converges as long as the sweep writes more pages a second than the link moves
+    # (3 MB/s: 732): a guest starved on a busy machine wrote only ~1,070 a second, and over
+    # the 5 MB/s link this test once had, its round fit the budget and committed. As root the
+    # guest also runs at a higher priority than the load beside it (nice -10).
     region = work / "sweep.mem"
     create_region(region, "16M")
     first = region.read_bytes()[:1]
-    pid = procs.start(*guest("dirty", "--memory", str(region), "--pattern", "sweep")).pid
+    prio = {"preexec_fn": lambda: os.nice(-10)} if os.geteuid() == 0 else {}
+    pid = procs.start(*guest("dirty", "--memory", str(region), "--pattern", "sweep"), **prio).pid
     # Sweeping before the migration starts: a guest still importing when the first round
     # scans leaves nothing dirty, and the migration commits at once.
     wait_for(lambda: region.open("rb").read(1) != first, timeout=60, what="the guest to sweep")
-    proxy = FaultProxy(("127.0.0.1", int(dest.addr.rsplit(":", 1)[1])), rate_bps=5e6).__enter__()
+    proxy = FaultProxy(("127.0.0.1", int(dest.addr.rsplit(":", 1)[1])), rate_bps=3e6).__enter__()
     request.addfinalizer(lambda: proxy.__exit__(None, None, None))
     ans = d.request({"op": "start", "options": {"to": proxy.addr, "memory": str(region), "pid": pid,
                                                  "downtime-ms": 1000, "throttle": "off", "max-time": 0,
