@@ -278,14 +278,19 @@ def test_dirty_rate_and_hot_set(region: Path, tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     data = json.loads(stats.read_text())
-    # Loose bounds: the guest paces itself, but a loaded 2-core machine may
-    # deschedule it (it catches up at most 50 ms of missed writes).
-    assert 0.9 < data["seconds"] < 10.0
-    assert 500 < data["pages_written"] / data["seconds"] < 3000
+    # The guest paces itself: never faster than asked (it catches up at most 50 ms of missed
+    # writes). How many it wrote depends on the CPU it got -- a loaded 2-core machine may
+    # starve it -- so the hot set is checked against what it did write.
+    assert data["seconds"] > 0.9
+    written = data["pages_written"]
+    assert 0 < written and written / data["seconds"] < 3000
     changed = (_read_pages(region) != before).any(axis=1)
     hot = len(changed) // 10
-    assert changed[:hot].all()  # ~1800 writes into ~102 hot pages
-    assert 50 < changed[hot:].sum() < 400  # ~200 uniform writes elsewhere
+    hot_changed, cold_changed = int(changed[:hot].sum()), int(changed[hot:].sum())
+    assert cold_changed <= 0.2 * written + 20  # ~10 % of the writes go elsewhere, uniformly
+    assert hot_changed >= min(hot, 0.3 * written)  # ~90 % into the hot tenth
+    if written >= 1000:  # as paced on a machine with room: ~1,800 writes into ~102 hot pages
+        assert changed[:hot].all() and cold_changed > 50
 
 
 def test_dirty_uniform_half_text_writes(region: Path, tmp_path: Path) -> None:

@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import subprocess
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from precopy.lab.netns import _run, rate_bits_per_s, unavailable_reason
+from precopy.lab.netns import _run, delete_namespaces, shape, unavailable_reason
 
 __all__ = ["MultiLink"]
 
@@ -79,15 +78,10 @@ class MultiLink:
             _run(["ip", "-n", ns, "addr", "add", f"{ip}/30", "dev", dev])
             _run(["ip", "-n", ns, "link", "set", dev, "up"])
             if self.rate:
-                # as precopy.lab.netns.TwoHosts: a tick's worth of bytes, at least 256 KiB (GSO segments)
-                burst = max(int(rate_bits_per_s(self.rate) / 8 / 250), 256 * 1024)
-                _run(["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf",
-                      "rate", self.rate, "burst", str(burst), "latency", "50ms"])
+                shape(ns, dev, self.rate)
 
     def down(self) -> None:
-        for ns in (self.src_ns, self.dst_ns):
-            # deleting a namespace removes its ends of the veth pairs, and with them the peers
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        delete_namespaces(self.src_ns, self.dst_ns)
 
     def __enter__(self) -> MultiLink:
         return self.up()

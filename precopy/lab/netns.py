@@ -78,6 +78,20 @@ def _run(argv: Sequence[str]) -> None:
         raise RuntimeError(f"{' '.join(argv)} failed: {proc.stderr.strip() or proc.stdout.strip()}")
 
 
+def shape(ns: str, dev: str, rate: str) -> None:
+    """Limit what ``dev`` in namespace ``ns`` sends to ``rate`` (tc tbf, e.g. ``1gbit``)."""
+    # burst: at least one timer tick's worth of bytes at this rate, and >= 64 KiB GSO segments
+    burst = max(int(rate_bits_per_s(rate) / 8 / 250), 256 * 1024)
+    _run(["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf",
+          "rate", rate, "burst", str(burst), "latency", "50ms"])
+
+
+def delete_namespaces(*names: str) -> None:
+    """Delete the namespaces that exist of ``names`` (with their ends of veth pairs, and so the peers)."""
+    for ns in names:
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
 @dataclass
 class TwoHosts:
     """Namespaces NAME-src and NAME-dst joined by veth NAME-s <-> NAME-d.
@@ -125,20 +139,14 @@ class TwoHosts:
                 _run(["ip", "-n", ns, "link", "set", dev, "up"])
                 _run(["ip", "-n", ns, "link", "set", "lo", "up"])
                 if self.rate:
-                    bits = rate_bits_per_s(self.rate)
-                    # burst: at least one timer tick's worth of bytes at this rate, and >= 64 KiB GSO segments
-                    burst = max(int(bits / 8 / 250), 256 * 1024)
-                    _run(["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf",
-                          "rate", self.rate, "burst", str(burst), "latency", "50ms"])
+                    shape(ns, dev, self.rate)
         except Exception:
             self.down()
             raise
         return self
 
     def down(self) -> None:
-        for ns in (self.src_ns, self.dst_ns):
-            # deleting a namespace removes its end of the veth pair, and with it the peer
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        delete_namespaces(self.src_ns, self.dst_ns)
 
     def __enter__(self) -> TwoHosts:
         return self.up()
