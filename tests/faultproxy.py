@@ -26,7 +26,9 @@ trigger matches it acts:
              (frames behind it wait too: a peer waiting for an answer is
              held in this phase while, e.g., a signal lands).
 
-A proxy-wide ``rate_bps`` slows every byte down.  Faults apply to the
+A proxy-wide ``rate_bps`` slows every byte down; a proxy without faults
+forwards bytes as they come, not frames (a slow link holds 64 KiB, not a
+4 MiB frame).  Faults apply to the
 connection number ``conn`` (0 = the first the proxy accepted); later
 connections (e.g. the source's outcome query) pass through untouched unless
 a fault names them.  ``upstream`` may be changed while running (a restarted
@@ -147,6 +149,9 @@ class _Link:
                 await asyncio.sleep(len(piece) / rate)
 
     async def _pump(self, r: asyncio.StreamReader, w: asyncio.StreamWriter, direction: str) -> None:
+        if not self.proxy.faults:
+            await self._stream(r, w)
+            return
         forwarded = 0
         try:
             while True:
@@ -177,6 +182,21 @@ class _Link:
             pass
         if not self.stalled.is_set():
             self.done.set()
+
+    async def _stream(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        """A proxy without faults is a pipe: bytes go on as they come, at most 64 KiB held.
+
+        Holding whole frames, as the fault triggers need, made a slow link a 4 MiB buffer
+        that took a frame at once then dripped it out: the source measured bursts of a
+        rate ~10x the real one, and a 16 MiB sweep over 3 MB/s expected 511 ms for a
+        pause that took 5.8 s (and committed where the test needed it to iterate).
+        """
+        try:
+            while data := await r.read(65536):
+                await self._write(w, data)
+        except OSError:
+            pass
+        self.done.set()
 
     async def _act(self, fault: Fault, frame: bytearray, w: asyncio.StreamWriter,
                    meta_len: int) -> bytearray | None:

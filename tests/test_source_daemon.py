@@ -134,7 +134,9 @@ def test_cancel_rolls_back_and_the_result_is_kept(procs: Procs, work: Path, requ
     # It never converges as long as the sweep writes more pages a second than the link moves
     # (3 MB/s: 732): a guest starved on a busy machine wrote only ~1,070 a second, and over
     # the 5 MB/s link this test once had, its round fit the budget and committed. As root the
-    # guest also runs at a higher priority than the load beside it (nice -10).
+    # guest also runs at a higher priority than the load beside it (nice -10). The proxy is a
+    # pipe, not a frame buffer (tests/faultproxy.py): holding 4 MiB frames, it once made the
+    # source expect 511 ms for a pause of the whole region that took 5.8 s, and commit.
     region = work / "sweep.mem"
     create_region(region, "16M")
     first = region.read_bytes()[:1]
