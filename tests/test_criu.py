@@ -240,9 +240,24 @@ def test_a_failed_restore_is_not_committed_and_the_source_resumes() -> None:
         assert all(got.get(f"k{i}") == value_of("k", i, 32) for i in range(0, KEYS, 97))
 
 
+def _rss_kib(pid: int, path: Path) -> int:
+    """The Rss of ``pid``'s mapping of ``path`` (from /proc/PID/smaps)."""
+    inside = False
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        if line[:1] in "0123456789abcdef" and "-" in line.split()[0]:
+            inside = line.rstrip().endswith(str(path))
+        elif inside and line.startswith("Rss:"):
+            return int(line.split()[1])
+    raise AssertionError(f"process {pid} does not map {path}")
+
+
 @pytest.mark.skipif(not ROOT or os.uname().machine != "x86_64", reason="ptrace of another process: root, x86-64")
 def test_a_userfaultfd_made_inside_a_process_tracks_its_writes(tmp_path: Path) -> None:
-    """inject.take_userfaultfd: the process keeps no new fd, runs on, and its writes are reported."""
+    """inject.take_userfaultfd: the process keeps no new fd, runs on, and its writes are reported.
+
+    With ``release`` it first drops its page-table entries of the region
+    (what CRIU's smaps read would walk): the data stays in the file.
+    """
     import subprocess
     import sys
     import time
@@ -252,14 +267,16 @@ def test_a_userfaultfd_made_inside_a_process_tracks_its_writes(tmp_path: Path) -
     from precopy.workload.inject import take_userfaultfd
 
     region = Path("/dev/shm") / f"precopy-criu-inject-{os.getpid()}"
-    region.write_bytes(b"\0" * (64 * 4096))
+    region.write_bytes(b"".join(bytes([p + 1]) * 4096 for p in range(64)))  # page p holds p + 1
+    original = region.read_bytes()
     code = ("import mmap, os, sys, time\n"
             "f = open(sys.argv[1], 'r+b'); m = mmap.mmap(f.fileno(), 0, mmap.MAP_SHARED)\n"
+            "sum(m[p * 4096] for p in range(64))\n"  # every page mapped
             "print('ready', flush=True); i = 0\n"
             "while True:\n"
             "    line = sys.stdin.readline()\n"  # blocks in read(): the injection interrupts it
             "    if not line: break\n"
-            "    m[int(line) * 4096] = 1; i += 1; print(i, flush=True)\n")
+            "    p = int(line); m[p * 4096 + 1] = 255; i += 1; print(i, m[p * 4096], flush=True)\n")
     proc = subprocess.Popen([sys.executable, "-c", code, str(region)], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True)
     try:
@@ -267,12 +284,14 @@ def test_a_userfaultfd_made_inside_a_process_tracks_its_writes(tmp_path: Path) -
         assert proc.stdout.readline().strip() == "ready"
         time.sleep(0.1)  # in its read()
         fds_before = sorted(os.listdir(f"/proc/{proc.pid}/fd"))
-        fd = take_userfaultfd(proc.pid)
+        start, length = _mapping_of(proc.pid, region)
+        assert _rss_kib(proc.pid, region) == 256
+        fd = take_userfaultfd(proc.pid, release=(start, length))
         try:
             assert os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[userfaultfd]"
             assert sorted(os.listdir(f"/proc/{proc.pid}/fd")) == fds_before
+            assert _rss_kib(proc.pid, region) == 0  # released: nothing left for smaps to walk
             uffd_api(fd)
-            start, length = _mapping_of(proc.pid, region)
             register_wp(fd, start, length)
             writeprotect(fd, start, length)
             scanner = PagemapScanner(proc.pid, start, length)
@@ -280,13 +299,19 @@ def test_a_userfaultfd_made_inside_a_process_tracks_its_writes(tmp_path: Path) -
             for page in (3, 17, 40):
                 proc.stdin.write(f"{page}\n")
                 proc.stdin.flush()
-                assert proc.stdout.readline().strip()  # it ran on, out of the interrupted read()
+                # it ran on, out of the interrupted read(), and sees the file's data
+                assert proc.stdout.readline().split()[1] == str(original[page * 4096])
             assert sorted(int(p) for p in scanner.scan()) == [3, 17, 40]
+            assert _rss_kib(proc.pid, region) == 12  # only what it touched since
             scanner.close()
             unregister(fd, start, length)
         finally:
             os.close(fd)
         assert proc.poll() is None
+        want = bytearray(original)
+        for page in (3, 17, 40):
+            want[page * 4096 + 1] = 255
+        assert region.read_bytes() == bytes(want)
     finally:
         proc.kill()
         proc.wait()
