@@ -77,6 +77,45 @@ def test_images_over_the_limit_are_refused(tmp_path: Path) -> None:
         pack_images(_images(tmp_path), region="/dev/shm/x", size=4096, mode=0o600, pid=1, criu="4.2", limit=1000)
 
 
+def test_rpc_request_encodes_what_criu_reads() -> None:
+    """criu_rpc: a criu_req by hand (images/rpc.proto field numbers), read back field by field."""
+    from precopy.workload.criu_rpc import DUMP, RESTORE, _fields, encode_request
+
+    assert encode_request(RESTORE, images_dir="/i", log_file="r.log", leave_stopped=False, tcp_close=False) == (
+        b"\x08\x02"  # type = RESTORE
+        b"\x12\x19"  # opts, 25 bytes:
+        b"\x08\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01"  # images_dir_fd = -1 (ten bytes)
+        b"\xa2\x04\x02/i"  # images_dir (68)
+        b"\x48\x02"  # log_level = 2
+        b"\x52\x05r.log")  # log_file
+    req = _fields(encode_request(DUMP, images_dir="/proc/1/root/dev/shm/d", log_file="dump.log", pid=300))
+    assert req[1] == [DUMP]
+    opts = _fields(bytes(req[2][0]))  # type: ignore[arg-type]
+    assert opts[1] == [2**64 - 1] and opts[68] == [b"/proc/1/root/dev/shm/d"] and opts[10] == [b"dump.log"]
+    assert opts[2] == [300] and opts[69] == [1] and opts[52] == [1] and opts[9] == [2]
+
+
+def test_rpc_answers_are_read_and_checked() -> None:
+    """criu_rpc: criu_resp's type, success, the restored pid (int32, -1 too), CRIU's errno and first error."""
+    from precopy.workload.criu_rpc import RESTORE, _field, decode_response
+
+    ok = _field(1, RESTORE) + _field(2, True) + _field(4, _field(1, 4242)) + _field(9, "Error: rlimit")
+    answer = decode_response(ok)
+    assert (answer.kind, answer.success, answer.pid, answer.error) == (RESTORE, True, 4242, "Error: rlimit")
+    failed = decode_response(_field(1, RESTORE) + _field(2, False) + _field(4, _field(1, -1)) + _field(7, 56))
+    assert (failed.success, failed.pid, failed.errno) == (False, -1, 56)
+    for bad in (b"", _field(1, RESTORE), b"\x08", _field(1, 2) + b"\x12\x09ab", b"\x0b\x01"):
+        with pytest.raises(GuestControlError, match="malformed"):
+            decode_response(bad)
+
+
+def test_a_criu_worker_that_cannot_start_says_so() -> None:
+    from precopy.workload.criu_rpc import CriuWorker
+
+    with pytest.raises(GuestControlError, match="cannot start 'criu swrk'"):
+        CriuWorker.start("/nonexistent/criu")
+
+
 def test_parse_version() -> None:
     assert parse_version("Version: 4.2.1\nGitID: v4.2.1") == (4, 2, 1)
     assert parse_version("Version: 3.17") == (3, 17)

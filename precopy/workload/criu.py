@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from precopy.errors import GuestControlError
+from precopy.workload.criu_rpc import DUMP, RESTORE, CriuWorker, RpcAnswer
 
 __all__ = ["CriuTool", "find_criu", "parse_version", "MIN_CRIU", "DEFAULT_CRIU", "INSTALL_HINT",
            "process_facts", "ProcessFacts", "ram_dir"]
@@ -121,6 +122,22 @@ class CriuTool:
             raise GuestControlError(f"criu {args[0]} failed (exit {proc.returncode}): "
                                     f"{_tail(log) or out.decode(errors='replace').strip()[-600:]}")
         return time.monotonic() - t
+
+
+    async def request(self, worker: CriuWorker, message: bytes, *, timeout_s: float, log: Path
+                      ) -> tuple[float, RpcAnswer]:
+        """One request to a CRIU started ahead (:mod:`precopy.workload.criu_rpc`): its wall time (s) and answer.
+
+        Raises :class:`GuestControlError` as :meth:`run` does (``criu dump
+        failed: ...``, with the tail of ``log``).
+        """
+        t = time.monotonic()
+        answer = await worker.request(message, timeout_s=timeout_s)
+        if not answer.success:
+            what = {DUMP: "dump", RESTORE: "restore"}.get(answer.kind, f"request {answer.kind}")
+            raise GuestControlError(f"criu {what} failed (errno {answer.errno}): "
+                                    f"{_tail(log) or answer.error.strip()[-600:] or 'no log'}")
+        return time.monotonic() - t, answer
 
 
 def ram_dir() -> Path | None:

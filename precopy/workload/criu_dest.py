@@ -37,6 +37,7 @@ from typing import Callable, Sequence
 from precopy.errors import AbortCode, GuestControlError, PrecopyError
 from precopy.workload.base import process_state
 from precopy.workload.criu import CriuTool, ram_dir
+from precopy.workload.criu_rpc import RESTORE, CriuWorker, encode_request
 from precopy.workload.criu_images import unpack_images
 
 __all__ = ["CriuDestination", "RESTORE_ARGS"]
@@ -61,6 +62,7 @@ class _Restored:
     pid: int | None = None
     timings: dict[str, float] | None = None
     task: asyncio.Future[None] | None = None  # the restore, once started
+    worker: CriuWorker | None = None  # CRIU started ahead, for the restore
 
 
 class CriuDestination:
@@ -90,7 +92,11 @@ class CriuDestination:
 
     async def prepare(self, migration_id: str, name: str, region: Path, size: int) -> None:
         images = Path(tempfile.mkdtemp(prefix=f"precopy-criu-{migration_id}-", dir=self.work_dir))
-        self._live[migration_id] = _Restored(images=images, final=region.parent / name)
+        r = self._live[migration_id] = _Restored(images=images, final=region.parent / name)
+        try:  # started now, it restores at once when the images are here (precopy.workload.criu_rpc)
+            r.worker = CriuWorker.start(self.criu.path)
+        except GuestControlError as exc:
+            _log.warning("CRIU could not be started ahead (%s): the restore will start it", exc)
 
     def device_state_complete(self, migration_id: str, region: Path, blob: bytes | bytearray) -> None:
         """All the images are here: start the restore now, while COMMIT is on its way.
@@ -132,17 +138,30 @@ class CriuDestination:
         t1 = time.monotonic()
         self._place(r, region, Path(images.region))
         t2 = time.monotonic()
-        pidfile = r.images / "restored.pid"
-        log = r.images / "img" / "restore.log"
-        await self.criu.run(["restore", "-D", str(r.images / "img"), *RESTORE_ARGS, "--pidfile", str(pidfile),
-                             "-o", "restore.log", "-v2"], timeout_s=self.restore_timeout_s, log=log)
+        r.pid = await self._run_restore(r)
         t3 = time.monotonic()
-        try:
-            r.pid = int(pidfile.read_text().split()[0])
-        except (OSError, ValueError, IndexError) as exc:
-            raise GuestControlError(f"criu restore wrote no pid file ({exc})") from exc
         r.timings = {"criu_unpack": _ms(t0, t1), "criu_place": _ms(t1, t2), "criu_restore": _ms(t2, t3)}
         _log.info("migration %s: restored pid %d (stopped) in %.1f ms", migration_id, r.pid, (t3 - t2) * 1e3)
+
+    async def _run_restore(self, r: _Restored) -> int:
+        """``criu restore`` (by the CRIU started ahead, else as a command); returns the restored pid."""
+        log = r.images / "img" / "restore.log"
+        worker, r.worker = r.worker, None
+        if worker is not None and worker.alive:
+            # (RPC restores detached, as --restore-detached)
+            _, answer = await self.criu.request(
+                worker, encode_request(RESTORE, images_dir=str(r.images / "img"), log_file=log.name),
+                timeout_s=self.restore_timeout_s, log=log)
+            if answer.pid is None or answer.pid <= 0:
+                raise GuestControlError(f"criu restore answered no pid ({answer.pid})")
+            return answer.pid
+        pidfile = r.images / "restored.pid"
+        await self.criu.run(["restore", "-D", str(r.images / "img"), *RESTORE_ARGS, "--pidfile", str(pidfile),
+                             "-o", log.name, "-v2"], timeout_s=self.restore_timeout_s, log=log)
+        try:
+            return int(pidfile.read_text().split()[0])
+        except (OSError, ValueError, IndexError) as exc:
+            raise GuestControlError(f"criu restore wrote no pid file ({exc})") from exc
 
     @staticmethod
     def _place(r: _Restored, region: Path, path: Path) -> None:
@@ -196,6 +215,8 @@ class CriuDestination:
         r = self._live.pop(migration_id, None)
         if r is None:
             return
+        if r.worker is not None:
+            r.worker.close()
         if r.task is not None:  # a restore under way ends first: what it restores is killed below
             await asyncio.gather(r.task, return_exceptions=True)
         if r.pid is not None:

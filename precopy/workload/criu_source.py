@@ -38,6 +38,7 @@ from precopy.errors import GuestControlError
 from precopy.memory.tracking import TrackingOffer, TrackingUnavailable
 from precopy.memory.uffd import uffd_api
 from precopy.workload.criu import CriuTool, find_criu, process_facts, ram_dir
+from precopy.workload.criu_rpc import DUMP, CriuWorker, encode_request
 from precopy.workload.inject import take_userfaultfd
 from precopy.workload.criu_images import pack_images
 from precopy.workload.signals import SignalWorkload
@@ -71,6 +72,7 @@ class CriuWorkload(SignalWorkload):
         self.phases_ms: dict[str, float] = {}
         self._dump: asyncio.Task[bytearray] | None = None
         self._images: Path | None = None
+        self._worker: CriuWorker | None = None  # CRIU started ahead (criu_rpc), for the dump
         facts = process_facts(pid, self.memory)
         #: Expected dump + restore time, for the downtime estimate.
         self.switchover_cost_s = _FIXED_S + _PER_MIB_S * facts.private_kib / 1024
@@ -99,6 +101,19 @@ class CriuWorkload(SignalWorkload):
                   f"CRIU {self.criu.version_text} at {self.criu.path}",
                   self.criu.check(self._nsenter()) + " (in the process's namespaces)"]
         return passed
+
+    def start_worker(self) -> None:
+        """Start CRIU now, in the process's namespaces, for the dump at the pause (:mod:`criu_rpc`).
+
+        Where it cannot start, the dump runs ``criu dump`` as a command (and
+        says why here).
+        """
+        if self._worker is not None and self._worker.alive:
+            return
+        try:
+            self._worker = CriuWorker.start(self.criu.path, self._nsenter())
+        except GuestControlError as exc:
+            _log.warning("CRIU could not be started ahead (%s): the dump will start it at the pause", exc)
 
     def requirements(self) -> dict[str, list[str]]:
         """Checked by the destination's preflight: the same CRIU, at the same path."""
@@ -159,9 +174,15 @@ class CriuWorkload(SignalWorkload):
         # directory through our root, whatever that namespace mounts.
         seen_from_there = f"/proc/{os.getpid()}/root{images}"
         try:
-            took = await self.criu.run(
-                ["dump", "-t", str(self.pid), "-D", seen_from_there, *DUMP_ARGS, "-o", "dump.log", "-v2"],
-                timeout_s=self.dump_timeout_s, log=log, prefix=self._nsenter())
+            worker, self._worker = self._worker, None
+            if worker is not None and worker.alive:
+                took, _ = await self.criu.request(
+                    worker, encode_request(DUMP, images_dir=seen_from_there, log_file=log.name, pid=self.pid),
+                    timeout_s=self.dump_timeout_s, log=log)
+            else:
+                took = await self.criu.run(
+                    ["dump", "-t", str(self.pid), "-D", seen_from_there, *DUMP_ARGS, "-o", log.name, "-v2"],
+                    timeout_s=self.dump_timeout_s, log=log, prefix=self._nsenter())
             self.phases_ms["criu_dump"] = round(took * 1e3, 3)
             t = time.monotonic()
             st = os.stat(self.memory)
@@ -193,7 +214,13 @@ class CriuWorkload(SignalWorkload):
 
     async def stop(self) -> None:
         await self._settle_dump()
+        self._let_worker_go()
         await super().stop()
+
+    def _let_worker_go(self) -> None:
+        if self._worker is not None:
+            self._worker.close()
+            self._worker = None
 
 
 def _mapping_of(pid: int, region: Path) -> tuple[int, int]:
@@ -218,4 +245,5 @@ def criu_workload(pid: int, memory: Path, criu_bin: str | None = None) -> CriuWo
     workload = CriuWorkload(pid, memory, find_criu(criu_bin))
     for line in workload.preflight():
         _log.info("criu preflight: %s", line)
+    workload.start_worker()
     return workload
