@@ -1,7 +1,8 @@
 """The destination's page placement (precopy.session.postcopy_pages) against a real guest process:
 a child maps a tmpfs region, offers its userfaultfd as a post-copy guest does, and touches pages;
-this process registers the range, reads its faults and places pages with UFFDIO_COPY.  No sockets to
-the source, no timing assertions."""
+this process registers the range, reads its faults and places pages -- MISSING mode (holes punched,
+UFFDIO_COPY) and MINOR mode (nothing punched: pwrite, then UFFDIO_CONTINUE).  No sockets to the
+source, no timing assertions."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ import numpy as np
 import pytest
 
 from precopy.memory.uffd import TrackingUnavailable, create_userfaultfd, uffd_api
-from precopy.memory.uffd_missing import FAULT_MSG_SIZE, page_runs, punch_pages, read_faults, register_missing
+from precopy.memory.uffd_missing import (FAULT_MSG_SIZE, data_runs, page_runs, punch_pages, read_faults,
+                                         register_missing, register_postcopy)
 from precopy.protocol import PAGE_SIZE
 from precopy.session.postcopy_pages import PagePlacer, latency_stats
 
@@ -186,3 +188,115 @@ def test_helpers() -> None:
     stats = latency_stats([0.001, 0.002, 0.003])
     assert stats["fault_p50_us"] == pytest.approx(2000) and stats["fault_max_us"] == pytest.approx(3000)
     assert latency_stats([]) == {}
+
+
+def setup_minor(region: Path, missing: list[int]) -> tuple[Guest, PagePlacer, int]:
+    """MINOR mode: nothing punched, the missing pages hold stale bytes (7) until placed."""
+    try:
+        guest = Guest(region)
+    except TrackingUnavailable as exc:  # pragma: no cover
+        pytest.skip(f"no userfaultfd here: {exc}")
+    guest.sock.settimeout(60)  # a fault left unserved fails the test instead of hanging it
+    try:
+        register_postcopy(guest.uffd, guest.start, NPAGES * PAGE_SIZE, minor=True)
+    except TrackingUnavailable as exc:  # pragma: no cover - kernels before 5.14
+        guest.close()
+        pytest.skip(f"no MINOR faults on tmpfs here: {exc}")
+    os.set_blocking(guest.uffd, False)
+    fd = os.open(region, os.O_RDWR)
+    return guest, PagePlacer(guest.uffd, guest.start, NPAGES, np.array(missing, dtype=np.uint32), fd, minor=True), fd
+
+
+def no_fault_pending(guest: Guest) -> bool:
+    return not select.select([guest.uffd], [], [], 0)[0]
+
+
+def test_minor_a_fault_is_asked_for_once_and_held_pages_are_served_here(region: Path) -> None:
+    guest, placer, fd = setup_minor(region, [3, 4, 9])
+    try:
+        guest.ask("r", 4)  # its stale 7 is never seen: the guest waits
+        assert wait_faults(placer, guest) == [4]
+        assert placer.faults == 1 and placer.requested[4]
+        placed = placer.place(np.array([3, 4], dtype=np.uint32), memoryview(np.concatenate([page(0x33), page(0x44)])),
+                              np.zeros(0, dtype=np.uint32))
+        assert placed == 2 and guest.answer() == b"\x44"
+        assert placer.left == 1 and len(placer.latencies) == 1 and placer.pushed == 1
+        guest.ask("r", 3)  # placed: mapped, no fault
+        assert guest.answer() == b"\x33" and no_fault_pending(guest)
+        # A page that is not missing faults too (MINOR: nothing is mapped yet) and is mapped here at once.
+        guest.ask("r", 5)
+        assert wait_faults(placer, guest) == [] and placer.zero_faults == 1
+        assert guest.answer() == b"\x07"
+    finally:
+        guest.close()
+        os.close(fd)
+
+
+def test_minor_a_page_the_guest_wrote_is_never_written_again(region: Path) -> None:
+    guest, placer, fd = setup_minor(region, [2, 6])
+    try:
+        placer.place(np.array([2], dtype=np.uint32), memoryview(page(0x22)), np.zeros(0, dtype=np.uint32))
+        guest.ask("w", 2)
+        assert guest.answer() == b"k"
+        placer.place(np.array([2, 6], dtype=np.uint32), memoryview(np.concatenate([page(0x99), page(0x66)])),
+                     np.zeros(0, dtype=np.uint32))
+        assert placer.duplicates == 1 and placer.left == 0
+        guest.ask("r", 2)
+        assert guest.answer() == b"\xee"
+        guest.ask("r", 6)
+        assert guest.answer() == b"\x66"
+        data = region.read_bytes()
+        assert data[2 * PAGE_SIZE] == 0xEE and data[2 * PAGE_SIZE + 1] == 0x22 and data[6 * PAGE_SIZE] == 0x66
+    finally:
+        guest.close()
+        os.close(fd)
+
+
+def test_minor_holes_missing_or_not(region: Path) -> None:
+    guest, placer, fd = setup_minor(region, [1, 8])
+    try:
+        punch_pages(fd, np.array([1, 12], dtype=np.uint32))  # 1: a missing page that is a hole; 12: zeros
+        guest.ask("r", 1)
+        assert wait_faults(placer, guest) == [1]
+        placer.place(np.array([1], dtype=np.uint32), memoryview(page(0x11)), np.zeros(0, dtype=np.uint32))
+        assert guest.answer() == b"\x11"
+        guest.ask("r", 12)
+        assert wait_faults(placer, guest) == [] and placer.zero_faults == 1
+        assert guest.answer() == b"\x00"
+        placer.place(np.zeros(0, dtype=np.uint32), None, np.array([8], dtype=np.uint32))
+        guest.ask("r", 8)
+        assert guest.answer() == b"\x00" and no_fault_pending(guest)
+    finally:
+        guest.close()
+        os.close(fd)
+
+
+def test_minor_held_pages_are_mapped_in_the_background(region: Path) -> None:
+    guest, placer, fd = setup_minor(region, [5])
+    try:
+        punch_pages(fd, np.array([9], dtype=np.uint32))  # a hole: nothing to map there
+        assert data_runs(fd, NPAGES * PAGE_SIZE) == [(0, 9), (10, 6)]
+        assert placer.map_held(4) == 4 and placer.map_held(100) == NPAGES - 2 - 4 and placer.map_held(100) == 0
+        for p in (0, 3, 15):
+            guest.ask("r", p)
+            assert guest.answer() == b"\x07" and no_fault_pending(guest)
+        assert placer.zero_faults == 0
+        guest.ask("r", 5)  # missing: still waits for its page
+        assert wait_faults(placer, guest) == [5]
+        placer.place(np.array([5], dtype=np.uint32), memoryview(page(0x55)), np.zeros(0, dtype=np.uint32))
+        assert guest.answer() == b"\x55"
+    finally:
+        guest.close()
+        os.close(fd)
+
+
+def test_minor_after_the_guest_exits_pages_go_into_the_file(region: Path) -> None:
+    guest, placer, fd = setup_minor(region, [0, 10])
+    guest.stop()
+    placed = placer.place(np.array([0, 10], dtype=np.uint32), memoryview(np.concatenate([page(0xA0), page(0xAA)])),
+                          np.zeros(0, dtype=np.uint32))
+    assert placer.guest_gone and placed == 2 and placer.left == 0 and placer.map_held(100) == 0
+    data = region.read_bytes()
+    assert data[0] == 0xA0 and data[10 * PAGE_SIZE] == 0xAA and data[PAGE_SIZE] == 7
+    os.close(fd)
+    os.close(guest.uffd)

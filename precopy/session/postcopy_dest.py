@@ -5,16 +5,19 @@ On POSTCOPY the :class:`~precopy.session.receiver.Receiver` hands over to
 
 1. stops everything that touches the region through the agent's own
    mapping (the chunk tracker, the prefault threads: a read of a hole
-   would allocate it, and the guest would read zeros there), and punches
-   the missing pages out of the region file;
+   would allocate it);
 2. commits as for pre-copy (device state, journal, rename), the record
    saying ``postcopy: running``, and runs the on-resume hook with
    ``PRECOPY_POSTCOPY_CONTROL``: the guest it starts listens there, held;
 3. takes the guest's userfaultfd (op ``postcopy``) and registers the
-   region's range in MISSING mode; answers COMMITTED and resumes the guest
-   (op ``resume``, its faults served from then on): the workload runs here;
+   region's range in MINOR + MISSING mode -- where the kernel or the file
+   system cannot, punches the missing pages out of the region file and
+   registers MISSING (:mod:`precopy.memory.uffd_missing`); answers
+   COMMITTED and resumes the guest (op ``resume``, its faults served from
+   then on): the workload runs here;
 4. serves the page stream (:class:`~precopy.session.postcopy_pages.PagePlacer`):
-   faults become REQUESTs, PAGES are placed; when none is missing it sends
+   faults become REQUESTs, PAGES are placed (MINOR: the pages it holds are
+   mapped for the guest in the background); when none is missing it sends
    COMPLETE, unregisters the range and records ``postcopy: complete``.
 
 A failure in steps 1-3 (no guest within ``postcopy_guest_timeout_s``) ends
@@ -40,7 +43,8 @@ import numpy as np
 
 from precopy.errors import AbortCode, GuestControlError, PrecopyError, RemoteProtocolError
 from precopy.memory.uffd import TrackingUnavailable
-from precopy.memory.uffd_missing import FAULT_MSG_SIZE, punch_pages, read_faults, register_missing, unregister_missing
+from precopy.memory.uffd_missing import (FAULT_MSG_SIZE, punch_pages, read_faults, register_missing,
+                                         register_postcopy, unregister_missing)
 from precopy.net.channel import Channel, LinkError, PeerAborted
 from precopy.protocol import MAX_BATCH_PAGES, PAGE_SIZE, Committed, Complete, Missing, Pages, Ready, Request, page_payload
 from precopy.protocol.postcopy_codec import bitmap_of, pages_of_bitmap
@@ -57,6 +61,8 @@ _log = logging.getLogger(__name__)
 
 #: The post-copy stream's socket receive buffer (bytes; see small_window).
 RECEIVE_WINDOW = 256 * 1024
+#: Pages mapped per step in the background (MINOR; ~0.1 ms of the event loop each).
+_MAP_SLICE = 1024
 #: Post-copy migrations whose page stream is live or waits for RESUME, by migration id.
 LIVE: dict[str, PostcopyDest] = {}
 
@@ -146,6 +152,8 @@ class PostcopyDest:
         self._resumer: asyncio.Task[None] | None = None
         self._streaming: asyncio.Future[None] | None = None  # the stream on ``_chan``
         self._preempted = False  # it was cancelled for a RESUME on a new connection
+        self._punch_ms = 0.0
+        self._mapper: asyncio.Task[None] | None = None  # MINOR: maps the held pages in the background
 
     # -- steps 1-3: from POSTCOPY to the guest running here ----------------
 
@@ -156,16 +164,7 @@ class PostcopyDest:
         taken back: see :meth:`take_back`).
         """
         recv, rec = self.recv, self.recv.rec
-        t0 = time.monotonic()
         self.region_fd = os.open(region, os.O_RDWR | os.O_CLOEXEC)
-        try:
-            runs = punch_pages(self.region_fd, self.missing)
-        except OSError as exc:
-            raise PrecopyError(f"post-copy: {exc} (it needs a tmpfs, memfd or hugetlbfs region)",
-                               AbortCode.REGION) from exc
-        t1 = time.monotonic()
-        _log.info("migration %s: post-copy with %d pages missing (%d runs punched in %.1f ms)",
-                  self.begin.migration_id, len(self.missing), runs, (t1 - t0) * 1e3)
         assert recv.opts.state_dir is not None
         ctl = control_path(recv.opts.state_dir, self.begin.migration_id)
         ctl.unlink(missing_ok=True)
@@ -175,7 +174,7 @@ class PostcopyDest:
         await recv.run_hook(rec, recv.final, recv.device_state_path)
         await self._take_guest(ctl)
         t2 = time.monotonic()
-        return {"postcopy_punch": (t1 - t0) * 1e3, "postcopy_guest": (t2 - self.t_commit) * 1e3}
+        return {"postcopy_punch": self._punch_ms, "postcopy_guest": (t2 - self.t_commit) * 1e3}
 
     async def _take_guest(self, ctl: Path) -> None:
         """Wait for the guest's control socket; take its userfaultfd; register; resume it."""
@@ -197,13 +196,35 @@ class PostcopyDest:
         if offer.length != self.begin.size or offer.start % PAGE_SIZE:
             raise PrecopyError(f"post-copy: the guest offers {offer.length} bytes at {offer.start:#x} for a region "
                                f"of {self.begin.size}", AbortCode.GUEST)
-        try:
-            register_missing(offer.fd, offer.start, offer.length)
-        except TrackingUnavailable as exc:
-            raise PrecopyError(f"post-copy: {exc}", AbortCode.GUEST) from exc
+        minor = self._register(offer.fd, offer.start, offer.length)
         self._range = (offer.start, offer.length)
         os.set_blocking(offer.fd, False)
-        self.placer = PagePlacer(offer.fd, offer.start, self.begin.npages, self.missing, self.region_fd)
+        self.placer = PagePlacer(offer.fd, offer.start, self.begin.npages, self.missing, self.region_fd, minor=minor)
+
+    def _register(self, uffd: int, start: int, length: int) -> bool:
+        """Register the guest's range: MINOR (nothing punched) where the kernel and the file system
+        offer it, else punch the missing pages out and register MISSING.  Returns whether MINOR."""
+        try:
+            register_postcopy(uffd, start, length, minor=True)
+            _log.info("migration %s: post-copy with %d pages missing (MINOR faults: nothing punched)",
+                      self.begin.migration_id, len(self.missing))
+            return True
+        except TrackingUnavailable as exc:
+            _log.info("post-copy: no MINOR faults on this region (%s): punching the missing pages out", exc)
+        t0 = time.monotonic()
+        try:
+            runs = punch_pages(self.region_fd, self.missing)
+        except OSError as exc:
+            raise PrecopyError(f"post-copy: {exc} (it needs a tmpfs, memfd or hugetlbfs region)",
+                               AbortCode.REGION) from exc
+        self._punch_ms = (time.monotonic() - t0) * 1e3
+        _log.info("migration %s: post-copy with %d pages missing (%d runs punched in %.1f ms)",
+                  self.begin.migration_id, len(self.missing), runs, self._punch_ms)
+        try:
+            register_missing(uffd, start, length)
+        except TrackingUnavailable as exc:
+            raise PrecopyError(f"post-copy: {exc}", AbortCode.GUEST) from exc
+        return False
 
     async def _resume_guest(self) -> None:
         """``resume`` the held guest.  Faults are served meanwhile: its reply may wait on one (a
@@ -253,6 +274,7 @@ class PostcopyDest:
                         first = False
                         await chan.send(Committed(migration_id=mid, resumed=True, timings=timings))
                         self._resumer = asyncio.create_task(self._resume_guest())
+                        self._mapper = asyncio.create_task(self._map_held())
                     self._streaming = asyncio.ensure_future(self._stream(chan))
                     await self._streaming
                     continue
@@ -280,8 +302,9 @@ class PostcopyDest:
         finally:
             loop.remove_reader(self._uffd)
             LIVE.pop(mid, None)
-            if self._resumer is not None:
-                self._resumer.cancel()
+            for task in (self._resumer, self._mapper):
+                if task is not None:
+                    task.cancel()
             self.close()
 
     async def _stream(self, chan: Channel) -> None:
@@ -304,6 +327,13 @@ class PostcopyDest:
                 sender.result()
         finally:
             sender.cancel()
+
+    async def _map_held(self) -> None:
+        """MINOR: map the pages the guest may use as they are, a slice at a time between the stream's
+        work (a fault on one is served at once anyway; this spares the guest the round trips)."""
+        assert self.placer is not None
+        while self.placer.map_held(_MAP_SLICE):
+            await asyncio.sleep(0)
 
     def _on_fault(self, buf: bytearray) -> None:
         assert self.placer is not None

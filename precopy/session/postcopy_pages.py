@@ -3,12 +3,23 @@
 A :class:`PagePlacer` holds the resumed guest's userfaultfd and the set of
 pages it still lacks.  Fault addresses the kernel reports become pages to
 request from the source (:meth:`PagePlacer.faulted`); pages that arrive are
-placed with ``UFFDIO_COPY`` (:meth:`PagePlacer.place`), which installs a
-page only where the region holds none, so a page arrives once and a page
-the guest wrote is never overwritten.  A fault on a page that is not
-missing is a hole the source sent as zeros (or never wrote): it is filled
-with zeros here, no round trip.  If the guest exits before every page is
-placed, the rest go into the region file where it still has holes.
+placed (:meth:`PagePlacer.place`) only while still missing, so a page
+arrives once and a page the guest wrote is never overwritten:
+
+* in MINOR mode (``minor=True``, :mod:`precopy.memory.uffd_missing`) the
+  guest maps no page of the region until this side maps it: a missing
+  page is written into the file (``pwrite``, over its stale bytes) and
+  then mapped (``UFFDIO_CONTINUE``); a fault on a page that is not missing
+  is answered here at once (mapped, or a hole filled with zeros), and
+  :meth:`PagePlacer.map_held` maps those pages in the background so that
+  the guest stops faulting on them;
+* in MISSING mode the missing pages are holes of the file (punched) and
+  are placed with ``UFFDIO_COPY``, which installs a page only where the
+  file holds none; a fault on a page that is not missing is a hole the
+  source sent as zeros (or never wrote): it is filled with zeros here.
+
+If the guest exits before every page is placed, the rest go into the
+region file (MISSING: where it still has holes).
 
 No I/O with the source and no event loop here: the session
 (:mod:`precopy.session.postcopy_dest`) feeds it.
@@ -23,7 +34,7 @@ import time
 
 import numpy as np
 
-from precopy.memory.uffd_missing import copy_pages, page_runs
+from precopy.memory.uffd_missing import continue_pages, copy_pages, data_runs, page_runs
 from precopy.protocol import MAX_BATCH_PAGES, PAGE_SIZE
 
 __all__ = ["PagePlacer", "latency_stats"]
@@ -49,8 +60,11 @@ class PagePlacer:
     destination does not hold (punched out of ``region_fd``'s file).
     """
 
-    def __init__(self, uffd: int, start: int, npages: int, missing: np.ndarray, region_fd: int) -> None:
+    def __init__(self, uffd: int, start: int, npages: int, missing: np.ndarray, region_fd: int, *,
+                 minor: bool = False) -> None:
         self.uffd = uffd
+        self.minor = minor
+        self._held: list[tuple[int, int]] | None = None  # MINOR: runs of held pages not mapped yet
         self.start = start
         self.npages = npages
         self.region_fd = region_fd
@@ -61,7 +75,7 @@ class PagePlacer:
         self._fault_t: dict[int, float] = {}
         self.latencies: list[float] = []
         self.faults = 0  # faults on missing pages (remote)
-        self.zero_faults = 0  # faults on holes that are zeros (local)
+        self.zero_faults = 0  # faults on pages not missing (held, or holes that are zeros): served here
         self.duplicates = 0  # pages that came although placed already (never written twice)
         self.present = 0  # pages UFFDIO_COPY found present (EEXIST: not overwritten)
         self.pushed = 0  # pages placed before the guest asked for them
@@ -85,11 +99,26 @@ class PagePlacer:
                     self._fault_t[page] = now
                     ask.append(page)
             else:
-                # A hole that holds zeros (sent as such, or never written); or
-                # a page placed since the fault was read (EEXIST: nothing done).
-                placed, _ = self._copy(page, _ZERO.ctypes.data, 1)
-                self.zero_faults += placed
+                self.zero_faults += self._local(page)
         return ask
+
+    def _local(self, page: int) -> int:
+        """A fault on a page that is not missing: 1 when this call resolved it."""
+        if self.minor:
+            # Held: map the file's page (EEXIST: mapped since the fault was read;
+            # EFAULT: a hole, filled with zeros below).
+            try:
+                mapped, _ = continue_pages(self.uffd, self.start + page * PAGE_SIZE, 1)
+            except OSError as exc:
+                if exc.errno != errno.ESRCH:
+                    raise
+                return 0
+            if mapped:
+                return 1
+        # A hole that holds zeros (sent as such, or never written); or
+        # a page placed since the fault was read (EEXIST: nothing done).
+        placed, _ = self._copy(page, _ZERO.ctypes.data, 1)
+        return placed
 
     def place(self, indices: np.ndarray, data: memoryview | None, zeros: np.ndarray) -> int:
         """Place a batch: ``indices`` with ``data`` (their raw bytes, in order), ``zeros`` as zero pages.
@@ -99,6 +128,13 @@ class PagePlacer:
         refuses for another reason than a present page.
         """
         placed = 0
+        if self.minor:
+            if len(indices):
+                assert data is not None
+                placed += self._write_map(np.asarray(indices), memoryview(data).cast("B"))
+            if len(zeros):
+                placed += self._write_map(np.asarray(zeros), None)
+            return placed
         if len(indices):
             assert data is not None
             src = np.frombuffer(data, dtype=np.uint8)
@@ -134,6 +170,75 @@ class PagePlacer:
                 done += step
             self._mark(np.arange(first, first + count), now)
         return placed
+
+    def _write_map(self, pages: np.ndarray, src: memoryview | None) -> int:
+        """MINOR: write each still-missing page into the file, then map it for the guest.
+
+        ``src``: the pages' bytes in order (None: zero pages).  Consecutive pages go in one
+        ``pwrite`` and one ``UFFDIO_CONTINUE``.  No one maps a missing page before this maps it,
+        so nothing the guest wrote is written over.
+        """
+        wanted = self.need[pages]
+        self.duplicates += int((~wanted).sum())
+        offs = np.flatnonzero(wanted)
+        if not offs.size:
+            return 0
+        now = time.monotonic()
+        sel = pages[offs].astype(np.int64)
+        breaks = (np.flatnonzero((np.diff(offs) != 1) | (np.diff(sel) != 1)) + 1).tolist()
+        for lo, hi in zip([0, *breaks], [*breaks, len(offs)]):
+            first, n = int(sel[lo]), hi - lo
+            if src is not None:
+                at = int(offs[lo]) * PAGE_SIZE
+                self._pwrite(src[at:at + n * PAGE_SIZE], first * PAGE_SIZE)
+            else:
+                for k in range(0, n, MAX_BATCH_PAGES):
+                    m = min(MAX_BATCH_PAGES, n - k)
+                    self._pwrite(memoryview(_ZERO)[:m * PAGE_SIZE], (first + k) * PAGE_SIZE)
+            if not self.guest_gone:
+                try:
+                    _, skipped = continue_pages(self.uffd, self.start + first * PAGE_SIZE, n)
+                    self.present += len(skipped)
+                except OSError as exc:
+                    if exc.errno != errno.ESRCH:
+                        raise
+                    _log.warning("post-copy: the guest exited with %d pages still missing: they go into the "
+                                 "region file", self.left)
+                    self.guest_gone = True
+        self._mark(sel, now)
+        return len(sel)
+
+    def _pwrite(self, buf: memoryview, off: int) -> None:
+        while len(buf):
+            n = os.pwrite(self.region_fd, buf, off)
+            buf, off = buf[n:], off + n
+
+    def map_held(self, most: int) -> int:
+        """MINOR: map up to ``most`` more of the pages the file holds and the guest may use now (not
+        missing), so that the guest does not fault on them; returns the pages looked at (0: none left)."""
+        if not self.minor or self.guest_gone:
+            return 0
+        if self._held is None:
+            held = np.zeros(self.npages, dtype=bool)
+            for first, count in data_runs(self.region_fd, self.npages * PAGE_SIZE):
+                held[first:first + count] = True
+            held &= ~self.need
+            self._held = page_runs(np.flatnonzero(held))[::-1]  # popped from the end: ascending
+        done = 0
+        while self._held and done < most:
+            first, count = self._held.pop()
+            n = min(count, most - done)
+            if n < count:
+                self._held.append((first + n, count - n))
+            try:
+                continue_pages(self.uffd, self.start + first * PAGE_SIZE, n)  # EEXIST: faulted in already
+            except OSError as exc:
+                if exc.errno != errno.ESRCH:
+                    raise
+                self.guest_gone = True
+                return 0
+            done += n
+        return done
 
     def _place_one(self, page: int, base: int, off: int, keep: np.ndarray | None, now: float) -> int:
         got, _ = self._copy(page, base + (off * PAGE_SIZE if keep is not None else 0), 1)

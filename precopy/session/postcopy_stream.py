@@ -2,8 +2,8 @@
 
 :class:`PageStream` sends, from the paused region, every page the
 destination still lacks: pages the resumed workload faulted on (REQUEST)
-before anything else, the others pushed in ascending order, each page
-once.  :func:`resume_stream` takes a broken stream up on a new connection
+before anything else, the others pushed in ascending order from the last
+page asked for (wrapping around), each page once.  :func:`resume_stream` takes a broken stream up on a new connection
 (RESUME: the destination answers with what it still lacks).  Neither needs
 the session: the guardian (:mod:`precopy.session.guardian`) serves the
 stream with them when the source agent died during post-copy.
@@ -41,6 +41,8 @@ MAX_UNSENT = 1024 * 1024
 #: While the workload faults (a REQUEST in the last URGENT_S), pushes are smaller and
 #: less is let queue: its next fault waits behind less (throughput matters less then).
 URGENT_S, URGENT_PAGES, URGENT_UNSENT = 0.05, 16, 128 * 1024
+#: Pages of the push order looked at per step when searching for the next wanted ones.
+_WINDOW = 8192
 
 
 @dataclass
@@ -115,26 +117,38 @@ class PageStream:
             self._wake.set()  # done, or the link failed: the sender looks
 
     def _next(self) -> tuple[np.ndarray, bool] | None:
-        """The next batch: what was asked for and is still wanted, else the next pages in order."""
+        """The next batch: what was asked for and is still wanted, else the next pages in order.
+
+        The push goes on from just after what was asked for (QEMU's post-copy does the same): a
+        workload that walks its memory faults once where it stands, then finds the pages it
+        touches next already pushed; what the push jumped over is sent when it wraps around.
+        """
         while self._asked:
             want = self._asked.popleft()
             want = want[self.need[want]]
             if want.size:
-                return want[:1024], True
+                want = want[:1024]
+                self._pos = int(np.searchsorted(self._order, want.max(), side="right"))
+                return want, True
+        picked = self._push(URGENT_PAGES if self._urgent() else PUSH_PAGES)
+        return None if picked is None else (picked, False)
+
+    def _push(self, most: int) -> np.ndarray | None:
+        """Up to ``most`` wanted pages from the push position on, wrapping around once; None: none left."""
         order, need = self._order, self.need
-        while self._pos < len(order) and not need[order[self._pos]]:
-            self._pos += 1
-        if self._pos >= len(order):
-            return None
-        end = self._pos
-        picked: list[int] = []
-        most = URGENT_PAGES if self._urgent() else PUSH_PAGES
-        while end < len(order) and len(picked) < most:
-            if need[order[end]]:
-                picked.append(order[end])
-            end += 1
-        self._pos = end
-        return np.array(picked, dtype=np.uint32), False
+        wrapped = False
+        while True:
+            if self._pos >= len(order):
+                if wrapped or not len(order):
+                    return None
+                self._pos, wrapped = 0, True
+            window = order[self._pos:self._pos + _WINDOW]
+            hit = np.flatnonzero(need[window])
+            if hit.size:
+                take = hit[:most]
+                self._pos += int(take[-1]) + 1
+                return window[take]
+            self._pos += len(window)
 
     def _urgent(self) -> bool:
         return time.monotonic() < self._urgent_until
