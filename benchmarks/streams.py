@@ -2,6 +2,7 @@
 
     python -m benchmarks.streams                          # 1 GiB, links 1,2,4, 5 rounds (~3 min; root)
     python -m benchmarks.streams --size 256M --runs 1     # a smoke run
+    python -m benchmarks.streams --links '' --baseline /tmp/precopy-before   # loopback, this tree vs another
 
 The lab (:class:`precopy.lab.links.MultiLink`, root only): two network
 namespaces joined by 4 veth pairs, each shaped to ``--rate`` (1 Gbit/s) with
@@ -10,7 +11,11 @@ destination namespace, listening on all its addresses; per migration the
 source runs in the source namespace with ``--streams N``, stream K to the
 destination's address on link K (``--stream-to``) from its own address on
 link K (``--bind``): N links, N streams.  Beside it, on loopback (root
-namespace), the same region with ``--streams 1`` and ``--streams 2``.
+namespace), the same region with ``--streams 1``, ``2`` and ``4``.  With
+``--baseline DIR`` (a checkout of another precopy commit, e.g. ``git
+worktree add --detach /tmp/precopy-before <commit>``) every loopback case
+also runs with both agents from that tree, interleaved, and the summary
+gives the ratio of this tree's rate to the baseline's, paired by round.
 
 Each round runs every case once, interleaved (the machine's speed drifts);
 each migration is of an idle random region (the guest is ``precopy-guest
@@ -61,14 +66,16 @@ def _wait_port(ready: Path, proc: subprocess.Popen[bytes], timeout_s: float = 30
 class Dest:
     """A precopy-dest daemon (in a namespace or not) and where it writes."""
 
-    def __init__(self, work: Path, tag: str, listen: str, prefix: Sequence[str] = ()) -> None:
+    def __init__(self, work: Path, tag: str, listen: str, prefix: Sequence[str] = (),
+                 env: dict[str, str] | None = None) -> None:
+        self.env = env or _env()
         self.dir = work / f"dest-{tag}"
         ready = work / f"dest-{tag}.addr"
         self.log = open(work / f"dest-{tag}.log", "wb")
         self.proc = subprocess.Popen(
             [*prefix, PY, "-m", "precopy_agents.dest_main", "--listen", listen, "--memory-dir", str(self.dir),
              "--ready-file", str(ready), "--log-level", "warning", "--insecure"],  # private links: no key needed
-            cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, env=_env())
+            cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, env=self.env)
         self.port = _wait_port(ready, self.proc)
 
     def clear(self) -> None:
@@ -90,7 +97,7 @@ def migrate(region: Path, guest_pid: int, to: list[str], binds: list[str], strea
     report.unlink(missing_ok=True)
     c0, d0 = children_cpu_s(), proc_cpu_s(dest.proc.pid)
     t = time.monotonic()
-    rc = subprocess.run(argv, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, timeout=600).returncode
+    rc = subprocess.run(argv, cwd=ROOT, env=dest.env, stdout=subprocess.DEVNULL, timeout=600).returncode
     wall = time.monotonic() - t
     cpu_src = children_cpu_s() - c0
     time.sleep(0.2)  # the daemon closes the region after its reply
@@ -127,16 +134,50 @@ def summary(records: list[dict[str, Any]], rate_Bps: float) -> str:
         if ok[0]["links"]:
             share = f"{med * 1e6 / (ok[0]['links'] * rate_Bps):.1%}"
             share_total = f"{whole * 1e6 / (ok[0]['links'] * rate_Bps):.1%}"
-        else:
+        elif not ok[0].get("baseline"):
             loop[ok[0]["streams_asked"]] = med
         lines.append(f"| {case} | {len(rs)} ({len(ok)}) | {med:.0f} ({min(w):.0f}-{max(w):.0f}) | {share} "
                      f"| {whole:.0f} | {share_total} "
                      f"| {statistics.median(r['total_s'] for r in ok):.2f} "
                      f"| {statistics.median(r['cpu_source_s'] for r in ok):.2f} / "
                      f"{statistics.median(r['cpu_dest_s'] for r in ok):.2f} |")
-    if 1 in loop and 2 in loop:
-        lines.append(f"\nLoopback, --streams 2 / --streams 1 (full copy's wire rate, medians): {loop[2] / loop[1]:.2f}")
+    for n in sorted(loop):
+        if n != 1 and 1 in loop:
+            lines.append(f"\nLoopback, --streams {n} / --streams 1 (full copy's wire rate, medians): "
+                         f"{loop[n] / loop[1]:.2f}")
+    lines.extend(_paired(records))
     return "\n".join(lines)
+
+
+def _paired(records: list[dict[str, Any]]) -> list[str]:
+    """This tree / the baseline, per loopback case, paired by round (both committed), medians."""
+    by: dict[tuple[int, int, bool], dict[str, Any]] = {}
+    for r in records:
+        if not r["links"] and r["outcome"] == "committed" and r["wire_Bps"]:
+            by[(r["streams_asked"], r["run"], bool(r.get("baseline")))] = r
+    out = []
+    for n in sorted({k[0] for k in by}):
+        pairs = [(by[(n, run, False)], by[(n, run, True)]) for (m, run, base) in by
+                 if m == n and not base and (n, run, True) in by]
+        if not pairs:
+            continue
+        wire = [a["wire_Bps"] / b["wire_Bps"] for a, b in pairs]
+        total = [b["total_s"] / a["total_s"] for a, b in pairs]
+        cpu = [(a["cpu_source_s"] + a["cpu_dest_s"]) / (b["cpu_source_s"] + b["cpu_dest_s"]) for a, b in pairs]
+        out.append(f"\nLoopback --streams {n}, this tree / baseline, paired by round ({len(pairs)} pairs): "
+                   f"full copy's wire rate {statistics.median(wire):.2f} "
+                   f"({', '.join(f'{x:.2f}' for x in wire)}); "
+                   f"1 / total time {statistics.median(total):.2f}; CPU (both agents) {statistics.median(cpu):.2f}")
+    return out
+
+
+def baseline_env(tree: Path, work: Path) -> dict[str, str]:
+    """The environment that runs both agents from another checkout ``tree`` (its precopy and its
+    agents/ as precopy_agents, ahead of this tree's editable install)."""
+    shim = work / "baseline-path"
+    shim.mkdir(exist_ok=True)
+    (shim / "precopy_agents").symlink_to((tree / "agents").resolve())
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(shim), str(tree.resolve())]))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -146,7 +187,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=5, help="rounds, every case once each (default 5)")
     ap.add_argument("--links", default="1,2,4", help="link counts, comma separated (default 1,2,4)")
     ap.add_argument("--rate", default="1gbit", help="tc tbf rate of each link (default 1gbit)")
-    ap.add_argument("--loopback", default="1,2", help="--streams values on loopback ('' for none; default 1,2)")
+    ap.add_argument("--loopback", default="1,2,4",
+                    help="--streams values on loopback ('' for none; default 1,2,4)")
+    ap.add_argument("--baseline", type=Path,
+                    help="another precopy checkout: the loopback cases also run with its agents, interleaved")
     ap.add_argument("--json", type=Path, help="write every run's record here")
     args = ap.parse_args(argv)
     links = [int(x) for x in args.links.split(",") if x]
@@ -174,6 +218,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if loopback:
             loop_dest = Dest(work, "loopback", "127.0.0.1:0")
             dests.append(loop_dest)
+        base_dest = None
+        if loopback and args.baseline is not None:
+            base_dest = Dest(work, "baseline", "127.0.0.1:0", env=baseline_env(args.baseline, work))
+            dests.append(base_dest)
         for run in range(args.runs):
             for n in links:
                 assert lab is not None and ns_dest is not None
@@ -183,12 +231,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 "run": run, **rec})
                 print(json.dumps(records[-1]), flush=True)
             for n in loopback:
-                assert loop_dest is not None
-                rec = migrate(region, guest.pid, [f"127.0.0.1:{loop_dest.port}"], [], n, work / "report.json",
-                              (), loop_dest)
-                records.append({"case": f"loopback, --streams {n}", "links": 0, "streams_asked": n,
-                                "run": run, **rec})
-                print(json.dumps(records[-1]), flush=True)
+                for d in (loop_dest, base_dest):
+                    if d is None:
+                        continue
+                    rec = migrate(region, guest.pid, [f"127.0.0.1:{d.port}"], [], n, work / "report.json", (), d)
+                    base = d is base_dest
+                    records.append({"case": f"loopback, --streams {n}{' (baseline)' if base else ''}", "links": 0,
+                                    "streams_asked": n, "baseline": base, "run": run, **rec})
+                    print(json.dumps(records[-1]), flush=True)
     finally:
         for d in dests:
             d.stop()

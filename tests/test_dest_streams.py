@@ -58,11 +58,11 @@ def test_sync_waits_for_every_stream_and_a_failed_stream_fails_the_migration() -
         waiting = asyncio.create_task(hub.synced((2, 1)))
         await asyncio.sleep(0.01)
         hub.counts[:] = [2, 0]
-        hub._changed.set()
+        hub._progress.notify()
         await asyncio.sleep(0.01)
         assert not waiting.done()  # stream 2 is behind
         hub.counts[1] = 1
-        hub._changed.set()
+        hub._progress.notify()
         await asyncio.wait_for(waiting, 1.0)
         # A failed stream: its error ends the wait and cancels the receiver's task.
         hub.receiver = asyncio.create_task(asyncio.sleep(10))

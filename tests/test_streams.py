@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -198,6 +199,37 @@ async def test_into_an_existing_region_every_stream_receives_in_place(shm: Path)
         assert rep.verify_repairs == 0
         await settled(server)
         assert server.results[-1].reused_region and server.results[-1].pages_in_place > 0
+    del mm
+
+
+async def test_each_extra_stream_is_received_and_written_on_a_thread_of_its_own(
+        shm: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The destination receives each extra stream in a thread of its own (its reads, the region
+    writes, the chunk hashing off the session's loop), the first connection in the loop; byte-exact."""
+    from precopy.session.region_writer import RegionWriter
+
+    src = shm / "vm.mem"
+    mm = make_region(src, 6144)  # 24 MiB: six stripes, two on each of three streams
+    writers: dict[str, set[int]] = {}
+    real = RegionWriter.write
+
+    async def write(self: RegionWriter, ev: object) -> None:
+        writers.setdefault(threading.current_thread().name, set()).add(int(ev.indices[0]) // 1024
+                                                                       if len(ev.indices) else -1)  # type: ignore[attr-defined]
+        await real(self, ev)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(RegionWriter, "write", write)
+    async with serve(shm / "dest") as server:
+        rep = await migrate(server, src, FakeWorkload(), streams=3)
+        assert rep.outcome == "committed" and rep.streams == 3
+        assert (shm / "dest" / "vm.mem").read_bytes() == src.read_bytes()
+    loop_thread = threading.current_thread().name
+    assert set(writers) == {loop_thread, "precopy-stream-1", "precopy-stream-2"}, writers
+    # Each thread wrote its own stripes (stripe k on stream k % 3) and no other's.
+    assert writers["precopy-stream-1"] - {-1} == {1, 4}
+    assert writers["precopy-stream-2"] - {-1} == {2, 5}
+    assert writers[loop_thread] - {-1} == {0, 3}
+    assert not [t for t in threading.enumerate() if t.name.startswith("precopy-stream-")]  # all ended
     del mm
 
 

@@ -4,18 +4,25 @@ A migration that READY gave more than one stream has a :class:`StreamHub`,
 registered by its id in the server's :class:`StreamRegistry` before READY
 goes out.  Each extra connection authenticates on its own and sends JOIN
 (docs/PROTOCOL.md, "Streams"); the server hands it to the hub
-(:meth:`StreamRegistry.join`), which checks it and then writes the pages
-that come on it with the migration's own region writer -- in the same
-event loop as the first connection, so the writer's bookkeeping needs no
-lock.  A SYNC on the first connection waits (:meth:`StreamHub.synced`)
-until every extra stream's pages up to its count are written; a digest
-table is computed with the extra streams held (:meth:`StreamHub.quiet`).
+(:meth:`StreamRegistry.join`), which checks it and then receives the pages
+that come on it on a thread of its own, in an event loop of its own
+(:func:`~precopy.session.stream_thread.run_in_thread`), and writes them
+with the migration's own region writer: each stream's socket reads (into
+the region), TLS and chunk hashing run on their own core, beside the
+first connection's.  The streams' pages are disjoint (stripes), so the
+writer's bookkeeping has one writer per page and chunk
+(:mod:`precopy.session.region_writer`).  A SYNC on the first connection
+waits (:meth:`StreamHub.synced`) until every extra stream's pages up to
+its count are written; a digest table is computed with the extra streams'
+writes held (:meth:`StreamHub.quiet`, a
+:class:`~precopy.session.stream_thread.WriteGate`).
 
 A fault on an extra stream (a cut, a stall past the idle timeout, a bad
 frame) fails the migration: the hub records it and cancels the receiver's
 task, which then ends with that error (ABORT on the first connection, the
 partial region removed).  The receiver closes the hub when it ends,
-commit or not: the extra streams' tasks stop before the region is unmapped.
+commit or not: the extra streams' threads have stopped when
+:meth:`StreamHub.close` returns, before the region is unmapped.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import numpy as np
 from precopy.errors import AbortCode, PrecopyError, RemoteProtocolError
 from precopy.net.channel import Channel, LinkError
 from precopy.protocol import Begin, Join, Joined, Pages
+from precopy.session.stream_thread import Notifier, WriteGate, run_in_thread
 
 __all__ = ["StreamHub", "StreamRegistry"]
 
@@ -59,12 +67,10 @@ class StreamHub:
         self._write: WriteFn | None = None
         self._sinks: SinksFn | None = None
         self._started = asyncio.Event()
-        self._changed = asyncio.Event()
+        #: Wakes a SYNC waiting in the session's loop when a stream's thread wrote a batch.
+        self._progress = Notifier()
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._quiet = 0  # digest tables being computed: extra streams hold their writes
-        self._writing = 0  # extra-stream writes in progress
-        self._resume = asyncio.Event()
-        self._resume.set()
+        self._gate = WriteGate()  # digest tables being computed: extra streams hold their writes
 
     def start(self, write: WriteFn, sinks: SinksFn) -> None:
         """The region writer is ready: extra streams may write (those joined already waited for it).
@@ -109,7 +115,8 @@ class StreamHub:
             hashing = self._sinks() if self._sinks is not None else None
             if hashing is not None:
                 chan.conn.payload_sink, chan.conn.payload_progress = hashing
-            await self._pump(chan, index)
+            await run_in_thread(chan, lambda c: self._pump(c, index),
+                                f"precopy-stream-{index}")
         except asyncio.CancelledError:
             if self.closed:
                 return  # the migration ended: closing its streams is the normal end
@@ -122,19 +129,20 @@ class StreamHub:
             self._tasks.discard(task)
 
     async def _pump(self, chan: Channel, index: int) -> None:
+        """Stream ``index``'s receive loop (in its own thread and event loop)."""
         assert self._write is not None
+        write, gate, counts, progress = self._write, self._gate, self.counts, self._progress
         async for ev in chan.events(self.idle_timeout_s):
             if not isinstance(ev, Pages):  # pragma: no cover - the phase table allows only PAGES
                 raise RemoteProtocolError(f"{type(ev).__name__} on stream {index}")
-            if self._quiet:
-                await self._resume.wait()
-            self._writing += 1
+            if not gate.enter():
+                return  # the hub closed
             try:
-                await self._write(ev)
+                await write(ev)
             finally:
-                self._writing -= 1
-            self.counts[index - 1] += 1
-            self._changed.set()
+                gate.leave()
+            counts[index - 1] += 1  # this thread's own entry
+            progress.notify()
         raise LinkError(f"stream {index} from {chan.peer} closed before the commit")
 
     def fail(self, index: int, exc: BaseException) -> None:
@@ -144,7 +152,7 @@ class StreamHub:
         code = exc.code if isinstance(exc, PrecopyError) else AbortCode.INTERNAL
         self.error = PrecopyError(f"stream {index} of migration {self.begin.migration_id} failed: {exc}", code)
         _log.warning("%s", self.error)
-        self._changed.set()
+        self._progress.event.set()  # (in the session's loop: serve calls it there)
         if self.receiver is not None and not self.receiver.done():
             self.receiver.cancel()
 
@@ -155,38 +163,33 @@ class StreamHub:
         :class:`LinkError` (TIMEOUT) when a stream makes no progress for the
         idle timeout.
         """
-        while True:
-            if self.error is not None:
-                raise self.error
+        def done() -> bool:
+            return self.error is not None or all(have >= want for have, want in zip(self.counts, counts))
+
+        progressed = await self._progress.wait(done, self.idle_timeout_s)
+        if self.error is not None:
+            raise self.error
+        if not progressed:
             behind = [i + 1 for i, (have, want) in enumerate(zip(self.counts, counts)) if have < want]
-            if not behind:
-                return
-            self._changed.clear()
-            try:
-                async with asyncio.timeout(self.idle_timeout_s):
-                    await self._changed.wait()
-            except TimeoutError:
-                raise LinkError(f"stream {behind[0]} of migration {self.begin.migration_id} sent no page for "
-                                f"{self.idle_timeout_s:.0f} s ({self.counts[behind[0] - 1]} of "
-                                f"{counts[behind[0] - 1]} batches in)", AbortCode.TIMEOUT) from None
+            raise LinkError(f"stream {behind[0]} of migration {self.begin.migration_id} sent no page for "
+                            f"{self.idle_timeout_s:.0f} s ({self.counts[behind[0] - 1]} of "
+                            f"{counts[behind[0] - 1]} batches in)", AbortCode.TIMEOUT)
 
     @contextlib.asynccontextmanager
     async def quiet(self) -> AsyncIterator[None]:
         """Hold the extra streams' writes (those under way finish first) while a digest table is made."""
-        self._quiet += 1
-        self._resume.clear()
+        self._gate.hold()
         try:
-            while self._writing:
+            while self._gate.writing:
                 await asyncio.sleep(0.0005)
             yield
         finally:
-            self._quiet -= 1
-            if not self._quiet:
-                self._resume.set()
+            self._gate.release()
 
     async def close(self) -> None:
-        """End the extra streams (the migration is over, or about to commit): their tasks stop writing."""
+        """End the extra streams (the migration is over, or about to commit): their threads stop writing."""
         self.closed = True
+        self._gate.close()
         tasks = [t for t in self._tasks if t is not asyncio.current_task()]
         for t in tasks:
             t.cancel()

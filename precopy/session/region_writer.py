@@ -10,11 +10,18 @@ Runs of pages whose memory is mapped in already -- an existing region's
 pages, or a fresh tmpfs region's pieces populated ahead -- are received
 straight into the mapping (:meth:`RegionWriter.sink`); the rest go in with
 ``pwrite``.
+
+With several streams each extra stream writes from a thread of its own
+(:mod:`precopy.session.dest_streams`): the streams' pages are disjoint
+(stripes of whole chunks), so the per-page masks and the chunk tracker's
+chunks each have one writer; what they share -- starting the
+preparation at the first data, the in-place count -- is under a lock.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 from typing import Callable
 
 import numpy as np
@@ -127,6 +134,7 @@ class RegionWriter:
             # mapping, no second copy (pwrite from the receive buffer).
             mem.prep.start_map_in(self.written)
         self._hashers: list[_InPlaceDigests] = []
+        self._lock = threading.Lock()  # the streams' threads: see the module docstring
 
     def hashing_sink(self) -> tuple[Sink, Callable[[int], None]] | None:
         """For one connection: a :meth:`sink` that also hashes each chunk of a payload as it
@@ -184,10 +192,12 @@ class RegionWriter:
         if len(ev.indices):
             declared_zero[ev.indices] = False
             if not self.preparing:
-                mem.prep.start_prepare(populate=self.populate, skip=declared_zero.copy())
-                if self.ahead:
-                    mem.prep.start_populate_ahead(~declared_zero)
-                self.preparing = True
+                with self._lock:  # the first data of any stream starts it, once
+                    if not self.preparing:
+                        mem.prep.start_prepare(populate=self.populate, skip=declared_zero.copy())
+                        if self.ahead:
+                            mem.prep.start_populate_ahead(~declared_zero)
+                        self.preparing = True
         if len(ev.indices) or z.size:
             top = max(int(ev.indices[-1]) if len(ev.indices) else 0, int(z[-1]) if z.size else 0)
             while not mem.prep.reserved_through(top):
@@ -198,7 +208,8 @@ class RegionWriter:
             data = page_payload(ev, chunk_pages=self.chunk_pages)
             digests = ev.chunk_digests
             if ev.in_place:
-                self.rec.pages_in_place += len(ev.indices)
+                with self._lock:
+                    self.rec.pages_in_place += len(ev.indices)
                 first = int(ev.indices[0])
                 for hasher in self._hashers:
                     if digests is None:
