@@ -150,24 +150,26 @@ def summary(records: list[dict[str, Any]], rate_Bps: float) -> str:
 
 
 def _paired(records: list[dict[str, Any]]) -> list[str]:
-    """This tree / the baseline, per loopback case, paired by round (both committed), medians."""
-    by: dict[tuple[int, int, bool], dict[str, Any]] = {}
+    """This tree / the baseline, per case run both ways, paired by round (both committed), medians."""
+    by: dict[tuple[str, int, bool], dict[str, Any]] = {}
     for r in records:
-        if not r["links"] and r["outcome"] == "committed" and r["wire_Bps"]:
-            by[(r["streams_asked"], r["run"], bool(r.get("baseline")))] = r
+        if r["outcome"] == "committed" and r["wire_Bps"]:
+            by[(r["case"].removesuffix(" (baseline)"), r["run"], bool(r.get("baseline")))] = r
     out = []
-    for n in sorted({k[0] for k in by}):
-        pairs = [(by[(n, run, False)], by[(n, run, True)]) for (m, run, base) in by
-                 if m == n and not base and (n, run, True) in by]
+    for case in dict.fromkeys(k[0] for k in by):
+        pairs = [(by[(c, run, False)], by[(c, run, True)]) for (c, run, base) in by
+                 if c == case and not base and (c, run, True) in by]
         if not pairs:
             continue
         wire = [a["wire_Bps"] / b["wire_Bps"] for a, b in pairs]
         total = [b["total_s"] / a["total_s"] for a, b in pairs]
         cpu = [(a["cpu_source_s"] + a["cpu_dest_s"]) / (b["cpu_source_s"] + b["cpu_dest_s"]) for a, b in pairs]
-        out.append(f"\nLoopback --streams {n}, this tree / baseline, paired by round ({len(pairs)} pairs): "
+        dest = [a["cpu_dest_s"] / b["cpu_dest_s"] for a, b in pairs]
+        out.append(f"\n{case}, this tree / baseline, paired by round ({len(pairs)} pairs): "
                    f"full copy's wire rate {statistics.median(wire):.2f} "
                    f"({', '.join(f'{x:.2f}' for x in wire)}); "
-                   f"1 / total time {statistics.median(total):.2f}; CPU (both agents) {statistics.median(cpu):.2f}")
+                   f"1 / total time {statistics.median(total):.2f}; CPU both agents {statistics.median(cpu):.2f}, "
+                   f"destination {statistics.median(dest):.2f}")
     return out
 
 
@@ -176,7 +178,8 @@ def baseline_env(tree: Path, work: Path) -> dict[str, str]:
     agents/ as precopy_agents, ahead of this tree's editable install)."""
     shim = work / "baseline-path"
     shim.mkdir(exist_ok=True)
-    (shim / "precopy_agents").symlink_to((tree / "agents").resolve())
+    if not (shim / "precopy_agents").exists():
+        (shim / "precopy_agents").symlink_to((tree / "agents").resolve())
     return dict(os.environ, PYTHONPATH=os.pathsep.join([str(shim), str(tree.resolve())]))
 
 
@@ -191,6 +194,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="--streams values on loopback ('' for none; default 1,2,4)")
     ap.add_argument("--baseline", type=Path,
                     help="another precopy checkout: the loopback cases also run with its agents, interleaved")
+    ap.add_argument("--baseline-links", action="store_true",
+                    help="with --baseline: the shaped-link cases too (a baseline daemon in the namespace)")
     ap.add_argument("--json", type=Path, help="write every run's record here")
     args = ap.parse_args(argv)
     links = [int(x) for x in args.links.split(",") if x]
@@ -215,6 +220,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             lab.up()
             ns_dest = Dest(work, "links", "0.0.0.0:0", lab.exec_prefix(lab.dst_ns))
             dests.append(ns_dest)
+        ns_base = None
+        if lab is not None and args.baseline is not None and args.baseline_links:
+            ns_base = Dest(work, "links-baseline", "0.0.0.0:0", lab.exec_prefix(lab.dst_ns),
+                           env=baseline_env(args.baseline, work))
+            dests.append(ns_base)
         if loopback:
             loop_dest = Dest(work, "loopback", "127.0.0.1:0")
             dests.append(loop_dest)
@@ -225,11 +235,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         for run in range(args.runs):
             for n in links:
                 assert lab is not None and ns_dest is not None
-                rec = migrate(region, guest.pid, [f"{lab.dst_ips[k]}:{ns_dest.port}" for k in range(n)],
-                              lab.src_ips[:n], n, work / "report.json", lab.exec_prefix(lab.src_ns), ns_dest)
-                records.append({"case": f"{n} x {args.rate}, --streams {n}", "links": n, "streams_asked": n,
-                                "run": run, **rec})
-                print(json.dumps(records[-1]), flush=True)
+                for d in (ns_dest, ns_base):
+                    if d is None:
+                        continue
+                    rec = migrate(region, guest.pid, [f"{lab.dst_ips[k]}:{d.port}" for k in range(n)],
+                                  lab.src_ips[:n], n, work / "report.json", lab.exec_prefix(lab.src_ns), d)
+                    base = d is ns_base
+                    records.append({"case": f"{n} x {args.rate}, --streams {n}{' (baseline)' if base else ''}",
+                                    "links": n, "streams_asked": n, "baseline": base, "run": run, **rec})
+                    print(json.dumps(records[-1]), flush=True)
             for n in loopback:
                 for d in (loop_dest, base_dest):
                     if d is None:

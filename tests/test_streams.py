@@ -15,6 +15,7 @@ import os
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -211,14 +212,14 @@ async def test_each_extra_stream_is_received_and_written_on_a_thread_of_its_own(
     src = shm / "vm.mem"
     mm = make_region(src, 6144)  # 24 MiB: six stripes, two on each of three streams
     writers: dict[str, set[int]] = {}
-    real = RegionWriter.write
+    real = RegionWriter._put
 
-    async def write(self: RegionWriter, ev: object) -> None:
-        writers.setdefault(threading.current_thread().name, set()).add(int(ev.indices[0]) // 1024
-                                                                       if len(ev.indices) else -1)  # type: ignore[attr-defined]
-        await real(self, ev)  # type: ignore[arg-type]
+    def put(self: RegionWriter, ev: Any, z: Any) -> None:
+        writers.setdefault(threading.current_thread().name, set()).add(
+            int(ev.indices[0]) // 1024 if len(ev.indices) else -1)
+        real(self, ev, z)
 
-    monkeypatch.setattr(RegionWriter, "write", write)
+    monkeypatch.setattr(RegionWriter, "_put", put)
     async with serve(shm / "dest") as server:
         rep = await migrate(server, src, FakeWorkload(), streams=3)
         assert rep.outcome == "committed" and rep.streams == 3

@@ -311,6 +311,32 @@ class Channel:
             buf.release()
         return self._took(n)
 
+    def recv_blocking(self) -> int:
+        """Read once, waiting, for a thread that owns this channel with its socket in blocking
+        mode (``precopy.session.stream_thread``); returns the bytes read (0: the peer closed).
+
+        A payload going into a sink's view (every byte of it owed by the
+        frame) is read whole, ``MSG_WAITALL``: one return per piece instead
+        of one per arrival.  Raises :class:`BlockingIOError` when the
+        socket's ``SO_RCVTIMEO`` passes with nothing read, :class:`LinkError`
+        when the connection fails.
+        """
+        if self.closed:
+            raise LinkError(f"connection to {self.peer} is closed")
+        buf = self.conn.get_buffer()
+        try:
+            n = self._recv_blocking(buf, not isinstance(buf.obj, bytearray))
+        except BlockingIOError:
+            raise
+        except OSError as exc:
+            raise LinkError(f"connection to {self.peer} failed while receiving: {exc}") from exc
+        finally:
+            buf.release()
+        return self._took(n)
+
+    def _recv_blocking(self, buf: memoryview, owed: bool) -> int:
+        return self.sock.recv_into(buf, 0, socket.MSG_WAITALL if owed else 0)
+
     async def events(self, idle_timeout_s: float | None = None) -> AsyncIterator[Event]:
         """Yield events until the peer closes; ABORT raises :class:`PeerAborted`.
 

@@ -241,6 +241,40 @@ class TlsChannel(Channel):
         return got
 
 
+    def _recv_blocking(self, buf: memoryview, owed: bool) -> int:
+        """:meth:`Channel.recv_blocking` through TLS: decrypt what is here, wait on the socket
+        (blocking) only when nothing is; with ``owed``, until ``buf`` is full."""
+        got = 0
+        while got < len(buf):
+            try:
+                n: int = self.tls.read(len(buf) - got, buf[got:])  # type: ignore[assignment]
+            except ssl.SSLWantReadError:
+                if got and not owed:
+                    return got
+                data = self._out.read()  # e.g. TLS 1.3 session tickets
+                if data:
+                    self.sock.sendall(data)
+                try:
+                    data = self.sock.recv(RECV_SIZE)
+                except BlockingIOError:
+                    if got:
+                        return got  # something came within the timeout
+                    raise
+                if not data:
+                    self._in.write_eof()
+                else:
+                    self._in.write(data)
+                continue
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                return got
+            except ssl.SSLError as exc:
+                raise self._refused(exc) from exc
+            if n == 0:
+                return got
+            got += n
+        return got
+
+
 def make_channel(sock: socket.socket, role: Role, context: ssl.SSLContext | None,
                  server_hostname: str | None = None) -> Channel:
     """A plain :class:`Channel`, or a :class:`TlsChannel` when ``context`` is given."""

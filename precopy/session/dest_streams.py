@@ -5,8 +5,8 @@ registered by its id in the server's :class:`StreamRegistry` before READY
 goes out.  Each extra connection authenticates on its own and sends JOIN
 (docs/PROTOCOL.md, "Streams"); the server hands it to the hub
 (:meth:`StreamRegistry.join`), which checks it and then receives the pages
-that come on it on a thread of its own, in an event loop of its own
-(:func:`~precopy.session.stream_thread.run_in_thread`), and writes them
+that come on it on a thread of its own, with blocking reads
+(:func:`~precopy.session.stream_thread.run_blocking`), and writes them
 with the migration's own region writer: each stream's socket reads (into
 the region), TLS and chunk hashing run on their own core, beside the
 first connection's.  The streams' pages are disjoint (stripes), so the
@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 from typing import Any, AsyncIterator, Callable
 
 import numpy as np
@@ -37,14 +38,15 @@ import numpy as np
 from precopy.errors import AbortCode, PrecopyError, RemoteProtocolError
 from precopy.net.channel import Channel, LinkError
 from precopy.protocol import Begin, Join, Joined, Pages
-from precopy.session.stream_thread import Notifier, WriteGate, run_in_thread
+from precopy.session.stream_thread import Notifier, WriteGate, receive_blocking, run_blocking
 
 __all__ = ["StreamHub", "StreamRegistry"]
 
 _log = logging.getLogger(__name__)
 
-#: What writes one PAGES event into the region (RegionWriter.write).
-WriteFn = Callable[[Pages], Any]
+#: What writes one PAGES event into the region from a stream's thread (RegionWriter.write_blocking):
+#: False when stopped (the event) before it could.
+WriteFn = Callable[[Pages, threading.Event], bool]
 #: A connection's own payload sink and progress callback (RegionWriter.hashing_sink), or None.
 SinksFn = Callable[[], "tuple[Callable[[np.ndarray], memoryview | None], Callable[[int], None]] | None"]
 
@@ -115,8 +117,7 @@ class StreamHub:
             hashing = self._sinks() if self._sinks is not None else None
             if hashing is not None:
                 chan.conn.payload_sink, chan.conn.payload_progress = hashing
-            await run_in_thread(chan, lambda c: self._pump(c, index),
-                                f"precopy-stream-{index}")
+            await run_blocking(chan, lambda stop: self._pump(chan, index, stop), f"precopy-stream-{index}")
         except asyncio.CancelledError:
             if self.closed:
                 return  # the migration ended: closing its streams is the normal end
@@ -128,22 +129,24 @@ class StreamHub:
             chan.conn.release_sink()  # it holds the region
             self._tasks.discard(task)
 
-    async def _pump(self, chan: Channel, index: int) -> None:
-        """Stream ``index``'s receive loop (in its own thread and event loop)."""
+    def _pump(self, chan: Channel, index: int, stop: threading.Event) -> None:
+        """Stream ``index``'s receive loop, on its own thread (blocking reads) until ``stop``."""
         assert self._write is not None
         write, gate, counts, progress = self._write, self._gate, self.counts, self._progress
-        async for ev in chan.events(self.idle_timeout_s):
+        for ev in receive_blocking(chan, self.idle_timeout_s, stop):
             if not isinstance(ev, Pages):  # pragma: no cover - the phase table allows only PAGES
                 raise RemoteProtocolError(f"{type(ev).__name__} on stream {index}")
             if not gate.enter():
                 return  # the hub closed
             try:
-                await write(ev)
+                if not write(ev, stop):
+                    return
             finally:
                 gate.leave()
             counts[index - 1] += 1  # this thread's own entry
             progress.notify()
-        raise LinkError(f"stream {index} from {chan.peer} closed before the commit")
+        if not stop.is_set():
+            raise LinkError(f"stream {index} from {chan.peer} closed before the commit")
 
     def fail(self, index: int, exc: BaseException) -> None:
         """Stream ``index`` broke: fail the migration (once), waking whoever waits."""

@@ -171,7 +171,7 @@ class Receiver:
             self.chan.conn.payload_sink, self.chan.conn.payload_progress = hashing
         hub = self.hub
         if hub is not None:
-            hub.start(writer.write, writer.hashing_sink)  # each extra stream its own
+            hub.start(writer.write_blocking, writer.hashing_sink)  # each extra stream its own, on its own thread
         try:
             async for ev in self.chan.events(self.opts.idle_timeout_s):
                 if isinstance(ev, Pages):

@@ -184,7 +184,28 @@ class RegionWriter:
         Raises :class:`RegionError` when the file system cannot hold the
         pages (full).
         """
-        mem, tracker, written, declared_zero = self.mem, self.tracker, self.written, self.declared_zero
+        z, top = self._declare(ev)
+        while top >= 0 and not self.mem.prep.reserved_through(top):
+            # Never write where the file system has not allocated yet.
+            await asyncio.sleep(0.001)
+        self._put(ev, z)
+
+    def write_blocking(self, ev: Pages, stop: threading.Event) -> bool:
+        """:meth:`write` for a stream's own thread: waits for the reservation asleep.
+
+        False (nothing written) when ``stop`` is set meanwhile.
+        """
+        z, top = self._declare(ev)
+        while top >= 0 and not self.mem.prep.reserved_through(top):
+            if stop.wait(0.001):
+                return False
+        self._put(ev, z)
+        return True
+
+    def _declare(self, ev: Pages) -> tuple[np.ndarray, int]:
+        """Note what ``ev`` declares zero or data (the first data starts preparing the region);
+        returns the zero pages to write and the last page that must be reserved first (-1: none)."""
+        mem, written, declared_zero = self.mem, self.written, self.declared_zero
         # Pages never written are still zero in the fresh file.
         z = ev.zeros[written[ev.zeros]] if len(ev.zeros) else ev.zeros
         if len(ev.zeros):
@@ -199,10 +220,13 @@ class RegionWriter:
                             mem.prep.start_populate_ahead(~declared_zero)
                         self.preparing = True
         if len(ev.indices) or z.size:
-            top = max(int(ev.indices[-1]) if len(ev.indices) else 0, int(z[-1]) if z.size else 0)
-            while not mem.prep.reserved_through(top):
-                # Never write where the file system has not allocated yet.
-                await asyncio.sleep(0.001)
+            return z, max(int(ev.indices[-1]) if len(ev.indices) else 0, int(z[-1]) if z.size else 0)
+        return z, -1
+
+    def _put(self, ev: Pages, z: np.ndarray) -> None:
+        """Write ``ev``'s pages (and its zero pages ``z``) now that their blocks are reserved."""
+        mem, tracker, written = self.mem, self.tracker, self.written
+        if len(ev.indices) or z.size:
             mem.prep.reserve_skipped(ev.indices)
         if len(ev.indices):
             data = page_payload(ev, chunk_pages=self.chunk_pages)

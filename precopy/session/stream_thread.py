@@ -1,4 +1,4 @@
-"""One connection's work on a thread of its own, in an event loop of its own.
+"""One connection's reads on a thread of its own.
 
 With ``--streams N`` the destination receives each extra stream on its
 own thread (:mod:`precopy.session.dest_streams`): the socket reads
@@ -9,79 +9,85 @@ work instead of taking turns in the session's one loop.  What is left to
 Python per batch (a frame's header, the region writer's bookkeeping)
 takes the GIL briefly.
 
-:func:`run_in_thread` moves a :class:`~precopy.net.channel.Channel` to a
-new thread with a new event loop (the same kind as the caller's: uvloop
-where the daemon installed it), runs a coroutine there, and moves the
-channel back when it ends, so the caller can still ABORT and close it.
-Cancelling the caller cancels the coroutine in the thread and waits for
-the thread to end: nothing runs on the connection (or writes into the
-region) after :func:`run_in_thread` returns or raises.
+:func:`run_blocking` puts a :class:`~precopy.net.channel.Channel`'s socket
+in blocking mode and runs a function on a new thread;
+:func:`receive_blocking` is :meth:`Channel.events` for it: a read blocks
+in the kernel (no event loop, no wakeup per arrival: a payload going
+into the region is read whole, ``MSG_WAITALL``), ``SO_RCVTIMEO`` is the
+idle timeout.  Cancelling the caller stops the thread (a ``SHUT_RD`` wakes
+its read) and waits for it: nothing reads the connection or writes into
+the region after :func:`run_blocking` returns or raises, and the socket is
+non-blocking again, so the caller can still ABORT and close it.
+
+:class:`Notifier` wakes the session's loop from such a thread (the SYNC
+fence); :class:`WriteGate` holds the threads' writes while the loop makes
+a digest table.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import socket
+import struct
 import threading
-from typing import Any, Awaitable, Callable, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
-from precopy.net.channel import Channel
+from precopy.errors import AbortCode
+from precopy.net.channel import Channel, LinkError, PeerAborted
+from precopy.protocol import NEED_DATA, Abort
 
-__all__ = ["run_in_thread", "Notifier"]
+__all__ = ["run_blocking", "receive_blocking", "Notifier", "WriteGate"]
 
 _log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 
-async def run_in_thread(chan: Channel, work: Callable[[Channel], Awaitable[T]], name: str) -> T:
-    """Run ``work(chan)`` in a new thread's own event loop; returns or raises what it did.
+async def run_blocking(chan: Channel, work: Callable[[threading.Event], T], name: str) -> T:
+    """Run ``work(stop)`` on a new thread, ``chan``'s socket in blocking mode meanwhile; returns or
+    raises what it did.
 
-    The channel's socket is taken off this loop first and handed back
-    (``chan.loop`` restored) once the thread is done.
+    Cancelled, it sets ``stop`` and shuts the socket's reading side
+    (``SHUT_RD``: a blocked read returns at once, the peer is told
+    nothing), then waits for the thread.  The socket is non-blocking again
+    (the session's loop may send an ABORT on it) when this returns.
     """
     main = asyncio.get_running_loop()
-    loop = asyncio.new_event_loop()
     done: asyncio.Future[T] = main.create_future()
-    chan._unwatch()  # not read by this loop any more: the thread's loop watches it
-    chan.loop = loop
-    task = loop.create_task(_run(work, chan))
+    stop = threading.Event()
+    chan._unwatch()  # not read by the loop any more
+    chan.sock.settimeout(None)
 
     def settle(result: Any, exc: BaseException | None) -> None:
-        if done.done():
-            return
-        if isinstance(exc, asyncio.CancelledError):
-            done.cancel()
-        elif exc is not None:
-            done.set_exception(exc)
-        else:
-            done.set_result(result)
+        if not done.done():
+            if exc is not None:
+                done.set_exception(exc)
+            else:
+                done.set_result(result)
 
     def target() -> None:
         result: Any = None
         error: BaseException | None = None
         try:
-            result = loop.run_until_complete(task)
+            result = work(stop)
         except BaseException as exc:  # handed to the caller: it raises there
             error = exc
-        finally:
-            try:
-                chan._unwatch()
-                loop.run_until_complete(loop.shutdown_asyncgens())
-            finally:
-                loop.close()
-                chan.loop = main
-                try:
-                    main.call_soon_threadsafe(settle, result, error)
-                except RuntimeError:  # the caller's loop is closed: nobody waits
-                    _log.debug("%s ended after its caller's loop", name)
+        try:
+            main.call_soon_threadsafe(settle, result, error)
+        except RuntimeError:  # the caller's loop is closed: nobody waits
+            _log.debug("%s ended after its caller's loop", name)
 
     thread = threading.Thread(target=target, name=name, daemon=True)
     thread.start()
     try:
         return await asyncio.shield(done)
     except asyncio.CancelledError:
-        _cancel(loop, task)
+        stop.set()
+        try:
+            chan.sock.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass  # not connected any more: the read has returned already
         # Wait for the thread however often we are cancelled meanwhile: the
         # region it writes into must outlive it.
         while not done.done():
@@ -89,24 +95,50 @@ async def run_in_thread(chan: Channel, work: Callable[[Channel], Awaitable[T]], 
                 await asyncio.shield(done)
             except asyncio.CancelledError:
                 continue
-            except BaseException as exc:  # what the work raised as it was cancelled: ours is the cancellation
-                _log.debug("%s ended with %r as it was cancelled", name, exc)
+            except BaseException as exc:  # what the work raised as it stopped: ours is the cancellation
+                _log.debug("%s ended with %r as it was stopped", name, exc)
                 break
         raise
     finally:
-        if done.done():
-            thread.join()  # it has settled ``done``: it is returning, no wait to speak of
+        thread.join()  # it has settled ``done``: it is returning
+        chan.sock.setblocking(False)
 
 
-async def _run(work: Callable[[Channel], Awaitable[T]], chan: Channel) -> T:
-    return await work(chan)
+def receive_blocking(chan: Channel, idle_timeout_s: float, stop: threading.Event) -> Iterator[Any]:
+    """:meth:`Channel.events` for a thread of its own (see :func:`run_blocking`): blocking reads.
 
-
-def _cancel(loop: asyncio.AbstractEventLoop, task: asyncio.Task[Any]) -> None:
-    try:
-        loop.call_soon_threadsafe(task.cancel)
-    except RuntimeError:  # its loop is closed: the work is over
-        pass
+    Ends when the peer closes or ``stop`` is set; ABORT raises
+    :class:`PeerAborted`; nothing for ``idle_timeout_s`` raises
+    :class:`LinkError` (TIMEOUT).
+    """
+    sec = max(idle_timeout_s, 0.001)
+    chan.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                         struct.pack("ll", int(sec), int(sec % 1 * 1e6)))
+    conn = chan.conn
+    while True:
+        ev = conn.next_event()
+        if ev is NEED_DATA:
+            if stop.is_set():
+                return
+            try:
+                n = chan.recv_blocking()
+            except BlockingIOError:
+                if stop.is_set():
+                    return
+                raise LinkError(f"no data from {chan.peer} for {idle_timeout_s:.0f} s", AbortCode.TIMEOUT) from None
+            except LinkError:
+                if stop.is_set():
+                    return
+                raise
+            if stop.is_set():
+                return  # woken by run_blocking's shutdown
+            if n == 0:
+                conn.next_event()  # raises if a frame was cut short
+                return
+            continue
+        if isinstance(ev, Abort):
+            raise PeerAborted(ev.code, ev.reason)
+        yield ev
 
 
 class Notifier:
