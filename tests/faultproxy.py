@@ -26,6 +26,10 @@ trigger matches it acts:
              (frames behind it wait too: a peer waiting for an answer is
              held in this phase while, e.g., a signal lands).
 
+With ``after=True`` the trigger frame is forwarded first and the action
+follows it (``cut`` closes, ``stall``/``hold`` black-hole, ``kill`` calls
+``callback``, right after the frame was delivered).
+
 A proxy-wide ``rate_bps`` slows every byte down; a proxy without faults
 forwards bytes as they come, not frames (a slow link holds 64 KiB, not a
 4 MiB frame).  Faults apply to the
@@ -77,6 +81,7 @@ class Fault:
     xor: int = 0x5A  # flip
     callback: Callable[[], None] | None = None  # hold / kill / call
     mutate: Callable[[bytearray, int], None] | None = None
+    after: bool = False  # cut | stall | hold | kill: forward the trigger frame first, then act
     fired: threading.Event = field(default_factory=threading.Event)
     seen: int = 0
 
@@ -202,6 +207,9 @@ class _Link:
                    meta_len: int) -> bytearray | None:
         fault.fired.set()
         self.proxy.log.append((self.number, fault.action, int(frame[2])))
+        if fault.after and fault.action in ("cut", "reset", "stall", "hold", "kill"):
+            await self._write(w, bytes(frame))
+            frame = bytearray()
         if fault.action in ("cut", "reset"):
             if fault.keep:
                 await self._write(w, bytes(frame[:fault.keep]))

@@ -36,7 +36,8 @@ pipe ends (the agent died) in that state:
              destination has every page, settles the workload as after a
              commit; if the destination says it never resumed the workload
              (a definite "not committed") it resumes it here; if neither can
-             be learned, the workload stays paused, loudly, exit 4.
+             be learned -- or the destination committed but has no stream to
+             resume (it lost it) -- the workload stays paused, loudly, exit 4.
 ``done``     the agent is exiting normally and has settled the workload
              itself (including "in doubt", exit 4): the guardian exits
              without touching it.
@@ -484,8 +485,8 @@ def _on_agent_death(state: str, spec: dict[str, Any]) -> int:
         target = _target(spec["outcome"])
         answer = asyncio.run(finish_stream(target, spec.get("region", {}))) if target is not None else "unknown"
         state = COMMIT  # settled as a commit: the outcome is known now, or in doubt
-        if answer != "unknown":
-            spec = {**spec, "known": answer}
+        # (never asked again: "committed" alone does not mean every page arrived)
+        spec = {**spec, "known": answer}
     if state == COMMIT:
         mid = spec.get("outcome", {}).get("migration_id")
         _log.warning("the source agent died after sending COMMIT for migration %s: asking the "

@@ -295,8 +295,10 @@ class PostcopyDest:
                 chan = await self._wait_resume()
                 self._chan = chan
                 small_window(chan)
-            await chan.send(Complete(migration_id=mid, pages=len(self.missing), stats=self.placer.stats()))
+            # Recorded before it is said: a COMPLETE the source saw is in the journal, should this
+            # daemon die right after (a restarted one answers a RESUME from it).
             self._finish()
+            await chan.send(Complete(migration_id=mid, pages=len(self.missing), stats=self.placer.stats()))
             if self._resumer is not None:
                 await self._resumer
         finally:

@@ -229,9 +229,10 @@ class PostcopySource:
         if self.guardian is not None:  # from here on a dead agent's guardian serves the pages
             self.guardian.postcopy({"memory": memory, "name": self.begin.name, "size": self.begin.size})
         self.committer.sent = self.committer.postcopy = True
-        await self.exchange.send(Postcopy(migration_id=self.begin.migration_id,
-                                          checksum=xxhash.xxh3_64_intdigest(blob)))
         try:
+            # A send that fails may have sent it or not: asked for as a lost answer is.
+            await self.exchange.send(Postcopy(migration_id=self.begin.migration_id,
+                                              checksum=xxhash.xxh3_64_intdigest(blob)))
             done: Committed = await self.exchange.expect(Committed)
         except PeerAborted as exc:
             self.committer.not_committed = True  # it records the abort before saying so

@@ -206,9 +206,10 @@ async def finish_stream(target: OutcomeTarget, region: dict[str, object]) -> str
     """The guardian's post-copy: serve the pages the destination still lacks from the paused region.
 
     ``region``: ``{"memory": path, "name": ..., "size": bytes}``.  Returns
-    ``committed`` (every page is there, or the destination committed and
-    has no stream waiting), ``not-committed`` (it never resumed the
-    workload: resume it here) or ``unknown``.
+    ``committed`` (every page is there), ``not-committed`` (it never resumed
+    the workload: resume it here) or ``unknown`` (the destination committed
+    and has no stream to resume, or cannot be reached: the paused copy here
+    holds pages it lacks).
     """
     begin = Begin(migration_id=target.migration_id, name=str(region["name"]), size=int(str(region["size"])))
     mem = GuestMemory.open(str(region["memory"]), writable=False)
@@ -227,7 +228,12 @@ async def finish_stream(target: OutcomeTarget, region: dict[str, object]) -> str
                     return "unknown"
                 except PrecopyError:
                     return "not-committed"
-                return "committed"
+                # Committed, yet no stream waits and the journal does not say complete (it would have
+                # answered so): the destination lost the stream (restarted).  The pages it lacks are
+                # only here: in doubt, never "committed" (that would stop this copy).
+                _log.critical("post-copy of migration %s is BROKEN: the destination committed it but has no "
+                              "page stream to resume (%s)", target.migration_id, exc)
+                return "unknown"
             except (PrecopyError, OSError, TimeoutError) as exc:
                 _log.warning("post-copy: resume attempt %d failed: %s", attempt + 1, exc)
                 await asyncio.sleep(delay)
