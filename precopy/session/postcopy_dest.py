@@ -295,12 +295,14 @@ class PostcopyDest:
                 chan = await self._wait_resume()
                 self._chan = chan
                 small_window(chan)
-            # Recorded before it is said: a COMPLETE the source saw is in the journal, should this
-            # daemon die right after (a restarted one answers a RESUME from it).
-            self._finish()
-            await chan.send(Complete(migration_id=mid, pages=len(self.missing), stats=self.placer.stats()))
+            # "complete" only once the guest runs (a daemon dying before it resumed the guest must
+            # leave the post-copy "running" in its journal, not a guest held forever), and recorded
+            # before it is said: a COMPLETE the source saw is in the journal, should this daemon die
+            # right after (a restarted one answers a RESUME from it).
             if self._resumer is not None:
                 await self._resumer
+            self._finish()
+            await chan.send(Complete(migration_id=mid, pages=len(self.missing), stats=self.placer.stats()))
         finally:
             loop.remove_reader(self._uffd)
             LIVE.pop(mid, None)
