@@ -74,6 +74,12 @@ def _add_postcopy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--postcopy-resume-timeout", type=float, default=600.0, metavar="SECONDS",
                    help="post-copy: how long a broken page stream waits for its source to resume it before "
                         "the migration is recorded broken (default 600; docs/FAILURES.md)")
+    p.add_argument("--postcopy-guest-early", action="store_true",
+                   help="post-copy: run --on-resume when a migration that may end in post-copy begins (its "
+                        "guest held: resumed at the switchover, or after a pre-copy commit; stopped if the "
+                        "migration ends without one) instead of at the switchover, so that the guest's start "
+                        "is not downtime; the guest must read $PRECOPY_DEVICE_STATE when resumed "
+                        "(docs/TRACKING.md)")
 
 
 def _add_criu_args(p: argparse.ArgumentParser) -> None:
@@ -274,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
                        idle_timeout_s=args.idle_timeout, populate=not args.no_populate,
                        postcopy_guest_timeout_s=args.postcopy_guest_timeout,
                        postcopy_resume_timeout_s=args.postcopy_resume_timeout,
+                       postcopy_guest_early=args.postcopy_guest_early,
                        reuse_regions=not args.no_reuse_regions,
                        tls_context=tls_context, handshake_timeout_s=args.handshake_timeout,
                        max_migrations=args.max_migrations, max_connections=args.max_connections,

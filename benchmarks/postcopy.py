@@ -1,6 +1,6 @@
 """Post-copy (issue 22): a full-speed sweep that pre-copy cannot converge, moved by post-copy.
 
-    python -m benchmarks.postcopy [--size-mib 1024] [--runs 3] [--postcopy auto] [--results]
+    python -m benchmarks.postcopy [--size-mib 1024] [--runs 3] [--postcopy auto] [--guest-start early]
 
 Per run, interleaved, each on a fresh destination daemon over loopback:
 
@@ -8,7 +8,10 @@ Per run, interleaved, each on a fresh destination daemon over loopback:
   for "time until the last page";
 * ``sweep``: a full-speed sweep guest (every page's first byte, round and
   round: never converges), ``--postcopy auto``; the destination's
-  ``--on-resume`` hook starts the same sweep guest with ``--postcopy``.
+  ``--on-resume`` hook starts the same sweep guest with ``--postcopy`` --
+  when the migration begins, held (``--guest-start early``, the default:
+  ``precopy-dest --postcopy-guest-early``), or at the switchover
+  (``--guest-start switchover``).
   Once COMPLETE came, the destination's guest is paused and its region held
   against the source's (paused at the switchover, ``--on-commit
   keep-stopped``): every byte but the first of every page must be the
@@ -60,7 +63,8 @@ def _wait(pred: Any, timeout: float, what: str) -> None:
 class Run:
     """One migration: a region, a source guest, a destination daemon, the source agent."""
 
-    def __init__(self, work: Path, size_mib: int, guest_args: list[str], hook: str | None) -> None:
+    def __init__(self, work: Path, size_mib: int, guest_args: list[str], hook: str | None,
+                 dest_args: tuple[str, ...] = ()) -> None:
         self.work = work
         work.mkdir(parents=True)
         self.procs: list[subprocess.Popen[bytes]] = []
@@ -74,7 +78,7 @@ class Run:
         ready = work / "dest.addr"
         dest = [PY, "-m", "precopy_agents.dest_main", "--listen", "127.0.0.1:0", "--memory-dir",
                 str(work / "dest"), "--ready-file", str(ready), "--log-level", "warning"]
-        self.dest = self._start(dest + (["--on-resume", hook] if hook else []),
+        self.dest = self._start(dest + (["--on-resume", hook] if hook else []) + list(dest_args),
                                 stderr=open(work / "dest.log", "wb"))
         _wait(lambda: ready.exists() and ready.read_text().endswith("\n"), 30, "precopy-dest")
         self.addr = ready.read_text().strip()
@@ -132,7 +136,7 @@ async def _pause(path: str) -> None:
 WRITERS = {"sweep": ["--pattern", "sweep"], "random": ["--rate", "20000", "--hot-fraction", "1"]}
 
 
-def one(work: Path, size_mib: int, mode: str, writer: str = "sweep") -> dict[str, Any]:
+def one(work: Path, size_mib: int, mode: str, writer: str = "sweep", early: bool = True) -> dict[str, Any]:
     idle = Run(work / "idle", size_mib, ["--rate", "0"], None)
     try:
         t_idle = idle.migrate()["total_time_s"]
@@ -142,7 +146,7 @@ def one(work: Path, size_mib: int, mode: str, writer: str = "sweep") -> dict[str
     hook = (f"echo $$ > {pidfile}; echo \"$PRECOPY_POSTCOPY_CONTROL\" > {ctlfile}; exec {PY} -m precopy.guest dirty "
             f"--memory \"$PRECOPY_MEMORY\" {' '.join(WRITERS[writer])} --control \"$PRECOPY_POSTCOPY_CONTROL\" "
             "--postcopy")
-    sweep = Run(work / "sweep", size_mib, WRITERS[writer], hook)
+    sweep = Run(work / "sweep", size_mib, WRITERS[writer], hook, ("--postcopy-guest-early",) if early else ())
     try:
         rep = sweep.migrate("--postcopy", mode)
         pc = rep["postcopy"] or {}
@@ -187,6 +191,10 @@ def table(rows: list[dict[str, Any]], size_mib: int, mode: str, command: str, wr
     lines += ["", f"Medians: pause to running {med('switchover_ms'):.1f} ms (target <= 10), time until the last "
               f"page / idle migration {statistics.median(ratios):.2f} (target <= 1.5), fault p50 "
               f"{med('fault_p50_us'):.0f} us (<= 200), p99 {med('fault_p99_us'):.0f} us (<= 2,000)."]
+    keys = sorted({k for r in rows for k in r["phases_ms"]})
+    phases = ", ".join(f"{k} {statistics.median(r['phases_ms'].get(k, 0.0) for r in rows):.1f}" for k in keys)
+    lines += ["", f"Median phases (ms): {phases}; pause to the last page {med('last_page_s'):.2f} s "
+              f"({statistics.median(r['last_page_s'] / r['idle_total_s'] for r in rows):.2f}x the idle migration)."]
     return "\n".join(lines)
 
 
@@ -196,13 +204,15 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--postcopy", default="auto", choices=["auto", "now"])
     ap.add_argument("--writer", default="sweep", choices=sorted(WRITERS))
+    ap.add_argument("--guest-start", default="early", choices=["early", "switchover"],
+                    help="when the destination's hook starts its guest (default early: --postcopy-guest-early)")
     ap.add_argument("--work", type=Path, default=Path("/dev/shm") / f"precopy-bench-pc-{os.getpid()}")
     args = ap.parse_args()
     command = "python -m benchmarks.postcopy " + " ".join(sys.argv[1:])
     rows = []
     try:
         for i in range(args.runs):
-            row = one(args.work / f"run{i}", args.size_mib, args.postcopy, args.writer)
+            row = one(args.work / f"run{i}", args.size_mib, args.postcopy, args.writer, args.guest_start == "early")
             print(json.dumps(row), flush=True)
             rows.append(row)
     finally:

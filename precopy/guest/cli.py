@@ -150,7 +150,8 @@ def _add_det_parser(subparsers: Any) -> None:
     parser.add_argument(
         "--postcopy", action="store_true",
         help="resumed by a post-copy migration: start held, offer the destination agent a userfaultfd "
-             "for the missing pages (the 'postcopy' op; docs/TRACKING.md) and run on 'resume'",
+             "for the missing pages (the 'postcopy' op; docs/TRACKING.md) and run on 'resume', "
+             "reading --device-state then (it may not exist before: precopy-dest --postcopy-guest-early)",
     )
     parser.add_argument("--seed", type=int, default=1, help="RNG seed for a fresh start")
     parser.add_argument(

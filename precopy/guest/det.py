@@ -130,7 +130,9 @@ def _run_det_steps(
 
 def run_det(args: argparse.Namespace) -> int:
     """Run the ``det`` subcommand; return the exit status."""
-    state = _load_det_state(args.device_state, args.seed)
+    # A post-copy guest may be started before its device state exists
+    # (precopy-dest --postcopy-guest-early): it reads it when resumed.
+    state = DetState.fresh(args.seed) if args.postcopy else _load_det_state(args.device_state, args.seed)
     if state.step > args.steps:
         raise GuestError(
             f"device state is already at step {state.step}, beyond --steps {args.steps}; "
@@ -144,6 +146,10 @@ def run_det(args: argparse.Namespace) -> int:
         controller = GateController(gate, lambda _newly: state.to_blob(), offer,
                                     throttling=not args.no_throttle, postcopy=missing)
         with control_server(args.control, controller):
+            if args.postcopy and gate.checkpoint():  # held until resumed: the device state is there now
+                state = _load_det_state(args.device_state, args.seed)
+                if state.step > args.steps:
+                    raise GuestError(f"device state is already at step {state.step}, beyond --steps {args.steps}")
             completed = _run_det_steps(region, state, args.steps, gate, args.step_sleep_us / 1e6)
             gate.finish()
             if not completed:

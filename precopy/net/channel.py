@@ -125,6 +125,8 @@ class Channel:
         #: from now on :meth:`abort` only closes, it never tells the peer
         #: "aborted" -- that would be a lie the source acts on.
         self.settled = False
+        #: What the handshake agreed on (HELLO/HELLO_ACK ``caps``, e.g. ``postcopy``).
+        self.caps: tuple[str, ...] = ()
         #: After sending ABORT, wait up to this long for the peer to close
         #: (discarding what it still sends) so our close cannot reset the
         #: connection before the peer has read why.  The destination sets

@@ -57,6 +57,12 @@ class DestOptions:
     #: Post-copy: how long a broken page stream waits for the source to come
     #: back (RESUME) before the migration is declared broken (docs/FAILURES.md).
     postcopy_resume_timeout_s: float = 600.0
+    #: Post-copy: run the on-resume hook when a migration that may end in
+    #: post-copy begins, its guest held (and resumed after a pre-copy commit
+    #: too, stopped when the migration ends without one), instead of at the
+    #: switchover: the guest's start leaves the downtime.  The guest must then
+    #: read its device state when resumed (docs/TRACKING.md).
+    postcopy_guest_early: bool = False
     #: Started when a migration begins, resumed after its commit (before
     #: COMMITTED), discarded when it ends without one (e.g. a QEMU VM).
     workload: DestWorkload | None = None

@@ -240,7 +240,7 @@ class DestinationServer:
             raise PrecopyError(version_mismatch("source", hello.version, hello.software), AbortCode.VERSION)
         nonce = auth.new_nonce()
         mac = auth.dest_mac(key, hello.nonce, nonce) if key is not None else b""
-        await chan.send(HelloAck(PROTOCOL_VERSION, nonce, mac, __version__, dest_caps(self.opts, hello.caps)))
+        await chan.send(HelloAck(PROTOCOL_VERSION, nonce, mac, __version__, dest_caps(self.opts, hello.caps, chan)))
         au: Auth = await chan.recv(Auth)
         if key is not None and not auth.verify(auth.source_mac(key, hello.nonce, nonce), au.mac):
             raise AuthError(f"peer {chan.peer} failed authentication (wrong or missing key)")

@@ -34,7 +34,6 @@ import asyncio
 import logging
 import os
 import socket
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Protocol
@@ -42,12 +41,14 @@ from typing import Any, Awaitable, Callable, Protocol
 import numpy as np
 
 from precopy.errors import AbortCode, GuestControlError, PrecopyError, RemoteProtocolError
+from precopy.memory.tracking import TrackingOffer
 from precopy.memory.uffd import TrackingUnavailable
 from precopy.memory.uffd_missing import (FAULT_MSG_SIZE, punch_pages, read_faults, register_missing,
                                          register_postcopy, unregister_missing)
 from precopy.net.channel import Channel, LinkError, PeerAborted
 from precopy.protocol import MAX_BATCH_PAGES, PAGE_SIZE, Committed, Complete, Missing, Pages, Ready, Request, page_payload
 from precopy.protocol.postcopy_codec import bitmap_of, pages_of_bitmap
+from precopy.session.postcopy_guest import HeldGuest, control_path, take_guest
 from precopy.session.postcopy_pages import PagePlacer
 from precopy.protocol import POSTCOPY_CAP, Begin, Resume
 from precopy.session.dest_options import DestOptions
@@ -67,23 +68,20 @@ _MAP_SLICE = 1024
 LIVE: dict[str, PostcopyDest] = {}
 
 
-def control_path(state_dir: Path, migration_id: str) -> Path:
-    """Where the resumed guest must listen: the state dir, or /tmp when that path is too long for a socket."""
-    path = state_dir / f".pc-{migration_id}.sock"
-    if len(os.fsencode(path)) > 100:
-        path = Path(tempfile.gettempdir()) / f"precopy-pc-{migration_id[:40]}.sock"
-    return path
-
-
-def dest_caps(opts: DestOptions, offered: tuple[str, ...] | None) -> tuple[str, ...] | None:
-    """HELLO_ACK's ``caps``: None to a HELLO without (as before), else what of it is served here.
+def dest_caps(opts: DestOptions, offered: tuple[str, ...] | None,
+              chan: Channel | None = None) -> tuple[str, ...] | None:
+    """HELLO_ACK's ``caps``: None to a HELLO without (as before), else what of it is served here
+    (recorded as ``chan.caps`` too, when given).
 
     Post-copy needs a guest the --on-resume hook starts (no workload adapter).
     """
     if offered is None:
         return None
     serves = bool(opts.on_resume) and opts.workload is None
-    return tuple(c for c in offered if c == POSTCOPY_CAP and serves)
+    caps = tuple(c for c in offered if c == POSTCOPY_CAP and serves)
+    if chan is not None:
+        chan.caps = caps
+    return caps
 
 
 async def resume_postcopy(chan: Channel, ev: Resume, opts: DestOptions, journal: Journal | None) -> None:
@@ -136,8 +134,9 @@ class Receiving(Protocol):
 class PostcopyDest:
     """One post-copy migration on the destination (see the module docstring)."""
 
-    def __init__(self, recv: Receiving, bitmap: bytes | bytearray) -> None:
+    def __init__(self, recv: Receiving, bitmap: bytes | bytearray, held: HeldGuest | None = None) -> None:
         self.recv = recv
+        self.held = held  # the guest started when the migration began (--postcopy-guest-early)
         self.begin = recv.begin
         self.missing = pages_of_bitmap(bitmap, self.begin.npages)
         self.placer: PagePlacer | None = None
@@ -158,7 +157,8 @@ class PostcopyDest:
     # -- steps 1-3: from POSTCOPY to the guest running here ----------------
 
     async def start(self, region: Path) -> dict[str, float]:
-        """Punch, commit, resume the guest; returns the resume timings (ms) for COMMITTED.
+        """Commit, take the guest (started now, or held since BEGIN), register; returns the timings
+        (ms) for COMMITTED.
 
         Raises :class:`PrecopyError` before the guest runs (the migration is then
         taken back: see :meth:`take_back`).
@@ -166,32 +166,24 @@ class PostcopyDest:
         recv, rec = self.recv, self.recv.rec
         self.region_fd = os.open(region, os.O_RDWR | os.O_CLOEXEC)
         assert recv.opts.state_dir is not None
-        ctl = control_path(recv.opts.state_dir, self.begin.migration_id)
-        ctl.unlink(missing_ok=True)
+        held = self.held
+        ctl = held.ctl if held is not None else control_path(recv.opts.state_dir, self.begin.migration_id)
+        if held is None:
+            ctl.unlink(missing_ok=True)
+        else:  # it maps the region under its partial name: it must have done so before the rename
+            self._guest, offer = await held.take()
         rec.postcopy, rec.postcopy_control = "running", str(ctl)
         recv.journal.commit(rec, recv.device, recv.device_state_path, recv.partial, recv.final)
         self.t_commit = time.monotonic()
-        await recv.run_hook(rec, recv.final, recv.device_state_path)
-        await self._take_guest(ctl)
+        if held is None:
+            await recv.run_hook(rec, recv.final, recv.device_state_path)
+            self._guest, offer = await take_guest(ctl, recv.opts.postcopy_guest_timeout_s)
+        self._take_offer(offer)
         t2 = time.monotonic()
         return {"postcopy_punch": self._punch_ms, "postcopy_guest": (t2 - self.t_commit) * 1e3}
 
-    async def _take_guest(self, ctl: Path) -> None:
-        """Wait for the guest's control socket; take its userfaultfd; register; resume it."""
-        timeout = self.recv.opts.postcopy_guest_timeout_s
-        deadline = time.monotonic() + timeout
-        while not ctl.exists():
-            if time.monotonic() > deadline:
-                raise PrecopyError(f"post-copy: no guest listened on {ctl} within {timeout:g} s (does the "
-                                   "--on-resume hook start it with --control \"$PRECOPY_POSTCOPY_CONTROL\" "
-                                   "--postcopy?)", AbortCode.GUEST)
-            await asyncio.sleep(0.002)
-        self._guest = GuestControl(ctl, timeout_s=max(5.0, deadline - time.monotonic()))
-        try:
-            offer = await self._guest.offer_postcopy()
-        except GuestControlError as exc:
-            raise PrecopyError(f"post-copy: the guest on {ctl} did not hand over its userfaultfd: {exc}",
-                               AbortCode.GUEST) from exc
+    def _take_offer(self, offer: TrackingOffer) -> None:
+        """The guest's userfaultfd: check its range, register it, make the placer."""
         self._uffd = offer.fd
         if offer.length != self.begin.size or offer.start % PAGE_SIZE:
             raise PrecopyError(f"post-copy: the guest offers {offer.length} bytes at {offer.start:#x} for a region "

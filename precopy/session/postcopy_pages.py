@@ -194,7 +194,7 @@ class PagePlacer:
             else:
                 for k in range(0, n, MAX_BATCH_PAGES):
                     m = min(MAX_BATCH_PAGES, n - k)
-                    self._pwrite(memoryview(_ZERO)[:m * PAGE_SIZE], (first + k) * PAGE_SIZE)
+                    self._pwrite(_ZERO.data[:m * PAGE_SIZE], (first + k) * PAGE_SIZE)
             if not self.guest_gone:
                 try:
                     _, skipped = continue_pages(self.uffd, self.start + first * PAGE_SIZE, n)

@@ -41,6 +41,7 @@ from precopy.memory.region import GuestMemory, clear_exception_frames
 from precopy.net.channel import Channel, LinkError
 from precopy.policy.admission import Admission
 from precopy.protocol import (
+    POSTCOPY_CAP,
     Begin,
     Commit,
     Committed,
@@ -58,6 +59,7 @@ from precopy.session.dest_options import DestOptions
 from precopy.session.dest_streams import StreamHub, StreamRegistry
 from precopy.session.journal import DEVICE_STATE_SUFFIX, Journal, MigrationRecord
 from precopy.session.postcopy_dest import PostcopyDest
+from precopy.session.postcopy_guest import HeldGuest
 from precopy.session.region_writer import RegionWriter
 
 __all__ = ["Receiver"]
@@ -104,6 +106,7 @@ class Receiver:
         #: The migration's extra streams (None: one connection).
         self.hub: StreamHub | None = None
         self.missing = bytearray()  # post-copy: the MISSING bitmap, as it comes
+        self.held: HeldGuest | None = None  # post-copy's guest, started ahead (--postcopy-guest-early)
 
     def _others(self) -> int:
         """Other migrations moving bytes here now (told to the source: contention)."""
@@ -139,6 +142,7 @@ class Receiver:
                 await self.opts.workload.prepare(self.begin.migration_id, self.begin.name, self.partial,
                                                  self.begin.size)
             self.journal.write(self.rec)
+            await self._start_held_guest()
             self.hub = self.registry.open(self.begin) if self.registry is not None else None
             await self.chan.send(Ready(existing=self.existing, streams=self.hub.streams if self.hub else 1))
             _log.info("migration %s from %s: receiving %s (%d MiB)", self.begin.migration_id,
@@ -153,6 +157,8 @@ class Receiver:
             mem.close()
             if not committed and self.opts.workload is not None:
                 await asyncio.shield(self.opts.workload.discard(self.begin.migration_id))
+            if not committed and self.held is not None:
+                await asyncio.shield(self.held.stop())
             if not committed:
                 if self._staging is not None:  # the device state's file written ahead goes too
                     await asyncio.shield(self._staged())
@@ -161,6 +167,14 @@ class Receiver:
                     _log.warning("kept partial region %s (--keep-partial)", self.partial)
                 else:
                     self.partial.unlink(missing_ok=True)
+
+    async def _start_held_guest(self) -> None:
+        """--postcopy-guest-early: a migration that may end in post-copy starts its guest now, held."""
+        if not (self.opts.postcopy_guest_early and POSTCOPY_CAP in self.chan.caps):
+            return
+        assert self.opts.state_dir is not None
+        self.held = await HeldGuest.launch(self.run_hook, self.rec, self.partial, self.device_state_path,
+                                           self.opts.state_dir, self.opts.postcopy_guest_timeout_s)
 
     async def _receive(self, mem: GuestMemory, tracker: ChunkTracker) -> bool:
         """Serve the migration's events until COMMIT (True, committed) or the end of the link."""
@@ -306,7 +320,7 @@ class Receiver:
         self.chan.conn.release_sink()
         tracker.close()
         mem.prep.close()
-        pc = PostcopyDest(self, self.missing)
+        pc = PostcopyDest(self, self.missing, self.held)
         try:
             timings = await pc.start(self.partial)
         except BaseException as exc:
@@ -324,6 +338,8 @@ class Receiver:
             if accept is not None:  # e.g. CRIU: restored (stopped) from the device state before the commit
                 await accept(self.begin.migration_id, self.partial, self.device)
             await self.opts.workload.check(self.begin.migration_id)  # last chance to say no
+        if self.held is not None:  # it maps the region under its partial name: before the rename
+            await self.held.ready()
         self.journal.commit(self.rec, self.device, self.device_state_path, self.partial, self.final,
                             staged=await self._staged())
         self.chan.settled = True  # an ABORT from here on would tell the source to resume
@@ -356,7 +372,14 @@ class Receiver:
                 _log.critical("migration %s is committed here but its workload did not resume: %s; "
                               "resume it by hand from %s and %s", self.begin.migration_id, exc,
                               self.final, self.device_state_path)
-        await self.run_hook(self.rec, self.final, self.device_state_path)
+        if self.held is not None:  # started ahead for post-copy; pre-copy committed: it runs as it is
+            try:
+                await self.held.resume()
+            except PrecopyError as exc:
+                _log.critical("migration %s is committed here but its held guest did not resume: %s",
+                              self.begin.migration_id, exc)
+        else:
+            await self.run_hook(self.rec, self.final, self.device_state_path)
         if self.t_switchover is not None:
             self.rec.downtime_ms = (time.monotonic() - self.t_switchover) * 1e3
         _log.info("migration %s committed: %s", self.begin.migration_id, self.final)
