@@ -164,6 +164,7 @@ class PostcopyDest:
         taken back: see :meth:`take_back`).
         """
         recv, rec = self.recv, self.recv.rec
+        t0 = time.monotonic()
         self.region_fd = os.open(region, os.O_RDWR | os.O_CLOEXEC)
         assert recv.opts.state_dir is not None
         held = self.held
@@ -173,6 +174,7 @@ class PostcopyDest:
         else:  # it maps the region under its partial name: it must have done so before the rename
             self._guest, offer = await held.take()
         rec.postcopy, rec.postcopy_control = "running", str(ctl)
+        t1 = time.monotonic()
         recv.journal.commit(rec, recv.device, recv.device_state_path, recv.partial, recv.final)
         self.t_commit = time.monotonic()
         if held is None:
@@ -180,7 +182,8 @@ class PostcopyDest:
             self._guest, offer = await take_guest(ctl, recv.opts.postcopy_guest_timeout_s)
         self._take_offer(offer)
         t2 = time.monotonic()
-        return {"postcopy_punch": self._punch_ms, "postcopy_guest": (t2 - self.t_commit) * 1e3}
+        return {"postcopy_held": (t1 - t0) * 1e3, "postcopy_journal": (self.t_commit - t1) * 1e3,
+                "postcopy_punch": self._punch_ms, "postcopy_guest": (t2 - self.t_commit) * 1e3}
 
     def _take_offer(self, offer: TrackingOffer) -> None:
         """The guest's userfaultfd: check its range, register it, make the placer."""

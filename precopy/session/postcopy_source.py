@@ -219,7 +219,7 @@ class PostcopySource:
         if self.tracker is not None:
             tracker, record = self.tracker, self.record
             written = await asyncio.get_running_loop().run_in_executor(
-                None, lambda: tracker.scan(record.sent, held_zero=record.held_zero))
+                None, lambda: tracker.scan(record.sent, held_zero=record.held_zero, rearm=False))
             return page_union(npages, pending, written)
         final = await self.scanner.scan(final=True, dest_table=dest_table, pending=pending)
         return page_union(npages, final.dirty, final.odd)

@@ -317,12 +317,14 @@ class Receiver:
                                AbortCode.GUEST)
         # Nothing may touch the region through our mapping from here on:
         # a read of a hole would allocate it, and the guest would find zeros.
+        t0 = time.monotonic()
         self.chan.conn.release_sink()
         tracker.close()
         mem.prep.close()
         pc = PostcopyDest(self, self.missing, self.held)
         try:
             timings = await pc.start(self.partial)
+            timings["postcopy_stop"] = (time.monotonic() - t0) * 1e3 - sum(timings.values())
         except BaseException as exc:
             await asyncio.shield(pc.take_back(exc))
             raise
