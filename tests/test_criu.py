@@ -368,6 +368,52 @@ class _FakeCriu:
         return "criu check: Looks good"
 
 
+def test_the_restore_uses_the_criu_started_ahead_else_runs_the_command(tmp_path: Path) -> None:
+    """criu_dest: a live worker gets the RPC request (its answer's pid); a dead or missing one, ``criu restore``."""
+    import asyncio
+    import stat
+    import sys
+
+    from precopy.workload.criu_dest import CriuDestination, _Restored
+    from precopy.workload.criu_rpc import RESTORE, CriuWorker, RpcAnswer, _fields
+
+    class Tool(_FakeCriu):
+        def __init__(self) -> None:
+            self.calls: list[str] = []
+
+        async def request(self, worker: CriuWorker, message: bytes, *, timeout_s: float, log: Path
+                          ) -> tuple[float, RpcAnswer]:
+            assert _fields(message)[1] == [RESTORE]
+            worker.close()
+            self.calls.append("rpc")
+            return 0.001, RpcAnswer(kind=RESTORE, success=True, pid=4321)
+
+        async def run(self, args: list[str], *, timeout_s: float, log: Path | None = None,
+                      prefix: list[str] | None = None) -> float:
+            self.calls.append(args[0])
+            Path(args[args.index("--pidfile") + 1]).write_text("1234\n")
+            return 0.001
+
+    waits = tmp_path / "fake-criu"  # "criu swrk FD" that waits for a request (and ends when we let go)
+    waits.write_text(f"#!{sys.executable}\nimport os, sys\nos.read(int(sys.argv[2]), 1 << 16)\n")
+    waits.chmod(waits.stat().st_mode | stat.S_IXUSR)
+    tool = Tool()
+    dest = CriuDestination(tool, work_dir=tmp_path)  # type: ignore[arg-type]
+
+    async def restore(worker: CriuWorker | None) -> int:
+        r = _Restored(images=tmp_path, final=tmp_path / "final", worker=worker)
+        return await dest._run_restore(r)
+
+    alive = CriuWorker.start(str(waits))
+    assert asyncio.run(restore(alive)) == 4321 and tool.calls == ["rpc"]
+    dead = CriuWorker.start("/bin/true")
+    dead.proc.wait()
+    assert asyncio.run(restore(dead)) == 1234 and tool.calls == ["rpc", "restore"]
+    assert asyncio.run(restore(None)) == 1234 and tool.calls == ["rpc", "restore", "restore"]
+    dead.close()
+    assert alive.proc.wait(timeout=30) == 0  # let go: our end closed, it ended
+
+
 def test_the_destination_wants_the_same_criu_at_the_same_path() -> None:
     from precopy.workload.criu_dest import CriuDestination
 
