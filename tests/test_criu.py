@@ -45,6 +45,21 @@ def test_images_round_trip(tmp_path: Path) -> None:
     assert (out / "pages-1.img").read_bytes() == (tmp_path / "img" / "pages-1.img").read_bytes()
 
 
+def test_images_packed_into_a_buffer_made_ahead(tmp_path: Path) -> None:
+    """pack_images(into=prefaulted(n)): the same blob, in that buffer cut to size; a buffer too small is left."""
+    from precopy.workload.criu_images import prefaulted
+
+    want = _pack(tmp_path)
+    args = dict(region="/dev/shm/x.cache", size=1 << 20, mode=0o700, pid=42, criu="4.2.1")
+    big = prefaulted(len(want) + 3 * 4096 + 5)
+    assert len(big) == len(want) + 3 * 4096 + 5 and not any(big)
+    got = pack_images(tmp_path / "img", into=big, **args)  # type: ignore[arg-type]
+    assert got is big and got == want
+    small = prefaulted(len(want) - 1)
+    got = pack_images(tmp_path / "img", into=small, **args)  # type: ignore[arg-type]
+    assert got is not small and got == want and len(small) == len(want) - 1
+
+
 def _with_header(blob: bytes, **change: object) -> bytes:
     hlen = int.from_bytes(blob[len(MAGIC):len(MAGIC) + 4], "little")
     start = len(MAGIC) + 4

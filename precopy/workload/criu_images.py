@@ -28,7 +28,7 @@ import msgpack
 from precopy.errors import GuestControlError
 from precopy.protocol import MAX_DEVICE_STATE
 
-__all__ = ["ImageSet", "pack_images", "unpack_images", "MAGIC", "MAX_FILES"]
+__all__ = ["ImageSet", "pack_images", "prefaulted", "unpack_images", "MAGIC", "MAX_FILES"]
 
 MAGIC = b"PCCRIU1\n"
 _LEN = struct.Struct("<I")
@@ -52,12 +52,26 @@ class ImageSet:
     files: tuple[tuple[str, int], ...] = ()
 
 
+def prefaulted(nbytes: int) -> bytearray:
+    """A zeroed buffer of ``nbytes`` with every page already mapped in (for :func:`pack_images`'s ``into``).
+
+    A fresh buffer takes a page fault per 4 KiB as it is first written:
+    about half of packing 9 MiB of images.  Made while CRIU still dumps,
+    the faults are out of the way when the images are read.
+    """
+    buf = bytearray(nbytes)
+    buf[::4096] = bytes(len(range(0, nbytes, 4096)))
+    return buf
+
+
 def pack_images(images_dir: Path, *, region: str, size: int, mode: int, pid: int, criu: str,
-                limit: int = MAX_DEVICE_STATE) -> bytearray:
+                limit: int = MAX_DEVICE_STATE, into: bytearray | None = None) -> bytearray:
     """Read every image file of ``images_dir`` into one blob (each file read once, straight into place).
 
-    Raises :class:`GuestControlError` when the images would not fit ``limit``
-    (checked before a byte is read) or a file changes size while read.
+    ``into``: a buffer to use (cut to size) when it is large enough
+    (:func:`prefaulted`).  Raises :class:`GuestControlError` when the images
+    would not fit ``limit`` (checked before a byte is read) or a file
+    changes size while read.
     """
     names = sorted(n for n in os.listdir(images_dir) if n not in _SKIP)
     sizes = [os.stat(images_dir / n).st_size for n in names]
@@ -68,7 +82,11 @@ def pack_images(images_dir: Path, *, region: str, size: int, mode: int, pid: int
     if total > limit:
         raise GuestControlError(f"the CRIU images are {total >> 20} MiB, over the device-state limit of "
                                 f"{limit >> 20} MiB: the process holds too much private memory to move this way")
-    blob = bytearray(total)
+    if into is not None and len(into) >= total:
+        blob = into
+        del blob[total:]
+    else:
+        blob = bytearray(total)
     blob[:off] = MAGIC + _LEN.pack(len(header)) + header
     view = memoryview(blob)
     for name, k in zip(names, sizes):

@@ -40,7 +40,8 @@ from precopy.memory.uffd import uffd_api
 from precopy.workload.criu import CriuTool, find_criu, process_facts, ram_dir
 from precopy.workload.criu_rpc import DUMP, CriuWorker, encode_request
 from precopy.workload.inject import take_userfaultfd
-from precopy.workload.criu_images import pack_images
+from precopy.workload.criu_images import pack_images, prefaulted
+from precopy.protocol import MAX_DEVICE_STATE
 from precopy.workload.signals import SignalWorkload
 
 __all__ = ["CriuWorkload", "DUMP_ARGS", "criu_workload"]
@@ -173,6 +174,7 @@ class CriuWorkload(SignalWorkload):
         # CRIU runs in the process's mount namespace: it reaches our
         # directory through our root, whatever that namespace mounts.
         seen_from_there = f"/proc/{os.getpid()}/root{images}"
+        buffer = asyncio.ensure_future(asyncio.to_thread(self._pack_buffer))  # beside the dump
         try:
             worker, self._worker = self._worker, None
             if worker is not None and worker.alive:
@@ -189,13 +191,24 @@ class CriuWorkload(SignalWorkload):
             # In a thread: the event loop serves the final pass and the verification meanwhile.
             blob = await asyncio.to_thread(pack_images, images, region=str(self.memory), size=st.st_size,
                                            mode=stat.S_IMODE(st.st_mode), pid=self.pid,
-                                           criu=self.criu.version_text)
+                                           criu=self.criu.version_text, into=await buffer)
             self.phases_ms["criu_pack"] = round((time.monotonic() - t) * 1e3, 3)
             _log.info("criu dump of pid %d: %.1f ms, images %.1f MiB", self.pid, took * 1e3, len(blob) / 2**20)
             return blob
         finally:
+            buffer.cancel()  # (a dump that failed: the buffer, made or not, is dropped)
             # In a thread (freeing the images' pages takes ~1 ms): the images go on the wire meanwhile.
             asyncio.get_running_loop().run_in_executor(None, shutil.rmtree, images, True)
+
+    def _pack_buffer(self) -> bytearray | None:
+        """A prefaulted buffer for the images, sized from the process's private memory (what CRIU dumps)."""
+        try:
+            private = process_facts(self.pid, self.memory).private_kib * 1024
+        except GuestControlError as exc:
+            _log.debug("no buffer made ahead for the images: %s", exc)
+            return None
+        want = private + private // 8 + (1 << 20)  # the pages image, and the rest of the images
+        return prefaulted(want) if want <= MAX_DEVICE_STATE else None
 
     async def _settle_dump(self) -> None:
         """Wait for a dump still running (never cut short: its parasite would stay in the process)."""
