@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import re
 import struct
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,7 +61,10 @@ def prefaulted(nbytes: int) -> bytearray:
     the faults are out of the way when the images are read.
     """
     buf = bytearray(nbytes)
-    buf[::4096] = bytes(len(range(0, nbytes, 4096)))
+    step = 1 << 20
+    for at in range(0, nbytes, step):  # a MiB at a time, letting other threads run in between
+        buf[at:at + step:4096] = bytes(len(range(at, min(at + step, nbytes), 4096)))
+        time.sleep(0)
     return buf
 
 
