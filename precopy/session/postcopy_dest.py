@@ -3,9 +3,11 @@
 On POSTCOPY the :class:`~precopy.session.receiver.Receiver` hands over to
 :class:`PostcopyDest`, which:
 
-1. stops everything that touches the region through the agent's own
-   mapping (the chunk tracker, the prefault threads: a read of a hole
-   would allocate it);
+1. lets no page land in the region from the wire but through the placer;
+   what reads or populates the region through the agent's own mapping
+   (the chunk tracker, the prefault threads) is stopped after COMMITTED
+   with MINOR faults (harmless there), before punching without them (a
+   read of a punched hole would allocate it);
 2. commits as for pre-copy (device state, journal, rename), the record
    saying ``postcopy: running``, and runs the on-resume hook with
    ``PRECOPY_POSTCOPY_CONTROL``: the guest it starts listens there, held;
@@ -61,7 +63,7 @@ __all__ = ["PostcopyDest", "LIVE", "dest_caps", "resume_postcopy"]
 _log = logging.getLogger(__name__)
 
 #: The post-copy stream's socket receive buffer (bytes; see small_window).
-RECEIVE_WINDOW = 256 * 1024
+RECEIVE_WINDOW = 128 * 1024
 #: Pages mapped per step in the background (MINOR; ~0.1 ms of the event loop each).
 _MAP_SLICE = 1024
 #: Post-copy migrations whose page stream is live or waits for RESUME, by migration id.
@@ -134,8 +136,10 @@ class Receiving(Protocol):
 class PostcopyDest:
     """One post-copy migration on the destination (see the module docstring)."""
 
-    def __init__(self, recv: Receiving, bitmap: bytes | bytearray, held: HeldGuest | None = None) -> None:
+    def __init__(self, recv: Receiving, bitmap: bytes | bytearray, held: HeldGuest | None = None,
+                 quiesce: Callable[[], None] | None = None) -> None:
         self.recv = recv
+        self._quiesce = quiesce  # stops what touches the region through the agent's mapping
         self.held = held  # the guest started when the migration began (--postcopy-guest-early)
         self.begin = recv.begin
         self.missing = pages_of_bitmap(bitmap, self.begin.npages)
@@ -206,6 +210,7 @@ class PostcopyDest:
             return True
         except TrackingUnavailable as exc:
             _log.info("post-copy: no MINOR faults on this region (%s): punching the missing pages out", exc)
+        self._quiet()
         t0 = time.monotonic()
         try:
             runs = punch_pages(self.region_fd, self.missing)
@@ -233,8 +238,14 @@ class PostcopyDest:
         finally:
             await self._guest.close()
 
+    def _quiet(self) -> None:
+        if self._quiesce is not None:
+            quiesce, self._quiesce = self._quiesce, None
+            quiesce()
+
     async def take_back(self, why: BaseException) -> None:
         """Before the guest ran: stop it if it is there, and undo the commit (journal, files)."""
+        self._quiet()
         recv, rec = self.recv, self.recv.rec
         if self._guest is not None:
             try:
@@ -268,6 +279,7 @@ class PostcopyDest:
                     if first:
                         first = False
                         await chan.send(Committed(migration_id=mid, resumed=True, timings=timings))
+                        self._quiet()
                         self._resumer = asyncio.create_task(self._resume_guest())
                         self._mapper = asyncio.create_task(self._map_held())
                     self._streaming = asyncio.ensure_future(self._stream(chan))

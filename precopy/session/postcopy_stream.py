@@ -40,7 +40,7 @@ PUSH_PAGES = 128
 MAX_UNSENT = 1024 * 1024
 #: While the workload faults (a REQUEST in the last URGENT_S), pushes are smaller and
 #: less is let queue: its next fault waits behind less (throughput matters less then).
-URGENT_S, URGENT_PAGES, URGENT_UNSENT = 0.05, 16, 128 * 1024
+URGENT_S, URGENT_PAGES, URGENT_UNSENT = 0.05, 16, 64 * 1024
 #: Pages of the push order looked at per step when searching for the next wanted ones.
 _WINDOW = 8192
 

@@ -315,13 +315,18 @@ class Receiver:
         if self.opts.workload is not None or not self.opts.on_resume:
             raise PrecopyError("post-copy needs a guest the --on-resume hook starts (docs/TRACKING.md)",
                                AbortCode.GUEST)
-        # Nothing may touch the region through our mapping from here on:
-        # a read of a hole would allocate it, and the guest would find zeros.
+        # No page may land in the region from the wire but through the placer.  The
+        # chunk tracker and the prefault threads read and populate through our
+        # mapping: harmless with MINOR faults (stopped after COMMITTED), but a read
+        # of a punched hole would allocate it (stopped before punching).
         t0 = time.monotonic()
         self.chan.conn.release_sink()
-        tracker.close()
-        mem.prep.close()
-        pc = PostcopyDest(self, self.missing, self.held)
+
+        def quiesce() -> None:
+            tracker.close()
+            mem.prep.close()
+
+        pc = PostcopyDest(self, self.missing, self.held, quiesce)
         try:
             timings = await pc.start(self.partial)
             timings["postcopy_stop"] = (time.monotonic() - t0) * 1e3 - sum(timings.values())
