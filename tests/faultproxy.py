@@ -33,7 +33,7 @@ follows it (``cut`` closes, ``stall``/``hold`` black-hole, ``kill`` calls
 A proxy-wide ``rate_bps`` slows every byte down; a proxy without faults
 forwards bytes as they come, not frames (a slow link holds 64 KiB, not a
 4 MiB frame).  Faults apply to the
-connection number ``conn`` (0 = the first the proxy accepted); later
+connection number ``conn`` (0 = the first the proxy accepted; None: any); later
 connections (e.g. the source's outcome query) pass through untouched unless
 a fault names them.  ``upstream`` may be changed while running (a restarted
 destination on a new port).  With ``netns`` the proxy's thread enters that
@@ -73,7 +73,7 @@ class Fault:
     nth: int = 1  # ... the nth such frame
     after_bytes: int | None = None  # or: once this many bytes went this way
     direction: str = C2S
-    conn: int = 0
+    conn: int | None = 0  # None: any connection
     keep: int = 0  # cut: bytes of the trigger frame still forwarded
     offset: int = 0  # flip
     in_payload: bool = False  # flip
@@ -86,7 +86,7 @@ class Fault:
     seen: int = 0
 
     def matches(self, conn: int, direction: str, kind: int, meta: bytes, forwarded: int) -> bool:
-        if self.fired.is_set() or conn != self.conn or direction != self.direction:
+        if self.fired.is_set() or (self.conn is not None and conn != self.conn) or direction != self.direction:
             return False
         if self.after_bytes is not None:
             return forwarded >= self.after_bytes

@@ -55,6 +55,7 @@ from precopy.session.dest_streams import StreamRegistry
 from precopy.session.handshake import version_mismatch
 from precopy.session.journal import DEVICE_STATE_SUFFIX, KEEP_DAYS, Journal, MigrationRecord
 from precopy.session.postcopy_dest import dest_caps, resume_postcopy
+from precopy.session.postcopy_retake import retake_postcopies
 from precopy.session.tally import RECENT_KEPT, Tally
 
 #: Journal records are kept at least this long (and the newest RECENT_KEPT whatever their age).
@@ -121,9 +122,9 @@ class DestinationServer:
         self.journal = Journal(self.opts.state_dir)
         self.journal.recover(self.opts.memory_dir, keep_partial=self.opts.keep_partial)
         self.journal.prune(RECENT_KEPT, JOURNAL_MIN_AGE_S)
-        loop = asyncio.get_running_loop()
-        infos = await loop.getaddrinfo(self.opts.host, self.opts.port, type=socket.SOCK_STREAM,
-                                       flags=socket.AI_PASSIVE)
+        await retake_postcopies(self.journal, self.opts, self._tasks)  # before listening: a RESUME finds them
+        infos = await asyncio.get_running_loop().getaddrinfo(self.opts.host, self.opts.port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)
         family, type_, proto, _, addr = infos[0]
         sock = socket.socket(family, type_, proto)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

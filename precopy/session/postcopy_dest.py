@@ -27,7 +27,9 @@ the migration before the guest ran: ABORT, the source resumes its own
 copy, the damaged region and its record are taken back.  From step 4 on
 the workload runs here and nothing is rolled back: a broken link waits
 (``postcopy_resume_timeout_s``) for the source to come back with RESUME on
-a new connection (:meth:`PostcopyDest.take_over`).
+a new connection (:meth:`PostcopyDest.take_over`); a daemon that dies leaves
+the still-missing mask in a file (:mod:`precopy.session.postcopy_state`), and
+the next one takes the post-copy back (:mod:`precopy.session.postcopy_retake`).
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ from precopy.protocol import MAX_BATCH_PAGES, PAGE_SIZE, Committed, Complete, Mi
 from precopy.protocol.postcopy_codec import bitmap_of, pages_of_bitmap
 from precopy.session.postcopy_guest import HeldGuest, control_path, take_guest
 from precopy.session.postcopy_pages import PagePlacer
+from precopy.session.postcopy_state import need_path, persist_need
 from precopy.protocol import POSTCOPY_CAP, Begin, Resume
 from precopy.session.dest_options import DestOptions
 from precopy.session.journal import Journal, MigrationRecord
@@ -261,18 +264,28 @@ class PostcopyDest:
 
     # -- step 4: the page stream -------------------------------------------
 
-    async def serve(self, chan: Channel, timings: dict[str, float]) -> None:
-        """COMMITTED, then the page stream until every page is placed (across reconnections)."""
+    async def serve(self, chan: Channel | None, timings: dict[str, float]) -> None:
+        """COMMITTED, then the page stream until every page is placed (across reconnections).
+
+        ``chan`` None: taken back by a restarted daemon (:mod:`precopy.session.postcopy_retake`):
+        the guest is resumed and the stream waits for the source's RESUME.
+        """
         assert self.placer is not None
         mid = self.begin.migration_id
         LIVE[mid] = self
         loop = asyncio.get_running_loop()
         buf = bytearray(FAULT_MSG_SIZE * 64)
+        first = chan is not None
+        if first:
+            self._persist()
         loop.add_reader(self._uffd, self._on_fault, buf)
-        self._chan = chan
-        small_window(chan)
-        first = True
         try:
+            if chan is None:
+                self._resumer = asyncio.create_task(self._resume_guest())
+                self._mapper = asyncio.create_task(self._map_held())
+                chan = await self._wait_resume()
+            self._chan = chan
+            small_window(chan)
             _log.info("migration %s: the workload runs here; %d pages to come", mid, self.placer.left)
             while self.placer.left:
                 try:
@@ -416,7 +429,24 @@ class PostcopyDest:
         self._next_chan.set_result(chan)
         await done  # the session's task serves it; this connection's handler waits
 
+    def _persist(self) -> None:
+        """Keep the still-missing mask in a file (:mod:`precopy.session.postcopy_state`): a daemon
+        restarted after this one died takes the post-copy back from it."""
+        assert self.placer is not None and self.recv.opts.state_dir is not None
+        path = need_path(self.recv.opts.state_dir, self.begin.migration_id)
+        try:
+            self.placer.need = persist_need(self.placer.need, self.placer.minor, path)
+        except OSError as exc:
+            _log.warning("post-copy of %s: cannot keep its page mask in %s (%s): a daemon restarted after "
+                         "this one died could not take it back", self.begin.migration_id, path, exc)
+
+    def _forget(self) -> None:
+        """The post-copy is over here (complete or broken): no daemon takes it back."""
+        if self.recv.opts.state_dir is not None:
+            need_path(self.recv.opts.state_dir, self.begin.migration_id).unlink(missing_ok=True)
+
     def _finish(self) -> None:
+        self._forget()
         rec = self.recv.rec
         start, length = self._range
         try:
@@ -430,6 +460,7 @@ class PostcopyDest:
                   self.begin.migration_id, self.placer.faults, self.placer.pushed, time.monotonic() - self.t_commit)
 
     def _broken(self, why: str) -> None:
+        self._forget()
         rec = self.recv.rec
         rec.postcopy, rec.error = "broken", why
         try:

@@ -195,6 +195,9 @@ class PagePlacer:
                 for k in range(0, n, MAX_BATCH_PAGES):
                     m = min(MAX_BATCH_PAGES, n - k)
                     self._pwrite(_ZERO.data[:m * PAGE_SIZE], (first + k) * PAGE_SIZE)
+            # Placed (in the file) before the guest can see it: a daemon that takes over after this
+            # one died never writes it again (precopy.session.postcopy_state).
+            self.need[first:first + n] = False
             if not self.guest_gone:
                 try:
                     _, skipped = continue_pages(self.uffd, self.start + first * PAGE_SIZE, n)
