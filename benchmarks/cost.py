@@ -177,11 +177,14 @@ ASSUMPTIONS = f"""Assumptions of the projection:
 
 * The busier side's CPU-seconds per GiB, measured here (loopback, this
   machine's cores), stay the same per GiB on the larger host: work
-  partitioned over N streams (issue 21's `--streams`, not built yet)
-  scales linearly, each stream on its own core with its own process or a
-  GIL-free thread, no shared lock, no memory-bandwidth limit (a 32-core
-  host moves ~12 GiB/s at 100 Gbit/s: source read + destination write, well
-  inside a server's memory bandwidth, but not measured here).
+  partitioned over N streams (issue 21's `--streams`) scales linearly,
+  each stream on its own core, no shared lock, no memory-bandwidth limit
+  (a 32-core host moves ~12 GiB/s at 100 Gbit/s: source read +
+  destination write, well inside a server's memory bandwidth, but not
+  measured here).  The destination receives each extra stream on a
+  thread of its own (blocking reads, hashing and TLS release the GIL);
+  the source still sends every stream from one event loop, so today it
+  is bounded by one core whatever the streams.
 * All the cores named are the migration's on *each* side (the guest's own
   CPU is not counted); the side that needs more CPU per GiB binds.
 * A link carries {GOODPUT:.0%} of its line rate as TCP payload (1500-byte
@@ -194,9 +197,9 @@ ASSUMPTIONS = f"""Assumptions of the projection:
 * Fixed costs per migration (starting the source: measured and subtracted;
   the handshake, the sample of a repeat migration) are not per GiB and
   are left out; they matter for small regions only.
-* Today precopy runs one stream: its throughput is "one stream" below
-  whatever the cores and link, the projection is what `--streams` could
-  reach at today's CPU per GiB.
+* "One stream" below is one connection's throughput; the projection is
+  what `--streams` could reach at today's CPU per GiB once the source's
+  sending is partitioned like the destination's receiving.
 """
 
 

@@ -20,11 +20,12 @@ HEADROOM_MODES = ("spread", "fixed")
 def default_streams(addresses: int) -> int:
     """``--streams`` when not given: one per destination address (``--to`` and each ``--stream-to``).
 
-    Every stream of a migration runs in the session's one event loop
-    (precopy.session.streams): more connections over one path add no core,
-    and on loopback or a link faster than one core's copy (~1 GB/s) the
-    copy is bound by CPU, not by a connection -- measured, benchmarks/RESULTS.md
-    "Issue 21: streams".  They pay off where each link or NIC is the
+    The destination receives each extra stream on a thread of its own, but
+    the source sends them all from its one event loop
+    (precopy.session.streams), and on this project's 2-CPU machine the two
+    agents already take both CPUs: over one path 2 streams measure 1.00x
+    and 4 1.10x (benchmarks/RESULTS.md, "Issue 21: a thread per stream on
+    the destination").  Streams pay off where each link or NIC is the
     limit: one stream per link.
     """
     return max(1, addresses)
