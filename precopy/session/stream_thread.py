@@ -101,7 +101,8 @@ async def run_blocking(chan: Channel, work: Callable[[threading.Event], T], name
         raise
     finally:
         thread.join()  # it has settled ``done``: it is returning
-        chan.sock.setblocking(False)
+        if chan.sock.fileno() >= 0:  # (closed: nothing more to hand back)
+            chan.sock.setblocking(False)
 
 
 def receive_blocking(chan: Channel, idle_timeout_s: float, stop: threading.Event) -> Iterator[Any]:
