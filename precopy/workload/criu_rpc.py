@@ -126,12 +126,12 @@ def decode_response(data: bytes) -> RpcAnswer:
     """Parse a ``criu_resp``; raises :class:`GuestControlError` for a malformed one."""
     try:
         f = _fields(data)
-        kind, success = int(f[1][0]), bool(f[2][0])  # type: ignore[arg-type]
+        kind, success = int(f[1][0]), bool(f[2][0])
         pid = None
         if 4 in f:  # criu_restore_resp {pid = 1}
-            pid = _int32(int(_fields(bytes(f[4][0]))[1][0]))  # type: ignore[arg-type]
-        errno = _int32(int(f.get(7, [0])[0]))  # type: ignore[arg-type]
-        error = bytes(f.get(9, [b""])[0]).decode(errors="replace")  # type: ignore[arg-type]
+            pid = _int32(int(_fields(bytes(f[4][0]))[1][0]))
+        errno = _int32(int(f.get(7, [0])[0]))
+        error = bytes(f.get(9, [b""])[0]).decode(errors="replace")
     except (ValueError, KeyError, IndexError, TypeError) as exc:
         raise GuestControlError(f"CRIU's RPC answer is malformed ({exc})") from exc
     return RpcAnswer(kind=kind, success=success, pid=pid, errno=errno, error=error)
