@@ -30,6 +30,7 @@ import numpy as np
 import pytest
 
 import precopy.session.rounds
+import precopy.session.sender
 import precopy.session.source
 import precopy.session.tracked
 from precopy.session.tracked import TrackedScanner
@@ -776,6 +777,31 @@ def test_source_chunks_by_page_follow_the_region_and_resend_zeroed_pages(shm: Pa
         assert chunks.recompute(bad, sent)[0] == chunks_of_page_digests(page_digests(mem.pages), cp)[0]
 
 
+def test_chunks_hashed_during_the_full_copy_are_those_a_run_covers_whole(shm: Path) -> None:
+    """SourceChunks.hash_early: the chunks a run of the full copy covers whole (the short last one
+    when the run reaches the end), hashed as the region holds them; a run's partial chunks are left
+    for the first scan (DigestScanner.chunk_tables hashes only those, holes unread)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from precopy.memory.digest import chunk_digests, region_chunk_digests
+    from precopy.memory.tracking import SourceChunks
+
+    npages, cp = 1000, 32  # 32 chunks, the last of 8 pages
+    path = shm / "e.mem"
+    path.write_bytes(np.random.default_rng(3).integers(0, 256, npages * PAGE_SIZE, dtype=np.uint8).tobytes())
+    with ThreadPoolExecutor(2) as pool, GuestMemory.open(path) as mem:
+        chunks = SourceChunks(mem, cp, pool)
+        want = chunk_digests(mem.view, cp * PAGE_SIZE)
+        chunks.hash_early(10, 100)  # chunks 1, 2 whole; 0 and 3 in part
+        chunks.hash_early(970, npages)  # chunk 30 in part, the short last one whole
+        assert np.flatnonzero(chunks.early_known).tolist() == [1, 2, 31]
+        assert (chunks.early[[1, 2, 31]] == want[[1, 2, 31]]).all() and chunks.early_s > 0
+        holes = np.zeros(npages, dtype=bool)
+        holes[64:96] = True  # chunk 2 wholly in a hole: the zero digest, unread
+        got = region_chunk_digests(mem.view, cp, holes, pool, np.array([2, 0, 31]))
+        assert got.tolist() == [region_chunk_digests(mem.view, cp, holes)[2], want[0], want[31]]
+
+
 @pytest.mark.parametrize("by_page", [False, True])
 def test_a_page_written_sent_and_zeroed_since_is_resent_by_the_rehash(shm: Path, by_page: bool) -> None:
     """A page the tracker found written just before its send (UffdTracker.rearm) is rehashed, not
@@ -861,35 +887,36 @@ def test_a_hole_at_two_scans_is_reported_where_the_destination_holds_data(shm: P
 
 
 @needs_uffd
-def test_the_first_scan_waits_for_the_full_copys_map_in(procs: Procs, shm: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The source maps its region in (MADV_POPULATE_READ) in a thread beside the full copy.  Mapping
-    a page in reads it: a page sent, then punched, then mapped in is allocated again as zeros, and
-    no hole check sees it afterwards.  Only a comparison reading every page finds it, so the map-in
-    must be done before the first scan (a map-in starved past it on a busy machine, the destination
-    kept the page's old data).  Here the map-in is held back on purpose."""
-    real_start = Preparation.start_map_in
-    seen: list[bool] = []
+def test_with_a_tracker_each_run_is_mapped_in_before_its_send_never_after(
+        procs: Procs, shm: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Mapping a page in reads it: a page sent, then punched, then mapped in is allocated again as
+    zeros, and no hole check sees it afterwards (a map-in thread starved past the full copy on a busy
+    machine left the destination the page's old data).  With a tracker the full copy maps each run
+    in after its re-protection, hashes it and then sends it (one batch ahead of the sends): nothing
+    maps pages in behind the sends.  A guest punching holes all along migrates exactly."""
+    threads: list[object] = []
+    events: list[tuple[str, int, int]] = []
+    real_map_in_now = Preparation.map_in_now
+    real_send_batch = precopy.session.sender.PageSender._send_batch
 
-    def slow_start_map_in(self: Preparation, pages: np.ndarray) -> None:
-        def run() -> None:
-            time.sleep(0.5)  # starved: the full copy of 2048 pages is done long before
-            real_start(self, pages)  # (its own thread replaces this one as the one to wait for)
-            self.wait_map_in()
+    def map_in_now(self: Preparation, first: int, stop: int) -> None:
+        events.append(("map", first, stop))
+        real_map_in_now(self, first, stop)
 
-        self._map_in_thread = threading.Thread(target=run, daemon=True)
-        self._map_in_thread.start()
+    async def send_batch(self: Any, idx: np.ndarray, run: bool, compress: bool) -> tuple[int, int, int]:
+        events.append(("send", int(idx[0]), int(idx[-1]) + 1))
+        return await real_send_batch(self, idx, run, compress)
 
-    real_scan = TrackedScanner.tracker_scan
-
-    async def scan(self: TrackedScanner) -> np.ndarray:
-        thread = self.mem.prep._map_in_thread
-        seen.append(thread is not None and not thread.is_alive())
-        return await real_scan(self)
-
-    monkeypatch.setattr(Preparation, "start_map_in", slow_start_map_in)
-    monkeypatch.setattr(TrackedScanner, "tracker_scan", scan)
+    monkeypatch.setattr(Preparation, "start_map_in", lambda self, pages: threads.append(pages))
+    monkeypatch.setattr(Preparation, "map_in_now", map_in_now)
+    monkeypatch.setattr(precopy.session.sender.PageSender, "_send_batch", send_batch)
     mem, ctl, _ = _start_guest(procs, shm, pattern="punch", npages=2048)
     rep = _migrate_guest(shm, ctl, mem, tracking="uffd-wp")
     assert rep.outcome == "committed" and rep.tracking == "uffd-wp"
-    assert seen and all(seen)
+    assert not threads
+    maps = [i for i, e in enumerate(events) if e[0] == "map"]
+    assert maps
+    for i in maps:  # each run mapped in is sent after, and no page of it was sent before
+        assert ("send", *events[i][1:]) in events[i + 1:]
+        assert not any(e[0] == "send" and e[1] < events[i][2] and events[i][1] < e[2] for e in events[:i])
     assert (shm / "dest" / "g.mem").read_bytes() == mem.read_bytes()

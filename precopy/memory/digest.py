@@ -256,22 +256,26 @@ def zero_chunk_digests(size: int, chunk_bytes: int) -> np.ndarray:
 
 
 def region_chunk_digests(flat: memoryview, chunk_pages: int, holes: np.ndarray | None,
-                         executor: ThreadPoolExecutor | None = None) -> np.ndarray:
+                         executor: ThreadPoolExecutor | None = None, chunks: np.ndarray | None = None
+                         ) -> np.ndarray:
     """Chunk digests of a live region, skipping chunks that lie wholly in file holes.
 
     ``holes`` is a per-page mask (see ``GuestMemory.hole_pages``); those
-    chunks get the zero digest without being read.
+    chunks get the zero digest without being read.  ``chunks`` limits the
+    work to those chunk numbers (one digest each, in their order).
     """
     chunk_bytes = chunk_pages * PAGE_SIZE
     if holes is None or not holes.any():
-        return chunk_digests(flat, chunk_bytes, executor)
+        return chunk_digests(flat, chunk_bytes, executor, chunks)
     out = zero_chunk_digests(flat.nbytes, chunk_bytes)
     npages = holes.size
     pad = (-npages) % chunk_pages
     whole = np.concatenate([holes, np.ones(pad, dtype=bool)]).reshape(-1, chunk_pages).all(axis=1)
+    which = np.arange(len(out)) if chunks is None else np.asarray(chunks, dtype=np.int64)
+    out, whole = out[which], whole[which]
     todo = np.flatnonzero(~whole)
     if todo.size:
-        out[todo] = chunk_digests(flat, chunk_bytes, executor, todo)
+        out[todo] = chunk_digests(flat, chunk_bytes, executor, which[todo])
     return out
 
 

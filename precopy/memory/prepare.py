@@ -297,6 +297,18 @@ class Preparation:
         self._map_in_thread = threading.Thread(target=run, name="precopy-map-in", daemon=True)
         self._map_in_thread.start()
 
+    def map_in_now(self, first: int, stop: int) -> None:
+        """Map pages ``first`` up to ``stop`` in at once, in this thread (``MADV_POPULATE_READ``).
+
+        What :meth:`start_map_in` does, one piece at a time, where the
+        caller must know the pages were mapped in before it reads them on
+        (the source's full copy with kernel tracking: see
+        PageSender.send).  The range must hold no hole (it would be
+        allocated).  Best effort, as there.
+        """
+        if _libc.madvise(self._mapping() + first * PAGE_SIZE, (stop - first) * PAGE_SIZE, MADV_POPULATE_READ) != 0:
+            _log.debug("mapping %s in: %s", self.path, os.strerror(ctypes.get_errno()))
+
     def wait_map_in(self) -> None:
         """Wait until the thread of :meth:`start_map_in` is done (at once if there is none)."""
         if self._map_in_thread is not None:

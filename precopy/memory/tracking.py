@@ -384,6 +384,31 @@ class SourceChunks:
         self.seconds_per_page = 0.0
         self.by_page = False
         self.stale = np.zeros(-(-mem.npages // chunk_pages), dtype=bool)
+        #: Chunk digests taken during the full copy (:meth:`hash_early`), which
+        #: chunks have one, and the seconds they took.
+        self.early = np.zeros(len(self.stale), dtype=np.uint64)
+        self.early_known = np.zeros(len(self.stale), dtype=bool)
+        self.early_s = 0.0
+
+    def hash_early(self, first: int, stop: int) -> None:
+        """Hash now the chunks that pages ``first`` up to ``stop`` cover whole (for the first table).
+
+        Call after those pages were re-protected (:meth:`UffdTracker.rearm`)
+        and before the first scan: a write after this call is reported by
+        the tracker, as after the whole-region hash the first scan would
+        otherwise take, so the digest is as good a start -- without a
+        second pass over the region after the full copy (~0.1 CPU-s and
+        ~0.1 s a GiB here), and read where the send reads the same bytes.
+        """
+        cp = self.chunk_pages
+        lo = -(-first // cp)
+        hi = len(self.early) if stop >= self.mem.npages else stop // cp
+        if hi <= lo:
+            return
+        t = time.monotonic()
+        self.early[lo:hi] = chunk_digests(self.mem.view, cp * PAGE_SIZE, None, np.arange(lo, hi))
+        self.early_known[lo:hi] = True
+        self.early_s += time.monotonic() - t
 
     def adopt(self, table: np.ndarray, seconds: float) -> None:
         """Take a full live chunk hash (``seconds``: what it cost) as the starting table."""

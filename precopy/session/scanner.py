@@ -181,31 +181,46 @@ class DigestScanner:
             return await self.page_scan()
         return await self.chunk_scan(final=final, dest_table=dest_table)
 
-    async def chunk_tables(self, final: bool, dest_table: np.ndarray | None
+    async def chunk_tables(self, final: bool, dest_table: np.ndarray | None,
+                           known: tuple[np.ndarray, np.ndarray] | None = None
                            ) -> tuple[np.ndarray, np.ndarray, float]:
-        """Our live chunk digests and the destination's (asked for unless given), and our hashing time."""
+        """Our live chunk digests and the destination's (asked for unless given), and our hashing time.
+
+        ``known``: (digests, per-chunk mask) of chunks hashed already (a
+        tracker's, taken during the full copy: SourceChunks.hash_early);
+        only the others are hashed now.
+        """
         seq = await self.exchange.request(final=final) if dest_table is None else 0
         loop = asyncio.get_running_loop()
         t = time.monotonic()
-        # A bounded hole walk: a pathologically fragmented file costs at most
-        # a few ms here (the rest is read, which allocates it once).
-        holes = self.mem.hole_pages(max_extents=4096)
-        live = await loop.run_in_executor(
-            self.pool, region_chunk_digests, self.mem.view, self.chunk_pages, holes, self.hash_pool,
-        )
+        todo = None if known is None else np.flatnonzero(~known[1])
+        if todo is not None and not todo.size:
+            live = known[0].copy()  # nothing left to read: no hole walk either
+        else:
+            # A bounded hole walk: a pathologically fragmented file costs at most
+            # a few ms here (the rest is read, which allocates it once).
+            holes = self.mem.hole_pages(max_extents=4096)
+            live = await loop.run_in_executor(
+                self.pool, region_chunk_digests, self.mem.view, self.chunk_pages, holes, self.hash_pool, todo,
+            )
+            if known is not None:
+                part, live = live, known[0].copy()
+                live[todo] = part
         hash_s = time.monotonic() - t
         if dest_table is None:
             dest_table = (await self.exchange.expect_table(seq)).digests
         return live, dest_table, hash_s
 
-    async def chunk_scan(self, *, final: bool, dest_table: np.ndarray | None = None) -> Scan:
+    async def chunk_scan(self, *, final: bool, dest_table: np.ndarray | None = None,
+                         known: tuple[np.ndarray, np.ndarray] | None = None) -> Scan:
         """Compare our live chunks with the destination's, then the pages of those that differ.
 
         ``dest_table``: the destination's chunk digests when they are known
         to be current (nothing sent since they were taken); otherwise they
-        are requested, in parallel with hashing our own chunks.
+        are requested, in parallel with hashing our own chunks.  ``known``:
+        chunks hashed already (see :meth:`chunk_tables`).
         """
-        live, dest_table, hash_s = await self.chunk_tables(final, dest_table)
+        live, dest_table, hash_s = await self.chunk_tables(final, dest_table, known)
         empty = np.zeros(0, dtype=np.uint32)
         cand = np.flatnonzero(live != dest_table)
         self.dense = False

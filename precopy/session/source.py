@@ -417,9 +417,10 @@ class SourceSession:
         if self.tracker is not None:
             # Mapping a page in reads it: one sent, then punched, then mapped
             # in is allocated again as zeros, a hole no scan's hole check sees
-            # and no rehash reads (it was not written).  The first comparison
-            # reads every page and finds it, if the map-in (a thread that a
-            # busy machine may starve past the full copy) is done by then.
+            # and no rehash reads (it was not written).  So with a tracker the
+            # full copy maps each run in just before its send, no thread
+            # (PageSender._map_in_and_hash); were one running, it would be
+            # waited for here, before the first scan.
             await asyncio.get_running_loop().run_in_executor(self._outer_pool, self.mem.prep.wait_map_in)
         rnd.seconds = time.monotonic() - t
         rnd.bandwidth_bps = self.link.bytes_per_second

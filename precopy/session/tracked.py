@@ -20,8 +20,9 @@ from typing import Callable
 import numpy as np
 
 from precopy.errors import AbortCode, PrecopyError
-from precopy.memory.digest import chunk_pages_of, page_difference, page_union
+from precopy.memory.digest import chunk_digests, chunk_pages_of, page_difference, page_union
 from precopy.memory.tracking import SourceChunks, TrackingUnavailable, UffdTracker, select_tracker
+from precopy.protocol import PAGE_SIZE
 from precopy.session.report import MigrationReport
 from precopy.session.scanner import DigestScanner, Scan
 
@@ -39,6 +40,11 @@ _BY_PAGE_SHARE = 0.5
 #: writes already cover this share of the chunks (both sides hash every
 #: page once, instead of every chunk now and every page a round later).
 _FIRST_BY_PAGE_SHARE = 0.5
+#: The check of the chunk digests taken during the full copy
+#: (TrackedScanner._early_table) reads this many of them again at the
+#: least (all of a region up to 32 MiB), else one in this many.
+_CHECK_MIN_CHUNKS = 256
+_CHECK_SHARE = 16
 
 
 async def choose_tracker(tracking: str, mode: str, workload: object, mem: object
@@ -130,13 +136,20 @@ class TrackedScanner:
             found, late, extra = await self.first_compare_by_page(dirty)
             dirty = page_union(npages, dirty, late, extra)
         else:
-            digest = await self.digests.chunk_scan(final=False)
+            # The chunks the full copy sent as runs were hashed then (just
+            # after their re-protection: SourceChunks.hash_early); if a
+            # sample of them read again agrees, only the others and those
+            # reported written since are hashed now (else all of them: see
+            # _early_table).
+            chunks = self.chunks
+            early, checked = await self._early_table(dirty)
+            digest = await self.digests.chunk_scan(final=False, known=early)
             # What was written while we hashed is reported now: not taken
             # for writes the kernel missed (sent twice), and its chunks are
             # left stale until a rehash that is not deferred.
-            late = await self.tracker_scan()
-            self.chunks.adopt(digest.live, digest.hash_s)
-            self.chunks.rehash(late, self.record.sent, defer=True, held_zero=self.record.held_zero)
+            late = page_union(npages, checked, await self.tracker_scan())
+            chunks.adopt(digest.live, digest.hash_s + chunks.early_s)
+            chunks.rehash(late, self.record.sent, defer=True, held_zero=self.record.held_zero)
             # Whole chunks (a dense set) compared no page: every page of
             # a chunk that differs goes, reported or not (one page
             # reported there says nothing of the others).
@@ -149,6 +162,47 @@ class TrackedScanner:
                       "not see): sending them too", missed.size, dirty.size)
             dirty = page_union(npages, dirty, missed)
         return dirty
+
+    async def _early_table(self, dirty: np.ndarray) -> tuple[tuple[np.ndarray, np.ndarray] | None, np.ndarray]:
+        """The chunk digests the full copy took (SourceChunks.hash_early), once a sample agrees.
+
+        They spare the first scan a pass over the region, but a write the
+        kernel failed to report after a chunk's early hash would then go
+        unseen, where a pass after the full copy finds it.  So a random
+        sample of those chunks (all of them up to ``_CHECK_MIN_CHUNKS``,
+        else one in ``_CHECK_SHARE``) not reported written is read again:
+        any that changed means the tracker missed writes (or a hole was
+        punched), and the whole region is hashed as before.  Returns
+        ``((digests, per-chunk mask) or None, pages the tracker reported
+        meanwhile)``.
+        """
+        chunks = self.chunks
+        empty = np.zeros(0, dtype=np.uint32)
+        # The chunks of pages reported written since are hashed again, as
+        # all chunks were: those that differ from the destination then have
+        # their pages compared with its (written pages the kernel did not
+        # report beside one it did are found there).
+        quiet = chunks.early_known.copy()
+        quiet[chunks.chunks_of(dirty)] = False
+        if not quiet.any():
+            return None, empty
+        cand = np.flatnonzero(quiet)
+        n = min(len(cand), max(_CHECK_MIN_CHUNKS, len(cand) // _CHECK_SHARE))
+        sample = np.sort(np.random.default_rng().choice(cand, n, replace=False)) if n < len(cand) else cand
+        now = await asyncio.get_running_loop().run_in_executor(self.pool, functools.partial(
+            chunk_digests, self.mem.view, chunks.chunk_pages * PAGE_SIZE, self.digests.hash_pool, sample))
+        late = await self.tracker_scan()  # written while we read: not the kernel's miss
+        # ... and those chunks are hashed again too (the read may have been
+        # before or after that write; a miss there is found as above).
+        quiet[chunks.chunks_of(late)] = False
+        keep = quiet[sample]
+        changed = int(np.count_nonzero(now[keep] != chunks.early[sample[keep]]))
+        if changed:
+            _log.warning("%d of %d chunks read again after the full copy changed without a write the kernel "
+                         "reported (or a hole punched there): hashing the whole region to compare it",
+                         changed, n)
+            return None, late
+        return (chunks.early, quiet), late
 
     async def _later(self, dirty: np.ndarray, written: np.ndarray, final: bool) -> tuple[np.ndarray, float]:
         """A scan after the first: rehash the chunks of the ``written`` pages (or defer them).
