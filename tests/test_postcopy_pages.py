@@ -300,3 +300,36 @@ def test_minor_after_the_guest_exits_pages_go_into_the_file(region: Path) -> Non
     assert data[0] == 0xA0 and data[10 * PAGE_SIZE] == 0xAA and data[PAGE_SIZE] == 7
     os.close(fd)
     os.close(guest.uffd)
+
+
+def test_without_minor_faults_the_missing_pages_are_punched(region: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """PostcopyDest._register's fallback: MINOR refused -> what touches the region is stopped first, the
+    missing pages are punched out, MISSING is registered (the placer then works as above)."""
+    from types import SimpleNamespace
+
+    from precopy.session import postcopy_dest
+
+    try:
+        guest = Guest(region)
+    except TrackingUnavailable as exc:  # pragma: no cover
+        pytest.skip(f"no userfaultfd here: {exc}")
+    real = postcopy_dest.register_postcopy
+
+    def no_minor(uffd: int, start: int, length: int, *, minor: bool) -> None:
+        if minor:
+            raise TrackingUnavailable("no MINOR faults here (the test says so)")
+        real(uffd, start, length, minor=False)
+
+    monkeypatch.setattr(postcopy_dest, "register_postcopy", no_minor)
+    fd = os.open(region, os.O_RDWR)
+    try:
+        pc = object.__new__(postcopy_dest.PostcopyDest)
+        quiesced: list[int] = []
+        pc.region_fd, pc.missing, pc._punch_ms = fd, np.array([3, 4], dtype=np.uint32), 0.0
+        pc._quiesce = lambda: quiesced.append(1)
+        pc.begin = SimpleNamespace(migration_id="t")  # type: ignore[assignment]
+        assert pc._register(guest.uffd, guest.start, NPAGES * PAGE_SIZE) is False
+        assert quiesced == [1] and data_runs(fd, NPAGES * PAGE_SIZE) == [(0, 3), (5, 11)]
+    finally:
+        guest.close()
+        os.close(fd)
