@@ -121,7 +121,7 @@ class Dest:
         return self.log.read_text() if self.log.exists() else ""
 
 
-def start_dest(procs: Procs, work: Path, *extra: str, loop: str = "uvloop") -> Dest:
+def start_dest(procs: Procs, work: Path, *extra: str, loop: str = "uvloop", ready_timeout: float = 10.0) -> Dest:
     memdir = work / "dest"
     ready = work / f"dest-{time.monotonic_ns()}.addr"
     log = work / "dest.log"
@@ -130,7 +130,7 @@ def start_dest(procs: Procs, work: Path, *extra: str, loop: str = "uvloop") -> D
                     "--log-level", "debug", *extra,
                     stdout=subprocess.DEVNULL, stderr=open(log, "wb"))
     wait_for(lambda: ready.exists() and ready.read_text().endswith("\n") or p.poll() is not None,
-             what="precopy-dest to listen")
+             timeout=ready_timeout, what="precopy-dest to listen")
     assert p.poll() is None, f"precopy-dest died: {log.read_text()}"
     return Dest(p, ready.read_text().strip(), memdir, log)
 

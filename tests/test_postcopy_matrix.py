@@ -121,7 +121,7 @@ def _hook(cell: Cell) -> str:
 
 def _start_dest(cell: Cell) -> Dest:
     n = len(cell.dests)
-    d = start_dest(cell.procs, cell.dir, "--on-resume", _hook(cell))
+    d = start_dest(cell.procs, cell.dir, "--on-resume", _hook(cell), ready_timeout=120)  # (several start at once)
     os.replace(d.log, cell.dir / f"dest{n}.log")  # (a restart writes dest.log afresh: keep each)
     d.log = cell.dir / f"dest{n}.log"
     cell.dests.append(d)
