@@ -47,3 +47,34 @@ def test_the_push_skips_pages_not_wanted_and_ends() -> None:
     assert drain(s) == [([7, 9000, 20_000, 49_999], False)]
     s.restart(np.zeros(50_000, dtype=bool))
     assert s._next() is None
+
+
+class _Requests:
+    """An exchange that yields the given REQUEST/COMPLETE events (what ``_read`` expects)."""
+
+    def __init__(self, events: list[object]) -> None:
+        self.events = events
+
+    async def expect(self, kinds: object, timeout_s: float) -> object:
+        return self.events.pop(0)
+
+
+def test_only_a_request_for_a_page_not_sent_yet_makes_the_push_small() -> None:
+    import asyncio
+
+    import pytest
+
+    from precopy.errors import RemoteProtocolError
+    from precopy.protocol import Complete, Request
+
+    need = np.ones(4 * PUSH_PAGES, dtype=bool)
+    need[:PUSH_PAGES] = False  # sent already (in flight)
+    s = stream(need)
+    done = Complete(migration_id="m", pages=0)
+    asyncio.run(s._read(_Requests([Request(indices=np.array([3, 7], dtype=np.uint32)), done])))  # type: ignore[arg-type]
+    assert not s._urgent() and len(s._next()[0]) == PUSH_PAGES  # type: ignore[index]
+    s._asked.clear()
+    asyncio.run(s._read(_Requests([Request(indices=np.array([5, 3 * PUSH_PAGES], dtype=np.uint32)), done])))  # type: ignore[arg-type]
+    assert s._urgent()
+    with pytest.raises(RemoteProtocolError, match="REQUEST for page"):
+        asyncio.run(s._read(_Requests([Request(indices=np.array([len(need)], dtype=np.uint32))])))  # type: ignore[arg-type]

@@ -38,8 +38,9 @@ PUSH_PAGES = 128
 #: Bytes the socket may hold unsent before the next push waits: what a
 #: requested page queues behind (1 MiB: ~0.5 ms at loopback speed).
 MAX_UNSENT = 1024 * 1024
-#: While the workload faults (a REQUEST in the last URGENT_S), pushes are smaller and
-#: less is let queue: its next fault waits behind less (throughput matters less then).
+#: While the workload faults on pages not sent yet (a REQUEST for one in the last URGENT_S),
+#: pushes are smaller and less is let queue: its next fault waits behind less (throughput
+#: matters less then).  Requests for pages already sent (in flight) do not count.
 URGENT_S, URGENT_PAGES, URGENT_UNSENT = 0.05, 16, 64 * 1024
 #: Pages of the push order looked at per step when searching for the next wanted ones.
 _WINDOW = 8192
@@ -110,8 +111,14 @@ class PageStream:
                 if isinstance(ev, Complete):
                     self.stats.complete = ev
                     return ev
+                if ev.indices.size and int(ev.indices.max()) >= len(self.need):
+                    raise RemoteProtocolError(f"REQUEST for page {int(ev.indices.max())} of a region of "
+                                              f"{len(self.need)} pages")
                 self._asked.append(ev.indices.copy())
-                self._urgent_until = time.monotonic() + URGENT_S
+                if self.need[ev.indices].any():
+                    # A page not sent yet: the workload waits on the link (a fault on a page in
+                    # flight, as a sweep chasing the push takes, is not helped by smaller pushes).
+                    self._urgent_until = time.monotonic() + URGENT_S
                 self._wake.set()
         finally:
             self._wake.set()  # done, or the link failed: the sender looks
