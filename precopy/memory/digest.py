@@ -270,7 +270,7 @@ def region_chunk_digests(flat: memoryview, chunk_pages: int, holes: np.ndarray |
     out = zero_chunk_digests(flat.nbytes, chunk_bytes)
     npages = holes.size
     pad = (-npages) % chunk_pages
-    whole = np.concatenate([holes, np.ones(pad, dtype=bool)]).reshape(-1, chunk_pages).all(axis=1)
+    whole = np.asarray(np.concatenate([holes, np.ones(pad, dtype=bool)]).reshape(-1, chunk_pages).all(axis=1))
     which = np.arange(len(out)) if chunks is None else np.asarray(chunks, dtype=np.int64)
     out, whole = out[which], whole[which]
     todo = np.flatnonzero(~whole)

@@ -195,6 +195,7 @@ class DigestScanner:
         t = time.monotonic()
         todo = None if known is None else np.flatnonzero(~known[1])
         if todo is not None and not todo.size:
+            assert known is not None
             live = known[0].copy()  # nothing left to read: no hole walk either
         else:
             # A bounded hole walk: a pathologically fragmented file costs at most
