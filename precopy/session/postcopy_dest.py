@@ -66,7 +66,7 @@ __all__ = ["PostcopyDest", "LIVE", "dest_caps", "resume_postcopy"]
 _log = logging.getLogger(__name__)
 
 #: The post-copy stream's socket receive buffer (bytes; see small_window).
-RECEIVE_WINDOW = 128 * 1024
+RECEIVE_WINDOW = 512 * 1024
 #: Pages mapped per step in the background (MINOR; ~0.1 ms of the event loop each).
 _MAP_SLICE = 1024
 #: Post-copy migrations whose page stream is live or waits for RESUME, by migration id.
