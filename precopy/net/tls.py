@@ -217,28 +217,36 @@ class TlsChannel(Channel):
         # per record.  Only wait on the socket when nothing is decrypted yet.
         got = 0
         while got < len(buf):
-            try:
-                # With a buffer, read() returns a count (typeshed says bytes).
-                n: int = self.tls.read(len(buf) - got, buf[got:])  # type: ignore[assignment]
-            except ssl.SSLWantReadError:
+            n = self._decrypt(buf[got:])
+            if n is None:
                 if got:
                     return got
                 await self._flush()  # e.g. TLS 1.3 session tickets
                 if not await self._fill():
                     return 0
                 continue
-            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-                # close_notify, or a close without it (a cut link, as for
-                # plain TCP): the end of the stream after what we have.
-                return got
-            except ssl.SSLError as exc:
-                # TLS 1.3: a server that refuses our certificate says so in
-                # an alert we only read after our side of the handshake.
-                raise self._refused(exc) from exc
             if n == 0:
                 return got
             got += n
         return got
+
+    def _decrypt(self, view: memoryview) -> int | None:
+        """Decrypt what is here into ``view``: the bytes it took, 0 at the end of the
+        stream, None when a record is still to come from the socket."""
+        try:
+            # With a buffer, read() returns a count (typeshed says bytes).
+            n: int = self.tls.read(len(view), view)  # type: ignore[assignment]
+            return n
+        except ssl.SSLWantReadError:
+            return None
+        except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+            # close_notify, or a close without it (a cut link, as for
+            # plain TCP): the end of the stream after what we have.
+            return 0
+        except ssl.SSLError as exc:
+            # TLS 1.3: a server that refuses our certificate says so in
+            # an alert we only read after our side of the handshake.
+            raise self._refused(exc) from exc
 
 
     def _recv_blocking(self, buf: memoryview, owed: bool) -> int:
@@ -246,9 +254,8 @@ class TlsChannel(Channel):
         (blocking) only when nothing is; with ``owed``, until ``buf`` is full."""
         got = 0
         while got < len(buf):
-            try:
-                n: int = self.tls.read(len(buf) - got, buf[got:])  # type: ignore[assignment]
-            except ssl.SSLWantReadError:
+            n = self._decrypt(buf[got:])
+            if n is None:
                 if got and not owed:
                     return got
                 data = self._out.read()  # e.g. TLS 1.3 session tickets
@@ -265,10 +272,6 @@ class TlsChannel(Channel):
                 else:
                     self._in.write(data)
                 continue
-            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-                return got
-            except ssl.SSLError as exc:
-                raise self._refused(exc) from exc
             if n == 0:
                 return got
             got += n

@@ -143,12 +143,16 @@ class PagePlacer:
             placed += self._place_runs(np.asarray(zeros), _ZERO.ctypes.data, None)
         return placed
 
+    def _wanted(self, pages: np.ndarray) -> np.ndarray:
+        """The offsets into ``pages`` of those still missing; the others count as duplicates."""
+        wanted = self.need[pages]
+        self.duplicates += int((~wanted).sum())
+        return np.flatnonzero(wanted)
+
     def _place_runs(self, pages: np.ndarray, base: int, keep: np.ndarray | None) -> int:
         """Place each run of ``pages`` that is still needed; ``base`` + i pages is page i's bytes
         (for zeros, ``base`` is a zero buffer and every page reads from its start)."""
-        wanted = self.need[pages]
-        self.duplicates += int((~wanted).sum())
-        offsets = np.flatnonzero(wanted)
+        offsets = self._wanted(pages)
         if not offsets.size:
             return 0
         now = time.monotonic()
@@ -178,9 +182,7 @@ class PagePlacer:
         ``pwrite`` and one ``UFFDIO_CONTINUE``.  No one maps a missing page before this maps it,
         so nothing the guest wrote is written over.
         """
-        wanted = self.need[pages]
-        self.duplicates += int((~wanted).sum())
-        offs = np.flatnonzero(wanted)
+        offs = self._wanted(pages)
         if not offs.size:
             return 0
         now = time.monotonic()
