@@ -167,7 +167,15 @@ def one(work: Path, size_mib: int, mode: str, writer: str = "sweep", early: bool
             "faulted": pc.get("pages_faulted"), "requested": pc.get("pages_requested"),
             "pushed": pc.get("pages_pushed"), "fault_p50_us": pc.get("fault_p50_us"),
             "fault_p99_us": pc.get("fault_p99_us"), "fault_max_us": pc.get("fault_max_us"),
+            "remote_faults": pc.get("remote_faults"), "remote_p50_us": pc.get("remote_p50_us"),
+            "remote_p99_us": pc.get("remote_p99_us"), "inflight_p50_us": pc.get("inflight_p50_us"),
+            "inflight_p99_us": pc.get("inflight_p99_us"), "load": os.getloadavg()[0],
             "phases_ms": rep["phases_ms"], **check}
+
+
+def _us(r: dict[str, Any], kind: str) -> str:
+    p50, p99 = r.get(f"{kind}_p50_us"), r.get(f"{kind}_p99_us")
+    return "-" if p50 is None else f"{p50:.0f} / {p99:.0f}"
 
 
 def table(rows: list[dict[str, Any]], size_mib: int, mode: str, command: str, writer: str = "sweep") -> str:
@@ -176,21 +184,29 @@ def table(rows: list[dict[str, Any]], size_mib: int, mode: str, command: str, wr
 
     what = "full-speed sweep" if writer == "sweep" else "random writes, 20,000 pages/s"
     lines = [f"`{command}` -- {len(rows)} runs, {size_mib} MiB, {what}, `--postcopy {mode}`, loopback", "",
-             "| run | pause to running (ms) | total (s) | idle total (s) | ratio (<= 1.5) | throttle % | missing | "
-             "faulted | pushed | fault p50 / p99 / max (us) | bytes exact | sweep invariant |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| run | load | pause to running (ms) | total (s) | idle total (s) | ratio (<= 1.5) | pause to last "
+             "page (s) | throttle % | missing | faulted (remote) | pushed | fault p50 / p99 / max (us) | remote "
+             "p50 / p99 | in flight p50 / p99 | bytes exact | sweep invariant |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for i, r in enumerate(rows):
         lines.append(
-            f"| {i + 1} | {r['switchover_ms']:.1f} | {r['total_s']:.2f} | {r['idle_total_s']:.2f} | "
-            f"{r['total_s'] / r['idle_total_s']:.2f} | {r['max_throttle_pct']} | {r['pages_missing']} | "
-            f"{r['faulted']} | {r['pushed']} | {r['fault_p50_us'] or 0:.0f} / {r['fault_p99_us'] or 0:.0f} / "
-            f"{r['fault_max_us'] or 0:.0f} | {r['rest_exact']} | {r['sweep_ok']} ({r['sweeps']} sweeps) |")
+            f"| {i + 1} | {r['load']:.1f} | {r['switchover_ms']:.1f} | {r['total_s']:.2f} | {r['idle_total_s']:.2f} | "
+            f"{r['total_s'] / r['idle_total_s']:.2f} | {r['last_page_s']:.2f} | {r['max_throttle_pct']} | "
+            f"{r['pages_missing']} | {r['faulted']} ({r['remote_faults'] or 0}) | {r['pushed']} | "
+            f"{r['fault_p50_us'] or 0:.0f} / {r['fault_p99_us'] or 0:.0f} / {r['fault_max_us'] or 0:.0f} | "
+            f"{_us(r, 'remote')} | {_us(r, 'inflight')} | {r['rest_exact']} | {r['sweep_ok']} ({r['sweeps']} sweeps) |")
     ratios = [r["total_s"] / r["idle_total_s"] for r in rows]
     if any(r["fault_p50_us"] is None for r in rows):
         return "\n".join(lines)
     lines += ["", f"Medians: pause to running {med('switchover_ms'):.1f} ms (target <= 10), time until the last "
               f"page / idle migration {statistics.median(ratios):.2f} (target <= 1.5), fault p50 "
               f"{med('fault_p50_us'):.0f} us (<= 200), p99 {med('fault_p99_us'):.0f} us (<= 2,000)."]
+    kinds = [f"{name} p50 {statistics.median(v50):.0f} / p99 {statistics.median(v99):.0f} us ({len(v50)} runs)"
+             for name, kind in (("remote", "remote"), ("in flight", "inflight"))
+             for v50, v99 in [([r[f"{kind}_p50_us"] for r in rows if r.get(f"{kind}_p50_us") is not None],
+                               [r[f"{kind}_p99_us"] for r in rows if r.get(f"{kind}_p99_us") is not None])] if v50]
+    if kinds:
+        lines += ["", "Fault medians by kind: " + "; ".join(kinds) + "."]
     keys = sorted({k for r in rows for k in r["phases_ms"]})
     phases = ", ".join(f"{k} {statistics.median(r['phases_ms'].get(k, 0.0) for r in rows):.1f}" for k in keys)
     lines += ["", f"Median phases (ms): {phases}; pause to the last page {med('last_page_s'):.2f} s "

@@ -333,3 +333,40 @@ def test_without_minor_faults_the_missing_pages_are_punched(region: Path, monkey
     finally:
         guest.close()
         os.close(fd)
+
+
+def test_minor_faults_are_told_apart_remote_or_in_flight(region: Path) -> None:
+    """A fault whose page comes in a frame of nothing but faulted pages (the answer to its REQUEST)
+    is remote; one whose page comes in a push is in flight; a fault read only after its page was
+    placed (the placement woke the guest) is an in-flight fault too, timed from ``since``."""
+    guest, placer, fd = setup_minor(region, [2, 3, 4, 9, 11])
+    buf = bytearray(FAULT_MSG_SIZE * 8)
+    try:
+        guest.ask("r", 9)
+        assert select.select([guest.uffd], [], [], 60)[0]
+        assert placer.faulted(read_faults(guest.uffd, buf), 10.0, since=9.0) == [9]
+        placer.place(np.array([9], dtype=np.uint32), memoryview(page(0x99)), np.zeros(0, dtype=np.uint32))
+        assert guest.answer() == b"\x99"
+        assert len(placer.remote_latencies) == 1 and placer._fault_t == {}
+        assert placer.remote_latencies[0] >= 0  # timed from since (9.0): monotonic time is far past it
+        guest.ask("r", 3)
+        assert select.select([guest.uffd], [], [], 60)[0]
+        assert placer.faulted(read_faults(guest.uffd, buf), 0.0) == [3]
+        placer.place(np.array([2, 3, 4], dtype=np.uint32), memoryview(np.concatenate([page(2), page(3), page(4)])),
+                      np.zeros(0, dtype=np.uint32))  # a push: 2 and 4 never faulted on
+        assert guest.answer() == b"\x03"
+        assert len(placer.inflight_latencies) == 1 and len(placer.remote_latencies) == 1
+        # A fault read after its page was placed: counted from when the fd was last seen empty.
+        placer.place(np.zeros(0, dtype=np.uint32), None, np.array([11], dtype=np.uint32))
+        t_placed = float(placer._placed_t[11])
+        assert placer.faulted([guest.start + 11 * PAGE_SIZE], t_placed + 1, since=t_placed - 0.5) == []
+        assert placer.faults == 3 and placer.inflight_latencies[-1] == pytest.approx(0.5)
+        # ... but not a fault on a page placed before the fd was seen empty: that one is served here.
+        assert placer.faulted([guest.start + 11 * PAGE_SIZE], t_placed + 2, since=t_placed + 1) == []
+        assert placer.faults == 3
+        stats = placer.stats()
+        assert stats["remote_faults"] == 1 and "remote_p50_us" in stats and "inflight_p99_us" in stats
+        assert stats["faults"] == 3 and placer.left == 0
+    finally:
+        guest.close()
+        os.close(fd)

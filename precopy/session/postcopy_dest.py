@@ -160,6 +160,9 @@ class PostcopyDest:
         self._preempted = False  # it was cancelled for a RESUME on a new connection
         self._punch_ms = 0.0
         self._mapper: asyncio.Task[None] | None = None  # MINOR: maps the held pages in the background
+        self._fault_buf = bytearray(FAULT_MSG_SIZE * 64)
+        self._faults_failed = False
+        self._seen_empty = 0.0  # when the guest's userfaultfd was last read empty (faults came after)
 
     # -- steps 1-3: from POSTCOPY to the guest running here ----------------
 
@@ -274,11 +277,11 @@ class PostcopyDest:
         mid = self.begin.migration_id
         LIVE[mid] = self
         loop = asyncio.get_running_loop()
-        buf = bytearray(FAULT_MSG_SIZE * 64)
         first = chan is not None
         if first:
             self._persist()
-        loop.add_reader(self._uffd, self._on_fault, buf)
+        self._seen_empty = time.monotonic()  # the guest runs from COMMITTED on
+        loop.add_reader(self._uffd, self._on_fault)
         try:
             if chan is None:
                 self._resumer = asyncio.create_task(self._resume_guest())
@@ -338,6 +341,11 @@ class PostcopyDest:
         try:
             events = chan.events(self.recv.opts.idle_timeout_s)
             while self.placer.left:
+                # Between frames too: while the socket holds data the loop gets no turn (reader
+                # callbacks wait), yet a fault must be seen, and a REQUEST sent, at once.
+                self._on_fault()
+                if not self._out.empty():
+                    await asyncio.sleep(0)  # _send_requests sends it
                 ev = await anext(events, None)
                 if ev is None:
                     raise LinkError(f"{chan.peer} closed the connection during post-copy")
@@ -359,15 +367,23 @@ class PostcopyDest:
         while self.placer.map_held(_MAP_SLICE):
             await asyncio.sleep(0)
 
-    def _on_fault(self, buf: bytearray) -> None:
+    def _on_fault(self) -> None:
+        """Read the faults waiting on the guest's userfaultfd, until it is empty; queue REQUESTs."""
         assert self.placer is not None
-        try:
-            addrs = read_faults(self._uffd, buf)
-        except OSError as exc:
-            _log.error("post-copy: reading the guest's faults failed: %s", exc)
-            asyncio.get_running_loop().remove_reader(self._uffd)
-            return
-        ask = self.placer.faulted(addrs, time.monotonic())
+        ask: list[int] = []
+        while self._uffd >= 0 and not self._faults_failed:
+            now = time.monotonic()  # before the read: a fault it does not see comes after this
+            try:
+                addrs = read_faults(self._uffd, self._fault_buf)
+            except OSError as exc:
+                _log.error("post-copy: reading the guest's faults failed: %s", exc)
+                self._faults_failed = True
+                asyncio.get_running_loop().remove_reader(self._uffd)
+                return
+            if not addrs:
+                self._seen_empty = now
+                break
+            ask += self.placer.faulted(addrs, now, self._seen_empty)
         if ask:
             self._out.put_nowait(np.array(sorted(ask), dtype=np.uint32))
 

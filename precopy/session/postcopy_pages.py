@@ -43,13 +43,13 @@ _log = logging.getLogger(__name__)
 _ZERO = np.zeros(MAX_BATCH_PAGES * PAGE_SIZE, dtype=np.uint8)
 
 
-def latency_stats(seconds: list[float]) -> dict[str, float]:
-    """p50, p99 and max of fault latencies, in microseconds (empty: none)."""
+def latency_stats(seconds: list[float], prefix: str = "fault") -> dict[str, float]:
+    """p50, p99 and max of fault latencies, in microseconds, as ``PREFIX_p50_us`` ... (empty: none)."""
     if not seconds:
         return {}
     a = np.asarray(seconds) * 1e6
-    return {"fault_p50_us": float(np.percentile(a, 50)), "fault_p99_us": float(np.percentile(a, 99)),
-            "fault_max_us": float(a.max())}
+    return {f"{prefix}_p50_us": float(np.percentile(a, 50)), f"{prefix}_p99_us": float(np.percentile(a, 99)),
+            f"{prefix}_max_us": float(a.max())}
 
 
 class PagePlacer:
@@ -74,6 +74,13 @@ class PagePlacer:
         self.requested = np.zeros(npages, dtype=bool)
         self._fault_t: dict[int, float] = {}
         self.latencies: list[float] = []
+        #: Of those, faults whose page came in the source's answer to their REQUEST (a frame of
+        #: nothing but pages faulted on): remote, not sent yet when the guest touched them.  The
+        #: others' pages were in flight already (pushed), the fault waiting for their frame.
+        self.remote_latencies: list[float] = []
+        self.inflight_latencies: list[float] = []
+        self._reply = False  # the frame being placed answers REQUESTs (see remote_latencies)
+        self._placed_t = np.zeros(npages)  # when each page was placed (0: not by this placer)
         self.faults = 0  # faults on missing pages (remote)
         self.zero_faults = 0  # faults on pages not missing (held, or holes that are zeros): served here
         self.duplicates = 0  # pages that came although placed already (never written twice)
@@ -81,10 +88,12 @@ class PagePlacer:
         self.pushed = 0  # pages placed before the guest asked for them
         self.guest_gone = False  # the guest exited: pages go into the file's holes
 
-    def faulted(self, addresses: list[int], now: float) -> list[int]:
+    def faulted(self, addresses: list[int], now: float, since: float | None = None) -> list[int]:
         """Take the guest's fault addresses; returns the pages to request (missing, not asked yet).
 
-        A fault on a page that is not missing is filled with zeros here.
+        ``since``: when the userfaultfd was last seen empty -- the faults came after it; their
+        latency counts from then (an upper bound: the kernel gives no time of a fault), else from
+        ``now``.  A fault on a page that is not missing is filled with zeros here.
         """
         ask = []
         for addr in addresses:
@@ -96,8 +105,15 @@ class PagePlacer:
                 if not self.requested[page]:
                     self.requested[page] = True
                     self.faults += 1
-                    self._fault_t[page] = now
+                    self._fault_t[page] = now if since is None else since
                     ask.append(page)
+            elif since is not None and self._placed_t[page] > since:
+                # Placed (and the guest woken) after the fault came, before it was read: a fault
+                # on a page in flight, served by its frame.
+                self.faults += 1
+                late = float(self._placed_t[page]) - since
+                self.latencies.append(late)
+                self.inflight_latencies.append(late)
             else:
                 self.zero_faults += self._local(page)
         return ask
@@ -128,6 +144,7 @@ class PagePlacer:
         refuses for another reason than a present page.
         """
         placed = 0
+        self._reply = self._answers(indices, zeros)
         if self.minor:
             if len(indices):
                 assert data is not None
@@ -142,6 +159,13 @@ class PagePlacer:
         if len(zeros):
             placed += self._place_runs(np.asarray(zeros), _ZERO.ctypes.data, None)
         return placed
+
+    def _answers(self, indices: np.ndarray, zeros: np.ndarray) -> bool:
+        """Whether a frame answers REQUESTs: every page of it faulted on and still missing (a push
+        holds pages in order, most never faulted on; a last small push of only faulted pages would
+        count too -- rare, and then those pages were not sent before their faults either)."""
+        pages = np.concatenate((np.asarray(indices), np.asarray(zeros))).astype(np.int64)
+        return bool(pages.size) and bool(self.requested[pages].all() and self.need[pages].all())
 
     def _wanted(self, pages: np.ndarray) -> np.ndarray:
         """The offsets into ``pages`` of those still missing; the others count as duplicates."""
@@ -252,6 +276,7 @@ class PagePlacer:
 
     def _mark(self, pages: np.ndarray, now: float) -> None:
         self.need[pages] = False
+        self._placed_t[pages] = now
         self.left -= len(pages)
         asked = pages[self.requested[pages]]
         self.pushed += len(pages) - len(asked)
@@ -259,6 +284,7 @@ class PagePlacer:
             t = self._fault_t.pop(p, None)
             if t is not None:
                 self.latencies.append(now - t)
+                (self.remote_latencies if self._reply else self.inflight_latencies).append(now - t)
 
     def outstanding(self) -> np.ndarray:
         """Pages the guest faulted on that have not arrived (uint32): to ask again on a new link."""
@@ -300,5 +326,7 @@ class PagePlacer:
 
     def stats(self) -> dict[str, float]:
         """What COMPLETE tells the source (its report's ``postcopy`` section)."""
+        remote = len(self.remote_latencies)
         return {"faults": self.faults, "zero_faults": self.zero_faults, "duplicates": self.duplicates,
-                "present": self.present, **latency_stats(self.latencies)}
+                "present": self.present, "remote_faults": remote, **latency_stats(self.latencies),
+                **latency_stats(self.remote_latencies, "remote"), **latency_stats(self.inflight_latencies, "inflight")}

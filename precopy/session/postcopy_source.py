@@ -59,6 +59,10 @@ from precopy.workload.base import Workload
 __all__ = ["PostcopySource", "offered_caps", "postcopy_modes", "switch_over"]
 
 _log = logging.getLogger(__name__)
+#: COMPLETE's stats the report's ``postcopy`` section carries as they are: the faults whose page
+#: was not sent yet (remote: fetched on REQUEST) and those whose page was in flight, apart.
+_FAULT_KINDS = ("remote_faults", "remote_p50_us", "remote_p99_us", "remote_max_us", "inflight_p50_us",
+                "inflight_p99_us", "inflight_max_us")
 
 
 class _Session(Protocol):
@@ -209,6 +213,7 @@ class PostcopySource:
             "pages_requested": self.stats.requested, "zero_faults": int(got.get("zero_faults", 0)),
             "fault_p50_us": got.get("fault_p50_us"), "fault_p99_us": got.get("fault_p99_us"),
             "fault_max_us": got.get("fault_max_us"), "last_page_s": t_end - sw.t_pause,
+            **{k: got.get(k) for k in _FAULT_KINDS},
             "reconnects": self.stats.reconnects, "duplicates": int(got.get("duplicates", 0)),
         }
         self.committer.confirmed = True

@@ -131,7 +131,9 @@ class MigrationReport:
     #: on the destination), ``pages_missing`` (left for post-copy),
     #: ``pages_faulted`` (fetched because the workload touched them),
     #: ``pages_pushed`` (sent in order), ``fault_p50_us``/``fault_p99_us``/
-    #: ``fault_max_us`` (fault to page placed, on the destination),
+    #: ``fault_max_us`` (fault to page placed, on the destination), the same
+    #: apart for ``remote_*`` (pages not sent yet: fetched on REQUEST; and
+    #: ``remote_faults``) and ``inflight_*`` (pages already pushed),
     #: ``last_page_s`` (pause to COMPLETE: every page in place), ``reconnects``.
     postcopy: dict[str, Any] | None = None
 
