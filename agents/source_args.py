@@ -96,12 +96,14 @@ def _add_policy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--on-nonconvergence", choices=["abort", "force", "postcopy"], default="abort",
                    help="abort: roll back, exit 3; force: switch over anyway; postcopy: switch over to "
                         "post-copy (see --postcopy) (default abort)")
-    p.add_argument("--postcopy", choices=["off", "auto", "now"], default="off",
+    p.add_argument("--postcopy", choices=["off", "auto", "now", "immediate"], default="off",
                    help="post-copy: run the workload on the destination at once and fetch the pages it "
                         "lacks on demand (the destination's --on-resume guest must take part: "
                         "docs/TRACKING.md). auto: when pre-copy would throttle, abort or force instead; "
-                        "now: right after the full copy; off: never (default: from post-copy's switchover "
-                        "on there is no rollback: docs/FAILURES.md)")
+                        "now: right after the full copy; immediate: before any copy, right after the "
+                        "handshake (every page the region's file holds is sent once, by the post-copy "
+                        "stream; no tracking, no rounds, one stream); off: never (default: from "
+                        "post-copy's switchover on there is no rollback: docs/FAILURES.md)")
 
 
 def _add_throttle_args(p: argparse.ArgumentParser) -> None:

@@ -218,7 +218,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size-mib", type=int, default=1024)
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--postcopy", default="auto", choices=["auto", "now"])
+    ap.add_argument("--postcopy", default="auto", choices=["auto", "now", "immediate"])
     ap.add_argument("--writer", default="sweep", choices=sorted(WRITERS))
     ap.add_argument("--guest-start", default="early", choices=["early", "switchover"],
                     help="when the destination's hook starts its guest (default early: --postcopy-guest-early)")

@@ -88,6 +88,7 @@ class Cell:
     phase: str
     action: str
     dir: Path
+    mode: str = "now"  # --postcopy (immediate: the cell's id says so)
     procs: Procs = field(default_factory=Procs)
     dests: list[Dest] = field(default_factory=list)
     source: subprocess.Popen[bytes] | None = None
@@ -102,7 +103,7 @@ class Cell:
 
     @property
     def id(self) -> str:
-        return f"{self.phase}-{self.action}"
+        return f"{self.phase}-{self.action}" if self.mode == "now" else f"{self.mode}-{self.phase}-{self.action}"
 
     def dest_log(self) -> str:
         return "".join(p.read_text(errors="replace") for p in sorted(self.dir.glob("dest*.log")))
@@ -121,7 +122,8 @@ def _hook(cell: Cell) -> str:
 
 def _start_dest(cell: Cell) -> Dest:
     n = len(cell.dests)
-    d = start_dest(cell.procs, cell.dir, "--on-resume", _hook(cell), ready_timeout=120)  # (several start at once)
+    early = ("--postcopy-guest-early",) if cell.mode == "immediate" else ()  # (READY waits for the guest)
+    d = start_dest(cell.procs, cell.dir, "--on-resume", _hook(cell), *early, ready_timeout=120)  # (several at once)
     os.replace(d.log, cell.dir / f"dest{n}.log")  # (a restart writes dest.log afresh: keep each)
     d.log = cell.dir / f"dest{n}.log"
     cell.dests.append(d)
@@ -207,7 +209,7 @@ def _run_cell(cell: Cell) -> None:
         proxy.faults = _faults(cell, box)
         cell.source = subprocess.Popen(
             [PY, "-m", "precopy_agents.source_main", "--to", proxy.addr, "--memory", str(src),
-             "--guest-control", str(ctl), "--postcopy", "now", "--on-commit", "kill", "--io-timeout", "5",
+             "--guest-control", str(ctl), "--postcopy", cell.mode, "--on-commit", "kill", "--io-timeout", "5",
              "--outcome-retries", "6", "--connect-timeout", "2", "--report", str(report),
              "--log-format", "json", "--progress", "off"],
             env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(cell.dir / "source.log", "wb"))
@@ -331,18 +333,21 @@ def check_in_doubt(cell: Cell) -> None:
 
 
 #: Every phase x every action; and once, recovery made impossible (the destination's guest killed with
-#: its daemon: the pages it lacked are only in the source's paused copy).
-CELLS = [(p, a) for p in PHASES for a in ACTIONS] + [("pushing", "kill-dest-and-guest")]
+#: its daemon: the pages it lacked are only in the source's paused copy).  Then --postcopy immediate
+#: (every page in the stream): the push x every action, COMMITTED in flight cut and its source killed.
+CELLS = ([(p, a, "now") for p in PHASES for a in ACTIONS] + [("pushing", "kill-dest-and-guest", "now")]
+         + [("pushing", a, "immediate") for a in ACTIONS]
+         + [("committed", "cut", "immediate"), ("committed", "kill-source", "immediate")])
 
 
 class Matrix:
     """Runs the selected cells, PARALLEL at a time, once per session."""
 
-    def __init__(self, base: Path, reference: str, wanted: list[tuple[str, str]]) -> None:
-        self.cells = {(p, a): Cell(p, a, base / f"{p}-{a}") for p, a in wanted}
+    def __init__(self, base: Path, reference: str, wanted: list[tuple[str, str, str]]) -> None:
+        self.cells = {(p, a, m): Cell(p, a, base / f"{m}-{p}-{a}", m) for p, a, m in wanted}
         self.reference = reference
         self._pool = ThreadPoolExecutor(PARALLEL, thread_name_prefix="pc-matrix")
-        self.futures: dict[tuple[str, str], Future[None]] = {
+        self.futures: dict[tuple[str, str, str], Future[None]] = {
             key: self._pool.submit(run_cell, cell) for key, cell in self.cells.items()}
 
     def close(self) -> None:
@@ -381,15 +386,18 @@ def matrix(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
         subprocess.run(["rm", "-rf", str(base)], check=False)
 
 
-@pytest.mark.parametrize("cell", CELLS, ids=[f"{p}-{a}" for p, a in CELLS])
-def test_postcopy_fault_matrix(matrix: Matrix, cell: tuple[str, str]) -> None:
+@pytest.mark.parametrize("cell", CELLS, ids=[f"{p}-{a}" if m == "now" else f"{m}-{p}-{a}" for p, a, m in CELLS])
+def test_postcopy_fault_matrix(matrix: Matrix, cell: tuple[str, str, str]) -> None:
     c = matrix.cells[cell]
     matrix.futures[cell].result(timeout=600)
     assert not c.errors, f"{c.errors}\n{c.why()}"
     assert c.fault is not None and c.fault.fired.is_set(), "the fault never struck\n" + c.why()
-    if expected(*cell) == "source":
+    if c.mode == "immediate":  # nothing was copied before the pause: every page came by the stream
+        assert c.report is None or c.report["postcopy"] is None or \
+            c.report["postcopy"]["pages_missing"] == 2048, c.why()
+    if expected(c.phase, c.action) == "source":
         check_source_runs(c)
-    elif expected(*cell) == "doubt":
+    elif expected(c.phase, c.action) == "doubt":
         check_in_doubt(c)
     else:
         check_dest_runs(c, matrix.reference)

@@ -292,6 +292,33 @@ class GuestMemory:
         holes[off // PAGE_SIZE:] = False
         return holes
 
+    def holes_still(self, holes: np.ndarray) -> np.ndarray:
+        """Which pages of ``holes`` (a mask from :meth:`hole_pages`) are holes still (a new mask).
+
+        Each run of holes is looked at again with ``SEEK_DATA`` from its
+        start: one call for a run still empty, two more per extent written
+        into it since.  Pages that held data are not looked at (a page
+        punched since reads as zeros anyway).  Cheap where the region has
+        few holes, as at a pause after :meth:`hole_pages` was taken live.
+        """
+        now = np.array(holes, dtype=bool)
+        edges = np.flatnonzero(np.diff(np.concatenate(([0], now.view(np.int8), [0]))))
+        for first, last in zip(edges[::2].tolist(), edges[1::2].tolist()):
+            off, end = first * PAGE_SIZE, min(last * PAGE_SIZE, self.size)
+            while off < end:
+                try:
+                    data = os.lseek(self._fd, off, os.SEEK_DATA)
+                except OSError as exc:
+                    if exc.errno == errno.ENXIO:  # no data past off
+                        break
+                    raise RegionError(f"cannot map the holes of {self.path}: {exc.strerror}") from exc
+                if data >= end:
+                    break
+                hole = os.lseek(self._fd, data, os.SEEK_HOLE)
+                now[data // PAGE_SIZE:-(-min(hole, end) // PAGE_SIZE)] = False
+                off = hole
+        return now
+
     # -- lifetime -------------------------------------------------------
 
     def flush(self) -> None:

@@ -12,6 +12,12 @@
   where pre-copy would otherwise *give in* -- throttle the workload, abort,
   or force a long pause.  The workload is never throttled.
 * ``now``: post-copy right after the full copy and the first scan.
+* ``immediate``: post-copy before anything is copied: right after READY
+  the workload is paused and resumed on the destination with every page
+  it lacks missing (every page the source's file holds; its holes read as
+  zeros on a new destination region), and the post-copy push *is* the
+  copy -- each page sent once.  No rounds, no tracking, no final scan: the
+  rule below is never asked (see :mod:`precopy.session.postcopy_immediate`).
 
 ``--on-nonconvergence postcopy`` is narrower than ``auto``: pre-copy runs as
 with ``abort`` (auto-converge included), and post-copy takes the place of
@@ -27,7 +33,7 @@ from precopy.policy.switchover import Action, Decision
 
 __all__ = ["POSTCOPY_MODES", "check_postcopy", "postcopy_wanted", "apply_postcopy"]
 
-POSTCOPY_MODES: Final = ("off", "auto", "now")
+POSTCOPY_MODES: Final = ("off", "auto", "now", "immediate")
 
 
 def check_postcopy(mode: str, on_nonconvergence: str, precopy_mode: str = "precopy") -> None:
@@ -55,8 +61,8 @@ def apply_postcopy(decision: Decision, *, mode: str, on_nonconvergence: str, thr
     itself when post-copy does not apply.
     """
     act = decision.action
-    if mode == "now":
-        why = "--postcopy now"
+    if mode in ("now", "immediate"):  # (immediate never runs rounds: for completeness)
+        why = f"--postcopy {mode}"
     elif act in (Action.ABORT, Action.FORCE) and (mode == "auto" or on_nonconvergence == "postcopy"):
         why = "pre-copy will not converge"
     elif mode == "auto" and act is Action.CONTINUE and decision.throttle_pct > throttle_before:
@@ -67,3 +73,4 @@ def apply_postcopy(decision: Decision, *, mode: str, on_nonconvergence: str, thr
         return decision
     return dataclasses.replace(decision, action=Action.POSTCOPY, throttle_pct=0,
                                reason=f"{decision.reason}; {why}: switching over to post-copy")
+

@@ -21,10 +21,15 @@ __all__ = [
     "DigestTable", "Switchover", "DeviceState", "Commit", "Committed", "Query", "Outcome", "Abort",
     "Join", "Joined", "Sync",
     "Missing", "Postcopy", "Request", "Complete", "Resume", "POSTCOPY_CAP",
+    "POSTCOPY_IMMEDIATE_CAP",
 ]
 
 #: The capability a HELLO (and its HELLO_ACK) names to offer post-copy (docs/PROTOCOL.md).
 POSTCOPY_CAP: Final = "postcopy"
+#: Named beside it by a source that switches over to post-copy right after READY (``--postcopy
+#: immediate``); a destination that names it back sends READY only once the guest it starts early
+#: is ready to take the post-copy (docs/PROTOCOL.md "Post-copy").
+POSTCOPY_IMMEDIATE_CAP: Final = "postcopy-immediate"
 
 
 class Kind(IntEnum):

@@ -95,7 +95,8 @@ class SourceOptions:
     #: Local addresses to connect from: stream k from the (k mod count)-th (empty: the kernel's choice).
     bind: list[str] = field(default_factory=list)
     #: Post-copy (precopy.policy.postcopy): ``off``, ``auto`` (instead of
-    #: throttling, aborting or forcing) or ``now`` (after the full copy).
+    #: throttling, aborting or forcing), ``now`` (after the full copy) or
+    #: ``immediate`` (before any copy: precopy.session.postcopy_immediate).
     postcopy: str = "off"
 
     def __post_init__(self) -> None:
@@ -130,6 +131,11 @@ class SourceOptions:
                     f"max downtime {self.max_downtime_ms:g} ms is under the downtime budget {self.downtime_ms:g} ms: "
                     "the switchover aims under the budget and the cap is the line never to cross, so lower "
                     "--downtime-ms to the cap or below")
+        if self.postcopy == "immediate":  # every page goes by the post-copy stream: one connection
+            if self.streams is not None and self.streams > 1:
+                raise ValueError("postcopy immediate sends every page on one connection (the post-copy "
+                                 f"stream): streams {self.streams} does not apply")
+            self.streams = 1
         if self.streams is None:
             self.streams = default_streams(1 + len(self.stream_to))
         if not 1 <= self.streams <= MAX_STREAMS:

@@ -45,7 +45,7 @@ from typing import Any, Awaitable, Callable, Protocol
 import numpy as np
 
 from precopy.errors import AbortCode, GuestControlError, PrecopyError, RemoteProtocolError
-from precopy.memory.tracking import TrackingOffer
+from precopy.memory.tracking import HUGETLBFS_MAGIC, TrackingOffer, fs_magic
 from precopy.memory.uffd import TrackingUnavailable
 from precopy.memory.uffd_missing import (FAULT_MSG_SIZE, punch_pages, read_faults, register_missing,
                                          register_postcopy, unregister_missing)
@@ -55,7 +55,7 @@ from precopy.protocol.postcopy_codec import bitmap_of, pages_of_bitmap
 from precopy.session.postcopy_guest import HeldGuest, control_path, take_guest
 from precopy.session.postcopy_pages import PagePlacer
 from precopy.session.postcopy_state import need_path, persist_need
-from precopy.protocol import POSTCOPY_CAP, Begin, Resume
+from precopy.protocol import POSTCOPY_CAP, POSTCOPY_IMMEDIATE_CAP, Begin, Resume
 from precopy.session.dest_options import DestOptions
 from precopy.session.journal import Journal, MigrationRecord
 
@@ -78,15 +78,26 @@ def dest_caps(opts: DestOptions, offered: tuple[str, ...] | None,
     """HELLO_ACK's ``caps``: None to a HELLO without (as before), else what of it is served here
     (recorded as ``chan.caps`` too, when given).
 
-    Post-copy needs a guest the --on-resume hook starts (no workload adapter).
+    Post-copy needs a guest the --on-resume hook starts (no workload adapter), and a
+    --memory-dir of 4 KiB pages: on hugetlbfs a page is placed 2 MiB at a time, which the page
+    stream does not do (the source then sees no post-copy here and says so).
+    ``postcopy-immediate`` (the source switches over right after READY): READY waits for the
+    guest started early (:meth:`~precopy.session.receiver.Receiver.run`).
     """
     if offered is None:
         return None
-    serves = bool(opts.on_resume) and opts.workload is None
-    caps = tuple(c for c in offered if c == POSTCOPY_CAP and serves)
+    serves = bool(opts.on_resume) and opts.workload is None and not _huge_pages(opts)
+    caps = tuple(c for c in offered if c in (POSTCOPY_CAP, POSTCOPY_IMMEDIATE_CAP) and serves)
     if chan is not None:
         chan.caps = caps
     return caps
+
+
+def _huge_pages(opts: DestOptions) -> bool:
+    if fs_magic(opts.memory_dir) != HUGETLBFS_MAGIC:
+        return False
+    _log.info("no post-copy here: --memory-dir %s is hugetlbfs (pages placed 4 KiB at a time)", opts.memory_dir)
+    return True
 
 
 async def resume_postcopy(chan: Channel, ev: Resume, opts: DestOptions, journal: Journal | None) -> None:

@@ -27,7 +27,7 @@ import asyncio
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Protocol
+from typing import Any, Awaitable, Callable, Protocol
 
 import numpy as np
 import xxhash
@@ -39,7 +39,7 @@ from precopy.memory.tracking import SourceChunks, UffdTracker
 from precopy.net.channel import PeerAborted
 from precopy.policy.downtime import DowntimeCap
 from precopy.policy.postcopy import postcopy_wanted
-from precopy.protocol import MAX_PAYLOAD, POSTCOPY_CAP, Begin, Committed, Missing, Postcopy
+from precopy.protocol import MAX_PAYLOAD, POSTCOPY_CAP, POSTCOPY_IMMEDIATE_CAP, Begin, Committed, Missing, Postcopy
 from precopy.protocol import Switchover as SwitchoverEvent
 from precopy.protocol.postcopy_codec import bitmap_of
 from precopy.session.commit import Committer, OutcomeTarget, describe
@@ -56,7 +56,7 @@ from precopy.session.switchover import Switchover
 from precopy.session.throttle import Throttle
 from precopy.workload.base import Workload
 
-__all__ = ["PostcopySource", "offered_caps", "postcopy_modes", "switch_over"]
+__all__ = ["PostcopySource", "offered_caps", "postcopy_modes", "postcopy_parts", "switch_over"]
 
 _log = logging.getLogger(__name__)
 #: COMPLETE's stats the report's ``postcopy`` section carries as they are: the faults whose page
@@ -98,7 +98,9 @@ class _Session(Protocol):
 
 def offered_caps(opts: SourceOptions) -> tuple[str, ...] | None:
     """What HELLO offers: post-copy when these options may end in it (None: nothing, the HELLO as before)."""
-    return (POSTCOPY_CAP,) if postcopy_wanted(opts.postcopy, opts.on_nonconvergence) and not opts.dry_run else None
+    if not postcopy_wanted(opts.postcopy, opts.on_nonconvergence) or opts.dry_run:
+        return None
+    return (POSTCOPY_CAP, POSTCOPY_IMMEDIATE_CAP) if opts.postcopy == "immediate" else (POSTCOPY_CAP,)
 
 
 def postcopy_modes(opts: SourceOptions, caps: tuple[str, ...]) -> tuple[str, str]:
@@ -108,8 +110,8 @@ def postcopy_modes(opts: SourceOptions, caps: tuple[str, ...]) -> tuple[str, str
         return opts.postcopy, opts.on_nonconvergence
     why = ("the destination does not serve post-copy (it needs a precopy-dest with --on-resume starting a "
            "guest that takes part: docs/TRACKING.md)")
-    if opts.postcopy == "now":
-        raise PrecopyError(f"--postcopy now: {why}", AbortCode.GUEST)
+    if opts.postcopy in ("now", "immediate"):
+        raise PrecopyError(f"--postcopy {opts.postcopy}: {why}", AbortCode.GUEST)
     _log.warning("%s: pre-copy only", why)
     return "off", "abort"
 
@@ -123,6 +125,16 @@ async def switch_over(session: _Session, expected_s: float, dest_table: np.ndarr
     assert session.mem is not None
     await rounds.settled()
     session._emit("post-copy", len(session.report.rounds), 0, 0, 0, time.monotonic())
+    pc, sw = postcopy_parts(session)
+    await pc.run(sw, rounds.pending, dest_table, str(session.opts.memory))
+    await session._hand_over(expected_s)
+
+
+def postcopy_parts(session: _Session, find_missing: Callable[[], Awaitable[np.ndarray]] | None = None
+                   ) -> tuple[PostcopySource, Switchover]:
+    """The session's post-copy switchover and the pre-copy switchover steps it reuses (pause, device
+    state).  ``find_missing``: what the destination lacks, found once paused (None: the final scan)."""
+    assert session.mem is not None
     opts = session.opts
 
     def paused(t: float) -> None:
@@ -133,14 +145,13 @@ async def switch_over(session: _Session, expected_s: float, dest_table: np.ndarr
         tracker=session.tracker, report=session.report, committer=session.committer, guardian=session._guardian,
         begin=Begin(migration_id=str(opts.migration_id), name=str(opts.name), size=session.mem.size,
                     chunk_pages=session.chunk_pages),
-        target=session.committer.target, on_paused=paused)
+        target=session.committer.target, on_paused=paused, find_missing=find_missing)
     sw = Switchover(
         workload=session.workload, guardian=session._guardian, throttle=session.throttle, exchange=session.exchange,
         scanner=session.scanner, sender=session.sender, record=session.record, model=session.model,
         committer=session.committer, report=session.report, cap=session._cap, npages=session.mem.npages,
         chunk_pages=session.chunk_pages, chunks=session.chunks, pool=session._outer_pool)
-    await pc.run(sw, rounds.pending, dest_table, str(opts.memory))
-    await session._hand_over(expected_s)
+    return pc, sw
 
 
 class PostcopySource:
@@ -149,7 +160,8 @@ class PostcopySource:
     def __init__(self, *, exchange: Exchange, mem: GuestMemory, record: PageRecord, scanner: DirtyScanner,
                  tracker: UffdTracker | None, report: MigrationReport, committer: Committer,
                  guardian: Guardian | None, begin: Begin, target: OutcomeTarget,
-                 on_paused: Callable[[float], None]) -> None:
+                 on_paused: Callable[[float], None],
+                 find_missing: Callable[[], Awaitable[np.ndarray]] | None = None) -> None:
         self.exchange = exchange
         self.mem = mem
         self.record = record
@@ -161,6 +173,9 @@ class PostcopySource:
         self.begin = begin
         self.target = target
         self.on_paused = on_paused
+        #: What the destination lacks, found once paused (``--postcopy immediate``: every page the
+        #: source's file holds, precopy.session.postcopy_immediate); None: the final scan.
+        self.find_missing = find_missing
         self.stats = StreamStats()
         self._readers: list[asyncio.Task[None]] = []
         self._lost = False  # the answer to POSTCOPY was lost (the outcome query said committed)
@@ -175,8 +190,12 @@ class PostcopySource:
         blob = await sw.pause()
         self.on_paused(sw.t_pause)
         await self.exchange.send(SwitchoverEvent())
-        missing = await self._missing(pending, dest_table)
-        sw._lap("final_scan")
+        if self.find_missing is not None:
+            missing = await self.find_missing()
+            sw._lap("holes")
+        else:
+            missing = await self._missing(pending, dest_table)
+            sw._lap("final_scan")
         rnd = RoundReport(round=len(self.report.rounds), kind="postcopy", pages_scanned=self.begin.npages,
                           pages_dirty=len(missing), pages_sent=0, zero_pages=0, bytes_on_wire=0, seconds=0.0)
         bits = bitmap_of(missing, self.begin.npages)

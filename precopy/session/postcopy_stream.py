@@ -89,9 +89,7 @@ class PageStream:
                 await self._send(exchange, batch)
                 if reader.done():
                     break
-                while (exchange.unsent_bytes() > (URGENT_UNSENT if self._urgent() else MAX_UNSENT)
-                       and not self._asked and not reader.done()):
-                    await asyncio.sleep(0.0002)
+                await self._paced(exchange, reader, io_timeout_s)
             # Everything is out: COMPLETE (or another request: lost pages are asked again).
             async with asyncio.timeout(io_timeout_s):
                 while not reader.done():
@@ -103,6 +101,22 @@ class PageStream:
             return reader.result()
         finally:
             reader.cancel()
+
+    async def _paced(self, exchange: Exchange, reader: asyncio.Task[Complete], io_timeout_s: float) -> None:
+        """Wait while the socket holds more unsent than a push may queue behind (a request, or the
+        reader's end, cuts it short).  Raises TimeoutError when nothing drains for ``io_timeout_s``
+        (a stalled link: the caller takes the stream up again)."""
+        last, since = -1, time.monotonic()
+        while not self._asked and not reader.done():
+            unsent = exchange.unsent_bytes()
+            if unsent <= (URGENT_UNSENT if self._urgent() else MAX_UNSENT):
+                return
+            now = time.monotonic()
+            if last < 0 or unsent < last:
+                last, since = unsent, now
+            elif now - since > io_timeout_s:
+                raise TimeoutError(f"post-copy: {unsent} bytes unsent for {io_timeout_s:g} s (the link stalls)")
+            await asyncio.sleep(0.0002)
 
     async def _read(self, exchange: Exchange) -> Complete:
         try:

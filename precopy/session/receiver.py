@@ -42,6 +42,7 @@ from precopy.net.channel import Channel, LinkError
 from precopy.policy.admission import Admission
 from precopy.protocol import (
     POSTCOPY_CAP,
+    POSTCOPY_IMMEDIATE_CAP,
     Begin,
     Commit,
     Committed,
@@ -143,6 +144,8 @@ class Receiver:
                                                  self.begin.size)
             self.journal.write(self.rec)
             await self._start_held_guest()
+            if self.held is not None and POSTCOPY_IMMEDIATE_CAP in self.chan.caps:
+                await self.held.ready()  # --postcopy immediate pauses right after READY: the guest first
             self.hub = self.registry.open(self.begin) if self.registry is not None else None
             await self.chan.send(Ready(existing=self.existing, streams=self.hub.streams if self.hub else 1))
             _log.info("migration %s from %s: receiving %s (%d MiB)", self.begin.migration_id,

@@ -68,6 +68,7 @@ from precopy.session.exchange import Exchange
 from precopy.session.guardian import IDLE, Guardian
 from precopy.session.handshake import handshake
 from precopy.session.options import Progress, SourceOptions
+from precopy.session.postcopy_immediate import switch_over_at_once
 from precopy.session.postcopy_source import offered_caps, postcopy_modes, switch_over
 from precopy.session.record import PageRecord
 from precopy.session.report import MigrationReport, RoundReport
@@ -241,6 +242,8 @@ class SourceSession:
         """The phases, in order (each one's work lives in its own object)."""
         opts = self.opts
         mem = self._open()
+        if opts.postcopy == "immediate":  # post-copy before any copy: no tracking, no rounds
+            return await switch_over_at_once(self, mem)
         await self._choose_tracking()
         await self._connect(mem)  # handshake, BEGIN, READY (after any time queued)
         if opts.dry_run:
@@ -253,9 +256,8 @@ class SourceSession:
         self._make_sender_and_scanner()
         self.model.region(mem.npages, self.chunk_pages, self.chunks)
         if opts.mode == "stop-and-copy":
-            # The baseline (Quick Migration, CRIU): pause first, then the
-            # final pass finds every page that differs from the (empty)
-            # destination and sends it while the workload is stopped.
+            # The baseline (Quick Migration, CRIU): pause first, then the final pass finds every
+            # page that differs from the (empty) destination and sends it while the workload is stopped.
             await self._switchover(self.model.expected(mem.npages), None, np.zeros(0, dtype=np.uint32))
             return
         self.rounds = self._make_rounds()
@@ -415,12 +417,11 @@ class SourceSession:
         existing = self.report.dest_region == "existing"
         await self.sender.send_all(rnd, self.scanner.held_already if existing else None)
         if self.tracker is not None:
-            # Mapping a page in reads it: one sent, then punched, then mapped
-            # in is allocated again as zeros, a hole no scan's hole check sees
-            # and no rehash reads (it was not written).  So with a tracker the
-            # full copy maps each run in just before its send, no thread
-            # (PageSender._map_in_and_hash); were one running, it would be
-            # waited for here, before the first scan.
+            # Mapping a page in reads it: one sent, then punched, then mapped in is allocated
+            # again as zeros, a hole no scan's hole check sees and no rehash reads (it was not
+            # written).  So with a tracker the full copy maps each run in just before its send,
+            # no thread (PageSender._map_in_and_hash); were one running, it would be waited for
+            # here, before the first scan.
             await asyncio.get_running_loop().run_in_executor(self._outer_pool, self.mem.prep.wait_map_in)
         rnd.seconds = time.monotonic() - t
         rnd.bandwidth_bps = self.link.bytes_per_second
