@@ -171,6 +171,29 @@ async def test_with_a_tracker_scattered_pages_are_gathered_straight_from_memory(
     assert source.sender.tracker.rearmed == [idx.tolist()]  # type: ignore[attr-defined]
 
 
+async def test_with_a_tracker_the_full_copy_takes_the_holes_arming_found(source: Source) -> None:
+    """The full copy does not walk the file's holes again where the tracker walked them when armed."""
+    tracker = FakeTracker()
+    source.sender.tracker = tracker  # type: ignore[assignment]
+    holes = source.mem.hole_pages()
+    tracker.arm_holes = holes.copy()
+    tracker.arm_holes[:3] = True  # (not a hole of the file: taken for one all the same, so the arming's it is)
+    walks = 0
+    real = source.mem.hole_pages
+
+    def counted(*a: Any, **kw: Any) -> np.ndarray:
+        nonlocal walks
+        walks += 1
+        return real(*a, **kw)
+
+    source.mem.hole_pages = counted  # type: ignore[method-assign]
+    rnd = source.round()
+    await source.sender.send_all(rnd)
+    assert walks == 0 and tracker.arm_holes is None
+    assert rnd.zero_pages == int(holes.sum()) + int((~holes[:3]).sum())
+    assert np.array_equal(source.dest.pages[3:], source.mem.pages[3:]) and not source.dest.pages[:3].any()
+
+
 async def test_compressed_batches_arrive_whole(source: Source) -> None:
     source.sender.compressor = AdaptiveCompressor("lz4")
     idx = np.arange(0, NPAGES, 2, dtype=np.uint32)
@@ -287,6 +310,7 @@ class FakeTracker:
     def __init__(self) -> None:
         self.reports: list[np.ndarray] = []
         self.rearmed: list[list[int]] = []
+        self.arm_holes: np.ndarray | None = None  # what arming found (UffdTracker.take_arm_holes)
 
     def scan(self, sent: np.ndarray | None = None, *, held_zero: np.ndarray | None = None) -> np.ndarray:
         return self.reports.pop(0) if self.reports else np.zeros(0, dtype=np.uint32)
@@ -296,6 +320,10 @@ class FakeTracker:
 
     def rearm(self, sending: np.ndarray) -> None:
         self.rearmed.append(sending.tolist())
+
+    def take_arm_holes(self) -> np.ndarray | None:
+        holes, self.arm_holes = self.arm_holes, None
+        return holes
 
 
 async def test_the_tracked_scanner_has_the_same_interface_and_keeps_the_chunk_table(source: Source) -> None:

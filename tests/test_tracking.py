@@ -81,9 +81,11 @@ def punch(fd: int, page: int) -> None:
 class SelfTracked:
     """This process tracks its own mapping of a region file (same kernel calls as across processes)."""
 
-    def __init__(self, path: Path, npages: int) -> None:
+    def __init__(self, path: Path, npages: int, punched: tuple[int, ...] = ()) -> None:
         path.write_bytes(np.random.default_rng(1).integers(0, 256, npages * PAGE_SIZE, dtype=np.uint8).tobytes())
         self.fd = os.open(path, os.O_RDWR)
+        for page in punched:  # holes before arming
+            punch(self.fd, page)
         self.mm = mmap.mmap(self.fd, npages * PAGE_SIZE, mmap.MAP_SHARED)
         self.pages = np.frombuffer(self.mm, dtype=np.uint8).reshape(npages, PAGE_SIZE)
         self.start = ctypes.addressof(ctypes.c_char.from_buffer(self.mm))
@@ -183,6 +185,21 @@ def test_holes_punched_are_reported_though_the_kernel_does_not(shm: Path) -> Non
         assert t.tracker.scan().size == 0
         t.pages[10, 0] = 1  # writing into the hole is an ordinary write
         assert t.tracker.scan().tolist() == [10]
+    finally:
+        t.close()
+
+
+@needs_uffd
+def test_the_holes_found_when_arming_go_to_the_full_copy_once(shm: Path) -> None:
+    """Arming walks the file's holes once, after write-protecting (a write into one later is
+    reported); the full copy takes that walk instead of its own (UffdTracker.take_arm_holes)."""
+    t = SelfTracked(shm / "r.mem", 64, punched=(3, 40, 41))
+    try:
+        holes = t.tracker.take_arm_holes()
+        assert holes is not None and np.flatnonzero(holes).tolist() == [3, 40, 41]
+        assert t.tracker.take_arm_holes() is None
+        t.pages[40, 0] = 1  # written after arming: reported, though it was a hole then
+        assert t.tracker.scan().tolist() == [40]
     finally:
         t.close()
 

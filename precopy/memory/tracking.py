@@ -234,6 +234,7 @@ class UffdTracker:
         self._registered = False
         self.scanner: PagemapScanner | None = None
         self._holes = np.zeros(mem.npages, dtype=bool)
+        self._arm_holes: np.ndarray | None = None
         self._hole_finder = HoleFinder(mem)
         self._carried: list[np.ndarray] = []  # found by rearm, not being sent: for the next scan
         self._rewritten: list[np.ndarray] = []  # found by rearm: written since the last scan
@@ -271,8 +272,19 @@ class UffdTracker:
         # A first scan proves the kernel tracks the range we will scan (it
         # fails if the fd's address space is not the one of /proc/<pid>).
         self.scanner.scan()
-        self._holes = self._hole_finder.holes()
+        # The file's holes walked once (SEEK_HOLE), for this baseline and for
+        # the full copy (take_arm_holes): mincore here, over a mapping not
+        # mapped in yet, looks up every page in the page cache (~10-25 ms a
+        # GiB), and the full copy walked the holes again.  The walk takes a
+        # swapped-out tmpfs page for data, where mincore says hole: the next
+        # scan then reports it (resent by reading it), never the other way.
+        self._holes = self._arm_holes = self.mem.hole_pages()
         return time.monotonic() - t
+
+    def take_arm_holes(self) -> np.ndarray | None:
+        """The holes found by :meth:`arm` (after arming), once: the full copy's (PageSender.send_all)."""
+        holes, self._arm_holes = self._arm_holes, None
+        return holes
 
     def scan(self, sent: np.ndarray | None = None, *, held_zero: np.ndarray | None = None,
              rearm: bool = True) -> np.ndarray:
@@ -394,11 +406,12 @@ class SourceChunks:
         """Hash now the chunks that pages ``first`` up to ``stop`` cover whole (for the first table).
 
         Call after those pages were re-protected (:meth:`UffdTracker.rearm`)
-        and before the first scan: a write after this call is reported by
-        the tracker, as after the whole-region hash the first scan would
-        otherwise take, so the digest is as good a start -- without a
-        second pass over the region after the full copy (~0.1 CPU-s and
-        ~0.1 s a GiB here), and read where the send reads the same bytes.
+        and before the first scan: a write after the re-protection is
+        reported by the tracker, as after the whole-region hash the first
+        scan would otherwise take, so the digest is as good a start --
+        without a second pass over the region after the full copy (~0.1
+        CPU-s and ~0.1 s a GiB here).  The full copy calls it right after
+        each run's send, from the CPU cache the send's copy filled.
         """
         cp = self.chunk_pages
         lo = -(-first // cp)

@@ -159,16 +159,23 @@ def _with_next(items: Iterator[Any]) -> Iterator[tuple[Any, Any]]:
 
 
 class _Ahead:
-    """The full copy with a tracker: each run mapped in and its chunks hashed, one batch ahead.
+    """The full copy with a tracker: each run mapped in one batch ahead, its chunks hashed once sent.
 
-    In a thread of the chunk table's pool (``madvise`` and xxh3 release the
-    GIL), while the batch before it is sent: the first scan's chunk table
-    (SourceChunks.hash_early) then costs the full copy next to no time.
-    Each run is re-protected before it is mapped in and hashed, and sent
-    after: a page is read by this agent only after its re-protection (a
-    map-in thread running on its own, behind the sends, would allocate a
-    hole punched after a page's send again, unseen by the scans' hole
-    checks), and a write after the hash is reported.
+    The map-in (``madvise``, GIL released) runs in a thread of the chunk
+    table's pool while the batch before it is sent.  The first scan's chunk
+    table (SourceChunks.hash_early) is hashed right after the run's send,
+    in the sending thread (:meth:`hashed_after_send`): the kernel's copy
+    into the socket has just read those bytes into this CPU's cache, so the
+    hash reads them from there -- hashed in the thread ahead of the send,
+    they were read from memory twice, once on each CPU (a 1 GiB loopback
+    copy: the sender's CPU 0.31 s with the hash after each 4 MiB send
+    against 0.42 s with it a batch ahead in a thread; the send alone 0.27 s;
+    benchmarks/RESULTS.md, issue 21).  Each run is re-protected before it
+    is mapped in, sent and hashed: a page is read by this agent only after
+    its re-protection (a map-in thread running on its own, behind the
+    sends, would allocate a hole punched after a page's send again, unseen
+    by the scans' hole checks), and a write after it -- before the hash or
+    after -- is reported.
     """
 
     def __init__(self, mem: GuestMemory, chunks: SourceChunks) -> None:
@@ -176,21 +183,22 @@ class _Ahead:
         self._first = -1
         self._job: asyncio.Future[None] | None = None
 
-    def _work(self, lo: int, hi: int) -> None:
-        self.mem.prep.map_in_now(lo, hi)
-        self.chunks.hash_early(lo, hi)
-
     def armed(self, idx: np.ndarray) -> bool:
         """Whether ``idx`` was re-protected when it was started ahead."""
         return self._job is not None and int(idx[0]) == self._first
 
+    def hashed_after_send(self, idx: np.ndarray, run: bool) -> None:
+        """Hash the chunks a run just sent covers whole (re-protected before its send)."""
+        if run:
+            self.chunks.hash_early(int(idx[0]), int(idx[-1]) + 1)
+
     def start(self, idx: np.ndarray, run: bool) -> None:
-        """Map in and hash ``idx`` (re-protected) in the thread; nothing for scattered pages."""
+        """Map ``idx`` (re-protected) in, in the thread; nothing for scattered pages."""
         self._first = int(idx[0])
         self._job = None
         if run:
             self._job = asyncio.get_running_loop().run_in_executor(
-                self.chunks.executor, self._work, int(idx[0]), int(idx[-1]) + 1)
+                self.chunks.executor, self.mem.prep.map_in_now, int(idx[0]), int(idx[-1]) + 1)
         else:
             self._job = asyncio.get_running_loop().create_future()
             self._job.set_result(None)
@@ -202,7 +210,7 @@ class _Ahead:
             self._job = None
 
     async def ready(self, idx: np.ndarray, run: bool) -> None:
-        """Wait until ``idx`` (re-protected) is mapped in and hashed, starting it if it was not."""
+        """Wait until ``idx`` (re-protected) is mapped in, starting it if it was not."""
         if not self.armed(idx):
             self.start(idx, run)
         assert self._job is not None
@@ -273,8 +281,8 @@ class PageSender:
         """
         rearm = self.tracker.rearm if live and self.tracker is not None else None
         # The full copy with a tracker (no chunk table yet): each run is
-        # mapped in and its chunks hashed after its re-protection, before
-        # its send, in a thread one batch ahead (_Ahead).
+        # mapped in after its re-protection, in a thread one batch ahead,
+        # and its chunks hashed right after its send (_Ahead).
         ahead = (_Ahead(self.mem, self.chunks) if rearm is not None and self.chunks is not None
                  and self.chunks.table is None else None)
         meter = _LinkMeter(self.exchange, self.report, self.link)
@@ -305,11 +313,13 @@ class PageSender:
                     _rearm(rearm, idx)
                 if ahead is not None:
                     await ahead.ready(idx, run)
-                    if following is not None:  # re-protected here, mapped in and hashed while this one goes
+                    if following is not None:  # re-protected here, mapped in while this one goes
                         _rearm(rearm, following[0])
                         ahead.start(*following)
                 meter.rearm_s += time.monotonic() - t_batch  # (work a paused send would not do)
             n, data_pages, zero_pages = await self._send_batch(idx, run, tried)
+            if ahead is not None:
+                ahead.hashed_after_send(idx, run)
             now = time.monotonic()
             self.compressor.record(tried, data_pages * PAGE_SIZE, now - t_batch)
             done += len(idx)
@@ -452,7 +462,10 @@ class PageSender:
         per-page mask of what the destination holds already (None: stale),
         which is then not sent (see DigestScanner.held_already).
         """
-        holes = self.mem.hole_pages()
+        # Found once, after arming, by the tracker when there is one (UffdTracker.take_arm_holes).
+        holes = self.tracker.take_arm_holes() if self.tracker is not None else None
+        if holes is None:
+            holes = self.mem.hole_pages()
         # Map the region's pages into our page tables ahead of the sends, in
         # a thread (MADV_POPULATE_READ, never the holes: that would allocate
         # them): a fault for every few pages, on the zero-page check's first
