@@ -325,7 +325,10 @@ def test_without_minor_faults_the_missing_pages_are_punched(region: Path, monkey
     try:
         pc = object.__new__(postcopy_dest.PostcopyDest)
         quiesced: list[int] = []
-        pc.region_fd, pc.missing, pc._punch_ms = fd, np.array([3, 4], dtype=np.uint32), 0.0
+        pc.region_fd, pc._punch_ms = fd, 0.0
+        pc.missing_mask = np.zeros(NPAGES, dtype=bool)
+        pc.missing_mask[[3, 4]] = True
+        pc.n_missing = 2
         pc._quiesce = lambda: quiesced.append(1)
         pc.begin = SimpleNamespace(migration_id="t")  # type: ignore[assignment]
         assert pc._register(guest.uffd, guest.start, NPAGES * PAGE_SIZE) is False
@@ -367,6 +370,21 @@ def test_minor_faults_are_told_apart_remote_or_in_flight(region: Path) -> None:
         stats = placer.stats()
         assert stats["remote_faults"] == 1 and "remote_p50_us" in stats and "inflight_p99_us" in stats
         assert stats["faults"] == 3 and placer.left == 0
+    finally:
+        guest.close()
+        os.close(fd)
+
+
+def test_waiting_and_awaited_frames(region: Path) -> None:
+    guest, placer, fd = setup_minor(region, [1, 2, 6])
+    try:
+        assert not placer.waiting() and not placer.awaited(np.array([1, 2]), np.zeros(0))
+        guest.ask("r", 6)
+        assert wait_faults(placer, guest) == [6]
+        assert placer.waiting() and not placer.awaited(np.array([1, 2]), np.zeros(0))
+        assert placer.awaited(np.zeros(0, dtype=np.uint32), np.array([6], dtype=np.uint32))
+        placer.place(np.zeros(0, dtype=np.uint32), None, np.array([6], dtype=np.uint32))
+        assert guest.answer() == b"\x00" and not placer.waiting()
     finally:
         guest.close()
         os.close(fd)

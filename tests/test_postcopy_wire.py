@@ -26,7 +26,7 @@ from precopy.protocol import (
     Switchover,
 )
 from precopy.protocol.codec import decode_event, encode_event
-from precopy.protocol.postcopy_codec import bitmap_of, decode_resume, pages_of_bitmap
+from precopy.protocol.postcopy_codec import bitmap_of, bitmap_of_mask, decode_resume, pages_of_bitmap
 
 from .helpers import BEGIN, Pair, frame, page_bytes, raw_pages
 
@@ -202,3 +202,7 @@ def test_bitmap_helpers() -> None:
     bits = bitmap_of(pages, 64)
     assert len(bits) == 8 and bits[0] == 0x81 and bits[1] == 0x01 and bits[7] == 0x80
     assert pages_of_bitmap(bits, 64).tolist() == pages.tolist()
+    for n in (64, 61, 1):  # a mask gives the same bitmap, for any region size
+        mask = np.zeros(n, dtype=bool)
+        mask[pages[pages < n]] = True
+        assert bitmap_of_mask(mask) == bitmap_of(pages[pages < n], n)

@@ -306,10 +306,11 @@ class UffdTracker:
             written = page_union(self.mem.npages, written, *self._carried)
             self._carried.clear()
         holes = self._hole_finder.holes()
-        gone = holes & ~self._holes
+        at = np.flatnonzero(holes)  # looked at only where holes are (few, usually: a pass, not four)
+        gone = ~self._holes[at]
         if sent is not None:
-            gone |= holes & maybe_data_held(sent, held_zero)
-        punched = np.flatnonzero(gone).astype(np.uint32)
+            gone |= maybe_data_held(sent, held_zero, at)
+        punched = at[gone].astype(np.uint32)
         self._holes = holes
         if punched.size:
             _log.info("%d pages became holes of %s since the last scan: resending them as zeros",

@@ -17,7 +17,7 @@ from precopy.protocol.codec import _decode_begin, _id_field, _int_field, _timing
 from precopy.protocol.limits import MAX_META, MAX_REGION, MAX_REQUEST_PAGES, PAGE_SIZE
 from precopy.protocol.messages import Begin, Complete, Event, Kind, Missing, Postcopy, Request, Resume
 
-__all__ = ["decode_request", "decode_missing", "missing_bytes", "bitmap_of", "pages_of_bitmap", "DECODERS",
+__all__ = ["decode_request", "decode_missing", "missing_bytes", "bitmap_of", "bitmap_of_mask", "mask_of_bitmap", "pages_of_bitmap", "DECODERS",
            "decode_postcopy", "decode_complete", "decode_resume", "POSTCOPY_KINDS", "decode_postcopy_frame",
            "check_missing_send"]
 
@@ -80,6 +80,17 @@ def bitmap_of(pages: np.ndarray, npages: int) -> bytes:
     bits = np.zeros(npages, dtype=bool)
     bits[np.asarray(pages, dtype=np.int64)] = True
     return np.packbits(bits, bitorder="little").tobytes()
+
+
+def bitmap_of_mask(mask: np.ndarray) -> bytes:
+    """The MISSING bitmap of a per-page mask (True: missing)."""
+    return np.packbits(np.asarray(mask, dtype=bool), bitorder="little").tobytes()
+
+
+def mask_of_bitmap(bitmap: bytes | bytearray | memoryview, npages: int) -> np.ndarray:
+    """The per-page mask (bool, True: missing) of a MISSING bitmap."""
+    bits = np.unpackbits(np.frombuffer(bitmap, dtype=np.uint8), count=npages, bitorder="little")
+    return bits.view(bool)
 
 
 def pages_of_bitmap(bitmap: bytes | bytearray | memoryview, npages: int) -> np.ndarray:

@@ -51,8 +51,9 @@ from precopy.memory.uffd_missing import (FAULT_MSG_SIZE, punch_pages, read_fault
                                          register_postcopy, unregister_missing)
 from precopy.net.channel import Channel, LinkError, PeerAborted
 from precopy.protocol import MAX_BATCH_PAGES, PAGE_SIZE, Committed, Complete, Missing, Pages, Ready, Request, page_payload
-from precopy.protocol.postcopy_codec import bitmap_of, pages_of_bitmap
+from precopy.protocol.postcopy_codec import bitmap_of, mask_of_bitmap
 from precopy.session.postcopy_guest import HeldGuest, control_path, take_guest
+from precopy.session.postcopy_backlog import PushBacklog
 from precopy.session.postcopy_pages import PagePlacer
 from precopy.session.postcopy_state import need_path, persist_need
 from precopy.protocol import POSTCOPY_CAP, POSTCOPY_IMMEDIATE_CAP, Begin, Resume
@@ -156,7 +157,8 @@ class PostcopyDest:
         self._quiesce = quiesce  # stops what touches the region through the agent's mapping
         self.held = held  # the guest started when the migration began (--postcopy-guest-early)
         self.begin = recv.begin
-        self.missing = pages_of_bitmap(bitmap, self.begin.npages)
+        self.missing_mask = mask_of_bitmap(bitmap, self.begin.npages)  # a mask: no index list in the downtime
+        self.n_missing = int(np.count_nonzero(self.missing_mask))
         self.placer: PagePlacer | None = None
         self.region_fd = -1
         self._guest: GuestControl | None = None
@@ -172,6 +174,7 @@ class PostcopyDest:
         self._punch_ms = 0.0
         self._mapper: asyncio.Task[None] | None = None  # MINOR: maps the held pages in the background
         self._fault_buf = bytearray(FAULT_MSG_SIZE * 64)
+        self.backlog = PushBacklog()  # pushes held back while the guest waits on a page not here
         self._faults_failed = False
         self._seen_empty = 0.0  # when the guest's userfaultfd was last read empty (faults came after)
 
@@ -215,7 +218,8 @@ class PostcopyDest:
         minor = self._register(offer.fd, offer.start, offer.length)
         self._range = (offer.start, offer.length)
         os.set_blocking(offer.fd, False)
-        self.placer = PagePlacer(offer.fd, offer.start, self.begin.npages, self.missing, self.region_fd, minor=minor)
+        self.placer = PagePlacer(offer.fd, offer.start, self.begin.npages, self.missing_mask, self.region_fd,
+                                 minor=minor)
 
     def _register(self, uffd: int, start: int, length: int) -> bool:
         """Register the guest's range: MINOR (nothing punched) where the kernel and the file system
@@ -223,20 +227,20 @@ class PostcopyDest:
         try:
             register_postcopy(uffd, start, length, minor=True)
             _log.info("migration %s: post-copy with %d pages missing (MINOR faults: nothing punched)",
-                      self.begin.migration_id, len(self.missing))
+                      self.begin.migration_id, self.n_missing)
             return True
         except TrackingUnavailable as exc:
             _log.info("post-copy: no MINOR faults on this region (%s): punching the missing pages out", exc)
         self._quiet()
         t0 = time.monotonic()
         try:
-            runs = punch_pages(self.region_fd, self.missing)
+            runs = punch_pages(self.region_fd, np.flatnonzero(self.missing_mask).astype(np.uint32))
         except OSError as exc:
             raise PrecopyError(f"post-copy: {exc} (it needs a tmpfs, memfd or hugetlbfs region)",
                                AbortCode.REGION) from exc
         self._punch_ms = (time.monotonic() - t0) * 1e3
         _log.info("migration %s: post-copy with %d pages missing (%d runs punched in %.1f ms)",
-                  self.begin.migration_id, len(self.missing), runs, self._punch_ms)
+                  self.begin.migration_id, self.n_missing, runs, self._punch_ms)
         try:
             register_missing(uffd, start, length)
         except TrackingUnavailable as exc:
@@ -336,7 +340,7 @@ class PostcopyDest:
             if self._resumer is not None:
                 await self._resumer
             self._finish()
-            await chan.send(Complete(migration_id=mid, pages=len(self.missing), stats=self.placer.stats()))
+            await chan.send(Complete(migration_id=mid, pages=self.n_missing, stats=self.placer.stats()))
         finally:
             loop.remove_reader(self._uffd)
             LIVE.pop(mid, None)
@@ -357,6 +361,9 @@ class PostcopyDest:
                 self._on_fault()
                 if not self._out.empty():
                     await asyncio.sleep(0)  # _send_requests sends it
+                if len(self.backlog) and not self.placer.waiting():
+                    self._place_held(self.backlog.oldest())  # a frame at a time, faults looked at between
+                    continue
                 ev = await anext(events, None)
                 if ev is None:
                     raise LinkError(f"{chan.peer} closed the connection during post-copy")
@@ -365,7 +372,10 @@ class PostcopyDest:
                 if ev.checksum is None and ev.chunk_digests is None:
                     raise RemoteProtocolError("post-copy PAGES without a checksum: nothing would check them")
                 data = page_payload(ev, chunk_pages=self.begin.chunk_pages) if len(ev.indices) else None
-                self.placer.place(ev.indices, data, ev.zeros)
+                if self.placer.waiting() and not self.backlog.full() and not self.placer.awaited(ev.indices, ev.zeros):
+                    self.backlog.hold(ev.indices, data, ev.zeros)  # the awaited page first
+                else:
+                    self.placer.place(ev.indices, data, ev.zeros)
             if sender.done():
                 sender.result()
         finally:
@@ -396,7 +406,15 @@ class PostcopyDest:
                 break
             ask += self.placer.faulted(addrs, now, self._seen_empty)
         if ask:
+            for frame in self.backlog.holding(ask):  # here already, held back: placed now
+                self._place_held(frame)
             self._out.put_nowait(np.array(sorted(ask), dtype=np.uint32))
+
+    def _place_held(self, frame: tuple[np.ndarray, bytes | None, np.ndarray] | None) -> None:
+        assert self.placer is not None
+        if frame is not None:
+            indices, data, zeros = frame
+            self.placer.place(indices, None if data is None else memoryview(data), zeros)
 
     async def _send_requests(self, chan: Channel) -> None:
         """REQUEST frames for the pages faulted on (coalesced: what is queued goes in one frame)."""

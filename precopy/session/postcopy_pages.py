@@ -57,7 +57,8 @@ class PagePlacer:
 
     ``uffd``: the guest's userfaultfd (registered in MISSING mode over
     ``start``..``start + npages`` pages); ``missing``: the pages the
-    destination does not hold (punched out of ``region_fd``'s file).
+    destination does not hold (punched out of ``region_fd``'s file), as
+    indices or as a per-page mask.
     """
 
     def __init__(self, uffd: int, start: int, npages: int, missing: np.ndarray, region_fd: int, *,
@@ -68,8 +69,11 @@ class PagePlacer:
         self.start = start
         self.npages = npages
         self.region_fd = region_fd
-        self.need = np.zeros(npages, dtype=bool)
-        self.need[missing] = True
+        if missing.dtype == bool and len(missing) == npages:  # a per-page mask
+            self.need = missing.copy()
+        else:
+            self.need = np.zeros(npages, dtype=bool)
+            self.need[missing] = True
         self.left = int(self.need.sum())
         self.requested = np.zeros(npages, dtype=bool)
         self._fault_t: dict[int, float] = {}
@@ -166,6 +170,15 @@ class PagePlacer:
         count too -- rare, and then those pages were not sent before their faults either)."""
         pages = np.concatenate((np.asarray(indices), np.asarray(zeros))).astype(np.int64)
         return bool(pages.size) and bool(self.requested[pages].all() and self.need[pages].all())
+
+    def waiting(self) -> bool:
+        """Whether the guest waits on a page faulted on and not placed yet."""
+        return bool(self._fault_t)
+
+    def awaited(self, indices: np.ndarray, zeros: np.ndarray) -> bool:
+        """Whether a frame holds a page the guest waits on."""
+        pages = np.concatenate((np.asarray(indices), np.asarray(zeros))).astype(np.int64)
+        return bool(pages.size) and bool((self.requested[pages] & self.need[pages]).any())
 
     def _wanted(self, pages: np.ndarray) -> np.ndarray:
         """The offsets into ``pages`` of those still missing; the others count as duplicates."""

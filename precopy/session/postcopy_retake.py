@@ -130,7 +130,7 @@ async def _retake(rec: MigrationRecord, opts: DestOptions, journal: Journal) -> 
         uffd, start = await _take(ctl, rec.memory, rec.size, minor)
         pc._uffd, pc._range = uffd, (start, rec.size)
         os.set_blocking(uffd, False)
-        pc.placer = PagePlacer(uffd, start, begin.npages, pc.missing, pc.region_fd, minor=minor)
+        pc.placer = PagePlacer(uffd, start, begin.npages, pc.missing_mask, pc.region_fd, minor=minor)
         pc.placer.need = need  # mapped from the file: the mask goes on being kept
         # Its resume may wait until a fault is served (the stream must be up): as long as the source may take.
         pc._guest = GuestControl(ctl, timeout_s=opts.postcopy_resume_timeout_s)

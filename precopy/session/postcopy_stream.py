@@ -33,8 +33,10 @@ from precopy.session.handshake import handshake
 __all__ = ["PageStream", "StreamStats", "resume_stream", "finish_stream", "PUSH_PAGES", "MAX_UNSENT"]
 
 _log = logging.getLogger(__name__)
-#: Pages in a pushed batch: small, so that a requested page waits behind little.
-PUSH_PAGES = 128
+#: Pages in a pushed batch: small, so that a requested page waits behind little, and a fault on
+#: a page in flight (a sweep chasing the push) waits for the rest of a 128 KiB frame, not 512 KiB
+#: (in-flight fault p50 ~1.5 -> ~0.4 ms; the push no slower: benchmarks/RESULTS.md, pc22l).
+PUSH_PAGES = 32
 #: Bytes the socket may hold unsent before the next push waits: what a
 #: requested page queues behind (1 MiB: ~0.5 ms at loopback speed).
 MAX_UNSENT = 1024 * 1024
@@ -87,6 +89,9 @@ class PageStream:
                 if batch is None:
                     break
                 await self._send(exchange, batch)
+                # A turn for the reader: a socket with room never makes the send wait, and a
+                # REQUEST would be read only once it filled (the destination drains it fast).
+                await asyncio.sleep(0)
                 if reader.done():
                     break
                 await self._paced(exchange, reader, io_timeout_s)
