@@ -49,6 +49,26 @@ def test_agent_death_while_armed_resumes(sleeper: Any) -> None:
     wait_for(lambda: proc_state(sleeper.pid) != "T", what="the guardian's SIGCONT")
 
 
+def test_the_first_stage_loads_the_guardian_only_when_the_pipe_ends_without_done(sleeper: Any) -> None:
+    """precopy.session.guardian_boot: on 'done' it exits at once, the guardian never loaded (a path
+    that does not exist is never read); a pipe that ends otherwise is the guardian's to settle."""
+    import json
+
+    import precopy.session.guardian as guardian
+
+    boot = Path(guardian.__file__).with_name("guardian_boot.py")
+    lines = json.dumps(spec(sleeper.pid)) + "\narmed\n"
+    done = subprocess.run([sys.executable, "-S", str(boot), "/nonexistent/precopy/session/guardian.py"],
+                          input=(lines + "done\n").encode(), capture_output=True, timeout=60)
+    assert done.returncode == 0 and not done.stderr
+    os.kill(sleeper.pid, signal.SIGSTOP)
+    wait_for(lambda: proc_state(sleeper.pid) == "T", what="SIGSTOP")
+    died = subprocess.run([sys.executable, "-S", str(boot), str(Path(guardian.__file__).resolve())],
+                          input=lines.encode(), capture_output=True, timeout=60)
+    assert died.returncode == 0, died.stderr
+    wait_for(lambda: proc_state(sleeper.pid) != "T", what="the guardian's SIGCONT")
+
+
 def test_agent_death_after_commit_without_an_answer_leaves_it_paused(sleeper: Any, tmp_path: Path) -> None:
     g = Guardian(spec(sleeper.pid, port=9))  # nobody answers there
     g.declare(ARMED)

@@ -69,7 +69,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 # Only the standard library at import time: the guardian starts with every
 # migration, next to the copy, and should cost next to nothing.  The outcome
@@ -97,10 +97,13 @@ class Guardian:
     """
 
     def __init__(self, spec: dict[str, Any]) -> None:
+        here = Path(__file__).resolve()
         self.proc = subprocess.Popen(
             # Run as a script, not "-m precopy.session.guardian": importing the
-            # package would load the whole engine (numpy, ...) for nothing.
-            [sys.executable, str(Path(__file__).resolve())], stdin=subprocess.PIPE,
+            # package would load the whole engine (numpy, ...) for nothing; and
+            # its first stage, which loads this module only if it must act
+            # (precopy.session.guardian_boot), without site (-S).
+            [sys.executable, "-S", str(here.with_name("guardian_boot.py")), str(here)], stdin=subprocess.PIPE,
             start_new_session=True, close_fds=True,
         )
         assert self.proc.stdin is not None
@@ -523,20 +526,28 @@ def _on_agent_death(state: str, spec: dict[str, Any]) -> int:
 
 
 def main() -> int:
+    """Run as a script: read the agent's pipe to its end, then :func:`settle`."""
+    return settle(sys.stdin.buffer)
+
+
+def settle(lines: Iterable[bytes]) -> int:
+    """The guardian's work on the agent's pipe: ``lines``, the specification first, to the pipe's
+    end (or the first ``done``).  precopy.session.guardian_boot hands over the lines it read."""
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s precopy-guardian[%(process)d] %(levelname)s %(message)s")
     # Only the pipe's end may end the guardian: not a Ctrl-C or a hang-up
     # meant for the agent.
     for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
-    first = sys.stdin.buffer.readline()
+    it = iter(lines)
+    first = next(it, b"")
     try:
         spec = json.loads(first)
     except ValueError:
         _log.error("bad specification from the agent: %r", first[:200])
         return 2
     state = IDLE
-    for raw in sys.stdin.buffer:
+    for raw in it:
         line = raw.decode(errors="replace").strip()
         if line == DONE:
             return 0
