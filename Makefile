@@ -17,11 +17,16 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m precopy_agents.demo
 
+# Two workers (pytest-xdist), each running whole test files (--dist loadfile: a file's module
+# fixtures and its order stay as written); TEST_JOBS=0 runs in one process, as before.
+TEST_JOBS ?= 2
+TEST_ARGS = -q -p no:cacheprovider $(if $(filter 0,$(TEST_JOBS)),,-n $(TEST_JOBS) --dist loadfile)
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest $(TEST_ARGS)
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow"
+	$(BIN)/python -m pytest $(TEST_ARGS) -m "not slow"
 
 # CRIU >= 4.2 for precopy-source --criu (root): the system's if new enough, else Debian's package
 # unpacked into a private root, /var/lib/precopy/criu (python -m precopy.lab.criu_root --help).

@@ -37,6 +37,24 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
             terminalreporter.write_line(line)
 
 
+#: Under pytest-xdist (``make test``: two workers, a file at a time) the files that take longest run
+#: first, so that the last file to start is a short one and both workers end near the same time
+#: (each file's tests keep their order).  Longest first, from ``pytest --durations=0`` on 2 cores.
+LONG_FILES_FIRST = (
+    "test_throttle_integration.py", "test_integration.py", "test_faults.py", "test_postcopy_matrix.py",
+    "test_cluster.py", "test_source_daemon.py", "test_soak.py", "test_wire_faults.py", "test_fault_signals.py",
+    "test_drain.py", "test_fuzz_session.py", "test_postcopy_faults.py", "test_streams.py", "test_readme.py",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not hasattr(config, "workerinput"):  # not an xdist worker: the order as collected
+        return
+    rank = {name: i for i, name in enumerate(LONG_FILES_FIRST)}
+    order = {id(item): n for n, item in enumerate(items)}
+    items.sort(key=lambda item: (rank.get(item.path.name, len(rank)), order[id(item)]))
+
+
 def wait_for(pred, timeout: float = 10.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while not pred():

@@ -42,7 +42,7 @@ def test_a_migration_over_three_links_one_stream_each(procs: Procs, work: Path, 
     key = work / "key"
     key.write_text("c3RyZWFtcy1vdmVyLXRocmVlLWxpbmtzLXRlc3Qta2V5IQ==\n")
     key.chmod(0o600)
-    with MultiLink(f"streamst{os.getpid() % 100}", LINKS, "1gbit") as lab:
+    with MultiLink(f"st{os.getpid()}", LINKS, "1gbit") as lab:
         g = procs.start(*guest("dirty", "--memory", str(region), "--rate", "500"))
         ready, log = work / "dest.addr", work / "dest.log"
         dest = subprocess.Popen(
