@@ -100,9 +100,12 @@ async def switch_over_at_once(session: _Immediate, mem: GuestMemory) -> None:
         await session.sender.send_holes(np.flatnonzero(holes).astype(np.uint32), scratch)
     n_holes = int(holes.sum())
     at_pause = [0]
+    every = immediate_missing(holes) if not n_holes else None  # no holes: known before the pause
 
     async def find_missing() -> np.ndarray:
-        still = mem.holes_still(holes) if n_holes else holes  # (inline: a thread hop costs more)
+        if every is not None:
+            return every
+        still = mem.holes_still(holes)  # (inline: a thread hop costs more)
         at_pause[0] = int(still.sum())
         return immediate_missing(still)
 
