@@ -33,6 +33,7 @@ import argparse
 import asyncio
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -90,6 +91,7 @@ class Run:
 
     def migrate(self, *extra: str) -> dict[str, Any]:
         report = self.work / "report.json"
+        dest_cpu, src_cpu = _cpu_s(self.dest.pid), resource.getrusage(resource.RUSAGE_CHILDREN)
         r = subprocess.run([PY, "-m", "precopy_agents.source_main", "--to", self.addr, "--memory", str(self.src),
                             "--guest-control", str(self.ctl), "--report", str(report), "--progress", "off",
                             "--log-level", "warning", *extra], env=_env(), cwd=ROOT, capture_output=True,
@@ -97,6 +99,9 @@ class Run:
         if r.returncode != 0:
             raise RuntimeError(f"precopy-source exited {r.returncode}: {r.stderr.decode()[-2000:]}")
         rep: dict[str, Any] = json.loads(report.read_text())
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)  # (the source agent: the one child reaped)
+        rep["cpu_s"] = {"source": after.ru_utime + after.ru_stime - src_cpu.ru_utime - src_cpu.ru_stime,
+                        "dest": _cpu_s(self.dest.pid) - dest_cpu}
         return rep
 
     def close(self) -> None:
@@ -105,6 +110,12 @@ class Run:
                 p.kill()
                 p.wait()
         shutil.rmtree(self.work, ignore_errors=True)
+
+
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a live process has used."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def check_sweep(src: Path, dest: Path) -> dict[str, Any]:
@@ -139,7 +150,8 @@ WRITERS = {"sweep": ["--pattern", "sweep"], "random": ["--rate", "20000", "--hot
 def one(work: Path, size_mib: int, mode: str, writer: str = "sweep", early: bool = True) -> dict[str, Any]:
     idle = Run(work / "idle", size_mib, ["--rate", "0"], None)
     try:
-        t_idle = idle.migrate()["total_time_s"]
+        idle_rep = idle.migrate()
+        t_idle, idle_cpu = idle_rep["total_time_s"], idle_rep["cpu_s"]
     finally:
         idle.close()
     ctlfile, pidfile = work / "sweep-ctl", work / "sweep-pid"
@@ -170,7 +182,7 @@ def one(work: Path, size_mib: int, mode: str, writer: str = "sweep", early: bool
             "remote_faults": pc.get("remote_faults"), "remote_p50_us": pc.get("remote_p50_us"),
             "remote_p99_us": pc.get("remote_p99_us"), "inflight_p50_us": pc.get("inflight_p50_us"),
             "inflight_p99_us": pc.get("inflight_p99_us"), "load": os.getloadavg()[0],
-            "phases_ms": rep["phases_ms"], **check}
+            "phases_ms": rep["phases_ms"], "cpu_s": rep["cpu_s"], "idle_cpu_s": idle_cpu, **check}
 
 
 def _us(r: dict[str, Any], kind: str) -> str:
