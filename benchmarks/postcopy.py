@@ -1,13 +1,14 @@
 """Post-copy (issue 22): a full-speed sweep that pre-copy cannot converge, moved by post-copy.
 
-    python -m benchmarks.postcopy [--size-mib 1024] [--runs 3] [--postcopy auto] [--guest-start early]
+    python -m benchmarks.postcopy [--size-mib 1024] [--runs 3] [--postcopy auto|now|immediate] [--guest-start early]
 
 Per run, interleaved, each on a fresh destination daemon over loopback:
 
 * ``idle``: the same region with an idle guest, plain pre-copy: the yardstick
   for "time until the last page";
 * ``sweep``: a full-speed sweep guest (every page's first byte, round and
-  round: never converges), ``--postcopy auto``; the destination's
+  round: never converges), ``--postcopy auto`` (or ``now``; or ``immediate``: switched over
+  right after the handshake, the post-copy push being the whole copy); the destination's
   ``--on-resume`` hook starts the same sweep guest with ``--postcopy`` --
   when the migration begins, held (``--guest-start early``, the default:
   ``precopy-dest --postcopy-guest-early``), or at the switchover

@@ -78,3 +78,35 @@ def test_only_a_request_for_a_page_not_sent_yet_makes_the_push_small() -> None:
     assert s._urgent()
     with pytest.raises(RemoteProtocolError, match="REQUEST for page"):
         asyncio.run(s._read(_Requests([Request(indices=np.array([len(need)], dtype=np.uint32))])))  # type: ignore[arg-type]
+
+
+class _Stuck:
+    """An exchange whose socket never drains (a stalled link): ``unsent`` bytes, for ever."""
+
+    def __init__(self, unsent: list[int]) -> None:
+        self.unsent = unsent
+
+    def unsent_bytes(self) -> int:
+        return self.unsent.pop(0) if len(self.unsent) > 1 else self.unsent[0]
+
+
+def test_the_pacing_wait_gives_up_on_a_link_that_does_not_drain() -> None:
+    """More than MAX_UNSENT queued and nothing leaving: TimeoutError after the io timeout (the caller
+    takes the stream up again), not a wait for ever; a socket that drains ends the wait."""
+    import asyncio
+
+    import pytest
+
+    from precopy.session.postcopy_stream import MAX_UNSENT
+
+    async def paced(unsent: list[int], timeout_s: float) -> None:
+        s = stream(np.ones(8, dtype=bool))
+        reader = asyncio.ensure_future(asyncio.sleep(3600))
+        try:
+            await s._paced(_Stuck(unsent), reader, timeout_s)  # type: ignore[arg-type]
+        finally:
+            reader.cancel()
+
+    with pytest.raises(TimeoutError, match="unsent"):
+        asyncio.run(paced([4 * MAX_UNSENT], 0.05))
+    asyncio.run(paced([4 * MAX_UNSENT, 3 * MAX_UNSENT, 2 * MAX_UNSENT, MAX_UNSENT], 0.05))  # drains: returns
