@@ -98,6 +98,7 @@ async def switch_over_at_once(session: _Immediate, mem: GuestMemory) -> None:
         scratch = RoundReport(round=0, kind="holes", pages_scanned=mem.npages, pages_dirty=0, pages_sent=0,
                               zero_pages=0, bytes_on_wire=0, seconds=0.0)
         await session.sender.send_holes(np.flatnonzero(holes).astype(np.uint32), scratch)
+    mem.prep.start_map_in(~holes)  # the push reads every page: mapped in ahead, in a thread (never the holes)
     n_holes = int(holes.sum())
     at_pause = [0]
     every = immediate_missing(holes) if not n_holes else None  # no holes: known before the pause
