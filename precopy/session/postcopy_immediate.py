@@ -7,9 +7,11 @@ right after READY:
 
 1. the holes of the source's file are found while the workload runs
    (:meth:`~precopy.memory.region.GuestMemory.hole_pages`, never reading
-   them); into a region the destination held already (READY ``existing``)
-   they go at once as zero pages (no payload), as pre-copy's full copy
-   sends them;
+   them), before connecting, and the other pages are mapped in, in a thread
+   (``MADV_POPULATE_READ``: the push then takes no page fault per page),
+   while the destination gets ready; into a region the destination held
+   already (READY ``existing``) the holes go at once as zero pages (no
+   payload), as pre-copy's full copy sends them;
 2. the workload is paused (:class:`~precopy.session.postcopy_source.PostcopySource`);
    the holes are looked at again (:meth:`~precopy.memory.region.GuestMemory.holes_still`:
    one ``SEEK_DATA`` per run of holes, none for a region without) -- no
@@ -74,6 +76,10 @@ async def switch_over_at_once(session: _Immediate, mem: GuestMemory) -> None:
     """
     report = session.report
     report.tracking, report.tracking_reason = IMMEDIATE_TRACKING, "--postcopy immediate: nothing is copied live"
+    loop = asyncio.get_running_loop()
+    holes = await loop.run_in_executor(session._outer_pool, mem.hole_pages)
+    if not session.opts.dry_run:  # the push reads every page: mapped in while the destination gets ready
+        mem.prep.start_map_in(~holes)  # (in a thread; never the holes: that would allocate them)
     await session._connect(mem)
     if session.opts.dry_run:
         _log.info("preflight of %s (%d MiB) -> %s: the destination accepts it", session.opts.memory,
@@ -91,14 +97,11 @@ async def switch_over_at_once(session: _Immediate, mem: GuestMemory) -> None:
                      "older precopy-dest, or no --postcopy-guest-early): the guest's start falls in the pause")
     session._make_sender_and_scanner()  # (the switchover's parts; nothing is scanned)
     session.model.region(mem.npages, session.chunk_pages, None)
-    loop = asyncio.get_running_loop()
-    holes = await loop.run_in_executor(session._outer_pool, mem.hole_pages)
     if session.report.dest_region == "existing":
         # Stale bytes there: the holes become zeros now, before the pause (no payload, nothing read).
         scratch = RoundReport(round=0, kind="holes", pages_scanned=mem.npages, pages_dirty=0, pages_sent=0,
                               zero_pages=0, bytes_on_wire=0, seconds=0.0)
         await session.sender.send_holes(np.flatnonzero(holes).astype(np.uint32), scratch)
-    mem.prep.start_map_in(~holes)  # the push reads every page: mapped in ahead, in a thread (never the holes)
     n_holes = int(holes.sum())
     at_pause = [0]
     every = immediate_missing(holes) if not n_holes else None  # no holes: known before the pause
