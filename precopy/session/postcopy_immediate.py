@@ -61,9 +61,9 @@ class _Immediate(_Session, Protocol):
 
 
 def immediate_missing(holes: np.ndarray) -> np.ndarray:
-    """The pages the destination lacks when nothing was sent: those that are not holes of the
-    source's file, taken with the workload paused (uint32, ascending)."""
-    return np.flatnonzero(~np.asarray(holes, dtype=bool)).astype(np.uint32)
+    """The pages the destination lacks when nothing was sent, as a per-page mask (a new array): those
+    that are not holes of the source's file, taken with the workload paused."""
+    return ~np.asarray(holes, dtype=bool)
 
 
 async def switch_over_at_once(session: _Immediate, mem: GuestMemory) -> None:

@@ -132,7 +132,8 @@ async def switch_over(session: _Session, expected_s: float, dest_table: np.ndarr
 def postcopy_parts(session: _Session, find_missing: Callable[[], Awaitable[np.ndarray]] | None = None
                    ) -> tuple[PostcopySource, Switchover]:
     """The session's post-copy switchover and the pre-copy switchover steps it reuses (pause, device
-    state).  ``find_missing``: what the destination lacks, found once paused (None: the final scan)."""
+    state).  ``find_missing``: what the destination lacks, found once paused, a per-page mask (None:
+    the final scan)."""
     assert session.mem is not None
     opts = session.opts
 
@@ -172,8 +173,9 @@ class PostcopySource:
         self.begin = begin
         self.target = target
         self.on_paused = on_paused
-        #: What the destination lacks, found once paused (``--postcopy immediate``: every page the
-        #: source's file holds, precopy.session.postcopy_immediate); None: the final scan.
+        #: What the destination lacks, found once paused, as a per-page mask of its own (``--postcopy
+        #: immediate``: every page the source's file holds, precopy.session.postcopy_immediate);
+        #: None: the final scan.
         self.find_missing = find_missing
         self.stats = StreamStats()
         self._readers: list[asyncio.Task[None]] = []
@@ -192,8 +194,7 @@ class PostcopySource:
         self.on_paused(sw.t_pause)
         await self.exchange.send(SwitchoverEvent())
         if self.find_missing is not None:
-            need[:] = False
-            need[await self.find_missing()] = True
+            need = await self.find_missing()
             sw._lap("holes")
         else:
             await self._missing(need, dest_table)
