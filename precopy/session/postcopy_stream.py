@@ -182,30 +182,16 @@ class PageStream:
     async def _send(self, exchange: Exchange, batch: tuple[np.ndarray, bool]) -> None:
         idx, asked = batch
         self.need[idx] = False
-        ev = self._run_event(idx)
-        if ev is None:
-            data = self.mem.gather(idx).reshape(len(idx), PAGE_SIZE)
-            nonzero = data.any(axis=1)
-            payload = np.ascontiguousarray(data[nonzero])
-            ev = Pages(indices=idx[nonzero], zeros=idx[~nonzero], payload=payload.data,
-                       checksum=xxhash.xxh3_64_intdigest(payload.data))
+        data = self.mem.gather(idx).reshape(len(idx), PAGE_SIZE)
+        nonzero = data.any(axis=1)
+        payload = np.ascontiguousarray(data[nonzero])
+        ev = Pages(indices=idx[nonzero], zeros=idx[~nonzero], payload=payload.data,
+                   checksum=xxhash.xxh3_64_intdigest(payload.data))
         self.stats.bytes_on_wire += await exchange.send(ev)
         if asked:
             self.stats.requested += len(idx)
         else:
             self.stats.pushed += len(idx)
-
-    def _run_event(self, idx: np.ndarray) -> Pages | None:
-        """PAGES of a run of consecutive pages none of which is zero, straight from the mapping (no
-        copy here: the region is paused, the socket reads it); None for any other batch."""
-        lo, n = int(idx[0]), len(idx)
-        if n < 2 or int(idx[-1]) - lo != n - 1:
-            return None
-        words = PAGE_SIZE // 8
-        if not self.mem.words[lo * words:(lo + n) * words].reshape(n, words).any(axis=1).all():
-            return None
-        raw = self.mem.view[lo * PAGE_SIZE:(lo + n) * PAGE_SIZE]
-        return Pages(indices=idx, zeros=idx[:0], payload=raw, checksum=xxhash.xxh3_64_intdigest(raw))
 
 
 async def resume_stream(target: OutcomeTarget, begin: Begin) -> tuple[Exchange, asyncio.Task[None], np.ndarray]:
