@@ -83,7 +83,7 @@ class MigrationReport:
     verify_repairs: int = 0
     device_state_bytes: int = 0
     compression: str = "off"
-    tracking: str = "digest"  # digest | uffd-wp: how dirty pages were found
+    tracking: str = "digest"  # digest | uffd-wp: how dirty pages were found (none: --postcopy immediate)
     tracking_reason: str = ""  # why that tracker (e.g. why auto fell back to digests)
     #: What the chunk tables compared hash: "chunks" (their bytes), or
     #: "pages" (their pages' digests; with kernel tracking, once a writer
@@ -134,7 +134,8 @@ class MigrationReport:
     #: ``fault_max_us`` (fault to page placed, on the destination), the same
     #: apart for ``remote_*`` (pages not sent yet: fetched on REQUEST; and
     #: ``remote_faults``) and ``inflight_*`` (pages already pushed),
-    #: ``last_page_s`` (pause to COMPLETE: every page in place), ``reconnects``.
+    #: ``last_page_s`` (pause to COMPLETE: every page in place), ``reconnects``;
+    #: with --postcopy immediate ``mode`` and ``holes`` (not missing: zeros).
     postcopy: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
