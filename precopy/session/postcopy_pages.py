@@ -168,6 +168,8 @@ class PagePlacer:
         """Whether a frame answers REQUESTs: every page of it faulted on and still missing (a push
         holds pages in order, most never faulted on; a last small push of only faulted pages would
         count too -- rare, and then those pages were not sent before their faults either)."""
+        if not self._fault_t:  # nothing faulted on waits: a push (the common case, kept cheap)
+            return False
         pages = np.concatenate((np.asarray(indices), np.asarray(zeros))).astype(np.int64)
         return bool(pages.size) and bool(self.requested[pages].all() and self.need[pages].all())
 

@@ -33,17 +33,22 @@ from precopy.session.handshake import handshake
 __all__ = ["PageStream", "StreamStats", "resume_stream", "finish_stream", "PUSH_PAGES", "MAX_UNSENT"]
 
 _log = logging.getLogger(__name__)
-#: Pages in a pushed batch: small, so that a requested page waits behind little, and a fault on
-#: a page in flight (a sweep chasing the push) waits for the rest of a 128 KiB frame, not 512 KiB
-#: (in-flight fault p50 ~1.5 -> ~0.4 ms; the push no slower: benchmarks/RESULTS.md, pc22l).
-PUSH_PAGES = 32
+#: Pages in a pushed batch.  A fault on a page in flight (a sweep chasing the push) waits for the
+#: rest of its frame: 32 pages cut that wait ~3x (in-flight p50 ~1.2 -> ~0.4 ms) but made the push
+#: of 1 GiB ~30 % slower (a fault and a REQUEST per frame boundary: 4x as many), so 128 stays
+#: (benchmarks/RESULTS.md, pc22l).
+PUSH_PAGES = 128
 #: Bytes the socket may hold unsent before the next push waits: what a
 #: requested page queues behind (1 MiB: ~0.5 ms at loopback speed).
 MAX_UNSENT = 1024 * 1024
 #: While the workload faults on pages not sent yet (a REQUEST for one in the last URGENT_S),
-#: pushes are smaller and less is let queue: its next fault waits behind less (throughput
-#: matters less then).  Requests for pages already sent (in flight) do not count.
-URGENT_S, URGENT_PAGES, URGENT_UNSENT = 0.05, 16, 64 * 1024
+#: less is let queue: its next fault waits behind less.  Requests for pages already sent (in
+#: flight) do not count.  (Pushes of 16 pages then made the push of 1 GiB ~1.7x slower for no
+#: clear gain in the remote faults' latency, now that the destination holds back what is ahead
+#: of an answer: benchmarks/RESULTS.md, pc22l.)
+URGENT_S, URGENT_PAGES, URGENT_UNSENT = 0.05, 32, 64 * 1024
+#: Pushes sent between two turns of the reader (each push while URGENT_S lasts).
+_YIELD_EVERY = 4
 #: Pages of the push order looked at per step when searching for the next wanted ones.
 _WINDOW = 8192
 
@@ -83,15 +88,18 @@ class PageStream:
     async def run(self, exchange: Exchange, io_timeout_s: float) -> Complete:
         """Serve until COMPLETE; raises what the link raises (the caller may resume the stream)."""
         reader = asyncio.create_task(self._read(exchange))
+        sent = 0
         try:
             while True:
                 batch = self._next()
                 if batch is None:
                     break
                 await self._send(exchange, batch)
-                # A turn for the reader: a socket with room never makes the send wait, and a
-                # REQUEST would be read only once it filled (the destination drains it fast).
-                await asyncio.sleep(0)
+                sent += 1
+                if self._urgent() or sent % _YIELD_EVERY == 0:
+                    # A turn for the reader: a socket with room never makes the send wait, and a
+                    # REQUEST would be read only once it filled (the destination drains it fast).
+                    await asyncio.sleep(0)
                 if reader.done():
                     break
                 await self._paced(exchange, reader, io_timeout_s)
