@@ -22,6 +22,8 @@ import xxhash
 
 from precopy.guest import PAGE_SIZE, create_region, parse_size, region_digest
 
+from .conftest import wait_for
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MiB = 1024 * 1024
 
@@ -370,15 +372,17 @@ def test_pause_stops_writes_and_resume_restarts(
     proc = spawn("dirty", "--memory", region, "--rate", 20000, "--control", sock_path)
     control = Control(sock_path, proc)
     start_digest = region_digest(region)
-    time.sleep(0.1)
+    # Writes are waited for, not slept on: a guest starved of CPU may not
+    # have written in any fixed time.  Stillness while paused is slept on
+    # (a fixed sleep can only miss a write there, never invent one).
+    wait_for(lambda: region_digest(region) != start_digest, timeout=30, what="the guest's first writes")
     assert control.pause() == b""
     paused_digest = region_digest(region)
     assert paused_digest != start_digest
     time.sleep(0.2)
     assert region_digest(region) == paused_digest
     assert control.request("resume") == {"ok": True}
-    time.sleep(0.1)
-    assert region_digest(region) != paused_digest
+    wait_for(lambda: region_digest(region) != paused_digest, timeout=30, what="writes after the resume")
     assert control.request("stop") == {"ok": True}
     returncode, _, err = _wait_exit(proc)
     assert returncode == 0, err
@@ -396,8 +400,7 @@ def test_sweep_pauses_too(tmp_path: Path, spawn: Spawn) -> None:
     time.sleep(0.2)
     assert region_digest(path) == digest
     control.request("resume")
-    time.sleep(0.05)
-    assert region_digest(path) != digest
+    wait_for(lambda: region_digest(path) != digest, timeout=30, what="writes after the resume")
     control.request("stop")
     assert _wait_exit(proc)[0] == 0
 
