@@ -120,10 +120,11 @@ def test_a_guest_that_converges_is_never_throttled(procs: Procs, shm: Path, rate
                                   "--downtime-ms", "100", "--event-loop", "asyncio", timeout=240)
     assert rc == 0, out
     assert rep is not None and rep["outcome"] == "committed", out
-    assert all(r["throttle_pct"] == 0 for r in rep["rounds"]), rep["rounds"]
+    # On failure, the source's round lines say why (pytest cuts rep["rounds"] short).
+    assert all(r["throttle_pct"] == 0 for r in rep["rounds"]), out[-4000:]
     assert rep["max_throttle_pct"] == 0
     if rate:
-        assert iterative(rep) and iterative(rep)[0]["expected_downtime_ms"] > 100, rep["rounds"]
+        assert iterative(rep) and iterative(rep)[0]["expected_downtime_ms"] > 100, out[-4000:]
     assert (dest.memory_dir / "vm.mem").read_bytes() == src.read_bytes()
 
 
