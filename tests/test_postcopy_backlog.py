@@ -1,10 +1,23 @@
-"""The destination's held-back pushes (precopy.session.postcopy_backlog): pure, no sockets."""
+"""The destination's held-back pushes (precopy.session.postcopy_backlog, and how
+precopy.session.postcopy_dest's stream loop uses them): pure, no sockets, no userfaultfd."""
 
 from __future__ import annotations
 
-import numpy as np
+import asyncio
+import os
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, AsyncIterator
 
+import numpy as np
+import pytest
+import xxhash
+
+from precopy.protocol import PAGE_SIZE, Begin, Pages, Request
+from precopy.protocol.postcopy_codec import bitmap_of
+from precopy.session import postcopy_dest
 from precopy.session.postcopy_backlog import PushBacklog
+from precopy.session.postcopy_pages import PagePlacer
 
 
 def u32(*pages: int) -> np.ndarray:
@@ -35,3 +48,67 @@ def test_oldest_first() -> None:
     first = log.oldest()
     assert first is not None and first[0].tolist() == [5]
     assert log.holding([5]) == [] and len(log) == 1
+
+
+class _Link:
+    """The source's side of a page stream: ``frames`` in order, then nothing more (it waits for
+    COMPLETE) -- a read past them is the hang this stands for, raised at once instead."""
+
+    def __init__(self, frames: list[Pages]) -> None:
+        self.frames, self.sent, self.peer = frames, [], "source"
+
+    async def events(self, idle_timeout_s: float | None = None) -> AsyncIterator[Any]:
+        for ev in self.frames:
+            yield ev
+        raise AssertionError("the destination waits for a frame with every page placed: the source sends "
+                             "none (it waits for COMPLETE, then its --io-timeout takes the stream up again)")
+
+    async def send(self, ev: Any) -> int:
+        self.sent.append(ev)
+        return 0
+
+
+def _frame(pages: list[int], fill: bytes) -> Pages:
+    data = b"".join(fill * PAGE_SIZE for _ in pages)
+    return Pages(indices=np.array(pages, dtype=np.uint32), zeros=np.zeros(0, dtype=np.uint32), payload=data,
+                 checksum=xxhash.xxh3_64_intdigest(data))
+
+
+def test_a_fault_that_places_the_last_held_frame_ends_the_stream(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 22's race (``--postcopy immediate`` under load, a stream taken up again after 60 s): the
+    guest waits on page 2 (REQUEST), the push of pages 0-1 comes first and is held back, 2 comes and
+    is placed; then the guest faults on page 0, still held: the fault, read between frames, places
+    the held frame -- the last missing pages.  The loop must end there (COMPLETE), not wait for a
+    frame that the source, which has sent everything, never sends."""
+    npages, base = 3, 1 << 30
+    region = tmp_path / "vm.mem"
+    with open(region, "wb") as f:
+        f.truncate(npages * PAGE_SIZE)
+    fd = os.open(region, os.O_RDWR)
+    try:
+        mask = np.ones(npages, dtype=bool)
+        recv = SimpleNamespace(begin=Begin(migration_id="m", name="vm.mem", size=npages * PAGE_SIZE),
+                               opts=SimpleNamespace(idle_timeout_s=None))
+        pc = postcopy_dest.PostcopyDest(recv, bitmap_of(np.flatnonzero(mask), npages))  # type: ignore[arg-type]
+        placer = pc.placer = PagePlacer(-1, base, npages, mask, fd)
+        placer.guest_gone = True  # (no userfaultfd: pages go into the file's holes)
+        pc._uffd = 1 << 20  # read by the fake below only
+
+        def read_faults(uffd: int, buf: bytearray) -> list[int]:
+            if not placer.requested[2]:
+                return [base + 2 * PAGE_SIZE]  # the guest touches page 2 first
+            if not placer.need[2] and not placer.requested[0]:
+                return [base + 100]  # then page 0, held back by then
+            return []
+
+        monkeypatch.setattr(postcopy_dest, "read_faults", read_faults)
+        link = _Link([_frame([0, 1], b"a"), _frame([2], b"c")])
+        asyncio.run(pc._stream(link))  # type: ignore[arg-type]
+        assert placer.left == 0 and not placer.need.any() and len(pc.backlog) == 0
+        assert [type(ev) for ev in link.sent] == [Request] and link.sent[0].indices.tolist() == [2]
+        assert placer.faults == 2 and placer.duplicates == 0
+        with open(region, "rb") as f:
+            assert f.read() == b"a" * 2 * PAGE_SIZE + b"c" * PAGE_SIZE
+    finally:
+        os.close(fd)

@@ -364,6 +364,10 @@ class PostcopyDest:
                 if len(self.backlog) and not self.placer.waiting():
                     self._place_held(self.backlog.oldest())  # a frame at a time, faults looked at between
                     continue
+                if not self.placer.left:
+                    # A fault above, on a page held back, placed the last held frames: nothing more
+                    # comes (the source has sent every page and waits for COMPLETE).
+                    break
                 ev = await anext(events, None)
                 if ev is None:
                     raise LinkError(f"{chan.peer} closed the connection during post-copy")
