@@ -378,7 +378,8 @@ class Bench:
         finally:
             if src is not None and src.poll() is None:
                 stop_process(src)
-            stop_process(guest)
+            # (its stats are written on the way out: a starved guest may take seconds to get there)
+            stop_process(guest, timeout_s=60)
             for f in ddir.glob("bench*"):
                 f.unlink()
         rep = json.loads(report.read_text()) if report.exists() else {"outcome": "no report"}

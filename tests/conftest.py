@@ -55,7 +55,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     items.sort(key=lambda item: (rank.get(item.path.name, len(rank)), order[id(item)]))
 
 
-def wait_for(pred, timeout: float = 10.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
+def wait_for(pred, timeout: float = 60.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
+    """Poll ``pred`` until true; the timeout only bounds a hang (a daemon's start, a Python import
+    took over 10 s at load 15 with two test workers), it never times what a test proves."""
     deadline = time.monotonic() + timeout
     while not pred():
         if time.monotonic() > deadline:

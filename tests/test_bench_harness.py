@@ -79,7 +79,7 @@ def test_smoke_matrix_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixt
         assert y["raw_link_s"] > 0 and y["raw_fresh_s"] > 0 and y["xxh3_s"] > 0
         assert r["peak_rss_bytes"]["source"] > 0 and r["peak_rss_bytes"]["dest"] > 0
         assert r["cpu_s"]["source"] > 0 and r["cpu_s"]["dest"] >= 0 and r["cpu_s"]["guest"] >= 0, r["cpu_s"]
-        assert r["guest"]["achieved_pps"] > 0
+        assert (r["guest"]["achieved_pps"] or 0) > 0, r["guest"]  # None: the guest left no stats
     table = (out / "table.md").read_text()
     assert "| 16M | low | random | loopback | 300 ms | off | stop-and-copy | digest | fresh | 1/1 (1) |" in table
     for name in ("rounds", "downtime_vs_rate", "total_vs_size", "expected_vs_measured"):
