@@ -1498,3 +1498,15 @@ def test_close_drops_the_receive_buffer_and_refuses_more_data() -> None:
         pair.dst.get_buffer()
     assert pair.dst.next_event() is NEED_DATA
     assert join(pair.dst.send(Abort(int(AbortCode.CANCELLED), "bye")))  # an ABORT can still be sent
+
+
+def test_an_empty_payload_of_any_shape_frames_as_no_bytes() -> None:
+    """A post-copy batch of nothing but zero pages carries ``data[nonzero]``: shape (0, 4096), which
+    ``memoryview.cast`` refuses (issue 22: the source's push crashed, the migration in doubt)."""
+    empty = np.ascontiguousarray(np.zeros((3, PAGE_SIZE), dtype=np.uint8)[np.zeros(3, dtype=bool)])
+    assert empty.shape == (0, PAGE_SIZE)
+    meta = {"z": 3}
+    assert [bytes(b) for b in encode_frame(Kind.PAGES, meta, empty.data)] == \
+        [bytes(b) for b in encode_frame(Kind.PAGES, meta, b"")]
+    assert [bytes(b) for b in encode_frame(Kind.PAGES, meta, [empty.data, b"x"])] == \
+        [bytes(b) for b in encode_frame(Kind.PAGES, meta, b"x")]

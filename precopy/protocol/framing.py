@@ -50,6 +50,10 @@ def encode_frame(kind: int, meta: dict[str, Any] | None = None, payload: Any = b
 
 def _byte_view(buf: Any) -> memoryview:
     view = memoryview(buf if buf is not None else b"")
+    if not view.nbytes:
+        # An empty payload of any shape: ``cast`` refuses one with a zero in its shape (e.g. the
+        # (0, 4096) array of a post-copy batch of nothing but zero pages).
+        return memoryview(b"")
     if view.format != "B" or view.ndim != 1:
         view = view.cast("B")  # socket code counts len() in bytes, not items
     return view
