@@ -68,7 +68,7 @@ def test_postcopy_now_gives_the_unmigrated_digest(procs: Procs, shm: Path, track
     pc = rep["postcopy"]
     assert pc is not None and pc["pages_missing"] > 0, pc
     assert pc["pages_pushed"] + pc["pages_requested"] == pc["pages_missing"], pc
-    assert pc["duplicates"] == 0 and pc["reconnects"] == 0
+    assert pc["duplicates"] == 0 and pc["reconnects"] == 0, log + dest.log_text()
     assert rep["rounds"][-1]["kind"] == "postcopy" and rep["tracking"] == tracking
     wait_for(out.exists, timeout=120, what="the resumed det guest to finish")
     got = json.loads(out.read_text())

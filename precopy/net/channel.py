@@ -339,6 +339,32 @@ class Channel:
     def _recv_blocking(self, buf: memoryview, owed: bool) -> int:
         return self.sock.recv_into(buf, 0, socket.MSG_WAITALL if owed else 0)
 
+    def pending(self) -> int:
+        """Bytes read from the socket but not yet handed to the connection (TLS: decrypted, waiting)."""
+        return 0
+
+    def send_blocking(self, event: Event) -> int:
+        """:meth:`send` for a thread that owns this channel with its socket in blocking mode (a
+        post-copy fault lane: ``precopy.session.postcopy_lane``); returns bytes written.  Raises
+        :class:`LinkError` (TIMEOUT when the socket's ``SO_SNDTIMEO`` passes with no room)."""
+        if self.closed:
+            raise LinkError(f"connection to {self.peer} is closed")
+        views = [memoryview(b).cast("B") for b in self.conn.send(event)]
+        n = sum(v.nbytes for v in views)
+        try:
+            self._send_blocking(views)
+        except BlockingIOError:
+            raise LinkError(f"{self.peer} did not take a frame in time (link stalled)", AbortCode.TIMEOUT) from None
+        except OSError as exc:
+            raise LinkError(f"connection to {self.peer} failed while sending: {exc}") from exc
+        self.bytes_sent += n
+        return n
+
+    def _send_blocking(self, views: list[memoryview]) -> None:
+        rest = self._send_now(views)  # one sendmsg for the frame, mostly
+        for v in rest:
+            self.sock.sendall(v)
+
     async def events(self, idle_timeout_s: float | None = None) -> AsyncIterator[Event]:
         """Yield events until the peer closes; ABORT raises :class:`PeerAborted`.
 

@@ -278,6 +278,21 @@ class TlsChannel(Channel):
         return got
 
 
+    def _send_blocking(self, views: list[memoryview]) -> None:
+        """:meth:`Channel.send_blocking` through TLS: encrypt, then write it all (blocking)."""
+        try:
+            for view in views:
+                for pos in range(0, len(view), SEND_PIECE):
+                    self.tls.write(view[pos:pos + SEND_PIECE])
+                    self.sock.sendall(self._out.read())
+        except ssl.SSLError as exc:
+            raise LinkError(f"TLS connection to {self.peer} failed while sending: {exc}") from exc
+
+    def pending(self) -> int:
+        """Decrypted bytes waiting in the TLS object (a reader must take them before it polls)."""
+        return self.tls.pending()
+
+
 def make_channel(sock: socket.socket, role: Role, context: ssl.SSLContext | None,
                  server_hostname: str | None = None) -> Channel:
     """A plain :class:`Channel`, or a :class:`TlsChannel` when ``context`` is given."""

@@ -58,7 +58,7 @@ from precopy.protocol.messages import (
     Switchover,
     Sync,
 )
-from precopy.protocol.messages import POSTCOPY_CAP, POSTCOPY_IMMEDIATE_CAP, Complete, Missing, Postcopy, Request, Resume
+from precopy.protocol.messages import POSTCOPY_CAP, POSTCOPY_IMMEDIATE_CAP, POSTCOPY_LANE_CAP, Complete, Missing, Postcopy, Request, Resume
 from precopy.protocol.phases import Phase
 
 __all__ = [
@@ -106,6 +106,7 @@ __all__ = [
     "whole_chunks",
     "POSTCOPY_CAP",
     "POSTCOPY_IMMEDIATE_CAP",
+    "POSTCOPY_LANE_CAP",
     "Complete",
     "Missing",
     "Postcopy",

@@ -128,6 +128,8 @@ def encode_event(ev: Event) -> tuple[Kind, dict[str, Any], Any]:
             del meta["streams"]  # as a source before streams
     elif isinstance(ev, Ready) and ev.streams == 1:
         del meta["streams"]  # as a destination before streams
+    elif isinstance(ev, Join) and not ev.lane:
+        del meta["lane"]  # as a source before fault lanes
     elif isinstance(ev, Complete) and not ev.stats:
         del meta["stats"]
     elif isinstance(ev, (Hello, HelloAck)):
@@ -501,8 +503,10 @@ def _decode_ready(meta: dict[Any, Any]) -> Event:
 
 def _decode_join(meta: dict[Any, Any]) -> Event:
     size, chunk = _geometry(meta, Kind.JOIN)
+    lane = bool(_field(meta, "lane", bool, Kind.JOIN)) if "lane" in meta else False
     return Join(migration_id=_id_field(meta, Kind.JOIN),
-                stream=_int_field(meta, "stream", Kind.JOIN, 1, MAX_STREAMS - 1), size=size, chunk_pages=chunk)
+                stream=_int_field(meta, "stream", Kind.JOIN, 0 if lane else 1, 0 if lane else MAX_STREAMS - 1),
+                size=size, chunk_pages=chunk, lane=lane)
 
 
 def _decode_sync(meta: dict[Any, Any]) -> Event:

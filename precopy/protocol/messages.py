@@ -21,7 +21,7 @@ __all__ = [
     "DigestTable", "Switchover", "DeviceState", "Commit", "Committed", "Query", "Outcome", "Abort",
     "Join", "Joined", "Sync",
     "Missing", "Postcopy", "Request", "Complete", "Resume", "POSTCOPY_CAP",
-    "POSTCOPY_IMMEDIATE_CAP",
+    "POSTCOPY_IMMEDIATE_CAP", "POSTCOPY_LANE_CAP",
 ]
 
 #: The capability a HELLO (and its HELLO_ACK) names to offer post-copy (docs/PROTOCOL.md).
@@ -30,6 +30,10 @@ POSTCOPY_CAP: Final = "postcopy"
 #: immediate``); a destination that names it back sends READY only once the guest it starts early
 #: is ready to take the post-copy (docs/PROTOCOL.md "Post-copy").
 POSTCOPY_IMMEDIATE_CAP: Final = "postcopy-immediate"
+#: Named beside it by a source that asks for the post-copy's faults on a connection of their own
+#: (a JOIN with ``lane``: REQUESTs and their answers, no pushes, so an answer never queues behind
+#: them; docs/PROTOCOL.md "Post-copy"); a destination that names it back takes such a JOIN.
+POSTCOPY_LANE_CAP: Final = "postcopy-lane"
 
 
 class Kind(IntEnum):
@@ -281,12 +285,18 @@ class Join:
     instead of BEGIN.  ``stream`` is its index (1 .. READY's ``streams`` - 1);
     ``size`` and ``chunk_pages`` repeat the migration's BEGIN (the
     destination checks them), so that each end checks this stream's PAGES
-    against the region without the other connection."""
+    against the region without the other connection.
+
+    ``lane`` (post-copy, negotiated with ``postcopy-lane``; ``stream`` 0): the
+    connection carries the destination's REQUESTs and the source's answers
+    to them (PAGES), nothing else; sent only while a post-copy page stream
+    of that migration is served."""
 
     migration_id: str
     stream: int
     size: int
     chunk_pages: int
+    lane: bool = False
 
     def as_begin(self) -> Begin:
         """The region's geometry as a BEGIN, for checking PAGES (name and the rest are not this stream's)."""

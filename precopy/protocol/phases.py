@@ -75,6 +75,7 @@ TRANSITIONS: Final[dict[tuple[Phase, Role, Kind], Phase]] = {
     (Phase.AUTHENTICATED, S, Kind.JOIN): Phase.JOIN_SENT,
     (Phase.JOIN_SENT, D, Kind.JOINED): Phase.STREAMING,
     (Phase.STREAMING, S, Kind.PAGES): Phase.STREAMING,
+    (Phase.STREAMING, D, Kind.REQUEST): Phase.STREAMING,
     (Phase.BEGIN_SENT, D, Kind.READY): Phase.COPYING,
     (Phase.BEGIN_SENT, D, Kind.QUEUED): Phase.BEGIN_SENT,
     (Phase.COPYING, S, Kind.PAGES): Phase.COPYING,

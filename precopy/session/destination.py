@@ -54,7 +54,8 @@ from precopy.session.dest_options import DestOptions
 from precopy.session.dest_streams import StreamRegistry
 from precopy.session.handshake import version_mismatch
 from precopy.session.journal import DEVICE_STATE_SUFFIX, KEEP_DAYS, Journal, MigrationRecord
-from precopy.session.postcopy_dest import dest_caps, resume_postcopy
+from precopy.session.postcopy_dest import LIVE, dest_caps, resume_postcopy
+from precopy.session.postcopy_lane import join_lane
 from precopy.session.postcopy_retake import retake_postcopies
 from precopy.session.tally import RECENT_KEPT, Tally
 
@@ -209,8 +210,8 @@ class DestinationServer:
                 self._handshaking -= 1
             if isinstance(ev, Query):
                 await self._answer_query(chan, ev)
-            elif isinstance(ev, Join):
-                await self.streams.join(chan, ev)
+            elif isinstance(ev, Join):  # an extra stream, or a post-copy's fault lane
+                await (join_lane(LIVE.get(ev.migration_id), chan, ev) if ev.lane else self.streams.join(chan, ev))
             elif isinstance(ev, Resume):
                 await resume_postcopy(chan, ev, self.opts, self.journal)
             else:

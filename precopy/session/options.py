@@ -98,6 +98,9 @@ class SourceOptions:
     #: throttling, aborting or forcing), ``now`` (after the full copy) or
     #: ``immediate`` (before any copy: precopy.session.postcopy_immediate).
     postcopy: str = "off"
+    #: Post-copy's faults on a connection of their own when the destination offers one
+    #: (precopy.session.postcopy_lane); False: on the page stream's connection, as before.
+    postcopy_lane: bool = True
 
     def __post_init__(self) -> None:
         self.memory = Path(self.memory)

@@ -38,6 +38,7 @@ import asyncio
 import logging
 import os
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Protocol
@@ -56,7 +57,8 @@ from precopy.session.postcopy_guest import HeldGuest, control_path, take_guest
 from precopy.session.postcopy_backlog import PushBacklog
 from precopy.session.postcopy_pages import PagePlacer
 from precopy.session.postcopy_state import need_path, persist_need
-from precopy.protocol import POSTCOPY_CAP, POSTCOPY_IMMEDIATE_CAP, Begin, Resume
+from precopy.protocol import POSTCOPY_CAP, POSTCOPY_IMMEDIATE_CAP, POSTCOPY_LANE_CAP, Begin, Resume
+from precopy.session.postcopy_lane import DestLane
 from precopy.session.dest_options import DestOptions
 from precopy.session.journal import Journal, MigrationRecord
 
@@ -88,7 +90,7 @@ def dest_caps(opts: DestOptions, offered: tuple[str, ...] | None,
     if offered is None:
         return None
     serves = bool(opts.on_resume) and opts.workload is None and not _huge_pages(opts)
-    caps = tuple(c for c in offered if c in (POSTCOPY_CAP, POSTCOPY_IMMEDIATE_CAP) and serves)
+    caps = tuple(c for c in offered if c in (POSTCOPY_CAP, POSTCOPY_IMMEDIATE_CAP, POSTCOPY_LANE_CAP) and serves)
     if chan is not None:
         chan.caps = caps
     return caps
@@ -177,6 +179,9 @@ class PostcopyDest:
         self.backlog = PushBacklog()  # pushes held back while the guest waits on a page not here
         self._faults_failed = False
         self._seen_empty = 0.0  # when the guest's userfaultfd was last read empty (faults came after)
+        self.lock = threading.Lock()  # placing pages, reading faults: the session's loop or the lane's thread
+        self.lane = DestLane(self)  # the fault lane (postcopy_lane), when the source opened one
+        self._why: str | None = None  # why the stream was cancelled (_preempted), when not for a RESUME
 
     # -- steps 1-3: from POSTCOPY to the guest running here ----------------
 
@@ -319,12 +324,15 @@ class PostcopyDest:
                 except asyncio.CancelledError:
                     if not self._preempted:
                         raise
-                    why = "the source resumed on a new connection"
+                    if not self.placer.left:
+                        break
+                    why = self._why or "the source resumed on a new connection"
                 except (LinkError, PeerAborted, OSError, RemoteProtocolError) as exc:
                     if not self.placer.left:
                         break
                     why = str(exc)
-                self._preempted = False
+                self._preempted, self._why = False, None
+                await self.lane.stop()
                 _log.warning("migration %s: post-copy link lost with %d pages missing (%s): the guest waits on "
                              "its faults; waiting for the source to resume", mid, self.placer.left, why)
                 chan.close()
@@ -342,6 +350,7 @@ class PostcopyDest:
             self._finish()
             await chan.send(Complete(migration_id=mid, pages=self.n_missing, stats=self.placer.stats()))
         finally:
+            await self.lane.stop()
             loop.remove_reader(self._uffd)
             LIVE.pop(mid, None)
             for task in (self._resumer, self._mapper):
@@ -358,11 +367,12 @@ class PostcopyDest:
             while self.placer.left:
                 # Between frames too: while the socket holds data the loop gets no turn (reader
                 # callbacks wait), yet a fault must be seen, and a REQUEST sent, at once.
-                self._on_fault()
+                (self.lane.peek if self.lane.active else self._on_fault)()
                 if not self._out.empty():
                     await asyncio.sleep(0)  # _send_requests sends it
-                if len(self.backlog) and not self.placer.waiting():
-                    self._place_held(self.backlog.oldest())  # a frame at a time, faults looked at between
+                if len(self.backlog) and (self.lane.active or not self.placer.waiting()):
+                    with self.lock:
+                        self._place_held(self.backlog.oldest())  # a frame at a time, faults looked at between
                     continue
                 if not self.placer.left:
                     # A fault above, on a page held back, placed the last held frames: nothing more
@@ -376,10 +386,12 @@ class PostcopyDest:
                 if ev.checksum is None and ev.chunk_digests is None:
                     raise RemoteProtocolError("post-copy PAGES without a checksum: nothing would check them")
                 data = page_payload(ev, chunk_pages=self.begin.chunk_pages) if len(ev.indices) else None
-                if self.placer.waiting() and not self.backlog.full() and not self.placer.awaited(ev.indices, ev.zeros):
-                    self.backlog.hold(ev.indices, data, ev.zeros)  # the awaited page first
-                else:
-                    self.placer.place(ev.indices, data, ev.zeros)
+                with self.lock:
+                    if (not self.lane.active and self.placer.waiting() and not self.backlog.full()
+                            and not self.placer.awaited(ev.indices, ev.zeros)):
+                        self.backlog.hold(ev.indices, data, ev.zeros)  # the awaited page first
+                    else:
+                        self.placer.place(ev.indices, data, ev.zeros)
             if sender.done():
                 sender.result()
         finally:
@@ -389,34 +401,35 @@ class PostcopyDest:
         """MINOR: map the pages the guest may use as they are, a slice at a time between the stream's
         work (a fault on one is served at once anyway; this spares the guest the round trips)."""
         assert self.placer is not None
-        while self.placer.map_held(_MAP_SLICE):
+        while self.lane.locked(self.placer.map_held, _MAP_SLICE):
             await asyncio.sleep(0)
 
     def _on_fault(self) -> None:
         """Read the faults waiting on the guest's userfaultfd, until it is empty; queue REQUESTs."""
         assert self.placer is not None
-        ask: list[int] = []
-        while self._uffd >= 0 and not self._faults_failed:
-            now = time.monotonic()  # before the read: a fault it does not see comes after this
-            try:
-                addrs = read_faults(self._uffd, self._fault_buf)
-            except OSError as exc:
-                _log.error("post-copy: reading the guest's faults failed: %s", exc)
-                self._faults_failed = True
-                asyncio.get_running_loop().remove_reader(self._uffd)
-                return
-            if not addrs:
-                self._seen_empty = now
-                break
-            ask += self.placer.faulted(addrs, now, self._seen_empty)
-        if ask:
-            for frame in self.backlog.holding(ask):  # here already, held back: placed now
-                self._place_held(frame)
-            self._out.put_nowait(np.array(sorted(ask), dtype=np.uint32))
+        with self.lock:
+            ask: list[int] = []
+            while self._uffd >= 0 and not self._faults_failed:
+                now = time.monotonic()  # before the read: a fault it does not see comes after this
+                try:
+                    addrs = read_faults(self._uffd, self._fault_buf)
+                except OSError as exc:
+                    _log.error("post-copy: reading the guest's faults failed: %s", exc)
+                    self._faults_failed = True
+                    asyncio.get_running_loop().remove_reader(self._uffd)
+                    return
+                if not addrs:
+                    self._seen_empty = now
+                    break
+                ask += self.placer.faulted(addrs, now, self._seen_empty)
+            if ask:
+                for frame in self.backlog.holding(ask):  # here already, held back: placed now
+                    self._place_held(frame)
+                self._out.put_nowait(np.array(sorted(ask), dtype=np.uint32))
 
     def _place_held(self, frame: tuple[np.ndarray, bytes | None, np.ndarray] | None) -> None:
         assert self.placer is not None
-        if frame is not None:
+        if frame is not None:  # (the caller holds self.lock)
             indices, data, zeros = frame
             self.placer.place(indices, None if data is None else memoryview(data), zeros)
 

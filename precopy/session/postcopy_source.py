@@ -38,7 +38,8 @@ from precopy.memory.tracking import SourceChunks, UffdTracker
 from precopy.net.channel import PeerAborted
 from precopy.policy.downtime import DowntimeCap
 from precopy.policy.postcopy import postcopy_wanted
-from precopy.protocol import MAX_PAYLOAD, POSTCOPY_CAP, POSTCOPY_IMMEDIATE_CAP, Begin, Committed, Missing, Postcopy
+from precopy.protocol import (MAX_PAYLOAD, POSTCOPY_CAP, POSTCOPY_IMMEDIATE_CAP, POSTCOPY_LANE_CAP, Begin, Committed,
+                              Missing, Postcopy)
 from precopy.protocol import Switchover as SwitchoverEvent
 from precopy.protocol.postcopy_codec import bitmap_of_mask
 from precopy.session.commit import Committer, OutcomeTarget, describe
@@ -46,6 +47,7 @@ from precopy.session.estimate import DowntimeModel
 from precopy.session.exchange import Exchange
 from precopy.session.guardian import COMMIT, Guardian
 from precopy.session.options import SourceOptions
+from precopy.session.postcopy_lane import run_source_lane, stop_lane
 from precopy.session.postcopy_stream import PageStream, StreamStats, resume_stream
 from precopy.session.record import PageRecord
 from precopy.session.report import MigrationReport, RoundReport
@@ -99,7 +101,8 @@ def offered_caps(opts: SourceOptions) -> tuple[str, ...] | None:
     """What HELLO offers: post-copy when these options may end in it (None: nothing, the HELLO as before)."""
     if not postcopy_wanted(opts.postcopy, opts.on_nonconvergence) or opts.dry_run:
         return None
-    return (POSTCOPY_CAP, POSTCOPY_IMMEDIATE_CAP) if opts.postcopy == "immediate" else (POSTCOPY_CAP,)
+    lane = () if opts.postcopy_lane is False else (POSTCOPY_LANE_CAP,)
+    return (POSTCOPY_CAP, POSTCOPY_IMMEDIATE_CAP, *lane) if opts.postcopy == "immediate" else (POSTCOPY_CAP, *lane)
 
 
 def postcopy_modes(opts: SourceOptions, caps: tuple[str, ...]) -> tuple[str, str]:
@@ -180,6 +183,7 @@ class PostcopySource:
         self.stats = StreamStats()
         self._readers: list[asyncio.Task[None]] = []
         self._lost = False  # the answer to POSTCOPY was lost (the outcome query said committed)
+        self._lane_cap = (POSTCOPY_LANE_CAP,) if POSTCOPY_LANE_CAP in exchange.caps else ()  # offered, served
 
     async def run(self, sw: Switchover, pending: np.ndarray, dest_table: np.ndarray | None, memory: str) -> None:
         """Pause, switch over to post-copy, serve every missing page; returns once COMPLETE came.
@@ -283,13 +287,20 @@ class PostcopySource:
             exchange = await self._reconnect(stream, PrecopyError("the answer to POSTCOPY was lost"))
         while True:
             try:
+                if POSTCOPY_LANE_CAP in exchange.caps:  # the faults on a connection of their own
+                    stream.lane = asyncio.ensure_future(run_source_lane(self.target, self.begin, stream))
+                    stream.lane.add_done_callback(lambda _: stream._wake.set())
                 await stream.run(exchange, self.target.io_timeout_s)
                 return
             except (PrecopyError, OSError, TimeoutError) as exc:
                 _log.warning("post-copy: the page stream broke (%s); taking it up again", describe(exc))
                 if exchange.chan is not None:
                     exchange.chan.close()
+                await stop_lane(stream.lane)
+                stream.lane = None
                 exchange = await self._reconnect(stream, exc)
+            finally:
+                await stop_lane(stream.lane)
 
     async def _reconnect(self, stream: PageStream, cause: BaseException) -> Exchange:
         """RESUME on a new connection, ``outcome_retries`` attempts; else in doubt, loudly."""
@@ -297,7 +308,7 @@ class PostcopySource:
         last: BaseException = cause
         for attempt in range(max(self.target.retries, 1)):
             try:
-                exchange, reader, need = await resume_stream(self.target, self.begin)
+                exchange, reader, need = await resume_stream(self.target, self.begin, self._lane_cap)
             except (PrecopyError, OSError, TimeoutError) as exc:
                 last = exc
                 _log.warning("post-copy: resume attempt %d failed: %s", attempt + 1, describe(exc))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ import xxhash
 
 from precopy.errors import MigrationInDoubt, PrecopyError, RemoteProtocolError
 from precopy.memory.region import GuestMemory
-from precopy.net.channel import PeerAborted, connect
+from precopy.net.channel import LinkError, PeerAborted, connect
 from precopy.net.tls import make_channel
 from precopy.protocol import PAGE_SIZE, POSTCOPY_CAP, Begin, Complete, Missing, Pages, Ready, Request, Resume, Role
 from precopy.protocol.postcopy_codec import pages_of_bitmap
@@ -77,6 +78,12 @@ class PageStream:
         self._asked: deque[np.ndarray] = deque()
         self._wake = asyncio.Event()
         self._urgent_until = 0.0  # requests came lately: push small (URGENT_S)
+        #: The fault lane (precopy.session.postcopy_lane): its thread answers REQUESTs beside the
+        #: push; a page is claimed under the lock, so it goes on one connection, once.
+        self.lock = threading.Lock()
+        self.lane: asyncio.Task[None] | None = None
+        self._jump = -1  # the last page the lane answered: the push goes on after it
+        self._lane_pages = self._lane_bytes = 0
 
     def restart(self, need: np.ndarray) -> None:
         """A new link: the destination says what it still lacks (pages in flight were lost)."""
@@ -102,12 +109,15 @@ class PageStream:
                     await asyncio.sleep(0)
                 if reader.done():
                     break
+                self._check_lane()
                 await self._paced(exchange, reader, io_timeout_s)
             # Everything is out: COMPLETE (or another request: lost pages are asked again).
             async with asyncio.timeout(io_timeout_s):
                 while not reader.done():
                     await self._wake.wait()
                     self._wake.clear()
+                    if not reader.done():
+                        self._check_lane()
                     batch = self._next()
                     if batch is not None:
                         await self._send(exchange, batch)
@@ -157,6 +167,8 @@ class PageStream:
         workload that walks its memory faults once where it stands, then finds the pages it
         touches next already pushed; what the push jumped over is sent when it wraps around.
         """
+        if self._jump >= 0:
+            self._pos, self._jump = int(np.searchsorted(self._order, self._jump, side="right")), -1
         while self._asked:
             want = self._asked.popleft()
             want = want[self.need[want]]
@@ -184,40 +196,77 @@ class PageStream:
                 return window[take]
             self._pos += len(window)
 
+    def frame(self, idx: np.ndarray) -> Pages:
+        """PAGES of ``idx`` from the paused region (zero pages apart), checksummed."""
+        data = self.mem.gather(idx).reshape(len(idx), PAGE_SIZE)
+        nonzero = data.any(axis=1)
+        payload = np.ascontiguousarray(data[nonzero])
+        return Pages(indices=idx[nonzero], zeros=idx[~nonzero], payload=payload.data,
+                     checksum=xxhash.xxh3_64_intdigest(payload.data))
+
+    def claim(self, indices: np.ndarray) -> np.ndarray:
+        """Those of ``indices`` still wanted, now marked sent (any thread): each page goes once."""
+        with self.lock:
+            want = indices[self.need[indices]]
+            self.need[want] = False
+        return want
+
+    def answered(self, pages: np.ndarray, nbytes: int) -> None:
+        """The lane's thread sent ``pages`` asked for, in ``nbytes``: the push goes on after them."""
+        with self.lock:
+            self._jump = int(pages.max())
+            self._lane_pages += len(pages)
+            self._lane_bytes += nbytes
+            self.stats.requested += len(pages)
+            self.stats.bytes_on_wire += nbytes
+
+    def _check_lane(self) -> None:
+        """Raise what ended the fault lane (the stream is taken up again, as after a cut link); a
+        lane that never opened ended without one (the stream goes on alone)."""
+        lane = self.lane
+        if lane is not None and lane.done() and not lane.cancelled() and lane.exception() is not None:
+            raise LinkError(f"post-copy: the fault lane failed: {lane.exception()}")
+
     def _urgent(self) -> bool:
         return time.monotonic() < self._urgent_until
 
     async def _send(self, exchange: Exchange, batch: tuple[np.ndarray, bool]) -> None:
         idx, asked = batch
-        self.need[idx] = False
-        data = self.mem.gather(idx).reshape(len(idx), PAGE_SIZE)
-        nonzero = data.any(axis=1)
-        payload = np.ascontiguousarray(data[nonzero])
-        ev = Pages(indices=idx[nonzero], zeros=idx[~nonzero], payload=payload.data,
-                   checksum=xxhash.xxh3_64_intdigest(payload.data))
-        self.stats.bytes_on_wire += await exchange.send(ev)
-        if asked:
-            self.stats.requested += len(idx)
+        if self.lane is not None:
+            idx = self.claim(idx)  # the lane's thread may have sent some
+            if not idx.size:
+                return
         else:
-            self.stats.pushed += len(idx)
+            self.need[idx] = False
+        n = await exchange.send(self.frame(idx))
+        with self.lock:
+            self.stats.bytes_on_wire += n
+            if asked:
+                self.stats.requested += len(idx)
+            else:
+                self.stats.pushed += len(idx)
 
 
-async def resume_stream(target: OutcomeTarget, begin: Begin) -> tuple[Exchange, asyncio.Task[None], np.ndarray]:
+async def resume_stream(target: OutcomeTarget, begin: Begin, lane_cap: tuple[str, ...] = ()
+                        ) -> tuple[Exchange, asyncio.Task[None], np.ndarray]:
     """Take a broken post-copy stream up on a new connection: handshake, RESUME, MISSING, READY.
 
     Returns the exchange (its reader task running) and the per-page mask of
     what the destination still lacks.  Raises what connecting and the
     handshake raise (:class:`PrecopyError`, ``OSError``, ``TimeoutError``).
+    ``lane_cap``: ``(POSTCOPY_LANE_CAP,)`` offers the fault lane too (the exchange's ``caps``
+    say whether the destination serves it).
     """
     sock = await connect(target.host, target.port, target.connect_timeout_s)
     chan = make_channel(sock, Role.SOURCE, target.tls_context, target.host)
     chan.send_timeout_s = target.io_timeout_s
     try:
-        greeting = await handshake(chan, target.auth_key, target.io_timeout_s, caps=(POSTCOPY_CAP,))
+        greeting = await handshake(chan, target.auth_key, target.io_timeout_s, caps=(POSTCOPY_CAP, *lane_cap))
         if POSTCOPY_CAP not in greeting.caps:
             raise PrecopyError("the destination no longer offers post-copy (restarted without --on-resume?)")
         exchange = Exchange(target.io_timeout_s)
         exchange.chan = chan
+        exchange.caps = greeting.caps
         reader = asyncio.create_task(exchange.read_loop())
         await exchange.send(Resume(begin=begin))
         bits = bytearray()

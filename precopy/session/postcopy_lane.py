@@ -1,0 +1,384 @@
+"""The post-copy fault lane: the guest's faults and their answers on a connection of their own.
+
+On the page stream's connection a REQUEST from the destination, and the
+source's answer to it, queue behind the pushes (up to ~1 MiB unsent at the
+source, the receive window at the destination), and both agents' event
+loops serve them only between their pushes.  QEMU's postcopy-preempt
+moves those pages to a channel of their own; so does this module, with a
+thread on each side that answers without waiting for the event loop:
+
+* the source opens the lane once the workload runs on the destination
+  (after COMMITTED, and again after each RESUME), when both named
+  ``postcopy-lane`` in HELLO: a new connection, authenticated like every
+  other (its own HELLO/AUTH, the same key or TLS), and a JOIN with
+  ``lane`` (:func:`open_lane`);
+* the destination's thread (:class:`DestLane`) blocks on the guest's
+  userfaultfd and the lane together (``poll``): it reads the faults, sends
+  the REQUEST on the lane, and places the answer (``pwrite`` +
+  ``UFFDIO_CONTINUE``, or ``UFFDIO_COPY``) under the same lock as the
+  session's placement of pushes, so a page is placed once and never written
+  after the guest could map it (the placer's ``need`` mask decides, as
+  before: the later of two copies is a duplicate, counted, not written);
+* the source's thread (:func:`serve_lane_requests`) reads REQUESTs and
+  answers from the paused region what the push has not sent yet (a page is
+  claimed under the page stream's lock: it goes on one connection, once).
+
+A lane that fails (cut, reset, a protocol error) takes the page stream down
+with it, on both sides: the same recovery as a broken link (RESUME on a new
+connection, then a new lane; docs/FAILURES.md "Post-copy").  A peer that
+does not name the capability gets today's single connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import select
+import socket
+import os
+import struct
+import sys
+import threading
+import time
+from typing import Any, Callable, Protocol, TypeVar
+
+import numpy as np
+
+from precopy.errors import AbortCode, PrecopyError, RemoteProtocolError
+from precopy.memory.uffd_missing import FAULT_MSG_SIZE, read_faults
+from precopy.net.channel import Channel, LinkError, connect
+from precopy.net.tls import make_channel
+from precopy.protocol import MAX_BATCH_PAGES, NEED_DATA, Abort, Begin, Join, Joined, Pages, Request, Role, page_payload
+from precopy.session.commit import OutcomeTarget
+from precopy.session.handshake import handshake
+from precopy.session.postcopy_backlog import PushBacklog
+from precopy.session.postcopy_pages import PagePlacer
+from precopy.session.stream_thread import receive_blocking, run_blocking
+
+__all__ = ["open_lane", "serve_lane_requests", "run_source_lane", "stop_lane", "DestLane", "LaneHost", "check_request",
+           "join_lane"]
+
+_log = logging.getLogger(__name__)
+T = TypeVar("T")
+#: The interpreter's switch interval while a lane runs (s): a lane's thread woken by a fault or an
+#: answer waits for the interpreter lock until the event loop's thread drops it, at the latest
+#: after this (Python's default: 5 ms; benchmarks/RESULTS.md, pcpre).
+LANE_SWITCH_S = float(os.environ.get("PRECOPY_LANE_SWITCH_US", "5000")) / 1e6
+_switch = {"lanes": 0, "saved": 0.0}
+
+
+class _Switch:
+    """The switch interval lowered while any lane of this process runs."""
+
+    def __enter__(self) -> None:
+        if not _switch["lanes"]:
+            _switch["saved"] = sys.getswitchinterval()
+            sys.setswitchinterval(min(LANE_SWITCH_S, _switch["saved"]))
+        _switch["lanes"] += 1
+
+    def __exit__(self, *exc: object) -> None:
+        _switch["lanes"] -= 1
+        if not _switch["lanes"]:
+            sys.setswitchinterval(_switch["saved"])
+#: The lane's reader waits this long at most in ``poll`` (ms) before it looks whether to stop.
+_POLL_MS = 200
+#: A lane carries no data while no fault waits: its reads have no idle timeout (the page
+#: stream's connection has one); a year, as ``SO_RCVTIMEO``.
+_NO_IDLE_S = 365 * 86400.0
+
+
+def check_request(ev: Any, npages: int) -> np.ndarray:
+    """The pages a lane's frame asks for: it must be a REQUEST within the region."""
+    if not isinstance(ev, Request):
+        raise RemoteProtocolError(f"unexpected {type(ev).__name__} on the post-copy fault lane")
+    if ev.indices.size and int(ev.indices.max()) >= npages:
+        raise RemoteProtocolError(f"REQUEST for page {int(ev.indices.max())} of a region of {npages} pages")
+    return ev.indices
+
+
+def _send_timeout(chan: Channel, seconds: float) -> None:
+    sec = max(seconds, 0.001)
+    chan.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", int(sec), int(sec % 1 * 1e6)))
+
+
+# -- the source ------------------------------------------------------------
+
+async def open_lane(target: OutcomeTarget, begin: Begin) -> Channel:
+    """Connect, authenticate and JOIN the fault lane of ``begin``'s post-copy; returns its channel.
+
+    Raises what connecting and the handshake raise (:class:`~precopy.errors.PrecopyError`,
+    ``OSError``, ``TimeoutError``), the channel closed.
+    """
+    sock = await connect(target.host, target.port, target.connect_timeout_s)
+    chan = make_channel(sock, Role.SOURCE, target.tls_context, target.host)
+    chan.send_timeout_s = target.io_timeout_s
+    try:
+        await handshake(chan, target.auth_key, target.io_timeout_s)
+        await chan.send(Join(migration_id=begin.migration_id, stream=0, size=begin.size,
+                             chunk_pages=begin.chunk_pages, lane=True))
+        async with asyncio.timeout(target.io_timeout_s):
+            await chan.recv(Joined)
+    except BaseException:
+        chan.close()
+        raise
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return chan
+
+
+class Answering(Protocol):
+    """What the source's lane needs of the :class:`~precopy.session.postcopy_stream.PageStream`."""
+
+    def claim(self, indices: np.ndarray) -> np.ndarray: ...
+
+    def frame(self, idx: np.ndarray) -> Pages: ...
+
+    def answered(self, pages: np.ndarray, nbytes: int) -> None: ...
+
+
+def serve_lane_requests(chan: Channel, stream: Answering, npages: int, io_timeout_s: float,
+                        stop: threading.Event) -> None:
+    """The source's lane thread: each REQUEST answered at once from the paused region (what the
+    push has not sent yet).  Returns when stopped or the peer closes; raises when the lane fails."""
+    _send_timeout(chan, io_timeout_s)
+    for ev in receive_blocking(chan, _NO_IDLE_S, stop):
+        want = stream.claim(check_request(ev, npages))
+        for lo in range(0, len(want), MAX_BATCH_PAGES):
+            idx = want[lo:lo + MAX_BATCH_PAGES]
+            stream.answered(idx, chan.send_blocking(stream.frame(idx)))
+    # The destination closed it: it ends the lane when every page is placed (COMPLETE comes on the
+    # page stream's connection) or when it gave the stream up (that connection breaks too).
+
+
+async def run_source_lane(target: OutcomeTarget, begin: Begin, stream: Answering) -> None:
+    """Open the fault lane and serve it on a thread of its own until cancelled; raises when it
+    fails.  When it cannot be opened it logs why and returns: the page stream goes on alone."""
+    try:
+        chan = await open_lane(target, begin)
+    except (PrecopyError, OSError, TimeoutError) as exc:
+        _log.warning("post-copy: no fault lane (%s): faults are served on the page stream's connection", exc)
+        return
+    _log.info("post-copy: fault lane to %s", chan.peer)
+    try:
+        with _Switch():
+            await run_blocking(chan, lambda stop: serve_lane_requests(chan, stream, begin.npages,
+                                                                      target.io_timeout_s, stop),
+                               "postcopy-lane")
+    finally:
+        chan.close()
+
+
+async def stop_lane(task: asyncio.Task[None] | None) -> None:
+    """Cancel a lane's task and wait for its thread (its failure was seen by the page stream)."""
+    if task is None:
+        return
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        if not task.cancelled():
+            raise
+    except (PrecopyError, OSError) as exc:
+        _log.debug("post-copy: the fault lane ended: %s", exc)
+
+
+# -- the destination -------------------------------------------------------
+
+class LaneHost(Protocol):
+    """What the destination's lane needs of :class:`~precopy.session.postcopy_dest.PostcopyDest`."""
+
+    placer: PagePlacer | None
+    backlog: PushBacklog
+    lock: threading.Lock
+    begin: Begin
+    _uffd: int
+    _seen_empty: float
+
+    def _place_held(self, frame: Any) -> None: ...
+
+    def _on_fault(self) -> None: ...
+
+
+class DestLane:
+    """The destination's end of the fault lane: the thread's work and its life in the session's loop.
+
+    While a lane runs, the thread alone reads the guest's userfaultfd (the
+    loop's reader is removed, and put back when the lane ends); the session
+    places pushes and the thread answers under ``host.lock``.
+    """
+
+    def __init__(self, host: LaneHost) -> None:
+        self.host = host
+        self.task: asyncio.Task[None] | None = None
+        self.chan: Channel | None = None
+        self._buf = bytearray(FAULT_MSG_SIZE * 64)
+        self.requests = 0  # REQUEST frames sent on lanes
+        self._peeker = select.poll()  # the guest's userfaultfd, for peek
+        self._peeking = -1
+
+    @property
+    def active(self) -> bool:
+        return self.task is not None and not self.task.done()
+
+    def peek(self) -> None:
+        """While the thread reads the faults, the session notes between its frames when none waits
+        (a fault's latency counts from the later of this and the thread's own look)."""
+        host = self.host
+        with host.lock:
+            now = time.monotonic()
+            if host._uffd >= 0 and not self._peeker.poll(0):
+                host._seen_empty = now
+
+    def locked(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` under the lock the thread places pages under."""
+        with self.host.lock:
+            return fn(*args)
+
+    def work(self, chan: Channel, stop: threading.Event, io_timeout_s: float) -> None:
+        """The thread: faults out as REQUESTs, answers in and placed, until none is missing."""
+        host = self.host
+        placer = host.placer
+        assert placer is not None
+        uffd, sock = host._uffd, chan.sock.fileno()
+        _send_timeout(chan, io_timeout_s)
+        poller = select.poll()
+        poller.register(uffd, select.POLLIN)
+        poller.register(sock, select.POLLIN)
+        conn = chan.conn
+        empty_at = time.monotonic()  # the thread saw the userfaultfd empty then
+        while placer.left and not stop.is_set():
+            t_poll = time.monotonic()
+            ready = () if chan.pending() else poller.poll(_POLL_MS)
+            fds = {fd for fd, _ in ready}
+            if uffd in fds:
+                empty_at = self._ask(chan, empty_at)
+            else:
+                empty_at = t_poll  # not readable while poll waited: any fault came after
+            if sock not in fds and not chan.pending():
+                continue
+            if chan.recv_blocking() == 0:
+                if stop.is_set():
+                    return
+                conn.next_event()  # raises if a frame was cut short
+                raise LinkError(f"{chan.peer} closed the post-copy fault lane")
+            while (ev := conn.next_event()) is not NEED_DATA:
+                if isinstance(ev, Abort):
+                    raise LinkError(f"{chan.peer} aborted the post-copy fault lane: {ev.reason}")
+                self._place(ev)
+
+    def _ask(self, chan: Channel, empty_at: float) -> float:
+        """Read every fault waiting; REQUEST the missing pages on the lane.  Returns when the
+        userfaultfd was seen empty."""
+        host, placer = self.host, self.host.placer
+        assert placer is not None
+        ask: list[int] = []
+        with host.lock:
+            since = max(empty_at, host._seen_empty)  # the session looks between its frames too
+            while True:
+                now = time.monotonic()
+                addrs = read_faults(host._uffd, self._buf)
+                if not addrs:
+                    empty_at = now
+                    break
+                ask += placer.faulted(addrs, now, since)
+                since = now
+            if ask:
+                for frame in host.backlog.holding(ask):  # here already, held back: placed now
+                    host._place_held(frame)
+                want = np.array(sorted(ask), dtype=np.uint32)
+                want = want[placer.need[want]]
+            else:
+                want = np.zeros(0, dtype=np.uint32)
+        for lo in range(0, len(want), MAX_BATCH_PAGES):
+            chan.send_blocking(Request(indices=want[lo:lo + MAX_BATCH_PAGES]))
+            self.requests += 1
+        return empty_at
+
+    def _place(self, ev: Any) -> None:
+        host, placer = self.host, self.host.placer
+        assert placer is not None
+        if not isinstance(ev, Pages):
+            raise RemoteProtocolError(f"unexpected {type(ev).__name__} on the post-copy fault lane")
+        if ev.checksum is None and ev.chunk_digests is None:
+            raise RemoteProtocolError("post-copy PAGES without a checksum: nothing would check them")
+        data = page_payload(ev, chunk_pages=host.begin.chunk_pages) if len(ev.indices) else None
+        with host.lock:
+            placer.place(ev.indices, data, ev.zeros)
+
+    async def run(self, chan: Channel, io_timeout_s: float) -> None:
+        """Serve ``chan`` as the lane until stopped (:meth:`stop`) or it fails (raises)."""
+        self.chan = chan
+        chan.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(self.host._uffd)  # the thread reads the faults from now on
+        if self._peeking != self.host._uffd:
+            self._peeker.register(self.host._uffd, select.POLLIN)
+            self._peeking = self.host._uffd
+        try:
+            with _Switch():
+                await run_blocking(chan, lambda stop: self.work(chan, stop, io_timeout_s), "postcopy-lane")
+        finally:
+            self.chan = None
+            placer = self.host.placer
+            if self.host._uffd >= 0 and placer is not None and placer.left and not loop.is_closed():
+                loop.add_reader(self.host._uffd, self.host._on_fault)
+
+    def start(self, chan: Channel, io_timeout_s: float) -> asyncio.Task[None]:
+        self.task = asyncio.ensure_future(self.run(chan, io_timeout_s))
+        return self.task
+
+    async def stop(self) -> None:
+        """End the lane (if any) and wait for its thread: nothing reads the guest's faults or places
+        a page from it after this returns."""
+        task, self.task = self.task, None
+        if task is None:
+            return
+        if not task.done():
+            task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            if not task.cancelled():
+                raise
+        except Exception as exc:  # its failure was handled where it was awaited first
+            _log.debug("the post-copy fault lane ended: %s", exc)
+
+
+async def join_lane(live: Any, chan: Channel, ev: Join) -> None:
+    """A source opens the fault lane of ``live`` (the
+    :class:`~precopy.session.postcopy_dest.PostcopyDest` of ``ev``'s migration, None: none here):
+    JOINED, then the lane's thread until the post-copy ends or the lane fails.
+
+    A failed lane cancels the page stream it served beside (the session then waits for RESUME,
+    as after a cut link); a lane that placed the last page ends the stream (COMPLETE).
+    """
+    if live is None or live.begin.size != ev.size or live.placer is None or live._chan is None:
+        raise PrecopyError(f"no post-copy page stream of migration {ev.migration_id} is served here for a "
+                           "fault lane", AbortCode.REGION)
+    lane: DestLane = live.lane
+    await lane.stop()  # a lane of a connection given up: this one replaces it
+    timeout = live.recv.opts.idle_timeout_s
+    chan.send_timeout_s = timeout
+    await chan.send(Joined())
+    _log.info("migration %s: post-copy fault lane from %s", ev.migration_id, chan.peer)
+    main = live._chan
+
+    def end_stream(why: str | None) -> None:
+        if live._chan is main and live._streaming is not None and not live._streaming.done():
+            live._preempted, live._why = True, why
+            live._streaming.cancel()
+
+    task = lane.start(chan, timeout)
+    try:
+        await task
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise
+        return  # stopped by the session (the post-copy ended, or its link did)
+    except (PrecopyError, OSError) as exc:
+        _log.warning("migration %s: post-copy fault lane lost (%s): the page stream is taken up again",
+                     ev.migration_id, exc)
+        end_stream(f"the fault lane failed: {exc}")  # the same recovery as a cut link
+        raise
+    if not live.placer.left:
+        end_stream(None)  # the lane placed the last page: COMPLETE
