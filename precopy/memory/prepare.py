@@ -4,8 +4,8 @@
 move: reserving a fresh file's blocks (``fallocate``) so that a write
 through the mapping is never a SIGBUS, mapping a fresh tmpfs region in
 writable ahead of the receiver (``MADV_POPULATE_WRITE``), and mapping an
-existing region's pages in (``MADV_POPULATE_READ``) before they are read or
-received into.  Each :class:`~precopy.memory.region.GuestMemory` has one,
+existing region's pages in (:mod:`precopy.memory.map_in`) before they are
+read or received into.  Each :class:`~precopy.memory.region.GuestMemory` has one,
 ``mem.prep``, and stops it before it unmaps the region.  The calls go
 through ctypes and release the GIL, so they run beside the receive loop.
 """
@@ -22,13 +22,13 @@ from pathlib import Path
 import numpy as np
 
 from precopy.errors import RegionError
+from precopy.memory.map_in import MADV_POPULATE_READ, MapIn
 from precopy.protocol import PAGE_SIZE
 
 __all__ = ["MADV_POPULATE_READ", "MADV_POPULATE_WRITE", "Preparation", "reserve"]
 
 _log = logging.getLogger(__name__)
 
-MADV_POPULATE_READ = 22  # Linux 5.14; not exported by Python 3.11's mmap
 MADV_POPULATE_WRITE = 23
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
@@ -94,6 +94,8 @@ class Preparation:
         self.populated_upto = 0
         self._ahead_skipped: np.ndarray | None = None
         self._ahead_piece = 1
+        #: Maps pages in for the copy (one read per fault-around window on tmpfs).
+        self.map_in = MapIn(path, base, size)
 
     def _mapping(self) -> int:
         """The mapping's address, for a thread to work on; ValueError once the region is closed."""
@@ -258,7 +260,7 @@ class Preparation:
             self._populate_thread = None
 
     def start_map_in(self, pages: np.ndarray) -> None:
-        """Map the given pages of the file in, in a background thread (``MADV_POPULATE_READ``).
+        """Map the given pages of the file in, in a background thread (:class:`MapIn`).
 
         For a region whose pages exist (an existing destination region):
         receiving straight into the mapping then takes no page fault per
@@ -269,7 +271,7 @@ class Preparation:
         hole in would allocate it).  Best effort: a kernel without it only
         costs the faults.
         """
-        base = self._mapping()  # (read-only mappings too; the thread is joined before the unmapping)
+        self._mapping()  # (ValueError once closed; read-only mappings too; the thread is joined before the unmapping)
         # Runs of the mask from a byte per page (page-number arrays would be
         # 8 bytes a page: 8 MiB of peak memory more at 4 GiB).
         edges = np.diff(np.asarray(pages, dtype=bool).view(np.int8), prepend=np.int8(0), append=np.int8(0))
@@ -289,16 +291,13 @@ class Preparation:
                 for lo in range(a, b, piece):
                     if self._prepare_abort.is_set():
                         return
-                    n = min(piece, b - lo)
-                    if _libc.madvise(base + lo * PAGE_SIZE, n * PAGE_SIZE, MADV_POPULATE_READ) != 0:
-                        _log.debug("mapping %s in: %s", self.path, os.strerror(ctypes.get_errno()))
-                        return
+                    self.map_in.pages(lo, min(lo + piece, b))
 
         self._map_in_thread = threading.Thread(target=run, name="precopy-map-in", daemon=True)
         self._map_in_thread.start()
 
     def map_in_now(self, first: int, stop: int) -> None:
-        """Map pages ``first`` up to ``stop`` in at once, in this thread (``MADV_POPULATE_READ``).
+        """Map pages ``first`` up to ``stop`` in at once, in this thread (:class:`MapIn`).
 
         What :meth:`start_map_in` does, one piece at a time, where the
         caller must know the pages were mapped in before it reads them on
@@ -306,8 +305,8 @@ class Preparation:
         PageSender.send).  The range must hold no hole (it would be
         allocated).  Best effort, as there.
         """
-        if _libc.madvise(self._mapping() + first * PAGE_SIZE, (stop - first) * PAGE_SIZE, MADV_POPULATE_READ) != 0:
-            _log.debug("mapping %s in: %s", self.path, os.strerror(ctypes.get_errno()))
+        self._mapping()  # (ValueError once closed)
+        self.map_in.pages(first, stop)
 
     def wait_map_in(self) -> None:
         """Wait until the thread of :meth:`start_map_in` is done (at once if there is none)."""

@@ -56,6 +56,7 @@ from precopy.memory.digest import (
     sorted_distinct,
 )
 from precopy.errors import GuestControlError
+from precopy.memory.map_in import HUGETLBFS_MAGIC, TMPFS_MAGIC, fs_magic
 from precopy.memory.region import GuestMemory
 from precopy.memory.uffd import (
     PagemapScanner,
@@ -84,22 +85,10 @@ TRACKING_MODES = ("auto", "digest", "uffd-wp")
 #: Extents of a regular region file walked for holes per scan (tmpfs and
 #: hugetlbfs use residency instead); holes past it are not seen.
 HOLE_WALK_EXTENTS = 4096
-TMPFS_MAGIC = 0x01021994
-HUGETLBFS_MAGIC = 0x958458F6
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
 _libc.mincore.restype = ctypes.c_int
-_libc.statfs.argtypes = [ctypes.c_char_p, ctypes.c_void_p]
-_libc.statfs.restype = ctypes.c_int
-
-
-def fs_magic(path: os.PathLike[str] | str) -> int:
-    """``f_type`` of the file system holding ``path`` (statfs(2)); 0 if unknown."""
-    buf = ctypes.create_string_buffer(256)  # struct statfs; f_type comes first
-    if _libc.statfs(os.fsencode(path), buf) != 0:
-        return 0
-    return int.from_bytes(buf.raw[:ctypes.sizeof(ctypes.c_long)], "little")
 
 
 def maybe_data_held(sent: np.ndarray, held_zero: np.ndarray | None, pages: np.ndarray | slice = slice(None)
