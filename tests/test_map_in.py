@@ -20,7 +20,6 @@ pytestmark = pytest.mark.skipif(not SHM.is_dir() or fs_magic(SHM) != TMPFS_MAGIC
 @pytest.fixture
 def region(tmp_path: Path):  # noqa: ARG001 (tmp_path: a unique name)
     path = SHM / f"precopy-test-map-in-{os.getpid()}-{tmp_path.name}.mem"
-    npages = 1024
     with open(path, "wb") as f:  # data, a hole of 256 pages, data
         f.write(os.urandom(PAGE_SIZE) * 384)
         f.seek(640 * PAGE_SIZE)

@@ -46,7 +46,8 @@ from typing import Any, Awaitable, Callable, Protocol
 import numpy as np
 
 from precopy.errors import AbortCode, GuestControlError, PrecopyError, RemoteProtocolError
-from precopy.memory.tracking import HUGETLBFS_MAGIC, TrackingOffer, fs_magic
+from precopy.memory.map_in import HUGETLBFS_MAGIC, fs_magic
+from precopy.memory.tracking import TrackingOffer
 from precopy.memory.uffd import TrackingUnavailable
 from precopy.memory.uffd_missing import (FAULT_MSG_SIZE, punch_pages, read_faults, register_missing,
                                          register_postcopy, unregister_missing)

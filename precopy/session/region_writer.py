@@ -29,7 +29,7 @@ import xxhash
 
 from precopy.memory.digest import ChunkTracker
 from precopy.memory.region import GuestMemory
-from precopy.memory.tracking import TMPFS_MAGIC, fs_magic
+from precopy.memory.map_in import TMPFS_MAGIC, fs_magic
 from precopy.protocol import PAGE_SIZE, Pages, page_payload
 from precopy.session.journal import MigrationRecord
 
