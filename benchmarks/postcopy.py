@@ -183,7 +183,8 @@ def one(work: Path, size_mib: int, mode: str, writer: str = "sweep", early: bool
             "remote_faults": pc.get("remote_faults"), "remote_p50_us": pc.get("remote_p50_us"),
             "remote_p99_us": pc.get("remote_p99_us"), "inflight_p50_us": pc.get("inflight_p50_us"),
             "inflight_p99_us": pc.get("inflight_p99_us"), "load": os.getloadavg()[0],
-            "phases_ms": rep["phases_ms"], "cpu_s": rep["cpu_s"], "idle_cpu_s": idle_cpu, **check}
+            "phases_ms": rep["phases_ms"], "cpu_s": rep["cpu_s"], "idle_cpu_s": idle_cpu,
+            "push_cpu_s": {"source": pc.get("push_cpu_s"), "dest": pc.get("dest_push_cpu_s")}, **check}
 
 
 def _us(r: dict[str, Any], kind: str) -> str:
@@ -224,7 +225,23 @@ def table(rows: list[dict[str, Any]], size_mib: int, mode: str, command: str, wr
     phases = ", ".join(f"{k} {statistics.median(r['phases_ms'].get(k, 0.0) for r in rows):.1f}" for k in keys)
     lines += ["", f"Median phases (ms): {phases}; pause to the last page {med('last_page_s'):.2f} s "
               f"({statistics.median(r['last_page_s'] / r['idle_total_s'] for r in rows):.2f}x the idle migration)."]
+    lines += ["", _cpu_line(rows, size_mib)]
     return "\n".join(lines)
+
+
+def _cpu_line(rows: list[dict[str, Any]], size_mib: int) -> str:
+    """Median CPU seconds per GiB of each agent: during the push (COMMITTED to the last page), the whole
+    post-copy migration, the idle pre-copy migration."""
+    gib = size_mib / 1024
+
+    def med(get: Any) -> str:
+        vals = [v for r in rows if (v := get(r)) is not None]
+        return f"{statistics.median(vals) / gib:.2f}" if vals else "-"
+
+    return ("CPU-s/GiB, median (source / destination): during the push "
+            f"{med(lambda r: r['push_cpu_s']['source'])} / {med(lambda r: r['push_cpu_s']['dest'])}; the whole "
+            f"migration {med(lambda r: r['cpu_s']['source'])} / {med(lambda r: r['cpu_s']['dest'])}; the idle "
+            f"pre-copy {med(lambda r: r['idle_cpu_s']['source'])} / {med(lambda r: r['idle_cpu_s']['dest'])}.")
 
 
 def main() -> int:

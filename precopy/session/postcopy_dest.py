@@ -183,6 +183,7 @@ class PostcopyDest:
         self.lock = threading.Lock()  # placing pages, reading faults: the session's loop or the lane's thread
         self.lane = DestLane(self)  # the fault lane (postcopy_lane), when the source opened one
         self._why: str | None = None  # why the stream was cancelled (_preempted), when not for a RESUME
+        self._cpu_run = 0.0  # process CPU time when the page stream began (COMPLETE's push_cpu_s)
 
     # -- steps 1-3: from POSTCOPY to the guest running here ----------------
 
@@ -302,6 +303,7 @@ class PostcopyDest:
         if first:
             self._persist()
         self._seen_empty = time.monotonic()  # the guest runs from COMMITTED on
+        self._cpu_run = time.process_time()  # COMPLETE says the CPU the page stream took here
         loop.add_reader(self._uffd, self._on_fault)
         try:
             if chan is None:
@@ -349,7 +351,8 @@ class PostcopyDest:
             if self._resumer is not None:
                 await self._resumer
             self._finish()
-            await chan.send(Complete(migration_id=mid, pages=self.n_missing, stats=self.placer.stats()))
+            stats = {**self.placer.stats(), "push_cpu_s": time.process_time() - self._cpu_run}
+            await chan.send(Complete(migration_id=mid, pages=self.n_missing, stats=stats))
         finally:
             await self.lane.stop()
             loop.remove_reader(self._uffd)

@@ -212,7 +212,7 @@ class PostcopySource:
                                                                   data=bits[off:off + MAX_PAYLOAD]))
         await sw.send_device_state(blob, rnd)
         done = await self._commit(blob, memory)
-        t_run = time.monotonic()
+        t_run, cpu_run = time.monotonic(), time.process_time()
         sw.phases.update({f"dest_{k}": v for k, v in done.timings.items()} if done is not None else {})
         sw._lap("postcopy")
         self.report.downtime_ms = self.report.paused_ms = (t_run - sw.t_pause) * 1e3
@@ -224,7 +224,7 @@ class PostcopySource:
         finally:
             for task in self._readers:
                 task.cancel()
-        t_end = time.monotonic()
+        t_end, cpu_push = time.monotonic(), time.process_time() - cpu_run
         rnd.pages_sent = self.stats.pushed + self.stats.requested
         rnd.seconds = t_end - sw.t_pause
         rnd.bytes_on_wire += self.stats.bytes_on_wire
@@ -240,6 +240,8 @@ class PostcopySource:
             "fault_max_us": got.get("fault_max_us"), "last_page_s": t_end - sw.t_pause,
             **{k: got.get(k) for k in _FAULT_KINDS},
             "reconnects": self.stats.reconnects, "duplicates": int(got.get("duplicates", 0)),
+            # CPU seconds each agent spent from COMMITTED to the last page (all its threads).
+            "push_cpu_s": cpu_push, "dest_push_cpu_s": got.get("push_cpu_s"),
         }
         self.committer.confirmed = True
 
