@@ -71,14 +71,16 @@ def test_check_request() -> None:
 
 
 class _Mem:
-    """The paused region: page p holds the byte p + 1 (page 7 is zeros)."""
+    """The paused region: page p holds the byte p + 1 (page 7 is zeros); what the push reads of a
+    GuestMemory (its pages, as words, as bytes)."""
 
-    def gather(self, idx: np.ndarray) -> np.ndarray:
-        out = np.zeros((len(idx), PAGE_SIZE), dtype=np.uint8)
-        for k, p in enumerate(idx.tolist()):
+    def __init__(self) -> None:
+        self.pages = np.zeros((NPAGES, PAGE_SIZE), dtype=np.uint8)
+        for p in range(NPAGES):
             if p != 7:
-                out[k] = p + 1
-        return out
+                self.pages[p] = p + 1
+        self.words = self.pages.reshape(-1).view(np.uint64)
+        self.view = memoryview(self.pages.reshape(-1))
 
 
 def _stream() -> PageStream:

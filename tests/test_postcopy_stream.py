@@ -110,3 +110,35 @@ def test_the_pacing_wait_gives_up_on_a_link_that_does_not_drain() -> None:
     with pytest.raises(TimeoutError, match="unsent"):
         asyncio.run(paced([4 * MAX_UNSENT], 0.05))
     asyncio.run(paced([4 * MAX_UNSENT, 3 * MAX_UNSENT, 2 * MAX_UNSENT, MAX_UNSENT], 0.05))  # drains: returns
+
+
+def test_a_push_is_sent_from_the_mapping_zero_pages_as_numbers_checked_as_one_payload(tmp_path) -> None:
+    """pages_from_mapping: the data pages' bytes are views of the region (runs, in order), the zero
+    pages only numbers, and the checksum is that of the payload the destination receives."""
+    import dataclasses
+
+    from precopy.memory.region import GuestMemory
+    from precopy.protocol import PAGE_SIZE
+    from precopy.protocol.framing import page_payload
+    from precopy.session.postcopy_stream import pages_from_mapping
+
+    mem = GuestMemory.create(tmp_path / "r.mem", 64 * PAGE_SIZE)
+    try:
+        rng = np.random.default_rng(1)
+        mem.pages[:] = rng.integers(1, 255, size=(64, PAGE_SIZE), dtype=np.uint8)
+        mem.pages[[3, 10, 11, 40]] = 0  # zero pages
+        mem.pages[20, 8:] = 0  # starts with data, the rest zeros: data
+        mem.pages[21, :PAGE_SIZE - 1] = 0  # zeros but for its last byte: data (its first 8 bytes are zero)
+        for idx in (np.arange(0, 32, dtype=np.uint32), np.array([1, 3, 4, 5, 10, 11, 20, 21, 33, 40, 63], dtype=np.uint32),
+                    np.array([3, 10, 11], dtype=np.uint32), np.arange(16, 24, dtype=np.uint32)):
+            ev = pages_from_mapping(mem, idx)
+            zeros = [p for p in idx.tolist() if p in (3, 10, 11, 40)]
+            assert ev.zeros.tolist() == zeros
+            assert ev.indices.tolist() == [p for p in idx.tolist() if p not in zeros]
+            bufs = ev.payload if isinstance(ev.payload, list) else [ev.payload]
+            whole = b"".join(bytes(b) for b in bufs)
+            assert whole == mem.pages[ev.indices.astype(np.int64)].tobytes()
+            got = page_payload(dataclasses.replace(ev, payload=memoryview(whole)))  # raises on a bad checksum
+            assert bytes(got) == whole
+    finally:
+        mem.close()
