@@ -142,3 +142,75 @@ def test_a_push_is_sent_from_the_mapping_zero_pages_as_numbers_checked_as_one_pa
             assert bytes(got) == whole
     finally:
         mem.close()
+
+
+def test_the_pacing_waits_for_room_on_a_real_socket_and_a_request_ends_the_wait() -> None:
+    """With a plain TCP channel the pacing waits for the socket to turn writable under the limit
+    (TCP_NOTSENT_LOWAT), not a poll: it returns once the peer reads, and a request ends it at once."""
+    import asyncio
+    import socket
+
+    from precopy.net.channel import Channel, tune
+    from precopy.protocol import Role
+    from precopy.session.postcopy_stream import MAX_UNSENT
+
+    class _Ex:
+        def __init__(self, chan: Channel) -> None:
+            self.chan = chan
+
+        def unsent_bytes(self) -> int:
+            return self.chan.unsent_bytes()
+
+    async def main() -> None:
+        lsock = socket.socket()
+        lsock.bind(("127.0.0.1", 0))
+        lsock.listen(1)
+        a = socket.create_connection(lsock.getsockname())
+        b, _ = lsock.accept()
+        lsock.close()
+        b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        tune(a)
+        chan = Channel(a, Role.SOURCE)
+        try:
+            a.setblocking(False)
+            blob = b"x" * (4 * MAX_UNSENT)
+            sent = 0
+            while sent < len(blob):  # fill: the peer reads nothing yet
+                try:
+                    sent += a.send(blob[sent:])
+                except BlockingIOError:
+                    break
+            assert chan.unsent_bytes() > MAX_UNSENT
+            s = stream(np.ones(8, dtype=bool))
+            reader = asyncio.ensure_future(asyncio.sleep(3600))
+            paced = asyncio.ensure_future(s._paced(_Ex(chan), reader, 60.0))  # type: ignore[arg-type]
+            await asyncio.sleep(0.2)
+            assert not paced.done()  # nothing drains: it waits
+            s._asked.append(np.array([1], dtype=np.uint32))
+            s._stop_waiting()  # what the reader does on a REQUEST
+            await asyncio.wait_for(paced, 30)
+            assert s._lowat is not None  # it waited on the socket (TCP_NOTSENT_LOWAT), not a poll
+            s._asked.clear()
+            paced = asyncio.ensure_future(s._paced(_Ex(chan), reader, 60.0))  # type: ignore[arg-type]
+            await asyncio.sleep(0.2)
+            assert not paced.done()
+            loop = asyncio.get_running_loop()
+            b.setblocking(False)
+
+            def drain() -> None:
+                try:
+                    while b.recv(1 << 20):
+                        pass
+                except BlockingIOError:
+                    pass
+
+            loop.add_reader(b.fileno(), drain)
+            await asyncio.wait_for(paced, 30)  # the peer reads: room, the wait ends
+            loop.remove_reader(b.fileno())
+            assert chan.unsent_bytes() <= MAX_UNSENT
+            reader.cancel()
+        finally:
+            chan.close()
+            b.close()
+
+    asyncio.run(main())

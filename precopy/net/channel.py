@@ -157,6 +157,20 @@ class Channel:
             return 0
         return max(0, int.from_bytes(buf, sys.byteorder, signed=True))
 
+    def notsent_lowat(self, nbytes: int) -> int:
+        """Make the socket writable (and ``sendmsg`` take more) only while fewer than ``nbytes`` are
+        unsent (``TCP_NOTSENT_LOWAT``): a sender may then wait for writability instead of polling
+        :meth:`unsent_bytes`.  Returns the socket's descriptor to wait on, or -1 where this cannot
+        be (a channel that writes its own way, e.g. TLS; a kernel that refuses)."""
+        if self._own_writes or self.closed:
+            return -1
+        try:
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, nbytes)
+        except (OSError, AttributeError) as exc:
+            _log.debug("no TCP_NOTSENT_LOWAT on %s: %s", self.peer, exc)
+            return -1
+        return self.sock.fileno()
+
     @property
     def peer(self) -> str:
         try:

@@ -49,6 +49,11 @@ MAX_UNSENT = 1024 * 1024
 #: clear gain in the remote faults' latency, now that the destination holds back what is ahead
 #: of an answer: benchmarks/RESULTS.md, pc22l.)
 URGENT_S, URGENT_PAGES, URGENT_UNSENT = 0.05, 32, 64 * 1024
+#: Longest wait for room in the socket before the pacing looks again.  The wait is for the socket
+#: to turn writable with TCP_NOTSENT_LOWAT at the limit (a request ends it at once): no polling.
+#: (It polled every 0.2 ms: under load, with the destination the slower side, 25 % of the
+#: source's samples during the push were that loop: benchmarks/RESULTS.md, pcpush.)
+_ROOM_WAIT_S = 0.005
 #: Pushes sent between two turns of the reader (each push while URGENT_S lasts).
 _YIELD_EVERY = 4
 #: Pages of the push order looked at per step when searching for the next wanted ones.
@@ -85,6 +90,8 @@ class PageStream:
         self.lane: asyncio.Task[None] | None = None
         self._jump = -1  # the last page the lane answered: the push goes on after it
         self._lane_pages = self._lane_bytes = 0
+        self._lowat: tuple[object, int] | None = None  # (channel, limit) TCP_NOTSENT_LOWAT was set for
+        self._poke: asyncio.Future[None] | None = None  # the pacing's wait for room: a request ends it
 
     def restart(self, need: np.ndarray) -> None:
         """A new link: the destination says what it still lacks (pages in flight were lost)."""
@@ -140,7 +147,39 @@ class PageStream:
                 last, since = unsent, now
             elif now - since > io_timeout_s:
                 raise TimeoutError(f"post-copy: {unsent} bytes unsent for {io_timeout_s:g} s (the link stalls)")
+            await self._room(exchange, URGENT_UNSENT if self._urgent() else MAX_UNSENT)
+
+    async def _room(self, exchange: Exchange, limit: int) -> None:
+        """Wait until the socket may hold fewer than ``limit`` bytes unsent: until it turns writable
+        with TCP_NOTSENT_LOWAT at ``limit``, a request comes, or ``_ROOM_WAIT_S`` passes.  A
+        channel without a plain socket (TLS, a test's) is looked at again after 0.2 ms."""
+        chan = getattr(exchange, "chan", None)
+        fd = -1
+        if chan is not None and hasattr(chan, "notsent_lowat"):
+            if self._lowat is None or self._lowat[0] is not chan or self._lowat[1] != limit:
+                fd = chan.notsent_lowat(limit)
+                self._lowat = (chan, limit) if fd >= 0 else None
+            elif not chan.closed:
+                fd = chan.sock.fileno()
+        if fd < 0:
             await asyncio.sleep(0.0002)
+            return
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+
+        def wake() -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        loop.add_writer(fd, wake)
+        timer = loop.call_later(_ROOM_WAIT_S, wake)
+        self._poke = fut
+        try:
+            await fut
+        finally:
+            self._poke = None
+            timer.cancel()
+            loop.remove_writer(fd)
 
     async def _read(self, exchange: Exchange) -> Complete:
         try:
@@ -158,8 +197,15 @@ class PageStream:
                     # flight, as a sweep chasing the push takes, is not helped by smaller pushes).
                     self._urgent_until = time.monotonic() + URGENT_S
                 self._wake.set()
+                self._stop_waiting()
         finally:
             self._wake.set()  # done, or the link failed: the sender looks
+            self._stop_waiting()
+
+    def _stop_waiting(self) -> None:
+        """End the pacing's wait for room (a request to serve, or the reader's end)."""
+        if self._poke is not None and not self._poke.done():
+            self._poke.set_result(None)
 
     def _next(self) -> tuple[np.ndarray, bool] | None:
         """The next batch: what was asked for and is still wanted, else the next pages in order.
