@@ -157,9 +157,15 @@ def start_dest(procs: Procs, work: Path, *extra: str, loop: str = "uvloop", read
 
 def run_source(work: Path, *args: str, timeout: float = 120) -> tuple[int, dict | None, str]:  # type: ignore[type-arg]
     report = work / f"report-{time.monotonic_ns()}.json"
-    r = subprocess.run([PY, "-m", "precopy_agents.source_main", *args, "--report", str(report),
-                        "--log-format", "json", "--progress", "off"],
-                       env=ENV, cwd=ROOT, capture_output=True, timeout=timeout)
+    try:
+        r = subprocess.run([PY, "-m", "precopy_agents.source_main", *args, "--report", str(report),
+                            "--log-format", "json", "--progress", "off"],
+                           env=ENV, cwd=ROOT, capture_output=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        # The source's last log lines say what it waited for (pytest cuts the exception's repr short).
+        out = ((e.stdout or b"") + (e.stderr or b"")).decode(errors="replace")
+        raise AssertionError(f"precopy-source still running after {timeout:.0f} s; its last output:\n"
+                             + out[-6000:]) from None
     rep = json.loads(report.read_text()) if report.exists() else None
     return r.returncode, rep, (r.stdout + r.stderr).decode(errors="replace")
 

@@ -126,13 +126,21 @@ def test_a_guest_that_converges_is_never_throttled(procs: Procs, shm: Path, rate
     # converge on their own.
     with FaultProxy(("127.0.0.1", dport(dest)), rate_bps=50e6) as proxy:
         rc, rep, out = run_source(shm, "--to", proxy.addr, "--memory", str(src), *who,
-                                  "--downtime-ms", "100", "--event-loop", "asyncio", timeout=240)
-    assert rc == 0, out
-    assert rep is not None and rep["outcome"] == "committed", out
+                                  "--downtime-ms", "100", "--max-time", "120", "--event-loop", "asyncio",
+                                  timeout=300)
+    assert rep is not None, out
     assert rep["tracking"] == ("uffd-wp" if rate else "digest"), rep["tracking"]
     # On failure, the source's round lines say why (pytest cuts rep["rounds"] short).
     assert all(r["throttle_pct"] == 0 for r in rep["rounds"]), out[-4000:]
     assert rep["max_throttle_pct"] == 0
+    if rc == 3 and "rounds contended, the last: the sender waited for a CPU" in (rep.get("error") or ""):
+        # A host loaded for minutes (seen once in ~40 runs beside stress-ng at load 5-10): the
+        # floor measured while the source waited for a CPU is over the budget, the source waits
+        # for the contention to pass and rolls back at --max-time -- not throttled, guest running.
+        assert rep["outcome"] == "aborted" and keeps_running(g.pid), out[-4000:]
+        return
+    assert rc == 0, out
+    assert rep["outcome"] == "committed", out
     if rate:
         assert iterative(rep) and iterative(rep)[0]["expected_downtime_ms"] > 100, out[-4000:]
     assert (dest.memory_dir / "vm.mem").read_bytes() == src.read_bytes()

@@ -498,7 +498,11 @@ class SwitchoverPolicy:
         """Out of rounds or time without converging: abort, or force."""
         bound = (f"{r.rounds_done} rounds" if r.over_rounds else f"{r.elapsed_s:.1f} s")
         if self._contended_rounds:
-            bound += f" ({self._contended_rounds} of them contended)" if r.over_rounds else ""
+            # Over time after waiting out contention: say so (a host that stayed busy, not a workload
+            # that never converged on its own).
+            bound += (f" ({self._contended_rounds} of them contended)" if r.over_rounds else
+                      f" ({self._contended_rounds} rounds contended, the last: {'; '.join(r.busy)})"
+                      if r.busy else f" ({self._contended_rounds} rounds contended)")
         throttled = f" (throttled at {self.throttle_pct} %)" if self.throttle_pct else ""
         why = (f"did not converge after {bound}{throttled}: expected downtime "
                f"{r.expected_s * 1e3:.1f} ms > budget {self.downtime_s * 1e3:.0f} ms")
