@@ -8,7 +8,7 @@ right after READY:
 1. the holes of the source's file are found while the workload runs
    (:meth:`~precopy.memory.region.GuestMemory.hole_pages`, never reading
    them), before connecting, and the other pages are mapped in, in a thread
-   (``MADV_POPULATE_READ``: the push then takes no page fault per page),
+   (:mod:`precopy.memory.map_in`: the push then takes no page fault per page),
    while the destination gets ready; into a region the destination held
    already (READY ``existing``) the holes go at once as zero pages (no
    payload), as pre-copy's full copy sends them;
