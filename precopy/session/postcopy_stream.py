@@ -36,10 +36,12 @@ __all__ = ["PageStream", "StreamStats", "pages_from_mapping", "resume_stream", "
 
 _log = logging.getLogger(__name__)
 #: Pages in a pushed batch.  A fault on a page in flight (a sweep chasing the push) waits for the
-#: rest of its frame: 32 pages cut that wait ~3x (in-flight p50 ~1.2 -> ~0.4 ms) but made the push
-#: of 1 GiB ~30 % slower (a fault and a REQUEST per frame boundary: 4x as many), so 128 stays
-#: (benchmarks/RESULTS.md, pc22l).
-PUSH_PAGES = 128
+#: rest of its frame, but every frame costs both agents a turn of Python and the sweep a fault and
+#: a REQUEST at its boundary: 32 pages made the push of 1 GiB ~30 % slower than 128 (pc22l); 512
+#: made it ~25 % faster than 128 (2 MiB frames: both agents' CPU 2.2 -> 1.7 CPU-s/GiB, total / idle
+#: 1.71 -> 1.32 on a quiet machine) with the in-flight fault p50 806 -> 896 us, p99 4.6 -> 5.7 ms
+#: (benchmarks/RESULTS.md, pcpush).
+PUSH_PAGES = 512
 #: Bytes the socket may hold unsent before the next push waits: what a
 #: requested page queues behind (1 MiB: ~0.5 ms at loopback speed).
 MAX_UNSENT = 1024 * 1024
