@@ -104,6 +104,11 @@ def _add_policy_args(p: argparse.ArgumentParser) -> None:
                         "handshake (every page the region's file holds is sent once, by the post-copy "
                         "stream; no tracking, no rounds, one stream); off: never (default: from "
                         "post-copy's switchover on there is no rollback: docs/FAILURES.md)")
+    p.add_argument("--postcopy-lane", action="store_true",
+                   help="post-copy: the resumed workload's faults and their answers on a connection of "
+                        "their own, served by a thread at each end (QEMU's postcopy-preempt), when the "
+                        "destination offers it: a page faulted on does not queue behind the push. Lower "
+                        "fault latency, a slower push on a busy host (benchmarks/RESULTS.md, pcpre)")
 
 
 def _add_throttle_args(p: argparse.ArgumentParser) -> None:
@@ -221,7 +226,7 @@ def make_migration(args: argparse.Namespace) -> tuple[SourceOptions, Workload]:
         tracking=args.tracking, throttle=args.throttle, throttle_initial_pct=args.throttle_initial,
         throttle_step_pct=args.throttle_step, throttle_max_pct=args.throttle_max,
         max_downtime_ms=args.max_downtime_ms, headroom=args.headroom, postcopy=args.postcopy,
-        streams=args.streams, stream_to=list(args.stream_to), bind=list(args.bind),
+        postcopy_lane=args.postcopy_lane, streams=args.streams, stream_to=list(args.stream_to), bind=list(args.bind),
     )
     if not args.memory.exists():
         raise PrecopyError(f"memory region {args.memory} does not exist")

@@ -148,7 +148,8 @@ async def _pause(path: str) -> None:
 WRITERS = {"sweep": ["--pattern", "sweep"], "random": ["--rate", "20000", "--hot-fraction", "1"]}
 
 
-def one(work: Path, size_mib: int, mode: str, writer: str = "sweep", early: bool = True) -> dict[str, Any]:
+def one(work: Path, size_mib: int, mode: str, writer: str = "sweep", early: bool = True,
+        lane: bool = False) -> dict[str, Any]:
     idle = Run(work / "idle", size_mib, ["--rate", "0"], None)
     try:
         idle_rep = idle.migrate()
@@ -161,7 +162,7 @@ def one(work: Path, size_mib: int, mode: str, writer: str = "sweep", early: bool
             "--postcopy")
     sweep = Run(work / "sweep", size_mib, WRITERS[writer], hook, ("--postcopy-guest-early",) if early else ())
     try:
-        rep = sweep.migrate("--postcopy", mode)
+        rep = sweep.migrate("--postcopy", mode, *(("--postcopy-lane",) if lane else ()))
         pc = rep["postcopy"] or {}
         _wait(lambda: ctlfile.exists() and ctlfile.read_text().endswith("\n"), 30, "the destination guest's control path")
         asyncio.run(_pause(ctlfile.read_text().strip()))
@@ -252,13 +253,16 @@ def main() -> int:
     ap.add_argument("--writer", default="sweep", choices=sorted(WRITERS))
     ap.add_argument("--guest-start", default="early", choices=["early", "switchover"],
                     help="when the destination's hook starts its guest (default early: --postcopy-guest-early)")
+    ap.add_argument("--lane", action="store_true", help="the source with --postcopy-lane (the faults on a "
+                    "connection of their own)")
     ap.add_argument("--work", type=Path, default=Path("/dev/shm") / f"precopy-bench-pc-{os.getpid()}")
     args = ap.parse_args()
     command = "python -m benchmarks.postcopy " + " ".join(sys.argv[1:])
     rows = []
     try:
         for i in range(args.runs):
-            row = one(args.work / f"run{i}", args.size_mib, args.postcopy, args.writer, args.guest_start == "early")
+            row = one(args.work / f"run{i}", args.size_mib, args.postcopy, args.writer, args.guest_start == "early",
+                      args.lane)
             print(json.dumps(row), flush=True)
             rows.append(row)
     finally:

@@ -80,11 +80,10 @@ def test_options_and_capabilities(shm: Path) -> None:
     region.write_bytes(b"\0" * PAGE)
     opts = SourceOptions(memory=region, host="127.0.0.1", port=1, postcopy="immediate")
     assert opts.streams == 1
-    assert offered_caps(opts) == (POSTCOPY_CAP, POSTCOPY_IMMEDIATE_CAP, POSTCOPY_LANE_CAP)
-    assert offered_caps(SourceOptions(memory=region, host="127.0.0.1", port=1, postcopy="now")) == (
-        POSTCOPY_CAP, POSTCOPY_LANE_CAP)
+    assert offered_caps(opts) == (POSTCOPY_CAP, POSTCOPY_IMMEDIATE_CAP)
+    assert offered_caps(SourceOptions(memory=region, host="127.0.0.1", port=1, postcopy="now")) == (POSTCOPY_CAP,)
     assert offered_caps(SourceOptions(memory=region, host="127.0.0.1", port=1, postcopy="now",
-                                      postcopy_lane=False)) == (POSTCOPY_CAP,)
+                                      postcopy_lane=True)) == (POSTCOPY_CAP, POSTCOPY_LANE_CAP)
     with pytest.raises(ValueError, match="one connection"):
         SourceOptions(memory=region, host="127.0.0.1", port=1, postcopy="immediate", streams=2)
 

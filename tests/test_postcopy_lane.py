@@ -1,15 +1,17 @@
 """The post-copy fault lane (precopy.session.postcopy_lane): its frames, the page claim that keeps
 each page on one connection, and both ends' threads over a socket pair (the guest's userfaultfd
-played by a pipe of fault messages, the placer by a recorder).  The end-to-end runs are
-tests/test_postcopy*.py (every post-copy there opens a lane); a cut lane is the fault matrix's
-``request`` row (tests/test_postcopy_matrix.py: the REQUEST travels on the lane)."""
+played by a pipe of fault messages, the placer by a recorder), and a post-copy over TLS and a key
+with ``--postcopy-lane``.  A cut, stalled or killed lane: the fault matrix's ``lane`` cells
+(tests/test_postcopy_matrix.py: the REQUEST travels on the lane)."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 import threading
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,6 +28,10 @@ from precopy.protocol.phases import Phase
 from precopy.session.postcopy_backlog import PushBacklog
 from precopy.session.postcopy_lane import DestLane, check_request, serve_lane_requests
 from precopy.session.postcopy_stream import PageStream, StreamStats
+
+from .conftest import Procs, start_dest, run_source, wait_for
+from .test_postcopy import det_hook, det_source, reference_digest
+from .tlscerts import make_pki
 
 NPAGES = 64
 BEGIN = Begin(migration_id="mig-1", name="guest", size=NPAGES * PAGE_SIZE, chunk_pages=8)
@@ -258,3 +264,34 @@ def test_the_destination_thread_asks_on_the_lane_and_places_the_answer() -> None
         dst.close()
 
     asyncio.run(run())
+
+
+@pytest.mark.integration
+def test_the_lane_is_authenticated_like_the_stream_over_tls_with_a_key(procs: Procs, shm: Path,
+                                                                        tmp_path: Path) -> None:
+    """--postcopy immediate (every page missing: the resumed guest faults on pages not sent yet) over
+    mutual TLS and a shared key: the lane opens (its own handshake, both checks) and every page is
+    exact."""
+    pki = make_pki(tmp_path / "pki")
+    key = tmp_path / "key"
+    key.write_bytes(os.urandom(32))
+    key.chmod(0o600)
+    expected = reference_digest(procs, shm)
+    out = shm / "resumed.json"
+    dest = start_dest(procs, shm, "--on-resume", det_hook(out), "--postcopy-guest-early", "--auth-key-file",
+                      str(key), "--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key),
+                      "--tls-ca", str(pki.ca))
+    src, ctl = det_source(procs, shm)
+    rc, rep, log = run_source(shm, "--to", dest.addr, "--memory", str(src), "--guest-control", str(ctl),
+                              "--postcopy", "immediate", "--postcopy-lane", "--on-commit", "kill",
+                              "--auth-key-file", str(key),
+                              "--tls-ca", str(pki.ca), "--tls-cert", str(pki.client_cert),
+                              "--tls-key", str(pki.client_key))
+    assert rc == 0 and rep is not None, log + dest.log_text()
+    pc = rep["postcopy"]
+    assert pc["pages_missing"] == 2048 and pc["pages_pushed"] + pc["pages_requested"] == 2048, pc
+    assert pc["duplicates"] == 0 and pc["reconnects"] == 0, log + dest.log_text()
+    wait_for(lambda: "post-copy fault lane from" in dest.log_text(), what="the destination to log the lane")
+    assert "no fault lane" not in log, log
+    wait_for(out.exists, timeout=120, what="the resumed det guest to finish")
+    assert json.loads(out.read_text()) == {"steps": 20000, "digest": expected}

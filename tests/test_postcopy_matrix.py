@@ -193,6 +193,10 @@ def run_cell(cell: Cell) -> None:
         print(f"cell {cell.id}: {cell.seconds:.1f} s, rc {cell.rc}")
 
 
+def _mode_args(mode: str) -> tuple[str, ...]:
+    return ("--postcopy", "now", "--postcopy-lane") if mode == "lane" else ("--postcopy", mode)
+
+
 def _run_cell(cell: Cell) -> None:
     cell.dir.mkdir(parents=True)
     src, ctl = cell.dir / "vm.mem", cell.dir / "det.sock"
@@ -209,7 +213,7 @@ def _run_cell(cell: Cell) -> None:
         proxy.faults = _faults(cell, box)
         cell.source = subprocess.Popen(
             [PY, "-m", "precopy_agents.source_main", "--to", proxy.addr, "--memory", str(src),
-             "--guest-control", str(ctl), "--postcopy", cell.mode, "--on-commit", "kill", "--io-timeout", "5",
+             "--guest-control", str(ctl), *_mode_args(cell.mode), "--on-commit", "kill", "--io-timeout", "5",
              "--outcome-retries", "6", "--connect-timeout", "2", "--report", str(report),
              "--log-format", "json", "--progress", "off"],
             env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(cell.dir / "source.log", "wb"))
@@ -335,9 +339,12 @@ def check_in_doubt(cell: Cell) -> None:
 #: Every phase x every action; and once, recovery made impossible (the destination's guest killed with
 #: its daemon: the pages it lacked are only in the source's paused copy).  Then --postcopy immediate
 #: (every page in the stream): the push x every action, COMMITTED in flight cut and its source killed.
+#: Then ``lane`` (``--postcopy now --postcopy-lane``: faults and answers on a connection of their own):
+#: the REQUEST, on the lane, x every action, and the push cut.
 CELLS = ([(p, a, "now") for p in PHASES for a in ACTIONS] + [("pushing", "kill-dest-and-guest", "now")]
          + [("pushing", a, "immediate") for a in ACTIONS]
-         + [("committed", "cut", "immediate"), ("committed", "kill-source", "immediate")])
+         + [("committed", "cut", "immediate"), ("committed", "kill-source", "immediate")]
+         + [("request", a, "lane") for a in ACTIONS] + [("pushing", "cut", "lane")])
 
 
 class Matrix:

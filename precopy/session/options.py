@@ -99,8 +99,10 @@ class SourceOptions:
     #: ``immediate`` (before any copy: precopy.session.postcopy_immediate).
     postcopy: str = "off"
     #: Post-copy's faults on a connection of their own when the destination offers one
-    #: (precopy.session.postcopy_lane); False: on the page stream's connection, as before.
-    postcopy_lane: bool = True
+    #: (``--postcopy-lane``, precopy.session.postcopy_lane); off: on the page stream's connection.
+    #: Off by default: it cuts the remote faults' latency but slows the push on a busy 2-CPU host
+    #: (benchmarks/RESULTS.md, pcpre).
+    postcopy_lane: bool = False
 
     def __post_init__(self) -> None:
         self.memory = Path(self.memory)

@@ -37,7 +37,6 @@ import select
 import socket
 import os
 import struct
-import sys
 import threading
 import time
 from typing import Any, Callable, Protocol, TypeVar
@@ -60,26 +59,23 @@ __all__ = ["open_lane", "serve_lane_requests", "run_source_lane", "stop_lane", "
 
 _log = logging.getLogger(__name__)
 T = TypeVar("T")
-#: The interpreter's switch interval while a lane runs (s): a lane's thread woken by a fault or an
-#: answer waits for the interpreter lock until the event loop's thread drops it, at the latest
-#: after this (Python's default: 5 ms; benchmarks/RESULTS.md, pcpre).
-LANE_SWITCH_S = float(os.environ.get("PRECOPY_LANE_SWITCH_US", "5000")) / 1e6
-_switch = {"lanes": 0, "saved": 0.0}
+#: A lane's thread runs SCHED_FIFO (priority 1) where it may (root, or CAP_SYS_NICE): woken by a
+#: fault or an answer it runs at once instead of after the busy event loops' and the guest's time
+#: slices (quiet 2-CPU loopback, random writer: remote p99 4.6 -> 1.8 ms; a lower switch interval
+#: did nothing: benchmarks/RESULTS.md, pcpre).  It blocks in poll/recv between short pieces of work.
+LANE_FIFO = True
 
 
-class _Switch:
-    """The switch interval lowered while any lane of this process runs."""
+def _prioritize() -> None:
+    """Called on a lane's thread: run it before the busy threads when it wakes (LANE_FIFO)."""
+    if not LANE_FIFO:
+        return
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))  # (0: this thread)
+    except OSError as exc:
+        _log.info("post-copy: the fault lane's thread runs at normal priority (SCHED_FIFO: %s)", exc)
 
-    def __enter__(self) -> None:
-        if not _switch["lanes"]:
-            _switch["saved"] = sys.getswitchinterval()
-            sys.setswitchinterval(min(LANE_SWITCH_S, _switch["saved"]))
-        _switch["lanes"] += 1
 
-    def __exit__(self, *exc: object) -> None:
-        _switch["lanes"] -= 1
-        if not _switch["lanes"]:
-            sys.setswitchinterval(_switch["saved"])
 #: The lane's reader waits this long at most in ``poll`` (ms) before it looks whether to stop.
 _POLL_MS = 200
 #: A lane carries no data while no fault waits: its reads have no idle timeout (the page
@@ -140,6 +136,7 @@ def serve_lane_requests(chan: Channel, stream: Answering, npages: int, io_timeou
     """The source's lane thread: each REQUEST answered at once from the paused region (what the
     push has not sent yet).  Returns when stopped or the peer closes; raises when the lane fails."""
     _send_timeout(chan, io_timeout_s)
+    _prioritize()
     for ev in receive_blocking(chan, _NO_IDLE_S, stop):
         want = stream.claim(check_request(ev, npages))
         for lo in range(0, len(want), MAX_BATCH_PAGES):
@@ -159,10 +156,8 @@ async def run_source_lane(target: OutcomeTarget, begin: Begin, stream: Answering
         return
     _log.info("post-copy: fault lane to %s", chan.peer)
     try:
-        with _Switch():
-            await run_blocking(chan, lambda stop: serve_lane_requests(chan, stream, begin.npages,
-                                                                      target.io_timeout_s, stop),
-                               "postcopy-lane")
+        await run_blocking(chan, lambda stop: serve_lane_requests(chan, stream, begin.npages,
+                                                                  target.io_timeout_s, stop), "postcopy-lane")
     finally:
         chan.close()
 
@@ -240,6 +235,7 @@ class DestLane:
         assert placer is not None
         uffd, sock = host._uffd, chan.sock.fileno()
         _send_timeout(chan, io_timeout_s)
+        _prioritize()
         poller = select.poll()
         poller.register(uffd, select.POLLIN)
         poller.register(sock, select.POLLIN)
@@ -249,7 +245,12 @@ class DestLane:
             t_poll = time.monotonic()
             ready = () if chan.pending() else poller.poll(_POLL_MS)
             fds = {fd for fd, _ in ready}
-            if uffd in fds:
+            if uffd in fds and dict(ready)[uffd] & (select.POLLERR | select.POLLHUP | select.POLLNVAL):
+                # The guest's userfaultfd failed (its process is gone): stop looking at it -- a
+                # SCHED_FIFO thread must not spin on it; the answers still in flight are placed.
+                _log.warning("post-copy: the guest's userfaultfd reports an error: no more faults read")
+                poller.unregister(uffd)
+            elif uffd in fds:
                 empty_at = self._ask(chan, empty_at)
             else:
                 empty_at = t_poll  # not readable while poll waited: any fault came after
@@ -314,8 +315,7 @@ class DestLane:
             self._peeker.register(self.host._uffd, select.POLLIN)
             self._peeking = self.host._uffd
         try:
-            with _Switch():
-                await run_blocking(chan, lambda stop: self.work(chan, stop, io_timeout_s), "postcopy-lane")
+            await run_blocking(chan, lambda stop: self.work(chan, stop, io_timeout_s), "postcopy-lane")
         finally:
             self.chan = None
             placer = self.host.placer

@@ -101,7 +101,7 @@ def offered_caps(opts: SourceOptions) -> tuple[str, ...] | None:
     """What HELLO offers: post-copy when these options may end in it (None: nothing, the HELLO as before)."""
     if not postcopy_wanted(opts.postcopy, opts.on_nonconvergence) or opts.dry_run:
         return None
-    lane = () if opts.postcopy_lane is False else (POSTCOPY_LANE_CAP,)
+    lane = (POSTCOPY_LANE_CAP,) if opts.postcopy_lane else ()
     return (POSTCOPY_CAP, POSTCOPY_IMMEDIATE_CAP, *lane) if opts.postcopy == "immediate" else (POSTCOPY_CAP, *lane)
 
 
