@@ -59,11 +59,11 @@ __all__ = ["open_lane", "serve_lane_requests", "run_source_lane", "stop_lane", "
 
 _log = logging.getLogger(__name__)
 T = TypeVar("T")
-#: A lane's thread runs SCHED_FIFO (priority 1) where it may (root, or CAP_SYS_NICE): woken by a
-#: fault or an answer it runs at once instead of after the busy event loops' and the guest's time
-#: slices (quiet 2-CPU loopback, random writer: remote p99 4.6 -> 1.8 ms; a lower switch interval
-#: did nothing: benchmarks/RESULTS.md, pcpre).  It blocks in poll/recv between short pieces of work.
-LANE_FIFO = True
+#: Run a lane's thread SCHED_FIFO (priority 1) where the agent may (root, CAP_SYS_NICE): woken by a
+#: fault or an answer it then runs at once instead of after the busy event loops' and the guest's
+#: time slices (measured: remote p99 4.6 -> 1.8 ms; benchmarks/RESULTS.md, pcpre).  Off: a unit
+#: test's lane thread at SCHED_FIFO was seen to stop making progress (not understood yet).
+LANE_FIFO = False
 
 
 def _prioritize() -> None:
