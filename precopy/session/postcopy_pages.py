@@ -244,27 +244,15 @@ class PagePlacer:
             # Placed (in the file) before the guest can see it: a daemon that takes over after this
             # one died never writes it again (precopy.session.postcopy_state).
             self.need[first:first + n] = False
-            if not self.guest_gone:
-                try:
-                    _, skipped = continue_pages(self.uffd, self.start + first * PAGE_SIZE, n)
-                    self.present += len(skipped)
-                except OSError as exc:
-                    if exc.errno != errno.ESRCH:
-                        raise
-                    _log.warning("post-copy: the guest exited with %d pages still missing: they go into the "
-                                 "region file", self.left)
-                    self.guest_gone = True
+            self._continue(first, n)
         self._mark(sel, now)
         return len(sel)
 
-    def _write_run(self, first: int, n: int, src: memoryview) -> int:
-        """MINOR, a push's usual frame: ``n`` pages from ``first``, every one still missing --
-        :meth:`_write_map` with one ``pwrite``, one ``UFFDIO_CONTINUE`` and slices for the marks
-        (~75 us of numpy and Python a frame less: a third of the destination's own work in the
-        push, benchmarks/RESULTS.md, pcpush)."""
-        now = time.monotonic()
-        self._pwrite(src, first * PAGE_SIZE)
-        self.need[first:first + n] = False  # in the file before the guest can see it (see _write_map)
+    def _continue(self, first: int, n: int) -> None:
+        """Map pages ``first`` .. ``first + n - 1`` (in the file already) into the guest, waking
+        whoever waits on them (``UFFDIO_CONTINUE``); a guest that exited leaves them in the file."""
+        if self.guest_gone:
+            return
         try:
             _, skipped = continue_pages(self.uffd, self.start + first * PAGE_SIZE, n)
             self.present += len(skipped)
@@ -274,6 +262,16 @@ class PagePlacer:
             _log.warning("post-copy: the guest exited with %d pages still missing: they go into the "
                          "region file", self.left)
             self.guest_gone = True
+
+    def _write_run(self, first: int, n: int, src: memoryview) -> int:
+        """MINOR, a push's usual frame: ``n`` pages from ``first``, every one still missing --
+        :meth:`_write_map` with one ``pwrite``, one ``UFFDIO_CONTINUE`` and slices for the marks
+        (~75 us of numpy and Python a frame less: a third of the destination's own work in the
+        push, benchmarks/RESULTS.md, pcpush)."""
+        now = time.monotonic()
+        self._pwrite(src, first * PAGE_SIZE)
+        self.need[first:first + n] = False  # in the file before the guest can see it (see _write_map)
+        self._continue(first, n)
         self._placed_t[first:first + n] = now
         self.left -= n
         asked = np.flatnonzero(self.requested[first:first + n]) + first

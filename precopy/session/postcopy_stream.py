@@ -17,6 +17,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import xxhash
@@ -92,7 +93,7 @@ class PageStream:
         self.lane: asyncio.Task[None] | None = None
         self._jump = -1  # the last page the lane answered: the push goes on after it
         self._lane_pages = self._lane_bytes = 0
-        self._lowat: tuple[object, int] | None = None  # (channel, limit) TCP_NOTSENT_LOWAT was set for
+        self._lowat: tuple[Any, int] | None = None  # (channel, limit) TCP_NOTSENT_LOWAT was set for
         self._poke: asyncio.Future[bool] | None = None  # the pacing's wait for room: a request ends it
 
     def restart(self, need: np.ndarray) -> None:
@@ -159,9 +160,9 @@ class PageStream:
         """Wait until the socket may hold fewer than ``limit`` bytes unsent: until it turns writable
         with TCP_NOTSENT_LOWAT at ``limit`` (returns True), a request comes, or ``_ROOM_WAIT_S``
         passes.  A channel without a plain socket (TLS, a test's) is looked at again after 0.2 ms."""
-        chan = getattr(exchange, "chan", None)
+        chan: Any = getattr(exchange, "chan", None)
         fd = -1
-        if chan is not None and hasattr(chan, "notsent_lowat"):
+        if getattr(chan, "notsent_lowat", None) is not None:
             if self._lowat is None or self._lowat[0] is not chan or self._lowat[1] != limit:
                 fd = chan.notsent_lowat(limit)
                 self._lowat = (chan, limit) if fd >= 0 else None
@@ -256,7 +257,7 @@ class PageStream:
     def claim(self, indices: np.ndarray) -> np.ndarray:
         """Those of ``indices`` still wanted, now marked sent (any thread): each page goes once."""
         with self.lock:
-            want = indices[self.need[indices]]
+            want: np.ndarray = indices[self.need[indices]]
             self.need[want] = False
         return want
 
