@@ -12,7 +12,7 @@ import os
 import socket
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pytest
@@ -21,7 +21,7 @@ import xxhash
 from precopy.errors import RemoteProtocolError
 from precopy.memory.uffd_missing import _MSG, UFFD_EVENT_PAGEFAULT
 from precopy.net.channel import Channel, LinkError
-from precopy.protocol import PAGE_SIZE, Begin, Connection, Join, Joined, Pages, Request, Role
+from precopy.protocol import NEED_DATA, PAGE_SIZE, Begin, Connection, Join, Joined, Pages, Request, Role
 from precopy.protocol.codec import decode_event, encode_event
 from precopy.protocol.messages import Kind
 from precopy.protocol.phases import Phase
@@ -131,6 +131,23 @@ def _joined(src: Channel, dst: Channel) -> None:
         assert type(b.conn.next_event()) is type(ev)
 
 
+def _receive(chan: Channel, done: Callable[[list[Any]], bool]) -> list[Any]:
+    """The test's own end: events read (blocking, 30 s at most a read) until ``done(events)``.
+
+    Every event a read brought counts: a thread's two frames can come in one read (two REQUESTs
+    when the faults were read apart, as on a loaded machine) -- taking one event a read then
+    waited for a read that never came."""
+    chan.sock.setblocking(True)
+    chan.sock.settimeout(30)
+    events: list[Any] = []
+    while not done(events):
+        if chan.recv_blocking() == 0:
+            raise AssertionError(f"the thread's end closed; events so far: {events}")
+        while (ev := chan.conn.next_event()) is not NEED_DATA:
+            events.append(ev)
+    return events
+
+
 def test_the_source_thread_answers_what_the_push_has_not_sent() -> None:
     async def run() -> None:
         src, dst = await _pair()
@@ -151,12 +168,8 @@ def test_the_source_thread_answers_what_the_push_has_not_sent() -> None:
         worker.start()
         dst.sock.setblocking(True)
         dst.send_blocking(Request(indices=np.array([2, 3, 7], dtype=np.uint32)))
-        got: list[Any] = []
-        while not got:
-            dst.recv_blocking()
-            ev = dst.conn.next_event()
-            if isinstance(ev, Pages):
-                got.append(ev)
+        got = [ev for ev in _receive(dst, lambda evs: any(isinstance(e, Pages) for e in evs))
+               if isinstance(ev, Pages)]
         assert got[0].indices.tolist() == [3] and got[0].zeros.tolist() == [7]  # not 2: it went with the push
         assert bytes(got[0].payload) == bytes([4]) * PAGE_SIZE
         for _ in range(500):  # (counted once the send returned)
@@ -239,13 +252,10 @@ def test_the_destination_thread_asks_on_the_lane_and_places_the_answer() -> None
         worker.start()
         _fault(w, 9)
         _fault(w, 4)
-        src.sock.setblocking(True)
-        asked: list[int] = []
-        while len(asked) < 2:
-            src.recv_blocking()
-            ev = src.conn.next_event()
-            if isinstance(ev, Request):
-                asked += ev.indices.tolist()
+        def asked_of(evs: list[Any]) -> list[int]:
+            return [int(p) for e in evs if isinstance(e, Request) for p in e.indices]
+
+        asked = asked_of(_receive(src, lambda evs: len(asked_of(evs)) >= 2))
         assert sorted(asked) == [4, 9]
         payload = bytes([5]) * PAGE_SIZE
         src.send_blocking(Pages(indices=np.array([4], dtype=np.uint32), zeros=np.array([9], dtype=np.uint32),
