@@ -162,8 +162,10 @@ async def run_source_lane(target: OutcomeTarget, begin: Begin, stream: Answering
         chan.close()
 
 
-async def stop_lane(task: asyncio.Task[None] | None) -> None:
-    """Cancel a lane's task and wait for its thread (its failure was seen by the page stream)."""
+async def stop_lane(task: asyncio.Task[None] | None,
+                    seen: tuple[type[Exception], ...] = (PrecopyError, OSError)) -> None:
+    """Cancel a lane's task and wait for its thread; ``seen``: the failures handled already where
+    the task was awaited first (by the page stream), only logged here."""
     if task is None:
         return
     task.cancel()
@@ -172,7 +174,7 @@ async def stop_lane(task: asyncio.Task[None] | None) -> None:
     except asyncio.CancelledError:
         if not task.cancelled():
             raise
-    except (PrecopyError, OSError) as exc:
+    except seen as exc:
         _log.debug("post-copy: the fault lane ended: %s", exc)
 
 
@@ -330,17 +332,7 @@ class DestLane:
         """End the lane (if any) and wait for its thread: nothing reads the guest's faults or places
         a page from it after this returns."""
         task, self.task = self.task, None
-        if task is None:
-            return
-        if not task.done():
-            task.cancel()
-        try:
-            await task
-        except asyncio.CancelledError:
-            if not task.cancelled():
-                raise
-        except Exception as exc:  # its failure was handled where it was awaited first
-            _log.debug("the post-copy fault lane ended: %s", exc)
+        await stop_lane(task, (Exception,))  # its failure was handled where it was awaited first
 
 
 async def join_lane(live: Any, chan: Channel, ev: Join) -> None:

@@ -257,11 +257,16 @@ class PagePlacer:
             _, skipped = continue_pages(self.uffd, self.start + first * PAGE_SIZE, n)
             self.present += len(skipped)
         except OSError as exc:
-            if exc.errno != errno.ESRCH:
-                raise
-            _log.warning("post-copy: the guest exited with %d pages still missing: they go into the "
-                         "region file", self.left)
-            self.guest_gone = True
+            self._guest_exited(exc)
+
+    def _guest_exited(self, exc: OSError) -> None:
+        """An ioctl on the guest's userfaultfd failed: ESRCH, the guest exited (the pages still
+        missing go into the region file from now on); anything else is raised."""
+        if exc.errno != errno.ESRCH:
+            raise exc
+        _log.warning("post-copy: the guest exited with %d pages still missing: they go into the "
+                     "region file", self.left)
+        self.guest_gone = True
 
     def _write_run(self, first: int, n: int, src: memoryview) -> int:
         """MINOR, a push's usual frame: ``n`` pages from ``first``, every one still missing --
@@ -344,11 +349,7 @@ class PagePlacer:
                 self.present += len(present)
                 return placed, len(present)
             except OSError as exc:
-                if exc.errno != errno.ESRCH:
-                    raise
-                _log.warning("post-copy: the guest exited with %d pages still missing: they go into the "
-                             "region file", self.left)
-                self.guest_gone = True
+                self._guest_exited(exc)
         return self._write_holes(page, src, n), 0
 
     def _write_holes(self, page: int, src: int, n: int) -> int:
