@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
+import numpy as np
 import pytest
 
 from precopy.errors import AbortCode, PrecopyError, RemoteProtocolError
@@ -36,6 +37,34 @@ def test_a_join_must_fit_its_migration() -> None:
     hub.closed = True
     with pytest.raises(PrecopyError, match="is ending"):
         hub.check_join(join(2))
+
+
+def test_each_stream_may_carry_only_its_own_stripes_one_a_batch() -> None:
+    """Stripes of 1,024 pages (4 MiB at 8-page chunks) over 3 streams: stripe s is stream s mod 3's."""
+    hub = StreamHub(Begin(migration_id="m", name="r", size=4096 * PAGE_SIZE, chunk_pages=8, streams=3), 3, None, 5.0)
+    assert hub.stripe == 1024
+
+    def pages(*p: int) -> np.ndarray:
+        return np.array(p, dtype=np.uint32)
+
+    hub.check_pages(0, pages(0, 5, 1023), pages(7))
+    hub.check_pages(1, pages(1024, 2047), pages())
+    hub.check_pages(2, pages(), pages(2048))
+    hub.check_pages(0, pages(3072, 4095))  # stripe 3: stream 0 again
+    hub.check_pages(1, pages(), pages())  # nothing named: nothing to check
+    with pytest.raises(RemoteProtocolError, match=r"pages 0..0 on stream 1 .* stripes of 1024 pages"):
+        hub.check_pages(1, pages(0))
+    with pytest.raises(RemoteProtocolError, match=r"pages 1000..1030 on stream 0"):
+        hub.check_pages(0, pages(1000), pages(1030))  # one batch across two stripes
+    with pytest.raises(RemoteProtocolError, match="stream 2"):
+        hub.check_pages(2, pages(3072))
+    # The payload sink of a stream is asked only for its own pages: another's fail first.
+    asked: list[int] = []
+    sink = hub.guard(1, lambda idx: asked.append(int(idx[0])) or None)
+    assert sink(pages(1024, 1025)) is None and asked == [1024]
+    with pytest.raises(RemoteProtocolError):
+        sink(pages(5))
+    assert asked == [1024]
 
 
 def test_the_registry_takes_at_most_its_limit_and_none_for_one_stream() -> None:

@@ -103,6 +103,25 @@ async def test_a_cut_data_stream_rolls_back_with_the_workload_running(shm: Path,
     del mm
 
 
+async def test_a_source_that_sends_a_stripe_on_the_wrong_stream_fails_before_any_commit(
+        shm: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A broken source sends stripe 1 on stream 2 (two writers for one chunk on the destination): the
+    destination refuses the batch, the migration rolls back and nothing is left on the destination."""
+    src = shm / "vm.mem"
+    mm = make_region(src, 8192)  # 32 MiB: stripes 0..7
+    real = Streams.target
+    monkeypatch.setattr(Streams, "target", lambda self, ev: min(real(self, ev) * 2, self.n - 1))
+    async with serve(shm / "dest") as server:
+        with pytest.raises(MigrationAborted) as info:
+            await migrate(server, src, FakeWorkload(), streams=3)
+        assert info.value.report.outcome == "aborted"  # type: ignore[attr-defined]
+        await settled(server)
+        assert [r.outcome for r in server.results] == ["aborted"]
+        assert "stripes of 1024 pages" in server.results[0].error
+        assert not partials(shm / "dest") and not (shm / "dest" / "vm.mem").exists()
+    del mm
+
+
 async def test_a_join_that_fits_no_migration_is_refused(shm: Path) -> None:
     async with serve(shm / "dest") as server:
         sock = await connect("127.0.0.1", server.port, 5.0)

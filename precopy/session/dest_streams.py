@@ -11,7 +11,9 @@ with the migration's own region writer: each stream's socket reads (into
 the region), TLS and chunk hashing run on their own core, beside the
 first connection's.  The streams' pages are disjoint (stripes), so the
 writer's bookkeeping has one writer per page and chunk
-(:mod:`precopy.session.region_writer`).  A SYNC on the first connection
+(:mod:`precopy.session.region_writer`); the hub holds the source to that
+(:meth:`StreamHub.check_pages`): a batch with a page of another stream's
+stripe fails the migration before its payload reaches the region.  A SYNC on the first connection
 waits (:meth:`StreamHub.synced`) until every extra stream's pages up to
 its count are written; a digest table is computed with the extra streams'
 writes held (:meth:`StreamHub.quiet`, a
@@ -39,6 +41,7 @@ from precopy.errors import AbortCode, PrecopyError, RemoteProtocolError
 from precopy.net.channel import Channel, LinkError
 from precopy.protocol import Begin, Join, Joined, Pages
 from precopy.session.stream_thread import Notifier, WriteGate, receive_blocking, run_blocking
+from precopy.session.streams import stream_of, stripe_pages
 
 __all__ = ["StreamHub", "StreamRegistry"]
 
@@ -73,6 +76,35 @@ class StreamHub:
         self._progress = Notifier()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._gate = WriteGate()  # digest tables being computed: extra streams hold their writes
+        self.stripe = stripe_pages(begin.chunk_pages)
+
+    def check_pages(self, index: int, *pages: np.ndarray) -> None:
+        """Raise :class:`RemoteProtocolError` unless every page of ``pages`` (arrays of strictly
+        increasing page numbers, as the codec checked) is in a stripe of stream ``index``.
+
+        The source cuts its batches at stripes, so a batch lies in one stripe; the extra streams'
+        threads and the first connection write the region at once, and only disjoint stripes
+        keep a page and its chunk's digest to one writer.
+        """
+        present = [a for a in pages if len(a)]
+        if not present:
+            return
+        first, last = min(int(a[0]) for a in present), max(int(a[-1]) for a in present)
+        owner = stream_of(first, self.stripe, self.streams)
+        if last // self.stripe != first // self.stripe or owner != index:
+            raise RemoteProtocolError(
+                f"PAGES of pages {first}..{last} on stream {index} of migration {self.begin.migration_id}: "
+                f"with {self.streams} streams and stripes of {self.stripe} pages, stream {index} carries only "
+                f"stripes s with s mod {self.streams} = {index}, one stripe a batch (the source cuts its "
+                "batches at stripes: a source that does not is broken)")
+
+    def guard(self, index: int, sink: Callable[[np.ndarray], memoryview | None]
+              ) -> Callable[[np.ndarray], memoryview | None]:
+        """``sink`` (a connection's payload sink) for stream ``index``: its pages checked first."""
+        def guarded(indices: np.ndarray) -> memoryview | None:
+            self.check_pages(index, indices)
+            return sink(indices)
+        return guarded
 
     def start(self, write: WriteFn, sinks: SinksFn) -> None:
         """The region writer is ready: extra streams may write (those joined already waited for it).
@@ -116,7 +148,7 @@ class StreamHub:
             await self._started.wait()
             hashing = self._sinks() if self._sinks is not None else None
             if hashing is not None:
-                chan.conn.payload_sink, chan.conn.payload_progress = hashing
+                chan.conn.payload_sink, chan.conn.payload_progress = self.guard(index, hashing[0]), hashing[1]
             await run_blocking(chan, lambda stop: self._pump(chan, index, stop), f"precopy-stream-{index}")
         except asyncio.CancelledError:
             if self.closed:
@@ -136,6 +168,7 @@ class StreamHub:
         for ev in receive_blocking(chan, self.idle_timeout_s, stop):
             if not isinstance(ev, Pages):  # pragma: no cover - the phase table allows only PAGES
                 raise RemoteProtocolError(f"{type(ev).__name__} on stream {index}")
+            self.check_pages(index, ev.indices, ev.zeros)
             if not gate.enter():
                 return  # the hub closed
             try:

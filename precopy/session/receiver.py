@@ -184,14 +184,17 @@ class Receiver:
         writer = RegionWriter(mem, tracker, self.rec, existing=self.existing, populate=self.opts.populate,
                               chunk_pages=self.begin.chunk_pages)
         hashing = writer.hashing_sink()  # this stream's: hashes chunks as they land
-        if hashing is not None:
-            self.chan.conn.payload_sink, self.chan.conn.payload_progress = hashing
         hub = self.hub
+        if hashing is not None:
+            sink = hub.guard(0, hashing[0]) if hub is not None else hashing[0]
+            self.chan.conn.payload_sink, self.chan.conn.payload_progress = sink, hashing[1]
         if hub is not None:
             hub.start(writer.write_blocking, writer.hashing_sink)  # each extra stream its own, on its own thread
         try:
             async for ev in self.chan.events(self.opts.idle_timeout_s):
                 if isinstance(ev, Pages):
+                    if hub is not None:
+                        hub.check_pages(0, ev.indices, ev.zeros)
                     await writer.write(ev)
                 elif isinstance(ev, Sync):
                     assert hub is not None  # a SYNC needs READY's streams: the connection checked
