@@ -989,7 +989,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     # A SIGTERM (a runner's timeout, kill PID) unwinds like Ctrl-C: each run's
     # `finally` stops its guest and agent, the daemons stop, the work dir goes.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    # Only while the matrix runs: a process that calls main() (a test) gets its own back.
+    before = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        return _run(ap, args, argv)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def _run(ap: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequence[str] | None) -> int:
+    """main() after its arguments: run (or rebuild) the matrix, write the table and plots."""
     if args.runs < 1:
         ap.error("--runs must be at least 1")
     out = args.out or ROOT / "benchmarks" / "out" / args.matrix

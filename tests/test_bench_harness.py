@@ -132,3 +132,24 @@ def test_drain_table_holds_each_drain_against_n_times_one():
     rows = table(results, 300.0).splitlines()
     assert rows[3] == "| 2 | 2.20 | 2.00 | 1.10 | 2/2 | 0 | 1/2 | 400 | 1.10 |"
     assert rows[4] == "| 4 | 5.00 | 4.00 | 1.25 | 3/4 | 1 | 3/4 | 50 | 0.00 |"
+
+
+def test_main_gives_its_caller_back_the_sigterm_handler_it_had(tmp_path: Path) -> None:
+    """The harness turns SIGTERM into an unwinding exit only while it runs: a test worker (or any
+    caller) keeps its own handler afterwards, also when main() fails."""
+    import signal
+
+    def mine(signum: int, frame: object) -> None:  # pragma: no cover - never delivered
+        pass
+
+    before = signal.signal(signal.SIGTERM, mine)
+    try:
+        empty = tmp_path / "runs.jsonl"
+        empty.write_text("")
+        assert harness.main(["--from-jsonl", str(empty), "--out", str(tmp_path / "out")]) == 1  # no run in it
+        assert signal.getsignal(signal.SIGTERM) is mine
+        with pytest.raises(SystemExit):
+            harness.main(["--runs", "0"])
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, before)
