@@ -14,7 +14,7 @@ from precopy.errors import PrecopyError
 from precopy.protocol import PAGE_SIZE
 from precopy.net.tls import client_context
 from precopy.protocol.auth import load_key
-from precopy.session.options import SourceOptions
+from precopy.session.options import STREAM_THREADS_MODES, SourceOptions
 from precopy.workload.base import Workload
 from precopy.workload.control import GuestControl
 from precopy.workload.signals import SignalWorkload
@@ -151,9 +151,12 @@ def _add_stream_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--streams", type=int, default=None, metavar="N",
                    help="TCP connections for the pages, each authenticated on its own; the region is cut in "
                         "4 MiB stripes dealt round robin over them; digest tables, switchover and commit stay on "
-                        "the first; the destination may take fewer (its --max-streams). All run in one event "
-                        "loop: they add links, not cores (default: one per destination address, i.e. 1 + the "
-                        "number of --stream-to)")
+                        "the first; the destination may take fewer (its --max-streams) (default: one per "
+                        "destination address, i.e. 1 + the number of --stream-to)")
+    p.add_argument("--stream-threads", choices=list(STREAM_THREADS_MODES), default="auto",
+                   help="write each extra stream from a thread of its own (its sendmsg and TLS on a core of "
+                        "their own) instead of from the one event loop; auto: only where this host has cores to "
+                        "spare, at least 2 x streams + 2 CPUs (default auto: on a 2-CPU host, the loop)")
     p.add_argument("--stream-to", type=parse_hostport, action="append", default=[], metavar="HOST:PORT",
                    help="another address of the destination (another NIC; repeatable): stream k goes to the "
                         "(k mod n)-th of --to and these (default: none, every stream to --to)")
@@ -227,6 +230,7 @@ def make_migration(args: argparse.Namespace) -> tuple[SourceOptions, Workload]:
         throttle_step_pct=args.throttle_step, throttle_max_pct=args.throttle_max,
         max_downtime_ms=args.max_downtime_ms, headroom=args.headroom, postcopy=args.postcopy,
         postcopy_lane=args.postcopy_lane, streams=args.streams, stream_to=list(args.stream_to), bind=list(args.bind),
+        stream_threads=args.stream_threads,
     )
     if not args.memory.exists():
         raise PrecopyError(f"memory region {args.memory} does not exist")

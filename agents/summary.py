@@ -36,7 +36,8 @@ def summary(rep: MigrationReport) -> str:
         f" {rep.pages_sent} pages sent, {rep.zero_pages} zero pages",
     ]
     if rep.streams > 1:
-        lines.append(f"  streams     {rep.streams}, carrying " + ", ".join(human_bytes(b) for b in rep.stream_bytes))
+        lines.append(f"  streams     {rep.streams}, carrying " + ", ".join(human_bytes(b) for b in rep.stream_bytes)
+                     + ("; each extra one sent from a thread of its own" if rep.stream_threads else ""))
     if rep.downtime_ms is not None:
         expected = ("" if rep.expected_downtime_ms is None
                     else f"expected {rep.expected_downtime_ms:.1f} ms, ")

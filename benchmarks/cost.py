@@ -153,23 +153,51 @@ def summarise(data: dict[str, Any]) -> dict[str, Any]:
             "busier_side": "source" if src >= dst else "destination",
             "gib_per_s_per_core": _div(1, busier),
             "one_stream_gib_per_s": gib / t,
-            "projection": projection(busier) if busier > 0 else [],
+            "projection": projection(busier, src, raw["link"]["send_cpu_per_gib"]) if busier > 0 else [],
         }
     data["summary"] = out
     return data
 
 
-def projection(cpu_per_gib: float) -> list[dict[str, Any]]:
-    """Per (cores, link): the CPU bound, the link bound, and which one binds."""
+def auto_streams(cores: int) -> int:
+    """The streams ``--stream-threads auto`` sends from threads at ``cores`` (>= 2 x streams + 2), at least 1."""
+    return max(1, min(64, (cores - 2) // 2))
+
+
+def loop_bound(source_cpu: float, send_copy_cpu: float, streams: int, threads: bool) -> float:
+    """GiB/s the source's event loop allows: its core does all of the source's work per GiB but,
+    with sending threads, the kernel copy of the extra streams' share ((streams - 1) / streams of
+    ``send_copy_cpu``, the raw copy's sender CPU per GiB) -- Amdahl with one serial core."""
+    serial = source_cpu - (send_copy_cpu * (streams - 1) / streams if threads else 0.0)
+    return _div(1.0, max(serial, 1e-9))
+
+
+def projection(cpu_per_gib: float, source_cpu: float | None = None,
+               send_copy_cpu: float | None = None) -> list[dict[str, Any]]:
+    """Per (cores, link): the CPU bound, the link bound, and which one binds.
+
+    With ``source_cpu`` and ``send_copy_cpu`` (CPU-s per GiB: the source's,
+    and the raw copy's sender's), also the source loop's bound: one core
+    for all the source's Python, with ``--stream-threads`` (``auto`` turns
+    them on at :func:`auto_streams` streams) the extra streams' kernel
+    copies on threads of their own; the projection is the least of the three.
+    """
     rows = []
     for cores in CORES:
         for gbit in LINKS_GBIT:
             cpu_bound = cores / cpu_per_gib
             link_bound = gbit * 1e9 * GOODPUT / 8 / GiB
-            rows.append({"cores": cores, "link_gbit": gbit, "cpu_bound_gib_s": cpu_bound,
-                         "link_bound_gib_s": link_bound, "bound": "CPU" if cpu_bound < link_bound else "link",
-                         "gib_s": min(cpu_bound, link_bound),
-                         "cores_to_fill_link": link_bound * cpu_per_gib})
+            row = {"cores": cores, "link_gbit": gbit, "cpu_bound_gib_s": cpu_bound,
+                   "link_bound_gib_s": link_bound, "bound": "CPU" if cpu_bound < link_bound else "link",
+                   "gib_s": min(cpu_bound, link_bound), "cores_to_fill_link": link_bound * cpu_per_gib}
+            if source_cpu is not None and send_copy_cpu is not None:
+                n = auto_streams(cores)
+                loop = loop_bound(source_cpu, send_copy_cpu, n, threads=n > 1)
+                row.update(streams=n, loop_bound_gib_s=loop,
+                           loop_bound_one_loop_gib_s=loop_bound(source_cpu, send_copy_cpu, n, threads=False))
+                if loop < row["gib_s"]:
+                    row.update(bound="source loop", gib_s=loop)
+            rows.append(row)
     return rows
 
 
@@ -182,9 +210,16 @@ ASSUMPTIONS = f"""Assumptions of the projection:
   (a 32-core host moves ~12 GiB/s at 100 Gbit/s: source read +
   destination write, well inside a server's memory bandwidth, but not
   measured here).  The destination receives each extra stream on a
-  thread of its own (blocking reads, hashing and TLS release the GIL);
-  the source still sends every stream from one event loop, so today it
-  is bounded by one core whatever the streams.
+  thread of its own (blocking reads, hashing and TLS release the GIL).
+  The source's event loop is one core whatever the streams: it runs all
+  the source's Python (planning, framing, the record, re-protecting, the
+  hash after each send), and with `--stream-threads` (on by `auto` at
+  (cores - 2) / 2 streams) the extra streams' kernel copies move to
+  threads of their own -- taken as the raw copy's sender CPU per GiB,
+  the rest of the source's CPU per GiB staying on the loop (an upper
+  bound on its serial part: the map-in's thread is counted in it).  The
+  projection is the least of the CPU, link and source-loop bounds; "one
+  loop" is the loop's bound without the threads.
 * All the cores named are the migration's on *each* side (the guest's own
   CPU is not counted); the side that needs more CPU per GiB binds.
 * A link carries {GOODPUT:.0%} of its line rate as TCP payload (1500-byte
@@ -198,8 +233,8 @@ ASSUMPTIONS = f"""Assumptions of the projection:
   the handshake, the sample of a repeat migration) are not per GiB and
   are left out; they matter for small regions only.
 * "One stream" below is one connection's throughput; the projection is
-  what `--streams` could reach at today's CPU per GiB once the source's
-  sending is partitioned like the destination's receiving.
+  what `--streams` with the source's sending threads could reach at
+  today's CPU per GiB.
 """
 
 
@@ -238,11 +273,14 @@ def markdown(data: dict[str, Any], command: str) -> str:
         lines += ["", f"Projection from `{name}` (busier side: {v['busier_side']}, "
                   f"{busier_cpu(v):.2f} CPU-s per GiB; one stream today: "
                   f"{v['one_stream_gib_per_s']:.2f} GiB/s):", "",
-                  "| cores each side | link | CPU bound GiB/s | link bound GiB/s | bound | projected GiB/s | "
-                  "cores to fill the link |", "|---|---|---|---|---|---|---|"]
+                  "| cores each side | link | CPU bound GiB/s | link bound GiB/s | source loop bound GiB/s, "
+                  "threads (streams) / one loop | bound | projected GiB/s | cores to fill the link |",
+                  "|---|---|---|---|---|---|---|---|"]
         for p in v["projection"]:
+            loop = (f"{p['loop_bound_gib_s']:.2f} ({p['streams']}) / {p['loop_bound_one_loop_gib_s']:.2f}"
+                    if "loop_bound_gib_s" in p else "—")
             lines.append(f"| {p['cores']} | {p['link_gbit']} Gbit/s | {p['cpu_bound_gib_s']:.1f} | "
-                         f"{p['link_bound_gib_s']:.2f} | {p['bound']} | {p['gib_s']:.2f} | "
+                         f"{p['link_bound_gib_s']:.2f} | {loop} | {p['bound']} | {p['gib_s']:.2f} | "
                          f"{p['cores_to_fill_link']:.1f} |")
     lines += ["", ASSUMPTIONS]
     return "\n".join(lines)

@@ -36,7 +36,17 @@ def test_summary_ratios_and_projection_from_known_figures():
     assert set(rows) == {(c, g) for c in (8, 32) for g in (10, 25, 100)}
     link10 = 10e9 * cost.GOODPUT / 8 / (1 << 30)
     assert rows[(8, 10)]["bound"] == "link" and rows[(8, 10)]["gib_s"] == pytest.approx(link10)
-    assert {p["bound"] for p in rows.values()} == {"link"}  # 16 GiB/s a core-set of 8: every link binds
+    # 16 GiB/s a core-set of 8: no CPU bound; but the source's loop: 0.5 CPU-s/GiB less the raw copy's
+    # sender 0.15 x (n - 1) / n that the sending threads take over -- n = 3 streams at 8 cores, 15 at 32.
+    assert rows[(8, 25)]["streams"] == 3 and rows[(32, 25)]["streams"] == 15
+    assert rows[(8, 25)]["loop_bound_gib_s"] == pytest.approx(1 / (0.5 - 0.15 * 2 / 3))
+    assert rows[(32, 100)]["loop_bound_gib_s"] == pytest.approx(1 / (0.5 - 0.15 * 14 / 15))
+    assert rows[(8, 25)]["loop_bound_one_loop_gib_s"] == pytest.approx(2.0)
+    assert {k: p["bound"] for k, p in rows.items()} == {
+        (8, 10): "link", (8, 25): "source loop", (8, 100): "source loop",
+        (32, 10): "link", (32, 25): "link", (32, 100): "source loop"}  # 2.78 GiB/s of loop over 2.74 of link
+    assert rows[(32, 100)]["gib_s"] == rows[(32, 100)]["loop_bound_gib_s"]
+    assert cost.auto_streams(2) == 1 and cost.auto_streams(6) == 2 and cost.auto_streams(1000) == 64
     assert rows[(32, 100)]["cores_to_fill_link"] == pytest.approx(10 * link10 * 0.5)
     # 3 CPU-s per GiB: 8 cores make 2.67 GiB/s, under 25 and 100 Gbit/s; 32 make 10.7, under 100 only
     bound = {(p["cores"], p["link_gbit"]): p["bound"] for p in cost.projection(3.0)}

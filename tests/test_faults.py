@@ -178,9 +178,11 @@ DATA_STREAM_FAULTS = {
 }
 
 
+@pytest.mark.parametrize("threads", ["off", "on"])
 @pytest.mark.parametrize("case", sorted(DATA_STREAM_FAULTS))
-def test_a_fault_on_a_data_stream_rolls_back(procs: Procs, shm: Path, case: str) -> None:
-    """Issue 21: a cut, reset or stalled extra stream aborts the whole migration before the commit."""
+def test_a_fault_on_a_data_stream_rolls_back(procs: Procs, shm: Path, case: str, threads: str) -> None:
+    """Issue 21: a cut, reset or stalled extra stream aborts the whole migration before the commit,
+    whether the source writes it from its loop or from a thread of its own (--stream-threads)."""
     s = Setup(procs, shm)
     fault = DATA_STREAM_FAULTS[case]
     fault.fired.clear()
@@ -188,10 +190,11 @@ def test_a_fault_on_a_data_stream_rolls_back(procs: Procs, shm: Path, case: str)
     # A stall is noticed by the I/O timeout: 2 s instead of Setup's 5 s, so the test does not sit
     # out 5 s of silence. Whether it fires early (a loaded machine) or late, the end is a rollback.
     quick = ("--io-timeout", "2") if case == "stall" else ()
-    rc, rep, log = s.migrate_through(fault, "--streams", "2", *quick)
+    rc, rep, log = s.migrate_through(fault, "--streams", "2", "--stream-threads", threads, *quick)
     assert fault.fired.is_set(), f"the {case} fault never triggered: {log}"
     assert rc == 3, s.diag()
     assert rep is not None and rep["outcome"] == "aborted" and rep["streams"] == 2
+    assert rep["stream_threads"] is (threads == "on")
     if case == "cut-after-the-full-copy":
         assert rep["rounds"][0]["kind"] == "full" and rep["rounds"][0]["pages_sent"] == 4096
     s.assert_runs_on_source()

@@ -365,14 +365,23 @@ class Channel:
             raise LinkError(f"connection to {self.peer} is closed")
         views = [memoryview(b).cast("B") for b in self.conn.send(event)]
         n = sum(v.nbytes for v in views)
+        self.write_blocking(views)
+        self.bytes_sent += n
+        return n
+
+    def write_blocking(self, views: list[memoryview]) -> None:
+        """Write a frame already encoded (:meth:`Connection.send`'s buffers), waiting, for a thread
+        that owns this channel's sending with its socket in blocking mode (:meth:`send_blocking`;
+        a source's extra stream: ``precopy.session.stream_sender``).  Raises :class:`LinkError`
+        (TIMEOUT when the socket's ``SO_SNDTIMEO`` passes with no room)."""
+        if self.closed:
+            raise LinkError(f"connection to {self.peer} is closed")
         try:
             self._send_blocking(views)
         except BlockingIOError:
             raise LinkError(f"{self.peer} did not take a frame in time (link stalled)", AbortCode.TIMEOUT) from None
         except OSError as exc:
             raise LinkError(f"connection to {self.peer} failed while sending: {exc}") from exc
-        self.bytes_sent += n
-        return n
 
     def _send_blocking(self, views: list[memoryview]) -> None:
         rest = self._send_now(views)  # one sendmsg for the frame, mostly

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import ssl
 import uuid
 from dataclasses import dataclass, field
@@ -12,23 +13,57 @@ from precopy.policy.postcopy import check_postcopy
 from precopy.policy.switchover import check_throttle
 from precopy.protocol import MAX_BATCH_PAGES, MAX_STREAMS, valid_name
 
-__all__ = ["SourceOptions", "Progress", "HEADROOM_MODES", "default_streams"]
+__all__ = ["SourceOptions", "Progress", "HEADROOM_MODES", "STREAM_THREADS_MODES", "default_streams",
+           "stream_threads_wanted", "usable_cpus"]
 
 HEADROOM_MODES = ("spread", "fixed")
+#: --stream-threads: each extra stream sent from a thread of its own where cores are to spare, always, never.
+STREAM_THREADS_MODES = ("auto", "on", "off")
 
 
 def default_streams(addresses: int) -> int:
     """``--streams`` when not given: one per destination address (``--to`` and each ``--stream-to``).
 
-    The destination receives each extra stream on a thread of its own, but
-    the source sends them all from its one event loop
-    (precopy.session.streams), and on this project's 2-CPU machine the two
-    agents already take both CPUs: over one path 2 streams measure 1.00x
+    The destination receives each extra stream on a thread of its own, and
+    the source sends each from a thread of its own where it has cores to
+    spare (stream_threads_wanted), but on this project's 2-CPU machine the
+    two agents already take both CPUs: over one path 2 streams measure 1.00x
     and 4 1.10x (benchmarks/RESULTS.md, "Issue 21: a thread per stream on
     the destination").  Streams pay off where each link or NIC is the
     limit: one stream per link.
     """
     return max(1, addresses)
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity; ``os.cpu_count()`` where that is unknown)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def stream_threads_wanted(mode: str, streams: int, cpus: int | None = None) -> bool:
+    """Whether the source writes each extra stream from a thread of its own (``--stream-threads``).
+
+    ``on``/``off`` as said (one stream: no extra stream, never).  ``auto``:
+    only where the host has a core to spare for each, ``cpus`` (default:
+    :func:`usable_cpus`) >= 2 x ``streams`` + 2 -- a core per stream for the
+    source's sending, as many again for what shares the host with it (the
+    workload being migrated; on one host, the destination's receiving
+    threads) and two for the rest.  Where the cores are not there the
+    threads only add a hand-off per frame: on this project's 2-CPU machine
+    2 and 4 streams with threads measured 0.99x and 0.90x of the one loop
+    (benchmarks/RESULTS.md, "Issue 21: a thread per stream on the
+    source"), so there ``auto`` keeps the loop.
+    """
+    if mode not in STREAM_THREADS_MODES:
+        raise ValueError(f"stream_threads must be auto, on or off, not {mode!r}")
+    if streams < 2 or mode == "off":
+        return False
+    if mode == "on":
+        return True
+    return (usable_cpus() if cpus is None else cpus) >= 2 * streams + 2
 
 
 @dataclass
@@ -89,6 +124,9 @@ class SourceOptions:
     #: TCP connections for the pages (precopy.session.streams; docs/PROTOCOL.md
     #: "Streams"); None: one per destination address (default_streams).
     streams: int | None = None
+    #: Each extra stream written from a thread of its own (precopy.session.stream_sender):
+    #: ``auto`` (where the host has cores to spare: stream_threads_wanted), ``on``, ``off``.
+    stream_threads: str = "auto"
     #: More destination addresses (host, port): stream k goes to the
     #: (k mod count)-th of [(host, port), *stream_to] -- one per link or NIC.
     stream_to: list[tuple[str, int]] = field(default_factory=list)
@@ -145,6 +183,8 @@ class SourceOptions:
             self.streams = default_streams(1 + len(self.stream_to))
         if not 1 <= self.streams <= MAX_STREAMS:
             raise ValueError(f"streams must be 1..{MAX_STREAMS}, not {self.streams}")
+        if self.stream_threads not in STREAM_THREADS_MODES:
+            raise ValueError(f"stream_threads must be auto, on or off, not {self.stream_threads!r}")
         if self.migration_id is None:
             self.migration_id = uuid.uuid4().hex
         if not valid_name(self.migration_id):

@@ -101,6 +101,9 @@ class MigrationReport:
     #: connection's include everything that is not a page).
     streams: int = 1
     stream_bytes: list[int] = field(default_factory=list)
+    #: Whether the extra streams were written from a thread each (--stream-threads; false
+    #: with one stream, and where ``auto`` found no cores to spare).
+    stream_threads: bool = False
     bandwidth_bps: float = 0.0
     #: What became of the source's copy after a commit: "keep-stopped" (left
     #: paused, never resumed by precopy: the operator ends it once the

@@ -10,10 +10,18 @@ what each carried, and puts a SYNC (those counts) before every
 DIGEST_REQUEST and COMMIT on the first connection, so that the
 destination answers and commits only what every stream delivered.
 
-All streams of a migration run in the session's event loop: the kernel
-copies each stream's bytes (``sendmsg`` from the mapping) while the loop
-serves the next; what one stream adds is a connection, a socket buffer and
-a path, not a core (docs/ARCHITECTURE.md, "Streams").
+By default all streams of a migration run in the session's event loop:
+the kernel copies each stream's bytes (``sendmsg`` from the mapping) while
+the loop serves the next; what one stream adds is a connection, a socket
+buffer and a path, not a core.  With sending threads
+(``--stream-threads``, :func:`precopy.session.options.stream_threads_wanted`)
+each extra stream's writes run on a thread of its own
+(:class:`~precopy.session.stream_sender.SendThread`): the loop encodes a
+frame and goes on with the next batch while the thread's ``sendmsg`` (GIL
+released) copies the pages from the mapping; the first connection is
+written from the loop, as without streams.  Before a SYNC every stream's
+queue is drained, so a failed stream is known, by its number, before the
+fence goes out (docs/ARCHITECTURE.md, "Streams").
 
 :func:`split_at_stripes` cuts the page sender's batches where the stripe
 changes.  The default of ``--streams`` is
@@ -34,6 +42,8 @@ from precopy.net.channel import Channel, LinkError, connect
 from precopy.net.tls import make_channel
 from precopy.protocol import Commit, DigestRequest, Join, Joined, Pages, Role, Sync
 from precopy.session.handshake import handshake
+from precopy.session.options import stream_threads_wanted
+from precopy.session.stream_sender import SendThread, from_memory
 
 if TYPE_CHECKING:
     from precopy.session.options import SourceOptions
@@ -79,8 +89,19 @@ def split_at_stripes(batches: Iterable[tuple[np.ndarray, bool]], stripe: int) ->
 class Streams:
     """The extra streams of one migration (1 .. n-1), routing PAGES by stripe and fencing with SYNC."""
 
-    def __init__(self, chans: Sequence[Channel], stripe: int) -> None:
+    def __init__(self, chans: Sequence[Channel], stripe: int, threads: bool = False,
+                 senders: Sequence[Any] | None = None) -> None:
         self.chans = list(chans)
+        #: Each extra stream's sending thread (``threads``; tests give their own, with
+        #: SendThread's methods), or none: every stream written from the loop.
+        self.senders: list[Any] = list(senders) if senders is not None else []
+        if threads and senders is None:
+            try:
+                for k, c in enumerate(self.chans):
+                    self.senders.append(SendThread(c, k + 1))
+            except BaseException:
+                self.close()
+                raise
         self.n = len(self.chans) + 1
         self.stripe = stripe
         #: PAGES frames sent on each extra stream (index i: stream i + 1).
@@ -106,6 +127,9 @@ class Streams:
             k = self.target(ev)
             if k == 0:
                 n = await send0(ev)
+            elif self.senders:
+                n = await self.senders[k - 1].send(ev, wait=not from_memory(ev.payload))
+                self.counts[k - 1] += 1
             else:
                 try:
                     n = await self.chans[k - 1].send(ev)
@@ -116,6 +140,8 @@ class Streams:
             return n
         n = 0
         if isinstance(ev, (DigestRequest, Commit)) and self.counts != self._synced:
+            for sender in self.senders:
+                await sender.drain()  # a stream that failed says so now, by its number
             n += await send0(Sync(counts=tuple(self.counts)))
             self._synced = list(self.counts)
         return n + await send0(ev)
@@ -127,17 +153,30 @@ class Streams:
         return [Pages(indices=ev.indices, zeros=part, payload=b"", checksum=empty)
                 for part in np.split(ev.zeros, cuts)]
 
+    @property
+    def threaded(self) -> bool:
+        """Whether the extra streams are written from threads of their own."""
+        return bool(self.senders)
+
     def unsent_bytes(self) -> int:
+        if self.senders:
+            return sum(t.unsent_bytes() for t in self.senders)
         return sum(c.unsent_bytes() for c in self.chans)
 
     @property
     def send_blocked_s(self) -> float:
+        if self.senders:
+            return sum(float(t.blocked_s) for t in self.senders)
         return sum(float(c.send_blocked_s) for c in self.chans)
 
     def close(self, report: Any = None, first: Channel | None = None) -> None:
-        """Close the extra streams; into ``report``: the bytes each stream carried (``first``'s all it sent)."""
+        """Close the extra streams; into ``report``: the bytes each stream carried (``first``'s all it
+        sent) and whether they were sent from threads."""
         if report is not None:
             report.stream_bytes = [first.bytes_sent if first is not None else self.bytes[0], *self.bytes[1:]]
+            report.stream_threads = self.threaded
+        for t in self.senders:
+            t.close()  # its thread has stopped: no view of the region is in use
         for c in self.chans:
             c.close()
 
@@ -196,4 +235,7 @@ async def open_streams(opts: SourceOptions, streams: int, size: int, chunk_pages
                 r.close()
         raise errors[0]
     chans = [r for r in done if isinstance(r, Channel)]
-    return Streams(chans, stripe_pages(join.chunk_pages))
+    threads = stream_threads_wanted(opts.stream_threads, streams)
+    _log.info("%d streams, %s", streams, "each extra one sent from a thread of its own" if threads else
+              "all sent from the session's event loop (--stream-threads %s)" % opts.stream_threads)
+    return Streams(chans, stripe_pages(join.chunk_pages), threads=threads)
