@@ -3,6 +3,7 @@
     python -m benchmarks.streams                          # 1 GiB, links 1,2,4, 5 rounds (~3 min; root)
     python -m benchmarks.streams --size 256M --runs 1     # a smoke run
     python -m benchmarks.streams --links '' --baseline /tmp/precopy-before   # loopback, this tree vs another
+    python -m benchmarks.streams --baseline /tmp/main --baseline-links --source-arg=--stream-threads=on
 
 The lab (:class:`precopy.lab.links.MultiLink`, root only): two network
 namespaces joined by 4 veth pairs, each shaped to ``--rate`` (1 Gbit/s) with
@@ -88,12 +89,14 @@ class Dest:
 
 
 def migrate(region: Path, guest_pid: int, to: list[str], binds: list[str], streams: int, report: Path,
-            prefix: Sequence[str], dest: Dest) -> dict[str, Any]:
-    """One migration; the figures of its report and the CPU both agents spent."""
+            prefix: Sequence[str], dest: Dest, extra: Sequence[str] = ()) -> dict[str, Any]:
+    """One migration (``extra``: more arguments for the source); the figures of its report and the CPU
+    both agents spent."""
     argv = [*prefix, PY, "-m", "precopy_agents.source_main", "--to", to[0], "--memory", str(region),
             "--pid", str(guest_pid), "--name", "bench", "--downtime-ms", "300", "--compress", "off",
             "--streams", str(streams), "--report", str(report), "--progress", "off", "--log-level", "warning",
-            *[a for addr in to[1:] for a in ("--stream-to", addr)], *[a for b in binds for a in ("--bind", b)]]
+            *[a for addr in to[1:] for a in ("--stream-to", addr)], *[a for b in binds for a in ("--bind", b)],
+            *extra]
     report.unlink(missing_ok=True)
     c0, d0 = children_cpu_s(), proc_cpu_s(dest.proc.pid)
     t = time.monotonic()
@@ -110,7 +113,8 @@ def migrate(region: Path, guest_pid: int, to: list[str], binds: list[str], strea
             "wall_s": wall, "total_s": rep.get("total_time_s"),
             "full_bytes": full.get("bytes_on_wire"), "full_s": full.get("seconds"),
             "wire_Bps": (full["bytes_on_wire"] / full["seconds"]) if full.get("seconds") else None,
-            "stream_bytes": rep.get("stream_bytes"), "cpu_source_s": cpu_src, "cpu_dest_s": cpu_dst}
+            "stream_bytes": rep.get("stream_bytes"), "stream_threads": rep.get("stream_threads"),
+            "cpu_source_s": cpu_src, "cpu_dest_s": cpu_dst}
 
 
 def summary(records: list[dict[str, Any]], rate_Bps: float) -> str:
@@ -196,6 +200,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="another precopy checkout: the loopback cases also run with its agents, interleaved")
     ap.add_argument("--baseline-links", action="store_true",
                     help="with --baseline: the shaped-link cases too (a baseline daemon in the namespace)")
+    ap.add_argument("--source-arg", action="append", default=[], metavar="ARG",
+                    help="pass ARG to this tree's precopy-source, not the baseline's (repeatable; A/B, e.g. "
+                         "--source-arg=--stream-threads=on)")
     ap.add_argument("--json", type=Path, help="write every run's record here")
     args = ap.parse_args(argv)
     links = [int(x) for x in args.links.split(",") if x]
@@ -238,9 +245,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for d in (ns_dest, ns_base):
                     if d is None:
                         continue
-                    rec = migrate(region, guest.pid, [f"{lab.dst_ips[k]}:{d.port}" for k in range(n)],
-                                  lab.src_ips[:n], n, work / "report.json", lab.exec_prefix(lab.src_ns), d)
                     base = d is ns_base
+                    rec = migrate(region, guest.pid, [f"{lab.dst_ips[k]}:{d.port}" for k in range(n)],
+                                  lab.src_ips[:n], n, work / "report.json", lab.exec_prefix(lab.src_ns), d,
+                                  () if base else args.source_arg)
                     records.append({"case": f"{n} x {args.rate}, --streams {n}{' (baseline)' if base else ''}",
                                     "links": n, "streams_asked": n, "baseline": base, "run": run, **rec})
                     print(json.dumps(records[-1]), flush=True)
@@ -248,8 +256,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for d in (loop_dest, base_dest):
                     if d is None:
                         continue
-                    rec = migrate(region, guest.pid, [f"127.0.0.1:{d.port}"], [], n, work / "report.json", (), d)
                     base = d is base_dest
+                    rec = migrate(region, guest.pid, [f"127.0.0.1:{d.port}"], [], n, work / "report.json", (), d,
+                                  () if base else args.source_arg)
                     records.append({"case": f"loopback, --streams {n}{' (baseline)' if base else ''}", "links": 0,
                                     "streams_asked": n, "baseline": base, "run": run, **rec})
                     print(json.dumps(records[-1]), flush=True)
