@@ -114,15 +114,25 @@ def _add_policy_args(p: argparse.ArgumentParser) -> None:
 def _add_throttle_args(p: argparse.ArgumentParser) -> None:
     """Auto-converge: how much of the workload's time it may be kept stopped."""
     p.add_argument("--throttle", choices=["auto", "off"], default="auto",
-                   help="auto-converge: when the dirty set will not shrink (two rounds in a row dirtying "
-                        "more than half of what they sent, the downtime over budget), keep the workload "
+                   help="auto-converge: when the dirty set will not shrink to the budget (see "
+                        "--throttle-ramp), keep the workload "
                         "stopped part of the time (SIGSTOP/SIGCONT duty cycle with --pid; with --guest-control "
                         "the guest's throttle op, or for a guest without it the same duty cycle on the "
                         "process serving the socket; a QEMU VM is not throttled); off: never (default auto)")
+    p.add_argument("--throttle-ramp", choices=["predict", "step"], default="predict",
+                   help="how the throttle rises. predict: from the last round's send and dirty rates, "
+                        "project the next rounds; once they would not bring the dirty set to the budget "
+                        "within 5 rounds, jump to the lowest throttle that does within 3. step (QEMU's "
+                        "auto-converge): two rounds in a row dirtying more than half of what they sent "
+                        "(the downtime over budget and its trend not reaching it soon) start "
+                        "--throttle-initial, every further two add --throttle-step. Either way the "
+                        "throttle never steps down before the switchover (default predict; "
+                        "README.md, Auto-converge)")
     p.add_argument("--throttle-initial", type=int, default=20, metavar="PCT",
-                   help="first throttle, percent of the workload's time stopped (default 20)")
+                   help="first throttle of the step ramp (and of predict's first round, whose interval "
+                        "spans the full copy), percent of the workload's time stopped (default 20)")
     p.add_argument("--throttle-step", type=int, default=10, metavar="PCT",
-                   help="added at each further trigger (default 10)")
+                   help="added at each further trigger of the step ramp (default 10)")
     p.add_argument("--throttle-max", type=int, default=99, metavar="PCT",
                    help="the highest throttle, at most 99 (default 99)")
 
@@ -227,7 +237,7 @@ def make_migration(args: argparse.Namespace) -> tuple[SourceOptions, Workload]:
         tls_files={k: str(v) if v else None for k, v in
                    (("ca", args.tls_ca), ("cert", args.tls_cert), ("key", args.tls_key))},
         tracking=args.tracking, throttle=args.throttle, throttle_initial_pct=args.throttle_initial,
-        throttle_step_pct=args.throttle_step, throttle_max_pct=args.throttle_max,
+        throttle_step_pct=args.throttle_step, throttle_max_pct=args.throttle_max, throttle_ramp=args.throttle_ramp,
         max_downtime_ms=args.max_downtime_ms, headroom=args.headroom, postcopy=args.postcopy,
         postcopy_lane=args.postcopy_lane, streams=args.streams, stream_to=list(args.stream_to), bind=list(args.bind),
         stream_threads=args.stream_threads,

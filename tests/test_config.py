@@ -49,6 +49,7 @@ to = "10.0.0.2:7070"
 memory = "{region}"
 guest-control = "/run/g.sock"
 throttle = "off"
+throttle-ramp = "step"
 throttle-initial = 30
 throttle_step = 5
 throttle-max = 80
@@ -57,11 +58,13 @@ throttle-max = 80
     opts, _ = source_main.make_migration(args)
     assert (opts.throttle, opts.throttle_initial_pct, opts.throttle_step_pct, opts.throttle_max_pct) == \
         ("off", 30, 5, 90)
+    assert opts.throttle_ramp == "step"
     defaults = parse_with_config(source_main.build_parser(), ["--to", "h:1", "--memory", str(region),
                                                                "--guest-control", "/run/g.sock"])
     opts, _ = source_main.make_migration(defaults)
     assert (opts.throttle, opts.throttle_initial_pct, opts.throttle_step_pct, opts.throttle_max_pct) == \
         ("auto", 20, 10, 99)
+    assert opts.throttle_ramp == "predict"
     assert opts.max_downtime_ms is None
     capped = parse_with_config(source_main.build_parser(), ["--config", str(conf), "--downtime-ms", "50",
                                                              "--max-downtime-ms", "80"])

@@ -424,6 +424,13 @@ async def test_rounds_send_what_each_scan_finds_until_the_policy_switches_over()
     # The policy heard what each round found and what the round before sent.
     assert [(a["rounds_done"], a["remaining_pages"], a["sent_pages"]) for a in policy.asked] == [
         (0, 3, NPAGES), (1, 3, 3), (2, 1, 3)]
+    # ... and, from the first live round on, its rates for the predict ramp (the full copy's
+    # interval spans the connection too: none after it).
+    fits = [a["fit"] for a in policy.asked]
+    assert fits[0] is None
+    assert [(f.pages_sent, f.dirtied, f.throttle_pct, f.npages, f.scan_per_page) for f in fits[1:]] == [
+        (3, 1, 20, NPAGES, False), (3, 1, 30, NPAGES, False)]
+    assert all(f.usable() and f.scan_s == r.scan_seconds for f, r in zip(fits[1:], rep.rounds[1:]))
     assert expected == pytest.approx(policy.asked[-1]["expected_s"])
     assert rep.expected_phases_ms and rep.switchover_margin_ms is not None and rep.margin_basis
 

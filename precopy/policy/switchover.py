@@ -21,7 +21,11 @@ says how hard to throttle the workload (auto-converge, QEMU's semantics):
 a round is *not converging* when the pages dirtied during it exceed half
 the pages sent in it and the expected downtime's trend does not reach the
 budget within a couple of rounds; two such rounds in a row throttle the
-workload to 20 %, and every further two add 10 %, up to 99 %.  The
+workload to 20 %, and every further two add 10 %, up to 99 %.  That is
+the ``step`` ramp; the default, ``predict`` (precopy.policy.converge),
+projects the next rounds from the last one's send and dirty rates and, once
+one says the dirty set will not fall to the budget within a couple of
+rounds, jumps to the lowest throttle that makes it within three.  The
 throttle never steps down before the switchover, and a migration that
 would converge without it is never throttled.
 
@@ -48,6 +52,7 @@ import math
 from dataclasses import dataclass, field
 from enum import Enum
 
+from precopy.policy.converge import RoundFit, predicted_throttle
 from precopy.protocol import PAGE_SIZE
 
 __all__ = [
@@ -59,11 +64,15 @@ __all__ = [
     "DirtyRateEstimator",
     "SwitchoverPolicy",
     "THROTTLE_MODES",
+    "THROTTLE_RAMPS",
     "check_throttle",
     "expected_downtime",
 ]
 
 THROTTLE_MODES = ("auto", "off")
+#: How auto-converge raises the throttle: from a projection of the rounds (precopy.policy.converge),
+#: or QEMU's steps (+step % every ``throttle_checks`` non-converging rounds).
+THROTTLE_RAMPS = ("predict", "step")
 
 
 class Action(Enum):
@@ -245,6 +254,7 @@ class _Round:
     at_floor_scan_s: float | None
     floor_min_s: float | None
     margin_s: float | None
+    fit: RoundFit | None = None  # the last live round's rates (the predict ramp)
     target: float = 0.0  # switch over at or under this expected downtime
     floor_target: float = 0.0  # the floor is over the budget above this
     busy: list[str] = field(default_factory=list)  # why the round was contended
@@ -273,7 +283,14 @@ class SwitchoverPolicy:
     ``throttle_checks`` non-converging rounds in a row, a round being
     non-converging when it dirtied more than ``throttle_threshold`` times the
     pages it sent and the trend of the expected downtime does not reach the
-    budget within ``converge_rounds`` rounds (and the rounds left).  ``tracked``: dirty pages come
+    budget within ``converge_rounds`` rounds (and the rounds left).  That is
+    ``throttle_ramp="step"``; with ``"predict"`` (the default), a round that
+    brings its rates (``fit``) is judged by their projection instead, and
+    the throttle jumps to what reaches the budget within ``predict_rounds``
+    rounds (precopy.policy.converge); ``throttle_initial_pct`` and
+    ``throttle_step_pct`` then serve the rounds without rates (the first,
+    whose interval spans the full copy) and a floor-bound forced
+    migration's throttle toward its floor.  ``tracked``: dirty pages come
     from kernel write tracking (only changes the advice when floor-bound).
 
     A round is contended (see :class:`Contention`) when another migration
@@ -297,6 +314,8 @@ class SwitchoverPolicy:
     throttle_max_pct: int = 99
     throttle_threshold: float = 0.5
     throttle_checks: int = 2
+    throttle_ramp: str = "predict"
+    predict_rounds: int = 3
     converge_rounds: float = 5.0
     floor_rounds: int = 2
     tracked: bool = False
@@ -336,6 +355,9 @@ class SwitchoverPolicy:
         if self.max_rounds < 0:
             raise ValueError("max_rounds must be >= 0")
         check_throttle(self.throttle, self.throttle_initial_pct, self.throttle_step_pct, self.throttle_max_pct)
+        if self.throttle_ramp not in THROTTLE_RAMPS or self.predict_rounds < 1:
+            raise ValueError(f"throttle ramp must be predict or step (not {self.throttle_ramp!r}) "
+                             f"and predict_rounds >= 1 (not {self.predict_rounds})")
         if self.throttle_checks < 1 or self.floor_rounds < 1:
             raise ValueError("throttle_checks and floor_rounds must be >= 1")
         if not 0 < self.headroom <= 1:
@@ -355,7 +377,7 @@ class SwitchoverPolicy:
                dirtied_pages: int | None = None, sent_pages: int | None = None,
                remaining_pages: int | None = None, at_floor_scan_s: float | None = None,
                contention: Contention | None = None, floor_min_s: float | None = None,
-               margin_s: float | None = None) -> Decision:
+               margin_s: float | None = None, fit: RoundFit | None = None) -> Decision:
         """Decide after a scan.
 
         ``rounds_done``: iterative rounds completed after the full copy;
@@ -375,7 +397,8 @@ class SwitchoverPolicy:
         how far under the budget the expected downtime must fall to switch
         over (from the spread of the pause's parts,
         precopy.policy.downtime.switchover_margin); without it, to ``headroom`` of
-        the budget (the floor rule always uses ``headroom``).  Returns the
+        the budget (the floor rule always uses ``headroom``).  ``fit``: the
+        last live round's rates, for the predict ramp.  Returns the
         decision; raises nothing.
 
         The rules, in order: within the target, switch over; a floor over
@@ -388,7 +411,7 @@ class SwitchoverPolicy:
             rounds_done=rounds_done, elapsed_s=elapsed_s, expected_s=expected_s, floor_s=floor_s,
             scan_s=scan_s, dirtied_pages=dirtied_pages, sent_pages=sent_pages,
             remaining_pages=remaining_pages, at_floor_scan_s=at_floor_scan_s,
-            floor_min_s=floor_min_s, margin_s=margin_s), contention)
+            floor_min_s=floor_min_s, margin_s=margin_s, fit=fit), contention)
         if expected_s <= r.target:
             return Decision(Action.SWITCHOVER, expected_s,
                             f"expected downtime {expected_s * 1e3:.1f} ms within the "
@@ -517,6 +540,15 @@ class SwitchoverPolicy:
             self._high = 0  # no throttle can help this round: not a check "in a row"
         elif self.throttle == "auto" and r.dirtied_pages is not None and r.sent_pages is not None:
             soon = min(self.converge_rounds, self.max_rounds - r.rounds_done + self._contended_rounds)
+            if self.throttle_ramp == "predict" and r.fit is not None and r.fit.usable() and r.remaining_pages:
+                self._high = 0
+                self.throttle_pct, note = predicted_throttle(
+                    r.fit, pages=r.remaining_pages, expected_s=r.expected_s, floor_s=r.floor_s or 0.0,
+                    target_s=r.target, current_pct=self.throttle_pct, max_pct=self.throttle_max_pct,
+                    soon=soon, rounds=self.predict_rounds)
+                return Decision(Action.CONTINUE, r.expected_s,
+                                f"expected downtime {r.expected_s * 1e3:.1f} ms over budget" + note,
+                                self.throttle_pct)
             note = self._auto_converge(r.dirtied_pages, r.sent_pages,
                                        _rounds_to_reach(r.prev_excess, r.excess,
                                                         r.target - (r.floor_s or 0.0)) <= soon)

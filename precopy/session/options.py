@@ -10,7 +10,7 @@ from pathlib import Path
 
 from precopy.memory.tracking import TRACKING_MODES
 from precopy.policy.postcopy import check_postcopy
-from precopy.policy.switchover import check_throttle
+from precopy.policy.switchover import THROTTLE_RAMPS, check_throttle
 from precopy.protocol import MAX_BATCH_PAGES, MAX_STREAMS, valid_name
 
 __all__ = ["SourceOptions", "Progress", "HEADROOM_MODES", "STREAM_THREADS_MODES", "default_streams",
@@ -108,8 +108,11 @@ class SourceOptions:
     #: Auto-converge: throttle a workload whose dirty set will not shrink
     #: (``auto``) or never (``off``); percentages of its time stopped: the
     #: first throttle, the step per further trigger, the cap
-    #: (precopy.policy.switchover.SwitchoverPolicy).
+    #: (precopy.policy.switchover.SwitchoverPolicy); how it rises: ``predict``
+    #: (to what a projection of the rounds needs, precopy.policy.converge) or
+    #: ``step`` (QEMU's: the first throttle, then a step per further trigger).
     throttle: str = "auto"
+    throttle_ramp: str = "predict"
     throttle_initial_pct: int = 20
     throttle_step_pct: int = 10
     throttle_max_pct: int = 99
@@ -163,6 +166,8 @@ class SourceOptions:
         if self.on_commit not in ("keep-stopped", "kill"):
             raise ValueError(f"on_commit must be keep-stopped or kill, not {self.on_commit!r}")
         check_throttle(self.throttle, self.throttle_initial_pct, self.throttle_step_pct, self.throttle_max_pct)
+        if self.throttle_ramp not in THROTTLE_RAMPS:
+            raise ValueError(f"throttle_ramp must be predict or step, not {self.throttle_ramp!r}")
         check_postcopy(self.postcopy, self.on_nonconvergence, self.mode)
         if self.headroom not in HEADROOM_MODES:
             raise ValueError(f"headroom must be spread or fixed, not {self.headroom!r}")

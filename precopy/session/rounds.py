@@ -22,6 +22,7 @@ import numpy as np
 from precopy.errors import AbortCode, PrecopyError
 from precopy.memory.digest import page_union
 from precopy.memory.tracking import SourceChunks
+from precopy.policy.converge import RoundFit
 from precopy.policy.downtime import DowntimeCap, Margin
 from precopy.policy.postcopy import apply_postcopy
 from precopy.policy.switchover import Action, Decision, DirtyRateEstimator, LinkEstimator, SwitchoverPolicy
@@ -54,6 +55,7 @@ class _Round:
     todo: np.ndarray  # the pages to send: dirty, and those of chunks that differ oddly
     later: int  # pages the workload dirties from the scan to a pause
     dirtied: int  # what it dirtied over the round (a throttled workload's recent runs counted)
+    interval_s: float = 0.0  # from the last scan (or the migration's start) to this one
     scan_estimate: float = 0.0  # the final scan's cost as the margin takes it
     final_scan_s: float | None = None  # a tracker's paused scan, when it differs from the live one
     expected: float = 0.0
@@ -173,7 +175,7 @@ class Rounds:
             stale = max(self._recent_dirty)
             later = max(later, stale)
             dirtied = min(self.npages, dirtied + stale)
-        return _Round(t, scan, scan_s, scanned_s, todo, later, dirtied)
+        return _Round(t, scan, scan_s, scanned_s, todo, later, dirtied, interval)
 
     def _estimate(self, rnd: _Round) -> None:
         """The expected downtime of a pause now, its parts and its margin."""
@@ -236,7 +238,7 @@ class Rounds:
             sent_pages=last.pages_sent + last.zero_pages, remaining_pages=len(rnd.todo),
             at_floor_scan_s=(model.expected(len(rnd.todo) + rnd.later, final_scan_s=model.floor_scan_s)
                              if floor is not None else None),
-            margin_s=rnd.margin.margin_s if self.headroom == "spread" else None,
+            margin_s=rnd.margin.margin_s if self.headroom == "spread" else None, fit=self._fit(rnd),
         )
         todo = len(rnd.todo)
         if (decision.action is Action.SWITCHOVER and self.tracked
@@ -254,6 +256,17 @@ class Rounds:
         return apply_postcopy(decision, mode=self.postcopy[0], on_nonconvergence=self.postcopy[1],
                               throttle_before=self.throttle.pct,
                               converging=rnd.dirtied <= self.policy.throttle_threshold * sent if sent else None)
+
+    def _fit(self, rnd: _Round) -> RoundFit | None:
+        """The last live round's rates, for the policy's predict ramp (None after the full copy:
+        its interval spans the connection and the arming too)."""
+        last = self.report.rounds[-1]
+        if last.kind != "iterative":
+            return None
+        return RoundFit(pages_sent=last.pages_sent + last.zero_pages, interval_s=rnd.interval_s,
+                        scan_s=last.scan_seconds, scan_per_page=self.tracked,
+                        send_pps=self.link.bytes_per_second / PAGE_SIZE, dirtied=len(rnd.scan.dirty),
+                        npages=self.npages, throttle_pct=self.throttle.pct)
 
     async def _act(self, decision: Decision, rnd: _Round, held: bool, rounds_done: int) -> bool:
         """Carry out the decision: True to switch over now; raises to abort; else go on."""

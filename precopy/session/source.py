@@ -98,7 +98,7 @@ class SourceSession:
         self.policy = SwitchoverPolicy(
             downtime_s=opts.downtime_ms / 1e3, max_rounds=opts.max_rounds,
             max_time_s=opts.max_time_s, on_nonconvergence=opts.on_nonconvergence,
-            throttle=opts.throttle, throttle_initial_pct=opts.throttle_initial_pct,
+            throttle=opts.throttle, throttle_ramp=opts.throttle_ramp, throttle_initial_pct=opts.throttle_initial_pct,
             throttle_step_pct=opts.throttle_step_pct, throttle_max_pct=opts.throttle_max_pct,
         )
         self.link = LinkEstimator()
