@@ -184,7 +184,10 @@ def baseline_env(tree: Path, work: Path) -> dict[str, str]:
     shim.mkdir(exist_ok=True)
     if not (shim / "precopy_agents").exists():
         (shim / "precopy_agents").symlink_to((tree / "agents").resolve())
-    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(shim), str(tree.resolve())]))
+    # PYTHONSAFEPATH: ``python -m`` must not put its working directory (this tree, ROOT) first on
+    # sys.path -- it did until 2026-12-07, and every baseline process imported this tree's precopy
+    # beside the baseline's agents (benchmarks/RESULTS.md, "Issue 21: a thread per stream on the source").
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(shim), str(tree.resolve())]), PYTHONSAFEPATH="1")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
