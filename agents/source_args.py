@@ -106,9 +106,10 @@ def _add_policy_args(p: argparse.ArgumentParser) -> None:
                         "post-copy's switchover on there is no rollback: docs/FAILURES.md)")
     p.add_argument("--postcopy-lane", action="store_true",
                    help="post-copy: the resumed workload's faults and their answers on a connection of "
-                        "their own, served by a thread at each end (QEMU's postcopy-preempt), when the "
-                        "destination offers it: a page faulted on does not queue behind the push. Lower "
-                        "fault latency, a slower push on a busy host (benchmarks/RESULTS.md, pcpre)")
+                        "their own, served by a child process at each end (a thread over TLS; QEMU's "
+                        "postcopy-preempt), when the destination offers it: a page faulted on does not "
+                        "queue behind the push. Lower fault latency at the median (benchmarks/RESULTS.md, "
+                        "lat22)")
 
 
 def _add_throttle_args(p: argparse.ArgumentParser) -> None:

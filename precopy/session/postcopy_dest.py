@@ -60,6 +60,7 @@ from precopy.session.postcopy_pages import PagePlacer
 from precopy.session.postcopy_state import need_path, persist_need
 from precopy.protocol import POSTCOPY_CAP, POSTCOPY_IMMEDIATE_CAP, POSTCOPY_LANE_CAP, Begin, Resume
 from precopy.session.postcopy_lane import DestLane
+from precopy.session.postcopy_lane_proc import prestart
 from precopy.session.dest_options import DestOptions
 from precopy.session.journal import Journal, MigrationRecord
 
@@ -94,6 +95,8 @@ def dest_caps(opts: DestOptions, offered: tuple[str, ...] | None,
     caps = tuple(c for c in offered if c in (POSTCOPY_CAP, POSTCOPY_IMMEDIATE_CAP, POSTCOPY_LANE_CAP) and serves)
     if chan is not None:
         chan.caps = caps
+        if POSTCOPY_LANE_CAP in caps:
+            prestart()  # the lane's child, ahead: its imports take ~0.5 s (postcopy_lane_proc)
     return caps
 
 
@@ -225,8 +228,7 @@ class PostcopyDest:
         minor = self._register(offer.fd, offer.start, offer.length)
         self._range = (offer.start, offer.length)
         os.set_blocking(offer.fd, False)
-        self.placer = PagePlacer(offer.fd, offer.start, self.begin.npages, self.missing_mask, self.region_fd,
-                                 minor=minor)
+        self.placer = PagePlacer(offer.fd, offer.start, self.begin.npages, self.missing_mask, self.region_fd, minor=minor)
 
     def _register(self, uffd: int, start: int, length: int) -> bool:
         """Register the guest's range: MINOR (nothing punched) where the kernel and the file system
@@ -350,8 +352,9 @@ class PostcopyDest:
             # right after (a restarted one answers a RESUME from it).
             if self._resumer is not None:
                 await self._resumer
+            await self.lane.stop()  # (its child's counts are in the placer's once it is stopped)
             self._finish()
-            stats = {**self.placer.stats(), "push_cpu_s": time.process_time() - self._cpu_run}
+            stats = {**self.placer.stats(), "push_cpu_s": time.process_time() - self._cpu_run + self.lane.cpu_s}
             await chan.send(Complete(migration_id=mid, pages=self.n_missing, stats=stats))
         finally:
             await self.lane.stop()
@@ -371,10 +374,10 @@ class PostcopyDest:
             while self.placer.left:
                 # Between frames too: while the socket holds data the loop gets no turn (reader
                 # callbacks wait), yet a fault must be seen, and a REQUEST sent, at once.
-                (self.lane.peek if self.lane.active else self._on_fault)()
+                (self.lane.peek if self.lane.reading else self._on_fault)()
                 if not self._out.empty():
                     await asyncio.sleep(0)  # _send_requests sends it
-                if len(self.backlog) and (self.lane.active or not self.placer.waiting()):
+                if len(self.backlog) and (self.lane.reading or not self.placer.waiting()):
                     with self.lock:
                         self._place_held(self.backlog.oldest())  # a frame at a time, faults looked at between
                     continue
@@ -391,7 +394,7 @@ class PostcopyDest:
                     raise RemoteProtocolError("post-copy PAGES without a checksum: nothing would check them")
                 data = page_payload(ev, chunk_pages=self.begin.chunk_pages) if len(ev.indices) else None
                 with self.lock:
-                    if (not self.lane.active and self.placer.waiting() and not self.backlog.full()
+                    if (not self.lane.reading and self.placer.waiting() and not self.backlog.full()
                             and not self.placer.awaited(ev.indices, ev.zeros)):
                         self.backlog.hold(ev.indices, data, ev.zeros)  # the awaited page first
                     else:
@@ -546,6 +549,7 @@ class PostcopyDest:
 
     def close(self) -> None:
         self._release_handler()
+        self.lane.release()
         for fd in (self._uffd, self.region_fd):
             if fd >= 0:
                 os.close(fd)

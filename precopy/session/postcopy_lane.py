@@ -51,6 +51,7 @@ from precopy.protocol import MAX_BATCH_PAGES, NEED_DATA, Abort, Begin, Join, Joi
 from precopy.session.commit import OutcomeTarget
 from precopy.session.handshake import handshake
 from precopy.session.postcopy_backlog import PushBacklog
+from precopy.session.postcopy_lane_proc import ProcessLane, process_lane_ok, run_lane_process
 from precopy.session.postcopy_pages import PagePlacer
 from precopy.session.stream_thread import receive_blocking, run_blocking
 
@@ -147,8 +148,9 @@ def serve_lane_requests(chan: Channel, stream: Answering, npages: int, io_timeou
 
 
 async def run_source_lane(target: OutcomeTarget, begin: Begin, stream: Answering) -> None:
-    """Open the fault lane and serve it on a thread of its own until cancelled; raises when it
-    fails.  When it cannot be opened it logs why and returns: the page stream goes on alone."""
+    """Open the fault lane and serve it until cancelled -- in a child process where it can
+    (:mod:`precopy.session.postcopy_lane_proc`), else on a thread; raises when it fails.  When it
+    cannot be opened it logs why and returns: the page stream goes on alone."""
     try:
         chan = await open_lane(target, begin)
     except (PrecopyError, OSError, TimeoutError) as exc:
@@ -156,6 +158,15 @@ async def run_source_lane(target: OutcomeTarget, begin: Begin, stream: Answering
         return
     _log.info("post-copy: fault lane to %s", chan.peer)
     try:
+        share = getattr(stream, "share", None)
+        if share is not None and process_lane_ok(chan):
+            fd, memory = share()
+            setup = {"side": "source", "npages": begin.npages, "memory": memory, "io_timeout_s": target.io_timeout_s}
+            try:
+                await run_lane_process(chan, setup, {"shared_fd": fd}, None, getattr(stream, "lane_counted", None))
+            finally:
+                stream.fold()  # type: ignore[attr-defined]
+            return
         await run_blocking(chan, lambda stop: serve_lane_requests(chan, stream, begin.npages,
                                                                   target.io_timeout_s, stop), "postcopy-lane")
     finally:
@@ -198,10 +209,15 @@ class LaneHost(Protocol):
 class DestLane:
     """The destination's end of the fault lane: the thread's work and its life in the session's loop.
 
+    ``look_first`` / ``spin_s``: see :meth:`_wait` (the child process's lane sets them).
+
     While a lane runs, the thread alone reads the guest's userfaultfd (the
     loop's reader is removed, and put back when the lane ends); the session
     places pushes and the thread answers under ``host.lock``.
     """
+
+    look_first = False
+    spin_s = 0.0
 
     def __init__(self, host: LaneHost) -> None:
         self.host = host
@@ -211,15 +227,33 @@ class DestLane:
         self.requests = 0  # REQUEST frames sent on lanes
         self._peeker = select.poll()  # the guest's userfaultfd, for peek
         self._peeking = -1
+        self._looked = 0.0  # look_first: the userfaultfd's last empty look
+        #: The lane's end in a process of its own (postcopy_lane_proc): the shared state while it runs.
+        self.process: ProcessLane | None = None
+        self.cpu_s = 0.0  # CPU seconds the lane's processes used (COMPLETE's push_cpu_s)
+        self.child = False  # a child process serves the lane now
+        self._threaded = False  # a thread serves it now
 
     @property
     def active(self) -> bool:
         return self.task is not None and not self.task.done()
 
+    @property
+    def reading(self) -> bool:
+        """Whether the lane reads the guest's faults now (its thread runs, or its child serves):
+        else the session does (a child starting takes a second on a busy machine)."""
+        return self.active and (self.child or self._threaded)
+
     def peek(self) -> None:
         """While the thread reads the faults, the session notes between its frames when none waits
         (a fault's latency counts from the later of this and the thread's own look)."""
         host = self.host
+        if self.child and self.process is not None:
+            # The child reads this before it reads the faults: a fault it then reads came after.
+            now = time.monotonic()
+            if host._uffd >= 0 and not self._peeker.poll(0):
+                self.process.clock[0] = now
+            return
         with host.lock:
             now = time.monotonic()
             if host._uffd >= 0 and not self._peeker.poll(0):
@@ -245,7 +279,7 @@ class DestLane:
         empty_at = time.monotonic()  # the thread saw the userfaultfd empty then
         while placer.left and not stop.is_set():
             t_poll = time.monotonic()
-            ready = () if chan.pending() else poller.poll(_POLL_MS)
+            ready = () if chan.pending() else self._wait(poller, t_poll)
             fds = {fd for fd, _ in ready}
             if uffd in fds and dict(ready)[uffd] & (select.POLLERR | select.POLLHUP | select.POLLNVAL):
                 # The guest's userfaultfd failed (its process is gone): stop looking at it -- a
@@ -253,10 +287,11 @@ class DestLane:
                 _log.warning("post-copy: the guest's userfaultfd reports an error: no more faults read")
                 poller.unregister(uffd)
             elif uffd in fds:
-                empty_at = self._ask(chan, empty_at)
+                empty_at = self._ask(chan, max(empty_at, self._looked))
             else:
-                empty_at = t_poll  # not readable while poll waited: any fault came after
+                empty_at = max(t_poll, self._looked)  # not readable while poll waited: any fault came after
             if sock not in fds and not chan.pending():
+                self.settle()
                 continue
             if chan.recv_blocking() == 0:
                 if stop.is_set():
@@ -267,6 +302,28 @@ class DestLane:
                 if isinstance(ev, Abort):
                     raise LinkError(f"{chan.peer} aborted the post-copy fault lane: {ev.reason}")
                 self._place(ev)
+            self.settle()
+
+    def _wait(self, poller: Any, t_poll: float) -> list[tuple[int, int]]:
+        """``poll`` the guest's userfaultfd and the lane.  With ``look_first`` (the lane's own
+        process: a look costs no interpreter lock) it looks without waiting first, for up to
+        ``spin_s``: each empty look is a later "seen empty" (``_looked``: the fault's latency
+        counts from the last one) and a fault that comes meanwhile is read at once."""
+        if self.look_first:
+            end = t_poll + self.spin_s
+            while True:
+                t = time.monotonic()
+                ready: list[tuple[int, int]] = poller.poll(0)
+                if ready:
+                    return ready
+                self._looked = t  # (the look's scan came after t: a fault it missed came after t)
+                if t >= end:
+                    break
+        waited: list[tuple[int, int]] = poller.poll(_POLL_MS)
+        return waited
+
+    def settle(self) -> None:
+        """After each step of :meth:`work` (the lane's child counts the shared mask here)."""
 
     def _ask(self, chan: Channel, empty_at: float) -> float:
         """Read every fault waiting; REQUEST the missing pages on the lane.  Returns when the
@@ -308,21 +365,72 @@ class DestLane:
             placer.place(ev.indices, data, ev.zeros)
 
     async def run(self, chan: Channel, io_timeout_s: float) -> None:
-        """Serve ``chan`` as the lane until stopped (:meth:`stop`) or it fails (raises)."""
+        """Serve ``chan`` as the lane until stopped (:meth:`stop`) or it fails (raises): in a child
+        process where it can (:mod:`precopy.session.postcopy_lane_proc`), else on a thread."""
         self.chan = chan
         chan.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         loop = asyncio.get_running_loop()
-        loop.remove_reader(self.host._uffd)  # the thread reads the faults from now on
         if self._peeking != self.host._uffd:
             self._peeker.register(self.host._uffd, select.POLLIN)
             self._peeking = self.host._uffd
         try:
-            await run_blocking(chan, lambda stop: self.work(chan, stop, io_timeout_s), "postcopy-lane")
+            if self._child_possible(chan):
+                await self._run_child(chan, io_timeout_s, loop)
+            else:
+                loop.remove_reader(self.host._uffd)  # the thread reads the faults from now on
+                self._threaded = True
+                await run_blocking(chan, lambda stop: self.work(chan, stop, io_timeout_s), "postcopy-lane")
         finally:
             self.chan = None
+            self._threaded = False
             placer = self.host.placer
             if self.host._uffd >= 0 and placer is not None and placer.left and not loop.is_closed():
                 loop.add_reader(self.host._uffd, self.host._on_fault)
+
+    def _child_possible(self, chan: Channel) -> bool:
+        placer = self.host.placer
+        if placer is None or not process_lane_ok(chan):
+            return False
+        if self.process is None:
+            need = ProcessLane.need_file(placer)
+            if need is None:
+                return False
+            self.process = ProcessLane(placer, need)
+            placer.share_claims(self.process.lock, self.process.shared["taken"])  # beside the child's
+        return True
+
+    async def _run_child(self, chan: Channel, io_timeout_s: float, loop: asyncio.AbstractEventLoop) -> None:
+        """The lane's end in a child process; the session's loop reads the faults until it serves."""
+        host, proc = self.host, self.process
+        placer = host.placer
+        assert proc is not None and placer is not None
+        proc.clock[0] = host._seen_empty
+
+        def ready() -> None:
+            loop.remove_reader(host._uffd)  # the child reads the faults from now on
+            self.child = True
+
+        def counted(got: dict[str, Any]) -> None:
+            self.cpu_s += float(got.get("cpu_s", 0.0))
+            self.requests += int(got.get("requests", 0))
+            with host.lock:
+                placer.merge(got)
+
+        try:
+            await run_lane_process(chan, proc.setup(placer, host.begin, io_timeout_s),
+                                   {"uffd": host._uffd, "region_fd": placer.region_fd, "shared_fd": proc.shared.fd},
+                                   ready, counted)
+        finally:
+            self.child = False
+            with host.lock:
+                placer.drop_claims()  # (it is gone: nothing of it is placing)
+                placer.recount()
+
+    def release(self) -> None:
+        """The post-copy is over here: the state shared with the lane's child goes."""
+        if self.process is not None:
+            self.process.close()
+            self.process = None
 
     def start(self, chan: Channel, io_timeout_s: float) -> asyncio.Task[None]:
         self.task = asyncio.ensure_future(self.run(chan, io_timeout_s))

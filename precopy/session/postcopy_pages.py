@@ -31,6 +31,7 @@ import errno
 import logging
 import os
 import time
+from typing import Any
 
 import numpy as np
 
@@ -41,6 +42,8 @@ __all__ = ["PagePlacer", "latency_stats"]
 
 _log = logging.getLogger(__name__)
 _ZERO = np.zeros(MAX_BATCH_PAGES * PAGE_SIZE, dtype=np.uint8)
+#: Bytes a ``pwrite`` places at most while a lane's child places beside (see ``_pwrite``).
+PWRITE_BESIDE_LANE = int(os.environ.get("PRECOPY_LANE_PWRITE_KIB", "2048")) * 1024
 
 
 def latency_stats(seconds: list[float], prefix: str = "fault") -> dict[str, float]:
@@ -91,6 +94,8 @@ class PagePlacer:
         self.present = 0  # pages UFFDIO_COPY found present (EEXIST: not overwritten)
         self.pushed = 0  # pages placed before the guest asked for them
         self.guest_gone = False  # the guest exited: pages go into the file's holes
+        self.claim_lock: Any = None  # share_claims: placing beside another process
+        self.taken = np.zeros(0, dtype=bool)
 
     def faulted(self, addresses: list[int], now: float, since: float | None = None) -> list[int]:
         """Take the guest's fault addresses; returns the pages to request (missing, not asked yet).
@@ -147,6 +152,12 @@ class PagePlacer:
         Returns the pages placed.  Raises :class:`OSError` when the kernel
         refuses for another reason than a present page.
         """
+        placed = self._place(indices, data, zeros)
+        if self.claim_lock is not None:
+            self.recount()  # another process places pages too (share_claims)
+        return placed
+
+    def _place(self, indices: np.ndarray, data: memoryview | None, zeros: np.ndarray) -> int:
         placed = 0
         self._reply = self._answers(indices, zeros)
         if self.minor:
@@ -154,7 +165,7 @@ class PagePlacer:
                 assert data is not None
                 idx = np.asarray(indices)
                 first, n = int(idx[0]), len(idx)
-                if int(idx[-1]) - first == n - 1 and not self.guest_gone and self.need[first:first + n].all():
+                if int(idx[-1]) - first == n - 1 and not self.guest_gone and self._claim_run(first, n):
                     placed += self._write_run(first, n, memoryview(data).cast("B"))  # (strictly increasing)
                 else:
                     placed += self._write_map(idx, memoryview(data).cast("B"))
@@ -188,10 +199,42 @@ class PagePlacer:
         return bool(pages.size) and bool((self.requested[pages] & self.need[pages]).any())
 
     def _wanted(self, pages: np.ndarray) -> np.ndarray:
-        """The offsets into ``pages`` of those still missing; the others count as duplicates."""
-        wanted = self.need[pages]
+        """The offsets into ``pages`` of those still missing (claimed: this placer places them);
+        the others count as duplicates."""
+        if self.claim_lock is None:
+            wanted = self.need[pages]
+        else:
+            with self.claim_lock:
+                wanted = self.need[pages] & ~self.taken[pages]
+                self.taken[pages[wanted]] = True
         self.duplicates += int((~wanted).sum())
         return np.flatnonzero(wanted)
+
+    def _claim_run(self, first: int, n: int) -> bool:
+        """Whether every page of ``first`` .. ``first + n - 1`` is missing; then claimed (see
+        :meth:`share_claims`) -- else nothing is."""
+        if self.claim_lock is None:
+            return bool(self.need[first:first + n].all())
+        with self.claim_lock:
+            ok = bool(self.need[first:first + n].all()) and not self.taken[first:first + n].any()
+            if ok:
+                self.taken[first:first + n] = True
+        return ok
+
+    def share_claims(self, lock: Any, taken: np.ndarray) -> None:
+        """Place beside another process (the fault lane's child) on the same ``need`` mask: a page
+        is claimed -- marked in ``taken``, shared too, under ``lock``, taken by both -- before it is
+        written, and the placer that claimed it alone places it; the lock is held for the claim
+        only, not for the writes (a lane's answer does not wait behind a push's placement).  A
+        claim outlives no placement but that of a process that died: the survivor clears
+        ``taken`` (:meth:`drop_claims`) when the other is gone."""
+        self.claim_lock, self.taken = lock, taken
+
+    def drop_claims(self) -> None:
+        """The other placer is gone (see :meth:`share_claims`): its claims with it."""
+        if self.claim_lock is not None:
+            with self.claim_lock:
+                self.taken[:] = False
 
     def _place_runs(self, pages: np.ndarray, base: int, keep: np.ndarray | None) -> int:
         """Place each run of ``pages`` that is still needed; ``base`` + i pages is page i's bytes
@@ -289,8 +332,11 @@ class PagePlacer:
         return n
 
     def _pwrite(self, buf: memoryview, off: int) -> None:
+        # Beside the fault lane's child (share_claims), a push's 2 MiB goes in pieces: a write into
+        # a tmpfs file holds the file's lock, and the child's write of an answer waits for it.
+        most = len(buf) if self.claim_lock is None else PWRITE_BESIDE_LANE
         while len(buf):
-            n = os.pwrite(self.region_fd, buf, off)
+            n = os.pwrite(self.region_fd, buf[:most], off)
             buf, off = buf[n:], off + n
 
     def map_held(self, most: int) -> int:
@@ -336,6 +382,32 @@ class PagePlacer:
             if t is not None:
                 self.latencies.append(now - t)
                 (self.remote_latencies if self._reply else self.inflight_latencies).append(now - t)
+
+    def recount(self) -> None:
+        """``left`` from the mask, when another process places pages too (the fault lane's child,
+        :mod:`precopy.session.postcopy_lane_child`); faults on pages it placed (in flight, then)
+        get their latency from the shared placement time."""
+        self.left = int(np.count_nonzero(self.need))
+        if self._fault_t:
+            for p in [p for p in self._fault_t if not self.need[p]]:
+                t = self._fault_t.pop(p)
+                late = max(float(self._placed_t[p]) - t, 0.0)
+                self.latencies.append(late)
+                self.inflight_latencies.append(late)
+
+    def merge(self, got: dict[str, Any]) -> None:
+        """Add what the lane's child counted (:func:`~precopy.session.postcopy_lane_child.placer_stats`);
+        its faults still waiting are this placer's to ask for again."""
+        for name in ("faults", "zero_faults", "duplicates", "present", "pushed"):
+            setattr(self, name, getattr(self, name) + int(got.get(name, 0)))
+        self.latencies += [float(x) for x in got.get("latencies", ())]
+        self.remote_latencies += [float(x) for x in got.get("remote", ())]
+        self.inflight_latencies += [float(x) for x in got.get("inflight", ())]
+        for page, t in got.get("outstanding", ()):
+            if 0 <= int(page) < self.npages:
+                self.requested[int(page)] = True
+                self._fault_t[int(page)] = float(t)
+        self.recount()  # (those placed by the session's push meanwhile: in flight)
 
     def outstanding(self) -> np.ndarray:
         """Pages the guest faulted on that have not arrived (uint32): to ask again on a new link."""

@@ -31,6 +31,7 @@ from precopy.protocol.postcopy_codec import pages_of_bitmap
 from precopy.session.commit import OutcomeTarget, resolve_outcome
 from precopy.session.exchange import Exchange
 from precopy.session.handshake import handshake
+from precopy.session.lane_shared import CrossLock, SharedArrays, source_spec
 
 __all__ = ["PageStream", "StreamStats", "pages_from_mapping", "resume_stream", "finish_stream", "PUSH_PAGES",
            "MAX_UNSENT"]
@@ -89,15 +90,20 @@ class PageStream:
         self._urgent_until = 0.0  # requests came lately: push small (URGENT_S)
         #: The fault lane (precopy.session.postcopy_lane): its thread answers REQUESTs beside the
         #: push; a page is claimed under the lock, so it goes on one connection, once.
-        self.lock = threading.Lock()
+        self.lock: Any = threading.Lock()
         self.lane: asyncio.Task[None] | None = None
         self._jump = -1  # the last page the lane answered: the push goes on after it
         self._lane_pages = self._lane_bytes = 0
+        self._shared: SharedArrays | None = None  # share(): the mask and counters a lane's child shares
         self._lowat: tuple[Any, int] | None = None  # (channel, limit) TCP_NOTSENT_LOWAT was set for
         self._poke: asyncio.Future[bool] | None = None  # the pacing's wait for room: a request ends it
 
     def restart(self, need: np.ndarray) -> None:
         """A new link: the destination says what it still lacks (pages in flight were lost)."""
+        if self._shared is not None:  # (no lane runs now: it went with the link)
+            self.fold()
+            self._shared["need"][:] = need
+            need = self._shared["need"]
         self.need = need
         self._order = np.flatnonzero(need).astype(np.uint32)
         self._pos = 0
@@ -221,6 +227,7 @@ class PageStream:
         workload that walks its memory faults once where it stands, then finds the pages it
         touches next already pushed; what the push jumped over is sent when it wraps around.
         """
+        self.fold()
         if self._jump >= 0:
             self._pos, self._jump = int(np.searchsorted(self._order, self._jump, side="right")), -1
         while self._asked:
@@ -269,6 +276,51 @@ class PageStream:
             self._lane_bytes += nbytes
             self.stats.requested += len(pages)
             self.stats.bytes_on_wire += nbytes
+
+    def share(self) -> tuple[int, str]:
+        """Move the mask into memory a lane's child maps too, and claim under a lock it takes too
+        (:mod:`precopy.session.postcopy_lane_proc`); returns the memfd to hand it and the region's
+        path (it maps the paused region itself)."""
+        if self._shared is None:
+            shared = SharedArrays.create("precopy-stream", source_spec(len(self.need)))
+            shared["need"][:] = self.need
+            shared["counters"][0] = -1
+            lock = CrossLock.open(shared.path())
+            with self.lock:
+                self.need, self._shared, self.lock = shared["need"], shared, lock
+        return self._shared.fd, str(self.mem.path)
+
+    def fold(self) -> None:
+        """Take in what a lane's child answered since the last fold (its shared counters)."""
+        if self._shared is None:
+            return
+        c = self._shared["counters"]
+        if c[0] < 0 and not c[1]:
+            return  # nothing answered since (read without the lock: a hint, taken again under it)
+        with self.lock:
+            jump, pages, nbytes = int(c[0]), int(c[1]), int(c[2])
+            c[0], c[1], c[2] = -1, 0, 0
+        if jump >= 0:
+            self._jump = jump
+        if pages:
+            self._lane_pages += pages
+            self._lane_bytes += nbytes
+            self.stats.requested += pages
+            self.stats.bytes_on_wire += nbytes
+
+    def lane_counted(self, got: dict[str, Any]) -> None:
+        """What a lane's child said at its end: its CPU (the report's ``push_cpu_s`` counts it)."""
+        self.stats.extra["lane_cpu_s"] = self.stats.extra.get("lane_cpu_s", 0.0) + float(got.get("cpu_s", 0.0))
+
+    def close(self) -> None:
+        """Give back what :meth:`share` took (the mask is copied back into private memory)."""
+        if self._shared is not None:
+            self.fold()
+            self.need = self.need.copy()
+            lock, self.lock = self.lock, threading.Lock()
+            lock.close()
+            self._shared.close()
+            self._shared = None
 
     def _check_lane(self) -> None:
         """Raise what ended the fault lane (the stream is taken up again, as after a cut link); a

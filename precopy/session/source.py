@@ -69,7 +69,7 @@ from precopy.session.guardian import IDLE, Guardian
 from precopy.session.handshake import handshake
 from precopy.session.options import Progress, SourceOptions
 from precopy.session.postcopy_immediate import switch_over_at_once
-from precopy.session.postcopy_source import offered_caps, postcopy_modes, switch_over
+from precopy.session.postcopy_source import lane_ahead, offered_caps, postcopy_modes, switch_over
 from precopy.session.record import PageRecord
 from precopy.session.report import MigrationReport, RoundReport
 from precopy.session.reporting import in_doubt, new_report, record_aborted, record_commit
@@ -342,7 +342,7 @@ class SourceSession:
         return ev
 
     async def _handshake(self, chan: Channel) -> None:
-        greeting = await handshake(chan, self.opts.auth_key, self.opts.io_timeout_s, caps=offered_caps(self.opts))
+        greeting = await handshake(chan, self.opts.auth_key, self.opts.io_timeout_s, caps=lane_ahead(offered_caps(self.opts)))
         self.exchange.rtt, self.exchange.caps, self.report.dest_version = greeting.rtt_s, greeting.caps, greeting.dest_version
 
     def _emit(self, phase: str, rnd: int, done: int, todo: int, dirty: int, t_start: float,
