@@ -14,7 +14,7 @@ import os
 import socket
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pytest
@@ -29,13 +29,23 @@ from precopy.session.postcopy_lane import DestLane
 from precopy.session.postcopy_lane_child import SharedAnswering, placer_stats
 from precopy.session.postcopy_lane_proc import run_lane_process
 from precopy.session.postcopy_pages import PagePlacer
-from precopy.session.postcopy_state import persist_need
+from precopy.session.postcopy_state import mapped_from, persist_need
 from precopy.session.postcopy_stream import PageStream, StreamStats
 
 from .test_postcopy_lane import _joined, _pair, _receive
-from .test_postcopy_pages import NPAGES, page, region, setup_minor  # noqa: F401 -- region: a fixture
+from .test_postcopy_pages import NPAGES, page, setup_minor
 
 BEGIN = Begin(migration_id="mig-1", name="guest", size=NPAGES * PAGE_SIZE, chunk_pages=8)
+
+
+@pytest.fixture
+def region(tmp_path: Path) -> Iterator[Path]:
+    """A region of NPAGES pages of 7s (tests/test_postcopy_pages.py's, on /dev/shm: MINOR faults)."""
+    base = Path("/dev/shm") if Path("/dev/shm").is_dir() else tmp_path
+    path = base / f"pc-lane-{os.getpid()}.mem"
+    path.write_bytes(bytes([7]) * NPAGES * PAGE_SIZE)
+    yield path
+    path.unlink(missing_ok=True)
 
 
 def test_the_cross_lock_excludes_another_process_and_is_given_back_with_it() -> None:
@@ -117,10 +127,10 @@ def test_a_shared_stream_claims_across_processes_and_folds_the_child_s_answers_i
 
 def test_a_child_placer_s_counts_merge_into_the_session_s(tmp_path: Path) -> None:
     r, w = os.pipe()
-    region = os.open(tmp_path / "r", os.O_RDWR | os.O_CREAT)
+    region_fd = os.open(tmp_path / "r", os.O_RDWR | os.O_CREAT)
     try:
-        mine = PagePlacer(r, 0, NPAGES, np.arange(NPAGES, dtype=np.uint32), region)
-        theirs = PagePlacer(r, 0, NPAGES, np.arange(NPAGES, dtype=np.uint32), region)
+        mine = PagePlacer(r, 0, NPAGES, np.arange(NPAGES, dtype=np.uint32), region_fd)
+        theirs = PagePlacer(r, 0, NPAGES, np.arange(NPAGES, dtype=np.uint32), region_fd)
         theirs.need = mine.need  # (shared, as the need file is)
         theirs._placed_t = mine._placed_t
         theirs.faulted([4 * PAGE_SIZE, 5 * PAGE_SIZE, 6 * PAGE_SIZE], 10.0, 9.0)
@@ -133,7 +143,7 @@ def test_a_child_placer_s_counts_merge_into_the_session_s(tmp_path: Path) -> Non
         assert mine.inflight_latencies == [0.5]  # 5: from the fault's look to the push's placement
         assert mine.left == NPAGES - 2 and mine.outstanding().tolist() == [6]  # asked again on a new link
     finally:
-        for fd in (r, w, region):
+        for fd in (r, w, region_fd):
             os.close(fd)
 
 
@@ -288,3 +298,25 @@ def test_a_tls_or_thread_lane_stays_on_a_thread(monkeypatch: pytest.MonkeyPatch)
     finally:
         a.close()
         b.close()
+
+
+def test_the_need_mask_is_a_plain_array_over_its_file_and_says_which(tmp_path: Path) -> None:
+    path = tmp_path / "m.need"
+    need = persist_need(np.ones(8, dtype=bool), True, path)
+    assert type(need) is np.ndarray and mapped_from(need) == str(path)  # (no memmap subclass per operation)
+    need[3] = False
+    assert path.read_bytes() == b"m" + bytes([1, 1, 1, 0, 1, 1, 1, 1])
+    assert mapped_from(np.ones(8, dtype=bool)) is None
+
+
+def test_the_lane_s_steps_are_traced_only_when_asked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from precopy.session import lane_shared
+
+    lane_shared.trace("read", [5])  # off: nothing kept
+    assert lane_shared.TRACE is None or ("read", 5) not in [(s, p) for s, p, _ in lane_shared.TRACE]
+    monkeypatch.setattr(lane_shared, "TRACE", [])
+    monkeypatch.setenv("PRECOPY_LANE_TRACE", str(tmp_path))
+    lane_shared.trace("read", np.array([5, 6]), 1.5)
+    lane_shared.trace("asked", [])  # no page: nothing
+    lane_shared.dump_trace("dest")
+    assert (tmp_path / f"lane-dest-{os.getpid()}.txt").read_text() == "read 5 1.5000000\n"

@@ -27,11 +27,12 @@ import mmap
 import os
 import struct
 import threading
+import time
 from typing import Any
 
 import numpy as np
 
-__all__ = ["CrossLock", "SharedArrays", "source_spec", "dest_spec"]
+__all__ = ["CrossLock", "SharedArrays", "source_spec", "dest_spec", "TRACE", "trace", "dump_trace"]
 
 #: ``struct flock`` on Linux x86-64/aarch64: l_type, l_whence (short), l_start, l_len (off_t),
 #: l_pid (pid_t, 0 for OFD locks), padded to 32 bytes.
@@ -143,3 +144,22 @@ def dest_spec(npages: int) -> dict[str, tuple[str, int]]:
     CLOCK_MONOTONIC seconds), when each page was placed (0: not yet) and which pages a placer
     claimed (:meth:`~precopy.session.postcopy_pages.PagePlacer.share_claims`)."""
     return {"clock": ("float64", 2), "placed_t": ("float64", npages), "taken": ("bool", npages)}
+
+
+#: The lane's steps, timed (``PRECOPY_LANE_TRACE=DIR`` in an agent's environment; for the
+#: benchmark's profile, benchmarks/RESULTS.md lat22): (step, page, CLOCK_MONOTONIC seconds).
+TRACE: list[tuple[str, int, float]] | None = [] if os.environ.get("PRECOPY_LANE_TRACE") else None
+
+
+def trace(step: str, pages: Any, t: float | None = None) -> None:
+    """Note ``step`` for the first of ``pages`` (nothing unless tracing)."""
+    if TRACE is not None and len(pages):
+        TRACE.append((step, int(pages[0]), time.monotonic() if t is None else t))
+
+
+def dump_trace(side: str) -> None:
+    """Write this process's trace to ``$PRECOPY_LANE_TRACE/lane-SIDE-PID.txt``."""
+    if TRACE:
+        path = os.path.join(os.environ["PRECOPY_LANE_TRACE"], f"lane-{side}-{os.getpid()}.txt")
+        with open(path, "w") as f:
+            f.writelines(f"{s} {p} {t:.7f}\n" for s, p, t in TRACE)

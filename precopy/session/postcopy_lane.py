@@ -50,6 +50,7 @@ from precopy.net.tls import make_channel
 from precopy.protocol import MAX_BATCH_PAGES, NEED_DATA, Abort, Begin, Join, Joined, Pages, Request, Role, page_payload
 from precopy.session.commit import OutcomeTarget
 from precopy.session.handshake import handshake
+from precopy.session.lane_shared import trace
 from precopy.session.postcopy_backlog import PushBacklog
 from precopy.session.postcopy_lane_proc import ProcessLane, process_lane_ok, run_lane_process
 from precopy.session.postcopy_pages import PagePlacer
@@ -139,10 +140,14 @@ def serve_lane_requests(chan: Channel, stream: Answering, npages: int, io_timeou
     _send_timeout(chan, io_timeout_s)
     _prioritize()
     for ev in receive_blocking(chan, _NO_IDLE_S, stop):
+        trace("request", ev.indices if isinstance(ev, Request) else ())
         want = stream.claim(check_request(ev, npages))
+        trace("claimed", want)
         for lo in range(0, len(want), MAX_BATCH_PAGES):
             idx = want[lo:lo + MAX_BATCH_PAGES]
-            stream.answered(idx, chan.send_blocking(stream.frame(idx)))
+            sent = chan.send_blocking(stream.frame(idx))
+            trace("answered", idx)
+            stream.answered(idx, sent)
     # The destination closed it: it ends the lane when every page is placed (COMPLETE comes on the
     # page stream's connection) or when it gave the stream up (that connection breaks too).
 
@@ -228,6 +233,7 @@ class DestLane:
         self._peeker = select.poll()  # the guest's userfaultfd, for peek
         self._peeking = -1
         self._looked = 0.0  # look_first: the userfaultfd's last empty look
+        self._lookout: Any = None  # look_first: a poll of the userfaultfd alone
         #: The lane's end in a process of its own (postcopy_lane_proc): the shared state while it runs.
         self.process: ProcessLane | None = None
         self.cpu_s = 0.0  # CPU seconds the lane's processes used (COMPLETE's push_cpu_s)
@@ -275,11 +281,15 @@ class DestLane:
         poller = select.poll()
         poller.register(uffd, select.POLLIN)
         poller.register(sock, select.POLLIN)
+        if self.look_first:
+            self._lookout = select.poll()
+            self._lookout.register(uffd, select.POLLIN)
         conn = chan.conn
         empty_at = time.monotonic()  # the thread saw the userfaultfd empty then
         while placer.left and not stop.is_set():
             t_poll = time.monotonic()
             ready = () if chan.pending() else self._wait(poller, t_poll)
+            t_wake = time.monotonic()
             fds = {fd for fd, _ in ready}
             if uffd in fds and dict(ready)[uffd] & (select.POLLERR | select.POLLHUP | select.POLLNVAL):
                 # The guest's userfaultfd failed (its process is gone): stop looking at it -- a
@@ -301,7 +311,7 @@ class DestLane:
             while (ev := conn.next_event()) is not NEED_DATA:
                 if isinstance(ev, Abort):
                     raise LinkError(f"{chan.peer} aborted the post-copy fault lane: {ev.reason}")
-                self._place(ev)
+                self._place(ev, t_wake)
             self.settle()
 
     def _wait(self, poller: Any, t_poll: float) -> list[tuple[int, int]]:
@@ -339,7 +349,10 @@ class DestLane:
                 if not addrs:
                     empty_at = now
                     break
-                ask += placer.faulted(addrs, now, since)
+                got = placer.faulted(addrs, now, since)
+                trace("since", got, since)
+                trace("read", got, now)
+                ask += got
                 since = now
             if ask:
                 for frame in host.backlog.holding(ask):  # here already, held back: placed now
@@ -351,18 +364,29 @@ class DestLane:
         for lo in range(0, len(want), MAX_BATCH_PAGES):
             chan.send_blocking(Request(indices=want[lo:lo + MAX_BATCH_PAGES]))
             self.requests += 1
+        trace("asked", want)
         return empty_at
 
-    def _place(self, ev: Any) -> None:
+    def _place(self, ev: Any, t_wake: float = 0.0) -> None:
         host, placer = self.host, self.host.placer
         assert placer is not None
+        trace("woke", getattr(ev, "indices", ()), t_wake)
+        trace("parsed", getattr(ev, "indices", ()))
         if not isinstance(ev, Pages):
             raise RemoteProtocolError(f"unexpected {type(ev).__name__} on the post-copy fault lane")
         if ev.checksum is None and ev.chunk_digests is None:
             raise RemoteProtocolError("post-copy PAGES without a checksum: nothing would check them")
         data = page_payload(ev, chunk_pages=host.begin.chunk_pages) if len(ev.indices) else None
+        if self.look_first:
+            # A look just before the placement wakes the guest: the fault it takes next is timed
+            # from here, not from before this answer's round trip (the guest's threads that wait
+            # fault no more meanwhile; one that faulted since is seen here, and timed as before).
+            t = time.monotonic()
+            if self._lookout is not None and not self._lookout.poll(0):
+                self._looked = max(self._looked, t)
         with host.lock:
             placer.place(ev.indices, data, ev.zeros)
+        trace("placed", ev.indices)
 
     async def run(self, chan: Channel, io_timeout_s: float) -> None:
         """Serve ``chan`` as the lane until stopped (:meth:`stop`) or it fails (raises): in a child

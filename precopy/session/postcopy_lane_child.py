@@ -28,7 +28,7 @@ from precopy.errors import PrecopyError
 from precopy.memory.region import GuestMemory
 from precopy.net.channel import Channel
 from precopy.protocol import Begin, Pages
-from precopy.session.lane_shared import CrossLock, SharedArrays, dest_spec, source_spec
+from precopy.session.lane_shared import CrossLock, SharedArrays, dest_spec, dump_trace, source_spec
 from precopy.session.postcopy_backlog import PushBacklog
 from precopy.session.postcopy_lane import DestLane, serve_lane_requests
 from precopy.session.postcopy_lane_proc import child_channel, child_setup, say
@@ -130,7 +130,7 @@ def serve_dest(chan: Channel, setup: dict[str, Any], stop: threading.Event, read
                out: dict[str, Any]) -> None:
     """The destination's child: ``out`` gets what it counted, however it ends."""
     npages = int(setup["npages"])
-    need = np.memmap(setup["need_path"], dtype=bool, mode="r+", offset=1, shape=(npages,))
+    need = np.memmap(setup["need_path"], dtype=bool, mode="r+", offset=1, shape=(npages,)).view(np.ndarray)
     shared = SharedArrays(int(setup["shared_fd"]), dest_spec(npages))
     lock = CrossLock.open(setup["need_path"])
     mid, name, size, chunk = setup["begin"]
@@ -172,6 +172,7 @@ def main() -> int:
             serve_dest(chan, setup, stop, lambda: say("ready"), out["stats"])
     except (PrecopyError, OSError, ValueError) as exc:
         out.update(ok=False, error=str(exc) or type(exc).__name__)
+    dump_trace(setup["side"])
     say(json.dumps(out))
     return 0 if out["ok"] else 1
 

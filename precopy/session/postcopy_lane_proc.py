@@ -48,12 +48,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
-
 from precopy.net.channel import Channel, LinkError
 from precopy.protocol import Begin
 from precopy.session.lane_shared import CrossLock, SharedArrays, dest_spec
 from precopy.session.postcopy_pages import PagePlacer
+from precopy.session.postcopy_state import mapped_from
 
 __all__ = ["LANE_PROCESS", "process_lane_ok", "run_lane_process", "child_setup", "child_channel", "say", "prestart", "LaneChild",
            "ProcessLane", "SPIN_US"]
@@ -344,8 +343,7 @@ class ProcessLane:
     @staticmethod
     def need_file(placer: PagePlacer) -> str | None:
         """The need file the placer's mask is mapped from (None: a mask of its own: no child)."""
-        name = getattr(placer.need, "filename", None)
-        return str(name) if isinstance(placer.need, np.memmap) and name else None
+        return mapped_from(placer.need)
 
     def setup(self, placer: PagePlacer, begin: Begin, io_timeout_s: float) -> dict[str, Any]:
         return {"side": "dest", "need_path": self.need_path, "start": placer.start, "npages": placer.npages,

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["need_path", "persist_need", "load_need"]
+__all__ = ["need_path", "persist_need", "load_need", "mapped_from"]
 
 _MODES = {b"m": True, b"M": False}
 
@@ -36,8 +36,23 @@ def persist_need(need: np.ndarray, minor: bool, path: Path) -> np.ndarray:
         f.write(b"m" if minor else b"M")
         f.write(need.astype(bool).tobytes())
     os.replace(tmp, path)
-    mapped = np.memmap(path, dtype=bool, mode="r+", offset=1, shape=need.shape)
-    return mapped
+    return _plain(np.memmap(path, dtype=bool, mode="r+", offset=1, shape=need.shape))
+
+
+def _plain(mapped: np.memmap) -> np.ndarray:
+    """The mask as a plain array over the mapping (its ``base``: :func:`mapped_from` finds the file):
+    numpy's memmap subclass costs microseconds of Python at every operation, and the fault lane
+    does a few for each fault (benchmarks/RESULTS.md, lat22)."""
+    return mapped.view(np.ndarray)
+
+
+def mapped_from(need: np.ndarray) -> str | None:
+    """The file a mask from :func:`persist_need` / :func:`load_need` is mapped from (None: a mask
+    of its own)."""
+    for arr in (need, need.base):
+        if isinstance(arr, np.memmap) and arr.filename:
+            return str(arr.filename)
+    return None
 
 
 def load_need(path: Path, npages: int) -> tuple[np.ndarray, bool]:
@@ -49,4 +64,4 @@ def load_need(path: Path, npages: int) -> tuple[np.ndarray, bool]:
         mode = f.read(1)
     if mode not in _MODES or path.stat().st_size != npages + 1:
         raise ValueError(f"{path} is not a post-copy page mask of {npages} pages")
-    return np.memmap(path, dtype=bool, mode="r+", offset=1, shape=(npages,)), _MODES[mode]
+    return _plain(np.memmap(path, dtype=bool, mode="r+", offset=1, shape=(npages,))), _MODES[mode]
