@@ -3,6 +3,7 @@
     PRECOPY_LANE_TRACE=/tmp/trace python -m benchmarks.postcopy --size-mib 1024 --runs 1 \\
         --postcopy immediate --writer random --lane
     python -m benchmarks.lane_profile /tmp/trace
+    python -m benchmarks.lane_profile --alone      # the same calls in one idle process
 
 With ``PRECOPY_LANE_TRACE=DIR`` each lane child (precopy/session/postcopy_lane_child.py) writes
 the CLOCK_MONOTONIC time of each step of a fault's round trip, by its first page
@@ -36,7 +37,82 @@ def load(trace_dir: Path) -> dict[tuple[str, str], dict[int, float]]:
     return out
 
 
+def alone() -> None:
+    """The lane's calls timed in one idle process (no load, no other process): the floor."""
+    import asyncio
+    import os
+    import socket
+    import tempfile
+    import time
+
+    from precopy.memory.region import GuestMemory
+    from precopy.net.channel import Channel
+    from precopy.protocol import Join, Joined, Request, Role, page_payload
+    from precopy.protocol.phases import Phase
+    from precopy.session.lane_shared import CrossLock, SharedArrays
+    from precopy.session.postcopy_stream import pages_from_mapping
+
+    def each(f: object, n: int = 2000) -> float:
+        f()  # type: ignore[operator]
+        t = time.perf_counter()
+        for _ in range(n):
+            f()  # type: ignore[operator]
+        return (time.perf_counter() - t) / n * 1e6
+
+    async def run() -> None:
+        a, b = socket.socketpair()
+        src, dst = Channel(a, Role.SOURCE), Channel(b, Role.DEST)
+        for c in (src.conn, dst.conn):
+            c.phase = Phase.AUTHENTICATED
+        for ev, x, y in ((Join(migration_id="m", stream=0, size=1 << 30, chunk_pages=32, lane=True), src, dst),
+                         (Joined(), dst, src)):
+            for buf in x.conn.send(ev):
+                y.conn.receive_data(bytes(buf))
+            y.conn.next_event()
+        a.setblocking(True)
+        b.setblocking(True)
+        idx = np.array([12345], dtype=np.uint32)
+
+        def request() -> None:
+            dst.send_blocking(Request(indices=idx))
+            src.recv_blocking()
+            src.conn.next_event()
+
+        with tempfile.NamedTemporaryFile(dir="/dev/shm") as f:
+            f.truncate(1 << 30)
+            f.write(os.urandom(1 << 20))
+            f.flush()
+            mem = GuestMemory.open(f.name, writable=False)
+            idx = np.array([100], dtype=np.uint32)
+
+            def answer() -> None:
+                src.send_blocking(pages_from_mapping(mem, idx))
+                dst.recv_blocking()
+                page_payload(dst.conn.next_event(), chunk_pages=32)
+
+            print(f"REQUEST send + receive + parse: {each(request):.1f} us")
+            print(f"PAGES of 1 page gathered, framed, sent, received, parsed: {each(answer):.1f} us")
+            mem.close()
+        need = np.ones(262144, dtype=bool)
+        print(f"count_nonzero of a 1 GiB region's mask: {each(lambda: np.count_nonzero(need)):.1f} us")
+        shared = SharedArrays.create("alone", {"x": ("int64", 1)})
+        lock = CrossLock.open(shared.path())
+
+        def take() -> None:
+            with lock:
+                pass
+
+        print(f"CrossLock taken and given back: {each(take):.1f} us")
+        lock.close()
+        shared.close()
+
+    asyncio.run(run())
+
+
 def main() -> None:
+    if sys.argv[1:] == ["--alone"]:
+        alone()
+        return
     got = load(Path(sys.argv[1]))
     pages = set(got.get(("dest", "placed"), {}))
     for key in STEPS:
