@@ -130,8 +130,9 @@ def _add_throttle_args(p: argparse.ArgumentParser) -> None:
                         "throttle never steps down before the switchover (default predict; "
                         "README.md, Auto-converge)")
     p.add_argument("--throttle-initial", type=int, default=20, metavar="PCT",
-                   help="first throttle of the step ramp (and of predict's first round, whose interval "
-                        "spans the full copy), percent of the workload's time stopped (default 20)")
+                   help="first throttle of the step ramp (and of predict's rounds without rates: with "
+                        "digests, the first after the full copy), percent of the workload's time stopped "
+                        "(default 20)")
     p.add_argument("--throttle-step", type=int, default=10, metavar="PCT",
                    help="added at each further trigger of the step ramp (default 10)")
     p.add_argument("--throttle-max", type=int, default=99, metavar="PCT",

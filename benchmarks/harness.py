@@ -868,8 +868,9 @@ def promise_tally(records: list[dict[str, Any]]) -> str:
     """
     lines = [
         "| scenario | runs | paused within budget | over budget | aborted, never paused | aborted after the pause "
-        "| downtime ms: median / p99 / max | measured ÷ expected, median (min–max) | margin ms, median | rounds |",
-        "|" + "---|" * 10,
+        "| downtime ms: median / p99 / max | measured ÷ expected, median (min–max) | margin ms, median | rounds "
+        "| wire ÷ region | max throttle % | guest writes/s |",
+        "|" + "---|" * 13,
     ]
     for key, rs in group(records).items():
         budget = rs[0]["scenario"]["budget_ms"]
@@ -887,12 +888,18 @@ def promise_tally(records: list[dict[str, Any]]) -> str:
                 reason = _abort_kind(p.get("error") or "")
                 why[reason] = why.get(reason, 0) + 1
         said = ", ".join(f"{k} {n}" for k, n in sorted(why.items(), key=lambda kv: -kv[1]))
+        # Of the committed runs: what auto-converge cost the wire and the guest.
+        ok = [r for r in rs if r["report"] in done]
+        wire = [r["report"]["bytes_on_wire"] / r["region_bytes"] for r in ok
+                if r.get("region_bytes") and r["report"].get("bytes_on_wire") is not None]
+        writes = [r["guest"]["achieved_pps"] for r in ok if (r.get("guest") or {}).get("achieved_pps") is not None]
         lines.append(
             f"| {key} | {len(reps)} | **{len(within)}/{len(reps)}** | {len(done) - len(within)} | "
             f"{len(aborted) - len(after)}{f' ({said})' if said else ''} | {len(after)} | "
             + (f"{_med(down):.1f} / {_quantile(down, 0.99):.1f} / {max(down):.1f}" if down else "n/a")
             + f" | {_fmt(ratio, '', digits=2)} | {_fmt(margin, '', digits=1)} | "
-            f"{_fmt([len(p.get('rounds', [])) for p in done], '', digits=0)} |")
+            f"{_fmt([len(p.get('rounds', [])) for p in done], '', digits=0)} | {_fmt(wire, '', digits=2)} | "
+            f"{_fmt([_max_throttle(p) for p in done], '', digits=0)} | {_fmt(writes, '', digits=0)} |")
     return "\n".join(lines)
 
 
@@ -903,7 +910,8 @@ def promise_markdown(records: list[dict[str, Any]], command: str) -> str:
         "Scenarios interleaved run by run; each run a fresh guest and source (`--on-nonconvergence abort`, "
         "the default). Downtime is the report's `downtime_ms` (pause on the source to the destination's "
         "confirmation); the margin is `switchover_margin_ms`, how far under the budget the expected "
-        "downtime had to fall.",
+        "downtime had to fall. Wire ÷ region, max throttle and guest writes/s (what the guest achieved "
+        "over its life, paused and throttled time included) are of the committed runs.",
         "",
         promise_tally(records),
     ]) + "\n"

@@ -51,6 +51,14 @@ def test_the_promise_matrix_and_its_tally():
     downs = [30.0 + i / 5 for i in range(96)] + [50.0, 61.5]
     assert cells[6] == f"{statistics.median(downs):.1f} / 61.5 / 61.5"  # median, the 99th of 98, the max
     assert harness._quantile(list(range(1, 101)), 0.99) == 99 and harness._quantile([5.0], 0.99) == 5.0
+    assert cells[10:] == ["n/a", "0 (0–0)", "n/a"]  # the records say no wire, no throttle, no guest
+    # Wire ÷ region, max throttle and the guest's writes/s, of the committed runs.
+    full = [dict(rec("committed", 30.0), region_bytes=100, guest={"achieved_pps": 1000.0 * i})
+            for i in (1, 2)]
+    for i, r in enumerate(full):
+        r["report"].update(bytes_on_wire=200 + 100 * i, rounds=[{"throttle_pct": 40 + 20 * i}, {}])
+    cells = [c.strip() for c in harness.promise_tally(full).splitlines()[2].strip("|").split("|")]
+    assert cells[10:] == ["2.50 (2.00–3.00)", "50 (40–60)", "1500 (1000–2000)"]
 
 
 def test_results_section_is_replaced_in_place(tmp_path: Path):

@@ -50,6 +50,18 @@ def test_the_write_rate_counts_the_writes_behind_the_distinct_pages_and_the_thro
     assert math.isfinite(replace(HIGH, dirtied=NPAGES).write_pps)
 
 
+def test_the_full_copy_counts_as_a_round_for_a_tracker() -> None:
+    """Armed before the full copy, a tracker counts every page written since: the copy's time
+    says the write rate; the scan of those pages its cost per page; the rest is not known."""
+    fit = RoundFit.after_full_copy(copy_s=1.1, scan_s=0.14, send_pps=270_000, dirtied=96_320, npages=NPAGES)
+    assert fit.usable() and fit.overhead_s == 0.0 and fit.throttle_pct == 0
+    assert fit.per_page_s == pytest.approx(1 / 270_000 + 0.14 / 96_320)
+    assert fit.write_pps == pytest.approx(-NPAGES * math.log1p(-96_320 / NPAGES) / 1.1)
+    # A copy that saw nothing written: nothing to project, no throttle.
+    quiet = RoundFit.after_full_copy(copy_s=1.0, scan_s=0.001, send_pps=270_000, dirtied=0, npages=NPAGES)
+    assert quiet.usable() and project(quiet, 0, 0, 3) == 0.0
+
+
 @pytest.mark.parametrize("bad", [dict(pages_sent=0), dict(interval_s=0.0), dict(interval_s=math.nan),
                                  dict(send_pps=0.0), dict(send_pps=math.inf), dict(scan_s=-1.0),
                                  dict(npages=0), dict(throttle_pct=100), dict(dirtied=-1)])

@@ -435,6 +435,20 @@ async def test_rounds_send_what_each_scan_finds_until_the_policy_switches_over()
     assert rep.expected_phases_ms and rep.switchover_margin_ms is not None and rep.margin_basis
 
 
+async def test_with_a_tracker_the_full_copy_brings_rates_too() -> None:
+    """A tracker armed before the full copy counts every page written since: the first
+    decision gets the copy's rates (precopy.policy.converge.RoundFit.after_full_copy)."""
+    policy = ScriptedPolicy((Action.SWITCHOVER, 0, 0.0))
+    rounds = _rounds(policy, FakeScanner(([1, 2, 3, 4], [])), FakeSender(), FakeTables(), PauseWorkload())
+    rnd = await rounds._scan()
+    assert rounds._fit(rnd) is None  # digests: the first scan finds only pages written after the copy read them
+    rounds.chunks = object()  # type: ignore[assignment]  # tracked: only ``tracked`` is asked here
+    fit = rounds._fit(rnd)
+    assert fit is not None and fit.usable()
+    assert (fit.dirtied, fit.npages, fit.fixed_s, fit.interval_s, fit.scan_s) == (
+        4, NPAGES, 0.0, rnd.interval_s, rnd.scan_s)
+
+
 async def test_rounds_abort_and_a_forced_switchover_past_the_cap_never_pause() -> None:
     for action, cap in ((Action.ABORT, None), (Action.FORCE, DowntimeCap(1e-6, time.monotonic))):
         policy = ScriptedPolicy((action, 0, 0.0))

@@ -46,7 +46,8 @@ class RoundFit:
     region whatever is dirty); ``send_pps``: pages a second while sending
     live; ``dirtied``: distinct pages dirtied over ``interval_s`` (the scan
     now); ``npages``: the region's pages; ``throttle_pct``: the throttle in
-    effect over the interval.
+    effect over the interval.  ``fixed_s``: a round's time besides its
+    pages when known otherwise (see :meth:`after_full_copy`).
     """
 
     pages_sent: int
@@ -57,6 +58,23 @@ class RoundFit:
     dirtied: int
     npages: int
     throttle_pct: int
+    fixed_s: float | None = None
+
+    @classmethod
+    def after_full_copy(cls, *, copy_s: float, scan_s: float, send_pps: float, dirtied: int,
+                        npages: int) -> RoundFit:
+        """The rates of the full copy, as kernel write tracking saw it.
+
+        Armed before the copy, the tracker reports every page written since,
+        whether the copy read it before or after: ``dirtied`` pages over
+        ``copy_s`` (from the copy's start to the scan now) say the write rate
+        as a round's would.  The scan now (``scan_s``, of those pages) says
+        its cost per page; the time a round spends besides its pages is not
+        known yet (the copy had no scan, no settling): taken as none, which
+        errs toward less throttle -- the next round measures it.
+        """
+        return cls(pages_sent=max(dirtied, 1), interval_s=copy_s, scan_s=scan_s, scan_per_page=True,
+                   send_pps=send_pps, dirtied=dirtied, npages=npages, throttle_pct=0, fixed_s=0.0)
 
     def usable(self) -> bool:
         """Whether the measurements can be projected from (positive, finite, a region)."""
@@ -74,6 +92,8 @@ class RoundFit:
     @property
     def overhead_s(self) -> float:
         """A round's time besides its pages (at least 0)."""
+        if self.fixed_s is not None:
+            return max(0.0, self.fixed_s)
         return max(0.0, self.interval_s - self.pages_sent * self.per_page_s)
 
     @property

@@ -288,8 +288,8 @@ class SwitchoverPolicy:
     brings its rates (``fit``) is judged by their projection instead, and
     the throttle jumps to what reaches the budget within ``predict_rounds``
     rounds (precopy.policy.converge); ``throttle_initial_pct`` and
-    ``throttle_step_pct`` then serve the rounds without rates (the first,
-    whose interval spans the full copy) and a floor-bound forced
+    ``throttle_step_pct`` then serve the rounds without rates (with
+    digests, the first after the full copy) and a floor-bound forced
     migration's throttle toward its floor.  ``tracked``: dirty pages come
     from kernel write tracking (only changes the advice when floor-bound).
 

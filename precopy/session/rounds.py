@@ -258,11 +258,15 @@ class Rounds:
                               converging=rnd.dirtied <= self.policy.throttle_threshold * sent if sent else None)
 
     def _fit(self, rnd: _Round) -> RoundFit | None:
-        """The last live round's rates, for the policy's predict ramp (None after the full copy:
-        its interval spans the connection and the arming too)."""
+        """The last round's rates, for the policy's predict ramp: after the full copy only with
+        kernel write tracking (digests find only the pages written after the copy read them)."""
         last = self.report.rounds[-1]
         if last.kind != "iterative":
-            return None
+            if not self.tracked or last.kind != "full":
+                return None
+            return RoundFit.after_full_copy(copy_s=rnd.interval_s, scan_s=rnd.scan_s,
+                                            send_pps=self.link.bytes_per_second / PAGE_SIZE,
+                                            dirtied=len(rnd.scan.dirty), npages=self.npages)
         return RoundFit(pages_sent=last.pages_sent + last.zero_pages, interval_s=rnd.interval_s,
                         scan_s=last.scan_seconds, scan_per_page=self.tracked,
                         send_pps=self.link.bytes_per_second / PAGE_SIZE, dirtied=len(rnd.scan.dirty),
