@@ -29,6 +29,7 @@ from typing import Any, Iterator
 import numpy as np
 import pytest
 
+import precopy.session.exchange
 import precopy.session.rounds
 import precopy.session.sender
 import precopy.session.source
@@ -937,3 +938,84 @@ def test_with_a_tracker_each_run_is_mapped_in_before_its_send_never_after(
         assert ("send", *events[i][1:]) in events[i + 1:]
         assert not any(e[0] == "send" and e[1] < events[i][2] and events[i][1] < e[2] for e in events[:i])
     assert (shm / "dest" / "g.mem").read_bytes() == mem.read_bytes()
+
+
+@needs_uffd
+def test_the_arming_runs_beside_the_connection_and_the_sample_of_an_existing_region_beside_it(
+        procs: Procs, shm: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Arming the tracker (tens of ms a GiB) runs in a thread while the source connects, and into an
+    existing region the destination is asked for its sample of pages while the arming still runs
+    (the arming here waits to see that request go): neither waits for the other.  The pages are
+    read for sending only after the arming, and the region ends exact."""
+    sample_sent = threading.Event()
+    seen: list[str] = []
+    real_arm, real_request = UffdTracker.arm, precopy.session.exchange.Exchange.request
+
+    def arm(self: UffdTracker) -> float:
+        seen.append("sample asked during the arming" if sample_sent.wait(30) else "no sample during the arming")
+        s = real_arm(self)
+        seen.append("armed")
+        return s
+
+    async def request(self: Any, **fields: Any) -> int:
+        if fields.get("pages_of") is not None:
+            sample_sent.set()
+        return await real_request(self, **fields)
+
+    real_send_all = precopy.session.sender.PageSender.send_all
+
+    async def send_all(self: Any, *a: Any, **kw: Any) -> None:
+        seen.append("full copy")
+        await real_send_all(self, *a, **kw)
+
+    monkeypatch.setattr(UffdTracker, "arm", arm)
+    monkeypatch.setattr(precopy.session.exchange.Exchange, "request", request)
+    monkeypatch.setattr(precopy.session.sender.PageSender, "send_all", send_all)
+    mem, ctl, _ = _start_guest(procs, shm, npages=2048)
+    (shm / "dest").mkdir(exist_ok=True)
+    create_region(shm / "dest" / "g.mem", f"{2048 * 4}K", seed=7)  # of the right size, other contents
+    rep = _migrate_guest(shm, ctl, mem, tracking="uffd-wp")
+    assert rep.outcome == "committed" and rep.tracking == "uffd-wp" and rep.dest_region == "existing"
+    assert seen == ["sample asked during the arming", "armed", "full copy"]
+    assert rep.verify_repairs == 0
+    assert (shm / "dest" / "g.mem").read_bytes() == mem.read_bytes()
+
+
+@needs_uffd
+def test_a_connection_that_fails_while_arming_waits_for_the_arming_before_the_tracker_closes(
+        procs: Procs, shm: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No destination: the connection fails while the arming's thread still runs; the tracker is
+    closed only once that thread is done (closing its userfaultfd under an ioctl would be a race),
+    and the guest runs on."""
+    seen: list[str] = []
+    real_arm, real_close = UffdTracker.arm, UffdTracker.close
+
+    def arm(self: UffdTracker) -> float:
+        time.sleep(0.5)  # still arming when the connection is refused
+        s = real_arm(self)
+        seen.append("armed")
+        return s
+
+    def close(self: UffdTracker) -> None:
+        seen.append("closed")
+        real_close(self)
+
+    monkeypatch.setattr(UffdTracker, "arm", arm)
+    monkeypatch.setattr(UffdTracker, "close", close)
+    mem, ctl, g = _start_guest(procs, shm, npages=256)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens there
+
+    async def go() -> None:
+        gc = GuestControl(ctl)
+        try:
+            await precopy.session.source.migrate(SourceOptions(
+                host="127.0.0.1", port=port, memory=mem, tracking="uffd-wp", connect_timeout_s=0.1), gc)
+        finally:
+            await gc.close()
+
+    with pytest.raises(MigrationAborted, match="cannot connect"):
+        asyncio.run(go())
+    assert seen[:2] == ["armed", "closed"]
+    assert g.poll() is None

@@ -47,7 +47,8 @@ import asyncio
 import logging
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from typing import Callable
 
 import numpy as np
@@ -74,7 +75,7 @@ from precopy.session.record import PageRecord
 from precopy.session.report import MigrationReport, RoundReport
 from precopy.session.reporting import in_doubt, new_report, record_aborted, record_commit
 from precopy.session.rounds import Rounds
-from precopy.session.scanner import DigestScanner, DirtyScanner
+from precopy.session.scanner import DigestScanner, DirtyScanner, sample_match
 from precopy.session.sender import PageSender
 from precopy.session.streams import open_streams
 from precopy.session.switchover import Switchover
@@ -120,6 +121,7 @@ class SourceSession:
         #: Events to and from the destination (the round trip and its peers learned on the way).
         self.exchange = Exchange(opts.io_timeout_s)
         self._reader: asyncio.Task[None] | None = None
+        self._sample: asyncio.Task[float] | None = None  # into an existing region: how stale it is
         #: What the destination holds, page by page; the page sender; the
         #: dirty scanner (digests or kernel tracking): made in _migrate.
         self.record: PageRecord
@@ -200,6 +202,7 @@ class SourceSession:
             self.report.total_time_s = time.monotonic() - self._t0
             if self._reader is not None:
                 self._reader.cancel()
+            _drop(self._sample)  # (the migration failed before the full copy took it)
             if self.chan is not None:
                 self.chan.close()
             if self.exchange.streams is not None:  # the extra connections
@@ -245,14 +248,24 @@ class SourceSession:
         if opts.postcopy == "immediate":  # post-copy before any copy: no tracking, no rounds
             return await switch_over_at_once(self, mem)
         await self._choose_tracking()
-        await self._connect(mem)  # handshake, BEGIN, READY (after any time queued)
+        # The tracker is armed (in a thread) while the connection is made: ~20 ms a GiB of
+        # write-protecting and walking beside the destination's preparation of the region.
+        arming = None if opts.dry_run or self.tracker is None else self._outer_pool.submit(self.tracker.arm)
+        try:
+            await self._connect(mem)  # handshake, BEGIN, READY (after any time queued)
+        except BaseException:
+            _settled(arming)
+            raise
         if opts.dry_run:
             _log.info("preflight of %s (%d MiB) -> %s: the destination accepts it", opts.memory,
                       mem.size >> 20, self.report.destination)
             return
         _log.info("migration %s: %s (%d MiB) -> %s", opts.migration_id, opts.memory,
                   mem.size >> 20, self.report.destination)
-        await self._arm_tracking()  # (stop-and-copy has no tracker to arm)
+        if self.report.dest_region == "existing" and opts.mode != "stop-and-copy":
+            # How stale is it: asked now, the destination hashing its sample beside the arming.
+            self._sample = asyncio.create_task(sample_match(self.exchange, mem, self.chunk_pages, self._hash_pool))
+        await _arm_tracking(self, arming)  # (stop-and-copy has no tracker to arm)
         self._make_sender_and_scanner()
         self.model.region(mem.npages, self.chunk_pages, self.chunks)
         if opts.mode == "stop-and-copy":
@@ -377,22 +390,6 @@ class SourceSession:
                and self.opts.mode == "precopy" and hasattr(self.workload, "offer_tracking") else _log.info)
         log("dirty tracking: %s (%s)", self.report.tracking, reason)
 
-    async def _arm_tracking(self) -> None:
-        """Arm the kernel tracker before the first page is read; digests if that fails."""
-        assert self.mem is not None
-        if self.tracker is not None:
-            try:
-                arm_s = await asyncio.get_running_loop().run_in_executor(self._outer_pool, self.tracker.arm)
-            except (TrackingUnavailable, OSError) as exc:
-                self.tracker.close()
-                self.tracker = None
-                if self.opts.tracking == "uffd-wp":
-                    raise PrecopyError(f"--tracking uffd-wp: arming failed: {exc}", AbortCode.GUEST) from exc
-                self._set_tracking(f"arming kernel write tracking failed ({exc}); using digests")
-            else:
-                self.chunks = SourceChunks(self.mem, self.chunk_pages, self._hash_pool)
-                _log.debug("write tracking armed in %.1f ms", arm_s * 1e3)
-
     def _make_sender_and_scanner(self) -> None:
         """The page sender and the dirty scanner (the kernel's, once armed; digests otherwise)."""
         assert self.mem is not None
@@ -403,6 +400,7 @@ class SourceSession:
         self.sender.stripe = self.exchange.streams.stripe if self.exchange.streams is not None else 0
         digests = DigestScanner(self.exchange, self.mem, self.record, self.chunk_pages, link=self.link,
                                 pool=self._outer_pool, hash_pool=self._hash_pool)
+        digests.sampled = self._sample
         self.scanner = digests
         if self.tracker is not None and self.chunks is not None:
             self.scanner = TrackedScanner(digests, self.tracker, self.chunks, report=self.report,
@@ -499,3 +497,43 @@ async def migrate(opts: SourceOptions, workload: Workload,
     The exception's ``report`` attribute holds the report either way.
     """
     return await SourceSession(opts, workload, progress).run()
+
+
+async def _arm_tracking(s: SourceSession, arming: Future[float] | None) -> None:
+    """The kernel tracker armed (``arming``: its :meth:`UffdTracker.arm` in a thread, started
+    beside the connection) before the first page is read; digests if that failed."""
+    assert s.mem is not None
+    if s.tracker is None:
+        return
+    assert arming is not None
+    try:
+        try:
+            arm_s = await asyncio.wrap_future(arming)
+        except asyncio.CancelledError:
+            _settled(arming)  # the tracker is closed next: not under the thread's feet
+            raise
+    except (TrackingUnavailable, OSError) as exc:
+        s.tracker.close()
+        s.tracker = None
+        if s.opts.tracking == "uffd-wp":
+            raise PrecopyError(f"--tracking uffd-wp: arming failed: {exc}", AbortCode.GUEST) from exc
+        s._set_tracking(f"arming kernel write tracking failed ({exc}); using digests")
+    else:
+        s.chunks = SourceChunks(s.mem, s.chunk_pages, s._hash_pool)
+        _log.debug("write tracking armed in %.1f ms", arm_s * 1e3)
+
+
+def _drop(task: asyncio.Task[float] | None) -> None:
+    """Cancel ``task`` if it still runs, else read its outcome (a failure is the migration's, told already)."""
+    if task is not None:
+        if not task.done():
+            task.cancel()
+        elif not task.cancelled():
+            task.exception()
+
+
+def _settled(job: Future[float] | None) -> None:
+    """Wait for ``job`` (arming the tracker: tens of ms) to end, its outcome left unread: on a way
+    out, before the tracker is closed."""
+    if job is not None:
+        wait_futures([job])
