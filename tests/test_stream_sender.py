@@ -121,6 +121,28 @@ async def test_a_sending_thread_writes_frames_in_order_and_waits_only_for_reused
     region.close()  # no view of the mapping is left in the thread or its queue
 
 
+async def test_a_function_given_after_a_frame_runs_on_the_thread_once_the_frame_is_written() -> None:
+    src, dst = await _joined_pair()
+    region = mmap.mmap(-1, 64 * PAGE_SIZE)
+    view = memoryview(region)
+    t = SendThread(src, 2)
+    ran: list[tuple[str, int]] = []
+    reader = asyncio.get_running_loop().run_in_executor(None, _read_pages, dst, 2)
+    try:
+        await t.send(_pages(0, 16, view[:16 * PAGE_SIZE]), wait=False)
+        t.after(lambda: ran.append((threading.current_thread().name, t.frames_written)))
+        await t.send(_pages(16, 16, view[16 * PAGE_SIZE:32 * PAGE_SIZE]), wait=False)
+        await t.drain()  # waits for the function too
+        assert ran == [("precopy-send-2", 1)]  # on the thread, after the frame before it was written
+        assert len(await asyncio.wait_for(reader, 30)) == 2
+    finally:
+        t.close()
+        src.close()
+        dst.close()
+    view.release()
+    region.close()
+
+
 async def test_a_failed_write_is_named_and_raised_at_the_next_send_and_the_close_frees_the_region() -> None:
     src, dst = await _joined_pair()
     region = mmap.mmap(-1, 64 * PAGE_SIZE)
@@ -131,8 +153,11 @@ async def test_a_failed_write_is_named_and_raised_at_the_next_send_and_the_close
         with pytest.raises(LinkError, match="stream 3: connection to .* failed while sending"):
             for k in range(200):  # the first writes may land in the socket buffer before the error shows
                 await t.send(_pages(0, 16, view[:16 * PAGE_SIZE]), wait=False)
+        ran: list[int] = []
+        t.after(lambda: ran.append(1))
         with pytest.raises(LinkError, match="stream 3"):
             await t.drain()
+        assert ran == []  # a failed stream runs nothing more
     finally:
         t.close()
         src.close()
@@ -210,6 +235,9 @@ class FakeSender:
     async def drain(self) -> None:
         self.drained_at.append(len(self.sent))
 
+    def after(self, fn: Any) -> None:
+        self.sent.append((fn, None))
+
     def unsent_bytes(self) -> int:
         return 3
 
@@ -239,6 +267,13 @@ def test_the_router_drains_every_sending_thread_before_each_sync() -> None:
         assert [s.drained_at for s in senders] == [[2], [1]]  # both drained, before the one SYNC
         assert [type(e).__name__ for e in first.sent] == ["Pages", "Pages", "Sync", "DigestRequest", "Commit"]
         assert st.unsent_bytes() == 6 and st.send_blocked_s == 0.5
+        # A function after the last PAGES: on its stream's thread (stream 1 took 4096), or at once (stream 0).
+        calls: list[int] = []
+        st.after_sent(lambda: calls.append(1))
+        assert calls == [] and senders[0].sent[-1][1] is None
+        asyncio.run(st.send(_pages(3072, 1, b"x" * PAGE_SIZE), first.send))  # stripe 3: stream 0
+        st.after_sent(lambda: calls.append(0))
+        assert calls == [0]
         st.close()
         assert all(s.closed for s in senders)
     finally:
@@ -375,9 +410,22 @@ async def test_a_cut_data_stream_with_sending_threads_rolls_back_with_the_worklo
 
 
 @needs_uffd
-def test_kernel_write_tracking_with_sending_threads_misses_no_write(procs: Procs, shm: Path) -> None:
+def test_kernel_write_tracking_with_sending_threads_misses_no_write(
+        procs: Procs, shm: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """uffd-wp: a batch is re-protected before it is queued and read by its thread later; a write
-    in between is reported and sent again -- byte-exact over three streams."""
+    in between is reported and sent again -- byte-exact over three streams.  The full copy's hash
+    of each run's chunks runs on the run's stream: the extra streams' on their threads."""
+    from precopy.memory.tracking import SourceChunks
+
+    hashers: dict[str, int] = {}
+    real = SourceChunks.hash_early
+
+    def hash_early(self: SourceChunks, first: int, stop: int) -> None:
+        name = threading.current_thread().name
+        hashers[name] = hashers.get(name, 0) + 1
+        real(self, first, stop)
+
+    monkeypatch.setattr(SourceChunks, "hash_early", hash_early)
     mem, ctl, g = _start_guest(procs, shm, pattern="sweep", npages=12288)  # 48 MiB: 12 stripes
     time.sleep(0.2)
     rep = _migrate_guest(shm, ctl, mem, tracking="uffd-wp", streams=3, stream_threads="on")
@@ -385,6 +433,7 @@ def test_kernel_write_tracking_with_sending_threads_misses_no_write(procs: Procs
     assert (shm / "dest" / "g.mem").read_bytes() == mem.read_bytes()
     assert rep.verify_repairs == 0
     assert g.poll() is None
+    assert {"precopy-send-1", "precopy-send-2"} <= set(hashers) and len(hashers) == 3, hashers
 
 
 def test_the_summary_says_the_streams_were_sent_from_threads() -> None:

@@ -38,6 +38,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -391,6 +392,7 @@ class SourceChunks:
         self.early = np.zeros(len(self.stale), dtype=np.uint64)
         self.early_known = np.zeros(len(self.stale), dtype=bool)
         self.early_s = 0.0
+        self._early_lock = threading.Lock()
 
     def hash_early(self, first: int, stop: int) -> None:
         """Hash now the chunks that pages ``first`` up to ``stop`` cover whole (for the first table).
@@ -411,7 +413,8 @@ class SourceChunks:
         t = time.monotonic()
         self.early[lo:hi] = chunk_digests(self.mem.view, cp * PAGE_SIZE, None, np.arange(lo, hi))
         self.early_known[lo:hi] = True
-        self.early_s += time.monotonic() - t
+        with self._early_lock:  # (the extra streams' sending threads hash their runs' chunks too)
+            self.early_s += time.monotonic() - t
 
     def adopt(self, table: np.ndarray, seconds: float) -> None:
         """Take a full live chunk hash (``seconds``: what it cost) as the starting table."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from typing import Any, Callable
 
 from precopy.errors import AbortCode, PrecopyError, RemoteProtocolError
 from precopy.net.channel import Channel, LinkError
@@ -121,6 +121,19 @@ class Exchange:
             await asyncio.sleep(0.05)
             self.check_peer()
             raise
+
+    def after_sent(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` once the last event sent is written: now, or with an extra stream's sending
+        thread on that thread after it (precopy.session.stream_sender)."""
+        if self.streams is not None:
+            self.streams.after_sent(fn)
+        else:
+            fn()
+
+    async def drain(self) -> None:
+        """Wait until the extra streams' threads, if any, have written all and run all they were given."""
+        if self.streams is not None:
+            await self.streams.drain()
 
     async def request(self, **fields: Any) -> int:
         """Send a DIGEST_REQUEST with the next number and ``fields``; returns its number."""

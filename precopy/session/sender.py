@@ -11,6 +11,7 @@ with an in-memory one.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from typing import Any, Awaitable, Callable, Iterator
 
@@ -170,7 +171,10 @@ class _Ahead:
     they were read from memory twice, once on each CPU (a 1 GiB loopback
     copy: the sender's CPU 0.31 s with the hash after each 4 MiB send
     against 0.42 s with it a batch ahead in a thread; the send alone 0.27 s;
-    benchmarks/RESULTS.md, issue 21).  Each run is re-protected before it
+    benchmarks/RESULTS.md, issue 21).  A run on an extra stream with a
+    sending thread of its own (``--stream-threads``) is hashed on that
+    thread, after its write (Exchange.after_sent), and the full copy waits
+    for those hashes before it returns.  Each run is re-protected before it
     is mapped in, sent and hashed: a page is read by this agent only after
     its re-protection (a map-in thread running on its own, behind the
     sends, would allocate a hole punched after a page's send again, unseen
@@ -291,6 +295,8 @@ class PageSender:
                                         run_size=run_size), self.stripe)
         try:
             await self._send_batches(batches, indices, rnd, phase, rearm, ahead, before_batch, meter)
+            if ahead is not None:  # the chunks hashed on extra streams' threads: in before any scan reads them
+                await self.exchange.drain()
         finally:
             if ahead is not None:
                 ahead.abandon()
@@ -318,8 +324,8 @@ class PageSender:
                         ahead.start(*following)
                 meter.rearm_s += time.monotonic() - t_batch  # (work a paused send would not do)
             n, data_pages, zero_pages = await self._send_batch(idx, run, tried)
-            if ahead is not None:
-                ahead.hashed_after_send(idx, run)
+            if ahead is not None:  # (on the run's stream's sending thread, if it has one: after its write)
+                self.exchange.after_sent(functools.partial(ahead.hashed_after_send, idx, run))
             now = time.monotonic()
             self.compressor.record(tried, data_pages * PAGE_SIZE, now - t_batch)
             done += len(idx)

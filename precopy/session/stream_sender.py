@@ -20,6 +20,12 @@ from the loop, a page written meanwhile differs at the next scan (or the
 kernel reports it: it was re-protected before it was queued) and is sent
 again.
 
+:meth:`SendThread.after` queues a function to run on the thread once the
+frames queued before it are written: the full copy's hash of each run's
+chunks (``SourceChunks.hash_early``) then runs on the stream's core, from
+the cache its own ``sendmsg`` just filled, as the loop's does after a
+send of its own.
+
 The thread wakes the loop only while the loop waits for it
 (:class:`~precopy.session.stream_thread.Notifier`), so a frame costs the
 loop an encode and a queue put.  A failed write (a cut, a reset, no room
@@ -43,7 +49,7 @@ import socket
 import struct
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 from precopy.errors import AbortCode, PrecopyError
 from precopy.net.channel import Channel, LinkError
@@ -86,13 +92,16 @@ class SendThread:
         self.index = index
         #: The first failed write (raised at the next send or drain), naming the stream.
         self.error: LinkError | None = None
-        #: Frames and bytes handed to the thread (the loop counts) and written or dropped (the thread).
+        #: Items (frames and functions, :meth:`after`) handed to the thread (the loop counts) and done
+        #: or dropped (the thread); the frames and bytes among them.
         self.queued = self.written = 0
+        self.frames_queued = self.frames_written = 0
         self.queued_bytes = self.written_bytes = 0
         #: Seconds the loop waited for this stream's thread (its socket full: the link or the peer slower).
         self.blocked_s = 0.0
         self._notifier = Notifier()
-        self._q: queue.SimpleQueue[tuple[list[memoryview], int] | None] = queue.SimpleQueue()
+        self._q: queue.SimpleQueue[tuple[list[memoryview], int, Callable[[], None] | None] | None] = \
+            queue.SimpleQueue()
         timeout = chan.send_timeout_s
         #: How long the loop waits without a frame written before it calls the stream stalled: the
         #: thread's own timeout (SO_SNDTIMEO, at most twice in one frame) and a margin.
@@ -117,24 +126,35 @@ class SendThread:
         views = [memoryview(b).cast("B") for b in self.chan.conn.send(ev)]
         n = sum(v.nbytes for v in views)
         self.queued += 1
+        self.frames_queued += 1
         self.queued_bytes += n
-        self._q.put((views, n))
+        self._q.put((views, n, None))
         del views
         await self._wait(0 if wait else DEPTH)
         self.chan.bytes_sent += n
         return n
 
-    async def drain(self) -> None:
-        """Wait until every queued frame is written; raises the stream's failure, if it had one."""
-        await self._wait(0)
+    def after(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the thread once the frames queued so far are written (not at all if the
+        stream failed: the migration is failing); :meth:`drain` waits for it too."""
+        self.queued += 1
+        self._q.put(([], 0, fn))
 
-    async def _wait(self, keep: int) -> None:
-        """Until at most ``keep`` frames are queued and not written (or the stream failed)."""
-        if self.queued - self.written > keep and self.error is None:
+    async def drain(self) -> None:
+        """Wait until every queued frame is written and function run; raises the stream's failure,
+        if it had one."""
+        await self._wait(0, drain=True)
+
+    async def _wait(self, keep: int, drain: bool = False) -> None:
+        """Until at most ``keep`` frames (``drain``: items) are queued and not done (or the stream failed)."""
+        def ready() -> bool:
+            if drain:
+                return self.queued == self.written or self.error is not None
+            return self.frames_queued - self.frames_written <= keep or self.error is not None
+
+        if not ready():
             t = time.monotonic()
-            ok = await self._notifier.wait(
-                lambda: self.queued - self.written <= keep or self.error is not None,
-                self._stall_s)  # type: ignore[arg-type]  # None: no bound (no send timeout set)
+            ok = await self._notifier.wait(ready, self._stall_s)  # type: ignore[arg-type]  # None: no bound
             self.blocked_s += time.monotonic() - t
             if not ok:
                 raise LinkError(f"stream {self.index}: {self.chan.peer} took no frame for "
@@ -152,11 +172,14 @@ class SendThread:
             item = self._q.get()
             if item is None:
                 return
-            views, n = item
+            views, n, fn = item
             del item
             if self.error is None:
                 try:
-                    self.chan.write_blocking(views)
+                    if views:
+                        self.chan.write_blocking(views)
+                    if fn is not None:
+                        fn()
                 except (PrecopyError, OSError) as exc:
                     # A new error, not the one caught: that one's traceback holds the frame's views.
                     code = exc.code if isinstance(exc, PrecopyError) else AbortCode.LINK
@@ -165,15 +188,16 @@ class SendThread:
                     _log.exception("stream %d: its sending thread failed", self.index)
                     self.error = LinkError(f"stream {self.index}: internal error while sending: {exc!r}",
                                            AbortCode.INTERNAL)
-            del views  # (after a failure: dropped unwritten, the migration is failing)
+            del views, fn  # (after a failure: dropped undone, the migration is failing)
             self.written_bytes += n
-            self.written += 1  # last: the loop reads it as "done with that frame"
+            self.frames_written += 1 if n else 0
+            self.written += 1  # last: the loop reads it as "done with that item"
             self._notifier.notify()
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Stop the thread and wait for it; a write under way fails (its socket is shut)."""
         self._q.put(None)
-        if self._thread.is_alive() and self.queued != self.written:
+        if self._thread.is_alive() and self.frames_queued != self.frames_written:
             try:
                 self.chan.sock.shutdown(socket.SHUT_RDWR)
             except OSError:

@@ -109,6 +109,8 @@ class Streams:
         self._synced: list[int] = [0] * len(self.chans)
         #: Bytes and PAGES frames each stream carried (stream 0 first; for the report).
         self.bytes = [0] * self.n
+        #: The stream the last PAGES went on (:meth:`after_sent`).
+        self._last = 0
 
     def target(self, ev: Pages) -> int:
         """The stream for a batch; raises :class:`LocalProtocolError` if its pages span stripes."""
@@ -124,7 +126,7 @@ class Streams:
         if isinstance(ev, Pages):
             if not len(ev.indices) and _span(ev)[0] // self.stripe != _span(ev)[1] // self.stripe:
                 return sum([await self.send(part, send0) for part in self._split_zeros(ev)])
-            k = self.target(ev)
+            k = self._last = self.target(ev)
             if k == 0:
                 n = await send0(ev)
             elif self.senders:
@@ -140,11 +142,23 @@ class Streams:
             return n
         n = 0
         if isinstance(ev, (DigestRequest, Commit)) and self.counts != self._synced:
-            for sender in self.senders:
-                await sender.drain()  # a stream that failed says so now, by its number
+            await self.drain()  # a stream that failed says so now, by its number
             n += await send0(Sync(counts=tuple(self.counts)))
             self._synced = list(self.counts)
         return n + await send0(ev)
+
+    def after_sent(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` once the last PAGES sent is written: on its stream's thread after it, or now
+        (a stream written from the loop: its send returned once the kernel held every byte)."""
+        if self.senders and self._last:
+            self.senders[self._last - 1].after(fn)
+        else:
+            fn()
+
+    async def drain(self) -> None:
+        """Wait until every stream's thread has written what it was given (and run what it was asked)."""
+        for sender in self.senders:
+            await sender.drain()
 
     def _split_zeros(self, ev: Pages) -> list[Pages]:
         """A batch of zero pages only (the holes of the region), cut at stripes."""
