@@ -206,6 +206,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--source-arg", action="append", default=[], metavar="ARG",
                     help="pass ARG to this tree's precopy-source, not the baseline's (repeatable; A/B, e.g. "
                          "--source-arg=--stream-threads=on)")
+    ap.add_argument("--baseline-source-arg", action="append", default=[], metavar="ARG",
+                    help="pass ARG to the baseline's precopy-source (repeatable)")
     ap.add_argument("--json", type=Path, help="write every run's record here")
     args = ap.parse_args(argv)
     links = [int(x) for x in args.links.split(",") if x]
@@ -251,7 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     base = d is ns_base
                     rec = migrate(region, guest.pid, [f"{lab.dst_ips[k]}:{d.port}" for k in range(n)],
                                   lab.src_ips[:n], n, work / "report.json", lab.exec_prefix(lab.src_ns), d,
-                                  () if base else args.source_arg)
+                                  args.baseline_source_arg if base else args.source_arg)
                     records.append({"case": f"{n} x {args.rate}, --streams {n}{' (baseline)' if base else ''}",
                                     "links": n, "streams_asked": n, "baseline": base, "run": run, **rec})
                     print(json.dumps(records[-1]), flush=True)
@@ -261,7 +263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         continue
                     base = d is base_dest
                     rec = migrate(region, guest.pid, [f"127.0.0.1:{d.port}"], [], n, work / "report.json", (), d,
-                                  () if base else args.source_arg)
+                                  args.baseline_source_arg if base else args.source_arg)
                     records.append({"case": f"loopback, --streams {n}{' (baseline)' if base else ''}", "links": 0,
                                     "streams_asked": n, "baseline": base, "run": run, **rec})
                     print(json.dumps(records[-1]), flush=True)

@@ -7,8 +7,8 @@ partitioned by stripes of the region (:func:`stream_of`): a page always
 travels on the same stream, so two sends of it cannot overtake each other.
 :class:`Streams` routes each PAGES event to its stripe's stream, counts
 what each carried, and puts a SYNC (those counts) before every
-DIGEST_REQUEST and COMMIT on the first connection, so that the
-destination answers and commits only what every stream delivered.
+DIGEST_REQUEST, COMMIT and POSTCOPY on the first connection, so that the
+destination answers, commits and resumes only what every stream delivered.
 
 By default all streams of a migration run in the session's event loop:
 the kernel copies each stream's bytes (``sendmsg`` from the mapping) while
@@ -40,7 +40,7 @@ import xxhash
 from precopy.errors import LocalProtocolError
 from precopy.net.channel import Channel, LinkError, connect
 from precopy.net.tls import make_channel
-from precopy.protocol import Commit, DigestRequest, Join, Joined, Pages, Role, Sync
+from precopy.protocol import Commit, DigestRequest, Join, Joined, Pages, Postcopy, Role, Sync
 from precopy.session.handshake import handshake
 from precopy.session.options import stream_threads_wanted
 from precopy.session.stream_sender import SendThread, from_memory
@@ -141,7 +141,10 @@ class Streams:
             self.bytes[k] += n
             return n
         n = 0
-        if isinstance(ev, (DigestRequest, Commit)) and self.counts != self._synced:
+        # POSTCOPY too: the destination resumes the workload on it, so every page sent before it on
+        # any stream must be in the region first (a page landing later would overwrite the guest's
+        # writes; SYNC is allowed in the pause, before MISSING and POSTCOPY alike).
+        if isinstance(ev, (DigestRequest, Commit, Postcopy)) and self.counts != self._synced:
             await self.drain()  # a stream that failed says so now, by its number
             n += await send0(Sync(counts=tuple(self.counts)))
             self._synced = list(self.counts)
