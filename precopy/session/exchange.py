@@ -38,7 +38,7 @@ class Exchange:
         #: The number of the last digest request.
         self.seq = 0
         #: The migration's extra connections (precopy.session.streams.Streams, opened
-        #: after READY): PAGES go by stripe, a SYNC before each digest request and COMMIT;
+        #: after READY): PAGES go by stripe, a SYNC before each digest request, COMMIT and POSTCOPY;
         #: None: one connection.
         self.streams: Any = None
         self._events: asyncio.Queue[Any] = asyncio.Queue()
