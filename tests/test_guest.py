@@ -669,3 +669,38 @@ def test_det_rejects_state_beyond_steps(tmp_path: Path) -> None:
     result = run_guest("det", "--memory", tmp_path / "a.mem", "--steps", 5, "--device-state", blob)
     assert result.returncode == 1
     assert "msgpack" in result.stderr
+
+
+def test_a_paced_loop_does_not_make_up_the_throttles_rests(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A throttle of f slows the paced writer to 1 - f of its rate: the time the work loop rested is
+    never credited (only jitter up to the catch-up cap is).  A fake clock: 1,000 pages/s, batches
+    every 5 ms, the gate resting 5 ms (50 %) after every batch, for 1 s of the clock."""
+    from precopy.guest import dirty
+
+    clock = {"t": 0.0}
+    monkeypatch.setattr(dirty.time, "monotonic", lambda: clock["t"])
+
+    class Gate:
+        rested_s = 0.0
+        batches = 0
+
+        def checkpoint(self) -> bool:
+            if self.batches:
+                clock["t"] += 0.005  # the throttle's rest
+                self.rested_s += 0.005
+            self.batches += 1
+            return True
+
+        def sleep(self, seconds: float) -> None:
+            clock["t"] += seconds
+
+    class Writer:
+        pages = 0
+
+        def write(self, count: int) -> None:
+            self.pages += count
+
+    writer = Writer()
+    written = dirty._paced_loop(writer, 1000.0, Gate(), deadline=1.0)  # type: ignore[arg-type]
+    assert written == writer.pages
+    assert 490 <= written <= 510, written  # 1,000 pages/s, resting half the time: ~500, not ~1,000

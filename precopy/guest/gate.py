@@ -45,6 +45,8 @@ class WorkGate:
         self._throttle = 0.0
         self._throttle_changes = 0
         self._run_start = time.monotonic()
+        #: Seconds the loop spent in the throttle's rests so far (a paced loop does not make them up).
+        self.rested_s = 0.0
 
     def hold(self) -> None:
         """Start paused: the loop waits at its first checkpoint until :meth:`resume` (a post-copy
@@ -83,6 +85,7 @@ class WorkGate:
                     break
                 self._cond.wait(min(remaining, POLL_S))
         self._run_start = time.monotonic()
+        self.rested_s += self._run_start - now
 
     @property
     def throttle(self) -> float:
