@@ -1,5 +1,6 @@
 """precopy.lab.netns: two namespaces joined by a shaped veth pair (root only for the live part)."""
 
+import os
 import subprocess
 
 import pytest
@@ -24,7 +25,7 @@ def test_names_are_checked_and_subnets_differ():
 
 @pytest.mark.skipif(unavailable_reason() is not None, reason=f"{unavailable_reason()}")
 def test_two_hosts_reach_each_other_and_clean_up():
-    hosts = TwoHosts("pcnstest", rate="100mbit")
+    hosts = TwoHosts(f"pcn{os.getpid() % 10_000_000}", rate="100mbit")  # concurrent runs: their own
     with hosts:
         listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
         assert hosts.src_ns in listed and hosts.dst_ns in listed

@@ -10,6 +10,7 @@ gratuitous ARP announces it (seen by a listener in the source namespace).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -61,7 +62,7 @@ def test_migration_between_two_namespaces_over_a_shaped_link(procs: Procs, work:
     key = work / "key"
     key.write_text("b3BzLXR3by1ob3N0cy10ZXN0LWtleS0zMi1ieXRlcyE=\n")
     key.chmod(0o600)
-    with TwoHosts("ops-2h", RATE) as hosts:
+    with TwoHosts(f"o2h{os.getpid() % 10_000_000}", RATE) as hosts:  # concurrent runs: namespaces of their own
         src_dev, dst_dev = f"{hosts.name}-s", f"{hosts.name}-d"
         subprocess.run(["ip", "-n", hosts.src_ns, "addr", "add", f"{SERVICE}/24", "dev", src_dev], check=True)
         g = procs.start(*guest("dirty", "--memory", str(region), "--rate", "1000"))
@@ -133,7 +134,7 @@ def test_migration_between_two_namespaces_over_a_shaped_link(procs: Procs, work:
 
         dest.terminate()
         dest.wait(10)
-    assert subprocess.run(["ip", "netns", "pids", "ops-2h-src"], capture_output=True).returncode != 0
+    assert subprocess.run(["ip", "netns", "pids", hosts.src_ns], capture_output=True).returncode != 0
 
 
 def test_move_address_usage_errors() -> None:
