@@ -704,3 +704,19 @@ def test_a_paced_loop_does_not_make_up_the_throttles_rests(monkeypatch: pytest.M
     written = dirty._paced_loop(writer, 1000.0, Gate(), deadline=1.0)  # type: ignore[arg-type]
     assert written == writer.pages
     assert 490 <= written <= 510, written  # 1,000 pages/s, resting half the time: ~500, not ~1,000
+
+
+def test_a_throttled_loop_rests_in_proportion_to_the_work_it_did() -> None:
+    """A batch that took 40 ms (a long one, or a starved one on a busy machine) owes a 40 ms rest at
+    50 %, not THROTTLE_RUN_S's 10: the loop works half the time whatever its batches take; a pause
+    is no work."""
+    from precopy.guest.gate import WorkGate
+
+    gate = WorkGate()
+    gate.set_throttle(0.5)
+    gate._run_start = time.monotonic() - 0.040
+    assert gate.checkpoint()
+    assert gate.rested_s >= 0.040, gate.rested_s
+    rested = gate.rested_s
+    assert gate.checkpoint()  # right after a rest: no work done, no rest owed
+    assert gate.rested_s == rested

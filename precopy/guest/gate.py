@@ -30,10 +30,12 @@ class WorkGate:
     Signal handlers call :meth:`request_stop_from_signal`, which takes no lock;
     every blocking wait polls at least every 50 ms so it notices that flag.
 
-    :meth:`set_throttle` makes :meth:`checkpoint` a duty cycle: after each
-    ``THROTTLE_RUN_S`` of work the loop rests ``RUN x f / (1 - f)``, so it
+    :meth:`set_throttle` makes :meth:`checkpoint` a duty cycle: after at
+    least ``THROTTLE_RUN_S`` of work the loop rests ``W x f / (1 - f)`` for
+    the ``W`` it worked since its last rest (a batch between checkpoints may
+    take longer than ``THROTTLE_RUN_S``, e.g. on a busy machine), so it
     works ``1 - f`` of the time.  A pause, a stop or a new throttle ends a
-    rest early.
+    rest early; a pause's time is not work.
     """
 
     def __init__(self) -> None:
@@ -69,16 +71,18 @@ class WorkGate:
                     self._cond.notify_all()
                 self._cond.wait(POLL_S)
             self._parked = False
+            self._run_start = time.monotonic()  # the pause was no work: no rest owed for it
             return not self.stop_requested
 
     def _rest(self) -> None:
         """The throttle's rest, once ``THROTTLE_RUN_S`` of work is done since the last one."""
         now = time.monotonic()
-        if now - self._run_start < THROTTLE_RUN_S:
+        worked = now - self._run_start
+        if worked < THROTTLE_RUN_S:
             return
         with self._cond:
             fraction, changes = self._throttle, self._throttle_changes
-            deadline = now + THROTTLE_RUN_S * fraction / (1.0 - fraction) if fraction else now
+            deadline = now + worked * fraction / (1.0 - fraction) if fraction else now
             while not (self._pause_wanted or self.stop_requested) and changes == self._throttle_changes:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:

@@ -41,7 +41,6 @@ can be unmapped.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import mmap
 import queue
