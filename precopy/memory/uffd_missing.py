@@ -48,7 +48,7 @@ from precopy.memory.uffd import UFFDIO_REGISTER, UFFDIO_UNREGISTER, TrackingUnav
 
 __all__ = [
     "UFFDIO_COPY", "UFFDIO_REGISTER_MODE_MISSING", "UFFD_EVENT_PAGEFAULT", "FAULT_MSG_SIZE",
-    "register_missing", "unregister_missing", "copy_pages", "read_faults", "punch_pages", "page_runs",
+    "register_missing", "unregister_missing", "copy_pages", "read_faults", "read_fault_batch", "punch_pages", "page_runs",
     "UFFDIO_CONTINUE", "UFFDIO_REGISTER_MODE_MINOR", "register_postcopy", "continue_pages", "data_runs",
 ]
 
@@ -220,10 +220,21 @@ def read_faults(fd: int, buf: bytearray) -> list[int]:
     bytes.  Messages other than page faults (none are asked for) are
     skipped.  Raises :class:`OSError` when the fd fails.
     """
+    return read_fault_batch(fd, buf)[0]
+
+
+def read_fault_batch(fd: int, buf: bytearray) -> tuple[list[int], bool]:
+    """:func:`read_faults`, and whether the read emptied the userfaultfd: a read returns every
+    message waiting that fits, so one that did not fill ``buf`` left none (no second read needed
+    to see it empty: a system call less per fault)."""
     try:
         n = os.readv(fd, [buf])
     except BlockingIOError:
-        return []
+        return [], True
+    return _addresses(buf, n), n < len(buf)
+
+
+def _addresses(buf: bytearray, n: int) -> list[int]:
     out = []
     for off in range(0, n - n % FAULT_MSG_SIZE, FAULT_MSG_SIZE):
         event, _flags, address = _MSG.unpack_from(buf, off)

@@ -49,7 +49,7 @@ from precopy.errors import AbortCode, GuestControlError, PrecopyError, RemotePro
 from precopy.memory.map_in import HUGETLBFS_MAGIC, fs_magic
 from precopy.memory.tracking import TrackingOffer
 from precopy.memory.uffd import TrackingUnavailable
-from precopy.memory.uffd_missing import (FAULT_MSG_SIZE, punch_pages, read_faults, register_missing,
+from precopy.memory.uffd_missing import (FAULT_MSG_SIZE, punch_pages, read_fault_batch, register_missing,
                                          register_postcopy, unregister_missing)
 from precopy.net.channel import Channel, LinkError, PeerAborted
 from precopy.protocol import MAX_BATCH_PAGES, PAGE_SIZE, Committed, Complete, Missing, Pages, Ready, Request, page_payload
@@ -419,16 +419,16 @@ class PostcopyDest:
             while self._uffd >= 0 and not self._faults_failed:
                 now = time.monotonic()  # before the read: a fault it does not see comes after this
                 try:
-                    addrs = read_faults(self._uffd, self._fault_buf)
+                    addrs, drained = read_fault_batch(self._uffd, self._fault_buf)
                 except OSError as exc:
                     _log.error("post-copy: reading the guest's faults failed: %s", exc)
                     self._faults_failed = True
                     asyncio.get_running_loop().remove_reader(self._uffd)
                     return
-                if not addrs:
+                ask += self.placer.faulted(addrs, now, self._seen_empty)
+                if drained:  # (that read saw it empty: no second read to see it)
                     self._seen_empty = now
                     break
-                ask += self.placer.faulted(addrs, now, self._seen_empty)
             if ask:
                 for frame in self.backlog.holding(ask):  # here already, held back: placed now
                     self._place_held(frame)

@@ -44,7 +44,7 @@ from typing import Any, Callable, Protocol, TypeVar
 import numpy as np
 
 from precopy.errors import AbortCode, PrecopyError, RemoteProtocolError
-from precopy.memory.uffd_missing import FAULT_MSG_SIZE, read_faults
+from precopy.memory.uffd_missing import FAULT_MSG_SIZE, read_fault_batch
 from precopy.net.channel import Channel, LinkError, connect
 from precopy.net.tls import make_channel
 from precopy.protocol import MAX_BATCH_PAGES, NEED_DATA, Abort, Begin, Join, Joined, Pages, Request, Role, page_payload
@@ -301,7 +301,7 @@ class DestLane:
             else:
                 empty_at = max(t_poll, self._looked)  # not readable while poll waited: any fault came after
             if sock not in fds and not chan.pending():
-                self.settle()
+                self.settle(not ready)
                 continue
             if chan.recv_blocking() == 0:
                 if stop.is_set():
@@ -312,7 +312,6 @@ class DestLane:
                 if isinstance(ev, Abort):
                     raise LinkError(f"{chan.peer} aborted the post-copy fault lane: {ev.reason}")
                 self._place(ev, t_wake)
-            self.settle()
 
     def _wait(self, poller: Any, t_poll: float) -> list[tuple[int, int]]:
         """``poll`` the guest's userfaultfd and the lane.  With ``look_first`` (the lane's own
@@ -332,8 +331,9 @@ class DestLane:
         waited: list[tuple[int, int]] = poller.poll(_POLL_MS)
         return waited
 
-    def settle(self) -> None:
-        """After each step of :meth:`work` (the lane's child counts the shared mask here)."""
+    def settle(self, idle: bool) -> None:
+        """After a step of :meth:`work` that placed nothing (``idle``: nothing came for a while):
+        the lane's child counts the shared mask here, now and then (a placement counts it too)."""
 
     def _ask(self, chan: Channel, empty_at: float) -> float:
         """Read every fault waiting; REQUEST the missing pages on the lane.  Returns when the
@@ -345,15 +345,15 @@ class DestLane:
             since = max(empty_at, host._seen_empty)  # the session looks between its frames too
             while True:
                 now = time.monotonic()
-                addrs = read_faults(host._uffd, self._buf)
-                if not addrs:
-                    empty_at = now
-                    break
+                addrs, drained = read_fault_batch(host._uffd, self._buf)
                 got = placer.faulted(addrs, now, since)
                 trace("since", got, since)
                 trace("read", got, now)
                 ask += got
                 since = now
+                if drained:  # (seen empty by that read: a fault it did not take came after ``now``)
+                    empty_at = now
+                    break
             if ask:
                 for frame in host.backlog.holding(ask):  # here already, held back: placed now
                     host._place_held(frame)

@@ -113,17 +113,19 @@ class ChildHost:
 
 
 class ChildLane(DestLane):
-    """:class:`DestLane` in the child: the shared mask's count taken after each step."""
+    """:class:`DestLane` in the child: the shared mask counted after its placements (the placer
+    does) and when idle."""
 
     look_first = True
 
     def __init__(self, host: ChildHost) -> None:
         super().__init__(host)  # type: ignore[arg-type]
 
-    def settle(self) -> None:
+    def settle(self, idle: bool) -> None:
         placer = self.host.placer
         assert placer is not None
-        placer.recount()
+        if idle:  # (the session's placements: it ends the lane itself when it places the last)
+            placer.recount()
 
 
 def serve_dest(chan: Channel, setup: dict[str, Any], stop: threading.Event, ready: Callable[[], None],
