@@ -320,3 +320,28 @@ def test_the_lane_s_steps_are_traced_only_when_asked(tmp_path: Path, monkeypatch
     lane_shared.trace("asked", [])  # no page: nothing
     lane_shared.dump_trace("dest")
     assert (tmp_path / f"lane-dest-{os.getpid()}.txt").read_text() == "read 5 1.5000000\n"
+
+
+def test_a_lane_s_child_is_started_ahead_only_where_a_child_will_serve(monkeypatch: pytest.MonkeyPatch) -> None:
+    from precopy.protocol import POSTCOPY_CAP, POSTCOPY_LANE_CAP
+    from precopy.session import postcopy_source
+
+    started: list[int] = []
+    monkeypatch.setattr(postcopy_source, "prestart", lambda: started.append(1))
+
+    class Tls(Channel):
+        pass
+
+    a, b = socket.socketpair()
+    try:
+        plain, tls = Channel.__new__(Channel), Channel.__new__(Tls)
+        plain.sock, tls.sock = a, b
+        caps = (POSTCOPY_CAP, POSTCOPY_LANE_CAP)
+        assert postcopy_source.lane_ahead(caps, tls) == caps and not started  # TLS: a thread serves it
+        assert postcopy_source.lane_ahead((POSTCOPY_CAP,), plain) == (POSTCOPY_CAP,) and not started
+        assert postcopy_source.lane_ahead(None, plain) is None and not started
+        postcopy_source.lane_ahead(caps, plain)
+        assert started == ([1] if postcopy_source.process_lane_ok(plain) else [])
+    finally:
+        a.close()
+        b.close()

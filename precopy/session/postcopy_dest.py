@@ -60,7 +60,7 @@ from precopy.session.postcopy_pages import PagePlacer
 from precopy.session.postcopy_state import need_path, persist_need
 from precopy.protocol import POSTCOPY_CAP, POSTCOPY_IMMEDIATE_CAP, POSTCOPY_LANE_CAP, Begin, Resume
 from precopy.session.postcopy_lane import DestLane
-from precopy.session.postcopy_lane_proc import prestart
+from precopy.session.postcopy_lane_proc import prestart, process_lane_ok
 from precopy.session.dest_options import DestOptions
 from precopy.session.journal import Journal, MigrationRecord
 
@@ -95,8 +95,8 @@ def dest_caps(opts: DestOptions, offered: tuple[str, ...] | None,
     caps = tuple(c for c in offered if c in (POSTCOPY_CAP, POSTCOPY_IMMEDIATE_CAP, POSTCOPY_LANE_CAP) and serves)
     if chan is not None:
         chan.caps = caps
-        if POSTCOPY_LANE_CAP in caps:
-            prestart()  # the lane's child, ahead: its imports take ~0.5 s (postcopy_lane_proc)
+        if POSTCOPY_LANE_CAP in caps and process_lane_ok(chan):
+            prestart()  # the lane's child, ahead: its imports take ~0.5 s (postcopy_lane_proc; not over TLS)
     return caps
 
 

@@ -35,7 +35,7 @@ import xxhash
 from precopy.errors import AbortCode, MigrationInDoubt, PrecopyError
 from precopy.memory.region import GuestMemory
 from precopy.memory.tracking import SourceChunks, UffdTracker
-from precopy.net.channel import PeerAborted
+from precopy.net.channel import Channel, PeerAborted
 from precopy.policy.downtime import DowntimeCap
 from precopy.policy.postcopy import postcopy_wanted
 from precopy.protocol import (MAX_PAYLOAD, POSTCOPY_CAP, POSTCOPY_IMMEDIATE_CAP, POSTCOPY_LANE_CAP, Begin, Committed,
@@ -48,7 +48,7 @@ from precopy.session.exchange import Exchange
 from precopy.session.guardian import COMMIT, Guardian
 from precopy.session.options import SourceOptions
 from precopy.session.postcopy_lane import run_source_lane, stop_lane
-from precopy.session.postcopy_lane_proc import prestart
+from precopy.session.postcopy_lane_proc import prestart, process_lane_ok
 from precopy.session.postcopy_stream import PageStream, StreamStats, resume_stream
 from precopy.session.record import PageRecord
 from precopy.session.report import MigrationReport, RoundReport
@@ -106,10 +106,11 @@ def offered_caps(opts: SourceOptions) -> tuple[str, ...] | None:
     return (POSTCOPY_CAP, POSTCOPY_IMMEDIATE_CAP, *lane) if opts.postcopy == "immediate" else (POSTCOPY_CAP, *lane)
 
 
-def lane_ahead(caps: tuple[str, ...] | None) -> tuple[str, ...] | None:
-    """Returns ``caps``; when they offer the fault lane, its child process is started now (its
-    imports take ~0.5 s: precopy.session.postcopy_lane_proc)."""
-    if caps is not None and POSTCOPY_LANE_CAP in caps:
+def lane_ahead(caps: tuple[str, ...] | None, chan: Channel) -> tuple[str, ...] | None:
+    """Returns ``caps``; when they offer the fault lane and it would be served by a child process
+    (``chan`` plain TCP, as the lane's will be: not TLS), that child is started now (its imports
+    take ~0.5 s: precopy.session.postcopy_lane_proc)."""
+    if caps is not None and POSTCOPY_LANE_CAP in caps and process_lane_ok(chan):
         prestart()
     return caps
 

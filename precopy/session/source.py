@@ -355,7 +355,7 @@ class SourceSession:
         return ev
 
     async def _handshake(self, chan: Channel) -> None:
-        greeting = await handshake(chan, self.opts.auth_key, self.opts.io_timeout_s, caps=lane_ahead(offered_caps(self.opts)))
+        greeting = await handshake(chan, self.opts.auth_key, self.opts.io_timeout_s, caps=lane_ahead(offered_caps(self.opts), chan))
         self.exchange.rtt, self.exchange.caps, self.report.dest_version = greeting.rtt_s, greeting.caps, greeting.dest_version
 
     def _emit(self, phase: str, rnd: int, done: int, todo: int, dirty: int, t_start: float,
