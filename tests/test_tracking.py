@@ -925,9 +925,16 @@ def test_with_a_tracker_each_run_is_mapped_in_before_its_send_never_after(
         events.append(("send", int(idx[0]), int(idx[-1]) + 1))
         return await real_send_batch(self, idx, run, compress)
 
+    real_hash_early = precopy.memory.tracking.SourceChunks.hash_early
+
+    def hash_early(self: Any, first: int, stop: int) -> None:
+        events.append(("hash", first, stop))
+        real_hash_early(self, first, stop)
+
     monkeypatch.setattr(Preparation, "start_map_in", lambda self, pages: threads.append(pages))
     monkeypatch.setattr(Preparation, "map_in_now", map_in_now)
     monkeypatch.setattr(precopy.session.sender.PageSender, "_send_batch", send_batch)
+    monkeypatch.setattr(precopy.memory.tracking.SourceChunks, "hash_early", hash_early)
     mem, ctl, _ = _start_guest(procs, shm, pattern="punch", npages=2048)
     rep = _migrate_guest(shm, ctl, mem, tracking="uffd-wp")
     assert rep.outcome == "committed" and rep.tracking == "uffd-wp"
@@ -937,6 +944,10 @@ def test_with_a_tracker_each_run_is_mapped_in_before_its_send_never_after(
     for i in maps:  # each run mapped in is sent after, and no page of it was sent before
         assert ("send", *events[i][1:]) in events[i + 1:]
         assert not any(e[0] == "send" and e[1] < events[i][2] and events[i][1] < e[2] for e in events[:i])
+        # its chunks hashed in between, right before its send (the send then reads it from the
+        # cache; the thread may map the next run in meanwhile)
+        sent = events.index(("send", *events[i][1:]), i + 1)
+        assert [e for e in events[i:sent] if e[0] != "map"][-1:] == [("hash", *events[i][1:])]
     assert (shm / "dest" / "g.mem").read_bytes() == mem.read_bytes()
 
 

@@ -402,8 +402,8 @@ class SourceChunks:
         reported by the tracker, as after the whole-region hash the first
         scan would otherwise take, so the digest is as good a start --
         without a second pass over the region after the full copy (~0.1
-        CPU-s and ~0.1 s a GiB here).  The full copy calls it right after
-        each run's send, from the CPU cache the send's copy filled.
+        CPU-s and ~0.1 s a GiB here).  The full copy calls it right before
+        each run's send, whose copy then reads the run from the CPU cache.
         """
         cp = self.chunk_pages
         lo = -(-first // cp)

@@ -160,26 +160,30 @@ def _with_next(items: Iterator[Any]) -> Iterator[tuple[Any, Any]]:
 
 
 class _Ahead:
-    """The full copy with a tracker: each run mapped in one batch ahead, its chunks hashed once sent.
+    """The full copy with a tracker: each run mapped in one batch ahead, its chunks hashed just before its send.
 
     The map-in (``madvise``, GIL released) runs in a thread of the chunk
     table's pool while the batch before it is sent.  The first scan's chunk
-    table (SourceChunks.hash_early) is hashed right after the run's send,
-    in the sending thread (:meth:`hashed_after_send`): the kernel's copy
-    into the socket has just read those bytes into this CPU's cache, so the
-    hash reads them from there -- hashed in the thread ahead of the send,
-    they were read from memory twice, once on each CPU (a 1 GiB loopback
-    copy: the sender's CPU 0.31 s with the hash after each 4 MiB send
-    against 0.42 s with it a batch ahead in a thread; the send alone 0.27 s;
-    benchmarks/RESULTS.md, issue 21).  A run on an extra stream with a
-    sending thread of its own (``--stream-threads``) is hashed on that
-    thread, after its write (Exchange.after_sent), and the full copy waits
-    for those hashes before it returns.  Each run is re-protected before it
-    is mapped in, sent and hashed: a page is read by this agent only after
+    table (SourceChunks.hash_early) is hashed in the sending thread right
+    before the run's send (:meth:`hash_run`): the run is read from
+    memory once, by the hash, and the zero-page check's first word of each
+    page and the kernel's copy into the socket then read it from this CPU's
+    cache (hashed after the send, the same one read from memory was the
+    send's, and the zero-page check before it read each page's first cache
+    line from memory on its own: ~0.05 CPU-s a GiB, a TLB miss and a cache
+    miss per page; benchmarks/RESULTS.md, issue 21, cpu21e).  Hashed in the
+    thread ahead of the send, on the other CPU, the run was read from
+    memory twice (a 1 GiB loopback copy: the sender's CPU 0.31 s with the
+    hash beside the send against 0.42 s with it a batch ahead in a thread;
+    the send alone 0.27 s; cpu21c).  With extra streams a run is hashed
+    after its send instead, on its stream's sending thread if it has one
+    (``--stream-threads``), after its write (Exchange.after_sent), and the
+    full copy waits for those hashes before it returns.  Each run is
+    re-protected before it is mapped in, hashed and sent: a page is read by this agent only after
     its re-protection (a map-in thread running on its own, behind the
     sends, would allocate a hole punched after a page's send again, unseen
-    by the scans' hole checks), and a write after it -- before the hash or
-    after -- is reported.
+    by the scans' hole checks), and a write after it -- between the hash
+    and the send, or after both -- is reported, its chunk hashed again.
     """
 
     def __init__(self, mem: GuestMemory, chunks: SourceChunks) -> None:
@@ -191,8 +195,8 @@ class _Ahead:
         """Whether ``idx`` was re-protected when it was started ahead."""
         return self._job is not None and int(idx[0]) == self._first
 
-    def hashed_after_send(self, idx: np.ndarray, run: bool) -> None:
-        """Hash the chunks a run just sent covers whole (re-protected before its send)."""
+    def hash_run(self, idx: np.ndarray, run: bool) -> None:
+        """Hash the chunks a run covers whole (re-protected already: just before its send, or after it)."""
         if run:
             self.chunks.hash_early(int(idx[0]), int(idx[-1]) + 1)
 
@@ -286,7 +290,7 @@ class PageSender:
         rearm = self.tracker.rearm if live and self.tracker is not None else None
         # The full copy with a tracker (no chunk table yet): each run is
         # mapped in after its re-protection, in a thread one batch ahead,
-        # and its chunks hashed right after its send (_Ahead).
+        # and its chunks hashed right before its send (_Ahead).
         ahead = (_Ahead(self.mem, self.chunks) if rearm is not None and self.chunks is not None
                  and self.chunks.table is None else None)
         meter = _LinkMeter(self.exchange, self.report, self.link)
@@ -323,9 +327,12 @@ class PageSender:
                         _rearm(rearm, following[0])
                         ahead.start(*following)
                 meter.rearm_s += time.monotonic() - t_batch  # (work a paused send would not do)
+            streams = self.exchange.streams is not None
+            if ahead is not None and not streams:
+                ahead.hash_run(idx, run)
             n, data_pages, zero_pages = await self._send_batch(idx, run, tried)
-            if ahead is not None:  # (on the run's stream's sending thread, if it has one: after its write)
-                self.exchange.after_sent(functools.partial(ahead.hashed_after_send, idx, run))
+            if ahead is not None and streams:  # (on the run's stream's sending thread, if it has one: after its write)
+                self.exchange.after_sent(functools.partial(ahead.hash_run, idx, run))
             now = time.monotonic()
             self.compressor.record(tried, data_pages * PAGE_SIZE, now - t_batch)
             done += len(idx)
