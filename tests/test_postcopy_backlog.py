@@ -95,14 +95,14 @@ def test_a_fault_that_places_the_last_held_frame_ends_the_stream(tmp_path: Path,
         placer.guest_gone = True  # (no userfaultfd: pages go into the file's holes)
         pc._uffd = 1 << 20  # read by the fake below only
 
-        def read_faults(uffd: int, buf: bytearray) -> list[int]:
+        def read_fault_batch(uffd: int, buf: bytearray) -> tuple[list[int], bool]:
             if not placer.requested[2]:
-                return [base + 2 * PAGE_SIZE]  # the guest touches page 2 first
+                return [base + 2 * PAGE_SIZE], True  # the guest touches page 2 first
             if not placer.need[2] and not placer.requested[0]:
-                return [base + 100]  # then page 0, held back by then
-            return []
+                return [base + 100], True  # then page 0, held back by then
+            return [], True
 
-        monkeypatch.setattr(postcopy_dest, "read_faults", read_faults)
+        monkeypatch.setattr(postcopy_dest, "read_fault_batch", read_fault_batch)
         link = _Link([_frame([0, 1], b"a"), _frame([2], b"c")])
         asyncio.run(pc._stream(link))  # type: ignore[arg-type]
         assert placer.left == 0 and not placer.need.any() and len(pc.backlog) == 0

@@ -345,3 +345,24 @@ def test_a_lane_s_child_is_started_ahead_only_where_a_child_will_serve(monkeypat
     finally:
         a.close()
         b.close()
+
+
+def test_a_fault_read_that_did_not_fill_its_buffer_says_it_left_none() -> None:
+    from precopy.memory.uffd_missing import FAULT_MSG_SIZE, read_fault_batch
+
+    from .test_postcopy_lane import _fault
+
+    r, w = os.pipe()  # (a pipe of fault messages plays the userfaultfd, as in test_postcopy_lane)
+    os.set_blocking(r, False)
+    buf = bytearray(FAULT_MSG_SIZE * 2)
+    try:
+        assert read_fault_batch(r, buf) == ([], True)
+        _fault(w, 3)
+        assert read_fault_batch(r, buf) == ([0x10000 + 3 * PAGE_SIZE], True)
+        for page in (4, 5, 6):
+            _fault(w, page)
+        assert read_fault_batch(r, buf) == ([0x10000 + 4 * PAGE_SIZE, 0x10000 + 5 * PAGE_SIZE], False)  # full: look again
+        assert read_fault_batch(r, buf) == ([0x10000 + 6 * PAGE_SIZE], True)
+    finally:
+        os.close(r)
+        os.close(w)

@@ -218,7 +218,12 @@ class DestLane:
 
     While a lane runs, the thread alone reads the guest's userfaultfd (the
     loop's reader is removed, and put back when the lane ends); the session
-    places pushes and the thread answers under ``host.lock``.
+    places pushes and the thread answers under ``host.lock``.  Where the lane
+    can go to a child process (:mod:`precopy.session.postcopy_lane_proc`: plain
+    TCP, a need file) the child runs :meth:`work` in place of the thread, with a
+    placer of its own: the two claim pages on shared memory instead
+    (:meth:`~precopy.session.postcopy_pages.PagePlacer.share_claims`), and the
+    session reads the faults until the child serves.
     """
 
     look_first = False
