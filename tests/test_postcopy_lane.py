@@ -301,7 +301,11 @@ def test_the_lane_is_authenticated_like_the_stream_over_tls_with_a_key(procs: Pr
     pc = rep["postcopy"]
     assert pc["pages_missing"] == 2048 and pc["pages_pushed"] + pc["pages_requested"] == 2048, pc
     assert pc["duplicates"] == 0 and pc["reconnects"] == 0, log + dest.log_text()
-    wait_for(lambda: "post-copy fault lane from" in dest.log_text(), what="the destination to log the lane")
-    assert "no fault lane" not in log, log
+    # The lane opens beside the push: a push of 8 MiB can end first on a busy machine (then the lane
+    # is stopped while it opens, or the destination, done, refuses its JOIN) -- never a failed check.
+    failed = [ln for ln in log.splitlines() if "no fault lane" in ln and "is served here for a fault lane" not in ln]
+    assert not failed, log
+    if "stopped before it opened" not in log and "is served here for a fault lane" not in log:
+        wait_for(lambda: "post-copy fault lane from" in dest.log_text(), what="the destination to log the lane")
     wait_for(out.exists, timeout=120, what="the resumed det guest to finish")
     assert json.loads(out.read_text()) == {"steps": 20000, "digest": expected}

@@ -161,6 +161,10 @@ async def run_source_lane(target: OutcomeTarget, begin: Begin, stream: Answering
     except (PrecopyError, OSError, TimeoutError) as exc:
         _log.warning("post-copy: no fault lane (%s): faults are served on the page stream's connection", exc)
         return
+    except asyncio.CancelledError:
+        # (A small region's push can end before the lane's handshake does: not a fault.)
+        _log.info("post-copy: the fault lane was stopped before it opened (the page stream ended first)")
+        raise
     _log.info("post-copy: fault lane to %s", chan.peer)
     try:
         share = getattr(stream, "share", None)
