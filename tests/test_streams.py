@@ -72,10 +72,13 @@ async def test_the_destination_takes_no_more_streams_than_its_limit(shm: Path) -
     del mm
 
 
-async def test_a_cut_data_stream_rolls_back_with_the_workload_running(shm: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Stream 2 of 3 is cut (its socket shut down) in the middle of the full copy: the migration aborts
-    before any commit, the workload is never left paused, the source region is untouched, and the
-    destination keeps no file of it."""
+@pytest.mark.parametrize("stream_threads", ["off", "on"])
+async def test_a_cut_data_stream_rolls_back_with_the_workload_running(
+        shm: Path, monkeypatch: pytest.MonkeyPatch, stream_threads: str) -> None:
+    """Stream 2 of 3 is cut (its socket shut down) in the middle of the full copy -- with the source's
+    sending threads, its thread's write fails: the migration aborts before any commit, naming the
+    stream, the workload is never left paused, the source region is untouched, the destination keeps
+    no file of it, and every sending thread has stopped."""
     src = shm / "vm.mem"
     mm = make_region(src, 8192)  # 32 MiB
     before = src.read_bytes()
@@ -85,6 +88,7 @@ async def test_a_cut_data_stream_rolls_back_with_the_workload_running(shm: Path,
     async def cutting_send(self: Streams, ev: object, send0: object) -> int:
         sends["n"] += 1
         if sends["n"] == 20:
+            assert self.threaded == (stream_threads == "on")
             self.chans[1].sock.shutdown(2)  # socket.SHUT_RDWR: the link to stream 2 is cut
         return await real(self, ev, send0)  # type: ignore[arg-type]
 
@@ -92,14 +96,16 @@ async def test_a_cut_data_stream_rolls_back_with_the_workload_running(shm: Path,
     async with serve(shm / "dest") as server:
         wl = FakeWorkload()
         with pytest.raises(MigrationAborted) as info:
-            await migrate(server, src, wl, streams=3)
-        assert info.value.report.outcome == "aborted"  # type: ignore[attr-defined]
-        assert "stream 2" in info.value.report.error  # type: ignore[attr-defined]
+            await migrate(server, src, wl, streams=3, stream_threads=stream_threads)
+        rep = info.value.report  # type: ignore[attr-defined]
+        assert rep.outcome == "aborted" and rep.stream_threads == (stream_threads == "on")
+        assert "stream 2" in rep.error
         assert "pause" not in wl.calls or wl.calls[-1] == "resume"
         await settled(server)
         assert [r.outcome for r in server.results] == ["aborted"]
         assert not partials(shm / "dest") and not (shm / "dest" / "vm.mem").exists()
     assert src.read_bytes() == before
+    assert not [t for t in threading.enumerate() if t.name.startswith("precopy-send-")]
     del mm
 
 
