@@ -178,3 +178,20 @@ def test_the_docs_name_places_that_exist() -> None:
             if not any(c.exists() for c in candidates):
                 missing.append(f"{doc.name}: {path}")
     assert not missing, f"the docs name modules that do not exist (moved?): {missing}"
+
+
+def test_the_package_imports_each_side_on_first_use() -> None:
+    """``import precopy`` gives the errors at once and the rest of ``__all__`` on first use (PEP 562):
+    a daemon does not import the other side's modules at each start; every public name resolves."""
+    import subprocess
+    import sys
+
+    code = ("import sys, precopy\n"
+            "heavy = ('precopy.session.destination', 'precopy.session.source', 'numpy')\n"
+            "assert not [m for m in heavy if m in sys.modules], [m for m in heavy if m in sys.modules]\n"
+            "assert precopy.PrecopyError and 'migrate' in dir(precopy)\n"
+            "values = [getattr(precopy, n) for n in precopy.__all__]\n"
+            "assert all(v is not None for v in values) and precopy.migrate.__module__ == 'precopy.session.source'\n"
+            "try:\n    precopy.no_such_name\nexcept AttributeError as e:\n    print('ok', e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.startswith("ok module 'precopy' has no attribute"), out.stderr
