@@ -706,17 +706,35 @@ def test_a_paced_loop_does_not_make_up_the_throttles_rests(monkeypatch: pytest.M
     assert 490 <= written <= 510, written  # 1,000 pages/s, resting half the time: ~500, not ~1,000
 
 
-def test_a_throttled_loop_rests_in_proportion_to_the_work_it_did() -> None:
+def test_a_throttled_loop_rests_in_proportion_to_the_work_it_did(monkeypatch: pytest.MonkeyPatch) -> None:
     """A batch that took 40 ms (a long one, or a starved one on a busy machine) owes a 40 ms rest at
-    50 %, not THROTTLE_RUN_S's 10: the loop works half the time whatever its batches take; a pause
-    is no work."""
-    from precopy.guest.gate import WorkGate
+    50 %, not THROTTLE_RUN_S's 10: the loop works half the time whatever its batches take; right
+    after a rest none is owed.  A fake clock that the gate's waits advance."""
+    from precopy.guest import gate as gate_mod
 
-    gate = WorkGate()
+    clock = {"t": 100.0}
+    monkeypatch.setattr(gate_mod.time, "monotonic", lambda: clock["t"])
+
+    class Cond:  # the gate's condition: a wait is the clock moving on
+        def __enter__(self) -> "Cond":
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+        def wait(self, timeout: float) -> None:
+            clock["t"] += timeout
+
+        def notify_all(self) -> None:
+            pass
+
+    gate = gate_mod.WorkGate()
+    gate._cond = Cond()  # type: ignore[assignment]
     gate.set_throttle(0.5)
-    gate._run_start = time.monotonic() - 0.040
+    clock["t"] += 0.040  # a 40 ms batch
     assert gate.checkpoint()
-    assert gate.rested_s >= 0.040, gate.rested_s
-    rested = gate.rested_s
+    assert gate.rested_s == pytest.approx(0.040)
     assert gate.checkpoint()  # right after a rest: no work done, no rest owed
-    assert gate.rested_s == rested
+    assert gate.rested_s == pytest.approx(0.040)
+    clock["t"] += 0.004  # under THROTTLE_RUN_S of work: no rest yet
+    assert gate.checkpoint() and gate.rested_s == pytest.approx(0.040)

@@ -184,6 +184,16 @@ def test_the_source_s_child_answers_from_its_own_mapping(tmp_path: Path) -> None
         mem.close()
 
 
+def _run_and_release(run: Any, lane: Any, guest: Any, fd: int) -> None:
+    """Run a destination child's test body, then free its lane, guest and userfaultfd whatever happened."""
+    try:
+        asyncio.run(run())
+    finally:
+        lane.release()
+        guest.close()
+        os.close(fd)
+
+
 class _Host:
     """PostcopyDest's part in its lane (postcopy_lane.LaneHost), over a real placer."""
 
@@ -238,12 +248,7 @@ def test_the_destination_s_child_places_what_a_real_guest_faulted_on(region: Pat
         src.close()
         dst.close()
 
-    try:
-        asyncio.run(run())
-    finally:
-        lane.release()
-        guest.close()
-        os.close(fd)
+    _run_and_release(run, lane, guest, fd)
 
 
 def test_the_destination_s_child_fails_the_lane_when_the_source_goes(region: Path, tmp_path: Path) -> None:
@@ -271,12 +276,7 @@ def test_the_destination_s_child_fails_the_lane_when_the_source_goes(region: Pat
         assert await asyncio.to_thread(guest.answer) == b"\x99"
         dst.close()
 
-    try:
-        asyncio.run(run())
-    finally:
-        lane.release()
-        guest.close()
-        os.close(fd)
+    _run_and_release(run, lane, guest, fd)
 
 
 def test_a_tls_or_thread_lane_stays_on_a_thread(monkeypatch: pytest.MonkeyPatch) -> None:
