@@ -27,7 +27,8 @@ from precopy.session.lane_shared import _LOCK, CrossLock, SharedArrays, source_s
 from precopy.session.postcopy_backlog import PushBacklog
 from precopy.session.postcopy_lane import DestLane
 from precopy.session.postcopy_lane_child import SharedAnswering, placer_stats
-from precopy.session.postcopy_lane_proc import run_lane_process
+from precopy.session import postcopy_lane_proc
+from precopy.session.postcopy_lane_proc import lane_cpu, run_lane_process
 from precopy.session.postcopy_pages import PagePlacer
 from precopy.session.postcopy_state import mapped_from, persist_need
 from precopy.session.postcopy_stream import PageStream, StreamStats
@@ -366,3 +367,62 @@ def test_a_fault_read_that_did_not_fill_its_buffer_says_it_left_none() -> None:
     finally:
         os.close(r)
         os.close(w)
+
+
+def test_the_lane_s_two_ends_share_a_cpu_only_when_both_are_on_this_host() -> None:
+    cpus = {0, 1, 3}
+    assert lane_cpu("auto", "127.0.0.1", "127.0.0.1", cpus) == (3, True)  # the highest: the same rule both ends
+    assert lane_cpu("auto", "::1", "::1", cpus) == (3, True)
+    assert lane_cpu("auto", "10.0.0.2", "10.0.0.2", cpus) == (3, True)  # its own address: this host
+    assert lane_cpu("auto", "10.0.0.2", "10.0.0.1", cpus) == (None, False)  # another host: never
+    assert lane_cpu("off", "127.0.0.1", "127.0.0.1", cpus) == (None, False)
+    assert lane_cpu("1", "10.0.0.2", "10.0.0.1", cpus) == (1, False)  # asked for: always, at any priority
+    with pytest.raises(ValueError, match="not one of this agent's CPUs"):
+        lane_cpu("2", "127.0.0.1", "127.0.0.1", cpus)
+    with pytest.raises(ValueError, match="use auto, off or a CPU number"):
+        lane_cpu("fast", "127.0.0.1", "127.0.0.1", cpus)
+
+
+@pytest.mark.parametrize("how", ["auto", "off"])
+def test_a_lane_s_child_runs_where_it_was_told(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str) -> None:
+    allowed = os.sched_getaffinity(0)
+    monkeypatch.setattr(postcopy_lane_proc, "LANE_CPU", how)
+    path = tmp_path / "vm.mem"
+    path.write_bytes(bytes(NPAGES * PAGE_SIZE))
+    mem = GuestMemory.open(str(path), writable=False)
+    said: dict[str, Any] = {}
+
+    async def run() -> None:
+        src, dst = await _pair()  # (loopback: both ends on this host)
+        _joined(src, dst)
+        stream = PageStream(mem, np.ones(NPAGES, dtype=bool), StreamStats())
+        fd, memory = stream.share()
+        setup = {"side": "source", "npages": NPAGES, "memory": memory, "io_timeout_s": 5.0}
+        lane = asyncio.ensure_future(run_lane_process(src, setup, {"shared_fd": fd}, None, said.update))
+        dst.sock.setblocking(True)
+        dst.sock.close()  # the destination goes: the child ends and says where it ran
+        await asyncio.wait_for(lane, 120)  # (the destination closing is a lane's normal end)
+        stream.close()
+        src.close()
+
+    try:
+        asyncio.run(run())
+    finally:
+        mem.close()
+    fifo = _may_fifo()
+    if how == "auto" and fifo and len(allowed) > 1:
+        assert said["cpus"] == [max(allowed)]
+    else:
+        assert said["cpus"] == sorted(allowed)
+
+
+def _may_fifo() -> bool:
+    """Whether this process may run SCHED_FIFO (root or CAP_SYS_NICE): the lane's children then do."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
+        except OSError:
+            os._exit(1)
+        os._exit(0)
+    return os.waitpid(pid, 0)[1] == 0

@@ -174,6 +174,7 @@ def main() -> int:
             serve_dest(chan, setup, stop, lambda: say("ready"), out["stats"])
     except (PrecopyError, OSError, ValueError) as exc:
         out.update(ok=False, error=str(exc) or type(exc).__name__)
+    out["stats"]["cpus"] = sorted(os.sched_getaffinity(0))  # (where it ran: postcopy_lane_proc.LANE_CPU)
     dump_trace(setup["side"])
     say(json.dumps(out))
     return 0 if out["ok"] else 1

@@ -37,6 +37,7 @@ TLS lanes stay on a thread (the TLS session cannot be handed over).
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 import os
@@ -55,7 +56,7 @@ from precopy.session.postcopy_pages import PagePlacer
 from precopy.session.postcopy_state import mapped_from
 
 __all__ = ["LANE_PROCESS", "process_lane_ok", "run_lane_process", "child_setup", "child_channel", "say", "prestart", "LaneChild",
-           "ProcessLane", "SPIN_US"]
+           "ProcessLane", "SPIN_US", "LANE_CPU", "lane_cpu"]
 
 _log = logging.getLogger(__name__)
 
@@ -68,6 +69,13 @@ LANE_PROCESS = os.environ.get("PRECOPY_LANE_THREAD", "") != "1"
 #: ``poll`` between its steps, unlike the thread whose FIFO was off: it shared the interpreter lock
 #: with the loop), ``niceN`` (nice N, e.g. ``nice-10``) or anything else: normal.
 LANE_SCHED = os.environ.get("PRECOPY_LANE_SCHED", "fifo")
+#: Where the lane's children run (``PRECOPY_LANE_CPU``): ``auto`` -- when the lane's two ends are on
+#: this host (its peer is a loopback address or this end's own), both children pin themselves to the
+#: same CPU, the highest each may use, and only if they run SCHED_FIFO: a round trip is a ping-pong
+#: (one end waits while the other works), and a wake-up across CPUs costs ~20-40 us each way on this
+#: machine's VM, four per remote fault (benchmarks/RESULTS.md, "pin22": remote p50 ~385 -> ~213 us);
+#: ``off``: never pinned; a CPU number: always pinned there.
+LANE_CPU = os.environ.get("PRECOPY_LANE_CPU", "auto")
 #: Longest wait for a child's ``ready`` (it imports numpy and the engine: ~0.1-0.3 s idle).
 _READY_TIMEOUT_S = 30.0
 #: Longest wait for a stopped child to end before it is killed.
@@ -83,6 +91,42 @@ _ROOT = str(Path(__file__).resolve().parents[2])
 def process_lane_ok(chan: Channel) -> bool:
     """Whether ``chan``'s end of the lane can go to a child process (a plain socket channel)."""
     return LANE_PROCESS and type(chan) is Channel and chan.pending() == 0
+
+
+def lane_cpu(how: str, local: str, peer: str, allowed: set[int]) -> tuple[int | None, bool]:
+    """The CPU a lane's child pins itself to (:data:`LANE_CPU` = ``how``; ``local`` / ``peer``: the
+    lane's addresses; ``allowed``: the agent's CPUs) and whether only at SCHED_FIFO; None: not pinned.
+    Raises ``ValueError`` for a ``how`` that is none of ``auto``, ``off``, a CPU number."""
+    if how == "off" or not allowed:
+        return None, False
+    if how != "auto":
+        try:
+            cpu = int(how)
+        except ValueError:
+            raise ValueError(f"PRECOPY_LANE_CPU={how!r}: use auto, off or a CPU number") from None
+        if cpu not in allowed:
+            raise ValueError(f"PRECOPY_LANE_CPU={cpu}: not one of this agent's CPUs {sorted(allowed)}")
+        return cpu, False
+    try:
+        here = ipaddress.ip_address(peer).is_loopback or peer == local
+    except ValueError:  # (not an IP address: an AF_UNIX test socket)
+        here = False
+    return (max(allowed), True) if here else (None, False)
+
+
+def _lane_cpu(chan: Channel) -> tuple[int | None, bool]:
+    try:
+        local, peer = chan.sock.getsockname(), chan.sock.getpeername()
+    except OSError as exc:  # (the lane is gone already: the child finds out)
+        _log.debug("post-copy: the fault lane's addresses: %s", exc)
+        return None, False
+    if not (isinstance(local, tuple) and isinstance(peer, tuple)):
+        return None, False
+    try:
+        return lane_cpu(LANE_CPU, str(local[0]), str(peer[0]), os.sched_getaffinity(0))
+    except ValueError as exc:
+        _log.warning("post-copy: the fault lane's processes are not pinned: %s", exc)
+        return None, False
 
 
 def conn_setup(chan: Channel) -> dict[str, Any]:
@@ -177,7 +221,8 @@ async def run_lane_process(chan: Channel, setup: dict[str, Any], fds: dict[str, 
     cancelled, it stops the child and waits for it first.
     """
     chan._unwatch()  # the child reads it from now on
-    setup = {**setup, "conn": conn_setup(chan), "sched": LANE_SCHED,
+    cpu, fifo_only = _lane_cpu(chan)
+    setup = {**setup, "conn": conn_setup(chan), "sched": LANE_SCHED, "cpu": cpu, "cpu_fifo_only": fifo_only,
              "log_level": logging.getLogger().getEffectiveLevel()}
     child = await _take()
     proc = child.proc
@@ -306,20 +351,36 @@ def child_setup() -> tuple[dict[str, Any], threading.Event]:
     setup["conn"]["sock"] = setup["sock"]
     logging.basicConfig(level=int(setup["log_level"]), stream=sys.stderr,
                         format="%(asctime)s precopy-lane[%(process)d] %(levelname)s %(message)s")
-    _prioritize(str(setup.get("sched", "")))
+    fifo = _prioritize(str(setup.get("sched", "")))
+    _pin(setup.get("cpu"), fifo or not setup.get("cpu_fifo_only"))
     return setup, stop
 
 
-def _prioritize(how: str) -> None:
+def _prioritize(how: str) -> bool:
     """The child's scheduling (:data:`LANE_SCHED`): woken by a fault or an answer, it should run
-    before the busy push loops' time slices end."""
+    before the busy push loops' time slices end.  Returns whether it runs SCHED_FIFO."""
     try:
         if how == "fifo":
             os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
-        elif how.startswith("nice"):
+            return True
+        if how.startswith("nice"):
             os.setpriority(os.PRIO_PROCESS, 0, int(how[4:] or -10))
     except (OSError, ValueError) as exc:
         _log.info("post-copy: the fault lane's process runs at normal priority (%s: %s)", how, exc)
+    return False
+
+
+def _pin(cpu: Any, ok: bool) -> None:
+    """The child's CPU (:data:`LANE_CPU`, chosen by :func:`lane_cpu`); ``ok``: its condition holds."""
+    if cpu is None:
+        return
+    if not ok:
+        _log.info("post-copy: the fault lane's process is not pinned to CPU %s (it does not run SCHED_FIFO)", cpu)
+        return
+    try:
+        os.sched_setaffinity(0, {int(cpu)})
+    except OSError as exc:
+        _log.info("post-copy: the fault lane's process is not pinned to CPU %s: %s", cpu, exc)
 
 
 def say(line: str) -> None:
