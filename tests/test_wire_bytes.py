@@ -88,6 +88,9 @@ EVENTS: dict[str, Event] = {
     "REQUEST": Request(indices=u32(3, 9)),
     "COMPLETE": Complete(migration_id="mig-1", pages=12),
     "RESUME": Resume(begin=Begin(migration_id="mig-1", name="guest", size=64 * 4096, chunk_pages=8)),
+    # The fault lane's lean frames, negotiated (lat22b): JOIN and JOINED ``fast``; JOINED above unchanged.
+    "JOIN_LANE_FAST": Join(migration_id="mig-1", stream=0, size=64 * 4096, chunk_pages=8, lane=True, fast=True),
+    "JOINED_FAST": Joined(fast=True),
 }
 
 #: name -> (prefix and header in hex, SHA-256 of the payload or "").
@@ -236,6 +239,12 @@ GOLDEN: dict[str, tuple[str, str]] = {
         "504318001b0000000000000082ac6d6967726174696f6e5f6964a56d69672d31a570616765730c",
         "",
     ),
+    "JOIN_LANE_FAST": (
+        "504312003f0000000000000086ac6d6967726174696f6e5f6964a56d69672d31a673747265616d00a473697a65ce0004"
+        "0000ab6368756e6b5f706167657308a46c616e65c3a466617374c3",
+        "",
+    ),
+    "JOINED_FAST": ("50431300070000000000000081a466617374c3", ""),
     "RESUME": (
         "50431900430000000000000085ac6d6967726174696f6e5f6964a56d69672d31a46e616d65a56775"
         "657374a473697a65ce00040000a9706167655f73697a65cd1000ab6368756e6b5f706167657308",
@@ -256,3 +265,20 @@ def test_a_frame_is_the_same_bytes_as_before_the_split(name: str) -> None:
 def test_every_event_class_is_pinned() -> None:
     assert {type(ev) for ev in EVENTS.values()} == set(Event.__args__)  # type: ignore[attr-defined]
     assert set(GOLDEN) == set(EVENTS)
+
+
+def test_the_lane_s_lean_frames_are_pinned() -> None:
+    """LANE_REQUEST and LANE_PAGES (precopy.protocol.lane_frames): no msgpack, fixed layouts."""
+    from precopy.protocol import lane_frames as lf
+
+    out = bytearray(lf.REQUEST_BUF_SIZE)
+    n = lf.pack_request([3, 9], out)
+    assert bytes(out[:n]).hex() == "50431a0000000000080000000300000009000000"
+    head, bufs = bytearray(lf.PAGES_HEAD_SIZE), []  # type: ignore[var-annotated]
+    n = lf.pack_pages([2, 7], [memoryview(bytes(4096)), memoryview(bytes([5]) * 4096)], head, bufs)
+    frame = b"".join(bytes(b) for b in bufs)
+    assert n == len(frame) == 12 + 2 * 16 + 4096
+    # prefix (kind 27, payload 4128), page 2 zero (flag 1, digest 0), page 7 (digest), its bytes
+    assert frame[:44].hex() == ("50431b000000000020100000" "0200000001000000" "0000000000000000"
+                                "0700000000000000" "5f02168006ec61a9")
+    assert hashlib.sha256(frame).hexdigest() == "3a7cd263333a39930b054463e677f000b6642cd6664a9ba17c9302a0fbc22e72"

@@ -128,8 +128,13 @@ def encode_event(ev: Event) -> tuple[Kind, dict[str, Any], Any]:
             del meta["streams"]  # as a source before streams
     elif isinstance(ev, Ready) and ev.streams == 1:
         del meta["streams"]  # as a destination before streams
-    elif isinstance(ev, Join) and not ev.lane:
-        del meta["lane"]  # as a source before fault lanes
+    elif isinstance(ev, Join):
+        if not ev.lane:
+            del meta["lane"]  # as a source before fault lanes
+        if not ev.fast:
+            del meta["fast"]  # as a source before the lane's lean frames
+    elif isinstance(ev, Joined) and not ev.fast:
+        del meta["fast"]  # as a destination before the lane's lean frames
     elif isinstance(ev, Complete) and not ev.stats:
         del meta["stats"]
     elif isinstance(ev, (Hello, HelloAck)):
@@ -504,9 +509,12 @@ def _decode_ready(meta: dict[Any, Any]) -> Event:
 def _decode_join(meta: dict[Any, Any]) -> Event:
     size, chunk = _geometry(meta, Kind.JOIN)
     lane = bool(_field(meta, "lane", bool, Kind.JOIN)) if "lane" in meta else False
+    fast = bool(_field(meta, "fast", bool, Kind.JOIN)) if "fast" in meta else False
+    if fast and not lane:
+        raise RemoteProtocolError("JOIN field 'fast' (the fault lane's lean frames) without 'lane'")
     return Join(migration_id=_id_field(meta, Kind.JOIN),
                 stream=_int_field(meta, "stream", Kind.JOIN, 0 if lane else 1, 0 if lane else MAX_STREAMS - 1),
-                size=size, chunk_pages=chunk, lane=lane)
+                size=size, chunk_pages=chunk, lane=lane, fast=fast)
 
 
 def _decode_sync(meta: dict[Any, Any]) -> Event:
@@ -572,6 +580,6 @@ _DECODERS: Final[dict[Kind, Callable[[dict[Any, Any]], Event]]] = {
     Kind.ABORT: _decode_abort,
     Kind.QUEUED: _decode_queued,
     Kind.JOIN: _decode_join,
-    Kind.JOINED: lambda meta: Joined(),
+    Kind.JOINED: lambda meta: Joined(fast=bool(_field(meta, "fast", bool, Kind.JOINED)) if "fast" in meta else False),
     Kind.SYNC: _decode_sync,
 }

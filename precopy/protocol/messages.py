@@ -290,13 +290,16 @@ class Join:
     ``lane`` (post-copy, negotiated with ``postcopy-lane``; ``stream`` 0): the
     connection carries the destination's REQUESTs and the source's answers
     to them (PAGES), nothing else; sent only while a post-copy page stream
-    of that migration is served."""
+    of that migration is served.  ``fast`` (with ``lane`` only): the source
+    offers the lane's lean frames (:mod:`precopy.protocol.lane_frames`), used
+    only if JOINED says ``fast`` too."""
 
     migration_id: str
     stream: int
     size: int
     chunk_pages: int
     lane: bool = False
+    fast: bool = False
 
     def as_begin(self) -> Begin:
         """The region's geometry as a BEGIN, for checking PAGES (name and the rest are not this stream's)."""
@@ -305,9 +308,10 @@ class Join:
 
 @dataclass(frozen=True, slots=True)
 class Joined:
-    """The destination took the stream: PAGES may follow on it."""
+    """The destination took the stream: PAGES may follow on it.  ``fast``: the answer to a lane's
+    JOIN ``fast``: from now on the lane carries its lean frames only (:mod:`precopy.protocol.lane_frames`)."""
 
-    pass
+    fast: bool = False
 
 
 @dataclass(frozen=True, slots=True)
