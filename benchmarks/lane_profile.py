@@ -3,7 +3,7 @@
     PRECOPY_LANE_TRACE=/tmp/trace python -m benchmarks.postcopy --size-mib 1024 --runs 1 \\
         --postcopy immediate --writer random --lane
     python -m benchmarks.lane_profile /tmp/trace
-    python -m benchmarks.lane_profile --alone      # the same calls in one idle process
+    python -m benchmarks.lane_profile --alone      # the same calls in one idle process (both frame sets)
 
 With ``PRECOPY_LANE_TRACE=DIR`` each lane child (precopy/session/postcopy_lane_child.py) writes
 the CLOCK_MONOTONIC time of each step of a fault's round trip, by its first page
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -35,6 +36,37 @@ def load(trace_dir: Path) -> dict[tuple[str, str], dict[int, float]]:
             step, page, t = line.split()
             out.setdefault((side, step), {}).setdefault(int(page), float(t))
     return out
+
+
+def lean(a: Any, b: Any, mem: Any, each: Any) -> None:
+    """The same two steps with the lane's lean frames (precopy/protocol/lane_frames.py), as the
+    children's lean loops make them (lane_fast_source.py, lane_fast_dest.py)."""
+    from precopy.protocol.lane_frames import (LANE_PAGES, LANE_REQUEST, PAGES_HEAD_SIZE, REQUEST_BUF_SIZE,
+                                              LaneReader, decode_pages, decode_request, pack_pages, pack_request)
+    from precopy.session.lane_fast_source import send_all
+
+    out, rd_src, rd_dst = bytearray(REQUEST_BUF_SIZE), LaneReader(LANE_REQUEST), LaneReader(LANE_PAGES)
+    head, bufs, recs = bytearray(PAGES_HEAD_SIZE), [], []  # type: ignore[var-annotated]
+    region = mem.view
+
+    def request() -> None:
+        n = pack_request([12345], out)
+        b.sendall(memoryview(out)[:n])
+        rd_src.took(a.recv_into(rd_src.space()))
+        frame = rd_src.next()
+        assert frame is not None
+        decode_request(frame[1], 262144)
+
+    def answer() -> None:
+        n = pack_pages([100], [region[100 * 4096:101 * 4096]], head, bufs)
+        send_all(a, bufs, n)
+        while (frame := rd_dst.next()) is None:
+            rd_dst.took(b.recv_into(rd_dst.space()))
+        decode_pages(frame[1], 262144, recs)
+
+    print(f"LANE_REQUEST packed, sent, received, checked: {each(request):.1f} us")
+    print(f"LANE_PAGES of 1 page packed (xxh3), sent, received, checked: {each(answer):.1f} us")
+    bufs.clear()
 
 
 def alone() -> None:
@@ -92,6 +124,7 @@ def alone() -> None:
 
             print(f"REQUEST send + receive + parse: {each(request):.1f} us")
             print(f"PAGES of 1 page gathered, framed, sent, received, parsed: {each(answer):.1f} us")
+            lean(a, b, mem, each)
             mem.close()
         need = np.ones(262144, dtype=bool)
         print(f"count_nonzero of a 1 GiB region's mask: {each(lambda: np.count_nonzero(need)):.1f} us")

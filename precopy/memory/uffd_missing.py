@@ -50,6 +50,7 @@ __all__ = [
     "UFFDIO_COPY", "UFFDIO_REGISTER_MODE_MISSING", "UFFD_EVENT_PAGEFAULT", "FAULT_MSG_SIZE",
     "register_missing", "unregister_missing", "copy_pages", "read_faults", "read_fault_batch", "punch_pages", "page_runs",
     "UFFDIO_CONTINUE", "UFFDIO_REGISTER_MODE_MINOR", "register_postcopy", "continue_pages", "data_runs",
+    "FaultReader", "Continuer",
 ]
 
 _IOC_WRITE, _IOC_READ = 1, 2
@@ -151,6 +152,62 @@ def continue_pages(fd: int, dst: int, npages: int, page_size: int = 4096) -> tup
         raise OSError(err, f"UFFDIO_CONTINUE of {npages - done} pages at {dst + done * page_size:#x}: "
                       f"{os.strerror(err)}")
     return mapped, skipped
+
+
+class Continuer:
+    """``UFFDIO_CONTINUE`` of one page at a time for a hot loop (a fault lane's child): the ioctl's
+    argument allocated once.  :meth:`page` returns 0 or the errno, as :func:`continue_pages` sees it."""
+
+    def __init__(self, fd: int, page_size: int = 4096) -> None:
+        self.fd = fd
+        self.page_size = page_size
+        self.arg = _Continue(range=_Range(0, page_size), mode=0, mapped=0)
+        self._ref = ctypes.byref(self.arg)
+        self._ioctl = _libc.ioctl
+
+    def page(self, dst: int) -> int:
+        """Map the page at the guest's ``dst`` (in the file already), waking its waiters: 0 when
+        mapped; ``EEXIST`` (mapped already) or ``EFAULT`` (a hole) when not; else the errno of the
+        failure (``ESRCH``: the guest is gone).  ``EAGAIN`` (the guest's mm changed) is tried again."""
+        arg = self.arg
+        while True:
+            arg.range.start, arg.range.len, arg.mapped = dst, self.page_size, 0
+            if self._ioctl(self.fd, UFFDIO_CONTINUE, self._ref) == 0:
+                return 0
+            err = ctypes.get_errno()
+            if err != errno.EAGAIN or arg.mapped == self.page_size:
+                return 0 if err == errno.EAGAIN else err
+
+
+class FaultReader:
+    """Fault messages read from a (non-blocking) userfaultfd into a buffer allocated once, for a hot
+    loop: :meth:`read` returns how many bytes came (0: none waiting), :meth:`pages` appends the
+    faults' page numbers relative to ``start`` (an address outside ``npages`` pages goes to
+    ``outside``).  A read that did not fill the buffer left none waiting (see
+    :func:`read_fault_batch`)."""
+
+    def __init__(self, fd: int, start: int, npages: int, messages: int = 64, page_size: int = 4096) -> None:
+        self.fd = fd
+        self.start = start
+        self.npages = npages
+        self.shift = page_size.bit_length() - 1
+        self.buf = bytearray(FAULT_MSG_SIZE * messages)
+        self._bufs = [self.buf]
+
+    def read(self) -> int:
+        try:
+            return os.readv(self.fd, self._bufs)
+        except BlockingIOError:
+            return 0
+
+    def pages(self, n: int, out: list[int], outside: list[int]) -> None:
+        for event, _flags, address in _MSG.iter_unpack(memoryview(self.buf)[:n - n % FAULT_MSG_SIZE]):
+            if event == UFFD_EVENT_PAGEFAULT:
+                page = (address - self.start) >> self.shift
+                if 0 <= page < self.npages and address >= self.start:
+                    out.append(page)
+                else:
+                    outside.append(address)
 
 
 def data_runs(fd: int, size: int, page_size: int = 4096) -> list[tuple[int, int]]:

@@ -52,7 +52,7 @@ from precopy.session.commit import OutcomeTarget
 from precopy.session.handshake import handshake
 from precopy.session.lane_shared import trace
 from precopy.session.postcopy_backlog import PushBacklog
-from precopy.session.postcopy_lane_proc import ProcessLane, process_lane_ok, run_lane_process
+from precopy.session.postcopy_lane_proc import LANE_FAST, ProcessLane, process_lane_ok, run_lane_process
 from precopy.session.postcopy_pages import PagePlacer
 from precopy.session.stream_thread import receive_blocking, run_blocking
 
@@ -101,8 +101,11 @@ def _send_timeout(chan: Channel, seconds: float) -> None:
 
 # -- the source ------------------------------------------------------------
 
-async def open_lane(target: OutcomeTarget, begin: Begin) -> Channel:
-    """Connect, authenticate and JOIN the fault lane of ``begin``'s post-copy; returns its channel.
+async def open_lane(target: OutcomeTarget, begin: Begin, child: bool = False) -> tuple[Channel, bool]:
+    """Connect, authenticate and JOIN the fault lane of ``begin``'s post-copy; returns its channel
+    and whether it carries the lean frames (:mod:`precopy.protocol.lane_frames`): offered when
+    ``child`` (this end can go to a child process) and the channel allows one, taken when JOINED
+    says so too.
 
     Raises what connecting and the handshake raise (:class:`~precopy.errors.PrecopyError`,
     ``OSError``, ``TimeoutError``), the channel closed.
@@ -110,17 +113,20 @@ async def open_lane(target: OutcomeTarget, begin: Begin) -> Channel:
     sock = await connect(target.host, target.port, target.connect_timeout_s)
     chan = make_channel(sock, Role.SOURCE, target.tls_context, target.host)
     chan.send_timeout_s = target.io_timeout_s
+    offer = child and LANE_FAST and process_lane_ok(chan)
     try:
         await handshake(chan, target.auth_key, target.io_timeout_s)
         await chan.send(Join(migration_id=begin.migration_id, stream=0, size=begin.size,
-                             chunk_pages=begin.chunk_pages, lane=True))
+                             chunk_pages=begin.chunk_pages, lane=True, fast=offer))
         async with asyncio.timeout(target.io_timeout_s):
-            await chan.recv(Joined)
+            joined = await chan.recv(Joined)
+        if joined.fast and not offer:
+            raise RemoteProtocolError("JOINED says 'fast' to a JOIN that did not offer the lean frames")
     except BaseException:
         chan.close()
         raise
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return chan
+    return chan, bool(joined.fast)
 
 
 class Answering(Protocol):
@@ -156,8 +162,9 @@ async def run_source_lane(target: OutcomeTarget, begin: Begin, stream: Answering
     """Open the fault lane and serve it until cancelled -- in a child process where it can
     (:mod:`precopy.session.postcopy_lane_proc`), else on a thread; raises when it fails.  When it
     cannot be opened it logs why and returns: the page stream goes on alone."""
+    share = getattr(stream, "share", None)
     try:
-        chan = await open_lane(target, begin)
+        chan, fast = await open_lane(target, begin, share is not None)
     except (PrecopyError, OSError, TimeoutError) as exc:
         _log.warning("post-copy: no fault lane (%s): faults are served on the page stream's connection", exc)
         return
@@ -165,17 +172,19 @@ async def run_source_lane(target: OutcomeTarget, begin: Begin, stream: Answering
         # (A small region's push can end before the lane's handshake does: not a fault.)
         _log.info("post-copy: the fault lane was stopped before it opened (the page stream ended first)")
         raise
-    _log.info("post-copy: fault lane to %s", chan.peer)
+    _log.info("post-copy: fault lane to %s%s", chan.peer, " (lean frames)" if fast else "")
     try:
-        share = getattr(stream, "share", None)
         if share is not None and process_lane_ok(chan):
             fd, memory = share()
-            setup = {"side": "source", "npages": begin.npages, "memory": memory, "io_timeout_s": target.io_timeout_s}
+            setup = {"side": "source", "npages": begin.npages, "memory": memory, "io_timeout_s": target.io_timeout_s,
+                     "fast": fast}
             try:
                 await run_lane_process(chan, setup, {"shared_fd": fd}, None, getattr(stream, "lane_counted", None))
             finally:
                 stream.fold()  # type: ignore[attr-defined]
             return
+        if fast:  # (offered only where a child serves: a bug)
+            raise PrecopyError("the fault lane's lean frames were agreed but no child process serves the lane")
         await run_blocking(chan, lambda stop: serve_lane_requests(chan, stream, begin.npages,
                                                                   target.io_timeout_s, stop), "postcopy-lane")
     finally:
@@ -397,9 +406,10 @@ class DestLane:
             placer.place(ev.indices, data, ev.zeros)
         trace("placed", ev.indices)
 
-    async def run(self, chan: Channel, io_timeout_s: float) -> None:
+    async def run(self, chan: Channel, io_timeout_s: float, fast: bool = False) -> None:
         """Serve ``chan`` as the lane until stopped (:meth:`stop`) or it fails (raises): in a child
-        process where it can (:mod:`precopy.session.postcopy_lane_proc`), else on a thread."""
+        process where it can (:mod:`precopy.session.postcopy_lane_proc`), else on a thread.
+        ``fast``: JOINED agreed on the lean frames (only where :meth:`child_possible`)."""
         self.chan = chan
         chan.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         loop = asyncio.get_running_loop()
@@ -407,9 +417,11 @@ class DestLane:
             self._peeker.register(self.host._uffd, select.POLLIN)
             self._peeking = self.host._uffd
         try:
-            if self._child_possible(chan):
-                await self._run_child(chan, io_timeout_s, loop)
+            if self.child_possible(chan):
+                await self._run_child(chan, io_timeout_s, loop, fast)
             else:
+                if fast:  # (agreed only where a child serves: a bug)
+                    raise PrecopyError("the fault lane's lean frames were agreed but no child process serves it")
                 loop.remove_reader(self.host._uffd)  # the thread reads the faults from now on
                 self._threaded = True
                 await run_blocking(chan, lambda stop: self.work(chan, stop, io_timeout_s), "postcopy-lane")
@@ -420,7 +432,8 @@ class DestLane:
             if self.host._uffd >= 0 and placer is not None and placer.left and not loop.is_closed():
                 loop.add_reader(self.host._uffd, self.host._on_fault)
 
-    def _child_possible(self, chan: Channel) -> bool:
+    def child_possible(self, chan: Channel) -> bool:
+        """Whether a child process can serve ``chan`` as the lane (plain TCP, a need file)."""
         placer = self.host.placer
         if placer is None or not process_lane_ok(chan):
             return False
@@ -432,7 +445,8 @@ class DestLane:
             placer.share_claims(self.process.lock, self.process.shared["taken"])  # beside the child's
         return True
 
-    async def _run_child(self, chan: Channel, io_timeout_s: float, loop: asyncio.AbstractEventLoop) -> None:
+    async def _run_child(self, chan: Channel, io_timeout_s: float, loop: asyncio.AbstractEventLoop,
+                         fast: bool) -> None:
         """The lane's end in a child process; the session's loop reads the faults until it serves."""
         host, proc = self.host, self.process
         placer = host.placer
@@ -450,7 +464,7 @@ class DestLane:
                 placer.merge(got)
 
         try:
-            await run_lane_process(chan, proc.setup(placer, host.begin, io_timeout_s),
+            await run_lane_process(chan, {**proc.setup(placer, host.begin, io_timeout_s), "fast": fast},
                                    {"uffd": host._uffd, "region_fd": placer.region_fd, "shared_fd": proc.shared.fd},
                                    ready, counted)
         finally:
@@ -465,8 +479,8 @@ class DestLane:
             self.process.close()
             self.process = None
 
-    def start(self, chan: Channel, io_timeout_s: float) -> asyncio.Task[None]:
-        self.task = asyncio.ensure_future(self.run(chan, io_timeout_s))
+    def start(self, chan: Channel, io_timeout_s: float, fast: bool = False) -> asyncio.Task[None]:
+        self.task = asyncio.ensure_future(self.run(chan, io_timeout_s, fast))
         return self.task
 
     async def stop(self) -> None:
@@ -491,8 +505,10 @@ async def join_lane(live: Any, chan: Channel, ev: Join) -> None:
     await lane.stop()  # a lane of a connection given up: this one replaces it
     timeout = live.recv.opts.idle_timeout_s
     chan.send_timeout_s = timeout
-    await chan.send(Joined())
-    _log.info("migration %s: post-copy fault lane from %s", ev.migration_id, chan.peer)
+    fast = ev.fast and LANE_FAST and lane.child_possible(chan)  # (the lean frames: both ends children)
+    await chan.send(Joined(fast=fast))
+    _log.info("migration %s: post-copy fault lane from %s%s", ev.migration_id, chan.peer,
+              " (lean frames)" if fast else "")
     main = live._chan
 
     def end_stream(why: str | None) -> None:
@@ -500,7 +516,7 @@ async def join_lane(live: Any, chan: Channel, ev: Join) -> None:
             live._preempted, live._why = True, why
             live._streaming.cancel()
 
-    task = lane.start(chan, timeout)
+    task = lane.start(chan, timeout, fast)
     try:
         await task
     except asyncio.CancelledError:

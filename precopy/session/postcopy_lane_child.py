@@ -11,6 +11,11 @@
   need file the session maps too, the placement times shared, placing under
   the session's lock; what it counted goes back to the session
   (:func:`placer_stats`, merged by :meth:`~precopy.session.postcopy_pages.PagePlacer.merge`).
+
+Where JOIN and JOINED agreed on the lane's lean frames (setup ``fast``), each
+runs its lean loop instead, on the bare socket:
+:func:`~precopy.session.lane_fast_source.serve_source_fast`,
+:class:`~precopy.session.lane_fast_dest.FastDestLane`.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import socket
 import sys
 import threading
 from typing import Any, Callable
@@ -28,6 +34,8 @@ from precopy.errors import PrecopyError
 from precopy.memory.region import GuestMemory
 from precopy.net.channel import Channel
 from precopy.protocol import Begin, Pages
+from precopy.session.lane_fast_dest import FastDestLane
+from precopy.session.lane_fast_source import serve_source_fast
 from precopy.session.lane_shared import CrossLock, SharedArrays, dest_spec, dump_trace, source_spec
 from precopy.session.postcopy_backlog import PushBacklog
 from precopy.session.postcopy_lane import DestLane, serve_lane_requests
@@ -70,16 +78,29 @@ class SharedAnswering:
             self.counters[2] += nbytes
 
 
-def serve_source(chan: Channel, setup: dict[str, Any], stop: threading.Event, ready: Callable[[], None],
+def _lean_socket(cs: dict[str, Any]) -> tuple[socket.socket, bytes]:
+    """A lean lane's socket in the child, and the bytes the agent read past JOINED (if any)."""
+    sock = socket.socket(fileno=int(cs["sock"]))
+    sock.setblocking(True)
+    return sock, bytes.fromhex(cs["buffered"])
+
+
+def serve_source(chan: Channel | None, setup: dict[str, Any], stop: threading.Event, ready: Callable[[], None],
                  out: dict[str, Any]) -> None:
-    """The source's child: ``out`` gets its CPU, however it ends."""
+    """The source's child (``chan`` None: the lean frames, on the setup's socket): ``out`` gets its
+    CPU, however it ends."""
     npages = int(setup["npages"])
     shared = SharedArrays(int(setup["shared_fd"]), source_spec(npages))
     lock = CrossLock.open(f"/proc/self/fd/{int(setup['shared_fd'])}")
     mem = GuestMemory.open(setup["memory"], writable=False)
     try:
         ready()
-        serve_lane_requests(chan, SharedAnswering(mem, shared, lock), npages, float(setup["io_timeout_s"]), stop)
+        if chan is None:  # the lean frames (lane_fast_source)
+            sock, initial = _lean_socket(setup["conn"])
+            serve_source_fast(sock, initial, npages, mem.view, shared["need"], shared["counters"], lock,
+                              float(setup["io_timeout_s"]), stop)
+        else:
+            serve_lane_requests(chan, SharedAnswering(mem, shared, lock), npages, float(setup["io_timeout_s"]), stop)
     finally:
         out["cpu_s"] = cpu_s()
         lock.close()
@@ -128,9 +149,10 @@ class ChildLane(DestLane):
             placer.recount()
 
 
-def serve_dest(chan: Channel, setup: dict[str, Any], stop: threading.Event, ready: Callable[[], None],
+def serve_dest(chan: Channel | None, setup: dict[str, Any], stop: threading.Event, ready: Callable[[], None],
                out: dict[str, Any]) -> None:
-    """The destination's child: ``out`` gets what it counted, however it ends."""
+    """The destination's child (``chan`` None: the lean frames, on the setup's socket): ``out`` gets
+    what it counted, however it ends."""
     npages = int(setup["npages"])
     need = np.memmap(setup["need_path"], dtype=bool, mode="r+", offset=1, shape=(npages,)).view(np.ndarray)
     shared = SharedArrays(int(setup["shared_fd"]), dest_spec(npages))
@@ -142,11 +164,19 @@ def serve_dest(chan: Channel, setup: dict[str, Any], stop: threading.Event, read
     placer.need, placer._placed_t = need, shared["placed_t"]
     placer.share_claims(lock, shared["taken"])
     placer.recount()
-    lane = ChildLane(ChildHost(placer, begin, int(setup["uffd"]), shared["clock"]))
-    lane.spin_s = float(setup.get("spin_us", 0)) / 1e6
+    lane: ChildLane | FastDestLane
+    if chan is None:  # the lean frames (lane_fast_dest)
+        sock, initial = _lean_socket(setup["conn"])
+        lane = FastDestLane(placer, sock, initial, shared["clock"], float(setup.get("spin_us", 0)) / 1e6)
+    else:
+        lane = ChildLane(ChildHost(placer, begin, int(setup["uffd"]), shared["clock"]))
+        lane.spin_s = float(setup.get("spin_us", 0)) / 1e6
     try:
         ready()
-        lane.work(chan, stop, float(setup["io_timeout_s"]))
+        if isinstance(lane, FastDestLane):
+            lane.run(stop, float(setup["io_timeout_s"]))
+        else:
+            lane.work(chan, stop, float(setup["io_timeout_s"]))  # type: ignore[arg-type]
     finally:
         out.update(placer_stats(placer), requests=lane.requests, cpu_s=cpu_s())
         lock.close()
@@ -167,7 +197,7 @@ def main() -> int:
     setup, stop = child_setup()
     out: dict[str, Any] = {"ok": True, "stats": {}}
     try:
-        chan = child_channel(setup["conn"])
+        chan = None if setup.get("fast") else child_channel(setup["conn"])
         if setup["side"] == "source":
             serve_source(chan, setup, stop, lambda: say("ready"), out["stats"])
         else:

@@ -56,13 +56,18 @@ from precopy.session.postcopy_pages import PagePlacer
 from precopy.session.postcopy_state import mapped_from
 
 __all__ = ["LANE_PROCESS", "process_lane_ok", "run_lane_process", "child_setup", "child_channel", "say", "prestart", "LaneChild",
-           "ProcessLane", "SPIN_US", "LANE_CPU", "lane_cpu"]
+           "ProcessLane", "SPIN_US", "LANE_CPU", "lane_cpu", "LANE_FAST"]
 
 _log = logging.getLogger(__name__)
 
 #: Serve the lane's ends in processes of their own where the channel allows (plain TCP; TLS: a
 #: thread).  ``PRECOPY_LANE_THREAD=1`` in an agent's environment keeps the thread.
 LANE_PROCESS = os.environ.get("PRECOPY_LANE_THREAD", "") != "1"
+#: Offer and take the lane's lean frames (JOIN / JOINED ``fast``, :mod:`precopy.protocol.lane_frames`)
+#: where both ends are child processes: their loops then run
+#: :mod:`precopy.session.lane_fast_source` / :mod:`precopy.session.lane_fast_dest`.
+#: ``PRECOPY_LANE_FAST=0`` in an agent's environment: never (the lane's frames as before).
+LANE_FAST = os.environ.get("PRECOPY_LANE_FAST", "1") != "0"
 #: How the lane's children are scheduled (``PRECOPY_LANE_SCHED``): ``fifo`` (SCHED_FIFO 1, where
 #: the agent may: woken by a fault or an answer, a child runs at once instead of after the busy
 #: push loops' slices -- remote p99 ~5 -> ~2.8 ms, benchmarks/RESULTS.md, lat22; a child blocks in
