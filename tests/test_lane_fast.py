@@ -243,3 +243,29 @@ def test_the_lane_takes_the_lean_frames_only_when_both_ends_offer_them(
              what="the destination to log the lane")
     served = [m for m in _lane_logs(dest.log_text()) if "post-copy fault lane from" in m]
     assert served[0].endswith("(lean frames)") == dest_fast, served
+
+
+def test_the_fault_reader_reads_into_its_buffer_and_sorts_out_the_region_s_pages() -> None:
+    from precopy.memory.uffd_missing import _MSG, UFFD_EVENT_PAGEFAULT, FaultReader
+
+    r, w = os.pipe()  # (a pipe of fault messages plays the userfaultfd, as in test_postcopy_lane)
+    os.set_blocking(r, False)
+    start = 0x10000
+    reader = FaultReader(r, start, NPAGES, messages=4)
+    try:
+        assert reader.read() == 0  # none waiting
+        msgs = bytearray(32 * 4)
+        for k, (event, addr) in enumerate([(UFFD_EVENT_PAGEFAULT, start + 3 * PAGE_SIZE + 17),
+                                           (0x13, start),  # not a page fault: skipped
+                                           (UFFD_EVENT_PAGEFAULT, start - PAGE_SIZE),  # below the region
+                                           (UFFD_EVENT_PAGEFAULT, start + NPAGES * PAGE_SIZE)]):  # past it
+            _MSG.pack_into(msgs, 32 * k, event, 0, addr)
+        os.write(w, bytes(msgs))
+        n = reader.read()
+        pages: list[int] = []
+        outside: list[int] = []
+        reader.pages(n, pages, outside)
+        assert n == len(reader.buf) and pages == [3] and outside == [start - PAGE_SIZE, start + NPAGES * PAGE_SIZE]
+    finally:
+        os.close(r)
+        os.close(w)

@@ -114,7 +114,7 @@ class FastDestLane:
                 self._poller.unregister(uffd)
                 self._lookout.unregister(uffd)
             elif got:
-                empty_at = self._ask(max(empty_at, self._looked))
+                empty_at = self._ask(max(empty_at, self._looked), t_wake)
             else:
                 empty_at = max(t_poll, self._looked)  # not readable while poll waited: any fault came after
             if fd not in events:
@@ -148,9 +148,10 @@ class FastDestLane:
             self.placer.recount()
             self._counted, self._due = now, False
 
-    def _ask(self, empty_at: float) -> float:
+    def _ask(self, empty_at: float, t_wake: float) -> float:
         """Read every fault waiting; LANE_REQUEST the missing pages.  Returns when the userfaultfd
-        was seen empty."""
+        was seen empty.  (``t_wake``: when ``poll`` returned, for the trace: a fault came between
+        ``since`` and then.)"""
         since = max(empty_at, float(self.clock[0]))  # the session looks between its frames too
         ask: list[int] = []
         reader = self.faults
@@ -159,6 +160,7 @@ class FastDestLane:
             n = reader.read()
             got = self._faulted(n, now, since, ask)
             trace("since", got, since)
+            trace("polled", got, t_wake)
             trace("read", got, now)
             since = now
             if n < len(reader.buf):  # (seen empty by that read: a fault it did not take came after ``now``)
