@@ -16,7 +16,6 @@ from typing import Any, Iterator
 
 import numpy as np
 import pytest
-import xxhash
 
 from precopy.memory.region import GuestMemory
 from precopy.net.channel import LinkError

@@ -39,6 +39,8 @@ import select
 import socket
 import threading
 import time
+from typing import Any
+
 import numpy as np
 
 from precopy.errors import AbortCode
@@ -76,10 +78,12 @@ class FastDestLane:
         self.reader = LaneReader(LANE_PAGES, initial)
         self.faults = FaultReader(placer.uffd, placer.start, placer.npages)
         self.cont = Continuer(placer.uffd)
-        self.need = memoryview(placer.need)  # (a bool per page, shared with the session)
-        self.requested = memoryview(placer.requested)
-        self.taken = memoryview(placer.taken)
-        self.placed_t = memoryview(placer._placed_t)
+        # The masks and times as memoryviews of the placer's arrays (the same memory, shared with the
+        # session): an index costs no numpy scalar.
+        self.need: Any = placer.need.data
+        self.requested: Any = placer.requested.data
+        self.taken: Any = placer.taken.data
+        self.placed_t: Any = placer._placed_t.data
         self.out = bytearray(REQUEST_BUF_SIZE)
         self.records: list[tuple[int, memoryview | None]] = []
         self.requests = 0  # LANE_REQUEST frames sent

@@ -91,7 +91,7 @@ def serve_source_fast(sock: socket.socket, initial: bytes, npages: int, region: 
     fails."""
     set_timeouts(sock, _NO_IDLE_S, io_timeout_s)
     reader = LaneReader(LANE_REQUEST, initial)
-    wanted = memoryview(need)  # (a bool per page: indexing it costs no numpy scalar)
+    wanted = need.data  # (a bool per page, as a memoryview: indexing it costs no numpy scalar)
     head = bytearray(PAGES_HEAD_SIZE)
     bufs: list[memoryview] = []
     try:
