@@ -112,3 +112,43 @@ def test_a_fault_that_places_the_last_held_frame_ends_the_stream(tmp_path: Path,
             assert f.read() == b"a" * 2 * PAGE_SIZE + b"c" * PAGE_SIZE
     finally:
         os.close(fd)
+
+
+def test_a_resumed_stream_s_missing_does_not_name_the_pushes_held_back(tmp_path: Path) -> None:
+    """The link broke while pushes were held back (the guest waited on another page): RESUME's answer
+    places them first, so its MISSING bitmap does not name them -- else the source sends them again
+    and each second copy is a duplicate (seen in the fault matrix's lane-joined cells, lean22)."""
+    from precopy.protocol import Missing, Ready
+    from precopy.protocol.postcopy_codec import pages_of_bitmap
+
+    npages, base = 4, 1 << 30
+    region = tmp_path / "vm.mem"
+    with open(region, "wb") as f:
+        f.truncate(npages * PAGE_SIZE)
+    fd = os.open(region, os.O_RDWR)
+    try:
+        mask = np.ones(npages, dtype=bool)
+        recv = SimpleNamespace(begin=Begin(migration_id="m", name="vm.mem", size=npages * PAGE_SIZE),
+                               opts=SimpleNamespace(idle_timeout_s=None))
+        pc = postcopy_dest.PostcopyDest(recv, bitmap_of(np.flatnonzero(mask), npages))  # type: ignore[arg-type]
+        placer = pc.placer = PagePlacer(-1, base, npages, mask, fd)
+        placer.guest_gone = True  # (no userfaultfd: pages go into the file's holes)
+        frame = _frame([0, 1], b"a")
+        pc.backlog.hold(frame.indices, frame.payload, frame.zeros)  # held when the link broke
+        link = _Link([])
+
+        async def run() -> None:
+            pc._next_chan = asyncio.get_running_loop().create_future()  # (the stream waits for a RESUME)
+            task = asyncio.ensure_future(pc.take_over(link))  # type: ignore[arg-type]
+            while not any(isinstance(ev, Ready) for ev in link.sent):
+                await asyncio.sleep(0.01)
+            task.cancel()
+
+        asyncio.run(run())
+        bits = b"".join(bytes(ev.data) for ev in link.sent if isinstance(ev, Missing))
+        assert pages_of_bitmap(bits, npages).tolist() == [2, 3]  # not 0, 1: placed from the backlog
+        assert len(pc.backlog) == 0 and placer.left == 2 and placer.duplicates == 0
+        with open(region, "rb") as f:
+            assert f.read(2 * PAGE_SIZE) == b"a" * 2 * PAGE_SIZE
+    finally:
+        os.close(fd)

@@ -61,6 +61,9 @@ class Phase:
     after: bool = False
     #: Pushes wait until the guest faulted (the first REQUEST), so that one comes.
     hold_pushes: bool = False
+    #: Each of the first SLOW_FRAMES pushes is delayed by SLOW_S, so that the lane opens before the
+    #: push ends (a whole 8 MiB region goes in ~0.2 s).
+    slow_pushes: bool = False
 
 
 PHASES: dict[str, Phase] = {
@@ -68,11 +71,18 @@ PHASES: dict[str, Phase] = {
     "postcopy": Phase(Kind.POSTCOPY, C2S),  # the point of no return in flight
     "committed": Phase(Kind.COMMITTED, S2C),  # the guest resumed on the destination, its answer in flight
     "request": Phase(Kind.REQUEST, S2C, hold_pushes=True),  # the resumed guest's first fault
+    # The lane just opened (its JOINED delivered): its children start on it -- with the lean frames
+    # (precopy.protocol.lane_frames) -- and find it cut, stalled, or their peer gone.
+    "lane-joined": Phase(Kind.JOINED, S2C, after=True, slow_pushes=True),
     "pushing": Phase(Kind.PAGES, C2S),  # the background push
     "complete": Phase(Kind.COMPLETE, S2C),  # every page placed, COMPLETE in flight
     "after-complete": Phase(Kind.COMPLETE, S2C, after=True),  # COMPLETE delivered
 }
 ACTIONS = ("cut", "stall", "kill-source", "kill-dest")
+#: The --postcopy immediate modes (every page missing; the destination starts its guest early).
+IMMEDIATE = ("immediate", "lane-immediate")
+#: ``slow_pushes``: the first pushes (512 pages each) delayed this long each.
+SLOW_FRAMES, SLOW_S = 8, 0.25
 #: Before POSTCOPY reaches the destination nothing runs there: the source's copy resumes.
 BEFORE = ("missing", "postcopy")
 
@@ -122,7 +132,7 @@ def _hook(cell: Cell) -> str:
 
 def _start_dest(cell: Cell) -> Dest:
     n = len(cell.dests)
-    early = ("--postcopy-guest-early",) if cell.mode == "immediate" else ()  # (READY waits for the guest)
+    early = ("--postcopy-guest-early",) if cell.mode in IMMEDIATE else ()  # (READY waits for the guest)
     d = start_dest(cell.procs, cell.dir, "--on-resume", _hook(cell), *early, ready_timeout=120)  # (several at once)
     os.replace(d.log, cell.dir / f"dest{n}.log")  # (a restart writes dest.log afresh: keep each)
     d.log = cell.dir / f"dest{n}.log"
@@ -144,6 +154,9 @@ def _faults(cell: Cell, proxy_box: dict[str, FaultProxy]) -> list[Fault]:
             faulted.set()
         return seen.is_set()
 
+    if phase.slow_pushes:
+        faults += [Fault("delay", kind=Kind.PAGES, nth=n, where=lambda meta: seen.is_set(), conn=None, seconds=SLOW_S)
+                   for n in range(1, SLOW_FRAMES + 1)]
     if phase.hold_pushes:  # the first push waits for the guest's first fault (bounded)
         faults.append(Fault("delay", kind=Kind.PAGES, where=lambda meta: seen.is_set(), conn=None,
                             callback=lambda: None if faulted.wait(60) else None))
@@ -194,7 +207,9 @@ def run_cell(cell: Cell) -> None:
 
 
 def _mode_args(mode: str) -> tuple[str, ...]:
-    return ("--postcopy", "now", "--postcopy-lane") if mode == "lane" else ("--postcopy", mode)
+    if mode.startswith("lane"):
+        return ("--postcopy", "immediate" if mode in IMMEDIATE else "now", "--postcopy-lane")
+    return ("--postcopy", mode)
 
 
 def _run_cell(cell: Cell) -> None:
@@ -301,7 +316,11 @@ def check_dest_runs(cell: Cell, reference: str) -> None:
         assert cell.rc == 0 and cell.report is not None and cell.report["outcome"] == "committed", cell.why()
         pc = cell.report["postcopy"]
         assert pc["duplicates"] == 0, pc
-        if not PHASES[cell.phase].after:
+        # (A stalled lane is not a stalled page stream: the push brings every page, and the post-copy
+        # ends without a reconnection.)
+        if (cell.phase, cell.action) == ("lane-joined", "stall"):
+            pass
+        elif not PHASES[cell.phase].after or cell.phase == "lane-joined":
             assert pc["reconnects"] >= 1, pc  # the stream was taken up again, not rolled back
     got = json.loads((cell.dir / "resumed.json").read_text())
     assert got == {"steps": STEPS, "digest": reference}, cell.why()
@@ -340,11 +359,13 @@ def check_in_doubt(cell: Cell) -> None:
 #: its daemon: the pages it lacked are only in the source's paused copy).  Then --postcopy immediate
 #: (every page in the stream): the push x every action, COMMITTED in flight cut and its source killed.
 #: Then ``lane`` (``--postcopy now --postcopy-lane``: faults and answers on a connection of their own):
-#: the REQUEST, on the lane, x every action, and the push cut.
-CELLS = ([(p, a, "now") for p in PHASES for a in ACTIONS] + [("pushing", "kill-dest-and-guest", "now")]
+#: the REQUEST, on the lane, x every action, and the push cut; and with --postcopy immediate, the lane
+#: just opened (its children on the lean frames) x every action.
+CELLS = ([(p, a, "now") for p in PHASES if p != "lane-joined" for a in ACTIONS] + [("pushing", "kill-dest-and-guest", "now")]
          + [("pushing", a, "immediate") for a in ACTIONS]
          + [("committed", "cut", "immediate"), ("committed", "kill-source", "immediate")]
-         + [("request", a, "lane") for a in ACTIONS] + [("pushing", "cut", "lane")])
+         + [("request", a, "lane") for a in ACTIONS] + [("pushing", "cut", "lane")]
+         + [("lane-joined", a, "lane-immediate") for a in ACTIONS])
 
 
 class Matrix:
@@ -399,7 +420,7 @@ def test_postcopy_fault_matrix(matrix: Matrix, cell: tuple[str, str, str]) -> No
     matrix.futures[cell].result(timeout=600)
     assert not c.errors, f"{c.errors}\n{c.why()}"
     assert c.fault is not None and c.fault.fired.is_set(), "the fault never struck\n" + c.why()
-    if c.mode == "immediate":  # nothing was copied before the pause: every page came by the stream
+    if c.mode in IMMEDIATE:  # nothing was copied before the pause: every page came by the stream
         assert c.report is None or c.report["postcopy"] is None or \
             c.report["postcopy"]["pages_missing"] == 2048, c.why()
     if expected(c.phase, c.action) == "source":

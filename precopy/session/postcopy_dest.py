@@ -483,6 +483,11 @@ class PostcopyDest:
         if self._next_chan is None or self._next_chan.done():
             raise PrecopyError(f"post-copy of {self.begin.migration_id} is being served on another connection",
                                AbortCode.BUSY)
+        # The pushes held back while the guest waited (postcopy_backlog) are here, checked: placed now,
+        # so that MISSING does not name them (the source would send them again: duplicates).
+        with self.lock:
+            while len(self.backlog):
+                self._place_held(self.backlog.oldest())
         # Asked for but not here: asked again on this connection.
         again = self.placer.outstanding()
         if again.size:
