@@ -483,13 +483,8 @@ class PostcopyDest:
         if self._next_chan is None or self._next_chan.done():
             raise PrecopyError(f"post-copy of {self.begin.migration_id} is being served on another connection",
                                AbortCode.BUSY)
-        # The pushes held back while the guest waited (postcopy_backlog) are here, checked: placed now,
-        # so that MISSING does not name them (the source would send them again: duplicates).
-        with self.lock:
-            while len(self.backlog):
-                self._place_held(self.backlog.oldest())
-        # Asked for but not here: asked again on this connection.
-        again = self.placer.outstanding()
+        # Asked for but not here: asked again on this connection (the held-back pushes placed first).
+        again = _place_backlog(self)
         if again.size:
             self._out.put_nowait(again)
         bits = bitmap_of(np.flatnonzero(self.placer.need), self.begin.npages)
@@ -559,3 +554,14 @@ class PostcopyDest:
             if fd >= 0:
                 os.close(fd)
         self._uffd = self.region_fd = -1
+
+
+def _place_backlog(pc: PostcopyDest) -> np.ndarray:
+    """Place the pushes held back while the guest waited (:mod:`precopy.session.postcopy_backlog`:
+    here and checked) before a new connection's MISSING is made -- else it names them and the
+    source sends them again (duplicates); returns the pages asked for and still not here."""
+    assert pc.placer is not None
+    with pc.lock:
+        while len(pc.backlog):
+            pc._place_held(pc.backlog.oldest())
+    return pc.placer.outstanding()
