@@ -109,7 +109,9 @@ def _add_policy_args(p: argparse.ArgumentParser) -> None:
                         "their own, served by a child process at each end (a thread over TLS; QEMU's "
                         "postcopy-preempt), when the destination offers it: a page faulted on does not "
                         "queue behind the push; between two child processes in lean binary frames. Remote fault "
-                        "p50 ~66 us, p99 ~1.4 ms on loopback (benchmarks/RESULTS.md, lean22)")
+                        "p50 ~70 us against ~700 without, p99 ~1 ms on loopback. Off by default: on a host short of CPUs the "
+                        "workload, answered faster, takes CPU from the push, which ends later (a 1 GiB sweep: "
+                        "1.6x an idle migration against 1.2x; benchmarks/RESULTS.md, issue 22)")
 
 
 def _add_throttle_args(p: argparse.ArgumentParser) -> None:

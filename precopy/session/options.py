@@ -141,8 +141,8 @@ class SourceOptions:
     postcopy: str = "off"
     #: Post-copy's faults on a connection of their own when the destination offers one
     #: (``--postcopy-lane``, precopy.session.postcopy_lane); off: on the page stream's connection.
-    #: Off by default: it cuts the remote faults' latency but slows the push on a busy 2-CPU host
-    #: (benchmarks/RESULTS.md, pcpre).
+    #: Off by default: it cuts the remote faults' latency (~700 -> ~70 us p50) but the workload,
+    #: answered faster, takes CPU from the push on a busy 2-CPU host (benchmarks/RESULTS.md, issue 22).
     postcopy_lane: bool = False
 
     def __post_init__(self) -> None:
