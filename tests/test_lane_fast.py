@@ -11,28 +11,28 @@ import asyncio
 import json
 import os
 import socket
+import threading
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 import pytest
 
-from precopy.memory.region import GuestMemory
 from precopy.net.channel import LinkError
-from precopy.protocol import PAGE_SIZE, Request
+from precopy.protocol import PAGE_SIZE, Kind, Request
 from precopy.protocol.lane_frames import (LANE_PAGES, LANE_REQUEST, PAGES_HEAD_SIZE, RECORD, REQUEST_BUF_SIZE,
                                           LaneReader, decode_pages, decode_request, pack_pages, pack_request)
 from precopy.protocol.limits import MAGIC, PREFIX
 from precopy.session.postcopy_lane import DestLane
-from precopy.session.postcopy_lane_proc import run_lane_process
 from precopy.session.postcopy_state import persist_need
-from precopy.session.postcopy_stream import PageStream, StreamStats
 
 from . import conftest
 from .conftest import Procs, start_dest, run_source, wait_for
+from .faultproxy import S2C, Fault, FaultProxy
+from .test_faults import dport
 from .test_postcopy import det_hook, det_source, reference_digest
 from .test_postcopy_lane import _joined, _pair
-from .test_postcopy_lane_proc import _Host, _run_and_release
+from .test_postcopy_lane_proc import _Host, _run_and_release, source_child
 from .test_postcopy_pages import NPAGES, page, setup_minor
 
 
@@ -64,66 +64,33 @@ def _read_frame(sock: socket.socket, kind: int) -> memoryview:
 
 
 def test_the_source_s_lean_child_answers_from_its_own_mapping(tmp_path: Path) -> None:
-    path = tmp_path / "vm.mem"
-    data = np.zeros((NPAGES, PAGE_SIZE), dtype=np.uint8)
-    data[:7] = np.arange(1, 8, dtype=np.uint8)[:, None]
-    path.write_bytes(data.tobytes())
-    mem = GuestMemory.open(str(path), writable=False)
-
     async def run() -> None:
-        src, dst = await _pair()
-        _joined(src, dst)
-        stream = PageStream(mem, np.ones(NPAGES, dtype=bool), StreamStats())
-        stream.claim(np.array([2], dtype=np.uint32))  # pushed already
-        fd, memory = stream.share()
-        setup = {"side": "source", "npages": NPAGES, "memory": memory, "io_timeout_s": 5.0, "fast": True}
-        lane = asyncio.ensure_future(run_lane_process(src, setup, {"shared_fd": fd}, None, stream.lane_counted))
-        _send_request(dst.sock, [2, 3, 9])
-        body = await asyncio.to_thread(_read_frame, dst.sock, LANE_PAGES)
-        got: list[tuple[int, Any]] = []
-        decode_pages(body, NPAGES, got)  # (every digest checked)
-        assert [(p, None if v is None else bytes(v)) for p, v in got] == [(3, bytes([4]) * PAGE_SIZE), (9, None)]
-        _send_request(dst.sock, [NPAGES + 5])  # past the region: the lane fails, loudly
-        with pytest.raises(LinkError, match=f"LANE_REQUEST for page {NPAGES + 5}"):
-            await asyncio.wait_for(lane, 120)
-        stream.fold()
-        assert stream.stats.requested == 2 and not stream.need[[2, 3, 9]].any()
-        assert stream.stats.extra["lane_cpu_s"] > 0  # its CPU came back
-        stream.close()
-        src.close()
-        dst.close()
+        async with source_child(tmp_path, fast=True, pushed=(2,)) as (lane, stream, dst):  # 2: went with the push
+            _send_request(dst.sock, [2, 3, 9])
+            body = await asyncio.to_thread(_read_frame, dst.sock, LANE_PAGES)
+            got: list[tuple[int, Any]] = []
+            decode_pages(body, NPAGES, got)  # (every digest checked)
+            assert [(p, None if v is None else bytes(v)) for p, v in got] == [(3, bytes([4]) * PAGE_SIZE), (9, None)]
+            _send_request(dst.sock, [NPAGES + 5])  # past the region: the lane fails, loudly
+            with pytest.raises(LinkError, match=f"LANE_REQUEST for page {NPAGES + 5}"):
+                await asyncio.wait_for(lane, 120)
+            stream.fold()
+            assert stream.stats.requested == 2 and not stream.need[[2, 3, 9]].any()
+            assert stream.stats.extra["lane_cpu_s"] > 0  # its CPU came back
 
-    try:
-        asyncio.run(run())
-    finally:
-        mem.close()
+    asyncio.run(run())
 
 
 def test_the_source_s_lean_child_refuses_the_old_frames(tmp_path: Path) -> None:
-    path = tmp_path / "vm.mem"
-    path.write_bytes(bytes(NPAGES * PAGE_SIZE))
-    mem = GuestMemory.open(str(path), writable=False)
-
     async def run() -> None:
-        src, dst = await _pair()
-        _joined(src, dst)
-        stream = PageStream(mem, np.ones(NPAGES, dtype=bool), StreamStats())
-        fd, memory = stream.share()
-        setup = {"side": "source", "npages": NPAGES, "memory": memory, "io_timeout_s": 5.0, "fast": True}
-        lane = asyncio.ensure_future(run_lane_process(src, setup, {"shared_fd": fd}))
-        dst.sock.setblocking(True)
-        dst.send_blocking(Request(indices=np.array([3], dtype=np.uint32)))  # a REQUEST, not a LANE_REQUEST
-        with pytest.raises(LinkError, match="unexpected frame kind REQUEST"):
-            await asyncio.wait_for(lane, 120)
-        assert stream.need[3]  # nothing claimed
-        stream.close()
-        src.close()
-        dst.close()
+        async with source_child(tmp_path, fast=True) as (lane, stream, dst):
+            dst.sock.setblocking(True)
+            dst.send_blocking(Request(indices=np.array([3], dtype=np.uint32)))  # a REQUEST, not a LANE_REQUEST
+            with pytest.raises(LinkError, match="unexpected frame kind REQUEST"):
+                await asyncio.wait_for(lane, 120)
+            assert stream.need[3]  # nothing claimed
 
-    try:
-        asyncio.run(run())
-    finally:
-        mem.close()
+    asyncio.run(run())
 
 
 async def _lean_child(lane: DestLane, dst: Any) -> asyncio.Task[None]:
@@ -218,7 +185,9 @@ def test_the_lane_takes_the_lean_frames_only_when_both_ends_offer_them(
         procs: Procs, shm: Path, monkeypatch: pytest.MonkeyPatch, dest_fast: bool) -> None:
     """--postcopy immediate --postcopy-lane over plain TCP: both ends' lanes are children; the lean
     frames when the destination answers JOINED ``fast`` (else, as from a destination before them --
-    ``PRECOPY_LANE_FAST=0`` there: it ignores JOIN's ``fast`` -- the old frames); every page exact."""
+    ``PRECOPY_LANE_FAST=0`` there: it ignores JOIN's ``fast`` -- the old frames); every page exact.
+    Through a fault proxy that holds the first push until the lane's JOINED has passed: an 8 MiB push
+    would otherwise end before the lane opens (its child starts in ~0.25-1 s)."""
     expected = reference_digest(procs, shm)
     out = shm / "resumed.json"
     with monkeypatch.context() as m:
@@ -226,17 +195,23 @@ def test_the_lane_takes_the_lean_frames_only_when_both_ends_offer_them(
             m.setitem(conftest.ENV, "PRECOPY_LANE_FAST", "0")
         dest = start_dest(procs, shm, "--on-resume", det_hook(out), "--postcopy-guest-early")
     src, ctl = det_source(procs, shm)
-    rc, rep, log = run_source(shm, "--to", dest.addr, "--memory", str(src), "--guest-control", str(ctl),
-                              "--postcopy", "immediate", "--postcopy-lane", "--on-commit", "kill")
+    switched, joined = threading.Event(), threading.Event()
+    faults = [Fault("call", kind=Kind.POSTCOPY, callback=switched.set),
+              Fault("call", kind=Kind.JOINED, direction=S2C, conn=None, callback=joined.set),
+              Fault("delay", kind=Kind.PAGES, where=lambda meta: switched.is_set(), conn=None,
+                    callback=lambda: None if joined.wait(120) else None)]
+    with FaultProxy(("127.0.0.1", dport(dest)), faults) as proxy:
+        rc, rep, log = run_source(shm, "--to", proxy.addr, "--memory", str(src), "--guest-control", str(ctl),
+                                  "--postcopy", "immediate", "--postcopy-lane", "--on-commit", "kill")
     assert rc == 0 and rep is not None, log + dest.log_text()
+    assert joined.is_set(), "the lane's JOINED never passed"
     pc = rep["postcopy"]
     assert pc["pages_missing"] == 2048 and pc["pages_pushed"] + pc["pages_requested"] == 2048, pc
     assert pc["duplicates"] == 0 and pc["reconnects"] == 0, log + dest.log_text()
     wait_for(out.exists, timeout=120, what="the resumed det guest to finish")
     assert json.loads(out.read_text()) == {"steps": 20000, "digest": expected}
     opened = [m for m in _lane_logs(log) if m.startswith("post-copy: fault lane to")]
-    if not opened:  # (a small push can end before the lane opens on a busy machine: nothing to check)
-        pytest.skip(f"the push ended before the fault lane opened: {_lane_logs(log)}")
+    assert opened, _lane_logs(log)
     assert opened[0].endswith("(lean frames)") == dest_fast, opened
     wait_for(lambda: any("post-copy fault lane from" in m for m in _lane_logs(dest.log_text())),
              what="the destination to log the lane")

@@ -8,13 +8,14 @@ its children: the fault matrix's ``lane`` cells (tests/test_postcopy_matrix.py).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import fcntl
 import os
 import socket
 import threading
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, AsyncIterator, Iterator
 
 import numpy as np
 import pytest
@@ -148,41 +149,54 @@ def test_a_child_placer_s_counts_merge_into_the_session_s(tmp_path: Path) -> Non
             os.close(fd)
 
 
-def test_the_source_s_child_answers_from_its_own_mapping(tmp_path: Path) -> None:
+@contextlib.asynccontextmanager
+async def source_child(tmp_path: Path, *, fast: bool = False, pushed: tuple[int, ...] = (),
+                       on_stats: Any = None) -> AsyncIterator[tuple[asyncio.Future[None], PageStream, Channel]]:
+    """A source's lane child started over a loopback pair (the lane task, the page stream it shares,
+    the destination's end), serving a region whose pages 0-6 hold 1-7 and the rest zeros; ``pushed``:
+    pages the push claimed first.  Everything goes at the end, the child too."""
     path = tmp_path / "vm.mem"
     data = np.zeros((NPAGES, PAGE_SIZE), dtype=np.uint8)
     data[:7] = np.arange(1, 8, dtype=np.uint8)[:, None]
     path.write_bytes(data.tobytes())
     mem = GuestMemory.open(str(path), writable=False)
-
-    async def run() -> None:
-        src, dst = await _pair()
-        _joined(src, dst)
-        stream = PageStream(mem, np.ones(NPAGES, dtype=bool), StreamStats())
-        stream.claim(np.array([2], dtype=np.uint32))  # pushed already
-        fd, memory = stream.share()
-        setup = {"side": "source", "npages": NPAGES, "memory": memory, "io_timeout_s": 5.0}
-        lane = asyncio.ensure_future(run_lane_process(src, setup, {"shared_fd": fd}, None, stream.lane_counted))
-        dst.sock.setblocking(True)
-        dst.send_blocking(Request(indices=np.array([2, 3, 9], dtype=np.uint32)))
-        got = await asyncio.to_thread(_receive, dst, lambda evs: any(isinstance(e, Pages) for e in evs))
-        ans = [e for e in got if isinstance(e, Pages)][0]
-        assert ans.indices.tolist() == [3] and ans.zeros.tolist() == [9]  # not 2: it went with the push
-        assert bytes(ans.payload) == bytes([4]) * PAGE_SIZE
-        dst.send_blocking(Request(indices=np.array([NPAGES + 5], dtype=np.uint32)))  # past the region
-        with pytest.raises(LinkError, match="REQUEST for page"):
-            await asyncio.wait_for(lane, 120)
-        stream.fold()
-        assert stream.stats.requested == 2 and not stream.need[[2, 3, 9]].any()
-        assert stream.stats.extra["lane_cpu_s"] > 0  # its CPU came back
+    src, dst = await _pair()
+    _joined(src, dst)
+    stream = PageStream(mem, np.ones(NPAGES, dtype=bool), StreamStats())
+    if pushed:
+        stream.claim(np.array(pushed, dtype=np.uint32))
+    fd, memory = stream.share()
+    setup = {"side": "source", "npages": NPAGES, "memory": memory, "io_timeout_s": 5.0, **({"fast": True} if fast else {})}
+    lane = asyncio.ensure_future(run_lane_process(src, setup, {"shared_fd": fd}, None,
+                                                  on_stats or stream.lane_counted))
+    try:
+        yield lane, stream, dst
+    finally:
+        lane.cancel()  # (ended already in every test that passes: then a no-op)
+        await asyncio.gather(lane, return_exceptions=True)
         stream.close()
         src.close()
         dst.close()
-
-    try:
-        asyncio.run(run())
-    finally:
         mem.close()
+
+
+def test_the_source_s_child_answers_from_its_own_mapping(tmp_path: Path) -> None:
+    async def run() -> None:
+        async with source_child(tmp_path, pushed=(2,)) as (lane, stream, dst):  # 2: went with the push
+            dst.sock.setblocking(True)
+            dst.send_blocking(Request(indices=np.array([2, 3, 9], dtype=np.uint32)))
+            got = await asyncio.to_thread(_receive, dst, lambda evs: any(isinstance(e, Pages) for e in evs))
+            ans = [e for e in got if isinstance(e, Pages)][0]
+            assert ans.indices.tolist() == [3] and ans.zeros.tolist() == [9]  # not 2: it went with the push
+            assert bytes(ans.payload) == bytes([4]) * PAGE_SIZE
+            dst.send_blocking(Request(indices=np.array([NPAGES + 5], dtype=np.uint32)))  # past the region
+            with pytest.raises(LinkError, match="REQUEST for page"):
+                await asyncio.wait_for(lane, 120)
+            stream.fold()
+            assert stream.stats.requested == 2 and not stream.need[[2, 3, 9]].any()
+            assert stream.stats.extra["lane_cpu_s"] > 0  # its CPU came back
+
+    asyncio.run(run())
 
 
 def _run_and_release(run: Any, lane: Any, guest: Any, fd: int) -> None:
@@ -387,28 +401,14 @@ def test_the_lane_s_two_ends_share_a_cpu_only_when_both_are_on_this_host() -> No
 def test_a_lane_s_child_runs_where_it_was_told(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str) -> None:
     allowed = os.sched_getaffinity(0)
     monkeypatch.setattr(postcopy_lane_proc, "LANE_CPU", how)
-    path = tmp_path / "vm.mem"
-    path.write_bytes(bytes(NPAGES * PAGE_SIZE))
-    mem = GuestMemory.open(str(path), writable=False)
     said: dict[str, Any] = {}
 
     async def run() -> None:
-        src, dst = await _pair()  # (loopback: both ends on this host)
-        _joined(src, dst)
-        stream = PageStream(mem, np.ones(NPAGES, dtype=bool), StreamStats())
-        fd, memory = stream.share()
-        setup = {"side": "source", "npages": NPAGES, "memory": memory, "io_timeout_s": 5.0}
-        lane = asyncio.ensure_future(run_lane_process(src, setup, {"shared_fd": fd}, None, said.update))
-        dst.sock.setblocking(True)
-        dst.sock.close()  # the destination goes: the child ends and says where it ran
-        await asyncio.wait_for(lane, 120)  # (the destination closing is a lane's normal end)
-        stream.close()
-        src.close()
+        async with source_child(tmp_path, on_stats=said.update) as (lane, _, dst):  # (loopback: this host)
+            dst.sock.close()  # the destination goes: the child ends and says where it ran
+            await asyncio.wait_for(lane, 120)  # (the destination closing is a lane's normal end)
 
-    try:
-        asyncio.run(run())
-    finally:
-        mem.close()
+    asyncio.run(run())
     fifo = _may_fifo()
     if how == "auto" and fifo and len(allowed) > 1:
         assert said["cpus"] == [max(allowed)]
