@@ -285,7 +285,7 @@ async def test_a_guest_without_the_throttle_op_is_throttled_with_sigstop(
 
 
 SILENT_GUEST = """
-import asyncio, json, sys
+import asyncio, json, os, sys
 async def serve(reader, writer):
     while line := await reader.readline():
         op = json.loads(line)["op"]
@@ -294,7 +294,10 @@ async def serve(reader, writer):
         writer.write(b'{"ok": true}\\n' if op == "resume" else b'{"ok": false, "error": "unknown op"}\\n')
         await writer.drain()
 async def main():
-    server = await asyncio.start_unix_server(serve, path=sys.argv[1])
+    # Listening before the path appears (as precopy.guest's control server): bound under a temporary
+    # name, renamed once it listens -- a test that connects as soon as the path exists is never refused.
+    server = await asyncio.start_unix_server(serve, path=sys.argv[1] + ".tmp")
+    os.replace(sys.argv[1] + ".tmp", sys.argv[1])
     async with server:
         await server.serve_forever()
 asyncio.run(main())
