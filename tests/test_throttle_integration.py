@@ -128,6 +128,12 @@ def test_full_speed_sweep_converges_by_throttling(procs: Procs, shm: Path, mode:
 CONVERGING_PPS, CONVERGING_LINK_BPS = 600, 20e6
 
 
+def _starved(rnd: dict[str, Any]) -> bool:
+    """Whether a round's sender waited for a CPU at least 40 % of its sending time (the switchover
+    policy's ``contended_cpu_wait``)."""
+    return rnd["send_seconds"] > 0 and rnd["send_cpu_wait_seconds"] >= 0.4 * rnd["send_seconds"]
+
+
 @pytest.mark.parametrize("rate", [0, CONVERGING_PPS], ids=["idle", "writing"])
 def test_a_guest_that_converges_is_never_throttled(procs: Procs, shm: Path, rate: int) -> None:
     src = shm / "vm.mem"
@@ -152,8 +158,16 @@ def test_a_guest_that_converges_is_never_throttled(procs: Procs, shm: Path, rate
     assert rep is not None, out
     assert rep["tracking"] == ("uffd-wp" if rate else "digest"), rep["tracking"]
     # On failure, the source's round lines say why (pytest cuts rep["rounds"] short).
-    assert all(r["throttle_pct"] == 0 for r in rep["rounds"]), out[-4000:]
-    assert rep["max_throttle_pct"] == 0
+    throttled = [i for i, r in enumerate(rep["rounds"]) if r["throttle_pct"]]
+    if throttled and rate and any(_starved(r) for r in rep["rounds"][:throttled[0]]):
+        # The sender waited for a CPU 40 % of a sending time or more before the throttle came (a host loaded
+        # far past its CPUs: the sender was seen at 7 MB/s of this 20 MB/s link, the floor near the
+        # budget, ~5 pages fitting it): then this guest really does not converge, and a throttle is
+        # the policy's documented answer -- the migration must still commit, byte-exact (below).
+        pass
+    else:
+        assert not throttled, out[-4000:]
+        assert rep["max_throttle_pct"] == 0
     if rc == 3 and "rounds contended, the last: the sender waited for a CPU" in (rep.get("error") or ""):
         # A host loaded for minutes (seen once in ~40 runs beside stress-ng at load 5-10): the
         # floor measured while the source waited for a CPU is over the budget, the source waits
