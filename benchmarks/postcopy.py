@@ -131,8 +131,10 @@ def check_sweep(src: Path, dest: Path) -> dict[str, Any]:
     d = (b[:, 0].astype(np.int16) - a[:, 0].astype(np.int16)) % 256
     steps = np.flatnonzero(np.diff(d) != 0)
     sweep_ok = bool(d.max() - d.min() <= 1 and len(steps) <= 1 and (not len(steps) or d[0] == d[-1] + 1))
+    starts = [0, *(int(i) + 1 for i in steps[:15])]  # (what a failure looks like: each run of equal d)
     return {"rest_exact": rest_ok, "sweep_ok": sweep_ok, "sweeps": int(d.min()),
-            "at_page": int(steps[0] + 1) if len(steps) else 0}
+            "at_page": int(steps[0] + 1) if len(steps) else 0,
+            "runs": [[p, int(d[p])] for p in starts], "steps": int(len(steps))}
 
 
 async def _pause(path: str) -> None:

@@ -204,7 +204,10 @@ def test_immediate_sweep_invariant_byte_exact(procs: Procs, shm: Path) -> None:
                  what="the destination guest's control path")
         asyncio.run(_pause(ctlfile.read_text().strip()))
         got = check_sweep(run.src, work / "dest" / "vm.mem")
-        assert got["rest_exact"] and got["sweep_ok"], got
+        # (Seen once in ~70 runs beside stress-ng --cpu 6 at load ~13, not reproduced: sweep_ok False,
+        # d = 0 before page 4096, unknown after.  On a failure, ``runs`` gives each run of pages with
+        # equal dest - source first bytes, and the report how the pages came.)
+        assert got["rest_exact"] and got["sweep_ok"], (got, rep["postcopy"], rep["phases_ms"])
     finally:
         if pidfile.exists():
             try:
