@@ -207,7 +207,8 @@ def test_immediate_sweep_invariant_byte_exact(procs: Procs, shm: Path) -> None:
         # (Seen once in ~70 runs beside stress-ng --cpu 6 at load ~13, not reproduced: sweep_ok False,
         # d = 0 before page 4096, unknown after.  On a failure, ``runs`` gives each run of pages with
         # equal dest - source first bytes, and the report how the pages came.)
-        assert got["rest_exact"] and got["sweep_ok"], (got, rep["postcopy"], rep["phases_ms"])
+        assert got["rest_exact"] and got["sweep_ok"], json.dumps({"check": got, "postcopy": rep["postcopy"],
+                                                                   "phases_ms": rep["phases_ms"]})
     finally:
         if pidfile.exists():
             try:
