@@ -82,17 +82,9 @@ def test_a_fault_that_places_the_last_held_frame_ends_the_stream(tmp_path: Path,
     the held frame -- the last missing pages.  The loop must end there (COMPLETE), not wait for a
     frame that the source, which has sent everything, never sends."""
     npages, base = 3, 1 << 30
-    region = tmp_path / "vm.mem"
-    with open(region, "wb") as f:
-        f.truncate(npages * PAGE_SIZE)
-    fd = os.open(region, os.O_RDWR)
+    fd = _region_fd(tmp_path, npages)
     try:
-        mask = np.ones(npages, dtype=bool)
-        recv = SimpleNamespace(begin=Begin(migration_id="m", name="vm.mem", size=npages * PAGE_SIZE),
-                               opts=SimpleNamespace(idle_timeout_s=None))
-        pc = postcopy_dest.PostcopyDest(recv, bitmap_of(np.flatnonzero(mask), npages))  # type: ignore[arg-type]
-        placer = pc.placer = PagePlacer(-1, base, npages, mask, fd)
-        placer.guest_gone = True  # (no userfaultfd: pages go into the file's holes)
+        pc, placer = _dest_over(fd, npages, base)
         pc._uffd = 1 << 20  # read by the fake below only
 
         def read_fault_batch(uffd: int, buf: bytearray) -> tuple[list[int], bool]:
@@ -108,7 +100,7 @@ def test_a_fault_that_places_the_last_held_frame_ends_the_stream(tmp_path: Path,
         assert placer.left == 0 and not placer.need.any() and len(pc.backlog) == 0
         assert [type(ev) for ev in link.sent] == [Request] and link.sent[0].indices.tolist() == [2]
         assert placer.faults == 2 and placer.duplicates == 0
-        with open(region, "rb") as f:
+        with open(tmp_path / "vm.mem", "rb") as f:
             assert f.read() == b"a" * 2 * PAGE_SIZE + b"c" * PAGE_SIZE
     finally:
         os.close(fd)
@@ -122,17 +114,9 @@ def test_a_resumed_stream_s_missing_does_not_name_the_pushes_held_back(tmp_path:
     from precopy.protocol.postcopy_codec import pages_of_bitmap
 
     npages, base = 4, 1 << 30
-    region = tmp_path / "vm.mem"
-    with open(region, "wb") as f:
-        f.truncate(npages * PAGE_SIZE)
-    fd = os.open(region, os.O_RDWR)
+    fd = _region_fd(tmp_path, npages)
     try:
-        mask = np.ones(npages, dtype=bool)
-        recv = SimpleNamespace(begin=Begin(migration_id="m", name="vm.mem", size=npages * PAGE_SIZE),
-                               opts=SimpleNamespace(idle_timeout_s=None))
-        pc = postcopy_dest.PostcopyDest(recv, bitmap_of(np.flatnonzero(mask), npages))  # type: ignore[arg-type]
-        placer = pc.placer = PagePlacer(-1, base, npages, mask, fd)
-        placer.guest_gone = True  # (no userfaultfd: pages go into the file's holes)
+        pc, placer = _dest_over(fd, npages, base)
         frame = _frame([0, 1], b"a")
         pc.backlog.hold(frame.indices, frame.payload, frame.zeros)  # held when the link broke
         link = _Link([])
@@ -148,7 +132,26 @@ def test_a_resumed_stream_s_missing_does_not_name_the_pushes_held_back(tmp_path:
         bits = b"".join(bytes(ev.data) for ev in link.sent if isinstance(ev, Missing))
         assert pages_of_bitmap(bits, npages).tolist() == [2, 3]  # not 0, 1: placed from the backlog
         assert len(pc.backlog) == 0 and placer.left == 2 and placer.duplicates == 0
-        with open(region, "rb") as f:
+        with open(tmp_path / "vm.mem", "rb") as f:
             assert f.read(2 * PAGE_SIZE) == b"a" * 2 * PAGE_SIZE
     finally:
         os.close(fd)
+
+
+def _region_fd(tmp_path: Path, npages: int) -> int:
+    """A sparse region file of ``npages`` pages, opened read-write."""
+    region = tmp_path / "vm.mem"
+    with open(region, "wb") as f:
+        f.truncate(npages * PAGE_SIZE)
+    return os.open(region, os.O_RDWR)
+
+
+def _dest_over(fd: int, npages: int, base: int) -> tuple[Any, PagePlacer]:
+    """A PostcopyDest with every page missing, its placer writing into ``fd``'s holes (no userfaultfd)."""
+    mask = np.ones(npages, dtype=bool)
+    recv = SimpleNamespace(begin=Begin(migration_id="m", name="vm.mem", size=npages * PAGE_SIZE),
+                           opts=SimpleNamespace(idle_timeout_s=None))
+    pc = postcopy_dest.PostcopyDest(recv, bitmap_of(np.flatnonzero(mask), npages))  # type: ignore[arg-type]
+    placer = pc.placer = PagePlacer(-1, base, npages, mask, fd)
+    placer.guest_gone = True  # (no userfaultfd: pages go into the file's holes)
+    return pc, placer
