@@ -19,7 +19,8 @@ Per run, interleaved, each on a fresh destination daemon over loopback:
   source's, and the first bytes must read as the destination's sweep over
   the source's -- each page incremented the same number of times, one more
   for those before where it stands (no page lost, none overwritten after
-  the guest wrote it).
+  the guest wrote it), exactly as many as the guest's own count of pages
+  written says (its ``--stats-out``, once stopped; :func:`sweep_steps`).
 
 Reports per run: pause to running on the destination (``switchover_ms``: the
 source's pause until COMMITTED), time until the last page (start to
@@ -36,6 +37,7 @@ import json
 import os
 import resource
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -119,8 +121,9 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def check_sweep(src: Path, dest: Path) -> dict[str, Any]:
-    """The destination's region held against the source's (see the module docstring)."""
+def check_sweep(src: Path, dest: Path, written: int | None = None) -> dict[str, Any]:
+    """The destination's region held against the source's (see the module docstring); ``written``:
+    the pages the destination's sweep guest wrote, when known (:meth:`DestSweep.stop`)."""
     a = np.memmap(src, dtype=np.uint8, mode="r").reshape(-1, PAGE)
     b = np.memmap(dest, dtype=np.uint8, mode="r").reshape(-1, PAGE)
     rest_ok = True
@@ -128,13 +131,42 @@ def check_sweep(src: Path, dest: Path) -> dict[str, Any]:
         if not np.array_equal(a[lo:lo + 16384, 1:], b[lo:lo + 16384, 1:]):
             rest_ok = False
             break
-    d = (b[:, 0].astype(np.int16) - a[:, 0].astype(np.int16)) % 256
+    return {"rest_exact": rest_ok, **sweep_steps(b[:, 0], a[:, 0], written)}
+
+
+def sweep_steps(dest_first: np.ndarray, src_first: np.ndarray, written: int | None = None) -> dict[str, Any]:
+    """Whether the destination's first bytes read as its sweep continued over the source's.
+
+    A sweep guest that ran ``k`` whole sweeps on the destination and stands at
+    page ``c`` has added ``k + 1`` to every page before ``c`` and ``k`` to the
+    rest.  A first byte is a ``uint8``: ``k`` is known only mod 256 (a 32 MiB
+    sweep takes well under a millisecond, so ``k`` is any residue), and so is
+    ``d`` (destination - source): one value on every page, or ``k + 1`` then
+    ``k`` **mod 256** -- ``k = 255`` reads as d = 0 before ``c`` and 255 after,
+    and is a correct sweep.  ``sweeps`` is ``k`` mod 256, ``at_page`` is ``c``
+    (0: no step), ``runs`` each run of equal d (the first 16), ``steps`` their
+    number less one.
+
+    With ``written`` (the pages the destination's guest wrote, counted by
+    the guest itself) ``k`` and ``c`` are known, ``divmod(written, pages)``,
+    and every page's d must be exactly what they say (``expected_sweeps``,
+    ``expected_at_page``): that also catches a copy one whole sweep stale,
+    which the shape alone cannot tell from one sweep fewer on the destination.
+    """
+    d = (dest_first.astype(np.int16) - src_first.astype(np.int16)) % 256
     steps = np.flatnonzero(np.diff(d) != 0)
-    sweep_ok = bool(d.max() - d.min() <= 1 and len(steps) <= 1 and (not len(steps) or d[0] == d[-1] + 1))
+    sweep_ok = bool(len(steps) == 0 or (len(steps) == 1 and (int(d[0]) - int(d[-1])) % 256 == 1))
     starts = [0, *(int(i) + 1 for i in steps[:15])]  # (what a failure looks like: each run of equal d)
-    return {"rest_exact": rest_ok, "sweep_ok": sweep_ok, "sweeps": int(d.min()),
-            "at_page": int(steps[0] + 1) if len(steps) else 0,
-            "runs": [[p, int(d[p])] for p in starts], "steps": int(len(steps))}
+    out: dict[str, Any] = {"sweep_ok": sweep_ok, "sweeps": int(d[-1]) if len(d) else 0,
+                           "at_page": int(steps[0] + 1) if len(steps) else 0,
+                           "runs": [[p, int(d[p])] for p in starts], "steps": int(len(steps))}
+    if written is not None and len(d):
+        k, c = divmod(written, len(d))
+        want = np.full(len(d), k % 256, dtype=np.int16)
+        want[:c] = (k + 1) % 256
+        out.update(written=written, expected_sweeps=k % 256, expected_at_page=c)
+        out["sweep_ok"] = sweep_ok and bool(np.array_equal(d, want))
+    return out
 
 
 async def _pause(path: str) -> None:
@@ -143,6 +175,36 @@ async def _pause(path: str) -> None:
     g = GuestControl(path, timeout_s=30)
     await g.pause()
     await g.close()
+
+
+class DestSweep:
+    """The destination's guest, started by its daemon's ``--on-resume`` :attr:`hook` (not by us): where it
+    says its control path and PID, and the pages it wrote once stopped (``--stats-out``)."""
+
+    def __init__(self, work: Path, guest_args: list[str]) -> None:
+        self.ctl, self.pid, self.stats = work / "sweep-ctl", work / "sweep-pid", work / "sweep-stats.json"
+        self.hook = (f"echo $$ > {self.pid}; echo \"$PRECOPY_POSTCOPY_CONTROL\" > {self.ctl}; exec {PY} -m "
+                     f"precopy.guest dirty --memory \"$PRECOPY_MEMORY\" {' '.join(guest_args)} "
+                     f"--control \"$PRECOPY_POSTCOPY_CONTROL\" --postcopy --stats-out {self.stats}")
+
+    def pause(self) -> None:
+        """Park it (its region stops changing)."""
+        _wait(lambda: self.ctl.exists() and self.ctl.read_text().endswith("\n"), 30,
+              "the destination guest's control path")
+        asyncio.run(_pause(self.ctl.read_text().strip()))
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """Stop it (SIGTERM: a paused guest exits without writing again); the pages it wrote."""
+        os.kill(int(self.pid.read_text()), signal.SIGTERM)
+        _wait(self.stats.exists, timeout, "the destination guest's --stats-out")
+        return int(json.loads(self.stats.read_text())["pages_written"])
+
+    def kill(self) -> None:
+        """SIGKILL it if it is still there (the end of a run, whatever happened)."""
+        try:
+            os.kill(int(self.pid.read_text()), signal.SIGKILL)
+        except (FileNotFoundError, ProcessLookupError, ValueError):
+            pass
 
 
 #: The guests: the sweep (never converges; its invariant checked), or random writes (random faults:
@@ -158,24 +220,16 @@ def one(work: Path, size_mib: int, mode: str, writer: str = "sweep", early: bool
         t_idle, idle_cpu = idle_rep["total_time_s"], idle_rep["cpu_s"]
     finally:
         idle.close()
-    ctlfile, pidfile = work / "sweep-ctl", work / "sweep-pid"
-    hook = (f"echo $$ > {pidfile}; echo \"$PRECOPY_POSTCOPY_CONTROL\" > {ctlfile}; exec {PY} -m precopy.guest dirty "
-            f"--memory \"$PRECOPY_MEMORY\" {' '.join(WRITERS[writer])} --control \"$PRECOPY_POSTCOPY_CONTROL\" "
-            "--postcopy")
-    sweep = Run(work / "sweep", size_mib, WRITERS[writer], hook, ("--postcopy-guest-early",) if early else ())
+    guest = DestSweep(work, WRITERS[writer])
+    sweep = Run(work / "sweep", size_mib, WRITERS[writer], guest.hook, ("--postcopy-guest-early",) if early else ())
     try:
         rep = sweep.migrate("--postcopy", mode, *(("--postcopy-lane",) if lane else ()))
         pc = rep["postcopy"] or {}
-        _wait(lambda: ctlfile.exists() and ctlfile.read_text().endswith("\n"), 30, "the destination guest's control path")
-        asyncio.run(_pause(ctlfile.read_text().strip()))
-        check = (check_sweep(sweep.src, sweep.work / "dest" / "vm.mem") if writer == "sweep"
+        guest.pause()
+        check = (check_sweep(sweep.src, sweep.work / "dest" / "vm.mem", guest.stop()) if writer == "sweep"
                  else {"rest_exact": None, "sweep_ok": None, "sweeps": 0, "at_page": 0})
     finally:
-        if pidfile.exists():  # the destination's guest: started by its daemon's hook, not by us
-            try:
-                os.kill(int(pidfile.read_text()), 9)
-            except (ProcessLookupError, ValueError):
-                pass
+        guest.kill()
         sweep.close()
     return {"idle_total_s": t_idle, "total_s": rep["total_time_s"], "switchover_ms": pc.get("switchover_ms"),
             "last_page_s": pc.get("last_page_s"), "max_throttle_pct": rep["max_throttle_pct"],
