@@ -12,13 +12,14 @@ import os
 import socket
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable
 
 import numpy as np
 import pytest
 import xxhash
 
-from precopy.errors import RemoteProtocolError
+from precopy.errors import PrecopyError, RemoteProtocolError
 from precopy.memory.uffd_missing import _MSG, UFFD_EVENT_PAGEFAULT
 from precopy.net.channel import Channel, LinkError
 from precopy.protocol import NEED_DATA, PAGE_SIZE, Begin, Connection, Join, Joined, Pages, Request, Role
@@ -26,7 +27,7 @@ from precopy.protocol.codec import decode_event, encode_event
 from precopy.protocol.messages import Kind
 from precopy.protocol.phases import Phase
 from precopy.session.postcopy_backlog import PushBacklog
-from precopy.session.postcopy_lane import DestLane, check_request, serve_lane_requests
+from precopy.session.postcopy_lane import DestLane, check_request, join_lane, serve_lane_requests
 from precopy.session.postcopy_stream import PageStream, StreamStats
 
 from .conftest import Procs, start_dest, run_source, wait_for
@@ -309,3 +310,73 @@ def test_the_lane_is_authenticated_like_the_stream_over_tls_with_a_key(procs: Pr
         wait_for(lambda: "post-copy fault lane from" in dest.log_text(), what="the destination to log the lane")
     wait_for(out.exists, timeout=120, what="the resumed det guest to finish")
     assert json.loads(out.read_text()) == {"steps": 20000, "digest": expected}
+
+
+class _Live:
+    """A PostcopyDest just after take_over answered a RESUME with READY: its session task has not run
+    yet, so the new connection is not ``_chan`` yet (the ``_next_chan`` future holds it)."""
+
+    def __init__(self) -> None:
+        self.begin, self.placer = BEGIN, SimpleNamespace(left=5)
+        self._chan: Any = None
+        self._next_chan: asyncio.Future[Any] | None = asyncio.get_running_loop().create_future()
+        self._next_chan.set_result("resumed-connection")
+        self._streaming = None
+        self.recv = SimpleNamespace(opts=SimpleNamespace(idle_timeout_s=5.0))
+        self.lane = SimpleNamespace(stop=_nothing, child_possible=lambda chan: False, start=self._start)
+        self.started: list[Any] = []
+
+    def _start(self, chan: Any, timeout: float, fast: bool) -> asyncio.Future[None]:
+        self.started.append(chan)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
+    def take_up(self) -> None:  # what the session's task does on its turn (PostcopyDest.run)
+        self._next_chan, self._chan = None, "resumed-connection"
+
+
+async def _nothing() -> None:
+    return None
+
+
+class _LaneChan:
+    def __init__(self) -> None:
+        self.sent: list[Any] = []
+        self.peer, self.send_timeout_s = "127.0.0.1:1", 0.0
+
+    async def send(self, ev: Any) -> None:
+        self.sent.append(ev)
+
+
+@pytest.mark.parametrize("turns", [1, 3])
+def test_a_join_right_after_ready_waits_for_the_session_to_take_up_its_connection(turns: int) -> None:
+    async def go() -> tuple[_Live, _LaneChan]:
+        live, chan = _Live(), _LaneChan()
+
+        async def session() -> None:
+            for _ in range(turns):
+                await asyncio.sleep(0)
+            live.take_up()
+
+        task = asyncio.ensure_future(session())
+        await join_lane(live, chan, Join(migration_id="mig-1", stream=0, size=BEGIN.size, chunk_pages=8, lane=True))
+        await task
+        return live, chan
+
+    live, chan = asyncio.run(go())
+    assert [type(ev) for ev in chan.sent] == [Joined] and live.started == [chan]
+
+
+def test_a_join_is_refused_when_no_connection_is_served() -> None:
+    async def go(taken_up: bool | None) -> _LaneChan:
+        live, chan = _Live(), _LaneChan()
+        if taken_up is None:  # between connections: no RESUME answered yet
+            live._next_chan = asyncio.get_running_loop().create_future()
+        with pytest.raises(PrecopyError, match="no post-copy page stream"):  # (never taken up: refused)
+            await join_lane(live, chan, Join(migration_id="mig-1", stream=0, size=BEGIN.size, chunk_pages=8,
+                                             lane=True))
+        return chan
+
+    for case in (False, None):
+        assert asyncio.run(go(case)).sent == []

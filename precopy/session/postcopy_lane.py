@@ -490,6 +490,11 @@ class DestLane:
         await stop_lane(task, (Exception,))  # its failure was handled where it was awaited first
 
 
+#: How many loop turns a JOIN waits for the session to take up the connection whose RESUME was just
+#: answered (READY sent, the session's task not yet run): the source JOINs right after READY.
+_TAKE_UP_TURNS = 100
+
+
 async def join_lane(live: Any, chan: Channel, ev: Join) -> None:
     """A source opens the fault lane of ``live`` (the
     :class:`~precopy.session.postcopy_dest.PostcopyDest` of ``ev``'s migration, None: none here):
@@ -498,6 +503,10 @@ async def join_lane(live: Any, chan: Channel, ev: Join) -> None:
     A failed lane cancels the page stream it served beside (the session then waits for RESUME,
     as after a cut link); a lane that placed the last page ends the stream (COMPLETE).
     """
+    for _ in range(_TAKE_UP_TURNS):  # a RESUME answered READY: its session serves it on its next turn
+        if live is None or live._chan is not None or live._next_chan is None or not live._next_chan.done():
+            break
+        await asyncio.sleep(0)
     if live is None or live.begin.size != ev.size or live.placer is None or live._chan is None:
         raise PrecopyError(f"no post-copy page stream of migration {ev.migration_id} is served here for a "
                            "fault lane", AbortCode.REGION)
