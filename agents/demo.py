@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import shutil
 import subprocess
 import sys
@@ -59,10 +60,12 @@ def main() -> int:
         dest_digest = work / "dest-digest.txt"
         # The hook fingerprints the received region before resuming the guest
         # on it (a demo-only step), so the demo can compare it with the source.
-        hook = (f"{PY} -c 'import sys; from precopy.guest import region_digest; "
-                f"print(region_digest(sys.argv[1]))' \"$PRECOPY_MEMORY\" > {dest_digest} && "
-                f"exec {PY} -m precopy.guest dirty --memory \"$PRECOPY_MEMORY\" --rate {args.rate} "
-                f"--duration 1 --control {dest_ctl} --stats-out {stats}")
+        # (Every path quoted for the shell: a checkout or temporary directory may have spaces.)
+        py, q = shlex.quote(PY), shlex.quote
+        hook = (f"{py} -c 'import sys; from precopy.guest import region_digest; "
+                f"print(region_digest(sys.argv[1]))' \"$PRECOPY_MEMORY\" > {q(str(dest_digest))} && "
+                f"exec {py} -m precopy.guest dirty --memory \"$PRECOPY_MEMORY\" --rate {args.rate} "
+                f"--duration 1 --control {q(str(dest_ctl))} --stats-out {q(str(stats))}")
         dest = subprocess.Popen([PY, "-m", "precopy_agents.dest_main", "--listen", "127.0.0.1:0",
                                  "--memory-dir", str(dest_dir), "--ready-file", str(ready),
                                  "--on-resume", hook, "--log-level", "warning"])

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import sys
 import time
@@ -135,7 +136,7 @@ def main() -> int:
                    "--content", "half-text")
             conf.append(
                 f"primitive {r} ocf:precopy:workload params memory={c.MEMORY_DIR}/{r} "
-                f'start_command="exec {PY} -m precopy.guest dirty --memory $PRECOPY_MEMORY --rate {args.rate}" '
+                f'start_command="exec {shlex.quote(PY)} -m precopy.guest dirty --memory $PRECOPY_MEMORY --rate {args.rate}" '
                 f'dest="{c.dest_rule()}" auth_key_file={c.key} downtime_ms={args.downtime_ms} '
                 "op monitor interval=10s timeout=30s op start timeout=60s op stop timeout=60s "
                 "op migrate_to timeout=600s on-fail=block op migrate_from timeout=60s "

@@ -36,6 +36,7 @@ import asyncio
 import json
 import os
 import resource
+import shlex
 import shutil
 import signal
 import statistics
@@ -183,9 +184,10 @@ class DestSweep:
 
     def __init__(self, work: Path, guest_args: list[str]) -> None:
         self.ctl, self.pid, self.stats = work / "sweep-ctl", work / "sweep-pid", work / "sweep-stats.json"
-        self.hook = (f"echo $$ > {self.pid}; echo \"$PRECOPY_POSTCOPY_CONTROL\" > {self.ctl}; exec {PY} -m "
-                     f"precopy.guest dirty --memory \"$PRECOPY_MEMORY\" {' '.join(guest_args)} "
-                     f"--control \"$PRECOPY_POSTCOPY_CONTROL\" --postcopy --stats-out {self.stats}")
+        q = shlex.quote  # (a checkout's or work directory's path may hold spaces)
+        self.hook = (f"echo $$ > {q(str(self.pid))}; echo \"$PRECOPY_POSTCOPY_CONTROL\" > {q(str(self.ctl))}; "
+                     f"exec {q(PY)} -m precopy.guest dirty --memory \"$PRECOPY_MEMORY\" {shlex.join(guest_args)} "
+                     f"--control \"$PRECOPY_POSTCOPY_CONTROL\" --postcopy --stats-out {q(str(self.stats))}")
 
     def pause(self) -> None:
         """Park it (its region stops changing)."""

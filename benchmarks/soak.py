@@ -55,6 +55,7 @@ import fcntl
 import json
 import os
 import random
+import shlex
 import shutil
 import signal
 import subprocess
@@ -410,7 +411,7 @@ class Soak:
         ready = self.work / f"dest-{side.name}.addr"
         ready.unlink(missing_ok=True)
         log = open(self.work / "logs" / f"dest-{side.name}.log", "ab")
-        hook = f"exec {PY} -m benchmarks.soak hook --work {self.work} --side {side.name}"
+        hook = f"exec {shlex.join([PY, '-m', 'benchmarks.soak', 'hook', '--work', str(self.work), '--side', side.name])}"
         p = subprocess.Popen(
             ["ip", "netns", "exec", side.ns, PY, "-m", "precopy_agents.dest_main", "--listen", f"{side.ip}:{PORT}",
              "--memory-dir", str(side.memdir), "--state-dir", str(side.statedir),

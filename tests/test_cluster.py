@@ -14,6 +14,7 @@ pacemaker, corosync, pacemaker-cli-utils and crmsh (.ci/run installs them).
 from __future__ import annotations
 
 import json
+import shlex
 import os
 import signal
 import subprocess
@@ -27,7 +28,7 @@ import pytest
 from precopy.guest import region_digest
 from precopy.lab.pcmk import PrecopyCluster, move, unavailable_reason
 
-from .conftest import PY, wait_for
+from .conftest import PY, SH_PY, wait_for
 
 pytestmark = [pytest.mark.slow]
 
@@ -105,11 +106,11 @@ class Lab:
         self.workload = work / "workload.sh"
         self.workload.write_text(
             "#!/bin/sh\n"
-            f"{PY} -c 'import os, sys; from precopy.guest import region_digest; "
+            f"{SH_PY} -c 'import os, sys; from precopy.guest import region_digest; "
             "open(sys.argv[1] + \"/\" + os.environ[\"PRECOPY_RESOURCE\"] + \".\" + "
             "(os.environ[\"PRECOPY_MIGRATION_ID\"] or \"start\"), \"w\").write("
-            f"region_digest(os.environ[\"PRECOPY_MEMORY\"]))' {self.digests} || exit 1\n"
-            f'exec {PY} -m precopy.guest dirty --memory "$PRECOPY_MEMORY" --rate 2000 --seed $$\n')
+            f"region_digest(os.environ[\"PRECOPY_MEMORY\"]))' {shlex.quote(str(self.digests))} || exit 1\n"
+            f'exec {SH_PY} -m precopy.guest dirty --memory "$PRECOPY_MEMORY" --rate 2000 --seed $$\n')
         self.workload.chmod(0o755)
         self.n1 = c.nodes[0]
         for r in RES:

@@ -386,6 +386,7 @@ class _FakeCriu:
 def test_the_restore_uses_the_criu_started_ahead_else_runs_the_command(tmp_path: Path) -> None:
     """criu_dest: a live worker gets the RPC request (its answer's pid); a dead or missing one, ``criu restore``."""
     import asyncio
+    import shlex
     import stat
     import sys
 
@@ -410,7 +411,9 @@ def test_the_restore_uses_the_criu_started_ahead_else_runs_the_command(tmp_path:
             return 0.001
 
     waits = tmp_path / "fake-criu"  # "criu swrk FD" that waits for a request (and ends when we let go)
-    waits.write_text(f"#!{sys.executable}\nimport os, sys\nos.read(int(sys.argv[2]), 1 << 16)\n")
+    # (A shell script: a shebang cannot hold the path of a checkout with spaces in it.)
+    waits.write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} -c "
+                     "'import os, sys; os.read(int(sys.argv[2]), 1 << 16)' \"$@\"\n")
     waits.chmod(waits.stat().st_mode | stat.S_IXUSR)
     tool = Tool()
     dest = CriuDestination(tool, work_dir=tmp_path)  # type: ignore[arg-type]

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import shlex
 import os
 import time
 from pathlib import Path
 
 import pytest
 
-from .conftest import PY, Procs, create_region, guest, proc_state, run_source, start_dest, wait_for
+from .conftest import SH_PY, Procs, create_region, guest, proc_state, run_source, start_dest, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -90,8 +91,8 @@ def test_deterministic_guest_matches_unmigrated_run(procs: Procs, shm: Path) -> 
     src = shm / "vm.mem"
     create_region(src, "8M", seed=7)
     out = shm / "resumed.json"
-    hook = (f"exec {PY} -m precopy.guest det --memory \"$PRECOPY_MEMORY\" "
-            f"--device-state \"$PRECOPY_DEVICE_STATE\" --steps {steps} --digest-out {out}")
+    hook = (f"exec {SH_PY} -m precopy.guest det --memory \"$PRECOPY_MEMORY\" "
+            f"--device-state \"$PRECOPY_DEVICE_STATE\" --steps {steps} --digest-out {shlex.quote(str(out))}")
     dest = start_dest(procs, shm, "--on-resume", hook)
     ctl = shm / "det.sock"
     procs.start(*guest("det", "--memory", str(src), "--steps", str(steps), "--control", str(ctl),

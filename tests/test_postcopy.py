@@ -4,12 +4,13 @@ arrived exactly right, whatever order the pages came in)."""
 from __future__ import annotations
 
 import json
+import shlex
 import time
 from pathlib import Path
 
 import pytest
 
-from .conftest import PY, Procs, create_region, guest, run_source, start_dest, wait_for
+from .conftest import SH_PY, Procs, create_region, guest, run_source, start_dest, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -39,8 +40,8 @@ def _run_reference(procs: Procs, shm: Path, steps: int) -> str:
 
 def det_hook(out: Path, steps: int = STEPS) -> str:
     """The destination's on-resume hook: a det guest that takes part in post-copy."""
-    return (f"exec {PY} -m precopy.guest det --memory \"$PRECOPY_MEMORY\" --device-state \"$PRECOPY_DEVICE_STATE\" "
-            f"--steps {steps} --digest-out {out} --control \"$PRECOPY_POSTCOPY_CONTROL\" --postcopy")
+    return (f"exec {SH_PY} -m precopy.guest det --memory \"$PRECOPY_MEMORY\" --device-state \"$PRECOPY_DEVICE_STATE\" "
+            f"--steps {steps} --digest-out {shlex.quote(str(out))} --control \"$PRECOPY_POSTCOPY_CONTROL\" --postcopy")
 
 
 def det_source(procs: Procs, shm: Path, steps: int = STEPS, *extra: str) -> tuple[Path, Path]:

@@ -18,6 +18,7 @@ only bound waits.
 from __future__ import annotations
 
 import json
+import shlex
 import os
 import signal
 import socket
@@ -34,7 +35,7 @@ import pytest
 
 from precopy.protocol import Kind
 
-from .conftest import ENV, PY, ROOT, Dest, Procs, create_region, guest, start_dest, wait_for
+from .conftest import ENV, PY, SH_PY, ROOT, Dest, Procs, create_region, guest, start_dest, wait_for
 from .faultproxy import C2S, S2C, Fault, FaultProxy
 from .test_faults import dport
 from .test_postcopy import reference_digest
@@ -125,8 +126,10 @@ class Cell:
 
 def _hook(cell: Cell) -> str:
     """The destination's on-resume hook: a det guest taking part in post-copy, its pid recorded."""
-    return (f"echo $$ > {cell.dir / 'guest.pid'}; exec {PY} -m precopy.guest det --memory \"$PRECOPY_MEMORY\" "
-            f"--device-state \"$PRECOPY_DEVICE_STATE\" --steps {STEPS} --digest-out {cell.dir / 'resumed.json'} "
+    q = shlex.quote
+    return (f"echo $$ > {q(str(cell.dir / 'guest.pid'))}; exec {SH_PY} -m precopy.guest det --memory "
+            f"\"$PRECOPY_MEMORY\" --device-state \"$PRECOPY_DEVICE_STATE\" --steps {STEPS} "
+            f"--digest-out {q(str(cell.dir / 'resumed.json'))} "
             "--control \"$PRECOPY_POSTCOPY_CONTROL\" --postcopy")
 
 

@@ -19,7 +19,7 @@ import pytest
 
 from precopy.qemuguest.vm import children, serial_ticks
 
-from .conftest import ENV, PY, ROOT
+from .conftest import ENV, SH_PY, ROOT
 
 pytestmark = pytest.mark.integration
 
@@ -46,9 +46,9 @@ def test_readme_qemu_walkthrough(tmp_path: Path, shm: Path) -> None:
         for a, b in [("7070", str(port)), ("/tmp/", f"{tmp_path}/"), ("/dev/shm/vm.ram", f"{shm}/vm.ram"),
                      ("/dev/shm/precopy-in", f"{shm}/in")]:
             line = line.replace(a, b)
-        line = re.sub(r"^precopy-dest ", f"{PY} -m precopy_agents.dest_main ", line)
-        line = re.sub(r"^precopy-source ", f"{PY} -m precopy_agents.source_main ", line)
-        line = re.sub(r"^python -m ", f"{PY} -m ", line)
+        line = re.sub(r"^precopy-dest ", f"{SH_PY} -m precopy_agents.dest_main ", line)
+        line = re.sub(r"^precopy-source ", f"{SH_PY} -m precopy_agents.source_main ", line)
+        line = re.sub(r"^python -m ", f"{SH_PY} -m ", line)
         lines.append(line)
         if line.rstrip().endswith("&"):  # a background process: note its PID to stop it
             lines.append(f"echo $! >> {tmp_path}/pids")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import time
 from pathlib import Path
@@ -74,7 +75,7 @@ def test_migration_between_two_namespaces_over_a_shaped_link(procs: Procs, work:
         ready = work / "dest.addr"
         log = work / "dest.log"
         release = f"ip netns exec {hosts.src_ns} ip addr del {SERVICE}/24 dev {src_dev}"
-        hook = f"{SCRIPT} {SERVICE}/24 {dst_dev} '{release}' 2>> {work}/hook.log"
+        hook = f"{shlex.join([str(SCRIPT), f'{SERVICE}/24', dst_dev, release])} 2>> {shlex.quote(str(work / 'hook.log'))}"
         dest = subprocess.Popen(
             [*hosts.exec_prefix(hosts.dst_ns), PY, "-m", "precopy_agents.dest_main", "--listen", f"{hosts.dst_ip}:0",
              "--memory-dir", str(shm / "dest"), "--ready-file", str(ready), "--auth-key-file", str(key),

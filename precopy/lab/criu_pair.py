@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -84,7 +85,7 @@ class CriuPair:
     def _start_dest(self) -> None:
         ready = self.tmp / "dest.ready"
         script = (f"{self.run_mount}mount -t tmpfs -o size={self.dest_shm_mib}m precopy-{self.name} /dev/shm && "
-                  "mkdir -p /dev/shm/precopy-in && exec " + " ".join(self._py(
+                  "mkdir -p /dev/shm/precopy-in && exec " + shlex.join(self._py(
                       "precopy_agents.dest_main", "--listen", f"{self.hosts.dst_ip}:0", "--memory-dir",
                       "/dev/shm/precopy-in", "--criu", "--insecure", "--ready-file", str(ready),
                       "--log-level", "info")))
