@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -461,7 +462,7 @@ class PrecopyCluster(Cluster):
         ready.unlink(missing_ok=True)
         p = n.spawn(self.python, "-m", "precopy_agents.dest_main", "--listen", f"{n.ip}:{self.PORT}",
                     "--memory-dir", self.MEMORY_DIR, "--auth-key-file", str(self.key),
-                    "--on-resume", f"exec {self.python} -m precopy_agents.ocf resume",
+                    "--on-resume", f"exec {shlex.quote(self.python)} -m precopy_agents.ocf resume",
                     "--ready-file", str(ready), "--log-level", "info", *self.dest_args,
                     log=n.root / "precopy-dest.log")
         self.dest[n.name] = p
