@@ -33,6 +33,17 @@ def _wait_for(path: Path, what: str, timeout: float = 15.0) -> None:
         time.sleep(0.05)
 
 
+def _resume_hook(digest: Path, control: Path, stats: Path, rate: float) -> str:
+    """precopy-dest's --on-resume: fingerprint the received region before resuming the guest on it (a
+    demo-only step, so the demo can compare it with the source), then run the guest there.  Every path
+    is quoted for the shell: a checkout or temporary directory may have spaces."""
+    py, q = shlex.quote(PY), shlex.quote
+    return (f"{py} -c 'import sys; from precopy.guest import region_digest; "
+            f"print(region_digest(sys.argv[1]))' \"$PRECOPY_MEMORY\" > {q(str(digest))} && "
+            f"exec {py} -m precopy.guest dirty --memory \"$PRECOPY_MEMORY\" --rate {rate} "
+            f"--duration 1 --control {q(str(control))} --stats-out {q(str(stats))}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--size", default="512M", help="guest memory size (default 512M)")
@@ -58,14 +69,7 @@ def main() -> int:
 
         print("== starting precopy-dest on 127.0.0.1 (port picked by the OS)")
         dest_digest = work / "dest-digest.txt"
-        # The hook fingerprints the received region before resuming the guest
-        # on it (a demo-only step), so the demo can compare it with the source.
-        # (Every path quoted for the shell: a checkout or temporary directory may have spaces.)
-        py, q = shlex.quote(PY), shlex.quote
-        hook = (f"{py} -c 'import sys; from precopy.guest import region_digest; "
-                f"print(region_digest(sys.argv[1]))' \"$PRECOPY_MEMORY\" > {q(str(dest_digest))} && "
-                f"exec {py} -m precopy.guest dirty --memory \"$PRECOPY_MEMORY\" --rate {args.rate} "
-                f"--duration 1 --control {q(str(dest_ctl))} --stats-out {q(str(stats))}")
+        hook = _resume_hook(dest_digest, dest_ctl, stats, args.rate)
         dest = subprocess.Popen([PY, "-m", "precopy_agents.dest_main", "--listen", "127.0.0.1:0",
                                  "--memory-dir", str(dest_dir), "--ready-file", str(ready),
                                  "--on-resume", hook, "--log-level", "warning"])
